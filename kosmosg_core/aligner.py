@@ -1,0 +1,103 @@
+"""AlignerNet (official unilm/models/aligner.py): MLLM states -> the SD1.5 text-encoder space.
+
+`encoder_proj` (a bidirectional encoder over the MLLM's [B, T, D] states) feeds `encoder`, a
+stack of query layers whose 77 learned queries cross-attend to it and come out as the U-Net's
+`encoder_hidden_states` [B, 77, C]. Stage-2 training adds the reconstruction branch
+(`decoder_query`, `decoder`, `decoder_proj`) that maps the 77 outputs back to the MLLM states.
+
+Glossary: B batch, T text tokens, D MLLM width, C aligner width (= SD context width), Q 77 queries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import AlignerConfig
+from .layers import TransformerLayer
+
+
+class LayerStack(nn.Module):
+    """`layers` + final `layer_norm` (torchscale Encoder / Decoder bodies, pre-LN)."""
+
+    def __init__(self, cfg: AlignerConfig, num_layers: int, cross_attention: bool):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            TransformerLayer(cfg.width, cfg.heads, cfg.ffn_width, cross_attention=cross_attention,
+                             layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, attention_dropout=cfg.dropout)
+            for _ in range(num_layers)
+        ])
+        self.layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, self_padding_mask=None, memory=None, memory_padding_mask=None):
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, self_padding_mask, False, memory, memory_padding_mask, use_reentrant=False)
+            else:
+                x = layer(x, self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
+        return self.layer_norm(x)
+
+
+class InputEncoder(LayerStack):
+    """torchscale Encoder with a Linear "embedding" and learned positions starting at 2.
+
+    Positions do not depend on padding (rows 2 .. T+1); padded inputs are zeroed after the
+    positions are added, and padded keys are masked in every layer.
+    """
+
+    def __init__(self, cfg: AlignerConfig, in_width: int | None, out_width: int | None = None):
+        super().__init__(cfg, cfg.encoder_layers, cross_attention=False)
+        self.embed_tokens = nn.Linear(in_width, cfg.width) if in_width is not None else None
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.width)
+        self.output_projection = nn.Linear(cfg.width, out_width) if out_width is not None else None
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)  # [B, T, C]
+        T = x.shape[1]
+        if T + 2 > self.embed_positions.num_embeddings:
+            raise ValueError(f"Aligner input has {T} tokens but its position table holds {self.embed_positions.num_embeddings - 2}.")
+        x = x + self.embed_positions.weight[2:T + 2].to(x.dtype)  # official: positions 2 .. T+1
+        if padding_mask is not None:
+            x = x * (~padding_mask)[..., None].to(x.dtype)
+        x = super().forward(x, self_padding_mask=padding_mask)
+        return self.output_projection(x) if self.output_projection is not None else x
+
+
+class Aligner(nn.Module):
+    def __init__(self, cfg: AlignerConfig, mllm_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_proj = InputEncoder(cfg, in_width=mllm_width)
+        self.encoder_query = nn.Parameter(torch.zeros(cfg.num_queries, cfg.width))
+        self.encoder = LayerStack(cfg, cfg.decoder_layers, cross_attention=True)
+        if cfg.with_reconstruction:
+            recon_cfg = AlignerConfig(**{**cfg.__dict__, "encoder_layers": cfg.reconstruction_layers})
+            self.decoder_query = nn.Parameter(torch.zeros(cfg.max_positions, cfg.width))
+            self.decoder = LayerStack(cfg, cfg.reconstruction_layers, cross_attention=True)
+            self.decoder_proj = InputEncoder(recon_cfg, in_width=None, out_width=mllm_width)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, LayerStack):
+                module.gradient_checkpointing = enabled
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """MLLM states [B, T, D] (+ pad mask [B, T], True = pad) -> SD context [B, Q, C]."""
+        memory = self.encoder_proj(hidden, padding_mask)  # [B, T, C]
+        queries = self.encoder_query.to(memory.dtype).expand(hidden.shape[0], -1, -1)  # [B, Q, C]
+        # Queries have no positions and no mask among themselves; they see only real text tokens.
+        return self.encoder(queries, memory=memory, memory_padding_mask=padding_mask)
+
+    def reconstruct(self, context: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Stage-2 reconstruction branch: context [B, Q, C] -> MLLM states [B, T, D].
+
+        T queries (`decoder_query[:T]`) cross-attend to the 77 outputs (no mask), then
+        `decoder_proj` (learned positions, encoder layers, Linear C -> D)."""
+        if not self.cfg.with_reconstruction:
+            raise RuntimeError("This Aligner was built without the reconstruction branch (with_reconstruction=False).")
+        queries = self.decoder_query[:num_tokens].to(context.dtype).expand(context.shape[0], -1, -1)
+        x = self.decoder(queries, memory=context)
+        return self.decoder_proj(x)

@@ -1,0 +1,327 @@
+"""Checkpoints: the official fairseq `.pt` key table, the pack's `.safetensors` format, loading, converting.
+
+Two on-disk formats, one model:
+- official `checkpoint_final.pt` (fairseq training checkpoint, read by the restricted unpickler in
+  `safe_unpickle.py`, never by plain pickle), keys renamed by `OFFICIAL_KEY_RENAMES`;
+- the pack's `.safetensors` (written by `convert`, `train.export`, read by the CLI and the ComfyUI
+  loader): `KosmosG.state_dict()` names, tokenizer files as uint8 tensors, and metadata
+  {"format": "kosmosg", "format_version": "1", "config": <KosmosGConfig JSON>}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
+from .errors import CheckpointError, CheckpointNotFoundError, TokenizerError
+from .model import KosmosG
+from .tokenizer import KosmosGTokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "kosmosg"
+FORMAT_VERSION = "1"
+TOKENIZER_SPM_KEY = "tokenizer.sentencepiece_model"
+TOKENIZER_DICT_KEY = "tokenizer.dict_txt"
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "dict.txt")
+DEFAULT_HEAD_DIM = 64  # every official attention uses 64-wide heads
+
+# Official name prefix -> ours, applied in order (first match wins).
+OFFICIAL_KEY_RENAMES = [
+    (r"^gpt_model\.decoder\.", "decoder."),
+    (r"^img_model\.visual\.transformer\.resblocks\.(\d+)\.ts_attn\.", r"vision.resblocks.\1.attn."),
+    (r"^img_model\.visual\.transformer\.resblocks\.", "vision.resblocks."),
+    (r"^img_model\.visual\.", "vision."),
+    (r"^img_connector\.", "connector."),
+    (r"^aligner\.", "aligner."),
+]
+
+# Official keys that inference does not use, each with the reason it is safe to drop.
+OFFICIAL_KEYS_TO_IGNORE = {
+    # tied to embed_tokens (share_decoder_input_output_embed); the LM head reuses embed_tokens
+    r"^gpt_model\.decoder\.output_projection\.weight$": "tied LM head (same tensor as embed_tokens)",
+    # fairseq sinusoidal module's dtype marker; the table is computed, not stored
+    r"^gpt_model\.decoder\.embed_positions\._float_tensor$": "fairseq dtype marker",
+    # SoPE/xPos buffer: built by --sope-rel-pos but never applied by LMDecoder.forward
+    r"^gpt_model\.decoder\.self_attn_sope\.": "unused SoPE buffer",
+    r"^diffusion_unet\.": "SD1.5 U-Net (the pack uses the user's own SD1.5 model)",
+    r"^vae\.": "SD1.5 VAE (the user's own)",
+    r"^aligner\.clip_encoder\.": "stage-2 CLIP text encoder (loss target only)",
+    r"^aligner\.(decoder_query|decoder\.|decoder_proj\.)": "stage-2 reconstruction branch (training only)",
+    r"^img_model\.visual\.proj$": "CLIP projection head (Kosmos-G uses unprojected tokens)",
+}
+
+_RENAMES = [(re.compile(p), r) for p, r in OFFICIAL_KEY_RENAMES]
+_IGNORES = [re.compile(p) for p in OFFICIAL_KEYS_TO_IGNORE]
+_OPEN_CLIP_QKV = re.compile(r"^(img_model\.)?visual\.transformer\.resblocks\.(\d+)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
+
+
+# --- official -> ours ------------------------------------------------------------------------------
+def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstruction: bool = False
+                               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map official keys to `KosmosG` names. Returns (state dict, ignored official keys)."""
+    renamed, ignored = {}, []
+    for key, tensor in official.items():
+        match = _OPEN_CLIP_QKV.match(key)
+        if match:  # open_clip layout (ViT-L-14-sd.pt): fused q/k/v, split like the official init does
+            block, name = match.group(2), match.group(3)
+            prefix = f"vision.resblocks.{block}.attn."
+            if name.startswith("in_proj"):
+                suffix = "weight" if name.endswith("weight") else "bias"
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    renamed[f"{prefix}{part}.{suffix}"] = chunk
+            else:
+                renamed[prefix + name] = tensor
+            continue
+        reconstruction = key.startswith(("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+        if any(p.search(key) for p in _IGNORES) and not (keep_reconstruction and reconstruction):
+            ignored.append(key)
+            continue
+        for pattern, replacement in _RENAMES:
+            if pattern.search(key):
+                renamed[pattern.sub(replacement, key, count=1)] = tensor
+                break
+        else:
+            renamed[key] = tensor  # reported as unexpected by the strict check
+    return renamed, ignored
+
+
+def _count_layers(keys, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in keys for m in [pattern.match(k)] if m}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], head_dim: int = DEFAULT_HEAD_DIM) -> KosmosGConfig:
+    """Read every size from tensor shapes (our names). Head counts assume `head_dim`-wide heads."""
+    sd, keys = state_dict, list(state_dict)
+    try:
+        vocab, width = sd["decoder.embed_tokens.weight"].shape
+        vision_width, _, patch, _ = sd["vision.conv1.weight"].shape
+        num_tokens = sd["vision.positional_embedding"].shape[0]
+        num_queries = sd["connector.latent_query"].shape[0]
+        context_queries, context_dim = sd["aligner.encoder_query"].shape
+        grid = round((num_tokens - 1) ** 0.5)
+        cfg = KosmosGConfig(
+            vision=VisionConfig(
+                image_size=grid * patch, patch_size=patch, width=vision_width,
+                layers=_count_layers(keys, "vision.resblocks."), heads=max(1, vision_width // head_dim),
+                mlp_ratio=sd["vision.resblocks.0.mlp.c_fc.weight"].shape[0] / vision_width),
+            connector=ConnectorConfig(num_queries=num_queries, heads=max(1, width // head_dim)),
+            decoder=DecoderConfig(
+                vocab_size=vocab, width=width, layers=_count_layers(keys, "decoder.layers."),
+                heads=max(1, width // head_dim), ffn_width=sd["decoder.layers.0.ffn.fc1.weight"].shape[0]),
+            aligner=AlignerConfig(
+                width=context_dim, heads=max(1, context_dim // head_dim),
+                ffn_width=sd["aligner.encoder_proj.layers.0.ffn.fc1.weight"].shape[0],
+                encoder_layers=_count_layers(keys, "aligner.encoder_proj.layers."),
+                decoder_layers=_count_layers(keys, "aligner.encoder.layers."),
+                num_queries=context_queries,
+                max_positions=sd["aligner.encoder_proj.embed_positions.weight"].shape[0]),
+            image_token_slots=num_queries,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"Checkpoint lacks the tensor {e.args[0]!r} needed to read the model's sizes; "
+                              "it is not a complete Kosmos-G checkpoint.") from e
+    except ValueError as e:
+        raise CheckpointError(f"Cannot derive a Kosmos-G config from the checkpoint's shapes: {e} "
+                              "Pass the model's config JSON explicitly (config=...).") from e
+    return cfg
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def _describe_foreign(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "it looks like a Stable Diffusion checkpoint (model.diffusion_model.* keys), not Kosmos-G"
+    if any(k.startswith(("down_blocks.", "up_blocks.", "conv_in.")) for k in keys):
+        return "it looks like a diffusers U-Net/VAE, not Kosmos-G"
+    if any(k.startswith(("text_model.", "vision_model.")) for k in keys):
+        return "it looks like a CLIP model, not Kosmos-G"
+    return "none of its tensors belong to Kosmos-G (expected gpt_model.decoder.*, img_model.visual.*, aligner.*)"
+
+
+def _check_keys(path, model: KosmosG, state_dict: dict) -> None:
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        def show(names):
+            return ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors: {show(unexpected)}")
+        raise CheckpointError(f"Checkpoint {path} does not match the Kosmos-G architecture: " + "; ".join(parts)
+                              + ". Use a complete Kosmos-G checkpoint (checkpoint_final.pt or a converted .safetensors).")
+    for name, tensor in model.state_dict().items():
+        if tuple(state_dict[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"Checkpoint {path}: tensor {name} has shape {tuple(state_dict[name].shape)} but the "
+                                  f"config expects {tuple(tensor.shape)}; the config does not match these weights.")
+
+
+def _build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype, device) -> KosmosG:
+    with torch.device("meta"):
+        model = KosmosG(cfg)
+    _check_keys(path, model, state_dict)
+    # assign=True adopts the loaded (mmap-backed) tensors instead of copying into fresh ones.
+    state_dict = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                  for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+# --- tokenizer lookup ------------------------------------------------------------------------------
+def find_tokenizer_dir(checkpoint_path: Path) -> Path | None:
+    """Tokenizer folder beside a checkpoint: `<stem>/`, `<stem>-tokenizer/`, `tokenizer/`, or the same folder."""
+    parent, stem = checkpoint_path.parent, checkpoint_path.stem
+    for candidate in (parent / stem, parent / f"{stem}-tokenizer", parent / "tokenizer", parent / "data", parent):
+        if all((candidate / name).is_file() for name in TOKENIZER_FILES):
+            return candidate
+    return None
+
+
+def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_dir) -> KosmosGTokenizer:
+    if tokenizer_dir is not None:
+        return KosmosGTokenizer.from_dir(tokenizer_dir)
+    if embedded is not None:
+        return embedded
+    found = find_tokenizer_dir(path)
+    if found is None:
+        parent, stem = path.parent, path.stem
+        raise TokenizerError(
+            f"No tokenizer found for {path}: the checkpoint holds none, and none of {parent / stem}, "
+            f"{parent / (stem + '-tokenizer')}, {parent / 'tokenizer'}, {parent / 'data'}, {parent} contains "
+            f"{' + '.join(TOKENIZER_FILES)}. Put the official sentencepiece.bpe.model and dict.txt (from the "
+            "Kosmos-G release's data/ folder) in one of them, or pass the folder explicitly.")
+    return KosmosGTokenizer.from_dir(found)
+
+
+# --- public API ------------------------------------------------------------------------------------
+def read_checkpoint(path, config: KosmosGConfig | None = None
+                    ) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
+    """Read either format -> (config, state dict with our names, embedded tokenizer or None)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"Kosmos-G checkpoint not found: {path}. Check the path (official "
+                                      "checkpoint_final.pt or a converted .safetensors).")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt or .safetensors).")
+    if path.suffix == ".safetensors":
+        return _read_pack(path, config)
+    from .safe_unpickle import load_pt_state_dict
+
+    official = load_pt_state_dict(path, key="model")
+    if not any(k.startswith(("gpt_model.decoder.", "img_model.visual.", "aligner.encoder")) for k in official):
+        raise CheckpointError(f"{path} is not a Kosmos-G checkpoint: {_describe_foreign(official)}.")
+    state_dict, ignored = rename_official_state_dict(official)
+    logger.info("%s: ignoring %d official tensors inference does not use (U-Net, VAE, tied head, ...)", path, len(ignored))
+    return config or _sidecar_config(path) or infer_config(state_dict), state_dict, None
+
+
+def _sidecar_config(path: Path) -> KosmosGConfig | None:
+    """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt overrides the inferred sizes."""
+    for candidate in (path.with_suffix(".json"), path.parent / "kosmosg_config.json"):
+        if candidate.is_file():
+            try:
+                return KosmosGConfig.from_json(candidate.read_text())
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"Config file {candidate} is not a valid Kosmos-G config: {e}") from e
+    return None
+
+
+def _read_pack(path: Path, config: KosmosGConfig | None):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            if metadata.get("format") != FORMAT_NAME:
+                raise CheckpointError(f"{path} is not a Kosmos-G .safetensors file: {_describe_foreign(keys)}. "
+                                      "Convert official checkpoints with `python -m kosmosg_core convert`.")
+            if metadata.get("format_version") != FORMAT_VERSION:
+                raise CheckpointError(f"{path} has Kosmos-G format version {metadata.get('format_version')!r}; this "
+                                      f"version of the pack reads version {FORMAT_VERSION}. Update the pack.")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}). Re-download or re-convert it.") from e
+    except OSError as e:
+        raise CheckpointError(f"Cannot read {path}: {e}.") from e
+    tokenizer = None
+    if TOKENIZER_SPM_KEY in tensors and TOKENIZER_DICT_KEY in tensors:
+        tokenizer = KosmosGTokenizer.from_bytes(tensors.pop(TOKENIZER_SPM_KEY).numpy().tobytes(),
+                                                tensors.pop(TOKENIZER_DICT_KEY).numpy().tobytes())
+    try:
+        cfg = config or KosmosGConfig.from_json(metadata["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its embedded config is missing or invalid ({e}).") from e
+    return cfg, tensors, tokenizer
+
+
+def load_model(path, tokenizer_dir=None, dtype: torch.dtype = torch.float32, device="cpu",
+               config: KosmosGConfig | None = None) -> tuple[KosmosG, KosmosGTokenizer]:
+    """Load a Kosmos-G checkpoint (official .pt or pack .safetensors) -> (model in eval mode, tokenizer)."""
+    path = Path(path)
+    cfg, state_dict, embedded_tokenizer = read_checkpoint(path, config)
+    tokenizer = _resolve_tokenizer(path, embedded_tokenizer, tokenizer_dir)
+    tokenizer.check_matches(cfg.decoder.vocab_size)
+    model = _build_model(cfg, state_dict, path, dtype, device)
+    return model, tokenizer
+
+
+def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, path, dtype: torch.dtype | None = None,
+                         extra_metadata: dict | None = None) -> Path:
+    """Write the pack's .safetensors (inference tensors only) atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = model.state_dict()
+    inference_cfg = KosmosGConfig.from_dict(model.cfg.to_dict())
+    inference_cfg.aligner.with_reconstruction = False
+    inference_cfg.decoder.gradient_checkpointing = False
+    with torch.device("meta"):  # names of the inference tensors (no training-only branches)
+        keep = set(KosmosG(inference_cfg).state_dict())
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in state.items() if k in keep}
+    if tokenizer is not None:
+        spm_bytes, dict_bytes = tokenizer.to_bytes()
+        tensors[TOKENIZER_SPM_KEY] = torch.frombuffer(bytearray(spm_bytes), dtype=torch.uint8)
+        tensors[TOKENIZER_DICT_KEY] = torch.frombuffer(bytearray(dict_bytes), dtype=torch.uint8)
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": inference_cfg.to_json()}
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype | None = None,
+                     config: KosmosGConfig | None = None) -> Path:
+    """Official checkpoint_final.pt (+ tokenizer folder) -> one pack .safetensors with the tokenizer inside.
+
+    dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
+    pt_path = Path(pt_path)
+    cfg, state_dict, _ = read_checkpoint(pt_path, config)
+    tokenizer = _resolve_tokenizer(pt_path, None, tokenizer_dir)
+    tokenizer.check_matches(cfg.decoder.vocab_size)
+    if dtype is None:
+        dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    model = _build_model(cfg, state_dict, pt_path, dtype, "cpu")
+    return save_pack_checkpoint(model, tokenizer, out_path, extra_metadata={"source": pt_path.name})
+
+
+def describe(path) -> dict:
+    """Summary of a checkpoint without building the model (for `info` and the loader's log)."""
+    cfg, state_dict, tokenizer = read_checkpoint(Path(path))
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values()})
+    return {"path": str(path), "config": json.loads(cfg.to_json()), "dtypes": dtypes,
+            "parameters": sum(t.numel() for t in state_dict.values()), "tokenizer_embedded": tokenizer is not None}

@@ -1,0 +1,148 @@
+"""`python -m kosmosg_core` — encode, convert, info, generate, bench.
+
+Each sub-command maps onto one core function; a `KosmosGError` is printed as one line
+(`error: ...`) with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import KosmosGError
+
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+
+
+def cmd_encode(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from .pipeline import KosmosGPipeline
+
+    pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                           device=args.device)
+    if args.prompt == "":
+        if args.image:
+            raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
+                               "--image were given; add <i> placeholders to the prompt or drop the images.")
+        cond = pipe.encode_unconditional()
+    else:
+        cond = pipe.encode(args.prompt, [Path(p) for p in args.image])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
+    save_file({"cond": cond.float().cpu().contiguous()}, str(out),
+              metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
+                        "checkpoint": Path(args.checkpoint).name})
+    print(f"wrote {out}: cond {list(cond.shape)}")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import convert_official
+    from .pipeline import resolve_dtype
+
+    dtype = None if args.dtype == "keep" else resolve_dtype(args.dtype)
+    out = convert_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import describe
+
+    print(json.dumps(describe(args.checkpoint), indent=2))
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate_images
+
+    paths = generate_images(
+        checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model, prompt=args.prompt,
+        images=args.image, negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
+        height=args.height, width=args.width, dtype=args.dtype, device=args.device)
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_benchmark
+
+    run_benchmark(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kosmosg_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p, tokenizer_help="folder with sentencepiece.bpe.model + dict.txt (default: inside the "
+                                     "checkpoint, else beside it)"):
+        p.add_argument("--checkpoint", required=True, help="official checkpoint_final.pt or a converted .safetensors")
+        p.add_argument("--tokenizer", default=None, help=tokenizer_help)
+
+    p = sub.add_parser("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
+    model_args(p)
+    p.add_argument("--prompt", required=True, help='text with one <i> per image; "" = the unconditional prompt')
+    p.add_argument("--image", action="append", default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--out", required=True, help="output .safetensors (tensor `cond`, float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside)")
+    model_args(p, tokenizer_help="folder with the official sentencepiece.bpe.model + dict.txt to embed "
+                                 "(default: beside the checkpoint)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--dtype", default="keep", choices=["keep"] + DTYPE_CHOICES,
+                   help="tensor dtype in the output (default: keep the file's)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="print a checkpoint's config, dtypes and size without building the model")
+    p.add_argument("--checkpoint", required=True, help=".pt or .safetensors")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
+    model_args(p)
+    p.add_argument("--sd-model", required=True, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--prompt", required=True, help="text with one <i> per image")
+    p.add_argument("--image", action="append", default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
+    p.add_argument("--out-dir", default="outputs", help="folder for the PNGs")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (official demo: 50)")
+    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (official demo: 6.0)")
+    p.add_argument("--scheduler", default="dpm", choices=["dpm", "ddim", "pndm"], help="official default: DPM-Solver multistep")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="measure load time, peak RSS and encode latency against machine yardsticks")
+    p.add_argument("--size", default="official", choices=["official", "tiny", "small"],
+                   help="model size with random weights (default: official)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of dtypes to time")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except KosmosGError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,167 @@
+"""Model configuration: one dataclass per part of the paper's Figure 2, composed by `KosmosGConfig`.
+
+Official numbers are the defaults (facts: ../shared/spec/official-kosmos-g.md, "kosmosg_xl" arch +
+runapp.sh flags). Every constant of the model is written here once; modules read it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+# fairseq Dictionary layout of the official `dict.txt` vocabulary (spec section 5).
+BOS_ID = 0  # <s>
+PAD_ID = 1  # <pad>
+EOS_ID = 2  # </s>
+UNK_ID = 3  # <unk>
+ADDED_SYMBOLS = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")  # appended after dict.txt
+IMAGE_PLACEHOLDER = "<i>"  # what users type in a prompt for "an image goes here"
+
+# CLIP image normalisation (open_clip / OpenAI constants), spec section 3.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
+SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT (open_clip layout, no projection head). Official: ViT-L/14 at 224 px."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-5
+    # stage 3 trains only the last block and ln_post (official --no-freeze-layer resblocks.23)
+    trainable_last_blocks: int = 1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:  # patches + CLS
+        return self.num_patches + 1
+
+
+@dataclass
+class ConnectorConfig:
+    """Perceiver-style resampler (official `XConnector`): 64 latent queries per image."""
+
+    num_queries: int = 64
+    heads: int = 32  # width of the MLLM / 64
+
+
+@dataclass
+class DecoderConfig:
+    """The MLLM: a torchscale-style pre-LN decoder with subLN and absolute sinusoidal positions."""
+
+    vocab_size: int = 64007  # 4 fairseq specials + 63997 dict.txt pieces + 6 added symbols
+    width: int = 2048
+    layers: int = 24
+    heads: int = 32
+    ffn_width: int = 8192
+    max_positions: int = 2048  # official tokens-per-sample; sinusoidal table covers pad_id + this
+    layer_norm_eps: float = 1e-5
+    scale_embedding: bool = True  # official no_scale_embedding=False: embeddings * sqrt(width)
+    dropout: float = 0.0  # official training 0.1; inference 0
+    attention_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AlignerConfig:
+    """AlignerNet: encoder over MLLM states + 77-query decoder -> SD1.5 context [B, 77, 768]."""
+
+    width: int = 768  # torchscale EncoderDecoderConfig defaults (spec section 6)
+    heads: int = 12
+    ffn_width: int = 3072
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    num_queries: int = SD15_CONTEXT_TOKENS
+    max_positions: int = 32768  # official learned position table size (rows 0-1 unused)
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # Stage-2 training only: the reconstruction branch (decoder_query + decoder + decoder_proj).
+    with_reconstruction: bool = False
+    reconstruction_layers: int = 12
+
+
+@dataclass
+class KosmosGConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    image_token_slots: int = 64  # feature slots per image in the token sequence (= connector queries)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        d, v, a = self.decoder, self.vision, self.aligner
+        checks = [
+            (d.width % d.heads == 0, f"decoder width {d.width} is not divisible by its {d.heads} heads"),
+            (v.width % v.heads == 0, f"vision width {v.width} is not divisible by its {v.heads} heads"),
+            (a.width % a.heads == 0, f"aligner width {a.width} is not divisible by its {a.heads} heads"),
+            (d.width % self.connector.heads == 0, f"decoder width {d.width} not divisible by connector heads"),
+            (v.image_size % v.patch_size == 0, f"image size {v.image_size} not a multiple of patch {v.patch_size}"),
+            (self.connector.num_queries == self.image_token_slots,
+             f"connector queries {self.connector.num_queries} != image token slots {self.image_token_slots}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid Kosmos-G config: {message}.")
+
+    # --- serialisation (stored as JSON in the .safetensors metadata) ---------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KosmosGConfig":
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"Unknown {klass.__name__} fields in checkpoint config: {sorted(unknown)}.")
+            return klass(**values)
+
+        return cls(
+            vision=build(VisionConfig, data.get("vision", {})),
+            connector=build(ConnectorConfig, data.get("connector", {})),
+            decoder=build(DecoderConfig, data.get("decoder", {})),
+            aligner=build(AlignerConfig, data.get("aligner", {})),
+            image_token_slots=data.get("image_token_slots", 64),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "KosmosGConfig":
+        return cls.from_dict(json.loads(text))
+
+    # --- named sizes ---------------------------------------------------------------------------
+    @classmethod
+    def official(cls) -> "KosmosGConfig":
+        """checkpoint_final.pt: ViT-L/14 + 64-query resampler + 24x2048 MLLM + 12+12x768 aligner."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 99, context_dim: int = 32) -> "KosmosGConfig":
+        """Test-sized model (transformers-tester sizes): every code path, milliseconds per forward.
+
+        `context_dim` != 768 exists only for test fixtures (decisions.md)."""
+        return cls(
+            vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+            connector=ConnectorConfig(num_queries=4, heads=2),
+            decoder=DecoderConfig(vocab_size=vocab_size, width=64, layers=2, heads=2, ffn_width=128, max_positions=256),
+            aligner=AlignerConfig(width=context_dim, heads=2, ffn_width=64, encoder_layers=2, decoder_layers=2,
+                                  max_positions=512, reconstruction_layers=2),
+            image_token_slots=4,
+        )

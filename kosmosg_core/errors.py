@@ -1,0 +1,38 @@
+"""Typed errors with actionable messages: each names the input that was wrong and how to fix it.
+
+They subclass the built-in exception a caller would expect (ValueError, FileNotFoundError...), so
+`except ValueError` keeps working, and `KosmosGError` catches them all (the CLI prints the message
+without a traceback; the ComfyUI nodes let it reach the UI as the node's error text).
+"""
+
+
+class KosmosGError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class CheckpointError(KosmosGError, ValueError):
+    """The checkpoint is missing, truncated, corrupt, or not a Kosmos-G checkpoint."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle inside a .pt file asked to run or import something outside the allow-list."""
+
+
+class TokenizerError(KosmosGError, ValueError):
+    """The tokenizer files are missing or do not match the checkpoint."""
+
+
+class PromptError(KosmosGError, ValueError):
+    """The prompt does not fit the images given or the model's limits."""
+
+
+class ImageError(KosmosGError, ValueError):
+    """An image could not be read or has an unusable layout."""
+
+
+class DeviceError(KosmosGError, ValueError):
+    """An unsupported dtype / device was asked for."""

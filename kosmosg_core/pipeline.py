@@ -1,0 +1,195 @@
+"""The user-facing encoder: interleaved prompts + images -> SD1.5 conditioning [B, 77, C].
+
+Shared by the CLI, the ComfyUI nodes and train/eval. All user-input checks live in
+`check_inputs`, so every front end reports the same actionable errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .config import IMAGE_PLACEHOLDER
+from .errors import DeviceError, PromptError
+from .image_processing import preprocess_images, to_pil_images
+from .model import KosmosG
+from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, count_placeholders, pad_batch
+from .tokenizer import KosmosGTokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise DeviceError(f"Unsupported dtype {dtype!r}; use one of float32, float16, bfloat16.")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"Unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N').") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"Device {str(device)!r} was requested but this PyTorch sees no CUDA GPU; use device 'cpu'.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("Device 'mps' was requested but MPS is not available; use device 'cpu'.")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise DeviceError(f"Unsupported device {str(device)!r}; use 'cpu' or 'cuda'.")
+    return device
+
+
+def _normalise_batch(prompts, images, image_weights):
+    """-> (list[str], list[list[image]], list[list[float]]) with one entry per prompt."""
+    if isinstance(prompts, str):
+        prompts, images = [prompts], [images or []]
+        image_weights = [image_weights] if image_weights is not None else None
+    prompts = list(prompts)
+    images = [list(x) if x is not None else [] for x in images] if images is not None else [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise PromptError(f"Got {len(prompts)} prompts but {len(images)} image lists; give one list of images per prompt "
+                          "(an empty list for a text-only prompt).")
+    if image_weights is None:
+        image_weights = [[1.0] * len(x) for x in images]
+    image_weights = [list(w) if w is not None else [1.0] * len(x) for w, x in zip(image_weights, images)]
+    return prompts, images, image_weights
+
+
+class KosmosGPipeline:
+    """Encoder pipeline around a loaded `KosmosG` model and its tokenizer.
+
+    Vision features are cached by image content (preprocessed pixels), so a repeated subject image
+    is encoded once; the cache holds at most `cache_size` images.
+    """
+
+    def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
+                        cache_size: int = 64) -> "KosmosGPipeline":
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
+        return cls(model, tokenizer, cache_size=cache_size)
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.context_dim
+
+    @property
+    def max_tokens(self) -> int:
+        cfg = self.model.cfg
+        return min(cfg.decoder.max_positions, cfg.aligner.max_positions - 2)
+
+    # --- checks --------------------------------------------------------------------------------
+    def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
+        """Validate one prompt against its images and the model's limits -> its token ids."""
+        if not isinstance(prompt, str):
+            raise PromptError(f"The prompt must be text, got {type(prompt).__name__}.")
+        placeholders = count_placeholders(prompt)
+        if placeholders != len(images):
+            raise PromptError(
+                f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given; "
+                f"put one {IMAGE_PLACEHOLDER} in the text where each image belongs (or give one image per placeholder).")
+        ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.model.cfg.image_token_slots)
+        check_prompt_length(ids, self.max_tokens)
+        return ids
+
+    # --- encoding ------------------------------------------------------------------------------
+    def _cache_key(self, pixels: torch.Tensor) -> str:
+        digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+        return f"{digest}:{self.dtype}:{self.device}"
+
+    @torch.inference_mode()
+    def image_embeddings(self, images: Sequence, progress: Callable[[], None] | None = None) -> torch.Tensor:
+        """Images (anything `to_pil_images` reads) -> connector outputs [N, Q, D], content-cached."""
+        if not images:
+            cfg = self.model.cfg
+            return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
+        pixels = preprocess_images(to_pil_images(list(images)), self.model.cfg.vision.image_size)  # [N, 3, S, S]
+        out = []
+        for pixel in pixels:
+            key = self._cache_key(pixel)
+            if key in self._image_cache:
+                self._image_cache.move_to_end(key)
+            else:
+                batch = pixel[None].to(device=self.device, dtype=self.dtype)
+                self._image_cache[key] = self.model.encode_images(batch)[0]  # [Q, D]
+                while len(self._image_cache) > self.cache_size:
+                    self._image_cache.popitem(last=False)
+            out.append(self._image_cache[key])
+            if progress is not None:
+                progress()
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def encode_ids(self, prompt_ids: list[PromptIds], image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token ids (+ image embeddings [N, Q, D] for all prompts, in order) -> [B, 77, C]."""
+        input_ids, image_mask = pad_batch(prompt_ids)
+        input_ids, image_mask = input_ids.to(self.device), image_mask.to(self.device)
+        return self.model(input_ids, image_mask, image_embeds=image_embeds)
+
+    def encode(self, prompts, images=None, image_weights=None,
+               progress: Callable[[], None] | None = None) -> torch.Tensor:
+        """Interleaved prompt(s) + images -> conditioning [B, 77, C] (model dtype, model device).
+
+        prompts: a string, or a list of B strings with `<i>` where each image goes.
+        images: for one prompt, a list of its images; for B prompts, B lists.
+        image_weights: same nesting as images; each multiplies its image's slot embeddings
+            (1.0 = the official model). Prompts of different lengths batch to the same result as
+            one at a time (right padding; the MLLM is causal and the aligner masks pads).
+        progress: called once per encoded image and once per finished batch (for progress bars;
+            it may raise to interrupt)."""
+        prompts, images, image_weights = _normalise_batch(prompts, images, image_weights)
+        prompt_ids = []
+        for prompt, prompt_images, weights in zip(prompts, images, image_weights):
+            prompt_ids.append(self.check_inputs(prompt, prompt_images))
+            if len(weights) != len(prompt_images):
+                raise PromptError(f"Got {len(weights)} image weights for {len(prompt_images)} images; give one weight "
+                                  "per image.")
+        flat_images = [img for group in images for img in group]
+        flat_weights = torch.tensor([w for group in image_weights for w in group], dtype=torch.float32)
+        image_embeds = None
+        if flat_images:
+            image_embeds = self.image_embeddings(flat_images, progress)
+            if not torch.all(flat_weights == 1.0):
+                image_embeds = image_embeds * flat_weights.to(image_embeds)[:, None, None]
+        cond = self.encode_ids(prompt_ids, image_embeds)
+        if progress is not None:
+            progress()
+        return cond
+
+    def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:
+        """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative
+        prompt, official `encode_condition`) -> [batch_size, 77, C]."""
+        if negative_prompt and count_placeholders(negative_prompt):
+            raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only.")
+        ids = build_unconditional_ids(self.tokenizer, negative_prompt)
+        check_prompt_length(ids, self.max_tokens)
+        return self.encode_ids([ids], None).expand(batch_size, -1, -1).clone()
+
+    def clear_cache(self) -> None:
+        self._image_cache.clear()
