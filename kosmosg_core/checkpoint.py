@@ -92,6 +92,29 @@ def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstru
     return renamed, ignored
 
 
+_OUR_TO_OFFICIAL = [
+    (re.compile(r"^decoder\."), "gpt_model.decoder."),
+    (re.compile(r"^vision\.resblocks\.(\d+)\.attn\."), r"img_model.visual.transformer.resblocks.\1.ts_attn."),
+    (re.compile(r"^vision\.resblocks\."), "img_model.visual.transformer.resblocks."),
+    (re.compile(r"^vision\."), "img_model.visual."),
+    (re.compile(r"^connector\."), "img_connector."),
+]
+
+
+def to_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `rename_official_state_dict` (for benchmarks and round-trip tests): our names ->
+    official names, plus the tied `output_projection.weight` sharing the embedding tensor."""
+    official = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _OUR_TO_OFFICIAL:
+            if pattern.search(key):
+                key = pattern.sub(replacement, key, count=1)
+                break
+        official[key] = tensor
+    official["gpt_model.decoder.output_projection.weight"] = official["gpt_model.decoder.embed_tokens.weight"]
+    return official
+
+
 def _count_layers(keys, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for k in keys for m in [pattern.match(k)] if m}

@@ -1,0 +1,246 @@
+"""`python -m kosmosg_core bench`: measured load time, peak RSS and encode latency, with yardsticks.
+
+Everything printed is measured in this run on this machine:
+- yardstick (a): the machine's practical limit for each case, max(FLOPs / measured matmul rate,
+  weight bytes read / measured memory bandwidth) (decisions.md "Benchmark limit");
+- yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
+- load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
+  subprocess, with peak RSS above the process's post-import baseline.
+Weights are random (no download); speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import KosmosGConfig
+
+SIZES = {
+    "official": KosmosGConfig.official,
+    "small": lambda: KosmosGConfig.from_dict({
+        "vision": {"image_size": 224, "patch_size": 14, "width": 256, "layers": 4, "heads": 4},
+        "connector": {"num_queries": 64, "heads": 8},
+        "decoder": {"vocab_size": 64007, "width": 512, "layers": 4, "heads": 8, "ffn_width": 2048},
+        "aligner": {"width": 768, "heads": 12, "ffn_width": 3072, "encoder_layers": 2, "decoder_layers": 2},
+        "image_token_slots": 64}),
+    "tiny": lambda: KosmosGConfig.tiny(vocab_size=107, context_dim=768),
+}
+PROMPTS = {  # case name -> (prompt, number of images)
+    "text-only": ("a photo of a dog wearing sunglasses on the beach", 0),
+    "1-image": ("a photo of <i> on the beach at sunset", 1),
+    "3-image": ("<i> and <i> sitting on <i> in a garden", 3),
+}
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of plain n x n matmuls (the machine's practical compute limit)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up
+    seconds = _median_time(lambda: (a @ b, _sync(device)), repeats)
+    return 2 * n ** 3 / seconds
+
+
+def measure_memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of reading a large buffer once (what reading weights costs)."""
+    x = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device)
+    x.sum()
+    seconds = _median_time(lambda: (x.sum(), _sync(device)), repeats)
+    return x.numel() * 4 / seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def clip_text_yardstick(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds per forward of the SD1.5 CLIP text encoder (ViT-L/14 text tower) on 77 tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    model = CLIPTextModel(config).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, 49408, (1, 77), device=device)
+    with torch.inference_mode():
+        model(ids)
+        return _median_time(lambda: (model(ids), _sync(device)), repeats)
+
+
+def write_checkpoints(cfg: KosmosGConfig, workdir: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
+    """Random model -> official-format .pt + pack .safetensors. Returns (pt, safetensors, weight bytes)."""
+    from .checkpoint import save_pack_checkpoint, to_official_state_dict
+    from .model import KosmosG
+
+    torch.manual_seed(0)
+    model = KosmosG(cfg).to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    pt_path, st_path = workdir / "checkpoint_bench.pt", workdir / "checkpoint_bench.safetensors"
+    # the fairseq layout: weights under "model", plus training state the loader must skip
+    torch.save({"model": to_official_state_dict(model.state_dict()), "args": None,
+                "optimizer_history": [{"num_updates": 0}], "extra_state": {"epoch": 1}}, pt_path)
+    (workdir / "checkpoint_bench.json").write_text(cfg.to_json())  # sidecar config (heads not inferable for tiny)
+    save_pack_checkpoint(model, None, st_path)
+    del model
+    return pt_path, st_path, weight_bytes
+
+
+_LOAD_SNIPPET = r"""
+import json, os, sys, time, torch
+torch.set_num_threads({threads})
+from kosmosg_core.checkpoint import read_checkpoint, _build_model
+def rss_kb(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1])
+base = rss_kb('VmRSS:')
+start = time.perf_counter()
+cfg, sd, _ = read_checkpoint({path!r})
+model = _build_model(cfg, sd, {path!r}, {dtype}, 'cpu')
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "peak_rss_bytes": (rss_kb('VmHWM:') - base) * 1024}}))
+"""
+
+
+def measure_load(path: Path, dtype: torch.dtype, threads: int) -> dict:
+    code = _LOAD_SNIPPET.format(path=str(path), dtype=f"torch.{str(dtype).split('.')[-1]}", threads=threads)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _tiny_tokenizer_pipeline(model, cfg):
+    """A pipeline with a synthetic tokenizer: the benchmark needs ids, not real words."""
+    from .pipeline import KosmosGPipeline
+
+    class SyntheticTokenizer:  # one id per character: deterministic, vocabulary-independent lengths
+        vocab_size = cfg.decoder.vocab_size
+        image_id, image_end_id = vocab_size - 4, vocab_size - 3
+
+        def encode(self, text):
+            return [4 + (ord(c) % 1000) for c in text]
+
+    return KosmosGPipeline(model, SyntheticTokenizer())
+
+
+def run_benchmark(args) -> dict:
+    from .model import KosmosG
+    from .pipeline import resolve_device, resolve_dtype
+
+    threads = args.threads or min(os.cpu_count() or 1, 2 if os.environ.get("CI") else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    device = resolve_device(args.device)
+    cfg = SIZES[args.size]()
+    dtypes = [resolve_dtype(d) for d in args.dtypes.split(",")]
+    results = {"size": args.size, "device": str(device), "threads": threads, "torch": torch.__version__,
+               "cases": [], "load": {}, "yardsticks": {}}
+    bandwidth = measure_memory_bandwidth(device)
+    results["yardsticks"]["memory_bandwidth_GBps"] = bandwidth / 1e9
+
+    workdir_ctx = tempfile.TemporaryDirectory() if args.workdir is None else None
+    workdir = Path(args.workdir or workdir_ctx.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        file_dtype = torch.float32
+        pt_path, st_path, weight_bytes = write_checkpoints(cfg, workdir, file_dtype)
+        pt_load = measure_load(pt_path, file_dtype, threads)
+        st_load = measure_load(st_path, file_dtype, threads)
+        results["load"] = {"weights_bytes": weight_bytes, "pt": pt_load, "safetensors": st_load,
+                           "safetensors_over_pt_time": st_load["seconds"] / pt_load["seconds"],
+                           "safetensors_peak_rss_over_weights": st_load["peak_rss_bytes"] / weight_bytes,
+                           "pt_peak_rss_over_weights": pt_load["peak_rss_bytes"] / weight_bytes}
+
+        from PIL import Image
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 255, (300, 260, 3), dtype=np.uint8)) for _ in range(3)]
+        for dtype in dtypes:
+            rate = measure_matmul_rate(dtype, device)
+            results["yardsticks"][f"matmul_TFLOPs_{str(dtype).split('.')[-1]}"] = rate / 1e12
+            clip_seconds = clip_text_yardstick(device, dtype, args.repeats)
+            model = KosmosG(cfg).to(device=device, dtype=dtype).eval()
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+            pipe = _tiny_tokenizer_pipeline(model, cfg)
+            param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
+                           for name in ("vision", "connector", "decoder", "aligner")}
+            for case, (prompt, n_images) in PROMPTS.items():
+                case_images = images[:n_images]
+
+                def encode_fresh():
+                    pipe.clear_cache()
+                    pipe.encode(prompt, case_images)
+                    _sync(device)
+
+                encode_fresh()  # warm-up
+                flops = count_flops(encode_fresh)
+                seconds = _median_time(encode_fresh, args.repeats)
+                cached = None
+                if n_images:
+                    pipe.encode(prompt, case_images)
+                    cached = _median_time(lambda: (pipe.encode(prompt, case_images), _sync(device)), args.repeats)
+                read = param_bytes["decoder"] + param_bytes["aligner"] - model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
+                if n_images:
+                    read += param_bytes["vision"] + param_bytes["connector"]
+                limit = max(flops / rate, read / bandwidth)
+                results["cases"].append({
+                    "case": case, "dtype": str(dtype).split(".")[-1], "seconds": seconds, "flops": flops,
+                    "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
+                    "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
+                    "clip_text_encoder_seconds": clip_seconds})
+            del model, pipe
+    finally:
+        if workdir_ctx is not None:
+            workdir_ctx.cleanup()
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_table(results: dict) -> None:
+    load = results["load"]
+    y = results["yardsticks"]
+    print(f"Kosmos-G bench: size={results['size']} device={results['device']} threads={results['threads']} torch={results['torch']}")
+    print("yardsticks: " + ", ".join(f"{k}={v:.3g}" for k, v in y.items()))
+    print(f"load (fp32 file, {load['weights_bytes'] / 2**30:.2f} GiB weights): "
+          f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
+          f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
+          f"time ratio {load['safetensors_over_pt_time']:.2f}")
+    header = f"{'case':<10} {'dtype':<9} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}"
+    print(header)
+    print("-" * len(header))
+    for c in results["cases"]:
+        cached = f"{c['cached_image_seconds']:.3f}" if c["cached_image_seconds"] else "-"
+        speed = f"{c['cache_speedup']:.1f}x" if c["cache_speedup"] else "-"
+        print(f"{c['case']:<10} {c['dtype']:<9} {c['seconds']:>9.3f} {c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} "
+              f"{cached:>9} {speed:>8} {c['clip_text_encoder_seconds']:>11.3f}")

@@ -1,0 +1,74 @@
+"""Headless generation: Kosmos-G conditioning drives a local SD1.5 model through diffusers.
+
+The U-Net is unchanged SD1.5: `prompt_embeds` / `negative_prompt_embeds` replace the CLIP text
+encoder (which is never loaded). Defaults follow the official demo: DPM-Solver multistep,
+50 steps, guidance 6.0, negative = the official unconditional encoding of `<s>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, CheckpointNotFoundError
+from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights)
+SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+_NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
+                        image_encoder=None, requires_safety_checker=False)
+
+
+def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = "dpm", config_dir=None):
+    """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(sd_model)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
+                                      "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
+    try:
+        if path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
+                                                           **_NO_TEXT_ENCODER)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
+                                                            torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model: {e}") from e
+    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=None, negative_prompt: str = "",
+                    out_dir: Path = Path("outputs"), steps: int = 50, guidance_scale: float = 6.0,
+                    scheduler: str = "dpm", seed: int = 0, num_images: int = 1, height: int = 512, width: int = 512,
+                    dtype="float32", device="cpu", sd_config_dir=None) -> list[Path]:
+    """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
+    cond = encoder.encode(prompt, [Path(p) for p in images])  # [1, 77, C]
+    uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
+    if cond.shape[-1] != 768:
+        raise CheckpointError(f"This Kosmos-G checkpoint produces {cond.shape[-1]}-wide conditioning but SD1.5 expects 768.")
+    del encoder  # free the encoder before the U-Net runs
+    sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
+                generator=generator, output_type="pil")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, image in enumerate(result.images):
+        path = out_dir / f"kosmosg_{seed}_{k}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

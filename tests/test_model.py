@@ -1,0 +1,121 @@
+"""Model parts on tiny configs: shapes named per dimension, masks, batching invariances, config round trip."""
+
+import math
+
+import pytest
+import torch
+
+from kosmosg_core.config import PAD_ID, KosmosGConfig
+from kosmosg_core.decoder import sinusoidal_positions
+from kosmosg_core.model import KosmosG
+
+
+def random_model(cfg: KosmosGConfig, seed: int = 0) -> KosmosG:
+    torch.manual_seed(seed)
+    model = KosmosG(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2 if p.ndim > 1 else 0.05)
+            if name.endswith("weight") and p.ndim == 1:  # LayerNorm gains near 1
+                p.add_(1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return KosmosGConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return random_model(cfg)
+
+
+def test_official_config_numbers():
+    cfg = KosmosGConfig.official()
+    assert (cfg.decoder.layers, cfg.decoder.width, cfg.decoder.ffn_width, cfg.decoder.heads) == (24, 2048, 8192, 32)
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.num_tokens) == (224, 14, 257)
+    assert cfg.connector.num_queries == 64
+    assert (cfg.aligner.encoder_layers, cfg.aligner.decoder_layers, cfg.aligner.width, cfg.aligner.num_queries) == (12, 12, 768, 77)
+    assert cfg.decoder.vocab_size == 64007
+
+
+def test_config_json_round_trip_and_validation(cfg):
+    assert KosmosGConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="not divisible"):
+        KosmosGConfig.from_dict({"decoder": {"width": 30, "heads": 4}})
+    with pytest.raises(ValueError, match="Unknown DecoderConfig fields"):
+        KosmosGConfig.from_dict({"decoder": {"widht": 64}})
+
+
+def test_sinusoidal_positions_follow_fairseq():
+    ids = torch.tensor([[0, 5, 6, PAD_ID]])
+    table = sinusoidal_positions(ids, 8)  # [1, 4, 8]
+    half = 4
+    freqs = [math.exp(-i * math.log(10000) / (half - 1)) for i in range(half)]
+    for t, p in enumerate([2, 3, 4]):  # non-pad positions start at padding_idx + 1 = 2
+        expected = [math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs]
+        assert torch.allclose(table[0, t], torch.tensor(expected), atol=1e-6)
+    assert torch.all(table[0, 3] == 0)  # the pad row is zero
+
+
+def test_shapes(model, cfg):
+    N, S = 3, cfg.vision.image_size
+    tokens = model.vision(torch.randn(N, 3, S, S))
+    assert tokens.shape == (N, cfg.vision.num_tokens, cfg.vision.width)
+    assert torch.allclose(tokens.norm(dim=-1), torch.ones(N, cfg.vision.num_tokens), atol=1e-5)  # L2-normalised
+    embeds = model.encode_images(torch.randn(N, 3, S, S))
+    assert embeds.shape == (N, cfg.connector.num_queries, cfg.decoder.width)
+    B, T = 2, 9
+    ids = torch.randint(4, cfg.decoder.vocab_size, (B, T))
+    hidden = model.decoder(ids)
+    assert hidden.shape == (B, T, cfg.decoder.width)
+    assert model.decoder.lm_logits(hidden).shape == (B, T, cfg.decoder.vocab_size)
+    cond = model.aligner(hidden, ids.eq(PAD_ID))
+    assert cond.shape == (B, cfg.aligner.num_queries, cfg.aligner.width)
+
+
+def test_decoder_is_causal(model, cfg):
+    ids = torch.randint(4, cfg.decoder.vocab_size, (1, 8))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % cfg.decoder.vocab_size
+    a, b = model.decoder(ids), model.decoder(changed)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def test_right_padding_does_not_change_the_condition(model, cfg):
+    ids = torch.randint(4, cfg.decoder.vocab_size, (1, 6))
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    padded = torch.cat([ids, torch.full((1, 5), PAD_ID)], dim=1)
+    padded_mask = torch.zeros_like(padded, dtype=torch.bool)
+    assert torch.allclose(model(ids, mask), model(padded, padded_mask), atol=1e-5)
+
+
+def test_image_embeddings_fill_masked_slots_in_order(model, cfg):
+    Q = cfg.image_token_slots
+    ids = torch.tensor([[0, 7] + [cfg.decoder.vocab_size - 4] * (2 * Q) + [9]])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 2:2 + 2 * Q] = True
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    direct = model(ids, mask, pixel_values=pixels)
+    via_embeds = model(ids, mask, image_embeds=model.encode_images(pixels))
+    swapped = model(ids, mask, pixel_values=pixels.flip(0))
+    assert torch.allclose(direct, via_embeds, atol=1e-6)
+    assert not torch.allclose(direct, swapped, atol=1e-4)  # order of images matters
+    with pytest.raises(ValueError, match="image slots"):
+        model(ids, mask, image_embeds=model.encode_images(pixels[:1]))
+
+
+def test_vision_trainable_parameters_are_last_block_and_ln_post(model, cfg):
+    names = model.vision.trainable_parameter_names()
+    assert names and all(n.startswith((f"resblocks.{cfg.vision.layers - 1}.", "ln_post.")) for n in names)
+
+
+def test_reconstruction_branch_shapes():
+    cfg = KosmosGConfig.tiny()
+    cfg.aligner.with_reconstruction = True
+    model = random_model(cfg)
+    hidden = torch.randn(2, 7, cfg.decoder.width)
+    cond = model.aligner(hidden)
+    assert model.aligner.reconstruct(cond, 7).shape == (2, 7, cfg.decoder.width)
