@@ -1,0 +1,103 @@
+"""Atomic, exactly-resumable training checkpoints.
+
+A checkpoint is one file `<run_dir>/checkpoint.pt` holding model, optimiser, LR scheduler, RNG
+states, step and data position. It is written to a temporary file in the same folder, flushed,
+fsynced and renamed over the old one, so a kill at any moment leaves either the old or the new
+checkpoint, never a half-written file. It is read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    # numpy's key array is stored as a tensor so the file stays loadable with weights_only=True
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=None, step: int,
+                    data_state: dict | None = None, extra: dict | None = None) -> Path:
+    state = {"model": model_state, "step": step, "rng": rng_state(), "data": data_state or {},
+             "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
+
+
+def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
+    """-> the saved state, or None when no checkpoint exists yet. Refuses corrupt or mismatched files."""
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip/pickle
+        raise ValueError(f"Checkpoint {path} is corrupt or not a training checkpoint ({type(e).__name__}: {e}). "
+                         "Delete it to start over, or point --output-dir at another run.") from e
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError(f"{path} is not a train/ checkpoint (no model/step). Use --output-dir of a train/ run.")
+    if expected_model_keys is not None:
+        missing = sorted(set(expected_model_keys) - set(state["model"]))
+        unexpected = sorted(set(state["model"]) - set(expected_model_keys))
+        if missing or unexpected:
+            raise ValueError(f"Checkpoint {path} does not match this model/config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}. Resume with the config the run was started with, "
+                             "or use a new --output-dir.")
+    return state
+
+
+def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:
+    """Load a saved state into the live objects (RNG included) -> the step to continue from."""
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
