@@ -1,0 +1,380 @@
+"""train.data: construction with tiny random transformers models, ingestion, mixing, official TSV."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.data import cli
+from train.data.build import run_build
+from train.data.config import BuildConfig, IngestConfig, MixConfig, OfficialConfig
+from train.data.crops import entity_crops
+from train.data.entities import apply_drop_spans, filter_entities, layout_interleaved, parse_entity_answer
+from train.data.ingest import run_ingest_ip2p, run_ingest_pairs
+from train.data.mix import run_mix
+from train.data.official_tsv import run_from_official, run_to_official
+from train.data.samples import ip2p_sample, laion_sample
+from train.data.shards import read_samples, write_shard
+from train.data.sources import EntityLabel, Scene
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a dog on the red mat", "a cat with a hat", "the car and a tree", "a dog and a cat on grass",
+            "a ball on the mat", None, "a red car"]  # None: no caption file -> the captioner is used
+
+
+def _noise_image(rng, height=48, width=64):
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tar_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read()
+            for name in sorted(os.listdir(folder)) if name.endswith(".tar")}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from support.tiny_hf_models import save_all
+
+    return save_all(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(CAPTIONS):
+        _noise_image(rng).save(folder / f"img{i}.png")
+        if caption:
+            (folder / f"img{i}.txt").write_text(caption)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    return str(folder)
+
+
+def _build_config(models, folder, output, captioner=True):
+    config = BuildConfig(input=folder, output=output, samples_per_shard=3, seed=7)
+    config.models.captioner = models["captioner"] if captioner else None
+    config.models.entity_model = models["entity_model"]
+    config.models.segmenter = models["segmenter"]
+    config.models.device = "cpu"
+    config.models.caption_max_new_tokens = 6
+    config.crop.entity_size = config.crop.target_size = 32
+    return config
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, image_folder, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("built"))
+    summary = run_build(_build_config(tiny_models, image_folder, output))
+    return output, summary
+
+
+# ---- pure parts ---------------------------------------------------------------------------------
+
+def test_entity_parsing_and_official_filters():
+    answer = "1. Dog\n- dog collar, red, and ball; the, a sentence that is far too long to be a noun ### Input: x"
+    assert parse_entity_answer(answer) == ["Dog", "dog collar", "red", "ball"]
+    caption = "a dog with a dog collar chasing a red ball"
+    # "Dog" occurs inside "dog collar" (ambiguous), "red" is a colour word; case-insensitive matching
+    assert filter_entities(["Dog", "dog collar", "red", "ball", "cat"], caption) == ["dog collar", "ball"]
+    # tags absent from the caption do not make others ambiguous (construction filters them first)
+    assert filter_entities(["dog", "dog red red"], "a dog on a mat") == ["dog"]
+
+
+def test_layout_matches_official_segments_and_drop_spans():
+    layout = layout_interleaved("a cat's toy and (dog) sleep", ["dog", "toy", "cat"])
+    assert layout.entities == ["cat", "toy", "dog"]  # ordered by position in the caption
+    # keep: text through the end of the word (next delimiter) plus one space, then the image
+    assert layout.text == "a cat's <i> toy <i> and (dog <i>) sleep"
+    # drop: text up to the word, a space added only when the text does not end in one
+    assert layout.text_dropped == "a <i> <i> and ( <i>) sleep"
+    assert apply_drop_spans(layout.text, layout.drop_spans) == layout.text_dropped
+    start = layout_interleaved("dog on mat", ["dog", "mat"])
+    assert start.text == "dog <i> on mat <i>" and start.text_dropped == "<i> on <i>"
+    assert apply_drop_spans(start.text, start.drop_spans) == start.text_dropped
+
+
+def test_entity_crops_follow_official_recipe():
+    pixels = np.full((100, 100, 3), 90, dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    probabilities = np.zeros((100, 100), dtype=np.float32)
+    probabilities[10:30, 50:90] = 0.9  # big region, 20 x 40
+    probabilities[80:84, 5:9] = 0.9  # small region, dropped
+    probabilities[0:5, 0:5] = 0.2  # below threshold
+    crop, masked = entity_crops(image, probabilities, threshold=0.3, dilation_divisor=100, size=40)
+    assert crop.size == masked.size == (40, 40)
+    masked = np.asarray(masked)
+    # square of side 40 around the region: rows 0..40 (shifted inside), the region's rows are 10..30
+    assert (masked[:8] == 255).all() and (masked[32:] == 255).all()  # outside the region -> white
+    assert (np.asarray(crop) == 90).all()  # the plain crop keeps the pixels
+    assert entity_crops(image, np.zeros((100, 100), np.float32)) is None
+
+
+# ---- build --------------------------------------------------------------------------------------
+
+def test_build_writes_valid_shards_and_counts_the_corrupt_image(built, image_folder):
+    output, summary = built
+    tars = _tar_bytes(output)
+    assert sorted(tars) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 8 items, 3 per shard
+    for name in tars:
+        with tarfile.open(os.path.join(output, name)) as archive:  # valid tar
+            assert all(member.mtime == 0 for member in archive.getmembers())
+    assert summary["processed"] == 8 and summary["skipped_corrupt"] == 1
+    assert summary["failed_caption"] == 0  # the uncaptioned image went through the captioner
+    outcomes = {k: v for k, v in summary.items() if k not in ("processed", "shards", "this_run")}
+    assert sum(outcomes.values()) == 8
+    assert json.load(open(os.path.join(output, "summary.json")))["skipped_corrupt"] == 1
+
+    samples = list(read_samples(output))
+    assert len(samples) == summary["written"] >= 1
+    for sample in samples:
+        meta = sample.meta
+        assert meta["kind"] == "openimage" and meta["format"] == "kosmosg-data"
+        assert meta["text"].count("<i>") == len(meta["entities"]) >= 1
+        assert apply_drop_spans(meta["text"], meta["drop_spans"]) == meta["text_dropped"]
+        assert meta["text"].replace("<i>", "").replace(" ", "") == meta["caption"].replace(" ", "")
+        for k, entity in enumerate(meta["entities"]):
+            assert entity["name"].lower() in meta["caption"].lower()
+            assert entity["image"] == f"entity_{k}.png" and entity["masked"] == f"entity_{k}_masked.png"
+            assert Image.open(io.BytesIO(sample.images[entity["masked"]])).size == (32, 32)
+        assert Image.open(io.BytesIO(sample.images["target.png"])).size == (32, 32)
+        assert "broken" not in sample.key
+
+
+def test_build_without_captioner_counts_failed_caption(tiny_models, image_folder, tmp_path):
+    summary = run_build(_build_config(tiny_models, image_folder, str(tmp_path), captioner=False))
+    assert summary["failed_caption"] == 1 and summary["skipped_corrupt"] == 1
+
+
+def test_build_is_deterministic_and_resumes_per_shard(built, tiny_models, image_folder, tmp_path):
+    output, _ = built
+    reference = _tar_bytes(output)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(output, copy)
+    os.remove(os.path.join(copy, "shard-000001.tar"))
+    open(os.path.join(copy, "shard-000002.tar.partial"), "wb").write(b"half a shard")  # crash leftover
+    summary = run_build(_build_config(tiny_models, image_folder, copy))
+    assert summary["this_run"]["shards_written"] == 1 and summary["this_run"]["shards_skipped_complete"] == 2
+    assert _tar_bytes(copy) == reference  # byte-identical
+    fresh = str(tmp_path / "fresh")
+    run_build(_build_config(tiny_models, image_folder, fresh))
+    assert _tar_bytes(fresh) == reference  # same input + seed -> same bytes
+
+
+class FakeWorld:
+    """A label source: two coloured squares per scene with exact masks (stands in for the nano world)."""
+
+    def __init__(self, seed=0, count=0, size=40):
+        self.seed, self.count, self.size = seed, count, size
+
+    def __len__(self):
+        return self.count
+
+    def scene(self, index):
+        if index == 2:
+            raise RuntimeError("renderer hiccup")
+        rng = np.random.default_rng([self.seed, index])
+        pixels = np.full((self.size, self.size, 3), 128, dtype=np.uint8)
+        masks = []
+        for colour in ((255, 0, 0), (0, 0, 255)):
+            top, left = rng.integers(0, self.size - 12, size=2)
+            mask = np.zeros((self.size, self.size), dtype=bool)
+            mask[top:top + 10, left:left + 10] = True
+            pixels[mask] = colour
+            masks.append(mask)
+        return Scene(key="ignored", image=Image.fromarray(pixels), caption="a cube next to a ball",
+                     entities=[EntityLabel("cube", masks[0]), EntityLabel("ball", masks[1])])
+
+
+def test_build_from_label_source(tmp_path):
+    config = BuildConfig(output=str(tmp_path), source="test_train_data:FakeWorld", count=4, seed=3,
+                         samples_per_shard=2, source_options={"size": 40})
+    config.crop.entity_size = 16
+    config.crop.target_size = 40
+    summary = run_build(config)
+    assert summary["written"] == 3 and summary["failed_labels"] == 1
+    sample = next(iter(read_samples(str(tmp_path))))
+    assert sample.meta["text"] == "a cube <i> next to a ball <i>"
+    cube = np.asarray(Image.open(io.BytesIO(sample.images["entity_0_masked.png"])))
+    # the masked cube crop is the red square on white: no grey background survives
+    assert (np.abs(cube.astype(int) - 128).sum(-1) > 60).mean() > 0.9
+
+
+# ---- ingestion ----------------------------------------------------------------------------------
+
+def test_ingest_ip2p_both_layouts(tmp_path):
+    rng = np.random.default_rng(1)
+    release = tmp_path / "release"
+    (release / "0001").mkdir(parents=True)
+    (release / "0001" / "prompt.json").write_text(json.dumps({"input": "a house", "edit": "make it snowy"}))
+    for seed in (11, 12):
+        _noise_image(rng, 40, 60).save(release / "0001" / f"{seed}_0.jpg")
+        _noise_image(rng, 40, 60).save(release / "0001" / f"{seed}_1.jpg")
+    (release / "seeds.json").write_text(json.dumps([["0001", [11, 12]]]))
+    config = IngestConfig(input=str(release), output=str(tmp_path / "out1"), image_size=20)
+    assert run_ingest_ip2p(config)["written"] == 1
+    sample = next(iter(read_samples(config.output)))
+    assert sample.meta["text"] == "a house<i>make it snowy" and sample.meta["text_dropped"] == "<i>make it snowy"
+    assert sample.meta["variants"] == 1 and "variant_1_target.png" in sample.images
+    assert Image.open(io.BytesIO(sample.images["target.png"])).size == (30, 20)  # shorter side 20
+
+    jsonl_dir = tmp_path / "jsonl"
+    jsonl_dir.mkdir()
+    _noise_image(rng).save(jsonl_dir / "s.png")
+    _noise_image(rng).save(jsonl_dir / "t.png")
+    (jsonl_dir / "bad.png").write_bytes(b"garbage")
+    lines = [{"input_caption": "a cat", "edit": "add a hat", "source": "s.png", "edited": "t.png"},
+             {"input_caption": "a dog", "edit": "paint it", "source": "bad.png", "edited": "t.png"}]
+    (jsonl_dir / "triplets.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    summary = run_ingest_ip2p(IngestConfig(input=str(jsonl_dir), output=str(tmp_path / "out2"), image_size=0))
+    assert summary["written"] == 1 and summary["skipped_corrupt"] == 1
+
+
+def test_ingest_pairs_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i in range(4):
+        _noise_image(rng).save(folder / f"p{i}.jpg")
+        if i != 3:
+            (folder / f"p{i}.txt").write_text(f"caption number {i}\n")
+    (folder / "zz.png").write_bytes(b"nope")
+    (folder / "zz.txt").write_text("a caption for a broken file")
+    summary = run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=24))
+    assert (summary["written"], summary["missing_caption"], summary["skipped_corrupt"]) == (3, 1, 1)
+    samples = list(read_samples(str(tmp_path / "out")))
+    assert [s.meta["caption"] for s in samples] == ["caption number 0", "caption number 1", "caption number 2"]
+    assert all(s.meta["kind"] == "laion" and s.meta["entities"] == [] for s in samples)
+
+
+# ---- mix ----------------------------------------------------------------------------------------
+
+def _synthetic_sources(root, per_source=400):
+    tiny = _png(Image.new("RGB", (2, 2), (1, 2, 3)))
+    folders = {}
+    for kind in ("laion", "instructpix2pix", "openimage"):
+        folder = os.path.join(root, kind)
+        os.makedirs(folder)
+        if kind == "instructpix2pix":
+            samples = [ip2p_sample(f"{i:05d}", "in", "edit", [(tiny, tiny)]) for i in range(per_source)]
+        else:
+            samples = [laion_sample(f"{i:05d}", f"{kind} {i}", tiny) for i in range(per_source)]
+            for s in samples:
+                s.meta["kind"] = kind  # only the source label matters for mixing
+        write_shard(os.path.join(folder, "shard-000000.tar"), samples[: per_source // 2])
+        write_shard(os.path.join(folder, "shard-000001.tar"), samples[per_source // 2:])
+        folders[kind] = folder
+    return folders
+
+
+def test_mix_honours_ratio_and_is_deterministic(tmp_path):
+    sources = _synthetic_sources(str(tmp_path / "src"))
+    config = MixConfig(output=str(tmp_path / "a"), count=500, seed=5, samples_per_shard=128, **sources)
+    summary = run_mix(config)
+    assert summary["written"] == 500
+    picked = [s.meta["mixed_from"]["source"] for s in read_samples(config.output)]
+    counts = {kind: picked.count(kind) for kind in sources}
+    for kind, share in (("laion", 0.2), ("instructpix2pix", 0.4), ("openimage", 0.4)):
+        assert abs(counts[kind] / 500 - share) < 4 * (share * (1 - share) / 500) ** 0.5, counts
+    # each source is consumed in its own order
+    laion_keys = [s.meta["mixed_from"]["key"] for s in read_samples(config.output)
+                  if s.meta["mixed_from"]["source"] == "laion"]
+    assert laion_keys == sorted(laion_keys)
+    again = MixConfig(output=str(tmp_path / "b"), count=500, seed=5, samples_per_shard=128, **sources)
+    run_mix(again)
+    assert _tar_bytes(config.output) == _tar_bytes(again.output)
+    other = MixConfig(output=str(tmp_path / "c"), count=500, seed=6, samples_per_shard=128, **sources)
+    run_mix(other)
+    assert _tar_bytes(other.output) != _tar_bytes(config.output)
+    # a source runs out -> the mix stops (ratio kept); weight 0 excludes a source
+    only = MixConfig(output=str(tmp_path / "d"), ratio=[1, 0, 0], laion=sources["laion"])
+    assert run_mix(only)["written"] == 400
+
+
+# ---- official layout ----------------------------------------------------------------------------
+
+def test_official_tsv_round_trip(built, tmp_path):
+    output, _ = built
+    rng = np.random.default_rng(3)
+    extra = str(tmp_path / "extra")
+    os.makedirs(extra)
+    pair = (_png(_noise_image(rng, 8, 12)), _png(_noise_image(rng, 8, 12)))
+    write_shard(os.path.join(extra, "x-000000.tar"), [
+        ip2p_sample("ip0", "a room", "add a lamp", [pair, pair[::-1]]),
+        laion_sample("la0", "a sunny beach", _png(_noise_image(rng, 10, 14)))])
+    original = list(read_samples(output)) + list(read_samples(extra))
+
+    official = str(tmp_path / "official")
+    run_to_official(OfficialConfig(input=f"{output},{extra}", output=official))
+    listing = json.load(open(os.path.join(official, "openimage", "json", "train.json")))
+    assert listing[0]["source_lang"] == "openimage" and listing[0]["source"] == ["shard-000000.tsv"]
+    line = open(os.path.join(official, "openimage", "data", "shard-000000.tsv")).readline().rstrip("\n").split("\t")
+    first = original[0]
+    assert line[0] == first.meta["caption"] and line[1].split(",") == [e["name"] for e in first.meta["entities"]]
+    assert base64.b64decode(line[2]) == first.images["target.png"]
+    assert len(line) == 3 + 2 * len(first.meta["entities"])
+    ip2p_line = open(os.path.join(official, "instructpix2pix", "data", "shard-000000.tsv")).read().split("\t")
+    assert ip2p_line[:2] == ["a room", "add a lamp"] and len(ip2p_line) == 6
+
+    back = str(tmp_path / "back")
+    summary = run_from_official(OfficialConfig(input=official, output=back))
+    assert summary["written"] == len(original)
+    restored = list(read_samples(back))
+
+    def comparable(sample):
+        meta = {k: v for k, v in sample.meta.items() if k != "origin"}
+        return json.dumps(meta, sort_keys=True), sorted(sample.images.items())
+
+    assert sorted(map(comparable, restored)) == sorted(map(comparable, original))
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [None, "build", "ingest-ip2p", "ingest-pairs", "mix", "to-official",
+                                     "from-official"])
+def test_help(command):
+    args = [sys.executable, "-m", "train.data"] + ([command] if command else []) + ["--help"]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m train.data" in result.stdout
+    if command:
+        assert "--config" in result.stdout and "--set" in result.stdout
+
+
+def test_config_file_set_and_flags_precedence(tmp_path, capsys):
+    config_file = tmp_path / "data.yaml"
+    config_file.write_text("build:\n  seed: 1\n  samples_per_shard: 9\n  crop:\n    entity_size: 128\n")
+    parser = cli.build_parser()
+    args = parser.parse_args(["build", "--config", str(config_file), "--set", "seed=2", "--set",
+                              "models.dtype=float16", "--seed", "3", "--output", "007"])
+    config = cli.resolve_config(args)
+    assert (config.seed, config.samples_per_shard, config.crop.entity_size) == (3, 9, 128)
+    assert config.models.dtype == "float16" and config.output == "007"
+    assert cli.main(["build", "--set", "crop.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert cli.main(["ingest-pairs", "--input", str(tmp_path)]) == 2  # no --output: clear error, exit 2
+
+
+def test_cli_runs_a_command(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _noise_image(np.random.default_rng(4)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a tiny picture")
+    assert cli.main(["ingest-pairs", "--input", str(folder), "--output", str(tmp_path / "out"),
+                     "--image-size", "16", "--log-level", "WARNING"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1

@@ -1,0 +1,185 @@
+"""`build`: images (+ optional captions) -> caption -> entities -> masks -> interleaved samples.
+
+Per item outcomes (counted per shard and in summary.json): written, skipped_corrupt,
+failed_caption (no caption and none could be generated), failed_entities (LLM error),
+no_entities (no usable entity word after the official filters), failed_segmentation (CLIPSeg
+error), no_masks (no entity mask above the threshold), failed_labels (a label source raised).
+Nothing but a configuration error stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import BuildConfig
+from .crops import CorruptImageError, center_square, decode_image, entity_crops, RESAMPLE, resize_shorter_side
+from .entities import clean_text, layout_interleaved, parse_entity_answer
+from .samples import openimage_sample
+from .shards import ProcessResult, run_sharded
+from .sources import (EntityLabel, LabelItem, RawItem, Scene, is_label_source, iter_label_items,
+                      iter_raw_items, load_label_source)
+
+logger = logging.getLogger(__name__)
+
+
+def item_seed(seed: int, key: str) -> int:
+    """Per-item seed from (run seed, item key): results do not depend on order or sharding."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ModelLabeller:
+    """Captioner + entity LLM + segmenter, loaded once, each from its own path."""
+
+    def __init__(self, config: BuildConfig):
+        from .models import Captioner, EntityExtractor, Segmenter
+
+        models = config.models
+        if not models.entity_model or not models.segmenter:
+            raise ValueError("build from images needs --entity-model DIR and --segmenter DIR "
+                             "(transformers save_pretrained folders), or a label source via --source")
+        self.captioner = None
+        if models.captioner:
+            self.captioner = Captioner(models.captioner, models.captioner_processor, models.device, models.dtype,
+                                       models.caption_max_new_tokens, models.caption_prompt)
+        self.extractor = EntityExtractor(
+            models.entity_model, models.entity_prompt, models.device, models.dtype, models.entity_max_new_tokens,
+            models.entity_do_sample, models.entity_temperature, models.entity_top_k, models.entity_top_p)
+        self.segmenter = Segmenter(models.segmenter, models.device, models.dtype)
+        self.config = config
+        self._warned_no_captioner = False
+
+    def caption(self, image: Image.Image, given: str | None, key: str) -> str | None:
+        if given and not self.config.models.recaption:
+            return clean_text(given)
+        if self.captioner is None:
+            if not self._warned_no_captioner:
+                logger.warning("images without captions are skipped: no --captioner was given")
+                self._warned_no_captioner = True
+            return None
+        try:
+            return clean_text(self.captioner(image)) or None
+        except Exception as error:  # noqa: BLE001 - model failure on one item is counted, not fatal
+            logger.warning("%s: captioning failed (%s: %s); skipped", key, type(error).__name__, error)
+            return None
+
+
+def _fit_scene(scene: Scene, square: bool) -> Scene:
+    """Centre-crop the image (and its masks) to a square when configured."""
+    if not square or scene.image.width == scene.image.height:
+        return scene
+    width, height = scene.image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    entities = [EntityLabel(e.name, None if e.mask is None else e.mask[top:top + side, left:left + side],
+                            e.crop, e.masked) for e in scene.entities]
+    return Scene(scene.key, center_square(scene.image), scene.caption, entities, scene.origin)
+
+
+def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
+    """Labelled scene -> `openimage` sample (official crop recipe for masks, layout, target)."""
+    crop_cfg = config.crop
+    scene = _fit_scene(scene, crop_cfg.square_crop)
+    caption = clean_text(scene.caption)
+    if not caption:
+        return None, "failed_caption"
+    by_name = {e.name: e for e in scene.entities}
+    layout = layout_interleaved(caption, list(by_name))
+    names = layout.entities[: config.models.max_entities or None]
+    if not names:
+        return None, "no_entities"
+    crops = {}
+    for name in names:
+        entity = by_name[name]
+        if entity.mask is not None:
+            pair = entity_crops(scene.image, np.asarray(entity.mask, dtype=np.float32), crop_cfg.mask_threshold,
+                                crop_cfg.dilation_divisor, crop_cfg.entity_size)
+        elif entity.crop is not None:
+            size = (crop_cfg.entity_size, crop_cfg.entity_size)
+            crop = entity.crop.convert("RGB").resize(size, RESAMPLE)
+            masked = (entity.masked or entity.crop).convert("RGB").resize(size, RESAMPLE)
+            pair = (crop, masked)
+        else:
+            pair = None
+        if pair is not None:
+            crops[name] = pair
+    if not crops:
+        return None, "no_masks"
+    layout = layout_interleaved(caption, [n for n in names if n in crops])
+    if crop_cfg.square_crop:
+        target = scene.image.resize((crop_cfg.target_size, crop_cfg.target_size), RESAMPLE)
+    else:
+        target = resize_shorter_side(scene.image, crop_cfg.target_size)
+    return openimage_sample(scene.key, caption, layout, target, [crops[n] for n in layout.entities],
+                            scene.origin), "written"
+
+
+def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):
+    def process(item: RawItem) -> ProcessResult:
+        try:
+            image = decode_image(item.read(), item.origin)
+        except (CorruptImageError, OSError) as error:
+            logger.warning("%s: %s; skipped", item.key, error)
+            return None, "skipped_corrupt"
+        if config.crop.square_crop:
+            image = center_square(image)
+        seed_everything(item_seed(config.seed, item.key))
+        caption = labeller.caption(image, item.caption, item.key)
+        if not caption:
+            return None, "failed_caption"
+        try:
+            answer = labeller.extractor(caption)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s: entity extraction failed (%s: %s); skipped", item.key, type(error).__name__, error)
+            return None, "failed_entities"
+        tags = parse_entity_answer(answer, config.models.entity_max_words)
+        names = layout_interleaved(caption, tags).entities[: config.models.max_entities or None]
+        if not names:
+            logger.debug("%s: no usable entity in %r for caption %r", item.key, answer, caption)
+            return None, "no_entities"
+        try:
+            masks = labeller.segmenter(image, names)  # [E, H, W]
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s: segmentation failed (%s: %s); skipped", item.key, type(error).__name__, error)
+            return None, "failed_segmentation"
+        scene = Scene(item.key, image, caption, [EntityLabel(n, m) for n, m in zip(names, masks)], item.origin)
+        return finish_scene(scene, config)
+    return process
+
+
+def make_label_processor(config: BuildConfig):
+    def process(item: LabelItem) -> ProcessResult:
+        try:
+            scene = item.source.scene(item.index)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s: label source failed (%s: %s); skipped", item.key, type(error).__name__, error)
+            return None, "failed_labels"
+        scene = Scene(item.key, scene.image.convert("RGB"), scene.caption, scene.entities, scene.origin)
+        return finish_scene(scene, config)
+    return process
+
+
+def run_build(config: BuildConfig) -> dict:
+    """Run `build` and return the summary (also written to OUTPUT/summary.json)."""
+    if not config.output:
+        raise ValueError("output is not set: pass --output DIR for the shards")
+    if is_label_source(config.source):
+        source = load_label_source(config.source, config.seed, config.count, config.source_options)
+        items = iter_label_items(source, config.count)
+        process = make_label_processor(config)
+    else:
+        items = iter_raw_items(config.input, config.source, config.captions_file, config.count)
+        process = make_raw_processor(config, ModelLabeller(config))
+    return run_sharded(items, process, config.output, config.samples_per_shard, config.shard_prefix, what="build")

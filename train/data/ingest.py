@@ -1,0 +1,155 @@
+"""`ingest-ip2p` and `ingest-pairs`: already labelled data -> samples (no models involved).
+
+InstructPix2Pix input, either layout:
+- the released clip-filtered dataset: `DIR/seeds.json` = [[name, [seed, ...]], ...],
+  `DIR/<name>/prompt.json` = {"input": caption, "edit": instruction, ...},
+  `DIR/<name>/<seed>_0.jpg` (source) and `<seed>_1.jpg` (edited);
+- a JSONL file (or `DIR/triplets.jsonl`), one triplet per line:
+  {"input_caption": ..., "edit": ..., "source": "a.png", "edited": "b.png"} or, for several
+  seeds, {"input_caption": ..., "edit": ..., "pairs": [["a0.png", "b0.png"], ["a1.png", "b1.png"]]};
+  image paths are relative to the JSONL file's folder.
+
+Image-caption pairs input: a folder of images with `<stem>.txt` captions (or --captions-file
+JSONL), img2dataset-style shards, or a JSONL file of {"image": path, "caption": text}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from .config import IngestConfig
+from .crops import CorruptImageError, decode_image, resize_shorter_side
+from .entities import clean_text
+from .samples import ip2p_sample, laion_sample
+from .shards import ProcessResult, run_sharded, sanitize_key
+from .sources import RawItem, _read_file, iter_raw_items
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TripletItem:
+    index: int
+    key: str
+    origin: str
+    input_caption: str
+    edit: str
+    pairs: list[tuple[str, str]]  # (source path, edited path) per seed
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    entries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
+    return entries
+
+
+def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
+    if not input_spec:
+        raise ValueError("input is not set: pass --input DIR (seeds.json layout) or a triplets .jsonl file")
+    jsonl = input_spec if input_spec.endswith(".jsonl") else os.path.join(input_spec, "triplets.jsonl")
+    items: list[TripletItem] = []
+    if os.path.isfile(jsonl):
+        base = os.path.dirname(os.path.abspath(jsonl))
+        for index, entry in enumerate(_read_jsonl(jsonl)):
+            try:
+                pairs = entry.get("pairs") or [[entry["source"], entry["edited"]]]
+                items.append(TripletItem(index, f"{index:08d}", f"{os.path.basename(jsonl)}:{index + 1}",
+                                         entry["input_caption"], entry["edit"],
+                                         [(os.path.join(base, s), os.path.join(base, e)) for s, e in pairs]))
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{jsonl}:{index + 1}: expected input_caption, edit and source/edited "
+                                 f"or pairs ({error})") from error
+    elif os.path.isfile(os.path.join(input_spec, "seeds.json")):
+        with open(os.path.join(input_spec, "seeds.json"), encoding="utf-8") as handle:
+            seeds_list = json.load(handle)
+        for index, (name, seeds) in enumerate(seeds_list):
+            folder = os.path.join(input_spec, name)
+            prompt_path = os.path.join(folder, "prompt.json")
+            try:
+                with open(prompt_path, encoding="utf-8") as handle:
+                    prompt = json.load(handle)
+                caption, edit = prompt["input"], prompt["edit"]
+            except (OSError, json.JSONDecodeError, KeyError) as error:
+                logger.warning("%s: unreadable prompt (%s); its images become a skipped item", prompt_path, error)
+                caption, edit = "", ""
+            pairs = [(os.path.join(folder, f"{seed}_0.jpg"), os.path.join(folder, f"{seed}_1.jpg")) for seed in seeds]
+            items.append(TripletItem(index, f"{index:08d}_{sanitize_key(str(name))}", str(name), caption, edit, pairs))
+    else:
+        raise ValueError(f"input {input_spec!r}: expected a triplets .jsonl file, DIR/triplets.jsonl or "
+                         "DIR/seeds.json (InstructPix2Pix release layout)")
+    return items[:limit] if limit else items
+
+
+def make_ip2p_processor(config: IngestConfig):
+    def process(item: TripletItem) -> ProcessResult:
+        caption, edit = clean_text(item.input_caption), clean_text(item.edit)
+        if not edit:
+            return None, "missing_caption"
+        pairs = []
+        for source_path, edited_path in item.pairs[: config.max_variants or None]:
+            try:
+                source = decode_image(_read_file(source_path)(), source_path)
+                edited = decode_image(_read_file(edited_path)(), edited_path)
+            except (CorruptImageError, OSError) as error:
+                logger.warning("%s: %s; pair skipped", item.key, error)
+                continue
+            if min(*source.size, *edited.size) < config.min_side:
+                continue
+            pairs.append((resize_shorter_side(source, config.image_size),
+                          resize_shorter_side(edited, config.image_size)))
+        if not pairs:
+            return None, "skipped_corrupt"
+        return ip2p_sample(item.key, caption, edit, pairs, item.origin), "written"
+    return process
+
+
+def run_ingest_ip2p(config: IngestConfig) -> dict:
+    if not config.output:
+        raise ValueError("output is not set: pass --output DIR for the shards")
+    items = iter_ip2p(config.input, config.count)
+    return run_sharded(items, make_ip2p_processor(config), config.output, config.samples_per_shard,
+                       config.shard_prefix, what="ingest-ip2p")
+
+
+def iter_pairs(input_spec: str | None, limit: int = 0):
+    if input_spec and input_spec.endswith(".jsonl") and os.path.isfile(input_spec):
+        base = os.path.dirname(os.path.abspath(input_spec))
+        entries = _read_jsonl(input_spec)[: limit or None]
+        for index, entry in enumerate(entries):
+            path = os.path.join(base, str(entry.get("image", "")))
+            yield RawItem(index, f"{index:08d}", str(entry.get("image", "")), _read_file(path), entry.get("caption"))
+        return
+    yield from iter_raw_items(input_spec, "auto", None, limit)
+
+
+def make_pairs_processor(config: IngestConfig):
+    def process(item: RawItem) -> ProcessResult:
+        caption = clean_text(item.caption or "")
+        if not caption:
+            return None, "missing_caption"
+        try:
+            image = decode_image(item.read(), item.origin)
+        except (CorruptImageError, OSError) as error:
+            logger.warning("%s: %s; skipped", item.key, error)
+            return None, "skipped_corrupt"
+        if min(image.size) < config.min_side:
+            return None, "too_small"
+        return laion_sample(item.key, caption, resize_shorter_side(image, config.image_size), item.origin), "written"
+    return process
+
+
+def run_ingest_pairs(config: IngestConfig) -> dict:
+    if not config.output:
+        raise ValueError("output is not set: pass --output DIR for the shards")
+    items = iter_pairs(config.input, config.count)
+    return run_sharded(items, make_pairs_processor(config), config.output, config.samples_per_shard,
+                       config.shard_prefix, what="ingest-pairs")

@@ -1,0 +1,76 @@
+"""`mix`: interleave the three sources into one shard set with a configurable ratio.
+
+Official stage-3 weights are LAION : InstructPix2Pix : OpenImages = 1 : 2 : 2. Each output slot
+draws its source from a seeded RNG with those weights (what WebDataset's RandomMix and the
+official multi-source loader do), streaming every source in its own order; the mix stops at
+`count` samples or when a drawn source runs out, so the ratio holds over the whole output.
+Samples are renamed `000000000`, `000000001`, ... and their meta gains
+`mixed_from = {"source": kind, "key": original key}`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+from .config import KINDS, MixConfig
+from .shards import ProcessResult, Sample, encode_meta, iter_records, run_sharded
+
+
+@dataclass
+class MixItem:
+    index: int
+    source: str
+    record: dict
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:09d}"
+
+
+def mix_plan(config: MixConfig) -> tuple[list[str], list[float], dict[str, str]]:
+    ratio = [float(r) for r in config.ratio]
+    if len(ratio) != len(KINDS) or any(r < 0 for r in ratio) or sum(ratio) <= 0:
+        raise ValueError(f"ratio {config.ratio!r}: give three non-negative weights laion,instructpix2pix,openimage "
+                         "(official 1,2,2), e.g. --ratio 1,2,2")
+    inputs = {kind: getattr(config, kind) for kind in KINDS}
+    names, weights = [], []
+    for kind, weight in zip(KINDS, ratio):
+        if weight > 0 and inputs[kind]:
+            names.append(kind)
+            weights.append(weight)
+        elif weight > 0:
+            raise ValueError(f"ratio gives {kind} weight {weight:g} but --{kind} is not set: "
+                             f"pass its shards or set its weight to 0")
+    return names, weights, {k: inputs[k] for k in names}
+
+
+def iter_mixed(config: MixConfig) -> Iterator[MixItem]:
+    names, weights, inputs = mix_plan(config)
+    streams = {kind: iter_records(inputs[kind]) for kind in names}
+    rng = random.Random(config.seed)
+    index = 0
+    while not config.count or index < config.count:
+        kind = rng.choices(names, weights)[0]
+        record = next(streams[kind], None)
+        if record is None:
+            return
+        yield MixItem(index, kind, record)
+        index += 1
+
+
+def _process(item: MixItem) -> ProcessResult:
+    sample = Sample.from_wds(item.record)
+    meta = dict(sample.meta)
+    meta["mixed_from"] = {"source": item.source, "key": sample.key}
+    json.loads(encode_meta(meta))  # fail here, not in the writer, if meta is not JSON-clean
+    return Sample(item.key, meta, sample.images), "written"
+
+
+def run_mix(config: MixConfig) -> dict:
+    if not config.output:
+        raise ValueError("output is not set: pass --output DIR for the mixed shards")
+    return run_sharded(iter_mixed(config), _process, config.output, config.samples_per_shard,
+                       config.shard_prefix, what="mix")

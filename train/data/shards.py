@@ -1,0 +1,208 @@
+"""WebDataset tar shards: the sample record, atomic deterministic shard writing, reading, and the
+resumable shard-by-shard runner every command uses.
+
+Determinism: tar members carry mtime 0 and fixed owner/mode, fields are written in sorted order,
+PNG encoding is fixed, so the same input + seed gives byte-identical shards.
+Resumability: input item i belongs to shard i // samples_per_shard. A shard is written to
+`NAME.tar.partial`, its stats to `NAME.stats.json`, then the tar is renamed into place (atomic);
+a rerun skips shards whose `.tar` exists and counts their stored stats in the summary.
+Multi-process (accelerate launch / torchrun): process RANK of WORLD_SIZE takes shards
+index % WORLD_SIZE == RANK.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import webdataset as wds
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "kosmosg-data"
+FORMAT_VERSION = 1
+SUMMARY_NAME = "summary.json"
+# always present in summaries (0 when nothing happened), other outcome names are added as they occur
+STANDARD_COUNTS = ("processed", "written", "skipped_corrupt", "failed_caption", "failed_entities",
+                   "failed_segmentation")
+
+
+@dataclass
+class Sample:
+    """One training example: `meta` becomes the `json` field, `images` maps field names
+    (`target.png`, `entity_0.png`, ...) to PNG bytes."""
+
+    key: str
+    meta: dict
+    images: dict[str, bytes] = field(default_factory=dict)
+
+    def to_wds(self) -> dict[str, Any]:
+        if "." in self.key or "/" in self.key:
+            raise ValueError(f"sample key {self.key!r} must not contain '.' or '/' (WebDataset splits on them)")
+        record = {"__key__": self.key, "json": encode_meta(self.meta)}
+        record.update(self.images)
+        return record
+
+    @classmethod
+    def from_wds(cls, record: dict) -> "Sample":
+        meta = json.loads(record["json"])
+        images = {k: bytes(v) for k, v in record.items() if not k.startswith("_") and k != "json"}
+        return cls(key=record["__key__"], meta=meta, images=images)
+
+
+def encode_meta(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sanitize_key(text: str) -> str:
+    """A WebDataset-safe key fragment: no dots or slashes (they would split the key)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:80] or "x"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def resolve_shards(spec: str | list[str]) -> list[str]:
+    """A directory (its *.tar, sorted), a glob, a comma-separated list, or one file -> tar paths."""
+    specs = spec if isinstance(spec, list) else [s for s in str(spec).split(",") if s]
+    paths: list[str] = []
+    for item in specs:
+        if os.path.isdir(item):
+            paths.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+        elif any(ch in item for ch in "*?["):
+            paths.extend(sorted(glob.glob(item)))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"shards {item!r}: not a directory, glob or file; give the folder holding *.tar shards")
+    if not paths:
+        raise ValueError(f"shards {spec!r}: no .tar files found")
+    return paths
+
+
+def iter_records(spec: str | list[str]) -> Iterator[dict]:
+    """Raw WebDataset records (field -> bytes), in shard order, nothing decoded."""
+    dataset = wds.WebDataset(resolve_shards(spec), shardshuffle=False, empty_check=False)
+    for record in dataset:
+        yield record
+
+
+def read_samples(spec: str | list[str]) -> Iterator[Sample]:
+    for record in iter_records(spec):
+        yield Sample.from_wds(record)
+
+
+def write_shard(path: str, samples: Iterable[Sample]) -> int:
+    """Write samples to `path` atomically (temp name, fsync, rename). Returns the sample count."""
+    partial = path + ".partial"
+    count = 0
+    with open(partial, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="kosmosg", group="kosmosg")
+        for sample in samples:
+            writer.write(sample.to_wds())
+            count += 1
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(partial, path)
+    return count
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(partial, path)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (accelerate launch / torchrun)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _grouped(items: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    group: list[Any] = []
+    index = 0
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield index, group
+            index, group = index + 1, []
+    if group:
+        yield index, group
+
+
+# Process functions return (sample or None, outcome name); "written" is counted by the runner.
+ProcessResult = tuple["Sample | None", str]
+
+
+def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], output: str,
+                samples_per_shard: int, prefix: str = "shard", what: str = "data") -> dict:
+    """Process `items` group by group into shards under `output`, skipping finished shards.
+
+    `process(item)` must not raise for bad data: it returns (None, reason). An exception escaping
+    it is still caught, logged and counted as `failed_other`, so one item never kills the run.
+    Returns the summary over all finished shards in `output` (also written to summary.json).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: must be at least 1")
+    os.makedirs(output, exist_ok=True)
+    rank, world = distributed_rank()
+    run_counts: Counter = Counter()
+    for index, group in _grouped(items, samples_per_shard):
+        if index % world != rank:
+            continue
+        path = os.path.join(output, shard_name(prefix, index))
+        stats_path = path[: -len(".tar")] + ".stats.json"
+        if os.path.exists(path) and os.path.exists(stats_path):
+            run_counts["shards_skipped_complete"] += 1
+            continue
+        counts: Counter = Counter()
+        samples = []
+        for item in group:
+            counts["processed"] += 1
+            try:
+                sample, outcome = process(item)
+            except Exception:  # noqa: BLE001 - last line of defence, logged with traceback
+                logger.exception("%s: unexpected failure on item %r; skipped", what, getattr(item, "key", item))
+                sample, outcome = None, "failed_other"
+            if sample is None:
+                counts[outcome] += 1
+            else:
+                samples.append(sample)
+                counts["written"] += 1
+        write_json_atomic(stats_path, dict(sorted(counts.items())))  # before the tar: a tar implies stats
+        write_shard(path, samples)
+        run_counts.update(counts)
+        run_counts["shards_written"] += 1
+        logger.info("%s: wrote %s (%d samples, %s)", what, os.path.basename(path), counts["written"],
+                    ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k not in ("written",)))
+    summary = summarize(output, prefix)
+    summary["this_run"] = dict(sorted(run_counts.items()))
+    write_json_atomic(os.path.join(output, SUMMARY_NAME), summary)
+    logger.info("%s summary: %s", what, json.dumps({k: v for k, v in summary.items() if k != "this_run"},
+                                                     sort_keys=True))
+    return summary
+
+
+def summarize(output: str, prefix: str = "shard") -> dict:
+    """Totals over every finished shard's stats in `output` (all runs, all ranks)."""
+    totals: Counter = Counter()
+    shards = 0
+    for tar in sorted(glob.glob(os.path.join(output, f"{prefix}-*.tar"))):
+        stats_path = tar[: -len(".tar")] + ".stats.json"
+        if os.path.exists(stats_path):
+            with open(stats_path, encoding="utf-8") as handle:
+                totals.update(json.load(handle))
+            shards += 1
+    summary = dict.fromkeys(STANDARD_COUNTS, 0)
+    summary.update(totals)
+    summary["shards"] = shards
+    return dict(sorted(summary.items()))

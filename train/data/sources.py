@@ -1,0 +1,221 @@
+"""Where samples come from.
+
+Two kinds of input feed `build`:
+- raw items (`RawItem`): image bytes + an optional caption, from a folder or WebDataset shards;
+  the model labeller adds caption / entities / masks;
+- label sources (`LabelSource`): something that already knows each scene's caption, entities and
+  masks (the nano world, a synthetic renderer, a hand-labelled set) and so replaces the three
+  models. `--source nano-world` or `--source package.module:factory` selects one.
+
+Folder layout: images (`.jpg .jpeg .png .webp .bmp`, any depth, sorted by relative path) with an
+optional caption in a sidecar `<stem>.txt` (the img2dataset convention) or in a JSONL captions file
+(`{"image": "relative/path.jpg", "caption": "..."}` per line).
+Shard layout: img2dataset-style WebDataset tars (`jpg|jpeg|png|webp` image, optional `txt` caption
+or `json` with a "caption").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from .shards import iter_records, sanitize_key
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class RawItem:
+    """One input image. `read()` returns its bytes (lazy: folders are read only when processed)."""
+
+    index: int
+    key: str
+    origin: str
+    read: Callable[[], bytes]
+    caption: str | None = None
+
+
+@dataclass
+class EntityLabel:
+    """One entity of a labelled scene: its word and either a mask or ready crops.
+
+    mask: [H, W] probabilities in 0..1 (or bool) at the scene image's resolution; it goes through
+    the official crop recipe. crop / masked: ready square crops (used as given, resized).
+    """
+
+    name: str
+    mask: np.ndarray | None = None
+    crop: Image.Image | None = None
+    masked: Image.Image | None = None
+
+
+@dataclass
+class Scene:
+    """A labelled image: what the captioner + LLM + segmenter would have produced."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    entities: list[EntityLabel] = field(default_factory=list)
+    origin: str = ""
+
+
+@runtime_checkable
+class LabelSource(Protocol):
+    """Random access to labelled scenes; `scene(i)` must depend only on (source settings, seed, i)
+    so builds are deterministic and resumable."""
+
+    def __len__(self) -> int: ...
+
+    def scene(self, index: int) -> Scene: ...
+
+
+@dataclass
+class LabelItem:
+    """A work item backed by a label source (what the runner iterates for generated data)."""
+
+    index: int
+    key: str
+    source: LabelSource
+
+
+def _read_file(path: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+    return read
+
+
+def _read_captions_file(path: str | None) -> dict[str, str]:
+    if not path:
+        return {}
+    captions = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                captions[entry["image"]] = entry["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"captions file {path}:{number}: expected "
+                                 '{"image": "relative/path", "caption": "..."} per line') from error
+    return captions
+
+
+def iter_folder(folder: str, captions_file: str | None = None, limit: int = 0) -> Iterator[RawItem]:
+    """Images under `folder` (sorted relative paths), captions from sidecar .txt or the JSONL file."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"input {folder!r} is not a folder of images")
+    captions = _read_captions_file(captions_file)
+    paths = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.relpath(os.path.join(root, name), folder))
+    paths.sort()
+    if limit:
+        paths = paths[:limit]
+    for index, relative in enumerate(paths):
+        full = os.path.join(folder, relative)
+        caption = captions.get(relative)
+        sidecar = os.path.splitext(full)[0] + ".txt"
+        if caption is None and os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8", errors="replace") as handle:
+                caption = handle.read()
+        key = f"{index:08d}_{sanitize_key(os.path.splitext(relative)[0])}"
+        yield RawItem(index=index, key=key, origin=relative, read=_read_file(full),
+                      caption=caption.strip() if caption and caption.strip() else None)
+
+
+def _record_caption(record: dict) -> str | None:
+    if "txt" in record:
+        return bytes(record["txt"]).decode("utf-8", errors="replace").strip() or None
+    if "json" in record:
+        try:
+            meta = json.loads(record["json"])
+        except json.JSONDecodeError:
+            return None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            return meta["caption"].strip() or None
+    return None
+
+
+def iter_tar_images(spec: str, limit: int = 0) -> Iterator[RawItem]:
+    """Image records of img2dataset-style shards (first image field found per record)."""
+    for index, record in enumerate(iter_records(spec)):
+        if limit and index >= limit:
+            return
+        field_name = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in record), None)
+        data = bytes(record[field_name]) if field_name else b""
+        key = f"{index:08d}_{sanitize_key(record['__key__'])}"
+        origin = f"{os.path.basename(record.get('__url__', ''))}:{record['__key__']}"
+        yield RawItem(index=index, key=key, origin=origin, read=(lambda d=data: d), caption=_record_caption(record))
+
+
+def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: str | None = None,
+                   limit: int = 0) -> Iterator[RawItem]:
+    if not input_spec:
+        raise ValueError("input is not set: pass --input FOLDER (images + optional .txt captions) or shards")
+    if source == "auto":
+        looks_like_shards = (input_spec.endswith(".tar") or any(c in input_spec for c in "*?[,")
+                             or (os.path.isdir(input_spec) and not any(
+                                 n.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(input_spec) for n in fs)))
+        source = "shards" if looks_like_shards else "folder"
+    if source == "folder":
+        return iter_folder(input_spec, captions_file, limit)
+    if source == "shards":
+        return iter_tar_images(input_spec, limit)
+    raise ValueError(f"source {source!r} is not a raw image source (folder | shards)")
+
+
+# ---- label sources ---------------------------------------------------------------------------
+
+def _nano_world(seed: int = 0, count: int = 0, **options: Any) -> LabelSource:
+    try:
+        from train.nano import world  # written by the nano-world work; optional here
+    except ImportError as error:
+        raise ValueError("--source nano-world needs train/nano/world.py, which is not importable "
+                         f"here ({error}); use --source package.module:factory for another label source") from error
+    from .nano_labels import NanoWorldLabelSource
+
+    return NanoWorldLabelSource(world, seed=seed, count=count, **options)
+
+
+LABEL_SOURCES: dict[str, Callable[..., LabelSource]] = {"nano-world": _nano_world}
+
+
+def is_label_source(name: str) -> bool:
+    return name in LABEL_SOURCES or ":" in name
+
+
+def load_label_source(name: str, seed: int, count: int, options: dict | None = None) -> LabelSource:
+    """`nano-world`, or `package.module:factory` where factory(seed=, count=, **options) returns a
+    `LabelSource` (len + scene(index))."""
+    options = dict(options or {})
+    if name in LABEL_SOURCES:
+        factory = LABEL_SOURCES[name]
+    elif ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"--source {name!r}: cannot import {attribute} from {module_name} ({error})") from error
+    else:
+        raise ValueError(f"--source {name!r}: use folder, shards, nano-world or package.module:factory")
+    source = factory(seed=seed, count=count, **options)
+    if not isinstance(source, LabelSource):
+        raise ValueError(f"--source {name!r} returned {type(source).__name__}, which lacks __len__ / scene(index)")
+    return source
+
+
+def iter_label_items(source: LabelSource, limit: int = 0) -> Iterator[LabelItem]:
+    total = len(source) if not limit else min(limit, len(source))
+    for index in range(total):
+        yield LabelItem(index=index, key=f"{index:08d}", source=source)
