@@ -1,0 +1,185 @@
+"""Images in any common form -> the official Kosmos-G vision input [N, 3, S, S].
+
+The official transform (APP `_build_image_transform()['gpt']`, spec section 3) is, per image:
+PIL RGB -> torchvision `Resize(S, BICUBIC)` -> `CenterCrop(S)` -> `NumpyNormalize(CLIP_MEAN,
+CLIP_STD)`. It is reimplemented here with PIL and numpy only (same arithmetic, bit for bit, tested
+against torchvision), so the core does not need torchvision at import time.
+
+Accepted inputs (`to_pil_images`), each giving RGB PIL images:
+- a PIL image (any mode; converted with `.convert("RGB")`, which drops alpha like the official
+  gradio demo's RGB conversion);
+- a path (str / os.PathLike) to an image file, EXIF orientation applied (as ComfyUI's LoadImage and
+  the gradio demo do); a multi-frame file gives its first frame;
+- a numpy array `[H, W]`, `[H, W, C]` or `[B, H, W, C]` with C = 1 (gray), 2 (gray + alpha),
+  3 (RGB) or 4 (RGBA); uint8 0..255 (other integer types must hold 0..255) or float 0..1;
+  alpha is dropped (not composited), like `.convert("RGB")`;
+- a torch tensor in ComfyUI's IMAGE layout `[B, H, W, C]` float 0..1 (also `[H, W, C]`, `[H, W]`),
+  any dtype / device; a batch yields B images;
+- a list / tuple of any of these, flattened in order.
+
+Float images become uint8 with rounding (`round(x * 255)`, clipped), so an 8-bit picture loaded
+by ComfyUI (`uint8 / 255` in float32) comes back to exactly its original bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import CLIP_MEAN, CLIP_STD
+from .errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+_CHANNELS = (1, 2, 3, 4)  # gray, gray + alpha, RGB, RGBA
+_LAYOUT_FIX = "pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE layout), e.g. x.permute(0, 2, 3, 1)"
+
+
+# --- input normalisation -------------------------------------------------------------------------
+def to_pil_images(images) -> list[Image.Image]:
+    """Any supported image input (module docstring) -> list of RGB PIL images, in order."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ImageError("Got an empty list of images; give at least one image.")
+        out = []
+        for item in images:
+            if isinstance(item, (list, tuple)):
+                raise ImageError("Got a nested list of images; give a flat list (one entry per image or batch).")
+            out.extend(_one_input_to_pil(item))
+        return out
+    return _one_input_to_pil(images)
+
+
+def _one_input_to_pil(item) -> list[Image.Image]:
+    if isinstance(item, Image.Image):
+        return [_pil_to_rgb(item, "the PIL image")]
+    if isinstance(item, (str, os.PathLike)):
+        return [_load_path(Path(item))]
+    if isinstance(item, torch.Tensor):
+        return _array_to_pil(item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point()
+                             else item.detach().cpu().numpy(), "tensor", tuple(item.shape))
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, "array", item.shape)
+    if item is None:
+        raise ImageError("Got None instead of an image; connect an image or remove its placeholder.")
+    raise ImageError(f"Cannot read an image from a {type(item).__name__}; give a PIL image, a file path, a numpy "
+                     f"array or a ComfyUI IMAGE tensor.")
+
+
+def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"{name} is empty ({image.width}x{image.height}); give an image with pixels.")
+    return image.convert("RGB")  # always a new image: callers never alias the input
+
+
+def _load_path(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"Image file {path} does not exist; check the path.")
+    if not path.is_file():
+        raise ImageError(f"{path} is not a file; give the path of an image file.")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return _pil_to_rgb(image, str(path))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"Cannot read image file {path} ({e}); it is missing, truncated or not an image. "
+                         f"Re-save it as PNG or JPEG.") from e
+
+
+def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Image]:
+    """[H, W] / [H, W, C] / [B, H, W, C] numeric array -> B RGB images."""
+    if array.ndim == 2:
+        array = array[None, :, :, None]
+    elif array.ndim == 3:
+        if array.shape[-1] not in _CHANNELS:
+            if array.shape[0] in _CHANNELS:
+                mask_hint = " (or it is a ComfyUI MASK [B, H, W]: convert it with 'Convert Mask to Image')" \
+                    if array.shape[0] == 1 else ""
+                raise ImageError(f"Image {kind} of shape {shape} looks channels-first [C, H, W]{mask_hint}; "
+                                 f"{_LAYOUT_FIX}.")
+            raise ImageError(f"Image {kind} of shape {shape} has {array.shape[-1]} channels; images need 1, 3 or 4 "
+                             f"channels last; {_LAYOUT_FIX}.")
+        array = array[None]
+    elif array.ndim == 4:
+        if array.shape[-1] not in _CHANNELS:
+            if array.shape[1] in _CHANNELS:
+                raise ImageError(f"Image {kind} of shape {shape} looks channels-first [B, C, H, W]; {_LAYOUT_FIX}.")
+            raise ImageError(f"Image {kind} of shape {shape} has {array.shape[-1]} channels; images need 1, 3 or 4 "
+                             f"channels last; {_LAYOUT_FIX}.")
+    else:
+        raise ImageError(f"Image {kind} of shape {shape} has {array.ndim} dimensions; {_LAYOUT_FIX}.")
+    if array.size == 0:
+        raise ImageError(f"Image {kind} of shape {shape} is empty; give at least one image with pixels.")
+    pixels = _to_uint8(array, kind, shape)  # [B, H, W, C]
+    channels = pixels.shape[-1]
+    if channels in (1, 2):  # gray (+ alpha): replicate gray into RGB, drop alpha
+        pixels = np.repeat(pixels[..., :1], 3, axis=-1)
+    elif channels == 4:
+        pixels = pixels[..., :3]
+    return [Image.fromarray(np.ascontiguousarray(frame)) for frame in pixels]
+
+
+def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ImageError(f"Integer image {kind} of shape {shape} holds values {low}..{high}; integer images must "
+                             f"be 0..255 (convert to uint8) or give floats in 0..1.")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise ImageError(f"Image {kind} of shape {shape} contains NaN or infinity; fix the node that produced it.")
+        low, high = float(array.min()), float(array.max())
+        # Slight overshoot (e.g. from a sharpening upscaler) is clipped; 0..255 or -1..1 scales are mistakes.
+        if high > 1.5 or low < -0.5:
+            raise ImageError(f"Float image {kind} of shape {shape} holds values {low:.3g}..{high:.3g}; float images "
+                             f"must be 0..1 (divide 0..255 images by 255, map -1..1 images with (x + 1) / 2).")
+        return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    raise ImageError(f"Image {kind} of shape {shape} has dtype {array.dtype}; give uint8 0..255 or float 0..1.")
+
+
+# --- official transform --------------------------------------------------------------------------
+def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, same pixels.
+
+    Resize: shorter side -> size, longer side -> int(size * long / short) (torchvision's rounding
+    down), PIL bicubic (PIL always antialiases). Crop: top = int(round((h - size) / 2.0)), left
+    likewise (Python's round: halves go to even). No padding is ever needed: after the resize
+    both sides are >= size."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_width, new_height) != (width, height):  # torchvision returns the image untouched otherwise
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+    top = int(round((new_height - size) / 2.0))
+    left = int(round((new_width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+    """Official `NumpyNormalize`: uint8 HWC -> CHW, / 255, - CLIP_MEAN, / CLIP_STD (float64) -> [3, S, S]."""
+    pixels = np.asarray(image).transpose(2, 0, 1) / 255.0
+    pixels -= np.array(CLIP_MEAN).reshape(-1, 1, 1)
+    pixels /= np.array(CLIP_STD).reshape(-1, 1, 1)
+    return pixels
+
+
+def preprocess_images(images, image_size: int = 224) -> torch.Tensor:
+    """Images (anything `to_pil_images` reads) -> official vision input [N, 3, S, S] float32 (CPU)."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}.")
+    pil_images = to_pil_images(images)
+    batch = np.stack([normalize(resize_and_center_crop(image, image_size)) for image in pil_images])
+    return torch.from_numpy(batch.astype(np.float32))

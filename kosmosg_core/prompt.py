@@ -1,0 +1,132 @@
+"""Interleaved prompt (`text <i> text <i> ...`) -> token ids + image-slot mask, official layout.
+
+Layout (official `AppModel.kosmosg_preprocess`, spec section 5), for n images and S slots:
+
+    [<s>] text_1 [<image>] [<image>]*S [</image>] text_2 ... [<image>] [<image>]*S [</image>] tail
+
+- text_k is the text before the k-th `<i>`, found by splitting once, left to right. Each segment
+  is encoded *separately* and *as is*: the official code strips nothing, so "a <i> b" encodes
+  "a " and " b" as two independent texts and whitespace is left to SentencePiece's normaliser
+  (with its default `remove_extra_whitespaces`, leading / trailing / repeated spaces vanish and
+  each non-empty segment gets its own dummy `▁` prefix). An empty segment (`<i>` at the start,
+  adjacent `<i><i>`, `<i>` at the end) encodes to no tokens at all, and so does a whitespace-only
+  one under that default.
+- the first `<image>` of each group is a real token (mask 0); the S slots after it also carry the
+  `<image>` id but are marked 1 in the mask: the model overwrites their embeddings with the S
+  connector outputs of that image, images in prompt order; `</image>` is a real token (mask 0).
+- no `</s>` at the end. Length = 1 + sum(len(text_k)) + (S + 2) * n + len(tail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .config import BOS_ID, IMAGE_PLACEHOLDER, PAD_ID
+from .errors import PromptError
+
+
+@dataclass
+class PromptIds:
+    """One prompt's token ids and its image-slot mask (True where an image feature goes)."""
+
+    ids: list[int]
+    image_mask: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.image_mask:
+            self.image_mask = [False] * len(self.ids)
+        if len(self.image_mask) != len(self.ids):
+            raise ValueError(f"PromptIds: {len(self.ids)} ids but {len(self.image_mask)} mask entries.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_image_slots(self) -> int:
+        return sum(self.image_mask)
+
+
+def count_placeholders(text: str) -> int:
+    """Number of `<i>` in `text` (non-overlapping, as `str.count` and the official assert)."""
+    if not isinstance(text, str):
+        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    return text.count(IMAGE_PLACEHOLDER)
+
+
+def _placeholder_mismatch(placeholders: int, num_images: int) -> PromptError:
+    if placeholders > num_images:
+        fix = "connect another image or remove a placeholder"
+    else:
+        fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs or disconnect an image"
+    return PromptError(f"The prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) but {num_images} image(s) "
+                       f"were given; {fix}.")
+
+
+def build_prompt_ids(tokenizer, text: str, num_images: int, image_slots: int = 64) -> PromptIds:
+    """Official interleaved layout (module docstring) -> PromptIds. `text` must hold `num_images` `<i>`."""
+    if not isinstance(text, str):
+        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    if image_slots < 1:
+        raise ValueError(f"image_slots must be >= 1, got {image_slots}.")
+    placeholders = count_placeholders(text)
+    if placeholders != num_images:
+        raise _placeholder_mismatch(placeholders, num_images)
+
+    image_id, image_end_id = tokenizer.image_id, tokenizer.image_end_id
+    ids, mask = [BOS_ID], [False]
+    rest = text
+    for _ in range(num_images):
+        segment, rest = rest.split(IMAGE_PLACEHOLDER, 1)
+        segment_ids = tokenizer.encode(segment)
+        ids += segment_ids + [image_id] * (1 + image_slots) + [image_end_id]
+        mask += [False] * len(segment_ids) + [False] + [True] * image_slots + [False]
+    tail_ids = tokenizer.encode(rest)
+    ids += tail_ids
+    mask += [False] * len(tail_ids)
+    return PromptIds(ids, mask)
+
+
+def build_unconditional_ids(tokenizer, negative_prompt: str = "") -> PromptIds:
+    """The classifier-free-guidance input of the official `encode_condition`.
+
+    The null input is `[<s>]`; the negative input is `[<s>] + ids(negative_prompt)`; the official
+    code keeps whichever has more tokens (`max(null, negative, key=length)`, which returns the first
+    on a tie). So an empty negative prompt, or one SentencePiece turns into no pieces (whitespace),
+    gives `[<s>]`; any other negative prompt gives `[<s>] + its ids`. Text only: no image slots."""
+    if not isinstance(negative_prompt, str):
+        raise PromptError(f"The negative prompt must be text, got {type(negative_prompt).__name__}.")
+    if count_placeholders(negative_prompt):
+        raise PromptError(f"The negative prompt contains `{IMAGE_PLACEHOLDER}`; negative prompts are text only. "
+                          f"Remove the placeholder from it.")
+    null = [BOS_ID]
+    negative = [BOS_ID] + tokenizer.encode(negative_prompt)
+    return PromptIds(max(null, negative, key=len))
+
+
+def pad_batch(prompts: Sequence[PromptIds]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad prompts to the longest -> (ids [B, T] long, filled with PAD_ID; image_mask [B, T] bool).
+
+    Right padding keeps every real token at its own position (the MLLM is causal, positions count
+    from the left), so a prompt encodes the same alone or in a batch; the aligner masks the pads."""
+    if not prompts:
+        raise PromptError("pad_batch needs at least one prompt.")
+    length = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt.ids)] = torch.tensor(prompt.ids, dtype=torch.long)
+        mask[row, :len(prompt.image_mask)] = torch.tensor(prompt.image_mask, dtype=torch.bool)
+    return ids, mask
+
+
+def check_prompt_length(prompt_ids: PromptIds, max_positions: int) -> None:
+    """Raise PromptError when the sequence has more than `max_positions` tokens (T <= limit is fine)."""
+    length = len(prompt_ids.ids)
+    if length > max_positions:
+        images = prompt_ids.num_image_slots
+        raise PromptError(
+            f"The prompt is {length} tokens long (image slots included: {images}) but the model reads at most "
+            f"{max_positions}; shorten the text or use fewer images.")

@@ -1,0 +1,229 @@
+"""Image inputs -> PIL, and the official resize / crop / normalise, checked against torchvision."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+from kosmosg_core.config import CLIP_MEAN, CLIP_STD
+from kosmosg_core.errors import ImageError
+from kosmosg_core.image_processing import preprocess_images, resize_and_center_crop, to_pil_images
+
+
+def random_rgb(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def official_reference(image: Image.Image, size: int) -> np.ndarray:
+    """The official APP transform: torchvision Resize + CenterCrop, then NumpyNormalize's arithmetic."""
+    cropped = Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size)])(image)
+    pixels = np.array(cropped).transpose(2, 0, 1)
+    pixels = pixels / 255.0
+    pixels -= np.array(CLIP_MEAN).reshape(-1, 1, 1)
+    pixels /= np.array(CLIP_STD).reshape(-1, 1, 1)
+    return pixels
+
+
+# --- official transform --------------------------------------------------------------------------
+@pytest.mark.parametrize("width, height", [(300, 199), (17, 500), (224, 224), (5, 7), (225, 224), (501, 223),
+                                           (224, 1000)])
+def test_matches_torchvision_official_transform(width, height):
+    image = Image.fromarray(random_rgb(width, height, seed=width * 1000 + height))
+    tv = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224)])(image)
+    ours = resize_and_center_crop(image, 224)
+    assert ours.size == tv.size == (224, 224)
+    assert np.array_equal(np.asarray(ours), np.asarray(tv))
+    pixels = preprocess_images(image, 224)
+    assert pixels.shape == (1, 3, 224, 224) and pixels.dtype == torch.float32
+    expected = torch.from_numpy(official_reference(image, 224).astype(np.float32))
+    assert torch.equal(pixels[0], expected)
+
+
+@pytest.mark.parametrize("size", [32, 17])
+def test_other_sizes_match_torchvision(size):
+    image = Image.fromarray(random_rgb(61, 40, seed=size))
+    assert torch.equal(preprocess_images(image, size)[0],
+                       torch.from_numpy(official_reference(image, size).astype(np.float32)))
+
+
+@pytest.mark.parametrize("width, left", [(301, 38), (303, 40)])
+def test_crop_offset_uses_round_half_even(width, left):
+    # height 224 -> no resize; (301 - 224) / 2 = 38.5 -> 38 and (303 - 224) / 2 = 39.5 -> 40 (Python's round,
+    # as torchvision's CenterCrop): neither floor nor round-half-up gives both.
+    pixels = random_rgb(width, 224, seed=3)
+    ours = np.asarray(resize_and_center_crop(Image.fromarray(pixels), 224))
+    assert np.array_equal(ours, pixels[:, left:left + 224])
+    tv = np.asarray(CenterCrop(224)(Image.fromarray(pixels)))
+    assert np.array_equal(ours, tv)
+
+
+def test_normalisation_values():
+    gray = np.full((224, 224, 3), 128, dtype=np.uint8)
+    pixels = preprocess_images(gray)
+    for c in range(3):
+        value = (128 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
+        assert torch.allclose(pixels[0, c], torch.tensor(value, dtype=torch.float32))
+
+
+def test_batch_of_several_images():
+    images = [Image.fromarray(random_rgb(40 + i, 30, seed=i)) for i in range(3)]
+    pixels = preprocess_images(images, 16)
+    assert pixels.shape == (3, 3, 16, 16)
+    for i, image in enumerate(images):
+        assert torch.equal(pixels[i], preprocess_images(image, 16)[0])
+
+
+# --- input kinds ---------------------------------------------------------------------------------
+def test_pil_modes_converted_to_rgb():
+    rgba = Image.fromarray(np.dstack([random_rgb(8, 6), np.full((6, 8), 7, np.uint8)]), mode="RGBA")
+    gray = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8), mode="L")
+    out = to_pil_images([rgba, gray])
+    assert [im.mode for im in out] == ["RGB", "RGB"]
+    assert np.array_equal(np.asarray(out[0]), np.asarray(rgba)[..., :3])  # alpha dropped, not composited
+    assert np.array_equal(np.asarray(out[1])[..., 1], np.arange(48).reshape(6, 8))
+
+
+def test_path_input(tmp_path):
+    pixels = random_rgb(20, 12)
+    path = tmp_path / "subject.png"
+    Image.fromarray(pixels).save(path)
+    for given in (path, str(path)):
+        (image,) = to_pil_images(given)
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+
+
+def test_path_applies_exif_orientation(tmp_path):
+    pixels = random_rgb(20, 12)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rotated.png"
+    image.save(path, exif=exif)
+    (loaded,) = to_pil_images(path)
+    assert loaded.size == (12, 20)
+    assert np.array_equal(np.asarray(loaded), np.rot90(pixels, k=-1))
+
+
+@pytest.mark.parametrize("name, content", [("missing.png", None), ("corrupt.png", b"\x89PNG\r\n\x1a\nnot really"),
+                                           ("text.jpg", b"hello")])
+def test_bad_paths_name_the_path(tmp_path, name, content):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageError) as err:
+        to_pil_images(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_directory_path(tmp_path):
+    with pytest.raises(ImageError, match="not a file"):
+        to_pil_images(tmp_path)
+
+
+def test_numpy_uint8_and_float():
+    pixels = random_rgb(9, 7)
+    (from_uint8,) = to_pil_images(pixels)
+    assert np.array_equal(np.asarray(from_uint8), pixels)
+    # ComfyUI loads uint8 / 255 in float32; rounding brings back the exact bytes
+    (from_float,) = to_pil_images(pixels.astype(np.float32) / 255.0)
+    assert np.array_equal(np.asarray(from_float), pixels)
+
+
+def test_float_to_uint8_rounds_to_nearest():
+    levels = np.arange(0, 255, dtype=np.float64)
+    array = np.stack([(levels + 0.4) / 255.0, (levels + 0.6) / 255.0, levels / 255.0], axis=-1)[None]  # [1, 255, 3]
+    (image,) = to_pil_images(array.astype(np.float32))
+    got = np.asarray(image)[0].astype(int)
+    assert got[:, 0].tolist() == levels.astype(int).tolist()
+    assert got[:, 1].tolist() == (levels + 1).astype(int).tolist()
+    assert got[:, 2].tolist() == levels.astype(int).tolist()
+
+
+def test_numpy_gray_and_alpha_layouts():
+    gray = random_rgb(9, 7)[..., 0]
+    for array in (gray, gray[..., None], np.dstack([gray, np.zeros_like(gray)])):
+        (image,) = to_pil_images(array)
+        assert np.array_equal(np.asarray(image), np.repeat(gray[..., None], 3, axis=-1))
+    rgba = np.dstack([random_rgb(9, 7), np.full((7, 9), 3, np.uint8)])
+    (image,) = to_pil_images(rgba)
+    assert np.array_equal(np.asarray(image), rgba[..., :3])
+
+
+def test_comfy_image_tensor_batch():
+    pixels = np.stack([random_rgb(10, 6, seed=s) for s in range(3)])  # [B, H, W, C] uint8
+    batch = torch.from_numpy(pixels).float() / 255.0
+    out = to_pil_images(batch)
+    assert len(out) == 3
+    for image, expected in zip(out, pixels):
+        assert np.array_equal(np.asarray(image), expected)
+    (single,) = to_pil_images(batch[1])  # [H, W, C]
+    assert np.array_equal(np.asarray(single), pixels[1])
+    (half,) = to_pil_images(batch[:1].to(torch.bfloat16))
+    assert np.abs(np.asarray(half).astype(int) - pixels[0]).max() <= 2  # bf16 keeps ~3 significant digits
+    assert preprocess_images(batch, 8).shape == (3, 3, 8, 8)
+
+
+def test_list_of_mixed_inputs_flattens_in_order(tmp_path):
+    a, b, c = (random_rgb(6, 5, seed=s) for s in range(3))
+    path = tmp_path / "c.png"
+    Image.fromarray(c).save(path)
+    out = to_pil_images([Image.fromarray(a), torch.from_numpy(np.stack([b, b])).float() / 255.0, path])
+    assert len(out) == 4
+    assert [np.array_equal(np.asarray(im), ref) for im, ref in zip(out, [a, b, b, c])] == [True] * 4
+
+
+def test_float_overshoot_is_clipped():
+    array = np.full((4, 4, 3), 1.02, dtype=np.float32)
+    array[0, 0] = -0.01
+    (image,) = to_pil_images(array)
+    assert np.asarray(image)[1, 1].tolist() == [255, 255, 255] and np.asarray(image)[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (torch.rand(1, 3, 8, 9), "channels-first"),
+    (torch.rand(3, 8, 9), "channels-first"),
+    (np.zeros((8, 9, 5), np.uint8), "5 channels"),
+    (torch.rand(1, 8, 9, 5), "5 channels"),
+    (np.zeros((0, 9, 3), np.uint8), "empty"),
+    (torch.rand(0, 8, 8, 3), "empty"),
+    (np.zeros((2, 2, 8, 9, 3)), "5 dimensions"),
+    (np.full((4, 4, 3), 255.0), "must be 0..1"),
+    (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+    (np.full((4, 4, 3), 300, np.int32), "0..255"),
+    (np.zeros((4, 4, 3), np.complex64), "dtype"),
+    ([], "empty list"),
+    (None, "None"),
+    (12, "int"),
+    ([[Image.new("RGB", (4, 4))]], "nested"),
+])
+def test_bad_inputs_raise_image_error(bad, fragment):
+    with pytest.raises(ImageError, match=fragment):
+        to_pil_images(bad)
+
+
+def test_layout_errors_give_the_fix():
+    with pytest.raises(ImageError) as err:
+        to_pil_images(torch.rand(1, 3, 8, 9))
+    assert "(1, 3, 8, 9)" in str(err.value) and "permute(0, 2, 3, 1)" in str(err.value)
+
+
+def test_comfy_mask_gets_a_hint():
+    with pytest.raises(ImageError, match="MASK"):
+        to_pil_images(torch.rand(1, 16, 16))
+
+
+def test_ambiguous_layout_reads_as_comfy_channels_last():
+    # [B, H, W, C] with H == 3 is a valid ComfyUI IMAGE (3 rows), not CHW
+    batch = torch.rand(1, 3, 5, 3)
+    (image,) = to_pil_images(batch)
+    assert image.size == (5, 3)
+
+
+def test_input_image_not_modified():
+    image = Image.fromarray(random_rgb(30, 20))
+    before = np.asarray(image).copy()
+    (out,) = to_pil_images(image)
+    out.paste((0, 0, 0), (0, 0, 30, 20))
+    assert np.array_equal(np.asarray(image), before)
