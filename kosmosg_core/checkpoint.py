@@ -281,7 +281,7 @@ def _read_pack(path: Path, config: KosmosGConfig | None):
     tokenizer = None
     if TOKENIZER_SPM_KEY in tensors and TOKENIZER_DICT_KEY in tensors:
         tokenizer = KosmosGTokenizer.from_bytes(tensors.pop(TOKENIZER_SPM_KEY).numpy().tobytes(),
-                                                tensors.pop(TOKENIZER_DICT_KEY).numpy().tobytes())
+                                                tensors.pop(TOKENIZER_DICT_KEY).numpy().tobytes(), source=str(path))
     try:
         cfg = config or KosmosGConfig.from_json(metadata["config"])
     except (KeyError, ValueError, TypeError) as e:

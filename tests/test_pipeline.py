@@ -1,0 +1,143 @@
+"""KosmosGPipeline: encode / unconditional / batching / weights / cache, and every bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, PromptError, TokenizerError
+from kosmosg_core.pipeline import KosmosGPipeline
+from support.tiny_kosmosg import write_tiny_pack
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return write_tiny_pack(tmp_path_factory.mktemp("pack"))
+
+
+@pytest.fixture(scope="module")
+def pipe(pack):
+    return KosmosGPipeline.from_checkpoint(pack[0])
+
+
+def image(seed, size=(40, 30)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def test_encode_shapes_and_determinism(pipe):
+    cond = pipe.encode("a photo of <i> wearing <i> on the beach", [image(0), image(1)])
+    assert cond.shape == (1, 77, 768) and cond.dtype == torch.float32
+    again = pipe.encode("a photo of <i> wearing <i> on the beach", [image(0), image(1)])
+    assert torch.equal(cond, again)
+    swapped = pipe.encode("a photo of <i> wearing <i> on the beach", [image(1), image(0)])
+    assert not torch.allclose(cond, swapped, atol=1e-4)
+
+
+def test_unconditional_is_the_bos_only_encoding(pipe):
+    uncond = pipe.encode_unconditional()
+    assert uncond.shape == (1, 77, 768)
+    assert uncond.abs().sum() > 0  # not zeros: the MLLM + aligner output for <s>
+    assert torch.allclose(uncond, pipe.encode(""), atol=1e-6)  # "" prompt == <s> alone
+    neg = pipe.encode_unconditional("blurry, low quality")
+    assert not torch.allclose(uncond, neg, atol=1e-4)
+    assert pipe.encode_unconditional(batch_size=3).shape == (3, 77, 768)
+
+
+def test_batch_equals_one_at_a_time(pipe):
+    prompts = ["a dog", "a photo of <i> on the beach at sunset with friends", "<i> next to <i>"]
+    images = [[], [image(2)], [image(3), image(4)]]
+    batch = pipe.encode(prompts, images)
+    assert batch.shape == (3, 77, 768)
+    for k, (p, imgs) in enumerate(zip(prompts, images)):
+        assert torch.allclose(batch[k], pipe.encode(p, imgs)[0], atol=1e-5)
+
+
+def test_image_weights(pipe):
+    base = pipe.encode("a photo of <i>", [image(5)])
+    assert torch.allclose(base, pipe.encode("a photo of <i>", [image(5)], image_weights=[1.0]), atol=0)
+    assert not torch.allclose(base, pipe.encode("a photo of <i>", [image(5)], image_weights=[0.5]), atol=1e-4)
+    with pytest.raises(PromptError, match="2 image weights for 1 images"):
+        pipe.encode("a photo of <i>", [image(5)], image_weights=[1.0, 1.0])
+
+
+def test_vision_cache_is_content_keyed(pipe):
+    pipe.clear_cache()
+    calls = []
+    original = pipe.model.encode_images
+    pipe.model.encode_images = lambda px: (calls.append(px.shape[0]), original(px))[1]
+    try:
+        pipe.encode("<i> and <i>", [image(6), image(6)])  # same content twice -> one vision pass
+        pipe.encode("<i>", [image(6).copy()])  # a different object, same pixels -> cached
+    finally:
+        pipe.model.encode_images = original
+    assert calls == [1]
+
+
+def test_comfyui_image_tensor_input(pipe):
+    pil = image(7)
+    tensor = torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)[None]  # [1, H, W, C] 0-1
+    assert torch.allclose(pipe.encode("<i>", [tensor]), pipe.encode("<i>", [pil]), atol=1e-6)
+
+
+def test_placeholder_mismatch(pipe):
+    with pytest.raises(PromptError, match=r"2 <i> placeholder\(s\) but 1 image"):
+        pipe.encode("<i> and <i>", [image(0)])
+    with pytest.raises(PromptError, match=r"0 <i> placeholder\(s\) but 1 image"):
+        pipe.encode("no placeholder", [image(0)])
+
+
+def test_prompt_too_long(pipe):
+    with pytest.raises(PromptError, match=r"8001 tokens long .* at most 256; shorten the text"):
+        pipe.encode("word " * 2000)
+
+
+def test_unreadable_image(pipe, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="broken.png"):
+        pipe.encode("<i>", [bad])
+
+
+def test_bad_checkpoints(tmp_path, pack):
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        KosmosGPipeline.from_checkpoint(tmp_path / "nope.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(pack[0].read_bytes()[: 5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        KosmosGPipeline.from_checkpoint(truncated)
+    from safetensors.torch import save_file
+
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, str(sd15))
+    with pytest.raises(CheckpointError, match=r"Stable Diffusion checkpoint \(model.diffusion_model.\* keys\), not Kosmos-G"):
+        KosmosGPipeline.from_checkpoint(sd15)
+
+
+def test_wrong_tokenizer(tmp_path, pack):
+    from support.tokenizer_fixture import build_tiny_tokenizer
+
+    other = build_tiny_tokenizer(tmp_path / "other", vocab_size=150)
+    with pytest.raises(TokenizerError, match="checkpoint"):
+        KosmosGPipeline.from_checkpoint(pack[0], tokenizer_dir=other)
+    with pytest.raises(TokenizerError):
+        KosmosGPipeline.from_checkpoint(pack[0], tokenizer_dir=tmp_path / "missing-dir")
+
+
+def test_bad_dtype_and_device(pack):
+    with pytest.raises(DeviceError, match="Unsupported dtype"):
+        KosmosGPipeline.from_checkpoint(pack[0], dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            KosmosGPipeline.from_checkpoint(pack[0], device="cuda")
+    with pytest.raises(DeviceError, match="Unknown device"):
+        KosmosGPipeline.from_checkpoint(pack[0], device="gpu0")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_close_to_float32(pack, pipe, dtype):
+    low = KosmosGPipeline.from_checkpoint(pack[0], dtype=dtype)
+    ref = pipe.encode("a photo of <i>", [image(8)])
+    out = low.encode("a photo of <i>", [image(8)])
+    assert out.dtype == getattr(torch, dtype)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
