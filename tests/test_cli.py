@@ -1,0 +1,139 @@
+"""`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kosmosg_core.pipeline import KosmosGPipeline
+from support.tiny_kosmosg import write_tiny_official, write_tiny_pack
+
+REPO = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ["encode", "convert", "info", "generate", "bench"]
+
+
+def run_cli(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "kosmosg_core", *map(str, args)], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return write_tiny_pack(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for k in range(2):
+        path = folder / f"subject{k}.png"
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_help_for_each_subcommand():
+    assert "encode" in run_cli("--help").stdout
+    for name in SUBCOMMANDS:
+        out = run_cli(name, "--help").stdout
+        assert f"usage: python -m kosmosg_core {name}" in out
+
+
+def test_encode_writes_cond(pack, images, tmp_path):
+    ckpt, tok_dir, _ = pack
+    out = tmp_path / "cond.safetensors"
+    run_cli("encode", "--checkpoint", ckpt, "--tokenizer", tok_dir, "--prompt", "a photo of <i> wearing <i>",
+            "--image", images[0], "--image", images[1], "--out", out)
+    cond = load_file(str(out))
+    assert list(cond) == ["cond"] and cond["cond"].shape == (1, 77, 768)
+    expected = KosmosGPipeline.from_checkpoint(ckpt).encode("a photo of <i> wearing <i>", list(images))
+    assert torch.allclose(cond["cond"], expected, atol=1e-5)
+
+
+def test_encode_empty_prompt_is_unconditional(pack, tmp_path):
+    out = tmp_path / "uncond.safetensors"
+    run_cli("encode", "--checkpoint", pack[0], "--prompt", "", "--out", out, "--dtype", "bfloat16")
+    cond = load_file(str(out))["cond"]
+    expected = KosmosGPipeline.from_checkpoint(pack[0]).encode_unconditional()
+    assert cond.shape == (1, 77, 768) and cond.dtype == torch.float32
+    assert torch.allclose(cond, expected, atol=0.05 * expected.abs().max())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "<i> and <i>"], r"2 <i> placeholder\(s\) but 0 image"),
+    (["--prompt", "x", "--dtype", "float64"], "invalid choice"),
+    (["--prompt", "x", "--device", "cuda"] if not torch.cuda.is_available() else ["--prompt", "x", "--device", "tpu"],
+     "no CUDA GPU|Unknown device|Unsupported device"),
+])
+def test_encode_errors_are_one_line(pack, tmp_path, args, message):
+    import re
+
+    result = run_cli("encode", "--checkpoint", pack[0], "--out", tmp_path / "x.safetensors", *args, check=False)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_encode_missing_checkpoint_and_bad_image(pack, tmp_path):
+    result = run_cli("encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out", tmp_path / "o.st",
+                     check=False)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    result = run_cli("encode", "--checkpoint", pack[0], "--prompt", "<i>", "--image", bad, "--out", tmp_path / "o.st",
+                     check=False)
+    assert result.returncode == 2 and "bad.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_official_round_trip(tmp_path, images):
+    pt, tok_dir, model = write_tiny_official(tmp_path / "official")
+    out = tmp_path / "converted.safetensors"
+    run_cli("convert", "--checkpoint", pt, "--out", out)
+    prompt = "a photo of <i> on the beach"
+    from_pt = KosmosGPipeline.from_checkpoint(pt).encode(prompt, images[:1])
+    from_st = KosmosGPipeline.from_checkpoint(out).encode(prompt, images[:1])  # tokenizer embedded
+    assert torch.equal(from_pt, from_st)
+    half = tmp_path / "converted-fp16.safetensors"
+    run_cli("convert", "--checkpoint", pt, "--out", half, "--dtype", "float16")
+    tensors = load_file(str(half))
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.startswith("tokenizer."))
+    assert half.stat().st_size < out.stat().st_size
+    info = run_cli("info", "--checkpoint", half).stdout
+    assert '"float16"' in info and '"tokenizer_embedded": true' in info
+
+
+def test_generate_with_diffusers_folder(pack, images, tmp_path):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(tmp_path / "tiny-sd15")
+    common = ["generate", "--checkpoint", pack[0], "--sd-model", tmp_path / "tiny-sd15", "--prompt", "a photo of <i>",
+              "--image", images[0], "--steps", "3", "--height", "32", "--width", "32", "--seed", "7"]
+    run_cli(*common, "--out-dir", tmp_path / "a")
+    run_cli(*common, "--out-dir", tmp_path / "b")
+    a, b = Image.open(tmp_path / "a" / "kosmosg_7_0.png"), Image.open(tmp_path / "b" / "kosmosg_7_0.png")
+    assert a.size == (32, 32)
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # same seed, same image
+    missing = [str(tmp_path / "missing") if str(x) == str(tmp_path / "tiny-sd15") else x for x in common]
+    result = run_cli(*missing, "--out-dir", tmp_path / "c", check=False)
+    assert result.returncode == 2 and "SD1.5 model not found" in result.stderr
