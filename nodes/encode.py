@@ -1,0 +1,109 @@
+"""Kosmos-G Encode: model + interleaved prompt -> positive / negative CONDITIONING for SD1.5.
+
+Output format (what CLIPTextEncode gives, so every stock node accepts it):
+    [[cond [B, 77, C] float32 on intermediate_device(), {"pooled_output": [B, C], "kosmosg": {...}}]]
+- B = the prompt's batch size (1 unless a socket carries an image batch);
+- pooled_output = the mean of the 77 context vectors. SD1.5 sampling never reads it; it is there
+  so nodes that blend or zero pooled vectors (ConditioningAverage, ZeroOut) behave as with CLIP;
+- "kosmosg" = plain metadata (prompt text, image count, weights, model name) for Save Conditioning;
+- negative = the official unconditional encoding (`<s>` + negative text through the MLLM and the
+  aligner), repeated to B.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from .model_management import KosmosGModel
+from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_ENCODINGS = 16
+_ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
+
+
+def to_conditioning(context: torch.Tensor, metadata: dict) -> list:
+    """[B, 77, C] (any dtype/device) -> ComfyUI CONDITIONING with one entry."""
+    context = context.to(device=mm.intermediate_device(), dtype=torch.float32)
+    return [[context, {"pooled_output": context.mean(dim=1), "kosmosg": dict(metadata)}]]
+
+
+def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str) -> tuple[list, list]:
+    """Run the pipeline under the memory manager with a progress bar; interruptible between steps."""
+    batch = prompt.batch_size
+    num_images = len(prompt.images)
+    pbar = comfy.utils.ProgressBar(batch * num_images + 2)  # each image, the positive batch, the negative
+
+    def step():
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update(1)
+
+    mm.throw_exception_if_processing_interrupted()
+    model.load_for_encoding()
+    pipeline = model.pipeline
+    texts = [prompt.text] * batch
+    images = [prompt.images_for_sample(b) for b in range(batch)]
+    weights = [list(prompt.weights) for _ in range(batch)]
+    with torch.inference_mode():
+        positive = pipeline.encode(texts, images, image_weights=weights, progress=step)  # [B, 77, C]
+        mm.throw_exception_if_processing_interrupted()
+        negative = pipeline.encode_unconditional(negative_text, batch_size=batch)  # [B, 77, C]
+        step()
+    metadata = {"model": model.name, "num_images": num_images, "weights": list(prompt.weights)}
+    return (to_conditioning(positive, {**metadata, "text": prompt.text}),
+            to_conditioning(negative, {**metadata, "text": negative_text, "num_images": 0, "weights": [],
+                                       "unconditional": True}))
+
+
+class KosmosGEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGEncode",
+            display_name="Kosmos-G Encode",
+            category=CATEGORY,
+            description=(
+                "Encodes an interleaved prompt into SD1.5 conditioning ([B, 77, 768], like CLIP Text Encode), so it "
+                "works with KSampler, ControlNet, LoRA-patched models and the Conditioning nodes. The negative output "
+                "is Kosmos-G's own unconditional encoding (use it as KSampler's negative). pooled_output is the mean "
+                "of the 77 vectors (unused by SD1.5). Results are cached while the inputs are unchanged."),
+            search_aliases=["kosmos", "subject", "conditioning"],
+            inputs=[
+                KosmosGModelType.Input("model", tooltip="Kosmos-G model from Kosmos-G Loader."),
+                KosmosGPromptType.Input("prompt", tooltip="Text + images from Kosmos-G Interleaved Prompt."),
+                io.String.Input("negative_text", multiline=True, default="", optional=True,
+                                tooltip="Optional text for the negative conditioning (no <i>). Empty = the official "
+                                        "unconditional encoding."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="Kosmos-G conditioning [B, 77, 768]; connect to KSampler positive."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="Unconditional (or negative-text) encoding; connect to KSampler "
+                                               "negative."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt, negative_text="") -> io.NodeOutput:
+        negative_text = negative_text or ""
+        # ComfyUI already caches this node's output while its inputs are unchanged; this content-keyed
+        # cache also covers re-executed upstream nodes that produce the same pixels.
+        key = (model.cache_key, prompt.fingerprint(), negative_text)
+        if key in _ENCODE_CACHE:
+            _ENCODE_CACHE.move_to_end(key)
+            positive, negative = _ENCODE_CACHE[key]
+        else:
+            positive, negative = encode_prompt(model, prompt, negative_text)
+            _ENCODE_CACHE[key] = (positive, negative)
+            while len(_ENCODE_CACHE) > MAX_CACHED_ENCODINGS:
+                _ENCODE_CACHE.popitem(last=False)
+        # fresh outer lists and dicts each run: downstream nodes may copy/extend them
+        return io.NodeOutput([[t, d.copy()] for t, d in positive], [[t, d.copy()] for t, d in negative])

@@ -1,0 +1,119 @@
+"""Kosmos-G Loader and Convert Checkpoint nodes."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from . import paths
+from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
+from .types import CATEGORY, KosmosGModelType
+
+CONVERT_DTYPES = {"keep": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+class KosmosGLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGLoader",
+            display_name="Kosmos-G Loader",
+            category=CATEGORY,
+            description=(
+                "Loads a Kosmos-G checkpoint from ComfyUI/models/kosmosg (the official checkpoint_final.pt or a "
+                "converted .safetensors). The tokenizer comes from inside a converted file, else from a folder "
+                "beside the checkpoint (<name>/ or tokenizer/ holding sentencepiece.bpe.model + dict.txt). Loaded "
+                "models are cached and handed to ComfyUI's memory manager, which moves them to the GPU only while "
+                "encoding."),
+            search_aliases=["kosmos", "kosmosg", "subject", "mllm"],
+            inputs=[
+                io.Combo.Input("checkpoint", options=paths.list_files(paths.CHECKPOINT_FOLDER, paths.CHECKPOINT_EXTENSIONS),
+                               tooltip="Kosmos-G checkpoint in models/kosmosg (or a 'kosmosg:' path of "
+                                       "extra_model_paths.yaml): checkpoint_final.pt or a converted .safetensors."),
+                io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
+                               tooltip="Weight precision. auto: fp32 on the CPU; on a GPU bf16 where supported, "
+                                       "else fp16. Choose fp32 if you see black or noisy images."),
+                io.Combo.Input("device", options=DEVICE_CHOICES, default="auto",
+                               tooltip="auto: ComfyUI's text-encoder device (GPU unless low-VRAM mode). gpu: the main "
+                                       "GPU. cpu: never use the GPU (saves VRAM, slower). The GPU copy is offloaded "
+                                       "when the U-Net needs the memory."),
+            ],
+            outputs=[KosmosGModelType.Output(display_name="kosmosg_model",
+                                             tooltip="The loaded Kosmos-G encoder; connect it to Kosmos-G Encode.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint):
+        # Replaces ComfyUI's "Value not in list" with a message saying where to put the file.
+        if folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint or "") is None:
+            return paths.checkpoint_missing_message(checkpoint)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, checkpoint, dtype, device):
+        # Re-run (and reload) when the file on disk is replaced.
+        return paths.file_fingerprint(folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint or ""))
+
+    @classmethod
+    def execute(cls, checkpoint, dtype="auto", device="auto") -> io.NodeOutput:
+        path = paths.resolve_checkpoint(checkpoint)
+        return io.NodeOutput(load_model(path, checkpoint, dtype, device))
+
+
+class KosmosGConvertCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGConvertCheckpoint",
+            display_name="Kosmos-G Convert Checkpoint",
+            category=CATEGORY,
+            description=(
+                "Converts an official Kosmos-G checkpoint_final.pt (read safely, without running pickled code) into "
+                "the pack's .safetensors format with the tokenizer inside, written next to the source in "
+                "models/kosmosg. Run it once; then pick the new file in Kosmos-G Loader. Same as "
+                "`python -m kosmosg_core convert`."),
+            inputs=[
+                io.Combo.Input("source", options=paths.list_files(paths.CHECKPOINT_FOLDER, paths.OFFICIAL_EXTENSIONS),
+                               tooltip="Official .pt checkpoint in models/kosmosg; its tokenizer folder "
+                                       "(sentencepiece.bpe.model + dict.txt) must be beside it."),
+                io.String.Input("output_name", default="",
+                                tooltip="File name for the converted checkpoint (.safetensors is added). Empty: the "
+                                        "source name with .safetensors."),
+                io.Combo.Input("dtype", options=list(CONVERT_DTYPES), default="fp16",
+                               tooltip="Precision of the written weights. keep: as stored in the source file."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of the same name."),
+            ],
+            outputs=[io.String.Output(display_name="checkpoint",
+                                      tooltip="Name of the converted file as the Loader lists it.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, source):
+        if folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, source or "") is None:
+            return paths.missing_file_message(
+                paths.CHECKPOINT_FOLDER, source, "Official Kosmos-G checkpoint",
+                "Put checkpoint_final.pt and its tokenizer folder into ComfyUI/models/kosmosg/.")
+        return True
+
+    @classmethod
+    def execute(cls, source, output_name="", dtype="fp16", overwrite=False) -> io.NodeOutput:
+        import torch
+
+        from ..kosmosg_core.checkpoint import convert_official
+
+        src = paths.resolve_checkpoint(source)
+        stem = (output_name or "").strip() or os.path.splitext(source)[0]
+        if os.path.basename(stem) != stem or stem in (".", ".."):
+            raise ValueError(f"output_name {output_name!r} must be a plain file name (no folders).")
+        name = stem if stem.endswith(".safetensors") else stem + ".safetensors"
+        out = os.path.join(os.path.dirname(src), name)
+        if os.path.exists(out) and not overwrite:
+            raise FileExistsError(f"{out} already exists; set overwrite to true or choose another output_name.")
+        torch_dtype = getattr(torch, CONVERT_DTYPES[dtype]) if CONVERT_DTYPES[dtype] else None
+        convert_official(src, out, dtype=torch_dtype)
+        relative = os.path.join(os.path.dirname(source), name) if os.path.dirname(source) else name
+        return io.NodeOutput(relative, ui=ui.PreviewText(f"Converted {source} -> {relative}"))

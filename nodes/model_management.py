@@ -1,0 +1,111 @@
+"""Loaded Kosmos-G models under ComfyUI's memory manager, cached between runs.
+
+The torch module is built on the offload device (CPU unless --gpu-only) and wrapped in a
+`ModelPatcher`; `comfy.model_management.load_models_gpu` moves it to the load device right before
+encoding and may offload it again when the U-Net needs the memory. V3 node classes are stateless,
+so the cache lives here at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import torch
+from comfy.cli_args import args
+
+logger = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
+DEVICE_CHOICES = ["auto", "cpu", "gpu"]
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_CACHED_MODELS = 2  # an official model is ~3.5 GB in fp16; keep the last two loaded
+
+
+@dataclass
+class KosmosGModel:
+    """The value of a KOSMOSG_MODEL socket: the core pipeline plus its ComfyUI patcher."""
+
+    pipeline: object  # kosmosg_core.pipeline.KosmosGPipeline
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+    cache_key: tuple
+
+    @property
+    def context_dim(self) -> int:
+        return self.pipeline.context_dim
+
+    def load_for_encoding(self) -> None:
+        """Ask the memory manager to put the model on its load device (evicting others if needed).
+
+        force_full_load: our plain torch layers cannot run partially offloaded (no comfy.ops casts)."""
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+
+
+_CACHE: "OrderedDict[tuple, KosmosGModel]" = OrderedDict()
+
+
+def resolve_devices(device_choice: str) -> tuple[torch.device, torch.device]:
+    """'auto' = ComfyUI's text-encoder device (GPU unless low-VRAM), 'gpu' = the main compute device,
+    'cpu' = stay on the CPU. Returns (load_device, offload_device)."""
+    if device_choice == "cpu":
+        cpu = torch.device("cpu")
+        return cpu, cpu
+    if device_choice == "gpu":
+        return mm.get_torch_device(), mm.text_encoder_offload_device()
+    if device_choice == "auto":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device_choice!r}.")
+
+
+def resolve_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
+    """'auto': fp32 on the CPU (fp16 matmuls there are slow or missing); on a GPU the --*-text-enc
+    flags if given, else bf16 where supported (no fp16 overflow), else fp16, else fp32."""
+    if dtype_choice in _DTYPES:
+        return _DTYPES[dtype_choice]
+    if dtype_choice != "auto":
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype_choice!r}.")
+    if mm.is_device_cpu(load_device):
+        return torch.float32
+    if args.fp32_text_enc:
+        return torch.float32
+    if args.fp16_text_enc:
+        return torch.float16
+    if args.bf16_text_enc:
+        return torch.bfloat16
+    if mm.should_use_bf16(load_device, prioritize_performance=False):
+        return torch.bfloat16
+    if mm.should_use_fp16(load_device, prioritize_performance=False):
+        return torch.float16
+    return torch.float32
+
+
+def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
+    """Load (or reuse) a checkpoint. Keyed by file identity (path, mtime, size) + dtype + device."""
+    from ..kosmosg_core.pipeline import KosmosGPipeline
+
+    load_device, offload_device = resolve_devices(device_choice)
+    dtype = resolve_dtype(dtype_choice, load_device)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(dtype), str(load_device), str(offload_device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
+    pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device)
+    patcher = comfy.model_patcher.CoreModelPatcher(
+        pipeline.model, load_device=load_device, offload_device=offload_device,
+        size=mm.module_size(pipeline.model))
+    model = KosmosGModel(pipeline=pipeline, patcher=patcher, name=name, cache_key=key)
+    _CACHE[key] = model
+    while len(_CACHE) > MAX_CACHED_MODELS:
+        _CACHE.popitem(last=False)
+    return model
+
+
+def clear_cache() -> None:
+    _CACHE.clear()

@@ -1,0 +1,72 @@
+"""Model folders: `models/kosmosg` for checkpoints, `models/kosmosg_conditioning` for saved conditionings.
+
+Registered the way IPAdapter_plus registers `models/ipadapter`: a folder already created by the
+user's `extra_model_paths.yaml` keeps its paths, only the extension filter is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..kosmosg_core.errors import CheckpointNotFoundError
+
+CHECKPOINT_FOLDER = "kosmosg"
+CONDITIONING_FOLDER = "kosmosg_conditioning"
+CHECKPOINT_EXTENSIONS = {".pt", ".safetensors"}
+OFFICIAL_EXTENSIONS = {".pt"}
+CONDITIONING_EXTENSIONS = {".safetensors"}
+
+
+def register_folder(name: str, extensions: set[str]) -> None:
+    if name in folder_paths.folder_names_and_paths:
+        paths = folder_paths.folder_names_and_paths[name][0]
+    else:
+        paths = [os.path.join(folder_paths.models_dir, name)]
+    folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
+
+
+def register_folders() -> None:
+    register_folder(CHECKPOINT_FOLDER, CHECKPOINT_EXTENSIONS)
+    register_folder(CONDITIONING_FOLDER, CONDITIONING_EXTENSIONS)
+
+
+def list_files(folder: str, extensions: set[str] | None = None) -> list[str]:
+    names = folder_paths.get_filename_list(folder)
+    if extensions is not None:
+        names = [n for n in names if os.path.splitext(n)[1].lower() in extensions]
+    return sorted(names)
+
+
+def missing_file_message(folder: str, name: str, what: str, how: str) -> str:
+    """'X not found; searched A, B; found: ...; put ... there' — the error users of this pack see."""
+    searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"(no '{folder}' folder registered)"
+    found = list_files(folder)
+    found_text = ", ".join(found[:10]) + (" ..." if len(found) > 10 else "") if found else "nothing"
+    return (f"{what} {name!r} was not found. Searched: {searched} (found: {found_text}). {how} "
+            f"Other locations can be added under a '{folder}:' key in extra_model_paths.yaml; "
+            "press R in the UI to refresh the file lists.")
+
+
+def checkpoint_missing_message(name: str) -> str:
+    return missing_file_message(
+        CHECKPOINT_FOLDER, name, "Kosmos-G checkpoint",
+        "Put the official checkpoint_final.pt (with sentencepiece.bpe.model + dict.txt in a folder beside it "
+        "named <checkpoint name>/, tokenizer/ or data/) or a converted Kosmos-G .safetensors (tokenizer inside) "
+        "into ComfyUI/models/kosmosg/.")
+
+
+def resolve_checkpoint(name: str) -> str:
+    path = folder_paths.get_full_path(CHECKPOINT_FOLDER, name) if name else None
+    if path is None or not os.path.isfile(path):
+        raise CheckpointNotFoundError(checkpoint_missing_message(name))
+    return path
+
+
+def file_fingerprint(path: str | None) -> str:
+    """Changes when the file is replaced or rewritten (for ComfyUI's re-run check)."""
+    if path is None or not os.path.exists(path):
+        return "missing"
+    stat = os.stat(path)
+    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"

@@ -1,0 +1,150 @@
+"""Kosmos-G Interleaved Prompt: text with `<i>` placeholders + a growing list of IMAGE sockets.
+
+Rules (also in the node description and the README):
+- the n-th `<i>` in the text is filled by the n-th connected image socket (image0, image1, ...);
+  the number of placeholders must equal the number of connected sockets, checked before the run;
+- `weights` is a comma-separated list with one number per connected image ("1.0, 0.8"); empty
+  means 1.0 for every image;
+- a batch of B images on one socket gives B conditionings (sample b uses image b of that socket);
+  sockets holding a single image are shared by every sample; all batched sockets must hold the
+  same number of images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from comfy_api.latest import io
+
+from ..kosmosg_core.config import IMAGE_PLACEHOLDER
+from ..kosmosg_core.errors import ImageError, PromptError
+from ..kosmosg_core.prompt import count_placeholders
+from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
+
+MAX_IMAGES = 16
+IMAGES_INPUT = "images"
+IMAGE_PREFIX = "image"
+MAX_WEIGHT = 10.0
+_SOCKET_INDEX = re.compile(rf"^(?:{IMAGES_INPUT}\.)?{IMAGE_PREFIX}(\d+)$")
+
+
+def parse_weights(text: str | None, num_images: int) -> list[float]:
+    """'1.0, 0.8' -> [1.0, 0.8]; empty -> 1.0 per image. Raises PromptError naming the problem."""
+    text = (text or "").strip()
+    if not text:
+        return [1.0] * num_images
+    weights = []
+    for part in re.split(r"[,\s;]+", text):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise PromptError(f"weights: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
+        if not math.isfinite(value) or not 0.0 <= value <= MAX_WEIGHT:
+            raise PromptError(f"weights: {part} is outside 0..{MAX_WEIGHT:g}; 1.0 is the official strength, 0 removes "
+                              "the image's features.")
+        weights.append(value)
+    if len(weights) != num_images:
+        raise PromptError(f"weights has {len(weights)} value(s) but {num_images} image(s) are connected; give one weight "
+                          "per image in socket order, or leave weights empty for 1.0 each.")
+    return weights
+
+
+def placeholder_mismatch(text: str, num_images: int) -> str | None:
+    placeholders = count_placeholders(text)
+    if placeholders == num_images:
+        return None
+    return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) are connected; "
+            f"put one {IMAGE_PLACEHOLDER} in the text where each image belongs, or connect/disconnect images so the "
+            "counts match.")
+
+
+def ordered_images(images: dict | None) -> list[torch.Tensor]:
+    """Autogrow dict {'image0': t, 'image3': t, ...} -> connected images in socket order."""
+    found = []
+    for name, value in (images or {}).items():
+        match = _SOCKET_INDEX.match(name)
+        if value is not None and match:
+            found.append((int(match.group(1)), value))
+    return [value for _, value in sorted(found, key=lambda item: item[0])]
+
+
+def check_image_batches(images: list[torch.Tensor]) -> None:
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ImageError(f"image{i}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
+    sizes = {int(img.shape[0]) for img in images} - {1}
+    if len(sizes) > 1:
+        described = ", ".join(f"image{i}: {img.shape[0]}" for i, img in enumerate(images))
+        raise ImageError(f"Image batches of different sizes ({described}); each socket must hold 1 image or the same "
+                         "number of images as the other batched sockets (one conditioning per batch sample).")
+
+
+class KosmosGInterleavedPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        template = io.Autogrow.TemplatePrefix(
+            io.Image.Input(IMAGE_PREFIX, tooltip=f"Image for the next {IMAGE_PLACEHOLDER} in the text (socket n fills "
+                                                 f"the n-th {IMAGE_PLACEHOLDER}). A batch of B images makes B "
+                                                 "conditionings, sample b using image b."),
+            prefix=IMAGE_PREFIX, min=0, max=MAX_IMAGES)
+        return io.Schema(
+            node_id="KosmosGInterleavedPrompt",
+            display_name="Kosmos-G Interleaved Prompt",
+            category=CATEGORY,
+            description=(
+                f"Builds an interleaved prompt: write {IMAGE_PLACEHOLDER} in the text where each subject image goes, "
+                f"e.g. 'a photo of {IMAGE_PLACEHOLDER} wearing {IMAGE_PLACEHOLDER}'. Connect one image per "
+                f"placeholder; a new image socket appears when the last one is connected. The n-th "
+                f"{IMAGE_PLACEHOLDER} uses the n-th connected socket. Counts are checked before the run. A batch of "
+                "B images on one socket gives B conditionings (sample b uses image b; single images are shared)."),
+            search_aliases=["kosmos", "subject prompt", "image prompt", "interleaved"],
+            inputs=[
+                io.String.Input("text", multiline=True, default=f"a photo of {IMAGE_PLACEHOLDER} on the beach",
+                                tooltip=f"Prompt text; write {IMAGE_PLACEHOLDER} where each connected image belongs "
+                                        f"(one {IMAGE_PLACEHOLDER} per image, in socket order)."),
+                io.Autogrow.Input(IMAGES_INPUT, template=template,
+                                  tooltip=f"Subject images, one per {IMAGE_PLACEHOLDER}; up to {MAX_IMAGES}."),
+                io.String.Input("weights", default="",
+                                tooltip="Optional per-image strength, comma-separated in socket order, e.g. "
+                                        "'1.0, 0.7'. Empty = 1.0 for every image (the official model)."),
+            ],
+            outputs=[KosmosGPromptType.Output(display_name="kosmosg_prompt",
+                                              tooltip="Text + images for Kosmos-G Encode.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text, weights, input_types, images=None):
+        # Runs before anything executes. Linked values are unknown here (`images` arrives as an
+        # empty/None-valued dict), but `input_types` names every linked socket
+        # ({"images.image0": "IMAGE", ...}), which is exactly the connected-image count.
+        # Declaring `input_types` turns off ComfyUI's own link type check, so it is redone here.
+        linked = {name: kind for name, kind in (input_types or {}).items() if _SOCKET_INDEX.match(name)}
+        for name, kind in linked.items():
+            if kind not in ("IMAGE", "*"):
+                return f"{name} must be connected to an IMAGE output, got {kind}."
+        if text is None:  # text comes from a link: checked when the node runs
+            return True
+        message = placeholder_mismatch(text, len(linked))
+        if message:
+            return message
+        if weights is not None:
+            try:
+                parse_weights(weights, len(linked))
+            except PromptError as e:
+                return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, text, images=None, weights="") -> io.NodeOutput:
+        connected = ordered_images(images)
+        message = placeholder_mismatch(text, len(connected))
+        if message:
+            raise PromptError(message)
+        check_image_batches(connected)
+        connected = [img[..., :3] for img in connected]  # drop an alpha channel if present
+        return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=parse_weights(weights, len(connected))))

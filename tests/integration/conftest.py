@@ -1,0 +1,75 @@
+"""Session fixtures for the real-ComfyUI tests: one server, tiny models, the pack as a custom node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import comfy_server, comfy_tiny_models
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_NAME = "ComfyUI-Kosmos-G"  # folder name under custom_nodes (what users clone into)
+TINY_KOSMOSG_PT = "tiny-kosmosg.pt"
+TINY_MODELS_CACHE = comfy_server.CACHE_DIR / f"tiny-sd15-models-v{comfy_tiny_models.VERSION}"
+
+
+def _require_comfy():
+    if not comfy_server.comfy_available():
+        message = (f"real ComfyUI not installed at {comfy_server.COMFY_TREE} (run .ci/setup_env.sh)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _tiny_sd_models(models_dir: Path) -> None:
+    """Generate (once per cache version) and link the tiny SD1.5 checkpoint, ControlNet and LoRA."""
+    if not (TINY_MODELS_CACHE / "loras" / comfy_tiny_models.LORA_NAME).is_file():
+        TINY_MODELS_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(comfy_server.VENV_PYTHON), str(Path(comfy_tiny_models.__file__)),
+                        "--comfy", str(comfy_server.COMFY_TREE), "--out", str(TINY_MODELS_CACHE)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    for sub, name in (("checkpoints", comfy_tiny_models.UNET_NAME), ("controlnet", comfy_tiny_models.CONTROLNET_NAME),
+                      ("loras", comfy_tiny_models.LORA_NAME)):
+        target = models_dir / sub / name
+        if not target.exists():
+            target.symlink_to(TINY_MODELS_CACHE / sub / name)
+
+
+def _tiny_kosmosg(kosmosg_dir: Path) -> None:
+    """A tiny official-format checkpoint (fairseq .pt layout, 768-wide output) with its tokenizer
+    folder (data/) and config sidecar beside it, as a user would unpack the official release."""
+    from support.tiny_kosmosg import write_tiny_official
+
+    write_tiny_official(kosmosg_dir, context_dim=768, seed=0, name=TINY_KOSMOSG_PT)
+
+
+def _subject_images(input_dir: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    for i, (background, shape) in enumerate([((200, 60, 40), (30, 90, 220)), ((40, 160, 90), (240, 220, 60))], 1):
+        img = Image.new("RGB", (64, 64), background)
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((12 + 4 * i, 10, 52, 50 - 4 * i), fill=shape)
+        img.save(input_dir / f"kosmosg_subject_{i}.png")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """A running ComfyUI 0.30.0 with the pack in custom_nodes and tiny models in DATA/models."""
+    _require_comfy()
+    data = comfy_server.prepare_data_dir(tmp_path_factory.mktemp("comfy-data"), REPO, PACK_NAME)
+    _tiny_sd_models(data / "models")
+    _tiny_kosmosg(data / "models" / "kosmosg")
+    _subject_images(data / "input")
+    server = comfy_server.ComfyServer(data, threads=1)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        if sys.exc_info()[0] is not None:
+            print(server.log_tail())

@@ -1,0 +1,255 @@
+"""The pack inside a real ComfyUI 0.30.0 server: import, schema, shipped workflows, stock-node
+compatibility, determinism, save/load, and errors reported through the API.
+
+Tiny random models (generated at test time) keep every graph at 64x64 and 2 sampler steps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from support import comfy_tiny_models
+from support.comfy_server import execution_error
+from support.workflow_api import schema_problems, substitute, ui_to_api
+
+from .conftest import PACK_NAME, REPO, TINY_KOSMOSG_PT
+
+pytestmark = pytest.mark.integration
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+TINY_KOSMOSG = "tiny-kosmosg.safetensors"  # written by the Convert node test
+NODE_IDS = ["KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
+            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint"]
+TEST_STEPS = 2
+TEST_SIZE = 64
+
+
+# --- graph builders (API format) -------------------------------------------------------------------
+def encode_graph(text="a photo of <i> on the beach", images=("kosmosg_subject_1.png",), weights="",
+                 kosmosg=TINY_KOSMOSG):
+    """Nodes 1-4: SD checkpoint, Kosmos-G loader, LoadImage(s) (ids 10+), prompt (3), encode (4)."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_tiny_models.UNET_NAME}},
+        "2": {"class_type": "KosmosGLoader", "inputs": {"checkpoint": kosmosg, "dtype": "auto", "device": "auto"}},
+        "3": {"class_type": "KosmosGInterleavedPrompt", "inputs": {"text": text, "weights": weights}},
+        "4": {"class_type": "KosmosGEncode", "inputs": {"model": ["2", 0], "prompt": ["3", 0], "negative_text": ""}},
+    }
+    for i, name in enumerate(images):
+        graph[str(10 + i)] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        graph["3"]["inputs"][f"images.image{i}"] = [str(10 + i), 0]
+    return graph
+
+
+def add_sampling(graph, positive=("4", 0), negative=("4", 1), seed=42, batch=1, prefix="kg-test"):
+    graph.update({
+        "20": {"class_type": "EmptyLatentImage", "inputs": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": batch}},
+        "21": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": list(positive), "negative": list(negative), "latent_image": ["20", 0],
+            "seed": seed, "steps": TEST_STEPS, "cfg": 6.0, "sampler_name": "dpmpp_2m", "scheduler": "normal",
+            "denoise": 1.0}},
+        "22": {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["1", 2]}},
+        "23": {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": prefix}},
+    })
+    return graph
+
+
+def pixels(png: bytes):
+    from PIL import Image
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def assert_success(comfy, entry):
+    err = execution_error(entry)
+    assert entry["status"]["status_str"] == "success", f"run failed: {json.dumps(err, indent=1)[:3000]}\n{comfy.log_tail()}"
+
+
+# --- tests (ordered: conversion first, the others use its output) ---------------------------------
+def test_pack_imports_without_failure(comfy):
+    assert comfy.import_failures([PACK_NAME, REPO.name]) == []
+    info = comfy.object_info()
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}\n{comfy.log_tail()}"
+
+
+def test_object_info_schema(comfy):
+    info = comfy.object_info()
+    expected = {
+        "KosmosGLoader": ({"checkpoint": "COMBO", "dtype": "COMBO", "device": "COMBO"}, ["KOSMOSG_MODEL"]),
+        "KosmosGInterleavedPrompt": ({"text": "STRING", "images": "COMFY_AUTOGROW_V3", "weights": "STRING"},
+                                     ["KOSMOSG_PROMPT"]),
+        "KosmosGEncode": ({"model": "KOSMOSG_MODEL", "prompt": "KOSMOSG_PROMPT", "negative_text": "STRING"},
+                          ["CONDITIONING", "CONDITIONING"]),
+        "KosmosGSaveConditioning": ({"conditioning": "CONDITIONING", "filename_prefix": "STRING"}, ["STRING"]),
+        "KosmosGLoadConditioning": ({"conditioning_file": "COMBO"}, ["CONDITIONING"]),
+        "KosmosGConvertCheckpoint": ({"source": "COMBO", "output_name": "STRING", "dtype": "COMBO",
+                                     "overwrite": "BOOLEAN"}, ["STRING"]),
+    }
+    for node_id, (inputs, outputs) in expected.items():
+        node = info[node_id]
+        assert node["category"] == "Kosmos-G"
+        assert len(node["description"]) > 40, node_id
+        declared = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
+        assert {k: v[0] for k, v in declared.items()} == inputs, node_id
+        for name, spec in declared.items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert node["output"] == outputs, node_id
+        assert all(node["output_tooltips"]), f"{node_id} has an output without tooltip"
+    assert info["KosmosGEncode"]["output_name"] == ["positive", "negative"]
+    assert "negative_text" in info["KosmosGEncode"]["input"]["optional"]
+    assert info["KosmosGLoader"]["input"]["required"]["dtype"][1]["options"] == ["auto", "fp16", "bf16", "fp32"]
+    assert TINY_KOSMOSG_PT in info["KosmosGLoader"]["input"]["required"]["checkpoint"][1]["options"]
+    template = info["KosmosGInterleavedPrompt"]["input"]["required"]["images"][1]["template"]
+    assert template["prefix"] == "image" and template["min"] == 0 and template["max"] >= 8
+
+
+def test_convert_node_writes_loadable_safetensors(comfy):
+    graph = {"1": {"class_type": "KosmosGConvertCheckpoint",
+                   "inputs": {"source": TINY_KOSMOSG_PT, "output_name": Path(TINY_KOSMOSG).stem, "dtype": "fp32",
+                              "overwrite": False}}}
+    entry = comfy.run(graph)
+    assert_success(comfy, entry)
+    assert (comfy.data / "models" / "kosmosg" / TINY_KOSMOSG).is_file()
+    options = comfy.object_info("KosmosGLoader")["input"]["required"]["checkpoint"][1]["options"]
+    assert TINY_KOSMOSG in options
+
+
+@pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_shipped_workflow_runs(comfy, workflow_path):
+    info = comfy.object_info()
+    workflow = json.loads(workflow_path.read_text())
+    assert schema_problems(workflow, info) == []
+    prompt = ui_to_api(workflow, info)
+    prompt = substitute(prompt, {
+        ("CheckpointLoaderSimple", "ckpt_name"): comfy_tiny_models.UNET_NAME,
+        ("KosmosGLoader", "checkpoint"): TINY_KOSMOSG,
+        ("ControlNetLoader", "control_net_name"): comfy_tiny_models.CONTROLNET_NAME,
+        ("LoraLoaderModelOnly", "lora_name"): comfy_tiny_models.LORA_NAME,
+        ("KSampler", "steps"): TEST_STEPS,
+        ("EmptyLatentImage", "width"): TEST_SIZE,
+        ("EmptyLatentImage", "height"): TEST_SIZE,
+    })
+    classes = {node["class_type"] for node in prompt.values()}
+    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KSampler", "SaveImage"} <= classes
+    entry = comfy.run(prompt)
+    assert_success(comfy, entry)
+    images = comfy.output_images(entry)
+    assert len(images) == 1
+    assert pixels(images[0]).shape == (TEST_SIZE, TEST_SIZE, 3)
+    if "LoraLoaderModelOnly" in classes:
+        assert "lora key not loaded" not in comfy.log_text()
+
+
+def test_same_seed_gives_same_image(comfy):
+    runs = []
+    for seed in (7, 8, 7):  # the middle run evicts the cached sampler output, so the third one recomputes
+        entry = comfy.run(add_sampling(encode_graph(), seed=seed, prefix="kg-seed"))
+        assert_success(comfy, entry)
+        runs.append(comfy.output_images(entry)[0])
+    assert runs[0] == runs[2]
+    assert (pixels(runs[0]) != pixels(runs[1])).any()
+
+
+def test_conditioning_through_stock_nodes(comfy):
+    graph = encode_graph(text="<i> and <i> together", images=("kosmosg_subject_1.png", "kosmosg_subject_2.png"),
+                         weights="1.0, 0.7")
+    graph.update({
+        "5": {"class_type": "KosmosGInterleavedPrompt", "inputs": {"text": "a red apple", "weights": ""}},
+        "6": {"class_type": "KosmosGEncode", "inputs": {"model": ["2", 0], "prompt": ["5", 0]}},
+        "30": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["6", 0]}},
+        "31": {"class_type": "ConditioningAverage", "inputs": {
+            "conditioning_to": ["30", 0], "conditioning_from": ["6", 0], "conditioning_to_strength": 0.6}},
+        "32": {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["31", 0], "conditioning_from": ["6", 0]}},
+        "33": {"class_type": "ConditioningSetArea", "inputs": {
+            "conditioning": ["6", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}},
+        "34": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": TEST_SIZE, "height": TEST_SIZE}},
+        "35": {"class_type": "ConditioningSetMask", "inputs": {
+            "conditioning": ["4", 0], "mask": ["34", 0], "strength": 1.0, "set_cond_area": "default"}},
+        "36": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["32", 0], "conditioning_2": ["33", 0]}},
+        "37": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["36", 0], "conditioning_2": ["35", 0]}},
+        "38": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 1]}},
+    })
+    entry = comfy.run(add_sampling(graph, positive=("37", 0), negative=("38", 0), batch=2, prefix="kg-cond"))
+    assert_success(comfy, entry)
+    assert len(comfy.output_images(entry)) == 2
+
+
+def test_image_batch_on_one_socket_gives_one_conditioning_per_sample(comfy):
+    graph = encode_graph(images=())
+    graph["3"]["inputs"]["text"] = "a photo of <i>"
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "kosmosg_subject_1.png"}}
+    graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "kosmosg_subject_2.png"}}
+    graph["12"] = {"class_type": "ImageBatch", "inputs": {"image1": ["10", 0], "image2": ["11", 0]}}
+    graph["3"]["inputs"]["images.image0"] = ["12", 0]
+    graph["13"] = {"class_type": "KosmosGSaveConditioning", "inputs": {"conditioning": ["4", 0],
+                                                                       "filename_prefix": "kg-batch"}}
+    entry = comfy.run(add_sampling(graph, batch=2, prefix="kg-batch"))
+    assert_success(comfy, entry)
+    assert len(comfy.output_images(entry)) == 2
+    from safetensors.torch import load_file
+
+    saved = next((comfy.data / "models" / "kosmosg_conditioning").glob("kg-batch_*.safetensors"))
+    cond = load_file(str(saved))["entry0.cond"]
+    assert tuple(cond.shape) == (2, 77, 768)
+    assert not cond[0].equal(cond[1])  # sample 0 saw subject 1, sample 1 subject 2
+
+
+def test_save_then_load_conditioning_reproduces_the_image(comfy):
+    direct = add_sampling(encode_graph(text="<i> in the snow"), seed=3, prefix="kg-direct")
+    direct["40"] = {"class_type": "KosmosGSaveConditioning", "inputs": {"conditioning": ["4", 0],
+                                                                        "filename_prefix": "kg-snow"}}
+    entry = comfy.run(direct)
+    assert_success(comfy, entry)
+    name = entry["outputs"]["40"]["text"][0].removeprefix("Saved ")
+    assert (comfy.data / "models" / "kosmosg_conditioning" / name).is_file()
+    direct_png = [img for img in comfy.output_images(entry)][0]
+
+    loaded = {k: v for k, v in direct.items() if k not in ("3", "10", "40")}
+    loaded["4"] = {"class_type": "KosmosGEncode", "inputs": {"model": ["2", 0], "prompt": ["5", 0]}}
+    loaded["5"] = {"class_type": "KosmosGInterleavedPrompt", "inputs": {"text": "", "weights": ""}}  # negative only
+    loaded["41"] = {"class_type": "KosmosGLoadConditioning", "inputs": {"conditioning_file": name}}
+    loaded["21"]["inputs"]["positive"] = ["41", 0]
+    loaded["23"]["inputs"]["filename_prefix"] = "kg-loaded"
+    entry = comfy.run(loaded)
+    assert_success(comfy, entry)
+    assert (pixels(comfy.output_images(entry)[0]) == pixels(direct_png)).all()
+
+
+def test_placeholder_mismatch_is_rejected_before_running(comfy):
+    status, body = comfy.queue(add_sampling(encode_graph(text="<i> and <i> on a sofa"), prefix="kg-bad"))
+    assert status == 400
+    errors = body["node_errors"]["3"]["errors"]
+    text = " ".join(e["details"] for e in errors)
+    assert "2 <i> placeholder(s)" in text and "1 image(s)" in text
+    # the server keeps serving
+    assert_success(comfy, comfy.run(add_sampling(encode_graph(), seed=11, prefix="kg-after-bad")))
+
+
+def test_weight_count_mismatch_is_rejected(comfy):
+    status, body = comfy.queue(add_sampling(encode_graph(weights="1.0, 0.5"), prefix="kg-badw"))
+    assert status == 400
+    assert "2 value(s) but 1 image(s)" in json.dumps(body["node_errors"]["3"])
+
+
+def test_missing_model_file_names_the_folder(comfy):
+    status, body = comfy.queue(add_sampling(encode_graph(kosmosg="not-there.safetensors"), prefix="kg-missing"))
+    assert status == 400
+    details = json.dumps(body["node_errors"]["2"])
+    assert "not-there.safetensors" in details
+    assert str(comfy.data / "models" / "kosmosg") in details
+    assert "models/kosmosg" in details
+
+
+def test_broken_checkpoint_reports_execution_error_and_server_survives(comfy):
+    (comfy.data / "models" / "kosmosg" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors")
+    entry = comfy.run(add_sampling(encode_graph(kosmosg="broken.safetensors"), prefix="kg-broken"))
+    assert entry["status"]["status_str"] == "error"
+    err = execution_error(entry)
+    assert err["node_type"] == "KosmosGLoader"
+    assert "broken.safetensors" in err["exception_message"]
+    assert_success(comfy, comfy.run(add_sampling(encode_graph(), seed=12, prefix="kg-after-broken")))

@@ -1,0 +1,200 @@
+"""Generate the shipped UI-format workflows in workflows/ (run after changing a graph):
+
+    python tests/support/make_workflows.py [--out workflows]
+
+The JSON is what the ComfyUI frontend saves (nodes with sockets + link table + widgets_values),
+so users drag it onto the canvas and the template browser lists it. The integration test checks
+every file against the real server's /object_info and runs it, so a drift fails CI.
+
+Placeholder model names (README says where each file goes):
+    SD15_CHECKPOINT  models/checkpoints  any SD1.5 checkpoint
+    KOSMOSG_CHECKPOINT models/kosmosg    the official weights converted to .safetensors
+    CONTROLNET       models/controlnet   an SD1.5 canny ControlNet
+    LORA             models/loras        any SD1.5 LoRA
+The out-of-the-box workflow uses the built-in nano models instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+KOSMOSG_CHECKPOINT = "kosmosg.safetensors"
+CONTROLNET = "control_v11p_sd15_canny.safetensors"
+LORA = "sd15-style-lora.safetensors"
+NANO_SD15 = "nano-sd15.safetensors"
+NANO_KOSMOSG = "kosmosg-nano.safetensors"
+SUBJECT_1 = "kosmosg_subject_1.png"
+SUBJECT_2 = "kosmosg_subject_2.png"
+NEGATIVE = ""  # official demo: empty negative prompt = the unconditional encoding
+
+# Socket inputs (links, not widgets) and outputs of each node type used: (name, type).
+SPECS = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "KosmosGLoader": ([], [("kosmosg_model", "KOSMOSG_MODEL")]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "KosmosGInterleavedPrompt": (None, [("kosmosg_prompt", "KOSMOSG_PROMPT")]),  # sockets: images.imageN
+    "KosmosGEncode": ([("model", "KOSMOSG_MODEL"), ("prompt", "KOSMOSG_PROMPT")],
+                      [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], [("IMAGE", "IMAGE")]),  # 0.30: passes its images through
+    "ControlNetLoader": ([], [("CONTROL_NET", "CONTROL_NET")]),
+    "Canny": ([("image", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "ControlNetApplyAdvanced": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "LoraLoaderModelOnly": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "MarkdownNote": ([], []),
+}
+
+
+class Workflow:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, kind: str, widgets: list, pos: tuple[int, int], size=(320, 120), images: int = 0,
+            title: str | None = None) -> dict:
+        sockets, outputs = SPECS[kind]
+        if sockets is None:  # the prompt node: connected image sockets + one empty (as the UI shows)
+            sockets = [(f"images.image{i}", "IMAGE") for i in range(images + 1)]
+        node = {
+            "id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
+            "order": len(self.nodes), "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets),
+        }
+        for socket in node["inputs"]:
+            if socket["name"].startswith("images."):
+                socket["label"] = socket["name"].split(".", 1)[1]
+                socket["shape"] = 7  # optional socket (hollow dot), as the frontend saves autogrow slots
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, src_slot: int, dst: dict, dst_name: str) -> None:
+        link_id = len(self.links) + 1
+        dst_index = next(i for i, s in enumerate(dst["inputs"]) if s["name"] == dst_name)
+        kind = src["outputs"][src_slot]["type"]
+        self.links.append([link_id, src["id"], src_slot, dst["id"], dst_index, kind])
+        src["outputs"][src_slot]["links"].append(link_id)
+        dst["inputs"][dst_index]["link"] = link_id
+
+    def to_json(self) -> dict:
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"kosmosg-workflow/{self.name}")),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+        }
+
+
+def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
+                  kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, controlnet=False,
+                  lora=False) -> Workflow:
+    """Loader + prompt + encode -> (ControlNet) -> KSampler (official demo: DPM-Solver++ 2M, cfg 6) -> save."""
+    wf = Workflow(name)
+    wf.add("MarkdownNote", [note], (20, -260), size=(700, 220))
+    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (20, 20), size=(320, 100))
+    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (20, 160), size=(320, 110))
+    images = [wf.add("LoadImage", [subject, "image"], (20, 310 + 340 * i), size=(320, 314)) for i, subject in
+              enumerate(subjects)]
+    prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (380, 160), size=(380, 200), images=len(subjects))
+    encode = wf.add("KosmosGEncode", [NEGATIVE], (800, 160), size=(320, 140))
+    latent = wf.add("EmptyLatentImage", [size, size, 1], (800, 340), size=(320, 110))
+    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, "dpmpp_2m", "normal", 1.0], (1160, 20), size=(320, 270))
+    decode = wf.add("VAEDecode", [], (1520, 20), size=(220, 50))
+    save = wf.add("SaveImage", ["kosmosg"], (1520, 120), size=(380, 420))
+    wf.link(loader, 0, encode, "model")
+    for i, image in enumerate(images):
+        wf.link(image, 0, prompt, f"images.image{i}")
+    wf.link(prompt, 0, encode, "prompt")
+    model_source, model_slot = ckpt, 0
+    if lora:
+        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (380, 20), size=(380, 90))
+        wf.link(ckpt, 0, lora_node, "model")
+        model_source, model_slot = lora_node, 0
+    positive, negative = (encode, 0), (encode, 1)
+    if controlnet:
+        cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (380, 420), size=(380, 60))
+        hint = wf.add("LoadImage", [SUBJECT_2, "image"], (380, 520), size=(320, 314), title="Load Image (edges from)")
+        canny = wf.add("Canny", [0.4, 0.8], (760, 520), size=(320, 90))
+        apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (800, 480 + 200), size=(320, 190))
+        wf.link(hint, 0, canny, "image")
+        wf.link(encode, 0, apply, "positive")
+        wf.link(encode, 1, apply, "negative")
+        wf.link(cn_loader, 0, apply, "control_net")
+        wf.link(canny, 0, apply, "image")
+        wf.link(ckpt, 2, apply, "vae")
+        positive, negative = (apply, 0), (apply, 1)
+    wf.link(model_source, model_slot, sampler, "model")
+    wf.link(positive[0], positive[1], sampler, "positive")
+    wf.link(negative[0], negative[1], sampler, "negative")
+    wf.link(latent, 0, sampler, "latent_image")
+    wf.link(sampler, 0, decode, "samples")
+    wf.link(ckpt, 2, decode, "vae")
+    wf.link(decode, 0, save, "images")
+    return wf
+
+
+MODELS_NOTE = (f"**Models**: an SD1.5 checkpoint in `models/checkpoints` (here `{SD15_CHECKPOINT}`), the Kosmos-G "
+               f"checkpoint in `models/kosmosg` (here `{KOSMOSG_CHECKPOINT}`; convert the official "
+               "`checkpoint_final.pt` with *Kosmos-G Convert Checkpoint*). Subject images go in `input/`. "
+               "Pick your own files in the loaders if the names differ.")
+
+
+def all_workflows() -> dict[str, Workflow]:
+    return {
+        "kosmosg-single-subject": subject_graph(
+            "kosmosg-single-subject", "a photo of <i> on the beach", [SUBJECT_1],
+            "# Kosmos-G: one subject\nWrite `<i>` where the image goes. " + MODELS_NOTE),
+        "kosmosg-two-subjects": subject_graph(
+            "kosmosg-two-subjects", "<i> and <i> sitting together in a garden", [SUBJECT_1, SUBJECT_2],
+            "# Kosmos-G: two subjects\nThe first `<i>` is image0, the second image1 (a new socket appears "
+            "when you connect the last one). Optional per-image weights: e.g. `1.0, 0.8`. " + MODELS_NOTE),
+        "kosmosg-image-editing": subject_graph(
+            "kosmosg-image-editing", "<i> wearing a red hat, in the snow", [SUBJECT_1],
+            "# Kosmos-G: editing by instruction\nDescribe the change around the image: `<i> wearing a red hat`. "
+            + MODELS_NOTE),
+        "kosmosg-controlnet": subject_graph(
+            "kosmosg-controlnet", "a photo of <i> in a forest", [SUBJECT_1],
+            "# Kosmos-G + ControlNet\nKosmos-G conditioning goes through *Apply ControlNet* like CLIP text. "
+            f"Canny ControlNet for SD1.5 in `models/controlnet` (here `{CONTROLNET}`). " + MODELS_NOTE,
+            controlnet=True),
+        "kosmosg-lora": subject_graph(
+            "kosmosg-lora", "a photo of <i>, watercolor painting", [SUBJECT_1],
+            "# Kosmos-G + LoRA\nThe LoRA patches the U-Net (*LoraLoaderModelOnly*); Kosmos-G replaces the CLIP "
+            f"text encoder, so LoRA trigger words have no effect. SD1.5 LoRA in `models/loras` (here `{LORA}`). "
+            + MODELS_NOTE, lora=True),
+        "kosmosg-nano-out-of-the-box": subject_graph(
+            "kosmosg-nano-out-of-the-box", "a photo of <i> on the grass", [SUBJECT_1],
+            "# Kosmos-G nano: runs out of the box\nUses the pack's built-in small models (`models/nano`: "
+            f"`{NANO_SD15}`, `{NANO_KOSMOSG}`) and the example subject `{SUBJECT_1}`. 64x64 output; swap in real "
+            "SD1.5 + Kosmos-G checkpoints for full quality.",
+            sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=64, steps=20),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the shipped UI-format workflows.")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "workflows"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, wf in all_workflows().items():
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(wf.to_json(), f, indent=2)
+            f.write("\n")
+        print(os.path.join(args.out, name + ".json"))
+
+
+if __name__ == "__main__":
+    main()

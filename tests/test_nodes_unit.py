@@ -1,0 +1,361 @@
+"""Unit tests of each node class, run against ComfyUI's real modules (comfy_api, folder_paths,
+comfy.model_management, comfy.model_patcher, comfy.utils) without starting a server.
+
+The pack is imported as a package under a chosen name (`kosmosg_pack`), never as top-level
+`nodes` (ComfyUI has its own). The ComfyUI tree comes from .ci/setup_env.sh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import comfy_server
+
+REPO = Path(__file__).resolve().parents[1]
+if not comfy_server.comfy_available():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"ComfyUI tree missing at {comfy_server.COMFY_TREE}; run .ci/setup_env.sh")
+    pytest.skip(f"ComfyUI tree missing at {comfy_server.COMFY_TREE} (run .ci/setup_env.sh)", allow_module_level=True)
+
+# Appended (not prepended): the repo's own folders keep priority, and no ComfyUI module imported
+# here imports ComfyUI's top-level `nodes`.
+sys.path.append(str(comfy_server.COMFY_TREE))
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management: CUDA torch build, no driver
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+
+
+def _import_pack(name: str = "kosmosg_pack"):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = _import_pack()
+from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
+from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
+from kosmosg_pack.nodes import encode, model_management, paths  # noqa: E402
+from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, KosmosGSaveConditioning  # noqa: E402
+from kosmosg_pack.nodes.encode import KosmosGEncode  # noqa: E402
+from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader  # noqa: E402
+from kosmosg_pack.nodes.prompt import KosmosGInterleavedPrompt, parse_weights  # noqa: E402
+from kosmosg_pack.nodes.types import KosmosGPrompt  # noqa: E402
+
+EXPECTED_NODES = {
+    "KosmosGLoader": "Kosmos-G Loader",
+    "KosmosGInterleavedPrompt": "Kosmos-G Interleaved Prompt",
+    "KosmosGEncode": "Kosmos-G Encode",
+    "KosmosGSaveConditioning": "Kosmos-G Save Conditioning",
+    "KosmosGLoadConditioning": "Kosmos-G Load Conditioning",
+    "KosmosGConvertCheckpoint": "Kosmos-G Convert Checkpoint",
+}
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    """A tiny official-format checkpoint (768-wide output), its tokenizer in data/ beside it and a
+    sidecar tiny.json with the head counts."""
+    from support.tiny_kosmosg import write_tiny_official
+
+    root = tmp_path_factory.mktemp("official")
+    write_tiny_official(root, context_dim=768, seed=0, name="tiny.pt")
+    return root
+
+
+@pytest.fixture()
+def model_dirs(tmp_path, official_files, monkeypatch):
+    """models/kosmosg and models/kosmosg_conditioning in tmp, registered like the pack does at import."""
+    import shutil
+
+    kosmosg_dir, cond_dir = tmp_path / "kosmosg", tmp_path / "kosmosg_conditioning"
+    shutil.copytree(official_files, kosmosg_dir)
+    cond_dir.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", ([str(kosmosg_dir)], paths.CHECKPOINT_EXTENSIONS))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg_conditioning",
+                        ([str(cond_dir)], paths.CONDITIONING_EXTENSIONS))
+    folder_paths.filename_list_cache.clear()
+    model_management.clear_cache()
+    encode._ENCODE_CACHE.clear()
+    yield kosmosg_dir, cond_dir
+    folder_paths.filename_list_cache.clear()
+    model_management.clear_cache()
+
+
+@pytest.fixture()
+def converted(model_dirs):
+    out = KosmosGConvertCheckpoint.execute("tiny.pt", output_name="tiny-conv", dtype="fp32")
+    folder_paths.filename_list_cache.clear()
+    return out.result[0]
+
+
+def image(seed: int, batch: int = 1, size: int = 40, channels: int = 3) -> torch.Tensor:
+    return torch.rand(batch, size, size, channels, generator=torch.Generator().manual_seed(seed))  # [B, H, W, C]
+
+
+def run_prompt(text, images=(), weights=""):
+    return KosmosGInterleavedPrompt.execute(text, {f"image{i}": img for i, img in enumerate(images)}, weights).result[0]
+
+
+# --- registration and schema -----------------------------------------------------------------------
+def test_entrypoint_registers_every_node_with_stable_ids():
+    extension = asyncio.run(comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    schemas = {node.define_schema().node_id: node.define_schema() for node in nodes}
+    assert {k: s.display_name for k, s in schemas.items()} == EXPECTED_NODES
+    assert pack.WEB_DIRECTORY == "./web/js"
+
+
+@pytest.mark.parametrize("node", NODES, ids=lambda n: n.__name__)
+def test_schema_has_category_description_and_tooltips(node):
+    node.GET_SCHEMA()  # ComfyUI's own schema validation
+    schema = node.define_schema()
+    assert schema.category == "Kosmos-G"
+    assert len(schema.description) > 40
+    assert all(inp.tooltip for inp in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+    assert all(out.tooltip for out in schema.outputs)
+
+
+def test_custom_types_and_conditioning_outputs():
+    info = KosmosGEncode.GET_NODE_INFO_V1()
+    assert info["input"]["required"]["model"][0] == "KOSMOSG_MODEL"
+    assert info["input"]["required"]["prompt"][0] == "KOSMOSG_PROMPT"
+    assert info["output"] == ["CONDITIONING", "CONDITIONING"]
+    assert info["output_name"] == ["positive", "negative"]
+    assert KosmosGLoader.GET_NODE_INFO_V1()["output"] == ["KOSMOSG_MODEL"]
+
+
+def test_folder_registration_keeps_yaml_paths(monkeypatch):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", (["/from/yaml"], set()))
+    paths.register_folder("kosmosg", paths.CHECKPOINT_EXTENSIONS)
+    assert folder_paths.folder_names_and_paths["kosmosg"] == (["/from/yaml"], {".pt", ".safetensors"})
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "kosmosg")
+    paths.register_folder("kosmosg", paths.CHECKPOINT_EXTENSIONS)
+    assert folder_paths.folder_names_and_paths["kosmosg"][0] == [os.path.join(folder_paths.models_dir, "kosmosg")]
+
+
+# --- loader ----------------------------------------------------------------------------------------
+def test_loader_lists_checkpoints_and_reports_missing_file(model_dirs):
+    kosmosg_dir, _ = model_dirs
+    options = KosmosGLoader.define_schema().inputs[0].options
+    assert options == ["tiny.pt"]  # tokenizer files beside it are not listed
+    message = KosmosGLoader.validate_inputs("missing.safetensors")
+    assert isinstance(message, str)
+    assert "missing.safetensors" in message and str(kosmosg_dir) in message and "tiny.pt" in message
+    assert "models/kosmosg" in message and "extra_model_paths.yaml" in message
+    assert KosmosGLoader.validate_inputs("tiny.pt") is True
+    with pytest.raises(CheckpointNotFoundError, match="missing.safetensors"):
+        KosmosGLoader.execute("missing.safetensors")
+
+
+def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted):
+    kosmosg_dir, _ = model_dirs
+    model = KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0]
+    assert isinstance(model.patcher, comfy.model_patcher.ModelPatcher)
+    assert model.patcher.model is model.pipeline.model
+    assert model.patcher.load_device == torch.device("cpu")
+    assert model.pipeline.dtype == torch.float32  # auto on the CPU
+    assert model.context_dim == 768
+    assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is model
+    assert KosmosGLoader.execute(converted, dtype="bf16", device="cpu").result[0].pipeline.dtype == torch.bfloat16
+    before = KosmosGLoader.fingerprint_inputs(converted, "auto", "cpu")
+    path = kosmosg_dir / converted
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert KosmosGLoader.fingerprint_inputs(converted, "auto", "cpu") != before
+    assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is not model
+
+
+def test_loader_auto_device_follows_comfy_text_encoder_device(model_dirs, converted):
+    model = KosmosGLoader.execute(converted).result[0]
+    assert model.patcher.load_device == mm.text_encoder_device()
+    assert model.patcher.offload_device == mm.text_encoder_offload_device()
+
+
+def test_loader_without_tokenizer_says_where_to_put_it(model_dirs):
+    import shutil
+
+    kosmosg_dir, _ = model_dirs
+    shutil.rmtree(kosmosg_dir / "data")
+    with pytest.raises(TokenizerError, match="sentencepiece.bpe.model") as err:
+        KosmosGLoader.execute("tiny.pt")
+    assert str(kosmosg_dir / "tiny") in str(err.value)
+
+
+# --- interleaved prompt ----------------------------------------------------------------------------
+def test_prompt_validation_names_both_counts():
+    message = KosmosGInterleavedPrompt.validate_inputs("<i> and <i>", "", {"images.image0": "IMAGE"})
+    assert "2 <i> placeholder(s)" in message and "1 image(s)" in message
+    assert KosmosGInterleavedPrompt.validate_inputs("<i> and <i>", "", {"images.image0": "IMAGE",
+                                                                         "images.image1": "IMAGE"}) is True
+    assert KosmosGInterleavedPrompt.validate_inputs("no images", "", {}) is True
+    assert "must be connected to an IMAGE" in KosmosGInterleavedPrompt.validate_inputs(
+        "<i>", "", {"images.image0": "LATENT"})
+    assert "1 value(s) but 2 image(s)" in KosmosGInterleavedPrompt.validate_inputs(
+        "<i> <i>", "0.5", {"images.image0": "IMAGE", "images.image1": "IMAGE"})
+    assert KosmosGInterleavedPrompt.validate_inputs(None, "", {"images.image0": "IMAGE"}) is True  # linked text
+
+
+def test_parse_weights():
+    assert parse_weights("", 2) == [1.0, 1.0]
+    assert parse_weights("1.0, 0.8", 2) == [1.0, 0.8]
+    with pytest.raises(PromptError, match="not a number"):
+        parse_weights("1.0, abc", 2)
+    with pytest.raises(PromptError, match="outside"):
+        parse_weights("-1", 1)
+
+
+def test_prompt_orders_sockets_numerically_and_drops_alpha():
+    first, second = image(1), image(2, channels=4)
+    value = KosmosGInterleavedPrompt.execute("<i> <i>", {"image10": second, "image2": first}, "1, 0.5").result[0]
+    assert isinstance(value, KosmosGPrompt)
+    assert torch.equal(value.images[0], first)
+    assert torch.equal(value.images[1], second[..., :3])
+    assert value.weights == [1.0, 0.5]
+
+
+def test_prompt_batch_rules():
+    value = run_prompt("<i> with <i>", [image(1, batch=3), image(2)])
+    assert value.batch_size == 3
+    assert torch.equal(value.images_for_sample(2)[0], value.images[0][2])
+    assert torch.equal(value.images_for_sample(2)[1], value.images[1][0])  # single image shared
+    with pytest.raises(ImageError, match="different sizes"):
+        run_prompt("<i> <i>", [image(1, batch=2), image(2, batch=3)])
+    with pytest.raises(PromptError, match="1 <i> placeholder"):
+        run_prompt("<i>", [])
+
+
+def test_prompt_fingerprint_is_content_keyed():
+    a = run_prompt("<i>", [image(1)])
+    assert a.fingerprint() == run_prompt("<i>", [image(1)]).fingerprint()
+    assert a.fingerprint() != run_prompt("<i>", [image(2)]).fingerprint()
+    assert a.fingerprint() != run_prompt("<i>", [image(1)], "0.5").fingerprint()
+
+
+# --- encode ----------------------------------------------------------------------------------------
+def test_encode_outputs_standard_conditioning(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    prompt = run_prompt("a photo of <i> on the beach", [image(1)])
+    positive, negative = KosmosGEncode.execute(model, prompt, "").result
+    assert isinstance(positive, list) and len(positive) == 1
+    cond, extras = positive[0]
+    assert cond.shape == (1, 77, 768) and cond.dtype == torch.float32 and cond.device == mm.intermediate_device()
+    assert torch.allclose(extras["pooled_output"], cond.mean(dim=1))
+    assert extras["kosmosg"]["num_images"] == 1
+    expected = model.pipeline.encode("a photo of <i> on the beach", [prompt.images[0][0]])
+    assert torch.allclose(cond, expected.float(), atol=1e-6)
+    assert torch.allclose(negative[0][0], model.pipeline.encode_unconditional("").float(), atol=1e-6)
+    assert not torch.allclose(cond, negative[0][0])
+
+
+def test_encode_batch_gives_one_conditioning_per_image(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    positive, negative = KosmosGEncode.execute(model, run_prompt("<i>", [image(3, batch=2)])).result
+    assert positive[0][0].shape == (2, 77, 768) and negative[0][0].shape == (2, 77, 768)
+    assert not torch.allclose(positive[0][0][0], positive[0][0][1])
+    single = KosmosGEncode.execute(model, run_prompt("<i>", [image(3, batch=2)[1:]])).result[0]
+    assert torch.allclose(positive[0][0][1], single[0][0][0], atol=1e-5)
+
+
+def test_encode_weights_change_the_result(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    full = KosmosGEncode.execute(model, run_prompt("<i>", [image(4)], "1.0")).result[0][0][0]
+    weak = KosmosGEncode.execute(model, run_prompt("<i>", [image(4)], "0.3")).result[0][0][0]
+    assert not torch.allclose(full, weak)
+
+
+def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        prompt = run_prompt("<i> and <i>", [image(5), image(6)])
+        first = KosmosGEncode.execute(model, prompt, "blurry").result
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert updates and updates[-1] == (4, 4)  # 2 images + positive batch + negative
+    calls = []
+    monkeypatch.setattr(encode, "encode_prompt", lambda *a: calls.append(a))
+    again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
+    assert calls == [] and torch.equal(again[0][0][0], first[0][0][0])
+    assert again[0] is not first[0]  # fresh lists: downstream edits cannot corrupt the cache
+
+
+def test_encode_is_interruptible(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            KosmosGEncode.execute(model, run_prompt("<i>", [image(7)]))
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def test_encode_rejects_image_in_negative(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    with pytest.raises(PromptError, match="negative"):
+        KosmosGEncode.execute(model, run_prompt("a cat"), "<i>")
+
+
+# --- save / load conditioning ----------------------------------------------------------------------
+def test_save_load_conditioning_round_trip_content_keyed(model_dirs):
+    _, cond_dir = model_dirs
+    cond = torch.randn(1, 77, 768)
+    conditioning = [[cond, {"pooled_output": cond.mean(1), "kosmosg": {"text": "<i>"}, "strength": 0.5,
+                            "control": object()}]]
+    name = KosmosGSaveConditioning.execute(conditioning, "subject").result[0]
+    assert name.startswith("subject_") and (cond_dir / name).is_file()
+    assert KosmosGSaveConditioning.execute(conditioning, "subject").result[0] == name
+    assert len(list(cond_dir.iterdir())) == 1
+    other = KosmosGSaveConditioning.execute([[cond + 1, {}]], "subject").result[0]
+    assert other != name
+    folder_paths.filename_list_cache.clear()
+    assert KosmosGLoadConditioning.validate_inputs(name) is True
+    loaded = KosmosGLoadConditioning.execute(name).result[0]
+    assert torch.equal(loaded[0][0], cond)
+    assert torch.equal(loaded[0][1]["pooled_output"], cond.mean(1))
+    assert loaded[0][1]["kosmosg"] == {"text": "<i>"} and loaded[0][1]["strength"] == 0.5
+    assert "control" not in loaded[0][1]
+
+
+def test_load_conditioning_rejects_foreign_and_missing_files(model_dirs):
+    from safetensors.torch import save_file
+
+    _, cond_dir = model_dirs
+    save_file({"x": torch.zeros(2)}, str(cond_dir / "foreign.safetensors"))
+    folder_paths.filename_list_cache.clear()
+    with pytest.raises(ValueError, match="not a Kosmos-G conditioning file"):
+        KosmosGLoadConditioning.execute("foreign.safetensors")
+    message = KosmosGLoadConditioning.validate_inputs("gone.safetensors")
+    assert "gone.safetensors" in message and str(cond_dir) in message
+
+
+# --- convert ---------------------------------------------------------------------------------------
+def test_convert_writes_safetensors_equal_to_official(model_dirs, converted):
+    kosmosg_dir, _ = model_dirs
+    assert converted == "tiny-conv.safetensors" and (kosmosg_dir / converted).is_file()
+    assert KosmosGConvertCheckpoint.define_schema().inputs[0].options == ["tiny.pt"]
+    official = KosmosGLoader.execute("tiny.pt", dtype="fp32", device="cpu").result[0]
+    new = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    prompt = run_prompt("a <i> in town", [image(8)])
+    assert torch.allclose(KosmosGEncode.execute(official, prompt).result[0][0][0],
+                          KosmosGEncode.execute(new, prompt).result[0][0][0], atol=1e-6)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        KosmosGConvertCheckpoint.execute("tiny.pt", output_name="tiny-conv", dtype="fp32")
+    with pytest.raises(ValueError, match="plain file name"):
+        KosmosGConvertCheckpoint.execute("tiny.pt", output_name="../escape", dtype="fp32")
+    assert "Official Kosmos-G checkpoint" in KosmosGConvertCheckpoint.validate_inputs("nope.pt")
