@@ -1,0 +1,177 @@
+"""Tiny, download-free fixtures for the train/ stage tests: dataset shards in the documented format
+(written with train.data's own sample builders and shard writer), a tiny KosmosG config, a tiny
+SD1.5-style CLIP text encoder + tokenizer, tiny diffusers / nano score models.
+
+Every fixture is a pure function of its arguments (fixed seeds), so runs compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from support.tokenizer_fixture import build_tiny_tokenizer
+
+CONTEXT_DIM = 32  # aligner width = CLIP hidden = U-Net cross-attention width in the fixtures
+SUBJECTS = ["dog", "cat", "robot", "car", "bird", "teapot"]
+COLOURS = {"dog": (200, 40, 40), "cat": (40, 200, 40), "robot": (40, 40, 200), "car": (200, 200, 40),
+           "bird": (200, 40, 200), "teapot": (40, 200, 200)}
+PLACES = ["the beach", "a wooden table", "the moon", "the city street"]
+
+
+def tiny_tokenizer(root) -> Path:
+    return build_tiny_tokenizer(Path(root) / "tokenizer")
+
+
+def tiny_model_config(path, vocab_size: int):
+    """A tiny KosmosGConfig JSON (aligner 32 wide) -> its path."""
+    from kosmosg_core.config import KosmosGConfig
+
+    cfg = KosmosGConfig.tiny(vocab_size=vocab_size, context_dim=CONTEXT_DIM)
+    Path(path).write_text(cfg.to_json())
+    return str(path)
+
+
+def _picture(subject: str, index: int, size: int = 32) -> Image.Image:
+    """A square of the subject's colour on a grey background, position varying with index."""
+    canvas = np.full((size, size, 3), 128, dtype=np.uint8)
+    offset = (index * 5) % (size // 2)
+    canvas[offset:offset + size // 2, offset:offset + size // 2] = COLOURS[subject]
+    return Image.fromarray(canvas)
+
+
+def write_dataset(root, samples_per_shard: int = 4, count: int = 16, kinds=("laion", "openimage", "instructpix2pix")
+                  ) -> str:
+    """`count` samples cycling through `kinds`, in shards of `samples_per_shard` -> the folder."""
+    from train.data.entities import layout_interleaved
+    from train.data.samples import ip2p_sample, laion_sample, openimage_sample
+    from train.data.shards import shard_name, write_shard
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(count):
+        subject, place = SUBJECTS[i % len(SUBJECTS)], PLACES[i % len(PLACES)]
+        kind = kinds[i % len(kinds)]
+        key = f"{i:06d}_{kind}"
+        target = _picture(subject, i)
+        if kind == "laion":
+            samples.append(laion_sample(key, f"a {subject} on {place}", target))
+        elif kind == "openimage":
+            caption = f"a {subject} sitting on {place}"
+            layout = layout_interleaved(caption, [subject])
+            crop = _picture(subject, 0)
+            masked = Image.fromarray(np.where(np.asarray(crop) == 128, 255, np.asarray(crop)).astype(np.uint8))
+            samples.append(openimage_sample(key, caption, layout, target, [(crop, masked)]))
+        else:
+            other = SUBJECTS[(i + 1) % len(SUBJECTS)]
+            pairs = [(_picture(subject, i), _picture(other, i)), (_picture(subject, i + 1), _picture(other, i + 1))]
+            samples.append(ip2p_sample(key, f"a {subject}", f"make it a {other}", pairs))
+    for index in range(0, count, samples_per_shard):
+        write_shard(str(root / shard_name("shard", index // samples_per_shard)), samples[index:index + samples_per_shard])
+    return str(root)
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2 / CLIP) uses for bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip_text(root, hidden: int = CONTEXT_DIM, seed: int = 0) -> str:
+    """A tiny CLIPTextModel + CLIPTokenizer (character-level BPE, no merges) saved like an SD1.5 folder's parts."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    chars = _byte_level_alphabet()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=len(tokens) - 2, eos_token_id=len(tokens) - 1, pad_token_id=len(tokens) - 1)
+    CLIPTextModel(config).save_pretrained(str(root / "text_encoder"))
+    return str(root)
+
+
+def write_diffusers_score_model(root, context_dim: int = CONTEXT_DIM, seed: int = 0) -> str:
+    """A tiny SD1.5-shaped diffusers folder: unet/ (cross-attention `context_dim`), vae/ (2x down), scheduler/."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context_dim,
+                         attention_head_dim=8, norm_num_groups=8).save_pretrained(str(root / "unet"))
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16).save_pretrained(str(root / "vae"))
+    DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear").save_pretrained(str(root / "scheduler"))
+    return str(root)
+
+
+def write_nano_score_model(path, context_dim: int = CONTEXT_DIM, seed: int = 0) -> str:
+    """The nano single-file layout (train.nano.sd15_format) at fixture size: 16 real of 64 padded
+    channels and a `context_dim`-wide context (the shipped nano model is 320 / 768)."""
+    from safetensors.torch import save_file
+
+    from train.nano.sd15_format import DECODER_PREFIX, ENCODER_PREFIX, FORMAT_NAME, FORMAT_VERSION, UNET_PREFIX, \
+        VAE_PREFIX
+    from train.nano.taesd import TinyAutoencoder
+    from train.nano.unet import NanoUNet, NanoUNetConfig
+
+    torch.manual_seed(seed)
+    cfg = NanoUNetConfig(real_channels=16, padded_channels=64, num_heads=8, context_dim=context_dim)
+    unet = NanoUNet(cfg)
+    unet.reset_parameters(zero_init_residual=False)  # a random, non-trivial network
+    autoencoder = TinyAutoencoder()
+    tensors = {UNET_PREFIX + k: v for k, v in unet.to_padded_state_dict().items()}
+    tensors.update({ENCODER_PREFIX + k: v for k, v in autoencoder.taesd_encoder.state_dict().items()})
+    tensors.update({DECODER_PREFIX + k: v for k, v in autoencoder.taesd_decoder.state_dict().items()})
+    tensors[VAE_PREFIX + "vae_scale"] = torch.tensor(1.0)
+    tensors[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                        "nano_unet_config": json.dumps(cfg.to_dict())})
+    return str(path)
+
+
+def subprocess_env() -> dict:
+    """Environment for training subprocesses: 1 thread, the repo and tests/ importable."""
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
+    return env
+
+
+def make_env(root):
+    """Every fixture under `root` -> a namespace of paths (tokenizer, model_config, data, clip, sd, nano)."""
+    import types
+
+    from kosmosg_core.tokenizer import KosmosGTokenizer
+
+    root = Path(root)
+    tokenizer = tiny_tokenizer(root)
+    vocab = KosmosGTokenizer.from_dir(tokenizer).vocab_size
+    return types.SimpleNamespace(
+        root=root, tokenizer=str(tokenizer), model_config=tiny_model_config(root / "model.json", vocab),
+        data=write_dataset(root / "data"), clip=write_clip_text(root / "clip"),
+        sd=write_diffusers_score_model(root / "sd"), nano=write_nano_score_model(root / "nano.safetensors"))
+
+
+def common_args(env, out, steps: int = 30, batch: int = 4, save_every: int = 10) -> list[str]:
+    return ["--data", env.data, "--tokenizer", env.tokenizer, "--model-config", env.model_config,
+            "--output-dir", str(out), "--batch-size", str(batch), "--max-steps", str(steps),
+            "--save-every", str(save_every), "--warmup-steps", "3", "--tensorboard", "false", "--progress", "false"]

@@ -1,0 +1,103 @@
+"""Exact resume: a run killed with SIGKILL and resumed reproduces the uninterrupted run's losses and
+weights (decisions.md: same thread count, within 1e-6)."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from support.train_fixtures import common_args, make_env, subprocess_env
+from train.common.checkpointing import load_checkpoint
+from train.loop import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("resume"))
+
+
+def stage3_args(env, out):
+    # dropout and CFG dropout on, so every random stream (dropout masks, drops, noise) is exercised
+    return common_args(env, out, steps=STEPS, save_every=5) + [
+        "--score-model", env.sd, "--resolution", "16", "--uncond-prob", "0.5", "--dropout", "0.1"]
+
+
+def assert_same_run(reference: Path, resumed: Path):
+    ref, res = read_metrics(reference), read_metrics(resumed)
+    assert [m["step"] for m in res] == list(range(1, STEPS + 1))  # the killed run's extra lines were dropped
+    for a, b in zip(ref, res):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+        assert a["lr"] == b["lr"]
+    ref_state, res_state = load_checkpoint(reference), load_checkpoint(resumed)
+    for name, tensor in ref_state["model"].items():
+        assert torch.allclose(tensor, res_state["model"][name], rtol=0, atol=1e-6), name
+    assert ref_state["data"] == res_state["data"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(env):
+    from train import stage3
+
+    reference = env.root / "reference"
+    stage3.main(stage3_args(env, reference))
+
+    killed = env.root / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "train.stage3"] + stage3_args(env, killed), cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            metrics = read_metrics(killed) if (killed / "metrics.jsonl").exists() else []
+            if metrics and metrics[-1]["step"] >= 17:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    last_logged = read_metrics(killed)[-1]["step"]
+    checkpoint_step = load_checkpoint(killed)["step"]
+    assert process.returncode == -signal.SIGKILL
+    assert 5 <= checkpoint_step <= last_logged < STEPS, "the run must die mid-training, after a checkpoint"
+
+    # --resume auto picks up killed/checkpoint.pt: the first step it runs is the one after it
+    from train.common.config import parse_config
+    from train.loop import run_training
+    from train.stage3 import Stage3, Stage3Config
+
+    cfg = parse_config(Stage3Config, stage3_args(env, killed))
+    steps_run = []
+    run_training(Stage3(cfg), cfg, on_step=lambda step, metrics: steps_run.append(step))
+    assert steps_run == list(range(checkpoint_step + 1, STEPS + 1))
+    assert_same_run(reference, killed)
+
+
+def test_crash_then_resume_stage1_matches(env):
+    """Stage 1 (interleaved images, token-count denominators) interrupted in-process by an exception."""
+    from train.common.config import parse_config
+    from train.loop import run_training
+    from train.stage1 import Stage1, Stage1Config
+
+    def run(out, crash_at=None):
+        cfg = parse_config(Stage1Config, common_args(env, out, steps=STEPS, save_every=5))
+        steps_run = []
+
+        def on_step(step, metrics):
+            steps_run.append(step)
+            if step == crash_at:
+                raise KeyboardInterrupt("simulated crash")
+
+        run_training(Stage1(cfg), cfg, on_step=on_step)
+        return steps_run
+
+    run(env.root / "s1-reference")
+    with pytest.raises(KeyboardInterrupt):
+        run(env.root / "s1-crashed", crash_at=23)
+    assert load_checkpoint(env.root / "s1-crashed")["step"] == 20
+    assert run(env.root / "s1-crashed") == list(range(21, STEPS + 1))
+    assert_same_run(env.root / "s1-reference", env.root / "s1-crashed")

@@ -1,0 +1,281 @@
+"""train/ stages end to end on tiny models and a tiny generated dataset (CPU, no downloads).
+
+Stage chain stage1 -> stage2 -> stage3 -> export, each from the previous run's checkpoint; losses go
+down, only the parts each stage trains change, and the exported file loads in kosmosg_core.
+"""
+
+import json
+import subprocess
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
+from train.common.checkpointing import load_checkpoint
+from train.loop import RecordStream, polynomial_decay, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("train"))
+
+
+def common(env, out, steps=30, batch=4):
+    return ["--data", env.data, "--tokenizer", env.tokenizer, "--model-config", env.model_config,
+            "--output-dir", str(out), "--batch-size", str(batch), "--max-steps", str(steps), "--save-every", "10",
+            "--warmup-steps", "3", "--tensorboard", "false", "--progress", "false"]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(env):
+    from train import stage1
+
+    out = env.root / "stage1"
+    stage1.main(common(env, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2_run(env, stage1_run):
+    from train import stage2
+
+    out = env.root / "stage2"
+    stage2.main(common(env, out) + ["--clip-text-encoder", env.clip, "--init-checkpoint", str(stage1_run)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage3_run(env, stage2_run):
+    from train import stage3
+
+    out = env.root / "stage3"
+    stage3.main(common(env, out) + ["--score-model", env.sd, "--resolution", "16", "--init-checkpoint", str(stage2_run),
+                                    "--learning-rate", "2e-3"])
+    return out
+
+
+def test_entry_point_help_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "train.stage3", "--help"], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--config", "--score-model", "--uncond-prob", "--resume", "--mixed-precision", "--learning-rate"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("module", ["train.stage1", "train.stage2", "train.export"])
+def test_help_lists_flags(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_polynomial_decay_matches_fairseq_schedule():
+    lrs = [polynomial_decay(s, warmup=4, total=12, peak=1e-3, end=0.0, power=1.0) for s in range(12)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over 4 updates
+    assert lrs[4:] == pytest.approx([1e-3 * (1 - k / 8) for k in range(1, 9)])  # then linear to 0 at update 12
+
+
+def test_config_file_and_flag_precedence(env, tmp_path):
+    from train.common.config import parse_config
+    from train.stage3 import Stage3Config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 5.0e-4\nuncond_prob: 0.2\nbatch_size: 3\n")
+    cfg = parse_config(Stage3Config, ["--config", str(config), "--batch-size", "7"])
+    assert (cfg.learning_rate, cfg.uncond_prob, cfg.batch_size) == (5e-4, 0.2, 7)
+    assert (cfg.adam_beta2, cfg.adam_eps, cfg.clip_norm, cfg.warmup_steps) == (0.98, 1e-6, 2.0, 375)
+
+
+def test_shipped_configs_parse():
+    from train.common.config import parse_config
+    from train.stage1 import Stage1Config
+    from train.stage2 import Stage2Config
+    from train.stage3 import Stage3Config
+
+    for name, klass in (("stage1", Stage1Config), ("stage2", Stage2Config), ("stage3", Stage3Config)):
+        for path in sorted((REPO / "train" / "configs").glob(f"{name}*.yaml")):
+            parse_config(klass, ["--config", str(path)])
+
+
+def test_record_stream_is_seeded_and_repeats_epochs(env):
+    first = RecordStream(env.data, seed=3)
+    keys = [first.next().key for _ in range(20)]
+    same = RecordStream(env.data, seed=3)
+    assert keys == [same.next().key for _ in range(20)]
+    assert sorted(keys[:16]) == sorted(set(keys[:16]))  # one epoch = every sample once
+    assert keys[:16] != [RecordStream(env.data, seed=4).next().key for _ in range(16)]
+    again = RecordStream(env.data, seed=3)
+    for _ in range(7):
+        again.next()
+    resumed = RecordStream(env.data, seed=3)
+    resumed.load_state_dict(again.state_dict())
+    assert [resumed.next().key for _ in range(13)] == keys[7:]
+
+
+def test_interleaved_choices_follow_official_probabilities():
+    from train.inputs import choose_interleaved
+    from train.loop import sample_rng
+
+    meta = {"text": "a dog <i> on a mat <i>", "text_dropped": "a <i> on a <i>",
+            "entities": [{"image": "entity_0.png", "masked": "entity_0_masked.png"},
+                         {"image": "entity_1.png", "masked": "entity_1_masked.png"}], "variants": 0}
+    counts = Counter()
+    for i in range(2000):
+        choice = choose_interleaved(meta, sample_rng(0, i), drop_prob=0.5, masked_prob=0.5)
+        counts["dropped"] += choice.text == meta["text_dropped"]
+        counts["masked"] += sum(f.endswith("_masked.png") for f in choice.image_fields)
+        assert choice.target_field == "target.png"
+    assert 900 < counts["dropped"] < 1100 and 1800 < counts["masked"] < 2200
+    ip2p = {"text": "a house<i>make it snowy", "text_dropped": "<i>make it snowy", "variants": 2,
+            "entities": [{"name": None, "image": "entity_0.png", "masked": None}]}
+    picks = Counter(choose_interleaved(ip2p, sample_rng(1, i), 0.5, 0.5).target_field for i in range(300))
+    assert set(picks) == {"target.png", "variant_1_target.png", "variant_2_target.png"}
+    choice = choose_interleaved(ip2p, sample_rng(1, 0), 0.5, 0.5)
+    assert choice.image_fields[0].replace("entity_0.png", "target.png") == choice.target_field  # same seed's pair
+
+
+def test_stage1_targets_skip_image_slots_and_pads():
+    from train.stage1 import IGNORE_INDEX, Stage1
+
+    ids = torch.tensor([[0, 7, 9, 9, 9, 10, 8, 2, 1]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    targets = Stage1._targets(ids, mask)  # [1, 8]
+    assert targets.tolist() == [[7, 9, IGNORE_INDEX, IGNORE_INDEX, 10, 8, 2, IGNORE_INDEX]]
+
+
+def test_stage1_loss_goes_down(stage1_run):
+    metrics = read_metrics(stage1_run)
+    losses = [m["loss"] for m in metrics]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert mean(losses[-5:]) < 0.75 * mean(losses[:5])
+    assert metrics[0]["lr"] == pytest.approx(1e-3 / 3)  # warm-up
+    state = load_checkpoint(stage1_run)
+    cfg = json.loads(state["extra"]["kosmosg_config"])
+    assert state["step"] == 30 and cfg["decoder"]["dropout"] == 0.1
+    assert tuple(state["model"]["aligner.encoder_query"].shape) == (77, CONTEXT_DIM)
+    assert set(state["optimizer"]["state"])  # Adam moments saved
+
+
+def test_stage2_trains_only_the_aligner(stage1_run, stage2_run):
+    metrics = read_metrics(stage2_run)
+    losses = [m["loss"] for m in metrics]
+    assert mean(losses[-5:]) < 0.75 * mean(losses[:5])
+    assert all(m["loss"] == pytest.approx(m["clip_mse"] + m["reconstruction"]) for m in metrics)
+    before, after = load_checkpoint(stage1_run)["model"], load_checkpoint(stage2_run)["model"]
+    assert not changed(before, after, "decoder.") and not changed(before, after, "vision.")
+    assert not changed(before, after, "connector.")
+    assert changed(before, after, "aligner.encoder")
+    assert any(k.startswith("aligner.decoder_proj.") for k in after)  # reconstruction branch trained here
+
+
+def stage3_eval_loss(env, run_dir, init_state):
+    """Eval-mode loss on fixed samples and fixed noise (4 draws), before vs after training."""
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    cfg = parse_config(Stage3Config, common(env, env.root / "unused") + ["--score-model", env.sd, "--resolution", "16"])
+    stage = Stage3(cfg)
+    module = stage.build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)).eval()
+    stream = RecordStream(cfg.data, cfg.seed)
+    items = [stage.select(stream.next()) for _ in range(8)]
+    batches = [stage.collate(items, items, step, "cpu") for step in range(4)]
+
+    def loss(state):
+        module.model.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            return sum(module(b)[0].item() for b in batches)
+
+    return loss(init_state), loss(load_checkpoint(run_dir)["model"])
+
+
+def test_stage3_trains_the_conditioning(env, stage2_run, stage3_run):
+    metrics = read_metrics(stage3_run)
+    assert len(metrics) == 30 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    before = load_checkpoint(stage2_run)["model"]
+    after = load_checkpoint(stage3_run)["model"]
+    assert not any(k.startswith("aligner.decoder_proj.") for k in after)  # stage-2-only branch dropped
+    for prefix in ("decoder.", "connector.", "aligner.encoder", "vision.resblocks.1.", "vision.ln_post."):
+        assert changed(before, after, prefix), prefix
+    for prefix in ("vision.resblocks.0.", "vision.conv1.", "vision.ln_pre."):
+        assert not changed(before, after, prefix), prefix
+    initial, final = stage3_eval_loss(env, stage3_run, before)
+    assert final < 0.97 * initial
+
+
+def test_stage3_runs_on_the_nano_score_model(env):
+    from train import stage3
+    from train.score_model import load_score_model
+
+    score = load_score_model(env.nano)
+    assert score.kind == "nano" and score.context_dim == CONTEXT_DIM
+    latents = score.encode_latents(torch.zeros(2, 3, 16, 16))
+    assert latents.shape == (2, 4, 2, 2)
+    eps = score.predict_noise(latents, torch.tensor([10, 500]), torch.zeros(2, 77, CONTEXT_DIM))
+    assert eps.shape == latents.shape
+    out = env.root / "stage3-nano"
+    stage3.main(common(env, out, steps=3) + ["--score-model", env.nano, "--resolution", "16"])
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+def test_export_loads_in_the_core_and_encodes(env, stage3_run, tmp_path):
+    from kosmosg_core.checkpoint import describe
+    from kosmosg_core.pipeline import KosmosGPipeline
+    from PIL import Image
+    from train import export
+
+    out = tmp_path / "mine.safetensors"
+    export.main(["--checkpoint", str(stage3_run), "--tokenizer", env.tokenizer, "--out", str(out), "--dtype", "float16"])
+    info = describe(out)
+    assert info["dtypes"] == ["float16"] and info["tokenizer_embedded"]
+    assert info["config"]["decoder"]["dropout"] == 0.0 and not info["config"]["aligner"]["with_reconstruction"]
+    pipe = KosmosGPipeline.from_checkpoint(out, dtype="float32")
+    cond = pipe.encode("a dog <i> on the beach", [Image.new("RGB", (40, 40), (200, 40, 40))])
+    assert cond.shape == (1, 77, CONTEXT_DIM) and torch.isfinite(cond).all()
+    # the exported weights are the trained ones
+    trained = load_checkpoint(stage3_run)["model"]
+    for name, tensor in pipe.model.state_dict().items():
+        assert torch.allclose(tensor, trained[name].half().float()), name
+    result = subprocess.run([sys.executable, "-m", "kosmosg_core", "encode", "--checkpoint", str(out),
+                             "--prompt", "a cat", "--out", str(tmp_path / "cond.safetensors")],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"[1, 77, {CONTEXT_DIM}]" in result.stdout
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_path):
+    import shutil
+
+    from train import stage1, stage3
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="corrupt or not a training checkpoint"):
+        stage1.main(common(env, corrupt, steps=2))
+    other_stage = tmp_path / "other"
+    shutil.copytree(stage1_run, other_stage)
+    with pytest.raises(ValueError, match="written by 'stage1'"):
+        stage3.main(common(env, other_stage, steps=2) + ["--score-model", env.sd, "--resolution", "16"])
+    with pytest.raises(ValueError, match="different KosmosGConfig"):
+        stage1.main(common(env, other_stage, steps=40) + ["--dropout", "0.2"])
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        stage1.main(common(env, other_stage, steps=40) + ["--resume", "never"])

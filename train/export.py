@@ -1,0 +1,84 @@
+"""Export a train/ checkpoint to the pack's `.safetensors` (the format the ComfyUI loader and the CLI read).
+
+    python -m train.export --checkpoint runs/stage3 --tokenizer data/tokenizer --out models/kosmosg/mine.safetensors \
+        --dtype float16
+
+Only the inference tensors are written (the stage-2 reconstruction branch and training switches
+such as dropout and gradient checkpointing are dropped); the tokenizer files go inside the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.common.config import parse_config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = field(default="", metadata={"help": "train/ run folder or its checkpoint.pt"})
+    out: str = field(default="", metadata={"help": "output .safetensors path"})
+    tokenizer: str = field(default="", metadata={
+        "help": "folder with sentencepiece.bpe.model + dict.txt (default: the one the run was trained with)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
+
+
+def inference_config(model_cfg):
+    from train.loop import replace_config
+
+    return replace_config(model_cfg, aligner={"with_reconstruction": False, "dropout": 0.0},
+                          decoder={"dropout": 0.0, "attention_dropout": 0.0, "gradient_checkpointing": False})
+
+
+def export(cfg: ExportConfig) -> Path:
+    from kosmosg_core.checkpoint import save_pack_checkpoint
+    from kosmosg_core.config import KosmosGConfig
+    from kosmosg_core.model import KosmosG
+    from train.common.checkpointing import load_checkpoint
+    from train.loop import load_tokenizer
+
+    if not cfg.checkpoint or not cfg.out:
+        raise ValueError("--checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are required.")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype!r}: use one of {sorted(DTYPES)}.")
+    if not cfg.out.endswith(".safetensors"):
+        raise ValueError(f"--out {cfg.out}: the pack format is .safetensors; name the file *.safetensors.")
+    state = load_checkpoint(cfg.checkpoint)
+    if state is None:
+        raise ValueError(f"--checkpoint {cfg.checkpoint}: no checkpoint.pt there (has the run saved one yet?).")
+    extra = state.get("extra", {})
+    if "kosmosg_config" not in extra:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} carries no model config; it was not written by train/.")
+    model_cfg = inference_config(KosmosGConfig.from_json(extra["kosmosg_config"]))
+    tokenizer = load_tokenizer(cfg.tokenizer or extra.get("tokenizer", ""))
+    tokenizer.check_matches(model_cfg.decoder.vocab_size)
+
+    model = KosmosG(model_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state["model"]))
+    if missing:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} lacks {len(missing)} model tensors ({missing[:3]} ...); "
+                         "it is not a complete Kosmos-G training checkpoint.")
+    model.load_state_dict({k: state["model"][k] for k in expected}, strict=True)
+    path = save_pack_checkpoint(model.eval(), tokenizer, cfg.out, dtype=DTYPES[cfg.dtype],
+                                extra_metadata={"source": "train.export", "stage": extra.get("stage", ""),
+                                                "step": state["step"]})
+    logger.info("exported %s (step %d, %s) -> %s", cfg.checkpoint, state["step"], cfg.dtype, path)
+    return path
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return export(parse_config(ExportConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Training samples (docs/data-format.md) -> what the stages feed the model.
+
+`choose_interleaved` makes the official loaders' per-sample random choices (spec section 8):
+- entity-word / input-caption drop with `drop_prob` (one coin per sample: `text_dropped`),
+- per entity the square crop or the masked crop with `masked_prob`,
+- for InstructPix2Pix one of the 1 + `variants` seeds, uniformly.
+The choices come from a generator seeded per sample, so they do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kosmosg_core.config import EOS_ID, IMAGE_PLACEHOLDER
+from kosmosg_core.image_processing import preprocess_images
+from kosmosg_core.prompt import PromptIds, build_prompt_ids, pad_batch
+
+
+@dataclass
+class InterleavedChoice:
+    """Text with `<i>` placeholders, the record fields of its images (in order) and the target field."""
+
+    text: str
+    image_fields: list[str]
+    target_field: str
+
+
+def choose_interleaved(meta: dict, rng: random.Random, drop_prob: float, masked_prob: float) -> InterleavedChoice:
+    drop = rng.random() < drop_prob
+    text = meta.get("text_dropped", meta["text"]) if drop else meta["text"]
+    variants = int(meta.get("variants") or 0)
+    variant = rng.randint(0, variants) if variants else 0
+    prefix = f"variant_{variant}_" if variant else ""
+    fields = []
+    for entity in meta.get("entities", []):
+        field = entity["image"]
+        if entity.get("masked") and rng.random() < masked_prob:
+            field = entity["masked"]
+        fields.append(prefix + field)
+    if text.count(IMAGE_PLACEHOLDER) != len(fields):
+        raise ValueError(f"sample text {text!r} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} but "
+                         f"{len(fields)} entities; the shard is malformed (rebuild it with python -m train.data).")
+    return InterleavedChoice(text=text, image_fields=fields, target_field=prefix + "target.png")
+
+
+def decode_png(data: bytes, name: str) -> Image.Image:
+    from train.data.crops import decode_image
+
+    return decode_image(data, name)
+
+
+def entity_pixels(record_fields: dict, field_names: list[str], image_size: int, key: str) -> list[torch.Tensor]:
+    """Entity images of one sample -> CLIP-normalised [3, S, S] tensors (official 'gpt' transform)."""
+    if not field_names:
+        return []
+    images = []
+    for name in field_names:
+        if name not in record_fields:
+            raise ValueError(f"sample {key} has no field {name}; the shard does not follow docs/data-format.md.")
+        images.append(decode_png(record_fields[name], f"{key}.{name}"))
+    return list(preprocess_images(images, image_size=image_size))
+
+
+def target_pixels(data: bytes, resolution: int, name: str) -> torch.Tensor:
+    """Diffusion target: torchvision Resize(R) (bilinear, shorter side) + CenterCrop(R), to [-1, 1]. -> [3, R, R]."""
+    image = decode_png(data, name)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, int(width * scale)), max(resolution, int(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
+    return pixels / 127.5 - 1.0
+
+
+def prompt_with_eos(tokenizer, text: str, num_images: int, image_slots: int) -> PromptIds:
+    """Training sequence `<s> ... </s>` (official loaders append </s>; the model input drops it)."""
+    prompt = build_prompt_ids(tokenizer, text, num_images, image_slots)
+    return PromptIds(prompt.ids + [EOS_ID], prompt.image_mask + [False])
+
+
+def pad_rows(all_prompts: list[PromptIds], mine: list[PromptIds]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad `mine` to the longest prompt of the *global* batch (so a process's shapes, and losses that
+    depend on the padded length, are those of a 1-process run). -> ids [b, T], image_mask [b, T]."""
+    length = max(len(p) for p in all_prompts)
+    longest = PromptIds([0] * length)
+    ids, mask = pad_batch(list(mine) + [longest])
+    return ids[:-1], mask[:-1]

@@ -1,0 +1,588 @@
+"""The training loop every stage shares: accelerator, optimiser + LR schedule, deterministic data
+stream, metrics, atomic checkpoints and exact resume.
+
+A stage supplies a `Stage` (build the model wrapper, turn raw WebDataset records into items, collate
+its share of a global batch); `run_training(stage, cfg)` does the rest.
+
+Exactness and multi-process equivalence, by construction:
+- data order is a pure function of (seed, epoch): shards in a seeded permutation, the records of a
+  shard in a seeded shuffle; the position (epoch, shard cursor, record offset) is checkpointed;
+- every per-sample random choice (caption drop, crop choice, CFG drop, noise, timestep) is drawn
+  from a generator seeded by (seed, epoch, sample key) or (seed, step, sample key), never from a
+  stream shared across samples, so it does not depend on how a batch is split over processes;
+- the global torch RNG (dropout) is reseeded from (seed, step, rank) at every step;
+- with `data_split: samples` every process reads the same record stream and takes its slice of
+  each global batch (padding to the global batch's length), so N processes compute the same
+  objective as one process with the same global batch. `data_split: shards` gives each process its
+  own shards instead (less reading at scale, not equivalent to a 1-process run).
+
+The objective contract: `Stage` modules return this process's *share* of the global objective (the
+shares of all processes sum to it). DDP averages gradients, so the loop back-propagates
+`share * world_size`, which gives exactly the gradient of the global objective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from train.common.checkpointing import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from train.common.config import config_to_dict
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class LoopConfig:
+    """Fields every stage shares. Official values (spec section 8) are the defaults where one exists."""
+
+    output_dir: str = field(default="runs/kosmosg", metadata={"help": "run folder: checkpoint.pt, metrics.jsonl, "
+                                                                       "tensorboard logs"})
+    data: str = field(default="", metadata={"help": "WebDataset shards: folder, glob or comma list (docs/data-format.md)"})
+    tokenizer: str = field(default="", metadata={"help": "folder with sentencepiece.bpe.model + dict.txt"})
+    model_config: str = field(default="official", metadata={
+        "help": "KosmosGConfig: 'official', 'tiny' or a JSON file (ignored when --init-checkpoint carries a config)"})
+    init_checkpoint: str = field(default="", metadata={
+        "help": "start weights: a train/ run folder or its checkpoint.pt, a pack .safetensors or an official .pt"})
+    seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
+    batch_size: int = field(default=16, metadata={"help": "samples per process per step (official: 16/GPU stage 3, "
+                                                          "56/GPU stage 2)"})
+    max_steps: int = field(default=200000, metadata={"help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak LR (official 1e-3)"})
+    end_learning_rate: float = field(default=0.0, metadata={"help": "LR at max_steps (polynomial decay end)"})
+    lr_power: float = field(default=1.0, metadata={"help": "polynomial decay power (1 = linear)"})
+    warmup_steps: int = field(default=375, metadata={"help": "linear warm-up updates (official 375)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (official 0.98)"})
+    adam_eps: float = field(default=1e-6, metadata={"help": "Adam eps (official 1e-6)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay (fairseq Adam = AdamW)"})
+    clip_norm: float = field(default=2.0, metadata={"help": "gradient clipping max norm, 0 = off (official 2.0)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (accelerate autocast)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    save_every: int = field(default=2000, metadata={"help": "write checkpoint.pt every N steps (and at the end)"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    resume: str = field(default="auto", metadata={
+        "help": "auto: continue from OUTPUT_DIR/checkpoint.pt if present; never: refuse an existing one; "
+                "or a checkpoint path"})
+    data_split: str = field(default="samples", metadata={
+        "help": "samples: every process reads the stream and takes its slice (N processes == 1 process); "
+                "shards: each process reads its own shards"})
+    tensorboard: bool = field(default=True, metadata={"help": "also log to tensorboard (OUTPUT_DIR/tensorboard)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
+
+
+# --- seeds -----------------------------------------------------------------------------------------
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across runs, machines and PYTHONHASHSEED)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_rng(*parts) -> random.Random:
+    return random.Random(derive_seed(*parts))
+
+
+def sample_generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# --- data ------------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One raw WebDataset record plus where it sits in the stream (for per-sample seeds)."""
+
+    key: str
+    epoch: int
+    fields: dict
+
+    @property
+    def meta(self) -> dict:
+        return json.loads(self.fields["json"])
+
+
+def _no_split(urls):
+    return urls
+
+
+class RecordStream:
+    """Deterministic, resumable stream of raw records over WebDataset shards (repeats epochs).
+
+    Only one shard is held in memory at a time; resuming re-reads one shard and skips to the offset."""
+
+    def __init__(self, data: str, seed: int, rank: int = 0, world_size: int = 1, split: str = "samples"):
+        from train.data.shards import resolve_shards
+
+        if not data:
+            raise ValueError("No training data: pass --data with a folder, glob or list of WebDataset .tar shards "
+                             "(python -m train.data writes them).")
+        if split not in ("samples", "shards"):
+            raise ValueError(f"data_split={split!r}: use 'samples' or 'shards'.")
+        shards = resolve_shards(data)
+        if split == "shards":
+            shards = shards[rank::world_size]
+            if not shards:
+                raise ValueError(f"data_split=shards: process {rank} of {world_size} gets no shard ({data} has fewer "
+                                 "shards than processes); use data_split=samples or write more shards.")
+        self.shards, self.seed = shards, seed
+        self.epoch, self.cursor, self.offset = 0, 0, 0
+        self._records: list[tuple[str, dict]] | None = None
+        self._empty_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_shards") != len(self.shards):
+            raise ValueError(f"The checkpoint's data position is for {state.get('num_shards')} shards but --data now "
+                             f"gives {len(self.shards)}; resume with the same --data (and data_split).")
+        self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
+        self._records = None
+
+    def _order(self) -> list[str]:
+        order = list(self.shards)
+        sample_rng(self.seed, "shards", self.epoch).shuffle(order)
+        return order
+
+    def _load_current(self) -> list[tuple[str, dict]]:
+        import webdataset as wds
+
+        path = self._order()[self.cursor]
+        # This class splits the data between processes itself: webdataset's own node / worker
+        # splitters (which refuse to run under torch.distributed without one) are turned off.
+        shard = wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=_no_split,
+                               workersplitter=_no_split)
+        records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}) for r in shard]
+        records.sort(key=lambda kv: kv[0])  # independent of tar member order
+        sample_rng(self.seed, "records", self.epoch, os.path.basename(path)).shuffle(records)
+        return records
+
+    def next(self) -> Record:
+        while True:
+            if self._records is None:
+                self._records = self._load_current()
+            if self.offset < len(self._records):
+                key, fields = self._records[self.offset]
+                self.offset += 1
+                self._empty_epochs = 0
+                return Record(key=key, epoch=self.epoch, fields=fields)
+            self._records, self.offset = None, 0
+            self.cursor += 1
+            if self.cursor == len(self.shards):
+                self.cursor, self.epoch = 0, self.epoch + 1
+                self._empty_epochs += 1
+                if self._empty_epochs > 1:
+                    raise ValueError(f"The shards in {self.shards[:3]}... hold no samples; check --data.")
+
+
+# --- stage interface ---------------------------------------------------------------------------------
+class Stage:
+    """What a training stage provides to `run_training`."""
+
+    name = "stage"
+
+    def build(self, cfg, accelerator) -> nn.Module:
+        """-> the training module: `forward(batch) -> (objective share, metrics dict of shares)`, with
+        `.model` the KosmosG whose state is checkpointed; only trainable parameters require grad."""
+        raise NotImplementedError
+
+    def select(self, record: Record) -> Any | None:
+        """Cheap, deterministic: a record -> an item (or None to skip it). Runs on every process."""
+        raise NotImplementedError
+
+    def collate(self, mine: list, global_items: list, step: int, device) -> dict:
+        """This process's items (and the whole global batch, for global padding / denominators)
+        -> this process's batch (tensors on `device`)."""
+        raise NotImplementedError
+
+    def model_config(self):
+        """The KosmosGConfig being trained (saved in checkpoints for export)."""
+        raise NotImplementedError
+
+    def tokenizer_dir(self) -> str:
+        return ""
+
+
+def rank_slice(items: list, rank: int, world_size: int, split: str) -> list:
+    """This process's part of the global batch (samples mode) or all of it (shards mode)."""
+    if split == "shards":
+        return items
+    per = len(items) // world_size
+    return items[rank * per:(rank + 1) * per]
+
+
+# --- optimiser -----------------------------------------------------------------------------------------
+def polynomial_decay(step: int, warmup: int, total: int, peak: float, end: float, power: float) -> float:
+    """fairseq `polynomial_decay` LR for update `step` (0-based): linear warm-up then (1 - progress)^power."""
+    update = step + 1  # fairseq sets the LR for update n after n-1 updates; n counts from 1
+    if warmup > 0 and update <= warmup:
+        return peak * update / warmup
+    if update >= total:
+        return end
+    remaining = 1 - (update - warmup) / max(1, total - warmup)
+    return (peak - end) * remaining ** power + end
+
+
+def build_optimizer(parameters, cfg: LoopConfig):
+    """fairseq's Adam with weight decay is decoupled (AdamW); applied to every trainable tensor, as there."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("No trainable parameters: the stage froze everything.")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    lr_at = lambda step: polynomial_decay(step, cfg.warmup_steps, cfg.max_steps, cfg.learning_rate,  # noqa: E731
+                                          cfg.end_learning_rate, cfg.lr_power) / cfg.learning_rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    return params, optimizer, scheduler
+
+
+# --- run folder --------------------------------------------------------------------------------------
+def find_resume_checkpoint(cfg: LoopConfig) -> Path | None:
+    existing = Path(cfg.output_dir) / CHECKPOINT_NAME
+    if cfg.resume == "auto":
+        return existing if existing.exists() else None
+    if cfg.resume == "never":
+        if existing.exists():
+            raise ValueError(f"{cfg.output_dir} already holds a checkpoint and --resume never was given; use "
+                             "--resume auto to continue it or a new --output-dir.")
+        return None
+    path = Path(cfg.resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise ValueError(f"--resume {cfg.resume}: no checkpoint there. Give a run folder with checkpoint.pt, "
+                         "'auto' or 'never'.")
+    return path
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _check_resume_state(state: dict, stage: Stage, path: Path) -> None:
+    extra = state.get("extra", {})
+    if extra.get("stage") != stage.name:
+        raise ValueError(f"Checkpoint {path} was written by {extra.get('stage')!r}, not {stage.name!r}; resume it "
+                         f"with `python -m train.{extra.get('stage')}` or use a new --output-dir.")
+    saved = extra.get("kosmosg_config")
+    if saved is not None and json.loads(saved) != json.loads(stage.model_config().to_json()):
+        raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's; resume with "
+                         "the config the run was started with, or use a new --output-dir.")
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    log_with = None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            logger.warning("tensorboard is not installed; metrics go to %s only", METRICS_NAME)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate only forms a CPU process group (gloo) when told to use the CPU
+    cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, log_with=log_with,
+                              project_dir=cfg.output_dir,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    if accelerator.num_processes != launched:
+        raise ValueError(f"The launcher started {launched} processes but accelerate formed a group of "
+                         f"{accelerator.num_processes}; the processes would train independently. Check the launch "
+                         "command (e.g. torchrun --nproc_per_node N, or accelerate launch --num_processes N).")
+    return accelerator
+
+
+def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = True,
+                 on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `stage` for cfg.max_steps updates (resuming when a checkpoint exists). -> final metrics."""
+    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1 or cfg.log_every < 1:
+        raise ValueError("max_steps, batch_size, save_every and log_every must all be >= 1.")
+    accelerator = build_accelerator(cfg, find_unused_parameters)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+    torch.manual_seed(cfg.seed)  # model init: identical on every process
+    module = stage.build(cfg, accelerator)
+    params, optimizer, scheduler = build_optimizer(module.parameters(), cfg)
+    stream = RecordStream(cfg.data, cfg.seed, rank, world, cfg.data_split)
+
+    start_step = 0
+    resume_path = find_resume_checkpoint(cfg)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, expected_model_keys=module.model.state_dict().keys())
+        _check_resume_state(state, stage, resume_path)
+        try:
+            start_step = restore(state, module.model, optimizer, scheduler)
+        except RuntimeError as e:  # shape mismatch from load_state_dict
+            raise ValueError(f"Checkpoint {resume_path} does not fit this model ({e}). Resume with the config the "
+                             "run was started with, or use a new --output-dir.") from e
+        data_state = state["data"]
+        if cfg.data_split == "shards":
+            if data_state.get("world_size") != world:
+                raise ValueError(f"Checkpoint {resume_path} was written by {data_state.get('world_size')} processes "
+                                 f"with data_split=shards; resume with the same number of processes ({world} now).")
+            stream.load_state_dict(data_state["ranks"][rank])
+        else:
+            stream.load_state_dict(data_state["ranks"][0])
+        logger.info("resumed %s from %s at step %d", stage.name, resume_path, start_step)
+    if accelerator.is_main_process:
+        truncate_metrics(out / METRICS_NAME, start_step)
+        (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
+
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.trackers == [] and cfg.tensorboard and accelerator.log_with:
+        accelerator.init_trackers(stage.name)
+
+    progress = None
+    if cfg.progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc=stage.name, dynamic_ncols=True)
+    metrics: dict = {}
+    global_batch = cfg.batch_size * (world if cfg.data_split == "samples" else 1)
+    for step in range(start_step, cfg.max_steps):
+        started = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, "step", step, rank))  # dropout: independent of history
+        items = []
+        while len(items) < global_batch:
+            item = stage.select(stream.next())
+            if item is not None:
+                items.append(item)
+        batch = stage.collate(rank_slice(items, rank, world, cfg.data_split), items, step, accelerator.device)
+
+        module.train()
+        lr = scheduler.get_last_lr()[0]  # the LR this update uses
+        share, parts = module(batch)
+        accelerator.backward(share * world)  # DDP averages: world * share gives the global objective's gradient
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            values = torch.stack([share.detach().float()] + [v.detach().float() for v in parts.values()])
+            values = accelerator.reduce(values, reduction="sum")
+            metrics = {"step": step + 1, "loss": values[0].item()}
+            metrics.update({name: values[i + 1].item() for i, name in enumerate(parts)})
+            metrics["lr"] = lr
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            metrics["world_size"] = world
+            metrics["step_seconds"] = round(time.perf_counter() - started, 4)
+            if accelerator.is_main_process:
+                with open(out / METRICS_NAME, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                    f.flush()
+                if accelerator.log_with:
+                    accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step + 1)
+            if on_step is not None:
+                on_step(step + 1, metrics)
+        if progress is not None:
+            progress.update(1)
+            if metrics:
+                progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.3g}")
+
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            save_run_checkpoint(accelerator, stage, module, optimizer, scheduler, stream, step + 1, cfg)
+    if progress is not None:
+        progress.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def save_run_checkpoint(accelerator, stage: Stage, module, optimizer, scheduler, stream: RecordStream, step: int,
+                        cfg: LoopConfig) -> None:
+    from accelerate.utils import gather_object
+
+    positions = gather_object([stream.state_dict()])  # every process's data position, in rank order
+    model_state = accelerator.get_state_dict(module)  # full state (gathers FSDP shards)
+    if accelerator.is_main_process:
+        model_state = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
+        extra = {"stage": stage.name, "kosmosg_config": stage.model_config().to_json(),
+                 "tokenizer": stage.tokenizer_dir(), "train_config": json.dumps(config_to_dict(cfg))}
+        data_state = {"world_size": accelerator.num_processes, "split": cfg.data_split, "ranks": positions}
+        save_checkpoint(cfg.output_dir, model_state=model_state, optimizer=optimizer.optimizer, scheduler=scheduler,
+                        step=step, data_state=data_state, extra=extra)
+        logger.info("step %d: wrote %s", step, Path(cfg.output_dir) / CHECKPOINT_NAME)
+    accelerator.wait_for_everyone()
+
+
+# --- model helpers shared by the stages ----------------------------------------------------------------
+def resolve_model_config(spec: str):
+    from kosmosg_core.config import KosmosGConfig
+
+    if spec == "official":
+        return KosmosGConfig.official()
+    if spec == "tiny":
+        return KosmosGConfig.tiny()
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--model-config {spec!r}: use 'official', 'tiny' or a KosmosGConfig JSON file.")
+    try:
+        return KosmosGConfig.from_json(path.read_text())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--model-config {path} is not a valid KosmosGConfig JSON ({e}).") from e
+
+
+def is_train_checkpoint(path: Path) -> bool:
+    """A train/ run folder or a checkpoint.pt inside one (recognised by the run's train_config.json)."""
+    if path.is_dir():
+        return (path / CHECKPOINT_NAME).exists()
+    return (path.parent / TRAIN_CONFIG_NAME).exists()
+
+
+def read_init_weights(path_text: str, model_config_spec: str):
+    """-> (KosmosGConfig, state dict with KosmosG names) from a train/ checkpoint, pack or official file.
+
+    Official .pt files carry no config: their sizes are read from the tensors, or from --model-config
+    when it names a JSON file (e.g. a stage-1 checkpoint that has no aligner yet)."""
+    from kosmosg_core.checkpoint import read_checkpoint
+
+    path = Path(path_text)
+    if not path.exists():
+        raise ValueError(f"--init-checkpoint {path} not found.")
+    if is_train_checkpoint(path):
+        state = load_checkpoint(path)
+        if state is None:
+            raise ValueError(f"--init-checkpoint {path}: no checkpoint.pt in that run folder yet.")
+        from kosmosg_core.config import KosmosGConfig
+
+        saved = state.get("extra", {}).get("kosmosg_config")
+        if saved is None:
+            raise ValueError(f"--init-checkpoint {path} has no model config; it was not written by train/.")
+        return KosmosGConfig.from_json(saved), state["model"]
+    override = resolve_model_config(model_config_spec) if model_config_spec.endswith(".json") else None
+    cfg, state_dict, _ = read_checkpoint(path, override)
+    return cfg, state_dict
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load init weights: every tensor must fit; missing ones are allowed only under `allow_missing`
+    prefixes (parts the previous stage did not have, e.g. the aligner's reconstruction branch)."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state_dict) if not k.startswith(allow_missing))
+    if unexpected or missing:
+        raise ValueError(f"--init-checkpoint {source} does not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}. Check --model-config against the checkpoint.")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"--init-checkpoint {source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[name].shape)}. Check --model-config against the checkpoint.")
+    fresh = sorted(set(expected) - set(state_dict))
+    if fresh:
+        logger.info("init from %s: %d tensors not in the checkpoint keep their fresh init (%s ...)",
+                    source, len(fresh), ", ".join(fresh[:3]))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=False)
+
+
+def load_tokenizer(tokenizer_dir: str):
+    from kosmosg_core.tokenizer import KosmosGTokenizer
+
+    if not tokenizer_dir:
+        raise ValueError("--tokenizer is required: the folder with sentencepiece.bpe.model + dict.txt.")
+    return KosmosGTokenizer.from_dir(tokenizer_dir)
+
+
+def replace_config(cfg, **changes):
+    """A deep copy of a KosmosGConfig with top-level part fields changed, e.g. decoder={"dropout": 0.1}."""
+    from kosmosg_core.config import KosmosGConfig
+
+    data = cfg.to_dict()
+    for part, values in changes.items():
+        data[part].update(values)
+    return KosmosGConfig.from_dict(data)
+
+
+
+def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, allow_missing: tuple[str, ...] = (),
+                  ignore: tuple[str, ...] = ()):
+    """KosmosG from --init-checkpoint (its config) or --model-config (fresh, seeded init), with the
+    training switches of this stage applied by `adjust(config) -> config`. Checkpoint tensors under
+    `ignore` prefixes are discarded; model tensors under `allow_missing` may be absent (fresh init)."""
+    from kosmosg_core.config import KosmosGConfig
+    from kosmosg_core.model import KosmosG
+
+    state = None
+    if cfg.init_checkpoint:
+        model_cfg, state = read_init_weights(cfg.init_checkpoint, cfg.model_config)
+    elif cfg.model_config == "tiny":
+        model_cfg = KosmosGConfig.tiny(vocab_size=tokenizer.vocab_size)
+    else:
+        model_cfg = resolve_model_config(cfg.model_config)
+    if adjust is not None:
+        model_cfg = adjust(model_cfg)
+    tokenizer.check_matches(model_cfg.decoder.vocab_size)
+    model = KosmosG(model_cfg)
+    if state is None:
+        init_fresh_weights(model)
+    else:
+        dropped = [k for k in state if k.startswith(ignore)] if ignore else []
+        if dropped:
+            logger.info("init: discarding %d tensors this stage does not use (%s ...)", len(dropped), dropped[0])
+        load_weights(model, {k: v for k, v in state.items() if k not in set(dropped)}, cfg.init_checkpoint,
+                     allow_missing)
+    return model
+
+
+def init_fresh_weights(model) -> None:
+    """From-scratch init of the token embedding as fairseq's decoder does: N(0, D^-1/2), pad row 0.
+
+    The head is tied to it, so PyTorch's N(0, 1) default would start the LM with logits of
+    std ~sqrt(D) and a cross-entropy far above log(V)."""
+    from kosmosg_core.config import PAD_ID
+
+    weight = model.decoder.embed_tokens.weight
+    with torch.no_grad():
+        weight.normal_(0.0, weight.shape[1] ** -0.5)
+        weight[PAD_ID].zero_()
+
+
+def set_trainable(model, decoder: bool, connector: bool, aligner: bool, vision_last: bool) -> None:
+    """Freeze everything, then unfreeze the named groups (vision: last block(s) + ln_post only)."""
+    model.requires_grad_(False)
+    model.decoder.requires_grad_(decoder)
+    model.connector.requires_grad_(connector)
+    model.aligner.requires_grad_(aligner)
+    if vision_last:
+        names = set(model.vision.trainable_parameter_names())
+        for name, parameter in model.vision.named_parameters():
+            parameter.requires_grad_(name in names)
+
+
+def frozen_dtype(cfg: LoopConfig) -> torch.dtype:
+    """Frozen networks (score model, CLIP text encoder) run in the mixed-precision dtype (official fp16)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)

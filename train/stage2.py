@@ -1,0 +1,156 @@
+"""Stage 2: align the AlignerNet to the SD1.5 CLIP text encoder on captions (official runalign.sh).
+
+The MLLM is frozen (no gradients, eval mode). Input `[<s>] + caption + [</s>]` minus the last
+token, i.e. `<s> caption`; captions longer than `max_caption_tokens` pieces are skipped.
+
+    loss = mse(aligner(h), CLIPText(clip_ids).last_hidden_state)          # mean over [B, 77, C]
+         + mse(aligner.reconstruct(context, T), h) * 77 / T               # mean over [B, T, D]
+
+with the SD1.5 CLIP tokenizer padding/truncating to 77, equal weights (official). Only `aligner.*`
+trains (the reconstruction branch exists only in this stage and is not exported).
+
+    python -m train.stage2 --config train/configs/stage2.yaml --init-checkpoint runs/stage1 \
+        --clip-text-encoder models/stable-diffusion-v1-5
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kosmosg_core.config import PAD_ID
+from kosmosg_core.prompt import build_prompt_ids
+from train.common.config import parse_config
+from train.inputs import pad_rows
+from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, load_tokenizer, replace_config, run_training, \
+    set_trainable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage2Config(LoopConfig):
+    output_dir: str = field(default="runs/stage2", metadata={"help": "run folder"})
+    batch_size: int = field(default=56, metadata={"help": "captions per process per step (official 56/GPU)"})
+    max_steps: int = field(default=300000, metadata={"help": "optimiser updates (official 300k)"})
+    clip_text_encoder: str = field(default="", metadata={
+        "help": "SD1.5 CLIP text encoder + tokenizer: a diffusers SD1.5 folder (text_encoder/, tokenizer/) or one "
+                "folder holding both (transformers save_pretrained)"})
+    max_caption_tokens: int = field(default=128, metadata={"help": "skip captions with more pieces (official 128)"})
+    kinds: str = field(default="laion", metadata={
+        "help": "sample kinds whose captions are used, comma-separated (official: laion only)"})
+
+
+def load_clip_text(path_text: str):
+    """(CLIPTokenizer, CLIPTextModel) from an SD1.5 folder or a single folder, local files only."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not path_text:
+        raise ValueError("--clip-text-encoder is required: the SD1.5 model folder (text_encoder/ + tokenizer/) or a "
+                         "folder with a CLIPTextModel and its CLIPTokenizer.")
+    path = Path(path_text)
+    if not path.is_dir():
+        raise ValueError(f"--clip-text-encoder {path} is not a folder.")
+    model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--clip-text-encoder {path}: cannot load a CLIP text encoder + tokenizer there ({e}).") from e
+    return tokenizer, model.eval().requires_grad_(False)
+
+
+class AlignmentModule(nn.Module):
+    """forward(batch) -> (share of clip_mse + reconstruction, {"clip_mse", "reconstruction"})."""
+
+    def __init__(self, model, clip_text, world_size: int):
+        super().__init__()
+        self.model = model
+        self.frozen = {"clip_text": clip_text}  # plain dict: not a submodule, so never saved, wrapped or trained
+        self.world_size = world_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for part in (self.model.vision, self.model.connector, self.model.decoder):
+            part.eval()  # the frozen MLLM gives deterministic targets: no dropout
+        return self
+
+    def forward(self, batch: dict):
+        ids = batch["input_ids"]  # [B, T]
+        with torch.no_grad():
+            hidden = self.model.mllm_hidden(ids, torch.zeros_like(ids, dtype=torch.bool)).float()  # [B, T, D]
+            clip_target = self.frozen["clip_text"](batch["clip_ids"]).last_hidden_state.float()  # [B, 77, C]
+        context = self.model.aligner(hidden, padding_mask=ids.eq(PAD_ID))  # [B, 77, C]
+        clip_mse = F.mse_loss(context.float(), clip_target)
+        num_tokens = ids.shape[1]
+        reconstructed = self.model.aligner.reconstruct(context, num_tokens)  # [B, T, D]
+        reconstruction = F.mse_loss(reconstructed.float(), hidden) * (self.model.cfg.aligner.num_queries / num_tokens)
+        # equal per-process batches: the global mean is the mean of the process means
+        parts = {"clip_mse": clip_mse / self.world_size, "reconstruction": reconstruction / self.world_size}
+        return parts["clip_mse"] + parts["reconstruction"], parts
+
+
+class Stage2(Stage):
+    name = "stage2"
+
+    def __init__(self, cfg: Stage2Config):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
+
+    def build(self, cfg: Stage2Config, accelerator):
+        self.clip_tokenizer, clip_text = load_clip_text(cfg.clip_text_encoder)
+
+        def adjust(model_cfg):
+            return replace_config(model_cfg, aligner={"with_reconstruction": True},
+                                  decoder={"dropout": 0.0, "attention_dropout": 0.0, "gradient_checkpointing": False})
+
+        # a stage-1 checkpoint has no (trained) aligner reconstruction branch: it starts fresh
+        model = build_kosmosg(cfg, self.tokenizer, adjust,
+                              allow_missing=("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+        if clip_text.config.hidden_size != model.cfg.aligner.width:
+            raise ValueError(f"CLIP text encoder width {clip_text.config.hidden_size} != aligner width "
+                             f"{model.cfg.aligner.width}; use the SD1.5 text encoder (768) with a 768-wide aligner.")
+        model.aligner.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        set_trainable(model, decoder=False, connector=False, aligner=True, vision_last=False)
+        self._model_cfg = model.cfg
+        clip_text.to(accelerator.device, frozen_dtype(cfg))
+        return AlignmentModule(model, clip_text, accelerator.num_processes).to(accelerator.device)
+
+    def model_config(self):
+        return self._model_cfg
+
+    def tokenizer_dir(self) -> str:
+        return self.cfg.tokenizer
+
+    def select(self, record):
+        meta = record.meta
+        caption = (meta.get("caption") or "").strip()
+        if meta.get("kind") not in self.kinds or not caption:
+            return None
+        prompt = build_prompt_ids(self.tokenizer, caption, 0)  # [<s>] + caption (+ </s> dropped as model input)
+        if len(prompt) - 1 > self.cfg.max_caption_tokens:
+            return None
+        return {"key": record.key, "prompt": prompt, "caption": caption}
+
+    def collate(self, mine, global_items, step, device):
+        ids, _ = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in mine])
+        clip_ids = self.clip_tokenizer([it["caption"] for it in mine], padding="max_length",
+                                       max_length=self._model_cfg.aligner.num_queries, truncation=True,
+                                       return_tensors="pt").input_ids
+        return {"input_ids": ids.to(device), "clip_ids": clip_ids.to(device)}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(Stage2Config, argv, description=__doc__)
+    return run_training(Stage2(cfg), cfg, find_unused_parameters=False)
+
+
+if __name__ == "__main__":
+    main()

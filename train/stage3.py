@@ -1,0 +1,162 @@
+"""Stage 3: compositional instruction tuning through the frozen score model (official runtrain.sh).
+
+Per sample (official loaders + diffusion wrapper, spec section 8):
+- text: `text` or, with p = `drop_caption_prob`, `text_dropped` (entity words / IP2P input caption
+  removed); entity images: square crop or masked crop with p = `masked_entity_prob`; IP2P: one of
+  the seeds; target: Resize + CenterCrop to `resolution`, VAE-encoded (sampled) latents;
+- condition = KosmosG(prompt) [77, C]; with p = `uncond_prob` replaced by the unconditional
+  embedding aligner(MLLM([<s>])), recomputed with gradients every step;
+- t ~ U{0..999}, eps ~ N(0, I); loss = mean over latent elements of (eps_hat - eps)^2, summed over
+  the batch (official).
+
+Trainable: MLLM, connector, aligner, vision last block + ln_post. Frozen: the rest of the vision
+tower and the score model (diffusers SD1.5 or nano, see train/score_model.py).
+
+    python -m train.stage3 --config train/configs/stage3.yaml --init-checkpoint runs/stage2 \
+        --score-model models/stable-diffusion-v1-5
+    accelerate launch --mixed_precision bf16 -m train.stage3 --config train/configs/stage3.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kosmosg_core.config import BOS_ID
+from kosmosg_core.prompt import build_prompt_ids
+from train.common.config import parse_config
+from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pixels
+from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, load_tokenizer, replace_config, run_training, \
+    sample_generator, sample_rng, set_trainable
+from train.score_model import load_score_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage3Config(LoopConfig):
+    output_dir: str = field(default="runs/stage3", metadata={"help": "run folder"})
+    score_model: str = field(default="", metadata={
+        "help": "frozen SD1.5 score model: diffusers folder (unet/, vae/), SD1.5 single file, or nano .safetensors"})
+    score_model_kind: str = field(default="auto", metadata={"help": "auto | diffusers | nano"})
+    resolution: int = field(default=512, metadata={"help": "target image size (official 512)"})
+    uncond_prob: float = field(default=0.1, metadata={"help": "replace the condition by the unconditional one (0.1)"})
+    drop_caption_prob: float = field(default=0.5, metadata={
+        "help": "use text_dropped (entity words / IP2P input caption removed) with this p (official 0.5)"})
+    masked_entity_prob: float = field(default=0.5, metadata={"help": "use the masked entity crop with this p"})
+    dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
+
+
+class DiffusionModule(nn.Module):
+    """forward(batch) -> (this process's sum of per-sample eps-MSE, {"uncond_fraction"})."""
+
+    def __init__(self, model, score, world_size: int):
+        super().__init__()
+        self.model = model
+        self.frozen = {"score": score}  # plain dict: not a submodule, never saved, wrapped or trained
+        self.world_size = world_size
+
+    def forward(self, batch: dict):
+        condition = self.model(batch["input_ids"], batch["image_mask"], pixel_values=batch["pixel_values"])  # [B,77,C]
+        uncond = batch["uncond"]  # [B] bool
+        if bool(uncond.any()):
+            bos = torch.full((1, 1), BOS_ID, dtype=torch.long, device=condition.device)
+            null = self.model(bos, torch.zeros_like(bos, dtype=torch.bool))  # [1, 77, C], with gradients
+            condition = torch.where(uncond[:, None, None], null.expand_as(condition), condition)
+        eps = self.frozen["score"].predict_noise(batch["noisy_latents"], batch["timesteps"], condition)
+        per_sample = F.mse_loss(eps.float(), batch["noise"].float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+        return per_sample.sum(), {"uncond_fraction": uncond.float().sum() / (len(uncond) * self.world_size)}
+
+
+class Stage3(Stage):
+    name = "stage3"
+
+    def __init__(self, cfg: Stage3Config):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+
+    def build(self, cfg: Stage3Config, accelerator):
+        if not cfg.score_model:
+            raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
+                             ".safetensors (train/score_model.py).")
+        self.score = load_score_model(cfg.score_model, cfg.score_model_kind)
+        self.score.to(accelerator.device, frozen_dtype(cfg))
+        if cfg.gradient_checkpointing:
+            self.score.enable_gradient_checkpointing()
+
+        def adjust(model_cfg):
+            return replace_config(model_cfg, aligner={"with_reconstruction": False},
+                                  decoder={"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
+                                           "gradient_checkpointing": cfg.gradient_checkpointing})
+
+        # a stage-2 checkpoint's reconstruction branch is not part of this model: discarded
+        model = build_kosmosg(cfg, self.tokenizer, adjust,
+                              ignore=("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+        if model.cfg.aligner.width != self.score.context_dim:
+            raise ValueError(f"aligner width {model.cfg.aligner.width} != score model context width "
+                             f"{self.score.context_dim}; the U-Net must read the aligner's output (SD1.5: 768).")
+        model.aligner.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        set_trainable(model, decoder=True, connector=True, aligner=True, vision_last=True)
+        self._model_cfg = model.cfg
+        return DiffusionModule(model, self.score, accelerator.num_processes).to(accelerator.device)
+
+    def model_config(self):
+        return self._model_cfg
+
+    def tokenizer_dir(self) -> str:
+        return self.cfg.tokenizer
+
+    def select(self, record):
+        meta = record.meta
+        rng = sample_rng(self.cfg.seed, self.name, record.epoch, record.key)
+        choice = choose_interleaved(meta, rng, self.cfg.drop_caption_prob, self.cfg.masked_entity_prob)
+        uncond = rng.random() < self.cfg.uncond_prob
+        prompt = build_prompt_ids(self.tokenizer, choice.text, len(choice.image_fields),
+                                  self._model_cfg.image_token_slots)
+        if len(prompt) > self._model_cfg.decoder.max_positions:
+            logger.info("skipping %s: %d tokens > max_positions", record.key, len(prompt))
+            return None
+        if choice.target_field not in record.fields:
+            raise ValueError(f"sample {record.key} has no {choice.target_field}; the shard does not follow "
+                             "docs/data-format.md.")
+        return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,
+                "target": choice.target_field, "uncond": uncond, "record": record.fields}
+
+    def collate(self, mine, global_items, step, device):
+        ids, mask = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in mine])
+        pixels = [p for it in mine for p in entity_pixels(it["record"], it["fields"], self._model_cfg.vision.image_size,
+                                                         it["key"])]
+        targets = torch.stack([target_pixels(it["record"][it["target"]], self.cfg.resolution, f"{it['key']}.target")
+                               for it in mine])  # [B, 3, R, R] in [-1, 1]
+        # per-sample noise: seeded by (seed, step, sample), so independent of the batch split
+        gens = [sample_generator(self.cfg.seed, "noise", step, it["epoch"], it["key"]) for it in mine]
+        mean_shape = self.score.encode_latents(targets[:1]).shape[1:]  # [4, h, w]
+        latent_noise = torch.stack([torch.randn(mean_shape, generator=g) for g in gens])
+        noise = torch.stack([torch.randn(mean_shape, generator=g) for g in gens])
+        timesteps = torch.cat([torch.randint(0, self.score.num_train_timesteps, (1,), generator=g) for g in gens])
+        latents = self.score.encode_latents(targets, latent_noise).float()  # [B, 4, h, w]
+        noise = noise.to(latents.device)
+        noisy = self.score.add_noise(latents, noise, timesteps.to(latents.device))
+        return {
+            "input_ids": ids.to(device),
+            "image_mask": mask.to(device),
+            "pixel_values": torch.stack(pixels).to(device) if pixels else None,
+            "noisy_latents": noisy.to(device),
+            "timesteps": timesteps.to(device),
+            "noise": noise.to(device),
+            "uncond": torch.tensor([it["uncond"] for it in mine], dtype=torch.bool, device=device),
+        }
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(Stage3Config, argv, description=__doc__)
+    return run_training(Stage3(cfg), cfg)
+
+
+if __name__ == "__main__":
+    main()
