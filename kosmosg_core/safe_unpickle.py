@@ -1,0 +1,573 @@
+"""Restricted loader for official Kosmos-G fairseq `.pt` checkpoints (torch zip format, torch >= 1.6).
+
+Why not `torch.load`: a `.pt` file is a pickle, and unpickling runs whatever the file names.
+`torch.load(weights_only=True)` refuses fairseq checkpoints (they hold numpy scalars, and may hold
+an omegaconf `DictConfig` or an argparse `Namespace`), and `weights_only=False` would run any code
+the file carries. This module unpickles with a restricted `pickle.Unpickler`:
+
+- Allow-listed callables only: torch's tensor-rebuild functions (re-implemented here so they
+  build *lazy* tensors), storage types, dtypes, `torch.Size`, `collections.OrderedDict`,
+  `collections.defaultdict` (read as a plain dict; omegaconf pickles one), `torch.device`,
+  `set`/`frozenset`/`complex`/`bytearray`/`slice`, `_codecs.encode` (latin-1/utf-8 only:
+  protocol-2 `bytes`). None of these runs code chosen by the file.
+- Every other `(module, name)` becomes an inert placeholder class; nothing is imported. Objects of
+  such classes (omegaconf configs, argparse namespaces) arrive through NEWOBJ + BUILD and become
+  `PickledObject`s that only record their arguments and state. numpy scalars / arrays / dtypes
+  (fairseq's `extra_state["best"]`) are recorded the same way without calling numpy.
+- *Calling* anything else (pickle REDUCE / INST / OBJ of a non-allow-listed name: `os.system`,
+  `builtins.eval`, `subprocess.Popen`, any function) raises `UnsafeCheckpointError`.
+  `copyreg._reconstructor` / `copyreg.__newobj__` are accepted only for placeholder classes.
+  Consequence: pickled enum members (REDUCE of their class) are refused too; fairseq writes its
+  config with `enum_to_str=True`, so official files hold none.
+
+Storages are lazy: the pickle only names them (`<archive>/data/<key>` records of the zip); after
+unpickling, only the tensors under `state[key]` are read (an official file may also hold an
+optimizer state larger than memory: `last_optimizer_state` is never read). Tensors that share a
+storage in the file (the official tied `embed_tokens` / `output_projection`) share memory here.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import logging
+import pickle
+import sys
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_pt_state_dict", "safe_load", "LazyTensor", "PickledObject"]
+
+_RE_DOWNLOAD = "The file is truncated or corrupt; re-download it (or copy it again) and check its size."
+
+
+# --- values the pickle may build ---------------------------------------------------------------
+class _StorageType:
+    """Stand-in for `torch.FloatStorage` & co. in persistent ids: only says which dtype the bytes hold."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+    def __call__(self, *args, **kwargs):
+        raise _RefusedCall(f"torch.{self.name}")
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"The pickle tries to modify the storage type torch.{self.name}.")
+
+    def __repr__(self) -> str:
+        return f"<storage type torch.{self.name}>"
+
+
+def _storage_types() -> dict[str, _StorageType]:
+    names = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+    types = {name: _StorageType(name, dtype) for name, dtype in names.items()}
+    # Untyped storages count bytes (torch >= 2.0 may pickle them directly).
+    types["UntypedStorage"] = _StorageType("UntypedStorage", torch.uint8)
+    return types
+
+
+_STORAGE_TYPES = _storage_types()
+_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+
+
+class LazyStorage:
+    """A storage record named by the pickle, not yet read: `<archive>/data/<key>`, `numel` elements."""
+
+    __slots__ = ("key", "dtype", "numel", "location")
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int, location: str):
+        self.key, self.dtype, self.numel, self.location = key, dtype, numel, location
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+    def __setstate__(self, state):
+        raise CheckpointError("The pickle tries to modify a tensor storage.")
+
+    def __repr__(self) -> str:
+        return f"LazyStorage(key={self.key!r}, dtype={self.dtype}, numel={self.numel})"
+
+
+class LazyTensor:
+    """A tensor the pickle described (storage, offset, size, stride) whose bytes are read on `materialize()`."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "_archive")
+
+    def __init__(self, storage: LazyStorage, offset: int, shape: tuple, stride: tuple, archive: "_Archive"):
+        self.storage, self.offset, self.shape, self.stride, self._archive = storage, offset, shape, stride, archive
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def materialize(self) -> torch.Tensor:
+        """Read this tensor's storage (once per storage; shared storages stay shared)."""
+        return self._archive.materialize(self)
+
+    def __setstate__(self, state):
+        raise CheckpointError("The pickle tries to modify a tensor.")
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, storage={self.storage.key!r})"
+
+
+class _RefusedCall(Exception):
+    """Internal: the pickle asked to call `ref`; turned into UnsafeCheckpointError with the path."""
+
+    def __init__(self, ref: str):
+        super().__init__(ref)
+        self.ref = ref
+
+
+class _PlaceholderMeta(type):
+    # Calling the class (REDUCE, INST, OBJ) would run the real callable: refuse. NEWOBJ goes through
+    # `cls.__new__` directly and is allowed: it only creates an inert record.
+    def __call__(cls, *args, **kwargs):
+        raise _RefusedCall(cls.pickle_ref)
+
+
+class PickledObject(metaclass=_PlaceholderMeta):
+    """Inert stand-in for an object of a class outside the allow-list (never imported).
+
+    `pickle_ref` is "module.name" of the class; `args` / `kwargs` what NEWOBJ passed; `state` what
+    BUILD set (e.g. a DictConfig's `_content`); `items` / `list_items` what SETITEMS / APPENDS added.
+    """
+
+    pickle_ref = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items={}, list_items=[])
+        return obj
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def append(self, value):
+        self.list_items.append(value)
+
+    def extend(self, values):
+        self.list_items.extend(values)
+
+    def add(self, value):
+        self.list_items.append(value)
+
+    def __call__(self, *args, **kwargs):
+        raise _RefusedCall(type(self).pickle_ref + "(instance)")
+
+    def __repr__(self) -> str:
+        return f"<inert {type(self).pickle_ref} object>"
+
+
+_PLACEHOLDERS: dict[tuple[str, str], type] = {}
+
+
+def _placeholder_class(module: str, name: str) -> type:
+    key = (module, name)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = _PlaceholderMeta(name.rpartition(".")[2] or "_", (PickledObject,),
+                                              {"pickle_ref": f"{module}.{name}", "__module__": __name__})
+    return _PLACEHOLDERS[key]
+
+
+def _is_placeholder_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, PickledObject)
+
+
+# --- allow-listed callables (our own implementations; none calls into the file's choices) -------
+def _check_ints(what: str, values) -> tuple:
+    if not isinstance(values, (tuple, list, torch.Size)) or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise CheckpointError(f"Malformed tensor record: {what} {values!r} is not a tuple of non-negative ints.")
+    return tuple(values)
+
+
+def _make_lazy_tensor(storage, offset, size, stride, dtype: torch.dtype | None = None) -> LazyTensor:
+    if not isinstance(storage, LazyStorage):
+        raise CheckpointError(f"Malformed tensor record: storage is {type(storage).__name__}, not a file storage.")
+    if not isinstance(offset, int) or offset < 0:
+        raise CheckpointError(f"Malformed tensor record: storage offset {offset!r}.")
+    size, stride = _check_ints("size", size), _check_ints("stride", stride)
+    if len(size) != len(stride):
+        raise CheckpointError(f"Malformed tensor record: size {size} and stride {stride} differ in length.")
+    if dtype is not None and dtype != storage.dtype:
+        if storage.dtype != torch.uint8:  # _rebuild_tensor_v3 over an untyped (byte) storage
+            raise CheckpointError(f"Malformed tensor record: dtype {dtype} over a {storage.dtype} storage.")
+        if storage.numel % _itemsize(dtype):
+            raise CheckpointError(f"Malformed tensor record: {storage.numel} bytes do not hold whole {dtype} items.")
+        storage = LazyStorage(storage.key, dtype, storage.numel // _itemsize(dtype), storage.location)
+    if all(size):  # non-empty: the last element must lie inside the storage
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if last >= storage.numel:
+            raise CheckpointError(f"Malformed tensor record: a tensor of size {size} at offset {offset} reaches past "
+                                  f"its storage of {storage.numel} elements.")
+    return LazyTensor(storage, offset, size, stride, _LOADING.archive)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _make_lazy_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return _make_lazy_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"Malformed tensor record: dtype {dtype!r}.")
+    return _make_lazy_tensor(storage, storage_offset, size, stride, dtype)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    if not isinstance(data, LazyTensor):
+        raise CheckpointError(f"Malformed parameter record: data is {type(data).__name__}.")
+    return data  # a state dict needs the values only
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return _rebuild_parameter(data, requires_grad, backward_hooks)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    # Tensor subclasses: torch wraps the plain rebuild; we keep the plain (lazy) tensor.
+    if func not in _TENSOR_REBUILDERS or not isinstance(args, tuple):
+        raise _RefusedCall(f"torch._utils._rebuild_from_type_v2({getattr(func, 'pickle_ref', func)!r})")
+    return func(*args)
+
+
+def _reconstructor(cls, base, state):
+    # Protocol 0/1 spelling of "make an object of cls": only for inert placeholder classes.
+    if not (_is_placeholder_class(cls) and _is_placeholder_class(base)):
+        raise _RefusedCall(f"copyreg._reconstructor({getattr(cls, 'pickle_ref', cls)!r})")
+    obj = cls.__new__(cls)
+    obj.__dict__["args"] = (state,) if state is not None else ()
+    return obj
+
+
+def _newobj(cls, *args):
+    if not _is_placeholder_class(cls):
+        raise _RefusedCall(f"copyreg.__newobj__({getattr(cls, 'pickle_ref', cls)!r})")
+    return cls.__new__(cls, *args)
+
+
+def _newobj_ex(cls, args, kwargs):
+    if not _is_placeholder_class(cls) or not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise _RefusedCall(f"copyreg.__newobj_ex__({getattr(cls, 'pickle_ref', cls)!r})")
+    return cls.__new__(cls, *args, **kwargs)
+
+
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+    # Protocol 2 pickles `bytes` as _codecs.encode(str, "latin1"); nothing else is accepted.
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8") or errors != "strict":
+        raise _RefusedCall("_codecs.encode")
+    return obj.encode(encoding)
+
+
+def _defaultdict(default_factory=None, *args):
+    # omegaconf pickles `defaultdict(dict)` (flags caches); the factory is never needed: a plain dict.
+    if args:
+        raise _RefusedCall("collections.defaultdict(with items)")
+    return {}
+
+
+class _InertConstructor:
+    """A data constructor we recognise but never run (numpy scalars/arrays/dtypes): records its arguments."""
+
+    def __init__(self, module: str, name: str):
+        self.cls = _placeholder_class(module, name)
+
+    def __call__(self, *args):
+        return self.cls.__new__(self.cls, *args)
+
+
+_TENSOR_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
+                      _rebuild_parameter_with_state}
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("torch._utils", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): _defaultdict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "slice"): slice,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copyreg", "__newobj__"): _newobj,
+    ("copyreg", "__newobj_ex__"): _newobj_ex,
+    ("_codecs", "encode"): _codecs_encode,
+}
+for _np in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    for _name in ("scalar", "_reconstruct"):
+        _SAFE_GLOBALS[(_np, _name)] = _InertConstructor(_np, _name)
+_SAFE_GLOBALS[("numpy", "dtype")] = _InertConstructor("numpy", "dtype")
+
+
+# --- the unpickler -------------------------------------------------------------------------------
+_LOADING = threading.local()  # .archive: the archive whose pickle this thread is reading (for LazyTensor)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: "_Archive"):
+        super().__init__(file, encoding="utf-8")
+        self._archive = archive
+        self._storages: dict[str, LazyStorage] = {}
+
+    def find_class(self, module: str, name: str):
+        # Python 2 names (`__builtin__`, `copy_reg`) as the default find_class maps them.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module in ("torch", "torch.storage", "torch.cuda") and name in _STORAGE_TYPES:
+            return _STORAGE_TYPES[name]
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
+        return _placeholder_class(module, name)
+
+    def persistent_load(self, pid):
+        # torch zip format: ("storage", storage type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"Unsupported persistent id {pid!r:.200} in the pickle (not a torch storage).")
+        _, storage_type, key, location, numel = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int) \
+                or numel < 0:
+            raise CheckpointError(f"Malformed storage record {pid!r:.200}.")
+        storage = self._storages.get(key)
+        if storage is None:
+            storage = self._storages[key] = LazyStorage(key, storage_type.dtype, numel, str(location))
+        elif storage.dtype != storage_type.dtype:
+            raise CheckpointError(f"Storage {key!r} is named with two dtypes ({storage.dtype}, {storage_type.dtype}).")
+        return storage
+
+
+# --- the zip archive -----------------------------------------------------------------------------
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def _describe_non_zip(path: Path, head: bytes, size: int) -> str:
+    if size == 0:
+        return f"{path} is empty (0 bytes). {_RE_DOWNLOAD}"
+    if head.startswith(b"PK"):
+        return f"{path} is truncated or corrupt (its zip directory cannot be read). {_RE_DOWNLOAD}"
+    if head[:1] == b"\x80":
+        return (f"{path} is in PyTorch's legacy (pre-1.6) format or is a raw pickle; this safe loader reads only "
+                "the zip format that torch.save writes since torch 1.6. Re-save it with torch>=1.6 where it came "
+                "from (a trusted environment): torch.save(torch.load(old, weights_only=False), new).")
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return f"{path} is a .safetensors file, not a .pt checkpoint; rename it to .safetensors."
+    return f"{path} is not a PyTorch .pt checkpoint (not a zip archive). Check that it is the right file."
+
+
+class _Archive:
+    """A torch zip checkpoint: its pickle (`<prefix>/data.pkl`) and storage records (`<prefix>/data/<key>`)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointNotFoundError(f"Checkpoint not found: {self.path}. Check the path.")
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a folder; give the .pt file inside it.")
+        self._zip: zipfile.ZipFile | None = None
+        self._cache: dict[str, torch.Tensor] = {}  # storage key -> 1-D tensor of its elements
+        self.bytes_read = 0
+        zf = self._open()
+        names = zf.namelist()
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pickles:
+            hint = " It looks like a TorchScript archive." if any(n.endswith("constants.pkl") for n in names) else ""
+            raise CheckpointError(f"{self.path} is a zip archive but not a torch.save checkpoint (no data.pkl).{hint}")
+        self.prefix = pickles[0][: -len("data.pkl")]
+        order = self._read(self.prefix + "byteorder").decode("ascii", "replace").strip() \
+            if self.prefix + "byteorder" in names else "little"
+        if order not in ("little", "big"):
+            raise CheckpointError(f"{self.path}: unknown byte order {order!r} in the archive. {_RE_DOWNLOAD}")
+        self.byteorder = order
+
+    def _open(self) -> zipfile.ZipFile:
+        if self._zip is None:
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except zipfile.BadZipFile:
+                with open(self.path, "rb") as f:
+                    head = f.read(16)
+                raise CheckpointError(_describe_non_zip(self.path, head, self.path.stat().st_size)) from None
+            except OSError as e:
+                raise CheckpointError(f"Cannot read {self.path}: {e}.") from e
+        return self._zip
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read(self, name: str, nbytes: int | None = None) -> bytes:
+        try:
+            with self._open().open(name) as f:
+                data = f.read() if nbytes is None else f.read(nbytes)
+        except KeyError:
+            raise CheckpointError(f"{self.path} lacks the record {name!r}. {_RE_DOWNLOAD}") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise CheckpointError(f"{self.path}: cannot read record {name!r} ({e}). {_RE_DOWNLOAD}") from e
+        if nbytes is not None and len(data) < nbytes:
+            raise CheckpointError(f"{self.path}: record {name!r} holds {len(data)} bytes, the pickle needs {nbytes}. "
+                                  + _RE_DOWNLOAD)
+        self.bytes_read += len(data)
+        return data
+
+    def unpickle(self) -> Any:
+        """The whole object tree, tensors as `LazyTensor`s. Raises UnsafeCheckpointError on code execution."""
+        data = self._read(self.prefix + "data.pkl")
+        previous, _LOADING.archive = getattr(_LOADING, "archive", None), self
+        try:
+            return _RestrictedUnpickler(io.BytesIO(data), self).load()
+        except _RefusedCall as e:
+            raise UnsafeCheckpointError(
+                f"{self.path} tries to run code when loaded: its pickle calls `{e.ref}`, which is not a tensor "
+                "rebuild function. It was refused and nothing was run. Only load checkpoints from sources you trust. "
+                "If you do trust this one, re-save just its weights where it came from, in an environment allowed "
+                "to run its code: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt') "
+                "(or safetensors), and load that file instead.") from None
+        except CheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                RecursionError, UnicodeDecodeError, MemoryError) as e:
+            raise CheckpointError(f"{self.path}: its pickle is corrupt or unsupported ({type(e).__name__}: {e}). "
+                                  + _RE_DOWNLOAD) from e
+        finally:
+            _LOADING.archive = previous
+
+    def _storage_elements(self, storage: LazyStorage) -> torch.Tensor:
+        """1-D tensor of the storage's elements (read once; cached so shared storages stay shared)."""
+        cached = self._cache.get(storage.key)
+        if cached is not None and cached.dtype == storage.dtype:
+            return cached
+        itemsize = _itemsize(storage.dtype)
+        nbytes = storage.numel * itemsize
+        if nbytes == 0:
+            elements = torch.empty(0, dtype=storage.dtype)
+        else:
+            raw = torch.frombuffer(bytearray(self._read(f"{self.prefix}data/{storage.key}", nbytes)), dtype=torch.uint8)
+            if self.byteorder != sys.byteorder and itemsize > 1:
+                raw = raw.view(-1, itemsize).flip(-1).reshape(-1)
+            try:
+                elements = raw.view(storage.dtype)
+            except RuntimeError as e:
+                raise CheckpointError(f"{self.path}: storage dtype {storage.dtype} is not supported ({e}).") from e
+        self._cache[storage.key] = elements
+        return elements
+
+    def materialize(self, lazy: LazyTensor) -> torch.Tensor:
+        elements = self._storage_elements(lazy.storage)
+        return torch.as_strided(elements, lazy.shape, lazy.stride, lazy.offset)
+
+
+# --- public API ----------------------------------------------------------------------------------
+def safe_load(path) -> Any:
+    """Unpickle a torch zip `.pt` file without running its code; read no tensor bytes.
+
+    Returns the file's object tree with every tensor as a `LazyTensor` (`.shape`, `.dtype`,
+    `.materialize()` reads it) and every non-allow-listed object as an inert `PickledObject`.
+    Raises CheckpointNotFoundError / CheckpointError (unreadable) / UnsafeCheckpointError (code).
+    """
+    archive = _Archive(path)
+    return archive.unpickle()
+
+
+def _looks_like_stable_diffusion(keys) -> bool:
+    return any(isinstance(k, str) and k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+               for k in keys)
+
+
+def _select_state_dict(path: Path, state: Any, key: str | None) -> dict:
+    if key is None:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
+        return state
+    if isinstance(state, dict) and key in state:
+        found = state[key]
+        if not isinstance(found, dict):
+            raise CheckpointError(f"{path}: state[{key!r}] is a {type(found).__name__}, not a state dict.")
+        return found
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict with {key!r}.")
+    inner = state.get("state_dict") if isinstance(state.get("state_dict"), dict) else {}
+    if _looks_like_stable_diffusion(state) or _looks_like_stable_diffusion(inner):
+        raise CheckpointError(f"{path} looks like a Stable Diffusion checkpoint (model.diffusion_model.* tensors), "
+                              "not Kosmos-G. Load it with ComfyUI's checkpoint loader; give the Kosmos-G loader "
+                              "checkpoint_final.pt or a converted Kosmos-G .safetensors.")
+    if state and all(isinstance(v, LazyTensor) for v in state.values()):
+        # A bare state dict (e.g. `torch.save(ckpt["model"], ...)`): the file IS the state dict.
+        logger.info("%s has no %r entry; it is a bare state dict, using it as is", path, key)
+        return state
+    shown = ", ".join(repr(k) for k in list(state)[:12]) + (" ..." if len(state) > 12 else "")
+    raise CheckpointError(f"{path} has no {key!r} entry; its top-level keys are: {shown or '(none)'}. "
+                          "An official Kosmos-G checkpoint keeps its weights under 'model'.")
+
+
+def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str], bool] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Read the tensors of `state[key]` from a torch zip `.pt` file without running pickled code.
+
+    key: the entry holding the state dict ("model" for fairseq checkpoints). `key=None` means the
+        file's top-level object IS the state dict; a file without `key` whose top level is a bare
+        name -> tensor dict is accepted as that state dict too.
+    include: optional filter on tensor names; tensors it rejects are never read (e.g. skip the
+        official file's `diffusion_unet.*`).
+    Only the storages of the returned tensors are read; shared storages stay shared.
+    """
+    path = Path(path)
+    with _Archive(path) as archive:
+        state = archive.unpickle()
+        state_dict = _select_state_dict(path, state, key)
+        tensors: dict[str, torch.Tensor] = {}
+        skipped = []
+        for name, value in state_dict.items():
+            if include is not None and not include(name):
+                continue
+            if isinstance(value, LazyTensor):
+                tensors[name] = archive.materialize(value)
+            else:
+                skipped.append(name)
+        if skipped:
+            logger.warning("%s: ignoring %d non-tensor entries in the state dict: %s", path, len(skipped), skipped[:8])
+        logger.debug("%s: read %d tensors, %d bytes", path, len(tensors), archive.bytes_read)
+    return tensors

@@ -1,0 +1,124 @@
+"""Official key table, size inference, strict key reporting, pack format round trip, lazy loading."""
+
+import pytest
+import torch
+
+from kosmosg_core.checkpoint import (
+    OFFICIAL_KEYS_TO_IGNORE, infer_config, load_model, read_checkpoint, rename_official_state_dict,
+    save_pack_checkpoint, to_official_state_dict)
+from kosmosg_core.config import KosmosGConfig
+from kosmosg_core.errors import CheckpointError
+from kosmosg_core.model import KosmosG
+from support.tiny_kosmosg import random_kosmosg, write_tiny_official, write_tiny_pack
+
+
+def head_dim_64_config() -> KosmosGConfig:
+    """Small, but every attention has 64-wide heads, like the official model (so sizes are inferable)."""
+    return KosmosGConfig.from_dict({
+        "vision": {"image_size": 28, "patch_size": 14, "width": 128, "layers": 2, "heads": 2},
+        "connector": {"num_queries": 4, "heads": 2},
+        "decoder": {"vocab_size": 207, "width": 128, "layers": 2, "heads": 2, "ffn_width": 256},
+        "aligner": {"width": 128, "heads": 2, "ffn_width": 256, "encoder_layers": 1, "decoder_layers": 3,
+                    "max_positions": 300},
+        "image_token_slots": 4})
+
+
+def test_official_names_round_trip():
+    model = random_kosmosg(KosmosGConfig.tiny())
+    official = to_official_state_dict(model.state_dict())
+    assert "gpt_model.decoder.layers.0.self_attn.inner_attn_ln.weight" in official
+    assert "img_model.visual.transformer.resblocks.1.ts_attn.q_proj.weight" in official
+    assert "img_connector.latent_query" in official and "aligner.encoder.layers.0.encoder_attn.k_proj.bias" in official
+    official["diffusion_unet.unet.conv_in.weight"] = torch.zeros(1)
+    official["gpt_model.decoder.self_attn_sope.scale"] = torch.zeros(2)
+    official["aligner.decoder_query"] = torch.zeros(3, 2)
+    renamed, ignored = rename_official_state_dict(official)
+    assert set(renamed) == set(model.state_dict())
+    assert sorted(ignored) == sorted(["gpt_model.decoder.output_projection.weight", "diffusion_unet.unet.conv_in.weight",
+                                      "gpt_model.decoder.self_attn_sope.scale", "aligner.decoder_query"])
+    assert all(OFFICIAL_KEYS_TO_IGNORE.values())  # every ignored pattern states its reason
+
+
+def test_open_clip_fused_attention_is_split():
+    cfg = KosmosGConfig.tiny()
+    model = random_kosmosg(cfg)
+    sd = model.state_dict()
+    prefix = "vision.resblocks.0.attn."
+    fused = {"visual.transformer.resblocks.0.attn.in_proj_weight":
+             torch.cat([sd[prefix + f"{p}_proj.weight"] for p in "qkv"]),
+             "visual.transformer.resblocks.0.attn.in_proj_bias": torch.cat([sd[prefix + f"{p}_proj.bias"] for p in "qkv"])}
+    renamed, _ = rename_official_state_dict(fused)
+    for p in "qkv":
+        assert torch.equal(renamed[prefix + f"{p}_proj.weight"], sd[prefix + f"{p}_proj.weight"])
+
+
+def test_sizes_inferred_from_shapes():
+    cfg = head_dim_64_config()
+    model = random_kosmosg(cfg)
+    assert infer_config(model.state_dict()) == cfg
+    official = KosmosGConfig.official()
+    with torch.device("meta"):
+        sd = KosmosG(official).state_dict()
+    assert infer_config(sd) == official
+
+
+def test_official_pt_without_sidecar_loads_by_inference(tmp_path):
+    from support.tokenizer_fixture import build_tiny_tokenizer
+
+    cfg = head_dim_64_config()
+    model = random_kosmosg(cfg)
+    torch.save({"model": to_official_state_dict(model.state_dict()), "args": None}, tmp_path / "retrained.pt")
+    build_tiny_tokenizer(tmp_path / "tokenizer")
+    loaded, tokenizer = load_model(tmp_path / "retrained.pt")
+    assert loaded.cfg == cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    pt, _, model = write_tiny_official(tmp_path)
+    sd = to_official_state_dict(model.state_dict())
+    del sd["gpt_model.decoder.layers.1.ffn.fc2.bias"]
+    sd["img_connector.extra_gate"] = torch.zeros(3)
+    torch.save({"model": sd}, pt)
+    with pytest.raises(CheckpointError, match=r"1 missing tensors: decoder\.layers\.1\.ffn\.fc2\.bias; "
+                                              r"1 unexpected tensors: connector\.extra_gate"):
+        load_model(pt)
+
+
+def test_shape_mismatch_with_sidecar_config(tmp_path):
+    pt, _, model = write_tiny_official(tmp_path)
+    cfg = KosmosGConfig.from_json(pt.with_suffix(".json").read_text())
+    cfg.decoder.ffn_width *= 2
+    pt.with_suffix(".json").write_text(cfg.to_json())
+    with pytest.raises(CheckpointError, match=r"decoder\.layers\.0\.ffn\.fc1\.weight has shape"):
+        load_model(pt)
+
+
+def test_pack_is_lazy_and_exact(tmp_path):
+    path, _, model = write_tiny_pack(tmp_path)
+    cfg, tensors, tokenizer = read_checkpoint(path)
+    assert tokenizer is not None and cfg == model.cfg
+    loaded, _ = load_model(path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+    # training-only branches are never written
+    cfg_recon = KosmosGConfig.from_dict(model.cfg.to_dict())
+    cfg_recon.aligner.with_reconstruction = True
+    trained = random_kosmosg(cfg_recon)
+    out = save_pack_checkpoint(trained, None, tmp_path / "from-stage2.safetensors")
+    _, tensors, _ = read_checkpoint(out)
+    assert not any(k.startswith(("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")) for k in tensors)
+
+
+def test_pack_write_is_atomic(tmp_path, monkeypatch):
+    path, _, model = write_tiny_pack(tmp_path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed mid-write
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_pack_checkpoint(model, None, path, dtype=torch.float16)
+    assert path.read_bytes() == before  # the good file was never replaced
