@@ -403,8 +403,14 @@ class _Archive:
         self._zip: zipfile.ZipFile | None = None
         self._cache: dict[str, torch.Tensor] = {}  # storage key -> 1-D tensor of its elements
         self.bytes_read = 0
-        zf = self._open()
-        names = zf.namelist()
+        try:
+            self._read_layout()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_layout(self) -> None:
+        names = self._open().namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pickles:
             hint = " It looks like a TorchScript archive." if any(n.endswith("constants.pkl") for n in names) else ""
@@ -509,7 +515,10 @@ def safe_load(path) -> Any:
     Raises CheckpointNotFoundError / CheckpointError (unreadable) / UnsafeCheckpointError (code).
     """
     archive = _Archive(path)
-    return archive.unpickle()
+    try:
+        return archive.unpickle()
+    finally:
+        archive.close()  # LazyTensor.materialize() reopens the file when needed
 
 
 def _looks_like_stable_diffusion(keys) -> bool:
