@@ -1,0 +1,369 @@
+"""Start ComfyUI with the Kosmos-G pack, its small default models and the example workflows ready.
+
+Run through scripts/start_comfyui.sh, which first creates (or reuses) the environment under
+~/.cache/kosmosg with .ci/setup_env.sh and then runs this file with that environment's Python.
+
+What it does (nothing outside DATA and the pack is touched; no other ComfyUI install is changed):
+  DATA (default ~/.cache/kosmosg/comfyui-data, or --dir):
+    custom_nodes/ComfyUI-Kosmos-G -> this repository (symlink)
+    extra_model_paths.yaml        registers the pack's models/nano for `checkpoints` and `kosmosg`
+    input/                        the example subject images from workflows/input/
+    user/default/workflows/       the shipped workflows (Workflows sidebar); never overwritten
+    models/, output/, user/       ComfyUI's usual folders
+  Until the trained nano models ship in models/nano, tiny RANDOM stand-ins with the same file
+  names are generated once into ~/.cache/kosmosg/standin-models-v1 and registered instead
+  (the graph runs end to end; the images are noise).
+
+Modes:
+  (default)  start the server on 127.0.0.1:PORT in the foreground, print the URL and the
+             workflow to open; Ctrl-C stops it.
+  --smoke    start it, queue the out-of-the-box workflow through the HTTP API, check the image is
+             a valid PNG of the workflow's size, stop the server; exit status 0 (ok) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_FOLDER_NAME = "ComfyUI-Kosmos-G"
+NANO_DIR = REPO / "models" / "nano"
+NANO_SD15 = "nano-sd15.safetensors"
+NANO_KOSMOSG = "kosmosg-nano.safetensors"
+OUT_OF_THE_BOX = "kosmosg-nano-out-of-the-box"
+EXAMPLE_IMAGES_DIR = REPO / "workflows" / "input"
+NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
+            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STANDIN_VERSION = "1"  # bump when the stand-in generators change
+
+logger = logging.getLogger("start_comfyui")
+
+
+def default_comfy_dir() -> Path:
+    """The ComfyUI tree beside the venv that runs this script (.ci/setup_env.sh's layout)."""
+    env = os.environ.get("KOSMOSG_COMFY_DIR")
+    if env:
+        return Path(env) / "ComfyUI"
+    return Path(sys.prefix).parent / "ComfyUI"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Arguments after `--` go to ComfyUI's main.py unchanged.")
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "kosmosg" / "comfyui-data",
+                        help="user data folder: models, input, output, settings (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port on 127.0.0.1 (default 8188; --smoke picks a free one)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="start, run the out-of-the-box workflow through the API, check the image, stop")
+    parser.add_argument("--comfy", type=Path, default=None, help="ComfyUI tree (default: beside the venv)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the server (default: torch's choice; --smoke uses 1)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    parser.add_argument("--timeout", type=float, default=300.0, help="--smoke: seconds allowed for start + run")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, comfy_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = parser.parse_args(own)
+    args.comfy_args = comfy_args
+    args.comfy = (args.comfy or default_comfy_dir()).resolve()
+    args.dir = args.dir.expanduser().resolve()
+    return args
+
+
+# --- the data folder -------------------------------------------------------------------------------
+def prepare_data_dir(data: Path) -> None:
+    for sub in ("models/checkpoints", "models/kosmosg", "models/loras", "models/controlnet", "input", "output",
+                "temp", "custom_nodes", "user/default/workflows"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    settings = data / "user" / "default" / "comfy.settings.json"
+    if not settings.exists():  # first start only: skip the tour; later the user's own settings rule
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}, indent=2))
+    link = data / "custom_nodes" / PACK_FOLDER_NAME
+    if link.is_symlink() and link.resolve() != REPO:
+        link.unlink()  # an older clone elsewhere: point at this one
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    elif not link.is_symlink():
+        raise SystemExit(f"{link} exists and is not a link to this pack; remove it or use another --dir")
+
+
+def copy_examples(data: Path) -> list[str]:
+    """Example subject images -> input/ (refreshed); workflows -> the Workflows sidebar (kept if edited)."""
+    copied = []
+    for image in sorted(EXAMPLE_IMAGES_DIR.glob("*.png")):
+        shutil.copyfile(image, data / "input" / image.name)
+        copied.append(image.name)
+    for workflow in sorted((REPO / "workflows").glob("*.json")):
+        target = data / "user" / "default" / "workflows" / workflow.name
+        if not target.exists():
+            shutil.copyfile(workflow, target)
+    return copied
+
+
+def write_extra_model_paths(data: Path, standin_dir: Path | None) -> Path:
+    """Registers the pack's models/nano (and the stand-ins, if any) for CheckpointLoaderSimple and
+    the Kosmos-G loader; only this server reads the file (--extra-model-paths-config)."""
+    lines = ["# written by scripts/start_comfyui.py; regenerated on every start",
+             "kosmosg_nano:",
+             f"  base_path: {json.dumps(str(NANO_DIR))}",
+             "  checkpoints: .",
+             "  kosmosg: ."]
+    if standin_dir is not None:
+        lines += ["kosmosg_standins:  # random-weight stand-ins until models/nano ships",
+                  f"  base_path: {json.dumps(str(standin_dir))}",
+                  "  checkpoints: checkpoints",
+                  "  kosmosg: kosmosg"]
+    path = data / "extra_model_paths.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- stand-in models (until the nano models exist) -------------------------------------------------
+def missing_nano_models() -> list[str]:
+    return [name for name in (NANO_SD15, NANO_KOSMOSG) if not (NANO_DIR / name).is_file()]
+
+
+def standin_dir() -> Path:
+    """Shared by every data folder (generated once): ~/.cache/kosmosg/standin-models-v<N>."""
+    cache = Path(os.environ.get("KOSMOSG_CACHE", Path.home() / ".cache" / "kosmosg"))
+    return cache / f"standin-models-v{STANDIN_VERSION}"
+
+
+def ensure_standins(comfy: Path, missing: list[str]) -> Path:
+    """Tiny random models under the nano names: an SD1.5-format U-Net + TAESD checkpoint (built with
+    ComfyUI's own classes) and a Kosmos-G pack checkpoint with a tiny tokenizer inside."""
+    out = standin_dir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    sd15 = out / "checkpoints" / NANO_SD15
+    if NANO_SD15 in missing and not _standin_current(sd15):
+        logger.info("generating the stand-in %s (random weights, ~10 s)", NANO_SD15)
+        scratch = out / f"tmp-sd15-{os.getpid()}"  # concurrent starts never share scratch files
+        subprocess.run([sys.executable, str(REPO / "tests" / "support" / "comfy_tiny_models.py"),
+                        "--comfy", str(comfy), "--out", str(scratch)], check=True, env=env, stdout=subprocess.DEVNULL)
+        sd15.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / "checkpoints" / "tiny-sd15.safetensors", sd15)
+        shutil.rmtree(scratch)
+        _mark_standin(sd15)
+    kosmosg = out / "kosmosg" / NANO_KOSMOSG
+    if NANO_KOSMOSG in missing and not _standin_current(kosmosg):
+        logger.info("generating the stand-in %s (random weights, tiny tokenizer)", NANO_KOSMOSG)
+        code = ("import sys, torch; torch.set_num_threads(1)\n"
+                "from pathlib import Path\n"
+                "from support.tiny_kosmosg import write_tiny_pack\n"
+                "d = Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)\n"
+                "write_tiny_pack(d / sys.argv[3], context_dim=768, seed=0, name=sys.argv[2])\n")
+        build = f"build-{os.getpid()}"
+        subprocess.run([sys.executable, "-c", code, str(out / "kosmosg"), NANO_KOSMOSG, build], check=True, env=env,
+                       cwd=REPO)
+        os.replace(out / "kosmosg" / build / NANO_KOSMOSG, kosmosg)  # tokenizer is inside the file
+        shutil.rmtree(out / "kosmosg" / build)
+        _mark_standin(kosmosg)
+    (out / "README.txt").write_text(
+        "Random-weight STAND-IN models generated by scripts/start_comfyui.py because the pack's\n"
+        f"models/nano/ does not contain {', '.join(missing)} yet. They make the out-of-the-box workflow\n"
+        "run end to end, but the images are noise. Delete this folder any time.\n")
+    return out
+
+
+def _standin_current(path: Path) -> bool:
+    stamp = path.with_name(path.name + ".standin")
+    return path.is_file() and stamp.is_file() and stamp.read_text().strip() == STANDIN_VERSION
+
+
+def _mark_standin(path: Path) -> None:
+    path.with_name(path.name + ".standin").write_text(STANDIN_VERSION + "\n")
+
+
+# --- the server -----------------------------------------------------------------------------------
+def server_command(args, data: Path, yaml_path: Path, port: int, cpu: bool) -> list[str]:
+    cmd = [sys.executable, "-u", "main.py", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(data), "--database-url", f"sqlite:///{data}/user/comfyui.db",
+           "--extra-model-paths-config", str(yaml_path), "--disable-auto-launch", "--disable-api-nodes"]
+    if cpu:
+        cmd.append("--cpu")
+    if args.smoke:
+        cmd += ["--preview-method", "none"]
+    return cmd + list(args.comfy_args)
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # a broken CUDA install must not stop a CPU start
+        return False
+
+
+def server_env(threads: int | None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def banner(url: str, data: Path, standins: Path | None, examples: list[str]) -> str:
+    lines = ["", "=" * 78, f"  ComfyUI with Kosmos-G is running:  {url}",
+             f"  Open the workflow '{OUT_OF_THE_BOX}' (left sidebar > Workflows,",
+             f"  or Workflow menu > Browse Templates > {PACK_FOLDER_NAME}), then press Run.",
+             f"  Example subject images in input/: {', '.join(examples) or '(none)'}",
+             f"  Data folder: {data}"]
+    if standins is not None:
+        lines += [f"  NOTE: {', '.join(missing_nano_models())} are RANDOM-WEIGHT STAND-INS from",
+                  f"        {standins} (the trained nano models are not shipped yet): the graph runs,",
+                  "        the images are noise. Put real SD1.5 / Kosmos-G checkpoints in",
+                  f"        {data / 'models' / 'checkpoints'} and {data / 'models' / 'kosmosg'} for real images."]
+    lines += ["  Stop with Ctrl-C.", "=" * 78, ""]
+    return "\n".join(lines)
+
+
+def run_foreground(args, cmd: list[str], url: str, comfy: Path, text: str) -> int:
+    proc = subprocess.Popen(cmd, cwd=comfy, env=server_env(args.threads))
+    try:
+        if wait_ready(proc, url, timeout=600):
+            print(text, flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too (same process group): let it finish
+        return proc.wait()
+    finally:  # SIGTERM to this script, or any error: never leave the server running
+        for stop, grace in ((proc.send_signal, 10), (lambda _: proc.terminate(), 5), (lambda _: proc.kill(), 5)):
+            if proc.poll() is not None:
+                break
+            stop(signal.SIGINT)  # SIGINT first (ComfyUI's clean stop); ignored by background jobs
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def wait_ready(proc, url: str, timeout: float) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+# --- --smoke ----------------------------------------------------------------------------------------
+def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None) -> int:
+    """Start, run the out-of-the-box workflow via /prompt, check the PNG, stop. -> exit status."""
+    os.environ["KOSMOSG_COMFY_DIR"] = str(comfy.parent)
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.comfy_server import ComfyServer, execution_error  # noqa: E402  (the tests' HTTP harness)
+    from support.workflow_api import ui_to_api  # noqa: E402
+
+    extra = ["--extra-model-paths-config", str(yaml_path)] + list(args.comfy_args)
+    server = ComfyServer(data, port=args.port, threads=args.threads or 1, extra_args=extra)
+    if gpu_available() and not args.cpu:
+        logger.info("a GPU is available, but --smoke always runs on the CPU (what CI checks)")
+    started = time.monotonic()
+    print(f"[smoke] starting ComfyUI on {server.url} (log: {server.log_path})", flush=True)
+    try:
+        server.start(timeout=args.timeout)
+        print(f"[smoke] server ready after {time.monotonic() - started:.1f} s", flush=True)
+        failures = server.import_failures([PACK_FOLDER_NAME, REPO.name])
+        if failures:
+            return _fail(server, "the pack failed to import:\n  " + "\n  ".join(failures))
+        info = server.object_info()
+        missing = [n for n in NODE_IDS if n not in info]
+        if missing:
+            return _fail(server, f"nodes missing from /object_info: {missing}")
+        workflow = json.loads((REPO / "workflows" / f"{OUT_OF_THE_BOX}.json").read_text())
+        prompt = ui_to_api(workflow, info)
+        status, body = server.queue(prompt)
+        if status != 200:
+            return _fail(server, f"the workflow was rejected ({status}): {json.dumps(body)[:2000]}")
+        entry = server.wait(body["prompt_id"], timeout=max(30.0, args.timeout - (time.monotonic() - started)))
+        if entry["status"]["status_str"] != "success":
+            return _fail(server, f"the workflow failed: {json.dumps(execution_error(entry))[:2000]}")
+        images = server.output_images(entry)
+        if len(images) != 1:
+            return _fail(server, f"expected 1 output image, got {len(images)}")
+        size = _expected_size(prompt)
+        problem = png_problem(images[0], size)
+        if problem:
+            return _fail(server, problem)
+        saved = sorted((data / "output").glob("kosmosg*.png"), key=lambda p: p.stat().st_mtime)
+        where = saved[-1] if saved else "(output/)"
+        print(f"[smoke] OK: {OUT_OF_THE_BOX} produced a valid {size[0]}x{size[1]} PNG ({len(images[0])} bytes) "
+              f"at {where} in {time.monotonic() - started:.1f} s", flush=True)
+        if standins is not None:
+            print(f"[smoke] models used: RANDOM-WEIGHT STAND-INS for {', '.join(missing_nano_models())} "
+                  f"(from {standins}); the trained nano models are not shipped yet", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError, OSError, AssertionError, KeyError, ValueError) as e:
+        return _fail(server, f"{type(e).__name__}: {e}")
+    finally:
+        server.stop()
+
+
+def _expected_size(prompt: dict) -> tuple[int, int]:
+    latent = next(n for n in prompt.values() if n["class_type"] == "EmptyLatentImage")["inputs"]
+    return int(latent["width"]), int(latent["height"])
+
+
+def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
+    """None for a decodable PNG of `size` with finite, non-constant-NaN content; else what is wrong."""
+    from PIL import Image
+
+    if not data.startswith(PNG_SIGNATURE):
+        return f"the output is not a PNG (starts with {data[:8]!r})"
+    try:
+        Image.open(io.BytesIO(data)).verify()  # checksums and structure
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"the output PNG does not decode: {e}"
+    if image.size != size:
+        return f"the output is {image.size[0]}x{image.size[1]}, the workflow asks for {size[0]}x{size[1]}"
+    return None
+
+
+def _fail(server, message: str) -> int:
+    print(f"[smoke] FAILED: {message}\n--- server log (tail) ---\n{server.log_tail(40)}", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[start_comfyui] %(message)s")
+    args = parse_args(argv)
+    if not (args.comfy / "main.py").is_file():
+        raise SystemExit(f"no ComfyUI tree at {args.comfy}; run scripts/start_comfyui.sh (it installs one) "
+                         "or pass --comfy")
+    data = args.dir
+    prepare_data_dir(data)
+    examples = copy_examples(data)
+    missing = missing_nano_models()
+    standins = ensure_standins(args.comfy, missing) if missing else None
+    yaml_path = write_extra_model_paths(data, standins)
+    if args.smoke:
+        return smoke(args, data, yaml_path, args.comfy, standins)
+    port = args.port or 8188
+    cpu = args.cpu or not gpu_available()
+    cmd = server_command(args, data, yaml_path, port, cpu)
+    url = f"http://127.0.0.1:{port}"
+    logger.info("starting: %s", " ".join(cmd))
+    return run_foreground(args, cmd, url, args.comfy, banner(url, data, standins, examples))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main())

@@ -1,0 +1,259 @@
+// Drives the real ComfyUI frontend in headless Chromium and reports what it saw as JSON.
+//
+//   node ui_check.mjs --url http://127.0.0.1:PORT --workflow ../../workflows/X.json \
+//        --screenshots DIR [--substitute '{"ckpt_name": "tiny.safetensors", ...}'] [--chromium PATH]
+//
+// The pytest wrapper (tests/integration/test_browser.py) starts the server and asserts on the
+// JSON printed on the last stdout line; this script only observes (it fails only when the page
+// cannot be driven at all), so every assertion lives in one place and names what it expected.
+//
+// Steps: page load -> our extension registered -> node library (registered types + the search
+// box) -> a fresh prompt node: type text, connect a LoadImage, watch sockets and the status line
+// -> load a workflow from workflows/, substitute test models, queue it through the UI -> wait for
+// the output image on the SaveImage node. Screenshots at the interesting moments.
+
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+import { parseArgs } from "node:util";
+
+const { values: opts } = parseArgs({
+    options: {
+        url: { type: "string" },
+        workflow: { type: "string" },
+        screenshots: { type: "string" },
+        substitute: { type: "string", default: "{}" },
+        chromium: { type: "string", default: process.env.CHROMIUM_PATH || "" },
+        timeout: { type: "string", default: "120" },
+    },
+});
+const TIMEOUT_MS = Number(opts.timeout) * 1000;
+const CHROMIUM_CANDIDATES = [opts.chromium, "/usr/lib/chromium/chromium", "/usr/bin/chromium",
+    "/usr/bin/chromium-browser"].filter(Boolean);
+// no sandbox (root in CI containers), no GPU, and nothing that phones home on the closed network
+const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+
+const report = { steps: [], console_errors: [], page_errors: [] };
+const step = (name, data = {}) => { report.steps.push(name); Object.assign(report, data); };
+
+fs.mkdirSync(opts.screenshots, { recursive: true });
+const shot = (page, name, clip) => page.screenshot({ path: path.join(opts.screenshots, `${name}.png`), clip });
+
+const executablePath = CHROMIUM_CANDIDATES.find((p) => fs.existsSync(p));
+if (!executablePath) throw new Error(`no Chromium found (tried ${CHROMIUM_CANDIDATES.join(", ")}); run tests/browser/install.sh`);
+const browser = await chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
+try {
+    const page = await browser.newPage({ viewport: { width: 1600, height: 900 }, deviceScaleFactor: 1 });
+    page.on("console", (msg) => { if (msg.type() === "error") report.console_errors.push(msg.text()); });
+    page.on("pageerror", (err) => report.page_errors.push(String(err)));
+
+    // --- 1. page + extension ---------------------------------------------------------------------
+    await page.goto(opts.url, { waitUntil: "domcontentloaded", timeout: TIMEOUT_MS });
+    await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types?.KosmosGLoader
+        && window.app.canvas, null, { timeout: TIMEOUT_MS });
+    await page.evaluate(async () => {  // a cleaner canvas for the screenshots
+        if (app.extensionManager?.setting?.get?.("Comfy.Minimap.Visible")) await app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
+    }).catch(() => {});
+    step("loaded", await page.evaluate(() => ({
+        extension_registered: app.extensions.some((e) => e.name === "KosmosG.interleavedPrompt"),
+        extension_urls: performance.getEntriesByType("resource").map((r) => r.name)
+            .filter((n) => n.includes("kosmosg_prompt.js")),
+    })));
+
+    // --- 2. node library: registered types, and the search box a user types into -----------------
+    step("library", await page.evaluate(() => ({
+        kosmosg_category_nodes: Object.entries(LiteGraph.registered_node_types)
+            .filter(([, cls]) => cls.category === "Kosmos-G").map(([id]) => id).sort(),
+    })));
+    await page.evaluate(() => app.graph.clear());
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+    // a double click on the empty canvas opens the node search box, as for a user
+    const canvasBox = await page.locator("#graph-canvas").boundingBox();
+    await page.mouse.dblclick(canvasBox.x + canvasBox.width / 2, canvasBox.y + canvasBox.height / 2);
+    const searchInput = page.locator("input[placeholder*='Add a node' i], input[placeholder*='Search' i]").first();
+    let searchResults = [];
+    let addedFromSearch = null;
+    try {
+        await searchInput.waitFor({ timeout: 15000 });
+        await searchInput.fill("Kosmos-G");
+        await page.locator("[role='option']").first().waitFor({ timeout: 15000 });
+        await page.waitForTimeout(500);
+        searchResults = await page.locator("[role='option']").allInnerTexts();
+        await shot(page, "node-search");
+        // pick the prompt node from the results: it must land on the canvas
+        await searchInput.fill("Kosmos-G Interleaved Prompt");
+        await page.waitForTimeout(800);
+        await page.locator("[role='option']", { hasText: "Kosmos-G Interleaved Prompt" }).first().click();
+        await page.waitForTimeout(300);
+        // the frontend may attach the new node to the pointer ("ghost" placement): drop it with a click
+        await page.mouse.move(canvasBox.x + 700, canvasBox.y + 300);
+        await page.mouse.click(canvasBox.x + 700, canvasBox.y + 300);
+        await page.waitForTimeout(300);
+        addedFromSearch = await page.evaluate(() => app.graph.nodes.map((n) => n.type));
+    } catch (e) {
+        report.search_error = String(e);
+        await page.keyboard.press("Escape");
+    }
+    step("search", { search_results: searchResults.map((t) => t.replace(/\s+/g, " ").trim()).slice(0, 20),
+        added_from_search: addedFromSearch });
+
+    // --- 3. the prompt node: typing, connecting, numbering -----------------------------------------
+    await page.evaluate(() => {
+        // continue with the node the search box created (a fresh one if the search step failed)
+        let prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
+        if (!prompt) {
+            prompt = LiteGraph.createNode("KosmosGInterleavedPrompt");
+            app.graph.add(prompt);
+        }
+        prompt.pos = [460, 190];
+        const image = LiteGraph.createNode("LoadImage");
+        image.pos = [90, 130];
+        app.graph.add(image);
+        window.__kg = { prompt, image };
+        app.canvas.ds.offset = [0, 0];
+        app.canvas.ds.scale = 1;
+        app.canvas.setDirty(true, true);
+    });
+    await page.waitForTimeout(500);
+    const promptState = () => page.evaluate(() => {
+        const node = window.__kg.prompt;
+        return {
+            inputs: node.inputs.map((i) => ({ name: i.name, type: i.type, label: i.label ?? null, linked: i.link != null })),
+            widgets: node.widgets.map((w) => w.name),
+            status: node.kosmosgStatus ?? null,
+            status_dom: [...document.querySelectorAll("[data-testid='kosmosg-status-summary']")].map((e) => e.textContent),
+            preview_dom: [...document.querySelectorAll("[data-testid='kosmosg-status-preview']")].map((e) => e.textContent),
+        };
+    });
+    const created = await promptState();
+    // type like a user: into the prompt node's textarea, replacing its default text
+    const textarea = page.locator("textarea.comfy-multiline-input").first();
+    await textarea.click();
+    await textarea.press("Control+a");
+    await textarea.pressSequentially("a photo of <i> wearing a hat", { delay: 5 });
+    await page.waitForTimeout(300);
+    const typedOne = await promptState();
+    await page.evaluate(() => {
+        const { prompt, image } = window.__kg;
+        image.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image0"));
+    });
+    await page.waitForTimeout(500);
+    const connected = await promptState();
+    await textarea.pressSequentially(" next to <i>", { delay: 5 });
+    await page.waitForTimeout(300);
+    const typedTwo = await promptState();
+    await shot(page, "prompt-node-mismatch", { x: 70, y: 92, width: 920, height: 420 });
+    await page.evaluate(() => {
+        const { prompt } = window.__kg;
+        const second = LiteGraph.createNode("LoadImage");
+        second.pos = [90, 500];
+        app.graph.add(second);
+        const file = second.widgets.find((w) => w.name === "image");
+        if (file?.options?.values?.includes("kosmosg_subject_2.png")) {
+            file.value = "kosmosg_subject_2.png";
+            file.callback?.(file.value);  // LoadImage refreshes its preview from the widget callback
+        }
+        second.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image1"));
+    });
+    await page.waitForTimeout(600);
+    const connectedTwo = await promptState();
+    const apiPrompt = await page.evaluate(async () => {
+        const { output } = await app.graphToPrompt();
+        return output[String(window.__kg.prompt.id)];
+    });
+    await page.mouse.click(canvasBox.x + 1300, canvasBox.y + 850);  // deselect: no selection toolbox in the picture
+    await page.waitForTimeout(400);
+    await shot(page, "prompt-node", { x: 70, y: 92, width: 920, height: 790 });
+    // per-image weights appear on the sockets; a wrong count is flagged
+    const setWeights = (text) => page.evaluate((text) => {
+        const widget = window.__kg.prompt.widgets.find((w) => w.name === "weights");
+        widget.value = text;
+        widget.callback?.(widget.value);  // what the canvas text prompt does after editing
+    }, text);
+    await setWeights("1.0, 0.5");
+    await page.waitForTimeout(300);
+    const weighted = await promptState();
+    await setWeights("1.0");
+    await page.waitForTimeout(300);
+    const badWeights = await promptState();
+    await setWeights("");
+    // a third image with no placeholder for it
+    await page.evaluate(() => {
+        const { prompt, image } = window.__kg;
+        image.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image2"));
+    });
+    await page.waitForTimeout(600);
+    const extraImage = await promptState();
+    await page.evaluate(() => {
+        const { prompt } = window.__kg;
+        prompt.disconnectInput(prompt.inputs.findIndex((i) => i.name === "images.image2"));
+    });
+    await page.waitForTimeout(600);
+    // unplug the first image: its socket stays (Autogrow keeps middle sockets); the server skips it,
+    // so the remaining image fills <i>1 and the labels must say so
+    await page.evaluate(() => {
+        const { prompt } = window.__kg;
+        prompt.disconnectInput(prompt.inputs.findIndex((i) => i.name === "images.image0"));
+    });
+    await page.waitForTimeout(600);
+    const gap = await promptState();
+    step("prompt_node", { prompt_node: { created, typed_one: typedOne, connected, typed_two: typedTwo,
+        connected_two: connectedTwo, weighted, bad_weights: badWeights, extra_image: extraImage, gap, api_inputs: apiPrompt?.inputs ?? null } });
+
+    // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
+    const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));
+    const substitutions = JSON.parse(opts.substitute);
+    const loaded = await page.evaluate(async ({ workflow, substitutions }) => {
+        // substitute in the JSON before loading (widgets_values follow each node's widget order),
+        // so the frontend's missing-model check sees the files the test server really has
+        const changed = [];
+        for (const node of workflow.nodes) {
+            const probe = LiteGraph.createNode(node.type);
+            const names = probe?.widgets?.map((w) => w.name) ?? [];
+            names.forEach((name, k) => {
+                if (name in substitutions && Array.isArray(node.widgets_values) && k < node.widgets_values.length) {
+                    node.widgets_values[k] = substitutions[name];
+                    changed.push(`${node.type}.${name}`);
+                }
+            });
+        }
+        await app.loadGraphData(workflow);
+        await app.extensionManager?.command?.execute?.("Comfy.Canvas.FitView");
+        app.canvas.setDirty(true, true);
+        const prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
+        return { node_types: app.graph.nodes.map((n) => n.type).sort(), substituted: changed,
+            prompt_labels: prompt?.inputs.filter((i) => i.name.startsWith("images.")).map((i) => i.label ?? i.name) };
+    }, { workflow, substitutions });
+    await page.waitForTimeout(500);
+    loaded.prompt_status = await page.evaluate(
+        () => app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt")?.kosmosgStatus ?? null);
+    await page.waitForTimeout(300);
+    await shot(page, "workflow");
+    step("workflow_loaded", { workflow: loaded });
+
+    const started = Date.now();
+    await page.evaluate(() => app.queuePrompt(0, 1));
+    // SaveImage gets its `images` from the "executed" message; the frontend then loads them as <img>
+    const handle = await page.waitForFunction(() => {
+        const save = app.graph.nodes.find((n) => n.type === "SaveImage");
+        const output = save && app.nodeOutputs?.[String(save.id)];
+        const imgs = save?.imgs ?? [];
+        if (!output?.images?.length || !imgs.length || !imgs.every((img) => img.complete && img.naturalWidth > 0)) return null;
+        return { images: output.images, natural_sizes: imgs.map((img) => [img.naturalWidth, img.naturalHeight]),
+            srcs: imgs.map((img) => img.src) };
+    }, null, { timeout: TIMEOUT_MS, polling: 250 });
+    const result = await handle.jsonValue();
+    const view = await page.evaluate(async (src) => {
+        const response = await fetch(src);
+        const bytes = new Uint8Array(await response.arrayBuffer());
+        return { status: response.status, type: response.headers.get("content-type"), head: Array.from(bytes.slice(0, 8)) };
+    }, result.srcs[0]);
+    await page.waitForTimeout(300);
+    await shot(page, "workflow-output");
+    step("queued", { output: { ...result, view, seconds: (Date.now() - started) / 1000 } });
+} finally {
+    await browser.close();
+}
+console.log(JSON.stringify(report));

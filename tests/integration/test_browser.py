@@ -1,0 +1,166 @@
+"""The pack in the real ComfyUI frontend (1.47.12, shipped with ComfyUI 0.30.0) in headless Chromium.
+
+tests/browser/ui_check.mjs drives the page once (playwright-core + Debian's chromium, installed by
+tests/browser/install.sh) and reports what it saw as JSON; the tests below assert on that report.
+Screenshots go to $KOSMOSG_SCREENSHOT_DIR when set, else to the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import comfy_tiny_models
+
+from .conftest import TINY_KOSMOSG_PT
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+BROWSER_DIR = REPO / "tests" / "browser"
+WORKFLOW = REPO / "workflows" / "kosmosg-two-subjects.json"
+CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]
+NODE_IDS = ["KosmosGConvertCheckpoint", "KosmosGEncode", "KosmosGInterleavedPrompt", "KosmosGLoadConditioning",
+            "KosmosGLoader", "KosmosGSaveConditioning"]
+# the shipped workflow names real models; the session server has tiny ones (tests/integration/conftest.py)
+SUBSTITUTIONS = {"ckpt_name": comfy_tiny_models.UNET_NAME, "checkpoint": TINY_KOSMOSG_PT, "steps": 2,
+                 "width": 64, "height": 64}
+
+
+def _browser_missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed in tests/browser (run tests/browser/install.sh)"
+    if not any(os.path.exists(p) for p in CHROMIUM_PATHS):
+        return "chromium is not installed (run tests/browser/install.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser_report(comfy, tmp_path_factory):
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    shots = Path(os.environ.get("KOSMOSG_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    cmd = ["node", "ui_check.mjs", "--url", comfy.url, "--workflow", str(WORKFLOW), "--screenshots", str(shots),
+           "--substitute", json.dumps(SUBSTITUTIONS), "--timeout", "150"]
+    result = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, (f"ui_check.mjs failed ({result.returncode}):\n{result.stderr[-4000:]}\n"
+                                    f"server log:\n{comfy.log_tail(40)}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["screenshot_dir"] = shots
+    return report
+
+
+def _sockets(state) -> list[str]:
+    return [i["name"] for i in state["inputs"] if i["name"].startswith("images.")]
+
+
+def test_extension_loads_without_errors(browser_report):
+    assert browser_report["extension_registered"]
+    assert any("/kosmosg_prompt.js" in url for url in browser_report["extension_urls"])
+    assert browser_report["page_errors"] == []
+    ours = [e for e in browser_report["console_errors"] if "kosmos" in e.lower()]
+    assert ours == []
+
+
+def test_nodes_appear_in_the_node_library(browser_report):
+    assert browser_report["kosmosg_category_nodes"] == NODE_IDS
+    results = " | ".join(browser_report["search_results"])
+    for title in ("Kosmos-G Loader", "Kosmos-G Interleaved Prompt", "Kosmos-G Encode", "Kosmos-G Save Conditioning",
+                  "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint"):
+        assert title in results, f"{title!r} not offered by the search box: {results}"
+    assert browser_report["added_from_search"] == ["KosmosGInterleavedPrompt"]
+
+
+def test_connecting_an_image_adds_a_socket(browser_report):
+    node = browser_report["prompt_node"]
+    assert _sockets(node["created"]) == ["images.image0"]
+    assert _sockets(node["connected"]) == ["images.image0", "images.image1"]
+    assert _sockets(node["connected_two"]) == ["images.image0", "images.image1", "images.image2"]
+    assert all(i["type"] == "IMAGE" for i in node["connected_two"]["inputs"] if i["name"].startswith("images."))
+
+
+def test_placeholder_counter_follows_typing_and_links(browser_report):
+    node = browser_report["prompt_node"]
+    expected = [("typed_one", "1 <i> / 0 images ⚠"), ("connected", "1 <i> / 1 image ✓"),
+                ("typed_two", "2 <i> / 1 image ⚠"), ("connected_two", "2 <i> / 2 images ✓")]
+    for moment, prefix in expected:
+        summary = node[moment]["status_dom"][0]
+        assert summary.startswith(prefix), f"{moment}: {summary!r}"
+        assert summary == node[moment]["status"]["summary"]
+    assert "connect 1 more image" in node["typed_two"]["status_dom"][0]
+    assert node["typed_two"]["status"]["ok"] is False and node["connected_two"]["status"]["ok"] is True
+
+
+def test_placeholders_are_numbered_against_the_sockets(browser_report):
+    node = browser_report["prompt_node"]
+    assert node["typed_two"]["preview_dom"][0] == "a photo of <i>₁ wearing a hat next to <i>₂"
+    labels = {i["name"]: i["label"] for i in node["connected_two"]["inputs"]}
+    assert labels["images.image0"] == "image0 → <i>₁"
+    assert labels["images.image1"] == "image1 → <i>₂"
+    assert labels["images.image2"] == "image2"  # the spare socket: plain name while nothing is missing
+    # while the 2nd image is missing, the spare socket says which placeholder it would fill
+    labels = {i["name"]: i["label"] for i in node["typed_two"]["inputs"]}
+    assert labels["images.image1"] == "image1 → <i>₂?"
+
+
+def test_weights_show_on_sockets_and_a_wrong_count_is_flagged(browser_report):
+    node = browser_report["prompt_node"]
+    labels = {i["name"]: i["label"] for i in node["weighted"]["inputs"]}
+    assert labels["images.image0"] == "image0 → <i>₁"  # weight 1.0 is the default: not repeated
+    assert labels["images.image1"] == "image1 → <i>₂ ×0.5"
+    assert node["weighted"]["status_dom"][0] == "2 <i> / 2 images ✓"
+    assert node["bad_weights"]["status_dom"][0] == "2 <i> / 2 images ⚠ weights has 1 value for 2 images"
+
+
+def test_an_image_without_placeholder_is_flagged(browser_report):
+    extra = browser_report["prompt_node"]["extra_image"]
+    labels = {i["name"]: i["label"] for i in extra["inputs"]}
+    assert labels["images.image2"] == "image2 → no <i>"
+    assert extra["status_dom"][0] == "2 <i> / 3 images ⚠ add 1 <i> to the text or disconnect 1 image"
+
+
+def test_unplugging_the_first_image_renumbers_the_rest(browser_report):
+    # the 1.47 frontend compacts Autogrow sockets: the second image moves up to image0 and now
+    # fills the first <i>; the spare socket asks for the missing second one
+    gap = browser_report["prompt_node"]["gap"]
+    sockets = [(i["name"], i["label"], i["linked"]) for i in gap["inputs"] if i["name"].startswith("images.")]
+    assert sockets == [("images.image0", "image0 → <i>₁", True), ("images.image1", "image1 → <i>₂?", False)]
+    assert gap["status_dom"][0].startswith("2 <i> / 1 image ⚠")
+
+
+def test_ui_submits_text_and_sockets_but_not_the_status_widget(browser_report):
+    inputs = browser_report["prompt_node"]["api_inputs"]
+    assert inputs["text"] == "a photo of <i> wearing a hat next to <i>"
+    assert inputs["weights"] == ""
+    assert isinstance(inputs["images.image0"], list) and isinstance(inputs["images.image1"], list)
+    assert "kosmosg_status" not in inputs and "images.image2" not in inputs
+
+
+def test_shipped_workflow_loads_queues_and_shows_its_image(browser_report):
+    workflow = browser_report["workflow"]
+    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KSampler", "SaveImage"} <= set(
+        workflow["node_types"])
+    assert {"CheckpointLoaderSimple.ckpt_name", "KosmosGLoader.checkpoint", "KSampler.steps"} <= set(
+        workflow["substituted"])
+    assert workflow["prompt_status"]["summary"] == "2 <i> / 2 images ✓"
+    output = browser_report["output"]
+    assert len(output["images"]) == 1 and output["images"][0]["type"] == "output"
+    assert output["natural_sizes"] == [[64, 64]]
+    assert output["view"]["status"] == 200 and output["view"]["type"] == "image/png"
+    assert bytes(output["view"]["head"]) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_screenshots_are_saved(browser_report):
+    for name in ("node-search", "prompt-node", "workflow", "workflow-output"):
+        path = browser_report["screenshot_dir"] / f"{name}.png"
+        assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), path

@@ -1,0 +1,242 @@
+// Kosmos-G Interleaved Prompt: live placeholder/image check and numbered placeholders.
+//
+// What the node API cannot give the user (the sockets themselves come from the V3 Autogrow
+// input, which the frontend grows without any JS here):
+//   1. a status line that counts `<i>` placeholders against connected images while typing,
+//      green when they match, amber/red with the fix when they do not (the server rejects a
+//      mismatch at queue time; this says so before the user queues);
+//   2. a preview of the text with each `<i>` numbered ("a photo of <i>₁ wearing <i>₂"),
+//      coloured like the socket that fills it;
+//   3. socket labels that say which placeholder each image socket fills ("image0 → <i>₁"),
+//      including sockets left empty in the middle (the server skips them, so numbering follows
+//      connected sockets, not socket indices) and images that have no placeholder.
+//
+// Only the public extension API is used: app.registerExtension, the node prototype callbacks
+// (always chained, never replaced), widget callbacks (chained) and node.addDOMWidget.
+
+import { app } from "../../scripts/app.js";
+
+const NODE_ID = "KosmosGInterleavedPrompt";
+const PLACEHOLDER = "<i>";            // kosmosg_core.config.IMAGE_PLACEHOLDER
+const IMAGES_GROUP = "images.";        // V3 Autogrow sockets are named "images.image0", "images.image1", ...
+const STATUS_WIDGET = "kosmosg_status";
+const SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉";
+// one colour per placeholder/image pair, repeated; readable on the dark and the light palette
+const PAIR_COLOURS = ["#4fc3f7", "#ffb74d", "#81c784", "#f06292", "#ba68c8", "#fff176", "#4db6ac", "#e57373"];
+const OK_COLOUR = "#66bb6a";
+const MIN_WIDTH = 420;
+const WARN_COLOUR = "#ffa726";
+
+/** 12 -> "₁₂" (placeholder numbers start at 1, like the user counts). */
+export function subscript(n) {
+    return String(n).split("").map((d) => SUBSCRIPTS[Number(d)]).join("");
+}
+
+/** Same rule as kosmosg_core.prompt.count_placeholders: non-overlapping literal "<i>". */
+export function countPlaceholders(text) {
+    return typeof text === "string" ? text.split(PLACEHOLDER).length - 1 : 0;
+}
+
+/** "1.0, 0.8" -> [1, 0.8]; "" -> null (1.0 each); a bad entry -> {error}. Mirrors nodes/prompt.parse_weights. */
+export function parseWeights(text) {
+    const parts = (text || "").trim().split(/[,\s;]+/).filter((p) => p.length > 0);
+    if (parts.length === 0) return null;
+    const values = parts.map(Number);
+    const bad = parts.find((p, k) => !Number.isFinite(values[k]) || values[k] < 0 || values[k] > 10);
+    return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..10` };
+}
+
+/** The node's image sockets in socket order: [{input, index (socket number), linked}]. */
+function imageSockets(node) {
+    return (node.inputs || [])
+        .filter((input) => input.name.startsWith(IMAGES_GROUP))
+        .map((input) => ({ input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1), linked: input.link != null }))
+        .sort((a, b) => a.index - b.index);
+}
+
+function widgetValue(node, name) {
+    return node.widgets?.find((w) => w.name === name)?.value ?? "";
+}
+
+/** Everything the status line, the preview and the socket labels show, from the node's state. */
+export function describe(text, linkedSocketIndices, weightsText) {
+    const placeholders = countPlaceholders(text);
+    const images = linkedSocketIndices.length;
+    const weights = parseWeights(weightsText);
+    const problems = [];
+    if (placeholders > images) {
+        const missing = placeholders - images;
+        problems.push(`connect ${missing} more image${missing > 1 ? "s" : ""} or remove ${missing} ${PLACEHOLDER}`);
+    } else if (images > placeholders) {
+        const extra = images - placeholders;
+        problems.push(`add ${extra} ${PLACEHOLDER} to the text or disconnect ${extra} image${extra > 1 ? "s" : ""}`);
+    }
+    if (weights?.error) problems.push(weights.error);
+    else if (weights && weights.length !== images) {
+        problems.push(`weights has ${weights.length} value${weights.length === 1 ? "" : "s"} for ${images} image${images === 1 ? "" : "s"}`);
+    }
+    return {
+        placeholders,
+        images,
+        ok: problems.length === 0,
+        summary: `${placeholders} ${PLACEHOLDER} / ${images} image${images === 1 ? "" : "s"}`
+            + (problems.length === 0 ? " ✓" : ` ⚠ ${problems.join("; ")}`),
+        // placeholder k (1-based) is filled by the k-th linked socket, whatever its socket number
+        socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
+        weightFor: (k) => (Array.isArray(weights) && weights.length === images ? weights[k - 1] : null),
+    };
+}
+
+/** The text with every `<i>` replaced by a numbered, coloured chip (DOM nodes, never innerHTML). */
+function renderPreview(element, text, state) {
+    element.replaceChildren();
+    const pieces = (text || "").split(PLACEHOLDER);
+    pieces.forEach((piece, k) => {
+        if (piece) element.append(document.createTextNode(piece));
+        if (k === pieces.length - 1) return;
+        const number = k + 1;
+        const chip = document.createElement("span");
+        const socket = state.socketForPlaceholder(number);
+        chip.className = "kosmosg-chip";
+        chip.textContent = `${PLACEHOLDER}${subscript(number)}`;
+        chip.title = socket === undefined ? `placeholder ${number}: no image connected for it`
+            : `placeholder ${number}: filled by socket image${socket}`;
+        chip.style.color = socket === undefined ? WARN_COLOUR : PAIR_COLOURS[k % PAIR_COLOURS.length];
+        chip.style.fontWeight = "bold";
+        if (socket === undefined) chip.style.textDecoration = "underline wavy";
+        element.append(chip);
+    });
+    if (!text) element.textContent = "(empty prompt)";
+}
+
+/** Socket labels: "image0 → <i>₁ ×0.8", "image1 (empty, skipped)", "image2 → no <i>", and the spare
+ * socket: "image3 → <i>₄?" while a placeholder lacks its image, else just "image3" (a socket restored
+ * from a saved workflow would otherwise show its full "images.image3" name). */
+function labelSockets(node, state) {
+    const sockets = imageSockets(node);
+    let ordinal = 0;
+    sockets.forEach(({ input, index, linked }, position) => {
+        let label;
+        if (linked) {
+            ordinal += 1;
+            const weight = state.weightFor(ordinal);
+            label = ordinal <= state.placeholders
+                ? `image${index} → ${PLACEHOLDER}${subscript(ordinal)}` + (weight != null && weight !== 1 ? ` ×${weight}` : "")
+                : `image${index} → no ${PLACEHOLDER}`;
+            input.color_on = PAIR_COLOURS[(ordinal - 1) % PAIR_COLOURS.length];
+        } else if (position < sockets.length - 1) {
+            label = `image${index} (empty, skipped)`;
+        } else {
+            // the spare socket the Autogrow input keeps at the end: say what connecting it would fill
+            label = ordinal < state.placeholders ? `image${index} → ${PLACEHOLDER}${subscript(ordinal + 1)}?` : `image${index}`;
+        }
+        input.label = label;
+    });
+}
+
+/** Recompute and show everything; cheap, so it simply runs after every relevant change. */
+function refresh(node) {
+    const widget = node.widgets?.find((w) => w.name === STATUS_WIDGET);
+    if (!widget) return;
+    const linked = imageSockets(node).filter((s) => s.linked).map((s) => s.index);
+    const text = String(widgetValue(node, "text"));
+    const state = describe(text, linked, String(widgetValue(node, "weights")));
+    const { status, preview } = widget.kosmosgElements;
+    status.textContent = state.summary;
+    status.style.color = state.ok ? OK_COLOUR : WARN_COLOUR;
+    renderPreview(preview, text, state);
+    labelSockets(node, state);
+    // read by the browser test and handy in the devtools console
+    node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary };
+    node.setDirtyCanvas?.(true, true);
+}
+
+/** Coalesce bursts (typing, Autogrow adding/removing sockets in the next frame) into one refresh. */
+function scheduleRefresh(node) {
+    if (node.kosmosgRefreshPending) return;
+    node.kosmosgRefreshPending = true;
+    requestAnimationFrame(() => {
+        node.kosmosgRefreshPending = false;
+        refresh(node);
+    });
+}
+
+function chain(original, extra) {
+    return function (...args) {
+        const result = original?.apply(this, args);
+        extra.apply(this, args);
+        return result;
+    };
+}
+
+function addStatusWidget(node) {
+    const container = document.createElement("div");
+    container.className = "kosmosg-status";
+    container.dataset.testid = "kosmosg-status";
+    Object.assign(container.style, {
+        font: "11px monospace", padding: "4px 6px", boxSizing: "border-box", overflow: "auto",
+        background: "rgba(0,0,0,0.25)", borderRadius: "6px", lineHeight: "1.35", whiteSpace: "pre-wrap",
+        wordBreak: "break-word", color: "var(--input-text, #ddd)",
+    });
+    const status = document.createElement("div");
+    status.dataset.testid = "kosmosg-status-summary";
+    status.style.fontWeight = "bold";
+    const preview = document.createElement("div");
+    preview.dataset.testid = "kosmosg-status-preview";
+    preview.style.opacity = "0.9";
+    container.append(status, preview);
+    const widget = node.addDOMWidget(STATUS_WIDGET, "kosmosg_status", container, {
+        serialize: false,           // display only: never in widgets_values nor in the API prompt
+        hideOnZoom: false,
+        getValue: () => "",
+        setValue: () => {},
+        getMinHeight: () => 64,
+        getMaxHeight: () => 140,
+    });
+    widget.serialize = false;
+    widget.kosmosgElements = { status, preview };
+    return widget;
+}
+
+const EXTENSION_NAME = "KosmosG.interleavedPrompt";
+
+// The frontend refuses a second extension with the same name (it throws). That happens when
+// the same file is served twice, e.g. when both WEB_DIRECTORY and pyproject's [tool.comfy] web
+// register the folder: keep the first registration, skip quietly.
+if (app.extensions?.some?.((extension) => extension.name === EXTENSION_NAME)) {
+    console.debug(`${EXTENSION_NAME}: already registered (file loaded twice); skipping`);
+} else app.registerExtension({
+    name: EXTENSION_NAME,
+
+    // The only hook that sees the node class before instances exist: extend its prototype
+    // callbacks once, for our node only.
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+        if (nodeData?.name !== NODE_ID) return;
+
+        // New node (menu, search, paste, or a workflow being loaded): add the status line and
+        // follow edits of the two text widgets. Their `callback` fires on every keystroke
+        // (the multiline textarea calls it from its input event), so the check is live.
+        nodeType.prototype.onNodeCreated = chain(nodeType.prototype.onNodeCreated, function () {
+            addStatusWidget(this);
+            // room for the status line and a two-line preview without squeezing the textarea
+            const [width, height] = this.computeSize?.() ?? this.size;
+            this.setSize?.([Math.max(this.size[0], width, MIN_WIDTH), Math.max(this.size[1], height)]);
+            for (const name of ["text", "weights"]) {
+                const widget = this.widgets?.find((w) => w.name === name);
+                if (widget) widget.callback = chain(widget.callback, () => scheduleRefresh(this));
+            }
+            scheduleRefresh(this);
+        });
+
+        // Links made or removed: the Autogrow input adds/removes sockets in this same callback
+        // chain (and partly in the next frame), so refresh after it settles.
+        nodeType.prototype.onConnectionsChange = chain(nodeType.prototype.onConnectionsChange, function () {
+            scheduleRefresh(this);
+        });
+
+        // Loaded from a workflow: widget values and links are set without widget callbacks.
+        nodeType.prototype.onConfigure = chain(nodeType.prototype.onConfigure, function () {
+            scheduleRefresh(this);
+        });
+    },
+});
