@@ -137,13 +137,14 @@ class KosmosGPipeline:
                 self._image_cache.move_to_end(key)
             else:
                 batch = pixel[None].to(device=self.device, dtype=self.dtype)
-                self._image_cache[key] = self.model.encode_images(batch)[0]  # [Q, D]
+                # kept on the CPU: GPU memory belongs to the model (ComfyUI offloads it between runs)
+                self._image_cache[key] = self.model.encode_images(batch)[0].cpu()  # [Q, D]
                 while len(self._image_cache) > self.cache_size:
                     self._image_cache.popitem(last=False)
             out.append(self._image_cache[key])
             if progress is not None:
                 progress()
-        return torch.stack(out)
+        return torch.stack(out).to(self.device)
 
     @torch.inference_mode()
     def encode_ids(self, prompt_ids: list[PromptIds], image_embeds: torch.Tensor | None) -> torch.Tensor:
