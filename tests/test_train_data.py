@@ -343,6 +343,33 @@ def test_official_tsv_round_trip(built, tmp_path):
     assert sorted(map(comparable, restored)) == sorted(map(comparable, original))
 
 
+def test_iter_records_inside_a_gloo_process_group(tmp_path, monkeypatch):
+    """Under torchrun / accelerate launch (RANK, WORLD_SIZE set; gloo group initialised) reading
+    shards must not hit webdataset's "you need to add an explicit nodesplitter" refusal; every
+    process sees every shard unless node splitting is asked for."""
+    import torch.distributed as dist
+
+    from train.data.shards import Sample, iter_records
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(3):
+        write_shard(str(folder / f"s-{shard:06d}.tar"),
+                    [Sample(key=f"s{shard}_{i}", meta={"shard": shard, "i": i}) for i in range(2)])
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        monkeypatch.setenv("RANK", "1")  # what the launcher exports for the second of two processes
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        keys = [record["__key__"] for record in iter_records(str(folder))]
+        assert keys == [f"s{shard}_{i}" for shard in range(3) for i in range(2)]
+        split = [record["__key__"] for record in iter_records(str(folder), split_by_node=True)]
+        assert split == ["s1_0", "s1_1"]  # rank 1 of 2 takes shards 1, 3, 5, ...
+        assert [s.meta["shard"] for s in read_samples(str(folder))] == [0, 0, 1, 1, 2, 2]
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [None, "build", "ingest-ip2p", "ingest-pairs", "mix", "to-official",

@@ -86,15 +86,30 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
     return paths
 
 
-def iter_records(spec: str | list[str]) -> Iterator[dict]:
-    """Raw WebDataset records (field -> bytes), in shard order, nothing decoded."""
-    dataset = wds.WebDataset(resolve_shards(spec), shardshuffle=False, empty_check=False)
+def _every_shard(urls):
+    """Node/worker splitter that keeps every shard (the caller decides who processes what)."""
+    return urls
+
+
+def iter_records(spec: str | list[str], split_by_node: bool = False, split_by_worker: bool = False) -> Iterator[dict]:
+    """Raw WebDataset records (field -> bytes), in shard order, nothing decoded.
+
+    By default every process reads every shard: `run_sharded` groups the *items* into output shards
+    and splits those by rank, so each rank must see the whole input stream. The splitters are always
+    given explicitly because webdataset's default refuses to run once a launcher sets WORLD_SIZE > 1
+    or torch.distributed is initialised ("you need to add an explicit nodesplitter").
+    `split_by_node=True` gives process RANK the shards RANK, RANK + WORLD_SIZE, ...;
+    `split_by_worker=True` does the same across DataLoader workers.
+    """
+    dataset = wds.WebDataset(resolve_shards(spec), shardshuffle=False, empty_check=False,
+                             nodesplitter=wds.split_by_node if split_by_node else _every_shard,
+                             workersplitter=wds.split_by_worker if split_by_worker else _every_shard)
     for record in dataset:
         yield record
 
 
-def read_samples(spec: str | list[str]) -> Iterator[Sample]:
-    for record in iter_records(spec):
+def read_samples(spec: str | list[str], split_by_node: bool = False, split_by_worker: bool = False) -> Iterator[Sample]:
+    for record in iter_records(spec, split_by_node=split_by_node, split_by_worker=split_by_worker):
         yield Sample.from_wds(record)
 
 

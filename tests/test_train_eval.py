@@ -1,0 +1,377 @@
+"""train.eval: DreamBench DINO / CLIP-I / CLIP-T, FID and the generation paths, on tiny random models
+built from configs (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.eval import coco, dreambench, fid
+from train.eval.__main__ import PLANNED, SUBCOMMANDS
+from train.eval.__main__ import main as eval_main
+from train.eval.features import DinoFeatures, InceptionFeatures
+from train.eval.metrics import all_pairs_cosine, frechet_distance, gaussian_statistics, paired_cosine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def _noise(seed, size=(40, 48)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def _smooth(seed, size=(40, 48)):
+    """A low-frequency image: very different statistics from uniform noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    base = 127 + 100 * np.sin(x / (5 + rng.uniform(0, 5)) + rng.uniform(0, 6))[..., None] * np.ones(3)
+    return Image.fromarray(np.clip(base + 10 * np.cos(y / 7.0)[..., None], 0, 255).astype(np.uint8))
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny ViT (DINO), Dinov2, CLIP (+ processor, word tokenizer) and an image model with a processor."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    from support.tiny_hf_models import _quiet, word_tokenizer
+
+    _quiet()
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    vit = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
+               patch_size=8)
+    ViTModel(ViTConfig(**vit), add_pooling_layer=False).save_pretrained(root / "dino")
+    Dinov2Model(Dinov2Config(**vit)).save_pretrained(root / "dinov2")
+    tokenizer = word_tokenizer()
+    clip = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=1),
+                      vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(clip).save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    ViTModel(ViTConfig(**vit)).save_pretrained(root / "image-model")  # pooled output -> FID features
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "image-model")
+    return {name: str(root / name) for name in ("dino", "dinov2", "clip", "image-model")}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """DreamBench-layout folder: built-in subject `dog` and custom `widget` (class from prompts.json)."""
+    root = tmp_path_factory.mktemp("dreambench")
+    for s, subject in enumerate(["dog", "widget"]):
+        (root / subject).mkdir()
+        for i in range(2):
+            _noise(10 * s + i).save(root / subject / f"{i:02d}.jpg", quality=95)
+    (root / "prompts.json").write_text(json.dumps({"subjects": {"widget": {"class": "toy", "live": False}}}))
+    return root
+
+
+def _copy_references_as_generated(bench, out):
+    """'Generated' images that are exactly the reference they were conditioned on, official names."""
+    out.mkdir()
+    for subject, prompt in (("dog", "a dog wearing a red hat"), ("widget", "a red toy")):
+        for ref in sorted((bench / subject).iterdir()):
+            Image.open(ref).convert("RGB").save(out / f"{subject}+{ref.stem}+0+{prompt}.png")
+
+
+def _score(bench, generated, models, *extra):
+    return dreambench.main(["--data", str(bench), "--generated", str(generated), "--dino-model", models["dino"],
+                            "--clip-model", models["clip"], "--dino-image-size", "32", "--device", "cpu", *extra])
+
+
+# ---- the numbers ---------------------------------------------------------------------------------
+def test_frechet_distance_matches_closed_form_for_known_gaussians():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    a, b = rng.uniform(0.5, 3, 4), rng.uniform(0.5, 3, 4)
+    # diagonal (and, rotated, commuting) covariances: FD = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    rotated = frechet_distance(mu1, rotation @ np.diag(a) @ rotation.T, mu2, rotation @ np.diag(b) @ rotation.T)
+    assert rotated == pytest.approx(expected, rel=1e-7)
+    # general (non-commuting) covariances: the textbook formula with scipy's sqrtm
+    from scipy import linalg
+
+    x1, x2 = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2, m1, m2 = x1 @ x1.T + 0.1 * np.eye(6), x2 @ x2.T, rng.normal(size=6), rng.normal(size=6)
+    textbook = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(textbook, rel=1e-8)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(4.0 + 1.0)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-9)
+    # from samples: N(0, I) vs N(m, 4 I) in 3-D -> |m|^2 + 3 * (2 - 1)^2
+    m = np.array([1.0, -2.0, 0.5])
+    x, y = rng.normal(size=(40000, 3)), m + 2 * rng.normal(size=(40000, 3))
+    from_samples = frechet_distance(*gaussian_statistics(x), *gaussian_statistics(y))
+    assert from_samples == pytest.approx(np.sum(m ** 2) + 3.0, rel=0.03)
+    # singular covariances (fewer samples than dimensions) still give a finite, non-negative value
+    few = rng.normal(size=(3, 8))
+    assert 0 <= frechet_distance(*gaussian_statistics(few), *gaussian_statistics(few + 1)) < np.inf
+    with pytest.raises(ValueError, match="at least 2"):
+        gaussian_statistics(np.zeros((1, 5)))
+    with pytest.raises(ValueError, match="mismatched"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_cosines():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
+    assert torch.allclose(paired_cosine(a, b), torch.tensor([1.0, 0.0, -1.0]), atol=1e-6)
+    table = all_pairs_cosine(a, b)
+    assert table.shape == (3, 3) and torch.allclose(table[2], torch.tensor([2 ** -0.5, 2 ** -0.5, -1.0]), atol=1e-6)
+
+
+def test_kosmosg_prompt_templates_follow_the_official_form():
+    assert dreambench.kosmosg_template("a {} in the jungle") == "{} in the jungle"
+    assert dreambench.kosmosg_template("a red {}") == "{}, red"
+    assert dreambench.kosmosg_template("a cube shaped {}") == "{}, cube shaped"
+    assert len(dreambench.OBJECT_PROMPTS) == len(dreambench.LIVE_PROMPTS) == 25
+    assert len(dreambench.SUBJECT_CLASSES) == 30 and dreambench.LIVE_SUBJECTS <= set(dreambench.SUBJECT_CLASSES)
+    assert all(p.count("{}") == 1 for p in dreambench.OBJECT_PROMPTS + dreambench.LIVE_PROMPTS)
+
+
+# ---- feature extractors --------------------------------------------------------------------------
+def test_dino_features_for_vit_and_dinov2(models):
+    images = [_noise(1), _noise(1), _noise(2)]
+    for name in ("dino", "dinov2"):
+        features = DinoFeatures(models[name], CPU, image_size=32, batch_size=2)(images)
+        assert features.shape == (3, 32) and torch.isfinite(features).all()
+        assert torch.allclose(features[0], features[1])  # same image, same feature, across batches
+        assert not torch.allclose(features[0], features[2])
+    with pytest.raises(ValueError, match="--dino-model"):
+        DinoFeatures(models["clip"], CPU)  # a CLIP folder is not a DINO model
+    with pytest.raises(ValueError, match="--dino-model is required"):
+        DinoFeatures("", CPU)
+
+
+# ---- dreambench scoring ----------------------------------------------------------------------------
+def test_identical_images_score_one_and_clip_t_uses_the_class_noun(bench, models, tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    _copy_references_as_generated(bench, tmp_path / "same")
+    result = _score(bench, tmp_path / "same", models)
+    metrics = result["metrics"]
+    assert result["num_images"] == 4 and result["num_subjects"] == 2
+    assert metrics["dino"] == pytest.approx(1.0, abs=1e-5)  # each image vs the reference it copies
+    assert metrics["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["dino_all_pairs"] < 1.0 - 1e-4  # the two references of a subject differ
+    assert metrics["clip_i_all_pairs"] < 1.0 - 1e-4
+    assert set(result["per_subject"]) == {"dog", "widget"}
+    assert json.loads((tmp_path / "same" / "dreambench_metrics.json").read_text())["metrics"] == metrics
+    # CLIP-T by hand with the same model: the prompt names the class ("a red toy"), never the subject folder
+    model = CLIPModel.from_pretrained(models["clip"]).eval()
+    processor = AutoImageProcessor.from_pretrained(models["clip"])
+    tokenizer = AutoTokenizer.from_pretrained(models["clip"])
+    files = sorted((tmp_path / "same").glob("*.png"))
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=processor(images=[Image.open(f) for f in files],
+                                                                return_tensors="pt")["pixel_values"]).pooler_output
+        texts = [f.stem.split("+")[3] for f in files]
+        text = model.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+    expected = torch.nn.functional.cosine_similarity(image, text).mean().item()
+    assert metrics["clip_t"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_different_images_score_lower(bench, models, tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    for i in range(2):
+        _smooth(i).save(out / f"dog+{i:02d}+0+a dog in the snow.png")
+    metrics = _score(bench, out, models, "--subjects", "dog")["metrics"]
+    assert -1.0 <= metrics["dino"] < 0.999 and -1.0 <= metrics["clip_i"] < 0.999
+    assert -1.0 <= metrics["clip_t"] <= 1.0
+    only_dino = _score(bench, out, models, "--subjects", "dog", "--metrics", "dino")["metrics"]
+    assert set(only_dino) == {"dino", "dino_all_pairs"} and only_dino["dino"] == pytest.approx(metrics["dino"])
+
+
+def test_dreambench_bad_inputs_name_the_flag(bench, models, tmp_path):
+    _copy_references_as_generated(bench, tmp_path / "gen")
+    with pytest.raises(ValueError, match="--clip-model is required"):
+        dreambench.main(["--data", str(bench), "--generated", str(tmp_path / "gen"), "--dino-model", models["dino"],
+                         "--dino-image-size", "32", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--dino-model .*missing.*config.json"):
+        _score(bench, tmp_path / "gen", {**models, "dino": str(tmp_path / "missing")})
+    (tmp_path / "gen" / "not-an-official-name.png").write_bytes((tmp_path / "gen" / os.listdir(tmp_path / "gen")[0])
+                                                                .read_bytes())
+    with pytest.raises(ValueError, match="not named <subject>"):
+        _score(bench, tmp_path / "gen", models)
+    unknown = tmp_path / "unknown-subject"
+    shutil.copytree(bench, unknown)
+    (unknown / "gizmo").mkdir()
+    _noise(5).save(unknown / "gizmo" / "00.jpg")
+    with pytest.raises(ValueError, match="'gizmo' has no class noun"):
+        dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(unknown), generated=str(tmp_path)))
+
+
+# ---- FID ---------------------------------------------------------------------------------------------
+def test_fid_with_a_transformers_image_model(models, tmp_path):
+    real, same, other = tmp_path / "real", tmp_path / "same", tmp_path / "other"
+    for folder in (real, same, other):
+        folder.mkdir()
+    for i in range(12):
+        _noise(100 + i).save(real / f"{i}.png")
+        _noise(100 + i).save(same / f"{i}.png")
+        _smooth(i).save(other / f"{i}.png")
+    common = ["--inception", models["image-model"], "--resize", "32", "--crop", "32", "--device", "cpu"]
+    identical = fid.main(["--generated", str(same), "--real", str(real), *common])
+    different = fid.main(["--generated", str(other), "--real", str(real), *common,
+                          "--save-real-stats", str(tmp_path / "real.npz")])
+    assert identical["num_real"] == identical["num_generated"] == 12
+    assert abs(identical["fid"]) < 1e-3 * different["fid"]
+    assert different["fid"] > 1e-3
+    # the saved real statistics give the same FID as the real folder
+    reused = fid.main(["--generated", str(other), "--real", str(tmp_path / "real.npz"), *common])
+    assert reused["fid"] == pytest.approx(different["fid"], rel=1e-9)
+    # and the CLI's value is the Fréchet distance of the features, computed by hand here
+    from train.eval.images import resize_center_crop
+
+    extractor = InceptionFeatures(models["image-model"], CPU)
+    features = {name: extractor([resize_center_crop(Image.open(p).convert("RGB"), 32, 32)
+                                 for p in sorted(folder.iterdir())]).double().numpy()
+                for name, folder in (("real", real), ("other", other))}
+    by_hand = frechet_distance(*gaussian_statistics(features["other"]), *gaussian_statistics(features["real"]))
+    assert different["fid"] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_fid_with_torchvision_inception_weights(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False)  # torchvision's layout, random weights
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    real, other = tmp_path / "real", tmp_path / "other"
+    real.mkdir(), other.mkdir()
+    for i in range(3):
+        _noise(i).save(real / f"{i}.png")
+        _smooth(i).save(other / f"{i}.png")
+    extractor = InceptionFeatures(str(tmp_path / "inception.safetensors"), CPU, image_size=75)
+    features = extractor([Image.open(p).convert("RGB") for p in sorted(real.iterdir())])
+    assert features.shape == (3, 2048) and torch.isfinite(features).all()
+    common = ["--inception", str(tmp_path / "inception.safetensors"), "--image-size", "75", "--resize", "40",
+              "--crop", "40", "--device", "cpu"]
+    same = fid.main(["--generated", str(real), "--real", str(real), *common])["fid"]
+    different = fid.main(["--generated", str(other), "--real", str(real), *common])["fid"]
+    assert abs(same) < 1e-3 * different
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="--inception .*not torchvision inception_v3"):
+        InceptionFeatures(str(tmp_path / "wrong.safetensors"), CPU)
+
+
+# ---- generation ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory):
+    """A tiny Kosmos-G pack and a tiny SD1.5 diffusers folder (as in tests/test_cli.py)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from support.tiny_kosmosg import write_tiny_pack
+
+    root = tmp_path_factory.mktemp("generators")
+    checkpoint = write_tiny_pack(root)[0]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(root / "tiny-sd15")
+    return {"checkpoint": str(checkpoint), "sd_model": str(root / "tiny-sd15")}
+
+
+def test_dreambench_generates_resumes_and_scores(bench, models, generators, tmp_path):
+    generate = ["--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"], "--subjects", "dog",
+                "--max-references", "1", "--max-prompts", "3", "--num-images", "2", "--steps", "2",
+                "--height", "32", "--width", "32"]
+    result = _score(bench, tmp_path / "a", models, *generate, "--batch-size", "2")
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert result["generated_this_run"] == 6 and result["num_images"] == 6
+    assert names[0] == "dog+00+p00-0+a dog in the jungle.png"  # live subject, class noun in the CLIP-T prompt
+    assert {n.split("+")[3] for n in names} == {"a dog in the jungle.png", "a dog in the snow.png",
+                                                "a dog on the beach.png"}
+    assert Image.open(tmp_path / "a" / names[0]).size == (32, 32)
+    assert all(-1.0 <= v <= 1.0 for v in result["metrics"].values())
+    again = _score(bench, tmp_path / "a", models, *generate)
+    assert again["generated_this_run"] == 0 and again["metrics"] == result["metrics"]  # resumed: nothing redone
+    # seeds are per prompt and image, so another batch size gives the same pictures
+    _score(bench, tmp_path / "b", models, *generate, "--batch-size", "1", "--metrics", "dino")
+    for name in names:
+        first, second = Image.open(tmp_path / "a" / name), Image.open(tmp_path / "b" / name)
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+    images = [np.asarray(Image.open(tmp_path / "a" / n), dtype=np.int16) for n in names]
+    assert np.abs(images[0] - images[1]).max() > 0  # image 0 and 1 of a prompt use different seeds
+
+
+def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
+    annotations = [{"id": 10 + i, "image_id": i, "caption": f"a photo of thing {i}"} for i in range(5)]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations, "images": []}))
+    result = coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
+                        "--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"],
+                        "--num-captions", "2", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"])
+    assert result["generated_this_run"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000.png", "00001.png"]
+    manifest = json.loads((tmp_path / "out" / "captions.json").read_text())
+    random.seed(0)  # the official script's draw
+    expected = random.sample(annotations, 2)
+    assert [manifest[f"{i:05d}.png"]["id"] for i in range(2)] == [a["id"] for a in expected]
+    with pytest.raises(ValueError, match="--sd-model is required"):
+        coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out2"),
+                   "--checkpoint", generators["checkpoint"]])
+
+
+# ---- command line ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    try:
+        code = eval_main(argv)
+    except SystemExit as exit_:  # argparse's --help
+        code = exit_.code
+    out = capsys.readouterr().out
+    assert code == 0
+    if command is None:
+        assert all(name in out for name in [*SUBCOMMANDS, *PLANNED])
+    else:
+        assert f"usage: python -m train.eval {command}" in out and "--config" in out
+        assert out.count("(default:") >= 5  # every flag documents its default
+
+
+def test_config_file_and_flag_overrides(tmp_path):
+    (tmp_path / "eval.yaml").write_text("steps: 7\nguidance_scale: 2.5\nsubjects: [dog]\n")
+    from train.eval.cli import parse_eval_config
+
+    cfg = parse_eval_config(dreambench.DreamBenchConfig, ["--config", str(tmp_path / "eval.yaml"), "--steps", "9"],
+                            "dreambench", "")
+    assert (cfg.steps, cfg.guidance_scale, cfg.subjects, cfg.num_images) == (9, 2.5, ["dog"], 4)
+
+
+def test_module_entry_point_errors_and_planned_commands(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "train.eval", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    missing = run("fid", "--generated", str(tmp_path), "--real", str(tmp_path))
+    assert missing.returncode == 2 and "--inception is required" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    planned = eval_main(["nano"]) if "nano" not in SUBCOMMANDS else None
+    if planned is not None:
+        assert planned == 2

@@ -1,0 +1,74 @@
+"""Batched Kosmos-G + SD1.5 sampling for the benchmarks: both models loaded once, many prompts.
+
+Seeds: image k of every prompt starts from the noise of `torch.Generator("cpu").manual_seed(seed + k)`,
+so an image does not depend on the batch it was generated in (resumed or re-batched runs give the
+same pictures).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingSettings:
+    steps: int
+    guidance_scale: float
+    num_images: int
+    seed: int
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+
+
+class KosmosGSampler:
+    """Kosmos-G conditioning -> a local SD1.5 (diffusers folder or single file), prompt batches -> PIL images."""
+
+    def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = "dpm",
+                 dtype: str = "float32", device: str = "auto"):
+        from kosmosg_core.generate import SCHEDULERS, load_sd15
+        from kosmosg_core.pipeline import KosmosGPipeline, resolve_dtype
+
+        from .features import pick_device
+
+        if not checkpoint:
+            raise ValueError("--checkpoint is required to generate: give a Kosmos-G pack .safetensors "
+                             "(or an official .pt).")
+        if not sd_model:
+            raise ValueError("--sd-model is required to generate: give a local SD1.5 diffusers folder or single file.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler {scheduler!r}: use one of {sorted(SCHEDULERS)}.")
+        self.device, self.dtype = pick_device(device), resolve_dtype(dtype)
+        self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
+                                                       device=self.device)
+        if self.encoder.context_dim != 768:
+            raise ValueError(f"--checkpoint {checkpoint}: produces {self.encoder.context_dim}-wide conditioning but "
+                             "SD1.5 expects 768.")
+        self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
+        self._uncond: dict[str, torch.Tensor] = {}
+
+    def unconditional(self, negative_prompt: str) -> torch.Tensor:
+        if negative_prompt not in self._uncond:
+            self._uncond[negative_prompt] = self.encoder.encode_unconditional(negative_prompt)  # [1, 77, 768]
+        return self._uncond[negative_prompt]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
+                 ) -> list[list[Image.Image]]:
+        """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
+        cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
+        uncond = self.unconditional(settings.negative_prompt).expand(len(prompts), -1, -1)
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + k)
+                      for _ in prompts for k in range(settings.num_images)]
+        result = self.sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=settings.steps,
+                         guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
+                         height=settings.height, width=settings.width, generator=generators, output_type="pil")
+        n = settings.num_images  # diffusers orders them prompt 0 image 0..n-1, prompt 1 ...
+        return [result.images[i * n:(i + 1) * n] for i in range(len(prompts))]
