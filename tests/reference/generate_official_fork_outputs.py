@@ -478,4 +478,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the fork's modules import fairscale / timm at module level, like PyPI torchscale does
+    with _torchscale.stand_ins_for_missing_dependencies():
+        main()
