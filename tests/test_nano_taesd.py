@@ -1,32 +1,12 @@
 """The nano TAESD autoencoder has ComfyUI's TAESD keys, shapes and encode/decode formulas."""
 
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support.comfy_modules import import_comfy
 
 from train.nano.taesd import SD15_LATENT_SCALE, TinyAutoencoder, fit_latent_scale_shift
 
-COMFY_DIR = Path(os.environ.get("KOSMOSG_COMFY_DIR", Path.home() / ".cache/kosmosg/comfy/ComfyUI"))
-
-
-def import_comfy():
-    """Puts the ComfyUI tree on sys.path with the CPU flag set before comfy.model_management loads."""
-    if not (COMFY_DIR / "comfy").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"ComfyUI tree missing at {COMFY_DIR}; run .ci/setup_env.sh")
-        pytest.skip(f"ComfyUI tree missing at {COMFY_DIR} (run .ci/setup_env.sh)")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.ops  # noqa: F401  (imports comfy.model_management with --cpu)
-    import comfy.sd
-
-    return comfy
 
 
 def random_autoencoder(seed: int = 0, scale: float = 0.8, shift: float = -0.2) -> TinyAutoencoder:

@@ -7,12 +7,11 @@ state dict with strict=True and gives the same output, and a checkpoint written 
 ``write_sd15_checkpoint`` is detected as SD1.5 and samples finite pixels.
 """
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.comfy_modules import import_comfy
 import torch.nn.functional as F
 
 from train.nano.sd15_format import read_sd15_checkpoint, write_sd15_checkpoint
@@ -26,25 +25,7 @@ from train.nano.unet import (
     comfy_unet_config,
 )
 
-COMFY_DIR = Path(os.environ.get("KOSMOSG_COMFY_DIR", Path.home() / ".cache/kosmosg/comfy/ComfyUI"))
 MAX_CHECKPOINT_BYTES = 60 * 1000 * 1000
-
-
-def import_comfy():
-    """Puts the ComfyUI tree on sys.path with the CPU flag set before comfy.model_management loads."""
-    if not (COMFY_DIR / "comfy").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"ComfyUI tree missing at {COMFY_DIR}; run .ci/setup_env.sh")
-        pytest.skip(f"ComfyUI tree missing at {COMFY_DIR} (run .ci/setup_env.sh)")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.ops  # noqa: F401  (imports comfy.model_management with --cpu)
-    import comfy.sd
-
-    return comfy
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

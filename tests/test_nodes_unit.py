@@ -17,19 +17,10 @@ import pytest
 import torch
 
 from support import comfy_server
+from support.comfy_modules import import_comfy
 
 REPO = Path(__file__).resolve().parents[1]
-if not comfy_server.comfy_available():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"ComfyUI tree missing at {comfy_server.COMFY_TREE}; run .ci/setup_env.sh")
-    pytest.skip(f"ComfyUI tree missing at {comfy_server.COMFY_TREE} (run .ci/setup_env.sh)", allow_module_level=True)
-
-# Appended (not prepended): the repo's own folders keep priority, and no ComfyUI module imported
-# here imports ComfyUI's top-level `nodes`.
-sys.path.append(str(comfy_server.COMFY_TREE))
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True  # before comfy.model_management: CUDA torch build, no driver
+comfy = import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
