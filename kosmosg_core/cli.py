@@ -18,7 +18,6 @@ DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
 
 def cmd_encode(args) -> None:
-    import torch
     from safetensors.torch import save_file
 
     from .pipeline import KosmosGPipeline
@@ -130,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of dtypes to time")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
+    p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")

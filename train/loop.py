@@ -194,6 +194,11 @@ class Stage:
 
     name = "stage"
 
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer) if getattr(cfg, "tokenizer", "") else None
+        self._model_cfg = None  # set by `build`
+
     def build(self, cfg, accelerator) -> nn.Module:
         """-> the training module: `forward(batch) -> (objective share, metrics dict of shares)`, with
         `.model` the KosmosG whose state is checkpointed; only trainable parameters require grad."""
@@ -210,10 +215,10 @@ class Stage:
 
     def model_config(self):
         """The KosmosGConfig being trained (saved in checkpoints for export)."""
-        raise NotImplementedError
+        return self._model_cfg
 
     def tokenizer_dir(self) -> str:
-        return ""
+        return getattr(self.cfg, "tokenizer", "")
 
 
 def rank_slice(items: list, rank: int, world_size: int, split: str) -> list:

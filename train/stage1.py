@@ -25,7 +25,7 @@ from torch import nn
 from kosmosg_core.config import IMAGE_PLACEHOLDER, PAD_ID
 from train.common.config import parse_config
 from train.inputs import choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
-from train.loop import LoopConfig, Stage, build_kosmosg, load_tokenizer, replace_config, run_training, sample_rng, \
+from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_training, sample_rng, \
     set_trainable
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ class LanguageModelingModule(nn.Module):
 class Stage1(Stage):
     name = "stage1"
 
-    def __init__(self, cfg: Stage1Config):
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
-
     def build(self, cfg: Stage1Config, accelerator):
         self.accelerator = accelerator
 
@@ -77,12 +73,6 @@ class Stage1(Stage):
         set_trainable(model, decoder=True, connector=True, aligner=False, vision_last=True)
         self._model_cfg = model.cfg
         return LanguageModelingModule(model).to(accelerator.device)
-
-    def model_config(self):
-        return self._model_cfg
-
-    def tokenizer_dir(self) -> str:
-        return self.cfg.tokenizer
 
     def select(self, record):
         meta = record.meta

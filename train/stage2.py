@@ -27,7 +27,7 @@ from kosmosg_core.config import PAD_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import pad_rows
-from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, load_tokenizer, replace_config, run_training, \
+from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, replace_config, run_training, \
     set_trainable
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ class Stage2(Stage):
     name = "stage2"
 
     def __init__(self, cfg: Stage2Config):
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        super().__init__(cfg)
         self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
 
     def build(self, cfg: Stage2Config, accelerator):
@@ -122,12 +121,6 @@ class Stage2(Stage):
         self._model_cfg = model.cfg
         clip_text.to(accelerator.device, frozen_dtype(cfg))
         return AlignmentModule(model, clip_text, accelerator.num_processes).to(accelerator.device)
-
-    def model_config(self):
-        return self._model_cfg
-
-    def tokenizer_dir(self) -> str:
-        return self.cfg.tokenizer
 
     def select(self, record):
         meta = record.meta

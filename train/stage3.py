@@ -30,7 +30,7 @@ from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pixels
-from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, load_tokenizer, replace_config, run_training, \
+from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, replace_config, run_training, \
     sample_generator, sample_rng, set_trainable
 from train.score_model import load_score_model
 
@@ -76,10 +76,6 @@ class DiffusionModule(nn.Module):
 class Stage3(Stage):
     name = "stage3"
 
-    def __init__(self, cfg: Stage3Config):
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
-
     def build(self, cfg: Stage3Config, accelerator):
         if not cfg.score_model:
             raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
@@ -104,12 +100,6 @@ class Stage3(Stage):
         set_trainable(model, decoder=True, connector=True, aligner=True, vision_last=True)
         self._model_cfg = model.cfg
         return DiffusionModule(model, self.score, accelerator.num_processes).to(accelerator.device)
-
-    def model_config(self):
-        return self._model_cfg
-
-    def tokenizer_dir(self) -> str:
-        return self.cfg.tokenizer
 
     def select(self, record):
         meta = record.meta
