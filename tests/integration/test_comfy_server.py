@@ -179,6 +179,26 @@ def test_conditioning_through_stock_nodes(comfy):
     assert len(comfy.output_images(entry)) == 2
 
 
+def test_ksampler_advanced_with_basic_controlnet_apply(comfy):
+    """The other stock consumers: KSamplerAdvanced, and the (non-advanced) ControlNetApply that
+    only patches the positive conditioning."""
+    graph = add_sampling(encode_graph(), prefix="kg-advanced")
+    graph.update({
+        "50": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": comfy_tiny_models.CONTROLNET_NAME}},
+        "51": {"class_type": "EmptyImage", "inputs": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1,
+                                                      "color": 0}},
+        "52": {"class_type": "ControlNetApply", "inputs": {"conditioning": ["4", 0], "control_net": ["50", 0],
+                                                           "image": ["51", 0], "strength": 0.8}},
+        "21": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["1", 0], "positive": ["52", 0], "negative": ["4", 1], "latent_image": ["20", 0],
+            "add_noise": "enable", "noise_seed": 5, "steps": TEST_STEPS, "cfg": 6.0, "sampler_name": "euler",
+            "scheduler": "normal", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+    })
+    entry = comfy.run(graph)
+    assert_success(comfy, entry)
+    assert pixels(comfy.output_images(entry)[0]).shape == (TEST_SIZE, TEST_SIZE, 3)
+
+
 def test_image_batch_on_one_socket_gives_one_conditioning_per_sample(comfy):
     graph = encode_graph(images=())
     graph["3"]["inputs"]["text"] = "a photo of <i>"
