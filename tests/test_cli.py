@@ -114,19 +114,9 @@ def test_convert_official_round_trip(tmp_path, images):
 
 
 def test_generate_with_diffusers_folder(pack, images, tmp_path):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from support.tiny_sd15 import write_tiny_sd15
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                                attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(tmp_path / "tiny-sd15")
+    write_tiny_sd15(tmp_path / "tiny-sd15")
     common = ["generate", "--checkpoint", pack[0], "--sd-model", tmp_path / "tiny-sd15", "--prompt", "a photo of <i>",
               "--image", images[0], "--steps", "3", "--height", "32", "--width", "32", "--seed", "7"]
     run_cli(*common, "--out-dir", tmp_path / "a")

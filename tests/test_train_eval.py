@@ -278,23 +278,12 @@ def test_fid_with_torchvision_inception_weights(tmp_path):
 @pytest.fixture(scope="module")
 def generators(tmp_path_factory):
     """A tiny Kosmos-G pack and a tiny SD1.5 diffusers folder (as in tests/test_cli.py)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
     from support.tiny_kosmosg import write_tiny_pack
+    from support.tiny_sd15 import write_tiny_sd15
 
     root = tmp_path_factory.mktemp("generators")
     checkpoint = write_tiny_pack(root)[0]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                                attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(root / "tiny-sd15")
+    write_tiny_sd15(root / "tiny-sd15")
     return {"checkpoint": str(checkpoint), "sd_model": str(root / "tiny-sd15")}
 
 

@@ -105,20 +105,9 @@ def write_clip_text(root, hidden: int = CONTEXT_DIM, seed: int = 0) -> str:
 
 def write_diffusers_score_model(root, context_dim: int = CONTEXT_DIM, seed: int = 0) -> str:
     """A tiny SD1.5-shaped diffusers folder: unet/ (cross-attention `context_dim`), vae/ (2x down), scheduler/."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from .tiny_sd15 import write_tiny_sd15
 
-    root = Path(root)
-    torch.manual_seed(seed)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context_dim,
-                         attention_head_dim=8, norm_num_groups=8).save_pretrained(str(root / "unet"))
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(str(root / "vae"))
-    DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                  beta_schedule="scaled_linear").save_pretrained(str(root / "scheduler"))
-    return str(root)
+    return write_tiny_sd15(root, context_dim, seed)
 
 
 def write_nano_score_model(path, context_dim: int = CONTEXT_DIM, seed: int = 0) -> str:
