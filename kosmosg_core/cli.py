@@ -62,7 +62,7 @@ def cmd_generate(args) -> None:
         checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model, prompt=args.prompt,
         images=args.image, negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
-        height=args.height, width=args.width, dtype=args.dtype, device=args.device)
+        height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config)
     for p in paths:
         print(f"wrote {p}")
 
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
     model_args(p)
     p.add_argument("--sd-model", required=True, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--sd-config", default=None,
+                   help="for a single file: a diffusers-layout folder with unet/ vae/ scheduler/ configs "
+                        "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image")
     p.add_argument("--image", action="append", default=[], help="image file, once per <i> in order (repeatable)")
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
