@@ -1,0 +1,281 @@
+"""Nano training commands (issue 8 point 3): tokenizer, sampler, a few steps of each command on a tiny
+config, exact resume after SIGKILL, refusal of corrupt / mismatched checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.nano import sampler
+from train.nano import text_encoder as te
+from train.nano.nano_data import world_vocabulary
+from train.nano.run_utils import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+TE_ARGS = ["--num-scenes", "48", "--eval-scenes", "8", "--batch-size", "8", "--text-layers", "1",
+           "--text-intermediate", "64", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2",
+           "--embed-dim", "16", "--eval-every", "3"]
+VAE_ARGS = ["--num-scenes", "16", "--eval-scenes", "4", "--fit-scenes", "8", "--batch-size", "2", "--crop-size",
+            "16", "--eval-every", "3"]
+
+
+def unet_args(parts: dict) -> list[str]:
+    return ["--text-encoder", str(parts["te"]), "--vae", str(parts["vae"]), "--num-scenes", "24",
+            "--real-channels", "16", "--batch-size", "4", "--warmup-steps", "2", "--uncond-prob", "0.5"]
+
+
+def run_command(module: str, args: list[str]):
+    import importlib
+
+    return importlib.import_module(f"train.nano.{module}").main(args)
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict:
+    """A tiny trained text encoder and VAE (the U-Net's inputs)."""
+    root = tmp_path_factory.mktemp("nano_parts")
+    run_command("train_text_encoder", TE_ARGS + ["--output-dir", str(root / "te"), "--max-steps", "2"])
+    run_command("train_vae", VAE_ARGS + ["--output-dir", str(root / "vae"), "--max-steps", "2"])
+    return {"root": root, "te": root / "te" / te.TEXT_SUBFOLDER, "vae": root / "vae"}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_makes_each_world_word_one_token_and_pads_like_sd15(tmp_path):
+    words = world_vocabulary()
+    tok = te.load_tokenizer(te.write_tokenizer_files(words, tmp_path))
+    caption = "a red triangle on the left and an orange cross in the centre, on beige"
+    ids = te.tokenize(tok, [caption, ""])
+    assert ids.shape == (2, 77)
+    tokens = tok.convert_ids_to_tokens(ids[0].tolist())
+    n_words = len(caption.replace(",", " ,").split())
+    assert tokens[0] == te.BOS_TOKEN and tokens[n_words + 1] == te.EOS_TOKEN
+    assert [t.removesuffix("</w>") for t in tokens[1:n_words + 1]] == caption.replace(",", " ,").split()
+    assert all(t == te.EOS_TOKEN for t in tokens[n_words + 1:])  # SD1.5 pads with the end token
+    empty = ids[1].tolist()
+    assert empty[0] == tok.bos_token_id and set(empty[1:]) == {tok.eos_token_id}
+    assert len(set(ids[0, : n_words + 2].tolist())) > 8
+    # an unknown word still tokenizes (into byte symbols), it is not dropped
+    assert len(tok("zebra")["input_ids"]) > 3
+
+
+def test_trim_to_longest_is_exact_for_the_causal_text_model(tmp_path):
+    tok = te.load_tokenizer(te.write_tokenizer_files(world_vocabulary(), tmp_path))
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(te.text_config(tok, layers=1, intermediate=64, heads=12)).eval()
+    ids = te.tokenize(tok, ["a red circle on the left, on grey", "a blue square in the centre and a green cross on the "
+                            "right, on white"])
+    trimmed = te.trim_to_longest(ids, tok.eos_token_id)
+    assert trimmed.shape[1] < 30
+    with torch.no_grad():
+        full, short = model(input_ids=ids), model(input_ids=trimmed)
+    assert torch.allclose(full.last_hidden_state[:, : trimmed.shape[1]], short.last_hidden_state, atol=1e-5)
+    assert torch.allclose(full.pooler_output, short.pooler_output, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def _oracle(x0: torch.Tensor, alphas: torch.Tensor):
+    """The exact eps-predictor for data that is the single point x0."""
+    def eps(x, t, context):
+        a = alphas[t].float()[:, None, None, None]
+        target = x0.repeat(x.shape[0] // x0.shape[0], 1, 1, 1)  # cond and uncond halves under CFG
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+    return eps
+
+
+@pytest.mark.parametrize("method", sampler.METHODS)
+def test_sampler_recovers_the_data_point_of_an_exact_model(method):
+    alphas = sampler.sd15_alphas_cumprod()
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    context = torch.zeros(2, 77, 768)
+    out = sampler.sample(_oracle(x0, alphas), context, torch.zeros(1, 77, 768), steps=10, guidance=5.0, seed=1,
+                         method=method)
+    assert torch.allclose(out, x0, atol=1e-3), (out - x0).abs().max()
+
+
+def test_sampler_is_deterministic_by_seed_and_applies_guidance():
+    torch.manual_seed(0)
+    calls = []
+
+    def unet(x, t, context):  # depends on the context, so guidance changes the result
+        calls.append(x.shape[0])
+        return 0.1 * x + context[:, :1, :4].mean(-1, keepdim=True)[..., None].expand_as(x)
+
+    cond, uncond = torch.ones(3, 77, 768), torch.zeros(1, 77, 768)
+    a = sampler.sample(unet, cond, uncond, steps=4, guidance=3.0, seed=5)
+    b = sampler.sample(unet, cond, uncond, steps=4, guidance=3.0, seed=5)
+    c = sampler.sample(unet, cond, uncond, steps=4, guidance=3.0, seed=6)
+    d = sampler.sample(unet, cond, uncond, steps=4, guidance=1.0, seed=5)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, d)
+    assert calls[0] == 6  # cond and uncond in one batched call
+    with pytest.raises(ValueError, match="method"):
+        sampler.sample(unet, cond, uncond, method="plms")
+
+
+def test_add_noise_uses_sd15_schedule():
+    alphas = sampler.sd15_alphas_cumprod()
+    assert alphas.shape == (1000,)
+    assert abs(alphas[0].item() - (1 - 0.00085)) < 1e-9
+    assert abs(alphas[-1].item() - 0.0047) < 2e-4  # SD1.5's final alpha_bar
+    x, n = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    assert torch.allclose(sampler.add_noise(x, n, torch.tensor([999]), alphas.float()), alphas[999].sqrt().float() * x)
+
+
+# ----------------------------------------------------------------------------- commands: steps, resume, refusal
+
+
+def _kill_midway(module: str, args: list[str], out: Path, kill_after_step: int) -> None:
+    """Run the command in a subprocess and SIGKILL it once its metrics pass ``kill_after_step``."""
+    process = subprocess.Popen([sys.executable, "-m", f"train.nano.{module}"] + args, cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            metrics = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+            if metrics and metrics[-1].get("step", 0) >= kill_after_step:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed; raise max-steps"
+
+
+def _assert_same_state(reference: Path, resumed: Path, steps: int) -> None:
+    from train.common.checkpointing import load_checkpoint
+
+    ref = [m for m in read_metrics(reference) if "loss" in m]
+    res = [m for m in read_metrics(resumed) if "loss" in m]
+    assert [m["step"] for m in res] == list(range(1, steps + 1))
+    for a, b in zip(ref, res):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    ref_state, res_state = load_checkpoint(reference), load_checkpoint(resumed)
+    assert ref_state["step"] == res_state["step"] == steps
+    for name, tensor in ref_state["model"].items():
+        assert torch.allclose(tensor, res_state["model"][name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("module", ["train_text_encoder", "train_vae", "train_unet"])
+def test_command_resumes_after_sigkill_to_the_uninterrupted_state(module, parts, tmp_path):
+    steps = 8
+    base = {"train_text_encoder": TE_ARGS, "train_vae": VAE_ARGS, "train_unet": unet_args(parts)}[module]
+    base = base + ["--max-steps", str(steps), "--save-every", "3"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_command(module, base + ["--output-dir", str(reference)])
+    _kill_midway(module, base + ["--output-dir", str(killed)], killed, kill_after_step=4)
+    assert any(m["step"] >= 4 for m in read_metrics(killed))
+    run_command(module, base + ["--output-dir", str(killed)])  # resumes from the step-3 (or 6) checkpoint
+    _assert_same_state(reference, killed, steps)
+
+
+@pytest.mark.parametrize("module", ["train_text_encoder", "train_vae", "train_unet"])
+def test_command_refuses_a_corrupt_checkpoint(module, parts, tmp_path):
+    base = {"train_text_encoder": TE_ARGS, "train_vae": VAE_ARGS, "train_unet": unet_args(parts)}[module]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        run_command(module, base + ["--output-dir", str(out), "--max-steps", "2"])
+
+
+def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts, tmp_path):
+    out = tmp_path / "unet"
+    args = unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"]
+    run_command("train_unet", args)
+    with pytest.raises(ValueError, match="real_channels|does not match"):
+        run_command("train_unet", args + ["--real-channels", "24", "--max-steps", "2"])
+    te_out = tmp_path / "te"
+    te_args = TE_ARGS + ["--output-dir", str(te_out), "--max-steps", "1"]
+    run_command("train_text_encoder", te_args)
+    with pytest.raises(ValueError, match="text_layers|does not match"):
+        run_command("train_text_encoder", te_args + ["--text-layers", "2", "--max-steps", "2"])
+
+
+def test_unet_run_logs_judged_evaluation(parts, tmp_path):
+    out = tmp_path / "unet"
+    run_command("train_unet", unet_args(parts) + ["--output-dir", str(out), "--max-steps", "2", "--eval-every", "2",
+                                                  "--eval-samples", "4", "--eval-steps", "2"])
+    last = read_metrics(out)[-1]
+    for key in ("eval_single", "eval_two", "eval_single_colour", "eval_two_position"):
+        assert 0.0 <= last[key] <= 1.0
+    assert (out / "unet_ema.safetensors").is_file() and (out / "cache.safetensors").is_file()
+
+
+def test_config_file_and_flag_override(parts, tmp_path):
+    config = tmp_path / "vae.yaml"
+    config.write_text("max_steps: 5\nbatch_size: 2\ncrop_size: 16\nnum_scenes: 8\neval_scenes: 2\nfit_scenes: 4\n")
+    out = tmp_path / "vae"
+    run_command("train_vae", ["--config", str(config), "--max-steps", "1", "--output-dir", str(out)])
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 1 and saved["batch_size"] == 2 and saved["crop_size"] == 16
+    with pytest.raises(ValueError, match="crop_size"):
+        run_command("train_vae", ["--config", str(config), "--crop-size", "12", "--output-dir", str(tmp_path / "x")])
+
+
+def test_help_of_every_command():
+    for module in ("train_text_encoder", "train_vae", "train_unet", "export_nano"):
+        result = subprocess.run([sys.executable, "-m", f"train.nano.{module}", "--help"], cwd=REPO,
+                                env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert ("--out-dir" if module == "export_nano" else "--output-dir") in result.stdout
+        assert "--config" in result.stdout
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_writes_loadable_sd15_checkpoint_and_text_encoder(parts, tmp_path):
+    from transformers import CLIPTextModel
+
+    from train.nano import export_nano
+    from train.nano.sd15_format import read_sd15_checkpoint
+    from train.nano.train_unet import load_unet
+    from train.nano.train_vae import load_vae
+    from train.nano.unet import NanoUNet
+
+    unet_dir = tmp_path / "unet"
+    run_command("train_unet", unet_args(parts) + ["--output-dir", str(unet_dir), "--max-steps", "2"])
+    result = export_nano.main(["--unet", str(unet_dir), "--vae", str(parts["vae"]), "--text-encoder",
+                               str(parts["te"]), "--out-dir", str(tmp_path / "models")])
+    assert result["checkpoint_mb"] <= 60 and result["text_encoder_mb"] <= 20
+
+    saved = read_sd15_checkpoint(result["checkpoint"])
+    assert saved["unet"]["input_blocks.0.0.weight"].shape[0] == 320
+    assert all(v.dtype == torch.float16 for v in saved["unet"].values())
+    narrow = load_unet(unet_dir)
+    back = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()}, narrow.config)
+    for name, tensor in narrow.state_dict().items():
+        assert torch.allclose(back.state_dict()[name], tensor, atol=1e-3, rtol=1e-2), name
+    vae = load_vae(parts["vae"])
+    assert abs(saved["vae_scale"] - float(vae.vae_scale)) < 1e-3 * float(vae.vae_scale)
+
+    text_dir = Path(result["text_encoder"])
+    model = CLIPTextModel.from_pretrained(str(text_dir))
+    tok = te.load_tokenizer(text_dir)
+    assert (text_dir / "vocab.json").is_file() and (text_dir / "merges.txt").is_file()
+    hidden = te.encode_captions(model.float(), tok, ["a red circle on the left, on grey"])
+    assert hidden.shape == (1, 77, 768) and torch.isfinite(hidden).all()
+    original, _ = te.load_text_encoder(parts["te"])
+    assert torch.allclose(hidden, te.encode_captions(original, tok, ["a red circle on the left, on grey"]), atol=1e-2)

@@ -1,0 +1,92 @@
+"""Export the trained nano image model in the shipped layout.
+
+    python -m train.nano.export_nano --unet runs/nano/unet --vae runs/nano/vae \
+        --text-encoder runs/nano/text-encoder/text-encoder --out-dir models/nano
+
+Writes
+    <out-dir>/nano-sd15.safetensors  U-Net zero-padded to 320 wide + TAESD VAE, fp16, ComfyUI's
+                                     single-file SD1.5 layout (``train.nano.sd15_format``), <= 60 MB
+    <out-dir>/text-encoder/          CLIPTextModel (fp16) + CLIPTokenizer, ``save_pretrained``
+                                     layout, <= 20 MB
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.common.config import parse_config
+from train.nano import text_encoder as te
+from train.nano.sd15_format import write_sd15_checkpoint
+from train.nano.train_unet import load_unet
+from train.nano.train_vae import load_vae
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "nano-sd15.safetensors"
+MAX_CHECKPOINT_MB = 60
+MAX_TEXT_ENCODER_MB = 20
+
+
+@dataclass
+class ExportConfig:
+    unet: str = field(default="runs/nano/unet", metadata={"help": "train_unet run folder or unet_ema.safetensors"})
+    vae: str = field(default="runs/nano/vae", metadata={"help": "train_vae run folder or vae.safetensors"})
+    text_encoder: str = field(default="runs/nano/text-encoder/text-encoder",
+                              metadata={"help": "text encoder folder written by train_text_encoder"})
+    out_dir: str = field(default="models/nano", metadata={"help": "where nano-sd15.safetensors + text-encoder/ go"})
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def export(cfg: ExportConfig) -> dict:
+    out = Path(cfg.out_dir)
+    unet = load_unet(cfg.unet)
+    vae = load_vae(cfg.vae)
+    text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
+
+    ckpt = write_sd15_checkpoint(
+        out / CHECKPOINT_NAME, unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),
+        vae.taesd_decoder.state_dict(), float(vae.vae_scale), float(vae.vae_shift), dtype=torch.float16,
+        metadata={"nano_unet_config": json.dumps(unet.config.to_dict())},
+    )
+    text_dir = out / te.TEXT_SUBFOLDER
+    tmp_dir = out / (te.TEXT_SUBFOLDER + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    te.save_text_encoder(text_model, tokenizer, tmp_dir, dtype=torch.float16)
+    shutil.rmtree(text_dir, ignore_errors=True)
+    tmp_dir.rename(text_dir)
+
+    sizes = {"checkpoint_mb": ckpt.stat().st_size / 1e6, "text_encoder_mb": folder_megabytes(text_dir)}
+    logger.info("exported %s (%.1f MB) and %s (%.1f MB)", ckpt, sizes["checkpoint_mb"], text_dir,
+                sizes["text_encoder_mb"])
+    if sizes["checkpoint_mb"] > MAX_CHECKPOINT_MB or sizes["text_encoder_mb"] > MAX_TEXT_ENCODER_MB:
+        raise ValueError(f"exported files exceed the shipping budget ({sizes}; limits {MAX_CHECKPOINT_MB} MB and "
+                         f"{MAX_TEXT_ENCODER_MB} MB): train a narrower text encoder (--text-layers / "
+                         f"--text-intermediate)")
+    return {"checkpoint": str(ckpt), "text_encoder": str(text_dir), **sizes}
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(ExportConfig, argv, description=__doc__.split("\n")[0])
+    try:
+        result = export(cfg)
+    except ValueError as e:
+        if __name__ == "__main__":
+            sys.exit(f"error: {e}")
+        raise
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""What the three nano training commands share: run folder, exact resume, metrics, progress.
+
+Exact resume by construction: every random choice of step ``s`` (batch indices, noise, timesteps,
+caption drops) is drawn from a generator seeded by ``(seed, s)`` (:func:`step_generator`), so a run
+resumed from the checkpoint of step ``s`` draws what the uninterrupted run drew. The checkpoint
+(``train.common.checkpointing``) holds model, optimiser, EMA and step; metrics lines written after
+the last checkpoint by a killed run are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from train.common.checkpointing import load_checkpoint
+from train.common.config import config_to_dict
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "train_config.json"
+
+
+def setup_threads(num_threads: int) -> None:
+    """Fix the torch thread count (exact resume requires the same count; the CI machine has 2 cores)."""
+    torch.set_num_threads(max(1, int(num_threads)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for every random draw of optimiser step ``step`` (independent of resume)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+
+
+def check_architecture(saved: dict, current: dict, keys: tuple[str, ...], path: Path) -> None:
+    """Refuse to resume when a field that shapes the model differs from the run's saved config."""
+    diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+    if diff:
+        raise ValueError(
+            f"Checkpoint in {path} was trained with a different model config: "
+            + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            + ". Resume with the run's original config, or pass a new --output-dir."
+        )
+
+
+def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_keys: tuple[str, ...]) -> dict | None:
+    """The run's checkpoint (validated against ``model`` and the config's architecture), or None."""
+    state = load_checkpoint(output_dir, expected_model_keys=list(model.state_dict()))
+    if state is None:
+        return None
+    check_architecture(state.get("extra", {}).get("config", {}), config_to_dict(config), arch_keys, output_dir)
+    current = model.state_dict()
+    for name, tensor in state["model"].items():
+        if tuple(tensor.shape) != tuple(current[name].shape):
+            raise ValueError(
+                f"Checkpoint in {output_dir} does not match this model: {name} has shape {list(tensor.shape)}, "
+                f"the model expects {list(current[name].shape)}. Resume with the run's config or a new --output-dir."
+            )
+    return state
+
+
+def write_config(output_dir: Path, config) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2))
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume keeps only the lines up to the checkpoint's step."""
+
+    def __init__(self, output_dir: Path, resume_step: int):
+        self.path = Path(output_dir) / METRICS_NAME
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self.start = time.time()
+
+    def write(self, record: dict) -> None:
+        record = {**record, "time": round(time.time() - self.start, 3)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def progress(total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+@torch.no_grad()
+def ema_update_into(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (same architecture)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)

@@ -1,0 +1,161 @@
+"""Train the nano text encoder (CLIPTextModel, 768 wide) contrastively with a tiny vision tower.
+
+    python -m train.nano.train_text_encoder --config train/configs/nano/text_encoder.yaml
+    python -m train.nano.train_text_encoder --output-dir runs/nano/te --max-steps 400
+
+Writes into ``--output-dir``: ``checkpoint.pt`` (every ``--save-every`` steps; the run resumes from
+it when restarted), ``metrics.jsonl`` (loss, lr; held-out caption->image retrieval accuracy every
+``--eval-every`` steps), ``tokenizer/`` (vocab.json + merges.txt), and at the end
+``text-encoder/`` (CLIPTextModel + CLIPTokenizer, ``save_pretrained`` layout, fp16) and
+``vision-tower/`` (CLIPVisionModel + its projection, fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.common.checkpointing import restore, save_checkpoint
+from train.common.config import config_to_dict, parse_config
+from train.nano import nano_data, run_utils
+from train.nano import text_encoder as te
+
+logger = logging.getLogger(__name__)
+
+ARCH_KEYS = ("text_layers", "text_intermediate", "text_heads", "vision_width", "vision_layers", "vision_heads",
+             "embed_dim")
+
+
+@dataclass
+class TextEncoderTrainConfig:
+    output_dir: str = field(default="runs/nano/text-encoder", metadata={"help": "run folder (resumes from it)"})
+    num_scenes: int = field(default=20000, metadata={"help": "training scenes rendered from the world's train stream"})
+    eval_scenes: int = field(default=256, metadata={"help": "held-out scenes for the retrieval accuracy"})
+    seed: int = field(default=0, metadata={"help": "seeds init and every batch draw"})
+    batch_size: int = field(default=128, metadata={"help": "(image, caption) pairs per step"})
+    max_steps: int = field(default=400, metadata={"help": "optimiser steps"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps, then cosine decay to a tenth"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    clip_norm: float = field(default=1.0, metadata={"help": "gradient clipping max norm (0 = off)"})
+    text_layers: int = field(default=2, metadata={"help": "CLIPTextModel layers"})
+    text_intermediate: int = field(default=1024, metadata={"help": "CLIPTextModel MLP width"})
+    text_heads: int = field(default=12, metadata={"help": "CLIPTextModel attention heads (768 / heads = head dim)"})
+    vision_width: int = field(default=128, metadata={"help": "CLIPVisionModel width"})
+    vision_layers: int = field(default=4, metadata={"help": "CLIPVisionModel layers"})
+    vision_heads: int = field(default=4, metadata={"help": "CLIPVisionModel heads"})
+    embed_dim: int = field(default=256, metadata={"help": "shared contrastive embedding width"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    eval_every: int = field(default=100, metadata={"help": "held-out retrieval accuracy every N steps (0 = end only)"})
+    num_threads: int = field(default=1, metadata={"help": "torch threads (resume needs the same count)"})
+
+
+def build_model(cfg: TextEncoderTrainConfig, tokenizer) -> te.ContrastivePair:
+    torch.manual_seed(cfg.seed)
+    return te.ContrastivePair(
+        te.text_config(tokenizer, cfg.text_layers, cfg.text_intermediate, cfg.text_heads),
+        te.vision_config(cfg.vision_width, cfg.vision_layers, cfg.vision_heads),
+        cfg.embed_dim,
+    )
+
+
+def lr_lambda(cfg):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: te.ContrastivePair, ids: torch.Tensor, images: torch.Tensor, captions: list[str],
+                       eos_id: int) -> float:
+    """Fraction of held-out captions whose best-matching image (among all eval images) has that caption."""
+    model.eval()
+    logits = model.logits(te.trim_to_longest(ids, eos_id), nano_data.to_unit(images))
+    best = logits.argmax(dim=1).tolist()
+    model.train()
+    return sum(captions[j] == captions[i] for i, j in enumerate(best)) / len(captions)
+
+
+def train(cfg: TextEncoderTrainConfig) -> Path:
+    run_utils.setup_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    tokenizer = te.load_tokenizer(te.write_tokenizer_files(nano_data.world_vocabulary(), out / "tokenizer"))
+    eos = tokenizer.eos_token_id
+    model = build_model(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    state = run_utils.load_run_checkpoint(out, model, cfg, ARCH_KEYS)
+    start = 0 if state is None else restore(state, model, optimizer, scheduler)
+    run_utils.write_config(out, cfg)
+    metrics = run_utils.MetricsLog(out, start)
+    if start:
+        logger.info("resuming %s from step %d", out, start)
+
+    train_set = nano_data.load_scenes("train", cfg.num_scenes)
+    train_ids = te.tokenize(tokenizer, train_set.captions)
+    eval_set = nano_data.load_scenes("heldout", cfg.eval_scenes)
+    eval_ids = te.tokenize(tokenizer, eval_set.captions)
+    caption_index = {c: i for i, c in enumerate(dict.fromkeys(train_set.captions))}
+    caption_ids = torch.tensor([caption_index[c] for c in train_set.captions])
+
+    def save(step: int) -> None:
+        save_checkpoint(out, model_state=model.state_dict(), optimizer=optimizer, scheduler=scheduler, step=step,
+                        extra={"config": config_to_dict(cfg)})
+
+    model.train()
+    bar = run_utils.progress(cfg.max_steps, start, "text encoder")
+    for step in range(start + 1, cfg.max_steps + 1):
+        g = run_utils.step_generator(cfg.seed, step)
+        idx = torch.randperm(len(train_set), generator=g)[: cfg.batch_size]
+        same = caption_ids[idx][:, None] == caption_ids[idx][None, :]  # [B, B]
+        loss = model(te.trim_to_longest(train_ids[idx], eos), nano_data.to_unit(train_set.images[idx]), same)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            record["heldout_retrieval_acc"] = retrieval_accuracy(model, eval_ids, eval_set.images, eval_set.captions, eos)
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save(step)
+    bar.close()
+
+    te.save_text_encoder(model.text, tokenizer, out / te.TEXT_SUBFOLDER)
+    vision_dir = out / te.VISION_SUBFOLDER
+    model.vision.save_pretrained(str(vision_dir), safe_serialization=True)
+    from safetensors.torch import save_file
+
+    save_file({"visual_projection.weight": model.visual_projection.weight.detach().contiguous(),
+               "text_projection.weight": model.text_projection.weight.detach().contiguous(),
+               "logit_scale": model.logit_scale.detach().reshape(1)}, str(vision_dir / "projections.safetensors"))
+    logger.info("saved %s and %s", out / te.TEXT_SUBFOLDER, vision_dir)
+    return out / te.TEXT_SUBFOLDER
+
+
+def main(argv=None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(TextEncoderTrainConfig, argv, description=__doc__.split("\n")[0])
+    try:
+        return train(cfg)
+    except ValueError as e:
+        if __name__ == "__main__":
+            sys.exit(f"error: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()
