@@ -87,3 +87,20 @@ def parse_config(config_class, argv=None, description: str = ""):
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def run_entry_point(config_class, train, argv=None, description: str = "", as_script: bool = False):
+    """Parse the config and call `train(cfg)`. Run as a script (`python -m ...`), a ValueError
+    (bad input, refused checkpoint) ends the process with its one-line message instead of a traceback;
+    called from Python (tests), it propagates."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(config_class, argv, description=description)
+    try:
+        return train(cfg)
+    except ValueError as e:
+        if as_script:
+            sys.exit(f"error: {e}")
+        raise

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from train.common.checkpointing import restore, save_checkpoint
-from train.common.config import config_to_dict, parse_config
+from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, run_utils
 from train.nano import text_encoder as te
 
@@ -147,14 +146,7 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
 
 
 def main(argv=None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(TextEncoderTrainConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        return train(cfg)
-    except ValueError as e:
-        if __name__ == "__main__":
-            sys.exit(f"error: {e}")
-        raise
+    return run_entry_point(TextEncoderTrainConfig, train, argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
 
 
 if __name__ == "__main__":

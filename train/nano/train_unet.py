@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from train.common.checkpointing import restore, save_checkpoint
-from train.common.config import config_to_dict, parse_config
+from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, run_utils, sampler
 from train.nano import text_encoder as te
-from train.nano.taesd import SD15_LATENT_SCALE
 from train.nano.train_vae import load_vae
 from train.nano.unet import NanoUNet, NanoUNetConfig
 
@@ -280,14 +278,7 @@ def train(cfg: UNetTrainConfig) -> Path:
 
 
 def main(argv=None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(UNetTrainConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        return train(cfg)
-    except ValueError as e:
-        if __name__ == "__main__":
-            sys.exit(f"error: {e}")
-        raise
+    return run_entry_point(UNetTrainConfig, train, argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
 
 
 if __name__ == "__main__":
