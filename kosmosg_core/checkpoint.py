@@ -307,9 +307,7 @@ def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, pat
 
     path = Path(path)
     state = model.state_dict()
-    inference_cfg = KosmosGConfig.from_dict(model.cfg.to_dict())
-    inference_cfg.aligner.with_reconstruction = False
-    inference_cfg.decoder.gradient_checkpointing = False
+    inference_cfg = model.cfg.for_inference()
     with torch.device("meta"):  # names of the inference tensors (no training-only branches)
         keep = set(KosmosG(inference_cfg).state_dict())
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()

@@ -146,6 +146,15 @@ class KosmosGConfig:
     def from_json(cls, text: str) -> "KosmosGConfig":
         return cls.from_dict(json.loads(text))
 
+    def for_inference(self) -> "KosmosGConfig":
+        """A copy with the training-only switches off: dropout, gradient checkpointing and the
+        stage-2 reconstruction branch. The pack's .safetensors always records this form."""
+        cfg = KosmosGConfig.from_dict(self.to_dict())
+        cfg.decoder.dropout = cfg.decoder.attention_dropout = cfg.aligner.dropout = 0.0
+        cfg.decoder.gradient_checkpointing = False
+        cfg.aligner.with_reconstruction = False
+        return cfg
+
     # --- named sizes ---------------------------------------------------------------------------
     @classmethod
     def official(cls) -> "KosmosGConfig":

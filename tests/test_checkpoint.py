@@ -105,9 +105,14 @@ def test_pack_is_lazy_and_exact(tmp_path):
     # training-only branches are never written
     cfg_recon = KosmosGConfig.from_dict(model.cfg.to_dict())
     cfg_recon.aligner.with_reconstruction = True
+    cfg_recon.decoder.dropout = cfg_recon.aligner.dropout = 0.1
+    cfg_recon.decoder.gradient_checkpointing = True
     trained = random_kosmosg(cfg_recon)
     out = save_pack_checkpoint(trained, None, tmp_path / "from-stage2.safetensors")
-    _, tensors, _ = read_checkpoint(out)
+    saved_cfg, tensors, _ = read_checkpoint(out)
+    assert saved_cfg == model.cfg  # the file records the inference form of the config
+    assert (saved_cfg.aligner.with_reconstruction, saved_cfg.decoder.dropout, saved_cfg.aligner.dropout,
+            saved_cfg.decoder.gradient_checkpointing) == (False, 0.0, 0.0, False)
     assert not any(k.startswith(("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")) for k in tensors)
 
 

@@ -31,13 +31,6 @@ class ExportConfig:
     dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
 
 
-def inference_config(model_cfg):
-    from train.loop import replace_config
-
-    return replace_config(model_cfg, aligner={"with_reconstruction": False, "dropout": 0.0},
-                          decoder={"dropout": 0.0, "attention_dropout": 0.0, "gradient_checkpointing": False})
-
-
 def export(cfg: ExportConfig) -> Path:
     from kosmosg_core.checkpoint import save_pack_checkpoint
     from kosmosg_core.config import KosmosGConfig
@@ -57,7 +50,7 @@ def export(cfg: ExportConfig) -> Path:
     extra = state.get("extra", {})
     if "kosmosg_config" not in extra:
         raise ValueError(f"--checkpoint {cfg.checkpoint} carries no model config; it was not written by train/.")
-    model_cfg = inference_config(KosmosGConfig.from_json(extra["kosmosg_config"]))
+    model_cfg = KosmosGConfig.from_json(extra["kosmosg_config"]).for_inference()
     tokenizer = load_tokenizer(cfg.tokenizer or extra.get("tokenizer", ""))
     tokenizer.check_matches(model_cfg.decoder.vocab_size)
 
