@@ -39,10 +39,8 @@ To regenerate the stored file (by hand, with the mirror): see the generator's do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +50,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from reference import _torchscale as pypi
+from reference.seeding import seeded_randn, seeded_weights_, weights_fingerprint
 from reference.official_reference import (
     FairseqMultiheadAttentionWeights,
     FairseqSinusoidalPositionalEmbedding,
@@ -100,42 +99,6 @@ def stored() -> Stored:
 
 
 # --- the generator's seeded weights and inputs, rebuilt -----------------------------------------
-def _unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) once per parameter; a tied parameter is named by its smallest alias."""
-    aliases: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), (p, []))[1].append(name)
-    return sorted((min(names), p) for p, names in aliases.values())
-
-
-def seeded_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """The generator's recipe: per parameter, randn from Generator(seed * 1000003 + crc32(name));
-    LayerNorm gains 1 + 0.1 n, biases 0.05 n, matrices n / sqrt(fan_in)."""
-    with torch.no_grad():
-        for name, p in _unique_parameters(module):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            noise = torch.randn(p.shape, generator=generator)
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
-    return module.eval()
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in _unique_parameters(module):
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
-        digest.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def seeded_randn(shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def key_padding(batch: int, length: int, padded: dict[str, int]) -> torch.Tensor:
     """[B, T] bool, right padding: row b has its last padded[b] positions padded."""
     mask = torch.zeros(batch, length, dtype=torch.bool)

@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 import types
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,6 +53,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `reference._torchscale`
 
 from reference import _torchscale  # noqa: E402,F401  (PyPI torchscale importable without fairscale / timm)
+from reference.seeding import seeded_randn, seeded_weights_, weights_fingerprint  # noqa: E402
 
 GENERATOR_VERSION = "1"
 DEFAULT_MIRROR = Path("/work/.mirror/xichenpan+Kosmos-G/repo")
@@ -86,44 +85,6 @@ ALIGNER_CONFIG_FIELDS = [
 # ------------------------------------------------------------------------------------------------
 # Seeded weights and inputs (same recipe in tests/test_reference_vs_official_source.py)
 # ------------------------------------------------------------------------------------------------
-def _unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) once per parameter; a tied parameter is named by its smallest alias."""
-    aliases: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), (p, []))[1].append(name)
-    return sorted((min(names), p) for p, names in aliases.values())
-
-
-def seeded_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial weights: LayerNorm gains 1 + 0.1 N, biases 0.05 N, matrices N / sqrt(fan_in).
-
-    Each parameter has its own generator, seeded by (seed, name): independent of registration order."""
-    with torch.no_grad():
-        for name, p in _unique_parameters(module):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            noise = torch.randn(p.shape, generator=generator)
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
-    return module.eval()
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over (name, shape, float32 bytes) of the unique parameters, in name order."""
-    digest = hashlib.sha256()
-    for name, p in _unique_parameters(module):
-        digest.update(f"{name}:{tuple(p.shape)};".encode())
-        digest.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def seeded_randn(shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 # ------------------------------------------------------------------------------------------------
 # Reading and executing the fork's files
 # ------------------------------------------------------------------------------------------------
