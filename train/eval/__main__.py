@@ -16,12 +16,12 @@ SUBCOMMANDS = {
     "dreambench": "train.eval.dreambench",
     "fid": "train.eval.fid",
     "generate-coco": "train.eval.coco",
+    "nano-image": "train.eval.nano_image",
 }
 # Reserved names whose modules another issue adds (nano-model sampling and judging); until then
 # they answer "not yet available" instead of "unknown command".
 PLANNED = {
     "nano": "evaluate the nano Kosmos-G model on the nano world's held-out scenes (train/nano)",
-    "nano-image": "judge nano images generated elsewhere (train/nano/judge.py)",
 }
 PROG = "python -m train.eval"
 

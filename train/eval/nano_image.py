@@ -1,0 +1,218 @@
+r"""Text-to-image accuracy of the shipped nano SD1.5 model, judged on held-out world captions.
+
+    python -m train.eval nano-image --samples 200 --seed 0 --json nano_image.json
+
+Reads the shipped layout written by ``python -m train.nano.export_nano``: ``--checkpoint``
+(models/nano/nano-sd15.safetensors: zero-padded U-Net + TAESD VAE) and ``--text-encoder``
+(models/nano/text-encoder/). Nothing is trained or downloaded here.
+
+Captions: ``--samples N`` held-out captions (world.HELDOUT_SEED stream, held-out split only),
+``N - N // 2`` with one subject and ``N // 2`` with two; ``--seed S`` picks scenes
+``S * 1_000_000 ...`` of that stream for each subject count and seeds the sampler's initial noise,
+so the same flags give the same JSON. Each caption is sampled with the project's sampler
+(``train.nano.sampler``: DDIM or Euler, classifier-free guidance against the empty caption) and
+decoded; ``train.nano.judge.score_against`` says whether every named attribute (count, colour,
+shape, position) of every subject is right.
+
+Output (JSON; a table goes to stderr):
+  text_to_image_single / text_to_image_two   fraction of images judged all-correct, per subject count
+  text_to_image                              the same over all N
+  unconditional_baseline                     empty-caption samples (same noise) scored against the
+                                             same captions: what the model gets right by chance
+  judge_accuracy                             the judge on min(N, --judge-samples) real held-out
+                                             scenes (all attributes right), its own error bar
+  *_stderr                                   binomial standard error sqrt(p (1 - p) / n)
+  *_count / *_colour / ...                   per-attribute fractions
+  samples, seed, sampler settings, checkpoint paths (no timings: same flags -> same JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cli import parse_eval_config
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = "text-to-image accuracy of the shipped nano model on held-out captions, judged (train/nano/judge.py)"
+SCENE_STRIDE = 1_000_000  # held-out scene indices per --seed value, so different seeds draw different captions
+ATTRIBUTES = ("count", "colour", "shape", "position")
+HOW_TO_MAKE = ("the nano model is trained with python -m train.nano.train_text_encoder / train_vae / train_unet "
+               "and exported with python -m train.nano.export_nano")
+
+
+@dataclass
+class NanoImageConfig:
+    checkpoint: str = field(default="models/nano/nano-sd15.safetensors",
+                            metadata={"help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
+    text_encoder: str = field(default="models/nano/text-encoder",
+                              metadata={"help": "CLIPTextModel + tokenizer folder, export_nano's output"})
+    samples: int = field(default=200, metadata={"help": "held-out captions (N - N//2 one-subject, N//2 two-subject)"})
+    seed: int = field(default=0, metadata={"help": "picks the held-out captions and the initial noise"})
+    steps: int = field(default=20, metadata={"help": "sampler steps"})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
+    batch_size: int = field(default=64, metadata={"help": "captions per sampler batch (noise is drawn per caption)"})
+    judge_samples: int = field(default=200, metadata={"help": "real held-out scenes for judge_accuracy: min(N, this)"})
+    num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _require(path: str, flag: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{flag} {path}: {what} not found; {HOW_TO_MAKE} (or pass {flag} PATH)")
+    return p
+
+
+def load_shipped_model(checkpoint: str, text_encoder: str):
+    """(NanoUNet, TinyAutoencoder, CLIPTextModel, tokenizer) from the shipped files, eval mode, float32."""
+    from train.nano import text_encoder as te
+    from train.nano.sd15_format import read_sd15_checkpoint
+    from train.nano.taesd import TinyAutoencoder
+    from train.nano.unet import NanoUNet, NanoUNetConfig
+
+    ckpt_path = _require(checkpoint, "--checkpoint", "nano SD1.5 checkpoint")
+    text_path = _require(text_encoder, "--text-encoder", "nano text encoder folder")
+    saved = read_sd15_checkpoint(ckpt_path)
+    if "nano_unet_config" not in saved:
+        raise ValueError(f"--checkpoint {checkpoint}: no 'nano_unet_config' metadata, so the narrow U-Net cannot be "
+                         f"rebuilt; export it with python -m train.nano.export_nano")
+    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
+                                           NanoUNetConfig.from_dict(saved["nano_unet_config"])).eval()
+    vae = TinyAutoencoder()
+    vae.taesd_encoder.load_state_dict({k: v.float() for k, v in saved["taesd_encoder"].items()})
+    vae.taesd_decoder.load_state_dict({k: v.float() for k, v in saved["taesd_decoder"].items()})
+    vae.set_scale_shift(saved["vae_scale"], saved["vae_shift"])
+    text_model, tokenizer = te.load_text_encoder(text_path)
+    return unet, vae.eval(), text_model, tokenizer
+
+
+# ----------------------------------------------------------------------------- captions + scoring
+
+
+def heldout_specs(count: int, num_subjects: int, seed: int) -> list:
+    """``count`` held-out scene specs with ``num_subjects`` subjects, scenes seed * SCENE_STRIDE onwards."""
+    from train.nano import world
+
+    start = int(seed) * SCENE_STRIDE
+    return [world.spec_at(world.HELDOUT_SEED, start + i, num_subjects) for i in range(count)]
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
+
+
+def _fractions(scores: list[dict], prefix: str) -> dict:
+    """``prefix`` (all_correct fraction), ``prefix_stderr`` and ``prefix_<attribute>`` over ``scores``."""
+    n = len(scores)
+    p = sum(bool(s["all_correct"]) for s in scores) / n
+    out = {prefix: p, f"{prefix}_stderr": binomial_stderr(p, n)}
+    for attr in ATTRIBUTES:
+        out[f"{prefix}_{attr}"] = sum(bool(s[attr]) for s in scores) / n
+    return out
+
+
+@torch.no_grad()
+def generate(unet, vae, context: torch.Tensor, uncond: torch.Tensor | None, cfg: NanoImageConfig,
+             noise_seed: int) -> torch.Tensor:
+    """context [N, 77, 768] -> images [N, 64, 64, 3] float in [0, 1]; batch b's noise seed is noise_seed + b."""
+    from train.nano import sampler
+
+    images = []
+    for b, start in enumerate(range(0, context.shape[0], cfg.batch_size)):
+        latents = sampler.sample(unet, context[start:start + cfg.batch_size], uncond, steps=cfg.steps,
+                                 guidance=cfg.guidance, seed=noise_seed + b, method=cfg.method)
+        images.append(vae.decode_from_unet_space(latents).permute(0, 2, 3, 1))  # [B, 64, 64, 3]
+    return torch.cat(images).clamp(0, 1)
+
+
+def validate(cfg: NanoImageConfig) -> None:
+    from train.nano import sampler
+
+    if cfg.samples < 2:
+        raise ValueError(f"--samples must be >= 2 (half one-subject, half two-subject captions), got {cfg.samples}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.judge_samples < 1:
+        raise ValueError(f"--judge-samples must be >= 1, got {cfg.judge_samples}")
+    if cfg.method not in sampler.METHODS:
+        raise ValueError(f"--method must be one of {sampler.METHODS}, got {cfg.method!r}")
+
+
+def run(cfg: NanoImageConfig) -> dict:
+    from train.nano import judge, world
+    from train.nano import text_encoder as te
+
+    validate(cfg)
+    torch.set_num_threads(max(1, cfg.num_threads))
+    t0 = time.time()
+    unet, vae, text_model, tokenizer = load_shipped_model(cfg.checkpoint, cfg.text_encoder)
+    empty = te.encode_captions(text_model, tokenizer, [""])  # [1, 77, 768]
+
+    groups = {"single": heldout_specs(cfg.samples - cfg.samples // 2, 1, cfg.seed),
+              "two": heldout_specs(cfg.samples // 2, 2, cfg.seed)}
+    result: dict = {}
+    all_scores, all_baseline = [], []
+    for g, (name, specs) in enumerate(groups.items()):
+        context = te.encode_captions(text_model, tokenizer, [world.caption_of(s) for s in specs])  # [n, 77, 768]
+        # the noise seed depends on --seed and the group only, so the baseline sees the same noise
+        noise_seed = int(cfg.seed) * 1_000 + 100 * g
+        images = generate(unet, vae, context, empty, cfg, noise_seed).numpy()
+        scores = [judge.score_against(img, spec.subjects) for img, spec in zip(images, specs)]
+        # empty caption for both branches: guidance has nothing to amplify, so sample unguided
+        uncond_images = generate(unet, vae, empty.expand(len(specs), -1, -1), None, cfg, noise_seed).numpy()
+        baseline = [judge.score_against(img, spec.subjects) for img, spec in zip(uncond_images, specs)]
+        result.update(_fractions(scores, f"text_to_image_{name}"))
+        result.update(_fractions(baseline, f"unconditional_baseline_{name}"))
+        result[f"samples_{name}"] = len(specs)
+        all_scores += scores
+        all_baseline += baseline
+    result.update(_fractions(all_scores, "text_to_image"))
+    result.update(_fractions(all_baseline, "unconditional_baseline"))
+
+    judge_n = min(cfg.samples, cfg.judge_samples)
+    accuracy = judge.measure_judge_accuracy(judge_n, seed=world.HELDOUT_SEED)
+    result["judge_accuracy"] = accuracy["all_correct"]
+    result["judge_accuracy_stderr"] = binomial_stderr(accuracy["all_correct"], judge_n)
+    result["judge_samples"] = judge_n
+    result.update({
+        "samples": cfg.samples, "seed": cfg.seed,
+        "sampler": {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance,
+                    "uncond": "empty caption", "latent_shape": [4, 8, 8]},
+        "checkpoint": str(cfg.checkpoint), "text_encoder": str(cfg.text_encoder),
+    })  # no wall time in the result: the same flags give byte-identical JSON
+    logger.info("nano-image: %d captions in %.1f s", cfg.samples, time.time() - t0)
+    print(format_table(result), file=sys.stderr)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("text_to_image_single", "samples_single"), ("text_to_image_two", "samples_two"),
+            ("text_to_image", "samples"), ("unconditional_baseline_single", "samples_single"),
+            ("unconditional_baseline_two", "samples_two"), ("unconditional_baseline", "samples"),
+            ("judge_accuracy", "judge_samples")]
+    lines = [f"{'metric':<32}{'value':>8}{'stderr':>9}{'n':>6}"]
+    for key, n_key in rows:
+        lines.append(f"{key:<32}{result[key]:>8.3f}{result[key + '_stderr']:>9.3f}{result[n_key]:>6d}")
+    s = result["sampler"]
+    lines.append(f"(sampler {s['method']}, {s['steps']} steps, guidance {s['guidance']}; seed {result['seed']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    return run(parse_eval_config(NanoImageConfig, argv, "nano-image", __doc__))
