@@ -129,6 +129,17 @@ def _box3(a: np.ndarray) -> np.ndarray:
     return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
 
 
+def _max3(labels: np.ndarray) -> np.ndarray:
+    """3x3 maximum with zero padding, [H, W] -> [H, W] (one step of label propagation)."""
+    p = np.pad(labels, 1)
+    h, w = labels.shape
+    out = labels.copy()
+    for dy in range(3):
+        for dx in range(3):
+            np.maximum(out, p[dy : dy + h, dx : dx + w], out=out)
+    return out
+
+
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a bool [H, W] mask -> (int32 labels [H, W], 0 = background; count).
 
@@ -138,12 +149,7 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     h, w = mask.shape
     labels = np.where(mask, np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w), 0)
     while True:
-        p = np.pad(labels, 1)
-        neigh = labels.copy()
-        for dy in range(3):
-            for dx in range(3):
-                np.maximum(neigh, p[dy : dy + h, dx : dx + w], out=neigh)
-        neigh = np.where(mask, neigh, 0)
+        neigh = np.where(mask, _max3(labels), 0)
         if np.array_equal(neigh, labels):
             break
         labels = neigh
@@ -299,14 +305,8 @@ def _split_wide(mask: np.ndarray, smooth_dist: np.ndarray) -> list[np.ndarray]:
         if len(cores) < 2:
             continue
         grown = np.where(np.isin(sub, cores), sub, 0)
-        h, w = mask.shape
-        while True:
-            p = np.pad(grown, 1)
-            neigh = grown.copy()
-            for dy in range(3):
-                for dx in range(3):
-                    np.maximum(neigh, p[dy : dy + h, dx : dx + w], out=neigh)
-            neigh = np.where(mask & (grown == 0), neigh, grown)
+        while True:  # only unclaimed pixels of the component adopt a neighbouring core
+            neigh = np.where(mask & (grown == 0), _max3(grown), grown)
             if np.array_equal(neigh, grown):
                 break
             grown = neigh
