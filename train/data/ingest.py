@@ -112,12 +112,16 @@ def make_ip2p_processor(config: IngestConfig):
     return process
 
 
-def run_ingest_ip2p(config: IngestConfig) -> dict:
+def _run_ingest(config: IngestConfig, iter_items, make_processor, what: str) -> dict:
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the shards")
-    items = iter_ip2p(config.input, config.count)
-    return run_sharded(items, make_ip2p_processor(config), config.output, config.samples_per_shard,
-                       config.shard_prefix, what="ingest-ip2p")
+    items = iter_items(config.input, config.count)
+    return run_sharded(items, make_processor(config), config.output, config.samples_per_shard, config.shard_prefix,
+                       what=what)
+
+
+def run_ingest_ip2p(config: IngestConfig) -> dict:
+    return _run_ingest(config, iter_ip2p, make_ip2p_processor, "ingest-ip2p")
 
 
 def iter_pairs(input_spec: str | None, limit: int = 0):
@@ -148,8 +152,4 @@ def make_pairs_processor(config: IngestConfig):
 
 
 def run_ingest_pairs(config: IngestConfig) -> dict:
-    if not config.output:
-        raise ValueError("output is not set: pass --output DIR for the shards")
-    items = iter_pairs(config.input, config.count)
-    return run_sharded(items, make_pairs_processor(config), config.output, config.samples_per_shard,
-                       config.shard_prefix, what="ingest-pairs")
+    return _run_ingest(config, iter_pairs, make_pairs_processor, "ingest-pairs")
