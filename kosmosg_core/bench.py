@@ -4,6 +4,9 @@ Everything printed is measured in this run on this machine:
 - yardstick (a): the machine's practical limit for each case, max(FLOPs / measured matmul rate,
   weight bytes read / measured memory bandwidth) (decisions.md "Benchmark limit");
 - yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
+- encode runs the path users get: on the CPU in float32 the linear layers are pre-packed for
+  oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear default` times torch's own
+  matmul instead, for comparison;
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -81,6 +84,7 @@ def count_flops(model: torch.nn.Module, fn) -> int:
     """Multiply-add FLOPs of one call of `fn`, counted from the shapes each layer actually sees:
     2*in*out per row for Linear, 2*k*k*c_in*c_out per output pixel for Conv2d, and the two
     attention products (2*T*S*K each per head) for every MultiheadAttention."""
+    from .cpu_linear import PackedLinear
     from .layers import MultiheadAttention
 
     total = 0
@@ -103,7 +107,7 @@ def count_flops(model: torch.nn.Module, fn) -> int:
 
     handles = []
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, PackedLinear)):
             handles.append(module.register_forward_hook(linear_hook))
         elif isinstance(module, torch.nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
@@ -197,6 +201,13 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     model = KosmosG(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    pack_seconds = None
+    if args.cpu_linear == "packed" and device.type == "cpu" and dtype == torch.float32:
+        from .cpu_linear import pack_linears
+
+        start = time.perf_counter()
+        pack_linears(model)
+        pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
     param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
                    for name in ("vision", "connector", "decoder", "aligner")}
@@ -227,7 +238,8 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
             "case": case, "dtype": str(dtype).split(".")[-1], "seconds": seconds, "flops": flops,
             "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
             "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
-            "clip_text_encoder_seconds": clip_seconds})
+            "clip_text_encoder_seconds": clip_seconds, "linear_layers": "packed" if pack_seconds is not None else "default",
+            "pack_seconds": pack_seconds})
     return cases
 
 
@@ -284,6 +296,9 @@ def print_table(results: dict) -> None:
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
           f"time ratio {load['safetensors_over_pt_time']:.2f}")
+    packing = {c["dtype"]: c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
+    for dtype, seconds in packing.items():
+        print(f"{dtype}: linear weights packed for oneDNN once after loading, {seconds:.2f} s")
     header = f"{'case':<10} {'dtype':<9} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}"
     print(header)
     print("-" * len(header))

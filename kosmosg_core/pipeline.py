@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import IMAGE_PLACEHOLDER
+from .cpu_linear import pack_linears
 from .errors import DeviceError, PromptError
 from .image_processing import preprocess_images, to_pil_images
 from .model import KosmosG
@@ -81,9 +82,18 @@ class KosmosGPipeline:
 
     @classmethod
     def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
-                        cache_size: int = 64) -> "KosmosGPipeline":
+                        cache_size: int = 64, pack_cpu_linears: bool | None = None) -> "KosmosGPipeline":
+        """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
+
+        pack_cpu_linears: pre-pack the linear layers' weights for oneDNN (`cpu_linear`), faster
+            float32 encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
+            off for a model that will be moved to a GPU later."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
+        if pack_cpu_linears is None:
+            pack_cpu_linears = device.type == "cpu" and dtype == torch.float32
+        if pack_cpu_linears:
+            pack_linears(model)
         return cls(model, tokenizer, cache_size=cache_size)
 
     # --- properties ----------------------------------------------------------------------------
@@ -130,20 +140,22 @@ class KosmosGPipeline:
             cfg = self.model.cfg
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
         pixels = preprocess_images(to_pil_images(list(images)), self.model.cfg.vision.image_size)  # [N, 3, S, S]
+        keys = [self._cache_key(pixel) for pixel in pixels]
+        missing = {key: i for i, key in enumerate(keys) if key not in self._image_cache}  # first index per new image
+        if missing:
+            batch = pixels[list(missing.values())].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
+            # one batched vision forward for every new image; kept on the CPU: GPU memory belongs to
+            # the model (ComfyUI offloads it between runs)
+            for key, embeds in zip(missing, self.model.encode_images(batch).cpu()):  # [Q, D] each
+                self._image_cache[key] = embeds
         out = []
-        for pixel in pixels:
-            key = self._cache_key(pixel)
-            if key in self._image_cache:
-                self._image_cache.move_to_end(key)
-            else:
-                batch = pixel[None].to(device=self.device, dtype=self.dtype)
-                # kept on the CPU: GPU memory belongs to the model (ComfyUI offloads it between runs)
-                self._image_cache[key] = self.model.encode_images(batch)[0].cpu()  # [Q, D]
-                while len(self._image_cache) > self.cache_size:
-                    self._image_cache.popitem(last=False)
+        for key in keys:
+            self._image_cache.move_to_end(key)
             out.append(self._image_cache[key])
             if progress is not None:
                 progress()
+        while len(self._image_cache) > self.cache_size:
+            self._image_cache.popitem(last=False)
         return torch.stack(out).to(self.device)
 
     @torch.inference_mode()

@@ -1,0 +1,39 @@
+"""`python -m kosmosg_core bench` on the tiny size: it runs, measures and reports every field."""
+
+import json
+
+import pytest
+
+from kosmosg_core.cli import main
+
+
+def _bench(tmp_path, cpu_linear):
+    out = tmp_path / f"bench-{cpu_linear}.json"
+    main(["bench", "--size", "tiny", "--dtypes", "float32", "--repeats", "1", "--threads", "1",
+          "--cpu-linear", cpu_linear, "--json", str(out), "--workdir", str(tmp_path / "work")])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu_linear", ["packed", "default"])
+def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
+    results = _bench(tmp_path, cpu_linear)
+    printed = capsys.readouterr().out
+    assert results["size"] == "tiny" and results["threads"] == 1
+    assert [c["case"] for c in results["cases"]] == ["text-only", "1-image", "3-image"]
+    for case in results["cases"]:
+        assert case["seconds"] > 0 and case["flops"] > 0 and case["limit_seconds"] > 0
+        assert case["ratio_to_limit"] == pytest.approx(case["seconds"] / case["limit_seconds"])
+        assert case["linear_layers"] == cpu_linear
+        assert (case["pack_seconds"] is not None) == (cpu_linear == "packed")
+        if case["case"] == "text-only":
+            assert case["cached_image_seconds"] is None
+        else:
+            assert case["cache_speedup"] == pytest.approx(case["seconds"] / case["cached_image_seconds"])
+        assert case["case"] in printed
+    flops = {c["case"]: c["flops"] for c in results["cases"]}
+    assert flops["1-image"] < flops["3-image"]  # two more images through the vision tower and the MLLM
+    load = results["load"]
+    assert load["pt"]["seconds"] > 0 and load["safetensors"]["seconds"] > 0
+    assert load["safetensors_over_pt_time"] == pytest.approx(load["safetensors"]["seconds"] / load["pt"]["seconds"])
+    assert results["yardsticks"]["matmul_TFLOPs_float32"] > 0 and results["yardsticks"]["memory_bandwidth_GBps"] > 0

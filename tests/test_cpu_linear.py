@@ -1,0 +1,67 @@
+"""The CPU fast path: oneDNN-packed linear layers give the same outputs as nn.Linear."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from kosmosg_core.cpu_linear import PackedLinear, cpu_packing_available, has_packed_linears, pack_linears, unpack_linears
+from kosmosg_core.pipeline import KosmosGPipeline
+from support.tiny_kosmosg import write_tiny_pack
+
+pytestmark = pytest.mark.skipif(not cpu_packing_available(), reason="this PyTorch build has no oneDNN packing")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 48), (2, 7, 48), (1, 1, 48)])
+def test_packed_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(shape)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        expected, got = linear(x), packed(x)
+    assert got.shape == expected.shape == (*shape[:-1], 80)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    restored = packed.to_linear()
+    assert torch.equal(restored.weight, linear.weight)
+    if bias:
+        assert torch.equal(restored.bias, linear.bias)
+
+
+def test_packed_linear_refuses_other_dtypes_with_a_fix():
+    packed = PackedLinear(nn.Linear(8, 8))
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        packed(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return write_tiny_pack(tmp_path_factory.mktemp("pack"))
+
+
+def _image(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+
+
+def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
+    packed = KosmosGPipeline.from_checkpoint(pack[0])
+    plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
+    assert has_packed_linears(packed.model) and not has_packed_linears(plain.model)
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
+    images = [[_image(0), _image(1)], []]
+    assert torch.allclose(packed.encode(prompts, images), plain.encode(prompts, images), atol=1e-5)
+    assert torch.allclose(packed.encode_unconditional(), plain.encode_unconditional(), atol=1e-5)
+    # unpacking gives back the exact weights
+    count = unpack_linears(packed.model)
+    assert count > 0 and not has_packed_linears(packed.model)
+    for (name, a), (_, b) in zip(sorted(packed.model.state_dict().items()), sorted(plain.model.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_pipeline_does_not_pack_other_dtypes(pack):
+    pipe = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16")
+    assert not has_packed_linears(pipe.model)
+    assert pack_linears(pipe.model) == 0  # bf16 weights are left alone
