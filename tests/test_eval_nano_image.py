@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.nano_models import write_shipped_nano_sd
 from train.eval import nano_image
 from train.nano import world
 
@@ -32,35 +33,9 @@ def _eval_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory) -> dict:
-    """A fixture-size nano model (random 16-channel U-Net, random TAESD, 1-layer text encoder) written
-    by the real export path, plus the narrow U-Net it came from."""
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
-
-    from train.nano import export_nano
-    from train.nano import text_encoder as te
-    from train.nano.nano_data import world_vocabulary
-    from train.nano.taesd import TinyAutoencoder
-    from train.nano.train_unet import save_ema
-    from train.nano.unet import NanoUNet, NanoUNetConfig
-
+    """A fixture-size nano model written by the real export path, plus the networks it came from."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("nano_image")
-    torch.manual_seed(0)
-    tokenizer = te.load_tokenizer(te.write_tokenizer_files(world_vocabulary(), root / "tokenizer"))
-    text_model = CLIPTextModel(te.text_config(tokenizer, layers=1, intermediate=64, heads=8)).eval()
-    te.save_text_encoder(text_model, tokenizer, root / "te", dtype=torch.float32)
-    unet = NanoUNet(NanoUNetConfig(real_channels=16))
-    unet.reset_parameters(zero_init_residual=False)  # random but non-trivial
-    save_ema(root / "unet_ema.safetensors", unet)
-    vae = TinyAutoencoder()
-    vae.set_scale_shift(1.3, 0.1)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / "vae.safetensors"))
-    out = export_nano.export(export_nano.ExportConfig(unet=str(root / "unet_ema.safetensors"),
-                                                      vae=str(root / "vae.safetensors"),
-                                                      text_encoder=str(root / "te"), out_dir=str(root / "models")))
-    return {"root": root, "checkpoint": out["checkpoint"], "text_encoder": out["text_encoder"], "unet": unet,
-            "vae": vae}
+    return write_shipped_nano_sd(tmp_path_factory.mktemp("nano_image"))
 
 
 def _flags(shipped: dict, *extra: str) -> list[str]:
@@ -91,7 +66,7 @@ def test_binomial_stderr():
     assert nano_image.binomial_stderr(1.0, 10) == 0.0
     scores = [{"all_correct": a, "count": True, "colour": c, "shape": a, "position": True}
               for a, c in [(True, True), (False, True), (False, False), (True, True)]]
-    out = nano_image._fractions(scores, "x")
+    out = nano_image.score_fractions(scores, "x")
     assert out["x"] == 0.5 and out["x_stderr"] == pytest.approx(0.25) and out["x_colour"] == 0.75
     assert out["x_count"] == 1.0
 

@@ -16,13 +16,12 @@ SUBCOMMANDS = {
     "dreambench": "train.eval.dreambench",
     "fid": "train.eval.fid",
     "generate-coco": "train.eval.coco",
+    "nano": "train.eval.nano_kosmosg",
     "nano-image": "train.eval.nano_image",
 }
-# Reserved names whose modules another issue adds (nano-model sampling and judging); until then
-# they answer "not yet available" instead of "unknown command".
-PLANNED = {
-    "nano": "evaluate the nano Kosmos-G model on the nano world's held-out scenes (train/nano)",
-}
+# Reserved names whose modules a later issue adds: they answer "not yet available" instead of
+# "unknown command" (name -> what it will do).
+PLANNED: dict[str, str] = {}
 PROG = "python -m train.eval"
 
 

@@ -76,18 +76,20 @@ def _require(path: str, flag: str, what: str) -> Path:
     return p
 
 
-def load_shipped_model(checkpoint: str, text_encoder: str):
-    """(NanoUNet, TinyAutoencoder, CLIPTextModel, tokenizer) from the shipped files, eval mode, float32."""
+def load_shipped_model(checkpoint: str, text_encoder: str, checkpoint_flag: str = "--checkpoint"):
+    """(NanoUNet, TinyAutoencoder, CLIPTextModel, tokenizer) from the shipped files, eval mode, float32.
+
+    checkpoint_flag: the caller's flag for the nano SD1.5 file, named in the error when it is missing."""
     from train.nano import text_encoder as te
     from train.nano.sd15_format import read_sd15_checkpoint
     from train.nano.taesd import TinyAutoencoder
     from train.nano.unet import NanoUNet, NanoUNetConfig
 
-    ckpt_path = _require(checkpoint, "--checkpoint", "nano SD1.5 checkpoint")
+    ckpt_path = _require(checkpoint, checkpoint_flag, "nano SD1.5 checkpoint")
     text_path = _require(text_encoder, "--text-encoder", "nano text encoder folder")
     saved = read_sd15_checkpoint(ckpt_path)
     if "nano_unet_config" not in saved:
-        raise ValueError(f"--checkpoint {checkpoint}: no 'nano_unet_config' metadata, so the narrow U-Net cannot be "
+        raise ValueError(f"{checkpoint_flag} {checkpoint}: no 'nano_unet_config' metadata, so the narrow U-Net cannot be "
                          f"rebuilt; export it with python -m train.nano.export_nano")
     unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
                                            NanoUNetConfig.from_dict(saved["nano_unet_config"])).eval()
@@ -102,11 +104,12 @@ def load_shipped_model(checkpoint: str, text_encoder: str):
 # ----------------------------------------------------------------------------- captions + scoring
 
 
-def heldout_specs(count: int, num_subjects: int, seed: int) -> list:
-    """``count`` held-out scene specs with ``num_subjects`` subjects, scenes seed * SCENE_STRIDE onwards."""
+def heldout_specs(count: int, num_subjects: int | None, seed: int, offset: int = 0) -> list:
+    """``count`` held-out scene specs with ``num_subjects`` subjects (None: as the world draws them),
+    scenes seed * SCENE_STRIDE + offset onwards."""
     from train.nano import world
 
-    start = int(seed) * SCENE_STRIDE
+    start = int(seed) * SCENE_STRIDE + int(offset)
     return [world.spec_at(world.HELDOUT_SEED, start + i, num_subjects) for i in range(count)]
 
 
@@ -114,7 +117,7 @@ def binomial_stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
 
 
-def _fractions(scores: list[dict], prefix: str) -> dict:
+def score_fractions(scores: list[dict], prefix: str) -> dict:
     """``prefix`` (all_correct fraction), ``prefix_stderr`` and ``prefix_<attribute>`` over ``scores``."""
     n = len(scores)
     p = sum(bool(s["all_correct"]) for s in scores) / n
@@ -127,7 +130,9 @@ def _fractions(scores: list[dict], prefix: str) -> dict:
 @torch.no_grad()
 def generate(unet, vae, context: torch.Tensor, uncond: torch.Tensor | None, cfg: NanoImageConfig,
              noise_seed: int) -> torch.Tensor:
-    """context [N, 77, 768] -> images [N, 64, 64, 3] float in [0, 1]; batch b's noise seed is noise_seed + b."""
+    """context [N, 77, 768] -> images [N, 64, 64, 3] float in [0, 1]; batch b's noise seed is noise_seed + b.
+
+    cfg: any config with the sampler fields ``steps``, ``guidance``, ``method`` and ``batch_size``."""
     from train.nano import sampler
 
     images = []
@@ -138,17 +143,22 @@ def generate(unet, vae, context: torch.Tensor, uncond: torch.Tensor | None, cfg:
     return torch.cat(images).clamp(0, 1)
 
 
-def validate(cfg: NanoImageConfig) -> None:
+def validate_sampler(cfg) -> None:
+    """Check the sampler fields ``steps``, ``batch_size`` and ``method`` of any config (see ``generate``)."""
     from train.nano import sampler
 
-    if cfg.samples < 2:
-        raise ValueError(f"--samples must be >= 2 (half one-subject, half two-subject captions), got {cfg.samples}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
-    if cfg.judge_samples < 1:
-        raise ValueError(f"--judge-samples must be >= 1, got {cfg.judge_samples}")
     if cfg.method not in sampler.METHODS:
         raise ValueError(f"--method must be one of {sampler.METHODS}, got {cfg.method!r}")
+
+
+def validate(cfg: NanoImageConfig) -> None:
+    if cfg.samples < 2:
+        raise ValueError(f"--samples must be >= 2 (half one-subject, half two-subject captions), got {cfg.samples}")
+    validate_sampler(cfg)
+    if cfg.judge_samples < 1:
+        raise ValueError(f"--judge-samples must be >= 1, got {cfg.judge_samples}")
 
 
 def run(cfg: NanoImageConfig) -> dict:
@@ -174,13 +184,13 @@ def run(cfg: NanoImageConfig) -> dict:
         # empty caption for both branches: guidance has nothing to amplify, so sample unguided
         uncond_images = generate(unet, vae, empty.expand(len(specs), -1, -1), None, cfg, noise_seed).numpy()
         baseline = [judge.score_against(img, spec.subjects) for img, spec in zip(uncond_images, specs)]
-        result.update(_fractions(scores, f"text_to_image_{name}"))
-        result.update(_fractions(baseline, f"unconditional_baseline_{name}"))
+        result.update(score_fractions(scores, f"text_to_image_{name}"))
+        result.update(score_fractions(baseline, f"unconditional_baseline_{name}"))
         result[f"samples_{name}"] = len(specs)
         all_scores += scores
         all_baseline += baseline
-    result.update(_fractions(all_scores, "text_to_image"))
-    result.update(_fractions(all_baseline, "unconditional_baseline"))
+    result.update(score_fractions(all_scores, "text_to_image"))
+    result.update(score_fractions(all_baseline, "unconditional_baseline"))
 
     judge_n = min(cfg.samples, cfg.judge_samples)
     accuracy = judge.measure_judge_accuracy(judge_n, seed=world.HELDOUT_SEED)

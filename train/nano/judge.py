@@ -21,7 +21,8 @@ Reading an image [H, W, 3] (uint8, or float in [0, 1]; resized to 64 x 64 if nee
   6. position = the third of the image width holding the alpha-weighted centroid.
 
 ``score_against`` pairs readings with labels (left to right) and says, per attribute, whether the
-image shows what the labels say; ``measure_judge_accuracy`` runs that over held-out scenes.
+image shows what the labels say; ``read_background`` names the background (step 1's colour);
+``measure_judge_accuracy`` runs ``score_against`` over held-out scenes.
 
     python -m train.nano.judge --samples 2000 [--seed S] [--json OUT.json]
 """
@@ -368,6 +369,16 @@ def judge_image(image: Any) -> list[SubjectReading]:
             )
         )
     return sorted(readings, key=lambda r: r.centre[0])
+
+
+def read_background(image: Any) -> str | None:
+    """Name of the world background nearest the image's border colour (RGB distance), or None when
+    even the nearest is farther than ``FG_THRESHOLD`` (no world background there)."""
+    bg = _border_median(as_uint8_image(image))
+    names = world.BACKGROUNDS_NAMES
+    dist = [float(np.sqrt(((bg - np.asarray(world.BACKGROUNDS[n], dtype=np.float64)) ** 2).sum())) for n in names]
+    best = int(np.argmin(dist))
+    return names[best] if dist[best] <= FG_THRESHOLD else None
 
 
 # ----------------------------------------------------------------------------- scoring
