@@ -1,21 +1,18 @@
-"""Two processes (torchrun, gloo on CPU) with 2 samples each == one process with 4 samples:
-same loss curve and same weights (DDP averages gradients; the stages hand back shares of the global
-objective, data is sliced from one global stream and padded to the global batch's length)."""
+"""Two processes (gloo on CPU) with 2 samples each == one process with 4 samples: same loss curve
+and same weights (DDP averages gradients; the stages hand back shares of the global objective,
+data is sliced from one global stream and padded to the global batch's length). Started with
+torchrun, with `accelerate launch --multi_gpu` (CPU processes on a machine without a GPU), and with
+gradient accumulation (2 processes x 1 sample x 2 micro-batches)."""
 
-import subprocess
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
-import torch
 
-from support.train_fixtures import common_args, make_env, subprocess_env
+from support.train_fixtures import assert_same_training, common_args, launch_processes, make_env
 from train.common.checkpointing import load_checkpoint
-from train.loop import read_metrics
+from train.loop import LoopConfig, build_accelerator, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -23,34 +20,45 @@ def env(tmp_path_factory):
     return make_env(tmp_path_factory.mktemp("ddp"))
 
 
-def launch_two(module: str, args: list[str], port: int):
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "-m", module] + args
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-def assert_equivalent(one: Path, two: Path):
-    single, double = read_metrics(one), read_metrics(two)
-    assert [m["world_size"] for m in double] == [2] * STEPS and [m["world_size"] for m in single] == [1] * STEPS
-    for a, b in zip(single, double):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    ref, got = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
-    for name, tensor in ref.items():
-        assert torch.allclose(tensor, got[name], rtol=1e-4, atol=1e-5), name
-    assert load_checkpoint(two)["data"]["world_size"] == 2
-
-
-@pytest.mark.parametrize("stage", ["stage1", "stage3"])
-def test_two_processes_match_one(env, stage):
-    import importlib
-
+def stage_args(env, stage: str) -> list[str]:
     extra = ["--dropout", "0", "--attention-dropout", "0"]  # dropout masks are per process by design
     if stage == "stage3":
         extra += ["--score-model", env.sd, "--resolution", "16", "--uncond-prob", "0.3"]
-    one, two = env.root / f"{stage}-one", env.root / f"{stage}-two"
-    importlib.import_module(f"train.{stage}").main(common_args(env, one, steps=STEPS, batch=4, save_every=4) + extra)
-    launch_two(f"train.{stage}", common_args(env, two, steps=STEPS, batch=2, save_every=4) + extra,
-               port=29600 + (stage == "stage3"))
-    assert_equivalent(one, two)
+    return extra
+
+
+def one_process_run(env, stage: str):
+    """The 1-process reference (4 samples per update), run once per module."""
+    out = env.root / f"{stage}-one"
+    if not (out / "checkpoint.pt").exists():
+        importlib.import_module(f"train.{stage}").main(common_args(env, out, steps=STEPS, batch=4, save_every=4)
+                                                       + stage_args(env, stage))
+    return out
+
+
+@pytest.mark.parametrize("stage,launcher", [("stage1", "torchrun"), ("stage3", "accelerate")])
+def test_two_processes_match_one(env, stage, launcher):
+    one, two = one_process_run(env, stage), env.root / f"{stage}-two"
+    launch_processes(f"train.{stage}", common_args(env, two, steps=STEPS, batch=2, save_every=4)
+                     + stage_args(env, stage), launcher=launcher)
+    assert [m["world_size"] for m in read_metrics(two)] == [2] * STEPS
+    assert_same_training(one, two)
+    assert load_checkpoint(two)["data"]["world_size"] == 2
+
+
+def test_two_processes_accumulating_match_one(env):
+    """DDP skips the gradient all-reduce for all but the last micro-batch; the update is unchanged."""
+    one, two = one_process_run(env, "stage1"), env.root / "stage1-two-accumulating"
+    launch_processes("train.stage1", common_args(env, two, steps=STEPS, batch=1, save_every=4)
+                     + stage_args(env, "stage1") + ["--gradient-accumulation-steps", "2"])
+    assert_same_training(one, two)
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused(monkeypatch, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (it leaves multi-CPU to mpirun):
+    the loop says so instead of training alone."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match="--multi_gpu --num_processes N"):
+        build_accelerator(LoopConfig(output_dir=str(tmp_path)), find_unused_parameters=False)

@@ -77,14 +77,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env):
     assert_same_run(reference, killed)
 
 
-def test_crash_then_resume_stage1_matches(env):
-    """Stage 1 (interleaved images, token-count denominators) interrupted in-process by an exception."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_crash_then_resume_stage1_matches(env, accumulation):
+    """Stage 1 (interleaved images, token-count denominators) interrupted in-process by an exception;
+    with 2 micro-batches per update too (the position is counted in updates)."""
     from train.common.config import parse_config
     from train.loop import run_training
     from train.stage1 import Stage1, Stage1Config
 
     def run(out, crash_at=None):
-        cfg = parse_config(Stage1Config, common_args(env, out, steps=STEPS, save_every=5))
+        args = common_args(env, out, steps=STEPS, batch=4 // accumulation, save_every=5)
+        cfg = parse_config(Stage1Config, args + ["--gradient-accumulation-steps", str(accumulation)])
         steps_run = []
 
         def on_step(step, metrics):
@@ -95,9 +98,10 @@ def test_crash_then_resume_stage1_matches(env):
         run_training(Stage1(cfg), cfg, on_step=on_step)
         return steps_run
 
-    run(env.root / "s1-reference")
+    reference, crashed = env.root / f"s1-reference-{accumulation}", env.root / f"s1-crashed-{accumulation}"
+    run(reference)
     with pytest.raises(KeyboardInterrupt):
-        run(env.root / "s1-crashed", crash_at=23)
-    assert load_checkpoint(env.root / "s1-crashed")["step"] == 20
-    assert run(env.root / "s1-crashed") == list(range(21, STEPS + 1))
-    assert_same_run(env.root / "s1-reference", env.root / "s1-crashed")
+        run(crashed, crash_at=23)
+    assert load_checkpoint(crashed)["step"] == 20
+    assert run(crashed) == list(range(21, STEPS + 1))
+    assert_same_run(reference, crashed)

@@ -17,12 +17,24 @@ Exactness and multi-process equivalence, by construction:
   own shards instead (less reading at scale, not equivalent to a 1-process run).
 
 The objective contract: `Stage` modules return this process's *share* of the global objective (the
-shares of all processes sum to it). DDP averages gradients, so the loop back-propagates
-`share * world_size`, which gives exactly the gradient of the global objective.
+shares of all processes and all micro-batches of an update sum to it). DDP and FSDP average
+gradients over processes, so the loop back-propagates `share * world_size`, which gives exactly the
+gradient of the global objective.
+
+Gradient accumulation: an update reads `batch_size * gradient_accumulation_steps` samples per process
+and runs them as `gradient_accumulation_steps` equal micro-batches whose gradients add up, so
+(batch_size 4, accumulation 2) makes the same update as (batch_size 8, accumulation 1); stages pad
+and normalise over the whole update's items. Steps, checkpoints and the LR schedule count updates.
+
+`distributed: fsdp` shards parameters, gradients and optimiser state over the processes (torch
+FSDP2 `fully_shard`, one unit per `TransformerLayer`, on CPU with gloo as on GPU); checkpoints hold
+the whole state either way (`train.common.checkpointing.gather_full_state`), so runs move freely
+between 1 process, N DDP processes and N FSDP processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +48,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from train.common.checkpointing import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from train.common.checkpointing import CHECKPOINT_NAME, gather_full_state, load_checkpoint, load_full_state, \
+    restore, save_checkpoint
 from train.common.config import config_to_dict
 
 logger = logging.getLogger(__name__)
@@ -58,8 +71,11 @@ class LoopConfig:
     init_checkpoint: str = field(default="", metadata={
         "help": "start weights: a train/ run folder or its checkpoint.pt, a pack .safetensors or an official .pt"})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
-    batch_size: int = field(default=16, metadata={"help": "samples per process per step (official: 16/GPU stage 3, "
-                                                          "56/GPU stage 2)"})
+    batch_size: int = field(default=16, metadata={"help": "samples per process per micro-batch (official: 16/GPU "
+                                                          "stage 3, 56/GPU stage 2)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "micro-batches per optimiser update (their gradients add up): an update sees batch_size x this x "
+                "processes samples"})
     max_steps: int = field(default=200000, metadata={"help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak LR (official 1e-3)"})
     end_learning_rate: float = field(default=0.0, metadata={"help": "LR at max_steps (polynomial decay end)"})
@@ -83,6 +99,9 @@ class LoopConfig:
     tensorboard: bool = field(default=True, metadata={"help": "also log to tensorboard (OUTPUT_DIR/tensorboard)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
+    distributed: str = field(default="ddp", metadata={
+        "help": "ddp: every process holds the whole model; fsdp: parameters, gradients and optimiser state sharded "
+                "over the processes (FSDP2, one unit per transformer layer). Checkpoints are whole either way"})
 
 
 # --- seeds -----------------------------------------------------------------------------------------
@@ -201,7 +220,8 @@ class Stage:
 
     def build(self, cfg, accelerator) -> nn.Module:
         """-> the training module: `forward(batch) -> (objective share, metrics dict of shares)`, with
-        `.model` the KosmosG whose state is checkpointed; only trainable parameters require grad."""
+        `.model` the KosmosG whose state is checkpointed; only trainable parameters require grad, and
+        all of them are in `.model` (frozen helpers live outside the module tree, see stage 2 / 3)."""
         raise NotImplementedError
 
     def select(self, record: Record) -> Any | None:
@@ -209,8 +229,9 @@ class Stage:
         raise NotImplementedError
 
     def collate(self, mine: list, global_items: list, step: int, device) -> dict:
-        """This process's items (and the whole global batch, for global padding / denominators)
-        -> this process's batch (tensors on `device`)."""
+        """This process's items of one micro-batch (and all items of the update: every micro-batch,
+        every process in samples mode; for global padding / denominators) -> this process's micro-batch
+        (tensors on `device`)."""
         raise NotImplementedError
 
     def model_config(self):
@@ -227,6 +248,18 @@ def rank_slice(items: list, rank: int, world_size: int, split: str) -> list:
         return items
     per = len(items) // world_size
     return items[rank * per:(rank + 1) * per]
+
+
+def micro_batches(items: list, count: int) -> list[list]:
+    """An update's items cut into `count` equal consecutive micro-batches."""
+    per = len(items) // count
+    return [items[i * per:(i + 1) * per] for i in range(count)]
+
+
+def equal_shares(cfg: LoopConfig, accelerator) -> int:
+    """How many equal micro-batches (over all processes) make one update: a stage whose objective
+    is a mean over its micro-batch divides it by this to return its share."""
+    return accelerator.num_processes * cfg.gradient_accumulation_steps
 
 
 # --- optimiser -----------------------------------------------------------------------------------------
@@ -300,6 +333,17 @@ def _check_resume_state(state: dict, stage: Stage, path: Path) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------------------
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun and `accelerate launch` set WORLD_SIZE)."""
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and \
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        raise ValueError("`accelerate launch --cpu --num_processes N` starts a single process (accelerate leaves "
+                         "multi-CPU runs to mpirun, which train/ does not use). For N CPU processes run `accelerate "
+                         "launch --multi_gpu --num_processes N -m ...` on a machine without a GPU, or `torchrun "
+                         "--nproc_per_node N -m ...`; for one process drop --num_processes (or unset MASTER_ADDR).")
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -312,7 +356,15 @@ def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
             log_with = "tensorboard"
         except ImportError:
             logger.warning("tensorboard is not installed; metrics go to %s only", METRICS_NAME)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # `accelerate launch --use_fsdp` (or an accelerate config with FSDP) asks for sharding: train/
+        # shards with its own FSDP2 units (one per TransformerLayer, `shard_with_fsdp`), which also run
+        # on CPU with gloo where accelerate's FSDP does not; accelerate itself then forms a plain group.
+        logger.info("accelerate's FSDP switch is set: training with --distributed fsdp (accelerate's fsdp_* "
+                    "wrapping options are not used)")
+        cfg.distributed = "fsdp"
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    launched = launched_processes()
     # accelerate only forms a CPU process group (gloo) when told to use the CPU
     cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, log_with=log_with,
@@ -325,11 +377,75 @@ def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
     return accelerator
 
 
+def shard_with_fsdp(module: nn.Module, device: torch.device, find_unused_parameters: bool) -> None:
+    """FSDP2 in place over all processes: every TransformerLayer of `module.model` is one unit
+    (gathered only for its own forward / backward), the rest of `module` (embeddings, vision tower,
+    connector) the root unit. Frozen helpers outside the module tree stay whole on every process.
+
+    Every process must run the same unit forwards (stages decide optional forwards per update);
+    parameters a process did not use (e.g. the vision tower for a text-only micro-batch) reduce
+    zeros when `find_unused_parameters`, as under DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from kosmosg_core.layers import TransformerLayer
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in module.model.modules():
+        if isinstance(layer, TransformerLayer):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    module.set_reduce_scatter_unused_params(find_unused_parameters)
+
+
+def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, scheduler, stream: RecordStream,
+                           rank: int, world: int) -> int:
+    """Load the run's checkpoint (if resuming) into the live objects -> the update to continue from."""
+    path = find_resume_checkpoint(cfg)
+    if path is None:
+        return 0
+    state = load_checkpoint(path, expected_model_keys=model.state_dict().keys())
+    _check_resume_state(state, stage, path)
+    try:
+        load_full_state(model, optimizer, state["model"], state.get("optimizer"))
+    except RuntimeError as e:  # shape mismatch from load_state_dict
+        raise ValueError(f"Checkpoint {path} does not fit this model ({e}). Resume with the config the run was "
+                         "started with, or use a new --output-dir.") from e
+    start_step = restore(state, scheduler=scheduler)  # LR schedule, RNG state, step
+    data_state = state["data"]
+    if cfg.data_split == "shards":
+        if data_state.get("world_size") != world:
+            raise ValueError(f"Checkpoint {path} was written by {data_state.get('world_size')} processes with "
+                             f"data_split=shards; resume with the same number of processes ({world} now).")
+        stream.load_state_dict(data_state["ranks"][rank])
+    else:
+        stream.load_state_dict(data_state["ranks"][0])
+    logger.info("resumed %s from %s at step %d", stage.name, path, start_step)
+    return start_step
+
+
+def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
+    """The next `count` items the stage selects from the stream."""
+    items = []
+    while len(items) < count:
+        item = stage.select(stream.next())
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def _check_loop_config(cfg: LoopConfig) -> None:
+    if min(cfg.max_steps, cfg.batch_size, cfg.save_every, cfg.log_every, cfg.gradient_accumulation_steps) < 1:
+        raise ValueError("max_steps, batch_size, gradient_accumulation_steps, save_every and log_every must all "
+                         "be >= 1.")
+    if cfg.distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"distributed={cfg.distributed!r}: use 'ddp' or 'fsdp'.")
+
+
 def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = True,
                  on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train `stage` for cfg.max_steps updates (resuming when a checkpoint exists). -> final metrics."""
-    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1 or cfg.log_every < 1:
-        raise ValueError("max_steps, batch_size, save_every and log_every must all be >= 1.")
+    _check_loop_config(cfg)
     accelerator = build_accelerator(cfg, find_unused_parameters)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -340,33 +456,23 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
 
     torch.manual_seed(cfg.seed)  # model init: identical on every process
     module = stage.build(cfg, accelerator)
+    model = module.model  # the KosmosG whose whole state is checkpointed
+    sharded = cfg.distributed == "fsdp" and world > 1
+    if cfg.distributed == "fsdp" and not sharded:
+        logger.info("--distributed fsdp with one process: nothing to shard, the model stays whole")
+    if sharded:  # before the optimiser: FSDP replaces the parameters with sharded ones
+        shard_with_fsdp(module, accelerator.device, find_unused_parameters)
     params, optimizer, scheduler = build_optimizer(module.parameters(), cfg)
     stream = RecordStream(cfg.data, cfg.seed, rank, world, cfg.data_split)
-
-    start_step = 0
-    resume_path = find_resume_checkpoint(cfg)
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, expected_model_keys=module.model.state_dict().keys())
-        _check_resume_state(state, stage, resume_path)
-        try:
-            start_step = restore(state, module.model, optimizer, scheduler)
-        except RuntimeError as e:  # shape mismatch from load_state_dict
-            raise ValueError(f"Checkpoint {resume_path} does not fit this model ({e}). Resume with the config the "
-                             "run was started with, or use a new --output-dir.") from e
-        data_state = state["data"]
-        if cfg.data_split == "shards":
-            if data_state.get("world_size") != world:
-                raise ValueError(f"Checkpoint {resume_path} was written by {data_state.get('world_size')} processes "
-                                 f"with data_split=shards; resume with the same number of processes ({world} now).")
-            stream.load_state_dict(data_state["ranks"][rank])
-        else:
-            stream.load_state_dict(data_state["ranks"][0])
-        logger.info("resumed %s from %s at step %d", stage.name, resume_path, start_step)
+    start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world)
     if accelerator.is_main_process:
         truncate_metrics(out / METRICS_NAME, start_step)
         (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
 
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if sharded:  # accelerate would wrap the (already sharded) module in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        module, optimizer = accelerator.prepare(module, optimizer)
     if accelerator.trackers == [] and cfg.tensorboard and accelerator.log_with:
         accelerator.init_trackers(stage.name)
 
@@ -376,34 +482,37 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
 
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=stage.name, dynamic_ncols=True)
     metrics: dict = {}
-    global_batch = cfg.batch_size * (world if cfg.data_split == "samples" else 1)
+    accumulation = cfg.gradient_accumulation_steps
+    update_items = cfg.batch_size * accumulation * (world if cfg.data_split == "samples" else 1)
     for step in range(start_step, cfg.max_steps):
         started = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, "step", step, rank))  # dropout: independent of history
-        items = []
-        while len(items) < global_batch:
-            item = stage.select(stream.next())
-            if item is not None:
-                items.append(item)
-        batch = stage.collate(rank_slice(items, rank, world, cfg.data_split), items, step, accelerator.device)
+        items = next_items(stage, stream, update_items)
 
         module.train()
         lr = scheduler.get_last_lr()[0]  # the LR this update uses
-        share, parts = module(batch)
-        accelerator.backward(share * world)  # DDP averages: world * share gives the global objective's gradient
+        shares = []  # per micro-batch: [objective share, *metric shares]
+        for micro, micro_items in enumerate(micro_batches(items, accumulation)):
+            batch = stage.collate(rank_slice(micro_items, rank, world, cfg.data_split), items, step, accelerator.device)
+            last = micro == accumulation - 1
+            # DDP: gradients are averaged over processes once, in the last micro-batch's backward
+            with contextlib.nullcontext() if last else accelerator.no_sync(module):
+                with accelerator.autocast():
+                    share, parts = module(batch)
+                accelerator.backward(share * world)  # processes average: world * share gives the global gradient
+            shares.append(torch.stack([share.detach().float()] + [v.detach().float() for v in parts.values()]))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            values = torch.stack([share.detach().float()] + [v.detach().float() for v in parts.values()])
-            values = accelerator.reduce(values, reduction="sum")
+            values = accelerator.reduce(torch.stack(shares).sum(0), reduction="sum")
             metrics = {"step": step + 1, "loss": values[0].item()}
             metrics.update({name: values[i + 1].item() for i, name in enumerate(parts)})
             metrics["lr"] = lr
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = float(full_tensor(grad_norm))
             metrics["world_size"] = world
             metrics["step_seconds"] = round(time.perf_counter() - started, 4)
             if accelerator.is_main_process:
@@ -420,7 +529,7 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
                 progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.3g}")
 
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_run_checkpoint(accelerator, stage, module, optimizer, scheduler, stream, step + 1, cfg)
+            save_run_checkpoint(accelerator, stage, model, optimizer.optimizer, scheduler, stream, step + 1, cfg)
     if progress is not None:
         progress.close()
     accelerator.wait_for_everyone()
@@ -428,18 +537,23 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
     return metrics
 
 
-def save_run_checkpoint(accelerator, stage: Stage, module, optimizer, scheduler, stream: RecordStream, step: int,
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly FSDP-sharded one (DTensor)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def save_run_checkpoint(accelerator, stage: Stage, model, optimizer, scheduler, stream: RecordStream, step: int,
                         cfg: LoopConfig) -> None:
+    """Every process calls it: whole model + optimiser state (FSDP shards gathered) -> checkpoint.pt."""
     from accelerate.utils import gather_object
 
     positions = gather_object([stream.state_dict()])  # every process's data position, in rank order
-    model_state = accelerator.get_state_dict(module)  # full state (gathers FSDP shards)
+    model_state, optimizer_state = gather_full_state(model, optimizer)
     if accelerator.is_main_process:
-        model_state = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
         extra = {"stage": stage.name, "kosmosg_config": stage.model_config().to_json(),
                  "tokenizer": stage.tokenizer_dir(), "train_config": json.dumps(config_to_dict(cfg))}
         data_state = {"world_size": accelerator.num_processes, "split": cfg.data_split, "ranks": positions}
-        save_checkpoint(cfg.output_dir, model_state=model_state, optimizer=optimizer.optimizer, scheduler=scheduler,
+        save_checkpoint(cfg.output_dir, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
                         step=step, data_state=data_state, extra=extra)
         logger.info("step %d: wrote %s", step, Path(cfg.output_dir) / CHECKPOINT_NAME)
     accelerator.wait_for_everyone()

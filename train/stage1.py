@@ -102,12 +102,11 @@ class Stage1(Stage):
     def collate(self, mine, global_items, step, device):
         ids, mask = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in mine])  # [b, T+1]
         targets = self._targets(ids, mask)
-        if self.cfg.data_split == "samples":  # every process sees the global batch: count locally
-            all_ids, all_mask = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in global_items])
-            total = int(self._targets(all_ids, all_mask).ne(IGNORE_INDEX).sum())
-        else:
-            local = torch.tensor(int(targets.ne(IGNORE_INDEX).sum()), device=device)
-            total = int(self.accelerator.reduce(local, reduction="sum"))
+        # the denominator counts the targets of the whole update (every micro-batch)
+        all_ids, all_mask = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in global_items])
+        total = int(self._targets(all_ids, all_mask).ne(IGNORE_INDEX).sum())
+        if self.cfg.data_split == "shards":  # global_items are this process's only: add the others'
+            total = int(self.accelerator.reduce(torch.tensor(total, device=device), reduction="sum"))
         pixels = [p for it in mine for p in entity_pixels(it["record"], it["fields"], self._model_cfg.vision.image_size,
                                                          it["key"])]
         return {

@@ -27,7 +27,7 @@ from kosmosg_core.config import PAD_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import pad_rows
-from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, replace_config, run_training, \
+from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_training, \
     set_trainable
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ def load_clip_text(path_text: str):
 class AlignmentModule(nn.Module):
     """forward(batch) -> (share of clip_mse + reconstruction, {"clip_mse", "reconstruction"})."""
 
-    def __init__(self, model, clip_text, world_size: int):
+    def __init__(self, model, clip_text, num_shares: int):
         super().__init__()
         self.model = model
         self.frozen = {"clip_text": clip_text}  # plain dict: not a submodule, so never saved, wrapped or trained
-        self.world_size = world_size
+        self.num_shares = num_shares  # equal micro-batches per update, all processes
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -91,8 +91,8 @@ class AlignmentModule(nn.Module):
         num_tokens = ids.shape[1]
         reconstructed = self.model.aligner.reconstruct(context, num_tokens)  # [B, T, D]
         reconstruction = F.mse_loss(reconstructed.float(), hidden) * (self.model.cfg.aligner.num_queries / num_tokens)
-        # equal per-process batches: the global mean is the mean of the process means
-        parts = {"clip_mse": clip_mse / self.world_size, "reconstruction": reconstruction / self.world_size}
+        # equal micro-batches (all processes, all of an update): the global mean is the mean of their means
+        parts = {"clip_mse": clip_mse / self.num_shares, "reconstruction": reconstruction / self.num_shares}
         return parts["clip_mse"] + parts["reconstruction"], parts
 
 
@@ -120,7 +120,7 @@ class Stage2(Stage):
         set_trainable(model, decoder=False, connector=False, aligner=True, vision_last=False)
         self._model_cfg = model.cfg
         clip_text.to(accelerator.device, frozen_dtype(cfg))
-        return AlignmentModule(model, clip_text, accelerator.num_processes).to(accelerator.device)
+        return AlignmentModule(model, clip_text, equal_shares(cfg, accelerator)).to(accelerator.device)
 
     def select(self, record):
         meta = record.meta

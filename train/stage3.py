@@ -30,7 +30,7 @@ from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pixels
-from train.loop import LoopConfig, Stage, build_kosmosg, frozen_dtype, replace_config, run_training, \
+from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_training, \
     sample_generator, sample_rng, set_trainable
 from train.score_model import load_score_model
 
@@ -55,28 +55,29 @@ class Stage3Config(LoopConfig):
 class DiffusionModule(nn.Module):
     """forward(batch) -> (this process's sum of per-sample eps-MSE, {"uncond_fraction"})."""
 
-    def __init__(self, model, score, world_size: int):
+    def __init__(self, model, score, num_shares: int):
         super().__init__()
         self.model = model
         self.frozen = {"score": score}  # plain dict: not a submodule, never saved, wrapped or trained
-        self.world_size = world_size
+        self.num_shares = num_shares  # equal micro-batches per update, all processes
 
     def forward(self, batch: dict):
         condition = self.model(batch["input_ids"], batch["image_mask"], pixel_values=batch["pixel_values"])  # [B,77,C]
         uncond = batch["uncond"]  # [B] bool
-        if bool(uncond.any()):
+        if batch["update_has_uncond"]:  # decided per update, so every process runs the same forwards (FSDP)
             bos = torch.full((1, 1), BOS_ID, dtype=torch.long, device=condition.device)
             null = self.model(bos, torch.zeros_like(bos, dtype=torch.bool))  # [1, 77, C], with gradients
             condition = torch.where(uncond[:, None, None], null.expand_as(condition), condition)
         eps = self.frozen["score"].predict_noise(batch["noisy_latents"], batch["timesteps"], condition)
         per_sample = F.mse_loss(eps.float(), batch["noise"].float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
-        return per_sample.sum(), {"uncond_fraction": uncond.float().sum() / (len(uncond) * self.world_size)}
+        return per_sample.sum(), {"uncond_fraction": uncond.float().sum() / (len(uncond) * self.num_shares)}
 
 
 class Stage3(Stage):
     name = "stage3"
 
     def build(self, cfg: Stage3Config, accelerator):
+        self.accelerator = accelerator
         if not cfg.score_model:
             raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
                              ".safetensors (train/score_model.py).")
@@ -99,7 +100,7 @@ class Stage3(Stage):
         model.aligner.set_gradient_checkpointing(cfg.gradient_checkpointing)
         set_trainable(model, decoder=True, connector=True, aligner=True, vision_last=True)
         self._model_cfg = model.cfg
-        return DiffusionModule(model, self.score, accelerator.num_processes).to(accelerator.device)
+        return DiffusionModule(model, self.score, equal_shares(cfg, accelerator)).to(accelerator.device)
 
     def select(self, record):
         meta = record.meta
@@ -132,12 +133,17 @@ class Stage3(Stage):
         latents = self.score.encode_latents(targets, latent_noise).float()  # [B, 4, h, w]
         noise = noise.to(latents.device)
         noisy = self.score.add_noise(latents, noise, timesteps.to(latents.device))
+        # FSDP gathers each layer's weights inside forward: all processes must run the null forward or none
+        has_uncond = any(it["uncond"] for it in global_items)
+        if self.cfg.data_split == "shards":  # global_items are this process's only: ask the others
+            has_uncond = bool(self.accelerator.reduce(torch.tensor(int(has_uncond), device=device), reduction="sum"))
         return {
             "input_ids": ids.to(device),
             "image_mask": mask.to(device),
             "pixel_values": torch.stack(pixels).to(device) if pixels else None,
             "noisy_latents": noisy.to(device),
             "timesteps": timesteps.to(device),
+            "update_has_uncond": has_uncond,
             "noise": noise.to(device),
             "uncond": torch.tensor([it["uncond"] for it in mine], dtype=torch.bool, device=device),
         }

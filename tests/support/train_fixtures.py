@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,48 @@ def common_args(env, out, steps: int = 30, batch: int = 4, save_every: int = 10)
     return ["--data", env.data, "--tokenizer", env.tokenizer, "--model-config", env.model_config,
             "--output-dir", str(out), "--batch-size", str(batch), "--max-steps", str(steps),
             "--save-every", str(save_every), "--warmup-steps", "3", "--tensorboard", "false", "--progress", "false"]
+
+
+def launch_command(module: str, args: list[str], nproc: int = 2, launcher: str = "torchrun") -> list[str]:
+    """The command running `python -m module args` as `nproc` CPU processes (gloo): torchrun (a free
+    port each time) or `accelerate launch --multi_gpu` (CPU processes on a machine without a GPU)."""
+    tool = Path(sys.executable).with_name(launcher)
+    if launcher == "torchrun":
+        return [str(tool), "--standalone", "--nproc_per_node", str(nproc), "-m", module] + args
+    port = 29700 + os.getpid() % 200  # accelerate has no free-port option
+    return [str(tool), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module] + args
+
+
+def launch_processes(module: str, args: list[str], nproc: int = 2, launcher: str = "torchrun") -> None:
+    """Run `launch_command(...)` to the end; it must succeed."""
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(launch_command(module, args, nproc, launcher), cwd=repo, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def assert_same_training(reference, run, loss_rtol: float = 1e-5, weight_atol: float = 1e-5) -> None:
+    """Two run folders logged the same losses, gradient norms and LRs, and hold the same weights and
+    optimiser state (whatever process counts or sharding wrote them)."""
+    import pytest
+
+    from train.common.checkpointing import load_checkpoint
+    from train.loop import read_metrics
+
+    ref_metrics, run_metrics = read_metrics(reference), read_metrics(run)
+    assert [m["step"] for m in run_metrics] == [m["step"] for m in ref_metrics]
+    for a, b in zip(ref_metrics, run_metrics):
+        assert b["loss"] == pytest.approx(a["loss"], rel=loss_rtol, abs=1e-6), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=10 * loss_rtol), (a, b)
+        assert b["lr"] == a["lr"]
+    ref, got = load_checkpoint(reference), load_checkpoint(run)
+    assert ref["step"] == got["step"] and set(ref["model"]) == set(got["model"])
+    for name, tensor in ref["model"].items():
+        assert type(got["model"][name]) is torch.Tensor, name  # whole tensors, not shards
+        assert torch.allclose(tensor, got["model"][name], rtol=10 * loss_rtol, atol=weight_atol), name
+    assert set(ref["optimizer"]["state"]) == set(got["optimizer"]["state"])  # same parameter indices
+    for index, moments in ref["optimizer"]["state"].items():
+        for key, value in moments.items():
+            other = got["optimizer"]["state"][index][key]
+            assert torch.allclose(value, other, rtol=1e-3, atol=weight_atol), (index, key)

@@ -4,6 +4,11 @@ A checkpoint is one file `<run_dir>/checkpoint.pt` holding model, optimiser, LR 
 states, step and data position. It is written to a temporary file in the same folder, flushed,
 fsynced and renamed over the old one, so a kill at any moment leaves either the old or the new
 checkpoint, never a half-written file. It is read back with `torch.load(weights_only=True)`.
+
+The model and optimiser state in the file are always whole, whatever wrote them: a sharded (FSDP)
+run gathers them with `gather_full_state` and loads them back with `load_full_state`, so a run
+saved by N processes resumes under any number of processes, sharded or not, and exports as usual.
+The optimiser state is keyed by parameter index, exactly as a 1-process `optimizer.state_dict()`.
 """
 
 from __future__ import annotations
@@ -57,11 +62,15 @@ def atomic_torch_save(obj, path) -> Path:
 
 
 def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=None, step: int,
-                    data_state: dict | None = None, extra: dict | None = None) -> Path:
+                    data_state: dict | None = None, extra: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write the run's state; `optimizer_state` (e.g. from `gather_full_state`) replaces `optimizer.state_dict()`."""
     state = {"model": model_state, "step": step, "rng": rng_state(), "data": data_state or {},
              "extra": extra or {}}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    if optimizer_state is not None:
+        state["optimizer"] = optimizer_state
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
@@ -101,3 +110,50 @@ def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+# --- whole state of a possibly sharded model -------------------------------------------------------------
+def _optimized_names(model, optimizer) -> list[str]:
+    """The name in `model` of every parameter `optimizer` updates, in the optimiser's order (its indices)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    order = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    if None in order:
+        raise ValueError("The optimiser updates a parameter outside the checkpointed model; build it from "
+                         "the model's parameters only.")
+    return order
+
+
+def _rekey(optimizer_state: dict, key: dict) -> dict:
+    """Optimiser state with every parameter reference mapped through `key` (index <-> name)."""
+    return {"state": {key[k]: v for k, v in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [key[p] for p in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
+
+
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """-> (model state, optimiser state), whole and on the CPU, plain or FSDP-sharded `model` alike.
+
+    Collective under torch.distributed: every process calls it; process 0 gets the state, the others
+    empty dicts. The optimiser state is keyed by index, as a 1-process `optimizer.state_dict()`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    if not optimizer_state:
+        return model_state, optimizer_state
+    index = {name: i for i, name in enumerate(_optimized_names(model, optimizer))}
+    return model_state, _rekey(optimizer_state, index)
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict | None) -> None:
+    """Load a whole saved state (`gather_full_state`'s or a 1-process one) into a plain or sharded
+    `model` and its optimiser; every process calls it with the same state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer_state is None:
+        set_model_state_dict(model, model_state, options=options)
+        return
+    names = dict(enumerate(_optimized_names(model, optimizer)))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=_rekey(optimizer_state, names),
+                   options=options)
