@@ -70,6 +70,9 @@ class LoopConfig:
         "help": "KosmosGConfig: 'official', 'tiny' or a JSON file (ignored when --init-checkpoint carries a config)"})
     init_checkpoint: str = field(default="", metadata={
         "help": "start weights: a train/ run folder or its checkpoint.pt, a pack .safetensors or an official .pt"})
+    init_vision: str = field(default="", metadata={
+        "help": "an HF CLIPVisionModel/CLIPModel folder whose weights start the vision encoder (official stage 1 "
+                "starts from CLIP ViT-L/14); overrides the vision weights of --init-checkpoint"})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
     batch_size: int = field(default=16, metadata={"help": "samples per process per micro-batch (official: 16/GPU "
                                                           "stage 3, 56/GPU stage 2)"})
@@ -650,8 +653,9 @@ def replace_config(cfg, **changes):
 def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, allow_missing: tuple[str, ...] = (),
                   ignore: tuple[str, ...] = ()):
     """KosmosG from --init-checkpoint (its config) or --model-config (fresh, seeded init), with the
-    training switches of this stage applied by `adjust(config) -> config`. Checkpoint tensors under
-    `ignore` prefixes are discarded; model tensors under `allow_missing` may be absent (fresh init)."""
+    training switches of this stage applied by `adjust(config) -> config`, then the vision encoder from
+    --init-vision (a CLIP tower) when given. Checkpoint tensors under `ignore` prefixes are discarded;
+    model tensors under `allow_missing` may be absent (fresh init)."""
     from kosmosg_core.config import KosmosGConfig
     from kosmosg_core.model import KosmosG
 
@@ -674,6 +678,12 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
             logger.info("init: discarding %d tensors this stage does not use (%s ...)", len(dropped), dropped[0])
         load_weights(model, {k: v for k, v in state.items() if k not in set(dropped)}, cfg.init_checkpoint,
                      allow_missing)
+    if cfg.init_vision:
+        from kosmosg_core.clip_vision import load_hf_clip_vision
+
+        if cfg.init_checkpoint:
+            logger.info("--init-vision %s replaces the vision weights of --init-checkpoint", cfg.init_vision)
+        load_hf_clip_vision(model.vision, cfg.init_vision)
     return model
 
 

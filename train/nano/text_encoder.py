@@ -33,6 +33,7 @@ MAX_LENGTH = 77  # SD1.5 context tokens
 CONTEXT_DIM = 768  # SD1.5 context width
 TEXT_SUBFOLDER = "text-encoder"
 VISION_SUBFOLDER = "vision-tower"
+PIXEL_MEAN = PIXEL_STD = 0.5  # the vision tower sees pixels01 * 2 - 1 (written to its preprocessor_config.json)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -162,7 +163,7 @@ class ContrastivePair(nn.Module):
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def embed_images(self, pixels01: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision(pixel_values=pixels01 * 2 - 1).pooler_output  # [B, Dv]
+        pooled = self.vision(pixel_values=(pixels01 - PIXEL_MEAN) / PIXEL_STD).pooler_output  # [B, Dv]
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
     def logits(self, input_ids: torch.Tensor, pixels01: torch.Tensor) -> torch.Tensor:
@@ -234,3 +235,12 @@ def encode_captions(text_model, tokenizer, captions: list[str], batch_size: int 
     ids = tokenize(tokenizer, captions)
     out = [text_model(input_ids=ids[i:i + batch_size]).last_hidden_state.float() for i in range(0, len(ids), batch_size)]
     return torch.cat(out)
+
+
+def save_vision_preprocessor(folder: Path, image_size: int = 64) -> None:
+    """The vision tower's ``preprocessor_config.json`` (a CLIPImageProcessor): its pixel normalisation,
+    which ``kosmosg_core.clip_vision`` folds in when the tower seeds the Kosmos-G nano vision encoder."""
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=[PIXEL_MEAN] * 3, image_std=[PIXEL_STD] * 3).save_pretrained(str(folder))

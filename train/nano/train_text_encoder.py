@@ -136,6 +136,7 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     te.save_text_encoder(model.text, tokenizer, out / te.TEXT_SUBFOLDER)
     vision_dir = out / te.VISION_SUBFOLDER
     model.vision.save_pretrained(str(vision_dir), safe_serialization=True)
+    te.save_vision_preprocessor(vision_dir)
     from safetensors.torch import save_file
 
     save_file({"visual_projection.weight": model.visual_projection.weight.detach().contiguous(),
