@@ -208,3 +208,15 @@ def test_make_spec_renders_a_requested_layout():
     scene = world.render_scene(spec)
     assert scene.caption == "a yellow triangle on the left and a green cross on the right, on black"
     assert scene.masks.shape == (2, 64, 64) and scene.image.shape == (64, 64, 3)
+
+
+def test_write_pairs_folder_holds_training_scenes_and_their_captions(tmp_path):
+    from PIL import Image
+
+    assert world.main(["--out", str(tmp_path), "--count", "3"]) == 0
+    for index in range(3):
+        spec = world.spec_at(world.TRAIN_SEED, index)
+        assert world.split_of(spec) == "train"
+        image = np.asarray(Image.open(tmp_path / f"{index:08d}.png"))
+        assert np.array_equal(image, world.render_scene(spec).image)
+        assert (tmp_path / f"{index:08d}.txt").read_text().strip() == world.caption_of(spec)
