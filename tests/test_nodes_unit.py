@@ -38,6 +38,7 @@ def _import_pack(name: str = "kosmosg_pack"):
 
 
 pack = _import_pack()
+from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears  # noqa: E402  (the pack's own classes)
 from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
 from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
 from kosmosg_pack.nodes import encode, model_management, paths  # noqa: E402
@@ -163,7 +164,11 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert model.pipeline.dtype == torch.float32  # auto on the CPU
     assert model.context_dim == 768
     assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is model
-    assert KosmosGLoader.execute(converted, dtype="bf16", device="cpu").result[0].pipeline.dtype == torch.bfloat16
+    bf16 = KosmosGLoader.execute(converted, dtype="bf16", device="cpu").result[0]
+    assert bf16.pipeline.dtype == torch.bfloat16
+    # fp32 on a CPU load device: oneDNN-packed linear layers; the patcher still counts every weight
+    assert has_packed_linears(model.pipeline.model) and not has_packed_linears(bf16.pipeline.model)
+    assert model.patcher.model_size() == sum(t.numel() * t.element_size() for t in bf16.pipeline.model.state_dict().values()) * 2
     before = KosmosGLoader.fingerprint_inputs(converted, "auto", "cpu")
     path = kosmosg_dir / converted
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))

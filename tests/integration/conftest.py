@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,12 @@ def _tiny_kosmosg(kosmosg_dir: Path) -> None:
 
 
 def _subject_images(input_dir: Path) -> None:
+    """The shipped example images (workflows/input/, as the start script copies them), then two
+    drawn test subjects under the generic example names."""
     from PIL import Image, ImageDraw
 
+    for image in (REPO / "workflows" / "input").glob("*.png"):
+        shutil.copyfile(image, input_dir / image.name)
     for i, (background, shape) in enumerate([((200, 60, 40), (30, 90, 220)), ((40, 160, 90), (240, 220, 60))], 1):
         img = Image.new("RGB", (64, 64), background)
         draw = ImageDraw.Draw(img)

@@ -1,6 +1,6 @@
 """Generate the shipped UI-format workflows in workflows/ (run after changing a graph):
 
-    python tests/support/make_workflows.py [--out workflows]
+    python tests/support/make_workflows.py [--out workflows]    # the test environment's python (numpy, torch)
 
 The JSON is what the ComfyUI frontend saves (nodes with sockets + link table + widgets_values),
 so users drag it onto the canvas and the template browser lists it. The integration test checks
@@ -11,7 +11,9 @@ Placeholder model names (README says where each file goes):
     KOSMOSG_CHECKPOINT models/kosmosg    the official weights converted to .safetensors
     CONTROLNET       models/controlnet   an SD1.5 canny ControlNet
     LORA             models/loras        any SD1.5 LoRA
-The out-of-the-box workflow uses the built-in nano models instead.
+The out-of-the-box workflow uses the built-in nano models instead, and the two subject images
+that tests/support/nano_ootb.py makes from the nano world; this command also (re)writes them into
+<out>/input/ (same pixels every run).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]  # run as a script
+from support import nano_ootb  # noqa: E402
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 KOSMOSG_CHECKPOINT = "kosmosg.safetensors"
@@ -30,6 +38,8 @@ NANO_KOSMOSG = "kosmosg-nano.safetensors"
 SUBJECT_1 = "kosmosg_subject_1.png"
 SUBJECT_2 = "kosmosg_subject_2.png"
 NEGATIVE = ""  # official demo: empty negative prompt = the unconditional encoding
+# train.eval nano's sampler defaults (20 steps, guidance 5, DDIM eta 0) as ComfyUI settings: see NANO_NOTE
+NANO_STEPS, NANO_CFG, NANO_SAMPLER, NANO_SCHEDULER = 20, 5.0, "euler", "normal"
 
 # Socket inputs (links, not widgets) and outputs of each node type used: (name, type).
 SPECS = {
@@ -99,11 +109,12 @@ class Workflow:
 
 
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
-                  kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, controlnet=False,
-                  lora=False) -> Workflow:
-    """Loader + prompt + encode -> (ControlNet) -> KSampler (official demo: DPM-Solver++ 2M, cfg 6) -> save."""
+                  kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, sampler_name="dpmpp_2m",
+                  scheduler="normal", controlnet=False, lora=False, note_height=220) -> Workflow:
+    """Loader + prompt + encode -> (ControlNet) -> KSampler (default: the official demo's DPM-Solver++ 2M,
+    50 steps, cfg 6) -> save."""
     wf = Workflow(name)
-    wf.add("MarkdownNote", [note], (20, -260), size=(700, 220))
+    wf.add("MarkdownNote", [note], (20, -40 - note_height), size=(700, note_height))
     ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (20, 20), size=(320, 100))
     loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (20, 160), size=(320, 110))
     images = [wf.add("LoadImage", [subject, "image"], (20, 310 + 340 * i), size=(320, 314)) for i, subject in
@@ -111,7 +122,8 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (380, 160), size=(380, 200), images=len(subjects))
     encode = wf.add("KosmosGEncode", [NEGATIVE], (800, 160), size=(320, 140))
     latent = wf.add("EmptyLatentImage", [size, size, 1], (800, 340), size=(320, 110))
-    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, "dpmpp_2m", "normal", 1.0], (1160, 20), size=(320, 270))
+    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0], (1160, 20),
+                     size=(320, 270))
     decode = wf.add("VAEDecode", [], (1520, 20), size=(220, 50))
     save = wf.add("SaveImage", ["kosmosg"], (1520, 120), size=(380, 420))
     wf.link(loader, 0, encode, "model")
@@ -152,6 +164,24 @@ MODELS_NOTE = (f"**Models**: an SD1.5 checkpoint in `models/checkpoints` (here `
                "Pick your own files in the loaders if the names differ.")
 
 
+_FIRST, _SECOND = nano_ootb.SUBJECTS
+NANO_NOTE = (
+    "# Kosmos-G nano: runs out of the box\n"
+    f"Uses the pack's built-in small models (`models/nano`: `{NANO_SD15}`, `{NANO_KOSMOSG}`). They know only a "
+    "toy world of 64x64 scenes: one or two subjects (red, orange, yellow, green, blue or purple; circle, square, "
+    "triangle or cross) on the left, in the centre or on the right, on grey, white, black or beige. The first "
+    f"`<i>` is `{_FIRST.file}` (a {_FIRST.colour} {_FIRST.shape}), the second `{_SECOND.file}` (a "
+    f"{_SECOND.colour} {_SECOND.shape}): subjects cut from held-out scenes, on white. Write prompts in the "
+    "training data's wording, `<i>` in place of the subject words: `a <i> on the left and a <i> on the right, "
+    "on grey` (`an <i>` for orange).\n\n"
+    f"**Sampler** = the project's nano evaluation (`python -m train.eval nano`): {NANO_STEPS} steps, CFG "
+    f"{NANO_CFG:g}, DDIM without noise. That is `{NANO_SAMPLER}` + `{NANO_SCHEDULER}` here: the DDIM step is "
+    f"the Euler step (ComfyUI's own `ddim` sampler runs `euler`), and `{NANO_SCHEDULER}` spaces the "
+    f"{NANO_STEPS} timesteps evenly from 999 to 0 as the evaluation does (`ddim_uniform` would use 951 ... 1).\n\n"
+    "If the start script says the nano models are random-weight stand-ins, the image is noise. Swap in real "
+    "SD1.5 + Kosmos-G checkpoints (and 512 px) for real subjects.")
+
+
 def all_workflows() -> dict[str, Workflow]:
     return {
         "kosmosg-single-subject": subject_graph(
@@ -176,11 +206,9 @@ def all_workflows() -> dict[str, Workflow]:
             f"text encoder, so LoRA trigger words have no effect. SD1.5 LoRA in `models/loras` (here `{LORA}`). "
             + MODELS_NOTE, lora=True),
         "kosmosg-nano-out-of-the-box": subject_graph(
-            "kosmosg-nano-out-of-the-box", "a photo of <i> on the grass", [SUBJECT_1],
-            "# Kosmos-G nano: runs out of the box\nUses the pack's built-in small models (`models/nano`: "
-            f"`{NANO_SD15}`, `{NANO_KOSMOSG}`) and the example subject `{SUBJECT_1}`. 64x64 output; swap in real "
-            "SD1.5 + Kosmos-G checkpoints for full quality.",
-            sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=64, steps=20),
+            "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
+            sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
+            cfg=NANO_CFG, sampler_name=NANO_SAMPLER, scheduler=NANO_SCHEDULER, note_height=360),
     }
 
 
@@ -189,6 +217,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "workflows"))
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    for path in nano_ootb.write_subject_images(os.path.join(args.out, "input")):
+        print(path)
     for name, wf in all_workflows().items():
         with open(os.path.join(args.out, name + ".json"), "w") as f:
             json.dump(wf.to_json(), f, indent=2)

@@ -160,6 +160,22 @@ class SubjectImagePool:
                 self.unused.setdefault((s.colour, s.shape), []).append((spec, k))
 
 
+def first_heldout_subject(colour: str, shape: str, start: int = 0) -> tuple[world.SceneSpec, int]:
+    """The first subject of ``colour`` and ``shape`` in held-out scenes ``start, start + 1, ...``
+    (world.HELDOUT_SEED stream) -> (scene spec, subject index). Its subject image, as training and
+    this evaluation feed it, is ``world.render_scene(spec).masked_crops[index]``."""
+    if colour not in world.COLOURS or shape not in world.SHAPES:
+        raise ValueError(f"subject {colour!r} {shape!r} is not in the nano world; use a colour of "
+                         f"{', '.join(world.COLOURS)} and a shape of {', '.join(world.SHAPES)}")
+    index = int(start)
+    while True:
+        spec = world.spec_at(world.HELDOUT_SEED, index)
+        for k, s in enumerate(spec.subjects):
+            if (s.colour, s.shape) == (colour, shape):
+                return spec, k
+        index += 1
+
+
 def make_cases(specs: list[world.SceneSpec], pool: SubjectImagePool) -> list[EvalCase]:
     """One EvalCase per target spec, subject images drawn from ``pool`` (in order: deterministic)."""
     cases = []
