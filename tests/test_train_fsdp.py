@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from support.train_fixtures import assert_same_training, common_args, launch_command, launch_processes, make_env, \
-    subprocess_env
+    run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
 from train.loop import read_metrics
 
@@ -40,20 +40,7 @@ def args(env, out, batch: int) -> list[str]:
 
 def run_one_process(env, out, crash_at=None) -> list[int]:
     """stage1 in this process (2 samples per update), optionally crashing after update `crash_at` -> updates run."""
-    from train.common.config import parse_config
-    from train.loop import run_training
-    from train.stage1 import Stage1, Stage1Config
-
-    cfg = parse_config(Stage1Config, args(env, out, batch=2))
-    steps_run = []
-
-    def on_step(step, metrics):
-        steps_run.append(step)
-        if step == crash_at:
-            raise KeyboardInterrupt("simulated crash")
-
-    run_training(Stage1(cfg), cfg, on_step=on_step)
-    return steps_run
+    return run_stage1_in_process(args(env, out, batch=2), crash_at)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.train_fixtures import common_args, make_env, subprocess_env
+from support.train_fixtures import common_args, make_env, run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
 from train.loop import read_metrics
 
@@ -81,22 +81,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env):
 def test_crash_then_resume_stage1_matches(env, accumulation):
     """Stage 1 (interleaved images, token-count denominators) interrupted in-process by an exception;
     with 2 micro-batches per update too (the position is counted in updates)."""
-    from train.common.config import parse_config
-    from train.loop import run_training
-    from train.stage1 import Stage1, Stage1Config
-
     def run(out, crash_at=None):
         args = common_args(env, out, steps=STEPS, batch=4 // accumulation, save_every=5)
-        cfg = parse_config(Stage1Config, args + ["--gradient-accumulation-steps", str(accumulation)])
-        steps_run = []
-
-        def on_step(step, metrics):
-            steps_run.append(step)
-            if step == crash_at:
-                raise KeyboardInterrupt("simulated crash")
-
-        run_training(Stage1(cfg), cfg, on_step=on_step)
-        return steps_run
+        return run_stage1_in_process(args + ["--gradient-accumulation-steps", str(accumulation)], crash_at)
 
     reference, crashed = env.root / f"s1-reference-{accumulation}", env.root / f"s1-crashed-{accumulation}"
     run(reference)

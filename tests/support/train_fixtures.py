@@ -211,3 +211,22 @@ def assert_same_training(reference, run, loss_rtol: float = 1e-5, weight_atol: f
         for key, value in moments.items():
             other = got["optimizer"]["state"][index][key]
             assert torch.allclose(value, other, rtol=1e-3, atol=weight_atol), (index, key)
+
+
+def run_stage1_in_process(args: list[str], crash_at: int | None = None) -> list[int]:
+    """`python -m train.stage1 args` in this process, optionally raising KeyboardInterrupt after
+    update `crash_at` (a crash after its metrics are logged) -> the updates that ran."""
+    from train.common.config import parse_config
+    from train.loop import run_training
+    from train.stage1 import Stage1, Stage1Config
+
+    cfg = parse_config(Stage1Config, args)
+    steps_run = []
+
+    def on_step(step, metrics):
+        steps_run.append(step)
+        if step == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+
+    run_training(Stage1(cfg), cfg, on_step=on_step)
+    return steps_run

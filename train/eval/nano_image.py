@@ -50,20 +50,26 @@ HOW_TO_MAKE = ("the nano model is trained with python -m train.nano.train_text_e
 
 
 @dataclass
-class NanoImageConfig:
+class NanoSamplingOptions:
+    """Options both nano evaluations share (this one and ``train.eval nano``)."""
+
+    samples: int = field(default=200, metadata={"help": "held-out cases (N - N//2 one-subject, N//2 two-subject)"})
+    seed: int = field(default=0, metadata={"help": "picks the held-out cases and the initial noise"})
+    steps: int = field(default=20, metadata={"help": "sampler steps"})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
+    batch_size: int = field(default=64, metadata={"help": "cases per sampler batch (noise is drawn per case)"})
+    num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
+
+
+@dataclass
+class NanoImageConfig(NanoSamplingOptions):
     checkpoint: str = field(default="models/nano/nano-sd15.safetensors",
                             metadata={"help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
     text_encoder: str = field(default="models/nano/text-encoder",
                               metadata={"help": "CLIPTextModel + tokenizer folder, export_nano's output"})
-    samples: int = field(default=200, metadata={"help": "held-out captions (N - N//2 one-subject, N//2 two-subject)"})
-    seed: int = field(default=0, metadata={"help": "picks the held-out captions and the initial noise"})
-    steps: int = field(default=20, metadata={"help": "sampler steps"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
-    method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
-    batch_size: int = field(default=64, metadata={"help": "captions per sampler batch (noise is drawn per caption)"})
     judge_samples: int = field(default=200, metadata={"help": "real held-out scenes for judge_accuracy: min(N, this)"})
-    num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
-    json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
 
 
 # ----------------------------------------------------------------------------- loading

@@ -77,7 +77,7 @@ GRID_CANVAS = 200  # grey level behind the cells (the subject images are on whit
 
 
 @dataclass
-class NanoKosmosGConfig:
+class NanoKosmosGConfig(nano_image.NanoSamplingOptions):
     checkpoint: str = field(default="models/nano/kosmosg-nano.safetensors",
                             metadata={"help": "Kosmos-G nano pack .safetensors, train.export's output"})
     tokenizer: str = field(default="", metadata={
@@ -87,14 +87,6 @@ class NanoKosmosGConfig:
         "help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
     text_encoder: str = field(default="models/nano/text-encoder",
                               metadata={"help": "nano CLIPTextModel + tokenizer folder (text-prompt ceiling)"})
-    samples: int = field(default=200, metadata={"help": "held-out scenes (N - N//2 one-subject, N//2 two-subject)"})
-    seed: int = field(default=0, metadata={"help": "picks the held-out scenes and the initial noise"})
-    steps: int = field(default=20, metadata={"help": "sampler steps"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
-    method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
-    batch_size: int = field(default=64, metadata={"help": "prompts per encode / sampler batch"})
-    num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
-    json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
     grid: str = field(default="", metadata={"help": "also write a PNG grid: subject images beside generations"})
     grid_rows: int = field(default=8, metadata={"help": "cases in the --grid PNG (half one-subject, half two)"})
 
