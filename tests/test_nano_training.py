@@ -279,3 +279,21 @@ def test_export_writes_loadable_sd15_checkpoint_and_text_encoder(parts, tmp_path
     assert hidden.shape == (1, 77, 768) and torch.isfinite(hidden).all()
     original, _ = te.load_text_encoder(parts["te"])
     assert torch.allclose(hidden, te.encode_captions(original, tok, ["a red circle on the left, on grey"]), atol=1e-2)
+
+
+def test_vae_decoder_finetune_keeps_the_encoder_and_latent_mapping(parts, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.nano.train_vae import VAE_FILE
+
+    out = tmp_path / "decoder"
+    run_command("train_vae", VAE_ARGS + ["--output-dir", str(out), "--max-steps", "3", "--init-vae", str(parts["vae"]),
+                                         "--freeze-encoder", "true", "--crop-size", "64"])
+    init, tuned = load_file(str(parts["vae"] / VAE_FILE)), load_file(str(out / VAE_FILE))
+    for name, tensor in init.items():
+        if name.startswith("taesd_encoder.") or name in ("vae_scale", "vae_shift"):
+            assert torch.equal(tensor, tuned[name]), name  # the U-Net's latent space is unchanged
+    assert any(not torch.equal(init[n], tuned[n]) for n in init if n.startswith("taesd_decoder."))
+    with pytest.raises(ValueError, match="--freeze-encoder needs --init-vae"):
+        run_command("train_vae", VAE_ARGS + ["--output-dir", str(tmp_path / "bad"), "--max-steps", "1",
+                                             "--freeze-encoder", "true"])

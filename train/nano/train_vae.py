@@ -55,6 +55,11 @@ class VaeTrainConfig:
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     eval_every: int = field(default=50, metadata={"help": "held-out PSNR every N steps (0 = end only)"})
     num_threads: int = field(default=1, metadata={"help": "torch threads (resume needs the same count)"})
+    init_vae: str = field(default="", metadata={"help": "start from this trained vae.safetensors (or its run folder) "
+                                                        "instead of a fresh init"})
+    freeze_encoder: bool = field(default=False, metadata={
+        "help": "train the decoder only (needs --init-vae): the latents, vae_scale and vae_shift stay exactly the "
+                "init's, so a U-Net trained on them stays valid"})
 
 
 def foreground_mask(images01: torch.Tensor) -> torch.Tensor:
@@ -143,8 +148,12 @@ def train(cfg: VaeTrainConfig) -> Path:
     run_utils.setup_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    vae = TinyAutoencoder()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    if cfg.freeze_encoder and not cfg.init_vae:
+        raise ValueError("--freeze-encoder needs --init-vae: a frozen random encoder would define the latents")
+    vae = load_vae(cfg.init_vae).train() if cfg.init_vae else TinyAutoencoder()
+    vae.taesd_encoder.requires_grad_(not cfg.freeze_encoder)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = run_utils.load_run_checkpoint(out, vae, cfg, ARCH_KEYS)
     start = 0 if state is None else restore(state, vae, optimizer, scheduler)
@@ -171,7 +180,9 @@ def train(cfg: VaeTrainConfig) -> Path:
         stacked = torch.cat([full, foreground_mask(full)], dim=1)  # crop image and mask together
         stacked = random_crops(stacked, cfg.crop_size, g, centres[idx, which], cfg.subject_crop_prob)
         target, fg = stacked[:, :3], stacked[:, 3:]
-        recon = vae.taesd_decoder(vae.taesd_encoder(target))
+        with torch.set_grad_enabled(not cfg.freeze_encoder):
+            latents = vae.taesd_encoder(target)
+        recon = vae.taesd_decoder(latents)
         loss = reconstruction_loss(recon, target, cfg.edge_weight, 1 + cfg.foreground_weight * fg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,7 +200,10 @@ def train(cfg: VaeTrainConfig) -> Path:
                             extra={"config": config_to_dict(cfg)})
     bar.close()
 
-    scale, shift = fit_scale_shift(vae, train_images[: cfg.fit_scenes])
+    if cfg.freeze_encoder:  # same encoder, same latents: keep the init's U-Net-space mapping exactly
+        scale, shift = float(vae.vae_scale), float(vae.vae_shift)
+    else:
+        scale, shift = fit_scale_shift(vae, train_images[: cfg.fit_scenes])
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(out / VAE_FILE))
