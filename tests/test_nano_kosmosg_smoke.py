@@ -158,7 +158,23 @@ def test_stage_recipes_parse_and_use_the_nano_config():
         assert cfg.mixed_precision == "no" and cfg.max_steps > 0
     stage3 = parse_config(Stage3Config, ["--config", str(recipe("stage3"))])
     assert (stage3.score_model_kind, stage3.resolution, stage3.uncond_prob) == ("nano", 64, 0.1)
-    assert parse_config(Stage2Config, ["--config", str(recipe("stage2"))]).kinds == "openimage"
+    assert parse_config(Stage2Config, ["--config", str(recipe("stage2"))]).kinds == "laion,openimage"
+    stage1 = parse_config(Stage1Config, ["--config", str(recipe("stage1"))])
+    assert stage1.init_vision.endswith("text-encoder/vision-tower")  # the nano CLIP tower seeds the vision encoder
+
+
+def write_nano_vision_tower(folder: Path) -> str:
+    """A random CLIPVisionModel shaped like the nano text encoder's tower, saved as train_text_encoder saves it."""
+    from transformers import CLIPVisionModel
+
+    from train.nano import text_encoder as te
+
+    vision = KosmosGConfig.from_json(NANO_CONFIG.read_text()).vision
+    torch.manual_seed(0)
+    CLIPVisionModel(te.vision_config(vision.width, vision.layers, vision.heads, vision.image_size,
+                                     vision.patch_size)).save_pretrained(str(folder))
+    te.save_vision_preprocessor(folder, vision.image_size)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +183,8 @@ def stage_env(shards, tokenizer_dir):
     torch.set_num_threads(1)
     return dict(root=root, data=str(train), tokenizer=str(tokenizer_dir),
                 clip=write_clip_text(root / "clip", hidden=SD15_CONTEXT_DIM),
-                score=write_nano_score_model(root / "nano.safetensors", context_dim=SD15_CONTEXT_DIM))
+                score=write_nano_score_model(root / "nano.safetensors", context_dim=SD15_CONTEXT_DIM),
+                vision_tower=write_nano_vision_tower(root / "vision-tower"))
 
 
 def stage_args(env, name, steps=3):
@@ -190,7 +207,7 @@ def assert_ran(run_dir, steps=3):
 def stage1_run(stage_env):
     from train import stage1
 
-    stage1.main(stage_args(stage_env, "stage1"))
+    stage1.main(stage_args(stage_env, "stage1") + ["--init-vision", stage_env["vision_tower"]])
     return stage_env["root"] / "stage1"
 
 
