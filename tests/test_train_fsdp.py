@@ -7,11 +7,8 @@ Stage 1 runs with text-only laion samples and 1 sample per process, so some upda
 tower gradients on one process only (FSDP must reduce zeros for it, as DDP's find_unused_parameters
 does); stage 3 computes the unconditional embedding only when some sample of the update needs it."""
 
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import torch
 from support.train_fixtures import assert_same_training, common_args, launch_command, launch_processes, make_env, \
     run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
-from train.loop import read_metrics
+from train.loop import SIGKILL_AT_STEP_ENV, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 4
@@ -74,20 +71,12 @@ def test_fsdp_two_processes_match_one(env, one_process, fsdp_run, tmp_path):
 
 def test_killed_fsdp_run_resumes_under_fsdp_and_under_one_process(env, one_process, fsdp_run):
     killed = env.root / "fsdp-killed"
-    process = subprocess.Popen(launch_command("train.stage1", args(env, killed, batch=1) + FSDP), cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # its own process group: torchrun + both workers
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and process.poll() is None:
-            if (killed / "metrics.jsonl").exists() and read_metrics(killed)[-1:] and \
-                    read_metrics(killed)[-1]["step"] > SAVE_EVERY:
-                break
-            time.sleep(0.01)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert load_checkpoint(killed)["step"] == SAVE_EVERY < read_metrics(killed)[-1]["step"] < STEPS, \
+    # every process SIGKILLs itself after update SAVE_EVERY + 2 is logged (an outside kill races the run)
+    result = subprocess.run(launch_command("train.stage1", args(env, killed, batch=1) + FSDP), cwd=REPO,
+                            env={**subprocess_env(), SIGKILL_AT_STEP_ENV: str(SAVE_EVERY + 2)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert load_checkpoint(killed)["step"] == SAVE_EVERY < read_metrics(killed)[-1]["step"] == SAVE_EVERY + 2 < STEPS, \
         "the run must die mid-training, after a checkpoint"
     under_one = env.root / "fsdp-killed-then-one-process"
     shutil.copytree(killed, under_one)

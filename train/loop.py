@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ from train.common.config import config_to_dict
 logger = logging.getLogger(__name__)
 
 TRAIN_CONFIG_NAME = "train_config.json"
+# Set to N, every process of a run SIGKILLs itself right after update N is logged: a kill at an exact
+# point, for tests of resume under load (an outside kill races a fast run).
+SIGKILL_AT_STEP_ENV = "KOSMOSG_TRAIN_SIGKILL_AT_STEP"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -526,6 +530,8 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
                     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step + 1)
             if on_step is not None:
                 on_step(step + 1, metrics)
+        if str(step + 1) == os.environ.get(SIGKILL_AT_STEP_ENV):  # fault injection (tests): die as a killed run
+            os.kill(os.getpid(), signal.SIGKILL)
         if progress is not None:
             progress.update(1)
             if metrics:
