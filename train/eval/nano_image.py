@@ -210,11 +210,16 @@ def run(cfg: NanoImageConfig) -> dict:
         "checkpoint": str(cfg.checkpoint), "text_encoder": str(cfg.text_encoder),
     })  # no wall time in the result: the same flags give byte-identical JSON
     logger.info("nano-image: %d captions in %.1f s", cfg.samples, time.time() - t0)
-    print(format_table(result), file=sys.stderr)
-    if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    report(format_table(result), result, cfg.json)
     return result
+
+
+def report(table: str, result: dict, json_path: str) -> None:
+    """The table to stderr; the result to ``json_path`` if given (sorted keys: same flags, same bytes)."""
+    print(table, file=sys.stderr)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 
 
 def format_table(result: dict) -> str:

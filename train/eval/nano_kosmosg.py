@@ -47,9 +47,7 @@ Kosmos-G generation, the true-caption generation, the target scene.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,10 +305,7 @@ def run(cfg: NanoKosmosGConfig) -> dict:
         "sd_checkpoint": str(cfg.sd_checkpoint), "text_encoder": str(cfg.text_encoder),
     })  # no wall time in the result: the same flags give byte-identical JSON
     logger.info("nano: %d scenes x 4 conditions in %.1f s", cfg.samples, time.time() - t0)
-    print(format_table(result), file=sys.stderr)
-    if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    nano_image.report(format_table(result), result, cfg.json)
     if cfg.grid:
         write_grid(cfg.grid, grid_rows)
         logger.info("nano: wrote the grid %s (%d rows)", cfg.grid, len(grid_rows))
