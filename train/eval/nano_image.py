@@ -223,10 +223,15 @@ def report(table: str, result: dict, json_path: str) -> None:
 
 
 def format_table(result: dict) -> str:
-    rows = [("text_to_image_single", "samples_single"), ("text_to_image_two", "samples_two"),
-            ("text_to_image", "samples"), ("unconditional_baseline_single", "samples_single"),
-            ("unconditional_baseline_two", "samples_two"), ("unconditional_baseline", "samples"),
-            ("judge_accuracy", "judge_samples")]
+    return metric_table(result, [
+        ("text_to_image_single", "samples_single"), ("text_to_image_two", "samples_two"),
+        ("text_to_image", "samples"), ("unconditional_baseline_single", "samples_single"),
+        ("unconditional_baseline_two", "samples_two"), ("unconditional_baseline", "samples"),
+        ("judge_accuracy", "judge_samples")])
+
+
+def metric_table(result: dict, rows: list[tuple[str, str]]) -> str:
+    """Rows (metric key, sample-count key) of value / stderr / n, then the sampler settings."""
     lines = [f"{'metric':<32}{'value':>8}{'stderr':>9}{'n':>6}"]
     for key, n_key in rows:
         lines.append(f"{key:<32}{result[key]:>8.3f}{result[key + '_stderr']:>9.3f}{result[n_key]:>6d}")

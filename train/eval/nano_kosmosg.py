@@ -313,16 +313,11 @@ def run(cfg: NanoKosmosGConfig) -> dict:
 
 
 def format_table(result: dict) -> str:
-    rows = [("single_subject_fidelity", "samples_single"), ("two_subject_fidelity", "samples_two"),
-            ("subject_fidelity", "samples"), ("text_fidelity", "samples"),
-            ("text_prompt_ceiling_single", "samples_single"), ("text_prompt_ceiling_two", "samples_two"),
-            ("text_only_baseline", "samples"), ("random_baseline", "samples")]
-    lines = [f"{'metric':<32}{'value':>8}{'stderr':>9}{'n':>6}"]
-    for key, n_key in rows:
-        lines.append(f"{key:<32}{result[key]:>8.3f}{result[key + '_stderr']:>9.3f}{result[n_key]:>6d}")
-    s = result["sampler"]
-    lines.append(f"(sampler {s['method']}, {s['steps']} steps, guidance {s['guidance']}; seed {result['seed']})")
-    return "\n".join(lines)
+    return nano_image.metric_table(result, [
+        ("single_subject_fidelity", "samples_single"), ("two_subject_fidelity", "samples_two"),
+        ("subject_fidelity", "samples"), ("text_fidelity", "samples"),
+        ("text_prompt_ceiling_single", "samples_single"), ("text_prompt_ceiling_two", "samples_two"),
+        ("text_only_baseline", "samples"), ("random_baseline", "samples")])
 
 
 # ----------------------------------------------------------------------------- grid
