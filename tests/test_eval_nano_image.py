@@ -1,5 +1,5 @@
 """`python -m train.eval nano-image` (issue 8 point 6) on a tiny model exported by train.nano.export_nano:
-JSON keys and ranges, determinism by --seed, the held-out caption split, --help, missing-file errors."""
+JSON keys and ranges, the --grid PNG, determinism by --seed, the held-out caption split, --help, missing-file errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,8 +73,8 @@ def test_binomial_stderr():
 
 
 def test_cli_writes_the_json_and_is_deterministic_by_seed(shipped, tmp_path):
-    first, second = tmp_path / "a.json", tmp_path / "b.json"
-    proc = _eval_cli(*_flags(shipped, "--seed", "3", "--json", str(first)))
+    first, second, grid = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "grid.png"
+    proc = _eval_cli(*_flags(shipped, "--seed", "3", "--json", str(first), "--grid", str(grid), "--grid-rows", "3"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(first.read_text())
     assert json.loads(proc.stdout) == result
@@ -91,6 +92,13 @@ def test_cli_writes_the_json_and_is_deterministic_by_seed(shipped, tmp_path):
     assert result["sampler"] == {"method": "ddim", "steps": 2, "guidance": 5.0, "uncond": "empty caption",
                                  "latent_shape": [4, 8, 8]}
     assert result["seed"] == 3
+    from PIL import Image
+
+    with Image.open(grid) as image:  # 2 one-subject + 1 two-subject rows of 3 cells (scene, sample, uncond), 128 px
+        assert image.size == (4 + 3 * 132, 4 + 3 * 132)
+        pixels = np.asarray(image.convert("RGB"))
+    first_scene = world.render_scene(nano_image.heldout_specs(1, 1, 3)[0]).image
+    assert (pixels[4:132:2, 4:132:2] == first_scene).all()  # row 1, cell 1: the scene its caption describes
 
     # the same flags in-process give byte-identical JSON
     again = nano_image.main(_flags(shipped, "--seed", "3", "--json", str(second)))

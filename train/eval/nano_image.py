@@ -1,6 +1,6 @@
 r"""Text-to-image accuracy of the shipped nano SD1.5 model, judged on held-out world captions.
 
-    python -m train.eval nano-image --samples 200 --seed 0 --json nano_image.json
+    python -m train.eval nano-image --samples 200 --seed 0 --json nano_image.json [--grid nano_image.png]
 
 Reads the shipped layout written by ``python -m train.nano.export_nano``: ``--checkpoint``
 (models/nano/nano-sd15.safetensors: zero-padded U-Net + TAESD VAE) and ``--text-encoder``
@@ -24,6 +24,8 @@ Output (JSON; a table goes to stderr):
   *_stderr                                   binomial standard error sqrt(p (1 - p) / n)
   *_count / *_colour / ...                   per-attribute fractions
   samples, seed, sampler settings, checkpoint paths (no timings: same flags -> same JSON)
+``--grid OUT.png`` also writes one row per caption (the first ``--grid-rows``, half one-subject, half
+two): the held-out scene the caption describes, the generation, the empty-caption sample.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cli import parse_eval_config
@@ -61,6 +64,8 @@ class NanoSamplingOptions:
     batch_size: int = field(default=64, metadata={"help": "cases per sampler batch (noise is drawn per case)"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
+    grid: str = field(default="", metadata={"help": "also write a PNG grid of the first --grid-rows cases"})
+    grid_rows: int = field(default=8, metadata={"help": "cases in the --grid PNG (half one-subject, half two)"})
 
 
 @dataclass
@@ -157,6 +162,10 @@ def validate_sampler(cfg) -> None:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     if cfg.method not in sampler.METHODS:
         raise ValueError(f"--method must be one of {sampler.METHODS}, got {cfg.method!r}")
+    if cfg.grid and cfg.grid_rows < 1:
+        raise ValueError(f"--grid-rows must be >= 1, got {cfg.grid_rows}")
+    if cfg.grid and not cfg.grid.lower().endswith(".png"):
+        raise ValueError(f"--grid {cfg.grid}: the grid is a PNG; name the file *.png")
 
 
 def validate(cfg: NanoImageConfig) -> None:
@@ -181,6 +190,7 @@ def run(cfg: NanoImageConfig) -> dict:
               "two": heldout_specs(cfg.samples // 2, 2, cfg.seed)}
     result: dict = {}
     all_scores, all_baseline = [], []
+    grid_rows = []
     for g, (name, specs) in enumerate(groups.items()):
         context = te.encode_captions(text_model, tokenizer, [world.caption_of(s) for s in specs])  # [n, 77, 768]
         # the noise seed depends on --seed and the group only, so the baseline sees the same noise
@@ -193,6 +203,9 @@ def run(cfg: NanoImageConfig) -> dict:
         result.update(score_fractions(scores, f"text_to_image_{name}"))
         result.update(score_fractions(baseline, f"unconditional_baseline_{name}"))
         result[f"samples_{name}"] = len(specs)
+        if cfg.grid:  # the held-out scene its caption describes, the generation, the empty-caption sample
+            grid_rows += [[world.render_scene(spec).image, as_uint8(img), as_uint8(unc)]
+                          for spec, img, unc in zip(specs, images, uncond_images)][:grid_rows_for(name, cfg.grid_rows)]
         all_scores += scores
         all_baseline += baseline
     result.update(score_fractions(all_scores, "text_to_image"))
@@ -211,6 +224,9 @@ def run(cfg: NanoImageConfig) -> dict:
     })  # no wall time in the result: the same flags give byte-identical JSON
     logger.info("nano-image: %d captions in %.1f s", cfg.samples, time.time() - t0)
     report(format_table(result), result, cfg.json)
+    if cfg.grid:
+        write_grid(cfg.grid, grid_rows)
+        logger.info("nano-image: wrote the grid %s (%d rows)", cfg.grid, len(grid_rows))
     return result
 
 
@@ -238,6 +254,41 @@ def metric_table(result: dict, rows: list[tuple[str, str]]) -> str:
     s = result["sampler"]
     lines.append(f"(sampler {s['method']}, {s['steps']} steps, guidance {s['guidance']}; seed {result['seed']})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- grid (both nano evals)
+
+GRID_SCALE = 2  # grid cells are the 64-px images upscaled (nearest) by this
+GRID_PAD = 4  # px between grid cells
+GRID_CANVAS = 200  # grey level behind the cells (subject images are on white)
+
+
+def grid_rows_for(group: str, grid_rows: int) -> int:
+    """Rows of the grid for a subject-count group: the first half (rounded up) one-subject cases."""
+    return (grid_rows + 1) // 2 if group == "single" else grid_rows // 2
+
+
+def as_uint8(image: np.ndarray) -> np.ndarray:
+    """float [64, 64, 3] in 0..1 -> uint8."""
+    return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def write_grid(path, rows: list[list]) -> Path:
+    """A PNG of ``rows`` (lists of uint8 [64, 64, 3] cells or None), each cell upscaled GRID_SCALE x."""
+    from PIL import Image
+
+    cell = 64 * GRID_SCALE
+    columns = max(len(r) for r in rows)
+    width, height = GRID_PAD + columns * (cell + GRID_PAD), GRID_PAD + len(rows) * (cell + GRID_PAD)
+    canvas = Image.new("RGB", (width, height), (GRID_CANVAS,) * 3)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            if image is not None:
+                tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
+                canvas.paste(tile, (GRID_PAD + c * (cell + GRID_PAD), GRID_PAD + r * (cell + GRID_PAD)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return Path(path)
 
 
 def main(argv=None) -> dict:

@@ -69,9 +69,6 @@ DONOR_OFFSET = 500_000  # held-out scenes seed * SCENE_STRIDE + DONOR_OFFSET ...
 HOW_TO_MAKE = ("the Kosmos-G nano model is trained with python -m train.stage1 / train.stage2 / train.stage3 "
                "--config train/configs/nano/kosmosg-stageN.yaml and exported with python -m train.export "
                "--checkpoint runs/nano/stage3 --out models/nano/kosmosg-nano.safetensors")
-GRID_SCALE = 2  # grid cells are the 64-px images upscaled (nearest) by this
-GRID_PAD = 4  # px between grid cells
-GRID_CANVAS = 200  # grey level behind the cells (the subject images are on white)
 
 
 @dataclass
@@ -85,8 +82,6 @@ class NanoKosmosGConfig(nano_image.NanoSamplingOptions):
         "help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
     text_encoder: str = field(default="models/nano/text-encoder",
                               metadata={"help": "nano CLIPTextModel + tokenizer folder (text-prompt ceiling)"})
-    grid: str = field(default="", metadata={"help": "also write a PNG grid: subject images beside generations"})
-    grid_rows: int = field(default=8, metadata={"help": "cases in the --grid PNG (half one-subject, half two)"})
 
 
 # ----------------------------------------------------------------------------- cases
@@ -232,10 +227,6 @@ def validate(cfg: NanoKosmosGConfig) -> None:
         raise ValueError(f"--samples must be in [2, {RANDOM_OFFSET}] (half one-subject, half two-subject scenes), "
                          f"got {cfg.samples}")
     nano_image.validate_sampler(cfg)
-    if cfg.grid and cfg.grid_rows < 1:
-        raise ValueError(f"--grid-rows must be >= 1, got {cfg.grid_rows}")
-    if cfg.grid and not cfg.grid.lower().endswith(".png"):
-        raise ValueError(f"--grid {cfg.grid}: the grid is a PNG; name the file *.png")
 
 
 def run(cfg: NanoKosmosGConfig) -> dict:
@@ -291,7 +282,7 @@ def run(cfg: NanoKosmosGConfig) -> dict:
         totals["text_only_baseline"] += text_only
         totals["random_baseline"] += random_scores
         if cfg.grid:
-            rows = (cfg.grid_rows + 1) // 2 if name == "single" else cfg.grid_rows // 2
+            rows = nano_image.grid_rows_for(name, cfg.grid_rows)
             grid_rows += [grid_row(c, img, cap) for c, img, cap in zip(cases, images, caption_images)][:rows]
     for prefix, scores in totals.items():
         result.update(nano_image.score_fractions(scores, prefix))
@@ -307,7 +298,7 @@ def run(cfg: NanoKosmosGConfig) -> dict:
     logger.info("nano: %d scenes x 4 conditions in %.1f s", cfg.samples, time.time() - t0)
     nano_image.report(format_table(result), result, cfg.json)
     if cfg.grid:
-        write_grid(cfg.grid, grid_rows)
+        nano_image.write_grid(cfg.grid, grid_rows)
         logger.info("nano: wrote the grid %s (%d rows)", cfg.grid, len(grid_rows))
     return result
 
@@ -326,30 +317,9 @@ def format_table(result: dict) -> str:
 def grid_row(case: EvalCase, generated: np.ndarray, from_caption: np.ndarray) -> list:
     """Cells of one grid row, uint8 [64, 64, 3] each (None = empty): subject 1, subject 2, the Kosmos-G
     generation, the true-caption generation, the target scene."""
-
-    def as_uint8(image: np.ndarray) -> np.ndarray:
-        return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
-
     subjects = list(case.subject_images) + [None] * (2 - len(case.subject_images))
-    return subjects + [as_uint8(generated), as_uint8(from_caption), world.render_scene(case.target).image]
-
-
-def write_grid(path, rows: list[list]) -> Path:
-    """A PNG of ``rows`` (lists of uint8 [64, 64, 3] cells or None), each cell upscaled GRID_SCALE x."""
-    from PIL import Image
-
-    cell = 64 * GRID_SCALE
-    columns = max(len(r) for r in rows)
-    width, height = GRID_PAD + columns * (cell + GRID_PAD), GRID_PAD + len(rows) * (cell + GRID_PAD)
-    canvas = Image.new("RGB", (width, height), (GRID_CANVAS,) * 3)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            if image is not None:
-                tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
-                canvas.paste(tile, (GRID_PAD + c * (cell + GRID_PAD), GRID_PAD + r * (cell + GRID_PAD)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return Path(path)
+    return subjects + [nano_image.as_uint8(generated), nano_image.as_uint8(from_caption),
+                       world.render_scene(case.target).image]
 
 
 def main(argv=None) -> dict:
