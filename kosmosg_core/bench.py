@@ -190,12 +190,16 @@ def _tiny_tokenizer_pipeline(model, cfg):
     """A pipeline with a synthetic tokenizer: the benchmark needs ids, not real words."""
     from .pipeline import KosmosGPipeline
 
-    class SyntheticTokenizer:  # one id per character: deterministic, vocabulary-independent lengths
+    class SyntheticTokenizer:
+        """One id per word: the official sentencepiece BPE (64k pieces) keeps common English words
+        whole, so a prompt's token count is about its word count (decisions.md: a short text-only
+        encode is bound by reading the weights). Deterministic, vocabulary-independent lengths."""
+
         vocab_size = cfg.decoder.vocab_size
         image_id, image_end_id = vocab_size - 4, vocab_size - 3
 
         def encode(self, text):
-            return [4 + (ord(c) % min(1000, self.vocab_size - 11)) for c in text]
+            return [4 + sum(map(ord, word)) % min(1000, self.vocab_size - 11) for word in text.split()]
 
     return KosmosGPipeline(model, SyntheticTokenizer())
 
@@ -243,7 +247,8 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
             read += param_bytes["vision"] + param_bytes["connector"]
         limit = max(flops / rate, read / bandwidth)
         cases.append({
-            "case": case, "dtype": str(dtype).split(".")[-1], "seconds": seconds, "flops": flops,
+            "case": case, "dtype": str(dtype).split(".")[-1], "tokens": len(pipe.check_inputs(prompt, case_images)),
+            "seconds": seconds, "flops": flops,
             "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
             "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
             "clip_text_encoder_seconds": clip_seconds, "linear_layers": "packed" if pack_seconds is not None else "default",
@@ -307,11 +312,11 @@ def print_table(results: dict) -> None:
     packing = {c["dtype"]: c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
     for dtype, seconds in packing.items():
         print(f"{dtype}: linear weights packed for oneDNN once after loading, {seconds:.2f} s")
-    header = f"{'case':<10} {'dtype':<9} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}"
+    header = f"{'case':<10} {'dtype':<9} {'tokens':>6} {'GFLOP':>7} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}"
     print(header)
     print("-" * len(header))
     for c in results["cases"]:
         cached = f"{c['cached_image_seconds']:.3f}" if c["cached_image_seconds"] else "-"
         speed = f"{c['cache_speedup']:.1f}x" if c["cache_speedup"] else "-"
-        print(f"{c['case']:<10} {c['dtype']:<9} {c['seconds']:>9.3f} {c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} "
+        print(f"{c['case']:<10} {c['dtype']:<9} {c['tokens']:>6d} {c['flops'] / 1e9:>7.1f} {c['seconds']:>9.3f} {c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} "
               f"{cached:>9} {speed:>8} {c['clip_text_encoder_seconds']:>11.3f}")

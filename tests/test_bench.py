@@ -31,6 +31,12 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
         else:
             assert case["cache_speedup"] == pytest.approx(case["seconds"] / case["cached_image_seconds"])
         assert case["case"] in printed
+    # one synthetic token per word (the official BPE keeps common words whole) after <s>
+    from kosmosg_core.bench import PROMPTS
+
+    tokens = {c["case"]: c["tokens"] for c in results["cases"]}
+    assert tokens["text-only"] == 1 + len(PROMPTS["text-only"][0].split())
+    assert tokens["text-only"] < tokens["1-image"] < tokens["3-image"]
     flops = {c["case"]: c["flops"] for c in results["cases"]}
     assert flops["1-image"] < flops["3-image"]  # two more images through the vision tower and the MLLM
     load = results["load"]
