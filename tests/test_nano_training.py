@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TE_ARGS = ["--num-scenes", "48", "--eval-scenes", "8", "--batch-size", "8", "--text-layers", "1",
            "--text-intermediate", "64", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2",
-           "--embed-dim", "16", "--eval-every", "3"]
+           "--embed-dim", "16", "--eval-every", "3", "--shape-negatives", "4"]
 VAE_ARGS = ["--num-scenes", "16", "--eval-scenes", "4", "--fit-scenes", "8", "--batch-size", "2", "--crop-size",
             "16", "--eval-every", "3"]
 
@@ -139,6 +139,67 @@ def test_add_noise_uses_sd15_schedule():
     assert abs(alphas[-1].item() - 0.0047) < 2e-4  # SD1.5's final alpha_bar
     x, n = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     assert torch.allclose(sampler.add_noise(x, n, torch.tensor([999]), alphas.float()), alphas[999].sqrt().float() * x)
+
+
+# ----------------------------------------------------------------------------- text encoder: shape negatives
+
+
+def test_shape_swapped_changes_one_shape_and_stays_in_the_train_split():
+    from train.nano import world
+    from train.nano.train_text_encoder import shape_swapped
+
+    specs = [world.spec_at(world.TRAIN_SEED, i) for i in range(40)]
+    swapped = shape_swapped(specs, torch.Generator().manual_seed(0))
+    assert swapped == shape_swapped(specs, torch.Generator().manual_seed(0))  # deterministic by generator
+    assert sum(s is not None for s in swapped) >= 36
+    for spec, new in zip(specs, swapped):
+        if new is None:
+            continue
+        changed = [(a, b) for a, b in zip(spec.subjects, new.subjects) if a != b]
+        assert len(changed) == 1
+        a, b = changed[0]
+        assert a.shape != b.shape and (a.colour, a.position, a.size, a.cx, a.cy) == (b.colour, b.position, b.size, b.cx, b.cy)
+        assert world.split_of(new) == "train" and new.background == spec.background
+
+
+class _CaptionOracle(torch.nn.Module):
+    """Embeds an image as its scene's caption and a caption as itself (one-hot over a vocabulary of
+    captions), optionally blind to shape words: a stand-in for the contrastive pair."""
+
+    def __init__(self, tokenizer, specs, blind_to_shape: bool):
+        super().__init__()
+        from train.nano import world
+
+        self.tokenizer, self.specs, self.blind = tokenizer, specs, blind_to_shape
+        self.shapes = world.SHAPES
+        self.index: dict[str, int] = {}
+
+    def _key(self, caption: str) -> int:
+        if self.blind:
+            for shape in self.shapes:
+                caption = caption.replace(shape, "thing")
+        return self.index.setdefault(caption, len(self.index))
+
+    def embed_text(self, ids):
+        captions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return torch.nn.functional.one_hot(torch.tensor([self._key(c.replace(" ,", ",")) for c in captions]), 4096).float()
+
+    def embed_images(self, pixels):
+        from train.nano import world
+
+        return torch.nn.functional.one_hot(torch.tensor([self._key(world.caption_of(s)) for s in self.specs]), 4096).float()
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_attribute_swap_accuracy_tells_a_shape_reader_from_a_shape_blind_pair(blind, parts):
+    from train.nano import nano_data
+    from train.nano.train_text_encoder import attribute_swap_accuracy
+
+    tokenizer = te.load_tokenizer(parts["te"])
+    scenes = nano_data.load_scenes("heldout", 12)
+    oracle = _CaptionOracle(tokenizer, scenes.specs, blind_to_shape=blind)
+    assert attribute_swap_accuracy(oracle, tokenizer, scenes.specs, scenes.images, "shape") == (0.0 if blind else 1.0)
+    assert attribute_swap_accuracy(oracle, tokenizer, scenes.specs, scenes.images, "colour") == 1.0
 
 
 # ----------------------------------------------------------------------------- commands: steps, resume, refusal

@@ -220,3 +220,23 @@ def test_write_pairs_folder_holds_training_scenes_and_their_captions(tmp_path):
         image = np.asarray(Image.open(tmp_path / f"{index:08d}.png"))
         assert np.array_equal(image, world.render_scene(spec).image)
         assert (tmp_path / f"{index:08d}.txt").read_text().strip() == world.caption_of(spec)
+
+
+def test_with_attribute_changes_one_subject_attribute_only():
+    spec = next(s for s in (world.spec_at(world.TRAIN_SEED, i) for i in range(50)) if len(s.subjects) == 2)
+    first = spec.subjects[0]
+    new_shape = next(x for x in world.SHAPES if x not in (first.shape, spec.subjects[1].shape))
+    changed = world.with_attribute(spec, 0, "shape", new_shape)
+    assert changed.subjects[0].shape == new_shape and changed.subjects[1] == spec.subjects[1]
+    assert (changed.subjects[0].colour, changed.subjects[0].cx, changed.subjects[0].size) == (first.colour, first.cx, first.size)
+    assert changed.background == spec.background
+    assert world.caption_of(changed) == world.caption_of(spec).replace(first.shape, new_shape, 1)
+    # two identical subjects are not a valid scene
+    other = spec.subjects[1]
+    same_shape = world.with_attribute(spec, 0, "shape", other.shape)
+    if first.colour == other.colour:
+        assert same_shape is None
+    else:
+        assert same_shape is not None and world.with_attribute(same_shape, 0, "colour", other.colour) is None
+    with pytest.raises(ValueError, match="attribute"):
+        world.with_attribute(spec, 0, "size", "big")

@@ -4,8 +4,9 @@
     python -m train.nano.train_text_encoder --output-dir runs/nano/te --max-steps 400
 
 Writes into ``--output-dir``: ``checkpoint.pt`` (every ``--save-every`` steps; the run resumes from
-it when restarted), ``metrics.jsonl`` (loss, lr; held-out caption->image retrieval accuracy every
-``--eval-every`` steps), ``tokenizer/`` (vocab.json + merges.txt), and at the end
+it when restarted), ``metrics.jsonl`` (loss, lr; every ``--eval-every`` steps on held-out scenes:
+caption->image retrieval accuracy, and how often an image prefers its caption over every caption
+with one shape / one colour word changed), ``tokenizer/`` (vocab.json + merges.txt), and at the end
 ``text-encoder/`` (CLIPTextModel + CLIPTokenizer, ``save_pretrained`` layout, fp16) and
 ``vision-tower/`` (CLIPVisionModel + its projection, fp32).
 """
@@ -17,11 +18,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.nano import nano_data, run_utils
+from train.nano import nano_data, run_utils, world
 from train.nano import text_encoder as te
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class TextEncoderTrainConfig:
     vision_layers: int = field(default=4, metadata={"help": "CLIPVisionModel layers"})
     vision_heads: int = field(default=4, metadata={"help": "CLIPVisionModel heads"})
     embed_dim: int = field(default=256, metadata={"help": "shared contrastive embedding width"})
+    shape_negatives: int = field(default=0, metadata={
+        "help": "per step, this many extra scenes: copies of batch scenes with one subject's shape changed "
+                "(train split), so captions that differ only in a shape word must be told apart"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     eval_every: int = field(default=100, metadata={"help": "held-out retrieval accuracy every N steps (0 = end only)"})
     num_threads: int = field(default=1, metadata={"help": "torch threads (resume needs the same count)"})
@@ -70,6 +75,45 @@ def lr_lambda(cfg):
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def shape_swapped(specs: list, generator: torch.Generator) -> list:
+    """For each spec, the same scene with one subject's shape changed (subject and new shape drawn
+    from ``generator``; the new scene valid and in the train split), or None when none qualifies."""
+    out = []
+    for spec in specs:
+        order = torch.randperm(len(spec.subjects) * len(world.SHAPES), generator=generator).tolist()
+        choice = None
+        for k in order:
+            index, shape = divmod(k, len(world.SHAPES))
+            if world.SHAPES[shape] == spec.subjects[index].shape:
+                continue
+            changed = world.with_attribute(spec, index, "shape", world.SHAPES[shape])
+            if changed is not None and world.split_of(changed) == "train":
+                choice = changed
+                break
+        out.append(choice)
+    return out
+
+
+@torch.no_grad()
+def attribute_swap_accuracy(model: te.ContrastivePair, tokenizer, specs: list, images: torch.Tensor,
+                            attribute: str) -> float:
+    """Fraction of scenes whose image scores its own caption above every caption that differs from it
+    in one subject's ``attribute`` ('shape' or 'colour'): how well the pair reads that word."""
+    values = world.SHAPES if attribute == "shape" else world.COLOURS
+    eos = tokenizer.eos_token_id
+    model.eval()
+    image_embeds = model.embed_images(nano_data.to_unit(images))  # [N, E]
+    right = 0
+    for spec, image_embed in zip(specs, image_embeds):
+        alternatives = [world.with_attribute(spec, i, attribute, v) for i, s in enumerate(spec.subjects)
+                        for v in values if v != getattr(s, attribute)]
+        captions = [world.caption_of(spec)] + [world.caption_of(a) for a in alternatives if a is not None]
+        scores = model.embed_text(te.trim_to_longest(te.tokenize(tokenizer, captions), eos)) @ image_embed  # [A]
+        right += bool(scores[0] > scores[1:].max()) if len(scores) > 1 else True  # a tie is not reading the word
+    model.train()
+    return right / len(specs)
 
 
 @torch.no_grad()
@@ -103,8 +147,6 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     train_ids = te.tokenize(tokenizer, train_set.captions)
     eval_set = nano_data.load_scenes("heldout", cfg.eval_scenes)
     eval_ids = te.tokenize(tokenizer, eval_set.captions)
-    caption_index = {c: i for i, c in enumerate(dict.fromkeys(train_set.captions))}
-    caption_ids = torch.tensor([caption_index[c] for c in train_set.captions])
 
     def save(step: int) -> None:
         save_checkpoint(out, model_state=model.state_dict(), optimizer=optimizer, scheduler=scheduler, step=step,
@@ -115,8 +157,19 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     for step in range(start + 1, cfg.max_steps + 1):
         g = run_utils.step_generator(cfg.seed, step)
         idx = torch.randperm(len(train_set), generator=g)[: cfg.batch_size]
-        same = caption_ids[idx][:, None] == caption_ids[idx][None, :]  # [B, B]
-        loss = model(te.trim_to_longest(train_ids[idx], eos), nano_data.to_unit(train_set.images[idx]), same)
+        ids, images = train_ids[idx], train_set.images[idx]
+        captions = [train_set.captions[i] for i in idx.tolist()]
+        if cfg.shape_negatives:
+            swapped = [s for s in shape_swapped([train_set.specs[i] for i in idx[: cfg.shape_negatives].tolist()], g)
+                       if s is not None]
+            if swapped:
+                extra = [world.caption_of(s) for s in swapped]
+                ids = torch.cat([ids, te.tokenize(tokenizer, extra)])
+                rendered = np.stack([nano_data.render_image(s) for s in swapped])  # [H, 64, 64, 3]
+                images = torch.cat([images, torch.from_numpy(rendered).permute(0, 3, 1, 2)])
+                captions += extra
+        same = torch.tensor([[a == b for b in captions] for a in captions])  # [B, B] identical captions
+        loss = model(te.trim_to_longest(ids, eos), nano_data.to_unit(images), same)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_norm > 0:
@@ -126,6 +179,9 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
         record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             record["heldout_retrieval_acc"] = retrieval_accuracy(model, eval_ids, eval_set.images, eval_set.captions, eos)
+            for attribute in ("shape", "colour"):
+                record[f"heldout_{attribute}_acc"] = attribute_swap_accuracy(model, tokenizer, eval_set.specs,
+                                                                             eval_set.images, attribute)
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -338,6 +338,22 @@ def _composite(background: tuple[int, int, int], layers: Sequence[tuple[np.ndarr
     for cov, colour in layers:
         out += cov[..., None] * (np.asarray(colour, dtype=np.float32) - bg)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def with_attribute(spec: SceneSpec, index: int, attribute: str, value: str) -> SceneSpec | None:
+    """``spec`` with subject ``index``'s ``attribute`` ('colour' or 'shape') set to ``value``, everything
+    else (sizes, places, background) kept; None when the result is not a valid scene (e.g. two
+    identical subjects)."""
+    if attribute not in ("colour", "shape"):
+        raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
+    subjects = list(spec.subjects)
+    subjects[index] = replace(subjects[index], **{attribute: value})
+    changed = SceneSpec(tuple(subjects), spec.background)
+    try:
+        validate_spec(changed)
+    except ValueError:
+        return None
+    return changed
 
 
 def caption_of(spec: SceneSpec) -> str:
