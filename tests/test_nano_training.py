@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 TE_ARGS = ["--num-scenes", "48", "--eval-scenes", "8", "--batch-size", "8", "--text-layers", "1",
            "--text-intermediate", "64", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2",
-           "--embed-dim", "16", "--eval-every", "3", "--shape-negatives", "4"]
+           "--embed-dim", "16", "--eval-every", "3", "--shape-negatives", "4",
+           "--attribute-weight", "1.0"]
 VAE_ARGS = ["--num-scenes", "16", "--eval-scenes", "4", "--fit-scenes", "8", "--batch-size", "2", "--crop-size",
             "16", "--eval-every", "3"]
 
@@ -160,6 +162,27 @@ def test_shape_swapped_changes_one_shape_and_stays_in_the_train_split():
         a, b = changed[0]
         assert a.shape != b.shape and (a.colour, a.position, a.size, a.cx, a.cy) == (b.colour, b.position, b.size, b.cx, b.cy)
         assert world.split_of(new) == "train" and new.background == spec.background
+
+
+def test_attribute_labels_and_loss_read_each_subject_slot():
+    from train.nano import world
+    from train.nano.train_text_encoder import ATTRIBUTE_VALUES, attribute_labels, attribute_loss
+
+    one = world.make_spec(np.random.default_rng(0), [("red", "circle", "left")], "grey")
+    two = world.make_spec(np.random.default_rng(1), [("blue", "cross", "left"), ("green", "square", "right")], "white")
+    labels = attribute_labels([one, two])
+    none = [len(v) for v in ATTRIBUTE_VALUES]
+    assert labels[0].tolist() == [world.COLOURS.index("red"), world.SHAPES.index("circle"), 0, *none]
+    assert labels[1].tolist() == [world.COLOURS.index("blue"), world.SHAPES.index("cross"), 0,
+                                  world.COLOURS.index("green"), world.SHAPES.index("square"), 2]
+    # a head whose logits are the labels' one-hots (scaled) has ~zero loss; a shuffled one does not
+    sizes = [len(v) + 1 for v in ATTRIBUTE_VALUES] * 2
+    onehots = torch.cat([torch.nn.functional.one_hot(labels[:, k], n) for k, n in enumerate(sizes)], dim=1).float()
+    head = torch.nn.Linear(2, onehots.shape[1], bias=False)
+    with torch.no_grad():
+        head.weight.copy_(50 * onehots.T)
+    assert attribute_loss(head, torch.eye(2), labels) < 1e-6
+    assert attribute_loss(head, torch.eye(2).flip(0), labels) > 10
 
 
 class _CaptionOracle(torch.nn.Module):

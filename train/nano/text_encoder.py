@@ -158,23 +158,40 @@ class ContrastivePair(nn.Module):
         self.visual_projection = nn.Linear(vision_cfg.hidden_size, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07), CLIP's init
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pooled = self.text(input_ids=input_ids).pooler_output  # [B, 768] at the first EOS
+    def pool_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=input_ids).pooler_output  # [B, 768] at the first EOS
+
+    def pool_images(self, pixels01: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=(pixels01 - PIXEL_MEAN) / PIXEL_STD).pooler_output  # [B, Dv]
+
+    def embed_text(self, input_ids: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, E] normalised; ``pooled`` = ``pool_text(input_ids)`` when the caller has it already."""
+        pooled = self.pool_text(input_ids) if pooled is None else pooled
         return F.normalize(self.text_projection(pooled), dim=-1)
 
-    def embed_images(self, pixels01: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision(pixel_values=(pixels01 - PIXEL_MEAN) / PIXEL_STD).pooler_output  # [B, Dv]
+    def embed_images(self, pixels01: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, E] normalised; ``pooled`` = ``pool_images(pixels01)`` when the caller has it already."""
+        pooled = self.pool_images(pixels01) if pooled is None else pooled
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
     def logits(self, input_ids: torch.Tensor, pixels01: torch.Tensor) -> torch.Tensor:
         """[B_text, B_image] scaled cosine similarities."""
+        return self.similarity(self.embed_text(input_ids), self.embed_images(pixels01))
+
+    def similarity(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings [B_text, E], [B_image, E] -> [B_text, B_image] scaled cosine similarities."""
         scale = self.logit_scale.clamp(max=4.6052).exp()  # CLIP caps the temperature at 100
-        return scale * self.embed_text(input_ids) @ self.embed_images(pixels01).T
+        return scale * text_embeds @ image_embeds.T
 
     def forward(self, input_ids: torch.Tensor, pixels01: torch.Tensor, same_caption: torch.Tensor | None = None):
         """CLIP loss. ``same_caption`` [B, B] bool marks pairs with identical captions: they count as
         positives (soft targets), so duplicate captions in a batch are not pushed apart."""
-        logits = self.logits(input_ids, pixels01)
+        return self.contrastive_loss(self.embed_text(input_ids), self.embed_images(pixels01), same_caption)
+
+    def contrastive_loss(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                         same_caption: torch.Tensor | None = None) -> torch.Tensor:
+        """The CLIP loss of normalised embeddings [B, E] (see ``forward``)."""
+        logits = self.similarity(text_embeds, image_embeds)  # [B_text, B_image]
         b = logits.shape[0]
         targets = torch.eye(b) if same_caption is None else same_caption.float()
         targets = targets / targets.sum(1, keepdim=True)

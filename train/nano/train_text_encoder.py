@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
@@ -29,7 +30,8 @@ from train.nano import text_encoder as te
 logger = logging.getLogger(__name__)
 
 ARCH_KEYS = ("text_layers", "text_intermediate", "text_heads", "vision_width", "vision_layers", "vision_heads",
-             "embed_dim")
+             "embed_dim", "attribute_weight")
+SUBJECT_SLOTS = 2  # subjects per scene, left to right; a missing second subject is the class "none"
 
 
 @dataclass
@@ -51,6 +53,9 @@ class TextEncoderTrainConfig:
     vision_layers: int = field(default=4, metadata={"help": "CLIPVisionModel layers"})
     vision_heads: int = field(default=4, metadata={"help": "CLIPVisionModel heads"})
     embed_dim: int = field(default=256, metadata={"help": "shared contrastive embedding width"})
+    attribute_weight: float = field(default=0.0, metadata={
+        "help": "weight of an auxiliary loss: linear heads read each subject's colour, shape and position from "
+                "the pooled caption and image states (0 = plain CLIP loss, no heads)"})
     shape_negatives: int = field(default=0, metadata={
         "help": "per step, this many extra scenes: copies of batch scenes with one subject's shape changed "
                 "(train split), so captions that differ only in a shape word must be told apart"})
@@ -61,11 +66,40 @@ class TextEncoderTrainConfig:
 
 def build_model(cfg: TextEncoderTrainConfig, tokenizer) -> te.ContrastivePair:
     torch.manual_seed(cfg.seed)
-    return te.ContrastivePair(
+    model = te.ContrastivePair(
         te.text_config(tokenizer, cfg.text_layers, cfg.text_intermediate, cfg.text_heads),
         te.vision_config(cfg.vision_width, cfg.vision_layers, cfg.vision_heads),
         cfg.embed_dim,
     )
+    if cfg.attribute_weight > 0:  # training-only heads, not part of the saved text encoder or vision tower
+        classes = SUBJECT_SLOTS * sum(len(v) + 1 for v in ATTRIBUTE_VALUES)
+        model.text_attribute_head = torch.nn.Linear(te.CONTEXT_DIM, classes)
+        model.image_attribute_head = torch.nn.Linear(cfg.vision_width, classes)
+    return model
+
+
+ATTRIBUTE_VALUES = (world.COLOURS, world.SHAPES, world.POSITIONS)  # class "none" = len(values)
+
+
+def attribute_labels(specs: list) -> torch.Tensor:
+    """[N, SUBJECT_SLOTS * 3] class indices: (colour, shape, position) of each subject slot, left to right."""
+    rows = []
+    for spec in specs:
+        row = []
+        for slot in range(SUBJECT_SLOTS):
+            subject = spec.subjects[slot] if slot < len(spec.subjects) else None
+            for values, name in zip(ATTRIBUTE_VALUES, ("colour", "shape", "position")):
+                row.append(values.index(getattr(subject, name)) if subject is not None else len(values))
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def attribute_loss(head: torch.nn.Linear, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the head's SUBJECT_SLOTS x 3 attribute readings. embeds [N, E], labels [N, 6]."""
+    logits = head(embeds)  # [N, sum of classes]
+    sizes = [len(v) + 1 for v in ATTRIBUTE_VALUES] * SUBJECT_SLOTS
+    losses = [F.cross_entropy(chunk, labels[:, k]) for k, chunk in enumerate(logits.split(sizes, dim=1))]
+    return torch.stack(losses).mean()
 
 
 def lr_lambda(cfg):
@@ -114,6 +148,26 @@ def attribute_swap_accuracy(model: te.ContrastivePair, tokenizer, specs: list, i
         right += bool(scores[0] > scores[1:].max()) if len(scores) > 1 else True  # a tie is not reading the word
     model.train()
     return right / len(specs)
+
+
+@torch.no_grad()
+def head_accuracy(model: te.ContrastivePair, ids: torch.Tensor, images: torch.Tensor, specs: list, eos_id: int) -> dict:
+    """Held-out accuracy of the attribute heads per tower and attribute, over the subjects present."""
+    model.eval()
+    labels = attribute_labels(specs)  # [N, SUBJECT_SLOTS * 3]
+    sizes = [len(v) + 1 for v in ATTRIBUTE_VALUES] * SUBJECT_SLOTS
+    pooled = {"text": (model.text_attribute_head, model.pool_text(te.trim_to_longest(ids, eos_id))),
+              "image": (model.image_attribute_head, model.pool_images(nano_data.to_unit(images)))}
+    out = {}
+    for tower, (head, states) in pooled.items():
+        readings = [chunk.argmax(1) for chunk in head(states).split(sizes, dim=1)]
+        for a, name in enumerate(("colour", "shape", "position")):
+            columns = [slot * len(ATTRIBUTE_VALUES) + a for slot in range(SUBJECT_SLOTS)]
+            present = torch.cat([labels[:, c] != len(ATTRIBUTE_VALUES[a]) for c in columns])
+            right = torch.cat([readings[c] == labels[:, c] for c in columns])
+            out[f"heldout_{tower}_head_{name}"] = (right & present).sum().item() / present.sum().item()
+    model.train()
+    return out
 
 
 @torch.no_grad()
@@ -169,7 +223,20 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
                 images = torch.cat([images, torch.from_numpy(rendered).permute(0, 3, 1, 2)])
                 captions += extra
         same = torch.tensor([[a == b for b in captions] for a in captions])  # [B, B] identical captions
-        loss = model(te.trim_to_longest(ids, eos), nano_data.to_unit(images), same)
+        ids, pixels = te.trim_to_longest(ids, eos), nano_data.to_unit(images)
+        if cfg.attribute_weight > 0:
+            specs = [train_set.specs[i] for i in idx.tolist()] + (swapped if cfg.shape_negatives else [])
+            # the heads read the pooled states before the projections: the shared embedding space is
+            # left to the CLIP loss, while both towers must still carry every attribute
+            text_pooled, image_pooled = model.pool_text(ids), model.pool_images(pixels)
+            clip_loss = model.contrastive_loss(model.embed_text(ids, text_pooled),
+                                               model.embed_images(pixels, image_pooled), same)
+            labels = attribute_labels(specs)
+            aux = (attribute_loss(model.text_attribute_head, text_pooled, labels)
+                   + attribute_loss(model.image_attribute_head, image_pooled, labels)) / 2
+            loss = clip_loss + cfg.attribute_weight * aux
+        else:
+            loss = model(ids, pixels, same)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_norm > 0:
@@ -182,6 +249,8 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
             for attribute in ("shape", "colour"):
                 record[f"heldout_{attribute}_acc"] = attribute_swap_accuracy(model, tokenizer, eval_set.specs,
                                                                              eval_set.images, attribute)
+            if cfg.attribute_weight > 0:
+                record.update(head_accuracy(model, eval_ids, eval_set.images, eval_set.specs, eos))
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
