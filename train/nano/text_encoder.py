@@ -145,7 +145,8 @@ def vision_config(width: int, layers: int, heads: int, image_size: int = 64, pat
 class ContrastivePair(nn.Module):
     """CLIP: text tower (CLIPTextModel) + vision tower (CLIPVisionModel) + projections + logit scale.
 
-    forward(input_ids [B, T], pixels [B, 3, H, W] in [0, 1]) -> symmetric InfoNCE loss (scalar).
+    embed_text(input_ids [B, T]) / embed_images(pixels [B, 3, H, W] in [0, 1]) -> [B, E] normalised;
+    contrastive_loss(text [B, E], images [B, E]) -> symmetric InfoNCE loss (scalar).
     """
 
     def __init__(self, text_cfg, vision_cfg, embed_dim: int = 256):
@@ -183,14 +184,11 @@ class ContrastivePair(nn.Module):
         scale = self.logit_scale.clamp(max=4.6052).exp()  # CLIP caps the temperature at 100
         return scale * text_embeds @ image_embeds.T
 
-    def forward(self, input_ids: torch.Tensor, pixels01: torch.Tensor, same_caption: torch.Tensor | None = None):
-        """CLIP loss. ``same_caption`` [B, B] bool marks pairs with identical captions: they count as
-        positives (soft targets), so duplicate captions in a batch are not pushed apart."""
-        return self.contrastive_loss(self.embed_text(input_ids), self.embed_images(pixels01), same_caption)
-
     def contrastive_loss(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
                          same_caption: torch.Tensor | None = None) -> torch.Tensor:
-        """The CLIP loss of normalised embeddings [B, E] (see ``forward``)."""
+        """Symmetric InfoNCE (CLIP) loss of normalised embeddings [B, E]. ``same_caption`` [B, B] bool
+        marks pairs with identical captions: they count as positives (soft targets), so duplicate
+        captions in a batch are not pushed apart."""
         logits = self.similarity(text_embeds, image_embeds)  # [B_text, B_image]
         b = logits.shape[0]
         targets = torch.eye(b) if same_caption is None else same_caption.float()

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 ARCH_KEYS = ("text_layers", "text_intermediate", "text_heads", "vision_width", "vision_layers", "vision_heads",
              "embed_dim", "attribute_weight")
 SUBJECT_SLOTS = 2  # subjects per scene, left to right; a missing second subject is the class "none"
+ATTRIBUTES = ("colour", "shape", "position")
+ATTRIBUTE_VALUES = (world.COLOURS, world.SHAPES, world.POSITIONS)  # class "none" = len(values)
+HEAD_SPLITS = [len(values) + 1 for values in ATTRIBUTE_VALUES] * SUBJECT_SLOTS  # head logits per (slot, attribute)
 
 
 @dataclass
@@ -72,13 +75,9 @@ def build_model(cfg: TextEncoderTrainConfig, tokenizer) -> te.ContrastivePair:
         cfg.embed_dim,
     )
     if cfg.attribute_weight > 0:  # training-only heads, not part of the saved text encoder or vision tower
-        classes = SUBJECT_SLOTS * sum(len(v) + 1 for v in ATTRIBUTE_VALUES)
-        model.text_attribute_head = torch.nn.Linear(te.CONTEXT_DIM, classes)
-        model.image_attribute_head = torch.nn.Linear(cfg.vision_width, classes)
+        model.text_attribute_head = torch.nn.Linear(te.CONTEXT_DIM, sum(HEAD_SPLITS))
+        model.image_attribute_head = torch.nn.Linear(cfg.vision_width, sum(HEAD_SPLITS))
     return model
-
-
-ATTRIBUTE_VALUES = (world.COLOURS, world.SHAPES, world.POSITIONS)  # class "none" = len(values)
 
 
 def attribute_labels(specs: list) -> torch.Tensor:
@@ -88,7 +87,7 @@ def attribute_labels(specs: list) -> torch.Tensor:
         row = []
         for slot in range(SUBJECT_SLOTS):
             subject = spec.subjects[slot] if slot < len(spec.subjects) else None
-            for values, name in zip(ATTRIBUTE_VALUES, ("colour", "shape", "position")):
+            for values, name in zip(ATTRIBUTE_VALUES, ATTRIBUTES):
                 row.append(values.index(getattr(subject, name)) if subject is not None else len(values))
         rows.append(row)
     return torch.tensor(rows)
@@ -96,9 +95,8 @@ def attribute_labels(specs: list) -> torch.Tensor:
 
 def attribute_loss(head: torch.nn.Linear, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the head's SUBJECT_SLOTS x 3 attribute readings. embeds [N, E], labels [N, 6]."""
-    logits = head(embeds)  # [N, sum of classes]
-    sizes = [len(v) + 1 for v in ATTRIBUTE_VALUES] * SUBJECT_SLOTS
-    losses = [F.cross_entropy(chunk, labels[:, k]) for k, chunk in enumerate(logits.split(sizes, dim=1))]
+    logits = head(embeds)  # [N, sum(HEAD_SPLITS)]
+    losses = [F.cross_entropy(chunk, labels[:, k]) for k, chunk in enumerate(logits.split(HEAD_SPLITS, dim=1))]
     return torch.stack(losses).mean()
 
 
@@ -155,13 +153,12 @@ def head_accuracy(model: te.ContrastivePair, ids: torch.Tensor, images: torch.Te
     """Held-out accuracy of the attribute heads per tower and attribute, over the subjects present."""
     model.eval()
     labels = attribute_labels(specs)  # [N, SUBJECT_SLOTS * 3]
-    sizes = [len(v) + 1 for v in ATTRIBUTE_VALUES] * SUBJECT_SLOTS
     pooled = {"text": (model.text_attribute_head, model.pool_text(te.trim_to_longest(ids, eos_id))),
               "image": (model.image_attribute_head, model.pool_images(nano_data.to_unit(images)))}
     out = {}
     for tower, (head, states) in pooled.items():
-        readings = [chunk.argmax(1) for chunk in head(states).split(sizes, dim=1)]
-        for a, name in enumerate(("colour", "shape", "position")):
+        readings = [chunk.argmax(1) for chunk in head(states).split(HEAD_SPLITS, dim=1)]
+        for a, name in enumerate(ATTRIBUTES):
             columns = [slot * len(ATTRIBUTE_VALUES) + a for slot in range(SUBJECT_SLOTS)]
             present = torch.cat([labels[:, c] != len(ATTRIBUTE_VALUES[a]) for c in columns])
             right = torch.cat([readings[c] == labels[:, c] for c in columns])
@@ -213,6 +210,7 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
         idx = torch.randperm(len(train_set), generator=g)[: cfg.batch_size]
         ids, images = train_ids[idx], train_set.images[idx]
         captions = [train_set.captions[i] for i in idx.tolist()]
+        swapped = []
         if cfg.shape_negatives:
             swapped = [s for s in shape_swapped([train_set.specs[i] for i in idx[: cfg.shape_negatives].tolist()], g)
                        if s is not None]
@@ -224,19 +222,15 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
                 captions += extra
         same = torch.tensor([[a == b for b in captions] for a in captions])  # [B, B] identical captions
         ids, pixels = te.trim_to_longest(ids, eos), nano_data.to_unit(images)
+        text_pooled, image_pooled = model.pool_text(ids), model.pool_images(pixels)
+        loss = model.contrastive_loss(model.embed_text(ids, text_pooled), model.embed_images(pixels, image_pooled), same)
         if cfg.attribute_weight > 0:
-            specs = [train_set.specs[i] for i in idx.tolist()] + (swapped if cfg.shape_negatives else [])
             # the heads read the pooled states before the projections: the shared embedding space is
             # left to the CLIP loss, while both towers must still carry every attribute
-            text_pooled, image_pooled = model.pool_text(ids), model.pool_images(pixels)
-            clip_loss = model.contrastive_loss(model.embed_text(ids, text_pooled),
-                                               model.embed_images(pixels, image_pooled), same)
-            labels = attribute_labels(specs)
+            labels = attribute_labels([train_set.specs[i] for i in idx.tolist()] + swapped)
             aux = (attribute_loss(model.text_attribute_head, text_pooled, labels)
                    + attribute_loss(model.image_attribute_head, image_pooled, labels)) / 2
-            loss = clip_loss + cfg.attribute_weight * aux
-        else:
-            loss = model(ids, pixels, same)
+            loss = loss + cfg.attribute_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_norm > 0:
