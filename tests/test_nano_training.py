@@ -297,6 +297,27 @@ def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts
         run_command("train_text_encoder", te_args + ["--text-layers", "2", "--max-steps", "2"])
 
 
+def test_unet_is_tied_to_its_text_encoder_on_resume_and_export(parts, tmp_path):
+    from train.nano import export_nano
+    from train.nano.train_unet import trained_text_encoder
+
+    other = tmp_path / "other-te"
+    run_command("train_text_encoder", TE_ARGS + ["--output-dir", str(other), "--max-steps", "2", "--seed", "1"])
+    other_te = other / te.TEXT_SUBFOLDER
+    out = tmp_path / "unet"
+    args = unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"]
+    run_command("train_unet", args)
+    expected = te.weights_fingerprint(te.load_text_encoder(parts["te"])[0])
+    assert trained_text_encoder(out) == expected != te.weights_fingerprint(te.load_text_encoder(other_te)[0])
+
+    with pytest.raises(ValueError, match="another text encoder"):  # the cached embeddings are the old encoder's
+        run_command("train_unet", args + ["--text-encoder", str(other_te), "--max-steps", "2"])
+    with pytest.raises(ValueError, match="--unet .*another text encoder"):
+        export_nano.export(export_nano.ExportConfig(unet=str(out), vae=str(parts["vae"]), text_encoder=str(other_te),
+                                                    out_dir=str(tmp_path / "models")))
+    assert not (tmp_path / "models").exists()
+
+
 def test_unet_run_logs_judged_evaluation(parts, tmp_path):
     out = tmp_path / "unet"
     run_command("train_unet", unet_args(parts) + ["--output-dir", str(out), "--max-steps", "2", "--eval-every", "2",

@@ -24,7 +24,7 @@ import torch
 from train.common.config import parse_config
 from train.nano import text_encoder as te
 from train.nano.sd15_format import write_sd15_checkpoint
-from train.nano.train_unet import load_unet
+from train.nano.train_unet import load_unet, trained_text_encoder
 from train.nano.train_vae import load_vae
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,13 @@ def export(cfg: ExportConfig) -> dict:
     unet = load_unet(cfg.unet)
     vae = load_vae(cfg.vae)
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
+    trained_on, given = trained_text_encoder(cfg.unet), te.weights_fingerprint(text_model)
+    if trained_on is None:
+        logger.warning("%s does not record its text encoder; make sure it was trained on %s", cfg.unet, cfg.text_encoder)
+    elif trained_on != given:
+        raise ValueError(f"--unet {cfg.unet} was trained on another text encoder than --text-encoder "
+                         f"{cfg.text_encoder} (fingerprint {trained_on} vs {given}); pass the text encoder of "
+                         f"the U-Net's run (its train_config.json names it)")
 
     ckpt = write_sd15_checkpoint(
         out / CHECKPOINT_NAME, unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),

@@ -243,6 +243,18 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32):
     return model, load_tokenizer(folder)
 
 
+def weights_fingerprint(text_model) -> str:
+    """sha256 (16 hex digits) of the text model's weights rounded to fp16, the shipped precision: a U-Net
+    records the text encoder it was trained on, so it is never exported or resumed with another one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(text_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
 def encode_captions(text_model, tokenizer, captions: list[str], batch_size: int = 256) -> torch.Tensor:
     """captions -> last_hidden_state [N, 77, 768] (float32): the SD1.5 U-Net context."""

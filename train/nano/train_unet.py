@@ -37,6 +37,7 @@ from train.nano.unet import NanoUNet, NanoUNetConfig
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.safetensors"
+TEXT_ENCODER_KEY = "text_encoder_fingerprint"  # metadata of the cache and the EMA file (te.weights_fingerprint)
 EMA_FILE = "unet_ema.safetensors"
 ARCH_KEYS = ("real_channels",)
 
@@ -73,18 +74,28 @@ class UNetTrainConfig:
 
 
 @torch.no_grad()
-def build_cache(cfg: UNetTrainConfig, path: Path) -> dict[str, torch.Tensor]:
-    """latents [N, 4, 8, 8] (U-Net space), caption_index [N], embeddings [U, 77, 768] fp16 (unique
-    captions), empty [1, 77, 768]; written once (atomically), reused on resume."""
+def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(cache, text-encoder fingerprint). Cache: latents [N, 4, 8, 8] (U-Net space), caption_index [N],
+    embeddings [U, 77, 768] fp16 (unique captions), empty [1, 77, 768]; written once (atomically),
+    reused on resume with the same text encoder only."""
     from safetensors.torch import load_file, save_file
 
+    from safetensors import safe_open
+
+    text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
+    fingerprint = te.weights_fingerprint(text_model)
     if path.is_file():
         cache = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            cached_fingerprint = (f.metadata() or {}).get(TEXT_ENCODER_KEY, fingerprint)  # older caches: unrecorded
         if cache["latents"].shape[0] != cfg.num_scenes:
             raise ValueError(f"{path} holds {cache['latents'].shape[0]} scenes but --num-scenes is {cfg.num_scenes}; "
                              f"delete the cache or use the run's original config")
-        return cache
-    text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
+        if cached_fingerprint != fingerprint:
+            raise ValueError(f"{path} was made with another text encoder than --text-encoder {cfg.text_encoder} "
+                             f"(fingerprint {cached_fingerprint} vs {fingerprint}): resume with the run's text "
+                             f"encoder, or start a new --output-dir")
+        return cache, fingerprint
     vae = load_vae(cfg.vae)
     scenes = nano_data.load_scenes("train", cfg.num_scenes)
     latents = torch.cat([vae.encode_to_unet_space(nano_data.to_unit(scenes.images[i:i + 128]))
@@ -98,10 +109,10 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> dict[str, torch.Tensor]:
         "empty": te.encode_captions(text_model, tokenizer, [""]).contiguous(),
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(cache, str(tmp))
+    save_file(cache, str(tmp), metadata={TEXT_ENCODER_KEY: fingerprint})
     tmp.replace(path)
     logger.info("cached %d latents (std %.3f) and %d caption embeddings", len(latents), latents.std(), len(unique))
-    return cache
+    return cache, fingerprint
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -193,6 +204,16 @@ def save_ema(path: Path, ema: NanoUNet, extra_meta: dict | None = None) -> Path:
     return path
 
 
+def trained_text_encoder(path: str | Path) -> str | None:
+    """The fingerprint of the text encoder a U-Net (``unet_ema.safetensors`` or its run folder) was
+    trained on; None for files written before it was recorded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path / EMA_FILE if path.is_dir() else path), framework="pt") as f:
+        return (f.metadata() or {}).get(TEXT_ENCODER_KEY)
+
+
 def load_unet(path: str | Path) -> NanoUNet:
     """A NanoUNet from ``unet_ema.safetensors`` (or the run folder holding it), eval mode."""
     from safetensors import safe_open
@@ -228,7 +249,7 @@ def train(cfg: UNetTrainConfig) -> Path:
     if start:
         logger.info("resuming %s from step %d", out, start)
 
-    cache = build_cache(cfg, out / CACHE_FILE)
+    cache, text_encoder_fingerprint = build_cache(cfg, out / CACHE_FILE)
     latents, caption_index = cache["latents"], cache["caption_index"]
     embeddings, empty = cache["embeddings"], cache["empty"]
     alphas_cumprod = sampler.sd15_alphas_cumprod().float()
@@ -272,9 +293,9 @@ def train(cfg: UNetTrainConfig) -> Path:
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save(step)
-            save_ema(out / EMA_FILE, ema, {"step": str(step)})
+            save_ema(out / EMA_FILE, ema, {"step": str(step), TEXT_ENCODER_KEY: text_encoder_fingerprint})
     bar.close()
-    return save_ema(out / EMA_FILE, ema, {"step": str(cfg.max_steps)})
+    return save_ema(out / EMA_FILE, ema, {"step": str(cfg.max_steps), TEXT_ENCODER_KEY: text_encoder_fingerprint})
 
 
 def main(argv=None) -> Path:
