@@ -78,9 +78,8 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
     """(cache, text-encoder fingerprint). Cache: latents [N, 4, 8, 8] (U-Net space), caption_index [N],
     embeddings [U, 77, 768] fp16 (unique captions), empty [1, 77, 768]; written once (atomically),
     reused on resume with the same text encoder only."""
-    from safetensors.torch import load_file, save_file
-
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
     fingerprint = te.weights_fingerprint(text_model)
