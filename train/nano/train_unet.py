@@ -79,13 +79,13 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
     embeddings [U, 77, 768] fp16 (unique captions), empty [1, 77, 768]; written once (atomically),
     reused on resume with the same text encoder only."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
     fingerprint = te.weights_fingerprint(text_model)
     if path.is_file():
-        cache = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
+            cache = {name: f.get_tensor(name) for name in f.keys()}
             cached_fingerprint = (f.metadata() or {}).get(TEXT_ENCODER_KEY, fingerprint)  # older caches: unrecorded
         if cache["latents"].shape[0] != cfg.num_scenes:
             raise ValueError(f"{path} holds {cache['latents'].shape[0]} scenes but --num-scenes is {cfg.num_scenes}; "
@@ -203,20 +203,9 @@ def save_ema(path: Path, ema: NanoUNet, extra_meta: dict | None = None) -> Path:
     return path
 
 
-def trained_text_encoder(path: str | Path) -> str | None:
-    """The fingerprint of the text encoder a U-Net (``unet_ema.safetensors`` or its run folder) was
-    trained on; None for files written before it was recorded."""
+def read_ema(path: str | Path) -> tuple[Path, dict]:
+    """(the ``unet_ema.safetensors`` file, its metadata) from that file or the run folder holding it."""
     from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path / EMA_FILE if path.is_dir() else path), framework="pt") as f:
-        return (f.metadata() or {}).get(TEXT_ENCODER_KEY)
-
-
-def load_unet(path: str | Path) -> NanoUNet:
-    """A NanoUNet from ``unet_ema.safetensors`` (or the run folder holding it), eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
@@ -224,7 +213,20 @@ def load_unet(path: str | Path) -> NanoUNet:
     if not path.is_file():
         raise ValueError(f"no trained U-Net at {path}; run python -m train.nano.train_unet (or pass its output dir)")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        return path, f.metadata() or {}
+
+
+def trained_text_encoder(path: str | Path) -> str | None:
+    """The fingerprint of the text encoder a U-Net (``unet_ema.safetensors`` or its run folder) was
+    trained on; None for files written before it was recorded."""
+    return read_ema(path)[1].get(TEXT_ENCODER_KEY)
+
+
+def load_unet(path: str | Path) -> NanoUNet:
+    """A NanoUNet from ``unet_ema.safetensors`` (or the run folder holding it), eval mode."""
+    from safetensors.torch import load_file
+
+    path, meta = read_ema(path)
     if "nano_unet_config" not in meta:
         raise ValueError(f"{path} has no 'nano_unet_config' metadata; not written by train.nano.train_unet")
     unet = NanoUNet(NanoUNetConfig.from_dict(json.loads(meta["nano_unet_config"])))
