@@ -213,6 +213,10 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     model = KosmosG(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    # Counted before packing: a packed weight is no longer a parameter of its layer.
+    param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
+                   for name in ("vision", "connector", "decoder", "aligner")}
+    embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
     if args.cpu_linear == "packed" and device.type == "cpu" and dtype == torch.float32:
         from .cpu_linear import pack_linears
@@ -221,9 +225,6 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
         pack_linears(model)
         pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
-    param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
-                   for name in ("vision", "connector", "decoder", "aligner")}
-    embedding = model.decoder.embed_tokens.weight  # gathered row by row, not read whole
     cases = []
     for case, (prompt, n_images) in PROMPTS.items():
         if case not in args.cases.split(","):
@@ -242,7 +243,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
         if n_images:
             pipe.encode(prompt, case_images)
             cached = _median_time(lambda: (pipe.encode(prompt, case_images), _sync(device)), args.repeats)
-        read = param_bytes["decoder"] + param_bytes["aligner"] - embedding.numel() * embedding.element_size()
+        read = param_bytes["decoder"] + param_bytes["aligner"] - embedding_bytes  # embeddings: gathered by row
         if n_images:
             read += param_bytes["vision"] + param_bytes["connector"]
         limit = max(flops / rate, read / bandwidth)

@@ -39,6 +39,17 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
     assert tokens["text-only"] < tokens["1-image"] < tokens["3-image"]
     flops = {c["case"]: c["flops"] for c in results["cases"]}
     assert flops["1-image"] < flops["3-image"]  # two more images through the vision tower and the MLLM
+    # weights read per case: counted from the parameters before packing (a packed weight is not one)
+    from kosmosg_core.bench import SIZES
+    from kosmosg_core.model import KosmosG
+
+    model = KosmosG(SIZES["tiny"]())
+    nbytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
+              for name in ("vision", "connector", "decoder", "aligner")}
+    embedding = model.decoder.embed_tokens.weight
+    read = {c["case"]: c["weight_bytes_read"] for c in results["cases"]}
+    assert read["text-only"] == nbytes["decoder"] + nbytes["aligner"] - embedding.numel() * embedding.element_size()
+    assert read["1-image"] == read["3-image"] == read["text-only"] + nbytes["vision"] + nbytes["connector"]
     load = results["load"]
     assert load["pt"]["seconds"] > 0 and load["safetensors"]["seconds"] > 0
     assert load["safetensors_over_pt_time"] == pytest.approx(load["safetensors"]["seconds"] / load["pt"]["seconds"])
