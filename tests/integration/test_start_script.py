@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from support import comfy_server
+from support import comfy_server, nano_ootb
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "start_comfyui.sh"
@@ -32,8 +34,6 @@ start_comfyui = _load_start_module()
 
 
 def _png(size=(64, 48)) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -91,6 +91,9 @@ def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
     assert ("RANDOM-WEIGHT STAND-INS" in output) == bool(missing)
     for name in missing:
         assert name in output
+    if not missing:  # the trained nano models ship: the image must show what the workflow asks
+        score = nano_ootb.judge_output(np.asarray(Image.open(outputs[0]).convert("RGB")))
+        assert score["right"], score
 
 
 def test_missing_comfyui_tree_is_a_clear_error(tmp_path):
