@@ -10,12 +10,14 @@ Glossary: B batch, T text tokens, D MLLM width, C aligner width (= SD context wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AlignerConfig
-from .layers import TransformerLayer
+from .layers import MultiheadAttention, TransformerLayer
 
 
 class LayerStack(nn.Module):
@@ -71,13 +73,43 @@ class Aligner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder_proj = InputEncoder(cfg, in_width=mllm_width)
-        self.encoder_query = nn.Parameter(torch.zeros(cfg.num_queries, cfg.width))
+        self.encoder_query = nn.Parameter(torch.randn(cfg.num_queries, cfg.width))  # official: randn
         self.encoder = LayerStack(cfg, cfg.decoder_layers, cross_attention=True)
         if cfg.with_reconstruction:
             recon_cfg = AlignerConfig(**{**cfg.__dict__, "encoder_layers": cfg.reconstruction_layers})
-            self.decoder_query = nn.Parameter(torch.zeros(cfg.max_positions, cfg.width))
+            self.decoder_query = nn.Parameter(torch.randn(cfg.max_positions, cfg.width))
             self.decoder = LayerStack(cfg, cfg.reconstruction_layers, cross_attention=True)
             self.decoder_proj = InputEncoder(recon_cfg, in_width=None, out_width=mllm_width)
+        self.init_like_torchscale()
+
+    def init_like_torchscale(self) -> None:
+        """The official fresh initialisation (what stage 2 starts from; loading a checkpoint replaces it).
+
+        torchscale's attention: xavier-uniform q/k/v (gain 2^-1/2) and out_proj, zero out_proj bias;
+        then its subLN scaling: fc1, fc2, out_proj and v_proj weights and biases of each stack times
+        a depth factor (cross-attention excluded in the query stacks). The official aligner builds
+        every stack from one config, so encoder_layers / decoder_layers below are its two depths.
+        Zero-initialised queries (an earlier version of this file) make all 77 outputs equal at the
+        start and train several times slower: measured on the nano model.
+        """
+        enc, dec = self.cfg.encoder_layers, self.cfg.decoder_layers
+        stacks = [(self.encoder_proj, math.sqrt(math.log(3 * dec) * math.log(2 * enc) / 3)),  # torchscale Encoder, enc-dec
+                  (self.encoder, math.sqrt(math.log(3 * dec)))]  # torchscale Decoder, enc-dec
+        if self.cfg.with_reconstruction:
+            recon = self.cfg.reconstruction_layers
+            stacks += [(self.decoder, math.sqrt(math.log(3 * recon))),
+                       (self.decoder_proj, math.sqrt(math.log(2 * recon)))]  # torchscale Encoder alone
+        with torch.no_grad():
+            for stack, subln_scale in stacks:
+                for module in stack.modules():
+                    if isinstance(module, MultiheadAttention):
+                        for projection in (module.q_proj, module.k_proj, module.v_proj):
+                            nn.init.xavier_uniform_(projection.weight, gain=2 ** -0.5)
+                        nn.init.xavier_uniform_(module.out_proj.weight)
+                        nn.init.zeros_(module.out_proj.bias)
+                for name, parameter in stack.named_parameters():
+                    if "encoder_attn" not in name and any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")):
+                        parameter.mul_(subln_scale)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for module in self.modules():

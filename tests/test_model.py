@@ -119,3 +119,32 @@ def test_reconstruction_branch_shapes():
     hidden = torch.randn(2, 7, cfg.decoder.width)
     cond = model.aligner(hidden)
     assert model.aligner.reconstruct(cond, 7).shape == (2, 7, cfg.decoder.width)
+
+
+def test_aligner_fresh_init_is_torchscale_s():
+    """Stage 2 starts from this: random queries (official randn; zero queries made all 77 outputs equal
+    and trained several times slower), xavier attention, subLN depth scaling of fc/out_proj/v_proj."""
+    from kosmosg_core.aligner import Aligner
+    from kosmosg_core.config import AlignerConfig
+
+    torch.manual_seed(0)
+    cfg = AlignerConfig(width=64, heads=4, ffn_width=96, encoder_layers=2, decoder_layers=3, max_positions=40,
+                        with_reconstruction=True, reconstruction_layers=2)
+    aligner = Aligner(cfg, mllm_width=32)
+    for queries in (aligner.encoder_query, aligner.decoder_query):
+        assert 0.9 < queries.std().item() < 1.1 and queries.mean(1).abs().max() < 0.6  # rows differ
+    xavier_bound = math.sqrt(6 / (64 + 64))
+    query_layer = aligner.encoder.layers[0]
+    assert query_layer.self_attn.q_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 + 1e-6
+    assert query_layer.self_attn.q_proj.weight.abs().max() > 0.9 * xavier_bound * 2 ** -0.5
+    assert torch.all(query_layer.encoder_attn.out_proj.bias == 0)
+    # subLN scaling: v_proj of the query stack (torchscale Decoder, enc-dec) by sqrt(log(3 * decoder_layers));
+    # cross-attention keeps plain xavier
+    scale = math.sqrt(math.log(3 * 3))
+    assert query_layer.self_attn.v_proj.weight.abs().max() > 0.9 * xavier_bound * 2 ** -0.5 * scale
+    assert query_layer.encoder_attn.v_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 + 1e-6
+    encoder_scale = math.sqrt(math.log(3 * 3) * math.log(2 * 2) / 3)
+    assert aligner.encoder_proj.layers[0].self_attn.out_proj.weight.abs().max() <= xavier_bound * encoder_scale + 1e-6
+    # every query produces its own output from the start
+    out = aligner(torch.randn(2, 5, 32))
+    assert (out[:, 0] - out[:, 1]).abs().mean() > 0.1

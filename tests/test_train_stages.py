@@ -180,11 +180,25 @@ def test_stage2_trains_only_the_aligner(stage1_run, stage2_run):
     losses = [m["loss"] for m in metrics]
     assert mean(losses[-5:]) < 0.75 * mean(losses[:5])
     assert all(m["loss"] == pytest.approx(m["clip_mse"] + m["reconstruction"]) for m in metrics)
+    assert all(m["clip_explained"] <= 1.0 for m in metrics)  # logged every step: the alignment gate
+    assert mean([m["clip_explained"] for m in metrics[-5:]]) > mean([m["clip_explained"] for m in metrics[:5]])
     before, after = load_checkpoint(stage1_run)["model"], load_checkpoint(stage2_run)["model"]
     assert not changed(before, after, "decoder.") and not changed(before, after, "vision.")
     assert not changed(before, after, "connector.")
     assert changed(before, after, "aligner.encoder")
     assert any(k.startswith("aligner.decoder_proj.") for k in after)  # reconstruction branch trained here
+
+
+def test_stage2_explained_share_measures_the_between_caption_variance():
+    from train.stage2 import explained_share
+
+    target = torch.randn(8, 77, 16) + 3.0
+    mse = lambda prediction: torch.nn.functional.mse_loss(prediction, target)  # noqa: E731
+    assert explained_share(mse(target), target).item() == pytest.approx(1.0)
+    # the batch's own mean caption: biased spread = (B - 1) / B of the unbiased one -> 1 / B
+    assert explained_share(mse(target.mean(0, keepdim=True).expand_as(target)), target).item() == pytest.approx(1 / 8)
+    assert explained_share(mse(torch.zeros_like(target)), target).item() < -5.0  # far worse than the mean caption
+    assert explained_share(torch.tensor(0.3), target[:1]).item() == 0.0  # one caption: no spread to measure
 
 
 def stage3_eval_loss(env, run_dir, init_state):

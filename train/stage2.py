@@ -66,8 +66,19 @@ def load_clip_text(path_text: str):
     return tokenizer, model.eval().requires_grad_(False)
 
 
+def explained_share(clip_mse: torch.Tensor, clip_target: torch.Tensor) -> torch.Tensor:
+    """1 - clip_mse / (the targets' spread over the batch): the share of the between-caption variance
+    the aligner reproduces, measured before the update (1 = exact; 0 = no better than one average
+    caption for all). A low clip_mse alone can hide an aligner that learned the mean caption, which
+    conditions the U-Net on nothing. 0 for a batch of one caption."""
+    if clip_target.shape[0] < 2:
+        return clip_mse.new_zeros(())
+    spread = clip_target.var(0).mean()  # [B, 77, C] -> unbiased variance over the batch, mean over elements
+    return 1.0 - clip_mse / spread.clamp_min(1e-12)
+
+
 class AlignmentModule(nn.Module):
-    """forward(batch) -> (share of clip_mse + reconstruction, {"clip_mse", "reconstruction"})."""
+    """forward(batch) -> (share of clip_mse + reconstruction, {"clip_mse", "reconstruction", "clip_explained"})."""
 
     def __init__(self, model, clip_text, num_shares: int):
         super().__init__()
@@ -92,7 +103,8 @@ class AlignmentModule(nn.Module):
         reconstructed = self.model.aligner.reconstruct(context, num_tokens)  # [B, T, D]
         reconstruction = F.mse_loss(reconstructed.float(), hidden) * (self.model.cfg.aligner.num_queries / num_tokens)
         # equal micro-batches (all processes, all of an update): the global mean is the mean of their means
-        parts = {"clip_mse": clip_mse / self.num_shares, "reconstruction": reconstruction / self.num_shares}
+        parts = {"clip_mse": clip_mse / self.num_shares, "reconstruction": reconstruction / self.num_shares,
+                 "clip_explained": explained_share(clip_mse.detach(), clip_target) / self.num_shares}
         return parts["clip_mse"] + parts["reconstruction"], parts
 
 
