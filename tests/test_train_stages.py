@@ -6,6 +6,7 @@ down, only the parts each stage trains change, and the exported file loads in ko
 
 import json
 import subprocess
+import shutil
 import sys
 import types
 from collections import Counter
@@ -293,3 +294,27 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
         stage1.main(common(env, other_stage, steps=40) + ["--dropout", "0.2"])
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         stage1.main(common(env, other_stage, steps=40) + ["--resume", "never"])
+
+
+def build_stage2_module(env, init_checkpoint):
+    from train.common.config import parse_config
+    from train.stage2 import Stage2, Stage2Config
+
+    cfg = parse_config(Stage2Config, common(env, env.root / "unused2") + ["--clip-text-encoder", env.clip,
+                                                                          "--init-checkpoint", str(init_checkpoint)])
+    return Stage2(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+
+
+def test_stage2_starts_a_fresh_aligner_from_stage1_and_keeps_a_stage2_one(env, stage1_run, stage2_run, tmp_path):
+    # a stage-1 run whose untrained aligner was zero-initialised (what this repo's stage 1 wrote before)
+    old_run = tmp_path / "stage1-old"
+    shutil.copytree(stage1_run, old_run)
+    state = torch.load(old_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state["model"] = {k: torch.zeros_like(v) if k.startswith("aligner.") else v for k, v in state["model"].items()}
+    torch.save(state, old_run / "checkpoint.pt")
+    module = build_stage2_module(env, old_run)
+    assert module.model.aligner.encoder_query.std() > 0.5  # the official randn init, not the zeros
+    assert torch.equal(module.model.decoder.embed_tokens.weight, state["model"]["decoder.embed_tokens.weight"])
+    stage2_state = load_checkpoint(stage2_run)["model"]
+    module = build_stage2_module(env, stage2_run)  # continuing an alignment keeps it
+    assert torch.equal(module.model.aligner.encoder_query, stage2_state["aligner.encoder_query"])

@@ -592,6 +592,18 @@ def is_train_checkpoint(path: Path) -> bool:
     return (path.parent / TRAIN_CONFIG_NAME).exists()
 
 
+def init_checkpoint_stage(path_text: str) -> str | None:
+    """The stage that wrote --init-checkpoint ("stage1", ...) when it is a train/ run, else None."""
+    path = Path(path_text) if path_text else None
+    if path is None or not path.exists() or not is_train_checkpoint(path):
+        return None
+    config_file = (path if path.is_dir() else path.parent) / TRAIN_CONFIG_NAME
+    try:
+        return json.loads(config_file.read_text()).get("stage")
+    except (OSError, ValueError):
+        return None
+
+
 def read_init_weights(path_text: str, model_config_spec: str):
     """-> (KosmosGConfig, state dict with KosmosG names) from a train/ checkpoint, pack or official file.
 

@@ -27,8 +27,8 @@ from kosmosg_core.config import PAD_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import pad_rows
-from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_training, \
-    set_trainable
+from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, replace_config, \
+    run_training, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,14 @@ class Stage2(Stage):
             return replace_config(model_cfg, aligner={"with_reconstruction": True},
                                   decoder={"dropout": 0.0, "attention_dropout": 0.0, "gradient_checkpointing": False})
 
-        # a stage-1 checkpoint has no (trained) aligner reconstruction branch: it starts fresh
-        model = build_kosmosg(cfg, self.tokenizer, adjust,
-                              allow_missing=("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+        # Stage 1 never trains the aligner (the official stage 1 has none), so a stage-1 run's aligner
+        # tensors are an untrained init, possibly an older one: the aligner starts fresh here, from the
+        # official init, as the official stage 2 builds it. Other sources (a stage-2 run, a pack file)
+        # keep their aligner; the reconstruction branch, absent from exported files, starts fresh.
+        fresh_aligner = init_checkpoint_stage(cfg.init_checkpoint) == "stage1"
+        reconstruction = ("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")
+        model = build_kosmosg(cfg, self.tokenizer, adjust, allow_missing=("aligner.",) if fresh_aligner else reconstruction,
+                              ignore=("aligner.",) if fresh_aligner else ())
         if clip_text.config.hidden_size != model.cfg.aligner.width:
             raise ValueError(f"CLIP text encoder width {clip_text.config.hidden_size} != aligner width "
                              f"{model.cfg.aligner.width}; use the SD1.5 text encoder (768) with a 768-wide aligner.")
