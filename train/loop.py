@@ -693,7 +693,8 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
     else:
         dropped = [k for k in state if k.startswith(ignore)] if ignore else []
         if dropped:
-            logger.info("init: discarding %d tensors this stage does not use (%s ...)", len(dropped), dropped[0])
+            logger.info("init: not loading %d checkpoint tensors (%s ...): this stage drops them or starts them fresh",
+                        len(dropped), dropped[0])
         load_weights(model, {k: v for k, v in state.items() if k not in set(dropped)}, cfg.init_checkpoint,
                      allow_missing)
     if cfg.init_vision:
