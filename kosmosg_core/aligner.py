@@ -90,7 +90,8 @@ class Aligner(nn.Module):
         a depth factor (cross-attention excluded in the query stacks). The official aligner builds
         every stack from one config, so encoder_layers / decoder_layers below are its two depths.
         Zero-initialised queries (an earlier version of this file) make all 77 outputs equal at the
-        start and train several times slower: measured on the nano model.
+        start and learn about half as fast (nano probe: 10 % vs 22 % of the held-out between-caption
+        variance after 375 steps).
         """
         enc, dec = self.cfg.encoder_layers, self.cfg.decoder_layers
         stacks = [(self.encoder_proj, math.sqrt(math.log(3 * dec) * math.log(2 * enc) / 3)),  # torchscale Encoder, enc-dec

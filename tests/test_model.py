@@ -121,9 +121,9 @@ def test_reconstruction_branch_shapes():
     assert model.aligner.reconstruct(cond, 7).shape == (2, 7, cfg.decoder.width)
 
 
-def test_aligner_fresh_init_is_torchscale_s():
+def test_aligner_fresh_init_follows_torchscale():
     """Stage 2 starts from this: random queries (official randn; zero queries made all 77 outputs equal
-    and trained several times slower), xavier attention, subLN depth scaling of fc/out_proj/v_proj."""
+    and learned about half as fast), xavier attention, subLN depth scaling of fc/out_proj/v_proj."""
     from kosmosg_core.aligner import Aligner
     from kosmosg_core.config import AlignerConfig
 
