@@ -69,16 +69,29 @@ try {
     await page.evaluate(() => app.graph.clear());
     await page.keyboard.press("Escape");
     await page.waitForTimeout(300);
-    // a double click on the empty canvas opens the node search box, as for a user
+    // a double click on the empty canvas opens the node search box, as for a user; on a loaded
+    // machine the first double click can land before the canvas handles input, so try a few times
     const canvasBox = await page.locator("#graph-canvas").boundingBox();
-    await page.mouse.dblclick(canvasBox.x + canvasBox.width / 2, canvasBox.y + canvasBox.height / 2);
     const searchInput = page.locator("input[placeholder*='Add a node' i], input[placeholder*='Search' i]").first();
+    const openSearchBox = async () => {
+        for (let attempt = 1; attempt <= 4; attempt++) {
+            await page.mouse.dblclick(canvasBox.x + canvasBox.width / 2, canvasBox.y + canvasBox.height / 2);
+            try {
+                await searchInput.waitFor({ timeout: 10000 });
+                return attempt;
+            } catch (e) {
+                if (attempt === 4) throw e;
+                await page.keyboard.press("Escape");
+                await page.waitForTimeout(1000);
+            }
+        }
+    };
     let searchResults = [];
     let addedFromSearch = null;
     try {
-        await searchInput.waitFor({ timeout: 15000 });
+        report.search_open_attempts = await openSearchBox();
         await searchInput.fill("Kosmos-G");
-        await page.locator("[role='option']").first().waitFor({ timeout: 15000 });
+        await page.locator("[role='option']").first().waitFor({ timeout: 30000 });
         await page.waitForTimeout(500);
         searchResults = await page.locator("[role='option']").allInnerTexts();
         await shot(page, "node-search");
@@ -94,6 +107,7 @@ try {
         addedFromSearch = await page.evaluate(() => app.graph.nodes.map((n) => n.type));
     } catch (e) {
         report.search_error = String(e);
+        await shot(page, "search-failed").catch(() => {});  // what was on screen, for the failure report
         await page.keyboard.press("Escape");
     }
     step("search", { search_results: searchResults.map((t) => t.replace(/\s+/g, " ").trim()).slice(0, 20),

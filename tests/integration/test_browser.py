@@ -77,7 +77,8 @@ def test_nodes_appear_in_the_node_library(browser_report):
     results = " | ".join(browser_report["search_results"])
     for title in ("Kosmos-G Loader", "Kosmos-G Interleaved Prompt", "Kosmos-G Encode", "Kosmos-G Save Conditioning",
                   "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint"):
-        assert title in results, f"{title!r} not offered by the search box: {results}"
+        assert title in results, (f"{title!r} not offered by the search box: {results!r} "
+                                  f"(error: {browser_report.get('search_error')})")
     assert browser_report["added_from_search"] == ["KosmosGInterleavedPrompt"]
 
 
