@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
+from kosmosg_core.config import BOS_ID
 from train.common.checkpointing import load_checkpoint
 from train.loop import RecordStream, polynomial_decay, read_metrics
 
@@ -234,6 +235,53 @@ def test_stage3_trains_the_conditioning(env, stage2_run, stage3_run):
         assert not changed(before, after, prefix), prefix
     initial, final = stage3_eval_loss(env, stage3_run, before)
     assert final < 0.97 * initial
+
+
+def test_stage3_caption_teacher_adds_the_text_route_target(env, stage2_run):
+    """--caption-teacher-weight w adds w x MSE(condition, text encoder(caption)) per sample, the empty
+    caption's states for unconditional samples; w = 0 (official) leaves the diffusion loss alone."""
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    args = common(env, env.root / "unused") + ["--score-model", env.sd, "--resolution", "16", "--init-checkpoint",
+                                               str(stage2_run), "--uncond-prob", "0.5"]
+    cfg = parse_config(Stage3Config, args + ["--caption-teacher-weight", "2.0", "--clip-text-encoder", env.clip])
+    stage = Stage3(cfg)
+    module = stage.build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)).eval()
+    stream = RecordStream(cfg.data, cfg.seed)
+    items = [item for item in (stage.select(stream.next()) for _ in range(12)) if item is not None]
+    assert {it["uncond"] for it in items} == {True, False} and all(it["caption"] for it in items)
+    batch = stage.collate(items, items, 0, "cpu")
+    tokenize = stage.clip_tokenizer
+    for it, ids in zip(items, batch["clip_ids"]):
+        expected = tokenize("" if it["uncond"] else it["caption"], padding="max_length", max_length=77,
+                            truncation=True, return_tensors="pt").input_ids[0]
+        assert torch.equal(ids, expected)
+    with torch.no_grad():
+        total, metrics = module(batch)
+        module.caption_teacher_weight = 0.0
+        diffusion_only, _ = module(batch)
+        condition = module.model(batch["input_ids"], batch["image_mask"], pixel_values=batch["pixel_values"])
+        null = module.model(torch.tensor([[BOS_ID]]), torch.zeros(1, 1, dtype=torch.bool))  # the <s> condition
+        condition = torch.where(batch["uncond"][:, None, None], null.expand_as(condition), condition)
+        target = module.frozen["clip_text"](batch["clip_ids"]).last_hidden_state
+    teacher = ((condition - target) ** 2).mean(dim=(1, 2))  # [B]
+    assert total.item() == pytest.approx(diffusion_only.item() + 2.0 * teacher.sum().item(), rel=1e-5)
+    assert metrics["caption_mse"].item() == pytest.approx(teacher.mean().item(), rel=1e-5)
+    official = Stage3(parse_config(Stage3Config, args))
+    official.build(official.cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+    assert "clip_ids" not in official.collate(items, items, 0, "cpu")
+
+
+def test_stage3_caption_teacher_trains_the_image_route(env, stage2_run):
+    from train import stage3
+
+    out = env.root / "stage3-teacher"
+    stage3.main(common(env, out) + ["--score-model", env.sd, "--resolution", "16", "--init-checkpoint", str(stage2_run),
+                                    "--learning-rate", "2e-3", "--caption-teacher-weight", "1.0",
+                                    "--clip-text-encoder", env.clip])
+    caption_mse = [m["caption_mse"] for m in read_metrics(out)]
+    assert len(caption_mse) == 30 and mean(caption_mse[-8:]) < 0.8 * mean(caption_mse[:8])
 
 
 def test_stage3_runs_on_the_nano_score_model(env):
