@@ -355,3 +355,27 @@ def test_convert_writes_safetensors_equal_to_official(model_dirs, converted):
     with pytest.raises(ValueError, match="plain file name"):
         KosmosGConvertCheckpoint.execute("tiny.pt", output_name="../escape", dtype="fp32")
     assert "Official Kosmos-G checkpoint" in KosmosGConvertCheckpoint.validate_inputs("nope.pt")
+
+
+# --- the shipped nano model ------------------------------------------------------------------------
+def test_loader_and_encode_nodes_run_the_shipped_nano_model(monkeypatch):
+    """models/nano/kosmosg-nano.safetensors (train.export's output, tokenizer inside) through the nodes:
+    the out-of-the-box prompt with its shipped subject images gives the core pipeline's condition."""
+    import numpy as np
+
+    from support import nano_ootb
+
+    nano_dir = REPO / "models" / "nano"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", ([str(nano_dir)], paths.CHECKPOINT_EXTENSIONS))
+    folder_paths.filename_list_cache.clear()
+    model_management.clear_cache()
+    assert "kosmosg-nano.safetensors" in KosmosGLoader.define_schema().inputs[0].options
+    model = KosmosGLoader.execute("kosmosg-nano.safetensors", device="cpu").result[0]
+    images = [torch.from_numpy(np.asarray(a, dtype=np.float32) / 255.0)[None] for a in nano_ootb.subject_images()]
+    prompt = run_prompt(nano_ootb.PROMPT, images)
+    positive, negative = KosmosGEncode.execute(model, prompt, "").result
+    cond = positive[0][0]
+    assert cond.shape == (1, 77, 768) and torch.isfinite(cond).all()
+    assert torch.allclose(cond, model.pipeline.encode(nano_ootb.PROMPT, [i[0] for i in images]).float(), atol=1e-5)
+    assert not torch.allclose(cond, negative[0][0], atol=1e-3)
+    model_management.clear_cache()

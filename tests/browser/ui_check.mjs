@@ -241,6 +241,12 @@ try {
             prompt_labels: prompt?.inputs.filter((i) => i.name.startsWith("images.")).map((i) => i.label ?? i.name) };
     }, { workflow, substitutions });
     await page.waitForTimeout(500);
+    await page.evaluate(() => {  // fitting a large graph can zoom below the level where the canvas draws text
+        const ds = app.canvas.ds;
+        if (ds.scale < 0.62) ds.changeScale(0.62, [app.canvas.canvas.width / 2, app.canvas.canvas.height / 2]);
+        app.canvas.setDirty(true, true);
+    });
+    await page.waitForTimeout(300);
     loaded.prompt_status = await page.evaluate(
         () => app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt")?.kosmosgStatus ?? null);
     await page.waitForTimeout(300);
