@@ -10,8 +10,9 @@ What it does (nothing outside DATA and the pack is touched; no other ComfyUI ins
     input/                        the example subject images from workflows/input/
     user/default/workflows/       the shipped workflows (Workflows sidebar); never overwritten
     models/, output/, user/       ComfyUI's usual folders
-  Until the trained nano models ship in models/nano, tiny RANDOM stand-ins with the same file
-  names are generated once into ~/.cache/kosmosg/standin-models-v1 and registered instead
+  If a trained nano model is missing from models/nano (a checkout without the weights), a tiny
+  RANDOM stand-in with the same file name is generated once into ~/.cache/kosmosg/standin-models-v1
+  and registered instead
   (the graph runs end to end; the images are noise).
 
 Modes:
@@ -37,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "ComfyUI-Kosmos-G"
-NANO_DIR = REPO / "models" / "nano"
+NANO_DIR = Path(os.environ.get("KOSMOSG_NANO_DIR") or REPO / "models" / "nano")  # env: another nano models folder
 NANO_SD15 = "nano-sd15.safetensors"
 NANO_KOSMOSG = "kosmosg-nano.safetensors"
 OUT_OF_THE_BOX = "kosmosg-nano-out-of-the-box"
@@ -120,7 +121,7 @@ def write_extra_model_paths(data: Path, standin_dir: Path | None) -> Path:
              "  checkpoints: .",
              "  kosmosg: ."]
     if standin_dir is not None:
-        lines += ["kosmosg_standins:  # random-weight stand-ins until models/nano ships",
+        lines += ["kosmosg_standins:  # random-weight stand-ins for files missing from models/nano",
                   f"  base_path: {json.dumps(str(standin_dir))}",
                   "  checkpoints: checkpoints",
                   "  kosmosg: kosmosg"]
@@ -129,7 +130,7 @@ def write_extra_model_paths(data: Path, standin_dir: Path | None) -> Path:
     return path
 
 
-# --- stand-in models (until the nano models exist) -------------------------------------------------
+# --- stand-in models (when the nano models are missing) ---------------------------------------
 def missing_nano_models() -> list[str]:
     return [name for name in (NANO_SD15, NANO_KOSMOSG) if not (NANO_DIR / name).is_file()]
 
@@ -221,7 +222,7 @@ def banner(url: str, data: Path, standins: Path | None, examples: list[str]) -> 
              f"  Data folder: {data}"]
     if standins is not None:
         lines += [f"  NOTE: {', '.join(missing_nano_models())} are RANDOM-WEIGHT STAND-INS from",
-                  f"        {standins} (the trained nano models are not shipped yet): the graph runs,",
+                  f"        {standins} (the trained nano files are missing from models/nano): the graph runs,",
                   "        the images are noise. Put real SD1.5 / Kosmos-G checkpoints in",
                   f"        {data / 'models' / 'checkpoints'} and {data / 'models' / 'kosmosg'} for real images."]
     lines += ["  Stop with Ctrl-C.", "=" * 78, ""]
@@ -307,7 +308,7 @@ def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None)
               f"at {where} in {time.monotonic() - started:.1f} s", flush=True)
         if standins is not None:
             print(f"[smoke] models used: RANDOM-WEIGHT STAND-INS for {', '.join(missing_nano_models())} "
-                  f"(from {standins}); the trained nano models are not shipped yet", flush=True)
+                  f"(from {standins}); the trained nano files are missing from models/nano", flush=True)
         return 0
     except (RuntimeError, TimeoutError, OSError, AssertionError, KeyError, ValueError) as e:
         return _fail(server, f"{type(e).__name__}: {e}")
