@@ -59,13 +59,17 @@ def test_comfyui_flags_go_after_double_dash():
         start_comfyui.parse_args(["--lowvram"])  # ComfyUI's own flag without `--` is a mistake, not ignored
 
 
-@pytest.mark.integration
-def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
+def require_comfy() -> None:
     if not comfy_server.comfy_available():
         message = f"ComfyUI not installed at {comfy_server.COMFY_TREE} (run .ci/setup_env.sh)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.mark.integration
+def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
+    require_comfy()
     data = tmp_path / "data"
     result = subprocess.run(["bash", str(SCRIPT), "--smoke", "--dir", str(data)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -100,11 +104,7 @@ def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
 def test_smoke_mode_falls_back_to_announced_stand_ins_without_the_nano_models(tmp_path):
     """A checkout without models/nano (KOSMOSG_NANO_DIR points at an empty folder): the workflow still
     runs, on random-weight stand-ins that the script names as such."""
-    if not comfy_server.comfy_available():
-        message = f"ComfyUI not installed at {comfy_server.COMFY_TREE} (run .ci/setup_env.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_comfy()
     empty = tmp_path / "no-nano-models"
     empty.mkdir()
     data = tmp_path / "data"
