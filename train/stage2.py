@@ -66,6 +66,12 @@ def load_clip_text(path_text: str):
     return tokenizer, model.eval().requires_grad_(False)
 
 
+def clip_token_ids(clip_tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """Captions -> CLIP token ids [B, length], padded and truncated as SD1.5 encodes prompts."""
+    return clip_tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids
+
+
 def explained_share(clip_mse: torch.Tensor, clip_target: torch.Tensor) -> torch.Tensor:
     """1 - clip_mse / (the targets' spread over the batch): the share of the between-caption variance
     the aligner reproduces, measured before the update (1 = exact; 0 = no better than one average
@@ -151,9 +157,8 @@ class Stage2(Stage):
 
     def collate(self, mine, global_items, step, device):
         ids, _ = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in mine])
-        clip_ids = self.clip_tokenizer([it["caption"] for it in mine], padding="max_length",
-                                       max_length=self._model_cfg.aligner.num_queries, truncation=True,
-                                       return_tensors="pt").input_ids
+        captions = [it["caption"] for it in mine]
+        clip_ids = clip_token_ids(self.clip_tokenizer, captions, self._model_cfg.aligner.num_queries)
         return {"input_ids": ids.to(device), "clip_ids": clip_ids.to(device)}
 
 

@@ -40,7 +40,7 @@ from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pix
 from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_training, \
     sample_generator, sample_rng, set_trainable
 from train.score_model import load_score_model
-from train.stage2 import load_clip_text
+from train.stage2 import clip_token_ids, load_clip_text
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +182,8 @@ class Stage3(Stage):
         if self.cfg.caption_teacher_weight > 0:
             # the teacher's target: the caption's text-encoder states; the empty caption's for unconditional samples
             captions = ["" if it["uncond"] else it["caption"] for it in mine]
-            batch["clip_ids"] = self.clip_tokenizer(captions, padding="max_length",
-                                                    max_length=self._model_cfg.aligner.num_queries, truncation=True,
-                                                    return_tensors="pt").input_ids.to(device)
+            clip_ids = clip_token_ids(self.clip_tokenizer, captions, self._model_cfg.aligner.num_queries)
+            batch["clip_ids"] = clip_ids.to(device)
             batch["has_caption"] = torch.tensor([it["uncond"] or bool(it["caption"]) for it in mine],
                                                 dtype=torch.float32, device=device)
         return batch
