@@ -4,9 +4,9 @@ Everything printed is measured in this run on this machine:
 - yardstick (a): the machine's practical limit for each case, max(FLOPs / measured matmul rate,
   weight bytes read / measured memory bandwidth) (decisions.md "Benchmark limit");
 - yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
-- encode runs the path users get: on the CPU in float32 the linear layers are pre-packed for
-  oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear default` times torch's own
-  matmul instead, for comparison;
+- encode runs the path users get: on the CPU in float32 the decoder's and aligner's linear layers
+  are pre-packed for oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear default`
+  times torch's own matmul everywhere instead, for comparison;
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -219,10 +219,10 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
     if args.cpu_linear == "packed" and device.type == "cpu" and dtype == torch.float32:
-        from .cpu_linear import pack_linears
+        from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
-        pack_linears(model)
+        pack_for_cpu_encode(model)
         pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
     cases = []

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--cpu-linear", default="packed", choices=["packed", "default"],
-                   help="float32 on the CPU: time oneDNN-packed linear layers (what the pipeline uses there) or "
+                   help="float32 on the CPU: time the decoder and aligner with oneDNN-packed linear layers (what the pipeline does there) or "
                         "torch's default matmul")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")

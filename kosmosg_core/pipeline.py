@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import IMAGE_PLACEHOLDER
-from .cpu_linear import pack_linears
+from .cpu_linear import pack_for_cpu_encode
 from .errors import DeviceError, PromptError
 from .image_processing import preprocess_images, to_pil_images
 from .model import KosmosG
@@ -85,7 +85,7 @@ class KosmosGPipeline:
                         cache_size: int = 64, pack_cpu_linears: bool | None = None) -> "KosmosGPipeline":
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
-        pack_cpu_linears: pre-pack the linear layers' weights for oneDNN (`cpu_linear`), faster
+        pack_cpu_linears: pre-pack the decoder's and aligner's linear weights for oneDNN (`cpu_linear`), faster
             float32 encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
             off for a model that will be moved to a GPU later."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
@@ -93,7 +93,7 @@ class KosmosGPipeline:
         if pack_cpu_linears is None:
             pack_cpu_linears = device.type == "cpu" and dtype == torch.float32
         if pack_cpu_linears:
-            pack_linears(model)
+            pack_for_cpu_encode(model)
         return cls(model, tokenizer, cache_size=cache_size)
 
     # --- properties ----------------------------------------------------------------------------
