@@ -56,21 +56,28 @@ def _median_time(fn, repeats: int) -> float:
 def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2048, repeats: int = 5) -> float:
     """Peak FLOP/s of plain n x n matmuls (the machine's practical compute limit): the best single
     product over n = 256, 512, ... (doubling while one product takes under 0.1 s, so dtypes without
-    native support here, bf16 on many CPUs, stay quick). The best, not the median: the limit must
-    not drop because a neighbour process or clock change slowed one measurement."""
+    native support here, bf16 on many CPUs, stay quick) and over the two plain forms, `a @ b` and
+    `a @ b.T` (`F.linear`, what a model's layers call): without native bf16 this CPU's `a @ b`
+    falls back to a kernel ~15x slower than `F.linear`'s, which alone would make a meaningless
+    limit. The best, not the median: the limit must not drop because a neighbour process or clock
+    change slowed one measurement."""
+    forms = (lambda a, b: a @ b, torch.nn.functional.linear)
     best, n = 0.0, 256
     while True:
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
-        a @ b  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            _sync(device)
-            seconds.append(time.perf_counter() - start)
-        best = max(best, 2 * n ** 3 / min(seconds))
-        if n >= max_n or statistics.median(seconds) > 0.1:
+        slowest_median = 0.0
+        for form in forms:
+            form(a, b)  # warm-up
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                form(a, b)
+                _sync(device)
+                seconds.append(time.perf_counter() - start)
+            best = max(best, 2 * n ** 3 / min(seconds))
+            slowest_median = max(slowest_median, statistics.median(seconds))
+        if n >= max_n or slowest_median > 0.1:
             return best
         n *= 2
 
@@ -88,45 +95,86 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def count_flops(model: torch.nn.Module, fn) -> int:
-    """Multiply-add FLOPs of one call of `fn`, counted from the shapes each layer actually sees:
-    2*in*out per row for Linear, 2*k*k*c_in*c_out per output pixel for Conv2d, and the two
-    attention products (2*T*S*K each per head) for every MultiheadAttention."""
+PARTS = ("vision", "connector", "decoder", "aligner")  # the KosmosG parts an encode runs, in order
+
+
+def count_flops(model: torch.nn.Module, fn) -> dict[str, int]:
+    """Multiply-add FLOPs of one call of `fn` per part of `model` (`PARTS`), counted from the shapes
+    each layer actually sees: 2*in*out per row for Linear, 2*k*k*c_in*c_out per output pixel for
+    Conv2d, and the two attention products (2*T*S*K each per head) for every MultiheadAttention."""
     from .cpu_linear import PackedLinear
     from .layers import MultiheadAttention
 
-    total = 0
+    totals = dict.fromkeys(PARTS, 0)
 
-    def linear_hook(module, inputs, output):
-        nonlocal total
-        total += 2 * module.in_features * module.out_features * (output.numel() // module.out_features)
+    def linear_hook(part):
+        def hook(module, inputs, output):
+            totals[part] += 2 * module.in_features * module.out_features * (output.numel() // module.out_features)
+        return hook
 
-    def conv_hook(module, inputs, output):
-        nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        total += 2 * kernel * output.numel()
+    def conv_hook(part):
+        def hook(module, inputs, output):
+            kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            totals[part] += 2 * kernel * output.numel()
+        return hook
 
-    def attention_hook(module, args, kwargs, output):
-        nonlocal total
-        query = args[0] if args else kwargs["query"]
-        key_value = args[1] if len(args) > 1 else kwargs["key_value"]
-        B, T, D = query.shape
-        total += 2 * 2 * B * T * key_value.shape[1] * D  # scores + weighted sum, all heads
+    def attention_hook(part):
+        def hook(module, args, kwargs, output):
+            query = args[0] if args else kwargs["query"]
+            key_value = args[1] if len(args) > 1 else kwargs["key_value"]
+            B, T, D = query.shape
+            totals[part] += 2 * 2 * B * T * key_value.shape[1] * D  # scores + weighted sum, all heads
+        return hook
 
     handles = []
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, PackedLinear)):
-            handles.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, torch.nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, MultiheadAttention):
-            handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
+    for part in PARTS:
+        for module in getattr(model, part).modules():
+            if isinstance(module, (torch.nn.Linear, PackedLinear)):
+                handles.append(module.register_forward_hook(linear_hook(part)))
+            elif isinstance(module, torch.nn.Conv2d):
+                handles.append(module.register_forward_hook(conv_hook(part)))
+            elif isinstance(module, MultiheadAttention):
+                handles.append(module.register_forward_hook(attention_hook(part), with_kwargs=True))
     try:
         fn()
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    return totals
+
+
+def time_with_parts(model: torch.nn.Module, fn, repeats: int, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Median seconds of `fn()` and, from the same runs, each part's median seconds (forward hooks:
+    where the time of an encode goes, for the per-part limits)."""
+    runs, current = [], {}
+
+    def pre_hook(part):
+        def hook(module, args):
+            _sync(device)
+            current[part] = current.get(part, 0.0) - time.perf_counter()
+        return hook
+
+    def post_hook(part):
+        def hook(module, args, output):
+            _sync(device)
+            current[part] += time.perf_counter()
+        return hook
+
+    handles = [h for part in PARTS for h in (getattr(model, part).register_forward_pre_hook(pre_hook(part)),
+                                               getattr(model, part).register_forward_hook(post_hook(part)))]
+    totals = []
+    try:
+        for _ in range(repeats):
+            current.clear()
+            start = time.perf_counter()
+            fn()
+            totals.append(time.perf_counter() - start)
+            runs.append(dict(current))
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = {part: statistics.median(run.get(part, 0.0) for run in runs) for part in PARTS}
+    return statistics.median(totals), parts
 
 
 def clip_text_yardstick(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
@@ -214,8 +262,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     # Counted before packing: a packed weight is no longer a parameter of its layer.
-    param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
-                   for name in ("vision", "connector", "decoder", "aligner")}
+    param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters()) for name in PARTS}
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
     if args.cpu_linear == "packed" and device.type == "cpu" and dtype == torch.float32:
@@ -237,20 +284,30 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
             _sync(device)
 
         encode_fresh()  # warm-up
-        flops = count_flops(model, encode_fresh)
-        seconds = _median_time(encode_fresh, args.repeats)
+        part_flops = count_flops(model, encode_fresh)
+        seconds, part_seconds = time_with_parts(model, encode_fresh, args.repeats, device)
         cached = None
         if n_images:
             pipe.encode(prompt, case_images)
             cached = _median_time(lambda: (pipe.encode(prompt, case_images), _sync(device)), args.repeats)
-        read = param_bytes["decoder"] + param_bytes["aligner"] - embedding_bytes  # embeddings: gathered by row
-        if n_images:
-            read += param_bytes["vision"] + param_bytes["connector"]
+        # per part: its own limit, from the FLOPs it ran and the weights it read (embeddings: gathered by row)
+        part_read = {"vision": param_bytes["vision"], "connector": param_bytes["connector"],
+                     "decoder": param_bytes["decoder"] - embedding_bytes, "aligner": param_bytes["aligner"]}
+        parts = {}
+        for part in PARTS:
+            if part_flops[part]:
+                part_limit = max(part_flops[part] / rate, part_read[part] / bandwidth)
+                parts[part] = {"seconds": part_seconds[part], "flops": part_flops[part],
+                               "weight_bytes_read": part_read[part], "limit_seconds": part_limit,
+                               "ratio_to_limit": part_seconds[part] / part_limit}
+        flops = sum(part_flops.values())
+        read = sum(parts[part]["weight_bytes_read"] for part in parts)
         limit = max(flops / rate, read / bandwidth)
         cases.append({
             "case": case, "dtype": str(dtype).split(".")[-1], "tokens": len(pipe.check_inputs(prompt, case_images)),
             "seconds": seconds, "flops": flops,
             "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
+            "sum_of_part_limits_seconds": sum(parts[part]["limit_seconds"] for part in parts), "parts": parts,
             "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
             "clip_text_encoder_seconds": clip_seconds, "linear_layers": "packed" if pack_seconds is not None else "default",
             "pack_seconds": pack_seconds})
@@ -321,3 +378,13 @@ def print_table(results: dict) -> None:
         speed = f"{c['cache_speedup']:.1f}x" if c["cache_speedup"] else "-"
         print(f"{c['case']:<10} {c['dtype']:<9} {c['tokens']:>6d} {c['flops'] / 1e9:>7.1f} {c['seconds']:>9.3f} {c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} "
               f"{cached:>9} {speed:>8} {c['clip_text_encoder_seconds']:>11.3f}")
+    print("per part: seconds (ratio to the part's own limit); sum of the part limits, a stricter limit for a"
+          " case whose parts are bound differently")
+    header = f"{'case':<10} {'dtype':<9} " + " ".join(f"{part:>16}" for part in PARTS) + f" {'sum of limits s':>16}"
+    print(header)
+    print("-" * len(header))
+    for c in results["cases"]:
+        cells = [f"{c['parts'][p]['seconds']:.3f} ({c['parts'][p]['ratio_to_limit']:.2f})" if p in c["parts"] else "-"
+                 for p in PARTS]
+        print(f"{c['case']:<10} {c['dtype']:<9} " + " ".join(f"{cell:>16}" for cell in cells)
+              + f" {c['sum_of_part_limits_seconds']:>16.3f}")

@@ -31,6 +31,16 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
         else:
             assert case["cache_speedup"] == pytest.approx(case["seconds"] / case["cached_image_seconds"])
         assert case["case"] in printed
+        # per part: the parts that ran, their FLOPs and bytes adding up to the case's, each with its own limit
+        assert set(case["parts"]) == ({"decoder", "aligner"} if case["case"] == "text-only" else
+                                      {"vision", "connector", "decoder", "aligner"})
+        parts = case["parts"].values()
+        assert sum(p["flops"] for p in parts) == case["flops"]
+        assert sum(p["weight_bytes_read"] for p in parts) == case["weight_bytes_read"]
+        assert all(p["seconds"] > 0 and p["ratio_to_limit"] == pytest.approx(p["seconds"] / p["limit_seconds"]) for p in parts)
+        assert sum(p["seconds"] for p in parts) <= case["seconds"]  # one timed run: parts inside the encode
+        assert case["sum_of_part_limits_seconds"] == pytest.approx(sum(p["limit_seconds"] for p in parts))
+        assert case["sum_of_part_limits_seconds"] >= case["limit_seconds"] * (1 - 1e-9)
     # one synthetic token per word (the official BPE keeps common words whole) after <s>
     from kosmosg_core.bench import PROMPTS
 
