@@ -5,8 +5,8 @@ Everything printed is measured in this run on this machine:
   weight bytes read / measured memory bandwidth) (decisions.md "Benchmark limit");
 - yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
 - encode runs the path users get: on the CPU in float32 the decoder's and aligner's linear layers
-  are pre-packed for oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear default`
-  times torch's own matmul everywhere instead, for comparison;
+  are pre-packed for oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear avx2` times
+  the opt-in AVX2 few-row kernel instead, `--cpu-linear default` torch's own matmul everywhere;
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -265,11 +265,11 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters()) for name in PARTS}
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
-    if args.cpu_linear == "packed" and device.type == "cpu" and dtype == torch.float32:
+    if args.cpu_linear != "default" and device.type == "cpu" and dtype == torch.float32:
         from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
-        pack_for_cpu_encode(model)
+        pack_for_cpu_encode(model, kernel="avx2" if args.cpu_linear == "avx2" else "onednn")
         pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
     cases = []
@@ -309,7 +309,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
             "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
             "sum_of_part_limits_seconds": sum(parts[part]["limit_seconds"] for part in parts), "parts": parts,
             "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
-            "clip_text_encoder_seconds": clip_seconds, "linear_layers": "packed" if pack_seconds is not None else "default",
+            "clip_text_encoder_seconds": clip_seconds, "linear_layers": args.cpu_linear if pack_seconds is not None else "default",
             "pack_seconds": pack_seconds})
     return cases
 

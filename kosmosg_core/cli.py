@@ -23,7 +23,7 @@ def cmd_encode(args) -> None:
     from .pipeline import KosmosGPipeline
 
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
-                                           device=args.device)
+                                           device=args.device, cpu_kernel=args.cpu_kernel)
     if args.prompt == "":
         if args.image:
             raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--cpu-kernel", default="onednn", choices=["onednn", "avx2"],
+                   help="float32 on the CPU: oneDNN (default) or the AVX2 few-row kernel, faster on short prompts "
+                        "(built on first use: needs a C++ compiler and ninja)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside)")
@@ -134,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
-    p.add_argument("--cpu-linear", default="packed", choices=["packed", "default"],
-                   help="float32 on the CPU: time the decoder and aligner with oneDNN-packed linear layers (what the pipeline does there) or "
-                        "torch's default matmul")
+    p.add_argument("--cpu-linear", default="packed", choices=["packed", "avx2", "default"],
+                   help="float32 on the CPU: time the decoder and aligner with oneDNN-packed linear layers (what the "
+                        "pipeline does there), with the opt-in AVX2 few-row kernel, or torch's default matmul")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")
     p.set_defaults(func=cmd_bench)

@@ -82,18 +82,20 @@ class KosmosGPipeline:
 
     @classmethod
     def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
-                        cache_size: int = 64, pack_cpu_linears: bool | None = None) -> "KosmosGPipeline":
+                        cache_size: int = 64, pack_cpu_linears: bool | None = None,
+                        cpu_kernel: str = "onednn") -> "KosmosGPipeline":
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
         pack_cpu_linears: pre-pack the decoder's and aligner's linear weights for oneDNN (`cpu_linear`), faster
             float32 encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
-            off for a model that will be moved to a GPU later."""
+            off for a model that will be moved to a GPU later.
+        cpu_kernel: "onednn" or "avx2" (the opt-in few-row kernel, `cpu_linear`), when packing."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:
             pack_cpu_linears = device.type == "cpu" and dtype == torch.float32
         if pack_cpu_linears:
-            pack_for_cpu_encode(model)
+            pack_for_cpu_encode(model, kernel=cpu_kernel)
         return cls(model, tokenizer, cache_size=cache_size)
 
     # --- properties ----------------------------------------------------------------------------

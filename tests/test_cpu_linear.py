@@ -1,4 +1,6 @@
-"""The CPU fast path: oneDNN-packed linear layers give the same outputs as nn.Linear."""
+"""The CPU fast paths: oneDNN-packed and AVX2-kernel linear layers give the same outputs as nn.Linear."""
+
+import platform
 
 import numpy as np
 import pytest
@@ -69,3 +71,66 @@ def test_pipeline_does_not_pack_other_dtypes(pack):
     pipe = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16")
     assert not has_packed_linears(pipe.model)
     assert pack_linears(pipe.model) == 0  # bf16 weights are left alone
+
+
+# --- the opt-in AVX2 few-row kernel (csrc/few_row_linear.cpp), built by torch.utils.cpp_extension ---
+x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                              reason="the AVX2 kernel exists for x86-64 CPUs only")
+
+
+@x86_only
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("in_features,out_features", [(3, 16), (600, 40), (1030, 17)])
+def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
+    # rows across the 6-row register tiles, depths across the 512-k chunks, widths not multiples of 16
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(2, rows, in_features)
+    packed = PackedLinear(linear, kernel="avx2")
+    with torch.inference_mode():
+        expected, got = linear(x), packed(x)
+    assert got.shape == expected.shape == (2, rows, out_features)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.to_linear().weight, linear.weight)
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        packed(x.double())
+
+
+@x86_only
+def test_pipeline_with_avx2_kernel_matches_the_unpacked_model(pack, tmp_path):
+    fast = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="avx2")
+    plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
+    kernels = {m.kernel for part in PACKED_PARTS for m in getattr(fast.model, part).modules() if isinstance(m, PackedLinear)}
+    assert kernels == {"avx2"}
+    prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
+    images = [[_image(0), _image(1)], []]
+    assert torch.allclose(fast.encode(prompts, images), plain.encode(prompts, images), atol=1e-5)
+    assert torch.allclose(fast.encode_unconditional(), plain.encode_unconditional(), atol=1e-5)
+    # the CLI's --cpu-kernel avx2 writes the same conditioning
+    from safetensors.torch import load_file
+
+    from kosmosg_core.cli import main
+
+    main(["encode", "--checkpoint", str(pack[0]), "--prompt", "a dog", "--cpu-kernel", "avx2", "--out", str(tmp_path / "c.safetensors")])
+    assert torch.allclose(load_file(tmp_path / "c.safetensors")["cond"], plain.encode("a dog"), atol=1e-5)
+
+
+def test_avx2_kernel_unavailable_is_a_clear_error(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from kosmosg_core import cpu_linear
+    from kosmosg_core.errors import DeviceError
+
+    monkeypatch.setattr(cpu_linear, "_avx2_module", None)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(DeviceError, match=r"ninja.*cpu_kernel='onednn'"):
+        pack_linears(model, kernel="avx2")
+    assert type(model[0]) is nn.Linear  # nothing was replaced
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "no AVX2" in cpu_linear.avx2_kernel_unavailable_reason()
+    with pytest.raises(DeviceError, match="Unknown cpu_kernel 'fast'"):
+        PackedLinear(nn.Linear(8, 8), kernel="fast")
