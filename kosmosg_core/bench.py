@@ -82,12 +82,18 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2
         n *= 2
 
 
-def measure_memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
-    """Bytes/s of reading a large buffer once (what reading weights costs)."""
+def measure_memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 10) -> float:
+    """Bytes/s of reading a large buffer once (what reading weights costs): the best of `repeats`
+    reads, like the matmul rate (on this VM single reads vary by 2x with the neighbours' load)."""
     x = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device)
     x.sum()
-    seconds = _median_time(lambda: (x.sum(), _sync(device)), repeats)
-    return x.numel() * 4 / seconds
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return x.numel() * 4 / min(seconds)
 
 
 def _sync(device: torch.device) -> None:
@@ -253,7 +259,7 @@ def _tiny_tokenizer_pipeline(model, cfg):
 
 
 def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.device, images: list, rate: float,
-                      bandwidth: float, args) -> list[dict]:
+                      bandwidth: float, cpu_linear: str, args) -> list[dict]:
     """Encode latency per prompt case for one dtype, with its limit and the CLIP-text yardstick."""
     from .model import KosmosG
 
@@ -265,11 +271,11 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters()) for name in PARTS}
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
-    if args.cpu_linear != "default" and device.type == "cpu" and dtype == torch.float32:
+    if cpu_linear != "default" and device.type == "cpu" and dtype == torch.float32:
         from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
-        pack_for_cpu_encode(model, kernel="avx2" if args.cpu_linear == "avx2" else "onednn")
+        pack_for_cpu_encode(model, kernel="avx2" if cpu_linear == "avx2" else "onednn")
         pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
     cases = []
@@ -309,7 +315,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
             "weight_bytes_read": read, "limit_seconds": limit, "ratio_to_limit": seconds / limit,
             "sum_of_part_limits_seconds": sum(parts[part]["limit_seconds"] for part in parts), "parts": parts,
             "cached_image_seconds": cached, "cache_speedup": (seconds / cached) if cached else None,
-            "clip_text_encoder_seconds": clip_seconds, "linear_layers": args.cpu_linear if pack_seconds is not None else "default",
+            "clip_text_encoder_seconds": clip_seconds, "linear_layers": cpu_linear if pack_seconds is not None else "default",
             "pack_seconds": pack_seconds})
     return cases
 
@@ -348,7 +354,10 @@ def run_benchmark(args) -> dict:
         for dtype in dtypes:
             rate = measure_matmul_rate(dtype, device)
             results["yardsticks"][f"matmul_TFLOPs_{str(dtype).split('.')[-1]}"] = rate / 1e12
-            results["cases"] += time_encode_cases(cfg, dtype, device, images, rate, bandwidth, args)
+            # the CPU float32 kernels side by side in one run (same yardsticks); other dtypes: torch's own
+            kernels = args.cpu_linear.split(",") if device.type == "cpu" and dtype == torch.float32 else ["default"]
+            for cpu_linear in kernels:
+                results["cases"] += time_encode_cases(cfg, dtype, device, images, rate, bandwidth, cpu_linear, args)
     finally:
         if workdir_ctx is not None:
             workdir_ctx.cleanup()
@@ -367,24 +376,26 @@ def print_table(results: dict) -> None:
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
           f"time ratio {load['safetensors_over_pt_time']:.2f}")
-    packing = {c["dtype"]: c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
-    for dtype, seconds in packing.items():
-        print(f"{dtype}: linear weights packed for oneDNN once after loading, {seconds:.2f} s")
-    header = f"{'case':<10} {'dtype':<9} {'tokens':>6} {'GFLOP':>7} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}"
+    kernels = {"packed": "oneDNN", "avx2": "the AVX2 few-row kernel"}
+    packing = {(c["dtype"], c["linear_layers"]): c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
+    for (dtype, kernel), seconds in packing.items():
+        print(f"{dtype}: decoder and aligner linear weights packed for {kernels[kernel]} once after loading, {seconds:.2f} s")
+    header = (f"{'case':<10} {'dtype':<9} {'linear':<8} {'tokens':>6} {'GFLOP':>7} {'encode s':>9} {'limit s':>8} {'ratio':>6} "
+              f"{'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}")
     print(header)
     print("-" * len(header))
     for c in results["cases"]:
         cached = f"{c['cached_image_seconds']:.3f}" if c["cached_image_seconds"] else "-"
         speed = f"{c['cache_speedup']:.1f}x" if c["cache_speedup"] else "-"
-        print(f"{c['case']:<10} {c['dtype']:<9} {c['tokens']:>6d} {c['flops'] / 1e9:>7.1f} {c['seconds']:>9.3f} {c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} "
-              f"{cached:>9} {speed:>8} {c['clip_text_encoder_seconds']:>11.3f}")
+        print(f"{c['case']:<10} {c['dtype']:<9} {c['linear_layers']:<8} {c['tokens']:>6d} {c['flops'] / 1e9:>7.1f} {c['seconds']:>9.3f} "
+              f"{c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} {cached:>9} {speed:>8} {c['clip_text_encoder_seconds']:>11.3f}")
     print("per part: seconds (ratio to the part's own limit); sum of the part limits, a stricter limit for a"
           " case whose parts are bound differently")
-    header = f"{'case':<10} {'dtype':<9} " + " ".join(f"{part:>16}" for part in PARTS) + f" {'sum of limits s':>16}"
+    header = f"{'case':<10} {'dtype':<9} {'linear':<8} " + " ".join(f"{part:>16}" for part in PARTS) + f" {'sum of limits s':>16}"
     print(header)
     print("-" * len(header))
     for c in results["cases"]:
         cells = [f"{c['parts'][p]['seconds']:.3f} ({c['parts'][p]['ratio_to_limit']:.2f})" if p in c["parts"] else "-"
                  for p in PARTS]
-        print(f"{c['case']:<10} {c['dtype']:<9} " + " ".join(f"{cell:>16}" for cell in cells)
+        print(f"{c['case']:<10} {c['dtype']:<9} {c['linear_layers']:<8} " + " ".join(f"{cell:>16}" for cell in cells)
               + f" {c['sum_of_part_limits_seconds']:>16.3f}")

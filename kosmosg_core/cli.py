@@ -17,6 +17,14 @@ from .errors import KosmosGError
 DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
 
+def _cpu_linear_list(text: str) -> str:
+    unknown = [k for k in text.split(",") if k not in ("packed", "avx2", "default")]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use packed, "
+                                         "avx2, default or a comma list of them")
+    return text
+
+
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
@@ -137,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
-    p.add_argument("--cpu-linear", default="packed", choices=["packed", "avx2", "default"],
-                   help="float32 on the CPU: time the decoder and aligner with oneDNN-packed linear layers (what the "
-                        "pipeline does there), with the opt-in AVX2 few-row kernel, or torch's default matmul")
+    p.add_argument("--cpu-linear", default="packed", type=_cpu_linear_list,
+                   help="float32 on the CPU, a comma list of: packed (the decoder and aligner with oneDNN-packed "
+                        "linear layers, what the pipeline does there), avx2 (the opt-in AVX2 few-row kernel), "
+                        "default (torch's matmul everywhere); e.g. packed,avx2 times both in one run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")
     p.set_defaults(func=cmd_bench)

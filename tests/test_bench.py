@@ -66,3 +66,18 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
     assert load["pt"]["seconds"] > 0 and load["safetensors"]["seconds"] > 0
     assert load["safetensors_over_pt_time"] == pytest.approx(load["safetensors"]["seconds"] / load["pt"]["seconds"])
     assert results["yardsticks"]["matmul_TFLOPs_float32"] > 0 and results["yardsticks"]["memory_bandwidth_GBps"] > 0
+
+
+@pytest.mark.slow
+def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
+    main(["bench", "--size", "tiny", "--dtypes", "float32,bfloat16", "--repeats", "1", "--threads", "1",
+          "--cases", "text-only", "--cpu-linear", "packed,default", "--json", str(tmp_path / "b.json"),
+          "--workdir", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "b.json").read_text())
+    # float32 once per kernel, with the same yardsticks; bf16 once, on torch's own matmul
+    assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == [
+        ("float32", "packed"), ("float32", "default"), ("bfloat16", "default")]
+    assert "packed for oneDNN" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
+    assert "unknown --cpu-linear fast" in capsys.readouterr().err

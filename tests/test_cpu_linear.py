@@ -98,6 +98,18 @@ def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
 
 
 @x86_only
+def test_avx2_kernel_runs_on_torch_threads():
+    from kosmosg_core.cpu_linear import load_avx2_kernel
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert load_avx2_kernel().parallel_for_threads(64) == 2  # 1 = built without OpenMP
+    finally:
+        torch.set_num_threads(threads)
+
+
+@x86_only
 def test_pipeline_with_avx2_kernel_matches_the_unpacked_model(pack, tmp_path):
     fast = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="avx2")
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)

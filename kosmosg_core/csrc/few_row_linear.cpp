@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -40,6 +41,7 @@ inline void tile(const float* __restrict xt, int64_t padded_rows, const float* _
   for (int64_t k = k0; k < k1; ++k, w += kPanelCols, xk += padded_rows) {
     if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
     const __m256 w_lo = _mm256_loadu_ps(w), w_hi = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 6  // keeps the accumulators in registers (a rolled loop spills them)
     for (int r = 0; r < R; ++r) {
       const __m256 xr = _mm256_broadcast_ss(xk + r);
       lo[r] = _mm256_fmadd_ps(xr, w_lo, lo[r]);
@@ -118,7 +120,16 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels, int64_
   return y;
 }
 
+// How many threads at::parallel_for used for `items` items: the build must enable OpenMP, without
+// which the inlined at::parallel_for runs everything on one thread (a test checks this).
+int64_t parallel_for_threads(int64_t items) {
+  std::vector<int> used(at::get_num_threads(), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::accumulate(used.begin(), used.end(), int64_t{0});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "W [N, K] -> panels [ceil(N/16), K, 16]");
   m.def("linear", &linear, "x [M, K] @ panels^T + bias -> [M, N]");
+  m.def("parallel_for_threads", &parallel_for_threads, "threads at::parallel_for uses for this many items");
 }
