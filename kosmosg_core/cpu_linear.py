@@ -9,7 +9,7 @@ square-matmul rate. Two kernels, chosen by `cpu_kernel`:
 - "avx2" (opt-in): this package's own AVX2 kernel (`csrc/few_row_linear.cpp`), which overlaps
   streaming the weights with computing; faster than oneDNN below ~32 rows (the decoder's 24 x 6
   products at 11 rows: 0.23 s vs 0.32 s), equal above. Built on first use by
-  `torch.utils.cpp_extension` (a C++ compiler and ninja; ~1 min once, then cached by torch).
+  `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s once, then cached by torch).
 The vision tower and the connector multiply 257 rows per image, where the default matmul is the
 faster one (1 image 1.10 s default vs 1.20 s packed, 3 images 3.40 vs 3.88 s), so
 `pack_for_cpu_encode` packs only the decoder and the aligner. The products are the same up to
