@@ -44,13 +44,18 @@ PROMPTS = {  # case name -> (prompt, number of images)
 }
 
 
-def _median_time(fn, repeats: int) -> float:
+def _run_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` (which synchronises the device itself)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, repeats: int) -> float:
+    return statistics.median(_run_times(fn, repeats))
 
 
 def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2048, repeats: int = 5) -> float:
@@ -69,12 +74,7 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2
         slowest_median = 0.0
         for form in forms:
             form(a, b)  # warm-up
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                form(a, b)
-                _sync(device)
-                seconds.append(time.perf_counter() - start)
+            seconds = _run_times(lambda: (form(a, b), _sync(device)), repeats)
             best = max(best, 2 * n ** 3 / min(seconds))
             slowest_median = max(slowest_median, statistics.median(seconds))
         if n >= max_n or slowest_median > 0.1:
@@ -87,13 +87,7 @@ def measure_memory_bandwidth(device: torch.device, megabytes: int = 1024, repeat
     reads, like the matmul rate (on this VM single reads vary by 2x with the neighbours' load)."""
     x = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device)
     x.sum()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return x.numel() * 4 / min(seconds)
+    return x.numel() * 4 / min(_run_times(lambda: (x.sum(), _sync(device)), repeats))
 
 
 def _sync(device: torch.device) -> None:
@@ -152,30 +146,28 @@ def count_flops(model: torch.nn.Module, fn) -> dict[str, int]:
 def time_with_parts(model: torch.nn.Module, fn, repeats: int, device: torch.device) -> tuple[float, dict[str, float]]:
     """Median seconds of `fn()` and, from the same runs, each part's median seconds (forward hooks:
     where the time of an encode goes, for the per-part limits)."""
-    runs, current = [], {}
+    runs: list[dict[str, float]] = []  # per timed run: part -> seconds
 
     def pre_hook(part):
         def hook(module, args):
             _sync(device)
-            current[part] = current.get(part, 0.0) - time.perf_counter()
+            runs[-1][part] = runs[-1].get(part, 0.0) - time.perf_counter()
         return hook
 
     def post_hook(part):
         def hook(module, args, output):
             _sync(device)
-            current[part] += time.perf_counter()
+            runs[-1][part] += time.perf_counter()
         return hook
+
+    def one_run():
+        runs.append({})
+        fn()
 
     handles = [h for part in PARTS for h in (getattr(model, part).register_forward_pre_hook(pre_hook(part)),
                                                getattr(model, part).register_forward_hook(post_hook(part)))]
-    totals = []
     try:
-        for _ in range(repeats):
-            current.clear()
-            start = time.perf_counter()
-            fn()
-            totals.append(time.perf_counter() - start)
-            runs.append(dict(current))
+        totals = _run_times(one_run, repeats)
     finally:
         for handle in handles:
             handle.remove()
