@@ -4,9 +4,10 @@ Everything printed is measured in this run on this machine:
 - yardstick (a): the machine's practical limit for each case, max(FLOPs / measured matmul rate,
   weight bytes read / measured memory bandwidth) (decisions.md "Benchmark limit");
 - yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
-- encode runs the path users get: on the CPU in float32 the decoder's and aligner's linear layers
-  are pre-packed for oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear avx2` times
-  the opt-in AVX2 few-row kernel instead, `--cpu-linear default` torch's own matmul everywhere;
+- encode runs the path users get: on the CPU in float32 the linear layers are pre-packed for
+  oneDNN (`cpu_linear`, the pipeline's default there); `--cpu-linear avx2` times the opt-in AVX2
+  few-row kernel in the decoder and aligner instead, `--cpu-linear default` torch's own matmul
+  everywhere;
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -368,10 +369,11 @@ def print_table(results: dict) -> None:
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
           f"time ratio {load['safetensors_over_pt_time']:.2f}")
-    kernels = {"packed": "oneDNN", "avx2": "the AVX2 few-row kernel"}
+    kernels = {"packed": "decoder and aligner for oneDNN", "avx2": "decoder and aligner for the AVX2 few-row kernel"}
     packing = {(c["dtype"], c["linear_layers"]): c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
     for (dtype, kernel), seconds in packing.items():
-        print(f"{dtype}: decoder and aligner linear weights packed for {kernels[kernel]} once after loading, {seconds:.2f} s")
+        print(f"{dtype}: linear weights packed once after loading ({kernels[kernel]}, vision and connector for "
+              f"oneDNN), {seconds:.2f} s")
     header = (f"{'case':<10} {'dtype':<9} {'linear':<8} {'tokens':>6} {'GFLOP':>7} {'encode s':>9} {'limit s':>8} {'ratio':>6} "
               f"{'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}")
     print(header)

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--cpu-linear", default="packed", type=_cpu_linear_list,
-                   help="float32 on the CPU, a comma list of: packed (the decoder and aligner with oneDNN-packed "
-                        "linear layers, what the pipeline does there), avx2 (the opt-in AVX2 few-row kernel), "
+                   help="float32 on the CPU, a comma list of: packed (oneDNN-packed linear layers, what the "
+                        "pipeline does there), avx2 (the opt-in AVX2 few-row kernel in the decoder and aligner), "
                         "default (torch's matmul everywhere); e.g. packed,avx2 times both in one run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")

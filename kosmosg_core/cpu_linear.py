@@ -3,17 +3,18 @@
 Why: the MLLM decoder and the aligner multiply few rows (the prompt's 10-300 tokens, the 77
 queries) by large weights (2048 x 8192 in the MLLM). On the CPUs this project is benchmarked on,
 PyTorch's default float32 CPU matmul runs such few-row products far below the machine's
-square-matmul rate. Two kernels, chosen by `cpu_kernel`:
+square-matmul rate. Two kernels for these few-row parts, chosen by `cpu_kernel`:
 - "onednn" (default): oneDNN, given weights reordered once into its blocked layout (official size,
   2 threads, 11 tokens: decoder 0.41 s vs 0.91 s default). Ships with PyTorch.
 - "avx2" (opt-in): this package's own AVX2 kernel (`csrc/few_row_linear.cpp`), which overlaps
-  streaming the weights with computing; faster than oneDNN below ~32 rows (the decoder's 24 x 6
-  products at 11 rows: 0.23 s vs 0.32 s), equal above. Built on first use by
-  `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s once, then cached by torch).
-The vision tower and the connector multiply 257 rows per image, where the default matmul is the
-faster one (1 image 1.10 s default vs 1.20 s packed, 3 images 3.40 vs 3.88 s), so
-`pack_for_cpu_encode` packs only the decoder and the aligner. The products are the same up to
-float32 rounding (~1e-5).
+  streaming the weights with computing (the decoder's products at 11 rows, official shapes:
+  ~150-180 vs ~125-160 GFLOP/s oneDNN; 75-77 rows within 5 %; 205 rows ~5 % slower). Built on
+  first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s once, then
+  cached by torch).
+The vision tower and the connector multiply 257 rows per image; there oneDNN's packed weights
+are used with either kernel (alternating A/B, 2026-12-06: 1 image 0.93-0.95 s vs 1.04-1.06 s
+default, 3 images 2.71-2.83 s vs 2.96-3.00 s; the AVX2 kernel 0.98-1.00 / 2.98-3.09 s).
+The products are the same up to float32 rounding (~1e-5).
 
 Inference only: float32 on the CPU, no gradients. A packed layer keeps no dense copy of its
 weight (the model's memory stays the same); `unpack_linears` restores plain `nn.Linear` layers,
@@ -67,25 +68,37 @@ def avx2_kernel_unavailable_reason() -> str | None:
     return None
 
 
+def _cpu_has_avx512vl() -> bool:
+    # PyTorch reports "AVX512" only for CPUs with AVX-512 F/BW/VL/DQ (its own AVX512 kernels need them)
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _build_avx2_kernel(avx512vl: bool):
+    """Compile (or take from torch's cache) `csrc/few_row_linear.cpp`; with `avx512vl` the kernel
+    gets 32 vector registers and a 12-row register tile, without it 16 registers and 6 rows."""
+    from torch.utils.cpp_extension import load
+
+    isa_flags = ["-mavx2", "-mfma"] + (["-mavx512f", "-mavx512vl"] if avx512vl else [])
+    name = "kosmosg_few_row_linear" + ("_avx512vl" if avx512vl else "_avx2")
+    logger.info("Kosmos-G: building the AVX2 few-row linear kernel (%s; once, cached by torch)", name)
+    try:
+        # OpenMP: at::parallel_for is inlined into the extension and runs on one thread without it
+        return load(name=name, sources=[str(_AVX2_SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # a compiler / linker failure: its log is in the message
+        raise DeviceError(f"cpu_kernel='avx2': building {_AVX2_SOURCE.name} failed ({error}). "
+                          "Use cpu_kernel='onednn' (the default).") from error
+
+
 def load_avx2_kernel():
-    """Build (first call only; torch caches the build) and import the AVX2 few-row kernel."""
+    """Build (first call only; torch caches the build) and import the AVX2 few-row kernel, with the
+    12-row tile where the CPU has AVX-512VL."""
     global _avx2_module
     if _avx2_module is None:
         reason = avx2_kernel_unavailable_reason()
         if reason is not None:
             raise DeviceError(f"cpu_kernel='avx2' is unavailable: {reason}. Use cpu_kernel='onednn' (the default).")
-        from torch.utils.cpp_extension import load
-
-        logger.info("Kosmos-G: building the AVX2 few-row linear kernel (once; cached by torch)")
-        try:
-            _avx2_module = load(name="kosmosg_few_row_linear", sources=[str(_AVX2_SOURCE)],
-                                # OpenMP: at::parallel_for is inlined into the extension and runs
-                                # on one thread without it
-                                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                verbose=False)
-        except Exception as error:  # a compiler / linker failure: its log is in the message
-            raise DeviceError(f"cpu_kernel='avx2': building {_AVX2_SOURCE.name} failed ({error}). "
-                              "Use cpu_kernel='onednn' (the default).") from error
+        _avx2_module = _build_avx2_kernel(avx512vl=_cpu_has_avx512vl())
     return _avx2_module
 
 
@@ -172,12 +185,15 @@ def pack_linears(model: nn.Module, kernel: str = "onednn") -> int:
         return _replace_children(model, convert)
 
 
-PACKED_PARTS = ("decoder", "aligner")  # the KosmosG parts whose products have few rows (see above)
+FEW_ROW_PARTS = ("decoder", "aligner")  # prompt tokens, 77 queries: packed for `cpu_kernel`
+IMAGE_PARTS = ("vision", "connector")  # 257 rows per image: packed for oneDNN (see above)
 
 
 def pack_for_cpu_encode(model: nn.Module, kernel: str = "onednn") -> int:
-    """Pack the linear layers of a `KosmosG`'s few-row parts (`PACKED_PARTS`) -> how many."""
-    return sum(pack_linears(getattr(model, part), kernel) for part in PACKED_PARTS)
+    """Pack the linear layers of a `KosmosG` for CPU encodes -> how many: the few-row parts
+    (`FEW_ROW_PARTS`) for `kernel`, the image parts (`IMAGE_PARTS`) for oneDNN."""
+    return (sum(pack_linears(getattr(model, part), kernel) for part in FEW_ROW_PARTS)
+            + sum(pack_linears(getattr(model, part), "onednn") for part in IMAGE_PARTS))
 
 
 def unpack_linears(model: nn.Module) -> int:

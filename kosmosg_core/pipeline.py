@@ -86,10 +86,11 @@ class KosmosGPipeline:
                         cpu_kernel: str = "onednn") -> "KosmosGPipeline":
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
-        pack_cpu_linears: pre-pack the decoder's and aligner's linear weights for oneDNN (`cpu_linear`), faster
-            float32 encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
+        pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster float32
+            encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
             off for a model that will be moved to a GPU later.
-        cpu_kernel: "onednn" or "avx2" (the opt-in few-row kernel, `cpu_linear`), when packing."""
+        cpu_kernel: the decoder's and aligner's kernel when packing: "onednn" or "avx2" (the opt-in few-row
+            kernel, `cpu_linear`); the vision tower and connector use oneDNN either way."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:

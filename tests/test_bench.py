@@ -77,7 +77,7 @@ def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
     # float32 once per kernel, with the same yardsticks; bf16 once, on torch's own matmul
     assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == [
         ("float32", "packed"), ("float32", "default"), ("bfloat16", "default")]
-    assert "packed for oneDNN" in capsys.readouterr().out
+    assert "decoder and aligner for oneDNN, vision and connector for oneDNN" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
     assert "unknown --cpu-linear fast" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kosmosg_core.cpu_linear import PACKED_PARTS, PackedLinear, cpu_packing_available, has_packed_linears, pack_linears, unpack_linears
+from kosmosg_core.cpu_linear import FEW_ROW_PARTS, IMAGE_PARTS, PackedLinear, cpu_packing_available, has_packed_linears, pack_linears, unpack_linears
 from kosmosg_core.pipeline import KosmosGPipeline
 from support.tiny_kosmosg import write_tiny_pack
 
@@ -51,11 +51,11 @@ def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
     packed = KosmosGPipeline.from_checkpoint(pack[0])
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
     assert has_packed_linears(packed.model) and not has_packed_linears(plain.model)
-    # few-row parts packed, image-row parts (257 rows per image) on the default matmul
-    for part in PACKED_PARTS:
-        assert not any(type(m) is nn.Linear for m in getattr(packed.model, part).modules()), part
-    for part in ("vision", "connector"):
-        assert not has_packed_linears(getattr(packed.model, part)), part
+    # every linear layer of all four parts packed, all for oneDNN by default
+    for part in FEW_ROW_PARTS + IMAGE_PARTS:
+        layers = list(getattr(packed.model, part).modules())
+        assert not any(type(m) is nn.Linear for m in layers), part
+        assert {m.kernel for m in layers if isinstance(m, PackedLinear)} == {"onednn"}, part
     prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
     images = [[_image(0), _image(1)], []]
     assert torch.allclose(packed.encode(prompts, images), plain.encode(prompts, images), atol=1e-5)
@@ -81,9 +81,10 @@ x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd6
 @x86_only
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
-@pytest.mark.parametrize("in_features,out_features", [(3, 16), (600, 40), (1030, 17)])
+@pytest.mark.parametrize("in_features,out_features", [(3, 16), (600, 40), (2100, 17)])
 def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
-    # rows across the 6-row register tiles, depths across the 512-k chunks, widths not multiples of 16
+    # 2-80 rows across the 6- and 12-row register tiles, depths across the 2048-k chunks, widths
+    # not multiples of 16
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(2, rows, in_features)
@@ -95,6 +96,27 @@ def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
     assert torch.equal(packed.to_linear().weight, linear.weight)
     with pytest.raises(RuntimeError, match="unpack_linears"):
         packed(x.double())
+
+
+@x86_only
+@pytest.mark.parametrize("avx512vl", [False, True])
+def test_both_register_tile_builds_match_linear(avx512vl):
+    from kosmosg_core import cpu_linear
+
+    if avx512vl and not cpu_linear._cpu_has_avx512vl():
+        pytest.skip("the 12-row build needs a CPU with AVX-512VL")
+    kernel = cpu_linear._build_avx2_kernel(avx512vl=avx512vl)
+    assert kernel.tile_rows() == (12 if avx512vl else 6)
+    if avx512vl:  # the CPU's own build is the 12-row one
+        assert cpu_linear.load_avx2_kernel().tile_rows() == 12
+    torch.manual_seed(0)
+    linear = nn.Linear(2100, 40)
+    panels = kernel.pack_weight(linear.weight.detach())
+    for rows in (1, 5, 6, 7, 11, 12, 13, 25, 77):
+        x = torch.randn(rows, 2100)
+        with torch.inference_mode():
+            got = kernel.linear(x, panels, 40, linear.bias.detach())
+            assert torch.allclose(got, linear(x), atol=1e-5, rtol=1e-5), rows
 
 
 @x86_only
@@ -113,8 +135,10 @@ def test_avx2_kernel_runs_on_torch_threads():
 def test_pipeline_with_avx2_kernel_matches_the_unpacked_model(pack, tmp_path):
     fast = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="avx2")
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
-    kernels = {m.kernel for part in PACKED_PARTS for m in getattr(fast.model, part).modules() if isinstance(m, PackedLinear)}
-    assert kernels == {"avx2"}
+    def kernels(parts):
+        return {m.kernel for part in parts for m in getattr(fast.model, part).modules() if isinstance(m, PackedLinear)}
+
+    assert kernels(FEW_ROW_PARTS) == {"avx2"} and kernels(IMAGE_PARTS) == {"onednn"}
     prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
     images = [[_image(0), _image(1)], []]
     assert torch.allclose(fast.encode(prompts, images), plain.encode(prompts, images), atol=1e-5)
