@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import KosmosGConfig
+from .cpu_linear import cpu_packing_available, packs_dtype
 
 SIZES = {
     "official": KosmosGConfig.official,
@@ -59,23 +60,30 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(_run_times(fn, repeats))
 
 
-def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2048, repeats: int = 10) -> float:
     """Peak FLOP/s of plain n x n matmuls (the machine's practical compute limit): the best single
     product over n = 256, 512, ... (doubling while one product takes under 0.1 s, so dtypes without
-    native support here, bf16 on many CPUs, stay quick) and over the two plain forms, `a @ b` and
-    `a @ b.T` (`F.linear`, what a model's layers call): without native bf16 this CPU's `a @ b`
-    falls back to a kernel ~15x slower than `F.linear`'s, which alone would make a meaningless
-    limit. The best, not the median: the limit must not drop because a neighbour process or clock
-    change slowed one measurement."""
-    forms = (lambda a, b: a @ b, torch.nn.functional.linear)
+    native support stay quick) and over the plain forms: `a @ b`, `a @ b.T` (`F.linear`, what a
+    model's layers call) and, on the CPU, oneDNN's linear with `b` packed once (what the pipeline
+    runs there; on this project's CPU it reaches ~10 % more than the best other form, so leaving it
+    out would give a limit below what an encode achieves). Without native bf16 a CPU's `a @ b` falls
+    back to a kernel ~15x slower than `F.linear`'s, which alone would make a meaningless limit. The
+    best, not the median: the limit must not drop because a neighbour process or clock change
+    slowed one measurement."""
+    use_onednn = device.type == "cpu" and cpu_packing_available() and packs_dtype(dtype)
     best, n = 0.0, 256
     while True:
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
+        forms = [lambda: a @ b, lambda: torch.nn.functional.linear(a, b)]
+        if use_onednn:
+            packed_b = torch.ops.mkldnn._reorder_linear_weight(b, None)
+            forms.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed_b, None, "none", [], ""))
         slowest_median = 0.0
         for form in forms:
-            form(a, b)  # warm-up
-            seconds = _run_times(lambda: (form(a, b), _sync(device)), repeats)
+            with torch.inference_mode():
+                form()  # warm-up
+                seconds = _run_times(lambda: (form(), _sync(device)), repeats)
             best = max(best, 2 * n ** 3 / min(seconds))
             slowest_median = max(slowest_median, statistics.median(seconds))
         if n >= max_n or slowest_median > 0.1:
@@ -264,7 +272,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters()) for name in PARTS}
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
-    if cpu_linear != "default" and device.type == "cpu" and dtype == torch.float32:
+    if cpu_linear != "default" and device.type == "cpu" and packs_dtype(dtype):
         from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
@@ -347,8 +355,10 @@ def run_benchmark(args) -> dict:
         for dtype in dtypes:
             rate = measure_matmul_rate(dtype, device)
             results["yardsticks"][f"matmul_TFLOPs_{str(dtype).split('.')[-1]}"] = rate / 1e12
-            # the CPU float32 kernels side by side in one run (same yardsticks); other dtypes: torch's own
-            kernels = args.cpu_linear.split(",") if device.type == "cpu" and dtype == torch.float32 else ["default"]
+            # the CPU kernels side by side in one run (same yardsticks); the AVX2 kernel is float32-only
+            kernels = ["default"]
+            if device.type == "cpu" and packs_dtype(dtype):
+                kernels = [k for k in args.cpu_linear.split(",") if dtype == torch.float32 or k != "avx2"] or ["packed"]
             for cpu_linear in kernels:
                 results["cases"] += time_encode_cases(cfg, dtype, device, images, rate, bandwidth, cpu_linear, args)
     finally:

@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--cpu-kernel", default="onednn", choices=["onednn", "avx2"],
-                   help="float32 on the CPU: oneDNN (default) or the AVX2 few-row kernel, faster on short prompts "
-                        "(built on first use: needs a C++ compiler and ninja)")
+    p.add_argument("--cpu-kernel", default="auto", choices=["auto", "onednn", "avx2"],
+                   help="float32 on the CPU, the decoder's and aligner's kernel: the AVX2 few-row kernel, faster "
+                        "on short prompts (built once on first use: needs a C++ compiler and ninja), or oneDNN; "
+                        "auto (default) = AVX2 where it builds, else oneDNN")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside)")

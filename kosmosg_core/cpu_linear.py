@@ -3,10 +3,11 @@
 Why: the MLLM decoder and the aligner multiply few rows (the prompt's 10-300 tokens, the 77
 queries) by large weights (2048 x 8192 in the MLLM). On the CPUs this project is benchmarked on,
 PyTorch's default float32 CPU matmul runs such few-row products far below the machine's
-square-matmul rate. Two kernels for these few-row parts, chosen by `cpu_kernel`:
-- "onednn" (default): oneDNN, given weights reordered once into its blocked layout (official size,
+square-matmul rate. Two kernels for these few-row parts, chosen by `cpu_kernel` ("auto", the
+default, takes the AVX2 kernel where it builds, else oneDNN, and never fails):
+- "onednn": oneDNN, given weights reordered once into its blocked layout (official size,
   2 threads, 11 tokens: decoder 0.41 s vs 0.91 s default). Ships with PyTorch.
-- "avx2" (opt-in): this package's own AVX2 kernel (`csrc/few_row_linear.cpp`), which overlaps
+- "avx2": this package's own AVX2 kernel (`csrc/few_row_linear.cpp`), which overlaps
   streaming the weights with computing (the decoder's products at 11 rows, official shapes:
   ~150-180 vs ~125-160 GFLOP/s oneDNN; 75-77 rows within 5 %; 205 rows ~5 % slower). Built on
   first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s once, then
@@ -15,8 +16,9 @@ The vision tower and the connector multiply 257 rows per image; there oneDNN's p
 are used with either kernel (alternating A/B, 2026-12-06: 1 image 0.93-0.95 s vs 1.04-1.06 s
 default, 3 images 2.71-2.83 s vs 2.96-3.00 s; the AVX2 kernel 0.98-1.00 / 2.98-3.09 s).
 The products are the same up to float32 rounding (~1e-5).
+bfloat16 weights are packed for oneDNN where the CPU has native bf16 (`packs_dtype`).
 
-Inference only: float32 on the CPU, no gradients. A packed layer keeps no dense copy of its
+Inference only: float32 or bfloat16 on the CPU, no gradients. A packed layer keeps no dense copy of its
 weight (the model's memory stays the same); `unpack_linears` restores plain `nn.Linear` layers,
 e.g. before moving the model to a GPU.
 """
@@ -45,9 +47,10 @@ def cpu_packing_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-CPU_KERNELS = ("onednn", "avx2")
+CPU_KERNELS = ("onednn", "avx2")  # what a PackedLinear runs; "auto" resolves to one of them
 _AVX2_SOURCE = Path(__file__).resolve().parent / "csrc" / "few_row_linear.cpp"
 _avx2_module = None
+_avx2_build_error: DeviceError | None = None  # a failed build is not retried in this process
 
 
 def avx2_kernel_unavailable_reason() -> str | None:
@@ -87,39 +90,71 @@ def _build_avx2_kernel(avx512vl: bool):
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # a compiler / linker failure: its log is in the message
         raise DeviceError(f"cpu_kernel='avx2': building {_AVX2_SOURCE.name} failed ({error}). "
-                          "Use cpu_kernel='onednn' (the default).") from error
+                          "Use cpu_kernel='onednn'.") from error
 
 
 def load_avx2_kernel():
     """Build (first call only; torch caches the build) and import the AVX2 few-row kernel, with the
     12-row tile where the CPU has AVX-512VL."""
-    global _avx2_module
+    global _avx2_module, _avx2_build_error
     if _avx2_module is None:
         reason = avx2_kernel_unavailable_reason()
         if reason is not None:
-            raise DeviceError(f"cpu_kernel='avx2' is unavailable: {reason}. Use cpu_kernel='onednn' (the default).")
-        _avx2_module = _build_avx2_kernel(avx512vl=_cpu_has_avx512vl())
+            raise DeviceError(f"cpu_kernel='avx2' is unavailable: {reason}. Use cpu_kernel='onednn'.")
+        if _avx2_build_error is not None:
+            raise _avx2_build_error
+        try:
+            _avx2_module = _build_avx2_kernel(avx512vl=_cpu_has_avx512vl())
+        except DeviceError as error:
+            _avx2_build_error = error
+            raise
     return _avx2_module
 
 
-def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        raise RuntimeError(f"{type(layer).__name__} runs float32 on the CPU only, got {x.dtype} on {x.device}; call "
-                           "kosmosg_core.cpu_linear.unpack_linears(model) before moving or casting the model.")
+def resolve_cpu_kernel(kernel: str) -> str:
+    """"auto" -> "avx2" when the AVX2 kernel is built or builds here, else "onednn" (logged, never
+    an error: both give the same products); "onednn" / "avx2" are returned as they are."""
+    if kernel != "auto":
+        if kernel not in CPU_KERNELS:
+            raise DeviceError(f"Unknown cpu_kernel {kernel!r}: use auto, {', '.join(CPU_KERNELS)}.")
+        return kernel
+    reason = avx2_kernel_unavailable_reason()
+    if reason is not None:
+        logger.info("Kosmos-G: using oneDNN for the CPU linear layers (the AVX2 kernel is unavailable: %s)", reason)
+        return "onednn"
+    try:
+        load_avx2_kernel()
+    except DeviceError as error:
+        logger.warning("Kosmos-G: using oneDNN for the CPU linear layers: %s", error)
+        return "onednn"
+    return "avx2"
+
+
+def packs_dtype(dtype: torch.dtype) -> bool:
+    """Whether CPU weights of this dtype get packed: float32 always (either kernel), bfloat16 for
+    oneDNN where this CPU has native bf16 (AVX512-BF16 / AMX: 11 rows x 2048 x 8192, 2 threads,
+    ~320 vs ~175 GFLOP/s plain `F.linear`, identical outputs); float16 never."""
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and cpu_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in a kernel's packed layout. Input [..., in_features], float32, CPU.
+    """y = x W^T + b with W held in a kernel's packed layout. Input [..., in_features] on the CPU, in
+    the weight's dtype.
 
-    kernel "onednn": oneDNN's blocked layout; "avx2": panels [ceil(out / 16), in, 16] for
-    `csrc/few_row_linear.cpp`."""
+    kernel "onednn": oneDNN's blocked layout (float32 or bfloat16); "avx2": panels
+    [ceil(out / 16), in, 16] for `csrc/few_row_linear.cpp` (float32)."""
 
     def __init__(self, linear: nn.Linear, kernel: str = "onednn"):
         super().__init__()
         if kernel not in CPU_KERNELS:
             raise DeviceError(f"Unknown cpu_kernel {kernel!r}: use one of {', '.join(CPU_KERNELS)}.")
-        self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
         weight = linear.weight.detach()
+        if weight.dtype != torch.float32 and not (kernel == "onednn" and weight.dtype == torch.bfloat16):
+            raise DeviceError(f"cpu_kernel {kernel!r} does not pack {weight.dtype} weights (see cpu_linear.packs_dtype).")
+        self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
+        self.dtype = weight.dtype
         # A plain attribute, not a parameter/buffer: `Module.to` must not try to move a packed
         # tensor to another device (forward refuses other devices with a clear message instead).
         if kernel == "onednn":
@@ -129,7 +164,9 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x)
+        if x.device.type != "cpu" or x.dtype != self.dtype:
+            raise RuntimeError(f"This PackedLinear runs {self.dtype} on the CPU only, got {x.dtype} on {x.device}; call "
+                               "kosmosg_core.cpu_linear.unpack_linears(model) before moving or casting the model.")
         if self.kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features).contiguous()  # [M, in]
@@ -143,7 +180,7 @@ class PackedLinear(nn.Module):
         return self.packed_weight.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
 
     def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -152,7 +189,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kernel={self.kernel}")
+                f"dtype={self.dtype}, kernel={self.kernel}")
 
 
 def _replace_children(module: nn.Module, convert) -> int:
@@ -167,19 +204,25 @@ def _replace_children(module: nn.Module, convert) -> int:
     return count
 
 
-def pack_linears(model: nn.Module, kernel: str = "onednn") -> int:
-    """Replace every float32 CPU `nn.Linear` in `model` by a `PackedLinear` (in place) -> how many.
+def pack_linears(model: nn.Module, kernel: str = "auto") -> int:
+    """Replace every CPU `nn.Linear` of a dtype that `packs_dtype` accepts by a `PackedLinear` (in
+    place) -> how many. float32 layers get `kernel` (see `resolve_cpu_kernel`), bfloat16 ones oneDNN.
 
-    kernel "onednn" returns 0 (and changes nothing) when this PyTorch has no oneDNN packing;
-    "avx2" raises `DeviceError` with the reason when its kernel cannot be built here."""
-    if kernel == "onednn" and not cpu_packing_available():
-        logger.info("oneDNN weight packing is not available in this PyTorch; keeping the default CPU matmul")
-        return 0
+    Where this PyTorch has no oneDNN packing, oneDNN layers stay as they are; kernel "avx2" raises
+    `DeviceError` with the reason when its kernel cannot be built here."""
+    float32_kernel = None  # resolved at the first float32 layer: a bf16 model never builds the AVX2 kernel
 
     def convert(child):
-        if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-            return PackedLinear(child, kernel)
-        return None
+        nonlocal float32_kernel
+        if type(child) is not nn.Linear or child.weight.device.type != "cpu" or not packs_dtype(child.weight.dtype):
+            return None
+        if child.weight.dtype == torch.bfloat16:
+            return PackedLinear(child, "onednn")
+        if float32_kernel is None:
+            float32_kernel = resolve_cpu_kernel(kernel)
+        if float32_kernel == "onednn" and not cpu_packing_available():
+            return None
+        return PackedLinear(child, float32_kernel)
 
     with torch.no_grad():
         return _replace_children(model, convert)
@@ -189,7 +232,7 @@ FEW_ROW_PARTS = ("decoder", "aligner")  # prompt tokens, 77 queries: packed for 
 IMAGE_PARTS = ("vision", "connector")  # 257 rows per image: packed for oneDNN (see above)
 
 
-def pack_for_cpu_encode(model: nn.Module, kernel: str = "onednn") -> int:
+def pack_for_cpu_encode(model: nn.Module, kernel: str = "auto") -> int:
     """Pack the linear layers of a `KosmosG` for CPU encodes -> how many: the few-row parts
     (`FEW_ROW_PARTS`) for `kernel`, the image parts (`IMAGE_PARTS`) for oneDNN."""
     return (sum(pack_linears(getattr(model, part), kernel) for part in FEW_ROW_PARTS)

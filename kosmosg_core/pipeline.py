@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import IMAGE_PLACEHOLDER
-from .cpu_linear import pack_for_cpu_encode
+from .cpu_linear import pack_for_cpu_encode, packs_dtype
 from .errors import DeviceError, PromptError
 from .image_processing import preprocess_images, to_pil_images
 from .model import KosmosG
@@ -83,18 +83,18 @@ class KosmosGPipeline:
     @classmethod
     def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
                         cache_size: int = 64, pack_cpu_linears: bool | None = None,
-                        cpu_kernel: str = "onednn") -> "KosmosGPipeline":
+                        cpu_kernel: str = "auto") -> "KosmosGPipeline":
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
-        pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster float32
-            encodes on the CPU; None = when `device` is the CPU and `dtype` float32. Leave it
-            off for a model that will be moved to a GPU later.
-        cpu_kernel: the decoder's and aligner's kernel when packing: "onednn" or "avx2" (the opt-in few-row
-            kernel, `cpu_linear`); the vision tower and connector use oneDNN either way."""
+        pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster encodes on
+            the CPU; None = when `device` is the CPU and `dtype` float32, or bfloat16 where the CPU has native
+            bf16 (`cpu_linear.packs_dtype`). Leave it off for a model that will be moved to a GPU later.
+        cpu_kernel: the decoder's and aligner's kernel when packing: "auto" (the AVX2 few-row kernel where it
+            builds, else oneDNN), "onednn" or "avx2" (`cpu_linear`); the vision tower and connector use oneDNN."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:
-            pack_cpu_linears = device.type == "cpu" and dtype == torch.float32
+            pack_cpu_linears = device.type == "cpu" and packs_dtype(dtype)
         if pack_cpu_linears:
             pack_for_cpu_encode(model, kernel=cpu_kernel)
         return cls(model, tokenizer, cache_size=cache_size)

@@ -86,7 +86,7 @@ def resolve_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
     """Load (or reuse) a checkpoint. Keyed by file identity (path, mtime, size) + dtype + device."""
-    from ..kosmosg_core.cpu_linear import pack_for_cpu_encode
+    from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_dtype
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
@@ -99,7 +99,7 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
     pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device, pack_cpu_linears=False)
     size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
-    if load_device.type == "cpu" and dtype == torch.float32:
+    if load_device.type == "cpu" and packs_dtype(dtype):
         pack_for_cpu_encode(pipeline.model)  # faster CPU encodes; a model that may move to a GPU stays plain
     patcher = comfy.model_patcher.CoreModelPatcher(
         pipeline.model, load_device=load_device, offload_device=offload_device, size=size)

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kosmosg_core.cpu_linear import FEW_ROW_PARTS, IMAGE_PARTS, PackedLinear, cpu_packing_available, has_packed_linears, pack_linears, unpack_linears
+from kosmosg_core.cpu_linear import (FEW_ROW_PARTS, IMAGE_PARTS, PackedLinear, cpu_packing_available, has_packed_linears,
+                                     pack_linears, unpack_linears)
+from kosmosg_core.errors import DeviceError
 from kosmosg_core.pipeline import KosmosGPipeline
 from support.tiny_kosmosg import write_tiny_pack
 
@@ -36,6 +38,9 @@ def test_packed_linear_refuses_other_dtypes_with_a_fix():
     packed = PackedLinear(nn.Linear(8, 8))
     with pytest.raises(RuntimeError, match="unpack_linears"):
         packed(torch.randn(2, 8, dtype=torch.bfloat16))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(RuntimeError, match="runs torch.bfloat16"):
+            PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))(torch.randn(2, 8))
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +53,10 @@ def _image(seed):
 
 
 def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
-    packed = KosmosGPipeline.from_checkpoint(pack[0])
+    packed = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="onednn")
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
     assert has_packed_linears(packed.model) and not has_packed_linears(plain.model)
-    # every linear layer of all four parts packed, all for oneDNN by default
+    # every linear layer of all four parts packed, all for oneDNN
     for part in FEW_ROW_PARTS + IMAGE_PARTS:
         layers = list(getattr(packed.model, part).modules())
         assert not any(type(m) is nn.Linear for m in layers), part
@@ -67,10 +72,30 @@ def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
         assert torch.equal(a, b), name
 
 
-def test_pipeline_does_not_pack_other_dtypes(pack):
-    pipe = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16")
-    assert not has_packed_linears(pipe.model)
-    assert pack_linears(pipe.model) == 0  # bf16 weights are left alone
+def test_pipeline_packs_bfloat16_for_onednn_where_the_cpu_has_bf16(pack):
+    bf16 = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16")
+    plain = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16", pack_cpu_linears=False)
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not has_packed_linears(bf16.model) and pack_linears(bf16.model) == 0
+        return
+    kernels = {(m.kernel, m.dtype) for m in bf16.model.modules() if isinstance(m, PackedLinear)}
+    assert kernels == {("onednn", torch.bfloat16)}  # never the float32-only AVX2 kernel
+    assert not any(type(m) is nn.Linear for m in bf16.model.modules())
+    prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
+    images = [[_image(0), _image(1)], []]
+    got, expected = bf16.encode(prompts, images), plain.encode(prompts, images)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.02)
+    assert unpack_linears(bf16.model) > 0
+    for (name, a), (_, b) in zip(sorted(bf16.model.state_dict().items()), sorted(plain.model.state_dict().items())):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+
+
+def test_float16_weights_are_not_packed():
+    model = nn.Sequential(nn.Linear(8, 8)).half()
+    assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
+    with pytest.raises(DeviceError, match="does not pack torch.float16"):
+        PackedLinear(model[0])
 
 
 # --- the opt-in AVX2 few-row kernel (csrc/few_row_linear.cpp), built by torch.utils.cpp_extension ---
@@ -170,3 +195,48 @@ def test_avx2_kernel_unavailable_is_a_clear_error(monkeypatch):
     assert "no AVX2" in cpu_linear.avx2_kernel_unavailable_reason()
     with pytest.raises(DeviceError, match="Unknown cpu_kernel 'fast'"):
         PackedLinear(nn.Linear(8, 8), kernel="fast")
+
+
+def test_auto_kernel_is_avx2_where_it_builds_else_onednn(monkeypatch, caplog):
+    from kosmosg_core import cpu_linear
+    from kosmosg_core.errors import DeviceError
+
+    expected = "avx2" if cpu_linear.avx2_kernel_unavailable_reason() is None else "onednn"
+    assert cpu_linear.resolve_cpu_kernel("auto") == expected
+    assert cpu_linear.resolve_cpu_kernel("onednn") == "onednn"
+    with pytest.raises(DeviceError, match="Unknown cpu_kernel 'fast'"):
+        cpu_linear.resolve_cpu_kernel("fast")
+    # unavailable: oneDNN, said in the log, no error
+    monkeypatch.setattr(cpu_linear, "avx2_kernel_unavailable_reason", lambda: "ninja is not installed (pip install ninja)")
+    with caplog.at_level("INFO", logger="kosmosg_core.cpu_linear"):
+        assert cpu_linear.resolve_cpu_kernel("auto") == "onednn"
+    assert "ninja is not installed" in caplog.text
+    # a failed build: oneDNN with a warning, and the build is not retried
+    calls = []
+
+    def failing_build(avx512vl):
+        calls.append(avx512vl)
+        raise DeviceError("cpu_kernel='avx2': building few_row_linear.cpp failed (no Python.h). Use cpu_kernel='onednn'.")
+
+    monkeypatch.setattr(cpu_linear, "avx2_kernel_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpu_linear, "_avx2_module", None)
+    monkeypatch.setattr(cpu_linear, "_avx2_build_error", None)
+    monkeypatch.setattr(cpu_linear, "_build_avx2_kernel", failing_build)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kosmosg_core.cpu_linear"):
+        model = nn.Sequential(nn.Linear(8, 8))
+        assert pack_linears(model) == 1 and model[0].kernel == "onednn"
+        assert cpu_linear.resolve_cpu_kernel("auto") == "onednn"
+    assert "no Python.h" in caplog.text and len(calls) == 1
+    with pytest.raises(DeviceError, match="no Python.h"):  # asked for explicitly: the clear error
+        pack_linears(nn.Sequential(nn.Linear(8, 8)), kernel="avx2")
+
+
+@x86_only
+def test_pipeline_defaults_to_the_avx2_kernel_where_it_builds(pack):
+    from kosmosg_core import cpu_linear
+
+    assert cpu_linear.avx2_kernel_unavailable_reason() is None  # the test machines can build it
+    pipe = KosmosGPipeline.from_checkpoint(pack[0])
+    assert {m.kernel for part in FEW_ROW_PARTS for m in getattr(pipe.model, part).modules()
+            if isinstance(m, PackedLinear)} == {"avx2"}

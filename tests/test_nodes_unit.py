@@ -38,7 +38,8 @@ def _import_pack(name: str = "kosmosg_pack"):
 
 
 pack = _import_pack()
-from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears  # noqa: E402  (the pack's own classes)
+from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears, packs_dtype  # noqa: E402  (the pack's own classes)
+from kosmosg_pack.kosmosg_core.pipeline import KosmosGPipeline  # noqa: E402
 from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
 from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
 from kosmosg_pack.nodes import encode, model_management, paths  # noqa: E402
@@ -166,9 +167,13 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is model
     bf16 = KosmosGLoader.execute(converted, dtype="bf16", device="cpu").result[0]
     assert bf16.pipeline.dtype == torch.bfloat16
-    # fp32 on a CPU load device: oneDNN-packed linear layers; the patcher still counts every weight
-    assert has_packed_linears(model.pipeline.model) and not has_packed_linears(bf16.pipeline.model)
-    assert model.patcher.model_size() == sum(t.numel() * t.element_size() for t in bf16.pipeline.model.state_dict().values()) * 2
+    # on a CPU load device, fp32 (and bf16 where the CPU has native bf16) get packed linear layers;
+    # the patcher still counts every weight
+    assert has_packed_linears(model.pipeline.model)
+    assert has_packed_linears(bf16.pipeline.model) == packs_dtype(torch.bfloat16)
+    plain = KosmosGPipeline.from_checkpoint(kosmosg_dir / converted, pack_cpu_linears=False).model
+    fp32_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    assert model.patcher.model_size() == fp32_bytes and bf16.patcher.model_size() == fp32_bytes // 2
     before = KosmosGLoader.fingerprint_inputs(converted, "auto", "cpu")
     path = kosmosg_dir / converted
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
