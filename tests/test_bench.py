@@ -27,6 +27,8 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
     for case in results["cases"]:
         assert case["seconds"] > 0 and case["flops"] > 0 and case["limit_seconds"] > 0
         assert case["ratio_to_limit"] == pytest.approx(case["seconds"] / case["limit_seconds"])
+        assert 0 < case["best_seconds"] <= case["seconds"]
+        assert case["best_ratio_to_limit"] == pytest.approx(case["best_seconds"] / case["limit_seconds"])
         assert case["linear_layers"] == cpu_linear
         assert (case["pack_seconds"] is not None) == (cpu_linear != "default")
         if case["case"] == "text-only":
