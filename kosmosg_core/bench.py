@@ -6,10 +6,10 @@ Everything printed is measured in this run on this machine:
 - yardstick (b): the SD1.5 CLIP text encoder's forward (transformers `CLIPTextModel`, random weights);
 - encode: the median of `--repeats` fresh encodes ("ratio": against the limit, which is built
   from the yardsticks' best runs, so the strict comparison) and their best ("best": like for like);
-- `--cpu-linear` picks the CPU linear layers, several in one run: packed (oneDNN-packed weights;
-  float32, and bfloat16 where the CPU has native bf16), avx2 (the AVX2 few-row kernel in the
-  decoder and aligner, oneDNN in the vision tower and connector; what the pipeline's
-  cpu_kernel="auto" gives where the kernel builds; float32 only), default (torch's own matmul);
+- `--cpu-linear` picks the CPU linear layers, several in one run: auto (the default: what the
+  pipeline runs here), packed (oneDNN-packed weights; float32, and bfloat16 where the CPU has
+  native bf16), avx2 (the AVX2 few-row kernel in the decoder and aligner, oneDNN in the vision
+  tower and connector; float32 only), default (torch's own matmul);
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import KosmosGConfig
-from .cpu_linear import cpu_packing_available, packs_dtype
+from .cpu_linear import cpu_packing_available, packs_dtype, resolve_cpu_kernel
 
 SIZES = {
     "official": KosmosGConfig.official,
@@ -326,6 +326,14 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     return cases
 
 
+def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
+    """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; the AVX2 kernel is
+    float32-only, so bfloat16 runs oneDNN ("packed") for it."""
+    if name == "auto":
+        name = "avx2" if dtype == torch.float32 and resolve_cpu_kernel("auto") == "avx2" else "packed"
+    return "packed" if name == "avx2" and dtype != torch.float32 else name
+
+
 def run_benchmark(args) -> dict:
     from .pipeline import resolve_device, resolve_dtype
 
@@ -363,7 +371,8 @@ def run_benchmark(args) -> dict:
             # the CPU kernels side by side in one run (same yardsticks); the AVX2 kernel is float32-only
             kernels = ["default"]
             if device.type == "cpu" and packs_dtype(dtype):
-                kernels = [k for k in args.cpu_linear.split(",") if dtype == torch.float32 or k != "avx2"] or ["packed"]
+                kernels = [_resolve_cpu_linear(k, dtype) for k in args.cpu_linear.split(",")]
+                kernels = list(dict.fromkeys(kernels))  # once each, in the order given
             for cpu_linear in kernels:
                 results["cases"] += time_encode_cases(cfg, dtype, device, images, rate, bandwidth, cpu_linear, args)
     finally:

@@ -18,10 +18,10 @@ DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
 
 def _cpu_linear_list(text: str) -> str:
-    unknown = [k for k in text.split(",") if k not in ("packed", "avx2", "default")]
+    unknown = [k for k in text.split(",") if k not in ("auto", "packed", "avx2", "default")]
     if unknown or not text:
-        raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use packed, "
-                                         "avx2, default or a comma list of them")
+        raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use auto, "
+                                         "packed, avx2, default or a comma list of them")
     return text
 
 
@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
-    p.add_argument("--cpu-linear", default="packed", type=_cpu_linear_list,
-                   help="float32 on the CPU, a comma list of: packed (oneDNN-packed linear layers, what the "
-                        "pipeline does there), avx2 (the opt-in AVX2 few-row kernel in the decoder and aligner), "
+    p.add_argument("--cpu-linear", default="auto", type=_cpu_linear_list,
+                   help="on the CPU, a comma list of: auto (default: what the pipeline runs here, avx2 where that "
+                        "kernel builds, else packed), packed (oneDNN-packed linear layers; float32, and bfloat16 "
+                        "where the CPU has native bf16), avx2 (the AVX2 few-row kernel in the decoder and aligner, "
+                        "the pipeline's default where it builds; float32 only), "
                         "default (torch's matmul everywhere); e.g. packed,avx2 times both in one run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")

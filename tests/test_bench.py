@@ -74,15 +74,17 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
 @pytest.mark.slow
 def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
     main(["bench", "--size", "tiny", "--dtypes", "float32,bfloat16", "--repeats", "1", "--threads", "1",
-          "--cases", "text-only", "--cpu-linear", "packed,default", "--json", str(tmp_path / "b.json"),
+          "--cases", "text-only", "--cpu-linear", "auto,packed,default", "--json", str(tmp_path / "b.json"),
           "--workdir", str(tmp_path / "work")])
     results = json.loads((tmp_path / "b.json").read_text())
-    # once per kernel and dtype, with the same yardsticks; bf16 packed only where the CPU has native bf16
-    from kosmosg_core.cpu_linear import packs_dtype
+    # once per kernel and dtype, with the same yardsticks: auto = what the pipeline runs here (the
+    # AVX2 kernel where it builds; for bf16 oneDNN, where the CPU has native bf16)
+    from kosmosg_core.cpu_linear import avx2_kernel_unavailable_reason, packs_dtype
 
+    fp32 = [("float32", "avx2")] if avx2_kernel_unavailable_reason() is None else []
+    fp32 += [("float32", "packed"), ("float32", "default")]
     bf16 = [("bfloat16", "packed"), ("bfloat16", "default")] if packs_dtype(torch.bfloat16) else [("bfloat16", "default")]
-    assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == [
-        ("float32", "packed"), ("float32", "default"), *bf16]
+    assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == fp32 + bf16
     assert "decoder and aligner for oneDNN, vision and connector for oneDNN" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
