@@ -136,7 +136,9 @@ def packs_dtype(dtype: torch.dtype) -> bool:
     ~320 vs ~175 GFLOP/s plain `F.linear`, identical outputs); float16 never."""
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and cpu_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ops = torch.ops.mkldnn
+    return (dtype == torch.bfloat16 and cpu_packing_available() and hasattr(ops, "_is_mkldnn_bf16_supported")
+            and ops._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
