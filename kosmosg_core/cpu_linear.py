@@ -47,7 +47,9 @@ def cpu_packing_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-CPU_KERNELS = ("onednn", "avx2")  # what a PackedLinear runs; "auto" resolves to one of them
+# What a PackedLinear runs, and the weight dtypes each packs; "auto" resolves to one of them.
+KERNEL_DTYPES = {"onednn": (torch.float32, torch.bfloat16), "avx2": (torch.float32,)}
+CPU_KERNELS = tuple(KERNEL_DTYPES)
 _AVX2_SOURCE = Path(__file__).resolve().parent / "csrc" / "few_row_linear.cpp"
 _avx2_module = None
 _avx2_build_error: DeviceError | None = None  # a failed build is not retried in this process
@@ -153,7 +155,7 @@ class PackedLinear(nn.Module):
         if kernel not in CPU_KERNELS:
             raise DeviceError(f"Unknown cpu_kernel {kernel!r}: use one of {', '.join(CPU_KERNELS)}.")
         weight = linear.weight.detach()
-        if weight.dtype != torch.float32 and not (kernel == "onednn" and weight.dtype == torch.bfloat16):
+        if weight.dtype not in KERNEL_DTYPES[kernel]:
             raise DeviceError(f"cpu_kernel {kernel!r} does not pack {weight.dtype} weights (see cpu_linear.packs_dtype).")
         self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
         self.dtype = weight.dtype
@@ -218,7 +220,7 @@ def pack_linears(model: nn.Module, kernel: str = "auto") -> int:
         nonlocal float32_kernel
         if type(child) is not nn.Linear or child.weight.device.type != "cpu" or not packs_dtype(child.weight.dtype):
             return None
-        if child.weight.dtype == torch.bfloat16:
+        if child.weight.dtype != torch.float32:  # bfloat16: oneDNN only (KERNEL_DTYPES)
             return PackedLinear(child, "onednn")
         if float32_kernel is None:
             float32_kernel = resolve_cpu_kernel(kernel)
