@@ -8,8 +8,8 @@ Everything printed is measured in this run on this machine:
   from the yardsticks' best runs, so the strict comparison) and their best ("best": like for like);
 - `--cpu-linear` picks the CPU linear layers, several in one run: auto (the default: what the
   pipeline runs here), packed (oneDNN-packed weights; float32, and bfloat16 where the CPU has
-  native bf16), avx2 (the AVX2 few-row kernel in the decoder and aligner, oneDNN in the vision
-  tower and connector; float32 only), default (torch's own matmul);
+  native bf16), few-row (the few-row kernel in the layers that multiply the prompt's tokens,
+  oneDNN in the others; bfloat16 where the CPU has AVX512-BF16), default (torch's own matmul);
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
   subprocess, with peak RSS above the process's post-import baseline.
 Weights are random (no download); speed does not depend on their values.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import KosmosGConfig
-from .cpu_linear import cpu_packing_available, packs_dtype, resolve_cpu_kernel
+from .cpu_linear import cpu_packing_available, kernel_runs_dtype, packs_dtype, resolve_cpu_kernel
 
 SIZES = {
     "official": KosmosGConfig.official,
@@ -279,7 +279,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
         from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
-        pack_for_cpu_encode(model, kernel="avx2" if cpu_linear == "avx2" else "onednn")
+        pack_for_cpu_encode(model, kernel="few-row" if cpu_linear == "few-row" else "onednn")
         pack_seconds = time.perf_counter() - start
     pipe = _tiny_tokenizer_pipeline(model, cfg)
     cases = []
@@ -327,11 +327,11 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
 
 
 def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
-    """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; the AVX2 kernel is
-    float32-only, so bfloat16 runs oneDNN ("packed") for it."""
+    """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; where the few-row
+    kernel does not run this dtype, oneDNN ("packed") runs for it, as in the pipeline."""
     if name == "auto":
-        name = "avx2" if dtype == torch.float32 and resolve_cpu_kernel("auto") == "avx2" else "packed"
-    return "packed" if name == "avx2" and dtype != torch.float32 else name
+        name = "few-row" if resolve_cpu_kernel("auto") == "few-row" else "packed"
+    return "packed" if name == "few-row" and not kernel_runs_dtype("few-row", dtype) else name
 
 
 def run_benchmark(args) -> dict:
@@ -368,7 +368,7 @@ def run_benchmark(args) -> dict:
         for dtype in dtypes:
             rate = measure_matmul_rate(dtype, device)
             results["yardsticks"][f"matmul_TFLOPs_{str(dtype).split('.')[-1]}"] = rate / 1e12
-            # the CPU kernels side by side in one run (same yardsticks); the AVX2 kernel is float32-only
+            # the CPU kernels side by side in one run (same yardsticks)
             kernels = ["default"]
             if device.type == "cpu" and packs_dtype(dtype):
                 kernels = [_resolve_cpu_linear(k, dtype) for k in args.cpu_linear.split(",")]
@@ -393,11 +393,10 @@ def print_table(results: dict) -> None:
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
           f"time ratio {load['safetensors_over_pt_time']:.2f}")
-    kernels = {"packed": "decoder and aligner for oneDNN", "avx2": "decoder and aligner for the AVX2 few-row kernel"}
+    kernels = {"packed": "all for oneDNN", "few-row": "prompt-token layers for the few-row kernel, others for oneDNN"}
     packing = {(c["dtype"], c["linear_layers"]): c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
     for (dtype, kernel), seconds in packing.items():
-        print(f"{dtype}: linear weights packed once after loading ({kernels[kernel]}, vision and connector for "
-              f"oneDNN), {seconds:.2f} s")
+        print(f"{dtype}: linear weights packed once after loading ({kernels[kernel]}), {seconds:.2f} s")
     header = (f"{'case':<10} {'dtype':<9} {'linear':<8} {'tokens':>6} {'GFLOP':>7} {'encode s':>9} {'limit s':>8} {'ratio':>6} {'best':>5} "
               f"{'cached s':>9} {'speedup':>8} {'CLIP-text s':>11}")
     print(header)

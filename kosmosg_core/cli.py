@@ -18,10 +18,10 @@ DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
 
 def _cpu_linear_list(text: str) -> str:
-    unknown = [k for k in text.split(",") if k not in ("auto", "packed", "avx2", "default")]
+    unknown = [k for k in text.split(",") if k not in ("auto", "packed", "few-row", "default")]
     if unknown or not text:
         raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use auto, "
-                                         "packed, avx2, default or a comma list of them")
+                                         "packed, few-row, default or a comma list of them")
     return text
 
 
@@ -99,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--cpu-kernel", default="auto", choices=["auto", "onednn", "avx2"],
-                   help="float32 on the CPU, the decoder's and aligner's kernel: the AVX2 few-row kernel, faster "
-                        "on short prompts (built once on first use: needs a C++ compiler and ninja), or oneDNN; "
-                        "auto (default) = AVX2 where it builds, else oneDNN")
+    p.add_argument("--cpu-kernel", default="auto", choices=["auto", "onednn", "few-row"],
+                   help="on the CPU, the kernel of the layers that multiply the prompt's tokens (decoder, aligner "
+                        "input): this package's few-row kernel, faster on short prompts (float32 with AVX2, bfloat16 "
+                        "with AVX512-BF16; built once on first use: needs a C++ compiler and ninja), or oneDNN; "
+                        "auto (default) = few-row where it builds, else oneDNN")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside)")
@@ -147,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--cpu-linear", default="auto", type=_cpu_linear_list,
-                   help="on the CPU, a comma list of: auto (default: what the pipeline runs here, avx2 where that "
-                        "kernel builds, else packed), packed (oneDNN-packed linear layers; float32, and bfloat16 "
-                        "where the CPU has native bf16), avx2 (the AVX2 few-row kernel in the decoder and aligner, "
-                        "the pipeline's default where it builds; float32 only), "
-                        "default (torch's matmul everywhere); e.g. packed,avx2 times both in one run")
+                   help="on the CPU, a comma list of: auto (default: what the pipeline runs here, few-row where "
+                        "that kernel builds, else packed), packed (oneDNN-packed linear layers; float32, and bfloat16 "
+                        "where the CPU has native bf16), few-row (the few-row kernel in the layers that multiply the "
+                        "prompt's tokens, oneDNN in the others; the pipeline's default where it builds; bfloat16 "
+                        "where the CPU has AVX512-BF16), default (torch's matmul everywhere); e.g. packed,few-row "
+                        "times both in one run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")
     p.set_defaults(func=cmd_bench)

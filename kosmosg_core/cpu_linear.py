@@ -1,22 +1,23 @@
 """CPU inference fast paths: `nn.Linear` layers with weights pre-packed for a faster kernel.
 
-Why: the MLLM decoder and the aligner multiply few rows (the prompt's 10-300 tokens, the 77
-queries) by large weights (2048 x 8192 in the MLLM). On the CPUs this project is benchmarked on,
-PyTorch's default float32 CPU matmul runs such few-row products far below the machine's
-square-matmul rate. Two kernels for these few-row parts, chosen by `cpu_kernel` ("auto", the
-default, takes the AVX2 kernel where it builds, else oneDNN, and never fails):
+Why: the MLLM decoder and the aligner's input encoder multiply few rows (the prompt's 10-300
+tokens) by large weights (2048 x 8192 in the MLLM). On the CPUs this project is benchmarked on,
+PyTorch's default CPU matmul runs such few-row products far below the machine's square-matmul
+rate. Two kernels for the layers that multiply the prompt's tokens, chosen by `cpu_kernel`
+("auto", the default, takes the few-row kernel where it builds, else oneDNN, and never fails):
 - "onednn": oneDNN, given weights reordered once into its blocked layout (official size,
   2 threads, 11 tokens: decoder 0.41 s vs 0.91 s default). Ships with PyTorch.
-- "avx2": this package's own AVX2 kernel (`csrc/few_row_linear.cpp`), which overlaps
-  streaming the weights with computing (the decoder's products at 11 rows, official shapes:
-  ~150-180 vs ~125-160 GFLOP/s oneDNN; 75-77 rows within 5 %; 205 rows ~5 % slower). Built on
-  first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s once, then
-  cached by torch).
-The vision tower and the connector multiply 257 rows per image; there oneDNN's packed weights
-are used with either kernel (alternating A/B, 2026-12-06: 1 image 0.93-0.95 s vs 1.04-1.06 s
-default, 3 images 2.71-2.83 s vs 2.96-3.00 s; the AVX2 kernel 0.98-1.00 / 2.98-3.09 s).
-The products are the same up to float32 rounding (~1e-5).
-bfloat16 weights are packed for oneDNN where the CPU has native bf16 (`packs_dtype`).
+- "few-row": this package's own kernel (`csrc/few_row_linear.cpp`), which overlaps streaming the
+  weights with computing. float32 on AVX2 CPUs (the decoder's products at 11 rows, official
+  shapes: ~150-180 vs ~125-160 GFLOP/s oneDNN; 75 rows within 5 %; 205 rows ~5 % slower);
+  bfloat16 where the CPU has AVX512-BF16 (11 rows: ~260-330 vs ~150-260 GFLOP/s oneDNN, in the same
+  runs). Built on first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s
+  once, then cached by torch).
+Layers that multiply a fixed, larger number of rows get oneDNN with either choice: the vision
+tower and connector (257 rows per image; alternating A/B, 2026-12-06: 3 images 2.71-2.83 s vs
+2.96-3.00 s default, the few-row kernel 2.98-3.09 s) and the aligner's 77-query layers (bfloat16
+at 77 rows: oneDNN ~390-430 vs ~280-380 GFLOP/s few-row). The products are the same up to
+rounding (float32 ~1e-5; bfloat16 both accumulate in float32 and round once).
 
 Inference only: float32 or bfloat16 on the CPU, no gradients. A packed layer keeps no dense copy of its
 weight (the model's memory stays the same); `unpack_linears` restores plain `nn.Linear` layers,
@@ -47,16 +48,14 @@ def cpu_packing_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-# What a PackedLinear runs, and the weight dtypes each packs; "auto" resolves to one of them.
-KERNEL_DTYPES = {"onednn": (torch.float32, torch.bfloat16), "avx2": (torch.float32,)}
-CPU_KERNELS = tuple(KERNEL_DTYPES)
-_AVX2_SOURCE = Path(__file__).resolve().parent / "csrc" / "few_row_linear.cpp"
-_avx2_module = None
-_avx2_build_error: DeviceError | None = None  # a failed build is not retried in this process
+CPU_KERNELS = ("onednn", "few-row")  # what a PackedLinear runs; "auto" resolves to one of them
+_FEW_ROW_SOURCE = Path(__file__).resolve().parent / "csrc" / "few_row_linear.cpp"
+_few_row_module = None
+_few_row_build_error: DeviceError | None = None  # a failed build is not retried in this process
 
 
-def avx2_kernel_unavailable_reason() -> str | None:
-    """None when the AVX2 kernel can be built here, else why not (and what would fix it)."""
+def few_row_kernel_unavailable_reason() -> str | None:
+    """None when the few-row kernel can be built here, else why not (and what would fix it)."""
     from torch.utils import cpp_extension
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -73,90 +72,122 @@ def avx2_kernel_unavailable_reason() -> str | None:
     return None
 
 
-def _cpu_has_avx512vl() -> bool:
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Instruction-set builds of the few-row kernel: compiler flags per build, best first.
+FEW_ROW_BUILDS = {
+    "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512bf16"],  # + bfloat16
+    "avx512vl": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"],  # 32 vector registers: 12-row tiles
+    "avx2": ["-mavx2", "-mfma"],  # 16 vector registers: 6-row tiles
+}
+
+
+def few_row_build_for_this_cpu() -> str:
+    """The best `FEW_ROW_BUILDS` entry this CPU runs (call after `few_row_kernel_unavailable_reason`)."""
     # PyTorch reports "AVX512" only for CPUs with AVX-512 F/BW/VL/DQ (its own AVX512 kernels need them)
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return "avx2"
+    return "avx512bf16" if "avx512_bf16" in _cpu_flags() else "avx512vl"
 
 
-def _build_avx2_kernel(avx512vl: bool):
-    """Compile (or take from torch's cache) `csrc/few_row_linear.cpp`; with `avx512vl` the kernel
-    gets 32 vector registers and a 12-row register tile, without it 16 registers and 6 rows."""
+def _build_few_row_kernel(build: str):
+    """Compile (or take from torch's cache) `csrc/few_row_linear.cpp` with `FEW_ROW_BUILDS[build]`."""
     from torch.utils.cpp_extension import load
 
-    isa_flags = ["-mavx2", "-mfma"] + (["-mavx512f", "-mavx512vl"] if avx512vl else [])
-    name = "kosmosg_few_row_linear" + ("_avx512vl" if avx512vl else "_avx2")
-    logger.info("Kosmos-G: building the AVX2 few-row linear kernel (%s; once, cached by torch)", name)
+    name = f"kosmosg_few_row_linear_{build}"
+    logger.info("Kosmos-G: building the few-row linear kernel (%s; once, cached by torch)", name)
     try:
         # OpenMP: at::parallel_for is inlined into the extension and runs on one thread without it
-        return load(name=name, sources=[str(_AVX2_SOURCE)], extra_cflags=["-O3", "-fopenmp", *isa_flags],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name=name, sources=[str(_FEW_ROW_SOURCE)], verbose=False,
+                    extra_cflags=["-O3", "-fopenmp", *FEW_ROW_BUILDS[build]], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a compiler / linker failure: its log is in the message
-        raise DeviceError(f"cpu_kernel='avx2': building {_AVX2_SOURCE.name} failed ({error}). "
+        raise DeviceError(f"cpu_kernel='few-row': building {_FEW_ROW_SOURCE.name} ({build}) failed ({error}). "
                           "Use cpu_kernel='onednn'.") from error
 
 
-def load_avx2_kernel():
-    """Build (first call only; torch caches the build) and import the AVX2 few-row kernel, with the
-    12-row tile where the CPU has AVX-512VL."""
-    global _avx2_module, _avx2_build_error
-    if _avx2_module is None:
-        reason = avx2_kernel_unavailable_reason()
+def load_few_row_kernel():
+    """Build (first call only; torch caches the build) and import the few-row kernel, the best build
+    for this CPU (`few_row_build_for_this_cpu`)."""
+    global _few_row_module, _few_row_build_error
+    if _few_row_module is None:
+        reason = few_row_kernel_unavailable_reason()
         if reason is not None:
-            raise DeviceError(f"cpu_kernel='avx2' is unavailable: {reason}. Use cpu_kernel='onednn'.")
-        if _avx2_build_error is not None:
-            raise _avx2_build_error
+            raise DeviceError(f"cpu_kernel='few-row' is unavailable: {reason}. Use cpu_kernel='onednn'.")
+        if _few_row_build_error is not None:
+            raise _few_row_build_error
         try:
-            _avx2_module = _build_avx2_kernel(avx512vl=_cpu_has_avx512vl())
+            _few_row_module = _build_few_row_kernel(few_row_build_for_this_cpu())
         except DeviceError as error:
-            _avx2_build_error = error
+            _few_row_build_error = error
             raise
-    return _avx2_module
+    return _few_row_module
 
 
 def resolve_cpu_kernel(kernel: str) -> str:
-    """"auto" -> "avx2" when the AVX2 kernel is built or builds here, else "onednn" (logged, never
-    an error: both give the same products); "onednn" / "avx2" are returned as they are."""
+    """"auto" -> "few-row" when the few-row kernel is built or builds here, else "onednn" (logged,
+    never an error: both give the same products); "onednn" / "few-row" are returned as they are."""
     if kernel != "auto":
         if kernel not in CPU_KERNELS:
             raise DeviceError(f"Unknown cpu_kernel {kernel!r}: use auto, {', '.join(CPU_KERNELS)}.")
         return kernel
-    reason = avx2_kernel_unavailable_reason()
+    reason = few_row_kernel_unavailable_reason()
     if reason is not None:
-        logger.info("Kosmos-G: using oneDNN for the CPU linear layers (the AVX2 kernel is unavailable: %s)", reason)
+        logger.info("Kosmos-G: using oneDNN for the CPU linear layers (the few-row kernel is unavailable: %s)", reason)
         return "onednn"
     try:
-        load_avx2_kernel()
+        load_few_row_kernel()
     except DeviceError as error:
         logger.warning("Kosmos-G: using oneDNN for the CPU linear layers: %s", error)
         return "onednn"
-    return "avx2"
+    return "few-row"
+
+
+def _onednn_has_native_bf16() -> bool:
+    ops = torch.ops.mkldnn
+    return cpu_packing_available() and hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
 
 
 def packs_dtype(dtype: torch.dtype) -> bool:
-    """Whether CPU weights of this dtype get packed: float32 always (either kernel), bfloat16 for
-    oneDNN where this CPU has native bf16 (AVX512-BF16 / AMX: 11 rows x 2048 x 8192, 2 threads,
-    ~320 vs ~175 GFLOP/s plain `F.linear`, identical outputs); float16 never."""
+    """Whether CPU weights of this dtype get packed: float32 always (either kernel), bfloat16 where
+    this CPU has native bf16 (AVX512-BF16 / AMX: 11 rows x 2048 x 8192, 2 threads, oneDNN ~320 vs
+    ~175 GFLOP/s plain `F.linear`, identical outputs); float16 never."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_has_native_bf16())
+
+
+def kernel_runs_dtype(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether `kernel` runs weights of `dtype` here: both run float32; oneDNN bfloat16 where
+    `packs_dtype` says so, the few-row kernel bfloat16 where its build has AVX512-BF16."""
     if dtype == torch.float32:
         return True
-    ops = torch.ops.mkldnn
-    return (dtype == torch.bfloat16 and cpu_packing_available() and hasattr(ops, "_is_mkldnn_bf16_supported")
-            and ops._is_mkldnn_bf16_supported())
+    if dtype != torch.bfloat16 or not packs_dtype(dtype):
+        return False
+    return kernel == "onednn" or load_few_row_kernel().has_bfloat16()
 
 
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in a kernel's packed layout. Input [..., in_features] on the CPU, in
     the weight's dtype.
 
-    kernel "onednn": oneDNN's blocked layout (float32 or bfloat16); "avx2": panels
-    [ceil(out / 16), in, 16] for `csrc/few_row_linear.cpp` (float32)."""
+    kernel "onednn": oneDNN's blocked layout; "few-row": panels [ceil(out / cols), ceil(in / step),
+    cols, step] for `csrc/few_row_linear.cpp` (float32: 16 columns x 1; bfloat16: 32 x 2)."""
 
     def __init__(self, linear: nn.Linear, kernel: str = "onednn"):
         super().__init__()
         if kernel not in CPU_KERNELS:
             raise DeviceError(f"Unknown cpu_kernel {kernel!r}: use one of {', '.join(CPU_KERNELS)}.")
         weight = linear.weight.detach()
-        if weight.dtype not in KERNEL_DTYPES[kernel]:
-            raise DeviceError(f"cpu_kernel {kernel!r} does not pack {weight.dtype} weights (see cpu_linear.packs_dtype).")
+        if not kernel_runs_dtype(kernel, weight.dtype):
+            raise DeviceError(f"cpu_kernel {kernel!r} does not run {weight.dtype} weights on this CPU "
+                              "(see cpu_linear.kernel_runs_dtype).")
         self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
         self.dtype = weight.dtype
         # A plain attribute, not a parameter/buffer: `Module.to` must not try to move a packed
@@ -164,7 +195,7 @@ class PackedLinear(nn.Module):
         if kernel == "onednn":
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         else:
-            self.packed_weight = load_avx2_kernel().pack_weight(weight.contiguous())
+            self.packed_weight = load_few_row_kernel().pack_weight(weight.contiguous())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,14 +205,16 @@ class PackedLinear(nn.Module):
         if self.kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features).contiguous()  # [M, in]
-        y = load_avx2_kernel().linear(rows, self.packed_weight, self.out_features, self.bias)
+        y = load_few_row_kernel().linear(rows, self.packed_weight, self.out_features, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight [out, in] back from the packed layout."""
         if self.kernel == "onednn":
             return self.packed_weight.to_dense()
-        return self.packed_weight.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
+        panels, steps, cols, step = self.packed_weight.shape
+        dense = self.packed_weight.permute(0, 2, 1, 3).reshape(panels * cols, steps * step)  # padded [out, in]
+        return dense[:self.out_features, :self.in_features]
 
     def to_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype)
@@ -196,56 +229,64 @@ class PackedLinear(nn.Module):
                 f"dtype={self.dtype}, kernel={self.kernel}")
 
 
-def _replace_children(module: nn.Module, convert) -> int:
+def _replace_children(module: nn.Module, convert, prefix: str = "") -> int:
+    """Replace each descendant for which `convert(qualified_name, child)` returns a module -> how many."""
     count = 0
     for name, child in module.named_children():
-        new = convert(child)
+        new = convert(prefix + name, child)
         if new is not None:
             setattr(module, name, new)
             count += 1
         else:
-            count += _replace_children(child, convert)
+            count += _replace_children(child, convert, prefix + name + ".")
     return count
 
 
-def pack_linears(model: nn.Module, kernel: str = "auto") -> int:
+def pack_linears(model: nn.Module, kernel: str = "auto", layers=None) -> int:
     """Replace every CPU `nn.Linear` of a dtype that `packs_dtype` accepts by a `PackedLinear` (in
-    place) -> how many. float32 layers get `kernel` (see `resolve_cpu_kernel`), bfloat16 ones oneDNN.
+    place) -> how many. Layers get `kernel` (see `resolve_cpu_kernel`) where it runs their dtype
+    (`kernel_runs_dtype`), else oneDNN. `layers`: if given, a predicate on a layer's qualified name
+    in `model` (e.g. "decoder.layers.0.fc1"); only the layers it accepts are packed.
 
-    Where this PyTorch has no oneDNN packing, oneDNN layers stay as they are; kernel "avx2" raises
+    Where this PyTorch has no oneDNN packing, oneDNN layers stay as they are; kernel "few-row" raises
     `DeviceError` with the reason when its kernel cannot be built here."""
-    float32_kernel = None  # resolved at the first float32 layer: a bf16 model never builds the AVX2 kernel
+    resolved = None  # resolved at the first packable layer: a model with none never builds the kernel
 
-    def convert(child):
-        nonlocal float32_kernel
+    def convert(name, child):
+        nonlocal resolved
         if type(child) is not nn.Linear or child.weight.device.type != "cpu" or not packs_dtype(child.weight.dtype):
             return None
-        if child.weight.dtype != torch.float32:  # bfloat16: oneDNN only (KERNEL_DTYPES)
-            return PackedLinear(child, "onednn")
-        if float32_kernel is None:
-            float32_kernel = resolve_cpu_kernel(kernel)
-        if float32_kernel == "onednn" and not cpu_packing_available():
+        if layers is not None and not layers(name):
             return None
-        return PackedLinear(child, float32_kernel)
+        if resolved is None:
+            resolved = resolve_cpu_kernel(kernel)
+        layer_kernel = resolved if kernel_runs_dtype(resolved, child.weight.dtype) else "onednn"
+        if layer_kernel == "onednn" and not cpu_packing_available():
+            return None
+        return PackedLinear(child, layer_kernel)
 
     with torch.no_grad():
         return _replace_children(model, convert)
 
 
-FEW_ROW_PARTS = ("decoder", "aligner")  # prompt tokens, 77 queries: packed for `cpu_kernel`
-IMAGE_PARTS = ("vision", "connector")  # 257 rows per image: packed for oneDNN (see above)
+def multiplies_prompt_tokens(name: str) -> bool:
+    """Whether the linear layer `name` of a `KosmosG` multiplies the prompt's tokens (10-300 rows):
+    those of the MLLM decoder, of the aligner's input encoder and the key/value projections of the
+    aligner queries' cross-attention. Every other layer multiplies a fixed, larger number of rows:
+    257 per image (vision tower, connector) or the aligner's 77 queries."""
+    return (name.startswith(("decoder.", "aligner.encoder_proj."))
+            or (name.startswith("aligner.encoder.") and name.endswith((".encoder_attn.k_proj", ".encoder_attn.v_proj"))))
 
 
 def pack_for_cpu_encode(model: nn.Module, kernel: str = "auto") -> int:
-    """Pack the linear layers of a `KosmosG` for CPU encodes -> how many: the few-row parts
-    (`FEW_ROW_PARTS`) for `kernel`, the image parts (`IMAGE_PARTS`) for oneDNN."""
-    return (sum(pack_linears(getattr(model, part), kernel) for part in FEW_ROW_PARTS)
-            + sum(pack_linears(getattr(model, part), "onednn") for part in IMAGE_PARTS))
+    """Pack the linear layers of a `KosmosG` for CPU encodes -> how many: those that multiply the
+    prompt's tokens (`multiplies_prompt_tokens`) for `kernel`, all others for oneDNN (faster there)."""
+    return pack_linears(model, kernel, layers=multiplies_prompt_tokens) + pack_linears(model, "onednn")
 
 
 def unpack_linears(model: nn.Module) -> int:
     """Turn every `PackedLinear` back into an `nn.Linear` (in place) -> how many."""
-    return _replace_children(model, lambda child: child.to_linear() if isinstance(child, PackedLinear) else None)
+    return _replace_children(model, lambda name, child: child.to_linear() if isinstance(child, PackedLinear) else None)
 
 
 def has_packed_linears(model: nn.Module) -> bool:

@@ -89,8 +89,9 @@ class KosmosGPipeline:
         pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster encodes on
             the CPU; None = when `device` is the CPU and `dtype` float32, or bfloat16 where the CPU has native
             bf16 (`cpu_linear.packs_dtype`). Leave it off for a model that will be moved to a GPU later.
-        cpu_kernel: the decoder's and aligner's kernel when packing: "auto" (the AVX2 few-row kernel where it
-            builds, else oneDNN), "onednn" or "avx2" (`cpu_linear`); the vision tower and connector use oneDNN."""
+        cpu_kernel: the decoder's and aligner's kernel when packing: "auto" (the few-row kernel where it
+            builds, else oneDNN), "onednn" or "few-row" (`cpu_linear`), for the layers that multiply the prompt's
+            tokens; the others (vision tower, connector, the aligner's 77 queries) use oneDNN."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:

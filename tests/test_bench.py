@@ -17,8 +17,8 @@ def _bench(tmp_path, cpu_linear):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpu_linear", ["packed", "default", pytest.param("avx2", marks=pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="the AVX2 kernel exists for x86-64 CPUs only"))])
+@pytest.mark.parametrize("cpu_linear", ["packed", "default", pytest.param("few-row", marks=pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the few-row kernel exists for x86-64 CPUs only"))])
 def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
     results = _bench(tmp_path, cpu_linear)
     printed = capsys.readouterr().out
@@ -78,14 +78,17 @@ def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
           "--workdir", str(tmp_path / "work")])
     results = json.loads((tmp_path / "b.json").read_text())
     # once per kernel and dtype, with the same yardsticks: auto = what the pipeline runs here (the
-    # AVX2 kernel where it builds; for bf16 oneDNN, where the CPU has native bf16)
-    from kosmosg_core.cpu_linear import avx2_kernel_unavailable_reason, packs_dtype
+    # few-row kernel where it builds and runs the dtype, else oneDNN; bf16 only where the CPU has
+    # native bf16)
+    from kosmosg_core.cpu_linear import kernel_runs_dtype, packs_dtype, resolve_cpu_kernel
 
-    fp32 = [("float32", "avx2")] if avx2_kernel_unavailable_reason() is None else []
+    few_row = resolve_cpu_kernel("auto") == "few-row"
+    fp32 = [("float32", "few-row")] if few_row else []
     fp32 += [("float32", "packed"), ("float32", "default")]
-    bf16 = [("bfloat16", "packed"), ("bfloat16", "default")] if packs_dtype(torch.bfloat16) else [("bfloat16", "default")]
+    bf16 = [("bfloat16", "few-row")] if few_row and kernel_runs_dtype("few-row", torch.bfloat16) else []
+    bf16 += [("bfloat16", "packed"), ("bfloat16", "default")] if packs_dtype(torch.bfloat16) else [("bfloat16", "default")]
     assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == fp32 + bf16
-    assert "decoder and aligner for oneDNN, vision and connector for oneDNN" in capsys.readouterr().out
+    assert "linear weights packed once after loading (all for oneDNN)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
     assert "unknown --cpu-linear fast" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The CPU fast paths: oneDNN-packed and AVX2-kernel linear layers give the same outputs as nn.Linear."""
+"""The CPU fast paths: oneDNN-packed and few-row-kernel linear layers give the same outputs as nn.Linear."""
 
 import platform
 
@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kosmosg_core.cpu_linear import (FEW_ROW_PARTS, IMAGE_PARTS, PackedLinear, cpu_packing_available, has_packed_linears,
-                                     pack_linears, unpack_linears)
+from kosmosg_core import cpu_linear
+from kosmosg_core.cpu_linear import (PackedLinear, cpu_packing_available, has_packed_linears, kernel_runs_dtype,
+                                     multiplies_prompt_tokens, pack_linears, unpack_linears)
 from kosmosg_core.errors import DeviceError
 from kosmosg_core.pipeline import KosmosGPipeline
 from support.tiny_kosmosg import write_tiny_pack
@@ -57,7 +58,7 @@ def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
     assert has_packed_linears(packed.model) and not has_packed_linears(plain.model)
     # every linear layer of all four parts packed, all for oneDNN
-    for part in FEW_ROW_PARTS + IMAGE_PARTS:
+    for part in ("vision", "connector", "decoder", "aligner"):
         layers = list(getattr(packed.model, part).modules())
         assert not any(type(m) is nn.Linear for m in layers), part
         assert {m.kernel for m in layers if isinstance(m, PackedLinear)} == {"onednn"}, part
@@ -72,14 +73,25 @@ def test_pipeline_packs_on_cpu_float32_and_matches_the_unpacked_model(pack):
         assert torch.equal(a, b), name
 
 
-def test_pipeline_packs_bfloat16_for_onednn_where_the_cpu_has_bf16(pack):
+def _kernels_by_rows(model) -> dict[str, set]:
+    """Kernels of the packed layers that multiply the prompt's tokens and of all the others."""
+    kernels = {"prompt tokens": set(), "other": set()}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            kernels["prompt tokens" if multiplies_prompt_tokens(name) else "other"].add((module.kernel, module.dtype))
+    return kernels
+
+
+def test_pipeline_packs_bfloat16_where_the_cpu_has_bf16(pack):
     bf16 = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16")
     plain = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16", pack_cpu_linears=False)
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert not has_packed_linears(bf16.model) and pack_linears(bf16.model) == 0
         return
-    kernels = {(m.kernel, m.dtype) for m in bf16.model.modules() if isinstance(m, PackedLinear)}
-    assert kernels == {("onednn", torch.bfloat16)}  # never the float32-only AVX2 kernel
+    # auto: the few-row kernel where its build runs bf16 (AVX512-BF16), else oneDNN
+    few_row = cpu_linear.resolve_cpu_kernel("auto") == "few-row" and kernel_runs_dtype("few-row", torch.bfloat16)
+    assert _kernels_by_rows(bf16.model) == {"prompt tokens": {("few-row" if few_row else "onednn", torch.bfloat16)},
+                                            "other": {("onednn", torch.bfloat16)}}
     assert not any(type(m) is nn.Linear for m in bf16.model.modules())
     prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
     images = [[_image(0), _image(1)], []]
@@ -94,26 +106,26 @@ def test_pipeline_packs_bfloat16_for_onednn_where_the_cpu_has_bf16(pack):
 def test_float16_weights_are_not_packed():
     model = nn.Sequential(nn.Linear(8, 8)).half()
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
-    with pytest.raises(DeviceError, match="does not pack torch.float16"):
+    with pytest.raises(DeviceError, match="does not run torch.float16"):
         PackedLinear(model[0])
 
 
-# --- the opt-in AVX2 few-row kernel (csrc/few_row_linear.cpp), built by torch.utils.cpp_extension ---
+# --- the few-row kernel (csrc/few_row_linear.cpp), built by torch.utils.cpp_extension ---
 x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                              reason="the AVX2 kernel exists for x86-64 CPUs only")
+                              reason="the few-row kernel exists for x86-64 CPUs only")
 
 
 @x86_only
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
 @pytest.mark.parametrize("in_features,out_features", [(3, 16), (600, 40), (2100, 17)])
-def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
-    # 2-80 rows across the 6- and 12-row register tiles, depths across the 2048-k chunks, widths
+def test_few_row_linear_matches_linear(rows, in_features, out_features, bias):
+    # 2-80 rows across the 6- and 12-row register tiles, depths across the 128 KiB chunks, widths
     # not multiples of 16
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(2, rows, in_features)
-    packed = PackedLinear(linear, kernel="avx2")
+    packed = PackedLinear(linear, kernel="few-row")
     with torch.inference_mode():
         expected, got = linear(x), packed(x)
     assert got.shape == expected.shape == (2, rows, out_features)
@@ -123,17 +135,50 @@ def test_avx2_linear_matches_linear(rows, in_features, out_features, bias):
         packed(x.double())
 
 
-@x86_only
-@pytest.mark.parametrize("avx512vl", [False, True])
-def test_both_register_tile_builds_match_linear(avx512vl):
-    from kosmosg_core import cpu_linear
+def _assert_bf16_products_match(got: torch.Tensor, x: torch.Tensor, linear: nn.Linear):
+    """bf16 products: float32 accumulation rounded once, so within one bf16 rounding step (2^-8
+    relative) of the float32 product of the same bf16 values."""
+    exact = torch.nn.functional.linear(x.float(), linear.weight.float(),
+                                       None if linear.bias is None else linear.bias.float())
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert torch.all((got.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5)
 
-    if avx512vl and not cpu_linear._cpu_has_avx512vl():
-        pytest.skip("the 12-row build needs a CPU with AVX-512VL")
-    kernel = cpu_linear._build_avx2_kernel(avx512vl=avx512vl)
-    assert kernel.tile_rows() == (12 if avx512vl else 6)
-    if avx512vl:  # the CPU's own build is the 12-row one
-        assert cpu_linear.load_avx2_kernel().tile_rows() == 12
+
+def _few_row_runs_bf16() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and cpu_linear.few_row_build_for_this_cpu() == "avx512bf16" and kernel_runs_dtype("few-row", torch.bfloat16))
+
+
+@pytest.mark.skipif(not _few_row_runs_bf16(), reason="the bf16 few-row kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 77])
+@pytest.mark.parametrize("in_features,out_features", [(3, 16), (601, 40), (4099, 33)])
+def test_few_row_bfloat16_linear_matches_float32_products(rows, in_features, out_features, bias):
+    # odd depths (k pairs zero-padded), depths across the 128 KiB chunks (1024 pairs), widths not
+    # multiples of the 32-column panels
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    x = torch.randn(2, rows, in_features, dtype=torch.bfloat16)
+    packed = PackedLinear(linear, kernel="few-row")
+    assert packed.packed_weight.shape == (-(-out_features // 32), -(-in_features // 2), 32, 2)
+    with torch.inference_mode():
+        _assert_bf16_products_match(packed(x), x, linear)
+    assert torch.equal(packed.to_linear().weight, linear.weight)
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        packed(x.float())
+
+
+@x86_only
+@pytest.mark.parametrize("build", list(cpu_linear.FEW_ROW_BUILDS))
+def test_each_instruction_set_build_matches_linear(build):
+    runs_here = {"avx2": ["avx2"], "avx512vl": ["avx2", "avx512vl"], "avx512bf16": list(cpu_linear.FEW_ROW_BUILDS)}
+    if build not in runs_here[cpu_linear.few_row_build_for_this_cpu()]:
+        pytest.skip(f"this CPU cannot run the {build} build")
+    kernel = cpu_linear._build_few_row_kernel(build)
+    assert kernel.tile_rows() == (6 if build == "avx2" else 12)
+    assert kernel.has_bfloat16() == (build == "avx512bf16")
+    if build == cpu_linear.few_row_build_for_this_cpu():  # the CPU's own build is the best one
+        assert cpu_linear.load_few_row_kernel().has_bfloat16() == kernel.has_bfloat16()
     torch.manual_seed(0)
     linear = nn.Linear(2100, 40)
     panels = kernel.pack_weight(linear.weight.detach())
@@ -142,86 +187,91 @@ def test_both_register_tile_builds_match_linear(avx512vl):
         with torch.inference_mode():
             got = kernel.linear(x, panels, 40, linear.bias.detach())
             assert torch.allclose(got, linear(x), atol=1e-5, rtol=1e-5), rows
+    linear_bf16, x_bf16 = linear.to(torch.bfloat16), torch.randn(11, 2100, dtype=torch.bfloat16)
+    if build == "avx512bf16":
+        with torch.inference_mode():
+            got = kernel.linear(x_bf16, kernel.pack_weight(linear_bf16.weight.detach()), 40, linear_bf16.bias.detach())
+        _assert_bf16_products_match(got, x_bf16, linear_bf16)
+    else:  # a build without bf16 refuses it by name
+        with pytest.raises(RuntimeError, match="expected a float32 CPU tensor, got BFloat16"):
+            kernel.pack_weight(linear_bf16.weight.detach())
 
 
 @x86_only
-def test_avx2_kernel_runs_on_torch_threads():
-    from kosmosg_core.cpu_linear import load_avx2_kernel
-
+def test_few_row_kernel_runs_on_torch_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert load_avx2_kernel().parallel_for_threads(64) == 2  # 1 = built without OpenMP
+        assert cpu_linear.load_few_row_kernel().parallel_for_threads(64) == 2  # 1 = built without OpenMP
     finally:
         torch.set_num_threads(threads)
 
 
 @x86_only
-def test_pipeline_with_avx2_kernel_matches_the_unpacked_model(pack, tmp_path):
-    fast = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="avx2")
+def test_pipeline_with_few_row_kernel_matches_the_unpacked_model(pack, tmp_path):
+    fast = KosmosGPipeline.from_checkpoint(pack[0], cpu_kernel="few-row")
     plain = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
-    def kernels(parts):
-        return {m.kernel for part in parts for m in getattr(fast.model, part).modules() if isinstance(m, PackedLinear)}
-
-    assert kernels(FEW_ROW_PARTS) == {"avx2"} and kernels(IMAGE_PARTS) == {"onednn"}
+    # the layers that multiply the prompt's tokens get the kernel, the image and 77-query layers oneDNN
+    assert _kernels_by_rows(fast.model) == {"prompt tokens": {("few-row", torch.float32)},
+                                            "other": {("onednn", torch.float32)}}
+    packed = {name for name, m in fast.model.named_modules() if isinstance(m, PackedLinear) and m.kernel == "few-row"}
+    assert "decoder.layers.0.ffn.fc1" in packed and "aligner.encoder_proj.layers.0.self_attn.q_proj" in packed
+    assert "aligner.encoder.layers.0.encoder_attn.k_proj" in packed
+    assert not packed & {"aligner.encoder.layers.0.encoder_attn.q_proj", "aligner.encoder.layers.0.self_attn.v_proj",
+                         "aligner.encoder.layers.0.ffn.fc2", "connector.dense"}
     prompts = ["a photo of <i> wearing <i> on the beach", "a dog"]
     images = [[_image(0), _image(1)], []]
     assert torch.allclose(fast.encode(prompts, images), plain.encode(prompts, images), atol=1e-5)
     assert torch.allclose(fast.encode_unconditional(), plain.encode_unconditional(), atol=1e-5)
-    # the CLI's --cpu-kernel avx2 writes the same conditioning
+    # the CLI's --cpu-kernel few-row writes the same conditioning
     from safetensors.torch import load_file
 
     from kosmosg_core.cli import main
 
-    main(["encode", "--checkpoint", str(pack[0]), "--prompt", "a dog", "--cpu-kernel", "avx2", "--out", str(tmp_path / "c.safetensors")])
+    main(["encode", "--checkpoint", str(pack[0]), "--prompt", "a dog", "--cpu-kernel", "few-row", "--out", str(tmp_path / "c.safetensors")])
     assert torch.allclose(load_file(tmp_path / "c.safetensors")["cond"], plain.encode("a dog"), atol=1e-5)
 
 
-def test_avx2_kernel_unavailable_is_a_clear_error(monkeypatch):
+def test_few_row_kernel_unavailable_is_a_clear_error(monkeypatch):
     from torch.utils import cpp_extension
 
-    from kosmosg_core import cpu_linear
-    from kosmosg_core.errors import DeviceError
-
-    monkeypatch.setattr(cpu_linear, "_avx2_module", None)
+    monkeypatch.setattr(cpu_linear, "_few_row_module", None)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(DeviceError, match=r"ninja.*cpu_kernel='onednn'"):
-        pack_linears(model, kernel="avx2")
+        pack_linears(model, kernel="few-row")
     assert type(model[0]) is nn.Linear  # nothing was replaced
+    assert cpu_linear.few_row_build_for_this_cpu() == "avx2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert "no AVX2" in cpu_linear.avx2_kernel_unavailable_reason()
+    assert "no AVX2" in cpu_linear.few_row_kernel_unavailable_reason()
     with pytest.raises(DeviceError, match="Unknown cpu_kernel 'fast'"):
         PackedLinear(nn.Linear(8, 8), kernel="fast")
 
 
-def test_auto_kernel_is_avx2_where_it_builds_else_onednn(monkeypatch, caplog):
-    from kosmosg_core import cpu_linear
-    from kosmosg_core.errors import DeviceError
-
-    expected = "avx2" if cpu_linear.avx2_kernel_unavailable_reason() is None else "onednn"
+def test_auto_kernel_is_few_row_where_it_builds_else_onednn(monkeypatch, caplog):
+    expected = "few-row" if cpu_linear.few_row_kernel_unavailable_reason() is None else "onednn"
     assert cpu_linear.resolve_cpu_kernel("auto") == expected
     assert cpu_linear.resolve_cpu_kernel("onednn") == "onednn"
     with pytest.raises(DeviceError, match="Unknown cpu_kernel 'fast'"):
         cpu_linear.resolve_cpu_kernel("fast")
     # unavailable: oneDNN, said in the log, no error
-    monkeypatch.setattr(cpu_linear, "avx2_kernel_unavailable_reason", lambda: "ninja is not installed (pip install ninja)")
+    monkeypatch.setattr(cpu_linear, "few_row_kernel_unavailable_reason", lambda: "ninja is not installed (pip install ninja)")
     with caplog.at_level("INFO", logger="kosmosg_core.cpu_linear"):
         assert cpu_linear.resolve_cpu_kernel("auto") == "onednn"
     assert "ninja is not installed" in caplog.text
     # a failed build: oneDNN with a warning, and the build is not retried
     calls = []
 
-    def failing_build(avx512vl):
-        calls.append(avx512vl)
-        raise DeviceError("cpu_kernel='avx2': building few_row_linear.cpp failed (no Python.h). Use cpu_kernel='onednn'.")
+    def failing_build(build):
+        calls.append(build)
+        raise DeviceError("cpu_kernel='few-row': building few_row_linear.cpp failed (no Python.h). Use cpu_kernel='onednn'.")
 
-    monkeypatch.setattr(cpu_linear, "avx2_kernel_unavailable_reason", lambda: None)
-    monkeypatch.setattr(cpu_linear, "_avx2_module", None)
-    monkeypatch.setattr(cpu_linear, "_avx2_build_error", None)
-    monkeypatch.setattr(cpu_linear, "_build_avx2_kernel", failing_build)
+    monkeypatch.setattr(cpu_linear, "few_row_kernel_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpu_linear, "_few_row_module", None)
+    monkeypatch.setattr(cpu_linear, "_few_row_build_error", None)
+    monkeypatch.setattr(cpu_linear, "_build_few_row_kernel", failing_build)
     caplog.clear()
     with caplog.at_level("WARNING", logger="kosmosg_core.cpu_linear"):
         model = nn.Sequential(nn.Linear(8, 8))
@@ -229,14 +279,11 @@ def test_auto_kernel_is_avx2_where_it_builds_else_onednn(monkeypatch, caplog):
         assert cpu_linear.resolve_cpu_kernel("auto") == "onednn"
     assert "no Python.h" in caplog.text and len(calls) == 1
     with pytest.raises(DeviceError, match="no Python.h"):  # asked for explicitly: the clear error
-        pack_linears(nn.Sequential(nn.Linear(8, 8)), kernel="avx2")
+        pack_linears(nn.Sequential(nn.Linear(8, 8)), kernel="few-row")
 
 
 @x86_only
-def test_pipeline_defaults_to_the_avx2_kernel_where_it_builds(pack):
-    from kosmosg_core import cpu_linear
-
-    assert cpu_linear.avx2_kernel_unavailable_reason() is None  # the test machines can build it
+def test_pipeline_defaults_to_the_few_row_kernel_where_it_builds(pack):
+    assert cpu_linear.few_row_kernel_unavailable_reason() is None  # the test machines can build it
     pipe = KosmosGPipeline.from_checkpoint(pack[0])
-    assert {m.kernel for part in FEW_ROW_PARTS for m in getattr(pipe.model, part).modules()
-            if isinstance(m, PackedLinear)} == {"avx2"}
+    assert _kernels_by_rows(pipe.model)["prompt tokens"] == {("few-row", torch.float32)}
