@@ -145,7 +145,7 @@ def _assert_bf16_products_match(got: torch.Tensor, x: torch.Tensor, linear: nn.L
 
 
 def _few_row_runs_bf16() -> bool:
-    return (platform.machine().lower() in ("x86_64", "amd64")
+    return (cpu_linear.few_row_kernel_unavailable_reason() is None
             and cpu_linear.few_row_build_for_this_cpu() == "avx512bf16" and kernel_runs_dtype("few-row", torch.bfloat16))
 
 

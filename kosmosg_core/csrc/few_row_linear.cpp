@@ -7,7 +7,9 @@
 // This kernel streams each weight panel once, prefetching it into L2 32 KiB ahead while it
 // computes, and holds 12 rows in registers where the CPU has 32 vector registers (AVX-512VL):
 // float32 ~180 GFLOP/s, ~33 GB/s there; bfloat16 ~1.2-1.5x oneDNN's rate at 11 rows. From ~75
-// rows up oneDNN is as fast or faster (measurements: kosmosg_core/cpu_linear.py).
+// rows up oneDNN is as fast or faster (measurements: kosmosg_core/cpu_linear.py): every panel
+// re-reads all of x, which stops fitting in L2 when K is large (75 rows x 8192 k in float32:
+// ~170 vs ~195 GFLOP/s oneDNN; sharing x chunks between blocks of panels did not measurably help).
 //
 // Layout: W [N, K] is packed once into panels [ceil(N / cols), ceil(K / step), cols, step]: `cols`
 // output columns per panel (zero-padded), `step` consecutive k's per column (float32: 16 columns x
