@@ -78,6 +78,9 @@ struct Float32Tiles {
   }
 };
 
+// bfloat16 panel shape, also known to builds without AVX512-BF16 (to check the panels they refuse)
+constexpr int64_t kBFloat16Cols = 32, kBFloat16Step = 2;
+
 #if defined(__AVX512BF16__)
 // bfloat16: a panel step is 32 columns x 2 k's (128 bytes, two zmm registers); vdpbf16ps adds
 // x[2s][r] * w[2s][c] + x[2s+1][r] * w[2s+1][c] to a float32 accumulator (the products of two
@@ -85,7 +88,7 @@ struct Float32Tiles {
 struct BFloat16Tiles {
   using Weight = uint16_t;  // bf16 bits
   using Input = uint32_t;   // the pair x[2s][r], x[2s+1][r]
-  static constexpr int64_t kCols = 32, kStep = 2;
+  static constexpr int64_t kCols = kBFloat16Cols, kStep = kBFloat16Step;
 
   template <int R, bool Prefetch>
   static void tile(const Input* __restrict x, const Weight* __restrict w, int64_t steps, float* __restrict acc) {
@@ -214,7 +217,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels, int64_
   TORCH_CHECK(panels.scalar_type() == x.scalar_type(), "linear: panels are ", panels.scalar_type(),
               ", the input ", x.scalar_type());
   const bool float32 = x.scalar_type() == torch::kFloat32;
-  const int64_t cols = float32 ? Float32Tiles::kCols : 32, step = float32 ? 1 : 2;
+  const int64_t cols = float32 ? Float32Tiles::kCols : kBFloat16Cols, step = float32 ? Float32Tiles::kStep : kBFloat16Step;
   TORCH_CHECK(panels.dim() == 4 && panels.size(2) == cols && panels.size(3) == step &&
               panels.size(1) == (x.size(1) + step - 1) / step && panels.size(0) * cols >= out_features,
               "linear: panels do not match the input");
