@@ -9,9 +9,9 @@ rate. Two kernels for the layers that multiply the prompt's tokens, chosen by `c
   2 threads, 11 tokens: decoder 0.41 s vs 0.91 s default). Ships with PyTorch.
 - "few-row": this package's own kernel (`csrc/few_row_linear.cpp`), which overlaps streaming the
   weights with computing. float32 on AVX2 CPUs (the decoder's products at 11 rows, official
-  shapes: ~150-180 vs ~125-160 GFLOP/s oneDNN; 75 rows within 5 %; 205 rows ~5 % slower);
-  bfloat16 where the CPU has AVX512-BF16 (11 rows: ~260-330 vs ~150-260 GFLOP/s oneDNN, in the same
-  runs). Built on first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s
+  shapes: ~135-180 vs ~110-160 GFLOP/s oneDNN; at 75-205 rows ~0-10 % slower); bfloat16 where the
+  CPU has AVX512-BF16 (11 rows: ~260-360 vs ~150-290 GFLOP/s oneDNN; 75-205 rows ~0-8 % slower;
+  alternating in one process). Built on first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s
   once, then cached by torch).
 Layers that multiply a fixed, larger number of rows get oneDNN with either choice: the vision
 tower and connector (257 rows per image; alternating A/B, 2026-12-06: 3 images 2.71-2.83 s vs

@@ -7,9 +7,8 @@
 // This kernel streams each weight panel once, prefetching it into L2 32 KiB ahead while it
 // computes, and holds 12 rows in registers where the CPU has 32 vector registers (AVX-512VL):
 // float32 ~180 GFLOP/s, ~33 GB/s there; bfloat16 ~1.2-1.5x oneDNN's rate at 11 rows. From ~75
-// rows up oneDNN is as fast or faster (measurements: kosmosg_core/cpu_linear.py): every panel
-// re-reads all of x, which stops fitting in L2 when K is large (75 rows x 8192 k in float32:
-// ~170 vs ~195 GFLOP/s oneDNN; sharing x chunks between blocks of panels did not measurably help).
+// rows up it is within ~0-10 % of oneDNN, which is as fast or faster there (measurements:
+// kosmosg_core/cpu_linear.py).
 //
 // Layout: W [N, K] is packed once into panels [ceil(N / cols), ceil(K / step), cols, step]: `cols`
 // output columns per panel (zero-padded), `step` consecutive k's per column (float32: 16 columns x
@@ -131,13 +130,38 @@ void tile_rows(int64_t rows, const typename Tiles::Input* x, const typename Tile
 }
 
 // [rows, K] -> [ceil(rows / row_block), ceil(K / step), row_block, step], zero-padded: the layout of
-// both the weight panels (row_block = columns per panel) and the input row tiles.
+// the weight panels (row_block = columns per panel), packed once.
 torch::Tensor to_blocks(const torch::Tensor& matrix, int64_t row_block, int64_t step) {
   const int64_t rows = matrix.size(0), k = matrix.size(1);
   const int64_t blocks = (rows + row_block - 1) / row_block, steps = (k + step - 1) / step;
   auto padded = torch::zeros({blocks * row_block, steps * step}, matrix.options());
   padded.narrow(0, 0, rows).narrow(1, 0, k).copy_(matrix);
   return padded.view({blocks, row_block, steps, step}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// x [M, K] -> row tiles [ceil(M / kTileRows), steps, kTileRows, Step], zero-padded: to_blocks'
+// layout, written sequentially while reading the tile's rows side by side. Per call, so it must be
+// cheap: ATen's permuted copy took ~2 ms for 75 rows x 8192 float32 (~15 % of that product).
+template <typename Element, int64_t Step>
+torch::Tensor pack_row_tiles(const torch::Tensor& x, int64_t steps) {
+  const int64_t m = x.size(0), k = x.size(1), tiles = (m + kTileRows - 1) / kTileRows;
+  auto out = torch::empty({tiles, steps, kTileRows, Step}, x.options());
+  const auto* src = reinterpret_cast<const Element*>(x.data_ptr());
+  auto* dst = reinterpret_cast<Element*>(out.data_ptr());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t rows = std::min<int64_t>(kTileRows, m - t * kTileRows);
+      const Element* tile_src = src + t * kTileRows * k;
+      Element* tile_dst = dst + t * steps * kTileRows * Step;
+      for (int64_t s = 0; s < steps; ++s)
+        for (int64_t r = 0; r < kTileRows; ++r)
+          for (int64_t j = 0; j < Step; ++j, ++tile_dst) {
+            const int64_t kk = s * Step + j;
+            *tile_dst = (r < rows && kk < k) ? tile_src[r * k + kk] : Element(0);
+          }
+    }
+  });
+  return out;
 }
 
 // y [M, N] float32 = x [M, K] @ panels^T + bias, x and panels in Tiles' dtype.
@@ -148,7 +172,7 @@ torch::Tensor linear_blocks(const torch::Tensor& x, const torch::Tensor& panels,
   constexpr int64_t chunk_steps = kChunkBytes / step_bytes;
   const int64_t m = x.size(0), steps = panels.size(1), num_panels = panels.size(0);
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
-  const auto x_tiles = to_blocks(x, kTileRows, Tiles::kStep);  // [tiles, steps, kTileRows, step]
+  const auto x_tiles = pack_row_tiles<typename Tiles::Weight, Tiles::kStep>(x, steps);  // [tiles, steps, kTileRows, step]
   auto y = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
   const auto bias32 = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
   const auto* x_data = reinterpret_cast<const typename Tiles::Input*>(x_tiles.data_ptr());
