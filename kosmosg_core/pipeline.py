@@ -71,7 +71,9 @@ class KosmosGPipeline:
     """Encoder pipeline around a loaded `KosmosG` model and its tokenizer.
 
     Vision features are cached by image content (preprocessed pixels), so a repeated subject image
-    is encoded once; the cache holds at most `cache_size` images.
+    is encoded once; the cache holds at most `cache_size` images. Unconditional encodings (`<s>` or a
+    negative prompt: the same for every positive prompt) are cached by text, at most `cache_size` too.
+    Both caches are keyed by the model's dtype and device; call `clear_cache` after changing its weights.
     """
 
     def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64):
@@ -79,6 +81,7 @@ class KosmosGPipeline:
         self.tokenizer = tokenizer
         self.cache_size = cache_size
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._unconditional_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
@@ -201,12 +204,20 @@ class KosmosGPipeline:
 
     def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:
         """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative
-        prompt, official `encode_condition`) -> [batch_size, 77, C]."""
+        prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text."""
         if negative_prompt and count_placeholders(negative_prompt):
             raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only.")
-        ids = build_unconditional_ids(self.tokenizer, negative_prompt)
-        check_prompt_length(ids, self.max_tokens)
-        return self.encode_ids([ids], None).expand(batch_size, -1, -1).clone()
+        key = (negative_prompt, self.dtype, self.device)
+        if key not in self._unconditional_cache:
+            ids = build_unconditional_ids(self.tokenizer, negative_prompt)
+            check_prompt_length(ids, self.max_tokens)
+            self._unconditional_cache[key] = self.encode_ids([ids], None)  # [1, 77, C]
+        self._unconditional_cache.move_to_end(key)
+        while len(self._unconditional_cache) > self.cache_size:
+            self._unconditional_cache.popitem(last=False)
+        # a fresh tensor: callers may modify what they get
+        return self._unconditional_cache[key].expand(batch_size, -1, -1).clone()
 
     def clear_cache(self) -> None:
         self._image_cache.clear()
+        self._unconditional_cache.clear()

@@ -73,6 +73,29 @@ def test_vision_cache_is_content_keyed(pipe):
     assert calls == [1]
 
 
+def test_unconditional_cache(pipe):
+    """The negative is the same for every positive prompt: computed once per text, dropped by clear_cache."""
+    pipe.clear_cache()
+    calls = []
+    original = pipe.model.forward
+    pipe.model.forward = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    try:
+        first = pipe.encode_unconditional()
+        expected = first.clone()
+        first.add_(1.0)  # the caller's tensor is its own: the cached value must not change
+        again = pipe.encode_unconditional(batch_size=2)
+        assert calls == [1]
+        assert torch.equal(again[0], again[1]) and torch.equal(again[:1], expected)
+        pipe.encode_unconditional("blurry")  # another text: computed
+        pipe.encode_unconditional("blurry")
+        assert calls == [1, 1]
+        pipe.clear_cache()
+        assert torch.equal(pipe.encode_unconditional(), again[:1])
+        assert calls == [1, 1, 1]
+    finally:
+        pipe.model.forward = original
+
+
 def test_comfyui_image_tensor_input(pipe):
     pil = image(7)
     tensor = torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)[None]  # [1, H, W, C] 0-1

@@ -52,19 +52,13 @@ class KosmosGSampler:
             raise ValueError(f"--checkpoint {checkpoint}: produces {self.encoder.context_dim}-wide conditioning but "
                              "SD1.5 expects 768.")
         self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
-        self._uncond: dict[str, torch.Tensor] = {}
-
-    def unconditional(self, negative_prompt: str) -> torch.Tensor:
-        if negative_prompt not in self._uncond:
-            self._uncond[negative_prompt] = self.encoder.encode_unconditional(negative_prompt)  # [1, 77, 768]
-        return self._uncond[negative_prompt]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
                  ) -> list[list[Image.Image]]:
         """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
         cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
-        uncond = self.unconditional(settings.negative_prompt).expand(len(prompts), -1, -1)
+        uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts))  # cached
         generators = [torch.Generator("cpu").manual_seed(settings.seed + k)
                       for _ in prompts for k in range(settings.num_images)]
         result = self.sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=settings.steps,
