@@ -62,3 +62,25 @@ def test_accelerate_cpu_flag_with_several_processes_is_refused(monkeypatch, tmp_
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(ValueError, match="--multi_gpu --num_processes N"):
         build_accelerator(LoopConfig(output_dir=str(tmp_path)), find_unused_parameters=False)
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_launched_worker_skips_interpreter_teardown_after_success(world_size):
+    """`run_as_script`: a launched worker (WORLD_SIZE > 1) that finished ends with os._exit(0) after
+    flushing (a rare abort in gloo/FSDP teardown must not fail a finished run); one process exits
+    normally; a failing main still exits non-zero."""
+    import subprocess
+    import sys
+
+    from support.train_fixtures import subprocess_env
+
+    script = ("import atexit, sys\nfrom train.loop import run_as_script\n"
+              "atexit.register(lambda: print('teardown ran', flush=True))\n"
+              "run_as_script(lambda: print('trained', end='') if sys.argv[1] == 'ok' else 1 / 0)\n")
+    env = {**subprocess_env(), "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-c", script, "ok"], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == ("trained" if world_size == "2" else "trainedteardown ran\n")
+    failed = subprocess.run([sys.executable, "-c", script, "fail"], env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
+    assert "teardown ran" in failed.stdout

@@ -41,6 +41,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,6 +350,23 @@ def launched_processes() -> int:
                          "launch --multi_gpu --num_processes N -m ...` on a machine without a GPU, or `torchrun "
                          "--nproc_per_node N -m ...`; for one process drop --num_processes (or unset MASTER_ADDR).")
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_as_script(main: Callable[[], Any]) -> None:
+    """`python -m train.stageN` / torchrun / accelerate launch: run `main`, and end a launched worker with
+    `os._exit(0)` once its work is done and flushed.
+
+    Why: after a finished run (checkpoint written, process group destroyed, atexit handlers run), a
+    torchrun worker with gloo + FSDP2 occasionally aborts in the interpreter's teardown ("terminate
+    called without an active exception", SIGABRT, no Python frame; ~1 launch in 100 on a loaded
+    2-core machine), which fails the whole launch although the training succeeded. `os._exit` skips
+    that teardown. A failing `main` raises as usual (non-zero exit)."""
+    main()
+    if launched_processes() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):

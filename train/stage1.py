@@ -25,7 +25,7 @@ from torch import nn
 from kosmosg_core.config import IMAGE_PLACEHOLDER, PAD_ID
 from train.common.config import parse_config
 from train.inputs import choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
-from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_training, sample_rng, \
+from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, sample_rng, \
     set_trainable
 
 logger = logging.getLogger(__name__)
@@ -124,4 +124,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

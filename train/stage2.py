@@ -28,7 +28,7 @@ from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import pad_rows
 from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, replace_config, \
-    run_training, set_trainable
+    run_as_script, run_training, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -168,4 +168,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -37,8 +37,8 @@ from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pixels
-from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_training, \
-    sample_generator, sample_rng, set_trainable
+from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_as_script, \
+    run_training, sample_generator, sample_rng, set_trainable
 from train.score_model import load_score_model
 from train.stage2 import clip_token_ids, load_clip_text
 
@@ -195,4 +195,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)
