@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kosmosg_core.pipeline import KosmosGPipeline
-from support.tiny_kosmosg import write_tiny_official, write_tiny_pack
+from support.tiny_kosmosg import write_tiny_official
 
 REPO = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ["encode", "convert", "info", "generate", "bench"]
@@ -25,11 +25,6 @@ def run_cli(*args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return write_tiny_pack(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from kosmosg_core.cpu_linear import (PackedLinear, cpu_packing_available, has_pa
                                      multiplies_prompt_tokens, pack_linears, unpack_linears)
 from kosmosg_core.errors import DeviceError
 from kosmosg_core.pipeline import KosmosGPipeline
-from support.tiny_kosmosg import write_tiny_pack
 
 pytestmark = pytest.mark.skipif(not cpu_packing_available(), reason="this PyTorch build has no oneDNN packing")
 
@@ -42,11 +41,6 @@ def test_packed_linear_refuses_other_dtypes_with_a_fix():
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         with pytest.raises(RuntimeError, match="runs torch.bfloat16"):
             PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))(torch.randn(2, 8))
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return write_tiny_pack(tmp_path_factory.mktemp("pack"))
 
 
 def _image(seed):

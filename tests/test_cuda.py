@@ -16,7 +16,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kosmosg_core.pipeline import KosmosGPipeline
-from support.tiny_kosmosg import write_tiny_pack
 
 DEVICE = os.environ.get("KOSMOSG_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.cuda
@@ -38,11 +37,6 @@ def device():
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: run scripts/device_checks.sh on a GPU machine (or KOSMOSG_TEST_DEVICE=cpu)")
     return DEVICE
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return write_tiny_pack(tmp_path_factory.mktemp("pack"))
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,6 @@ from PIL import Image
 
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, PromptError, TokenizerError
 from kosmosg_core.pipeline import KosmosGPipeline
-from support.tiny_kosmosg import write_tiny_pack
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return write_tiny_pack(tmp_path_factory.mktemp("pack"))
 
 
 @pytest.fixture(scope="module")
