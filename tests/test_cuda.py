@@ -8,6 +8,7 @@ where no GPU is at hand."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +95,8 @@ def test_cli_encodes_on_the_device_in_float16(device, pack, cpu_pipe, tmp_path):
     out = tmp_path / "cond.safetensors"
     result = subprocess.run([sys.executable, "-m", "kosmosg_core", "encode", "--checkpoint", str(pack[0]),
                              "--prompt", "a photo of <i> on the beach", "--image", str(image_path), "--out", str(out),
-                             "--dtype", "float16", "--device", device], capture_output=True, text=True, timeout=600)
+                             "--dtype", "float16", "--device", device], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     cond = load_file(str(out))["cond"]
     ref = cpu_pipe.encode("a photo of <i> on the beach", [Image.open(image_path)])
