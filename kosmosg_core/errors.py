@@ -36,3 +36,7 @@ class ImageError(KosmosGError, ValueError):
 
 class DeviceError(KosmosGError, ValueError):
     """An unsupported dtype / device was asked for."""
+
+
+class NonFiniteEncodingError(KosmosGError, FloatingPointError):
+    """The encoding came out inf/NaN: float16 overflowed, or the weights hold inf/NaN."""

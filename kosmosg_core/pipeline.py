@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_model
 from .config import IMAGE_PLACEHOLDER
 from .cpu_linear import pack_for_cpu_encode, packs_dtype
-from .errors import DeviceError, PromptError
+from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, count_placeholders, pad_batch
@@ -170,7 +170,13 @@ class KosmosGPipeline:
         """Token ids (+ image embeddings [N, Q, D] for all prompts, in order) -> [B, 77, C]."""
         input_ids, image_mask = pad_batch(prompt_ids)
         input_ids, image_mask = input_ids.to(self.device), image_mask.to(self.device)
-        return self.model(input_ids, image_mask, image_embeds=image_embeds)
+        cond = self.model(input_ids, image_mask, image_embeds=image_embeds)  # [B, 77, C]
+        if not torch.isfinite(cond).all():  # NaN conditioning would give black images, silently
+            fix = ("float16 overflowed: load the model in bfloat16 or float32 (ComfyUI: the Kosmos-G Loader's dtype)"
+                   if cond.dtype == torch.float16 else
+                   "the checkpoint's weights may hold inf/NaN: convert or download it again")
+            raise NonFiniteEncodingError(f"The Kosmos-G encoding came out inf/NaN in {str(cond.dtype).split('.')[-1]}; {fix}.")
+        return cond
 
     def encode(self, prompts, images=None, image_weights=None,
                progress: Callable[[], None] | None = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, PromptError, TokenizerError
+from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, NonFiniteEncodingError, \
+    PromptError, TokenizerError
 from kosmosg_core.pipeline import KosmosGPipeline
 
 
@@ -148,6 +149,21 @@ def test_bad_dtype_and_device(pack):
             KosmosGPipeline.from_checkpoint(pack[0], device="cuda")
     with pytest.raises(DeviceError, match="Unknown device"):
         KosmosGPipeline.from_checkpoint(pack[0], device="gpu0")
+
+
+@pytest.mark.parametrize("dtype, poison, fix", [
+    ("float16", 6e4, "float16 overflowed: load the model in bfloat16 or float32"),  # outputs past fp16's 65504
+    ("float32", float("nan"), "weights may hold inf/NaN"),
+])
+def test_non_finite_encoding_is_an_error_not_black_images(pack, dtype, poison, fix):
+    pipe = KosmosGPipeline.from_checkpoint(pack[0], dtype=dtype)
+    assert torch.isfinite(pipe.encode("a photo of <i>", [image(9)])).all()
+    with torch.no_grad():
+        pipe.model.aligner.encoder.layer_norm.weight.fill_(poison)  # the last op before the output
+    with pytest.raises(NonFiniteEncodingError, match=f"inf/NaN in {dtype}; .*{fix}"):
+        pipe.encode("a photo of <i>", [image(9)])
+    with pytest.raises(NonFiniteEncodingError):
+        pipe.encode_unconditional()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
