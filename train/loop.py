@@ -360,7 +360,8 @@ def run_as_script(main: Callable[[], Any]) -> None:
     torchrun worker with gloo + FSDP2 occasionally aborts in the interpreter's teardown ("terminate
     called without an active exception", SIGABRT, no Python frame; ~1 launch in 100 on a loaded
     2-core machine), which fails the whole launch although the training succeeded. `os._exit` skips
-    that teardown. A failing `main` raises as usual (non-zero exit)."""
+    that teardown (and atexit handlers: the trackers were finished by `accelerator.end_training`).
+    A failing `main` raises as usual (non-zero exit)."""
     main()
     if launched_processes() > 1:
         logging.shutdown()
