@@ -52,13 +52,16 @@ class MultiheadAttention(nn.Module):
         v = self.v_proj(key_value).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, K]
 
         attn_mask = None  # boolean, True = may attend
+        # Causal without padding: SDPA's own causal path (same result, no mask to build: fewer kernels)
+        is_causal = causal and key_padding_mask is None and T == S
         if key_padding_mask is not None:
             attn_mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, S]
-        if causal:
+        if causal and not is_causal:
             causal_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(diagonal=S - T)
             attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # [B, H, T, K]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                             is_causal=is_causal)  # [B, H, T, K]
         out = out.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
