@@ -5,10 +5,12 @@ torchrun, with `accelerate launch --multi_gpu` (CPU processes on a machine witho
 gradient accumulation (2 processes x 1 sample x 2 micro-batches)."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
-from support.train_fixtures import assert_same_training, common_args, launch_processes, make_env
+from support.train_fixtures import assert_same_training, common_args, launch_processes, make_env, subprocess_env
 from train.common.checkpointing import load_checkpoint
 from train.loop import LoopConfig, build_accelerator, read_metrics
 
@@ -69,11 +71,6 @@ def test_launched_worker_skips_interpreter_teardown_after_success(world_size):
     """`run_as_script`: a launched worker (WORLD_SIZE > 1) that finished ends with os._exit(0) after
     flushing (a rare abort in gloo/FSDP teardown must not fail a finished run); one process exits
     normally; a failing main still exits non-zero."""
-    import subprocess
-    import sys
-
-    from support.train_fixtures import subprocess_env
-
     script = ("import atexit, sys\nfrom train.loop import run_as_script\n"
               "atexit.register(lambda: print('teardown ran', flush=True))\n"
               "run_as_script(lambda: print('trained', end='') if sys.argv[1] == 'ok' else 1 / 0)\n")
