@@ -15,8 +15,8 @@ rate. Two kernels for the layers that multiply the prompt's tokens, chosen by `c
   once, then cached by torch).
 Layers that multiply a fixed, larger number of rows get oneDNN with either choice: the vision
 tower and connector (257 rows per image; alternating A/B, 2026-12-06: 3 images 2.71-2.83 s vs
-2.96-3.00 s default, the few-row kernel 2.98-3.09 s) and the aligner's 77-query layers (bfloat16
-at 77 rows: oneDNN ~390-430 vs ~280-380 GFLOP/s few-row). The products are the same up to
+2.96-3.00 s default, the few-row kernel 2.98-3.09 s) and the aligner's 77-query layers (at 77 rows
+the two kernels are within a few % of each other: float32 ~185-200, bfloat16 ~330-375 GFLOP/s). The products are the same up to
 rounding (float32 ~1e-5; bfloat16 both accumulate in float32 and round once).
 
 Inference only: float32 or bfloat16 on the CPU, no gradients. A packed layer keeps no dense copy of its
