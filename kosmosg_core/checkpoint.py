@@ -329,10 +329,11 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
                      config: KosmosGConfig | None = None) -> Path:
     """Official checkpoint_final.pt (+ tokenizer folder) -> one pack .safetensors with the tokenizer inside.
 
-    dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
+    A pack .safetensors is accepted too (e.g. to re-cast it to float16), its own tokenizer kept unless
+    tokenizer_dir is given. dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
     pt_path = Path(pt_path)
-    cfg, state_dict, _ = read_checkpoint(pt_path, config)
-    tokenizer = _resolve_tokenizer(pt_path, None, tokenizer_dir)
+    cfg, state_dict, embedded_tokenizer = read_checkpoint(pt_path, config)
+    tokenizer = _resolve_tokenizer(pt_path, embedded_tokenizer, tokenizer_dir)
     tokenizer.check_matches(cfg.decoder.vocab_size)
     if dtype is None:
         dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())

@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default) = few-row where it builds, else oneDNN")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside)")
+    p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside); "
+                                        "a converted .safetensors is accepted too, e.g. to re-cast it with --dtype")
     model_args(p, tokenizer_help="folder with the official sentencepiece.bpe.model + dict.txt to embed "
-                                 "(default: beside the checkpoint)")
+                                 "(default: the one inside a .safetensors, else beside the checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--dtype", default="keep", choices=["keep"] + DTYPE_CHOICES,
                    help="tensor dtype in the output (default: keep the file's)")

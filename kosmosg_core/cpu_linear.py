@@ -54,9 +54,24 @@ _few_row_module = None
 _few_row_build_error: DeviceError | None = None  # a failed build is not retried in this process
 
 
+def _cpp_extension():
+    """`torch.utils.cpp_extension`, imported without its CUDA_HOME warning.
+
+    Its import looks for a CUDA toolkit and warns "No CUDA runtime is found" on a machine that has nvcc but no
+    GPU; the few-row kernel is a CPU-only build, so that warning would only puzzle the user."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
 def few_row_kernel_unavailable_reason() -> str | None:
     """None when the few-row kernel can be built here, else why not (and what would fix it)."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"this CPU is {platform.machine()}, not x86-64"
@@ -101,13 +116,11 @@ def few_row_build_for_this_cpu() -> str:
 
 def _build_few_row_kernel(build: str):
     """Compile (or take from torch's cache) `csrc/few_row_linear.cpp` with `FEW_ROW_BUILDS[build]`."""
-    from torch.utils.cpp_extension import load
-
     name = f"kosmosg_few_row_linear_{build}"
     logger.info("Kosmos-G: building the few-row linear kernel (%s; once, cached by torch)", name)
     try:
         # OpenMP: at::parallel_for is inlined into the extension and runs on one thread without it
-        return load(name=name, sources=[str(_FEW_ROW_SOURCE)], verbose=False,
+        return _cpp_extension().load(name=name, sources=[str(_FEW_ROW_SOURCE)], verbose=False,
                     extra_cflags=["-O3", "-fopenmp", *FEW_ROW_BUILDS[build]], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a compiler / linker failure: its log is in the message
         raise DeviceError(f"cpu_kernel='few-row': building {_FEW_ROW_SOURCE.name} ({build}) failed ({error}). "

@@ -106,6 +106,21 @@ def test_convert_official_round_trip(tmp_path, images):
     assert half.stat().st_size < out.stat().st_size
     info = run_cli("info", "--checkpoint", half).stdout
     assert '"float16"' in info and '"tokenizer_embedded": true' in info
+    # a converted file converts again (here re-cast to bfloat16) with the tokenizer it carries, none beside it
+    moved = tmp_path / "elsewhere" / "converted.safetensors"
+    moved.parent.mkdir()
+    out.rename(moved)
+    recast = tmp_path / "converted-bf16.safetensors"
+    run_cli("convert", "--checkpoint", moved, "--out", recast, "--dtype", "bfloat16")
+    assert all(t.dtype == torch.bfloat16 for k, t in load_file(str(recast)).items() if not k.startswith("tokenizer."))
+    from_recast = KosmosGPipeline.from_checkpoint(recast, dtype="float32").encode(prompt, images[:1])
+    # the same weights rounded to bf16 here (unpacked: the CPU packs are copies of the weights)
+    rounded = KosmosGPipeline.from_checkpoint(pt, dtype="float32", pack_cpu_linears=False)
+    with torch.no_grad():
+        for tensor in rounded.model.state_dict().values():
+            tensor.copy_(tensor.to(torch.bfloat16))
+    assert torch.allclose(from_recast, rounded.encode(prompt, images[:1]), atol=1e-5)
+    assert not torch.allclose(from_recast, from_pt, atol=1e-5)  # the re-cast did change the weights
 
 
 def test_generate_with_diffusers_folder(pack, images, tmp_path):

@@ -1,6 +1,10 @@
 """The CPU fast paths: oneDNN-packed and few-row-kernel linear layers give the same outputs as nn.Linear."""
 
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from kosmosg_core.cpu_linear import (PackedLinear, cpu_packing_available, has_pa
 from kosmosg_core.errors import DeviceError
 from kosmosg_core.pipeline import KosmosGPipeline
 
+REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not cpu_packing_available(), reason="this PyTorch build has no oneDNN packing")
 
 
@@ -281,3 +286,19 @@ def test_pipeline_defaults_to_the_few_row_kernel_where_it_builds(pack):
     assert cpu_linear.few_row_kernel_unavailable_reason() is None  # the test machines can build it
     pipe = KosmosGPipeline.from_checkpoint(pack[0])
     assert _kernels_by_rows(pipe.model)["prompt tokens"] == {("few-row", torch.float32)}
+
+
+def test_checking_for_the_few_row_kernel_does_not_warn_about_cuda(tmp_path):
+    # torch.utils.cpp_extension warns "No CUDA runtime is found" on import where a CUDA toolkit is found but no
+    # GPU; the few-row kernel is a CPU build, so the pack imports it with that warning silenced
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    warning = "No CUDA runtime is found"
+
+    def stderr_of(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=120).stderr
+
+    assert warning in stderr_of("import torch.utils.cpp_extension")  # the setting does provoke it
+    assert warning not in stderr_of("from kosmosg_core import cpu_linear\n"
+                                    "cpu_linear.few_row_kernel_unavailable_reason()\n"
+                                    "import torch.utils.cpp_extension")
