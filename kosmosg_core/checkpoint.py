@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
 from .errors import CheckpointError, CheckpointNotFoundError, TokenizerError
+from .files import save_safetensors
 from .model import KosmosG
 from .tokenizer import KosmosGTokenizer
 
@@ -303,8 +303,6 @@ def load_model(path, tokenizer_dir=None, dtype: torch.dtype = torch.float32, dev
 def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, path, dtype: torch.dtype | None = None,
                          extra_metadata: dict | None = None) -> Path:
     """Write the pack's .safetensors (inference tensors only) atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state = model.state_dict()
     inference_cfg = model.cfg.for_inference()
@@ -318,11 +316,7 @@ def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, pat
         tensors[TOKENIZER_DICT_KEY] = torch.frombuffer(bytearray(dict_bytes), dtype=torch.uint8)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": inference_cfg.to_json()}
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype | None = None,

@@ -26,8 +26,7 @@ def _cpu_linear_list(text: str) -> str:
 
 
 def cmd_encode(args) -> None:
-    from safetensors.torch import save_file
-
+    from .files import save_safetensors
     from .pipeline import KosmosGPipeline
 
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
@@ -40,10 +39,9 @@ def cmd_encode(args) -> None:
     else:
         cond = pipe.encode(args.prompt, [Path(p) for p in args.image])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
-    save_file({"cond": cond.float().cpu().contiguous()}, str(out),
-              metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
+    save_safetensors({"cond": cond.float().cpu().contiguous()}, out,
+                     metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
                         "checkpoint": Path(args.checkpoint).name})
     print(f"wrote {out}: cond {list(cond.shape)}")
 

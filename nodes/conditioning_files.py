@@ -21,6 +21,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..kosmosg_core.files import save_safetensors
 from . import paths
 from .types import CATEGORY
 
@@ -120,20 +121,15 @@ class KosmosGSaveConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, filename_prefix="kosmosg") -> io.NodeOutput:
-        from safetensors.torch import save_file
-
         prefix = (filename_prefix or "kosmosg").strip()
         if os.path.basename(prefix) != prefix or prefix in (".", ".."):
             raise ValueError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
         tensors, metadata = conditioning_to_file_content(conditioning)
         name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
         folder = folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0]
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            tmp = path + ".tmp"
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
+            save_safetensors(tensors, path, metadata)
         return io.NodeOutput(name, ui=ui.PreviewText(f"Saved {name}"))
 
 

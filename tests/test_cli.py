@@ -95,6 +95,9 @@ def test_convert_official_round_trip(tmp_path, images):
     pt, tok_dir, model = write_tiny_official(tmp_path / "official")
     out = tmp_path / "converted.safetensors"
     run_cli("convert", "--checkpoint", pt, "--out", out)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any new file is (not safetensors' 0600)
     prompt = "a photo of <i> on the beach"
     from_pt = KosmosGPipeline.from_checkpoint(pt).encode(prompt, images[:1])
     from_st = KosmosGPipeline.from_checkpoint(out).encode(prompt, images[:1])  # tokenizer embedded

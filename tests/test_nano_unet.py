@@ -7,12 +7,10 @@ state dict with strict=True and gives the same output, and a checkpoint written 
 ``write_sd15_checkpoint`` is detected as SD1.5 and samples finite pixels.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
-from support.comfy_modules import import_comfy
 import torch.nn.functional as F
+from support.comfy_modules import import_comfy
 
 from train.nano.sd15_format import read_sd15_checkpoint, write_sd15_checkpoint
 from train.nano.taesd import TinyAutoencoder

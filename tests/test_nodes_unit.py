@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import comfy_server
 from support.comfy_modules import import_comfy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from kosmosg_core.files import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +95,7 @@ def write_sd15_checkpoint(
         if not isinstance(value, str):
             raise ValueError(f"metadata[{key!r}] must be a string (safetensors metadata); use json.dumps")
         meta[key] = value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    path = save_safetensors(tensors, path, meta)
     logger.info("wrote %s (%.1f MB, %d tensors)", path, path.stat().st_size / 1e6, len(tensors))
     return path
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, run_utils, world
@@ -256,11 +257,9 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     vision_dir = out / te.VISION_SUBFOLDER
     model.vision.save_pretrained(str(vision_dir), safe_serialization=True)
     te.save_vision_preprocessor(vision_dir)
-    from safetensors.torch import save_file
-
-    save_file({"visual_projection.weight": model.visual_projection.weight.detach().contiguous(),
+    save_safetensors({"visual_projection.weight": model.visual_projection.weight.detach().contiguous(),
                "text_projection.weight": model.text_projection.weight.detach().contiguous(),
-               "logit_scale": model.logit_scale.detach().reshape(1)}, str(vision_dir / "projections.safetensors"))
+               "logit_scale": model.logit_scale.detach().reshape(1)}, vision_dir / "projections.safetensors")
     logger.info("saved %s and %s", out / te.TEXT_SUBFOLDER, vision_dir)
     return out / te.TEXT_SUBFOLDER
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, run_utils, sampler
@@ -79,7 +80,6 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
     embeddings [U, 77, 768] fp16 (unique captions), empty [1, 77, 768]; written once (atomically),
     reused on resume with the same text encoder only."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
     fingerprint = te.weights_fingerprint(text_model)
@@ -107,9 +107,7 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
         "embeddings": te.encode_captions(text_model, tokenizer, unique).half().contiguous(),
         "empty": te.encode_captions(text_model, tokenizer, [""]).contiguous(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cache, str(tmp), metadata={TEXT_ENCODER_KEY: fingerprint})
-    tmp.replace(path)
+    save_safetensors(cache, path, {TEXT_ENCODER_KEY: fingerprint})
     logger.info("cached %d latents (std %.3f) and %d caption embeddings", len(latents), latents.std(), len(unique))
     return cache, fingerprint
 
@@ -194,13 +192,8 @@ def diffusion_loss(unet: NanoUNet, latents: torch.Tensor, context: torch.Tensor,
 
 
 def save_ema(path: Path, ema: NanoUNet, extra_meta: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
     meta = {"nano_unet_config": json.dumps(ema.config.to_dict()), **(extra_meta or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_safetensors({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, path, meta)
 
 
 def read_ema(path: str | Path) -> tuple[Path, dict]:

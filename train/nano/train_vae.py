@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, run_utils
@@ -204,9 +205,7 @@ def train(cfg: VaeTrainConfig) -> Path:
         scale, shift = float(vae.vae_scale), float(vae.vae_shift)
     else:
         scale, shift = fit_scale_shift(vae, train_images[: cfg.fit_scenes])
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(out / VAE_FILE))
+    save_safetensors({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, out / VAE_FILE)
     logger.info("saved %s (vae_scale %.4f, vae_shift %.4f)", out / VAE_FILE, scale, shift)
     metrics.write({"step": cfg.max_steps, "vae_scale": scale, "vae_shift": shift})
     return out / VAE_FILE
