@@ -20,6 +20,9 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..kosmosg_core.config import IMAGE_PLACEHOLDER
+from ..kosmosg_core.errors import PromptError
+from ..kosmosg_core.prompt import count_placeholders
 from .model_management import KosmosGModel
 from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
@@ -54,7 +57,10 @@ def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str
     with torch.inference_mode():
         positive = pipeline.encode(texts, images, image_weights=weights, progress=step)  # [B, 77, C]
         mm.throw_exception_if_processing_interrupted()
-        negative = pipeline.encode_unconditional(negative_text, batch_size=batch)  # [B, 77, C]
+        try:
+            negative = pipeline.encode_unconditional(negative_text, batch_size=batch)  # [B, 77, C]
+        except PromptError as error:  # e.g. too long: say which of the node's texts it is
+            raise PromptError(f"negative_text: {error}") from error
         step()
     metadata = {"model": model.name, "num_images": num_images, "weights": list(prompt.weights)}
     return (to_conditioning(positive, {**metadata, "text": prompt.text}),
@@ -90,6 +96,12 @@ class KosmosGEncode(io.ComfyNode):
                                                "negative."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, negative_text=None):
+        if negative_text and count_placeholders(negative_text):  # before the Loader runs
+            return f"negative_text contains {IMAGE_PLACEHOLDER}; the negative is text only: remove it."
+        return True
 
     @classmethod
     def execute(cls, model, prompt, negative_text="") -> io.NodeOutput:

@@ -12,6 +12,24 @@ from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
 from .types import CATEGORY, KosmosGModelType
 
 CONVERT_DTYPES = {"keep": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def converted_file_name(source: str, output_name: str) -> str:
+    """The Convert node's output file name: `output_name` (a plain name; a weights extension of any case is
+    replaced), or when empty the source's own name; always `<name>.safetensors`, never a hidden file."""
+    requested = (output_name or "").strip()
+    if requested and (os.path.basename(requested) != requested or requested in (".", "..")):
+        raise ValueError(f"output_name {output_name!r} must be a plain file name (no folders); the file is written "
+                         "beside the source checkpoint.")
+    stem = requested or os.path.basename(source)
+    root, extension = os.path.splitext(stem)
+    if extension.lower() in _WEIGHT_EXTENSIONS:
+        stem = root
+    if not stem or stem.startswith("."):
+        raise ValueError(f"output_name {output_name!r} needs a name that does not start with a dot (the Loader "
+                         "does not list hidden files), e.g. kosmosg-fp16.")
+    return stem + ".safetensors"
 
 
 class KosmosGLoader(io.ComfyNode):
@@ -25,8 +43,8 @@ class KosmosGLoader(io.ComfyNode):
                 "Loads a Kosmos-G checkpoint from ComfyUI/models/kosmosg (the official checkpoint_final.pt or a "
                 "converted .safetensors). The tokenizer comes from inside a converted file, else from a folder "
                 "beside the checkpoint (<name>/ or tokenizer/ holding sentencepiece.bpe.model + dict.txt). Loaded "
-                "models are cached and handed to ComfyUI's memory manager, which moves them to the GPU only while "
-                "encoding."),
+                "models are handed to ComfyUI's memory manager, which moves them to the GPU only while encoding "
+                "and frees them with its node cache."),
             search_aliases=["kosmos", "kosmosg", "subject", "mllm"],
             inputs=[
                 io.Combo.Input("checkpoint", options=paths.list_files(paths.CHECKPOINT_FOLDER, paths.CHECKPOINT_EXTENSIONS),
@@ -106,10 +124,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
         from ..kosmosg_core.checkpoint import convert_official
 
         src = paths.resolve_checkpoint(source)
-        stem = (output_name or "").strip() or os.path.splitext(source)[0]
-        if os.path.basename(stem) != stem or stem in (".", ".."):
-            raise ValueError(f"output_name {output_name!r} must be a plain file name (no folders).")
-        name = stem if stem.endswith(".safetensors") else stem + ".safetensors"
+        name = converted_file_name(source, output_name)
         out = os.path.join(os.path.dirname(src), name)
         if os.path.exists(out) and not overwrite:
             raise FileExistsError(f"{out} already exists; set overwrite to true or choose another output_name.")

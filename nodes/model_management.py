@@ -1,16 +1,20 @@
-"""Loaded Kosmos-G models under ComfyUI's memory manager, cached between runs.
+"""Loaded Kosmos-G models under ComfyUI's memory manager.
 
 The torch module is built on the offload device (CPU unless --gpu-only) and wrapped in a
 `ModelPatcher`; `comfy.model_management.load_models_gpu` moves it to the load device right before
-encoding and may offload it again when the U-Net needs the memory. V3 node classes are stateless,
-so the cache lives here at module level.
+encoding and may offload it again when the U-Net needs the memory.
+
+A loaded model is shared, not owned, here: the registry below holds weak references, so a model lives
+exactly as long as ComfyUI keeps the Loader's output (its node cache); two Loaders (or workflows)
+naming the same file, dtype and device share one copy, and ComfyUI's "free model and node cache"
+(or a changed Loader input under the default cache) releases the memory, as with stock loaders.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -23,7 +27,6 @@ logger = logging.getLogger(__name__)
 DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MAX_CACHED_MODELS = 2  # an official model is ~3.5 GB in fp16; keep the last two loaded
 
 
 @dataclass
@@ -46,7 +49,7 @@ class KosmosGModel:
         mm.load_models_gpu([self.patcher], force_full_load=True)
 
 
-_CACHE: "OrderedDict[tuple, KosmosGModel]" = OrderedDict()
+_LOADED: "weakref.WeakValueDictionary[tuple, KosmosGModel]" = weakref.WeakValueDictionary()
 
 
 def resolve_devices(device_choice: str) -> tuple[torch.device, torch.device]:
@@ -85,7 +88,8 @@ def resolve_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
-    """Load (or reuse) a checkpoint. Keyed by file identity (path, mtime, size) + dtype + device."""
+    """Load a checkpoint, or share the copy still alive for the same file identity (path, mtime, size),
+    dtype and devices."""
     from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_dtype
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
@@ -93,9 +97,9 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     dtype = resolve_dtype(dtype_choice, load_device)
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(dtype), str(load_device), str(offload_device))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    model = _LOADED.get(key)
+    if model is not None:
+        return model
     logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
     pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device, pack_cpu_linears=False)
     size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
@@ -104,11 +108,10 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     patcher = comfy.model_patcher.CoreModelPatcher(
         pipeline.model, load_device=load_device, offload_device=offload_device, size=size)
     model = KosmosGModel(pipeline=pipeline, patcher=patcher, name=name, cache_key=key)
-    _CACHE[key] = model
-    while len(_CACHE) > MAX_CACHED_MODELS:
-        _CACHE.popitem(last=False)
+    _LOADED[key] = model
     return model
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    """Forget the loaded models (they are freed once nothing else holds them)."""
+    _LOADED.clear()

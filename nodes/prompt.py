@@ -17,6 +17,7 @@ import re
 
 import torch
 from comfy_api.latest import io
+from comfy_execution.validation import validate_node_input
 
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
@@ -77,6 +78,8 @@ def check_image_batches(images: list[torch.Tensor]) -> None:
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ImageError(f"image{i}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
+        if img.shape[0] == 0:
+            raise ImageError(f"image{i} holds an empty batch (0 images); connect an image, or a batch of at least one.")
     sizes = {int(img.shape[0]) for img in images} - {1}
     if len(sizes) > 1:
         described = ", ".join(f"image{i}: {img.shape[0]}" for i, img in enumerate(images))
@@ -122,11 +125,14 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         # Runs before anything executes. Linked values are unknown here (`images` arrives as an
         # empty/None-valued dict), but `input_types` names every linked socket
         # ({"images.image0": "IMAGE", ...}), which is exactly the connected-image count.
-        # Declaring `input_types` turns off ComfyUI's own link type check, so it is redone here.
-        linked = {name: kind for name, kind in (input_types or {}).items() if _SOCKET_INDEX.match(name)}
-        for name, kind in linked.items():
-            if kind not in ("IMAGE", "*"):
-                return f"{name} must be connected to an IMAGE output, got {kind}."
+        # Declaring `input_types` turns off ComfyUI's own link type check for every input of the node,
+        # so it is redone here, with ComfyUI's own rule, for the image sockets, text and weights.
+        for name, kind in (input_types or {}).items():
+            expected = "IMAGE" if _SOCKET_INDEX.match(name) else "STRING" if name in ("text", "weights") else None
+            if expected and not validate_node_input(kind, expected):
+                article = "an" if expected == "IMAGE" else "a"
+                return f"{name} must be connected to {article} {expected} output, got {kind}."
+        linked = [name for name in (input_types or {}) if _SOCKET_INDEX.match(name)]
         if text is None:  # text comes from a link: checked when the node runs
             return True
         message = placeholder_mismatch(text, len(linked))

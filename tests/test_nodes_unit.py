@@ -44,7 +44,7 @@ from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
 from kosmosg_pack.nodes import encode, model_management, paths  # noqa: E402
 from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, KosmosGSaveConditioning  # noqa: E402
 from kosmosg_pack.nodes.encode import KosmosGEncode  # noqa: E402
-from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader  # noqa: E402
+from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader, converted_file_name  # noqa: E402
 from kosmosg_pack.nodes.prompt import KosmosGInterleavedPrompt, parse_weights  # noqa: E402
 from kosmosg_pack.nodes.types import KosmosGPrompt  # noqa: E402
 
@@ -180,6 +180,25 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is not model
 
 
+def test_loaded_model_is_freed_when_comfy_lets_go_of_it(model_dirs, converted):
+    """No model kept alive behind ComfyUI's back: once its node cache drops the Loader's output and the memory
+    manager has unloaded it (what "free model and node cache" does), the weights are garbage."""
+    import gc
+    import weakref
+
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    KosmosGEncode.execute(model, run_prompt("a <i> in town", [image(3)]))  # through load_models_gpu
+    assert any(m.model is model.patcher for m in mm.current_loaded_models)
+    alive = weakref.ref(model.pipeline.model)
+    mm.unload_all_models()
+    encode._ENCODE_CACHE.clear()
+    del model
+    gc.collect()
+    assert alive() is None
+    again = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]  # loads afresh, works
+    assert KosmosGEncode.execute(again, run_prompt("a <i> in town", [image(3)])).result[0][0][0].shape == (1, 77, 768)
+
+
 def test_loader_auto_device_follows_comfy_text_encoder_device(model_dirs, converted):
     model = KosmosGLoader.execute(converted).result[0]
     assert model.patcher.load_device == mm.text_encoder_device()
@@ -208,6 +227,12 @@ def test_prompt_validation_names_both_counts():
     assert "1 value(s) but 2 image(s)" in KosmosGInterleavedPrompt.validate_inputs(
         "<i> <i>", "0.5", {"images.image0": "IMAGE", "images.image1": "IMAGE"})
     assert KosmosGInterleavedPrompt.validate_inputs(None, "", {"images.image0": "IMAGE"}) is True  # linked text
+    # declaring input_types turns off ComfyUI's link type check for text and weights too: redone by the node
+    for name, kind in (("text", "INT"), ("weights", "FLOAT"), ("weights", "IMAGE")):
+        message = KosmosGInterleavedPrompt.validate_inputs(None, None, {name: kind, "images.image0": "IMAGE"})
+        assert message == f"{name} must be connected to a STRING output, got {kind}.", message
+    assert KosmosGInterleavedPrompt.validate_inputs(None, None, {"text": "STRING", "weights": "*",
+                                                                 "images.image0": "IMAGE"}) is True
 
 
 def test_parse_weights():
@@ -237,6 +262,8 @@ def test_prompt_batch_rules():
         run_prompt("<i> <i>", [image(1, batch=2), image(2, batch=3)])
     with pytest.raises(PromptError, match="1 <i> placeholder"):
         run_prompt("<i>", [])
+    with pytest.raises(ImageError, match="image1 holds an empty batch"):
+        run_prompt("<i> <i>", [image(1), image(2, batch=3)[:0]])
 
 
 def test_prompt_fingerprint_is_content_keyed():
@@ -309,6 +336,10 @@ def test_encode_rejects_image_in_negative(model_dirs, converted):
     model = KosmosGLoader.execute(converted, device="cpu").result[0]
     with pytest.raises(PromptError, match="negative"):
         KosmosGEncode.execute(model, run_prompt("a cat"), "<i>")
+    assert "negative_text contains <i>" in KosmosGEncode.validate_inputs("a <i>")  # before anything runs
+    assert KosmosGEncode.validate_inputs("blurry") is True and KosmosGEncode.validate_inputs(None) is True
+    with pytest.raises(PromptError, match=r"^negative_text: The prompt is \d+ tokens long"):
+        KosmosGEncode.execute(model, run_prompt("a cat"), "blurry " * 400)
 
 
 # --- save / load conditioning ----------------------------------------------------------------------
@@ -359,6 +390,42 @@ def test_convert_writes_safetensors_equal_to_official(model_dirs, converted):
     with pytest.raises(ValueError, match="plain file name"):
         KosmosGConvertCheckpoint.execute("tiny.pt", output_name="../escape", dtype="fp32")
     assert "Official Kosmos-G checkpoint" in KosmosGConvertCheckpoint.validate_inputs("nope.pt")
+
+
+@pytest.mark.parametrize("source, output_name, expected", [
+    ("tiny.pt", "", "tiny.safetensors"),
+    ("release/checkpoint_final.pt", "", "checkpoint_final.safetensors"),  # a subfolder of models/kosmosg
+    ("tiny.pt", "  mine ", "mine.safetensors"),
+    ("tiny.pt", "mine.safetensors", "mine.safetensors"),
+    ("tiny.pt", "mine.SafeTensors", "mine.safetensors"),
+    ("tiny.pt", "mine.pt", "mine.safetensors"),
+    ("tiny.pt", "kosmosg.v2", "kosmosg.v2.safetensors"),
+])
+def test_convert_output_name(source, output_name, expected):
+    assert converted_file_name(source, output_name) == expected
+
+
+@pytest.mark.parametrize("output_name, message", [
+    ("../escape", "plain file name"), ("sub/name", "plain file name"), ("..", "plain file name"),
+    (".safetensors", "dot"), (".hidden", "dot"),
+])
+def test_convert_output_name_refused(output_name, message):
+    with pytest.raises(ValueError, match=message):
+        converted_file_name("tiny.pt", output_name)
+
+
+def test_convert_from_a_subfolder_writes_beside_the_source(model_dirs):
+    import shutil
+
+    kosmosg_dir, _ = model_dirs
+    (kosmosg_dir / "release").mkdir()
+    shutil.move(kosmosg_dir / "tiny.pt", kosmosg_dir / "release" / "tiny.pt")
+    shutil.move(kosmosg_dir / "data", kosmosg_dir / "release" / "data")
+    folder_paths.filename_list_cache.clear()
+    source = os.path.join("release", "tiny.pt")
+    out = KosmosGConvertCheckpoint.execute(source, output_name="", dtype="fp32")
+    assert out.result[0] == os.path.join("release", "tiny.safetensors")
+    assert (kosmosg_dir / "release" / "tiny.safetensors").is_file()
 
 
 # --- the shipped nano model ------------------------------------------------------------------------
