@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,20 +52,53 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+def _as_list(value) -> list:
+    """None -> [], a list / tuple -> a list, anything else (one image, one weight) -> [it]."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _normalise_batch(prompts, images, image_weights):
-    """-> (list[str], list[list[image]], list[list[float]]) with one entry per prompt."""
+    """-> (list[str], list[list[RGB PIL image]], list[list[float]]) with one entry per prompt.
+
+    Images are read here (`to_pil_images`), so an IMAGE batch [B, H, W, C] counts as its B images."""
     if isinstance(prompts, str):
-        prompts, images = [prompts], [images or []]
-        image_weights = [image_weights] if image_weights is not None else None
+        prompts, images, image_weights = [prompts], [images], [image_weights]
+    elif not isinstance(prompts, (list, tuple)):
+        raise PromptError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}.")
     prompts = list(prompts)
-    images = [list(x) if x is not None else [] for x in images] if images is not None else [[] for _ in prompts]
-    if len(images) != len(prompts):
-        raise PromptError(f"Got {len(prompts)} prompts but {len(images)} image lists; give one list of images per prompt "
-                          "(an empty list for a text-only prompt).")
-    if image_weights is None:
-        image_weights = [[1.0] * len(x) for x in images]
-    image_weights = [list(w) if w is not None else [1.0] * len(x) for w, x in zip(image_weights, images)]
-    return prompts, images, image_weights
+    if not prompts:
+        raise PromptError("No prompts were given; give a string or a non-empty list of strings.")
+    for name, per_prompt in (("image lists", images), ("image weight lists", image_weights)):
+        if per_prompt is not None and (not isinstance(per_prompt, (list, tuple)) or len(per_prompt) != len(prompts)):
+            count = len(per_prompt) if isinstance(per_prompt, (list, tuple)) else f"a {type(per_prompt).__name__}, not"
+            raise PromptError(f"Got {len(prompts)} prompts but {count} {name}; give one list per prompt (an empty "
+                              "list for a text-only prompt), e.g. images=[[dog], [], [dog, hat]].")
+    images = [to_pil_images(group) if group else [] for group in map(_as_list, images or [None] * len(prompts))]
+    weights = []
+    for b, (group, given) in enumerate(zip(images, map(_as_list, image_weights or [None] * len(prompts)))):
+        given = given or [1.0] * len(group)
+        if len(given) != len(group):
+            raise PromptError(f"Prompt {b} has {len(group)} image(s) but {len(given)} image weight(s); give one "
+                              "weight per image (a batch [B, H, W, C] counts as B images).")
+        for weight in given:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise PromptError(f"Image weight {weight!r} (prompt {b}) is not a finite number; use e.g. 1.0 (the "
+                                  "official model) or 0.5.")
+        weights.append([float(w) for w in given])
+    return prompts, images, weights
+
+
+def _check_text(text, what: str) -> None:
+    """A prompt must be a str that encodes as UTF-8 (a lone surrogate, e.g. from undecodable bytes in argv, cannot)."""
+    if not isinstance(text, str):
+        raise PromptError(f"The {what} must be text, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"The {what} holds bytes that are not valid text (at character {e.start}); write it as "
+                          "UTF-8 text.") from e
 
 
 class KosmosGPipeline:
@@ -77,6 +111,8 @@ class KosmosGPipeline:
     """
 
     def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64):
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be a whole number >= 0 (0 = no caching), got {cache_size!r}.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache_size = cache_size
@@ -124,8 +160,7 @@ class KosmosGPipeline:
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
         """Validate one prompt against its images and the model's limits -> its token ids."""
-        if not isinstance(prompt, str):
-            raise PromptError(f"The prompt must be text, got {type(prompt).__name__}.")
+        _check_text(prompt, "prompt")
         placeholders = count_placeholders(prompt)
         if placeholders != len(images):
             raise PromptError(
@@ -183,19 +218,15 @@ class KosmosGPipeline:
         """Interleaved prompt(s) + images -> conditioning [B, 77, C] (model dtype, model device).
 
         prompts: a string, or a list of B strings with `<i>` where each image goes.
-        images: for one prompt, a list of its images; for B prompts, B lists.
+        images: for one prompt, its image or a list of its images; for B prompts, B lists (or one image
+            each). Anything `to_pil_images` reads; a batch [N, H, W, C] counts as N images.
         image_weights: same nesting as images; each multiplies its image's slot embeddings
             (1.0 = the official model). Prompts of different lengths batch to the same result as
             one at a time (right padding; the MLLM is causal and the aligner masks pads).
         progress: called once per encoded image and once per finished batch (for progress bars;
             it may raise to interrupt)."""
         prompts, images, image_weights = _normalise_batch(prompts, images, image_weights)
-        prompt_ids = []
-        for prompt, prompt_images, weights in zip(prompts, images, image_weights):
-            prompt_ids.append(self.check_inputs(prompt, prompt_images))
-            if len(weights) != len(prompt_images):
-                raise PromptError(f"Got {len(weights)} image weights for {len(prompt_images)} images; give one weight "
-                                  "per image.")
+        prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
         flat_images = [img for group in images for img in group]
         flat_weights = torch.tensor([w for group in image_weights for w in group], dtype=torch.float32)
         image_embeds = None
@@ -211,18 +242,24 @@ class KosmosGPipeline:
     def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:
         """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative
         prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text."""
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        _check_text(negative_prompt, "negative prompt")
         if negative_prompt and count_placeholders(negative_prompt):
             raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         key = (negative_prompt, self.dtype, self.device)
-        if key not in self._unconditional_cache:
+        cond = self._unconditional_cache.get(key)
+        if cond is None:
             ids = build_unconditional_ids(self.tokenizer, negative_prompt)
-            check_prompt_length(ids, self.max_tokens)
-            self._unconditional_cache[key] = self.encode_ids([ids], None)  # [1, 77, C]
+            check_prompt_length(ids, self.max_tokens, what="negative prompt")
+            cond = self.encode_ids([ids], None)  # [1, 77, C]
+        self._unconditional_cache[key] = cond
         self._unconditional_cache.move_to_end(key)
         while len(self._unconditional_cache) > self.cache_size:
             self._unconditional_cache.popitem(last=False)
         # a fresh tensor: callers may modify what they get
-        return self._unconditional_cache[key].expand(batch_size, -1, -1).clone()
+        return cond.expand(batch_size, -1, -1).clone()
 
     def clear_cache(self) -> None:
         self._image_cache.clear()

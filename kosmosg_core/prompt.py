@@ -122,11 +122,11 @@ def pad_batch(prompts: Sequence[PromptIds]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-def check_prompt_length(prompt_ids: PromptIds, max_positions: int) -> None:
+def check_prompt_length(prompt_ids: PromptIds, max_positions: int, what: str = "prompt") -> None:
     """Raise PromptError when the sequence has more than `max_positions` tokens (T <= limit is fine)."""
     length = len(prompt_ids.ids)
     if length > max_positions:
         images = prompt_ids.num_image_slots
         raise PromptError(
-            f"The prompt is {length} tokens long (image slots included: {images}) but the model reads at most "
+            f"The {what} is {length} tokens long (image slots included: {images}) but the model reads at most "
             f"{max_positions}; shorten the text or use fewer images.")

@@ -338,7 +338,7 @@ def test_encode_rejects_image_in_negative(model_dirs, converted):
         KosmosGEncode.execute(model, run_prompt("a cat"), "<i>")
     assert "negative_text contains <i>" in KosmosGEncode.validate_inputs("a <i>")  # before anything runs
     assert KosmosGEncode.validate_inputs("blurry") is True and KosmosGEncode.validate_inputs(None) is True
-    with pytest.raises(PromptError, match=r"^negative_text: The prompt is \d+ tokens long"):
+    with pytest.raises(PromptError, match=r"^negative_text: The negative prompt is \d+ tokens long"):
         KosmosGEncode.execute(model, run_prompt("a cat"), "blurry " * 400)
 
 

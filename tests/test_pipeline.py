@@ -51,8 +51,71 @@ def test_image_weights(pipe):
     base = pipe.encode("a photo of <i>", [image(5)])
     assert torch.allclose(base, pipe.encode("a photo of <i>", [image(5)], image_weights=[1.0]), atol=0)
     assert not torch.allclose(base, pipe.encode("a photo of <i>", [image(5)], image_weights=[0.5]), atol=1e-4)
-    with pytest.raises(PromptError, match="2 image weights for 1 images"):
+    with pytest.raises(PromptError, match=r"1 image\(s\) but 2 image weight\(s\)"):
         pipe.encode("a photo of <i>", [image(5)], image_weights=[1.0, 1.0])
+    assert torch.equal(pipe.encode("a photo of <i>", image(5), image_weights=0.5),  # one image, one weight: no list
+                       pipe.encode("a photo of <i>", [image(5)], image_weights=[0.5]))
+    for bad in (float("nan"), float("inf"), "x", True):
+        with pytest.raises(PromptError, match="is not a finite number"):
+            pipe.encode("a photo of <i>", [image(5)], image_weights=[bad])
+
+
+def test_batch_shape_rules(pipe):
+    """Lists that do not match the prompts are refused by count, never cut to the shortest (zip)."""
+    with pytest.raises(PromptError, match="Got 3 prompts but 1 image weight lists"):
+        pipe.encode(["a cat", "a dog", "a red <i>"], [[], [], [image(1)]], image_weights=[[]])
+    with pytest.raises(PromptError, match="Got 2 prompts but 1 image weight lists"):
+        pipe.encode(["a cat", "a dog"], None, image_weights=[[]])
+    with pytest.raises(PromptError, match="Got 2 prompts but 1 image lists"):
+        pipe.encode(["a <i>", "a dog"], [[image(1)]])
+    with pytest.raises(PromptError, match="Got 2 prompts but a PngImageFile, not image lists|Got 2 prompts but a Image"):
+        pipe.encode(["a <i>", "a dog"], image(1))
+    with pytest.raises(PromptError, match="No prompts were given"):
+        pipe.encode([])
+    for bad in (None, 5, b"a cat"):
+        with pytest.raises(PromptError, match="prompts must be a string or a list of strings|must be text"):
+            pipe.encode(bad)
+    # one image per prompt may be given without its own list
+    assert torch.equal(pipe.encode(["a <i>", "b <i>"], [image(1), image(2)]),
+                       pipe.encode(["a <i>", "b <i>"], [[image(1)], [image(2)]]))
+
+
+def test_an_image_batch_counts_as_its_images(pipe):
+    """A [B, H, W, C] batch in the images is B images (as `to_pil_images` reads it), for placeholders and weights."""
+    tensors = [torch.from_numpy(np.asarray(image(k)).astype(np.float32) / 255.0) for k in (1, 2)]
+    batch = torch.stack(tensors)  # [2, H, W, C]
+    assert torch.equal(pipe.encode("<i> and <i>", [batch]), pipe.encode("<i> and <i>", tensors))
+    assert torch.equal(pipe.encode("<i> and <i>", batch), pipe.encode("<i> and <i>", tensors))
+    with pytest.raises(PromptError, match=r"1 <i> placeholder\(s\) but 2 image\(s\)"):
+        pipe.encode("a <i>", [batch])
+
+
+def test_text_that_is_not_unicode_is_refused(pipe):
+    undecodable = b"a \xff cat".decode("utf-8", "surrogateescape")  # how Python hands undecodable argv bytes
+    with pytest.raises(PromptError, match="not valid text"):
+        pipe.encode(undecodable)
+    with pytest.raises(PromptError, match="negative prompt holds bytes that are not valid text"):
+        pipe.encode_unconditional(undecodable)
+
+
+def test_unconditional_arguments_are_checked(pipe):
+    with pytest.raises(PromptError, match="negative prompt must be text"):
+        pipe.encode_unconditional(5)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(PromptError, match="batch_size must be a whole number >= 1"):
+            pipe.encode_unconditional(batch_size=bad)
+    with pytest.raises(PromptError, match="The negative prompt is 8001 tokens long"):
+        pipe.encode_unconditional("word " * 2000)
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_small_caches_still_encode(pipe, cache_size):
+    small = KosmosGPipeline(pipe.model, pipe.tokenizer, cache_size=cache_size)
+    assert torch.equal(small.encode_unconditional(), pipe.encode_unconditional())
+    assert torch.equal(small.encode("<i> and <i>", [image(1), image(2)]), pipe.encode("<i> and <i>", [image(1), image(2)]))
+    assert len(small._image_cache) <= cache_size and len(small._unconditional_cache) <= cache_size
+    with pytest.raises(ValueError, match="cache_size must be a whole number >= 0"):
+        KosmosGPipeline(pipe.model, pipe.tokenizer, cache_size=-1)
 
 
 def test_vision_cache_is_content_keyed(pipe):
