@@ -7,9 +7,10 @@ against torchvision), so the core does not need torchvision at import time.
 
 Accepted inputs (`to_pil_images`), each giving RGB PIL images:
 - a PIL image (any mode; converted with `.convert("RGB")`, which drops alpha like the official
-  gradio demo's RGB conversion);
-- a path (str / os.PathLike) to an image file, EXIF orientation applied (as ComfyUI's LoadImage and
-  the gradio demo do); a multi-frame file gives its first frame;
+  gradio demo's RGB conversion; 16-bit modes `I;16*` / `I` are scaled to 8 bits (/257, as ComfyUI's
+  LoadImage scales mode I), float mode `F` is read as 0..1 when its values lie there, else 0..255);
+  EXIF orientation applied (as ComfyUI's LoadImage and the gradio demo do);
+- a path (str / os.PathLike) to an image file, read as above; a multi-frame file gives its first frame;
 - a numpy array `[H, W]`, `[H, W, C]` or `[B, H, W, C]` with C = 1 (gray), 2 (gray + alpha),
   3 (RGB) or 4 (RGBA); uint8 0..255 (other integer types must hold 0..255) or float 0..1;
   alpha is dropped (not composited), like `.convert("RGB")`;
@@ -74,7 +75,18 @@ def _one_input_to_pil(item) -> list[Image.Image]:
 def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name} is empty ({image.width}x{image.height}); give an image with pixels.")
-    return image.convert("RGB")  # always a new image: callers never alias the input
+    image = ImageOps.exif_transpose(image)  # a copy: callers never alias the input
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # .convert("RGB") would clip these to 0..255: a 16-bit picture comes out white, a 0..1 float one black
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode != "F":
+            values = values / 257.0  # 0..65535 -> 0..255
+        elif values.max(initial=0.0) <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "La":  # premultiplied gray + alpha: PIL converts it to RGB only through LA
+        image = image.convert("LA")
+    return image.convert("RGB")
 
 
 def _load_path(path: Path) -> Image.Image:
@@ -85,8 +97,10 @@ def _load_path(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return _pil_to_rgb(image, str(path))
+            return _pil_to_rgb(opened, str(path))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"Image file {path} is too large to read safely ({e}); downscale it (subject images are "
+                         "resized to 224 px anyway).") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"Cannot read image file {path} ({e}); it is missing, truncated or not an image. "
                          f"Re-save it as PNG or JPEG.") from e

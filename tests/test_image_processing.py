@@ -106,6 +106,48 @@ def test_path_applies_exif_orientation(tmp_path):
     assert np.array_equal(np.asarray(loaded), np.rot90(pixels, k=-1))
 
 
+def test_pil_image_gets_exif_orientation_like_a_path(tmp_path):
+    pixels = random_rgb(20, 12)
+    exif = Image.fromarray(pixels).getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    with Image.open(path) as opened:
+        (from_pil,) = to_pil_images(opened)
+    (from_path,) = to_pil_images(path)
+    assert from_pil.size == from_path.size == (12, 20)
+    assert np.array_equal(np.asarray(from_pil), np.asarray(from_path))
+
+
+def test_high_bit_depth_and_float_modes_are_scaled_not_clipped(tmp_path):
+    gray8 = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    expected = to_pil_images(Image.fromarray(gray8, mode="L"))[0]
+    path16 = tmp_path / "gray16.png"
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(path16)  # a 16-bit PNG: PIL opens it as I;16 or I
+    path_float = tmp_path / "float.tiff"
+    Image.fromarray(gray8.astype(np.float32) / 255.0, mode="F").save(path_float)
+    for path in (path16, path_float):
+        (image,) = to_pil_images(path)
+        assert np.array_equal(np.asarray(image), np.asarray(expected)), path.name
+    (image,) = to_pil_images(Image.fromarray(gray8.astype(np.float32), mode="F"))  # F holding 0..255
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    (image,) = to_pil_images(Image.fromarray(gray8.astype(np.int32) * 257, mode="I"))
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_premultiplied_gray_alpha_mode():
+    (image,) = to_pil_images(Image.new("La", (4, 3), (90, 255)))
+    assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [90, 90, 90]
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (40, 40)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x 100: PIL refuses it as a bomb
+    with pytest.raises(ImageError, match="huge.png is too large to read safely.*downscale it"):
+        to_pil_images(path)
+
+
 @pytest.mark.parametrize("name, content", [("missing.png", None), ("corrupt.png", b"\x89PNG\r\n\x1a\nnot really"),
                                            ("text.jpg", b"hello")])
 def test_bad_paths_name_the_path(tmp_path, name, content):
