@@ -335,8 +335,21 @@ def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
 
 
 def run_benchmark(args) -> dict:
+    from .errors import KosmosGError
+    from .files import check_output_file, check_output_folder
     from .pipeline import resolve_device, resolve_dtype
 
+    # every argument checked before minutes of measuring
+    unknown = [case for case in args.cases.split(",") if case not in PROMPTS]
+    if unknown:
+        raise KosmosGError(f"--cases: unknown case(s) {', '.join(unknown)}; use a comma list of {', '.join(PROMPTS)}.")
+    for name, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise KosmosGError(f"{name} must be at least 1, got {value}.")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.workdir:
+        check_output_folder(args.workdir, "--workdir")
     threads = args.threads or min(os.cpu_count() or 1, 2 if os.environ.get("CI") else os.cpu_count() or 1)
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
@@ -380,6 +393,7 @@ def run_benchmark(args) -> dict:
             workdir_ctx.cleanup()
     print_table(results)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 

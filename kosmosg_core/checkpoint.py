@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
-from .errors import CheckpointError, CheckpointNotFoundError, TokenizerError
-from .files import save_safetensors
+from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
+from .files import check_output_file, save_safetensors
 from .model import KosmosG
 from .tokenizer import KosmosGTokenizer
 
@@ -237,7 +237,7 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
                                       "checkpoint_final.pt or a converted .safetensors).")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt or .safetensors).")
-    if path.suffix == ".safetensors":
+    if _file_format(path) == "safetensors":
         return _read_pack(path, config)
     from .safe_unpickle import load_pt_state_dict
 
@@ -247,6 +247,20 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
     state_dict, ignored = rename_official_state_dict(official)
     logger.info("%s: ignoring %d official tensors inference does not use (U-Net, VAE, tied head, ...)", path, len(ignored))
     return config or _sidecar_config(path) or infer_config(state_dict), state_dict, None
+
+
+def _file_format(path: Path) -> str:
+    """"safetensors" or "pt": by the content where it is clear (a renamed file still loads), else by the suffix."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"Cannot read {path}: {e}.") from e
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return "safetensors"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy raw pickle
+        return "pt"
+    return "safetensors" if path.suffix.lower() == ".safetensors" else "pt"
 
 
 def _sidecar_config(path: Path) -> KosmosGConfig | None:
@@ -326,6 +340,10 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
     A pack .safetensors is accepted too (e.g. to re-cast it to float16), its own tokenizer kept unless
     tokenizer_dir is given. dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
     pt_path = Path(pt_path)
+    out_path = check_output_file(out_path, "The converted file")  # before the (long) read
+    if out_path.suffix.lower() != ".safetensors":
+        raise OutputPathError(f"The converted file {out_path} must end in .safetensors (the pack's format; the loaders "
+                              "tell the formats apart by it); e.g. kosmosg.safetensors.")
     cfg, state_dict, embedded_tokenizer = read_checkpoint(pt_path, config)
     tokenizer = _resolve_tokenizer(pt_path, embedded_tokenizer, tokenizer_dir)
     tokenizer.check_matches(cfg.decoder.vocab_size)

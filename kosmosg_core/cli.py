@@ -25,24 +25,31 @@ def _cpu_linear_list(text: str) -> str:
     return text
 
 
+def _image_paths(values: list[str]) -> list[Path]:
+    if any(not value.strip() for value in values):
+        raise KosmosGError("--image was given an empty path; give the path of an image file.")
+    return [Path(value) for value in values]
+
+
 def cmd_encode(args) -> None:
-    from .files import save_safetensors
+    from .files import check_output_file, save_safetensors
     from .pipeline import KosmosGPipeline
 
+    out = check_output_file(args.out, "--out")  # before loading: a bad input must not cost the load
+    images = _image_paths(args.image)
+    if args.prompt == "" and args.image:
+        raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
+                           "--image were given; add <i> placeholders to the prompt or drop the images.")
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel)
     if args.prompt == "":
-        if args.image:
-            raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
-                               "--image were given; add <i> placeholders to the prompt or drop the images.")
         cond = pipe.encode_unconditional()
     else:
-        cond = pipe.encode(args.prompt, [Path(p) for p in args.image])
-    out = Path(args.out)
+        cond = pipe.encode(args.prompt, images)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
     save_safetensors({"cond": cond.float().cpu().contiguous()}, out,
                      metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
-                        "checkpoint": Path(args.checkpoint).name})
+                               "checkpoint": Path(args.checkpoint).name})
     print(f"wrote {out}: cond {list(cond.shape)}")
 
 
@@ -66,7 +73,7 @@ def cmd_generate(args) -> None:
 
     paths = generate_images(
         checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model, prompt=args.prompt,
-        images=args.image, negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
+        images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config)
     for p in paths:

@@ -34,6 +34,14 @@ class ImageError(KosmosGError, ValueError):
     """An image could not be read or has an unusable layout."""
 
 
+class OutputPathError(KosmosGError, ValueError):
+    """An output path cannot be written (a folder where a file goes, a file where a folder goes...)."""
+
+
+class GenerationSettingsError(KosmosGError, ValueError):
+    """A sampling setting (steps, size, seed...) is out of range."""
+
+
 class DeviceError(KosmosGError, ValueError):
     """An unsupported dtype / device was asked for."""
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import OutputPathError
+
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
@@ -18,6 +20,30 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_output_file(path, what: str) -> Path:
+    """Refuse, before any work is done, an output file path that cannot be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a folder; give a file path inside it, e.g. {path / 'out.safetensors'}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{what} {path}: {parent} is a file, not a folder; choose another path.")
+            break
+    return path
+
+
+def check_output_folder(path, what: str) -> Path:
+    """Refuse, before any work is done, an output folder path that is a file (or lies under one)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputPathError(f"{what} {path}: {folder} is a file, not a folder; choose another folder.")
+            break
+    return path
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

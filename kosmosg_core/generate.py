@@ -8,11 +8,13 @@ encoder (which is never loaded). Defaults follow the official demo: DPM-Solver m
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError
+from .files import check_output_folder
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -23,15 +25,23 @@ _NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, 
                         image_encoder=None, requires_safety_checker=False)
 
 
+def check_sd15_paths(sd_model, config_dir=None) -> Path:
+    path = Path(sd_model)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
+                                      "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
+                                      "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
+    return path
+
+
 def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = "dpm", config_dir=None):
     """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    path = Path(sd_model)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
-                                      "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
+    path = check_sd15_paths(sd_model, config_dir)
     try:
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
@@ -39,8 +49,10 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         else:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
                                                             torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model: {e}") from e
+    except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({first_line}); give an SD1.5 "
+                              "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -51,7 +63,11 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     out_dir: Path = Path("outputs"), steps: int = 50, guidance_scale: float = 6.0,
                     scheduler: str = "dpm", seed: int = 0, num_images: int = 1, height: int = 512, width: int = 512,
                     dtype="float32", device="cpu", sd_config_dir=None) -> list[Path]:
-    """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths."""
+    """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
+    (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten)."""
+    check_generation_settings(steps, guidance_scale, seed, num_images, height, width)
+    out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
+    check_sd15_paths(sd_model, sd_config_dir)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
     cond = encoder.encode(prompt, [Path(p) for p in images])  # [1, 77, C]
@@ -64,11 +80,37 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
                 generator=generator, output_type="pil")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(result.images):
-        path = out_dir / f"kosmosg_{seed}_{k}.png"
+        path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
         image.save(path)
         paths.append(path)
     return paths
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}.png", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}_{n}.png"
+    return path
+
+
+def check_generation_settings(steps, guidance_scale, seed, num_images, height, width) -> None:
+    """Sampling settings in range, or a GenerationSettingsError naming the setting and its range."""
+    def whole(value, name, low, high=None):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            limit = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise GenerationSettingsError(f"{name} must be a whole number {limit}, got {value!r}.")
+
+    whole(steps, "steps", 1)
+    whole(num_images, "num_images", 1)
+    whole(seed, "seed", 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+    for name, value in (("height", height), ("width", width)):
+        whole(value, name, 8)
+        if value % 8:
+            raise GenerationSettingsError(f"{name} must be a multiple of 8 (the VAE's scale), got {value}; e.g. "
+                                          f"{value - value % 8 or 8} or {value - value % 8 + 8}.")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise GenerationSettingsError(f"guidance_scale must be a finite number (official demo: 6.0), got {guidance_scale!r}.")

@@ -40,13 +40,15 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 def resolve_device(device) -> torch.device:
     try:
-        device = torch.device(device)
+        device = torch.device(device.lower() if isinstance(device, str) else device)
     except (RuntimeError, TypeError) as e:
         raise DeviceError(f"Unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N').") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"Device {str(device)!r} was requested but this PyTorch sees no CUDA GPU; use device 'cpu'.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("Device 'mps' was requested but MPS is not available; use device 'cpu'.")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise DeviceError("Device 'xpu' was requested but this PyTorch sees no Intel GPU; use device 'cpu'.")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise DeviceError(f"Unsupported device {str(device)!r}; use 'cpu' or 'cuda'.")
     return device

@@ -10,7 +10,7 @@ from kosmosg_core.cli import main
 
 
 def _bench(tmp_path, cpu_linear):
-    out = tmp_path / f"bench-{cpu_linear}.json"
+    out = tmp_path / "results" / f"bench-{cpu_linear}.json"  # a folder that does not exist yet
     main(["bench", "--size", "tiny", "--dtypes", "float32", "--repeats", "1", "--threads", "1",
           "--cpu-linear", cpu_linear, "--json", str(out), "--workdir", str(tmp_path / "work")])
     return json.loads(out.read_text())

@@ -91,6 +91,50 @@ def test_encode_missing_checkpoint_and_bad_image(pack, tmp_path):
     assert result.returncode == 2 and "bad.jpg" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
+    """A checkpoint that does not exist: each error below proves its check ran before the load."""
+    missing = tmp_path / "missing.pt"
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give a file path inside it"),
+        (["encode", "--prompt", "x", "--out", a_file / "cond.safetensors"], "a_file.txt is a file, not a folder"),
+        (["encode", "--prompt", "<i>", "--image", "", "--out", tmp_path / "o.safetensors"], "--image was given an empty path"),
+        (["encode", "--prompt", "", "--image", a_file, "--out", tmp_path / "o.safetensors"], "takes no images"),
+        (["convert", "--out", tmp_path / "converted.pt"], "must end in .safetensors"),
+        (["generate", "--sd-model", tmp_path, "--prompt", "x", "--out-dir", a_file], "a_file.txt is a file, not a folder"),
+        (["generate", "--sd-model", tmp_path / "sd.safetensors", "--prompt", "x"], "SD1.5 model not found"),
+        (["generate", "--sd-model", a_file, "--sd-config", tmp_path / "nope", "--prompt", "x"],
+         "SD1.5 config folder not found"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--steps", "0"], "steps must be a whole number >= 1"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--height", "60"], "height must be a multiple of 8"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--width", "-64"], "width must be a whole number >= 8"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--num-images", "0"], "num_images must be"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--seed", str(2**64)], "seed must be"),
+        (["generate", "--sd-model", a_file, "--prompt", "x", "--guidance-scale", "inf"], "guidance_scale must be a finite number"),
+    ]
+    for args, message in cases:
+        result = run_cli(args[0], "--checkpoint", missing, *args[1:], check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    result = run_cli("bench", "--size", "tiny", "--cases", "text_only", check=False)
+    assert result.returncode == 2 and "unknown case(s) text_only" in result.stderr
+    result = run_cli("bench", "--size", "tiny", "--repeats", "0", check=False)
+    assert result.returncode == 2 and "--repeats must be at least 1" in result.stderr
+
+
+def test_renamed_checkpoints_load_by_content(tmp_path, images):
+    pt, _, _ = write_tiny_official(tmp_path / "official")
+    converted = tmp_path / "official" / "converted.safetensors"
+    run_cli("convert", "--checkpoint", pt, "--out", converted)
+    expected = KosmosGPipeline.from_checkpoint(converted).encode("a <i>", images[:1])
+    renamed_pt = pt.with_name("checkpoint_final.safetensors")  # a .pt under a .safetensors name
+    pt.rename(renamed_pt)
+    renamed_st = tmp_path / "official" / "converted.pt"  # and the other way round, upper case too
+    converted.rename(renamed_st)
+    for path in (renamed_pt, renamed_st):
+        assert torch.equal(KosmosGPipeline.from_checkpoint(path).encode("a <i>", images[:1]), expected)
+
+
 def test_convert_official_round_trip(tmp_path, images):
     pt, tok_dir, model = write_tiny_official(tmp_path / "official")
     out = tmp_path / "converted.safetensors"
@@ -137,6 +181,15 @@ def test_generate_with_diffusers_folder(pack, images, tmp_path):
     a, b = Image.open(tmp_path / "a" / "kosmosg_7_0.png"), Image.open(tmp_path / "b" / "kosmosg_7_0.png")
     assert a.size == (32, 32)
     assert np.array_equal(np.asarray(a), np.asarray(b))  # same seed, same image
+    first = (tmp_path / "a" / "kosmosg_7_0.png").read_bytes()
+    again = run_cli(*[("a red <i>" if x == "a photo of <i>" else x) for x in common], "--out-dir", tmp_path / "a")
+    assert "kosmosg_7_0_1.png" in again.stdout  # a new name: the earlier result is kept
+    assert (tmp_path / "a" / "kosmosg_7_0.png").read_bytes() == first
+    result = run_cli(*[(pack[0] if str(x) == str(tmp_path / "tiny-sd15") else x) for x in common],
+                     "--out-dir", tmp_path / "c", check=False)  # the Kosmos-G file given as the SD1.5 model
+    assert result.returncode == 2 and "as a Stable Diffusion 1.5 model" in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and len(error_lines) == 1 and "\n" not in error_lines[0]
     missing = [str(tmp_path / "missing") if str(x) == str(tmp_path / "tiny-sd15") else x for x in common]
     result = run_cli(*missing, "--out-dir", tmp_path / "c", check=False)
     assert result.returncode == 2 and "SD1.5 model not found" in result.stderr
