@@ -332,7 +332,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match="corrupt or not a training checkpoint"):
+    with pytest.raises(ValueError, match="corrupt or not a train/ checkpoint"):
         stage1.main(common(env, corrupt, steps=2))
     other_stage = tmp_path / "other"
     shutil.copytree(stage1_run, other_stage)
@@ -366,3 +366,94 @@ def test_stage2_starts_a_fresh_aligner_from_stage1_and_keeps_a_stage2_one(env, s
     stage2_state = load_checkpoint(stage2_run)["model"]
     module = build_stage2_module(env, stage2_run)  # continuing an alignment keeps it
     assert torch.equal(module.model.aligner.encoder_query, stage2_state["aligner.encoder_query"])
+
+
+# --- bad inputs: named, one line, nothing lost ---------------------------------------------------------
+@pytest.mark.parametrize("module, args, message", [
+    ("train.stage1", ["--tokenizer", "x"], "error: Tokenizer folder x does not exist"),
+    ("train.export", [], "error: "),
+    ("train.stage2", ["--config", "CONFIG"], "is not valid YAML"),
+])
+def test_entry_points_print_one_line_errors(module, args, message, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("batch_size: [2\n")
+    args = [str(config) if a == "CONFIG" else a for a in args] + ["--output-dir", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: [2\n", r"bad.yaml is not valid YAML \(.*line 2"),
+    ("batch_size: two\n", r"bad.yaml: batch_size: expected a whole number, got 'two'"),
+    ("batch_size: 2.5\n", r"batch_size: expected a whole number, got 2.5"),
+    ("cpu: maybe\n", r"cpu: expected true or false, got 'maybe'"),
+    ("learning_rate: fast\n", r"learning_rate: expected a number, got 'fast'"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
+    from train.common.config import parse_config
+    from train.stage1 import Stage1Config
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_config(Stage1Config, ["--config", str(config)])
+    broken_json = tmp_path / "bad.json"
+    broken_json.write_text('{"batch_size": 2,}')
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        parse_config(Stage1Config, ["--config", str(broken_json)])
+    whole = tmp_path / "whole.yaml"
+    whole.write_text("max_steps: 2.0\nbatch_size: '3'\n")
+    assert (parse_config(Stage1Config, ["--config", str(whole)]).max_steps,
+            parse_config(Stage1Config, ["--config", str(whole)]).batch_size) == (2, 3)
+
+
+def test_data_without_a_usable_sample_is_an_error_not_a_hang(env, tmp_path):
+    from train import stage2
+
+    with pytest.raises(ValueError, match="stage2: no sample in --data qualifies"):
+        stage2.main(common(env, tmp_path / "s2", steps=2, batch=2) + ["--clip-text-encoder", env.clip,
+                                                                      "--kinds", "lion"])
+
+
+def test_resume_refuses_changed_settings_by_name(env, stage1_run, tmp_path):
+    from train import stage1, stage2
+
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run, run)
+    saved = (run / "train_config.json").read_text()
+    for extra, message in ((["--learning-rate", "0.01"], r"learning_rate 0.001 -> 0.01"),
+                           (["--seed", "5"], r"seed 0 -> 5"),
+                           (["--masked-entity-prob", "0.2"], r"masked_entity_prob 0.5 -> 0.2"),
+                           (["--gradient-accumulation-steps", "2"], r"global batch .* 4 -> 8")):
+        with pytest.raises(ValueError, match=message):
+            stage1.main(common(env, run, steps=40) + extra)
+    assert (run / "train_config.json").read_text() == saved  # the record still says what the run is
+    with pytest.raises(ValueError, match="written by 'stage1'"):  # the stage is named before any tensor check
+        stage2.main(common(env, run, steps=40) + ["--clip-text-encoder", env.clip])
+    other = tmp_path / "other"
+    shutil.copytree(stage1_run, other)
+    with pytest.raises(ValueError, match="holds its own checkpoint"):
+        stage1.main(common(env, other, steps=40) + ["--resume", str(run)])
+    with pytest.raises(ValueError, match="not there: "):  # the same number of shards, other names
+        moved = tmp_path / "moved-data"
+        shutil.copytree(env.data, moved)
+        for shard in sorted(moved.glob("*.tar"))[:1]:
+            shard.rename(shard.with_name("renamed-" + shard.name))
+        stage1.main(common(env, run, steps=40)[2:] + ["--data", str(moved)])
+
+
+def test_damaged_metrics_line_and_non_checkpoint_files(tmp_path):
+    from train.common.checkpointing import load_checkpoint
+    from train.loop import truncate_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n{"step": 3, "lo')  # cut by a crash
+    truncate_metrics(metrics, 2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    not_a_checkpoint = tmp_path / "train_config.json"
+    not_a_checkpoint.write_text("{}")
+    with pytest.raises(ValueError, match="train_config.json is corrupt or not a train/ checkpoint") as error:
+        load_checkpoint(not_a_checkpoint)
+    assert "weights_only" not in str(error.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from train.common.config import parse_config
+from train.common.config import exit_on_input_error, parse_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,4 +74,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

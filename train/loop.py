@@ -50,9 +50,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from train.common.checkpointing import CHECKPOINT_NAME, gather_full_state, load_checkpoint, load_full_state, \
+from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
+    load_full_state, \
     restore, save_checkpoint
-from train.common.config import config_to_dict
+from train.common.config import config_to_dict, exit_on_input_error
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +171,18 @@ class RecordStream:
         self._empty_epochs = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards),
+                "shard_names": [os.path.basename(path) for path in self.shards]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_shards") != len(self.shards):
             raise ValueError(f"The checkpoint's data position is for {state.get('num_shards')} shards but --data now "
                              f"gives {len(self.shards)}; resume with the same --data (and data_split).")
+        names = [os.path.basename(path) for path in self.shards]
+        if "shard_names" in state and state["shard_names"] != names:  # the folder may move, its shards may not
+            missing = sorted(set(state["shard_names"]) - set(names)) or ["(the same names in another order)"]
+            raise ValueError(f"--data holds other shards than the run was trained on (not there: {missing[0]}); "
+                             "resume with the run's data.")
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
         self._records = None
 
@@ -311,6 +318,10 @@ def find_resume_checkpoint(cfg: LoopConfig) -> Path | None:
     if not path.exists():
         raise ValueError(f"--resume {cfg.resume}: no checkpoint there. Give a run folder with checkpoint.pt, "
                          "'auto' or 'never'.")
+    if existing.exists() and existing.resolve() != path.resolve():
+        raise ValueError(f"--output-dir {cfg.output_dir} holds its own checkpoint; continuing {path} there would "
+                         "overwrite it and mix the two runs' metrics. Use a new --output-dir to branch from "
+                         f"{cfg.resume}, or --resume auto to continue {cfg.output_dir}.")
     return path
 
 
@@ -318,7 +329,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short when the machine went down
+            if line.strip():
+                logger.warning("%s: dropping a damaged line: %.80s", path, line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -329,15 +347,58 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _check_resume_state(state: dict, stage: Stage, path: Path) -> None:
+# Settings a resumed run may change. The rest must equal the checkpoint's: they define the run (its data
+# order, schedule, objective), and a silent change would make the resumed run neither the old one nor a new one.
+RESUME_MAY_CHANGE = {
+    "output_dir", "resume", "save_every", "log_every", "tensorboard", "progress", "cpu", "mixed_precision",
+    "distributed", "gradient_checkpointing",  # how it runs, not what it computes
+    "max_steps",  # extending (or ending) a run; the LR schedule then decays to the new end
+    "batch_size", "gradient_accumulation_steps",  # compared as the global batch (processes may change)
+    "data", "tokenizer", "model_config", "score_model", "clip_text_encoder",  # files may move (the shard names,
+    # the model config and its keys are checked)
+    "init_checkpoint", "init_vision",  # read at the start only: ignored on resume (a warning says so)
+}
+
+
+def _differences(saved, now, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for key in sorted(set(saved) | set(now))
+                for d in _differences(saved.get(key), now.get(key), f"{prefix}{key}.")]
+    return [] if saved == now else [f"{prefix[:-1]} {saved!r} -> {now!r}"]
+
+
+def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int) -> None:
     extra = state.get("extra", {})
     if extra.get("stage") != stage.name:
         raise ValueError(f"Checkpoint {path} was written by {extra.get('stage')!r}, not {stage.name!r}; resume it "
                          f"with `python -m train.{extra.get('stage')}` or use a new --output-dir.")
     saved = extra.get("kosmosg_config")
-    if saved is not None and json.loads(saved) != json.loads(stage.model_config().to_json()):
-        raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's; resume with "
-                         "the config the run was started with, or use a new --output-dir.")
+    if saved is not None:
+        changed = _differences(json.loads(saved), json.loads(stage.model_config().to_json()))
+        if changed:
+            raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
+                             f"({'; '.join(changed[:4])}); resume with the config the run was started with, or use a "
+                             "new --output-dir.")
+    if "train_config" not in extra:
+        return
+    before, now = json.loads(extra["train_config"]), config_to_dict(cfg)
+    changed = [d for key in sorted(now) if key in before and key not in RESUME_MAY_CHANGE
+               for d in _differences(before[key], now[key], key + ".")]
+    saved_world = state.get("data", {}).get("world_size", 1)
+    global_before = before["batch_size"] * before["gradient_accumulation_steps"] * saved_world
+    global_now = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    if global_before != global_now:
+        changed.append(f"global batch (batch_size x gradient_accumulation_steps x processes) {global_before} -> "
+                       f"{global_now}")
+    if changed:
+        raise ValueError(f"Checkpoint {path} was trained with other settings than this run's: {'; '.join(changed)}. "
+                         "Resume with the run's settings (its train_config.json), or start a new --output-dir.")
+    for key in ("init_checkpoint", "init_vision"):
+        if before.get(key) != now.get(key):
+            logger.warning("--%s is ignored when resuming: the run continues from %s", key.replace("_", "-"), path)
+    if before.get("max_steps") != cfg.max_steps:
+        logger.warning("max_steps %s -> %s: the LR schedule now decays to step %s", before.get("max_steps"),
+                       cfg.max_steps, cfg.max_steps)
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -361,8 +422,9 @@ def run_as_script(main: Callable[[], Any]) -> None:
     called without an active exception", SIGABRT, no Python frame; ~1 launch in 100 on a loaded
     2-core machine), which fails the whole launch although the training succeeded. `os._exit` skips
     that teardown (and atexit handlers: the trackers were finished by `accelerator.end_training`).
-    A failing `main` raises as usual (non-zero exit)."""
-    main()
+    A bad input ends the process with its one-line message (`exit_on_input_error`); other failures raise.
+    """
+    exit_on_input_error(main)
     if launched_processes() > 1:
         logging.shutdown()
         sys.stdout.flush()
@@ -430,8 +492,9 @@ def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, sche
     path = find_resume_checkpoint(cfg)
     if path is None:
         return 0
-    state = load_checkpoint(path, expected_model_keys=model.state_dict().keys())
-    _check_resume_state(state, stage, path)
+    state = load_checkpoint(path)
+    _check_resume_state(state, stage, path, cfg, world)  # the stage and settings, named, before the tensors
+    check_model_keys(state, model.state_dict().keys(), path)
     try:
         load_full_state(model, optimizer, state["model"], state.get("optimizer"))
     except RuntimeError as e:  # shape mismatch from load_state_dict
@@ -451,12 +514,24 @@ def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, sche
 
 
 def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
-    """The next `count` items the stage selects from the stream."""
+    """The next `count` items the stage selects from the stream; a ValueError when a whole epoch of the data
+    passes without one (every record skipped: the stream would otherwise repeat forever)."""
     items = []
+    skipped, first_skipped_epoch = 0, None
     while len(items) < count:
-        item = stage.select(stream.next())
+        record = stream.next()
+        item = stage.select(record)
         if item is not None:
             items.append(item)
+            skipped, first_skipped_epoch = 0, None
+            continue
+        skipped += 1
+        first_skipped_epoch = record.epoch if first_skipped_epoch is None else first_skipped_epoch
+        if record.epoch >= first_skipped_epoch + 2:  # a complete epoch in between, all of it skipped
+            raise ValueError(f"{stage.name}: no sample in --data qualifies ({skipped} records in a row skipped, a "
+                             f"whole pass over {len(stream.shards)} shard(s)); check that --data holds the samples this "
+                             "stage reads (stage 2: the --kinds it names), and that prompts fit the model's "
+                             "max_positions (see the warnings above).")
     return items
 
 

@@ -86,18 +86,27 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise ValueError(f"Checkpoint {path} is corrupt or not a training checkpoint ({type(e).__name__}: {e}). "
-                         "Delete it to start over, or point --output-dir at another run.") from e
+        # torch's own advice (load with weights_only=False) is unsafe for untrusted files: keep only the reason
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip() and not any(
+            boilerplate in line for boilerplate in ("weights_only", "Please file an issue", "Check the documentation"))),
+            "unreadable")
+        raise ValueError(f"{path} is corrupt or not a train/ checkpoint ({type(e).__name__}: {reason}). Give a train/ "
+                         f"run folder or its {CHECKPOINT_NAME}; a damaged {CHECKPOINT_NAME} can be deleted to start "
+                         "that run over.") from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise ValueError(f"{path} is not a train/ checkpoint (no model/step). Use --output-dir of a train/ run.")
     if expected_model_keys is not None:
-        missing = sorted(set(expected_model_keys) - set(state["model"]))
-        unexpected = sorted(set(state["model"]) - set(expected_model_keys))
-        if missing or unexpected:
-            raise ValueError(f"Checkpoint {path} does not match this model/config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}. Resume with the config the run was started with, "
-                             "or use a new --output-dir.")
+        check_model_keys(state, expected_model_keys, path)
     return state
+
+
+def check_model_keys(state: dict, expected_model_keys, path) -> None:
+    missing = sorted(set(expected_model_keys) - set(state["model"]))
+    unexpected = sorted(set(state["model"]) - set(expected_model_keys))
+    if missing or unexpected:
+        raise ValueError(f"Checkpoint {path} does not match this model/config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}. Resume with the config the run was started with, "
+                         "or use a new --output-dir.")
 
 
 def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:

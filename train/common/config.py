@@ -21,11 +21,17 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _flag_type(field_type):
+def _without_optional(field_type):
+    """Optional[X] / X | None -> X."""
     origin = typing.get_origin(field_type)
-    if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
-        args = [a for a in typing.get_args(field_type) if a is not type(None)]
-        return _flag_type(args[0])
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        return [a for a in typing.get_args(field_type) if a is not type(None)][0]
+    return field_type
+
+
+def _flag_type(field_type):
+    field_type = _without_optional(field_type)
+    origin = typing.get_origin(field_type)
     if field_type is bool:
         return _parse_bool
     if field_type in (int, float, str):
@@ -36,20 +42,61 @@ def _flag_type(field_type):
     return str
 
 
+def _file_value(name: str, value, field_type, source: str):
+    """A value read from a config file (YAML / JSON types) -> the field's type, or a ValueError naming both."""
+    base = _without_optional(field_type)
+    if value is None and base is not field_type:
+        return None
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if base is int and not isinstance(value, bool):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return value if isinstance(value, int) else int(str(value))
+        if base is float and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if origin in (list, tuple):
+            inner = typing.get_args(base)[0] if typing.get_args(base) else str
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                return [_file_value(f"{name}[{k}]", item, inner, source) for k, item in enumerate(items) if item != ""]
+        if base not in (bool, int, float, str) and origin not in (list, tuple):
+            return value  # other field types (e.g. dict) are checked by their consumer
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        pass
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(base, str(base))
+    raise ValueError(f"{source}: {name}: expected {expected}, got {value!r}.")
+
+
 def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Config file not found: {path}. Pass an existing YAML or JSON file to --config.")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:  # .yaml / .yml, and anything else: YAML reads JSON too
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+    except ValueError as e:  # json.JSONDecodeError
+        raise ValueError(f"Config file {path} is not valid JSON: {e}.") from e
+    except Exception as e:  # yaml.YAMLError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Config file {path} is not valid YAML ({first_line}; {_yaml_position(e)}).") from e
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of field names to values.")
     return data
+
+
+def _yaml_position(error) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "position unknown"
 
 
 def build_parser(config_class, description: str) -> argparse.ArgumentParser:
@@ -70,18 +117,17 @@ def parse_config(config_class, argv=None, description: str = ""):
     parser = build_parser(config_class, description)
     args = vars(parser.parse_args(argv))
     values = {}
-    if args.get("config"):
-        values.update(read_config_file(args.pop("config")))
-    args.pop("config", None)
-    values.update(args)
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(read_config_file(config_file))
     names = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - names)
     if unknown:
         parser.error(f"unknown config fields {unknown}; valid fields: {sorted(names)}")
     hints = typing.get_type_hints(config_class)
-    for key, value in list(values.items()):  # values from files arrive untyped
-        if isinstance(value, str) and hints[key] is not str:
-            values[key] = _flag_type(hints[key])(value)
+    for key, value in list(values.items()):  # values from the file arrive as YAML / JSON types
+        values[key] = _file_value(key, value, hints[key], f"Config file {config_file}")
+    values.update(args)  # explicit flags win; argparse typed them
     return config_class(**values)
 
 
@@ -89,18 +135,25 @@ def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def run_entry_point(config_class, train, argv=None, description: str = "", as_script: bool = False):
-    """Parse the config and call `train(cfg)`. Run as a script (`python -m ...`), a ValueError
-    (bad input, refused checkpoint) ends the process with its one-line message instead of a traceback;
-    called from Python (tests), it propagates."""
-    import logging
+def exit_on_input_error(main):
+    """Run `main()`; a ValueError (bad input, refused checkpoint: every error raised on purpose, the core's
+    KosmosGError included) ends the process with its one-line message (exit 1) instead of a traceback."""
     import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(config_class, argv, description=description)
     try:
-        return train(cfg)
+        return main()
     except ValueError as e:
-        if as_script:
-            sys.exit(f"error: {e}")
-        raise
+        sys.exit(f"error: {e}")
+
+
+def run_entry_point(config_class, train, argv=None, description: str = "", as_script: bool = False):
+    """Parse the config and call `train(cfg)`. Run as a script (`python -m ...`): `exit_on_input_error`;
+    called from Python (tests), errors propagate."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    def main():
+        return train(parse_config(config_class, argv, description=description))
+
+    return exit_on_input_error(main) if as_script else main()

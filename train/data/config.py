@@ -8,12 +8,12 @@ only that section is used, so one file can configure every command.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from train.common import config as common_config
 
 from .entities import DEFAULT_ENTITY_PROMPT
 
@@ -180,15 +180,8 @@ def apply_mapping(config: Any, mapping: dict, prefix: str = "") -> None:
 
 
 def read_config_file(path: str, section: str) -> dict:
-    """YAML or JSON mapping (JSON is YAML); a `section:` entry narrows it to one command."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) if not path.endswith(".json") else json.load(handle)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path!r}: expected a mapping of keys to values, got {type(data).__name__}")
+    """YAML or JSON mapping (`train.common.config.read_config_file`); a `section:` entry narrows it to one command."""
+    data = common_config.read_config_file(path)
     if section in data and isinstance(data[section], dict):
         return data[section]
     return data

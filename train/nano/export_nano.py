@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from train.common.config import parse_config
+from train.common.config import exit_on_input_error, parse_config
 from train.nano import text_encoder as te
 from train.nano.sd15_format import write_sd15_checkpoint
 from train.nano.train_unet import load_unet, trained_text_encoder
@@ -84,16 +83,10 @@ def export(cfg: ExportConfig) -> dict:
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(ExportConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        result = export(cfg)
-    except ValueError as e:
-        if __name__ == "__main__":
-            sys.exit(f"error: {e}")
-        raise
+    result = export(parse_config(ExportConfig, argv, description=__doc__.split("\n")[0]))
     print(json.dumps(result, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)
