@@ -457,3 +457,28 @@ def test_damaged_metrics_line_and_non_checkpoint_files(tmp_path):
     with pytest.raises(ValueError, match="train_config.json is corrupt or not a train/ checkpoint") as error:
         load_checkpoint(not_a_checkpoint)
     assert "weights_only" not in str(error.value)
+
+
+def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path, caplog):
+    import io
+    import tarfile
+
+    from train import stage1
+
+    data = tmp_path / "data"
+    shutil.copytree(env.data, data)
+    with tarfile.open(data / "zz-raw-img2dataset.tar", "w") as tar:  # not kosmosg-data: no json per sample
+        for key in ("0001", "0002"):
+            for ext, payload in (("txt", b"a caption"), ("jpg", b"\xff\xd8 not decoded here")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = common(env, tmp_path / "run", steps=8, batch=4)
+    args[args.index("--data") + 1] = str(data)
+    with caplog.at_level("WARNING"):
+        stage1.main(args)  # 8 updates x 4 samples: every shard read at least once
+    assert "skipping sample 0001 of shard zz-raw-img2dataset.tar: no field 'json'" in caplog.text
+    (data / "zz-raw-img2dataset.tar").write_bytes(b"this is not a tar file" * 40)
+    args[args.index("--output-dir") + 1] = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match=r"Shard .*zz-raw-img2dataset.tar cannot be read .*not a tar file or is truncated"):
+        stage1.main(args)

@@ -136,6 +136,7 @@ class Record:
     key: str
     epoch: int
     fields: dict
+    shard: str = ""  # the shard file's name, for messages
 
     @property
     def meta(self) -> dict:
@@ -168,6 +169,7 @@ class RecordStream:
         self.shards, self.seed = shards, seed
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._records: list[tuple[str, dict]] | None = None
+        self._shard_name = ""  # of the loaded records
         self._empty_epochs = 0
 
     def state_dict(self) -> dict:
@@ -195,11 +197,16 @@ class RecordStream:
         import webdataset as wds
 
         path = self._order()[self.cursor]
+        self._shard_name = os.path.basename(path)
         # This class splits the data between processes itself: webdataset's own node / worker
         # splitters (which refuse to run under torch.distributed without one) are turned off.
         shard = wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=_no_split,
                                workersplitter=_no_split)
-        records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}) for r in shard]
+        try:
+            records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}) for r in shard]
+        except Exception as e:  # tarfile.ReadError, a truncated member, ... (webdataset re-raises them as they come)
+            raise ValueError(f"Shard {path} cannot be read ({type(e).__name__}: {e}); it is not a tar file or is "
+                             "truncated. Rebuild it with python -m train.data, or leave it out of --data.") from e
         records.sort(key=lambda kv: kv[0])  # independent of tar member order
         sample_rng(self.seed, "records", self.epoch, os.path.basename(path)).shuffle(records)
         return records
@@ -212,7 +219,7 @@ class RecordStream:
                 key, fields = self._records[self.offset]
                 self.offset += 1
                 self._empty_epochs = 0
-                return Record(key=key, epoch=self.epoch, fields=fields)
+                return Record(key=key, epoch=self.epoch, fields=fields, shard=self._shard_name)
             self._records, self.offset = None, 0
             self.cursor += 1
             if self.cursor == len(self.shards):
@@ -520,7 +527,13 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
     skipped, first_skipped_epoch = 0, None
     while len(items) < count:
         record = stream.next()
-        item = stage.select(record)
+        try:
+            item = stage.select(record)
+        except (KeyError, ValueError) as e:  # a malformed sample: skipped (and counted), as train.data does
+            reason = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            logger.warning("skipping sample %s of shard %s: %s (the layout is in docs/data-format.md)", record.key,
+                           record.shard, reason)
+            item = None
         if item is not None:
             items.append(item)
             skipped, first_skipped_epoch = 0, None
