@@ -262,6 +262,33 @@ def test_ingest_pairs_folder(tmp_path):
     assert all(s.meta["kind"] == "laion" and s.meta["entities"] == [] for s in samples)
 
 
+def _raw_pairs_shard(path, keys):
+    """An img2dataset-style shard: jpg + txt per sample, no kosmosg json."""
+    rng = np.random.default_rng(5)
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            for ext, payload in (("jpg", _png(_noise_image(rng))), ("txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_unreadable_shards_are_skipped_and_wrong_kinds_named(tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _raw_pairs_shard(shards / "a-000000.tar", ["p0", "p1"])
+    (shards / "b-000000.tar").write_bytes(b"not a tar at all" * 64)
+    _raw_pairs_shard(shards / "c-000000.tar", ["p2"])
+    with caplog.at_level("WARNING"):
+        summary = run_ingest_pairs(IngestConfig(input=str(shards), output=str(tmp_path / "out"), image_size=16))
+    assert summary["written"] == 3  # the shards before and after the broken one
+    assert "b-000000.tar: it cannot be read" in caplog.text
+    with pytest.raises(ValueError, match="is not a kosmosg-data sample .*train.data"):
+        run_to_official(OfficialConfig(input=str(shards), output=str(tmp_path / "official")))
+    with pytest.raises(ValueError, match="holds kosmosg-data shards"):
+        run_ingest_pairs(IngestConfig(input=str(tmp_path / "out"), output=str(tmp_path / "out2"), image_size=16))
+
+
 # ---- mix ----------------------------------------------------------------------------------------
 
 def _synthetic_sources(root, per_source=400):

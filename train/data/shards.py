@@ -50,7 +50,15 @@ class Sample:
 
     @classmethod
     def from_wds(cls, record: dict) -> "Sample":
-        meta = json.loads(record["json"])
+        where = f"record {record.get('__key__')!r} of {os.path.basename(str(record.get('__url__', '?')))}"
+        if "json" not in record:
+            raise ValueError(f"{where} is not a kosmosg-data sample (no .json member; fields: "
+                             f"{sorted(k for k in record if not k.startswith('_'))}): this command reads shards "
+                             "written by python -m train.data (build, ingest-*, mix; docs/data-format.md).")
+        try:
+            meta = json.loads(record["json"])
+        except ValueError as e:
+            raise ValueError(f"{where}: its .json member is not valid JSON ({e}).") from e
         images = {k: bytes(v) for k, v in record.items() if not k.startswith("_") and k != "json"}
         return cls(key=record["__key__"], meta=meta, images=images)
 
@@ -101,11 +109,19 @@ def iter_records(spec: str | list[str], split_by_node: bool = False, split_by_wo
     `split_by_node=True` gives process RANK the shards RANK, RANK + WORLD_SIZE, ...;
     `split_by_worker=True` does the same across DataLoader workers.
     """
-    dataset = wds.WebDataset(resolve_shards(spec), shardshuffle=False, empty_check=False,
-                             nodesplitter=wds.split_by_node if split_by_node else _every_shard,
-                             workersplitter=wds.split_by_worker if split_by_worker else _every_shard)
-    for record in dataset:
-        yield record
+    urls = resolve_shards(spec)
+    if split_by_node:
+        urls = list(wds.split_by_node(urls))
+    if split_by_worker:
+        urls = list(wds.split_by_worker(urls))
+    for url in urls:  # one dataset per shard: an unreadable shard is skipped (logged), not the end of the run
+        dataset = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
+                                 workersplitter=_every_shard)
+        try:
+            yield from dataset
+        except Exception as e:  # tarfile.ReadError, a truncated member...
+            logger.warning("skipping (the rest of) shard %s: it cannot be read (%s: %s); it is not a tar file or is "
+                           "truncated", url, type(e).__name__, e)
 
 
 def read_samples(spec: str | list[str], split_by_node: bool = False, split_by_worker: bool = False) -> Iterator[Sample]:

@@ -152,6 +152,9 @@ def iter_tar_images(spec: str, limit: int = 0) -> Iterator[RawItem]:
     for index, record in enumerate(iter_records(spec)):
         if limit and index >= limit:
             return
+        if "json" in record and not any(ext in record for ext in ("jpg", "jpeg", "png", "webp")):
+            raise ValueError(f"{spec} holds kosmosg-data shards (written by python -m train.data), not image-text "
+                             "pairs: use them as training --data directly, or combine them with python -m train.data mix.")
         field_name = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in record), None)
         data = bytes(record[field_name]) if field_name else b""
         key = f"{index:08d}_{sanitize_key(record['__key__'])}"
