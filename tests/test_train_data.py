@@ -17,7 +17,7 @@ from PIL import Image
 
 from train.data import cli
 from train.data.build import run_build
-from train.data.config import BuildConfig, IngestConfig, MixConfig, OfficialConfig
+from train.data.config import BuildConfig, CropConfig, IngestConfig, MixConfig, OfficialConfig
 from train.data.crops import entity_crops
 from train.data.entities import apply_drop_spans, filter_entities, layout_interleaved, parse_entity_answer
 from train.data.ingest import run_ingest_ip2p, run_ingest_pairs
@@ -287,6 +287,20 @@ def test_unreadable_shards_are_skipped_and_wrong_kinds_named(tmp_path, caplog):
         run_to_official(OfficialConfig(input=str(shards), output=str(tmp_path / "official")))
     with pytest.raises(ValueError, match="holds kosmosg-data shards"):
         run_ingest_pairs(IngestConfig(input=str(tmp_path / "out"), output=str(tmp_path / "out2"), image_size=16))
+
+
+def test_build_and_ingest_settings_are_checked(tmp_path):
+    from train.data.sources import iter_raw_items, load_label_source
+
+    with pytest.raises(ValueError, match="crop.target_size=0: must be at least 1"):
+        run_build(BuildConfig(source="nano-world", count=2, output=str(tmp_path / "o"),
+                              crop=CropConfig(target_size=0)))
+    with pytest.raises(ValueError, match="image_size=-1: must be 0 or more"):
+        run_ingest_pairs(IngestConfig(input=str(tmp_path), output=str(tmp_path / "o2"), image_size=-1))
+    with pytest.raises(ValueError, match="--source 'nano-wrld' is unknown"):
+        list(iter_raw_items(None, "nano-wrld"))
+    with pytest.raises(ValueError, match=r"source_options \['bogus'\] do not fit it"):
+        load_label_source("nano-world", 0, 2, {"bogus": 3})
 
 
 # ---- mix ----------------------------------------------------------------------------------------

@@ -175,6 +175,11 @@ def run_build(config: BuildConfig) -> dict:
     """Run `build` and return the summary (also written to OUTPUT/summary.json)."""
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the shards")
+    for name in ("entity_size", "target_size", "dilation_divisor"):
+        if getattr(config.crop, name) < 1:
+            raise ValueError(f"crop.{name}={getattr(config.crop, name)}: must be at least 1.")
+    if not 0.0 < config.crop.mask_threshold < 1.0:
+        raise ValueError(f"crop.mask_threshold={config.crop.mask_threshold}: must lie between 0 and 1 (official 0.3).")
     if is_label_source(config.source):
         source = load_label_source(config.source, config.seed, config.count, config.source_options)
         items = iter_label_items(source, config.count)

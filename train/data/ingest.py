@@ -115,6 +115,9 @@ def make_ip2p_processor(config: IngestConfig):
 def _run_ingest(config: IngestConfig, iter_items, make_processor, what: str) -> dict:
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the shards")
+    for name in ("image_size", "min_side", "max_variants", "count"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}={getattr(config, name)}: must be 0 or more (0 = {'keep' if name == 'image_size' else 'no limit'}).")
     items = iter_items(config.input, config.count)
     return run_sharded(items, make_processor(config), config.output, config.samples_per_shard, config.shard_prefix,
                        what=what)

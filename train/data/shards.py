@@ -215,6 +215,10 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         run_counts["shards_written"] += 1
         logger.info("%s: wrote %s (%d samples, %s)", what, os.path.basename(path), counts["written"],
                     ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k not in ("written",)))
+    if run_counts["shards_skipped_complete"]:
+        logger.warning("%s: kept %d finished shard(s) in %s from an earlier run (their settings are not re-checked); "
+                       "to rebuild them with this run's settings, delete them or use a new --output", what,
+                       run_counts["shards_skipped_complete"], output)
     summary = summarize(output, prefix)
     summary["this_run"] = dict(sorted(run_counts.items()))
     write_json_atomic(os.path.join(output, SUMMARY_NAME), summary)

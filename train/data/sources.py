@@ -164,6 +164,9 @@ def iter_tar_images(spec: str, limit: int = 0) -> Iterator[RawItem]:
 
 def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: str | None = None,
                    limit: int = 0) -> Iterator[RawItem]:
+    if source not in ("auto", "folder", "shards"):
+        raise ValueError(f"--source {source!r} is unknown: use auto, folder, shards, "
+                         f"{', '.join(LABEL_SOURCES)} or package.module:factory")
     if not input_spec:
         raise ValueError("input is not set: pass --input FOLDER (images + optional .txt captions) or shards")
     if source == "auto":
@@ -212,7 +215,11 @@ def load_label_source(name: str, seed: int, count: int, options: dict | None = N
             raise ValueError(f"--source {name!r}: cannot import {attribute} from {module_name} ({error})") from error
     else:
         raise ValueError(f"--source {name!r}: use folder, shards, nano-world or package.module:factory")
-    source = factory(seed=seed, count=count, **options)
+    try:
+        source = factory(seed=seed, count=count, **options)
+    except TypeError as error:  # an option the factory does not take
+        raise ValueError(f"--source {name!r}: source_options {sorted(options)} do not fit it ({error}); see the "
+                         "source's documented options (docs/data-format.md).") from error
     if not isinstance(source, LabelSource):
         raise ValueError(f"--source {name!r} returned {type(source).__name__}, which lacks __len__ / scene(index)")
     return source
