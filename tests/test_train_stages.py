@@ -76,6 +76,8 @@ def test_entry_point_help_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "train.stage3", "--help"], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m train.stage3 ")  # not stage3.py
+    assert "--init-checkpoint runs/stage2 \\\n" in result.stdout  # the example's line break survives
     for flag in ("--config", "--score-model", "--uncond-prob", "--resume", "--mixed-precision", "--learning-rate"):
         assert flag in result.stdout
 

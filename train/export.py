@@ -1,6 +1,6 @@
 """Export a train/ checkpoint to the pack's `.safetensors` (the format the ComfyUI loader and the CLI read).
 
-    python -m train.export --checkpoint runs/stage3 --tokenizer data/tokenizer --out models/kosmosg/mine.safetensors \
+    python -m train.export --checkpoint runs/stage3 --tokenizer data/tokenizer --out models/kosmosg/mine.safetensors \\
         --dtype float16
 
 Only the inference tensors are written (the stage-2 reconstruction branch and training switches

@@ -9,7 +9,7 @@ token, i.e. `<s> caption`; captions longer than `max_caption_tokens` pieces are 
 with the SD1.5 CLIP tokenizer padding/truncating to 77, equal weights (official). Only `aligner.*`
 trains (the reconstruction branch exists only in this stage and is not exported).
 
-    python -m train.stage2 --config train/configs/stage2.yaml --init-checkpoint runs/stage1 \
+    python -m train.stage2 --config train/configs/stage2.yaml --init-checkpoint runs/stage1 \\
         --clip-text-encoder models/stable-diffusion-v1-5
 """
 

@@ -19,7 +19,7 @@ Per sample (official loaders + diffusion wrapper, spec section 8):
 Trainable: MLLM, connector, aligner, vision last block + ln_post. Frozen: the rest of the vision
 tower and the score model (diffusers SD1.5 or nano, see train/score_model.py).
 
-    python -m train.stage3 --config train/configs/stage3.yaml --init-checkpoint runs/stage2 \
+    python -m train.stage3 --config train/configs/stage3.yaml --init-checkpoint runs/stage2 \\
         --score-model models/stable-diffusion-v1-5
     accelerate launch --mixed_precision bf16 -m train.stage3 --config train/configs/stage3.yaml
 """

@@ -99,16 +99,31 @@ def _yaml_position(error) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "position unknown"
 
 
+def _module_prog() -> str | None:
+    """`python -m train.stage1` for a script run as `python -m` from the train package (argparse would say stage1.py)."""
+    import sys
+
+    path = Path(sys.argv[0])
+    parts = list(path.with_suffix("").parts)
+    if path.suffix != ".py" or "train" not in parts:
+        return None
+    module = parts[len(parts) - 1 - parts[::-1].index("train"):]
+    return "python -m " + ".".join(module[:-1] if module[-1] == "__main__" else module)
+
+
 def build_parser(config_class, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=_module_prog(), description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML or JSON file with any of the fields below")
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        help_text = field.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text = f"{help_text} (default: {default})"
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(hints[field.name]),
-                            default=argparse.SUPPRESS, help=f"{field.metadata.get('help', '')} (default: {default})")
+                            default=argparse.SUPPRESS, help=help_text)
     return parser
 
 

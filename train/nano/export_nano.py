@@ -1,6 +1,6 @@
 """Export the trained nano image model in the shipped layout.
 
-    python -m train.nano.export_nano --unet runs/nano/unet --vae runs/nano/vae \
+    python -m train.nano.export_nano --unet runs/nano/unet --vae runs/nano/vae \\
         --text-encoder runs/nano/text-encoder/text-encoder --out-dir models/nano
 
 Writes
