@@ -326,6 +326,14 @@ def test_export_loads_in_the_core_and_encodes(env, stage3_run, tmp_path):
     assert f"[1, 77, {CONTEXT_DIM}]" in result.stdout
 
 
+def test_export_of_a_stage1_run_warns_that_its_aligner_is_untrained(env, stage1_run, tmp_path, caplog):
+    from train import export
+
+    with caplog.at_level("WARNING"):
+        export.main(["--checkpoint", str(stage1_run), "--out", str(tmp_path / "s1.safetensors")])
+    assert "stage-1 checkpoint: its AlignerNet is untrained" in caplog.text
+
+
 def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_path):
     import shutil
 

@@ -51,6 +51,9 @@ def export(cfg: ExportConfig) -> Path:
     if "kosmosg_config" not in extra:
         raise ValueError(f"--checkpoint {cfg.checkpoint} carries no model config; it was not written by train/.")
     model_cfg = KosmosGConfig.from_json(extra["kosmosg_config"]).for_inference()
+    if extra.get("stage") == "stage1":
+        logger.warning("%s is a stage-1 checkpoint: its AlignerNet is untrained (stage 2 trains it), so the exported "
+                       "conditioning will not steer SD1.5; export a stage-2 or stage-3 run for use", cfg.checkpoint)
     tokenizer = load_tokenizer(cfg.tokenizer or extra.get("tokenizer", ""))
     tokenizer.check_matches(model_cfg.decoder.vocab_size)
 
