@@ -164,21 +164,30 @@ def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
 
 
 # --- official transform --------------------------------------------------------------------------
+MAX_RESIZED_PIXELS = 4096 * 4096  # ~50 MB of RGB: beyond it only the kept square is resized
 def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     """torchvision `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, same pixels.
 
     Resize: shorter side -> size, longer side -> int(size * long / short) (torchvision's rounding
     down), PIL bicubic (PIL always antialiases). Crop: top = int(round((h - size) / 2.0)), left
     likewise (Python's round: halves go to even). No padding is ever needed: after the resize
-    both sides are >= size."""
+    both sides are >= size.
+
+    An extreme strip (e.g. 1 x 5000 -> 224 x 1,120,000: GBs) is resized only over the kept square
+    (`resize(box=...)`, the same scale and sample positions; not bit-identical: on random-noise strips the mean
+    difference is under one level); every image up to `MAX_RESIZED_PIXELS` after the resize takes the exact path."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-    if (new_width, new_height) != (width, height):  # torchvision returns the image untouched otherwise
-        image = image.resize((new_width, new_height), Image.BICUBIC)
     top = int(round((new_height - size) / 2.0))
     left = int(round((new_width - size) / 2.0))
+    if new_width * new_height > MAX_RESIZED_PIXELS:  # aspect ratio beyond ~300:1 at 224 px
+        scale_x, scale_y = width / new_width, height / new_height  # source pixels per resized pixel
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        return image.resize((size, size), Image.BICUBIC, box=box)
+    if (new_width, new_height) != (width, height):  # torchvision returns the image untouched otherwise
+        image = image.resize((new_width, new_height), Image.BICUBIC)
     return image.crop((left, top, left + size, top + size))
 
 

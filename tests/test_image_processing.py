@@ -41,6 +41,23 @@ def test_matches_torchvision_official_transform(width, height):
     assert torch.equal(pixels[0], expected)
 
 
+def test_extreme_strip_is_resized_without_the_full_intermediate(monkeypatch):
+    """A 2 x 200 strip at 224 px would be a 224 x 22400 intermediate; above the limit only the square is resized
+    (close to the full resize, not bit-identical)."""
+    from kosmosg_core import image_processing
+
+    strip = Image.fromarray(random_rgb(2, 200, seed=3))
+    exact = np.asarray(resize_and_center_crop(strip, 224)).astype(int)
+    monkeypatch.setattr(image_processing, "MAX_RESIZED_PIXELS", 224 * 224 * 4)
+    sizes = []
+    original_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size),
+                                                                            original_resize(self, size, *a, **k))[1])
+    cheap = np.asarray(resize_and_center_crop(strip, 224)).astype(int)
+    assert sizes == [(224, 224)]  # no 224 x 22400 image was made
+    assert cheap.shape == exact.shape and np.abs(cheap - exact).max() <= 8 and np.abs(cheap - exact).mean() < 1.0
+
+
 @pytest.mark.parametrize("size", [32, 17])
 def test_other_sizes_match_torchvision(size):
     image = Image.fromarray(random_rgb(61, 40, seed=size))
