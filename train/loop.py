@@ -51,8 +51,7 @@ import torch
 from torch import nn
 
 from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
-    load_full_state, \
-    restore, save_checkpoint
+    load_full_state, restore, save_checkpoint
 from train.common.config import config_to_dict, exit_on_input_error
 
 logger = logging.getLogger(__name__)
@@ -392,7 +391,7 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     changed = [d for key in sorted(now) if key in before and key not in RESUME_MAY_CHANGE
                for d in _differences(before[key], now[key], key + ".")]
     saved_world = state.get("data", {}).get("world_size", 1)
-    global_before = before["batch_size"] * before["gradient_accumulation_steps"] * saved_world
+    global_before = before["batch_size"] * before.get("gradient_accumulation_steps", 1) * saved_world
     global_now = cfg.batch_size * cfg.gradient_accumulation_steps * world
     if global_before != global_now:
         changed.append(f"global batch (batch_size x gradient_accumulation_steps x processes) {global_before} -> "
@@ -529,7 +528,7 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
         record = stream.next()
         try:
             item = stage.select(record)
-        except (KeyError, ValueError) as e:  # a malformed sample: skipped (and counted), as train.data does
+        except (KeyError, ValueError) as e:  # a malformed sample: skipped with a warning, as train.data does
             reason = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             logger.warning("skipping sample %s of shard %s: %s (the layout is in docs/data-format.md)", record.key,
                            record.shard, reason)
