@@ -27,23 +27,24 @@ def check_output_file(path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{what} {path} is a folder; give a file path inside it, e.g. {path / 'out.safetensors'}.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} {path}: {parent} is a file, not a folder; choose another path.")
-            break
+    _check_folders(path.parent, what, path)
     return path
 
 
 def check_output_folder(path, what: str) -> Path:
     """Refuse, before any work is done, an output folder path that is a file (or lies under one)."""
     path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise OutputPathError(f"{what} {path}: {folder} is a file, not a folder; choose another folder.")
-            break
+    _check_folders(path, what, path)
     return path
+
+
+def _check_folders(folder: Path, what: str, shown: Path) -> None:
+    """The nearest existing one of `folder` and its parents must be a folder (the rest gets created)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise OutputPathError(f"{what} {shown}: {candidate} is a file, not a folder; choose another path.")
+            return
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
