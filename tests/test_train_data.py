@@ -347,6 +347,19 @@ def test_mix_honours_ratio_and_is_deterministic(tmp_path):
     assert run_mix(only)["written"] == 400
 
 
+def test_mix_names_swapped_sources_and_leaves_out_stray_samples(tmp_path):
+    sources = _synthetic_sources(str(tmp_path / "src"), per_source=8)
+    swapped = MixConfig(output=str(tmp_path / "a"), ratio=[1, 0, 0], laion=sources["openimage"])
+    with pytest.raises(ValueError, match=r"--laion .* holds 'openimage' samples .* of its own kind"):
+        run_mix(swapped)
+    tiny = _png(Image.new("RGB", (2, 2), (1, 2, 3)))
+    stray = laion_sample("zzzzz", "a stray", tiny)
+    stray.meta["kind"] = "openimage"
+    write_shard(os.path.join(sources["laion"], "shard-000002.tar"), [stray])
+    summary = run_mix(MixConfig(output=str(tmp_path / "b"), ratio=[1, 0, 0], laion=sources["laion"]))
+    assert (summary["written"], summary["skipped_wrong_kind"]) == (8, 1)
+
+
 # ---- official layout ----------------------------------------------------------------------------
 
 def test_official_tsv_round_trip(built, tmp_path):

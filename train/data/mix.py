@@ -47,9 +47,23 @@ def mix_plan(config: MixConfig) -> tuple[list[str], list[float], dict[str, str]]
     return names, weights, {k: inputs[k] for k in names}
 
 
+def _checked_stream(kind: str, spec: str) -> Iterator[dict]:
+    """The records of --KIND's shards; the first one must be a `kind` sample (a swapped flag is named)."""
+    records = iter_records(spec)
+    first = next(records, None)
+    if first is None:
+        return
+    found = Sample.from_wds(first).meta.get("kind")
+    if found != kind:
+        raise ValueError(f"--{kind} {spec} holds {found!r} samples (first: {first['__key__']}), not {kind!r} ones; "
+                         "give each of --laion / --instructpix2pix / --openimage the shards of its own kind.")
+    yield first
+    yield from records
+
+
 def iter_mixed(config: MixConfig) -> Iterator[MixItem]:
     names, weights, inputs = mix_plan(config)
-    streams = {kind: iter_records(inputs[kind]) for kind in names}
+    streams = {kind: _checked_stream(kind, inputs[kind]) for kind in names}
     rng = random.Random(config.seed)
     index = 0
     while not config.count or index < config.count:
@@ -63,6 +77,8 @@ def iter_mixed(config: MixConfig) -> Iterator[MixItem]:
 
 def _process(item: MixItem) -> ProcessResult:
     sample = Sample.from_wds(item.record)
+    if sample.meta.get("kind") != item.source:  # one stray sample in a source's shards: left out, counted
+        return None, "skipped_wrong_kind"
     meta = dict(sample.meta)
     meta["mixed_from"] = {"source": item.source, "key": sample.key}
     json.loads(encode_meta(meta))  # fail here, not in the writer, if meta is not JSON-clean
