@@ -289,6 +289,24 @@ def test_unreadable_shards_are_skipped_and_wrong_kinds_named(tmp_path, caplog):
         run_ingest_pairs(IngestConfig(input=str(tmp_path / "out"), output=str(tmp_path / "out2"), image_size=16))
 
 
+def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        _noise_image(rng).save(folder / f"p{i}.jpg")
+        (folder / f"p{i}.txt").write_text(f"caption {i}")
+    out = str(tmp_path / "out")
+    first = run_ingest_pairs(IngestConfig(input=str(folder), output=out, image_size=16, count=2, samples_per_shard=1))
+    assert first["written"] == 2
+    with pytest.raises(ValueError, match=r"other settings \(image_size 16 -> 24\).*a new --output"):
+        run_ingest_pairs(IngestConfig(input=str(folder), output=out, image_size=24, samples_per_shard=1))
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # the input may move and a rerun may extend the count
+    assert run_ingest_pairs(IngestConfig(input=str(moved), output=out, image_size=16, count=3,
+                                         samples_per_shard=1))["written"] == 3
+
+
 def test_build_and_ingest_settings_are_checked(tmp_path):
     from train.data.sources import iter_raw_items, load_label_source
 

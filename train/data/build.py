@@ -9,6 +9,7 @@ Nothing but a configuration error stops the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -187,4 +188,5 @@ def run_build(config: BuildConfig) -> dict:
     else:
         items = iter_raw_items(config.input, config.source, config.captions_file, config.count)
         process = make_raw_processor(config, ModelLabeller(config))
-    return run_sharded(items, process, config.output, config.samples_per_shard, config.shard_prefix, what="build")
+    return run_sharded(items, process, config.output, config.samples_per_shard, config.shard_prefix, what="build",
+                       settings=dataclasses.asdict(config))

@@ -15,6 +15,7 @@ JSONL), img2dataset-style shards, or a JSONL file of {"image": path, "caption": 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -120,7 +121,7 @@ def _run_ingest(config: IngestConfig, iter_items, make_processor, what: str) -> 
             raise ValueError(f"{name}={getattr(config, name)}: must be 0 or more (0 = {'keep' if name == 'image_size' else 'no limit'}).")
     items = iter_items(config.input, config.count)
     return run_sharded(items, make_processor(config), config.output, config.samples_per_shard, config.shard_prefix,
-                       what=what)
+                       what=what, settings={"command": what, **dataclasses.asdict(config)})
 
 
 def run_ingest_ip2p(config: IngestConfig) -> dict:

@@ -10,6 +10,7 @@ Samples are renamed `000000000`, `000000001`, ... and their meta gains
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -89,4 +90,4 @@ def run_mix(config: MixConfig) -> dict:
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the mixed shards")
     return run_sharded(iter_mixed(config), _process, config.output, config.samples_per_shard,
-                       config.shard_prefix, what="mix")
+                       config.shard_prefix, what="mix", settings=dataclasses.asdict(config))

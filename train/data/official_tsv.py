@@ -13,6 +13,7 @@ holding several, applying the official loader's tag filter and ordering to openi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -211,4 +212,4 @@ def run_from_official(config: OfficialConfig) -> dict:
     if not config.input or not config.output:
         raise ValueError("from-official needs --input DIR (official layout) and --output DIR")
     return run_sharded(iter_official(config.input), tsv_line_to_sample, config.output, config.samples_per_shard,
-                       config.shard_prefix, what="from-official")
+                       config.shard_prefix, what="from-official", settings=dataclasses.asdict(config))
