@@ -318,6 +318,23 @@ def test_unet_is_tied_to_its_text_encoder_on_resume_and_export(parts, tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+
+def test_an_export_over_budget_leaves_the_shipped_files_alone(parts, tmp_path, monkeypatch):
+    from train.nano import export_nano
+
+    out = tmp_path / "unet"
+    run_command("train_unet", unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"])
+    shipped = tmp_path / "models"
+    config = export_nano.ExportConfig(unet=str(out), vae=str(parts["vae"]), text_encoder=str(parts["te"]),
+                                      out_dir=str(shipped))
+    export_nano.export(config)
+    before = {p.relative_to(shipped): p.read_bytes() for p in shipped.rglob("*") if p.is_file()}
+    monkeypatch.setattr(export_nano, "MAX_TEXT_ENCODER_MB", 0.001)
+    with pytest.raises(ValueError, match="shipping budget .* was left as it was"):
+        export_nano.export(config)
+    assert {p.relative_to(shipped): p.read_bytes() for p in shipped.rglob("*") if p.is_file()} == before
+
+
 def test_unet_run_logs_judged_evaluation(parts, tmp_path):
     out = tmp_path / "unet"
     run_command("train_unet", unet_args(parts) + ["--output-dir", str(out), "--max-steps", "2", "--eval-every", "2",

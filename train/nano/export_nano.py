@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kosmosg_core.files import check_output_folder
 from train.common.config import exit_on_input_error, parse_config
 from train.nano import text_encoder as te
 from train.nano.sd15_format import write_sd15_checkpoint
@@ -47,7 +49,7 @@ def folder_megabytes(folder: Path) -> float:
 
 
 def export(cfg: ExportConfig) -> dict:
-    out = Path(cfg.out_dir)
+    out = check_output_folder(cfg.out_dir, "--out-dir")
     unet = load_unet(cfg.unet)
     vae = load_vae(cfg.vae)
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
@@ -59,25 +61,29 @@ def export(cfg: ExportConfig) -> dict:
                          f"{cfg.text_encoder} (fingerprint {trained_on} vs {given}); pass the text encoder of "
                          f"the U-Net's run (its train_config.json names it)")
 
-    ckpt = write_sd15_checkpoint(
-        out / CHECKPOINT_NAME, unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),
+    # written beside the shipped files and checked first: a failed export leaves them as they were
+    staged_ckpt = write_sd15_checkpoint(
+        out / (CHECKPOINT_NAME + ".new"), unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),
         vae.taesd_decoder.state_dict(), float(vae.vae_scale), float(vae.vae_shift), dtype=torch.float16,
         metadata={"nano_unet_config": json.dumps(unet.config.to_dict())},
     )
     text_dir = out / te.TEXT_SUBFOLDER
-    tmp_dir = out / (te.TEXT_SUBFOLDER + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    te.save_text_encoder(text_model, tokenizer, tmp_dir, dtype=torch.float16)
-    shutil.rmtree(text_dir, ignore_errors=True)
-    tmp_dir.rename(text_dir)
-
-    sizes = {"checkpoint_mb": ckpt.stat().st_size / 1e6, "text_encoder_mb": folder_megabytes(text_dir)}
-    logger.info("exported %s (%.1f MB) and %s (%.1f MB)", ckpt, sizes["checkpoint_mb"], text_dir,
-                sizes["text_encoder_mb"])
+    staged_text = out / (te.TEXT_SUBFOLDER + ".new")
+    shutil.rmtree(staged_text, ignore_errors=True)
+    te.save_text_encoder(text_model, tokenizer, staged_text, dtype=torch.float16)
+    sizes = {"checkpoint_mb": staged_ckpt.stat().st_size / 1e6, "text_encoder_mb": folder_megabytes(staged_text)}
     if sizes["checkpoint_mb"] > MAX_CHECKPOINT_MB or sizes["text_encoder_mb"] > MAX_TEXT_ENCODER_MB:
+        staged_ckpt.unlink()
+        shutil.rmtree(staged_text)
         raise ValueError(f"exported files exceed the shipping budget ({sizes}; limits {MAX_CHECKPOINT_MB} MB and "
                          f"{MAX_TEXT_ENCODER_MB} MB): train a narrower text encoder (--text-layers / "
-                         f"--text-intermediate)")
+                         f"--text-intermediate); {out} was left as it was")
+    ckpt = out / CHECKPOINT_NAME
+    os.replace(staged_ckpt, ckpt)
+    shutil.rmtree(text_dir, ignore_errors=True)
+    staged_text.rename(text_dir)
+    logger.info("exported %s (%.1f MB) and %s (%.1f MB)", ckpt, sizes["checkpoint_mb"], text_dir,
+                sizes["text_encoder_mb"])
     return {"checkpoint": str(ckpt), "text_encoder": str(text_dir), **sizes}
 
 
