@@ -299,7 +299,7 @@ def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
     out = str(tmp_path / "out")
     first = run_ingest_pairs(IngestConfig(input=str(folder), output=out, image_size=16, count=2, samples_per_shard=1))
     assert first["written"] == 2
-    with pytest.raises(ValueError, match=r"other settings \(image_size 16 -> 24\).*a new --output"):
+    with pytest.raises(ValueError, match=r"other settings \(image_size 16 -> 24\).*a new output folder"):
         run_ingest_pairs(IngestConfig(input=str(folder), output=out, image_size=24, samples_per_shard=1))
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)  # the input may move and a rerun may extend the count

@@ -308,6 +308,10 @@ def test_dreambench_generates_resumes_and_scores(bench, models, generators, tmp_
         assert np.array_equal(np.asarray(first), np.asarray(second))
     images = [np.asarray(Image.open(tmp_path / "a" / n), dtype=np.int16) for n in names]
     assert np.abs(images[0] - images[1]).max() > 0  # image 0 and 1 of a prompt use different seeds
+    # the folder keeps its images, so a rerun with settings that change them is refused by name
+    changed = [("6" if a == "2" and generate[i - 1] == "--steps" else a) for i, a in enumerate(generate)]
+    with pytest.raises(ValueError, match=r"other settings \(steps 2 -> 6\)"):
+        _score(bench, tmp_path / "a", models, *changed)
 
 
 def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
@@ -325,6 +329,14 @@ def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
     with pytest.raises(ValueError, match="--sd-model is required"):
         coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out2"),
                    "--checkpoint", generators["checkpoint"]])
+    before = (tmp_path / "out" / "captions.json").read_bytes()
+    for extra in (["--num-captions", "3"], ["--seed", "5"]):  # other captions for the images already there
+        with pytest.raises(ValueError, match="holds output made with other settings"):
+            coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
+                       "--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"],
+                       "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--num-captions", "2",
+                       *extra])
+    assert (tmp_path / "out" / "captions.json").read_bytes() == before
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
+from train.common.folder_settings import check_folder_settings, record_folder_settings
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "kosmosg-data"
 FORMAT_VERSION = 1
 SUMMARY_NAME = "summary.json"
-SETTINGS_NAME = "settings.json"  # the settings of the command that writes a folder's shards
 RERUN_MAY_CHANGE = ("input", "output", "count", "models.device")  # inputs may move, a rerun may extend
 # always present in summaries (0 when nothing happened), other outcome names are added as they occur
 STANDARD_COUNTS = ("processed", "written", "skipped_corrupt", "failed_caption", "failed_entities",
@@ -176,40 +177,12 @@ def _grouped(items: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]
 ProcessResult = tuple["Sample | None", str]
 
 
-def _flatten(settings: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the file
-
-
-def check_settings(output: str, settings: dict) -> None:
-    """The first run records its settings in OUTPUT/settings.json; a rerun (which keeps the finished shards)
-    must use the same ones, but for `RERUN_MAY_CHANGE`, or the folder would mix shards of two recipes."""
-    path = os.path.join(output, SETTINGS_NAME)
-    now = _flatten(settings)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        changed = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
-                   if key not in RERUN_MAY_CHANGE and saved.get(key) != now.get(key)]
-        if changed:
-            raise ValueError(f"{output} holds shards written with other settings ({'; '.join(changed[:5])}); a "
-                             "rerun keeps its finished shards, so it needs the same settings. Use a new --output, "
-                             f"or the settings in {path}.")
-    else:
-        write_json_atomic(path, now)
-
-
 def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], output: str,
                 samples_per_shard: int, prefix: str = "shard", what: str = "data", settings: dict | None = None) -> dict:
     """Process `items` group by group into shards under `output`, skipping finished shards.
 
-    `settings` (the command's config as a dict) are recorded on the first run and checked on reruns
-    (`check_settings`).
+    `settings` (the command's config as a dict) must match those that made the shards already there (but for
+    `RERUN_MAY_CHANGE`); they are recorded with the first shard (`train.common.folder_settings`).
 
     `process(item)` must not raise for bad data: it returns (None, reason). An exception escaping
     it is still caught, logged and counted as `failed_other`, so one item never kills the run.
@@ -219,7 +192,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         raise ValueError(f"samples_per_shard={samples_per_shard}: must be at least 1")
     os.makedirs(output, exist_ok=True)
     if settings is not None:
-        check_settings(output, settings)
+        check_folder_settings(output, settings, RERUN_MAY_CHANGE)
     rank, world = distributed_rank()
     run_counts: Counter = Counter()
     for index, group in _grouped(items, samples_per_shard):
@@ -244,6 +217,8 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
             else:
                 samples.append(sample)
                 counts["written"] += 1
+        if settings is not None:
+            record_folder_settings(output, settings)
         write_json_atomic(stats_path, dict(sorted(counts.items())))  # before the tar: a tar implies stats
         write_shard(path, samples)
         run_counts.update(counts)

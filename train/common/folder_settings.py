@@ -1,0 +1,53 @@
+"""Output folders that runs add to (data shards, generated images): the settings that made their contents.
+
+A rerun keeps what a folder already holds and adds the rest, so it must use the settings that made the
+folder's contents: `check_folder_settings` refuses other ones by name; `record_folder_settings` writes
+them (`settings.json`) when the run is about to write its first file, so a run that failed before that
+(a wrong model path, say) leaves nothing that would block its corrected rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+SETTINGS_NAME = "settings.json"
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested dicts -> dotted keys, values as they come back from JSON (tuples -> lists)."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return json.loads(json.dumps(flat))
+
+
+def check_folder_settings(folder, settings: dict, may_change=()) -> None:
+    """Refuse, naming them, settings other than the ones recorded in `folder` (keys in `may_change` excepted)."""
+    path = os.path.join(folder, SETTINGS_NAME)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    now = flatten(settings)
+    changed = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+               if key not in may_change and saved.get(key) != now.get(key)]
+    if changed:
+        raise ValueError(f"{folder} holds output made with other settings ({'; '.join(changed[:5])}); a rerun keeps "
+                         f"what is there, so it needs the same settings. Use a new output folder, or the settings "
+                         f"in {path}.")
+
+
+def record_folder_settings(folder, settings: dict) -> None:
+    """Write `settings.json` (atomically) unless the folder has one (then it was checked to match)."""
+    path = os.path.join(folder, SETTINGS_NAME)
+    if os.path.exists(path):
+        return
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(flatten(settings), handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(partial, path)
