@@ -297,6 +297,20 @@ def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts
         run_command("train_text_encoder", te_args + ["--text-layers", "2", "--max-steps", "2"])
 
 
+def test_resume_refuses_changed_settings_and_keeps_the_run_record(parts, tmp_path):
+    out = tmp_path / "unet"
+    args = unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"]
+    run_command("train_unet", args)
+    record = (out / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=r"other settings than this run's: learning_rate .* -> 0.1; seed 0 -> 5"):
+        run_command("train_unet", args + ["--max-steps", "2", "--learning-rate", "0.1", "--seed", "5"])
+    assert (out / "train_config.json").read_text() == record
+    run_command("train_unet", args + ["--max-steps", "2", "--eval-every", "0"])  # the length may change
+    for flag in ("--save-every", "--batch-size"):
+        with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):
+            run_command("train_unet", args + ["--output-dir", str(tmp_path / "zero"), flag, "0"])
+
+
 def test_unet_is_tied_to_its_text_encoder_on_resume_and_export(parts, tmp_path):
     from train.nano import export_nano
     from train.nano.train_unet import trained_text_encoder

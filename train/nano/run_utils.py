@@ -47,12 +47,34 @@ def check_architecture(saved: dict, current: dict, keys: tuple[str, ...], path: 
         )
 
 
+# Settings a resumed nano run may change; the others define the run (data, schedule, objective) and must
+# equal the checkpoint's. The text encoder's path may move: its weights are fingerprinted in the U-Net's cache.
+RESUME_MAY_CHANGE = {"output_dir", "max_steps", "save_every", "eval_every", "eval_every_minutes", "eval_samples",
+                     "eval_steps", "eval_guidance", "eval_method", "eval_scenes", "num_threads", "text_encoder",
+                     "init_vae"}
+
+
+def check_resumed_settings(saved: dict, current: dict, path: Path) -> None:
+    changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(current)
+               if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != current[key]]
+    if changed:
+        raise ValueError(f"Checkpoint in {path} was trained with other settings than this run's: {'; '.join(changed)}. "
+                         f"Resume with the run's settings ({CONFIG_NAME}), or pass a new --output-dir.")
+
+
 def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_keys: tuple[str, ...]) -> dict | None:
-    """The run's checkpoint (validated against ``model`` and the config's architecture), or None."""
+    """The run's checkpoint (validated against ``model``, the config's architecture and its other settings), or
+    None."""
+    settings = config_to_dict(config)
+    for name in ("batch_size", "max_steps", "save_every", "num_scenes"):  # counts a run divides or loops by
+        if name in settings and settings[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {settings[name]}: must be at least 1.")
     state = load_checkpoint(output_dir, expected_model_keys=list(model.state_dict()))
     if state is None:
         return None
-    check_architecture(state.get("extra", {}).get("config", {}), config_to_dict(config), arch_keys, output_dir)
+    saved = state.get("extra", {}).get("config", {})
+    check_architecture(saved, config_to_dict(config), arch_keys, output_dir)
+    check_resumed_settings(saved, config_to_dict(config), output_dir)
     current = model.state_dict()
     for name, tensor in state["model"].items():
         if tuple(tensor.shape) != tuple(current[name].shape):
