@@ -26,7 +26,7 @@ def check_output_file(path, what: str) -> Path:
     """Refuse, before any work is done, an output file path that cannot be written as a file."""
     path = Path(path)
     if path.is_dir():
-        raise OutputPathError(f"{what} {path} is a folder; give a file path inside it, e.g. {path / 'out.safetensors'}.")
+        raise OutputPathError(f"{what} {path} is a folder; give the path of a file (e.g. one inside it).")
     _check_folders(path.parent, what, path)
     return path
 

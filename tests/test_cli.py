@@ -97,7 +97,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     cases = [
-        (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give a file path inside it"),
+        (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give the path of a file"),
         (["encode", "--prompt", "x", "--out", a_file / "cond.safetensors"], "a_file.txt is a file, not a folder"),
         (["encode", "--prompt", "<i>", "--image", "", "--out", tmp_path / "o.safetensors"], "--image was given an empty path"),
         (["encode", "--prompt", "", "--image", a_file, "--out", tmp_path / "o.safetensors"], "takes no images"),

@@ -230,12 +230,13 @@ def test_fid_with_a_transformers_image_model(models, tmp_path):
     common = ["--inception", models["image-model"], "--resize", "32", "--crop", "32", "--device", "cpu"]
     identical = fid.main(["--generated", str(same), "--real", str(real), *common])
     different = fid.main(["--generated", str(other), "--real", str(real), *common,
-                          "--save-real-stats", str(tmp_path / "real.npz")])
+                          "--save-real-stats", str(tmp_path / "real-stats")])  # np.savez adds .npz: reported as written
+    assert different["saved_real_stats"] == str(tmp_path / "real-stats.npz")
     assert identical["num_real"] == identical["num_generated"] == 12
     assert abs(identical["fid"]) < 1e-3 * different["fid"]
     assert different["fid"] > 1e-3
     # the saved real statistics give the same FID as the real folder
-    reused = fid.main(["--generated", str(other), "--real", str(tmp_path / "real.npz"), *common])
+    reused = fid.main(["--generated", str(other), "--real", different["saved_real_stats"], *common])
     assert reused["fid"] == pytest.approx(different["fid"], rel=1e-9)
     # and the CLI's value is the Fréchet distance of the features, computed by hand here
     from train.eval.images import resize_center_crop
@@ -376,3 +377,18 @@ def test_module_entry_point_errors_and_planned_commands(tmp_path):
     planned = eval_main(["nano"]) if "nano" not in SUBCOMMANDS else None
     if planned is not None:
         assert planned == 2
+
+
+def test_result_files_are_checked_before_the_evaluation(tmp_path):
+    from train.eval.cli import parse_eval_config
+    from train.eval.fid import FidConfig
+    from train.eval.nano_image import NanoImageConfig
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="--json .* is a folder"):
+        parse_eval_config(NanoImageConfig, ["--json", str(tmp_path)], "nano-image", "")
+    with pytest.raises(ValueError, match="--grid .*a_file is a file, not a folder"):
+        parse_eval_config(NanoImageConfig, ["--grid", str(a_file / "g.png")], "nano-image", "")
+    with pytest.raises(ValueError, match="--output-json .* is a folder"):
+        parse_eval_config(FidConfig, ["--output-json", str(tmp_path)], "fid", "")

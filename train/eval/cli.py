@@ -16,7 +16,16 @@ def parse_eval_config(config_class, argv, name: str, description: str):
 
     A first pass with the same parser but this program name and formatter answers --help and
     rejects bad flags with `python -m train.eval NAME` in the message."""
+    from kosmosg_core.files import check_output_file
+
     parser = build_parser(config_class, description)
     parser.prog, parser.formatter_class = f"python -m train.eval {name}", _HelpFormatter
     parser.parse_args(argv)
-    return parse_config(config_class, argv, description=description)
+    cfg = parse_config(config_class, argv, description=description)
+    for field_name in OUTPUT_FILE_FIELDS:  # checked before minutes of evaluation, not when the result is written
+        if getattr(cfg, field_name, ""):
+            check_output_file(getattr(cfg, field_name), "--" + field_name.replace("_", "-"))
+    return cfg
+
+
+OUTPUT_FILE_FIELDS = ("json", "output_json", "grid", "save_real_stats")  # the sub-commands' result files

@@ -94,10 +94,13 @@ def run(cfg: FidConfig) -> dict:
         mu_real, sigma_real = image_statistics(real_paths, extractor, cfg)
         result["num_real"] = len(real_paths)
     if cfg.save_real_stats:
-        Path(cfg.save_real_stats).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cfg.save_real_stats, mu=mu_real, sigma=sigma_real, count=result["num_real"],
+        stats_path = Path(cfg.save_real_stats)
+        if stats_path.suffix != ".npz":  # np.savez would add it: report the file that exists
+            stats_path = stats_path.with_name(stats_path.name + ".npz")
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(stats_path, mu=mu_real, sigma=sigma_real, count=result["num_real"],
                  extractor=np.array(extractor_name))
-        result["saved_real_stats"] = cfg.save_real_stats
+        result["saved_real_stats"] = str(stats_path)
     if cfg.generated:
         generated_paths = _folder_paths(cfg.generated, "--generated", cfg)
         mu_gen, sigma_gen = image_statistics(generated_paths, extractor, cfg)
