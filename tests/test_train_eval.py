@@ -392,3 +392,24 @@ def test_result_files_are_checked_before_the_evaluation(tmp_path):
         parse_eval_config(NanoImageConfig, ["--grid", str(a_file / "g.png")], "nano-image", "")
     with pytest.raises(ValueError, match="--output-json .* is a folder"):
         parse_eval_config(FidConfig, ["--output-json", str(tmp_path)], "fid", "")
+
+
+@pytest.mark.parametrize("config_class, name, args, message", [
+    (dreambench.DreamBenchConfig, "dreambench", ["--steps", "0"], "--steps 0: must be at least 1"),
+    (dreambench.DreamBenchConfig, "dreambench", ["--max-prompts", "-24"], r"--max-prompts -24: must be at least 0 \(0 = all\)"),
+    ("fid", "fid", ["--max-images", "-1"], "--max-images -1: must be at least 0"),
+    ("fid", "fid", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])
+def test_counts_and_sizes_are_range_checked(config_class, name, args, message):
+    from train.eval.cli import parse_eval_config
+    from train.eval.fid import FidConfig
+
+    with pytest.raises(ValueError, match=message):
+        parse_eval_config(FidConfig if config_class == "fid" else config_class, args, name, "")
+
+
+def test_sampling_settings_are_checked_for_api_callers_too():
+    from train.eval.generation import SamplingSettings
+
+    with pytest.raises(ValueError, match="height must be a multiple of 8"):
+        SamplingSettings(steps=2, guidance_scale=3.0, num_images=1, seed=0, height=60)

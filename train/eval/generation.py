@@ -27,6 +27,11 @@ class SamplingSettings:
     width: int = 512
     negative_prompt: str = ""
 
+    def __post_init__(self):
+        from kosmosg_core.generate import check_generation_settings
+
+        check_generation_settings(self.steps, self.guidance_scale, self.seed, self.num_images, self.height, self.width)
+
 
 class KosmosGSampler:
     """Kosmos-G conditioning -> a local SD1.5 (diffusers folder or single file), prompt batches -> PIL images."""
