@@ -9,6 +9,11 @@ C="${KOSMOSG_CACHE:-$HOME/.cache/kosmosg}/comfy"
 mkdir -p "$C"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
+if [ -x "$C/venv/bin/python" ] && ! "$C/venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  # an interrupted first install (Ctrl-C while the venv was created) leaves python without pip
+  echo "[setup_env] $C/venv has no pip (an interrupted install?): creating it again" >&2
+  rm -rf "$C/venv"
+fi
 if [ ! -x "$C/venv/bin/python" ]; then
   "$PY" -m venv "$C/venv"
 fi

@@ -59,13 +59,20 @@ def default_comfy_dir() -> Path:
     return Path(sys.prefix).parent / "ComfyUI"
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1-65535")
+    return port
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="bash scripts/start_comfyui.sh", description=__doc__.splitlines()[0],
                                      epilog="Arguments after `--` go to ComfyUI's main.py unchanged.")
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "kosmosg" / "comfyui-data",
                         help="user data folder: models, input, output, settings (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port on 127.0.0.1 (default 8188; --smoke picks a free one)")
+    parser.add_argument("--port", type=_port, default=None,
+                        help="port on 127.0.0.1, 1-65535 (default 8188; --smoke picks a free one)")
     parser.add_argument("--smoke", action="store_true",
                         help="start, run the out-of-the-box workflow through the API, check the image, stop")
     parser.add_argument("--comfy", type=Path, default=None, help="ComfyUI tree (default: beside the venv)")
@@ -76,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, comfy_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)
+    if any(a == "--port" or a.startswith("--port=") for a in comfy_args):
+        parser.error("give --port before `--` (this script starts the server on its own --port and checks it there)")
+    if args.dir.exists() and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir} is a file; give a folder (it is created if missing)")
     args.comfy_args = comfy_args
     args.comfy = (args.comfy or default_comfy_dir()).resolve()
     args.dir = args.dir.expanduser().resolve()
@@ -217,7 +228,7 @@ def server_env(threads: int | None) -> dict:
 def banner(url: str, data: Path, standins: Path | None, examples: list[str]) -> str:
     lines = ["", "=" * 78, f"  ComfyUI with Kosmos-G is running:  {url}",
              f"  Open the workflow '{OUT_OF_THE_BOX}' (left sidebar > Workflows,",
-             f"  or Workflow menu > Browse Templates > {PACK_FOLDER_NAME}), then press Run.",
+             f"  or the logo menu > Browse Templates > {PACK_FOLDER_NAME}), then press Run.",
              f"  Example subject images in input/: {', '.join(examples) or '(none)'}",
              f"  Data folder: {data}"]
     if standins is not None:
@@ -267,7 +278,6 @@ def wait_ready(proc, url: str, timeout: float) -> bool:
 def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None) -> int:
     """Start, run the out-of-the-box workflow via /prompt, check the PNG, stop. -> exit status."""
     os.environ["KOSMOSG_COMFY_DIR"] = str(comfy.parent)
-    sys.path.insert(0, str(REPO / "tests"))
     from support.comfy_server import ComfyServer, execution_error  # noqa: E402  (the tests' HTTP harness)
     from support.workflow_api import ui_to_api  # noqa: E402
 
@@ -339,12 +349,15 @@ def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
 
 
 def _fail(server, message: str) -> int:
-    print(f"[smoke] FAILED: {message}\n--- server log (tail) ---\n{server.log_tail(40)}", file=sys.stderr, flush=True)
+    tail = server.log_tail(40)
+    log = "" if tail in message else f"\n--- server log (tail) ---\n{tail}"  # start-up errors carry it already
+    print(f"[smoke] FAILED: {message}{log}", file=sys.stderr, flush=True)
     return 1
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[start_comfyui] %(message)s")
+    sys.path.insert(0, str(REPO / "tests"))  # support.comfy_server: the tests' server harness, shared
     args = parse_args(argv)
     if not (args.comfy / "main.py").is_file():
         raise SystemExit(f"no ComfyUI tree at {args.comfy}; run scripts/start_comfyui.sh (it installs one) "
@@ -358,6 +371,11 @@ def main(argv=None) -> int:
     if args.smoke:
         return smoke(args, data, yaml_path, args.comfy, standins)
     port = args.port or 8188
+    from support.comfy_server import port_is_free
+
+    if not port_is_free(port):
+        raise SystemExit(f"[start_comfyui] port {port} on 127.0.0.1 is in use (ComfyUI already running? its URL is "
+                         f"http://127.0.0.1:{port}); stop it, or start this one with --port N")
     cpu = args.cpu or not gpu_available()
     cmd = server_command(args, data, yaml_path, port, cpu)
     url = f"http://127.0.0.1:{port}"

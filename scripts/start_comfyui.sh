@@ -7,6 +7,12 @@
 # Details: scripts/start_comfyui.py (--help).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+for arg in "$@"; do  # --help needs no environment: the script's parser is plain Python
+  [ "$arg" = "--" ] && break
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+    exec "${PYTHON:-python3}" "$HERE/scripts/start_comfyui.py" --help
+  fi
+done
 echo "[start_comfyui] preparing the environment under ${KOSMOSG_CACHE:-$HOME/.cache/kosmosg}/comfy (first run takes minutes)" >&2
 PY="$(bash "$HERE/.ci/setup_env.sh" | tail -n 1)"
 export KOSMOSG_COMFY_DIR="$(dirname "$(dirname "$(dirname "$PY")")")"

@@ -108,6 +108,10 @@ def test_smoke_mode_falls_back_to_announced_stand_ins_without_the_nano_models(tm
     empty = tmp_path / "no-nano-models"
     empty.mkdir()
     data = tmp_path / "data"
+    data.mkdir()
+    # an earlier run in this folder failed to import the pack: its log lines must not fail this run
+    (data / "server.log").write_text(f"0.0 seconds (IMPORT FAILED): {data}/custom_nodes/"
+                                     f"{start_comfyui.PACK_FOLDER_NAME}\n")
     result = subprocess.run(["bash", str(SCRIPT), "--smoke", "--dir", str(data)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "KOSMOSG_NANO_DIR": str(empty)})
     output = result.stdout + result.stderr
@@ -117,6 +121,35 @@ def test_smoke_mode_falls_back_to_announced_stand_ins_without_the_nano_models(tm
     for name in ("nano-sd15.safetensors", "kosmosg-nano.safetensors"):
         assert name in output.split("RANDOM-WEIGHT STAND-INS")[1]
     assert "kosmosg_standins:" in (data / "extra_model_paths.yaml").read_text()
+
+
+def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
+    import socket
+
+    for argv, message in ((["--port", "0"], "0 is not a port"), (["--port", "99999"], "99999 is not a port"),
+                          (["--", "--port", "8193"], "give --port before `--`")):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "start_comfyui.py"), *argv],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        start_comfyui.parse_args(["--dir", str(a_file)])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not comfy_server.port_is_free(port)
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use"):
+            comfy_server.ComfyServer(tmp_path / "d", port=port).start(timeout=5)
+    assert comfy_server.port_is_free(port)
+
+
+def test_help_needs_no_environment(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "KOSMOSG_CACHE": str(tmp_path / "nothing-installed")})
+    assert result.returncode == 0 and "usage: bash scripts/start_comfyui.sh" in result.stdout
+    assert not (tmp_path / "nothing-installed").exists()
 
 
 def test_missing_comfyui_tree_is_a_clear_error(tmp_path):

@@ -42,6 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (else a second server would fail, or a check reach the wrong one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def prepare_data_dir(data: Path, pack_dir: Path, pack_name: str) -> Path:
     """DATA layout: models/*, input, output, temp, user settings, custom_nodes/<pack_name> -> the pack."""
     for sub in ("models/checkpoints", "models/loras", "models/controlnet", "models/kosmosg", "input", "output",
@@ -75,6 +85,11 @@ class ComfyServer:
                "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none", *self.extra_args]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
                "PYTHONUNBUFFERED": "1"}
+        if not port_is_free(self.port):
+            raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use (another ComfyUI?); stop that server or "
+                               "choose another port.")
+        # the log is appended to (earlier runs stay readable); this run's checks read only what it adds
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=COMFY_TREE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env)
@@ -107,7 +122,12 @@ class ComfyServer:
         self.proc = None
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """This run's part of the server log."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(getattr(self, "_log_start", 0))
+            return log.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
