@@ -433,3 +433,19 @@ def test_vae_decoder_finetune_keeps_the_encoder_and_latent_mapping(parts, tmp_pa
     with pytest.raises(ValueError, match="--freeze-encoder needs --init-vae"):
         run_command("train_vae", VAE_ARGS + ["--output-dir", str(tmp_path / "bad"), "--max-steps", "1",
                                              "--freeze-encoder", "true"])
+
+
+def test_the_wrong_kind_of_model_file_is_named_briefly(tmp_path):
+    from train.nano.train_unet import load_unet
+    from train.nano.train_vae import load_vae
+
+    shipped = REPO / "models" / "nano" / "nano-sd15.safetensors"  # the exported SD1.5 layout, not a train_unet file
+    with pytest.raises(ValueError, match=r"is not a nano U-Net .* tensors missing") as error:
+        load_unet(shipped)
+    assert len(str(error.value)) < 1000
+    with pytest.raises(ValueError, match=r"is not a TAESD state dict .* unexpected"):
+        load_vae(shipped)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not tensors")
+    with pytest.raises(ValueError, match="is not a readable .safetensors file"):
+        load_unet(text)

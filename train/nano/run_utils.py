@@ -85,6 +85,26 @@ def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_k
     return state
 
 
+def load_state_file(module: torch.nn.Module, path: Path, what: str, made_by: str) -> None:
+    """`path`'s tensors into `module`, or a short ValueError naming the file, what it should be and its maker
+    (not torch's list of every missing key)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); give {what} written by {made_by}.") from e
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong_shape = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"{path} is not {what} written by {made_by}: {len(missing)} tensors missing (e.g. "
+                         f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong_shape)} "
+                         f"of another shape (e.g. {sorted(wrong_shape)[:2]}).")
+    module.load_state_dict(state)
+
+
 def write_config(output_dir: Path, config) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2))

@@ -205,8 +205,12 @@ def read_ema(path: str | Path) -> tuple[Path, dict]:
         path = path / EMA_FILE
     if not path.is_file():
         raise ValueError(f"no trained U-Net at {path}; run python -m train.nano.train_unet (or pass its output dir)")
-    with safe_open(str(path), framework="pt") as f:
-        return path, f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return path, f.metadata() or {}
+    except Exception as e:  # SafetensorError: not a safetensors file
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); give the unet_ema.safetensors of a "
+                         "python -m train.nano.train_unet run (or its folder).") from e
 
 
 def trained_text_encoder(path: str | Path) -> str | None:
@@ -217,13 +221,11 @@ def trained_text_encoder(path: str | Path) -> str | None:
 
 def load_unet(path: str | Path) -> NanoUNet:
     """A NanoUNet from ``unet_ema.safetensors`` (or the run folder holding it), eval mode."""
-    from safetensors.torch import load_file
-
     path, meta = read_ema(path)
     if "nano_unet_config" not in meta:
         raise ValueError(f"{path} has no 'nano_unet_config' metadata; not written by train.nano.train_unet")
     unet = NanoUNet(NanoUNetConfig.from_dict(json.loads(meta["nano_unet_config"])))
-    unet.load_state_dict(load_file(str(path)))
+    run_utils.load_state_file(unet, path, "a nano U-Net (unet_ema.safetensors)", "python -m train.nano.train_unet")
     return unet.eval()
 
 

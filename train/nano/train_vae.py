@@ -213,18 +213,13 @@ def train(cfg: VaeTrainConfig) -> Path:
 
 def load_vae(path: str | Path) -> TinyAutoencoder:
     """A TinyAutoencoder from ``vae.safetensors`` (or a run folder holding it), eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_dir():
         path = path / VAE_FILE
     if not path.is_file():
         raise ValueError(f"no trained VAE at {path}; run python -m train.nano.train_vae (or pass its output dir)")
     vae = TinyAutoencoder()
-    try:
-        vae.load_state_dict(load_file(str(path)))
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a TAESD state dict written by train.nano.train_vae: {e}") from e
+    run_utils.load_state_file(vae, path, "a TAESD state dict (vae.safetensors)", "python -m train.nano.train_vae")
     return vae.eval()
 
 
