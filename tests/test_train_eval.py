@@ -216,6 +216,14 @@ def test_dreambench_bad_inputs_name_the_flag(bench, models, tmp_path):
     _noise(5).save(unknown / "gizmo" / "00.jpg")
     with pytest.raises(ValueError, match="'gizmo' has no class noun"):
         dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(unknown), generated=str(tmp_path)))
+    for bad_names, message in ((["img+1.jpg"], "'\\+' separates the parts"), (["00.jpg", "00.png"], "share the name '00'")):
+        odd = tmp_path / f"odd-{len(bad_names)}"
+        shutil.copytree(bench, odd)
+        subject = sorted(p for p in odd.iterdir() if p.is_dir())[0]
+        for bad_name in bad_names:
+            _noise(6).save(subject / bad_name)
+        with pytest.raises(ValueError, match=message):
+            dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(odd), generated=str(tmp_path)))
 
 
 # ---- FID ---------------------------------------------------------------------------------------------

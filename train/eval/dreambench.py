@@ -187,6 +187,15 @@ def load_subjects(cfg: DreamBenchConfig) -> list[Subject]:
             if template.count("{}") != 1 or any(c in template for c in "+/"):
                 raise ValueError(f"prompt {template!r}: needs exactly one {{}} for the subject and no '+' or '/'.")
         references = list_images(data / name, f"--data subject folder {name!r}")
+        stems = [r.stem for r in references]
+        for reference in references:  # the stem goes into the generated file names, '+'-separated
+            if "+" in reference.stem:
+                raise ValueError(f"reference {reference}: '+' separates the parts of the generated file names; "
+                                 "rename the image without it.")
+            if stems.count(reference.stem) > 1:
+                raise ValueError(f"references of {name!r} share the name {reference.stem!r} "
+                                 f"({', '.join(r.name for r in references if r.stem == reference.stem)}); their "
+                                 "generated images would overwrite each other: rename one.")
         if cfg.max_references:
             references = references[:cfg.max_references]
         subjects.append(Subject(name, noun, prompts, references))
