@@ -416,6 +416,13 @@ def test_counts_and_sizes_are_range_checked(config_class, name, args, message):
         parse_eval_config(FidConfig if config_class == "fid" else config_class, args, name, "")
 
 
+def test_fid_crop_must_fit_the_resize(tmp_path):
+    from train.eval import fid as fid_module
+
+    with pytest.raises(ValueError, match="--crop 64 is larger than --resize 32"):
+        fid_module.main(["--real", str(tmp_path), "--generated", str(tmp_path), "--resize", "32", "--crop", "64"])
+
+
 def test_sampling_settings_are_checked_for_api_callers_too():
     from train.eval.generation import SamplingSettings
 

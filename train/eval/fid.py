@@ -82,6 +82,9 @@ def run(cfg: FidConfig) -> dict:
         raise ValueError("--real is required: a folder of real images or an .npz from --save-real-stats.")
     if not cfg.generated and not cfg.save_real_stats:
         raise ValueError("--generated is required (or only --save-real-stats to precompute the real statistics).")
+    if cfg.crop > cfg.resize:
+        raise ValueError(f"--crop {cfg.crop} is larger than --resize {cfg.resize} (the shorter side after resizing); "
+                         "the centre crop must fit inside it (official COCO: both 256).")
     extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
     extractor_name = f"{extractor.kind}:{Path(cfg.inception).name}:resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
     result: dict = {"feature_extractor": extractor_name}
