@@ -317,6 +317,9 @@ def test_dreambench_generates_resumes_and_scores(bench, models, generators, tmp_
         assert np.array_equal(np.asarray(first), np.asarray(second))
     images = [np.asarray(Image.open(tmp_path / "a" / n), dtype=np.int16) for n in names]
     assert np.abs(images[0] - images[1]).max() > 0  # image 0 and 1 of a prompt use different seeds
+    # a smaller subset scores only its own images, though the folder holds more
+    subset = [("2" if a == "3" and generate[i - 1] == "--max-prompts" else a) for i, a in enumerate(generate)]
+    assert _score(bench, tmp_path / "a", models, *subset)["num_images"] == 4
     # the folder keeps its images, so a rerun with settings that change them is refused by name
     changed = [("6" if a == "2" and generate[i - 1] == "--steps" else a) for i, a in enumerate(generate)]
     with pytest.raises(ValueError, match=r"other settings \(steps 2 -> 6\)"):

@@ -282,6 +282,11 @@ def find_generated(cfg: DreamBenchConfig, subjects: list[Subject]) -> list[Gener
         if ref_id not in references:
             raise ValueError(f"--generated: {path.name} names reference {ref_id!r}, not found among "
                              f"{Path(cfg.data) / subject}/*{{{','.join(IMAGE_SUFFIXES)}}}.")
+        chosen = by_name[subject]
+        if cfg.max_references and references[ref_id] not in chosen.references:
+            continue  # outside the --max-references subset (the folder may hold more)
+        if cfg.max_prompts and prompt not in {template.format(chosen.noun) for template in chosen.prompts}:
+            continue  # outside the --max-prompts subset
         found.append(GeneratedImage(path, subject, references[ref_id], prompt))
     if not found:
         raise ValueError(f"--generated {cfg.generated}: no images of the selected subjects.")
