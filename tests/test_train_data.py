@@ -305,6 +305,12 @@ def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
     shutil.copytree(folder, moved)  # the input may move and a rerun may extend the count
     assert run_ingest_pairs(IngestConfig(input=str(moved), output=out, image_size=16, count=3,
                                          samples_per_shard=1))["written"] == 3
+    # a last shard cut short by a smaller count is completed when the count grows
+    partial = str(tmp_path / "partial")
+    assert run_ingest_pairs(IngestConfig(input=str(folder), output=partial, image_size=16, count=1,
+                                         samples_per_shard=2))["written"] == 1
+    assert run_ingest_pairs(IngestConfig(input=str(folder), output=partial, image_size=16, count=3,
+                                         samples_per_shard=2))["written"] == 3
 
 
 def test_build_and_ingest_settings_are_checked(tmp_path):

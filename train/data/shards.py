@@ -201,8 +201,11 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         path = os.path.join(output, shard_name(prefix, index))
         stats_path = path[: -len(".tar")] + ".stats.json"
         if os.path.exists(path) and os.path.exists(stats_path):
-            run_counts["shards_skipped_complete"] += 1
-            continue
+            with open(stats_path, encoding="utf-8") as handle:
+                done = json.load(handle).get("processed")
+            if done == len(group):  # finished; a shorter one was the last, partial shard of a smaller --count
+                run_counts["shards_skipped_complete"] += 1
+                continue
         counts: Counter = Counter()
         samples = []
         for item in group:
