@@ -33,6 +33,7 @@ import collections
 import io
 import logging
 import pickle
+import pickletools
 import sys
 import threading
 import zipfile
@@ -144,6 +145,9 @@ class _PlaceholderMeta(type):
     def __call__(cls, *args, **kwargs):
         raise _RefusedCall(cls.pickle_ref)
 
+    def __setattr__(cls, name, value):  # BUILD on a class object: never let a file change a class
+        raise CheckpointError(f"The pickle tries to modify the class {cls.pickle_ref}.")
+
 
 class PickledObject(metaclass=_PlaceholderMeta):
     """Inert stand-in for an object of a class outside the allow-list (never imported).
@@ -181,15 +185,15 @@ class PickledObject(metaclass=_PlaceholderMeta):
         return f"<inert {type(self).pickle_ref} object>"
 
 
-_PLACEHOLDERS: dict[tuple[str, str], type] = {}
-
-
 def _placeholder_class(module: str, name: str) -> type:
+    """The inert class standing for `module.name` in the file being read (one set per load: nothing a file
+    does to them reaches another load, and they are freed with its objects)."""
+    placeholders = _LOADING.placeholders
     key = (module, name)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = _PlaceholderMeta(name.rpartition(".")[2] or "_", (PickledObject,),
-                                              {"pickle_ref": f"{module}.{name}", "__module__": __name__})
-    return _PLACEHOLDERS[key]
+    if key not in placeholders:
+        placeholders[key] = _PlaceholderMeta(name.rpartition(".")[2] or "_", (PickledObject,),
+                                             {"pickle_ref": f"{module}.{name}", "__module__": __name__})
+    return placeholders[key]
 
 
 def _is_placeholder_class(obj) -> bool:
@@ -198,16 +202,18 @@ def _is_placeholder_class(obj) -> bool:
 
 # --- allow-listed callables (our own implementations; none calls into the file's choices) -------
 def _check_ints(what: str, values) -> tuple:
-    if not isinstance(values, (tuple, list, torch.Size)) or not all(isinstance(v, int) and v >= 0 for v in values):
-        raise CheckpointError(f"Malformed tensor record: {what} {values!r} is not a tuple of non-negative ints.")
+    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64 or \
+            not all(isinstance(v, int) and 0 <= v < 2 ** 63 for v in values):
+        raise CheckpointError(f"Malformed tensor record: {what} {values!r:.200} is not a tuple of non-negative "
+                              "int64 values.")
     return tuple(values)
 
 
 def _make_lazy_tensor(storage, offset, size, stride, dtype: torch.dtype | None = None) -> LazyTensor:
     if not isinstance(storage, LazyStorage):
         raise CheckpointError(f"Malformed tensor record: storage is {type(storage).__name__}, not a file storage.")
-    if not isinstance(offset, int) or offset < 0:
-        raise CheckpointError(f"Malformed tensor record: storage offset {offset!r}.")
+    if not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
+        raise CheckpointError(f"Malformed tensor record: storage offset {offset!r:.50}.")
     size, stride = _check_ints("size", size), _check_ints("stride", stride)
     if len(size) != len(stride):
         raise CheckpointError(f"Malformed tensor record: size {size} and stride {stride} differ in length.")
@@ -222,6 +228,11 @@ def _make_lazy_tensor(storage, offset, size, stride, dtype: torch.dtype | None =
         if last >= storage.numel:
             raise CheckpointError(f"Malformed tensor record: a tensor of size {size} at offset {offset} reaches past "
                                   f"its storage of {storage.numel} elements.")
+        numel = 1
+        for s in size:
+            numel *= s
+        if numel > 2 ** 40:  # stride 0 can view a small storage as any size; no real weight is this large
+            raise CheckpointError(f"Malformed tensor record: a tensor of size {size} ({numel} elements).")
     return LazyTensor(storage, offset, size, stride, _LOADING.archive)
 
 
@@ -284,6 +295,22 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
     return obj.encode(encoding)
 
 
+def _bytearray(source=b"", encoding=None, errors="strict"):
+    # Protocol 2 pickles `bytearray` as bytearray(str, "latin-1"); a size (bytearray(n): n bytes whatever the
+    # file's size) or another codec (an import) is refused.
+    if isinstance(source, str) and encoding in ("latin1", "latin-1", "utf-8", "utf8") and errors == "strict":
+        return bytearray(source, encoding)
+    if isinstance(source, bytes) and encoding is None:
+        return bytearray(source)
+    raise _RefusedCall("builtins.bytearray(size or codec)")
+
+
+def _complex(real=0.0, imag=0.0):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2.0 ** 1023 for v in (real, imag)):
+        raise CheckpointError(f"Malformed complex number ({real!r:.50}, {imag!r:.50}).")
+    return complex(real, imag)
+
+
 def _defaultdict(default_factory=None, *args):
     # omegaconf pickles `defaultdict(dict)` (flags caches); the factory is never needed: a plain dict.
     if args:
@@ -294,11 +321,17 @@ def _defaultdict(default_factory=None, *args):
 class _InertConstructor:
     """A data constructor we recognise but never run (numpy scalars/arrays/dtypes): records its arguments."""
 
+    __slots__ = ("module", "name")
+
     def __init__(self, module: str, name: str):
-        self.cls = _placeholder_class(module, name)
+        self.module, self.name = module, name
 
     def __call__(self, *args):
-        return self.cls.__new__(self.cls, *args)
+        cls = _placeholder_class(self.module, self.name)
+        return cls.__new__(cls, *args)
+
+    def __setstate__(self, state):  # shared by every load: a file must not change it
+        raise CheckpointError(f"The pickle tries to modify {self.module}.{self.name}.")
 
 
 _TENSOR_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
@@ -318,8 +351,8 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "defaultdict"): _defaultdict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "complex"): _complex,
+    ("builtins", "bytearray"): _bytearray,
     ("builtins", "slice"): slice,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copyreg", "__newobj__"): _newobj,
@@ -372,6 +405,63 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return storage
 
 
+# --- the pickle's shape, checked before it is run ----------------------------------------------------
+MAX_NESTING = 200  # containers inside containers (an official checkpoint: ~10); deeper ones crash C code
+_MUTATING = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the container below
+
+
+def _check_pickle_ops(data: bytes, path: Path) -> None:
+    """Refuse pickles whose shape, not their calls, is the attack: containers nested so deep that hashing or
+    freeing them overflows the C stack (a segfault: a 1 KB file could kill ComfyUI), memo indices or frames
+    far beyond the pickle's size (memory out of proportion to the file), integers too large for any tensor
+    field (slow big-number arithmetic). A walk over the opcodes (`pickletools.genops`) with the depth of
+    every stack item; nothing is built."""
+    mark, stack, memo = object(), [], {}
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+            name = op.name
+            if name in ("LONG1", "LONG4") and arg.bit_length() > 128:
+                raise CheckpointError(f"{path}: its pickle holds a {arg.bit_length()}-bit integer; refused.")
+            if name == "FRAME" and arg > len(data):
+                raise CheckpointError(f"{path}: its pickle announces a {arg}-byte frame in {len(data)} bytes. "
+                                      + _RE_DOWNLOAD)
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = len(memo) if name == "MEMOIZE" else int(arg)
+                if index > count + 1:
+                    raise CheckpointError(f"{path}: its pickle stores memo entry {index} after {count} operations; "
+                                          "refused.")
+                memo[index] = stack[-1] if stack and stack[-1] is not mark else 0
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(int(arg), 0))
+                continue
+            popped = []
+            for item in op.stack_before:
+                if item is pickletools.stackslice:
+                    while stack and stack[-1] is not mark:
+                        popped.append(stack.pop())
+                elif item is pickletools.markobject:
+                    if stack and stack[-1] is mark:
+                        stack.pop()
+                elif stack:
+                    popped.append(stack.pop())
+            popped = [d for d in popped if d is not mark]
+            if name in _MUTATING and popped:  # the container (bottom) gains the items
+                depth = max([popped[-1]] + [d + 1 for d in popped[:-1]])
+            else:
+                depth = max(popped) + 1 if popped else 0
+            if depth > MAX_NESTING:
+                raise CheckpointError(f"{path}: its pickle nests containers more than {MAX_NESTING} deep (a "
+                                      "checkpoint needs ~10); refused.")
+            for item in op.stack_after:
+                stack.append(mark if item is pickletools.markobject else depth)
+    except CheckpointError:
+        raise
+    except Exception as e:  # genops: truncated or unknown opcodes
+        raise CheckpointError(f"{path}: its pickle is corrupt ({type(e).__name__}: {str(e)[:200]}). "
+                              + _RE_DOWNLOAD) from e
+
+
 # --- the zip archive -----------------------------------------------------------------------------
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
@@ -416,10 +506,15 @@ class _Archive:
             hint = " It looks like a TorchScript archive." if any(n.endswith("constants.pkl") for n in names) else ""
             raise CheckpointError(f"{self.path} is a zip archive but not a torch.save checkpoint (no data.pkl).{hint}")
         self.prefix = pickles[0][: -len("data.pkl")]
-        order = self._read(self.prefix + "byteorder").decode("ascii", "replace").strip() \
+        for info in self._open().infolist():
+            # torch.save stores records uncompressed; a compressed one could expand without bound (a zip bomb)
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                raise CheckpointError(f"{self.path}: record {info.filename!r:.100} is compressed or encrypted, which "
+                                      "torch.save never writes; refused. Use the file as it was published.")
+        order = self._read(self.prefix + "byteorder", nbytes=None, limit=16).decode("ascii", "replace").strip() \
             if self.prefix + "byteorder" in names else "little"
         if order not in ("little", "big"):
-            raise CheckpointError(f"{self.path}: unknown byte order {order!r} in the archive. {_RE_DOWNLOAD}")
+            raise CheckpointError(f"{self.path}: unknown byte order {order!r:.40} in the archive. {_RE_DOWNLOAD}")
         self.byteorder = order
 
     def _open(self) -> zipfile.ZipFile:
@@ -445,10 +540,10 @@ class _Archive:
     def __exit__(self, *exc):
         self.close()
 
-    def _read(self, name: str, nbytes: int | None = None) -> bytes:
+    def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
         try:
             with self._open().open(name) as f:
-                data = f.read() if nbytes is None else f.read(nbytes)
+                data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
         except KeyError:
             raise CheckpointError(f"{self.path} lacks the record {name!r}. {_RE_DOWNLOAD}") from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
@@ -462,7 +557,9 @@ class _Archive:
     def unpickle(self) -> Any:
         """The whole object tree, tensors as `LazyTensor`s. Raises UnsafeCheckpointError on code execution."""
         data = self._read(self.prefix + "data.pkl")
-        previous, _LOADING.archive = getattr(_LOADING, "archive", None), self
+        _check_pickle_ops(data, self.path)
+        previous = getattr(_LOADING, "archive", None), getattr(_LOADING, "placeholders", None)
+        _LOADING.archive, _LOADING.placeholders = self, {}
         try:
             return _RestrictedUnpickler(io.BytesIO(data), self).load()
         except _RefusedCall as e:
@@ -474,12 +571,11 @@ class _Archive:
                 "(or safetensors), and load that file instead.") from None
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-                RecursionError, UnicodeDecodeError, MemoryError) as e:
-            raise CheckpointError(f"{self.path}: its pickle is corrupt or unsupported ({type(e).__name__}: {e}). "
-                                  + _RE_DOWNLOAD) from e
+        except Exception as e:  # any other failure of a hostile or damaged pickle: named, never a traceback
+            raise CheckpointError(f"{self.path}: its pickle is corrupt or unsupported ({type(e).__name__}: "
+                                  f"{str(e)[:300]}). " + _RE_DOWNLOAD) from e
         finally:
-            _LOADING.archive = previous
+            _LOADING.archive, _LOADING.placeholders = previous
 
     def _storage_elements(self, storage: LazyStorage) -> torch.Tensor:
         """1-D tensor of the storage's elements (read once; cached so shared storages stay shared)."""
@@ -493,7 +589,8 @@ class _Archive:
         else:
             raw = torch.frombuffer(bytearray(self._read(f"{self.prefix}data/{storage.key}", nbytes)), dtype=torch.uint8)
             if self.byteorder != sys.byteorder and itemsize > 1:
-                raw = raw.view(-1, itemsize).flip(-1).reshape(-1)
+                word = itemsize // 2 if storage.dtype.is_complex else itemsize  # complex: each part on its own
+                raw = raw.view(-1, word).flip(-1).reshape(-1)
             try:
                 elements = raw.view(storage.dtype)
             except RuntimeError as e:
@@ -503,7 +600,10 @@ class _Archive:
 
     def materialize(self, lazy: LazyTensor) -> torch.Tensor:
         elements = self._storage_elements(lazy.storage)
-        return torch.as_strided(elements, lazy.shape, lazy.stride, lazy.offset)
+        try:
+            return torch.as_strided(elements, lazy.shape, lazy.stride, lazy.offset)
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise CheckpointError(f"{self.path}: tensor record {lazy!r:.200} cannot be read ({str(e)[:200]}).") from e
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -547,7 +647,8 @@ def _select_state_dict(path: Path, state: Any, key: str | None) -> dict:
         # A bare state dict (e.g. `torch.save(ckpt["model"], ...)`): the file IS the state dict.
         logger.info("%s has no %r entry; it is a bare state dict, using it as is", path, key)
         return state
-    shown = ", ".join(repr(k) for k in list(state)[:12]) + (" ..." if len(state) > 12 else "")
+    shown = ", ".join(repr(k)[:60] if isinstance(k, str) else f"<{type(k).__name__}>" for k in list(state)[:12]) \
+        + (" ..." if len(state) > 12 else "")
     raise CheckpointError(f"{path} has no {key!r} entry; its top-level keys are: {shown or '(none)'}. "
                           "An official Kosmos-G checkpoint keeps its weights under 'model'.")
 
@@ -570,6 +671,9 @@ def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str],
         tensors: dict[str, torch.Tensor] = {}
         skipped = []
         for name, value in state_dict.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{path}: the state dict has a {type(name).__name__} key; tensor names are "
+                                      "text. Not a checkpoint this loader reads.")
             if include is not None and not include(name):
                 continue
             if isinstance(value, LazyTensor):

@@ -506,3 +506,52 @@ def test_untyped_storage_records_with_explicit_dtype(tmp_path):
     path = write_torch_zip(tmp_path / "v3.pt", {"model": {"h": record}}, records={"0": values.numpy().tobytes()})
     loaded = load_pt_state_dict(path)
     assert loaded["h"].dtype == torch.float16 and torch.equal(loaded["h"], values)
+
+
+# --- hostile shapes (no calls, but crash / memory / time / cross-load effects) --------------------
+def _proto2(body: bytes) -> bytes:
+    return b"\x80\x02" + body + b"."
+
+
+@pytest.mark.parametrize("label, pickle_bytes, message", [
+    # a dict key nested 100k deep: hashing it recursed in C until the process died (segfault)
+    ("deep", _proto2(b"}N" + b"\x85" * 100_000 + b"Ns"), "nests containers more than 200 deep"),
+    # memo slot 10^8 after two operations: the C unpickler grew its memo to 800 MB for a 20-byte pickle
+    ("memo", _proto2(b"Nr" + struct.pack("<I", 100_000_000)), "memo entry 100000000"),
+    # a frame longer than the pickle
+    ("frame", b"\x80\x04\x95" + struct.pack("<Q", 2 ** 64 - 1) + b"N.", "frame"),
+    # a 1000-bit integer (sizes / strides of that size made the bounds check take seconds)
+    ("bigint", _proto2(b"\x8b" + struct.pack("<i", 126) + (2 ** 1000).to_bytes(126, "little")), "1001-bit integer"),
+    # bytearray(10^9): a gigabyte from a few bytes
+    ("bytearray", _proto2(b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"), "bytearray"),
+])
+def test_hostile_pickle_shapes_are_refused(tmp_path, label, pickle_bytes, message):
+    path = write_torch_zip(tmp_path / f"{label}.pt", pickle_bytes=pickle_bytes)
+    with pytest.raises(CheckpointError, match=message):
+        safe_load(path)
+
+
+def test_compressed_records_are_refused(tmp_path):
+    # torch.save writes stored records; a deflated one could be a zip bomb (300 MB from 300 KB)
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"model": {}}, protocol=2))
+    with pytest.raises(CheckpointError, match="compressed or encrypted"):
+        safe_load(path)
+
+
+def test_a_file_cannot_change_what_later_loads_read(tmp_path, official):
+    # BUILD on the shared numpy constructor (and on a placeholder class) tried to rewrite them for every later load
+    evil = _proto2(b"cnumpy._core.multiarray\nscalar\n}U\x03clsccollections\nOrderedDict\nsb0}U\x05model}s")
+    path = write_torch_zip(tmp_path / "evil.pt", pickle_bytes=evil)
+    with pytest.raises(CheckpointError, match="tries to modify numpy._core.multiarray.scalar"):
+        safe_load(path)
+    best = safe_load(official[0])["extra_state"]["best"]
+    assert isinstance(best, PickledObject) and best.pickle_ref.endswith("multiarray.scalar")
+
+
+def test_big_endian_complex_swaps_each_part(tmp_path):
+    storage = FakeStorage("0", 1, torch.ComplexFloatStorage)
+    path = write_torch_zip(tmp_path / "c.pt", {"model": {"z": tensor_record(storage, size=(1,))}},
+                           records={"0": struct.pack(">ff", 1.0, 2.0)}, byteorder="big")
+    assert load_pt_state_dict(path)["z"].tolist() == [complex(1.0, 2.0)]
