@@ -8,8 +8,12 @@ the file carries. This module unpickles with a restricted `pickle.Unpickler`:
 - Allow-listed callables only: torch's tensor-rebuild functions (re-implemented here so they
   build *lazy* tensors), storage types, dtypes, `torch.Size`, `collections.OrderedDict`,
   `collections.defaultdict` (read as a plain dict; omegaconf pickles one), `torch.device`,
-  `set`/`frozenset`/`complex`/`bytearray`/`slice`, `_codecs.encode` (latin-1/utf-8 only:
-  protocol-2 `bytes`). None of these runs code chosen by the file.
+  `set`/`frozenset`/`complex`/`bytearray` (from text or bytes only)/`slice`, `_codecs.encode`
+  (latin-1/utf-8 only: protocol-2 `bytes`). None of these runs code chosen by the file.
+- Before anything is built, the opcodes are walked once (`_check_pickle_ops`): containers nested more
+  than `MAX_NESTING` deep, memo indices or frames beyond the pickle, and huge integers are refused (they
+  need no call to crash the process or exhaust memory and time). Compressed or encrypted zip records
+  are refused too (torch.save writes neither; a compressed record can expand without bound).
 - Every other `(module, name)` becomes an inert placeholder class; nothing is imported. Objects of
   such classes (omegaconf configs, argparse namespaces) arrive through NEWOBJ + BUILD and become
   `PickledObject`s that only record their arguments and state. numpy scalars / arrays / dtypes
