@@ -11,7 +11,7 @@ the file carries. This module unpickles with a restricted `pickle.Unpickler`:
   `set`/`frozenset`/`complex`/`bytearray` (from text or bytes only)/`slice`, `_codecs.encode`
   (latin-1/utf-8 only: protocol-2 `bytes`). None of these runs code chosen by the file.
 - Before anything is built, the opcodes are walked once (`_check_pickle_ops`): containers nested more
-  than `MAX_NESTING` deep, memo indices or frames beyond the pickle, and huge integers are refused (they
+  than `MAX_NESTING` deep, memo indices or frames beyond the pickle, and integers beyond 64 bits are refused (they
   need no call to crash the process or exhaust memory and time). Compressed or encrypted zip records
   are refused too (torch.save writes neither; a compressed record can expand without bound).
 - Every other `(module, name)` becomes an inert placeholder class; nothing is imported. Objects of
@@ -417,14 +417,14 @@ _MUTATING = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  #
 def _check_pickle_ops(data: bytes, path: Path) -> None:
     """Refuse pickles whose shape, not their calls, is the attack: containers nested so deep that hashing or
     freeing them overflows the C stack (a segfault: a 1 KB file could kill ComfyUI), memo indices or frames
-    far beyond the pickle's size (memory out of proportion to the file), integers too large for any tensor
-    field (slow big-number arithmetic). A walk over the opcodes (`pickletools.genops`) with the depth of
+    far beyond the pickle's size (memory out of proportion to the file), integers beyond 64 bits (slow
+    big-number arithmetic; dict keys k * (2**61 - 1) all hash alike, which makes building the dict quadratic). A walk over the opcodes (`pickletools.genops`) with the depth of
     every stack item; nothing is built."""
     mark, stack, memo = object(), [], {}
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(data)):
             name = op.name
-            if name in ("LONG1", "LONG4") and arg.bit_length() > 128:
+            if name in ("LONG1", "LONG4") and arg.bit_length() > 64:  # no checkpoint field needs more
                 raise CheckpointError(f"{path}: its pickle holds a {arg.bit_length()}-bit integer; refused.")
             if name == "FRAME" and arg > len(data):
                 raise CheckpointError(f"{path}: its pickle announces a {arg}-byte frame in {len(data)} bytes. "

@@ -522,6 +522,9 @@ def _proto2(body: bytes) -> bytes:
     ("frame", b"\x80\x04\x95" + struct.pack("<Q", 2 ** 64 - 1) + b"N.", "frame"),
     # a 1000-bit integer (sizes / strides of that size made the bounds check take seconds)
     ("bigint", _proto2(b"\x8b" + struct.pack("<i", 126) + (2 ** 1000).to_bytes(126, "little")), "1001-bit integer"),
+    # dict keys that all hash alike (k * (2**61 - 1)): building the dict is quadratic (40k keys took 9 s)
+    ("collisions", _proto2(b"}(" + b"".join(b"\x8a\x0a" + (k * (2 ** 61 - 1)).to_bytes(10, "little", signed=True)
+                                              + b"N" for k in range(1, 100)) + b"u"), "-bit integer"),
     # bytearray(10^9): a gigabyte from a few bytes
     ("bytearray", _proto2(b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"), "bytearray"),
 ])
