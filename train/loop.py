@@ -52,7 +52,7 @@ from torch import nn
 
 from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
     load_full_state, restore, save_checkpoint
-from train.common.config import config_to_dict, exit_on_input_error
+from train.common.config import changed_settings, config_to_dict, exit_on_input_error
 
 logger = logging.getLogger(__name__)
 
@@ -366,13 +366,6 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def _differences(saved, now, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for key in sorted(set(saved) | set(now))
-                for d in _differences(saved.get(key), now.get(key), f"{prefix}{key}.")]
-    return [] if saved == now else [f"{prefix[:-1]} {saved!r} -> {now!r}"]
-
-
 def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int) -> None:
     extra = state.get("extra", {})
     if extra.get("stage") != stage.name:
@@ -380,7 +373,7 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
                          f"with `python -m train.{extra.get('stage')}` or use a new --output-dir.")
     saved = extra.get("kosmosg_config")
     if saved is not None:
-        changed = _differences(json.loads(saved), json.loads(stage.model_config().to_json()))
+        changed = changed_settings(json.loads(saved), json.loads(stage.model_config().to_json()))
         if changed:
             raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
                              f"({'; '.join(changed[:4])}); resume with the config the run was started with, or use a "
@@ -388,8 +381,7 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     if "train_config" not in extra:
         return
     before, now = json.loads(extra["train_config"]), config_to_dict(cfg)
-    changed = [d for key in sorted(now) if key in before and key not in RESUME_MAY_CHANGE
-               for d in _differences(before[key], now[key], key + ".")]
+    changed = changed_settings(before, now, RESUME_MAY_CHANGE, common_keys_only=True)
     saved_world = state.get("data", {}).get("world_size", 1)
     global_before = before["batch_size"] * before.get("gradient_accumulation_steps", 1) * saved_world
     global_now = cfg.batch_size * cfg.gradient_accumulation_steps * world

@@ -146,6 +146,27 @@ def parse_config(config_class, argv=None, description: str = ""):
     return config_class(**values)
 
 
+def flatten_settings(settings: dict, prefix: str = "") -> dict:
+    """Nested dicts -> dotted keys, values as they come back from JSON (tuples -> lists)."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return json.loads(json.dumps(flat))
+
+
+def changed_settings(saved: dict, now: dict, may_change=(), common_keys_only: bool = False) -> list[str]:
+    """`"key old -> new"` for every (flattened) setting that differs between a run's saved settings and this
+    one's, but those in `may_change`. common_keys_only: settings that exist on one side only (fields added or
+    removed since the save) are not compared."""
+    saved, now = flatten_settings(saved), flatten_settings(now)
+    keys = set(saved) & set(now) if common_keys_only else set(saved) | set(now)
+    return [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(keys)
+            if key.split(".")[0] not in may_change and key not in may_change and saved.get(key) != now.get(key)]
+
+
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 

@@ -11,18 +11,9 @@ from __future__ import annotations
 import json
 import os
 
+from train.common.config import changed_settings, flatten_settings
+
 SETTINGS_NAME = "settings.json"
-
-
-def flatten(settings: dict, prefix: str = "") -> dict:
-    """Nested dicts -> dotted keys, values as they come back from JSON (tuples -> lists)."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return json.loads(json.dumps(flat))
 
 
 def check_folder_settings(folder, settings: dict, may_change=()) -> None:
@@ -32,9 +23,7 @@ def check_folder_settings(folder, settings: dict, may_change=()) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         saved = json.load(handle)
-    now = flatten(settings)
-    changed = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
-               if key not in may_change and saved.get(key) != now.get(key)]
+    changed = changed_settings(saved, settings, may_change)
     if changed:
         raise ValueError(f"{folder} holds output made with other settings ({'; '.join(changed[:5])}); a rerun keeps "
                          f"what is there, so it needs the same settings. Use a new output folder, or the settings "
@@ -48,6 +37,6 @@ def record_folder_settings(folder, settings: dict) -> None:
         return
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(flatten(settings), handle, indent=1, sort_keys=True)
+        json.dump(flatten_settings(settings), handle, indent=1, sort_keys=True)
         handle.write("\n")
     os.replace(partial, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from train.common.checkpointing import load_checkpoint
-from train.common.config import config_to_dict
+from train.common.config import changed_settings, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ RESUME_MAY_CHANGE = {"output_dir", "max_steps", "save_every", "eval_every", "eva
 
 
 def check_resumed_settings(saved: dict, current: dict, path: Path) -> None:
-    changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(current)
-               if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != current[key]]
+    changed = changed_settings(saved, current, RESUME_MAY_CHANGE, common_keys_only=True)
     if changed:
         raise ValueError(f"Checkpoint in {path} was trained with other settings than this run's: {'; '.join(changed)}. "
                          f"Resume with the run's settings ({CONFIG_NAME}), or pass a new --output-dir.")
