@@ -6,7 +6,8 @@ Run through scripts/start_comfyui.sh, which first creates (or reuses) the enviro
 What it does (nothing outside DATA and the pack is touched; no other ComfyUI install is changed):
   DATA (default ~/.cache/kosmosg/comfyui-data, or --dir):
     custom_nodes/ComfyUI-Kosmos-G -> this repository (symlink)
-    extra_model_paths.yaml        registers the pack's models/nano for `checkpoints` and `kosmosg`
+    kosmosg-pack-models/          links: checkpoints/nano-sd15.safetensors, kosmosg/kosmosg-nano.safetensors
+    extra_model_paths.yaml        registers kosmosg-pack-models for `checkpoints` and `kosmosg`
     input/                        the example subject images from workflows/input/
     user/default/workflows/       the shipped workflows (Workflows sidebar); never overwritten
     models/, output/, user/       ComfyUI's usual folders
@@ -46,6 +47,7 @@ EXAMPLE_IMAGES_DIR = REPO / "workflows" / "input"
 NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PACK_MODELS = "kosmosg-pack-models"  # DATA's folder of links to the models the yaml registers
 STANDIN_VERSION = "1"  # bump when the stand-in generators change
 
 logger = logging.getLogger("start_comfyui")
@@ -123,19 +125,31 @@ def copy_examples(data: Path) -> list[str]:
     return copied
 
 
-def write_extra_model_paths(data: Path, standin_dir: Path | None) -> Path:
-    """Registers the pack's models/nano (and the stand-ins, if any) for CheckpointLoaderSimple and
-    the Kosmos-G loader; only this server reads the file (--extra-model-paths-config)."""
+def link_pack_models(data: Path, standins: Path | None) -> Path:
+    """DATA/kosmosg-pack-models/{checkpoints,kosmosg}/: one link per model, to models/nano's file or
+    its stand-in. Registering models/nano itself for both loaders made each list both files (Load
+    Checkpoint offered kosmosg-nano.safetensors: "Could not detect model type"). -> the folder."""
+    root = data / PACK_MODELS
+    for folder, name in (("checkpoints", NANO_SD15), ("kosmosg", NANO_KOSMOSG)):
+        source = NANO_DIR / name if (NANO_DIR / name).is_file() else standins / folder / name
+        link = root / folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()  # refreshed every start: the real file replaces a stand-in once it exists
+        elif link.exists():
+            raise SystemExit(f"{link} is not a link made by this script; move it to {data / 'models' / folder}")
+        link.symlink_to(source)
+    return root
+
+
+def write_extra_model_paths(data: Path, pack_models: Path) -> Path:
+    """Registers the pack's models (link_pack_models) for CheckpointLoaderSimple and the Kosmos-G
+    loader; only this server reads the file (--extra-model-paths-config)."""
     lines = ["# written by scripts/start_comfyui.py; regenerated on every start",
-             "kosmosg_nano:",
-             f"  base_path: {json.dumps(str(NANO_DIR))}",
-             "  checkpoints: .",
-             "  kosmosg: ."]
-    if standin_dir is not None:
-        lines += ["kosmosg_standins:  # random-weight stand-ins for files missing from models/nano",
-                  f"  base_path: {json.dumps(str(standin_dir))}",
-                  "  checkpoints: checkpoints",
-                  "  kosmosg: kosmosg"]
+             "kosmosg_pack_models:  # links to the pack's models/nano (or random-weight stand-ins)",
+             f"  base_path: {json.dumps(str(pack_models))}",
+             "  checkpoints: checkpoints",
+             "  kosmosg: kosmosg"]
     path = data / "extra_model_paths.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -297,6 +311,9 @@ def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None)
         missing = [n for n in NODE_IDS if n not in info]
         if missing:
             return _fail(server, f"nodes missing from /object_info: {missing}")
+        problem = loader_list_problem(info)
+        if problem:
+            return _fail(server, problem)
         workflow = json.loads((REPO / "workflows" / f"{OUT_OF_THE_BOX}.json").read_text())
         prompt = ui_to_api(workflow, info)
         status, body = server.queue(prompt)
@@ -324,6 +341,22 @@ def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None)
         return _fail(server, f"{type(e).__name__}: {e}")
     finally:
         server.stop()
+
+
+def combo_options(info: dict, node: str, name: str) -> list[str]:
+    """A combo input's choices from /object_info: [choices, {...}] or ["COMBO", {"options": choices}]."""
+    spec = info[node]["input"]["required"][name]
+    return list(spec[0]) if isinstance(spec[0], list) else list(spec[1].get("options", []))
+
+
+def loader_list_problem(info: dict) -> str | None:
+    """Each loader lists its own nano model and not the other one (extra_model_paths.yaml's job)."""
+    for node, name, own, other in (("CheckpointLoaderSimple", "ckpt_name", NANO_SD15, NANO_KOSMOSG),
+                                   ("KosmosGLoader", "checkpoint", NANO_KOSMOSG, NANO_SD15)):
+        options = combo_options(info, node, name)
+        if own not in options or other in options:
+            return f"{node} lists {options}: expected {own} and not {other} (extra_model_paths.yaml)"
+    return None
 
 
 def _expected_size(prompt: dict) -> tuple[int, int]:
@@ -367,7 +400,7 @@ def main(argv=None) -> int:
     examples = copy_examples(data)
     missing = missing_nano_models()
     standins = ensure_standins(args.comfy, missing) if missing else None
-    yaml_path = write_extra_model_paths(data, standins)
+    yaml_path = write_extra_model_paths(data, link_pack_models(data, standins))
     if args.smoke:
         return smoke(args, data, yaml_path, args.comfy, standins)
     port = args.port or 8188

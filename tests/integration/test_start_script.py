@@ -52,6 +52,33 @@ def test_png_check_names_the_problem(data, size, expected):
     assert expected in start_comfyui.png_problem(data, size)
 
 
+def test_each_loader_is_given_only_its_own_model_and_links_follow_models_nano(tmp_path, monkeypatch):
+    nano = tmp_path / "nano"
+    standins = tmp_path / "standins"
+    for folder, name in (("checkpoints", start_comfyui.NANO_SD15), ("kosmosg", start_comfyui.NANO_KOSMOSG)):
+        (standins / folder).mkdir(parents=True)
+        (standins / folder / name).write_bytes(b"standin")
+    nano.mkdir()
+    monkeypatch.setattr(start_comfyui, "NANO_DIR", nano)
+    data = tmp_path / "data"
+    root = start_comfyui.link_pack_models(data, standins)  # models/nano empty: both links to stand-ins
+    assert (root / "kosmosg" / start_comfyui.NANO_KOSMOSG).read_bytes() == b"standin"
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == [start_comfyui.NANO_SD15]
+    (nano / start_comfyui.NANO_KOSMOSG).write_bytes(b"trained")
+    start_comfyui.link_pack_models(data, standins)  # the next start picks up the trained file
+    assert (root / "kosmosg" / start_comfyui.NANO_KOSMOSG).read_bytes() == b"trained"
+    assert (root / "checkpoints" / start_comfyui.NANO_SD15).read_bytes() == b"standin"
+    yaml_text = start_comfyui.write_extra_model_paths(data, root).read_text()
+    assert "checkpoints: checkpoints" in yaml_text and "kosmosg: kosmosg" in yaml_text and str(root) in yaml_text
+
+    both = [start_comfyui.NANO_SD15, start_comfyui.NANO_KOSMOSG]
+    info = {"CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [both, {}]}}},
+            "KosmosGLoader": {"input": {"required": {"checkpoint": ["COMBO", {"options": [start_comfyui.NANO_KOSMOSG]}]}}}}
+    assert "CheckpointLoaderSimple lists" in start_comfyui.loader_list_problem(info)
+    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] = [["mine.safetensors", both[0]], {}]
+    assert start_comfyui.loader_list_problem(info) is None
+
+
 def test_comfyui_flags_go_after_double_dash():
     args = start_comfyui.parse_args(["--dir", "/tmp/x", "--port", "9000", "--", "--lowvram", "--verbose"])
     assert args.port == 9000 and args.comfy_args == ["--lowvram", "--verbose"]
@@ -81,9 +108,12 @@ def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
     link = data / "custom_nodes" / start_comfyui.PACK_FOLDER_NAME
     assert link.is_symlink() and link.resolve() == REPO
     yaml_text = (data / "extra_model_paths.yaml").read_text()
-    nano_section = yaml_text.split("kosmosg_nano:")[1].split("\n\n")[0]
-    assert str(REPO / "models" / "nano") in nano_section
-    assert "checkpoints:" in nano_section and "kosmosg:" in nano_section
+    assert str(data / start_comfyui.PACK_MODELS) in yaml_text
+    links = data / start_comfyui.PACK_MODELS
+    for folder, name in (("checkpoints", start_comfyui.NANO_SD15), ("kosmosg", start_comfyui.NANO_KOSMOSG)):
+        assert [p.name for p in (links / folder).iterdir()] == [name]  # each loader lists only its own model
+        if name not in start_comfyui.missing_nano_models():
+            assert (links / folder / name).resolve() == (start_comfyui.NANO_DIR / name).resolve()
     for image in (REPO / "workflows" / "input").glob("*.png"):
         assert (data / "input" / image.name).read_bytes() == image.read_bytes()
     assert (data / "user" / "default" / "workflows" / "kosmosg-nano-out-of-the-box.json").is_file()
@@ -120,7 +150,9 @@ def test_smoke_mode_falls_back_to_announced_stand_ins_without_the_nano_models(tm
     assert "RANDOM-WEIGHT STAND-INS" in output
     for name in ("nano-sd15.safetensors", "kosmosg-nano.safetensors"):
         assert name in output.split("RANDOM-WEIGHT STAND-INS")[1]
-    assert "kosmosg_standins:" in (data / "extra_model_paths.yaml").read_text()
+    for folder, name in (("checkpoints", "nano-sd15.safetensors"), ("kosmosg", "kosmosg-nano.safetensors")):
+        target = (data / start_comfyui.PACK_MODELS / folder / name).resolve()
+        assert target == (start_comfyui.standin_dir() / folder / name).resolve()
 
 
 def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
