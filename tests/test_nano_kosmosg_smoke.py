@@ -18,7 +18,7 @@ from support.train_fixtures import write_clip_text, write_nano_score_model
 from train.data.cli import main as data_main
 from train.data.nano_labels import NanoWorldLabelSource
 from train.data.shards import iter_records
-from train.loop import read_metrics
+from train.common.metrics import read_metrics
 from train.nano import nano_tokenizer, world
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 from train.nano import sampler
 from train.nano import text_encoder as te
 from train.nano.nano_data import world_vocabulary
-from train.nano.run_utils import read_metrics
+from train.common.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -316,7 +316,7 @@ def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
 def test_build_and_ingest_settings_are_checked(tmp_path):
     from train.data.sources import iter_raw_items, load_label_source
 
-    with pytest.raises(ValueError, match="crop.target_size=0: must be at least 1"):
+    with pytest.raises(ValueError, match="crop.target_size 0: must be at least 1"):
         run_build(BuildConfig(source="nano-world", count=2, output=str(tmp_path / "o"),
                               crop=CropConfig(target_size=0)))
     with pytest.raises(ValueError, match="image_size=-1: must be 0 or more"):

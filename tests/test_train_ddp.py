@@ -12,7 +12,8 @@ import pytest
 
 from support.train_fixtures import assert_same_training, common_args, launch_processes, make_env, subprocess_env
 from train.common.checkpointing import load_checkpoint
-from train.loop import LoopConfig, build_accelerator, read_metrics
+from train.common.metrics import read_metrics
+from train.loop import LoopConfig, build_accelerator
 
 STEPS = 8
 

@@ -17,7 +17,8 @@ import torch
 from support.train_fixtures import assert_same_training, common_args, launch_command, launch_processes, make_env, \
     run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
-from train.loop import SIGKILL_AT_STEP_ENV, read_metrics
+from train.common.metrics import read_metrics
+from train.loop import SIGKILL_AT_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 4

@@ -12,7 +12,7 @@ import torch
 
 from support.train_fixtures import common_args, make_env, run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
-from train.loop import read_metrics
+from train.common.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40

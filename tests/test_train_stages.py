@@ -18,7 +18,8 @@ import torch
 from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
 from kosmosg_core.config import BOS_ID
 from train.common.checkpointing import load_checkpoint
-from train.loop import RecordStream, polynomial_decay, read_metrics
+from train.common.metrics import read_metrics
+from train.loop import RecordStream, polynomial_decay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +108,27 @@ def test_config_file_and_flag_precedence(env, tmp_path):
     cfg = parse_config(Stage3Config, ["--config", str(config), "--batch-size", "7"])
     assert (cfg.learning_rate, cfg.uncond_prob, cfg.batch_size) == (5e-4, 0.2, 7)
     assert (cfg.adam_beta2, cfg.adam_eps, cfg.clip_norm, cfg.warmup_steps) == (0.98, 1e-6, 2.0, 375)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-steps", "--save-every", "--log-every",
+                                  "--gradient-accumulation-steps"])
+def test_counts_below_their_minimum_are_refused_by_flag(flag, tmp_path, capsys):
+    import dataclasses
+
+    from train.common.config import build_parser, parse_config
+    from train.loop import run_training
+    from train.stage1 import Stage1, Stage1Config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{flag[2:].replace('-', '_')}: 0\n")
+    for argv in ([flag, "0"], ["--config", str(config)]):
+        with pytest.raises(ValueError, match=f"^{flag} 0: must be at least 1.$"):
+            parse_config(Stage1Config, argv)
+    bad = dataclasses.replace(parse_config(Stage1Config, []), **{flag[2:].replace("-", "_"): 0})
+    with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):  # a config made in Python, too
+        run_training(Stage1(bad), bad)
+    build_parser(Stage1Config, "").print_help()
+    assert "(at least 1)" in capsys.readouterr().out
 
 
 def test_shipped_configs_parse():
@@ -354,6 +376,30 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
         stage1.main(common(env, other_stage, steps=40) + ["--resume", "never"])
 
 
+def test_partial_model_config_takes_the_tokenizers_vocabulary(env, tmp_path):
+    """A --model-config JSON may leave fields out; decoder.vocab_size then follows the tokenizer. A wrong
+    one names the config file, not 'the checkpoint's embedding' (there is no checkpoint)."""
+    from train import stage1
+
+    full = json.loads(Path(env.model_config).read_text())
+    vocab = full["decoder"].pop("vocab_size")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(full))
+    args = common(env, tmp_path / "run", steps=2)
+    args[args.index("--model-config") + 1] = str(partial)
+    stage1.main(args)
+    from train.common.checkpointing import load_checkpoint
+
+    saved = json.loads(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["extra"]["kosmosg_config"])
+    assert saved["decoder"]["vocab_size"] == vocab
+    full["decoder"]["vocab_size"] = vocab + 5
+    partial.write_text(json.dumps(full))
+    args[args.index("--output-dir") + 1] = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match=rf"--model-config .*partial.json has decoder.vocab_size {vocab + 5} but the "
+                                         rf"tokenizer in .* has {vocab} ids"):
+        stage1.main(args)
+
+
 def build_stage2_module(env, init_checkpoint):
     from train.common.config import parse_config
     from train.stage2 import Stage2, Stage2Config
@@ -456,17 +502,55 @@ def test_resume_refuses_changed_settings_by_name(env, stage1_run, tmp_path):
 
 def test_damaged_metrics_line_and_non_checkpoint_files(tmp_path):
     from train.common.checkpointing import load_checkpoint
-    from train.loop import truncate_metrics
+    from train.common.metrics import MetricsLog
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n{"step": 3, "lo')  # cut by a crash
-    truncate_metrics(metrics, 2)
+    MetricsLog(tmp_path, 2)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
     not_a_checkpoint = tmp_path / "train_config.json"
     not_a_checkpoint.write_text("{}")
     with pytest.raises(ValueError, match="train_config.json is corrupt or not a train/ checkpoint") as error:
         load_checkpoint(not_a_checkpoint)
     assert "weights_only" not in str(error.value)
+
+
+def test_samples_with_corrupt_image_bytes_are_skipped_with_a_warning(env, tmp_path, caplog):
+    """A damaged PNG inside a sample (truncated, bit-flipped) is skipped when selected; it used to end the
+    run when the batch was collated."""
+    import io
+    import tarfile
+
+    from train import stage1, stage3
+
+    data = tmp_path / "data"
+    shutil.copytree(env.data, data)
+    source = sorted(data.glob("*.tar"))[0]
+    with tarfile.open(source) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    keys = sorted({name.split(".")[0] for name, _ in members})[:2]
+    damaged = []
+    with tarfile.open(data / "zz-damaged.tar", "w") as tar:
+        for name, payload in members:
+            key, field = name.split(".", 1)
+            if key not in keys:
+                continue
+            if field.endswith(".png"):  # first sample: truncated PNGs; second: one flipped byte (bad CRC)
+                payload = payload[:len(payload) // 2] if key == keys[0] else \
+                    payload[:60] + bytes([payload[60] ^ 0xFF]) + payload[61:]
+            info = tarfile.TarInfo(f"zz{key}.{field}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+            damaged.append(f"zz{key}")
+    for stage, extra in ((stage1, []), (stage3, ["--score-model", env.nano, "--resolution", "16"])):
+        args = common(env, tmp_path / f"run-{stage.__name__}", steps=8, batch=4) + extra
+        args[args.index("--data") + 1] = str(data)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            stage.main(args)  # 8 updates x 4 samples: every shard read at least once
+        for key in keys:
+            assert f"skipping sample zz{key} of shard zz-damaged.tar:" in caplog.text
+        assert "is not a readable image" in caplog.text
 
 
 def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path, caplog):

@@ -9,6 +9,7 @@ The choices come from a generator seeded per sample, so they do not depend on ba
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
 
@@ -54,15 +55,25 @@ def decode_png(data: bytes, name: str) -> Image.Image:
     return decode_image(data, name)
 
 
-def entity_pixels(record_fields: dict, field_names: list[str], image_size: int, key: str) -> list[torch.Tensor]:
-    """Entity images of one sample -> CLIP-normalised [3, S, S] tensors (official 'gpt' transform)."""
-    if not field_names:
-        return []
-    images = []
+def check_images_readable(record_fields: dict, field_names: list[str], key: str) -> None:
+    """Cheap check in `select` (PNG chunk structure and CRCs, no decoding) so a sample with corrupt or
+    truncated image bytes is skipped with a warning instead of ending the run in `collate`."""
     for name in field_names:
         if name not in record_fields:
             raise ValueError(f"sample {key} has no field {name}; the shard does not follow docs/data-format.md.")
-        images.append(decode_png(record_fields[name], f"{key}.{name}"))
+        try:
+            with Image.open(io.BytesIO(record_fields[name])) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types (SyntaxError, OSError, struct.error...)
+            raise ValueError(f"{name} is not a readable image ({type(error).__name__}: {error})") from error
+
+
+def entity_pixels(record_fields: dict, field_names: list[str], image_size: int, key: str) -> list[torch.Tensor]:
+    """Entity images of one sample (fields checked by `check_images_readable` in `select`) ->
+    CLIP-normalised [3, S, S] tensors (official 'gpt' transform)."""
+    if not field_names:
+        return []
+    images = [decode_png(record_fields[name], f"{key}.{name}") for name in field_names]
     return list(preprocess_images(images, image_size=image_size))
 
 

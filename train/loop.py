@@ -52,7 +52,8 @@ from torch import nn
 
 from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
     load_full_state, restore, save_checkpoint
-from train.common.config import changed_settings, config_to_dict, exit_on_input_error
+from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
+from train.common.metrics import METRICS_NAME, MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ TRAIN_CONFIG_NAME = "train_config.json"
 # Set to N, every process of a run SIGKILLs itself right after update N is logged: a kill at an exact
 # point, for tests of resume under load (an outside kill races a fast run).
 SIGKILL_AT_STEP_ENV = "KOSMOSG_TRAIN_SIGKILL_AT_STEP"
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -79,12 +79,12 @@ class LoopConfig:
         "help": "an HF CLIPVisionModel/CLIPModel folder whose weights start the vision encoder (official stage 1 "
                 "starts from CLIP ViT-L/14); overrides the vision weights of --init-checkpoint"})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
-    batch_size: int = field(default=16, metadata={"help": "samples per process per micro-batch (official: 16/GPU "
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "samples per process per micro-batch (official: 16/GPU "
                                                           "stage 3, 56/GPU stage 2)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1, 
         "help": "micro-batches per optimiser update (their gradients add up): an update sees batch_size x this x "
                 "processes samples"})
-    max_steps: int = field(default=200000, metadata={"help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})
+    max_steps: int = field(default=200000, metadata={"min": 1, "help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak LR (official 1e-3)"})
     end_learning_rate: float = field(default=0.0, metadata={"help": "LR at max_steps (polynomial decay end)"})
     lr_power: float = field(default=1.0, metadata={"help": "polynomial decay power (1 = linear)"})
@@ -96,8 +96,8 @@ class LoopConfig:
     clip_norm: float = field(default=2.0, metadata={"help": "gradient clipping max norm, 0 = off (official 2.0)"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (accelerate autocast)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    save_every: int = field(default=2000, metadata={"help": "write checkpoint.pt every N steps (and at the end)"})
-    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    save_every: int = field(default=2000, metadata={"min": 1, "help": "write checkpoint.pt every N steps (and at the end)"})
+    log_every: int = field(default=1, metadata={"min": 1, "help": "write metrics every N steps"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from OUTPUT_DIR/checkpoint.pt if present; never: refuse an existing one; "
                 "or a checkpoint path"})
@@ -331,28 +331,6 @@ def find_resume_checkpoint(cfg: LoopConfig) -> Path | None:
     return path
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # e.g. a line cut short when the machine went down
-            if line.strip():
-                logger.warning("%s: dropping a damaged line: %.80s", path, line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 # Settings a resumed run may change. The rest must equal the checkpoint's: they define the run (its data
 # order, schedule, objective), and a silent change would make the resumed run neither the old one nor a new one.
 RESUME_MAY_CHANGE = {
@@ -540,9 +518,7 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
 
 
 def _check_loop_config(cfg: LoopConfig) -> None:
-    if min(cfg.max_steps, cfg.batch_size, cfg.save_every, cfg.log_every, cfg.gradient_accumulation_steps) < 1:
-        raise ValueError("max_steps, batch_size, gradient_accumulation_steps, save_every and log_every must all "
-                         "be >= 1.")
+    check_minimums(cfg)  # again here: run_training may be called with a config not made by parse_config
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed={cfg.distributed!r}: use 'ddp' or 'fsdp'.")
 
@@ -571,7 +547,7 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
     stream = RecordStream(cfg.data, cfg.seed, rank, world, cfg.data_split)
     start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world)
     if accelerator.is_main_process:
-        truncate_metrics(out / METRICS_NAME, start_step)
+        metrics_log = MetricsLog(out, start_step)
         (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
 
     if sharded:  # accelerate would wrap the (already sharded) module in DDP
@@ -621,9 +597,7 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
             metrics["world_size"] = world
             metrics["step_seconds"] = round(time.perf_counter() - started, 4)
             if accelerator.is_main_process:
-                with open(out / METRICS_NAME, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                    f.flush()
+                metrics_log.write(metrics)
                 if accelerator.log_with:
                     accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step + 1)
             if on_step is not None:
@@ -667,19 +641,25 @@ def save_run_checkpoint(accelerator, stage: Stage, model, optimizer, scheduler, 
 
 
 # --- model helpers shared by the stages ----------------------------------------------------------------
-def resolve_model_config(spec: str):
+def resolve_model_config(spec: str, vocab_size: int | None = None):
+    """--model-config: 'official', 'tiny' or a KosmosGConfig JSON file (fields left out take the defaults).
+    With `vocab_size` (the tokenizer's), 'tiny' and a JSON without decoder.vocab_size take it."""
     from kosmosg_core.config import KosmosGConfig
 
     if spec == "official":
         return KosmosGConfig.official()
     if spec == "tiny":
-        return KosmosGConfig.tiny()
+        return KosmosGConfig.tiny() if vocab_size is None else KosmosGConfig.tiny(vocab_size=vocab_size)
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--model-config {spec!r}: use 'official', 'tiny' or a KosmosGConfig JSON file.")
     try:
-        return KosmosGConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as e:
+        data = json.loads(path.read_text())
+        if vocab_size is not None and isinstance(data, dict) and isinstance(data.get("decoder", {}), dict) \
+                and "vocab_size" not in data.get("decoder", {}):
+            data = {**data, "decoder": {**data.get("decoder", {}), "vocab_size": vocab_size}}
+        return KosmosGConfig.from_dict(data)
+    except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"--model-config {path} is not a valid KosmosGConfig JSON ({e}).") from e
 
 
@@ -772,16 +752,18 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
     training switches of this stage applied by `adjust(config) -> config`, then the vision encoder from
     --init-vision (a CLIP tower) when given. Checkpoint tensors under `ignore` prefixes are discarded;
     model tensors under `allow_missing` may be absent (fresh init)."""
-    from kosmosg_core.config import KosmosGConfig
     from kosmosg_core.model import KosmosG
 
     state = None
     if cfg.init_checkpoint:
         model_cfg, state = read_init_weights(cfg.init_checkpoint, cfg.model_config)
-    elif cfg.model_config == "tiny":
-        model_cfg = KosmosGConfig.tiny(vocab_size=tokenizer.vocab_size)
     else:
-        model_cfg = resolve_model_config(cfg.model_config)
+        model_cfg = resolve_model_config(cfg.model_config, tokenizer.vocab_size)
+        if model_cfg.decoder.vocab_size != tokenizer.vocab_size:  # a fresh model: the config is what is wrong
+            raise ValueError(f"--model-config {cfg.model_config} has decoder.vocab_size {model_cfg.decoder.vocab_size} "
+                             f"but the tokenizer in {tokenizer.source} has {tokenizer.vocab_size} ids; set "
+                             f"decoder.vocab_size to {tokenizer.vocab_size} or leave it out (it then follows the "
+                             "tokenizer).")
     if adjust is not None:
         model_cfg = adjust(model_cfg)
     tokenizer.check_matches(model_cfg.decoder.vocab_size)

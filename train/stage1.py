@@ -24,7 +24,7 @@ from torch import nn
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER, PAD_ID
 from train.common.config import parse_config
-from train.inputs import choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
+from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
 from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, sample_rng, \
     set_trainable
 
@@ -90,6 +90,7 @@ class Stage1(Stage):
             logger.info("skipping %s: %d tokens > max_positions %d", record.key, len(prompt) - 1,
                         self._model_cfg.decoder.max_positions)
             return None
+        check_images_readable(record.fields, fields, record.key)
         return {"key": record.key, "prompt": prompt, "fields": fields, "record": record.fields}
 
     @staticmethod

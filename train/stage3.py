@@ -36,7 +36,7 @@ from torch import nn
 from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
-from train.inputs import choose_interleaved, entity_pixels, pad_rows, target_pixels
+from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, target_pixels
 from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_as_script, \
     run_training, sample_generator, sample_rng, set_trainable
 from train.score_model import load_score_model
@@ -143,9 +143,7 @@ class Stage3(Stage):
         if len(prompt) > self._model_cfg.decoder.max_positions:
             logger.info("skipping %s: %d tokens > max_positions", record.key, len(prompt))
             return None
-        if choice.target_field not in record.fields:
-            raise ValueError(f"sample {record.key} has no {choice.target_field}; the shard does not follow "
-                             "docs/data-format.md.")
+        check_images_readable(record.fields, choice.image_fields + [choice.target_field], record.key)
         return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,
                 "target": choice.target_field, "uncond": uncond, "record": record.fields,
                 "caption": (meta.get("caption") or "").strip()}

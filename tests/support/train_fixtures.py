@@ -193,7 +193,7 @@ def assert_same_training(reference, run, loss_rtol: float = 1e-5, weight_atol: f
     import pytest
 
     from train.common.checkpointing import load_checkpoint
-    from train.loop import read_metrics
+    from train.common.metrics import read_metrics
 
     ref_metrics, run_metrics = read_metrics(reference), read_metrics(run)
     assert [m["step"] for m in run_metrics] == [m["step"] for m in ref_metrics]

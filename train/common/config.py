@@ -1,7 +1,8 @@
 """Training configs: a dataclass per entry point, filled from defaults < `--config FILE` < command-line flags.
 
 Every dataclass field becomes a flag (`--learning-rate 3e-4`), its help text taken from the field's
-`metadata={"help": ...}`; `--config` reads YAML or JSON with the same field names.
+`metadata={"help": ...}`; `--config` reads YAML or JSON with the same field names. A count or size
+declares its lowest value with `metadata={"min": N}` (checked by `check_minimums`, shown in --help).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
         help_text = field.metadata.get("help", "")
         if "default" not in help_text:
             help_text = f"{help_text} (default: {default})"
+        if "min" in field.metadata:
+            help_text = f"{help_text} (at least {field.metadata['min']})"
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(hints[field.name]),
                             default=argparse.SUPPRESS, help=help_text)
     return parser
@@ -143,7 +146,24 @@ def parse_config(config_class, argv=None, description: str = ""):
     for key, value in list(values.items()):  # values from the file arrive as YAML / JSON types
         values[key] = _file_value(key, value, hints[key], f"Config file {config_file}")
     values.update(args)  # explicit flags win; argparse typed them
-    return config_class(**values)
+    config = config_class(**values)
+    check_minimums(config)
+    return config
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def check_minimums(config, label: typing.Callable[[str], str] = flag_name) -> None:
+    """A ValueError naming the first field below its `metadata["min"]` (a count or size: 0 batch size,
+    steps or crop would loop forever, divide by zero or silently produce nothing; a negative max_*
+    would drop items by slicing). `label(field name)` names it: a flag by default."""
+    for field in dataclasses.fields(config):
+        low, value = field.metadata.get("min"), getattr(config, field.name)
+        if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            meaning = " (0 = all)" if low == 0 and "0 = all" in field.metadata.get("help", "") else ""
+            raise ValueError(f"{label(field.name)} {value}: must be at least {low}{meaning}.")
 
 
 def flatten_settings(settings: dict, prefix: str = "") -> dict:

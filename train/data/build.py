@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.common.config import check_minimums
+
 from .config import BuildConfig
 from .crops import CorruptImageError, center_square, decode_image, entity_crops, RESAMPLE, resize_shorter_side
 from .entities import clean_text, layout_interleaved, parse_entity_answer
@@ -176,9 +178,7 @@ def run_build(config: BuildConfig) -> dict:
     """Run `build` and return the summary (also written to OUTPUT/summary.json)."""
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the shards")
-    for name in ("entity_size", "target_size", "dilation_divisor"):
-        if getattr(config.crop, name) < 1:
-            raise ValueError(f"crop.{name}={getattr(config.crop, name)}: must be at least 1.")
+    check_minimums(config.crop, label=lambda name: f"crop.{name}")
     if not 0.0 < config.crop.mask_threshold < 1.0:
         raise ValueError(f"crop.mask_threshold={config.crop.mask_threshold}: must lie between 0 and 1 (official 0.3).")
     if is_label_source(config.source):

@@ -50,9 +50,9 @@ class CropConfig:
     """Official post-processing of the CLIPSeg masks and image sizes."""
 
     mask_threshold: float = 0.3
-    dilation_divisor: int = 100  # dilation window = image side // this
-    entity_size: int = 512
-    target_size: int = 512
+    dilation_divisor: int = field(default=100, metadata={"min": 1})  # dilation window = image side // this
+    entity_size: int = field(default=512, metadata={"min": 1})
+    target_size: int = field(default=512, metadata={"min": 1})
     square_crop: bool = True  # centre-crop inputs to a square first (official OpenImages)
 
 

@@ -22,12 +22,6 @@ def parse_eval_config(config_class, argv, name: str, description: str):
     parser.prog, parser.formatter_class = f"python -m train.eval {name}", _HelpFormatter
     parser.parse_args(argv)
     cfg = parse_config(config_class, argv, description=description)
-    for names, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
-        for field_name in names:
-            value = getattr(cfg, field_name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value < low:
-                meaning = " (0 = all)" if low == 0 and field_name.startswith(("max_", "num_captions")) else ""
-                raise ValueError(f"--{field_name.replace('_', '-')} {value}: must be at least {low}{meaning}.")
     for field_name in OUTPUT_FILE_FIELDS:  # checked before minutes of evaluation, not when the result is written
         if getattr(cfg, field_name, ""):
             check_output_file(getattr(cfg, field_name), "--" + field_name.replace("_", "-"))
@@ -35,7 +29,3 @@ def parse_eval_config(config_class, argv, name: str, description: str):
 
 
 OUTPUT_FILE_FIELDS = ("json", "output_json", "grid", "save_real_stats")  # the sub-commands' result files
-# counts and sizes of the sub-commands' configs (a negative max_* would silently drop items by slicing)
-AT_LEAST_ONE = ("steps", "num_images", "batch_size", "eval_batch_size", "height", "width", "resize", "crop",
-                "dino_image_size", "samples")
-AT_LEAST_ZERO = ("max_images", "max_references", "max_prompts", "num_captions", "seed", "grid_rows")

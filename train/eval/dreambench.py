@@ -88,32 +88,32 @@ class DreamBenchConfig:
     tokenizer: str = field(default="", metadata={"help": "tokenizer folder; empty = inside / beside the checkpoint"})
     sd_model: str = field(default="", metadata={"help": "local SD1.5: diffusers folder or single .safetensors"})
     scheduler: str = field(default="dpm", metadata={"help": "dpm | ddim | pndm (official DreamBench: dpm)"})
-    steps: int = field(default=100, metadata={"help": "sampling steps (official DreamBench: 100)"})
+    steps: int = field(default=100, metadata={"min": 1, "help": "sampling steps (official DreamBench: 100)"})
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (official: 7.5)"})
-    num_images: int = field(default=4, metadata={"help": "images per prompt and reference (official: 4)"})
-    seed: int = field(default=0, metadata={"help": "image k of every prompt uses seed + k (official seed: 0)"})
-    height: int = field(default=512, metadata={"help": "image height in pixels"})
-    width: int = field(default=512, metadata={"help": "image width in pixels"})
+    num_images: int = field(default=4, metadata={"min": 1, "help": "images per prompt and reference (official: 4)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "image k of every prompt uses seed + k (official seed: 0)"})
+    height: int = field(default=512, metadata={"min": 1, "help": "image height in pixels"})
+    width: int = field(default=512, metadata={"min": 1, "help": "image width in pixels"})
     negative_prompt: str = field(default="", metadata={"help": "negative prompt (official: empty)"})
     drop_object: bool = field(default=True, metadata={"help": "true: '<i>' alone stands for the subject (official); "
                                                               "false: '<class> <i>'"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per sampling call"})
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "prompts per sampling call"})
     dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16 for generation"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda | cuda:N"})
     subjects: list[str] = field(default_factory=list, metadata={"help": "comma list: only these subjects "
                                                                         "(empty = all)"})
-    max_references: int = field(default=0, metadata={"help": "use at most N reference images per subject (0 = all)"})
-    max_prompts: int = field(default=0, metadata={"help": "use the first N prompts per subject (0 = all 25)"})
+    max_references: int = field(default=0, metadata={"min": 0, "help": "use at most N reference images per subject (0 = all)"})
+    max_prompts: int = field(default=0, metadata={"min": 0, "help": "use the first N prompts per subject (0 = all 25)"})
     prompts_file: str = field(default="", metadata={"help": "prompts JSON; empty = DATA/prompts.json if present, "
                                                             "else the built-in DreamBench prompts"})
     dino_model: str = field(default="", metadata={"help": "local transformers ViTModel (dino-vits16) or Dinov2Model "
                                                           "folder"})
-    dino_image_size: int = field(default=224, metadata={"help": "DINO input size (resize to size*256/224, crop)"})
+    dino_image_size: int = field(default=224, metadata={"min": 1, "help": "DINO input size (resize to size*256/224, crop)"})
     clip_model: str = field(default="", metadata={"help": "local transformers CLIPModel folder with its processor "
                                                           "(official: clip-vit-base-patch32)"})
     metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata={"help": "comma list of dino, clip_i, "
                                                                                         "clip_t"})
-    eval_batch_size: int = field(default=16, metadata={"help": "images per feature-extraction batch"})
+    eval_batch_size: int = field(default=16, metadata={"min": 1, "help": "images per feature-extraction batch"})
     output_json: str = field(default="", metadata={"help": "metrics file; empty = GENERATED/dreambench_metrics.json"})
 
 

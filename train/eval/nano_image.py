@@ -56,16 +56,16 @@ HOW_TO_MAKE = ("the nano model is trained with python -m train.nano.train_text_e
 class NanoSamplingOptions:
     """Options both nano evaluations share (this one and ``train.eval nano``)."""
 
-    samples: int = field(default=200, metadata={"help": "held-out cases (N - N//2 one-subject, N//2 two-subject)"})
-    seed: int = field(default=0, metadata={"help": "picks the held-out cases and the initial noise"})
-    steps: int = field(default=20, metadata={"help": "sampler steps"})
+    samples: int = field(default=200, metadata={"min": 1, "help": "held-out cases (N - N//2 one-subject, N//2 two-subject)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "picks the held-out cases and the initial noise"})
+    steps: int = field(default=20, metadata={"min": 1, "help": "sampler steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
-    batch_size: int = field(default=64, metadata={"help": "cases per sampler batch (noise is drawn per case)"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "cases per sampler batch (noise is drawn per case)"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
     grid: str = field(default="", metadata={"help": "also write a PNG grid of the first --grid-rows cases"})
-    grid_rows: int = field(default=8, metadata={"help": "cases in the --grid PNG (half one-subject, half two)"})
+    grid_rows: int = field(default=8, metadata={"min": 0, "help": "cases in the --grid PNG (half one-subject, half two)"})
 
 
 @dataclass

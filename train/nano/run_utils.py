@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,6 @@ from train.common.config import changed_settings, config_to_dict
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "train_config.json"
 
 
@@ -64,10 +61,6 @@ def check_resumed_settings(saved: dict, current: dict, path: Path) -> None:
 def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_keys: tuple[str, ...]) -> dict | None:
     """The run's checkpoint (validated against ``model``, the config's architecture and its other settings), or
     None."""
-    settings = config_to_dict(config)
-    for name in ("batch_size", "max_steps", "save_every", "num_scenes"):  # counts a run divides or loops by
-        if name in settings and settings[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {settings[name]}: must be at least 1.")
     state = load_checkpoint(output_dir, expected_model_keys=list(model.state_dict()))
     if state is None:
         return None
@@ -107,38 +100,6 @@ def load_state_file(module: torch.nn.Module, path: Path, what: str, made_by: str
 def write_config(output_dir: Path, config) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2))
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume keeps only the lines up to the checkpoint's step."""
-
-    def __init__(self, output_dir: Path, resume_step: int):
-        self.path = Path(output_dir) / METRICS_NAME
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        self.start = time.time()
-
-    def write(self, record: dict) -> None:
-        record = {**record, "time": round(time.time() - self.start, 3)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
-
-def read_metrics(output_dir) -> list[dict]:
-    path = Path(output_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def progress(total: int, initial: int, desc: str):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
+from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils, world
 from train.nano import text_encoder as te
 
@@ -41,11 +42,11 @@ HEAD_SPLITS = [len(values) + 1 for values in ATTRIBUTE_VALUES] * SUBJECT_SLOTS  
 @dataclass
 class TextEncoderTrainConfig:
     output_dir: str = field(default="runs/nano/text-encoder", metadata={"help": "run folder (resumes from it)"})
-    num_scenes: int = field(default=20000, metadata={"help": "training scenes rendered from the world's train stream"})
+    num_scenes: int = field(default=20000, metadata={"min": 1, "help": "training scenes rendered from the world's train stream"})
     eval_scenes: int = field(default=256, metadata={"help": "held-out scenes for the retrieval accuracy"})
     seed: int = field(default=0, metadata={"help": "seeds init and every batch draw"})
-    batch_size: int = field(default=128, metadata={"help": "(image, caption) pairs per step"})
-    max_steps: int = field(default=400, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=128, metadata={"min": 1, "help": "(image, caption) pairs per step"})
+    max_steps: int = field(default=400, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
     warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps, then cosine decay to a tenth"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
@@ -63,7 +64,7 @@ class TextEncoderTrainConfig:
     shape_negatives: int = field(default=0, metadata={
         "help": "per step, this many extra scenes: copies of batch scenes with one subject's shape changed "
                 "(train split), so captions that differ only in a shape word must be told apart"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_every: int = field(default=100, metadata={"min": 1, "help": "checkpoint every N steps (and at the end)"})
     eval_every: int = field(default=100, metadata={"help": "held-out retrieval accuracy every N steps (0 = end only)"})
     num_threads: int = field(default=1, metadata={"help": "torch threads (resume needs the same count)"})
 
@@ -191,7 +192,7 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     state = run_utils.load_run_checkpoint(out, model, cfg, ARCH_KEYS)
     start = 0 if state is None else restore(state, model, optimizer, scheduler)
     run_utils.write_config(out, cfg)
-    metrics = run_utils.MetricsLog(out, start)
+    metrics = MetricsLog(out, start)
     if start:
         logger.info("resuming %s from step %d", out, start)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
+from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils, sampler
 from train.nano import text_encoder as te
 from train.nano.train_vae import load_vae
@@ -49,11 +50,11 @@ class UNetTrainConfig:
     text_encoder: str = field(default="runs/nano/text-encoder/text-encoder",
                               metadata={"help": "CLIPTextModel + tokenizer folder (train_text_encoder's output)"})
     vae: str = field(default="runs/nano/vae", metadata={"help": "vae.safetensors or the train_vae run folder"})
-    num_scenes: int = field(default=4000, metadata={"help": "training scenes (latents + embeddings cached once)"})
+    num_scenes: int = field(default=4000, metadata={"min": 1, "help": "training scenes (latents + embeddings cached once)"})
     seed: int = field(default=0, metadata={"help": "seeds init and every draw (batches, noise, timesteps, drops)"})
     real_channels: int = field(default=64, metadata={"help": "NanoUNet width (multiple of 8; padded to 320)"})
-    batch_size: int = field(default=32, metadata={"help": "latents per step"})
-    max_steps: int = field(default=4000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "latents per step"})
+    max_steps: int = field(default=4000, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant | cosine (to a tenth at max_steps)"})
@@ -61,7 +62,7 @@ class UNetTrainConfig:
     clip_norm: float = field(default=1.0, metadata={"help": "gradient clipping max norm (0 = off)"})
     uncond_prob: float = field(default=0.1, metadata={"help": "fraction of captions replaced by the empty caption"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (warmed up as min(decay, (1+s)/(10+s)))"})
-    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_every: int = field(default=200, metadata={"min": 1, "help": "checkpoint every N steps (and at the end)"})
     eval_every: int = field(default=0, metadata={"help": "judged sample evaluation every N steps (0 = off)"})
     eval_every_minutes: float = field(default=0.0, metadata={"help": "... or every M minutes of wall time (0 = off)"})
     eval_samples: int = field(default=64, metadata={"help": "held-out captions per evaluation (half one-subject)"})
@@ -241,7 +242,7 @@ def train(cfg: UNetTrainConfig) -> Path:
     state = run_utils.load_run_checkpoint(out, state_module, cfg, ARCH_KEYS)
     start = 0 if state is None else restore(state, state_module, optimizer, scheduler)
     run_utils.write_config(out, cfg)
-    metrics = run_utils.MetricsLog(out, start)
+    metrics = MetricsLog(out, start)
     if start:
         logger.info("resuming %s from step %d", out, start)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import restore, save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
+from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils
 from train.nano.taesd import TinyAutoencoder, fit_latent_scale_shift
 
@@ -37,12 +38,12 @@ ARCH_KEYS = ()  # the TAESD architecture is fixed by ComfyUI
 @dataclass
 class VaeTrainConfig:
     output_dir: str = field(default="runs/nano/vae", metadata={"help": "run folder (resumes from it)"})
-    num_scenes: int = field(default=20000, metadata={"help": "training scenes from the world's train stream"})
+    num_scenes: int = field(default=20000, metadata={"min": 1, "help": "training scenes from the world's train stream"})
     eval_scenes: int = field(default=256, metadata={"help": "held-out scenes for PSNR"})
     fit_scenes: int = field(default=2048, metadata={"help": "training scenes used to fit vae_scale / vae_shift"})
     seed: int = field(default=0, metadata={"help": "seeds init and every batch draw"})
-    batch_size: int = field(default=16, metadata={"help": "images per step"})
-    max_steps: int = field(default=300, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "images per step"})
+    max_steps: int = field(default=300, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak Adam learning rate (cosine decay to a tenth)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
     crop_size: int = field(default=32, metadata={"help": "train on random crops of this side (multiple of 8, on the "
@@ -53,7 +54,7 @@ class VaeTrainConfig:
     foreground_weight: float = field(default=4.0, metadata={"help": "extra MSE weight on subject pixels (pixels "
                                                                      "that differ from the background)"})
     edge_weight: float = field(default=0.1, metadata={"help": "weight of the L1 finite-difference (edge) term"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_every: int = field(default=50, metadata={"min": 1, "help": "checkpoint every N steps (and at the end)"})
     eval_every: int = field(default=50, metadata={"help": "held-out PSNR every N steps (0 = end only)"})
     num_threads: int = field(default=1, metadata={"help": "torch threads (resume needs the same count)"})
     init_vae: str = field(default="", metadata={"help": "start from this trained vae.safetensors (or its run folder) "
@@ -159,7 +160,7 @@ def train(cfg: VaeTrainConfig) -> Path:
     state = run_utils.load_run_checkpoint(out, vae, cfg, ARCH_KEYS)
     start = 0 if state is None else restore(state, vae, optimizer, scheduler)
     run_utils.write_config(out, cfg)
-    metrics = run_utils.MetricsLog(out, start)
+    metrics = MetricsLog(out, start)
     if start:
         logger.info("resuming %s from step %d", out, start)
 
