@@ -7,8 +7,8 @@ against torchvision), so the core does not need torchvision at import time.
 
 Accepted inputs (`to_pil_images`), each giving RGB PIL images:
 - a PIL image (any mode; converted with `.convert("RGB")`, which drops alpha like the official
-  gradio demo's RGB conversion; 16-bit modes `I;16*` / `I` are scaled to 8 bits (/257, as ComfyUI's
-  LoadImage scales mode I), float mode `F` is read as 0..1 when its values lie there, else 0..255);
+  gradio demo's RGB conversion; 16-bit modes `I;16*` / `I` are scaled to 8 bits (/257: 0..65535 -> 0..255;
+  `.convert` would clip them to white), float mode `F` is read as 0..1 when its values lie there, else 0..255);
   EXIF orientation applied (as ComfyUI's LoadImage and the gradio demo do);
 - a path (str / os.PathLike) to an image file, read as above; a multi-frame file gives its first frame;
 - a numpy array `[H, W]`, `[H, W, C]` or `[B, H, W, C]` with C = 1 (gray), 2 (gray + alpha),
@@ -58,7 +58,7 @@ def to_pil_images(images) -> list[Image.Image]:
 
 def _one_input_to_pil(item) -> list[Image.Image]:
     if isinstance(item, Image.Image):
-        return [_pil_to_rgb(item, "the PIL image")]
+        return [pil_to_rgb(item, "the PIL image")]
     if isinstance(item, (str, os.PathLike)):
         return [_load_path(Path(item))]
     if isinstance(item, torch.Tensor):
@@ -72,7 +72,9 @@ def _one_input_to_pil(item) -> list[Image.Image]:
                      f"array or a ComfyUI IMAGE tensor.")
 
 
-def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
+def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Any PIL image -> an RGB copy as a viewer shows it (EXIF orientation, 16-bit / float modes scaled;
+    module docstring). Also how train/ reads dataset and evaluation images, so they match inference."""
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name} is empty ({image.width}x{image.height}); give an image with pixels.")
     image = ImageOps.exif_transpose(image)  # a copy: callers never alias the input
@@ -97,7 +99,7 @@ def _load_path(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
-            return _pil_to_rgb(opened, str(path))
+            return pil_to_rgb(opened, str(path))
     except Image.DecompressionBombError as e:
         raise ImageError(f"Image file {path} is too large to read safely ({e}); downscale it (subject images are "
                          "resized to 224 px anyway).") from e

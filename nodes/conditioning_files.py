@@ -1,12 +1,15 @@
 """Save / Load Kosmos-G conditioning as .safetensors in models/kosmosg_conditioning.
 
-File layout (content-keyed: the name ends with a hash of the tensors, so saving the same
-conditioning twice writes one file):
-    tensors  "entry{i}.cond" [B, T, C], "entry{i}.pooled_output" [B, C] (if present),
-             "entry{i}.<key>" for other tensor-valued keys (e.g. mask)
-    metadata {"format": "kosmosg_conditioning", "format_version": "1",
-              "entries": JSON list of each entry's JSON-serialisable keys}
+File layout, format version 2 (content-keyed: the name ends with a hash of the tensors, so saving the
+same conditioning twice writes one file):
+    tensors  "entry{i}.cond" [B, T, C] (its own dtype), and every tensor among entry i's keys, named by
+             its place: "entry{i}.pooled_output" [B, C], "entry{i}.mask", "entry{i}.reference_latents.0"...
+    metadata {"format": "kosmosg_conditioning", "format_version": "2",
+              "entries": JSON list of each entry's keys: plain values as JSON, tuples as {"__tuple__": [...]}
+              (ComfyUI compares `area` tuples with ==), tensors as {"__tensor__": "<tensor name>"}}
 Keys holding live objects (ControlNet, hooks) are not saved: re-apply those nodes after loading.
+Also read: version 1 files (plain JSON entries, top-level tensors only) and `python -m kosmosg_core encode
+--out` files (one tensor "cond" [B, T, C]; pooled_output is then its mean over T, as Kosmos-G Encode gives).
 """
 
 from __future__ import annotations
@@ -28,33 +31,60 @@ from .types import CATEGORY
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "kosmosg_conditioning"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+TUPLE_TAG, TENSOR_TAG = "__tuple__", "__tensor__"
 
 
-def _json_safe(value):
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+class _NotSaveable(Exception):
+    """A value (or a part of it) that is not data: a ControlNet, a hook, a model patch..."""
+
+
+def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
+    """An entry's value -> JSON-ready form (tensors stored into `tensors` under `name`...), or _NotSaveable."""
+    if isinstance(value, torch.Tensor):
+        while name in tensors:  # a dict key holding "." could repeat a place's name
+            name += "_"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {TENSOR_TAG: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_encode_value(item, f"{name}.{k}", tensors) for k, item in enumerate(value)]
+        return {TUPLE_TAG: items} if isinstance(value, tuple) else items
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value) and not {TUPLE_TAG, TENSOR_TAG} & set(value):
+        return {key: _encode_value(item, f"{name}.{key}", tensors) for key, item in value.items()}
+    raise _NotSaveable
+
+
+def _decode_value(value, tensors: dict[str, torch.Tensor], device):
+    if isinstance(value, list):
+        return [_decode_value(item, tensors, device) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_TAG}:
+            return tensors[value[TENSOR_TAG]].to(device)
+        if set(value) == {TUPLE_TAG}:
+            return tuple(_decode_value(item, tensors, device) for item in value[TUPLE_TAG])
+        return {key: _decode_value(item, tensors, device) for key, item in value.items()}
+    return value
 
 
 def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, entries = {}, []
     for i, (cond, extras) in enumerate(conditioning):
-        tensors[f"entry{i}.cond"] = cond.detach().to("cpu", torch.float32).contiguous()
-        plain, dropped = {}, []
+        tensors[f"entry{i}.cond"] = cond.detach().cpu().contiguous()
+        encoded, dropped = {}, []
         for key, value in extras.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"entry{i}.{key}"] = value.detach().cpu().contiguous()
-            elif _json_safe(value):
-                plain[key] = value
-            else:
+            kept = dict(tensors)
+            try:
+                encoded[key] = _encode_value(value, f"entry{i}.{key}", tensors)
+            except _NotSaveable:
+                tensors = kept  # none of a dropped key's tensors stay
                 dropped.append(key)
         if dropped:
             logger.warning("Kosmos-G Save Conditioning: not saving %s (live objects); re-apply those nodes after "
                            "loading.", ", ".join(dropped))
-        entries.append(plain)
+        entries.append(encoded)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "entries": json.dumps(entries)}
     return tensors, metadata
 
@@ -78,21 +108,27 @@ def read_conditioning_file(path: str) -> list:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
                          "Conditioning.") from e
+    device = mm.intermediate_device()
+    if metadata.get("format") is None and set(tensors) == {"cond"} and tensors["cond"].dim() == 3:
+        cond = tensors["cond"].to(device)  # written by `python -m kosmosg_core encode --out`
+        return [[cond, {"pooled_output": cond.mean(dim=1)}]]
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a Kosmos-G conditioning file (metadata format {metadata.get('format')!r}); "
-                         "only files written by Kosmos-G Save Conditioning can be loaded.")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has conditioning format version {metadata.get('format_version')!r}; this pack "
-                         f"reads version {FORMAT_VERSION}.")
-    entries = json.loads(metadata.get("entries", "[]"))
-    device = mm.intermediate_device()
+                         "only files written by Kosmos-G Save Conditioning or `python -m kosmosg_core encode --out` "
+                         "can be loaded.")
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has conditioning format version {version!r}; this pack reads versions "
+                         f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
     conditioning = []
-    for i, plain in enumerate(entries):
+    for i, encoded in enumerate(json.loads(metadata.get("entries", "[]"))):
         prefix = f"entry{i}."
-        extras = dict(plain)
-        for name, tensor in tensors.items():
-            if name.startswith(prefix) and name != prefix + "cond":
-                extras[name[len(prefix):]] = tensor.to(device)
+        extras = _decode_value(encoded, tensors, device)
+        if version == "1":  # top-level tensors were not referenced from the JSON; tuples were lists
+            extras.update({name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()
+                           if name.startswith(prefix) and name != prefix + "cond"})
+            if isinstance(extras.get("area"), list):
+                extras["area"] = tuple(extras["area"])
         conditioning.append([tensors[prefix + "cond"].to(device), extras])
     return conditioning
 
@@ -140,11 +176,12 @@ class KosmosGLoadConditioning(io.ComfyNode):
             node_id="KosmosGLoadConditioning",
             display_name="Kosmos-G Load Conditioning",
             category=CATEGORY,
-            description="Loads a conditioning saved by Kosmos-G Save Conditioning from models/kosmosg_conditioning.",
+            description=("Loads a conditioning saved by Kosmos-G Save Conditioning (or written by `python -m kosmosg_core "
+                         "encode --out`) from models/kosmosg_conditioning."),
             inputs=[
                 io.Combo.Input("conditioning_file",
                                options=paths.list_files(paths.CONDITIONING_FOLDER, paths.CONDITIONING_EXTENSIONS),
-                               tooltip="A file written by Kosmos-G Save Conditioning."),
+                               tooltip="A file written by Kosmos-G Save Conditioning or `encode --out`."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The saved conditioning.")],
         )

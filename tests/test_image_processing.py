@@ -152,6 +152,25 @@ def test_high_bit_depth_and_float_modes_are_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 
+def test_training_data_and_evaluation_read_images_as_inference_does(tmp_path):
+    """train.data's decoder and train.eval's reader see a phone photo upright and a 16-bit PNG scaled, as the
+    encoder does (they used `.convert("RGB")`: sideways subjects in built datasets, white 16-bit images)."""
+    from train.data.crops import decode_image
+    from train.eval.images import load_rgb
+
+    pixels = random_rgb(20, 12)
+    exif = Image.fromarray(pixels).getexif()
+    exif[0x0112] = 6
+    photo = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(photo, exif=exif, quality=95)
+    deep = tmp_path / "gray16.png"
+    Image.fromarray(np.arange(0, 256, dtype=np.uint16).reshape(16, 16) * 257).save(deep)
+    for path in (photo, deep):
+        (expected,) = to_pil_images(path)
+        for image in (decode_image(path.read_bytes(), path.name), load_rgb(path)):
+            assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(expected)), path.name
+
+
 def test_premultiplied_gray_alpha_mode():
     (image,) = to_pil_images(Image.new("La", (4, 3), (90, 255)))
     assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [90, 90, 90]

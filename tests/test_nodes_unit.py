@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -361,6 +362,48 @@ def test_save_load_conditioning_round_trip_content_keyed(model_dirs):
     assert torch.equal(loaded[0][1]["pooled_output"], cond.mean(1))
     assert loaded[0][1]["kosmosg"] == {"text": "<i>"} and loaded[0][1]["strength"] == 0.5
     assert "control" not in loaded[0][1]
+
+
+def test_saved_conditioning_keeps_tuples_dtypes_and_nested_tensors(model_dirs):
+    """What ComfyUI's nodes put in a conditioning comes back as it went in: `area` a tuple (the sampler
+    compares areas with ==; a list made a duplicate negative), the cond's dtype, tensors inside lists."""
+    cond = torch.randn(2, 77, 768).half()
+    latents = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)]
+    extras = {"area": (8, 8, 0, 0), "area_pct": ("percentage", 0.5, 0.5, 0.0, 0.0), "strength": 0.7,
+              "reference_latents": latents, "nested": {"t": torch.arange(3), "a.b": 1}, "timestep_start": 0.9,
+              "mask": torch.ones(1, 8, 8), "hooks": [object()], "empty": None}
+    name = KosmosGSaveConditioning.execute([[cond, extras]], "typed").result[0]
+    folder_paths.filename_list_cache.clear()
+    (loaded_cond, loaded), = KosmosGLoadConditioning.execute(name).result[0]
+    assert loaded_cond.dtype == torch.float16 and torch.equal(loaded_cond, cond)
+    assert loaded["area"] == (8, 8, 0, 0) and isinstance(loaded["area"], tuple)
+    assert loaded["area_pct"] == ("percentage", 0.5, 0.5, 0.0, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(loaded["reference_latents"], latents, strict=True))
+    assert torch.equal(loaded["nested"]["t"], torch.arange(3)) and loaded["nested"]["a.b"] == 1
+    assert torch.equal(loaded["mask"], extras["mask"]) and loaded["strength"] == 0.7 and loaded["empty"] is None
+    assert "hooks" not in loaded  # a live object: dropped with a warning, with nothing of it left behind
+
+
+def test_load_conditioning_reads_version_1_files_and_cli_encode_output(model_dirs, converted, tmp_path):
+    from kosmosg_core.cli import main as cli_main
+    from kosmosg_core.files import save_safetensors
+
+    kosmosg_dir, cond_dir = model_dirs
+    cond = torch.randn(1, 77, 768)
+    save_safetensors({"entry0.cond": cond, "entry0.pooled_output": cond.mean(1)}, cond_dir / "v1.safetensors",
+                     {"format": "kosmosg_conditioning", "format_version": "1",
+                      "entries": json.dumps([{"area": [8, 8, 0, 0], "strength": 0.5}])})
+    assert cli_main(["encode", "--checkpoint", str(kosmosg_dir / converted), "--prompt", "a cat",
+                     "--out", str(cond_dir / "cli.safetensors")]) in (0, None)
+    folder_paths.filename_list_cache.clear()
+    (v1_cond, v1), = KosmosGLoadConditioning.execute("v1.safetensors").result[0]
+    assert torch.equal(v1_cond, cond) and torch.equal(v1["pooled_output"], cond.mean(1))
+    assert v1["area"] == (8, 8, 0, 0) and v1["strength"] == 0.5
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    (expected, expected_extras), = KosmosGEncode.execute(model, run_prompt("a cat")).result[0]
+    (cli_cond, cli_extras), = KosmosGLoadConditioning.execute("cli.safetensors").result[0]
+    assert torch.allclose(cli_cond, expected, atol=1e-6)
+    assert torch.allclose(cli_extras["pooled_output"], expected_extras["pooled_output"], atol=1e-6)
 
 
 def test_load_conditioning_rejects_foreign_and_missing_files(model_dirs):

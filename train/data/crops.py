@@ -22,11 +22,14 @@ class CorruptImageError(ValueError):
 
 
 def decode_image(data: bytes, name: str = "image") -> Image.Image:
-    """Bytes -> fully loaded RGB image. Any decoder failure becomes `CorruptImageError`."""
+    """Bytes -> fully loaded RGB image, read as inference reads images (EXIF orientation, 16-bit scaled:
+    `kosmosg_core.image_processing.pil_to_rgb`). Any decoder failure becomes `CorruptImageError`."""
+    from kosmosg_core.image_processing import pil_to_rgb
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return pil_to_rgb(image, name)
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
         raise CorruptImageError(f"{name}: not a readable image ({type(error).__name__}: {error}); "
                                 "re-download or remove the file") from error

@@ -22,10 +22,14 @@ def list_images(folder, flag: str, recursive: bool = False) -> list[Path]:
 
 
 def load_rgb(path) -> Image.Image:
+    """An image file -> RGB, read as inference reads images (EXIF orientation, 16-bit scaled)."""
+    from kosmosg_core.image_processing import pil_to_rgb
+
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
+            image.load()
+            return pil_to_rgb(image, str(path))
+    except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"could not read image {path}: {e}; remove or replace the file.") from e
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from train.common.checkpointing import load_checkpoint
+from train.common.checkpointing import load_checkpoint, restore
 from train.common.config import changed_settings, config_to_dict
+from train.common.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,19 @@ def load_state_file(module: torch.nn.Module, path: Path, what: str, made_by: str
 def write_config(output_dir: Path, config) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2))
+
+
+def open_run(output_dir: Path, module: torch.nn.Module, optimizer, scheduler, config,
+             arch_keys: tuple[str, ...]) -> tuple[int, MetricsLog]:
+    """Start or resume a run in `output_dir`: the checkpoint (if any, validated) restores `module`, optimiser
+    and scheduler; the config is recorded; metrics lines past the checkpoint are dropped.
+    -> (first step to run, the run's metrics log)."""
+    state = load_run_checkpoint(output_dir, module, config, arch_keys)
+    start = 0 if state is None else restore(state, module, optimizer, scheduler)
+    write_config(output_dir, config)
+    if start:
+        logger.info("resuming %s from step %d", output_dir, start)
+    return start, MetricsLog(output_dir, start)
 
 
 def progress(total: int, initial: int, desc: str):

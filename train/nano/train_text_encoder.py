@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from kosmosg_core.files import save_safetensors
-from train.common.checkpointing import restore, save_checkpoint
+from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils, world
 from train.nano import text_encoder as te
 
@@ -189,12 +188,7 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = run_utils.load_run_checkpoint(out, model, cfg, ARCH_KEYS)
-    start = 0 if state is None else restore(state, model, optimizer, scheduler)
-    run_utils.write_config(out, cfg)
-    metrics = MetricsLog(out, start)
-    if start:
-        logger.info("resuming %s from step %d", out, start)
+    start, metrics = run_utils.open_run(out, model, optimizer, scheduler, cfg, ARCH_KEYS)
 
     train_set = nano_data.load_scenes("train", cfg.num_scenes)
     train_ids = te.tokenize(tokenizer, train_set.captions)

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from kosmosg_core.files import save_safetensors
-from train.common.checkpointing import restore, save_checkpoint
+from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils, sampler
 from train.nano import text_encoder as te
 from train.nano.train_vae import load_vae
@@ -239,12 +238,7 @@ def train(cfg: UNetTrainConfig) -> Path:
     unet, ema = state_module.unet, state_module.ema
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = run_utils.load_run_checkpoint(out, state_module, cfg, ARCH_KEYS)
-    start = 0 if state is None else restore(state, state_module, optimizer, scheduler)
-    run_utils.write_config(out, cfg)
-    metrics = MetricsLog(out, start)
-    if start:
-        logger.info("resuming %s from step %d", out, start)
+    start, metrics = run_utils.open_run(out, state_module, optimizer, scheduler, cfg, ARCH_KEYS)
 
     cache, text_encoder_fingerprint = build_cache(cfg, out / CACHE_FILE)
     latents, caption_index = cache["latents"], cache["caption_index"]

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from kosmosg_core.files import save_safetensors
-from train.common.checkpointing import restore, save_checkpoint
+from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.common.metrics import MetricsLog
 from train.nano import nano_data, run_utils
 from train.nano.taesd import TinyAutoencoder, fit_latent_scale_shift
 
@@ -157,12 +156,7 @@ def train(cfg: VaeTrainConfig) -> Path:
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = run_utils.load_run_checkpoint(out, vae, cfg, ARCH_KEYS)
-    start = 0 if state is None else restore(state, vae, optimizer, scheduler)
-    run_utils.write_config(out, cfg)
-    metrics = MetricsLog(out, start)
-    if start:
-        logger.info("resuming %s from step %d", out, start)
+    start, metrics = run_utils.open_run(out, vae, optimizer, scheduler, cfg, ARCH_KEYS)
 
     train_set = nano_data.load_scenes("train", cfg.num_scenes)
     train_images = train_set.images  # uint8 [N, 3, 64, 64]
