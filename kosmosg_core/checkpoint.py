@@ -202,12 +202,20 @@ def _build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype,
 
 
 # --- tokenizer lookup ------------------------------------------------------------------------------
+def _places(checkpoint_path: Path) -> list[Path]:
+    """The checkpoint's path, then, for a symlink (e.g. linked into models/kosmosg), the file it points to:
+    files that belong to it are looked for beside both."""
+    return [checkpoint_path, checkpoint_path.resolve()] if checkpoint_path.is_symlink() else [checkpoint_path]
+
+
 def find_tokenizer_dir(checkpoint_path: Path) -> Path | None:
-    """Tokenizer folder beside a checkpoint: `<stem>/`, `<stem>-tokenizer/`, `tokenizer/`, or the same folder."""
-    parent, stem = checkpoint_path.parent, checkpoint_path.stem
-    for candidate in (parent / stem, parent / f"{stem}-tokenizer", parent / "tokenizer", parent / "data", parent):
-        if all((candidate / name).is_file() for name in TOKENIZER_FILES):
-            return candidate
+    """Tokenizer folder beside a checkpoint (or its symlink's target): `<stem>/`, `<stem>-tokenizer/`,
+    `tokenizer/`, `data/`, or the same folder."""
+    for place in _places(checkpoint_path):
+        parent, stem = place.parent, place.stem
+        for candidate in (parent / stem, parent / f"{stem}-tokenizer", parent / "tokenizer", parent / "data", parent):
+            if all((candidate / name).is_file() for name in TOKENIZER_FILES):
+                return candidate
     return None
 
 
@@ -219,9 +227,10 @@ def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_
     found = find_tokenizer_dir(path)
     if found is None:
         parent, stem = path.parent, path.stem
+        target = f" (nor their twins beside the link's target {path.resolve()})" if len(_places(path)) > 1 else ""
         raise TokenizerError(
             f"No tokenizer found for {path}: the checkpoint holds none, and none of {parent / stem}, "
-            f"{parent / (stem + '-tokenizer')}, {parent / 'tokenizer'}, {parent / 'data'}, {parent} contains "
+            f"{parent / (stem + '-tokenizer')}, {parent / 'tokenizer'}, {parent / 'data'}, {parent}{target} contains "
             f"{' + '.join(TOKENIZER_FILES)}. Put the official sentencepiece.bpe.model and dict.txt (from the "
             "Kosmos-G release's data/ folder) in one of them, or pass the folder explicitly.")
     return KosmosGTokenizer.from_dir(found)
@@ -237,6 +246,8 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
                                       "checkpoint_final.pt or a converted .safetensors).")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt or .safetensors).")
+    if not path.is_file():  # a FIFO or device: reading it would block or never end
+        raise CheckpointError(f"{path} is not a regular file; give the checkpoint file (.pt or .safetensors).")
     if _file_format(path) == "safetensors":
         return _read_pack(path, config)
     from .safe_unpickle import load_pt_state_dict
@@ -264,8 +275,9 @@ def _file_format(path: Path) -> str:
 
 
 def _sidecar_config(path: Path) -> KosmosGConfig | None:
-    """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt overrides the inferred sizes."""
-    for candidate in (path.with_suffix(".json"), path.parent / "kosmosg_config.json"):
+    """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt (or its symlink's target) overrides
+    the inferred sizes."""
+    for candidate in [c for place in _places(path) for c in (place.with_suffix(".json"), place.parent / "kosmosg_config.json")]:
         if candidate.is_file():
             try:
                 return KosmosGConfig.from_json(candidate.read_text())

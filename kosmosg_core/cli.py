@@ -35,7 +35,7 @@ def cmd_encode(args) -> None:
     from .files import check_output_file, save_safetensors
     from .pipeline import KosmosGPipeline
 
-    out = check_output_file(args.out, "--out")  # before loading: a bad input must not cost the load
+    out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
     images = _image_paths(args.image)
     if args.prompt == "" and args.image:
         raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "where the CPU has AVX512-BF16), default (torch's matmul everywhere); e.g. packed,few-row "
                         "times both in one run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="where to write the benchmark's checkpoints, kept there (~14 GB at "
+                   "--size official; default: a temporary folder, removed at the end)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -172,6 +173,10 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KosmosGError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (permissions, a name too long, a full disk): say which and why
+        logging.getLogger(__name__).debug("details", exc_info=True)  # the traceback with --verbose
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,8 @@
-"""Writing .safetensors files: atomically, with the permissions any other new file would get."""
+"""Output paths: checked before the work starts, written atomically with the permissions any new file gets."""
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,47 +24,89 @@ def _umask() -> int:
     return mask
 
 
-def check_output_file(path, what: str) -> Path:
-    """Refuse, before any work is done, an output file path that cannot be written as a file."""
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS)
+
+
+def check_output_file(path, what: str, inputs=()) -> Path:
+    """Refuse, before any work is done, an output file path that cannot be written as a file: a folder, a
+    name too long, a parent that is a file or not writable, or the same file as one of `inputs` (writing
+    there would destroy the input)."""
     path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"{what} {path} is a folder; give the path of a file (e.g. one inside it).")
-    _check_folders(path.parent, what, path)
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise OutputPathError(f"{what}: the file name is {len(os.fsencode(path.name))} bytes long; file systems "
+                              f"allow {NAME_MAX}. Choose a shorter name.")
+    try:
+        if path.is_dir():
+            raise OutputPathError(f"{what} {path} is a folder; give the path of a file (e.g. one inside it).")
+        for source in inputs:
+            if source and path.exists() and Path(source).exists() and path.samefile(source):
+                raise OutputPathError(f"{what} {path} is the input file {source}; writing there would destroy it. "
+                                      "Choose another output path.")
+        _check_folders(path.parent, what, path)
+    except OSError as e:  # e.g. a folder on the way that this user may not enter
+        raise OutputPathError(f"{what} {path}: {e.strerror or e}; choose another path.") from e
     return path
 
 
 def check_output_folder(path, what: str) -> Path:
-    """Refuse, before any work is done, an output folder path that is a file (or lies under one)."""
+    """Refuse, before any work is done, an output folder path that is a file (or lies under one) or
+    cannot be written."""
     path = Path(path)
-    _check_folders(path, what, path)
+    try:
+        _check_folders(path, what, path)
+    except OSError as e:
+        raise OutputPathError(f"{what} {path}: {e.strerror or e}; choose another folder.") from e
     return path
 
 
 def _check_folders(folder: Path, what: str, shown: Path) -> None:
-    """The nearest existing one of `folder` and its parents must be a folder (the rest gets created)."""
+    """The nearest existing one of `folder` and its parents must be a writable folder (the rest gets created)."""
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             if not candidate.is_dir():
                 raise OutputPathError(f"{what} {shown}: {candidate} is a file, not a folder; choose another path.")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{what} {shown}: this user may not write in {candidate}; choose another "
+                                      "path or change the folder's permissions.")
             return
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to `path` via a temp file + rename, so a failed or killed write never leaves a partial file
-    (nor destroys the previous one); creates the parent folder.
-
-    safetensors (0.8 here) creates its files with mode 0600 whatever the umask; a model file written there would be
-    unreadable by, e.g., a ComfyUI service running as another user. The file gets 0666 & ~umask, as `open` gives."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def atomic_output(path):
+    """`with atomic_output(path) as tmp:` write to `tmp`; on success it is flushed to disk and renamed to
+    `path` with the permissions any new file gets (0666 & ~umask), so a failed or killed write never
+    leaves a partial file (a rerun that skips existing files would trust it) nor destroys the previous
+    one. Creates the parent folder. The temp name is short: a 255-byte final name still works."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".kosmosg-", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(tmp_name)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        yield tmp
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` to `path` atomically (`atomic_output`). safetensors (0.8 here) creates its files with
+    mode 0600 whatever the umask: a model file written so would be unreadable by, e.g., a ComfyUI service
+    running as another user; atomic_output gives the usual mode."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def save_image(image, path) -> Path:
+    """A PIL image -> `path` atomically (format from the suffix)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError
-from .files import check_output_folder
+from .files import check_output_folder, save_image
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     paths = []
     for k, image in enumerate(result.images):
         path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
-        image.save(path)
+        save_image(image, path)  # atomic: a killed run leaves no half-written PNG
         paths.append(path)
     return paths
 

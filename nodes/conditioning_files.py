@@ -24,7 +24,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..kosmosg_core.files import save_safetensors
+from ..kosmosg_core.files import check_output_file, save_safetensors
 from . import paths
 from .types import CATEGORY
 
@@ -98,6 +98,17 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return digest.hexdigest()
 
 
+def _holds(path, metadata: dict[str, str]) -> bool:
+    """Whether `path` is a readable conditioning file with this metadata (its name carries the tensors' hash)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() == metadata
+    except (SafetensorError, OSError):
+        return False
+
+
 def read_conditioning_file(path: str) -> list:
     from safetensors import SafetensorError, safe_open
 
@@ -163,8 +174,8 @@ class KosmosGSaveConditioning(io.ComfyNode):
         tensors, metadata = conditioning_to_file_content(conditioning)
         name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
         folder = folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0]
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
+        path = check_output_file(os.path.join(folder, name), "filename_prefix")  # e.g. a name too long
+        if not _holds(path, metadata):  # content-keyed: the same content is there already, unless damaged
             save_safetensors(tensors, path, metadata)
         return io.NodeOutput(name, ui=ui.PreviewText(f"Saved {name}"))
 

@@ -127,3 +127,19 @@ def test_pack_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_pack_checkpoint(model, None, path, dtype=torch.float16)
     assert path.read_bytes() == before  # the good file was never replaced
+
+
+def test_a_symlinked_official_checkpoint_finds_its_config_and_tokenizer_beside_the_target(tmp_path):
+    """`ln -s .../checkpoint_final.pt ComfyUI/models/kosmosg/`: the sidecar config and data/ tokenizer sit
+    beside the target, not the link (the model loaded with shape-inferred heads, or no tokenizer was found)."""
+    path, _, model = write_tiny_official(tmp_path / "release")
+    models = tmp_path / "models"
+    models.mkdir()
+    link = models / "kosmosg-official.pt"
+    link.symlink_to(path)
+    loaded, tokenizer = load_model(link)
+    assert loaded.cfg.to_dict() == model.cfg.to_dict() and tokenizer.vocab_size == model.cfg.decoder.vocab_size
+    (models / "data").mkdir()  # a folder beside the link wins over the target's (the user put it there)
+    for name in ("sentencepiece.bpe.model", "dict.txt"):
+        (models / "data" / name).symlink_to(path.parent / "data" / name)
+    assert load_model(link)[1].source.startswith(str(models / "data"))

@@ -91,6 +91,26 @@ def test_encode_missing_checkpoint_and_bad_image(pack, tmp_path):
     assert result.returncode == 2 and "bad.jpg" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_encode_never_overwrites_its_inputs_and_file_system_errors_are_one_line(pack, images, tmp_path):
+    import shutil
+
+    model = shutil.copy(pack[0], tmp_path / "model.safetensors")
+    before = Path(model).read_bytes()
+    for out in (model, images[0]):
+        result = run_cli("encode", "--checkpoint", model, "--prompt", "a <i>", "--image", images[0], "--out", out,
+                         check=False)
+        assert result.returncode == 2 and "is the input file" in result.stderr and "Traceback" not in result.stderr
+    assert Path(model).read_bytes() == before
+    too_long = tmp_path / ("c" * 300 + ".png")  # stat() itself fails (ENAMETOOLONG): an OSError, not a traceback
+    result = run_cli("encode", "--checkpoint", model, "--prompt", "a <i>", "--image", too_long, "--out",
+                     tmp_path / "o.safetensors", check=False)
+    assert result.returncode == 2 and "File name too long" in result.stderr and "Traceback" not in result.stderr
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # reading it would block forever
+    result = run_cli("encode", "--checkpoint", fifo, "--prompt", "x", "--out", tmp_path / "o.safetensors", check=False)
+    assert result.returncode == 2 and "is not a regular file" in result.stderr
+
+
 def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     """A checkpoint that does not exist: each error below proves its check ran before the load."""
     missing = tmp_path / "missing.pt"

@@ -40,3 +40,45 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_safetensors({"x": torch.zeros(5)}, path)
     assert torch.equal(load_file(str(path))["x"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no temp file left behind
+
+
+def test_output_checks_name_the_problem_before_any_work(tmp_path, monkeypatch):
+    from kosmosg_core.errors import OutputPathError
+    from kosmosg_core.files import check_output_file, check_output_folder
+
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"weights")
+    for path, inputs, message in (
+        (tmp_path / ("a" * 250 + ".safetensors"), (), "is 262 bytes long; file systems allow 255"),
+        (source, [source], "is the input file"),
+        (tmp_path / "link.safetensors", [source], "is the input file"),  # the same file under another name
+    ):
+        if path.name == "link.safetensors":
+            path.symlink_to(source)
+        with pytest.raises(OutputPathError, match=message):
+            check_output_file(path, "--out", inputs=inputs)
+    assert check_output_file(tmp_path / "new.safetensors", "--out", inputs=[source, "", None])
+    monkeypatch.setattr(os, "access", lambda *args: False)  # a folder this user may not write in (root may)
+    for check in (lambda: check_output_file(tmp_path / "x.safetensors", "--out"),
+                  lambda: check_output_folder(tmp_path / "new", "--output-dir")):
+        with pytest.raises(OutputPathError, match=f"this user may not write in {tmp_path}"):
+            check()
+
+
+def test_a_name_of_255_bytes_is_written_and_images_are_written_atomically(tmp_path, monkeypatch):
+    """The temp file has a short name of its own (name + '.tmp' made a 255-byte name fail after the work)."""
+    from PIL import Image
+
+    from kosmosg_core.files import save_image
+
+    longest = tmp_path / ("b" * 243 + ".safetensors")
+    assert len(longest.name) == 255
+    save_safetensors({"x": torch.ones(1)}, longest)
+    assert torch.equal(load_file(str(longest))["x"], torch.ones(1))
+    path = save_image(Image.new("RGB", (4, 4), (1, 2, 3)), tmp_path / "img.png")
+    assert Image.open(path).getpixel((0, 0)) == (1, 2, 3)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        save_image(Image.new("RGB", (4, 4), (9, 9, 9)), path)
+    assert Image.open(path).getpixel((0, 0)) == (1, 2, 3)  # the earlier image stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest.name, "img.png"])

@@ -364,6 +364,18 @@ def test_save_load_conditioning_round_trip_content_keyed(model_dirs):
     assert "control" not in loaded[0][1]
 
 
+def test_save_conditioning_rewrites_a_damaged_file_of_its_name_and_names_a_long_prefix(model_dirs):
+    _, cond_dir = model_dirs
+    conditioning = [[torch.randn(1, 77, 768), {}]]
+    name = KosmosGSaveConditioning.execute(conditioning, "subject").result[0]
+    (cond_dir / name).write_bytes(b"")  # e.g. a crash left an empty file: it was trusted from then on
+    assert KosmosGSaveConditioning.execute(conditioning, "subject").result[0] == name
+    folder_paths.filename_list_cache.clear()
+    assert torch.equal(KosmosGLoadConditioning.execute(name).result[0][0][0], conditioning[0][0])
+    with pytest.raises(ValueError, match="filename_prefix: the file name is 269 bytes long"):  # the pack's OutputPathError
+        KosmosGSaveConditioning.execute(conditioning, "p" * 240)
+
+
 def test_saved_conditioning_keeps_tuples_dtypes_and_nested_tensors(model_dirs):
     """What ComfyUI's nodes put in a conditioning comes back as it went in: `area` a tuple (the sampler
     compares areas with ==; a list made a duplicate negative), the cond's dtype, tensors inside lists."""

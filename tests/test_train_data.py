@@ -262,6 +262,34 @@ def test_ingest_pairs_folder(tmp_path):
     assert all(s.meta["kind"] == "laion" and s.meta["entities"] == [] for s in samples)
 
 
+def test_folder_names_with_brackets_or_commas_and_symlinked_subfolders(tmp_path):
+    """Image and shard folders named like globs or lists are read as the folders they are, and images in
+    symlinked subfolders count (they were skipped silently; summaries of "out [v2]" reported 0 shards)."""
+    from train.data.shards import resolve_shards
+
+    rng = np.random.default_rng(3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _noise_image(rng).save(elsewhere / "linked.jpg")
+    (elsewhere / "linked.txt").write_text("a linked caption")
+    for name in ("real [x]", "real, x"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(2):
+            _noise_image(rng).save(folder / f"p{i}.jpg")
+            (folder / f"p{i}.txt").write_text(f"caption {i}")
+        (folder / "more").symlink_to(elsewhere, target_is_directory=True)
+        (elsewhere / "loop").unlink(missing_ok=True)
+        (elsewhere / "loop").symlink_to(folder, target_is_directory=True)  # a cycle must not loop
+        out = tmp_path / f"out {name}"
+        summary = run_ingest_pairs(IngestConfig(input=str(folder), output=str(out), image_size=24,
+                                                samples_per_shard=2))
+        assert (summary["written"], summary["shards"]) == (3, 2), summary
+        assert len(resolve_shards(str(out))) == 2
+        assert sorted(s.meta["caption"] for s in read_samples(str(out))) == ["a linked caption", "caption 0",
+                                                                             "caption 1"]
+
+
 def _raw_pairs_shard(path, keys):
     """An img2dataset-style shard: jpg + txt per sample, no kosmosg json."""
     rng = np.random.default_rng(5)

@@ -257,6 +257,26 @@ def test_fid_with_a_transformers_image_model(models, tmp_path):
     assert different["fid"] == pytest.approx(by_hand, rel=1e-6)
 
 
+def test_fid_follows_linked_folders_keeps_npz_names_and_refuses_one_file_for_two_outputs(models, tmp_path):
+    real, generated, elsewhere = tmp_path / "real", tmp_path / "generated", tmp_path / "elsewhere"
+    for folder in (real, generated, elsewhere):
+        folder.mkdir()
+    for i in range(3):
+        _noise(i).save(real / f"{i}.png")
+        _smooth(i).save(generated / f"{i}.png")
+        _smooth(10 + i).save(elsewhere / f"{i}.png")
+    (generated / "linked").symlink_to(elsewhere, target_is_directory=True)
+    common = ["--inception", models["image-model"], "--resize", "32", "--crop", "32", "--device", "cpu",
+              "--generated", str(generated)]
+    stats = tmp_path / "real.NPZ"
+    result = fid.main([*common, "--real", str(real), "--save-real-stats", str(stats)])
+    assert result["num_generated"] == 6  # the linked folder's 3 images count
+    assert result["saved_real_stats"] == str(stats) and sorted(p.name for p in tmp_path.glob("real.*")) == ["real.NPZ"]
+    assert fid.main([*common, "--real", str(stats)])["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    with pytest.raises(ValueError, match="--output-json and --save-real-stats name the same file"):
+        fid.main([*common, "--real", str(real), "--save-real-stats", str(stats), "--output-json", str(stats)])
+
+
 def test_fid_with_torchvision_inception_weights(tmp_path):
     from safetensors.torch import save_file
     from torchvision.models import inception_v3

@@ -356,6 +356,30 @@ def test_export_of_a_stage1_run_warns_that_its_aligner_is_untrained(env, stage1_
     assert "stage-1 checkpoint: its AlignerNet is untrained" in caplog.text
 
 
+def test_a_file_exported_into_a_run_folder_starts_another_run_and_paths_are_checked_first(env, stage2_run, tmp_path):
+    """Only checkpoint.pt marks a train/ checkpoint: a pack file exported beside it is read as a pack file
+    (it was refused as "not a train/ checkpoint"). Outputs that cannot be written are named before the work."""
+    import shutil
+
+    from train import export, stage1
+
+    run = tmp_path / "run"
+    shutil.copytree(stage2_run, run)
+    exported = export.main(["--checkpoint", str(run), "--out", str(run / "exported.safetensors")])
+    stage1.main(common(env, tmp_path / "from-export", steps=1) + ["--init-checkpoint", str(exported)])
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="--output-dir .*a_file.txt is a file, not a folder"):
+        stage1.main(common(env, a_file, steps=1))
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(ValueError, match="--out .*folder.safetensors is a folder"):
+        export.main(["--checkpoint", str(run), "--out", str(tmp_path / "folder.safetensors")])
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("learning_rate: 1e-3  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"Config file .*latin1.yaml is not UTF-8 text"):
+        stage1.main(["--config", str(config)])
+
+
 def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_path):
     import shutil
 

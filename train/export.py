@@ -35,6 +35,7 @@ def export(cfg: ExportConfig) -> Path:
     from kosmosg_core.checkpoint import save_pack_checkpoint
     from kosmosg_core.config import KosmosGConfig
     from kosmosg_core.model import KosmosG
+    from kosmosg_core.files import check_output_file
     from train.common.checkpointing import load_checkpoint
     from train.loop import load_tokenizer
 
@@ -42,8 +43,9 @@ def export(cfg: ExportConfig) -> Path:
         raise ValueError("--checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are required.")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {sorted(DTYPES)}.")
-    if not cfg.out.endswith(".safetensors"):
+    if not cfg.out.lower().endswith(".safetensors"):
         raise ValueError(f"--out {cfg.out}: the pack format is .safetensors; name the file *.safetensors.")
+    check_output_file(cfg.out, "--out")  # before the checkpoint is read
     state = load_checkpoint(cfg.checkpoint)
     if state is None:
         raise ValueError(f"--checkpoint {cfg.checkpoint}: no checkpoint.pt there (has the run saved one yet?).")

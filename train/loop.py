@@ -50,6 +50,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kosmosg_core.files import check_output_folder
 from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
     load_full_state, restore, save_checkpoint
 from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
@@ -527,6 +528,7 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
                  on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train `stage` for cfg.max_steps updates (resuming when a checkpoint exists). -> final metrics."""
     _check_loop_config(cfg)
+    check_output_folder(cfg.output_dir, "--output-dir")
     accelerator = build_accelerator(cfg, find_unused_parameters)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -667,7 +669,7 @@ def is_train_checkpoint(path: Path) -> bool:
     """A train/ run folder or a checkpoint.pt inside one (recognised by the run's train_config.json)."""
     if path.is_dir():
         return (path / CHECKPOINT_NAME).exists()
-    return (path.parent / TRAIN_CONFIG_NAME).exists()
+    return path.name == CHECKPOINT_NAME and (path.parent / TRAIN_CONFIG_NAME).exists()  # not a file exported there
 
 
 def init_checkpoint_stage(path_text: str) -> str | None:

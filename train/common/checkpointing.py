@@ -83,6 +83,8 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
         path = path / CHECKPOINT_NAME
     if not path.exists():
         return None
+    if not path.is_file():  # a FIFO or device: reading it would block or never end
+        raise ValueError(f"{path} is not a regular file; give a train/ run folder or its checkpoint.pt.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle

@@ -77,7 +77,10 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Config file not found: {path}. Pass an existing YAML or JSON file to --config.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from e
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -191,14 +194,20 @@ def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+# What an entry point reports in one line: a ValueError is every error raised on purpose (bad input, a refused
+# checkpoint; the core's KosmosGError included); an OSError is the file system refusing (permissions, a name too
+# long, a full disk), its message names the path.
+INPUT_ERRORS = (ValueError, OSError)
+
+
 def exit_on_input_error(main):
-    """Run `main()`; a ValueError (bad input, refused checkpoint: every error raised on purpose, the core's
-    KosmosGError included) ends the process with its one-line message (exit 1) instead of a traceback."""
+    """Run `main()`; an INPUT_ERRORS error ends the process with its one-line message (exit 1) instead of a
+    traceback."""
     import sys
 
     try:
         return main()
-    except ValueError as e:
+    except INPUT_ERRORS as e:
         sys.exit(f"error: {e}")
 
 

@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any, Callable
 
+from train.common.config import INPUT_ERRORS
+
 from . import config as cfg
 
 # command -> (config class, help, explicit flags as (flag, dotted key, type, help))
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.to_dict(config), indent=2))
             return 0
         summary = _runner(args.command)(config)
-    except ValueError as error:
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "this_run"}, sort_keys=True))

@@ -56,7 +56,7 @@ def _read_jsonl(path: str) -> list[dict]:
 def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
     if not input_spec:
         raise ValueError("input is not set: pass --input DIR (seeds.json layout) or a triplets .jsonl file")
-    jsonl = input_spec if input_spec.endswith(".jsonl") else os.path.join(input_spec, "triplets.jsonl")
+    jsonl = input_spec if input_spec.lower().endswith(".jsonl") else os.path.join(input_spec, "triplets.jsonl")
     items: list[TripletItem] = []
     if os.path.isfile(jsonl):
         base = os.path.dirname(os.path.abspath(jsonl))
@@ -129,7 +129,7 @@ def run_ingest_ip2p(config: IngestConfig) -> dict:
 
 
 def iter_pairs(input_spec: str | None, limit: int = 0):
-    if input_spec and input_spec.endswith(".jsonl") and os.path.isfile(input_spec):
+    if input_spec and input_spec.lower().endswith(".jsonl") and os.path.isfile(input_spec):
         base = os.path.dirname(os.path.abspath(input_spec))
         entries = _read_jsonl(input_spec)[: limit or None]
         for index, entry in enumerate(entries):

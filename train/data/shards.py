@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
+from kosmosg_core.files import check_output_folder
 from train.common.folder_settings import check_folder_settings, record_folder_settings
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,18 @@ def shard_name(prefix: str, index: int) -> str:
 
 def resolve_shards(spec: str | list[str]) -> list[str]:
     """A directory (its *.tar, sorted), a glob, a comma-separated list, or one file -> tar paths."""
-    specs = spec if isinstance(spec, list) else [s for s in str(spec).split(",") if s]
+    if isinstance(spec, list):
+        specs = spec
+    else:  # an existing path is one item even when its name holds "," (or glob characters)
+        specs = [str(spec)] if os.path.exists(str(spec)) else [s for s in str(spec).split(",") if s]
     paths: list[str] = []
     for item in specs:
         if os.path.isdir(item):
-            paths.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
-        elif any(ch in item for ch in "*?["):
-            paths.extend(sorted(glob.glob(item)))
+            paths.extend(sorted(glob.glob(os.path.join(glob.escape(item), "*.tar"))))
         elif os.path.isfile(item):
             paths.append(item)
+        elif any(ch in item for ch in "*?["):
+            paths.extend(sorted(glob.glob(item)))
         else:
             raise ValueError(f"shards {item!r}: not a directory, glob or file; give the folder holding *.tar shards")
     if not paths:
@@ -190,6 +194,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: must be at least 1")
+    check_output_folder(output, "--output")
     os.makedirs(output, exist_ok=True)
     if settings is not None:
         check_folder_settings(output, settings, RERUN_MAY_CHANGE)
@@ -243,7 +248,7 @@ def summarize(output: str, prefix: str = "shard") -> dict:
     """Totals over every finished shard's stats in `output` (all runs, all ranks)."""
     totals: Counter = Counter()
     shards = 0
-    for tar in sorted(glob.glob(os.path.join(output, f"{prefix}-*.tar"))):
+    for tar in sorted(glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*.tar"))):
         stats_path = tar[: -len(".tar")] + ".stats.json"
         if os.path.exists(stats_path):
             with open(stats_path, encoding="utf-8") as handle:

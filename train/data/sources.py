@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from train.common.walk import files_under
+
 from .shards import iter_records, sanitize_key
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -114,12 +116,7 @@ def iter_folder(folder: str, captions_file: str | None = None, limit: int = 0) -
     if not os.path.isdir(folder):
         raise ValueError(f"input {folder!r} is not a folder of images")
     captions = _read_captions_file(captions_file)
-    paths = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.relpath(os.path.join(root, name), folder))
-    paths.sort()
+    paths = files_under(folder, IMAGE_EXTENSIONS)
     if limit:
         paths = paths[:limit]
     for index, relative in enumerate(paths):
@@ -170,9 +167,10 @@ def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: 
     if not input_spec:
         raise ValueError("input is not set: pass --input FOLDER (images + optional .txt captions) or shards")
     if source == "auto":
-        looks_like_shards = (input_spec.endswith(".tar") or any(c in input_spec for c in "*?[,")
-                             or (os.path.isdir(input_spec) and not any(
-                                 n.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(input_spec) for n in fs)))
+        if os.path.isdir(input_spec):  # a folder: of images, or of shards (a folder name may hold "[" or ",")
+            looks_like_shards = not files_under(input_spec, IMAGE_EXTENSIONS)
+        else:
+            looks_like_shards = input_spec.lower().endswith(".tar") or any(c in input_spec for c in "*?[,")
         source = "shards" if looks_like_shards else "folder"
     if source == "folder":
         return iter_folder(input_spec, captions_file, limit)

@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 
+from train.common.config import INPUT_ERRORS
+
 SUBCOMMANDS = {
     "dreambench": "train.eval.dreambench",
     "fid": "train.eval.fid",
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name])
     try:
         result = module.main(rest)
-    except ValueError as e:  # bad input: the message names the flag and the fix; no traceback
+    except INPUT_ERRORS as e:  # bad input: the message names the flag and the fix; no traceback
         print(f"{PROG} {name}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, sort_keys=True, default=str))

@@ -22,9 +22,15 @@ def parse_eval_config(config_class, argv, name: str, description: str):
     parser.prog, parser.formatter_class = f"python -m train.eval {name}", _HelpFormatter
     parser.parse_args(argv)
     cfg = parse_config(config_class, argv, description=description)
+    written = {}  # resolved path -> flag
     for field_name in OUTPUT_FILE_FIELDS:  # checked before minutes of evaluation, not when the result is written
         if getattr(cfg, field_name, ""):
-            check_output_file(getattr(cfg, field_name), "--" + field_name.replace("_", "-"))
+            flag = "--" + field_name.replace("_", "-")
+            path = check_output_file(getattr(cfg, field_name), flag).resolve()
+            if path in written:
+                raise ValueError(f"{written[path]} and {flag} name the same file {path}; the second would overwrite "
+                                 "the first. Give each its own file.")
+            written[path] = flag
     return cfg
 
 

@@ -89,7 +89,7 @@ GENERATION_SETTINGS = ("captions", "num_captions", "seed", "checkpoint", "tokeni
 
 
 def run(cfg: CocoConfig) -> dict:
-    from kosmosg_core.files import check_output_folder
+    from kosmosg_core.files import check_output_folder, save_image
     from train.common.folder_settings import check_folder_settings, record_folder_settings
 
     from .generation import KosmosGSampler, SamplingSettings
@@ -119,7 +119,7 @@ def run(cfg: CocoConfig) -> dict:
             results = sampler([chosen[i]["caption"] for i in batch], [[] for _ in batch], settings)
             for i, images in zip(batch, results):
                 for k, image in enumerate(images):
-                    image.save(out / image_name(i, k, cfg.num_images))
+                    save_image(image, out / image_name(i, k, cfg.num_images))  # atomic: reruns skip existing files
             logger.info("generate-coco: %d / %d captions done", min(start + cfg.batch_size, len(todo)), len(todo))
     return {"out": str(out), "captions": len(chosen), "generated_this_run": len(todo) * cfg.num_images,
             "config": asdict(cfg)}

@@ -225,7 +225,7 @@ def generate(cfg: DreamBenchConfig, jobs: list[Job]) -> int:
     """Write every job's images that are not there yet -> number of images written."""
     from .generation import KosmosGSampler, SamplingSettings
 
-    from kosmosg_core.files import check_output_folder
+    from kosmosg_core.files import check_output_folder, save_image
     from train.common.folder_settings import check_folder_settings, record_folder_settings
 
     out = check_output_folder(cfg.generated, "--generated")
@@ -246,7 +246,7 @@ def generate(cfg: DreamBenchConfig, jobs: list[Job]) -> int:
         results = sampler([job.input_prompt for job in batch], [[load_rgb(job.reference)] for job in batch], settings)
         for job, images in zip(batch, results):
             for k, image in enumerate(images):
-                image.save(out / job.file_name(k))
+                save_image(image, out / job.file_name(k))  # atomic: reruns skip existing files
                 written += 1
         logger.info("dreambench: %d / %d prompts done", min(start + cfg.batch_size, len(todo)), len(todo))
     return written

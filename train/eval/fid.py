@@ -75,6 +75,8 @@ def load_stats(path: str, extractor_name: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run(cfg: FidConfig) -> dict:
+    from kosmosg_core.files import atomic_output
+
     from .features import InceptionFeatures, pick_device
     from .metrics import frechet_distance
 
@@ -88,7 +90,7 @@ def run(cfg: FidConfig) -> dict:
     extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
     extractor_name = f"{extractor.kind}:{Path(cfg.inception).name}:resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
     result: dict = {"feature_extractor": extractor_name}
-    if cfg.real.endswith(".npz"):
+    if cfg.real.lower().endswith(".npz"):
         if not Path(cfg.real).is_file():
             raise ValueError(f"--real {cfg.real}: no such statistics file.")
         mu_real, sigma_real, result["num_real"] = load_stats(cfg.real, extractor_name)
@@ -98,11 +100,11 @@ def run(cfg: FidConfig) -> dict:
         result["num_real"] = len(real_paths)
     if cfg.save_real_stats:
         stats_path = Path(cfg.save_real_stats)
-        if stats_path.suffix != ".npz":  # np.savez would add it: report the file that exists
+        if stats_path.suffix.lower() != ".npz":  # as np.savez would name it: report the file that exists
             stats_path = stats_path.with_name(stats_path.name + ".npz")
-        stats_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(stats_path, mu=mu_real, sigma=sigma_real, count=result["num_real"],
-                 extractor=np.array(extractor_name))
+        with atomic_output(stats_path) as tmp, open(tmp, "wb") as stats_file:  # a file: savez keeps the name
+            np.savez(stats_file, mu=mu_real, sigma=sigma_real, count=result["num_real"],
+                     extractor=np.array(extractor_name))
         result["saved_real_stats"] = str(stats_path)
     if cfg.generated:
         generated_paths = _folder_paths(cfg.generated, "--generated", cfg)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from train.common.walk import files_under
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -14,8 +16,10 @@ def list_images(folder, flag: str, recursive: bool = False) -> list[Path]:
     folder = Path(folder)
     if not str(folder) or not folder.is_dir():
         raise ValueError(f"{flag} {str(folder)!r}: not a folder; give a folder of images.")
-    pattern = "**/*" if recursive else "*"
-    paths = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if recursive:  # symlinked subfolders followed, as train.data does
+        paths = [folder / relative for relative in files_under(folder, IMAGE_SUFFIXES)]
+    else:
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"{flag} {folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return paths

@@ -277,6 +277,8 @@ def write_grid(path, rows: list[list]) -> Path:
     """A PNG of ``rows`` (lists of uint8 [64, 64, 3] cells or None), each cell upscaled GRID_SCALE x."""
     from PIL import Image
 
+    from kosmosg_core.files import save_image
+
     cell = 64 * GRID_SCALE
     columns = max(len(r) for r in rows)
     width, height = GRID_PAD + columns * (cell + GRID_PAD), GRID_PAD + len(rows) * (cell + GRID_PAD)
@@ -286,9 +288,7 @@ def write_grid(path, rows: list[list]) -> Path:
             if image is not None:
                 tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
                 canvas.paste(tile, (GRID_PAD + c * (cell + GRID_PAD), GRID_PAD + r * (cell + GRID_PAD)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return Path(path)
+    return save_image(canvas, path)
 
 
 def main(argv=None) -> dict:

@@ -88,4 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from train.common.config import exit_on_input_error
+
+    raise SystemExit(exit_on_input_error(main))
