@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,37 @@ def clip_text_yardstick(device: torch.device, dtype: torch.dtype, repeats: int) 
         return _median_time(lambda: (model(ids), _sync(device)), repeats)
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_resources(cfg: KosmosGConfig, workdir: Path) -> None:
+    """Refuse, before minutes of building, a run this machine cannot hold: the fp32 model is built in memory
+    (about twice its weights at the peak) and written twice (.pt and .safetensors) into `workdir`."""
+    from .errors import KosmosGError
+    from .model import KosmosG
+
+    with torch.device("meta"):
+        weight_bytes = sum(p.numel() * 4 for p in KosmosG(cfg).parameters())
+    disk_free = shutil.disk_usage(workdir).free
+    memory = _available_memory()
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    if disk_free < 2.1 * weight_bytes:
+        raise KosmosGError(f"The benchmark writes two {gb(weight_bytes)} checkpoints into {workdir}, which has "
+                           f"{gb(disk_free)} free; pass --workdir on a bigger disk or use a smaller --size.")
+    if memory is not None and memory < 2 * weight_bytes:
+        raise KosmosGError(f"The benchmark's model takes about {gb(2 * weight_bytes)} of memory while it is built; "
+                           f"{gb(memory)} is available. Use a smaller --size (small, tiny) or free memory.")
+
+
 def write_checkpoints(cfg: KosmosGConfig, workdir: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
     """Random model -> official-format .pt + pack .safetensors. Returns (pt, safetensors, weight bytes)."""
     from .checkpoint import save_pack_checkpoint, to_official_state_dict
@@ -364,6 +396,7 @@ def run_benchmark(args) -> dict:
     workdir = Path(args.workdir or workdir_ctx.name)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        check_resources(cfg, workdir)
         file_dtype = torch.float32
         pt_path, st_path, weight_bytes = write_checkpoints(cfg, workdir, file_dtype)
         pt_load = measure_load(pt_path, file_dtype, threads)

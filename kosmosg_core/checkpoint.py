@@ -252,11 +252,11 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
         return _read_pack(path, config)
     from .safe_unpickle import load_pt_state_dict
 
-    official = load_pt_state_dict(path, key="model")
+    # the tensors inference does not use (the official file's U-Net and VAE: GBs) are never read
+    official = load_pt_state_dict(path, key="model", include=lambda key: not any(p.search(key) for p in _IGNORES))
     if not any(k.startswith(("gpt_model.decoder.", "img_model.visual.", "aligner.encoder")) for k in official):
         raise CheckpointError(f"{path} is not a Kosmos-G checkpoint: {_describe_foreign(official)}.")
-    state_dict, ignored = rename_official_state_dict(official)
-    logger.info("%s: ignoring %d official tensors inference does not use (U-Net, VAE, tied head, ...)", path, len(ignored))
+    state_dict, _ = rename_official_state_dict(official)
     return config or _sidecar_config(path) or infer_config(state_dict), state_dict, None
 
 

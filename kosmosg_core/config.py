@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 # fairseq Dictionary layout of the official `dict.txt` vocabulary (spec section 5).
@@ -24,6 +25,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
 SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
+
+# Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile
+# config could otherwise ask for 100000 layers (minutes of model building before the tensor check) or a
+# width whose storage size overflows.
+MAX_LAYERS = 1024
+MAX_SIZE = 2**24
 
 
 @dataclass
@@ -104,6 +111,9 @@ class KosmosGConfig:
         self.validate()
 
     def validate(self) -> None:
+        for part in (self.vision, self.connector, self.decoder, self.aligner):
+            _check_field_values(part)
+        _check_field_values(self)
         d, v, a = self.decoder, self.vision, self.aligner
         checks = [
             (d.width % d.heads == 0, f"decoder width {d.width} is not divisible by its {d.heads} heads"),
@@ -174,3 +184,26 @@ class KosmosGConfig:
                                   max_positions=512, reconstruction_layers=2),
             image_token_slots=4,
         )
+
+
+def _check_field_values(part) -> None:
+    """Each field holds its default's type: a whole number in 1..MAX_SIZE (layer counts up to MAX_LAYERS,
+    trainable_last_blocks from 0), a finite non-negative number (epsilons and ratios above 0, dropouts below
+    1), a true/false."""
+    for f in dataclasses.fields(part):
+        value, default = getattr(part, f.name), f.default
+        where = f"Invalid Kosmos-G config: {type(part).__name__}.{f.name} = {value!r}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true or false.")
+        elif isinstance(default, int):
+            low = 0 if f.name == "trainable_last_blocks" else 1
+            high = MAX_LAYERS if f.name.endswith("layers") or f.name == "trainable_last_blocks" else MAX_SIZE
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{where}: expected a whole number from {low} to {high}.")
+        elif isinstance(default, float):
+            positive = f.name.endswith(("eps", "ratio"))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0) or ("dropout" in f.name and value >= 1):
+                limits = "above 0" if positive else "from 0 to below 1" if "dropout" in f.name else "from 0"
+                raise ValueError(f"{where}: expected a finite number {limits}.")

@@ -44,16 +44,29 @@ _LAYOUT_FIX = "pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE
 # --- input normalisation -------------------------------------------------------------------------
 def to_pil_images(images) -> list[Image.Image]:
     """Any supported image input (module docstring) -> list of RGB PIL images, in order."""
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ImageError("Got an empty list of images; give at least one image.")
-        out = []
-        for item in images:
-            if isinstance(item, (list, tuple)):
-                raise ImageError("Got a nested list of images; give a flat list (one entry per image or batch).")
-            out.extend(_one_input_to_pil(item))
-        return out
-    return _one_input_to_pil(images)
+    return [image for item in split_images(images) for image in _one_input_to_pil(item)]
+
+
+def split_images(images) -> list:
+    """Any supported image input -> one entry per image, not decoded yet (cheap: callers count and check
+    before any pixel is read). A batch [B, H, W, C] (tensor or array) gives its B [H, W, C] views."""
+    if isinstance(images, (list, tuple)) and not images:
+        raise ImageError("Got an empty list of images; give at least one image.")
+    out = []
+    for item in images if isinstance(images, (list, tuple)) else [images]:
+        if isinstance(item, (list, tuple)):
+            raise ImageError("Got a nested list of images; give a flat list (one entry per image or batch).")
+        if item is None:
+            raise ImageError("Got None instead of an image; connect an image or remove its placeholder.")
+        if not isinstance(item, (Image.Image, str, os.PathLike, torch.Tensor, np.ndarray)):
+            raise ImageError(f"Cannot read an image from a {type(item).__name__}; give a PIL image, a file path, a "
+                             "numpy array or a ComfyUI IMAGE tensor.")
+        if isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim == 4 and item.shape[0] > 0 \
+                and item.shape[-1] in _CHANNELS:  # (any other 4-D layout is reported whole when it is read)
+            out.extend(item[b] for b in range(item.shape[0]))
+        else:
+            out.append(item)
+    return out
 
 
 def _one_input_to_pil(item) -> list[Image.Image]:
@@ -64,12 +77,7 @@ def _one_input_to_pil(item) -> list[Image.Image]:
     if isinstance(item, torch.Tensor):
         return _array_to_pil(item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point()
                              else item.detach().cpu().numpy(), "tensor", tuple(item.shape))
-    if isinstance(item, np.ndarray):
-        return _array_to_pil(item, "array", item.shape)
-    if item is None:
-        raise ImageError("Got None instead of an image; connect an image or remove its placeholder.")
-    raise ImageError(f"Cannot read an image from a {type(item).__name__}; give a PIL image, a file path, a numpy "
-                     f"array or a ComfyUI IMAGE tensor.")
+    return _array_to_pil(item, "array", item.shape)
 
 
 def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -80,12 +88,12 @@ def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     image = ImageOps.exif_transpose(image)  # a copy: callers never alias the input
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # .convert("RGB") would clip these to 0..255: a 16-bit picture comes out white, a 0..1 float one black
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        values = np.nan_to_num(np.array(image, dtype=np.float32), copy=False)  # one float32 copy: exact for 0..65535
         if image.mode != "F":
-            values = values / 257.0  # 0..65535 -> 0..255
+            values /= 257.0  # 0..65535 -> 0..255
         elif values.max(initial=0.0) <= 1.0:
-            values = values * 255.0
-        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+            values *= 255.0
+        image = Image.fromarray(np.clip(np.round(values, out=values), 0, 255, out=values).astype(np.uint8), mode="L")
     elif image.mode == "La":  # premultiplied gray + alpha: PIL converts it to RGB only through LA
         image = image.convert("LA")
     return image.convert("RGB")
@@ -205,6 +213,7 @@ def preprocess_images(images, image_size: int = 224) -> torch.Tensor:
     """Images (anything `to_pil_images` reads) -> official vision input [N, 3, S, S] float32 (CPU)."""
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
-    pil_images = to_pil_images(images)
-    batch = np.stack([normalize(resize_and_center_crop(image, image_size)) for image in pil_images])
+    # one image decoded at a time: only its small crop is kept (a list of full-size photos could take GBs)
+    batch = np.stack([normalize(resize_and_center_crop(image, image_size))
+                      for item in split_images(images) for image in _one_input_to_pil(item)])
     return torch.from_numpy(batch.astype(np.float32))

@@ -19,7 +19,7 @@ from .checkpoint import load_model
 from .config import IMAGE_PLACEHOLDER
 from .cpu_linear import pack_for_cpu_encode, packs_dtype
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
-from .image_processing import preprocess_images, to_pil_images
+from .image_processing import preprocess_images, split_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, count_placeholders, pad_batch
 from .tokenizer import KosmosGTokenizer
@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# Big batches are encoded in chunks: memory stays bounded and `progress` (which may raise to interrupt) runs
+# during the work. Images per vision forward; prompts per MLLM + aligner forward (with their images).
+VISION_CHUNK = 16
+PROMPT_CHUNK = 16
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -62,9 +67,10 @@ def _as_list(value) -> list:
 
 
 def _normalise_batch(prompts, images, image_weights):
-    """-> (list[str], list[list[RGB PIL image]], list[list[float]]) with one entry per prompt.
+    """-> (list[str], list[list[image]], list[list[float]]) with one entry per prompt.
 
-    Images are read here (`to_pil_images`), so an IMAGE batch [B, H, W, C] counts as its B images."""
+    Images are split here, not decoded (`split_images`: an IMAGE batch [B, H, W, C] counts as its B images),
+    so counts are checked before any pixel is read; `image_embeddings` decodes them chunk by chunk."""
     if isinstance(prompts, str):
         prompts, images, image_weights = [prompts], [images], [image_weights]
     elif not isinstance(prompts, (list, tuple)):
@@ -77,7 +83,7 @@ def _normalise_batch(prompts, images, image_weights):
             count = len(per_prompt) if isinstance(per_prompt, (list, tuple)) else f"a {type(per_prompt).__name__}, not"
             raise PromptError(f"Got {len(prompts)} prompts but {count} {name}; give one list per prompt (an empty "
                               "list for a text-only prompt), e.g. images=[[dog], [], [dog, hat]].")
-    images = [to_pil_images(group) if group else [] for group in map(_as_list, images or [None] * len(prompts))]
+    images = [split_images(group) if group else [] for group in map(_as_list, images or [None] * len(prompts))]
     weights = []
     for b, (group, given) in enumerate(zip(images, map(_as_list, image_weights or [None] * len(prompts)))):
         given = given or [1.0] * len(group)
@@ -183,21 +189,24 @@ class KosmosGPipeline:
         if not images:
             cfg = self.model.cfg
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
-        pixels = preprocess_images(to_pil_images(list(images)), self.model.cfg.vision.image_size)  # [N, 3, S, S]
+        pixels = preprocess_images(list(images), self.model.cfg.vision.image_size)  # [N, 3, S, S]
         keys = [self._cache_key(pixel) for pixel in pixels]
-        missing = {key: i for i, key in enumerate(keys) if key not in self._image_cache}  # first index per new image
-        if missing:
-            batch = pixels[list(missing.values())].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
-            # one batched vision forward for every new image; kept on the CPU: GPU memory belongs to
-            # the model (ComfyUI offloads it between runs)
-            for key, embeds in zip(missing, self.model.encode_images(batch).cpu()):  # [Q, D] each
-                self._image_cache[key] = embeds
+        new = list({key: i for i, key in enumerate(keys) if key not in self._image_cache}.items())  # first index each
+        for start in range(0, len(new), VISION_CHUNK):
+            chunk = new[start:start + VISION_CHUNK]
+            batch = pixels[[i for _, i in chunk]].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
+            # kept on the CPU (GPU memory belongs to the model: ComfyUI offloads it between runs), each entry in
+            # its own storage: a view would keep the whole chunk's output alive for as long as it is cached
+            for (key, _), embeds in zip(chunk, self.model.encode_images(batch).cpu()):  # [Q, D] each
+                self._image_cache[key] = embeds.clone()
+            for _ in chunk if progress is not None else ():
+                progress()
         out = []
         for key in keys:
             self._image_cache.move_to_end(key)
             out.append(self._image_cache[key])
-            if progress is not None:
-                progress()
+        for _ in range(len(keys) - len(new)) if progress is not None else ():  # repeated or cached images
+            progress()
         while len(self._image_cache) > self.cache_size:
             self._image_cache.popitem(last=False)
         return torch.stack(out).to(self.device)
@@ -225,21 +234,25 @@ class KosmosGPipeline:
         image_weights: same nesting as images; each multiplies its image's slot embeddings
             (1.0 = the official model). Prompts of different lengths batch to the same result as
             one at a time (right padding; the MLLM is causal and the aligner masks pads).
-        progress: called once per encoded image and once per finished batch (for progress bars;
-            it may raise to interrupt)."""
+        progress: called once per image (when its features are ready) and once per encoded prompt (for
+            progress bars; it may raise to interrupt). Prompts are encoded PROMPT_CHUNK at a time, so
+            memory stays bounded and progress runs during the work, whatever the batch size."""
         prompts, images, image_weights = _normalise_batch(prompts, images, image_weights)
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
-        flat_images = [img for group in images for img in group]
-        flat_weights = torch.tensor([w for group in image_weights for w in group], dtype=torch.float32)
-        image_embeds = None
-        if flat_images:
-            image_embeds = self.image_embeddings(flat_images, progress)
-            if not torch.all(flat_weights == 1.0):
-                image_embeds = image_embeds * flat_weights.to(image_embeds)[:, None, None]
-        cond = self.encode_ids(prompt_ids, image_embeds)
-        if progress is not None:
-            progress()
-        return cond
+        conds = []
+        for start in range(0, len(prompt_ids), PROMPT_CHUNK):
+            chunk = slice(start, start + PROMPT_CHUNK)
+            flat_images = [img for group in images[chunk] for img in group]
+            flat_weights = torch.tensor([w for group in image_weights[chunk] for w in group], dtype=torch.float32)
+            image_embeds = None
+            if flat_images:
+                image_embeds = self.image_embeddings(flat_images, progress)  # [N, Q, D]
+                if not torch.all(flat_weights == 1.0):
+                    image_embeds = image_embeds * flat_weights.to(image_embeds)[:, None, None]
+            conds.append(self.encode_ids(prompt_ids[chunk], image_embeds))
+            for _ in prompt_ids[chunk] if progress is not None else ():
+                progress()
+        return torch.cat(conds)
 
     def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:
         """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative

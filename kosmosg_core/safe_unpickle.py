@@ -546,12 +546,22 @@ class _Archive:
 
     def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
         try:
-            with self._open().open(name) as f:
-                data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
+            info = self._open().getinfo(name)
         except KeyError:
             raise CheckpointError(f"{self.path} lacks the record {name!r}. {_RE_DOWNLOAD}") from None
+        # Records are stored uncompressed (checked in _read_layout): none can hold more than the file. Checked
+        # before reading, so a few-hundred-byte file claiming a 128 GB record cannot exhaust memory.
+        archive_size = self.path.stat().st_size
+        if info.file_size > archive_size or (nbytes is not None and info.file_size < nbytes):
+            needs = f", the pickle needs {nbytes}" if nbytes is not None else ""
+            raise CheckpointError(f"{self.path}: record {name!r} claims {info.file_size} bytes in a {archive_size}-byte "
+                                  f"file{needs}; the file is truncated or corrupt. {_RE_DOWNLOAD}")
+        try:
+            with self._open().open(info) as f:
+                data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise CheckpointError(f"{self.path}: cannot read record {name!r} ({e}). {_RE_DOWNLOAD}") from e
+            raise CheckpointError(f"{self.path}: cannot read record {name!r} ({e or type(e).__name__}). "
+                                  f"{_RE_DOWNLOAD}") from e
         if nbytes is not None and len(data) < nbytes:
             raise CheckpointError(f"{self.path}: record {name!r} holds {len(data)} bytes, the pickle needs {nbytes}. "
                                   + _RE_DOWNLOAD)

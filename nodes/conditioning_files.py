@@ -120,8 +120,8 @@ def read_conditioning_file(path: str) -> list:
         raise ValueError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
                          "Conditioning.") from e
     device = mm.intermediate_device()
-    if metadata.get("format") is None and set(tensors) == {"cond"} and tensors["cond"].dim() == 3:
-        cond = tensors["cond"].to(device)  # written by `python -m kosmosg_core encode --out`
+    if metadata.get("format") is None and set(tensors) == {"cond"}:
+        cond = _checked_cond(tensors["cond"], path, "cond").to(device)  # from `python -m kosmosg_core encode --out`
         return [[cond, {"pooled_output": cond.mean(dim=1)}]]
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a Kosmos-G conditioning file (metadata format {metadata.get('format')!r}); "
@@ -131,17 +131,41 @@ def read_conditioning_file(path: str) -> list:
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{path} has conditioning format version {version!r}; this pack reads versions "
                          f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
+    damaged = f"{path} is damaged: {{}}. Save the conditioning again with Kosmos-G Save Conditioning."
+    try:
+        entries = json.loads(metadata.get("entries", "[]"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(damaged.format(f"its entries are not readable JSON ({str(e)[:100]})")) from e
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(damaged.format("its entries are not a non-empty list of mappings"))
     conditioning = []
-    for i, encoded in enumerate(json.loads(metadata.get("entries", "[]"))):
+    for i, encoded in enumerate(entries):
         prefix = f"entry{i}."
-        extras = _decode_value(encoded, tensors, device)
+        if prefix + "cond" not in tensors:
+            raise ValueError(damaged.format(f"entry {i} has no tensor {prefix}cond"))
+        try:
+            extras = _decode_value(encoded, tensors, device)
+        except KeyError as e:
+            raise ValueError(damaged.format(f"entry {i} refers to a tensor {e} it does not hold")) from None
+        except RecursionError:
+            raise ValueError(damaged.format(f"entry {i} is nested too deeply")) from None
         if version == "1":  # top-level tensors were not referenced from the JSON; tuples were lists
             extras.update({name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()
                            if name.startswith(prefix) and name != prefix + "cond"})
             if isinstance(extras.get("area"), list):
                 extras["area"] = tuple(extras["area"])
-        conditioning.append([tensors[prefix + "cond"].to(device), extras])
+        conditioning.append([_checked_cond(tensors[prefix + "cond"], path, prefix + "cond").to(device), extras])
     return conditioning
+
+
+def _checked_cond(cond: torch.Tensor, path, name: str) -> torch.Tensor:
+    """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
+    if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
+        raise ValueError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] float "
+                         "conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
+    if not torch.isfinite(cond).all():  # it would sample black images
+        raise ValueError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
+    return cond
 
 
 class KosmosGSaveConditioning(io.ComfyNode):
@@ -171,6 +195,8 @@ class KosmosGSaveConditioning(io.ComfyNode):
         prefix = (filename_prefix or "kosmosg").strip()
         if os.path.basename(prefix) != prefix or prefix in (".", ".."):
             raise ValueError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
+        if not conditioning:
+            raise ValueError("conditioning is empty (no entries): connect the output of an encode node.")
         tensors, metadata = conditioning_to_file_content(conditioning)
         name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
         folder = folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0]

@@ -29,7 +29,13 @@ from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_ENCODINGS = 16
+MAX_CACHED_BYTES = 256 * 2**20  # and at most this much tensor data (big batches are 100s of MB each)
 _ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
+
+
+def _cached_bytes() -> int:
+    return sum(t.numel() * t.element_size() for pair in _ENCODE_CACHE.values() for conditioning in pair
+               for cond, extras in conditioning for t in (cond, extras["pooled_output"]))
 
 
 def to_conditioning(context: torch.Tensor, metadata: dict) -> list:
@@ -42,7 +48,7 @@ def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str
     """Run the pipeline under the memory manager with a progress bar; interruptible between steps."""
     batch = prompt.batch_size
     num_images = len(prompt.images)
-    pbar = comfy.utils.ProgressBar(batch * num_images + 2)  # each image, the positive batch, the negative
+    pbar = comfy.utils.ProgressBar(batch * num_images + batch + 1)  # each image, each positive prompt, the negative
 
     def step():
         mm.throw_exception_if_processing_interrupted()
@@ -115,7 +121,7 @@ class KosmosGEncode(io.ComfyNode):
         else:
             positive, negative = encode_prompt(model, prompt, negative_text)
             _ENCODE_CACHE[key] = (positive, negative)
-            while len(_ENCODE_CACHE) > MAX_CACHED_ENCODINGS:
+            while len(_ENCODE_CACHE) > MAX_CACHED_ENCODINGS or (len(_ENCODE_CACHE) > 1 and _cached_bytes() > MAX_CACHED_BYTES):
                 _ENCODE_CACHE.popitem(last=False)
         # fresh outer lists and dicts each run: downstream nodes may copy/extend them
         return io.NodeOutput([[t, d.copy()] for t, d in positive], [[t, d.copy()] for t, d in negative])

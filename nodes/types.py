@@ -48,5 +48,5 @@ class KosmosGPrompt:
         for img in self.images:
             pixels = img.detach().to("cpu", torch.float32).contiguous()
             digest.update(repr(tuple(pixels.shape)).encode())
-            digest.update(pixels.numpy().tobytes())
+            digest.update(pixels.numpy())  # hashed in place: tobytes() copied the whole batch
         return digest.hexdigest()

@@ -92,3 +92,22 @@ def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
     assert "unknown --cpu-linear fast" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_size_this_machine_cannot_hold_before_building_it(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from kosmosg_core import bench
+
+    built = []
+    monkeypatch.setattr(bench, "write_checkpoints", lambda *args: built.append(args))
+    monkeypatch.setattr(bench, "measure_memory_bandwidth", lambda device: 1e10)
+    monkeypatch.setattr(bench, "_available_memory", lambda: 10**6)  # 1 MB free
+    args = ["bench", "--size", "official", "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path)]
+    assert main(args) == 2 and "is available. Use a smaller --size" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "_available_memory", lambda: 10**12)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    assert main(args) == 2 and "--workdir on a bigger disk" in capsys.readouterr().err
+    assert built == []

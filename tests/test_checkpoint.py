@@ -143,3 +143,76 @@ def test_a_symlinked_official_checkpoint_finds_its_config_and_tokenizer_beside_t
     for name in ("sentencepiece.bpe.model", "dict.txt"):
         (models / "data" / name).symlink_to(path.parent / "data" / name)
     assert load_model(link)[1].source.startswith(str(models / "data"))
+
+
+def test_official_tensors_inference_ignores_are_never_read(tmp_path, monkeypatch):
+    """The official checkpoint also holds the SD1.5 U-Net and VAE (GBs): the loader skips their bytes."""
+    from kosmosg_core import safe_unpickle
+
+    path, _, model = write_tiny_official(tmp_path)
+    state = torch.load(path, weights_only=False)
+    state["model"]["diffusion_unet.unet.conv_in.weight"] = torch.zeros(1024, 1024)  # 4 MiB
+    state["model"]["vae.encoder.conv_in.weight"] = torch.zeros(512, 1024)  # 2 MiB
+    torch.save(state, path)
+    read = []
+    original = safe_unpickle._Archive._read
+
+    def counting(self, name, nbytes=None, limit=None):
+        data = original(self, name, nbytes, limit)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(safe_unpickle._Archive, "_read", counting)
+    loaded, _ = load_model(path)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert sum(read) < weights + 2**20  # the model's own tensors and the pickle, not the 6 MiB U-Net + VAE
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tmp_path):
+    """A small .pt whose zip directory claims a 4 GiB record: a one-line error before any allocation (it was
+    a MemoryError with a 128 GiB claim)."""
+    import zipfile
+
+    from kosmosg_core.safe_unpickle import load_pt_state_dict
+
+    path = tmp_path / "claims.pt"
+    torch.save({"model": {"w": torch.ones(4)}}, path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(n for n in archive.namelist() if "/data/" in n)
+    raw = bytearray(path.read_bytes())
+    entry = raw.find(b"PK\x01\x02")  # the central directory's entries
+    while entry != -1:  # set the record's uncompressed size (offset 24) in its central directory entry
+        name_length = int.from_bytes(raw[entry + 28:entry + 30], "little")
+        if raw[entry + 46:entry + 46 + name_length].decode() == record:
+            raw[entry + 24:entry + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"record '{record}' claims 4294967280 bytes in a .*-byte file"):
+        load_pt_state_dict(path, key="model")
+
+
+@pytest.mark.parametrize("part, field, value, message", [
+    ("decoder", "heads", 0, "DecoderConfig.heads = 0: expected a whole number from 1"),
+    ("vision", "patch_size", 0, "VisionConfig.patch_size = 0"),
+    ("decoder", "layers", "4", "DecoderConfig.layers = '4'"),
+    ("decoder", "width", 2**40, "DecoderConfig.width = 1099511627776"),
+    ("decoder", "layers", 100000, "expected a whole number from 1 to 1024"),  # was minutes of model building
+    ("aligner", "dropout", float("nan"), "AlignerConfig.dropout = nan"),
+    ("decoder", "scale_embedding", 1, "expected true or false"),
+])
+def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, value, message):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, _ = write_tiny_pack(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata["config"])
+    config[part][field] = value
+    save_file(tensors, str(path), {**metadata, "config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=f"embedded config is missing or invalid .*{message}"):
+        load_model(path)

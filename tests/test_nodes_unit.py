@@ -315,12 +315,20 @@ def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
         first = KosmosGEncode.execute(model, prompt, "blurry").result
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert updates and updates[-1] == (4, 4)  # 2 images + positive batch + negative
+    assert updates and updates[-1] == (4, 4)  # 2 images + 1 positive prompt + the negative
     calls = []
     monkeypatch.setattr(encode, "encode_prompt", lambda *a: calls.append(a))
     again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     assert calls == [] and torch.equal(again[0][0][0], first[0][0][0])
     assert again[0] is not first[0]  # fresh lists: downstream edits cannot corrupt the cache
+
+
+def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    monkeypatch.setattr(encode, "MAX_CACHED_BYTES", 77 * 768 * 4 * 3)  # room for one B=1 pair, not two
+    KosmosGEncode.execute(model, run_prompt("a cat"))
+    KosmosGEncode.execute(model, run_prompt("a dog"))
+    assert len(encode._ENCODE_CACHE) == 1 and encode._cached_bytes() <= encode.MAX_CACHED_BYTES
 
 
 def test_encode_is_interruptible(model_dirs, converted):
@@ -426,6 +434,26 @@ def test_load_conditioning_rejects_foreign_and_missing_files(model_dirs):
     folder_paths.filename_list_cache.clear()
     with pytest.raises(ValueError, match="not a Kosmos-G conditioning file"):
         KosmosGLoadConditioning.execute("foreign.safetensors")
+    cond = torch.randn(1, 77, 8)
+    header = {"format": "kosmosg_conditioning", "format_version": "2"}
+    for name, tensors, entries, message in (  # damaged or crafted files: one line naming the file and the fault
+        ("refs", {"entry0.cond": cond}, [{"m": {"__tensor__": "entry0.nope"}}], "refers to a tensor 'entry0.nope'"),
+        ("nocond", {"entry0.cond": cond}, [{}, {}], "entry 1 has no tensor entry1.cond"),
+        ("json", {"entry0.cond": cond}, "[{", "entries are not readable JSON"),
+        ("deep", {"entry0.cond": cond}, "[" * 100000 + "]" * 100000, "entries are not readable JSON"),
+        ("ints", {"entry0.cond": cond}, [5], "not a non-empty list of mappings"),
+        ("empty", {"entry0.cond": cond}, [], "not a non-empty list of mappings"),
+        ("shape", {"entry0.cond": torch.randn(5)}, [{}], r"entry0.cond is torch.float32 \[5\], not a \[batch"),
+        ("ints-cond", {"entry0.cond": torch.ones(1, 77, 8, dtype=torch.int64)}, [{}], "torch.int64"),
+        ("nan", {"entry0.cond": torch.full((1, 77, 8), float("nan"))}, [{}], "holds inf/NaN"),
+    ):
+        text = entries if isinstance(entries, str) else json.dumps(entries)
+        save_file(tensors, str(cond_dir / f"{name}.safetensors"), {**header, "entries": text})
+        folder_paths.filename_list_cache.clear()
+        with pytest.raises(ValueError, match=message):
+            KosmosGLoadConditioning.execute(f"{name}.safetensors")
+    with pytest.raises(ValueError, match="conditioning is empty"):
+        KosmosGSaveConditioning.execute([], "empty")
     message = KosmosGLoadConditioning.validate_inputs("gone.safetensors")
     assert "gone.safetensors" in message and str(cond_dir) in message
 

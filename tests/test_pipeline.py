@@ -47,6 +47,35 @@ def test_batch_equals_one_at_a_time(pipe):
         assert torch.allclose(batch[k], pipe.encode(p, imgs)[0], atol=1e-5)
 
 
+def test_big_batches_run_in_chunks_with_progress_during_the_work(pipe, monkeypatch):
+    """40 prompts (more than PROMPT_CHUNK) with 40 new images (more than VISION_CHUNK): the same result as one at
+    a time; progress fires once per image and per prompt, between the forwards (an interrupt stops the work);
+    cached features own their storage (a view kept the whole batch's output alive)."""
+    from kosmosg_core import pipeline as pipeline_module
+
+    small = KosmosGPipeline(pipe.model, pipe.tokenizer, cache_size=64)
+    prompts = [f"picture {k} of <i>" + " big" * (k % 5) for k in range(40)]
+    images = [image(100 + k, (24, 24)) for k in range(40)]
+    calls, forwards = [], []
+    monkeypatch.setattr(small.model, "encode_images", lambda x, f=small.model.encode_images: forwards.append(len(x)) or f(x))
+    batched = small.encode(prompts, [[img] for img in images], progress=lambda: calls.append(len(forwards)))
+    assert len(calls) == 80 and max(forwards) <= pipeline_module.VISION_CHUNK and sum(forwards) == 40
+    assert calls[0] < len(forwards)  # the first progress came before the last vision forward
+    for k in (0, 17, 39):
+        assert torch.allclose(batched[k], pipe.encode(prompts[k], [images[k]])[0], atol=1e-5)
+    entry = next(iter(small._image_cache.values()))
+    assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    forwards.clear()
+    small.clear_cache()
+    with pytest.raises(KeyboardInterrupt):
+        small.encode(prompts, [[img] for img in images], progress=interrupt)
+    assert forwards == [pipeline_module.VISION_CHUNK]  # stopped after the first chunk
+
+
 def test_image_weights(pipe):
     base = pipe.encode("a photo of <i>", [image(5)])
     assert torch.allclose(base, pipe.encode("a photo of <i>", [image(5)], image_weights=[1.0]), atol=0)
@@ -165,6 +194,9 @@ def test_placeholder_mismatch(pipe):
         pipe.encode("<i> and <i>", [image(0)])
     with pytest.raises(PromptError, match=r"0 <i> placeholder\(s\) but 1 image"):
         pipe.encode("no placeholder", [image(0)])
+    # counted before any image is read (decoding six big photos took 19 s and 5 GB before this error):
+    with pytest.raises(PromptError, match=r"1 <i> placeholder\(s\) but 2 image"):
+        pipe.encode("one <i>", ["/no/such/photo.jpg", torch.rand(1, 8, 8, 3)])
 
 
 def test_prompt_too_long(pipe):
