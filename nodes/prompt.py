@@ -121,7 +121,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text, weights, input_types, images=None):
+    def validate_inputs(cls, text=None, weights=None, input_types=None, images=None):
         # Runs before anything executes. Linked values are unknown here (`images` arrives as an
         # empty/None-valued dict), but `input_types` names every linked socket
         # ({"images.image0": "IMAGE", ...}), which is exactly the connected-image count.

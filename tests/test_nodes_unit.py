@@ -323,6 +323,19 @@ def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
     assert again[0] is not first[0]  # fresh lists: downstream edits cannot corrupt the cache
 
 
+def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):
+    """An API prompt that leaves a file input out gets ComfyUI's own "required input missing" (the validators
+    raised "missing 1 required positional argument"); a number instead of a file name is named, not a
+    "join() argument must be str" error."""
+    for validate in (KosmosGLoader.validate_inputs, KosmosGConvertCheckpoint.validate_inputs,
+                     KosmosGLoadConditioning.validate_inputs, KosmosGInterleavedPrompt.validate_inputs):
+        assert validate() is True
+    for validate in (KosmosGLoader.validate_inputs, KosmosGConvertCheckpoint.validate_inputs,
+                     KosmosGLoadConditioning.validate_inputs):
+        message = validate(123)
+        assert isinstance(message, str) and "123 was not found" in message
+
+
 def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
     model = KosmosGLoader.execute(converted, device="cpu").result[0]
     monkeypatch.setattr(encode, "MAX_CACHED_BYTES", 77 * 768 * 4 * 3)  # room for one B=1 pair, not two
