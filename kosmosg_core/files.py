@@ -71,15 +71,38 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
             return
 
 
+TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<random>.tmp beside their final file
+_SWEPT: set[str] = set()  # folders whose stale temp files this process has removed
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temp files left by killed writers (their process is gone) in `folder`, once per process: a run killed
+    again and again must not fill the disk with half-written checkpoints."""
+    if str(folder) in _SWEPT:
+        return
+    _SWEPT.add(str(folder))
+    for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+        try:
+            pid = int(tmp.name[len(TEMP_PREFIX):].split("-")[0])
+            if pid != os.getpid():
+                os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not ours, or a live process of another user: leave it
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """`with atomic_output(path) as tmp:` write to `tmp`; on success it is flushed to disk and renamed to
     `path` with the permissions any new file gets (0666 & ~umask), so a failed or killed write never
     leaves a partial file (a rerun that skips existing files would trust it) nor destroys the previous
-    one. Creates the parent folder. The temp name is short: a 255-byte final name still works."""
+    one. Creates the parent folder; removes temp files of killed writers there. The temp name is short:
+    a 255-byte final name still works. A failed write (e.g. a full disk) is an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".kosmosg-", suffix=".tmp")
+    _remove_stale_temp_files(path.parent)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
     os.close(handle)
     tmp = Path(tmp_name)
     try:
@@ -88,6 +111,12 @@ def atomic_output(path):
             os.fsync(written.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if str(path) in str(e):
+            raise
+        raise (OSError(e.errno, f"{e.strerror} (writing {path})") if e.errno and e.strerror
+               else OSError(f"{e} (writing {path})")) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -97,10 +126,21 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     """Write `tensors` to `path` atomically (`atomic_output`). safetensors (0.8 here) creates its files with
     mode 0600 whatever the umask: a model file written so would be unreadable by, e.g., a ComfyUI service
     running as another user; atomic_output gives the usual mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # e.g. no space left: an OSError like any other failed write
+            raise OSError(f"cannot write {path}: {e}") from e
+    return Path(path)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """`text` (UTF-8) -> `path` atomically: a kill never leaves it empty (runs read their record back)."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -82,3 +82,21 @@ def test_a_name_of_255_bytes_is_written_and_images_are_written_atomically(tmp_pa
         save_image(Image.new("RGB", (4, 4), (9, 9, 9)), path)
     assert Image.open(path).getpixel((0, 0)) == (1, 2, 3)  # the earlier image stays whole
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest.name, "img.png"])
+
+
+def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """e.g. a full disk: one line naming what was being written (the CLIs print OSErrors as one line)."""
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        from safetensors import SafetensorError
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'x.safetensors'}: Error while serializing"):
+        save_safetensors({"x": torch.ones(1)}, tmp_path / "x.safetensors")
+    monkeypatch.undo()  # the real writer again; now the flush to disk fails
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device \(writing .*y.safetensors\)"):
+        save_safetensors({"x": torch.ones(1)}, tmp_path / "y.safetensors")
+    assert list(tmp_path.iterdir()) == []

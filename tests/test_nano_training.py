@@ -284,6 +284,13 @@ def test_command_refuses_a_corrupt_checkpoint(module, parts, tmp_path):
         run_command(module, base + ["--output-dir", str(out), "--max-steps", "2"])
 
 
+def test_rerunning_a_finished_vae_run_keeps_one_final_line(tmp_path):
+    args = VAE_ARGS + ["--output-dir", str(tmp_path / "vae"), "--max-steps", "2"]
+    for _ in range(3):  # e.g. a kill after the last line, then the same command again
+        run_command("train_vae", args)
+    assert sum("vae_scale" in m for m in read_metrics(tmp_path / "vae")) == 1
+
+
 def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts, tmp_path):
     out = tmp_path / "unet"
     args = unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"]
@@ -309,6 +316,8 @@ def test_resume_refuses_changed_settings_and_keeps_the_run_record(parts, tmp_pat
     for flag in ("--save-every", "--batch-size"):
         with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):
             run_command("train_unet", args + ["--output-dir", str(tmp_path / "zero"), flag, "0"])
+    with pytest.raises(ValueError, match="is at step 2, beyond --max-steps 1"):  # it rewrote the EMA as step 1
+        run_command("train_unet", args)
 
 
 def test_unet_is_tied_to_its_text_encoder_on_resume_and_export(parts, tmp_path):

@@ -92,3 +92,71 @@ def test_crash_then_resume_stage1_matches(env, accumulation):
     assert load_checkpoint(crashed)["step"] == 20
     assert run(crashed) == list(range(21, STEPS + 1))
     assert_same_run(reference, crashed)
+
+
+def test_resume_with_other_max_steps_uses_the_new_schedule_from_its_first_update(env, tmp_path):
+    """--max-steps may change on resume: the first resumed update took the old schedule's LR (0.0 when a
+    finished run was extended). A --max-steps below the checkpoint's step is refused (it trained nothing and
+    rewrote the run's record)."""
+    from train import stage1
+    from train.loop import polynomial_decay
+
+    out = tmp_path / "run"
+    args = common_args(env, out, steps=6, save_every=3) + ["--warmup-steps", "2", "--learning-rate", "1e-3"]
+    stage1.main(args)
+    stage1.main(args[:args.index("--max-steps")] + ["--max-steps", "10"] + args[args.index("--max-steps") + 2:])
+    lrs = {m["step"]: m["lr"] for m in read_metrics(out)}
+    assert lrs[6] == pytest.approx(polynomial_decay(5, 2, 6, 1e-3, 0.0, 1.0)) == 0.0  # the first run's last update
+    for step in (7, 8, 10):
+        assert lrs[step] == pytest.approx(polynomial_decay(step - 1, 2, 10, 1e-3, 0.0, 1.0)), step
+    record = (out / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=r"is at step 10, beyond --max-steps 4; give --max-steps 10 or more"):
+        stage1.main(args[:args.index("--max-steps")] + ["--max-steps", "4"] + args[args.index("--max-steps") + 2:])
+    assert (out / "train_config.json").read_text() == record
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path):
+    """Two runs into one folder interleaved their checkpoints and metrics (e.g. a relaunch while the workers of
+    a killed launcher still ran). The lock is held while a run trains, then released."""
+    from train import stage1
+    from train.common.checkpointing import run_folder_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from train.common.checkpointing import run_folder_lock\n"
+                               "with run_folder_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)",
+                               str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"Another process \(pid {holder.pid}\) is training into"):
+            stage1.main(common_args(env, out, steps=2, save_every=2))
+    finally:
+        holder.kill()
+        holder.wait()
+    stage1.main(common_args(env, out, steps=2, save_every=2))  # free once the other process is gone
+    with run_folder_lock(out):  # and free again after this process's run ended
+        with run_folder_lock(out):  # nested use in one process is fine
+            pass
+
+
+def test_checkpoints_get_the_usual_permissions_and_killed_writers_temp_files_are_removed(env, tmp_path):
+    import os
+    import stat
+
+    from train.common.checkpointing import atomic_torch_save
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".kosmosg-{dead.pid}-abc.tmp"  # a half-written checkpoint of a killed run
+    stale.write_bytes(b"x" * 1000)
+    foreign = out / ".kosmosg-notapid-abc.tmp"
+    foreign.write_bytes(b"y")
+    previous = os.umask(0o022)
+    try:
+        path = atomic_torch_save({"step": 1}, out / "checkpoint.pt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # was 0600: unreadable to another user
+    assert not stale.exists() and foreign.exists()

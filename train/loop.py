@@ -50,9 +50,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kosmosg_core.files import check_output_folder
-from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, gather_full_state, load_checkpoint, \
-    load_full_state, restore, save_checkpoint
+from kosmosg_core.files import check_output_folder, write_text_atomic
+from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, check_step_within, gather_full_state, \
+    load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
 from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
 from train.common.metrics import METRICS_NAME, MetricsLog
 
@@ -350,6 +350,7 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     if extra.get("stage") != stage.name:
         raise ValueError(f"Checkpoint {path} was written by {extra.get('stage')!r}, not {stage.name!r}; resume it "
                          f"with `python -m train.{extra.get('stage')}` or use a new --output-dir.")
+    check_step_within(state, cfg.max_steps, path)
     saved = extra.get("kosmosg_config")
     if saved is not None:
         changed = changed_settings(json.loads(saved), json.loads(stage.model_config().to_json()))
@@ -529,6 +530,12 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
     """Train `stage` for cfg.max_steps updates (resuming when a checkpoint exists). -> final metrics."""
     _check_loop_config(cfg)
     check_output_folder(cfg.output_dir, "--output-dir")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # of the whole job: it writes the run folder
+    with run_folder_lock(cfg.output_dir) if main_process else contextlib.nullcontext():
+        return _train(stage, cfg, find_unused_parameters, on_step)
+
+
+def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step) -> dict:
     accelerator = build_accelerator(cfg, find_unused_parameters)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -550,7 +557,7 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
     start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world)
     if accelerator.is_main_process:
         metrics_log = MetricsLog(out, start_step)
-        (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
+        write_text_atomic(out / TRAIN_CONFIG_NAME, json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
 
     if sharded:  # accelerate would wrap the (already sharded) module in DDP
         optimizer = accelerator.prepare(optimizer)

@@ -13,9 +13,9 @@ The optimiser state is keyed by parameter index, exactly as a 1-process `optimiz
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +45,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from kosmosg_core.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=None, step: int,
@@ -111,6 +102,52 @@ def check_model_keys(state: dict, expected_model_keys, path) -> None:
                          "or use a new --output-dir.")
 
 
+LOCK_NAME = ".run.lock"
+_HELD_LOCKS: set[str] = set()  # run folders this process holds
+
+
+@contextlib.contextmanager
+def run_folder_lock(output_dir):
+    """While it is held, no other process can train into `output_dir` (e.g. a relaunch while the workers of a
+    killed launcher still train: their checkpoints and metrics would interleave): an exclusive lock on
+    OUTPUT_DIR/.run.lock, refused by name. Nested use in one process is a no-op."""
+    folder = Path(output_dir).resolve()
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        fcntl = None
+    if fcntl is None or str(folder) in _HELD_LOCKS:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise ValueError(f"Another process (pid {holder}) is training into {folder}; wait for it or stop it (the "
+                             "workers of a killed torchrun can outlive their launcher: check `ps`), or use another "
+                             "--output-dir.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD_LOCKS.add(str(folder))
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(str(folder))  # closing the file releases the lock
+
+
+def check_step_within(state: dict, max_steps: int, path) -> None:
+    """A run resumed with --max-steps below its checkpoint's step would train nothing and rewrite its outputs and
+    record under the wrong step: refused."""
+    if int(state["step"]) > max_steps:
+        raise ValueError(f"Checkpoint {path} is at step {int(state['step'])}, beyond --max-steps {max_steps}; give "
+                         f"--max-steps {int(state['step'])} or more to continue it, or a new --output-dir.")
+
+
 def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:
     """Load a saved state into the live objects (RNG included) -> the step to continue from."""
     if model is not None:
@@ -119,6 +156,11 @@ def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
+        # the saved state carries the LR the old schedule set for the next update; the schedule may have
+        # changed (--max-steps on resume): the next update's LR comes from the current one (LambdaLR)
+        for group, base_lr, at in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * at(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     set_rng_state(state["rng"])
     return int(state["step"])
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from train.common.checkpointing import load_checkpoint, restore
+from kosmosg_core.files import write_text_atomic
+from train.common.checkpointing import check_step_within, load_checkpoint, restore, run_folder_lock
 from train.common.config import changed_settings, config_to_dict
 from train.common.metrics import MetricsLog
 
@@ -65,6 +66,7 @@ def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_k
     state = load_checkpoint(output_dir, expected_model_keys=list(model.state_dict()))
     if state is None:
         return None
+    check_step_within(state, config.max_steps, output_dir)
     saved = state.get("extra", {}).get("config", {})
     check_architecture(saved, config_to_dict(config), arch_keys, output_dir)
     check_resumed_settings(saved, config_to_dict(config), output_dir)
@@ -99,8 +101,16 @@ def load_state_file(module: torch.nn.Module, path: Path, what: str, made_by: str
 
 
 def write_config(output_dir: Path, config) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2))
+    write_text_atomic(output_dir / CONFIG_NAME, json.dumps(config_to_dict(config), indent=2))
+
+
+def with_run_lock(train):
+    """`train(cfg)` holding its run folder's lock (`run_folder_lock`) while it runs: a second process training
+    into the same --output-dir is refused."""
+    def locked(cfg):
+        with run_folder_lock(cfg.output_dir):
+            return train(cfg)
+    return locked
 
 
 def open_run(output_dir: Path, module: torch.nn.Module, optimizer, scheduler, config,

@@ -290,7 +290,7 @@ def train(cfg: UNetTrainConfig) -> Path:
 
 
 def main(argv=None) -> Path:
-    return run_entry_point(UNetTrainConfig, train, argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
+    return run_entry_point(UNetTrainConfig, run_utils.with_run_lock(train), argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
 
 
 if __name__ == "__main__":

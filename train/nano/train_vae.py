@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
+from train.common.metrics import read_metrics
 from train.nano import nano_data, run_utils
 from train.nano.taesd import TinyAutoencoder, fit_latent_scale_shift
 
@@ -202,7 +203,8 @@ def train(cfg: VaeTrainConfig) -> Path:
         scale, shift = fit_scale_shift(vae, train_images[: cfg.fit_scenes])
     save_safetensors({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, out / VAE_FILE)
     logger.info("saved %s (vae_scale %.4f, vae_shift %.4f)", out / VAE_FILE, scale, shift)
-    metrics.write({"step": cfg.max_steps, "vae_scale": scale, "vae_shift": shift})
+    if not any("vae_scale" in record for record in read_metrics(out)):  # a rerun of a finished run has it
+        metrics.write({"step": cfg.max_steps, "vae_scale": scale, "vae_shift": shift})
     return out / VAE_FILE
 
 
@@ -219,7 +221,7 @@ def load_vae(path: str | Path) -> TinyAutoencoder:
 
 
 def main(argv=None) -> Path:
-    return run_entry_point(VaeTrainConfig, train, argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
+    return run_entry_point(VaeTrainConfig, run_utils.with_run_lock(train), argv, description=__doc__.split("\n")[0], as_script=__name__ == "__main__")
 
 
 if __name__ == "__main__":
