@@ -225,9 +225,7 @@ class KosmosGLoadConditioning(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, conditioning_file=None):
-        if conditioning_file is not None and (
-                not isinstance(conditioning_file, str)
-                or folder_paths.get_full_path(paths.CONDITIONING_FOLDER, conditioning_file) is None):
+        if conditioning_file is not None and paths.listed_file(paths.CONDITIONING_FOLDER, conditioning_file) is None:
             return paths.missing_file_message(
                 paths.CONDITIONING_FOLDER, conditioning_file, "Conditioning file",
                 "Create one with Kosmos-G Save Conditioning (it writes to ComfyUI/models/kosmosg_conditioning/).")

@@ -66,8 +66,7 @@ class KosmosGLoader(io.ComfyNode):
     def validate_inputs(cls, checkpoint=None):
         # Replaces ComfyUI's "Value not in list" with a message saying where to put the file. Not given at
         # all (an API prompt): ComfyUI reports the missing input itself.
-        if checkpoint is not None and (not isinstance(checkpoint, str)
-                                       or folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint) is None):
+        if checkpoint is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, checkpoint) is None:
             return paths.checkpoint_missing_message(checkpoint)
         return True
 
@@ -113,8 +112,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, source=None):
-        if source is not None and (not isinstance(source, str)
-                                   or folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, source) is None):
+        if source is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, source) is None:
             return paths.missing_file_message(
                 paths.CHECKPOINT_FOLDER, source, "Official Kosmos-G checkpoint",
                 "Put checkpoint_final.pt and its tokenizer folder into ComfyUI/models/kosmosg/.")

@@ -39,6 +39,15 @@ def list_files(folder: str, extensions: set[str] | None = None) -> list[str]:
     return sorted(names)
 
 
+def listed_file(folder: str, name) -> str | None:
+    """The full path of `name` in `folder` when it is a file the folder's list offers (a file name with one of
+    the folder's extensions, any case), else None (also for a non-text value from an API prompt)."""
+    extensions = folder_paths.folder_names_and_paths.get(folder, ([], set()))[1]
+    if not isinstance(name, str) or not name.lower().endswith(tuple(e.lower() for e in extensions)):
+        return None
+    return folder_paths.get_full_path(folder, name)
+
+
 def missing_file_message(folder: str, name: str, what: str, how: str) -> str:
     """'X not found; searched A, B; found: ...; put ... there' — the error users of this pack see."""
     searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"(no '{folder}' folder registered)"

@@ -334,6 +334,13 @@ def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):
                      KosmosGLoadConditioning.validate_inputs):
         message = validate(123)
         assert isinstance(message, str) and "123 was not found" in message
+    kosmosg_dir, cond_dir = model_dirs
+    (kosmosg_dir / "notes.json").write_text("{}")  # in the folder, but not a file the list offers
+    (cond_dir / "notes.json").write_text("{}")
+    for validate in (KosmosGLoader.validate_inputs, KosmosGConvertCheckpoint.validate_inputs,
+                     KosmosGLoadConditioning.validate_inputs):
+        assert "'notes.json' was not found" in validate("notes.json")
+    assert KosmosGLoader.validate_inputs("tiny.pt") is True
 
 
 def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
