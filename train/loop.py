@@ -82,7 +82,7 @@ class LoopConfig:
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "samples per process per micro-batch (official: 16/GPU "
                                                           "stage 3, 56/GPU stage 2)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1, 
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1,
         "help": "micro-batches per optimiser update (their gradients add up): an update sees batch_size x this x "
                 "processes samples"})
     max_steps: int = field(default=200000, metadata={"min": 1, "help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from kosmosg_core.files import write_text_atomic
 from train.common.config import changed_settings, flatten_settings
 
 SETTINGS_NAME = "settings.json"
@@ -35,8 +36,4 @@ def record_folder_settings(folder, settings: dict) -> None:
     path = os.path.join(folder, SETTINGS_NAME)
     if os.path.exists(path):
         return
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(flatten_settings(settings), handle, indent=1, sort_keys=True)
-        handle.write("\n")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(flatten_settings(settings), indent=1, sort_keys=True) + "\n")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
+
+from kosmosg_core.files import write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -29,10 +30,7 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     if line.strip():
                         logger.warning("%s: dropping a damaged line: %.80s", self.path, line)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.start = time.time()
 
     def write(self, record: dict) -> None:
