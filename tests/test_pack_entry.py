@@ -1,0 +1,63 @@
+"""The pack's entry point (`__init__.py`) inside a ComfyUI too old for its node API, and outside ComfyUI."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_entry(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_comfyui(monkeypatch, *, latest_io=None, version="0.3.40"):
+    """sys.modules as inside a ComfyUI: folder_paths loaded, its version module, and a comfy_api that
+    has no `latest` (latest_io None) or a `latest` whose `io` is `latest_io`."""
+    monkeypatch.setitem(sys.modules, "folder_paths", types.ModuleType("folder_paths"))
+    monkeypatch.setitem(sys.modules, "comfyui_version", types.SimpleNamespace(__version__=version))
+    comfy_api = types.ModuleType("comfy_api")  # a plain module: `comfy_api.latest` cannot be imported
+    monkeypatch.setitem(sys.modules, "comfy_api", comfy_api)
+    if latest_io is None:
+        monkeypatch.delitem(sys.modules, "comfy_api.latest", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "comfy_api.latest", types.SimpleNamespace(io=latest_io))
+
+
+def test_comfyui_without_the_v3_api_fails_the_import_with_the_fix(monkeypatch):
+    _fake_comfyui(monkeypatch, latest_io=None, version="0.3.40")
+    with pytest.raises(ImportError) as error:
+        _import_entry("kosmosg_pack_entry_no_api")
+    message = str(error.value)
+    assert "needs ComfyUI 0.30.0 or newer" in message and "this ComfyUI is 0.3.40" in message
+    assert "comfy_api.latest cannot be imported" in message and "Update ComfyUI" in message
+
+
+def test_comfyui_whose_node_api_lacks_autogrow_fails_the_import(monkeypatch):
+    _fake_comfyui(monkeypatch, latest_io=types.SimpleNamespace(ComfyNode=object), version="0.29.1")
+    with pytest.raises(ImportError, match=r"this ComfyUI is 0\.29\.1 and comfy_api\.latest\.io has no Autogrow"):
+        _import_entry("kosmosg_pack_entry_no_autogrow")
+
+
+def test_outside_comfyui_the_package_imports_without_nodes(monkeypatch):
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.delitem(sys.modules, "comfy_api.latest", raising=False)
+    entry = _import_entry("kosmosg_pack_entry_outside")
+    assert entry.__all__ == ["WEB_DIRECTORY"] and not hasattr(entry, "comfy_entrypoint")
+
+
+def test_required_version_is_the_one_pyproject_declares():
+    entry_source = (REPO / "__init__.py").read_text()
+    required = re.search(r'REQUIRED_COMFYUI = "([^"]+)"', entry_source).group(1)
+    declared = re.search(r'requires-comfyui = ">=([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert required == declared
