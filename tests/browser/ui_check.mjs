@@ -134,7 +134,7 @@ try {
     const promptState = () => page.evaluate(() => {
         const node = window.__kg.prompt;
         return {
-            inputs: node.inputs.map((i) => ({ name: i.name, type: i.type, label: i.label ?? null, linked: i.link != null })),
+            inputs: node.inputs.map((i, k) => ({ name: i.name, type: i.type, label: i.label ?? null, linked: node.isInputConnected(k) })),
             widgets: node.widgets.map((w) => w.name),
             status: node.kosmosgStatus ?? null,
             status_dom: [...document.querySelectorAll("[data-testid='kosmosg-status-summary']")].map((e) => e.textContent),

@@ -48,9 +48,13 @@ export function parseWeights(text) {
 
 /** The node's image sockets in socket order: [{input, index (socket number), linked}]. */
 function imageSockets(node) {
+    // node.isInputConnected(slot), not input.link: frontends from 1.53 on deprecate reading input.link (a
+    // console warning now, gone later); the method exists in every frontend ComfyUI >= 0.30 ships
     return (node.inputs || [])
-        .filter((input) => input.name.startsWith(IMAGES_GROUP))
-        .map((input) => ({ input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1), linked: input.link != null }))
+        .map((input, slot) => ({ input, slot }))
+        .filter(({ input }) => input.name.startsWith(IMAGES_GROUP))
+        .map(({ input, slot }) => ({ input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1),
+            linked: node.isInputConnected(slot) }))
         .sort((a, b) => a.index - b.index);
 }
 
