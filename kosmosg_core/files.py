@@ -72,13 +72,15 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
 
 
 TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<random>.tmp beside their final file
+# Windows: os.kill(pid, 0) would send CTRL_C_EVENT to that process group instead of checking the pid
+CAN_PROBE_PIDS = os.name == "posix"
 _SWEPT: set[str] = set()  # folders whose stale temp files this process has removed
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
     """Temp files left by killed writers (their process is gone) in `folder`, once per process: a run killed
     again and again must not fill the disk with half-written checkpoints."""
-    if str(folder) in _SWEPT:
+    if str(folder) in _SWEPT or not CAN_PROBE_PIDS:
         return
     _SWEPT.add(str(folder))
     for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):

@@ -54,9 +54,22 @@ def resolve_device(device) -> torch.device:
         raise DeviceError("Device 'mps' was requested but MPS is not available; use device 'cpu'.")
     if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise DeviceError("Device 'xpu' was requested but this PyTorch sees no Intel GPU; use device 'cpu'.")
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise DeviceError(f"Unsupported device {str(device)!r}; use 'cpu' or 'cuda'.")
+    if device.type == "meta":  # tensors without data: the weights would be lost
+        raise DeviceError("Device 'meta' holds no data; use 'cpu' or 'cuda'.")
+    if device.type not in ("cpu", "cuda", "mps", "xpu") and not device_usable(device):
+        raise DeviceError(f"Unsupported device {str(device)!r}: this PyTorch cannot make tensors there; use 'cpu' or "
+                          "'cuda'.")
     return device
+
+
+def device_usable(device: torch.device) -> bool:
+    """True when this PyTorch can make a tensor on `device`: the other backends ComfyUI runs on (DirectML's
+    'privateuseone', Ascend 'npu', ...) work where their plugin is installed."""
+    try:
+        torch.empty(1, device=device)
+    except Exception:  # backends fail in their own ways (NotImplementedError, AssertionError, ImportError...)
+        return False
+    return True
 
 
 def _as_list(value) -> list:

@@ -105,8 +105,9 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
     if load_device.type == "cpu" and packs_dtype(dtype):
         pack_for_cpu_encode(pipeline.model)  # faster CPU encodes; a model that may move to a GPU stays plain
-    patcher = comfy.model_patcher.CoreModelPatcher(
-        pipeline.model, load_device=load_device, offload_device=offload_device, size=size)
+    # CoreModelPatcher: the patcher ComfyUI picks for its own models (plain ModelPatcher before early 2026)
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(pipeline.model, load_device=load_device, offload_device=offload_device, size=size)
     model = KosmosGModel(pipeline=pipeline, patcher=patcher, name=name, cache_key=key)
     _LOADED[key] = model
     return model

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import sys
 
 import pytest
 import torch
@@ -100,3 +101,29 @@ def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device \(writing .*y.safetensors\)"):
         save_safetensors({"x": torch.ones(1)}, tmp_path / "y.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_files_of_dead_writers_are_removed_on_posix_and_left_on_windows(tmp_path, monkeypatch):
+    """Windows: os.kill(pid, 0) sends CTRL_C_EVENT to a process group instead of checking the pid, so the
+    sweep is not done there (the temp files stay; nothing is signalled)."""
+    import kosmosg_core.files as files
+
+    dead = tmp_path / f"{files.TEMP_PREFIX}{_dead_pid()}-abc.tmp"
+    dead.write_bytes(b"half-written")
+    monkeypatch.setattr(files, "_SWEPT", set())
+    monkeypatch.setattr(files, "CAN_PROBE_PIDS", False)  # as on Windows
+    monkeypatch.setattr(files.os, "kill", lambda *a: pytest.fail("os.kill called on Windows"))
+    save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
+    assert dead.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(files, "_SWEPT", set())
+    save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
+    assert not dead.exists() and load_file(str(tmp_path / "b.safetensors"))["x"].shape == (2,)

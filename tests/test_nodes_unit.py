@@ -181,6 +181,14 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is not model
 
 
+def test_loader_works_on_a_comfyui_without_core_model_patcher(model_dirs, converted, monkeypatch):
+    """ComfyUI releases from before CoreModelPatcher (early 2026) but with the V3 node API: plain ModelPatcher."""
+    monkeypatch.delattr(comfy.model_patcher, "CoreModelPatcher")
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    assert type(model.patcher) is comfy.model_patcher.ModelPatcher
+    assert KosmosGEncode.execute(model, run_prompt("a <i> in town", [image(3)])).result[0][0][0].shape == (1, 77, 768)
+
+
 def test_loaded_model_is_freed_when_comfy_lets_go_of_it(model_dirs, converted):
     """No model kept alive behind ComfyUI's back: once its node cache drops the Loader's output and the memory
     manager has unloaded it (what "free model and node cache" does), the weights are garbage."""

@@ -7,7 +7,7 @@ from PIL import Image
 
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, NonFiniteEncodingError, \
     PromptError, TokenizerError
-from kosmosg_core.pipeline import KosmosGPipeline
+from kosmosg_core.pipeline import KosmosGPipeline, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +244,22 @@ def test_bad_dtype_and_device(pack):
             KosmosGPipeline.from_checkpoint(pack[0], device="cuda")
     with pytest.raises(DeviceError, match="Unknown device"):
         KosmosGPipeline.from_checkpoint(pack[0], device="gpu0")
+
+
+@pytest.mark.parametrize("device", ["ipu", "hpu", "vulkan", "meta"])
+def test_device_this_pytorch_cannot_use_is_refused_by_name(device):
+    with pytest.raises(DeviceError, match=f"'{device}'"):
+        resolve_device(device)
+
+
+def test_other_backends_comfyui_runs_on_are_accepted_where_usable(monkeypatch):
+    """DirectML ('privateuseone') / Ascend ('npu') users get ComfyUI's device; it is used when torch can."""
+    import kosmosg_core.pipeline as pipeline_module
+
+    assert not pipeline_module.device_usable(torch.device("privateuseone"))  # no DirectML plugin here
+    monkeypatch.setattr(pipeline_module, "device_usable", lambda device: True)  # as with the plugin installed
+    assert resolve_device("privateuseone:0") == torch.device("privateuseone:0")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype, poison, fix", [
