@@ -32,10 +32,11 @@ if [ ! -f "$C/ComfyUI/comfyui_version.py" ]; then
   rm -rf "$C/sdist"
 fi
 grep -q "0.30.0" "$C/ComfyUI/comfyui_version.py"
-STAMP="$C/venv/.reqs-$(cat "$C/ComfyUI/requirements.txt" "$HERE/requirements.txt" "$HERE/requirements-test.txt" 2>/dev/null | sha256sum | cut -c1-16)"
+STAMP="$C/venv/.reqs-$(cat "$C/ComfyUI/requirements.txt" "$HERE/requirements.txt" "$HERE/requirements-train.txt" "$HERE/requirements-test.txt" 2>/dev/null | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   "$VPY" -m pip install -q -r "$C/ComfyUI/requirements.txt"
-  "$VPY" -m pip install -q -r "$HERE/requirements.txt" -r "$HERE/requirements-test.txt"
+  # requirements-train.txt includes requirements.txt; the test pins must satisfy both
+  "$VPY" -m pip install -q -r "$HERE/requirements-train.txt" -r "$HERE/requirements-test.txt"
   # torchscale (PyPI 0.3.0) is a test-only parity reference; its pins (fairscale, timm) are not needed.
   "$VPY" -m pip install -q --no-deps torchscale==0.3.0
   touch "$STAMP"

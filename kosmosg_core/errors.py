@@ -46,5 +46,9 @@ class DeviceError(KosmosGError, ValueError):
     """An unsupported dtype / device was asked for."""
 
 
+class MissingPackageError(KosmosGError, ImportError):
+    """A package one command needs (not the nodes) is not installed: the message says what to install."""
+
+
 class NonFiniteEncodingError(KosmosGError, FloatingPointError):
     """The encoding came out inf/NaN: float16 overflowed, or the weights hold inf/NaN."""

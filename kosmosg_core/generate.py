@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError
+from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError
 from .files import check_output_folder, save_image
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
@@ -38,10 +38,16 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
 
 def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = "dpm", config_dir=None):
     """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline
-
     path = check_sd15_paths(sd_model, config_dir)
+    try:
+        import diffusers
+        from diffusers import StableDiffusionPipeline
+    except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
+        # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MissingPackageError(f"generate needs diffusers >= 0.35.2 ({first_line}); install it with "
+                                  "`pip install -r requirements-train.txt` (from this repository).") from error
+
     try:
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,

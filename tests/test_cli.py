@@ -190,6 +190,35 @@ def test_convert_official_round_trip(tmp_path, images):
     assert not torch.allclose(from_recast, from_pt, atol=1e-5)  # the re-cast did change the weights
 
 
+def test_encoding_needs_no_diffusers_and_the_nodes_requirements_leave_it_out(pack):
+    """requirements.txt is what ComfyUI users install: it must not pull diffusers (whose recent releases
+    upgrade huggingface-hub past transformers 4.x), so nothing the nodes run may import it."""
+    requirements = (REPO / "requirements.txt").read_text().lower()
+    assert not any(line.split("#")[0].strip().startswith(("diffusers", "huggingface")) for line in requirements.splitlines())
+    code = ("import sys; sys.modules['diffusers'] = None; import kosmosg_core.cli; "
+            "from kosmosg_core.pipeline import KosmosGPipeline; "
+            f"print(tuple(KosmosGPipeline.from_checkpoint({str(pack[0])!r}).encode('a dog').shape))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "(1, 77, 768)", result.stderr
+
+
+def test_generate_without_diffusers_says_what_to_install(pack, tmp_path):
+    """diffusers is not a requirement of the ComfyUI nodes (requirements.txt): generate names the file that has it."""
+    shadow = tmp_path / "shadow" / "diffusers"  # stands in for a missing (or too old) diffusers
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'diffusers'\")\n")
+    sd_model = tmp_path / "sd15.safetensors"
+    sd_model.write_bytes(b"not read")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(shadow.parent), str(REPO)]))
+    result = subprocess.run([sys.executable, "-m", "kosmosg_core", "generate", "--checkpoint", str(pack[0]),
+                             "--sd-model", str(sd_model), "--prompt", "a photo", "--out-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "generate needs diffusers >= 0.35.2" in result.stderr and "requirements-train.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_generate_with_diffusers_folder(pack, images, tmp_path):
     from support.tiny_sd15 import write_tiny_sd15
 

@@ -458,3 +458,20 @@ def test_the_wrong_kind_of_model_file_is_named_briefly(tmp_path):
     text.write_text("not tensors")
     with pytest.raises(ValueError, match="is not a readable .safetensors file"):
         load_unet(text)
+
+
+def test_text_encoder_folder_with_weights_transformers_cannot_place_is_refused(parts, tmp_path):
+    """A folder whose tensor names this transformers does not expect (another major version's layout, or a
+    damaged save) is an error naming it, not a text encoder that is random where the names did not match."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "te"
+    shutil.copytree(parts["te"], folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({f"renamed.{name}": tensor for name, tensor in state.items()}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"finds no weights for \d+ of the text encoder's tensors"):
+        te.load_text_encoder(folder)
+    assert te.load_text_encoder(parts["te"])[0].training is False  # the intact folder loads, in eval mode

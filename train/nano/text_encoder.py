@@ -239,8 +239,15 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"no CLIPTextModel in {folder} (config.json missing); run train.nano.train_text_encoder")
-    model = CLIPTextModel.from_pretrained(str(folder), dtype=dtype).eval()
-    return model, load_tokenizer(folder)
+    model, loading = CLIPTextModel.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    if loading["missing_keys"]:  # transformers only warns, and the model would be random where they are missing
+        import transformers
+
+        raise ValueError(f"{folder}: transformers {transformers.__version__} finds no weights for "
+                         f"{len(loading['missing_keys'])} of the text encoder's tensors (e.g. "
+                         f"{sorted(loading['missing_keys'])[0]}): the folder is incomplete, or was saved by another "
+                         "transformers major version (the shipped one: transformers 5; see requirements-train.txt).")
+    return model.eval(), load_tokenizer(folder)
 
 
 def weights_fingerprint(text_model) -> str:
