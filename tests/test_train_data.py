@@ -511,3 +511,29 @@ def test_cli_runs_a_command(tmp_path, capsys):
     assert cli.main(["ingest-pairs", "--input", str(folder), "--output", str(tmp_path / "out"),
                      "--image-size", "16", "--log-level", "WARNING"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1
+
+
+def test_a_missing_training_package_is_one_line_naming_requirements_train(tmp_path):
+    """The ComfyUI nodes install only requirements.txt: a train/ command run there says what to install."""
+    shadow = tmp_path / "shadow" / "webdataset"  # stands in for webdataset not being installed
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'webdataset'\", name='webdataset')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(shadow.parent), REPO]))
+    (tmp_path / "laion").mkdir()
+    result = subprocess.run([sys.executable, "-m", "train.data", "mix", "--laion", str(tmp_path / "laion"),
+                             "--output", str(tmp_path / "mixed")], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "No module named 'webdataset'" in result.stderr and "pip install -r requirements-train.txt" in result.stderr
+
+
+def test_exit_on_input_error_turns_a_missing_package_into_its_fix():
+    from train.common.config import exit_on_input_error
+
+    def main():
+        raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_input_error(main)
+    assert str(stop.value.code).startswith("error: No module named 'accelerate': train/ needs the packages of "
+                                           "requirements-train.txt")

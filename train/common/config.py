@@ -196,8 +196,16 @@ def config_to_dict(config) -> dict:
 
 # What an entry point reports in one line: a ValueError is every error raised on purpose (bad input, a refused
 # checkpoint; the core's KosmosGError included); an OSError is the file system refusing (permissions, a name too
-# long, a full disk), its message names the path.
-INPUT_ERRORS = (ValueError, OSError)
+# long, a full disk), its message names the path; a ModuleNotFoundError is a package of requirements-train.txt
+# that is not installed (the ComfyUI nodes need only requirements.txt).
+INPUT_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+
+
+def input_error_message(error: Exception) -> str:
+    """The one line an entry point prints for an INPUT_ERRORS error."""
+    if isinstance(error, ModuleNotFoundError):
+        return f"{error}: train/ needs the packages of requirements-train.txt (pip install -r requirements-train.txt)"
+    return str(error)
 
 
 def exit_on_input_error(main):
@@ -208,7 +216,7 @@ def exit_on_input_error(main):
     try:
         return main()
     except INPUT_ERRORS as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {input_error_message(e)}")
 
 
 def run_entry_point(config_class, train, argv=None, description: str = "", as_script: bool = False):

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from train.common.config import INPUT_ERRORS
+from train.common.config import INPUT_ERRORS, input_error_message
 
 from . import config as cfg
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary = _runner(args.command)(config)
     except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {input_error_message(error)}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "this_run"}, sort_keys=True))
     return 0

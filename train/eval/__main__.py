@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from train.common.config import INPUT_ERRORS
+from train.common.config import INPUT_ERRORS, input_error_message
 
 SUBCOMMANDS = {
     "dreambench": "train.eval.dreambench",
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     try:
         result = module.main(rest)
     except INPUT_ERRORS as e:  # bad input: the message names the flag and the fix; no traceback
-        print(f"{PROG} {name}: error: {e}", file=sys.stderr)
+        print(f"{PROG} {name}: error: {input_error_message(e)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return 0
