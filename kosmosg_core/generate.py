@@ -36,6 +36,11 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
     return path
 
 
+def _first_line(error: Exception) -> str:
+    """diffusers' messages run to many lines (logs, hints): the first says what went wrong."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = "dpm", config_dir=None):
     """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
     path = check_sd15_paths(sd_model, config_dir)
@@ -44,8 +49,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         from diffusers import StableDiffusionPipeline
     except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
         # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise MissingPackageError(f"generate needs diffusers >= 0.35.2 ({first_line}); install it with "
+        raise MissingPackageError(f"generate needs diffusers >= 0.35.2 ({_first_line(error)}); install it with "
                                   "`pip install -r requirements-train.txt` (from this repository).") from error
 
     try:
@@ -56,8 +60,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
                                                             torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({first_line}); give an SD1.5 "
+        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

@@ -205,12 +205,11 @@ def test_encoding_needs_no_diffusers_and_the_nodes_requirements_leave_it_out(pac
 
 def test_generate_without_diffusers_says_what_to_install(pack, tmp_path):
     """diffusers is not a requirement of the ComfyUI nodes (requirements.txt): generate names the file that has it."""
-    shadow = tmp_path / "shadow" / "diffusers"  # stands in for a missing (or too old) diffusers
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'diffusers'\")\n")
+    from support.missing_package import env_without_package
+
     sd_model = tmp_path / "sd15.safetensors"
     sd_model.write_bytes(b"not read")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(shadow.parent), str(REPO)]))
+    env = env_without_package(tmp_path, "diffusers")
     result = subprocess.run([sys.executable, "-m", "kosmosg_core", "generate", "--checkpoint", str(pack[0]),
                              "--sd-model", str(sd_model), "--prompt", "a photo", "--out-dir", str(tmp_path / "out")],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

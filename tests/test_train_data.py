@@ -515,10 +515,9 @@ def test_cli_runs_a_command(tmp_path, capsys):
 
 def test_a_missing_training_package_is_one_line_naming_requirements_train(tmp_path):
     """The ComfyUI nodes install only requirements.txt: a train/ command run there says what to install."""
-    shadow = tmp_path / "shadow" / "webdataset"  # stands in for webdataset not being installed
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'webdataset'\", name='webdataset')\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(shadow.parent), REPO]))
+    from support.missing_package import env_without_package
+
+    env = env_without_package(tmp_path, "webdataset")
     (tmp_path / "laion").mkdir()
     result = subprocess.run([sys.executable, "-m", "train.data", "mix", "--laion", str(tmp_path / "laion"),
                              "--output", str(tmp_path / "mixed")], capture_output=True, text=True, env=env, cwd=REPO,
