@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def _cpu_linear_list(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use auto, "
                                          "packed, few-row, default or a comma list of them")
     return text
+
+
+def _path(text: str) -> str:
+    """A path argument with `~` expanded: the shell leaves it alone in `--out=~/x`."""
+    return os.path.expanduser(text)
 
 
 def _image_paths(values: list[str]) -> list[Path]:
@@ -94,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p, tokenizer_help="folder with sentencepiece.bpe.model + dict.txt (default: inside the "
                                      "checkpoint, else beside it)"):
-        p.add_argument("--checkpoint", required=True, help="official checkpoint_final.pt or a converted .safetensors")
-        p.add_argument("--tokenizer", default=None, help=tokenizer_help)
+        p.add_argument("--checkpoint", required=True, type=_path, help="official checkpoint_final.pt or a converted .safetensors")
+        p.add_argument("--tokenizer", default=None, type=_path, help=tokenizer_help)
 
     p = sub.add_parser("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
     model_args(p)
     p.add_argument("--prompt", required=True, help='text with one <i> per image; "" = the unconditional prompt')
-    p.add_argument("--image", action="append", default=[], help="image file, once per <i> in order (repeatable)")
-    p.add_argument("--out", required=True, help="output .safetensors (tensor `cond`, float32)")
+    p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--cpu-kernel", default="auto", choices=["auto", "onednn", "few-row"],
@@ -115,25 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a converted .safetensors is accepted too, e.g. to re-cast it with --dtype")
     model_args(p, tokenizer_help="folder with the official sentencepiece.bpe.model + dict.txt to embed "
                                  "(default: the one inside a .safetensors, else beside the checkpoint)")
-    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--out", required=True, type=_path, help="output .safetensors")
     p.add_argument("--dtype", default="keep", choices=["keep"] + DTYPE_CHOICES,
                    help="tensor dtype in the output (default: keep the file's)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="print a checkpoint's config, dtypes and size without building the model")
-    p.add_argument("--checkpoint", required=True, help=".pt or .safetensors")
+    p.add_argument("--checkpoint", required=True, type=_path, help=".pt or .safetensors")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
     model_args(p)
-    p.add_argument("--sd-model", required=True, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
-    p.add_argument("--sd-config", default=None,
+    p.add_argument("--sd-model", required=True, type=_path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--sd-config", default=None, type=_path,
                    help="for a single file: a diffusers-layout folder with unet/ vae/ scheduler/ configs "
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image")
-    p.add_argument("--image", action="append", default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
-    p.add_argument("--out-dir", default="outputs", help="folder for the PNGs")
+    p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (official demo: 50)")
     p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (official demo: 6.0)")
     p.add_argument("--scheduler", default="dpm", choices=["dpm", "ddim", "pndm"], help="official default: DPM-Solver multistep")
@@ -160,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt's tokens, oneDNN in the others; the pipeline's default where it builds; bfloat16 "
                         "where the CPU has AVX512-BF16), default (torch's matmul everywhere); e.g. packed,few-row "
                         "times both in one run")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--workdir", default=None, help="where to write the benchmark's checkpoints, kept there (~14 GB at "
+    p.add_argument("--json", default=None, type=_path, help="also write the results to this JSON file")
+    p.add_argument("--workdir", default=None, type=_path, help="where to write the benchmark's checkpoints, kept there (~14 GB at "
                    "--size official; default: a temporary folder, removed at the end)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -1,6 +1,7 @@
 """`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ["encode", "convert", "info", "generate", "bench"]
 
 
-def run_cli(*args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def run_cli(*args, check=True, **env_overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env_overrides)
     result = subprocess.run([sys.executable, "-m", "kosmosg_core", *map(str, args)], capture_output=True, text=True,
                             env=env, cwd=REPO, timeout=300)
     if check and result.returncode != 0:
@@ -63,6 +64,18 @@ def test_encode_empty_prompt_is_unconditional(pack, tmp_path):
     expected = KosmosGPipeline.from_checkpoint(pack[0]).encode_unconditional()
     assert cond.shape == (1, 77, 768) and cond.dtype == torch.float32
     assert torch.allclose(cond, expected, atol=0.05 * expected.abs().max())
+
+
+def test_paths_after_equals_sign_expand_home(pack, images, tmp_path):
+    # `--out=~/x` reaches the program with the `~` unexpanded (the shell expands only a leading `~`)
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(pack[0], home / "models" / "kosmosg.safetensors")
+    shutil.copy(images[0], home / "subject.png")
+    run_cli("encode", "--checkpoint=~/models/kosmosg.safetensors", f"--tokenizer={pack[1]}", "--prompt", "a photo of <i>",
+            "--image=~/subject.png", "--out=~/cond.safetensors", HOME=str(home), USERPROFILE=str(home))
+    assert load_file(str(home / "cond.safetensors"))["cond"].shape == (1, 77, 768)
+    assert not (REPO / "~").exists()
 
 
 @pytest.mark.parametrize("args, message", [
