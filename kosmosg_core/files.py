@@ -2,26 +2,13 @@
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import torch
 
 from .errors import OutputPathError
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS)
@@ -94,6 +81,18 @@ def _remove_stale_temp_files(folder: Path) -> None:
             pass
 
 
+def _new_temp_file(folder: Path) -> tuple[Path, int]:
+    """A new empty temp file in `folder` and the permissions the OS gave it: those of any new file there
+    (0666 & ~umask), learnt without os.umask, which can only read the process-wide mask by setting it."""
+    while True:
+        tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """`with atomic_output(path) as tmp:` write to `tmp`; on success it is flushed to disk and renamed to
@@ -104,14 +103,12 @@ def atomic_output(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path.parent)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
+    tmp, new_file_mode = _new_temp_file(path.parent)
     try:
         yield tmp
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode)  # writers that recreate the file (safetensors: 0600) do not decide
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

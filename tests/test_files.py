@@ -30,6 +30,18 @@ def test_file_mode_follows_the_umask(tmp_path, umask, mask):
     assert torch.equal(load_file(str(path))["x"], torch.arange(3.0))
 
 
+def test_the_mode_is_learnt_without_setting_the_umask(tmp_path, umask, monkeypatch):
+    # os.umask changes the mask of the whole process: another thread creating a file meanwhile would get it
+    umask(0o027)
+
+    def no_umask(mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    path = save_safetensors({"x": torch.ones(2)}, tmp_path / "x.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = save_safetensors({"x": torch.ones(2)}, tmp_path / "x.safetensors")
 
