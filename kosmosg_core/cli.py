@@ -178,11 +178,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except KosmosGError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the file system refused (permissions, a name too long, a full disk): say which and why
-        logging.getLogger(__name__).debug("details", exc_info=True)  # the traceback with --verbose
+    # KosmosGError: said in one line; OSError: the file system refused (permissions, a name too long, a full
+    # disk). --verbose adds the traceback (with the error the one line summarises, e.g. diffusers' own).
+    except (KosmosGError, OSError) as e:
+        logging.getLogger(__name__).info("details", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -97,6 +97,9 @@ def test_encode_missing_checkpoint_and_bad_image(pack, tmp_path):
     result = run_cli("encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out", tmp_path / "o.st",
                      check=False)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+    verbose = run_cli("--verbose", "encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out",
+                      tmp_path / "o.st", check=False)  # --verbose: the same error, with its traceback for a report
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "CheckpointNotFoundError" in verbose.stderr
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
     result = run_cli("encode", "--checkpoint", pack[0], "--prompt", "<i>", "--image", bad, "--out", tmp_path / "o.st",
