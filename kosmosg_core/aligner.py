@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import AlignerConfig
+from .config import ALIGNER_FIRST_POSITION, AlignerConfig
 from .layers import MultiheadAttention, TransformerLayer
 
 
@@ -59,9 +59,10 @@ class InputEncoder(LayerStack):
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # [B, T, C]
         T = x.shape[1]
-        if T + 2 > self.embed_positions.num_embeddings:
-            raise ValueError(f"Aligner input has {T} tokens but its position table holds {self.embed_positions.num_embeddings - 2}.")
-        x = x + self.embed_positions.weight[2:T + 2].to(x.dtype)  # official: positions 2 .. T+1
+        first, rows = ALIGNER_FIRST_POSITION, self.embed_positions.num_embeddings
+        if first + T > rows:
+            raise ValueError(f"Aligner input has {T} tokens but its position table holds {rows - first}.")
+        x = x + self.embed_positions.weight[first:first + T].to(x.dtype)  # official: positions 2 .. T+1
         if padding_mask is not None:
             x = x * (~padding_mask)[..., None].to(x.dtype)
         x = super().forward(x, self_padding_mask=padding_mask)

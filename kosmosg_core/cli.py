@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 from .errors import KosmosGError
 
 DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
@@ -140,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (official demo: 50)")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (official demo: 6.0)")
-    p.add_argument("--scheduler", default="dpm", choices=["dpm", "ddim", "pndm"], help="official default: DPM-Solver multistep")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (official demo: {DEFAULT_STEPS})")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE})")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
+                   help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
+    p.add_argument("--seed", type=int, default=0, help="random seed of image 0; image k uses seed + k (default 0)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)

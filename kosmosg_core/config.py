@@ -25,6 +25,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
 SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
+ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fairseq: padding index 1, + 1)
+# Sampling of the official demo (spec section 7): scheduler (diffusers class per CLI name), steps, guidance
+SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 
 # Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile
 # config could otherwise ask for 100000 layers (minutes of model building before the tensor check) or a
@@ -73,7 +77,8 @@ class DecoderConfig:
     layers: int = 24
     heads: int = 32
     ffn_width: int = 8192
-    max_positions: int = 2048  # official tokens-per-sample; sinusoidal table covers pad_id + this
+    max_positions: int = 2048  # official tokens-per-sample: the longest sequence it was trained on (a limit;
+    # the sinusoidal positions are computed, not stored)
     layer_norm_eps: float = 1e-5
     scale_embedding: bool = True  # official no_scale_embedding=False: embeddings * sqrt(width)
     dropout: float = 0.0  # official training 0.1; inference 0
@@ -85,13 +90,13 @@ class DecoderConfig:
 class AlignerConfig:
     """AlignerNet: encoder over MLLM states + 77-query decoder -> SD1.5 context [B, 77, 768]."""
 
-    width: int = 768  # torchscale EncoderDecoderConfig defaults (spec section 6)
+    width: int = SD15_CONTEXT_DIM  # = SD1.5 context width; torchscale EncoderDecoderConfig defaults (spec section 6)
     heads: int = 12
     ffn_width: int = 3072
     encoder_layers: int = 12
     decoder_layers: int = 12
     num_queries: int = SD15_CONTEXT_TOKENS
-    max_positions: int = 32768  # official learned position table size (rows 0-1 unused)
+    max_positions: int = 32768  # official learned position table size (rows before ALIGNER_FIRST_POSITION unused)
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0
     # Stage-2 training only: the reconstruction branch (decoder_query + decoder + decoder_proj).
@@ -128,6 +133,12 @@ class KosmosGConfig:
             if not ok:
                 raise ValueError(f"Invalid Kosmos-G config: {message}.")
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest token sequence (ids incl. <s> and the image slots) the model reads: the decoder's
+        max_positions, and the rows of the aligner's position table from ALIGNER_FIRST_POSITION on."""
+        return min(self.decoder.max_positions, self.aligner.max_positions - ALIGNER_FIRST_POSITION)
+
     # --- serialisation (stored as JSON in the .safetensors metadata) ---------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,7 +160,7 @@ class KosmosGConfig:
             connector=build(ConnectorConfig, data.get("connector", {})),
             decoder=build(DecoderConfig, data.get("decoder", {})),
             aligner=build(AlignerConfig, data.get("aligner", {})),
-            image_token_slots=data.get("image_token_slots", 64),
+            image_token_slots=data.get("image_token_slots", cls.image_token_slots),
         )
 
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONTEXT_DIM
 from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError
 from .files import check_output_folder, save_image
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
@@ -20,7 +21,6 @@ from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 logger = logging.getLogger(__name__)
 
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights)
-SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
 _NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
                         image_encoder=None, requires_safety_checker=False)
 
@@ -41,7 +41,7 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = "dpm", config_dir=None):
+def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = DEFAULT_SCHEDULER, config_dir=None):
     """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
     path = check_sd15_paths(sd_model, config_dir)
     try:
@@ -69,26 +69,26 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
 
 
 def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=None, negative_prompt: str = "",
-                    out_dir: Path = Path("outputs"), steps: int = 50, guidance_scale: float = 6.0,
-                    scheduler: str = "dpm", seed: int = 0, num_images: int = 1, height: int = 512, width: int = 512,
-                    dtype="float32", device="cpu", sd_config_dir=None) -> list[Path]:
+                    out_dir: Path = Path("outputs"), steps: int = DEFAULT_STEPS,
+                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
+                    num_images: int = 1, height: int = 512, width: int = 512, dtype="float32", device="cpu",
+                    sd_config_dir=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
-    (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten)."""
-    check_generation_settings(steps, guidance_scale, seed, num_images, height, width)
+    (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
+    Image k starts from the noise of seed + k (`image_generators`): it is image 0 of a run with that seed."""
+    check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
     cond = encoder.encode(prompt, [Path(p) for p in images])  # [1, 77, C]
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
-    if cond.shape[-1] != 768:
-        raise CheckpointError(f"This Kosmos-G checkpoint produces {cond.shape[-1]}-wide conditioning but SD1.5 expects 768.")
+    check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
-                generator=generator, output_type="pil")
+                generator=image_generators(seed, num_images), output_type="pil")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(result.images):
@@ -106,8 +106,23 @@ def _free_name(folder: Path, stem: str) -> Path:
     return path
 
 
-def check_generation_settings(steps, guidance_scale, seed, num_images, height, width) -> None:
+def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[torch.Generator]:
+    """diffusers' per-image generators, prompt-major: image k of every prompt starts from the noise of seed + k,
+    so a picture does not depend on how many were asked for or on the batch it was made in."""
+    return [torch.Generator("cpu").manual_seed(seed + k) for _ in range(num_prompts) for k in range(num_images)]
+
+
+def check_sd15_width(context_dim: int, checkpoint) -> None:
+    if context_dim != SD15_CONTEXT_DIM:
+        raise CheckpointError(f"{checkpoint}: this Kosmos-G checkpoint produces {context_dim}-wide conditioning but "
+                              f"SD1.5 expects {SD15_CONTEXT_DIM}; give a checkpoint made for SD1.5.")
+
+
+def check_generation_settings(steps, guidance_scale, seed, num_images, height, width,
+                              scheduler: str = DEFAULT_SCHEDULER) -> None:
     """Sampling settings in range, or a GenerationSettingsError naming the setting and its range."""
+    if scheduler not in SCHEDULERS:
+        raise GenerationSettingsError(f"scheduler {scheduler!r} is not known: use one of {', '.join(SCHEDULERS)}.")
     def whole(value, name, low, high=None):
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
             limit = f"between {low} and {high}" if high is not None else f">= {low}"
@@ -115,7 +130,7 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
 
     whole(steps, "steps", 1)
     whole(num_images, "num_images", 1)
-    whole(seed, "seed", 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+    whole(seed, "seed", 0, 2**64 - num_images)  # image k uses seed + k: torch.Generator.manual_seed's range
     for name, value in (("height", height), ("width", width)):
         whole(value, name, 8)
         if value % 8:

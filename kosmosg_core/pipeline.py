@@ -175,8 +175,7 @@ class KosmosGPipeline:
 
     @property
     def max_tokens(self) -> int:
-        cfg = self.model.cfg
-        return min(cfg.decoder.max_positions, cfg.aligner.max_positions - 2)
+        return self.model.cfg.max_prompt_tokens
 
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:

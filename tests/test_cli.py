@@ -127,6 +127,17 @@ def test_encode_never_overwrites_its_inputs_and_file_system_errors_are_one_line(
     assert result.returncode == 2 and "is not a regular file" in result.stderr
 
 
+def test_generation_settings_checked_for_api_callers_too():
+    from kosmosg_core.errors import GenerationSettingsError
+    from kosmosg_core.generate import check_generation_settings
+
+    check_generation_settings(50, 6.0, 2**64 - 4, 4, 512, 512, "ddim")
+    with pytest.raises(GenerationSettingsError, match="scheduler 'euler' is not known: use one of dpm, ddim, pndm"):
+        check_generation_settings(50, 6.0, 0, 1, 512, 512, "euler")
+    with pytest.raises(GenerationSettingsError, match="seed must be"):  # image 4 would need seed 2**64
+        check_generation_settings(50, 6.0, 2**64 - 4, 5, 512, 512)
+
+
 def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     """A checkpoint that does not exist: each error below proves its check ran before the load."""
     missing = tmp_path / "missing.pt"
@@ -241,10 +252,11 @@ def test_generate_with_diffusers_folder(pack, images, tmp_path):
     common = ["generate", "--checkpoint", pack[0], "--sd-model", tmp_path / "tiny-sd15", "--prompt", "a photo of <i>",
               "--image", images[0], "--steps", "3", "--height", "32", "--width", "32", "--seed", "7"]
     run_cli(*common, "--out-dir", tmp_path / "a")
-    run_cli(*common, "--out-dir", tmp_path / "b")
-    a, b = Image.open(tmp_path / "a" / "kosmosg_7_0.png"), Image.open(tmp_path / "b" / "kosmosg_7_0.png")
+    run_cli(*["6" if x == "7" else x for x in common], "--num-images", "2", "--out-dir", tmp_path / "b")
+    a, b = Image.open(tmp_path / "a" / "kosmosg_7_0.png"), Image.open(tmp_path / "b" / "kosmosg_6_1.png")
     assert a.size == (32, 32)
-    assert np.array_equal(np.asarray(a), np.asarray(b))  # same seed, same image
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # image k of seed s is image 0 of seed s + k
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "b" / "kosmosg_6_0.png")), np.asarray(a))
     first = (tmp_path / "a" / "kosmosg_7_0.png").read_bytes()
     again = run_cli(*[("a red <i>" if x == "a photo of <i>" else x) for x in common], "--out-dir", tmp_path / "a")
     assert "kosmosg_7_0_1.png" in again.stdout  # a new name: the earlier result is kept

@@ -38,6 +38,18 @@ def test_official_config_numbers():
     assert cfg.connector.num_queries == 64
     assert (cfg.aligner.encoder_layers, cfg.aligner.decoder_layers, cfg.aligner.width, cfg.aligner.num_queries) == (12, 12, 768, 77)
     assert cfg.decoder.vocab_size == 64007
+    assert cfg.max_prompt_tokens == 2048  # the decoder's limit; the aligner's table holds 32766 positions
+
+
+def test_max_prompt_tokens_is_the_tighter_of_decoder_and_aligner():
+    cfg = KosmosGConfig.from_dict({"decoder": {"max_positions": 300}, "aligner": {"max_positions": 100}})
+    assert cfg.max_prompt_tokens == 98  # aligner positions start at row 2
+    model = KosmosG(KosmosGConfig.from_dict({**KosmosGConfig.tiny().to_dict(), "aligner": {
+        **KosmosGConfig.tiny().aligner.__dict__, "max_positions": 12}})).eval()
+    states = torch.randn(1, 10, model.cfg.decoder.width)
+    model.aligner.encoder_proj(states)  # 10 tokens fit positions 2..11
+    with pytest.raises(ValueError, match="11 tokens but its position table holds 10"):
+        model.aligner.encoder_proj(torch.randn(1, 11, model.cfg.decoder.width))
 
 
 def test_config_json_round_trip_and_validation(cfg):

@@ -86,9 +86,9 @@ class Stage1(Stage):
             choice = choose_interleaved(meta, rng, drop_prob=0.0, masked_prob=self.cfg.masked_entity_prob)
             text, fields = choice.text, choice.image_fields
         prompt = prompt_with_eos(self.tokenizer, text, len(fields), self._model_cfg.image_token_slots)
-        if len(prompt) - 1 > self._model_cfg.decoder.max_positions:
-            logger.info("skipping %s: %d tokens > max_positions %d", record.key, len(prompt) - 1,
-                        self._model_cfg.decoder.max_positions)
+        if len(prompt) - 1 > self._model_cfg.max_prompt_tokens:
+            logger.info("skipping %s: %d tokens > the model's %d", record.key, len(prompt) - 1,
+                        self._model_cfg.max_prompt_tokens)
             return None
         check_images_readable(record.fields, fields, record.key)
         return {"key": record.key, "prompt": prompt, "fields": fields, "record": record.fields}

@@ -140,8 +140,9 @@ class Stage3(Stage):
         uncond = rng.random() < self.cfg.uncond_prob
         prompt = build_prompt_ids(self.tokenizer, choice.text, len(choice.image_fields),
                                   self._model_cfg.image_token_slots)
-        if len(prompt) > self._model_cfg.decoder.max_positions:
-            logger.info("skipping %s: %d tokens > max_positions", record.key, len(prompt))
+        if len(prompt) > self._model_cfg.max_prompt_tokens:
+            logger.info("skipping %s: %d tokens > the model's %d", record.key, len(prompt),
+                        self._model_cfg.max_prompt_tokens)
             return None
         check_images_readable(record.fields, choice.image_fields + [choice.target_field], record.key)
         return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,

@@ -1,8 +1,8 @@
 """Batched Kosmos-G + SD1.5 sampling for the benchmarks: both models loaded once, many prompts.
 
-Seeds: image k of every prompt starts from the noise of `torch.Generator("cpu").manual_seed(seed + k)`,
-so an image does not depend on the batch it was generated in (resumed or re-batched runs give the
-same pictures).
+Seeds: image k of every prompt starts from the noise of `torch.Generator("cpu").manual_seed(seed + k)`
+(`kosmosg_core.generate.image_generators`, as `python -m kosmosg_core generate`), so an image does not
+depend on the batch it was generated in (resumed or re-batched runs give the same pictures).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class KosmosGSampler:
 
     def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = "dpm",
                  dtype: str = "float32", device: str = "auto"):
-        from kosmosg_core.generate import SCHEDULERS, load_sd15
+        from kosmosg_core.generate import SCHEDULERS, check_sd15_width, load_sd15
         from kosmosg_core.pipeline import KosmosGPipeline, resolve_dtype
 
         from .features import pick_device
@@ -53,19 +53,18 @@ class KosmosGSampler:
         self.device, self.dtype = pick_device(device), resolve_dtype(dtype)
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)
-        if self.encoder.context_dim != 768:
-            raise ValueError(f"--checkpoint {checkpoint}: produces {self.encoder.context_dim}-wide conditioning but "
-                             "SD1.5 expects 768.")
+        check_sd15_width(self.encoder.context_dim, checkpoint)
         self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
                  ) -> list[list[Image.Image]]:
         """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
+        from kosmosg_core.generate import image_generators
+
         cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
         uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts))  # cached
-        generators = [torch.Generator("cpu").manual_seed(settings.seed + k)
-                      for _ in prompts for k in range(settings.num_images)]
+        generators = image_generators(settings.seed, settings.num_images, num_prompts=len(prompts))
         result = self.sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=settings.steps,
                          guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
                          height=settings.height, width=settings.width, generator=generators, output_type="pil")
