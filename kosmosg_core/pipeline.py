@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model
-from .config import IMAGE_PLACEHOLDER
 from .cpu_linear import pack_for_cpu_encode, packs_dtype
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images
 from .model import KosmosG
-from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, count_placeholders, pad_batch
+from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, pad_batch
 from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
@@ -181,11 +180,6 @@ class KosmosGPipeline:
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
         """Validate one prompt against its images and the model's limits -> its token ids."""
         _check_text(prompt, "prompt")
-        placeholders = count_placeholders(prompt)
-        if placeholders != len(images):
-            raise PromptError(
-                f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given; "
-                f"put one {IMAGE_PLACEHOLDER} in the text where each image belongs (or give one image per placeholder).")
         ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.model.cfg.image_token_slots)
         check_prompt_length(ids, self.max_tokens)
         return ids
@@ -271,8 +265,6 @@ class KosmosGPipeline:
         prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text."""
         negative_prompt = "" if negative_prompt is None else negative_prompt
         _check_text(negative_prompt, "negative prompt")
-        if negative_prompt and count_placeholders(negative_prompt):
-            raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         key = (negative_prompt, self.dtype, self.device)

@@ -56,13 +56,26 @@ def count_placeholders(text: str) -> int:
     return text.count(IMAGE_PLACEHOLDER)
 
 
-def _placeholder_mismatch(placeholders: int, num_images: int) -> PromptError:
+def placeholder_mismatch(text: str, num_images: int) -> str | None:
+    """None when `text` holds one `<i>` per image, else the message (which count is higher, and the fix)."""
+    placeholders = count_placeholders(text)
+    if placeholders == num_images:
+        return None
     if placeholders > num_images:
-        fix = "connect another image or remove a placeholder"
+        fix = f"add an image or remove a {IMAGE_PLACEHOLDER}"
     else:
-        fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs or disconnect an image"
-    return PromptError(f"The prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) but {num_images} image(s) "
-                       f"were given; {fix}.")
+        fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs, or remove an image"
+    return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given; "
+            f"{fix} (one {IMAGE_PLACEHOLDER} per image, in order).")
+
+
+def check_negative_prompt(text: str) -> None:
+    """A PromptError unless `text` is text without `<i>` (the unconditional input takes no images)."""
+    if not isinstance(text, str):
+        raise PromptError(f"The negative prompt must be text, got {type(text).__name__}.")
+    if count_placeholders(text):
+        raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only: remove "
+                          "the placeholder.")
 
 
 def build_prompt_ids(tokenizer, text: str, num_images: int, image_slots: int = 64) -> PromptIds:
@@ -71,9 +84,9 @@ def build_prompt_ids(tokenizer, text: str, num_images: int, image_slots: int = 6
         raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
     if image_slots < 1:
         raise ValueError(f"image_slots must be >= 1, got {image_slots}.")
-    placeholders = count_placeholders(text)
-    if placeholders != num_images:
-        raise _placeholder_mismatch(placeholders, num_images)
+    mismatch = placeholder_mismatch(text, num_images)
+    if mismatch:
+        raise PromptError(mismatch)
 
     image_id, image_end_id = tokenizer.image_id, tokenizer.image_end_id
     ids, mask = [BOS_ID], [False]
@@ -96,11 +109,7 @@ def build_unconditional_ids(tokenizer, negative_prompt: str = "") -> PromptIds:
     code keeps whichever has more tokens (`max(null, negative, key=length)`, which returns the first
     on a tie). So an empty negative prompt, or one SentencePiece turns into no pieces (whitespace),
     gives `[<s>]`; any other negative prompt gives `[<s>] + its ids`. Text only: no image slots."""
-    if not isinstance(negative_prompt, str):
-        raise PromptError(f"The negative prompt must be text, got {type(negative_prompt).__name__}.")
-    if count_placeholders(negative_prompt):
-        raise PromptError(f"The negative prompt contains `{IMAGE_PLACEHOLDER}`; negative prompts are text only. "
-                          f"Remove the placeholder from it.")
+    check_negative_prompt(negative_prompt)
     null = [BOS_ID]
     negative = [BOS_ID] + tokenizer.encode(negative_prompt)
     return PromptIds(max(null, negative, key=len))

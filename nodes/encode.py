@@ -20,9 +20,8 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import PromptError
-from ..kosmosg_core.prompt import count_placeholders
+from ..kosmosg_core.prompt import check_negative_prompt
 from .model_management import KosmosGModel
 from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
@@ -105,8 +104,10 @@ class KosmosGEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, negative_text=None):
-        if negative_text and count_placeholders(negative_text):  # before the Loader runs
-            return f"negative_text contains {IMAGE_PLACEHOLDER}; the negative is text only: remove it."
+        try:
+            check_negative_prompt(negative_text or "")  # before the Loader runs
+        except PromptError as e:
+            return f"negative_text: {e}"
         return True
 
     @classmethod

@@ -21,7 +21,7 @@ from comfy_execution.validation import validate_node_input
 
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
-from ..kosmosg_core.prompt import count_placeholders
+from ..kosmosg_core.prompt import placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
 MAX_IMAGES = 16
@@ -52,15 +52,6 @@ def parse_weights(text: str | None, num_images: int) -> list[float]:
         raise PromptError(f"weights has {len(weights)} value(s) but {num_images} image(s) are connected; give one weight "
                           "per image in socket order, or leave weights empty for 1.0 each.")
     return weights
-
-
-def placeholder_mismatch(text: str, num_images: int) -> str | None:
-    placeholders = count_placeholders(text)
-    if placeholders == num_images:
-        return None
-    return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) are connected; "
-            f"put one {IMAGE_PLACEHOLDER} in the text where each image belongs, or connect/disconnect images so the "
-            "counts match.")
 
 
 def ordered_images(images: dict | None) -> list[torch.Tensor]:

@@ -122,8 +122,8 @@ def test_placeholder_mismatch(tok, text, n):
     with pytest.raises(PromptError) as err:
         build_prompt_ids(tok, text, n)
     message = str(err.value)
-    assert f"{count_placeholders(text)} `<i>` placeholder(s)" in message and f"{n} image(s)" in message
-    fix = "connect another image or remove a placeholder" if count_placeholders(text) > n else "disconnect an image"
+    assert f"{count_placeholders(text)} <i> placeholder(s)" in message and f"{n} image(s)" in message
+    fix = "add an image or remove a <i>" if count_placeholders(text) > n else "add a <i> where each image belongs"
     assert fix in message
 
 
