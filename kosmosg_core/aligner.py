@@ -49,8 +49,9 @@ class InputEncoder(LayerStack):
     positions are added, and padded keys are masked in every layer.
     """
 
-    def __init__(self, cfg: AlignerConfig, in_width: int | None, out_width: int | None = None):
-        super().__init__(cfg, cfg.encoder_layers, cross_attention=False)
+    def __init__(self, cfg: AlignerConfig, in_width: int | None, out_width: int | None = None,
+                 num_layers: int | None = None):
+        super().__init__(cfg, cfg.encoder_layers if num_layers is None else num_layers, cross_attention=False)
         self.embed_tokens = nn.Linear(in_width, cfg.width) if in_width is not None else None
         self.embed_positions = nn.Embedding(cfg.max_positions, cfg.width)
         self.output_projection = nn.Linear(cfg.width, out_width) if out_width is not None else None
@@ -77,10 +78,10 @@ class Aligner(nn.Module):
         self.encoder_query = nn.Parameter(torch.randn(cfg.num_queries, cfg.width))  # official: randn
         self.encoder = LayerStack(cfg, cfg.decoder_layers, cross_attention=True)
         if cfg.with_reconstruction:
-            recon_cfg = AlignerConfig(**{**cfg.__dict__, "encoder_layers": cfg.reconstruction_layers})
             self.decoder_query = nn.Parameter(torch.randn(cfg.max_positions, cfg.width))
             self.decoder = LayerStack(cfg, cfg.reconstruction_layers, cross_attention=True)
-            self.decoder_proj = InputEncoder(recon_cfg, in_width=None, out_width=mllm_width)
+            self.decoder_proj = InputEncoder(cfg, in_width=None, out_width=mllm_width,
+                                             num_layers=cfg.reconstruction_layers)
         self.init_like_torchscale()
 
     def init_like_torchscale(self) -> None:
@@ -90,7 +91,7 @@ class Aligner(nn.Module):
         then its subLN scaling: fc1, fc2, out_proj and v_proj weights and biases of each stack times
         a depth factor (cross-attention excluded in the query stacks). The official aligner builds
         every stack from one config, so encoder_layers / decoder_layers below are its two depths.
-        Zero-initialised queries (an earlier version of this file) make all 77 outputs equal at the
+        The queries are random (official randn): zero queries would make all 77 outputs equal at the
         start and learn about half as fast (nano probe: 10 % vs 22 % of the held-out between-caption
         variance after 375 steps).
         """

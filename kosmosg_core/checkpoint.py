@@ -21,7 +21,7 @@ from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig
 from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
 from .files import check_output_file, save_safetensors
 from .model import KosmosG
-from .tokenizer import KosmosGTokenizer
+from .tokenizer import TOKENIZER_FILENAMES, KosmosGTokenizer, tokenizer_dir_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ FORMAT_NAME = "kosmosg"
 FORMAT_VERSION = "1"
 TOKENIZER_SPM_KEY = "tokenizer.sentencepiece_model"
 TOKENIZER_DICT_KEY = "tokenizer.dict_txt"
-TOKENIZER_FILES = ("sentencepiece.bpe.model", "dict.txt")
 DEFAULT_HEAD_DIM = 64  # every official attention uses 64-wide heads
 
 # Official name prefix -> ours, applied in order (first match wins).
@@ -209,12 +208,11 @@ def _places(checkpoint_path: Path) -> list[Path]:
 
 
 def find_tokenizer_dir(checkpoint_path: Path) -> Path | None:
-    """Tokenizer folder beside a checkpoint (or its symlink's target): `<stem>/`, `<stem>-tokenizer/`,
-    `tokenizer/`, `data/`, or the same folder."""
+    """Tokenizer folder beside a checkpoint (or its symlink's target), in `TOKENIZER_DIR_NAMES` order:
+    `<stem>/`, `<stem>-tokenizer/`, `tokenizer/`, `data/`, or the same folder."""
     for place in _places(checkpoint_path):
-        parent, stem = place.parent, place.stem
-        for candidate in (parent / stem, parent / f"{stem}-tokenizer", parent / "tokenizer", parent / "data", parent):
-            if all((candidate / name).is_file() for name in TOKENIZER_FILES):
+        for candidate in tokenizer_dir_candidates(place):
+            if all((candidate / name).is_file() for name in TOKENIZER_FILENAMES):
                 return candidate
     return None
 
@@ -226,12 +224,11 @@ def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_
         return embedded
     found = find_tokenizer_dir(path)
     if found is None:
-        parent, stem = path.parent, path.stem
         target = f" (nor their twins beside the link's target {path.resolve()})" if len(_places(path)) > 1 else ""
         raise TokenizerError(
-            f"No tokenizer found for {path}: the checkpoint holds none, and none of {parent / stem}, "
-            f"{parent / (stem + '-tokenizer')}, {parent / 'tokenizer'}, {parent / 'data'}, {parent}{target} contains "
-            f"{' + '.join(TOKENIZER_FILES)}. Put the official sentencepiece.bpe.model and dict.txt (from the "
+            f"No tokenizer found for {path}: the checkpoint holds none, and none of "
+            f"{', '.join(map(str, tokenizer_dir_candidates(path)))}{target} contains "
+            f"{' + '.join(TOKENIZER_FILENAMES)}. Put the official sentencepiece.bpe.model and dict.txt (from the "
             "Kosmos-G release's data/ folder) in one of them, or pass the folder explicitly.")
     return KosmosGTokenizer.from_dir(found)
 

@@ -110,10 +110,16 @@ def _load_path(path: Path) -> Image.Image:
             return pil_to_rgb(opened, str(path))
     except Image.DecompressionBombError as e:
         raise ImageError(f"Image file {path} is too large to read safely ({e}); downscale it (subject images are "
-                         "resized to 224 px anyway).") from e
+                         "resized to the model's input size, 224 px for the official model, anyway).") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"Cannot read image file {path} ({e}); it is missing, truncated or not an image. "
                          f"Re-save it as PNG or JPEG.") from e
+
+
+def _channels_error(kind: str, shape: tuple) -> ImageError:
+    return ImageError(f"Image {kind} of shape {shape} has {shape[-1]} channels; images need "
+                      f"{', '.join(map(str, _CHANNELS[:-1]))} or {_CHANNELS[-1]} channels last (gray, gray + alpha, "
+                      f"RGB, RGBA); {_LAYOUT_FIX}.")
 
 
 def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Image]:
@@ -127,15 +133,13 @@ def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Imag
                     if array.shape[0] == 1 else ""
                 raise ImageError(f"Image {kind} of shape {shape} looks channels-first [C, H, W]{mask_hint}; "
                                  f"{_LAYOUT_FIX}.")
-            raise ImageError(f"Image {kind} of shape {shape} has {array.shape[-1]} channels; images need 1, 3 or 4 "
-                             f"channels last; {_LAYOUT_FIX}.")
+            raise _channels_error(kind, shape)
         array = array[None]
     elif array.ndim == 4:
         if array.shape[-1] not in _CHANNELS:
             if array.shape[1] in _CHANNELS:
                 raise ImageError(f"Image {kind} of shape {shape} looks channels-first [B, C, H, W]; {_LAYOUT_FIX}.")
-            raise ImageError(f"Image {kind} of shape {shape} has {array.shape[-1]} channels; images need 1, 3 or 4 "
-                             f"channels last; {_LAYOUT_FIX}.")
+            raise _channels_error(kind, shape)
     else:
         raise ImageError(f"Image {kind} of shape {shape} has {array.ndim} dimensions; {_LAYOUT_FIX}.")
     if array.size == 0:

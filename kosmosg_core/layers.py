@@ -4,8 +4,8 @@ Parameter names are torchscale's (`q_proj`, `inner_attn_ln`, `ffn.fc1`, `ffn_lay
 `self_attn_layer_norm`, `final_layer_norm`, ...), so an official layer's keys load 1:1.
 
 Glossary: B batch, T query length, S key/value length, D width, H heads, K head dim.
-Tensors are batch-first here; the official code is sequence-first ([T, B, D]) — conversion
-only reorders nothing, because weights are layout-independent.
+Tensors are batch-first here; the official code is sequence-first ([T, B, D]). The weights do
+not depend on that layout, so official tensors load unchanged.
 """
 
 from __future__ import annotations

@@ -197,7 +197,11 @@ class KosmosGPipeline:
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
         pixels = preprocess_images(list(images), self.model.cfg.vision.image_size)  # [N, 3, S, S]
         keys = [self._cache_key(pixel) for pixel in pixels]
-        new = list({key: i for i, key in enumerate(keys) if key not in self._image_cache}.items())  # first index each
+        first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
+        for i, key in enumerate(keys):
+            if key not in self._image_cache and key not in first_index:
+                first_index[key] = i
+        new = list(first_index.items())
         for start in range(0, len(new), VISION_CHUNK):
             chunk = new[start:start + VISION_CHUNK]
             batch = pixels[[i for _, i in chunk]].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
@@ -205,14 +209,16 @@ class KosmosGPipeline:
             # its own storage: a view would keep the whole chunk's output alive for as long as it is cached
             for (key, _), embeds in zip(chunk, self.model.encode_images(batch).cpu()):  # [Q, D] each
                 self._image_cache[key] = embeds.clone()
-            for _ in chunk if progress is not None else ():
-                progress()
+            if progress is not None:
+                for _ in chunk:
+                    progress()
         out = []
         for key in keys:
             self._image_cache.move_to_end(key)
             out.append(self._image_cache[key])
-        for _ in range(len(keys) - len(new)) if progress is not None else ():  # repeated or cached images
-            progress()
+        if progress is not None:
+            for _ in range(len(keys) - len(new)):  # repeated or cached images
+                progress()
         while len(self._image_cache) > self.cache_size:
             self._image_cache.popitem(last=False)
         return torch.stack(out).to(self.device)
@@ -256,8 +262,9 @@ class KosmosGPipeline:
                 if not torch.all(flat_weights == 1.0):
                     image_embeds = image_embeds * flat_weights.to(image_embeds)[:, None, None]
             conds.append(self.encode_ids(prompt_ids[chunk], image_embeds))
-            for _ in prompt_ids[chunk] if progress is not None else ():
-                progress()
+            if progress is not None:
+                for _ in prompt_ids[chunk]:
+                    progress()
         return torch.cat(conds)
 
     def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:

@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 SPM_FILENAME = "sentencepiece.bpe.model"
 DICT_FILENAME = "dict.txt"
 TOKENIZER_FILENAMES = (SPM_FILENAME, DICT_FILENAME)
+# Folders beside a checkpoint that may hold its tokenizer, in search order ("" = the checkpoint's own folder)
+TOKENIZER_DIR_NAMES = ("{stem}", "{stem}-tokenizer", "tokenizer", "data", "")
+
+
+def tokenizer_dir_candidates(checkpoint_path: Path) -> list[Path]:
+    """The folders `TOKENIZER_DIR_NAMES` names, for the checkpoint at `checkpoint_path`."""
+    return [checkpoint_path.parent / name.format(stem=checkpoint_path.stem) for name in TOKENIZER_DIR_NAMES]
+
+
+def tokenizer_places_text(stem: str = "<checkpoint name>") -> str:
+    """`TOKENIZER_DIR_NAMES` for messages: "<checkpoint name>/, ..., data/ or the checkpoint's own folder"."""
+    names = [name.format(stem=stem) + "/" if name else "the checkpoint's own folder" for name in TOKENIZER_DIR_NAMES]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 _FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, in fairseq's Dictionary order
 _OVERWRITE_FLAG = "#fairseq:overwrite"

@@ -7,6 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
 from . import paths
 from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
 from .types import CATEGORY, KosmosGModelType
@@ -41,8 +42,8 @@ class KosmosGLoader(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Loads a Kosmos-G checkpoint from ComfyUI/models/kosmosg (the official checkpoint_final.pt or a "
-                "converted .safetensors). The tokenizer comes from inside a converted file, else from a folder "
-                "beside the checkpoint (<name>/ or tokenizer/ holding sentencepiece.bpe.model + dict.txt). Loaded "
+                "converted .safetensors). The tokenizer comes from inside a converted file, else from "
+                f"{' + '.join(TOKENIZER_FILENAMES)} in {tokenizer_places_text()}. Loaded "
                 "models are handed to ComfyUI's memory manager, which moves them to the GPU only while encoding "
                 "and frees them with its node cache."),
             search_aliases=["kosmos", "kosmosg", "subject", "mllm"],

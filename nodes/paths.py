@@ -11,6 +11,7 @@ import os
 import folder_paths
 
 from ..kosmosg_core.errors import CheckpointNotFoundError
+from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
 
 CHECKPOINT_FOLDER = "kosmosg"
 CONDITIONING_FOLDER = "kosmosg_conditioning"
@@ -61,9 +62,8 @@ def missing_file_message(folder: str, name: str, what: str, how: str) -> str:
 def checkpoint_missing_message(name: str) -> str:
     return missing_file_message(
         CHECKPOINT_FOLDER, name, "Kosmos-G checkpoint",
-        "Put the official checkpoint_final.pt (with sentencepiece.bpe.model + dict.txt in a folder beside it "
-        "named <checkpoint name>/, tokenizer/ or data/) or a converted Kosmos-G .safetensors (tokenizer inside) "
-        "into ComfyUI/models/kosmosg/.")
+        f"Put the official checkpoint_final.pt (with {' + '.join(TOKENIZER_FILENAMES)} in {tokenizer_places_text()}) "
+        "or a converted Kosmos-G .safetensors (tokenizer inside) into ComfyUI/models/kosmosg/.")
 
 
 def resolve_checkpoint(name: str) -> str:

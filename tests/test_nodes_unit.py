@@ -214,14 +214,17 @@ def test_loader_auto_device_follows_comfy_text_encoder_device(model_dirs, conver
     assert model.patcher.offload_device == mm.text_encoder_offload_device()
 
 
-def test_loader_without_tokenizer_says_where_to_put_it(model_dirs):
+def test_loader_without_tokenizer_says_where_to_put_it(model_dirs, tmp_path):
     import shutil
 
     kosmosg_dir, _ = model_dirs
-    shutil.rmtree(kosmosg_dir / "data")
+    shutil.move(kosmosg_dir / "data", tmp_path / "elsewhere")
     with pytest.raises(TokenizerError, match="sentencepiece.bpe.model") as err:
         KosmosGLoader.execute("tiny.pt")
-    assert str(kosmosg_dir / "tiny") in str(err.value)
+    for place in ("tiny", "tiny-tokenizer", "tokenizer", "data"):  # every folder searched is named
+        assert f"{kosmosg_dir / place}," in str(err.value)
+    shutil.move(tmp_path / "elsewhere", kosmosg_dir / "tiny-tokenizer")  # one of them: found
+    assert KosmosGLoader.execute("tiny.pt").result[0] is not None
 
 
 # --- interleaved prompt ----------------------------------------------------------------------------
