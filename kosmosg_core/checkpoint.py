@@ -21,6 +21,7 @@ from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig
 from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
 from .files import check_output_file, save_safetensors
 from .model import KosmosG
+from .safe_unpickle import load_pt_state_dict, looks_like_stable_diffusion
 from .tokenizer import TOKENIZER_FILENAMES, KosmosGTokenizer, tokenizer_dir_candidates
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ OFFICIAL_KEY_RENAMES = [
     (r"^aligner\.", "aligner."),
 ]
 
+# The aligner's stage-2 reconstruction branch (decoder queries, decoder, projection back to the MLLM width)
+RECONSTRUCTION_KEY_PREFIXES = ("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")
+
 # Official keys that inference does not use, each with the reason it is safe to drop.
 OFFICIAL_KEYS_TO_IGNORE = {
     # tied to embed_tokens (share_decoder_input_output_embed); the LM head reuses embed_tokens
@@ -52,7 +56,7 @@ OFFICIAL_KEYS_TO_IGNORE = {
     r"^diffusion_unet\.": "SD1.5 U-Net (the pack uses the user's own SD1.5 model)",
     r"^vae\.": "SD1.5 VAE (the user's own)",
     r"^aligner\.clip_encoder\.": "stage-2 CLIP text encoder (loss target only)",
-    r"^aligner\.(decoder_query|decoder\.|decoder_proj\.)": "stage-2 reconstruction branch (training only)",
+    "^(" + "|".join(map(re.escape, RECONSTRUCTION_KEY_PREFIXES)) + ")": "stage-2 reconstruction branch (training only)",
     r"^img_model\.visual\.proj$": "CLIP projection head (Kosmos-G uses unprojected tokens)",
 }
 
@@ -78,7 +82,7 @@ def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstru
             else:
                 renamed[prefix + name] = tensor
             continue
-        reconstruction = key.startswith(("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+        reconstruction = key.startswith(RECONSTRUCTION_KEY_PREFIXES)
         if any(p.search(key) for p in _IGNORES) and not (keep_reconstruction and reconstruction):
             ignored.append(key)
             continue
@@ -160,7 +164,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], head_dim: int = DEFAULT_HE
 # --- checks ----------------------------------------------------------------------------------------
 def _describe_foreign(keys) -> str:
     keys = list(keys)
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+    if looks_like_stable_diffusion(keys):
         return "it looks like a Stable Diffusion checkpoint (model.diffusion_model.* keys), not Kosmos-G"
     if any(k.startswith(("down_blocks.", "up_blocks.", "conv_in.")) for k in keys):
         return "it looks like a diffusers U-Net/VAE, not Kosmos-G"
@@ -247,7 +251,6 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
         raise CheckpointError(f"{path} is not a regular file; give the checkpoint file (.pt or .safetensors).")
     if _file_format(path) == "safetensors":
         return _read_pack(path, config)
-    from .safe_unpickle import load_pt_state_dict
 
     # the tensors inference does not use (the official file's U-Net and VAE: GBs) are never read
     official = load_pt_state_dict(path, key="model", include=lambda key: not any(p.search(key) for p in _IGNORES))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
-from .errors import KosmosGError
+from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
@@ -34,7 +34,7 @@ def _path(text: str) -> str:
 
 def _image_paths(values: list[str]) -> list[Path]:
     if any(not value.strip() for value in values):
-        raise KosmosGError("--image was given an empty path; give the path of an image file.")
+        raise ImageError("--image was given an empty path; give the path of an image file.")
     return [Path(value) for value in values]
 
 
@@ -45,7 +45,7 @@ def cmd_encode(args) -> None:
     out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
     images = _image_paths(args.image)
     if args.prompt == "" and args.image:
-        raise KosmosGError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
+        raise PromptError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
                            "--image were given; add <i> placeholders to the prompt or drop the images.")
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel)

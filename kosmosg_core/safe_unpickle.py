@@ -635,9 +635,12 @@ def safe_load(path) -> Any:
         archive.close()  # LazyTensor.materialize() reopens the file when needed
 
 
-def _looks_like_stable_diffusion(keys) -> bool:
-    return any(isinstance(k, str) and k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
-               for k in keys)
+SD_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")  # U-Net, VAE, CLIP
+
+
+def looks_like_stable_diffusion(keys) -> bool:
+    """Keys of an original-layout Stable Diffusion checkpoint (what users most often give by mistake)."""
+    return any(isinstance(k, str) and k.startswith(SD_CHECKPOINT_PREFIXES) for k in keys)
 
 
 def _select_state_dict(path: Path, state: Any, key: str | None) -> dict:
@@ -653,7 +656,7 @@ def _select_state_dict(path: Path, state: Any, key: str | None) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict with {key!r}.")
     inner = state.get("state_dict") if isinstance(state.get("state_dict"), dict) else {}
-    if _looks_like_stable_diffusion(state) or _looks_like_stable_diffusion(inner):
+    if looks_like_stable_diffusion(state) or looks_like_stable_diffusion(inner):
         raise CheckpointError(f"{path} looks like a Stable Diffusion checkpoint (model.diffusion_model.* tensors), "
                               "not Kosmos-G. Load it with ComfyUI's checkpoint loader; give the Kosmos-G loader "
                               "checkpoint_final.pt or a converted Kosmos-G .safetensors.")

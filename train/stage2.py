@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kosmosg_core.checkpoint import RECONSTRUCTION_KEY_PREFIXES
 from kosmosg_core.config import PAD_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
@@ -133,8 +134,8 @@ class Stage2(Stage):
         # official init, as the official stage 2 builds it. Other sources (a stage-2 run, a pack file)
         # keep their aligner; the reconstruction branch, absent from exported files, starts fresh.
         fresh_aligner = init_checkpoint_stage(cfg.init_checkpoint) == "stage1"
-        reconstruction = ("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")
-        model = build_kosmosg(cfg, self.tokenizer, adjust, allow_missing=("aligner.",) if fresh_aligner else reconstruction,
+        model = build_kosmosg(cfg, self.tokenizer, adjust,
+                              allow_missing=("aligner.",) if fresh_aligner else RECONSTRUCTION_KEY_PREFIXES,
                               ignore=("aligner.",) if fresh_aligner else ())
         if clip_text.config.hidden_size != model.cfg.aligner.width:
             raise ValueError(f"CLIP text encoder width {clip_text.config.hidden_size} != aligner width "

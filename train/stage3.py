@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kosmosg_core.checkpoint import RECONSTRUCTION_KEY_PREFIXES
 from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
@@ -116,7 +117,7 @@ class Stage3(Stage):
 
         # a stage-2 checkpoint's reconstruction branch is not part of this model: discarded
         model = build_kosmosg(cfg, self.tokenizer, adjust,
-                              ignore=("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj."))
+                              ignore=RECONSTRUCTION_KEY_PREFIXES)
         if model.cfg.aligner.width != self.score.context_dim:
             raise ValueError(f"aligner width {model.cfg.aligner.width} != score model context width "
                              f"{self.score.context_dim}; the U-Net must read the aligner's output (SD1.5: 768).")
