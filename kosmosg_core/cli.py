@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
+from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, SCHEDULERS
 from .errors import ImageError, KosmosGError, PromptError
 
-DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+DTYPE_CHOICES = list(DTYPE_NAMES)
 
 
 def _cpu_linear_list(text: str) -> str:

@@ -25,6 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
 SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dtypes the core computes and stores in (pipeline.DTYPES)
 ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fairseq: padding index 1, + 1)
 # Sampling of the official demo (spec section 7): scheduler (diffusers class per CLI name), steps, guidance
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}

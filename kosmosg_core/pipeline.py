@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model
+from .config import DTYPE_NAMES
 from .cpu_linear import pack_for_cpu_encode, packs_dtype
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images
@@ -25,8 +26,9 @@ from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# DTYPE_NAMES and their short names (fp32 / fp16 / bf16: ComfyUI's, half: torch's)
+DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
+          "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16}
 
 # Big batches are encoded in chunks: memory stays bounded and `progress` (which may raise to interrupt) runs
 # during the work. Images per vision forward; prompts per MLLM + aligner forward (with their images).
@@ -39,7 +41,7 @@ def resolve_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise DeviceError(f"Unsupported dtype {dtype!r}; use one of float32, float16, bfloat16.")
+    raise DeviceError(f"Unsupported dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}.")
 
 
 def resolve_device(device) -> torch.device:

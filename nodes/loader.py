@@ -12,7 +12,7 @@ from . import paths
 from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
 from .types import CATEGORY, KosmosGModelType
 
-CONVERT_DTYPES = {"keep": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+CONVERT_DTYPES = ["keep", "fp16", "bf16", "fp32"]
 _WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -101,7 +101,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
                 io.String.Input("output_name", default="",
                                 tooltip="File name for the converted checkpoint (.safetensors is added). Empty: the "
                                         "source name with .safetensors."),
-                io.Combo.Input("dtype", options=list(CONVERT_DTYPES), default="fp16",
+                io.Combo.Input("dtype", options=CONVERT_DTYPES, default="fp16",
                                tooltip="Precision of the written weights. keep: as stored in the source file."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing file of the same name."),
@@ -121,16 +121,14 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, output_name="", dtype="fp16", overwrite=False) -> io.NodeOutput:
-        import torch
-
         from ..kosmosg_core.checkpoint import convert_official
+        from ..kosmosg_core.pipeline import resolve_dtype
 
         src = paths.resolve_checkpoint(source)
         name = converted_file_name(source, output_name)
         out = os.path.join(os.path.dirname(src), name)
         if os.path.exists(out) and not overwrite:
             raise FileExistsError(f"{out} already exists; set overwrite to true or choose another output_name.")
-        torch_dtype = getattr(torch, CONVERT_DTYPES[dtype]) if CONVERT_DTYPES[dtype] else None
-        convert_official(src, out, dtype=torch_dtype)
+        convert_official(src, out, dtype=None if dtype == "keep" else resolve_dtype(dtype))
         relative = os.path.join(os.path.dirname(source), name) if os.path.dirname(source) else name
         return io.NodeOutput(relative, ui=ui.PreviewText(f"Converted {source} -> {relative}"))

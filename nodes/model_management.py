@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -65,13 +64,15 @@ def resolve_devices(device_choice: str) -> tuple[torch.device, torch.device]:
     raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device_choice!r}.")
 
 
-def resolve_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
+def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
     """'auto': fp32 on the CPU (fp16 matmuls there are slow or missing); on a GPU the --*-text-enc
     flags if given, else bf16 where supported (no fp16 overflow), else fp16, else fp32."""
-    if dtype_choice in _DTYPES:
-        return _DTYPES[dtype_choice]
-    if dtype_choice != "auto":
+    if dtype_choice not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype_choice!r}.")
+    if dtype_choice != "auto":
+        from ..kosmosg_core.pipeline import resolve_dtype
+
+        return resolve_dtype(dtype_choice)
     if mm.is_device_cpu(load_device):
         return torch.float32
     if args.fp32_text_enc:
@@ -94,7 +95,7 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
-    dtype = resolve_dtype(dtype_choice, load_device)
+    dtype = choose_dtype(dtype_choice, load_device)
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(dtype), str(load_device), str(offload_device))
     model = _LOADED.get(key)

@@ -13,13 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from train.common.config import exit_on_input_error, parse_config
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -33,16 +30,17 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     from kosmosg_core.checkpoint import save_pack_checkpoint
-    from kosmosg_core.config import KosmosGConfig
+    from kosmosg_core.config import DTYPE_NAMES, KosmosGConfig
     from kosmosg_core.model import KosmosG
     from kosmosg_core.files import check_output_file
+    from kosmosg_core.pipeline import resolve_dtype
     from train.common.checkpointing import load_checkpoint
     from train.loop import load_tokenizer
 
     if not cfg.checkpoint or not cfg.out:
         raise ValueError("--checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are required.")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype!r}: use one of {sorted(DTYPES)}.")
+    if cfg.dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPE_NAMES)}.")
     if not cfg.out.lower().endswith(".safetensors"):
         raise ValueError(f"--out {cfg.out}: the pack format is .safetensors; name the file *.safetensors.")
     check_output_file(cfg.out, "--out")  # before the checkpoint is read
@@ -66,7 +64,7 @@ def export(cfg: ExportConfig) -> Path:
         raise ValueError(f"--checkpoint {cfg.checkpoint} lacks {len(missing)} model tensors ({missing[:3]} ...); "
                          "it is not a complete Kosmos-G training checkpoint.")
     model.load_state_dict({k: state["model"][k] for k in expected}, strict=True)
-    path = save_pack_checkpoint(model.eval(), tokenizer, cfg.out, dtype=DTYPES[cfg.dtype],
+    path = save_pack_checkpoint(model.eval(), tokenizer, cfg.out, dtype=resolve_dtype(cfg.dtype),
                                 extra_metadata={"source": "train.export", "stage": extra.get("stage", ""),
                                                 "step": state["step"]})
     logger.info("exported %s (step %d, %s) -> %s", cfg.checkpoint, state["step"], cfg.dtype, path)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kosmosg_core.config import DTYPE_NAMES
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,10 +34,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise ValueError(f"models.dtype={dtype!r}: use float32, float16 or bfloat16") from None
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"models.dtype={dtype!r}: use {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, dtype)
 
 
 def _quiet_transformers():
