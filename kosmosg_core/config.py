@@ -18,6 +18,9 @@ EOS_ID = 2  # </s>
 UNK_ID = 3  # <unk>
 ADDED_SYMBOLS = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")  # appended after dict.txt
 IMAGE_PLACEHOLDER = "<i>"  # what users type in a prompt for "an image goes here"
+# An image weight scales the image's features: 1.0 = the official model, 0 = the features removed. Above
+# MAX_IMAGE_WEIGHT (or below 0) the conditioning leaves anything SD1.5 was trained on.
+MAX_IMAGE_WEIGHT = 10.0
 
 # CLIP image normalisation (open_clip / OpenAI constants), spec section 3.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,8 @@ from .cpu_linear import pack_for_cpu_encode, packs_dtype
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images
 from .model import KosmosG
-from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length, pad_batch
+from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
+    pad_batch
 from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,7 @@ def _normalise_batch(prompts, images, image_weights):
         if len(given) != len(group):
             raise PromptError(f"Prompt {b} has {len(group)} image(s) but {len(given)} image weight(s); give one "
                               "weight per image (a batch [B, H, W, C] counts as B images).")
-        for weight in given:
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise PromptError(f"Image weight {weight!r} (prompt {b}) is not a finite number; use e.g. 1.0 (the "
-                                  "official model) or 0.5.")
-        weights.append([float(w) for w in given])
+        weights.append([check_image_weight(weight, f"prompt {b}") for weight in given])
     return prompts, images, weights
 
 

@@ -19,12 +19,13 @@ Layout (official `AppModel.kosmosg_preprocess`, spec section 5), for n images an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .config import BOS_ID, IMAGE_PLACEHOLDER, PAD_ID
+from .config import BOS_ID, IMAGE_PLACEHOLDER, MAX_IMAGE_WEIGHT, PAD_ID
 from .errors import PromptError
 
 
@@ -67,6 +68,17 @@ def placeholder_mismatch(text: str, num_images: int) -> str | None:
         fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs, or remove an image"
     return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given; "
             f"{fix} (one {IMAGE_PLACEHOLDER} per image, in order).")
+
+
+def check_image_weight(weight, where: str) -> float:
+    """`weight` as a float if it is a number in 0..MAX_IMAGE_WEIGHT, else a PromptError naming `where` it came from."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise PromptError(f"Image weight {weight!r} ({where}) is not a finite number; use e.g. 1.0 (the official "
+                          "model) or 0.5.")
+    if not 0.0 <= weight <= MAX_IMAGE_WEIGHT:
+        raise PromptError(f"Image weight {weight:g} ({where}) is outside 0..{MAX_IMAGE_WEIGHT:g}; 1.0 is the official "
+                          "strength, 0 removes the image's features.")
+    return float(weight)
 
 
 def check_negative_prompt(text: str) -> None:

@@ -12,7 +12,6 @@ Rules (also in the node description and the README):
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -21,13 +20,12 @@ from comfy_execution.validation import validate_node_input
 
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
-from ..kosmosg_core.prompt import placeholder_mismatch
+from ..kosmosg_core.prompt import check_image_weight, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
 MAX_IMAGES = 16
 IMAGES_INPUT = "images"
 IMAGE_PREFIX = "image"
-MAX_WEIGHT = 10.0
 _SOCKET_INDEX = re.compile(rf"^(?:{IMAGES_INPUT}\.)?{IMAGE_PREFIX}(\d+)$")
 
 
@@ -44,10 +42,7 @@ def parse_weights(text: str | None, num_images: int) -> list[float]:
             value = float(part)
         except ValueError:
             raise PromptError(f"weights: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
-        if not math.isfinite(value) or not 0.0 <= value <= MAX_WEIGHT:
-            raise PromptError(f"weights: {part} is outside 0..{MAX_WEIGHT:g}; 1.0 is the official strength, 0 removes "
-                              "the image's features.")
-        weights.append(value)
+        weights.append(check_image_weight(value, f"weights: {part}"))
     if len(weights) != num_images:
         raise PromptError(f"weights has {len(weights)} value(s) but {num_images} image(s) are connected; give one weight "
                           "per image in socket order, or leave weights empty for 1.0 each.")

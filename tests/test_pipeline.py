@@ -87,6 +87,10 @@ def test_image_weights(pipe):
     for bad in (float("nan"), float("inf"), "x", True):
         with pytest.raises(PromptError, match="is not a finite number"):
             pipe.encode("a photo of <i>", [image(5)], image_weights=[bad])
+    for bad in (-0.5, 10.5):  # the range the node's weights input takes, checked by the core for every caller
+        with pytest.raises(PromptError, match=r"Image weight .* \(prompt 0\) is outside 0..10"):
+            pipe.encode("a photo of <i>", [image(5)], image_weights=[bad])
+    pipe.encode("a photo of <i>", [image(5)], image_weights=[10])
 
 
 def test_batch_shape_rules(pipe):
