@@ -226,9 +226,7 @@ class KosmosGLoadConditioning(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, conditioning_file=None):
         if conditioning_file is not None and paths.listed_file(paths.CONDITIONING_FOLDER, conditioning_file) is None:
-            return paths.missing_file_message(
-                paths.CONDITIONING_FOLDER, conditioning_file, "Conditioning file",
-                "Create one with Kosmos-G Save Conditioning (it writes to ComfyUI/models/kosmosg_conditioning/).")
+            return paths.conditioning_missing_message(conditioning_file)
         return True
 
     @classmethod
@@ -237,9 +235,4 @@ class KosmosGLoadConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning_file) -> io.NodeOutput:
-        path = folder_paths.get_full_path(paths.CONDITIONING_FOLDER, conditioning_file)
-        if path is None:
-            raise FileNotFoundError(paths.missing_file_message(
-                paths.CONDITIONING_FOLDER, conditioning_file, "Conditioning file",
-                "Create one with Kosmos-G Save Conditioning."))
-        return io.NodeOutput(read_conditioning_file(path))
+        return io.NodeOutput(read_conditioning_file(paths.resolve_conditioning(conditioning_file)))

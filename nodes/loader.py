@@ -114,9 +114,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, source=None):
         if source is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, source) is None:
-            return paths.missing_file_message(
-                paths.CHECKPOINT_FOLDER, source, "Official Kosmos-G checkpoint",
-                "Put checkpoint_final.pt and its tokenizer folder into ComfyUI/models/kosmosg/.")
+            return paths.checkpoint_missing_message(source)
         return True
 
     @classmethod

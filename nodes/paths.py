@@ -73,6 +73,20 @@ def resolve_checkpoint(name: str) -> str:
     return path
 
 
+def conditioning_missing_message(name: str) -> str:
+    return missing_file_message(
+        CONDITIONING_FOLDER, name, "Conditioning file",
+        "Create one with Kosmos-G Save Conditioning (it writes to ComfyUI/models/kosmosg_conditioning/) or "
+        "`python -m kosmosg_core encode --out`.")
+
+
+def resolve_conditioning(name: str) -> str:
+    path = folder_paths.get_full_path(CONDITIONING_FOLDER, name) if name else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(conditioning_missing_message(name))
+    return path
+
+
 def file_fingerprint(path: str | None) -> str:
     """Changes when the file is replaced or rewritten (for ComfyUI's re-run check)."""
     if path is None or not os.path.exists(path):

@@ -352,6 +352,11 @@ def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):
                      KosmosGLoadConditioning.validate_inputs):
         assert "'notes.json' was not found" in validate("notes.json")
     assert KosmosGLoader.validate_inputs("tiny.pt") is True
+    message = KosmosGLoadConditioning.validate_inputs("gone.safetensors")
+    assert "Conditioning file 'gone.safetensors' was not found" in message and "Save Conditioning" in message
+    with pytest.raises(FileNotFoundError) as err:
+        KosmosGLoadConditioning.execute("gone.safetensors")
+    assert str(err.value) == message
 
 
 def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
@@ -503,7 +508,11 @@ def test_convert_writes_safetensors_equal_to_official(model_dirs, converted):
         KosmosGConvertCheckpoint.execute("tiny.pt", output_name="tiny-conv", dtype="fp32")
     with pytest.raises(ValueError, match="plain file name"):
         KosmosGConvertCheckpoint.execute("tiny.pt", output_name="../escape", dtype="fp32")
-    assert "Official Kosmos-G checkpoint" in KosmosGConvertCheckpoint.validate_inputs("nope.pt")
+    message = KosmosGConvertCheckpoint.validate_inputs("nope.pt")  # before the run, and during it: one text
+    assert "Kosmos-G checkpoint 'nope.pt' was not found" in message and "dict.txt" in message
+    with pytest.raises(FileNotFoundError) as err:
+        KosmosGConvertCheckpoint.execute("nope.pt")
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("source, output_name, expected", [
