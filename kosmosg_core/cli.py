@@ -39,6 +39,7 @@ def _image_paths(values: list[str]) -> list[Path]:
 
 
 def cmd_encode(args) -> None:
+    from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors
     from .pipeline import KosmosGPipeline
 
@@ -54,7 +55,7 @@ def cmd_encode(args) -> None:
     else:
         cond = pipe.encode(args.prompt, images)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
-    save_safetensors({"cond": cond.float().cpu().contiguous()}, out,
+    save_safetensors({ENCODE_TENSOR_NAME: cond.float().cpu().contiguous()}, out,
                      metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
                                "checkpoint": Path(args.checkpoint).name})
     print(f"wrote {out}: cond {list(cond.shape)}")

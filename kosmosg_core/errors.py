@@ -34,6 +34,10 @@ class ImageError(KosmosGError, ValueError):
     """An image could not be read or has an unusable layout."""
 
 
+class ConditioningFileError(KosmosGError, ValueError):
+    """A saved conditioning file is unreadable, damaged or of an unknown format; or cannot be saved as asked."""
+
+
 class OutputPathError(KosmosGError, ValueError):
     """An output path cannot be written (a folder where a file goes, a file where a folder goes...)."""
 

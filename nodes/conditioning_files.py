@@ -1,171 +1,14 @@
-"""Save / Load Kosmos-G conditioning as .safetensors in models/kosmosg_conditioning.
-
-File layout, format version 2 (content-keyed: the name ends with a hash of the tensors, so saving the
-same conditioning twice writes one file):
-    tensors  "entry{i}.cond" [B, T, C] (its own dtype), and every tensor among entry i's keys, named by
-             its place: "entry{i}.pooled_output" [B, C], "entry{i}.mask", "entry{i}.reference_latents.0"...
-    metadata {"format": "kosmosg_conditioning", "format_version": "2",
-              "entries": JSON list of each entry's keys: plain values as JSON, tuples as {"__tuple__": [...]}
-              (ComfyUI compares `area` tuples with ==), tensors as {"__tensor__": "<tensor name>"}}
-Keys holding live objects (ControlNet, hooks) are not saved: re-apply those nodes after loading.
-Also read: version 1 files (plain JSON entries, top-level tensors only) and `python -m kosmosg_core encode
---out` files (one tensor "cond" [B, T, C]; pooled_output is then its mean over T, as Kosmos-G Encode gives).
-"""
+"""Save / Load Conditioning nodes: ComfyUI glue over kosmosg_core.conditioning_file (the file format)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-
 import comfy.model_management as mm
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
-from ..kosmosg_core.files import check_output_file, save_safetensors
+from ..kosmosg_core.conditioning_file import read_conditioning_file, save_conditioning
 from . import paths
 from .types import CATEGORY
-
-logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "kosmosg_conditioning"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
-TUPLE_TAG, TENSOR_TAG = "__tuple__", "__tensor__"
-
-
-class _NotSaveable(Exception):
-    """A value (or a part of it) that is not data: a ControlNet, a hook, a model patch..."""
-
-
-def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
-    """An entry's value -> JSON-ready form (tensors stored into `tensors` under `name`...), or _NotSaveable."""
-    if isinstance(value, torch.Tensor):
-        while name in tensors:  # a dict key holding "." could repeat a place's name
-            name += "_"
-        tensors[name] = value.detach().cpu().contiguous()
-        return {TENSOR_TAG: name}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        items = [_encode_value(item, f"{name}.{k}", tensors) for k, item in enumerate(value)]
-        return {TUPLE_TAG: items} if isinstance(value, tuple) else items
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value) and not {TUPLE_TAG, TENSOR_TAG} & set(value):
-        return {key: _encode_value(item, f"{name}.{key}", tensors) for key, item in value.items()}
-    raise _NotSaveable
-
-
-def _decode_value(value, tensors: dict[str, torch.Tensor], device):
-    if isinstance(value, list):
-        return [_decode_value(item, tensors, device) for item in value]
-    if isinstance(value, dict):
-        if set(value) == {TENSOR_TAG}:
-            return tensors[value[TENSOR_TAG]].to(device)
-        if set(value) == {TUPLE_TAG}:
-            return tuple(_decode_value(item, tensors, device) for item in value[TUPLE_TAG])
-        return {key: _decode_value(item, tensors, device) for key, item in value.items()}
-    return value
-
-
-def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors, entries = {}, []
-    for i, (cond, extras) in enumerate(conditioning):
-        tensors[f"entry{i}.cond"] = cond.detach().cpu().contiguous()
-        encoded, dropped = {}, []
-        for key, value in extras.items():
-            kept = dict(tensors)
-            try:
-                encoded[key] = _encode_value(value, f"entry{i}.{key}", tensors)
-            except _NotSaveable:
-                tensors = kept  # none of a dropped key's tensors stay
-                dropped.append(key)
-        if dropped:
-            logger.warning("Kosmos-G Save Conditioning: not saving %s (live objects); re-apply those nodes after "
-                           "loading.", ", ".join(dropped))
-        entries.append(encoded)
-    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "entries": json.dumps(entries)}
-    return tensors, metadata
-
-
-def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(str(tensors[name].dtype).encode() + repr(tuple(tensors[name].shape)).encode())
-        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _holds(path, metadata: dict[str, str]) -> bool:
-    """Whether `path` is a readable conditioning file with this metadata (its name carries the tensors' hash)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() == metadata
-    except (SafetensorError, OSError):
-        return False
-
-
-def read_conditioning_file(path: str) -> list:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
-                         "Conditioning.") from e
-    device = mm.intermediate_device()
-    if metadata.get("format") is None and set(tensors) == {"cond"}:
-        cond = _checked_cond(tensors["cond"], path, "cond").to(device)  # from `python -m kosmosg_core encode --out`
-        return [[cond, {"pooled_output": cond.mean(dim=1)}]]
-    if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a Kosmos-G conditioning file (metadata format {metadata.get('format')!r}); "
-                         "only files written by Kosmos-G Save Conditioning or `python -m kosmosg_core encode --out` "
-                         "can be loaded.")
-    version = metadata.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ValueError(f"{path} has conditioning format version {version!r}; this pack reads versions "
-                         f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
-    damaged = f"{path} is damaged: {{}}. Save the conditioning again with Kosmos-G Save Conditioning."
-    try:
-        entries = json.loads(metadata.get("entries", "[]"))
-    except (ValueError, RecursionError) as e:
-        raise ValueError(damaged.format(f"its entries are not readable JSON ({str(e)[:100]})")) from e
-    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
-        raise ValueError(damaged.format("its entries are not a non-empty list of mappings"))
-    conditioning = []
-    for i, encoded in enumerate(entries):
-        prefix = f"entry{i}."
-        if prefix + "cond" not in tensors:
-            raise ValueError(damaged.format(f"entry {i} has no tensor {prefix}cond"))
-        try:
-            extras = _decode_value(encoded, tensors, device)
-        except KeyError as e:
-            raise ValueError(damaged.format(f"entry {i} refers to a tensor {e} it does not hold")) from None
-        except RecursionError:
-            raise ValueError(damaged.format(f"entry {i} is nested too deeply")) from None
-        if version == "1":  # top-level tensors were not referenced from the JSON; tuples were lists
-            extras.update({name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()
-                           if name.startswith(prefix) and name != prefix + "cond"})
-            if isinstance(extras.get("area"), list):
-                extras["area"] = tuple(extras["area"])
-        conditioning.append([_checked_cond(tensors[prefix + "cond"], path, prefix + "cond").to(device), extras])
-    return conditioning
-
-
-def _checked_cond(cond: torch.Tensor, path, name: str) -> torch.Tensor:
-    """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
-    if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
-        raise ValueError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] float "
-                         "conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
-    if not torch.isfinite(cond).all():  # it would sample black images
-        raise ValueError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
-    return cond
 
 
 class KosmosGSaveConditioning(io.ComfyNode):
@@ -192,17 +35,8 @@ class KosmosGSaveConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, filename_prefix="kosmosg") -> io.NodeOutput:
-        prefix = (filename_prefix or "kosmosg").strip()
-        if os.path.basename(prefix) != prefix or prefix in (".", ".."):
-            raise ValueError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
-        if not conditioning:
-            raise ValueError("conditioning is empty (no entries): connect the output of an encode node.")
-        tensors, metadata = conditioning_to_file_content(conditioning)
-        name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
-        folder = folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0]
-        path = check_output_file(os.path.join(folder, name), "filename_prefix")  # e.g. a name too long
-        if not _holds(path, metadata):  # content-keyed: the same content is there already, unless damaged
-            save_safetensors(tensors, path, metadata)
+        name = save_conditioning(conditioning, folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0],
+                                 filename_prefix)
         return io.NodeOutput(name, ui=ui.PreviewText(f"Saved {name}"))
 
 
@@ -235,4 +69,5 @@ class KosmosGLoadConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning_file) -> io.NodeOutput:
-        return io.NodeOutput(read_conditioning_file(paths.resolve_conditioning(conditioning_file)))
+        return io.NodeOutput(read_conditioning_file(paths.resolve_conditioning(conditioning_file),
+                                                    device=mm.intermediate_device()))

@@ -1,0 +1,183 @@
+"""Kosmos-G conditioning files: ComfyUI CONDITIONING values <-> .safetensors (no ComfyUI import).
+
+A CONDITIONING is a list of entries `[cond [B, T, C], extras dict]` (extras: "pooled_output" [B, C],
+"mask", "area", ... any plain data). File layout, format version 2 (content-keyed: the name ends with a
+hash of the tensors, so saving the same conditioning twice writes one file):
+    tensors  "entry{i}.cond" [B, T, C] (its own dtype), and every tensor among entry i's keys, named by
+             its place: "entry{i}.pooled_output" [B, C], "entry{i}.mask", "entry{i}.reference_latents.0"...
+    metadata {"format": "kosmosg_conditioning", "format_version": "2",
+              "entries": JSON list of each entry's keys: plain values as JSON, tuples as {"__tuple__": [...]}
+              (ComfyUI compares `area` tuples with ==), tensors as {"__tensor__": "<tensor name>"}}
+Keys holding live objects (ControlNet, hooks) are not saved: re-apply those nodes after loading.
+Also read: version 1 files (plain JSON entries, top-level tensors only) and `python -m kosmosg_core encode
+--out` files (one tensor "cond" [B, T, C]; pooled_output is then its mean over T, as Kosmos-G Encode gives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from .errors import ConditioningFileError
+from .files import check_output_file, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+ENCODE_TENSOR_NAME = "cond"  # the one tensor of `python -m kosmosg_core encode --out` files
+
+FORMAT_NAME = "kosmosg_conditioning"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+TUPLE_TAG, TENSOR_TAG = "__tuple__", "__tensor__"
+
+
+class _NotSaveable(Exception):
+    """A value (or a part of it) that is not data: a ControlNet, a hook, a model patch..."""
+
+
+def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
+    """An entry's value -> JSON-ready form (tensors stored into `tensors` under `name`...), or _NotSaveable."""
+    if isinstance(value, torch.Tensor):
+        while name in tensors:  # a dict key holding "." could repeat a place's name
+            name += "_"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {TENSOR_TAG: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_encode_value(item, f"{name}.{k}", tensors) for k, item in enumerate(value)]
+        return {TUPLE_TAG: items} if isinstance(value, tuple) else items
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value) and not {TUPLE_TAG, TENSOR_TAG} & set(value):
+        return {key: _encode_value(item, f"{name}.{key}", tensors) for key, item in value.items()}
+    raise _NotSaveable
+
+
+def _decode_value(value, tensors: dict[str, torch.Tensor], device):
+    if isinstance(value, list):
+        return [_decode_value(item, tensors, device) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_TAG}:
+            return tensors[value[TENSOR_TAG]].to(device)
+        if set(value) == {TUPLE_TAG}:
+            return tuple(_decode_value(item, tensors, device) for item in value[TUPLE_TAG])
+        return {key: _decode_value(item, tensors, device) for key, item in value.items()}
+    return value
+
+
+def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, entries = {}, []
+    for i, (cond, extras) in enumerate(conditioning):
+        tensors[f"entry{i}.cond"] = cond.detach().cpu().contiguous()
+        encoded, dropped = {}, []
+        for key, value in extras.items():
+            kept = dict(tensors)
+            try:
+                encoded[key] = _encode_value(value, f"entry{i}.{key}", tensors)
+            except _NotSaveable:
+                tensors = kept  # none of a dropped key's tensors stay
+                dropped.append(key)
+        if dropped:
+            logger.warning("Kosmos-G Save Conditioning: not saving %s (live objects); re-apply those nodes after "
+                           "loading.", ", ".join(dropped))
+        entries.append(encoded)
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "entries": json.dumps(entries)}
+    return tensors, metadata
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(str(tensors[name].dtype).encode() + repr(tuple(tensors[name].shape)).encode())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _holds(path, metadata: dict[str, str]) -> bool:
+    """Whether `path` is a readable conditioning file with this metadata (its name carries the tensors' hash)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() == metadata
+    except (SafetensorError, OSError):
+        return False
+
+
+def read_conditioning_file(path, device="cpu") -> list:
+    """A conditioning file (any readable version, or an `encode --out` file) -> CONDITIONING on `device`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ConditioningFileError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
+                         "Conditioning.") from e
+    if metadata.get("format") is None and set(tensors) == {ENCODE_TENSOR_NAME}:
+        cond = _checked_cond(tensors[ENCODE_TENSOR_NAME], path, ENCODE_TENSOR_NAME).to(device)
+        return [[cond, {"pooled_output": cond.mean(dim=1)}]]
+    if metadata.get("format") != FORMAT_NAME:
+        raise ConditioningFileError(f"{path} is not a Kosmos-G conditioning file (metadata format {metadata.get('format')!r}); "
+                         "only files written by Kosmos-G Save Conditioning or `python -m kosmosg_core encode --out` "
+                         "can be loaded.")
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ConditioningFileError(f"{path} has conditioning format version {version!r}; this pack reads versions "
+                         f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
+    damaged = f"{path} is damaged: {{}}. Save the conditioning again with Kosmos-G Save Conditioning."
+    try:
+        entries = json.loads(metadata.get("entries", "[]"))
+    except (ValueError, RecursionError) as e:
+        raise ConditioningFileError(damaged.format(f"its entries are not readable JSON ({str(e)[:100]})")) from e
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ConditioningFileError(damaged.format("its entries are not a non-empty list of mappings"))
+    conditioning = []
+    for i, encoded in enumerate(entries):
+        prefix = f"entry{i}."
+        if prefix + "cond" not in tensors:
+            raise ConditioningFileError(damaged.format(f"entry {i} has no tensor {prefix}cond"))
+        try:
+            extras = _decode_value(encoded, tensors, device)
+        except KeyError as e:
+            raise ConditioningFileError(damaged.format(f"entry {i} refers to a tensor {e} it does not hold")) from None
+        except RecursionError:
+            raise ConditioningFileError(damaged.format(f"entry {i} is nested too deeply")) from None
+        if version == "1":  # top-level tensors were not referenced from the JSON; tuples were lists
+            extras.update({name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()
+                           if name.startswith(prefix) and name != prefix + "cond"})
+            if isinstance(extras.get("area"), list):
+                extras["area"] = tuple(extras["area"])
+        conditioning.append([_checked_cond(tensors[prefix + "cond"], path, prefix + "cond").to(device), extras])
+    return conditioning
+
+
+def _checked_cond(cond: torch.Tensor, path, name: str) -> torch.Tensor:
+    """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
+    if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
+        raise ConditioningFileError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] float "
+                         "conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
+    if not torch.isfinite(cond).all():  # it would sample black images
+        raise ConditioningFileError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
+    return cond
+
+
+def save_conditioning(conditioning, folder, filename_prefix: str = "kosmosg") -> str:
+    """Write `conditioning` into `folder` as `<prefix>_<content hash>.safetensors` -> that file name. The same
+    content is written once (a file already holding it is kept)."""
+    prefix = (filename_prefix or "kosmosg").strip()
+    if os.path.basename(prefix) != prefix or prefix in (".", ".."):
+        raise ConditioningFileError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
+    if not conditioning:
+        raise ConditioningFileError("conditioning is empty (no entries): connect the output of an encode node.")
+    tensors, metadata = conditioning_to_file_content(conditioning)
+    name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
+    path = check_output_file(os.path.join(folder, name), "filename_prefix")  # e.g. a name too long
+    if not _holds(path, metadata):  # content-keyed: the same content is there already, unless damaged
+        save_safetensors(tensors, path, metadata)
+    return name
