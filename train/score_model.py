@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from kosmosg_core.generate import SD15_CONFIG_DIR
+from train.nano.sd15_format import FORMAT_NAME as NANO_FORMAT
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "kosmosg_core" / "sd15_config"
-NANO_FORMAT = "kosmosg-nano-sd15"
+logger = logging.getLogger(__name__)
 
 
 def sd15_noise_scheduler(folder: Path | None = None):
