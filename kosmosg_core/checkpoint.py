@@ -173,24 +173,31 @@ def _describe_foreign(keys) -> str:
     return "none of its tensors belong to Kosmos-G (expected gpt_model.decoder.*, img_model.visual.*, aligner.*)"
 
 
+def state_dict_mismatch(expected: dict, given: dict, allow_missing: tuple[str, ...] = ()) -> str | None:
+    """None when `given` holds every tensor of `expected` (those under `allow_missing` prefixes may be absent),
+    no other, each of the expected shape; else what differs ("2 missing tensors: a, b; 1 unexpected tensor: c"
+    or "tensor a has shape (2, 3) but the model expects (3, 3)"), for the caller's error."""
+    def show(names):
+        return ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
+
+    missing = sorted(k for k in set(expected) - set(given) if not k.startswith(allow_missing))
+    unexpected = sorted(set(given) - set(expected))
+    parts = [f"{len(names)} {kind} tensor{'s' if len(names) > 1 else ''}: {show(names)}"
+             for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if parts:
+        return "; ".join(parts)
+    for name, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            return f"tensor {name} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[name].shape)}"
+    return None
+
+
 def _check_keys(path, model: KosmosG, state_dict: dict) -> None:
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        def show(names):
-            return ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors: {show(unexpected)}")
-        raise CheckpointError(f"Checkpoint {path} does not match the Kosmos-G architecture: " + "; ".join(parts)
-                              + ". Use a complete Kosmos-G checkpoint (checkpoint_final.pt or a converted .safetensors).")
-    for name, tensor in model.state_dict().items():
-        if tuple(state_dict[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"Checkpoint {path}: tensor {name} has shape {tuple(state_dict[name].shape)} but the "
-                                  f"config expects {tuple(tensor.shape)}; the config does not match these weights.")
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"Checkpoint {path} does not match the Kosmos-G architecture of its config: {mismatch}. "
+                              "Use a complete Kosmos-G checkpoint (checkpoint_final.pt or a converted .safetensors) "
+                              "with the config it was trained with.")
 
 
 def _build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype, device) -> KosmosG:

@@ -161,10 +161,12 @@ def load_hf_clip_vision(vision, folder) -> None:
     if (mean, std) != (list(CLIP_MEAN), list(CLIP_STD)) and "conv1.weight" in state:
         fold_pixel_normalisation(state, mean, std)
         logger.info("vision encoder: folded the tower's pixel normalisation (mean %s, std %s) into conv1", mean, std)
+    from .checkpoint import state_dict_mismatch
+
     expected = vision.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: the CLIP vision weights do not match the config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); the folder may be truncated.")
+    mismatch = state_dict_mismatch(expected, state)
+    if mismatch:
+        raise CheckpointError(f"{folder}: the CLIP vision weights do not match the config ({mismatch}); the folder "
+                              "may be truncated.")
     vision.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     logger.info("vision encoder: %d tensors from the CLIP tower in %s", len(state), folder)

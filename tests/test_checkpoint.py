@@ -81,8 +81,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     del sd["gpt_model.decoder.layers.1.ffn.fc2.bias"]
     sd["img_connector.extra_gate"] = torch.zeros(3)
     torch.save({"model": sd}, pt)
-    with pytest.raises(CheckpointError, match=r"1 missing tensors: decoder\.layers\.1\.ffn\.fc2\.bias; "
-                                              r"1 unexpected tensors: connector\.extra_gate"):
+    with pytest.raises(CheckpointError, match=r"1 missing tensor: decoder\.layers\.1\.ffn\.fc2\.bias; "
+                                              r"1 unexpected tensor: connector\.extra_gate"):
         load_model(pt)
 
 
@@ -216,3 +216,15 @@ def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, 
     save_file(tensors, str(path), {**metadata, "config": json.dumps(config)})
     with pytest.raises(CheckpointError, match=f"embedded config is missing or invalid .*{message}"):
         load_model(path)
+
+
+def test_state_dict_mismatch_names_what_differs():
+    from kosmosg_core.checkpoint import state_dict_mismatch
+
+    expected = {"a.w": torch.zeros(2, 3), "a.b": torch.zeros(2), "recon.w": torch.zeros(1)}
+    assert state_dict_mismatch(expected, {"a.w": torch.ones(2, 3), "a.b": torch.ones(2), "recon.w": torch.ones(1)}) is None
+    assert state_dict_mismatch(expected, {"a.w": torch.ones(2, 3), "a.b": torch.ones(2)}, allow_missing=("recon.",)) is None
+    assert state_dict_mismatch(expected, {"x": torch.ones(1)}) == \
+        "3 missing tensors: a.b, a.w, recon.w; 1 unexpected tensor: x"
+    assert state_dict_mismatch(expected, {"a.w": torch.ones(3, 2), "a.b": torch.ones(2), "recon.w": torch.ones(1)}) == \
+        "tensor a.w has shape (3, 2) but the model expects (2, 3)"

@@ -29,7 +29,7 @@ class ExportConfig:
 
 
 def export(cfg: ExportConfig) -> Path:
-    from kosmosg_core.checkpoint import save_pack_checkpoint
+    from kosmosg_core.checkpoint import save_pack_checkpoint, state_dict_mismatch
     from kosmosg_core.config import DTYPE_NAMES, KosmosGConfig
     from kosmosg_core.model import KosmosG
     from kosmosg_core.files import check_output_file
@@ -59,11 +59,13 @@ def export(cfg: ExportConfig) -> Path:
 
     model = KosmosG(model_cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state["model"]))
-    if missing:
-        raise ValueError(f"--checkpoint {cfg.checkpoint} lacks {len(missing)} model tensors ({missing[:3]} ...); "
+    # training-only tensors (the stage-2 reconstruction branch) are left out of the pack
+    inference_tensors = {k: v for k, v in state["model"].items() if k in expected}
+    mismatch = state_dict_mismatch(expected, inference_tensors)
+    if mismatch:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} does not hold a complete Kosmos-G of its config ({mismatch}); "
                          "it is not a complete Kosmos-G training checkpoint.")
-    model.load_state_dict({k: state["model"][k] for k in expected}, strict=True)
+    model.load_state_dict(inference_tensors, strict=True)
     path = save_pack_checkpoint(model.eval(), tokenizer, cfg.out, dtype=resolve_dtype(cfg.dtype),
                                 extra_metadata={"source": "train.export", "stage": extra.get("stage", ""),
                                                 "step": state["step"]})

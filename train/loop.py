@@ -719,16 +719,13 @@ def read_init_weights(path_text: str, model_config_spec: str):
 def load_weights(model: nn.Module, state_dict: dict, source: str, allow_missing: tuple[str, ...] = ()) -> None:
     """Load init weights: every tensor must fit; missing ones are allowed only under `allow_missing`
     prefixes (parts the previous stage did not have, e.g. the aligner's reconstruction branch)."""
+    from kosmosg_core.checkpoint import state_dict_mismatch
+
     expected = model.state_dict()
-    unexpected = sorted(set(state_dict) - set(expected))
-    missing = sorted(k for k in set(expected) - set(state_dict) if not k.startswith(allow_missing))
-    if unexpected or missing:
-        raise ValueError(f"--init-checkpoint {source} does not match the model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}. Check --model-config against the checkpoint.")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"--init-checkpoint {source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(expected[name].shape)}. Check --model-config against the checkpoint.")
+    mismatch = state_dict_mismatch(expected, state_dict, allow_missing)
+    if mismatch:
+        raise ValueError(f"--init-checkpoint {source} does not match the model: {mismatch}. Check --model-config "
+                         "against the checkpoint.")
     fresh = sorted(set(expected) - set(state_dict))
     if fresh:
         logger.info("init from %s: %d tensors not in the checkpoint keep their fresh init (%s ...)",
