@@ -7,7 +7,7 @@ Everything printed is measured in this run on this machine:
 - encode: the median of `--repeats` fresh encodes ("ratio": against the limit, which is built
   from the yardsticks' best runs, so the strict comparison) and their best ("best": like for like);
 - `--cpu-linear` picks the CPU linear layers, several in one run: auto (the default: what the
-  pipeline runs here), packed (oneDNN-packed weights; float32, and bfloat16 where the CPU has
+  pipeline runs here), onednn (oneDNN-packed weights; float32, and bfloat16 where the CPU has
   native bf16), few-row (the few-row kernel in the layers that multiply the prompt's tokens,
   oneDNN in the others; bfloat16 where the CPU has AVX512-BF16), default (torch's own matmul);
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
@@ -360,15 +360,16 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
 
 def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
     """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; where the few-row
-    kernel does not run this dtype, oneDNN ("packed") runs for it, as in the pipeline."""
-    if name == "auto":
-        name = "few-row" if resolve_cpu_kernel("auto") == "few-row" else "packed"
-    return "packed" if name == "few-row" and not kernel_runs_dtype("few-row", dtype) else name
+    kernel does not run this dtype, oneDNN runs for it, as in the pipeline. "packed" is oneDNN's old name
+    here (benchmark results before 2026-12-07 say "packed")."""
+    if name in ("auto", "packed"):
+        name = resolve_cpu_kernel("auto") if name == "auto" else "onednn"
+    return "onednn" if name == "few-row" and not kernel_runs_dtype("few-row", dtype) else name
 
 
 def run_benchmark(args) -> dict:
     from .errors import KosmosGError
-    from .files import check_output_file, check_output_folder
+    from .files import check_output_file, check_output_folder, write_text_atomic
     from .pipeline import resolve_device, resolve_dtype
 
     # every argument checked before minutes of measuring
@@ -426,8 +427,7 @@ def run_benchmark(args) -> dict:
             workdir_ctx.cleanup()
     print_table(results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(results, indent=2))
     return results
 
 
@@ -440,7 +440,7 @@ def print_table(results: dict) -> None:
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
           f"time ratio {load['safetensors_over_pt_time']:.2f}")
-    kernels = {"packed": "all for oneDNN", "few-row": "prompt-token layers for the few-row kernel, others for oneDNN"}
+    kernels = {"onednn": "all for oneDNN", "few-row": "prompt-token layers for the few-row kernel, others for oneDNN"}
     packing = {(c["dtype"], c["linear_layers"]): c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
     for (dtype, kernel), seconds in packing.items():
         print(f"{dtype}: linear weights packed once after loading ({kernels[kernel]}), {seconds:.2f} s")

@@ -19,11 +19,15 @@ from .errors import ImageError, KosmosGError, PromptError
 DTYPE_CHOICES = list(DTYPE_NAMES)
 
 
+CPU_KERNEL_CHOICES = ["auto", "onednn", "few-row"]  # kosmosg_core.cpu_linear.CPU_KERNELS + auto
+
+
 def _cpu_linear_list(text: str) -> str:
-    unknown = [k for k in text.split(",") if k not in ("auto", "packed", "few-row", "default")]
+    known = CPU_KERNEL_CHOICES + ["default", "packed"]  # packed: oneDNN's old name in the benchmark
+    unknown = [k for k in text.split(",") if k not in known]
     if unknown or not text:
-        raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use auto, "
-                                         "packed, few-row, default or a comma list of them")
+        raise argparse.ArgumentTypeError(f"unknown --cpu-linear {', '.join(unknown) or '(empty)'}: use "
+                                         f"{', '.join(CPU_KERNEL_CHOICES)}, default or a comma list of them")
     return text
 
 
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--cpu-kernel", default="auto", choices=["auto", "onednn", "few-row"],
+    p.add_argument("--cpu-kernel", default="auto", choices=CPU_KERNEL_CHOICES,
                    help="on the CPU, the kernel of the layers that multiply the prompt's tokens (decoder, aligner "
                         "input): this package's few-row kernel, faster on short prompts (float32 with AVX2, bfloat16 "
                         "with AVX512-BF16; built once on first use: needs a C++ compiler and ninja), or oneDNN; "
@@ -165,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--cpu-linear", default="auto", type=_cpu_linear_list,
                    help="on the CPU, a comma list of: auto (default: what the pipeline runs here, few-row where "
-                        "that kernel builds, else packed), packed (oneDNN-packed linear layers; float32, and bfloat16 "
+                        "that kernel builds, else onednn), onednn (oneDNN-packed linear layers; float32, and bfloat16 "
                         "where the CPU has native bf16), few-row (the few-row kernel in the layers that multiply the "
                         "prompt's tokens, oneDNN in the others; the pipeline's default where it builds; bfloat16 "
-                        "where the CPU has AVX512-BF16), default (torch's matmul everywhere); e.g. packed,few-row "
+                        "where the CPU has AVX512-BF16), default (torch's matmul everywhere); e.g. onednn,few-row "
                         "times both in one run")
     p.add_argument("--json", default=None, type=_path, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, type=_path, help="where to write the benchmark's checkpoints, kept there (~14 GB at "

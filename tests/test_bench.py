@@ -17,7 +17,7 @@ def _bench(tmp_path, cpu_linear):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpu_linear", ["packed", "default", pytest.param("few-row", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("cpu_linear", ["onednn", "default", pytest.param("few-row", marks=pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the few-row kernel exists for x86-64 CPUs only"))])
 def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
     results = _bench(tmp_path, cpu_linear)
@@ -74,24 +74,31 @@ def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
 @pytest.mark.slow
 def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
     main(["bench", "--size", "tiny", "--dtypes", "float32,bfloat16", "--repeats", "1", "--threads", "1",
-          "--cases", "text-only", "--cpu-linear", "auto,packed,default", "--json", str(tmp_path / "b.json"),
+          "--cases", "text-only", "--cpu-linear", "auto,onednn,packed,default", "--json", str(tmp_path / "b.json"),
           "--workdir", str(tmp_path / "work")])
     results = json.loads((tmp_path / "b.json").read_text())
     # once per kernel and dtype, with the same yardsticks: auto = what the pipeline runs here (the
     # few-row kernel where it builds and runs the dtype, else oneDNN; bf16 only where the CPU has
-    # native bf16)
+    # native bf16); packed is oneDNN's old name: timed once
     from kosmosg_core.cpu_linear import kernel_runs_dtype, packs_dtype, resolve_cpu_kernel
 
     few_row = resolve_cpu_kernel("auto") == "few-row"
     fp32 = [("float32", "few-row")] if few_row else []
-    fp32 += [("float32", "packed"), ("float32", "default")]
+    fp32 += [("float32", "onednn"), ("float32", "default")]
     bf16 = [("bfloat16", "few-row")] if few_row and kernel_runs_dtype("few-row", torch.bfloat16) else []
-    bf16 += [("bfloat16", "packed"), ("bfloat16", "default")] if packs_dtype(torch.bfloat16) else [("bfloat16", "default")]
+    bf16 += [("bfloat16", "onednn"), ("bfloat16", "default")] if packs_dtype(torch.bfloat16) else [("bfloat16", "default")]
     assert [(c["dtype"], c["linear_layers"]) for c in results["cases"]] == fp32 + bf16
     assert "linear weights packed once after loading (all for oneDNN)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["bench", "--size", "tiny", "--cpu-linear", "packed,fast"])
+        main(["bench", "--size", "tiny", "--cpu-linear", "onednn,fast"])
     assert "unknown --cpu-linear fast" in capsys.readouterr().err
+
+
+def test_cli_kernel_names_are_the_cpu_linear_ones():
+    from kosmosg_core.cli import CPU_KERNEL_CHOICES
+    from kosmosg_core.cpu_linear import CPU_KERNELS
+
+    assert CPU_KERNEL_CHOICES == ["auto", *CPU_KERNELS]  # the CLI does not import torch for --help
 
 
 def test_bench_refuses_a_size_this_machine_cannot_hold_before_building_it(tmp_path, monkeypatch, capsys):
