@@ -176,6 +176,12 @@ def packs_dtype(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_has_native_bf16())
 
 
+def packs_by_default(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model that encodes on `device` in `dtype` is packed (`pack_for_cpu_encode`) when loaded:
+    on the CPU, in a dtype `packs_dtype` packs. A model that will move to a GPU must stay plain."""
+    return device.type == "cpu" and packs_dtype(dtype)
+
+
 def kernel_runs_dtype(kernel: str, dtype: torch.dtype) -> bool:
     """Whether `kernel` runs weights of `dtype` here: both run float32; oneDNN bfloat16 where
     `packs_dtype` says so, the few-row kernel bfloat16 where its build has AVX512-BF16."""

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import DTYPE_NAMES
-from .cpu_linear import pack_for_cpu_encode, packs_dtype
+from .cpu_linear import pack_for_cpu_encode, packs_by_default
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images
 from .model import KosmosG
@@ -144,15 +144,15 @@ class KosmosGPipeline:
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
         pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster encodes on
-            the CPU; None = when `device` is the CPU and `dtype` float32, or bfloat16 where the CPU has native
-            bf16 (`cpu_linear.packs_dtype`). Leave it off for a model that will be moved to a GPU later.
+            the CPU; None = `cpu_linear.packs_by_default(device, dtype)`: on the CPU in float32, or in bfloat16
+            where it has native bf16. Leave it off for a model that will be moved to a GPU later.
         cpu_kernel: the decoder's and aligner's kernel when packing: "auto" (the few-row kernel where it
             builds, else oneDNN), "onednn" or "few-row" (`cpu_linear`), for the layers that multiply the prompt's
             tokens; the others (vision tower, connector, the aligner's 77 queries) use oneDNN."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:
-            pack_cpu_linears = device.type == "cpu" and packs_dtype(dtype)
+            pack_cpu_linears = packs_by_default(device, dtype)
         if pack_cpu_linears:
             pack_for_cpu_encode(model, kernel=cpu_kernel)
         return cls(model, tokenizer, cache_size=cache_size)

@@ -91,7 +91,7 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
     """Load a checkpoint, or share the copy still alive for the same file identity (path, mtime, size),
     dtype and devices."""
-    from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_dtype
+    from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_by_default
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
@@ -104,8 +104,8 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
     pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device, pack_cpu_linears=False)
     size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
-    if load_device.type == "cpu" and packs_dtype(dtype):
-        pack_for_cpu_encode(pipeline.model)  # faster CPU encodes; a model that may move to a GPU stays plain
+    if packs_by_default(load_device, dtype):  # it encodes on the CPU: faster encodes
+        pack_for_cpu_encode(pipeline.model)
     # CoreModelPatcher: the patcher ComfyUI picks for its own models (plain ModelPatcher before early 2026)
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(pipeline.model, load_device=load_device, offload_device=offload_device, size=size)
