@@ -255,7 +255,7 @@ def write_checkpoints(cfg: KosmosGConfig, workdir: Path, dtype: torch.dtype) -> 
 _LOAD_SNIPPET = r"""
 import json, os, sys, time, torch
 torch.set_num_threads({threads})
-from kosmosg_core.checkpoint import read_checkpoint, _build_model
+from kosmosg_core.checkpoint import read_checkpoint, build_model
 def rss_kb(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
@@ -263,7 +263,7 @@ def rss_kb(field):
 base = rss_kb('VmRSS:')
 start = time.perf_counter()
 cfg, sd, _ = read_checkpoint({path!r})
-model = _build_model(cfg, sd, {path!r}, {dtype}, 'cpu')
+model = build_model(cfg, sd, {path!r}, {dtype}, 'cpu')
 seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "peak_rss_bytes": (rss_kb('VmHWM:') - base) * 1024}}))
 """
@@ -276,7 +276,7 @@ def measure_load(path: Path, dtype: torch.dtype, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _tiny_tokenizer_pipeline(model, cfg):
+def _synthetic_tokenizer_pipeline(model, cfg):
     """A pipeline with a synthetic tokenizer: the benchmark needs ids, not real words."""
     from .pipeline import KosmosGPipeline
 
@@ -313,7 +313,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
         start = time.perf_counter()
         pack_for_cpu_encode(model, kernel="few-row" if cpu_linear == "few-row" else "onednn")
         pack_seconds = time.perf_counter() - start
-    pipe = _tiny_tokenizer_pipeline(model, cfg)
+    pipe = _synthetic_tokenizer_pipeline(model, cfg)
     cases = []
     for case, (prompt, n_images) in PROMPTS.items():
         if case not in args.cases.split(","):

@@ -200,7 +200,9 @@ def _check_keys(path, model: KosmosG, state_dict: dict) -> None:
                               "with the config it was trained with.")
 
 
-def _build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype, device) -> KosmosG:
+def build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype, device) -> KosmosG:
+    """`read_checkpoint`'s config and tensors -> the model in eval mode, on `device` in `dtype` (checked to fit:
+    a CheckpointError naming `path` otherwise). Built on the meta device: no memory for random weights."""
     with torch.device("meta"):
         model = KosmosG(cfg)
     _check_keys(path, model, state_dict)
@@ -329,7 +331,7 @@ def load_model(path, tokenizer_dir=None, dtype: torch.dtype = torch.float32, dev
     cfg, state_dict, embedded_tokenizer = read_checkpoint(path, config)
     tokenizer = _resolve_tokenizer(path, embedded_tokenizer, tokenizer_dir)
     tokenizer.check_matches(cfg.decoder.vocab_size)
-    model = _build_model(cfg, state_dict, path, dtype, device)
+    model = build_model(cfg, state_dict, path, dtype, device)
     return model, tokenizer
 
 
@@ -368,7 +370,7 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
     tokenizer.check_matches(cfg.decoder.vocab_size)
     if dtype is None:
         dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
-    model = _build_model(cfg, state_dict, pt_path, dtype, "cpu")
+    model = build_model(cfg, state_dict, pt_path, dtype, "cpu")
     return save_pack_checkpoint(model, tokenizer, out_path, extra_metadata={"source": pt_path.name})
 
 
