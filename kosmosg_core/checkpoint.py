@@ -32,15 +32,22 @@ TOKENIZER_SPM_KEY = "tokenizer.sentencepiece_model"
 TOKENIZER_DICT_KEY = "tokenizer.dict_txt"
 DEFAULT_HEAD_DIM = 64  # every official attention uses 64-wide heads
 
-# Official name prefix -> ours, applied in order (first match wins).
+# (official name prefix, ours), both ways in this order (first match wins); {n} = a block number.
 OFFICIAL_KEY_RENAMES = [
-    (r"^gpt_model\.decoder\.", "decoder."),
-    (r"^img_model\.visual\.transformer\.resblocks\.(\d+)\.ts_attn\.", r"vision.resblocks.\1.attn."),
-    (r"^img_model\.visual\.transformer\.resblocks\.", "vision.resblocks."),
-    (r"^img_model\.visual\.", "vision."),
-    (r"^img_connector\.", "connector."),
-    (r"^aligner\.", "aligner."),
+    ("gpt_model.decoder.", "decoder."),
+    ("img_model.visual.transformer.resblocks.{n}.ts_attn.", "vision.resblocks.{n}.attn."),
+    ("img_model.visual.transformer.resblocks.", "vision.resblocks."),
+    ("img_model.visual.", "vision."),
+    ("img_connector.", "connector."),
+    ("aligner.", "aligner."),
 ]
+
+
+def _prefix_rules(pairs) -> list[tuple[re.Pattern, str]]:
+    """(from prefix, to prefix) pairs -> (regex, replacement) rules for `re.sub`."""
+    return [(re.compile("^" + re.escape(source).replace(re.escape("{n}"), r"(\d+)")), target.replace("{n}", r"\1"))
+            for source, target in pairs]
+
 
 # The aligner's stage-2 reconstruction branch (decoder queries, decoder, projection back to the MLLM width)
 RECONSTRUCTION_KEY_PREFIXES = ("aligner.decoder_query", "aligner.decoder.", "aligner.decoder_proj.")
@@ -60,7 +67,7 @@ OFFICIAL_KEYS_TO_IGNORE = {
     r"^img_model\.visual\.proj$": "CLIP projection head (Kosmos-G uses unprojected tokens)",
 }
 
-_RENAMES = [(re.compile(p), r) for p, r in OFFICIAL_KEY_RENAMES]
+_RENAMES = _prefix_rules(OFFICIAL_KEY_RENAMES)
 _IGNORES = [re.compile(p) for p in OFFICIAL_KEYS_TO_IGNORE]
 _OPEN_CLIP_QKV = re.compile(r"^(img_model\.)?visual\.transformer\.resblocks\.(\d+)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
 
@@ -95,13 +102,7 @@ def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstru
     return renamed, ignored
 
 
-_OUR_TO_OFFICIAL = [
-    (re.compile(r"^decoder\."), "gpt_model.decoder."),
-    (re.compile(r"^vision\.resblocks\.(\d+)\.attn\."), r"img_model.visual.transformer.resblocks.\1.ts_attn."),
-    (re.compile(r"^vision\.resblocks\."), "img_model.visual.transformer.resblocks."),
-    (re.compile(r"^vision\."), "img_model.visual."),
-    (re.compile(r"^connector\."), "img_connector."),
-]
+_OUR_TO_OFFICIAL = _prefix_rules((ours, official) for official, ours in OFFICIAL_KEY_RENAMES)
 
 
 def to_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
