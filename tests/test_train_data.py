@@ -526,7 +526,7 @@ def test_a_missing_training_package_is_one_line_naming_requirements_train(tmp_pa
     assert "No module named 'webdataset'" in result.stderr and "pip install -r requirements-train.txt" in result.stderr
 
 
-def test_exit_on_input_error_turns_a_missing_package_into_its_fix():
+def test_exit_on_input_error_turns_a_missing_package_into_its_fix(capsys):
     from train.common.config import exit_on_input_error
 
     def main():
@@ -534,5 +534,6 @@ def test_exit_on_input_error_turns_a_missing_package_into_its_fix():
 
     with pytest.raises(SystemExit) as stop:
         exit_on_input_error(main)
-    assert str(stop.value.code).startswith("error: No module named 'accelerate': train/ needs the packages of "
-                                           "requirements-train.txt")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("error: No module named 'accelerate': train/ needs the packages of "
+                                              "requirements-train.txt")

@@ -460,7 +460,7 @@ def test_entry_points_print_one_line_errors(module, args, message, tmp_path):
     args = [str(config) if a == "CONFIG" else a for a in args] + ["--output-dir", str(tmp_path / "out")]
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr
 
 

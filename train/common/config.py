@@ -209,14 +209,15 @@ def input_error_message(error: Exception) -> str:
 
 
 def exit_on_input_error(main):
-    """Run `main()`; an INPUT_ERRORS error ends the process with its one-line message (exit 1) instead of a
-    traceback."""
+    """Run `main()`; an INPUT_ERRORS error ends the process with its one-line message and exit code 2 (as
+    `python -m kosmosg_core`, train.data and train.eval) instead of a traceback."""
     import sys
 
     try:
         return main()
     except INPUT_ERRORS as e:
-        sys.exit(f"error: {input_error_message(e)}")
+        print(f"error: {input_error_message(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_entry_point(config_class, train, argv=None, description: str = "", as_script: bool = False):
