@@ -376,6 +376,20 @@ def test_out_of_bounds_tensor_record_is_rejected(tmp_path):
         load_pt_state_dict(path)
 
 
+def test_record_one_element_past_its_storage_and_huge_stride_0_views_are_rejected(tmp_path):
+    storage = FakeStorage("0", 4)
+    data = {"0": torch.zeros(4).numpy().tobytes()}
+    path = write_torch_zip(tmp_path / "past.pt", {"model": {"w": tensor_record(storage, size=(5,))}}, records=data)
+    with pytest.raises(CheckpointError, match="reaches past its storage of 4 elements"):
+        safe_load(path)
+    write_torch_zip(path, {"model": {"w": tensor_record(storage, size=(4,))}}, records=data)
+    assert tuple(safe_load(path)["model"]["w"].materialize().shape) == (4,)  # exactly the storage: fine
+    huge = tensor_record(FakeStorage("0", 1), size=(2 ** 21, 2 ** 20), stride=(0, 0))  # 2**41 views of 1 float
+    path = write_torch_zip(tmp_path / "huge.pt", {"model": {"w": huge}}, records={"0": torch.zeros(1).numpy().tobytes()})
+    with pytest.raises(CheckpointError, match=r"\(2199023255552 elements\)"):
+        safe_load(path)
+
+
 def test_short_storage_record_is_reported_as_truncated(tmp_path):
     storage = FakeStorage("0", 4)
     obj = {"model": {"w": tensor_record(storage, size=(4,))}}
@@ -558,3 +572,49 @@ def test_big_endian_complex_swaps_each_part(tmp_path):
     path = write_torch_zip(tmp_path / "c.pt", {"model": {"z": tensor_record(storage, size=(1,))}},
                            records={"0": struct.pack(">ff", 1.0, 2.0)}, byteorder="big")
     assert load_pt_state_dict(path)["z"].tolist() == [complex(1.0, 2.0)]
+
+
+# The reviewed allow-list: a change here is a security change (review it, then update this set).
+REVIEWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._utils", "_rebuild_from_type_v2"), ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "bytearray"),
+    ("builtins", "slice"), ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"),
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "dtype"),
+}
+
+
+def test_the_allow_list_is_the_reviewed_one():
+    from kosmosg_core.safe_unpickle import _SAFE_GLOBALS
+
+    assert set(_SAFE_GLOBALS) == REVIEWED_GLOBALS
+
+
+def _call_pickle(module: str, name: str, *args: str) -> bytes:
+    """Protocol-2 pickle bytes of {"model": {}, "x": module.name(*args)} (GLOBAL + REDUCE), written by hand."""
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return b"X" + struct.pack("<I", len(data)) + data
+
+    call = f"c{module}\n{name}\n".encode() + b"(" + b"".join(map(text, args)) + b"tR"
+    return b"\x80\x02}(" + text("model") + b"}" + text("x") + call + b"u."
+
+
+@pytest.mark.parametrize("module, name, args", [
+    ("builtins", "getattr", ("abc", "upper")),  # getattr + a call: the first step to any object
+    ("torch", "save", ("owned", "MARKER")),  # every torch.* function is reachable by name "torch"
+    ("torch.serialization", "save", ("owned", "MARKER")),
+    ("torch", "load", ("MARKER",)),
+    ("torch", "tensor", ("x",)),
+])
+def test_calls_outside_the_allow_list_are_refused(tmp_path, module, name, args):
+    marker = tmp_path / "marker"
+    pkl = _call_pickle(module, name, *[str(marker) if a == "MARKER" else a for a in args])
+    with pytest.raises(UnsafeCheckpointError, match=rf"{module}\.{name}"):
+        safe_load(write_torch_zip(tmp_path / "call.pt", pickle_bytes=pkl))
+    assert not marker.exists()
+
