@@ -102,6 +102,17 @@ def test_pipeline_packs_bfloat16_where_the_cpu_has_bf16(pack):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
 
 
+def test_without_native_bf16_bfloat16_stays_plain(monkeypatch):
+    # emulated bf16 matmuls would be slower than plain ones: packs_dtype says no, nothing is packed
+    monkeypatch.setattr(cpu_linear, "_onednn_has_native_bf16", lambda: False)
+    assert cpu_linear.packs_dtype(torch.float32) and not cpu_linear.packs_dtype(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    assert pack_linears(model, "onednn") == 0 and type(model[0]) is nn.Linear
+    assert not cpu_linear.packs_by_default(torch.device("cpu"), torch.bfloat16)
+    assert cpu_linear.packs_by_default(torch.device("cpu"), torch.float32)
+    assert not cpu_linear.packs_by_default(torch.device("meta"), torch.float32)  # another device: never
+
+
 def test_float16_weights_are_not_packed():
     model = nn.Sequential(nn.Linear(8, 8)).half()
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
@@ -197,6 +208,26 @@ def test_each_instruction_set_build_matches_linear(build):
 
 
 @x86_only
+@x86_only
+@pytest.mark.skipif(not cpu_linear.packs_dtype(torch.bfloat16), reason="bfloat16 is packed only with native bf16")
+def test_a_few_row_build_without_bf16_leaves_bfloat16_layers_to_onednn(monkeypatch):
+    # e.g. an AVX-512 CPU without AVX512-BF16 where oneDNN still has native bf16 (AMX-less Sapphire Rapids...)
+    real = cpu_linear.load_few_row_kernel()
+
+    class WithoutBf16:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def has_bfloat16(self):
+            return False
+
+    monkeypatch.setattr(cpu_linear, "load_few_row_kernel", lambda: WithoutBf16())
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)).to(torch.bfloat16)
+    fp32 = nn.Sequential(nn.Linear(16, 8))
+    assert pack_linears(model, "few-row") == 2 and pack_linears(fp32, "few-row") == 1
+    assert {m.kernel for m in model} == {"onednn"} and fp32[0].kernel == "few-row"
+
+
 def test_few_row_kernel_runs_on_torch_threads():
     threads = torch.get_num_threads()
     try:
