@@ -315,6 +315,25 @@ def test_encode_weights_change_the_result(model_dirs, converted):
     full = KosmosGEncode.execute(model, run_prompt("<i>", [image(4)], "1.0")).result[0][0][0]
     weak = KosmosGEncode.execute(model, run_prompt("<i>", [image(4)], "0.3")).result[0][0][0]
     assert not torch.allclose(full, weak)
+    # in socket order: the n-th weight scales the n-th image
+    two = run_prompt("<i> and <i>", [image(4), image(5)], "1.0, 0.5")
+    got = KosmosGEncode.execute(model, two).result[0][0][0]
+    images = [two.images[0][0], two.images[1][0]]
+    assert torch.allclose(got, model.pipeline.encode("<i> and <i>", images, image_weights=[1.0, 0.5]).float(), atol=1e-6)
+    assert not torch.allclose(got, model.pipeline.encode("<i> and <i>", images, image_weights=[0.5, 1.0]).float(),
+                              atol=1e-4)
+
+
+def test_encode_cache_is_per_model(model_dirs, converted, monkeypatch):
+    prompt = run_prompt("a photo of <i>", [image(4)])
+    fp32 = KosmosGLoader.execute(converted, device="cpu", dtype="fp32").result[0]
+    KosmosGEncode.execute(fp32, prompt)
+    calls = []
+    real = encode.encode_prompt
+    monkeypatch.setattr(encode, "encode_prompt", lambda *a: calls.append(a) or real(*a))
+    bf16 = KosmosGLoader.execute(converted, device="cpu", dtype="bf16").result[0]
+    KosmosGEncode.execute(bf16, prompt)  # same prompt, another model: encoded again, by that model
+    assert [a[0] for a in calls] == [bf16]
 
 
 def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):

@@ -87,6 +87,10 @@ def test_image_weights(pipe):
     for bad in (float("nan"), float("inf"), "x", True):
         with pytest.raises(PromptError, match="is not a finite number"):
             pipe.encode("a photo of <i>", [image(5)], image_weights=[bad])
+    # each weight scales its own image: weight 0 removes the second image, so which image that is does not matter
+    kept = pipe.encode("<i> and <i>", [image(5), image(6)], image_weights=[1.0, 0.0])
+    assert torch.allclose(kept, pipe.encode("<i> and <i>", [image(5), image(7)], image_weights=[1.0, 0.0]), atol=1e-6)
+    assert not torch.allclose(kept, pipe.encode("<i> and <i>", [image(5), image(7)], image_weights=[0.0, 1.0]), atol=1e-4)
     for bad in (-0.5, 10.5):  # the range the node's weights input takes, checked by the core for every caller
         with pytest.raises(PromptError, match=r"Image weight .* \(prompt 0\) is outside 0..10"):
             pipe.encode("a photo of <i>", [image(5)], image_weights=[bad])
@@ -289,3 +293,12 @@ def test_low_precision_close_to_float32(pack, pipe, dtype):
     assert out.dtype == getattr(torch, dtype)
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 0.05, rel
+
+
+def test_cached_image_features_belong_to_the_dtype_they_were_computed_in(pack):
+    pipe = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
+    pipe.encode("a photo of <i>", [image(8)])  # fp32 features cached
+    pipe.model.to(torch.bfloat16)
+    fresh = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16", pack_cpu_linears=False)
+    assert torch.equal(pipe.encode("a photo of <i>", [image(8)]), fresh.encode("a photo of <i>", [image(8)]))
+
