@@ -228,3 +228,29 @@ def test_state_dict_mismatch_names_what_differs():
         "3 missing tensors: a.b, a.w, recon.w; 1 unexpected tensor: x"
     assert state_dict_mismatch(expected, {"a.w": torch.ones(3, 2), "a.b": torch.ones(2), "recon.w": torch.ones(1)}) == \
         "tensor a.w has shape (3, 2) but the model expects (2, 3)"
+
+
+def test_convert_keeps_the_files_dtype_unless_asked(tmp_path):
+    from kosmosg_core.checkpoint import convert_official
+    from safetensors import safe_open
+    from support.official_checkpoint import build_official_state_dict, save_official_checkpoint
+
+    pt, tok_dir, _ = write_tiny_official(tmp_path)
+    cfg = KosmosGConfig.from_json(pt.with_suffix(".json").read_text())
+    save_official_checkpoint(pt, build_official_state_dict(cfg, dtype=torch.float16))  # as the release (fp16)
+
+    def float_dtypes(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys() if not k.startswith("tokenizer.")}
+
+    assert float_dtypes(convert_official(pt, tmp_path / "kept.safetensors", tok_dir)) == {"F16"}
+    assert float_dtypes(convert_official(pt, tmp_path / "fp32.safetensors", tok_dir, dtype=torch.float32)) == {"F32"}
+
+
+def test_a_checkpoint_with_only_extra_tensors_is_refused_by_name(tmp_path):
+    pt, _, model = write_tiny_official(tmp_path)
+    sd = to_official_state_dict(model.state_dict())
+    sd["img_connector.extra_gate"] = torch.zeros(3)  # nothing missing: only one tensor too many
+    torch.save({"model": sd}, pt)
+    with pytest.raises(CheckpointError, match=r": 1 unexpected tensor: connector\.extra_gate\. Use a complete"):
+        load_model(pt)

@@ -39,6 +39,10 @@ def test_official_config_numbers():
     assert (cfg.aligner.encoder_layers, cfg.aligner.decoder_layers, cfg.aligner.width, cfg.aligner.num_queries) == (12, 12, 768, 77)
     assert cfg.decoder.vocab_size == 64007
     assert cfg.max_prompt_tokens == 2048  # the decoder's limit; the aligner's table holds 32766 positions
+    # every LayerNorm eps is the official 1e-5 (too small an effect for the parity tolerance to see)
+    assert cfg.vision.layer_norm_eps == cfg.decoder.layer_norm_eps == cfg.aligner.layer_norm_eps == 1e-5
+    tiny = KosmosG(KosmosGConfig.tiny())
+    assert {m.eps for m in tiny.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}  # the configs' eps is used
 
 
 def test_max_prompt_tokens_is_the_tighter_of_decoder_and_aligner():
