@@ -33,12 +33,16 @@ class LayerStack(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x, self_padding_mask=None, memory=None, memory_padding_mask=None):
+    def forward(self, x: torch.Tensor, self_padding_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] (padding_mask [B, T], True = pad); memory [B, S, C] for cross-attention (its mask
+        [B, S]) -> [B, T, C], after the final LayerNorm."""
         for layer in self.layers:
+            kwargs = dict(self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, self_padding_mask, False, memory, memory_padding_mask, use_reentrant=False)
+                x = checkpoint(layer, x, use_reentrant=False, **kwargs)
             else:
-                x = layer(x, self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
+                x = layer(x, **kwargs)
         return self.layer_norm(x)
 
 

@@ -72,7 +72,7 @@ class Decoder(nn.Module):
         x = self.embed(input_ids, image_embeds, image_mask)
         for layer in self.layers:
             if self.cfg.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, None, True, use_reentrant=False)
+                x = checkpoint(layer, x, causal=True, use_reentrant=False)
             else:
                 x = layer(x, causal=True)
         return self.layer_norm(x)
