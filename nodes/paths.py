@@ -66,11 +66,16 @@ def checkpoint_missing_message(name: str) -> str:
         "or a converted Kosmos-G .safetensors (tokenizer inside) into ComfyUI/models/kosmosg/.")
 
 
-def resolve_checkpoint(name: str) -> str:
-    path = folder_paths.get_full_path(CHECKPOINT_FOLDER, name) if name else None
+def _resolve_file(folder: str, name: str, missing_message, error=FileNotFoundError) -> str:
+    """The full path of the file `name` in `folder`, else `error(missing_message(name))`."""
+    path = folder_paths.get_full_path(folder, name) if name else None
     if path is None or not os.path.isfile(path):
-        raise CheckpointNotFoundError(checkpoint_missing_message(name))
+        raise error(missing_message(name))
     return path
+
+
+def resolve_checkpoint(name: str) -> str:
+    return _resolve_file(CHECKPOINT_FOLDER, name, checkpoint_missing_message, CheckpointNotFoundError)
 
 
 def conditioning_missing_message(name: str) -> str:
@@ -81,10 +86,7 @@ def conditioning_missing_message(name: str) -> str:
 
 
 def resolve_conditioning(name: str) -> str:
-    path = folder_paths.get_full_path(CONDITIONING_FOLDER, name) if name else None
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(conditioning_missing_message(name))
-    return path
+    return _resolve_file(CONDITIONING_FOLDER, name, conditioning_missing_message)
 
 
 def file_fingerprint(path: str | None) -> str:
