@@ -33,12 +33,12 @@ class LayerStack(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, self_padding_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, self_padding_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C] (padding_mask [B, T], True = pad); memory [B, S, C] for cross-attention (its mask
         [B, S]) -> [B, T, C], after the final LayerNorm."""
+        kwargs = dict(self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
         for layer in self.layers:
-            kwargs = dict(self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, use_reentrant=False, **kwargs)
             else:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import KosmosGConfig
-from .cpu_linear import cpu_packing_available, kernel_runs_dtype, packs_dtype, resolve_cpu_kernel
+from .cpu_linear import cpu_packing_available, kernel_runs_dtype, packs_by_default, resolve_cpu_kernel
 
 SIZES = {
     "official": KosmosGConfig.official,
@@ -73,7 +73,7 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, max_n: int = 2
     back to a kernel ~15x slower than `F.linear`'s, which alone would make a meaningless limit. The
     best, not the median: the limit must not drop because a neighbour process or clock change
     slowed one measurement."""
-    use_onednn = device.type == "cpu" and cpu_packing_available() and packs_dtype(dtype)
+    use_onednn = cpu_packing_available() and packs_by_default(device, dtype)
     best, n = 0.0, 256
     while True:
         a = torch.randn(n, n, dtype=dtype, device=device)
@@ -307,11 +307,11 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
     param_bytes = {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters()) for name in PARTS}
     embedding_bytes = model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     pack_seconds = None
-    if cpu_linear != "default" and device.type == "cpu" and packs_dtype(dtype):
+    if cpu_linear != "default" and packs_by_default(device, dtype):
         from .cpu_linear import pack_for_cpu_encode
 
         start = time.perf_counter()
-        pack_for_cpu_encode(model, kernel="few-row" if cpu_linear == "few-row" else "onednn")
+        pack_for_cpu_encode(model, kernel=cpu_linear)
         pack_seconds = time.perf_counter() - start
     pipe = _synthetic_tokenizer_pipeline(model, cfg)
     cases = []
@@ -362,8 +362,10 @@ def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
     """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; where the few-row
     kernel does not run this dtype, oneDNN runs for it, as in the pipeline. "packed" is oneDNN's old name
     here (benchmark results before 2026-12-07 say "packed")."""
-    if name in ("auto", "packed"):
-        name = resolve_cpu_kernel("auto") if name == "auto" else "onednn"
+    if name == "packed":
+        name = "onednn"
+    elif name == "auto":
+        name = resolve_cpu_kernel("auto")
     return "onednn" if name == "few-row" and not kernel_runs_dtype("few-row", dtype) else name
 
 
@@ -417,7 +419,7 @@ def run_benchmark(args) -> dict:
             results["yardsticks"][f"matmul_TFLOPs_{str(dtype).split('.')[-1]}"] = rate / 1e12
             # the CPU kernels side by side in one run (same yardsticks)
             kernels = ["default"]
-            if device.type == "cpu" and packs_dtype(dtype):
+            if packs_by_default(device, dtype):
                 kernels = [_resolve_cpu_linear(k, dtype) for k in args.cpu_linear.split(",")]
                 kernels = list(dict.fromkeys(kernels))  # once each, in the order given
             for cpu_linear in kernels:

@@ -13,13 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, SCHEDULERS
+from .config import CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, SCHEDULERS
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
 
 
-CPU_KERNEL_CHOICES = ["auto", "onednn", "few-row"]  # kosmosg_core.cpu_linear.CPU_KERNELS + auto
+CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
 def _cpu_linear_list(text: str) -> str:

@@ -118,18 +118,18 @@ def read_conditioning_file(path, device="cpu") -> list:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ConditioningFileError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
-                         "Conditioning.") from e
+                                    "Conditioning.") from e
     if metadata.get("format") is None and set(tensors) == {ENCODE_TENSOR_NAME}:
         cond = _checked_cond(tensors[ENCODE_TENSOR_NAME], path, ENCODE_TENSOR_NAME).to(device)
         return [[cond, {"pooled_output": cond.mean(dim=1)}]]
     if metadata.get("format") != FORMAT_NAME:
-        raise ConditioningFileError(f"{path} is not a Kosmos-G conditioning file (metadata format {metadata.get('format')!r}); "
-                         "only files written by Kosmos-G Save Conditioning or `python -m kosmosg_core encode --out` "
-                         "can be loaded.")
+        raise ConditioningFileError(f"{path} is not a Kosmos-G conditioning file (metadata format "
+                                    f"{metadata.get('format')!r}); only files written by Kosmos-G Save Conditioning or "
+                                    "`python -m kosmosg_core encode --out` can be loaded.")
     version = metadata.get("format_version")
     if version not in READABLE_VERSIONS:
         raise ConditioningFileError(f"{path} has conditioning format version {version!r}; this pack reads versions "
-                         f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
+                                    f"{', '.join(READABLE_VERSIONS)}. Update the pack.")
     damaged = f"{path} is damaged: {{}}. Save the conditioning again with Kosmos-G Save Conditioning."
     try:
         entries = json.loads(metadata.get("entries", "[]"))
@@ -160,8 +160,8 @@ def read_conditioning_file(path, device="cpu") -> list:
 def _checked_cond(cond: torch.Tensor, path, name: str) -> torch.Tensor:
     """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
     if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
-        raise ConditioningFileError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] float "
-                         "conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
+        raise ConditioningFileError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] "
+                                    "float conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
     if not torch.isfinite(cond).all():  # it would sample black images
         raise ConditioningFileError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
     return cond

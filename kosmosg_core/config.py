@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # fairseq Dictionary layout of the official `dict.txt` vocabulary (spec section 5).
 BOS_ID = 0  # <s>
@@ -29,6 +30,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
 SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dtypes the core computes and stores in (pipeline.DTYPES)
+CPU_KERNELS = ("onednn", "few-row")  # what a cpu_linear.PackedLinear runs; "auto" resolves to one of them
+SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights), for diffusers
 ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fairseq: padding index 1, + 1)
 # Sampling of the official demo (spec section 7): scheduler (diffusers class per CLI name), steps, guidance
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import CPU_KERNELS
 from .errors import DeviceError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ def cpu_packing_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-CPU_KERNELS = ("onednn", "few-row")  # what a PackedLinear runs; "auto" resolves to one of them
 _FEW_ROW_SOURCE = Path(__file__).resolve().parent / "csrc" / "few_row_linear.cpp"
 _few_row_module = None
 _few_row_build_error: DeviceError | None = None  # a failed build is not retried in this process

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONTEXT_DIM
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONFIG_DIR,
+                     SD15_CONTEXT_DIM)
 from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError
 from .files import check_output_folder, save_image
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights)
 _NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
                         image_encoder=None, requires_safety_checker=False)
 
@@ -118,11 +118,15 @@ def check_sd15_width(context_dim: int, checkpoint) -> None:
                               f"SD1.5 expects {SD15_CONTEXT_DIM}; give a checkpoint made for SD1.5.")
 
 
+def check_scheduler(scheduler: str) -> None:
+    if scheduler not in SCHEDULERS:
+        raise GenerationSettingsError(f"scheduler {scheduler!r} is not known: use one of {', '.join(SCHEDULERS)}.")
+
+
 def check_generation_settings(steps, guidance_scale, seed, num_images, height, width,
                               scheduler: str = DEFAULT_SCHEDULER) -> None:
     """Sampling settings in range, or a GenerationSettingsError naming the setting and its range."""
-    if scheduler not in SCHEDULERS:
-        raise GenerationSettingsError(f"scheduler {scheduler!r} is not known: use one of {', '.join(SCHEDULERS)}.")
+    check_scheduler(scheduler)
     def whole(value, name, low, high=None):
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
             limit = f"between {low} and {high}" if high is not None else f">= {low}"
@@ -137,4 +141,5 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
             raise GenerationSettingsError(f"{name} must be a multiple of 8 (the VAE's scale), got {value}; e.g. "
                                           f"{value - value % 8 or 8} or {value - value % 8 + 8}.")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise GenerationSettingsError(f"guidance_scale must be a finite number (official demo: 6.0), got {guidance_scale!r}.")
+        raise GenerationSettingsError(f"guidance_scale must be a finite number (official demo: "
+                                      f"{DEFAULT_GUIDANCE_SCALE}), got {guidance_scale!r}.")

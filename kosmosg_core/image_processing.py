@@ -37,7 +37,7 @@ from .errors import ImageError
 
 logger = logging.getLogger(__name__)
 
-_CHANNELS = (1, 2, 3, 4)  # gray, gray + alpha, RGB, RGBA
+_CHANNELS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}  # channels last -> what they hold
 _LAYOUT_FIX = "pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE layout), e.g. x.permute(0, 2, 3, 1)"
 
 
@@ -117,9 +117,9 @@ def _load_path(path: Path) -> Image.Image:
 
 
 def _channels_error(kind: str, shape: tuple) -> ImageError:
-    return ImageError(f"Image {kind} of shape {shape} has {shape[-1]} channels; images need "
-                      f"{', '.join(map(str, _CHANNELS[:-1]))} or {_CHANNELS[-1]} channels last (gray, gray + alpha, "
-                      f"RGB, RGBA); {_LAYOUT_FIX}.")
+    kinds = [f"{count} ({what})" for count, what in _CHANNELS.items()]
+    return ImageError(f"Image {kind} of shape {shape} has {shape[-1]} channels; images need {', '.join(kinds[:-1])} or "
+                      f"{kinds[-1]} channels last; {_LAYOUT_FIX}.")
 
 
 def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Image]:

@@ -42,7 +42,7 @@ def parse_weights(text: str | None, num_images: int) -> list[float]:
             value = float(part)
         except ValueError:
             raise PromptError(f"weights: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
-        weights.append(check_image_weight(value, f"weights: {part}"))
+        weights.append(check_image_weight(value, "weights"))
     if len(weights) != num_images:
         raise PromptError(f"weights has {len(weights)} value(s) but {num_images} image(s) are connected; give one weight "
                           "per image in socket order, or leave weights empty for 1.0 each.")

@@ -94,12 +94,6 @@ def test_bench_times_several_cpu_kernels_in_one_run(tmp_path, capsys):
     assert "unknown --cpu-linear fast" in capsys.readouterr().err
 
 
-def test_cli_kernel_names_are_the_cpu_linear_ones():
-    from kosmosg_core.cli import CPU_KERNEL_CHOICES
-    from kosmosg_core.cpu_linear import CPU_KERNELS
-
-    assert CPU_KERNEL_CHOICES == ["auto", *CPU_KERNELS]  # the CLI does not import torch for --help
-
 
 def test_bench_refuses_a_size_this_machine_cannot_hold_before_building_it(tmp_path, monkeypatch, capsys):
     import shutil

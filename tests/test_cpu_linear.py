@@ -208,10 +208,9 @@ def test_each_instruction_set_build_matches_linear(build):
 
 
 @x86_only
-@x86_only
 @pytest.mark.skipif(not cpu_linear.packs_dtype(torch.bfloat16), reason="bfloat16 is packed only with native bf16")
 def test_a_few_row_build_without_bf16_leaves_bfloat16_layers_to_onednn(monkeypatch):
-    # e.g. an AVX-512 CPU without AVX512-BF16 where oneDNN still has native bf16 (AMX-less Sapphire Rapids...)
+    # where oneDNN runs bf16 but the few-row build has no AVX512-BF16 instructions
     real = cpu_linear.load_few_row_kernel()
 
     class WithoutBf16:
@@ -228,6 +227,7 @@ def test_a_few_row_build_without_bf16_leaves_bfloat16_layers_to_onednn(monkeypat
     assert {m.kernel for m in model} == {"onednn"} and fp32[0].kernel == "few-row"
 
 
+@x86_only
 def test_few_row_kernel_runs_on_torch_threads():
     threads = torch.get_num_threads()
     try:

@@ -41,8 +41,11 @@ def test_official_config_numbers():
     assert cfg.max_prompt_tokens == 2048  # the decoder's limit; the aligner's table holds 32766 positions
     # every LayerNorm eps is the official 1e-5 (too small an effect for the parity tolerance to see)
     assert cfg.vision.layer_norm_eps == cfg.decoder.layer_norm_eps == cfg.aligner.layer_norm_eps == 1e-5
-    tiny = KosmosG(KosmosGConfig.tiny())
-    assert {m.eps for m in tiny.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}  # the configs' eps is used
+    tiny = KosmosGConfig.tiny().to_dict()
+    for part in ("vision", "decoder", "aligner"):
+        tiny[part]["layer_norm_eps"] = 1e-3  # not torch's default: every LayerNorm must take its part's eps
+    model = KosmosG(KosmosGConfig.from_dict(tiny))
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-3}
 
 
 def test_max_prompt_tokens_is_the_tighter_of_decoder_and_aligner():

@@ -252,7 +252,7 @@ def test_parse_weights():
     assert parse_weights("1.0, 0.8", 2) == [1.0, 0.8]
     with pytest.raises(PromptError, match="not a number"):
         parse_weights("1.0, abc", 2)
-    with pytest.raises(PromptError, match=r"\(weights: -1\) is outside 0..10"):
+    with pytest.raises(PromptError, match=r"Image weight -1 \(weights\) is outside 0..10"):
         parse_weights("-1", 1)
 
 

@@ -64,7 +64,7 @@ def export(cfg: ExportConfig) -> Path:
     mismatch = state_dict_mismatch(expected, inference_tensors)
     if mismatch:
         raise ValueError(f"--checkpoint {cfg.checkpoint} does not hold a complete Kosmos-G of its config ({mismatch}); "
-                         "it is not a complete Kosmos-G training checkpoint.")
+                         "export a checkpoint.pt written by train/.")
     model.load_state_dict(inference_tensors, strict=True)
     path = save_pack_checkpoint(model.eval(), tokenizer, cfg.out, dtype=resolve_dtype(cfg.dtype),
                                 extra_metadata={"source": "train.export", "stage": extra.get("stage", ""),

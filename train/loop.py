@@ -515,7 +515,7 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
             raise ValueError(f"{stage.name}: no sample in --data qualifies ({skipped} records in a row skipped, a "
                              f"whole pass over {len(stream.shards)} shard(s)); check that --data holds the samples this "
                              "stage reads (stage 2: the --kinds it names), and that prompts fit the model's "
-                             "max_positions (see the warnings above).")
+                             "prompt-length limit (max_prompt_tokens; see the log above).")
     return items
 
 

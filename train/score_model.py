@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kosmosg_core.generate import SD15_CONFIG_DIR
+from kosmosg_core.config import SD15_CONFIG_DIR
 from train.nano.sd15_format import FORMAT_NAME as NANO_FORMAT
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from kosmosg_core.config import DEFAULT_SCHEDULER
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,9 +38,9 @@ class SamplingSettings:
 class KosmosGSampler:
     """Kosmos-G conditioning -> a local SD1.5 (diffusers folder or single file), prompt batches -> PIL images."""
 
-    def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = "dpm",
+    def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = DEFAULT_SCHEDULER,
                  dtype: str = "float32", device: str = "auto"):
-        from kosmosg_core.generate import SCHEDULERS, check_sd15_width, load_sd15
+        from kosmosg_core.generate import check_scheduler, check_sd15_width, load_sd15
         from kosmosg_core.pipeline import KosmosGPipeline, resolve_dtype
 
         from .features import pick_device
@@ -48,8 +50,7 @@ class KosmosGSampler:
                              "(or an official .pt).")
         if not sd_model:
             raise ValueError("--sd-model is required to generate: give a local SD1.5 diffusers folder or single file.")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler {scheduler!r}: use one of {sorted(SCHEDULERS)}.")
+        check_scheduler(scheduler)
         self.device, self.dtype = pick_device(device), resolve_dtype(dtype)
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)

@@ -37,7 +37,8 @@ export function countPlaceholders(text) {
     return typeof text === "string" ? text.split(PLACEHOLDER).length - 1 : 0;
 }
 
-/** "1.0, 0.8" -> [1, 0.8]; "" -> null (1.0 each); a bad entry -> {error}. Mirrors nodes/prompt.parse_weights. */
+/** "1.0, 0.8" -> [1, 0.8]; "" -> null (1.0 each); a bad entry -> {error}. Mirrors nodes/prompt.parse_weights
+ *  (the range 0..10 is kosmosg_core/config.MAX_IMAGE_WEIGHT). */
 export function parseWeights(text) {
     const parts = (text || "").trim().split(/[,\s;]+/).filter((p) => p.length > 0);
     if (parts.length === 0) return null;
