@@ -97,6 +97,25 @@ def test_polynomial_decay_matches_fairseq_schedule():
     lrs = [polynomial_decay(s, warmup=4, total=12, peak=1e-3, end=0.0, power=1.0) for s in range(12)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over 4 updates
     assert lrs[4:] == pytest.approx([1e-3 * (1 - k / 8) for k in range(1, 9)])  # then linear to 0 at update 12
+    curved = [polynomial_decay(s, warmup=4, total=12, peak=1e-3, end=1e-4, power=2.0) for s in range(4, 12)]
+    assert curved == pytest.approx([(1e-3 - 1e-4) * (1 - k / 8) ** 2 + 1e-4 for k in range(1, 9)])
+    assert curved[-1] == 1e-4  # the end LR at the last update
+
+
+def test_optimizer_and_frozen_dtypes_follow_the_config():
+    from train.loop import LoopConfig, build_optimizer, frozen_dtype
+
+    cfg = LoopConfig()
+    assert (cfg.weight_decay, cfg.clip_norm) == (0.01, 2.0)  # official
+    layer = torch.nn.Linear(3, 3)
+    _, optimizer, _ = build_optimizer(layer.parameters(), cfg)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
+    before = layer.weight.detach().clone()
+    layer.weight.grad, layer.bias.grad = torch.zeros(3, 3), torch.zeros(3)
+    optimizer.step()  # decoupled decay: a zero gradient still shrinks the weights by lr * wd
+    assert torch.allclose(layer.weight, before * (1 - optimizer.param_groups[0]["lr"] * 0.01))
+    expected = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+    assert {name: frozen_dtype(LoopConfig(mixed_precision=name)) for name in expected} == expected
 
 
 def test_config_file_and_flag_precedence(env, tmp_path):
@@ -155,6 +174,20 @@ def test_record_stream_is_seeded_and_repeats_epochs(env):
     resumed = RecordStream(env.data, seed=3)
     resumed.load_state_dict(again.state_dict())
     assert [resumed.next().key for _ in range(13)] == keys[7:]
+    longer = RecordStream(env.data, seed=3)
+    two_epochs = [longer.next().key for _ in range(32)]
+    per_shard = len(keys[:16]) // len(first.shards)  # a shard's records come one after another
+
+    def shard_orders(epoch_keys):  # the set of a shard's keys -> their order
+        blocks = [epoch_keys[i:i + per_shard] for i in range(0, len(epoch_keys), per_shard)]
+        return {frozenset(block): block for block in blocks}
+
+    assert shard_orders(two_epochs[16:]) != shard_orders(two_epochs[:16])  # each epoch reshuffles a shard's records...
+    orders = set()
+    for epoch in range(6):
+        longer.epoch = epoch
+        orders.add(tuple(longer._order()))
+    assert len(orders) > 1  # ...and the shards
 
 
 def test_interleaved_choices_follow_official_probabilities():
@@ -171,6 +204,12 @@ def test_interleaved_choices_follow_official_probabilities():
         counts["masked"] += sum(f.endswith("_masked.png") for f in choice.image_fields)
         assert choice.target_field == "target.png"
     assert 900 < counts["dropped"] < 1100 and 1800 < counts["masked"] < 2200
+    rare = Counter()  # probabilities away from 0.5 tell p from 1 - p
+    for i in range(2000):
+        choice = choose_interleaved(meta, sample_rng(0, i), drop_prob=0.2, masked_prob=0.2)
+        rare["dropped"] += choice.text == meta["text_dropped"]
+        rare["masked"] += sum(f.endswith("_masked.png") for f in choice.image_fields)
+    assert 330 < rare["dropped"] < 470 and 680 < rare["masked"] < 920
     ip2p = {"text": "a house<i>make it snowy", "text_dropped": "<i>make it snowy", "variants": 2,
             "entities": [{"name": None, "image": "entity_0.png", "masked": None}]}
     picks = Counter(choose_interleaved(ip2p, sample_rng(1, i), 0.5, 0.5).target_field for i in range(300))
@@ -600,3 +639,35 @@ def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path
     args[args.index("--output-dir") + 1] = str(tmp_path / "run2")
     with pytest.raises(ValueError, match=r"Shard .*zz-raw-img2dataset.tar cannot be read .*not a tar file or is truncated"):
         stage1.main(args)
+
+
+def test_training_inputs_layout_and_ranges():
+    import io
+
+    from PIL import Image
+
+    from kosmosg_core.config import EOS_ID
+    from kosmosg_core.tokenizer import KosmosGTokenizer
+    from support.tokenizer_fixture import build_tiny_tokenizer
+    from train.inputs import prompt_with_eos, target_pixels
+
+    def png(color, size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    white, black = target_pixels(png("white", (40, 20), ), 16, "w"), target_pixels(png("black", (20, 40)), 16, "b")
+    assert white.shape == black.shape == (3, 16, 16)
+    assert torch.all(white == 1.0) and torch.all(black == -1.0)  # the VAE's range, [-1, 1]
+    split = Image.new("RGB", (40, 20), "black")  # left half black, right half white: a centred crop keeps
+    split.paste(Image.new("RGB", (20, 20), "white"), (20, 0))  # the edge in the middle
+    buffer = io.BytesIO()
+    split.save(buffer, format="PNG")
+    crop = target_pixels(buffer.getvalue(), 16, "s")
+    assert torch.all(crop[:, :, :7] == -1.0) and torch.all(crop[:, :, 9:] == 1.0)
+    assert torch.allclose(crop[:, :, 7], -crop[:, :, 8])  # the resize blurs the edge symmetrically
+
+    tokenizer = KosmosGTokenizer.from_dir(build_tiny_tokenizer(Path(__import__("tempfile").mkdtemp()) / "tok"))
+    prompt = prompt_with_eos(tokenizer, "<i> a dog", 1, 4)
+    assert prompt.ids[0] == BOS_ID and prompt.ids[-1] == EOS_ID and prompt.image_mask[-1] is False
+    assert prompt.image_mask[2:6] == [True] * 4  # <s> <image> [4 slots] </image> a dog </s>
