@@ -671,3 +671,47 @@ def test_training_inputs_layout_and_ranges():
     prompt = prompt_with_eos(tokenizer, "<i> a dog", 1, 4)
     assert prompt.ids[0] == BOS_ID and prompt.ids[-1] == EOS_ID and prompt.image_mask[-1] is False
     assert prompt.image_mask[2:6] == [True] * 4  # <s> <image> [4 slots] </image> a dog </s>
+
+
+def test_stage1_trains_the_mllm_connector_and_last_vision_block_only(env):
+    from train.common.config import parse_config
+    from train.stage1 import Stage1, Stage1Config
+
+    cfg = parse_config(Stage1Config, common(env, env.root / "unused"))
+    module = Stage1(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu")))
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    model = next(m for m in module.modules() if type(m).__name__ == "KosmosG")
+    last = f"resblocks.{len(model.vision.resblocks) - 1}."
+    for name, parameter in model.named_parameters():
+        part = name.split(".")[0]
+        expected = part in ("decoder", "connector") or (part == "vision" and (last in name or "ln_post" in name))
+        assert parameter.requires_grad == expected, name
+    assert trainable and any(last in name for name in trainable)
+
+
+def test_stage3_samples_follow_the_configured_probabilities(env):
+    from kosmosg_core.config import KosmosGConfig
+    from kosmosg_core.prompt import build_prompt_ids
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    cfg = parse_config(Stage3Config, common(env, env.root / "unused") + ["--score-model", env.sd])
+    assert (cfg.uncond_prob, cfg.drop_caption_prob) == (0.1, 0.5)  # official
+    stage = Stage3(cfg)
+    stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    stream, counts, laion_uncond = RecordStream(env.data, seed=0), Counter(), {}
+    for _ in range(480):  # 30 epochs of the tiny set
+        record = stream.next()
+        item = stage.select(record)
+        counts["uncond"] += item["uncond"]
+        if record.meta.get("kind") == "laion":  # same draws per sample: only the key tells their streams apart
+            laion_uncond.setdefault(record.epoch, set()).add(item["uncond"])
+        meta = record.meta
+        if meta.get("text_dropped") and meta["text_dropped"] != meta["text"]:
+            counts["droppable"] += 1
+            dropped = build_prompt_ids(stage.tokenizer, meta["text_dropped"], len(item["fields"]),
+                                       stage._model_cfg.image_token_slots)
+            counts["dropped"] += item["prompt"].ids == dropped.ids
+    assert 0.05 < counts["uncond"] / 480 < 0.16
+    assert any(len(values) == 2 for values in laion_uncond.values())  # samples of one epoch draw independently
+    assert counts["droppable"] > 100 and 0.38 < counts["dropped"] / counts["droppable"] < 0.62
