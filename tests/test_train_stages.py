@@ -715,3 +715,31 @@ def test_stage3_samples_follow_the_configured_probabilities(env):
     assert 0.05 < counts["uncond"] / 480 < 0.16
     assert any(len(values) == 2 for values in laion_uncond.values())  # samples of one epoch draw independently
     assert counts["droppable"] > 100 and 0.38 < counts["dropped"] / counts["droppable"] < 0.62
+
+
+def test_stage2_loss_terms_and_padding(env, stage2_run):
+    import torch.nn.functional as F
+
+    from kosmosg_core.config import PAD_ID
+    from train.stage2 import clip_token_ids, load_clip_text
+
+    module = build_stage2_module(env, stage2_run).eval()
+    ids = torch.tensor([[BOS_ID, 7, 8, 9, 10, 11], [BOS_ID, 12, 13, PAD_ID, PAD_ID, PAD_ID]])  # [B=2, T=6]
+    seen = {}
+    aligner_forward = module.model.aligner.forward
+
+    def spy(hidden, padding_mask=None):
+        seen["padding_mask"] = padding_mask
+        return aligner_forward(hidden, padding_mask=padding_mask)
+
+    module.model.aligner.forward = spy
+    clip_tokenizer, _ = load_clip_text(env.clip)
+    clip_ids = clip_token_ids(clip_tokenizer, ["a dog", "a cat"], 77)
+    with torch.no_grad():
+        total, parts = module({"input_ids": ids, "clip_ids": clip_ids})
+        assert torch.equal(seen["padding_mask"], ids.eq(PAD_ID))  # pads are masked in the aligner
+        hidden = module.model.mllm_hidden(ids, torch.zeros_like(ids, dtype=torch.bool)).float()
+        context = aligner_forward(hidden, padding_mask=ids.eq(PAD_ID))
+        expected = F.mse_loss(module.model.aligner.reconstruct(context, 6).float(), hidden) * 77 / 6  # official 77/T
+    assert parts["reconstruction"] == pytest.approx(expected.item() / module.num_shares, rel=1e-5)
+    assert total == pytest.approx((parts["clip_mse"] + parts["reconstruction"]).item(), rel=1e-6)
