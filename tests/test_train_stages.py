@@ -743,3 +743,21 @@ def test_stage2_loss_terms_and_padding(env, stage2_run):
         expected = F.mse_loss(module.model.aligner.reconstruct(context, 6).float(), hidden) * 77 / 6  # official 77/T
     assert parts["reconstruction"] == pytest.approx(expected.item() / module.num_shares, rel=1e-5)
     assert total == pytest.approx((parts["clip_mse"] + parts["reconstruction"]).item(), rel=1e-6)
+
+
+def test_stage3_noise_timesteps_and_caption_targets():
+    from train.loop import sample_generator
+    from train.stage3 import caption_teacher_targets, draw_diffusion_noise
+
+    def generators():
+        return [sample_generator(0, "noise", 1, 0, f"key{i}") for i in range(64)]
+
+    latent_noise, noise, timesteps = draw_diffusion_noise(generators(), (4, 2, 2), 1000)
+    assert latent_noise.shape == noise.shape == (64, 4, 2, 2) and timesteps.shape == (64,)
+    assert timesteps.min() < 250 and timesteps.max() > 750 and 350 < timesteps.float().mean() < 650  # uniform
+    assert not torch.allclose(noise, latent_noise)  # the diffusion noise is its own draw
+    again = draw_diffusion_noise(generators(), (4, 2, 2), 1000)
+    assert all(torch.equal(a, b) for a, b in zip(again, (latent_noise, noise, timesteps)))  # per sample, seeded
+    items = [{"uncond": True, "caption": ""}, {"uncond": True, "caption": "a dog"}, {"uncond": False, "caption": ""},
+             {"uncond": False, "caption": "a cat"}]
+    assert caption_teacher_targets(items) == (["", "", "", "a cat"], [1.0, 1.0, 0.0, 1.0])

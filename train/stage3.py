@@ -158,10 +158,8 @@ class Stage3(Stage):
                                for it in mine])  # [B, 3, R, R] in [-1, 1]
         # per-sample noise: seeded by (seed, step, sample), so independent of the batch split
         gens = [sample_generator(self.cfg.seed, "noise", step, it["epoch"], it["key"]) for it in mine]
-        mean_shape = self.score.encode_latents(targets[:1]).shape[1:]  # [4, h, w]
-        latent_noise = torch.stack([torch.randn(mean_shape, generator=g) for g in gens])
-        noise = torch.stack([torch.randn(mean_shape, generator=g) for g in gens])
-        timesteps = torch.cat([torch.randint(0, self.score.num_train_timesteps, (1,), generator=g) for g in gens])
+        latent_shape = self.score.encode_latents(targets[:1]).shape[1:]  # [4, h, w]
+        latent_noise, noise, timesteps = draw_diffusion_noise(gens, latent_shape, self.score.num_train_timesteps)
         latents = self.score.encode_latents(targets, latent_noise).float()  # [B, 4, h, w]
         noise = noise.to(latents.device)
         noisy = self.score.add_noise(latents, noise, timesteps.to(latents.device))
@@ -181,12 +179,28 @@ class Stage3(Stage):
         }
         if self.cfg.caption_teacher_weight > 0:
             # the teacher's target: the caption's text-encoder states; the empty caption's for unconditional samples
-            captions = ["" if it["uncond"] else it["caption"] for it in mine]
+            captions, has_caption = caption_teacher_targets(mine)
             clip_ids = clip_token_ids(self.clip_tokenizer, captions, self._model_cfg.aligner.num_queries)
             batch["clip_ids"] = clip_ids.to(device)
-            batch["has_caption"] = torch.tensor([it["uncond"] or bool(it["caption"]) for it in mine],
-                                                dtype=torch.float32, device=device)
+            batch["has_caption"] = torch.tensor(has_caption, dtype=torch.float32, device=device)
         return batch
+
+
+def draw_diffusion_noise(generators: list[torch.Generator], latent_shape, num_train_timesteps: int):
+    """Each sample's own draws, in this order: the VAE sampling noise, the diffusion noise (both `latent_shape`,
+    [4, h, w]) and a timestep uniform in [0, num_train_timesteps) -> (latent_noise [B, 4, h, w],
+    noise [B, 4, h, w], timesteps [B])."""
+    latent_noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+    return latent_noise, noise, timesteps
+
+
+def caption_teacher_targets(items: list[dict]) -> tuple[list[str], list[float]]:
+    """The caption teacher's text per sample and whether it counts: an unconditional sample's target is the
+    empty caption's states (it counts); a conditional sample without a caption has no target."""
+    captions = ["" if it["uncond"] else it["caption"] for it in items]
+    return captions, [float(it["uncond"] or bool(it["caption"])) for it in items]
 
 
 def main(argv=None) -> dict:
