@@ -761,3 +761,29 @@ def test_stage3_noise_timesteps_and_caption_targets():
     items = [{"uncond": True, "caption": ""}, {"uncond": True, "caption": "a dog"}, {"uncond": False, "caption": ""},
              {"uncond": False, "caption": "a cat"}]
     assert caption_teacher_targets(items) == (["", "", "", "a cat"], [1.0, 1.0, 0.0, 1.0])
+
+
+def test_stage1_samples_put_the_image_first_and_keep_every_entity_word(env):
+    from kosmosg_core.config import EOS_ID, KosmosGConfig
+    from kosmosg_core.prompt import build_prompt_ids
+    from train.common.config import parse_config
+    from train.stage1 import Stage1, Stage1Config
+
+    cfg = parse_config(Stage1Config, common(env, env.root / "unused"))
+    stage = Stage1(cfg)
+    stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    slots, stream, kinds = stage._model_cfg.image_token_slots, RecordStream(env.data, seed=0), Counter()
+    for _ in range(160):  # 10 epochs
+        record = stream.next()
+        item, meta = stage.select(record), record.meta
+        ids = item["prompt"].ids
+        assert ids[-1] == EOS_ID
+        if meta.get("kind") == "laion":  # an image-caption pair: <s> <image> [slots] </image> caption </s>
+            assert item["prompt"].image_mask[2:2 + slots] == [True] * slots and item["fields"] == ["target.png"]
+            assert ids[1] == stage.tokenizer.image_id and ids[2 + slots] == stage.tokenizer.image_end_id
+        elif meta.get("text_dropped") and meta["text_dropped"] != meta["text"]:  # stage 1 never drops entity words
+            kinds["entity"] += 1
+            dropped = build_prompt_ids(stage.tokenizer, meta["text_dropped"], len(item["fields"]), slots).ids
+            assert ids[:-1] != dropped
+        kinds[meta.get("kind")] += 1
+    assert kinds["laion"] > 10 and kinds["entity"] > 10
