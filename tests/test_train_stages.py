@@ -787,3 +787,26 @@ def test_stage1_samples_put_the_image_first_and_keep_every_entity_word(env):
             assert ids[:-1] != dropped
         kinds[meta.get("kind")] += 1
     assert kinds["laion"] > 10 and kinds["entity"] > 10
+
+
+def test_training_steps_clip_gradients_and_draw_fresh_dropout(env, tmp_path, monkeypatch):
+    from train import stage1
+
+    def run(name, *flags):
+        out = tmp_path / name
+        stage1.main(common(env, out, steps=2, batch=16) + ["--log-every", "1", *flags])
+        return read_metrics(out), load_checkpoint(out)["model"]
+
+    # the same first batch with and without dropout: the loss differs only if the module trains in train mode
+    with_dropout, _ = run("dropout")
+    without, _ = run("no-dropout", "--dropout", "0", "--attention-dropout", "0")
+    assert abs(with_dropout[0]["loss"] - without[0]["loss"]) > 1e-4
+    seeds = []  # each step seeds its dropout masks anew
+    real_manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or real_manual_seed(seed))
+    run("seeded", "--max-steps", "3")
+    monkeypatch.undo()
+    assert len(seeds) >= 3 and len(set(seeds[-3:])) == 3
+    _, clipped = run("clipped", "--clip-norm", "1e-6")
+    _, free = run("free", "--clip-norm", "0")
+    assert changed(clipped, free, "decoder.")  # clipping to a tiny norm changes the update
