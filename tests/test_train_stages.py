@@ -810,3 +810,19 @@ def test_training_steps_clip_gradients_and_draw_fresh_dropout(env, tmp_path, mon
     _, clipped = run("clipped", "--clip-norm", "1e-6")
     _, free = run("free", "--clip-norm", "0")
     assert changed(clipped, free, "decoder.")  # clipping to a tiny norm changes the update
+
+
+def test_stage3_trains_the_unconditional_embedding_too(env, stage2_run):
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    cfg = parse_config(Stage3Config, common(env, env.root / "unused") + ["--score-model", env.sd, "--resolution", "16",
+                                                                         "--init-checkpoint", str(stage2_run)])
+    stage = Stage3(cfg)
+    module = stage.build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)).train()
+    stream = RecordStream(cfg.data, cfg.seed)
+    items = [dict(stage.select(stream.next()), uncond=True) for _ in range(2)]  # both unconditional
+    batch = stage.collate(items, items, 0, "cpu")
+    module(batch)[0].backward()
+    # the official code recomputes the <s>-only condition with gradients: its embedding row learns
+    assert module.model.decoder.embed_tokens.weight.grad[BOS_ID].abs().sum() > 0
