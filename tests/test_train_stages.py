@@ -188,6 +188,8 @@ def test_record_stream_is_seeded_and_repeats_epochs(env):
         longer.epoch = epoch
         orders.add(tuple(longer._order()))
     assert len(orders) > 1  # ...and the shards
+    split = [RecordStream(env.data, seed=3, rank=rank, world_size=2, split="shards").shards for rank in (0, 1)]
+    assert not set(split[0]) & set(split[1]) and sorted(split[0] + split[1]) == sorted(first.shards)  # data_split=shards
 
 
 def test_interleaved_choices_follow_official_probabilities():
