@@ -17,8 +17,6 @@ from .config import CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFA
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
-
-
 CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
