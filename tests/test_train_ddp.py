@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from support.train_fixtures import assert_same_training, common_args, launch_processes, make_env, subprocess_env
 from train.common.checkpointing import load_checkpoint
@@ -82,3 +83,29 @@ def test_launched_worker_skips_interpreter_teardown_after_success(world_size):
     failed = subprocess.run([sys.executable, "-c", script, "fail"], env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
     assert "teardown ran" in failed.stdout
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_only_the_main_process_writes_the_checkpoint(tmp_path, main_process):
+    """Under DDP/FSDP every process calls `save_run_checkpoint`, but only process 0 holds the gathered
+    state (the others get empty dicts): a second writer would replace checkpoint.pt with an empty model."""
+    import types
+
+    from kosmosg_core.config import KosmosGConfig
+    from train.loop import save_run_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    waits = []
+    accelerator = types.SimpleNamespace(is_main_process=main_process, num_processes=2,
+                                        wait_for_everyone=lambda: waits.append(True))
+    stage = types.SimpleNamespace(name="stage1", model_config=KosmosGConfig.tiny, tokenizer_dir=lambda: "tok")
+    stream = types.SimpleNamespace(state_dict=lambda: {"epoch": 0})
+    save_run_checkpoint(accelerator, stage, model, optimizer, scheduler, stream, 4, LoopConfig(output_dir=str(tmp_path)))
+    assert waits == [True]  # every process waits for the writer before going on
+    if main_process:
+        state = load_checkpoint(tmp_path)
+        assert state["step"] == 4 and torch.equal(state["model"]["weight"], model.weight)
+    else:
+        assert list(tmp_path.iterdir()) == []
