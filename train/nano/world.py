@@ -387,11 +387,6 @@ def render_scene(spec: SceneSpec) -> Scene:
     )
 
 
-def sample_scene(rng: np.random.Generator, num_subjects: int | None = None) -> Scene:
-    """Draw and render one random scene (no split filtering; see ``scenes`` for the streams)."""
-    return render_scene(sample_spec(rng, num_subjects))
-
-
 def scenes(
     seed: int,
     n: int,
@@ -425,28 +420,6 @@ def subject_image(
     cy = IMAGE_PX / 2 + float(rng.uniform(-2, 2))
     cov = subject_coverage(shape, cx, cy, size, (0.0, 0.0, IMAGE_PX), out_px)
     return _composite(BACKGROUNDS[background], [(cov, PALETTE[colour])])
-
-
-class SceneDataset:
-    """Random-access view of a stream (``__len__`` / ``__getitem__``), usable by a torch DataLoader.
-
-    ``transform`` maps a ``Scene`` to whatever the training step needs (default: the Scene).
-    """
-
-    def __init__(self, seed: int, length: int, *, num_subjects: int | None = None, split: str | None = "auto", transform=None):
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        self.seed, self.length, self.num_subjects, self.split = seed, length, num_subjects, split
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < self.length:
-            raise IndexError(f"scene index {index} out of range [0, {self.length})")
-        scene = render_scene(spec_at(self.seed, index, self.num_subjects, self.split))
-        return scene if self.transform is None else self.transform(scene)
 
 
 # ----------------------------------------------------------------------------- captions -> labels
