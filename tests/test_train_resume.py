@@ -115,6 +115,25 @@ def test_resume_with_other_max_steps_uses_the_new_schedule_from_its_first_update
     assert (out / "train_config.json").read_text() == record
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_resume_may_switch_gradient_checkpointing(env, tmp_path, stage):
+    """--gradient-checkpointing is how a run computes, not what: a run resumed with it switched on goes on
+    exactly as the run without it (the stages write the switch into the model config, which is compared)."""
+    import importlib
+
+    main = importlib.import_module(f"train.{stage}").main
+    extra = ["--score-model", env.sd, "--resolution", "16"] if stage == "stage3" else []
+    args = common_args(env, tmp_path / "plain", steps=6, save_every=3) + extra
+    main(args)
+    switched = [str(tmp_path / "switched") if a == str(tmp_path / "plain") else a for a in args]
+    main(switched[:switched.index("--max-steps")] + ["--max-steps", "3"] + switched[switched.index("--max-steps") + 2:])
+    main(switched + ["--gradient-checkpointing", "true"])
+    plain, resumed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "switched")
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for a, b in zip(plain, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), (a, b)
+
+
 def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path):
     """Two runs into one folder interleaved their checkpoints and metrics (e.g. a relaunch while the workers of
     a killed launcher still ran). The lock is held while a run trains, then released."""

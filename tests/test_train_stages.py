@@ -143,11 +143,34 @@ def test_counts_below_their_minimum_are_refused_by_flag(flag, tmp_path, capsys):
     for argv in ([flag, "0"], ["--config", str(config)]):
         with pytest.raises(ValueError, match=f"^{flag} 0: must be at least 1.$"):
             parse_config(Stage1Config, argv)
-    bad = dataclasses.replace(parse_config(Stage1Config, []), **{flag[2:].replace("-", "_"): 0})
+    from support.train_fixtures import tiny_tokenizer
+
+    tokenizer = str(tiny_tokenizer(tmp_path))
+    bad = dataclasses.replace(parse_config(Stage1Config, ["--tokenizer", tokenizer]),
+                              **{flag[2:].replace("-", "_"): 0})
     with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):  # a config made in Python, too
         run_training(Stage1(bad), bad)
     build_parser(Stage1Config, "").print_help()
     assert "(at least 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_missing_tokenizer_is_refused_by_flag(stage, tmp_path):
+    """Every stage tokenizes prompts: no --tokenizer is a clear error, not an AttributeError deep in the build."""
+    import importlib
+
+    with pytest.raises(ValueError, match="^--tokenizer is required"):
+        importlib.import_module(f"train.{stage}").main(["--output-dir", str(tmp_path / "run"), "--model-config", "tiny"])
+
+
+def test_missing_data_is_refused_before_any_model_is_loaded(tmp_path):
+    """--data is checked first: a missing --init-checkpoint (read by the model build) is not what is reported."""
+    from support.train_fixtures import tiny_tokenizer
+    from train.stage1 import main
+
+    with pytest.raises(ValueError, match="^No training data: pass --data"):
+        main(["--output-dir", str(tmp_path / "run"), "--tokenizer", str(tiny_tokenizer(tmp_path)),
+              "--init-checkpoint", str(tmp_path / "missing.safetensors")])
 
 
 def test_shipped_configs_parse():

@@ -237,7 +237,7 @@ class Stage:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer) if getattr(cfg, "tokenizer", "") else None
+        self.tokenizer = load_tokenizer(cfg.tokenizer)  # every stage tokenizes prompts
         self._model_cfg = None  # set by `build`
 
     def build(self, cfg, accelerator) -> nn.Module:
@@ -353,7 +353,8 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     check_step_within(state, cfg.max_steps, path)
     saved = extra.get("kosmosg_config")
     if saved is not None:
-        changed = changed_settings(json.loads(saved), json.loads(stage.model_config().to_json()))
+        changed = changed_settings(json.loads(saved), json.loads(stage.model_config().to_json()),
+                                   {"decoder.gradient_checkpointing"})  # --gradient-checkpointing may change
         if changed:
             raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
                              f"({'; '.join(changed[:4])}); resume with the config the run was started with, or use a "
@@ -544,6 +545,7 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
+    stream = RecordStream(cfg.data, cfg.seed, rank, world, cfg.data_split)  # a bad --data fails before loading models
     torch.manual_seed(cfg.seed)  # model init: identical on every process
     module = stage.build(cfg, accelerator)
     model = module.model  # the KosmosG whose whole state is checkpointed
@@ -553,7 +555,6 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
     if sharded:  # before the optimiser: FSDP replaces the parameters with sharded ones
         shard_with_fsdp(module, accelerator.device, find_unused_parameters)
     params, optimizer, scheduler = build_optimizer(module.parameters(), cfg)
-    stream = RecordStream(cfg.data, cfg.seed, rank, world, cfg.data_split)
     start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world)
     if accelerator.is_main_process:
         metrics_log = MetricsLog(out, start_step)
