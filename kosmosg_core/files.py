@@ -1,8 +1,10 @@
 """Output paths: checked before the work starts, written atomically with the permissions any new file gets."""
 
 import contextlib
+import hashlib
 import os
 import secrets
+import socket
 import stat
 from pathlib import Path
 
@@ -58,7 +60,10 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
             return
 
 
-TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<random>.tmp beside their final file
+TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<host>-<random>.tmp beside their final file
+# Which machine wrote a temp file: on a folder shared by several machines (a multi-node run on a network
+# file system) a pid means something only on its own machine.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 # Windows: os.kill(pid, 0) would send CTRL_C_EVENT to that process group instead of checking the pid
 CAN_PROBE_PIDS = os.name == "posix"
 _SWEPT: set[str] = set()  # folders whose stale temp files this process has removed
@@ -72,7 +77,10 @@ def _remove_stale_temp_files(folder: Path) -> None:
     _SWEPT.add(str(folder))
     for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
         try:
-            pid = int(tmp.name[len(TEMP_PREFIX):].split("-")[0])
+            pid, *rest = tmp.name[len(TEMP_PREFIX):].split("-")
+            pid = int(pid)
+            if len(rest) == 2 and rest[0] != HOST_TAG:  # another machine's writer: it may well be alive
+                continue
             if pid != os.getpid():
                 os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone
         except ProcessLookupError:
@@ -85,7 +93,7 @@ def _new_temp_file(folder: Path) -> tuple[Path, int]:
     """A new empty temp file in `folder` and the permissions the OS gave it: those of any new file there
     (0666 & ~umask), learnt without os.umask, which can only read the process-wide mask by setting it."""
     while True:
-        tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{HOST_TAG}-{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:

@@ -139,3 +139,19 @@ def test_temp_files_of_dead_writers_are_removed_on_posix_and_left_on_windows(tmp
     monkeypatch.setattr(files, "_SWEPT", set())
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
     assert not dead.exists() and load_file(str(tmp_path / "b.safetensors"))["x"].shape == (2,)
+
+
+def test_temp_files_of_other_machines_are_left_alone(tmp_path, monkeypatch):
+    """A folder shared by several machines (multi-node runs on a network file system): a pid that is dead
+    here may be a live writer on another machine, so only this machine's temp files are swept."""
+    import kosmosg_core.files as files
+
+    pid = _dead_pid()
+    other_machine = tmp_path / f"{files.TEMP_PREFIX}{pid}-{'0' if files.HOST_TAG[0] != '0' else '1'}{files.HOST_TAG[1:]}-ab12cd34.tmp"
+    this_machine = tmp_path / f"{files.TEMP_PREFIX}{pid}-{files.HOST_TAG}-ab12cd34.tmp"
+    for tmp in (other_machine, this_machine):
+        tmp.write_bytes(b"half-written")
+    monkeypatch.setattr(files, "_SWEPT", set())
+    save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
+    assert other_machine.exists() and not this_machine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", other_machine.name])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kosmosg_core.files import HOST_TAG, TEMP_PREFIX
 from train.data import cli
 from train.data.build import run_build
 from train.data.config import BuildConfig, CropConfig, IngestConfig, MixConfig, OfficialConfig
@@ -167,8 +168,10 @@ def test_build_is_deterministic_and_resumes_per_shard(built, tiny_models, image_
     copy = str(tmp_path / "copy")
     shutil.copytree(output, copy)
     os.remove(os.path.join(copy, "shard-000001.tar"))
-    open(os.path.join(copy, "shard-000002.tar.partial"), "wb").write(b"half a shard")  # crash leftover
+    leftover = os.path.join(copy, f"{TEMP_PREFIX}4194305-{HOST_TAG}-0badf00d.tmp")  # a killed writer's (pid > pid_max)
+    open(leftover, "wb").write(b"half a shard")
     summary = run_build(_build_config(tiny_models, image_folder, copy))
+    assert not os.path.exists(leftover)
     assert summary["this_run"]["shards_written"] == 1 and summary["this_run"]["shards_skipped_complete"] == 2
     assert _tar_bytes(copy) == reference  # byte-identical
     fresh = str(tmp_path / "fresh")
@@ -474,6 +477,43 @@ def test_iter_records_inside_a_gloo_process_group(tmp_path, monkeypatch):
         assert [s.meta["shard"] for s in read_samples(str(folder))] == [0, 0, 1, 1, 2, 2]
     finally:
         dist.destroy_process_group()
+
+
+def test_several_processes_share_the_shards_and_the_last_to_end_writes_the_summary(tmp_path, monkeypatch):
+    """Process RANK of WORLD_SIZE writes shards index % WORLD_SIZE == RANK; summary.json is written only
+    once every shard of the run is there (a process ending earlier would count only part of the run)."""
+    from train.data.shards import Sample, run_sharded
+
+    def process(index):
+        return Sample(key=f"k{index}", meta={"index": index}), "written"
+
+    output = str(tmp_path / "out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # ends first
+    first = run_sharded(range(5), process, output, samples_per_shard=1)
+    assert sorted(os.listdir(output)) == [f"shard-{i:06d}.{ext}" for i in (1, 3) for ext in ("stats.json", "tar")]
+    assert first["this_run"]["shards_written"] == 2
+    monkeypatch.setenv("RANK", "0")
+    last = run_sharded(range(5), process, output, samples_per_shard=1)
+    assert last["this_run"]["shards_written"] == 3
+    saved = json.load(open(os.path.join(output, "summary.json")))
+    assert (saved["shards"], saved["written"], saved["processed"]) == (5, 5, 5) and "this_run" not in saved
+    assert sorted(s.meta["index"] for s in read_samples(output)) == list(range(5))
+
+
+def test_to_official_is_written_by_the_first_process_only(tmp_path, monkeypatch):
+    """A conversion with no model: process 0 writes the whole layout; the others write nothing (every
+    process writing the same files would race on them)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(str(folder / "s-000000.tar"), [laion_sample("a", "a red ball", _png(_noise_image(np.random.default_rng(0), 8, 8)))])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run_to_official(OfficialConfig(input=str(folder), output=str(tmp_path / "rank1"))) == {}
+    assert not (tmp_path / "rank1").exists()
+    monkeypatch.setenv("RANK", "0")
+    summary = run_to_official(OfficialConfig(input=str(folder), output=str(tmp_path / "rank0")))
+    assert summary["written"] == 1 and (tmp_path / "rank0" / "laion" / "json" / "train.json").exists()
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from kosmosg_core.files import write_text_atomic
+
 from .config import KINDS, OfficialConfig
 from .crops import CorruptImageError, decode_image, png_bytes
 from .entities import clean_text, layout_interleaved
 from .samples import ip2p_sample, laion_sample, openimage_sample
-from .shards import ProcessResult, Sample, read_samples, run_sharded, sanitize_key, write_json_atomic
+from .shards import ProcessResult, Sample, distributed_rank, read_samples, run_sharded, sanitize_key, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,10 @@ def run_to_official(config: OfficialConfig) -> dict:
     """Shards -> OUTPUT/<kind>/json/train.json + data/<prefix>-NNNNNN.tsv (atomic per TSV)."""
     if not config.input or not config.output:
         raise ValueError("to-official needs --input SHARDS and --output DIR")
+    rank, world = distributed_rank()
+    if rank != 0:  # one pass over the shards, no model: process 0 writes the whole layout
+        logger.info("to-official runs in one process: process %d of %d has nothing to do", rank, world)
+        return {}
     counts: Counter = Counter()
     buffers: dict[str, list[str]] = defaultdict(list)
     written: dict[str, list[str]] = defaultdict(list)
@@ -77,10 +83,7 @@ def run_to_official(config: OfficialConfig) -> dict:
         data_dir = os.path.join(config.output, kind, "data")
         os.makedirs(data_dir, exist_ok=True)
         name = f"{config.shard_prefix}-{len(written[kind]):06d}.tsv"
-        partial = os.path.join(data_dir, name + ".partial")
-        with open(partial, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("".join(line + "\n" for line in buffers[kind]))
-        os.replace(partial, os.path.join(data_dir, name))
+        write_text_atomic(os.path.join(data_dir, name), "".join(line + "\n" for line in buffers[kind]))
         written[kind].append(name)
         buffers[kind] = []
 
@@ -102,10 +105,10 @@ def run_to_official(config: OfficialConfig) -> dict:
             flush(kind)
     for kind, names in written.items():
         os.makedirs(os.path.join(config.output, kind, "json"), exist_ok=True)
-        write_json_atomic(os.path.join(config.output, kind, "json", "train.json"),
+        write_json(os.path.join(config.output, kind, "json", "train.json"),
                           [{"source": names, "source_lang": kind, "weight": 1.0, "name": kind}])
     summary = dict(sorted(counts.items()))
-    write_json_atomic(os.path.join(config.output, "summary.json"), summary)
+    write_json(os.path.join(config.output, "summary.json"), summary)
     logger.info("to-official summary: %s", json.dumps(summary, sort_keys=True))
     return summary
 

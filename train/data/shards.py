@@ -3,11 +3,11 @@ resumable shard-by-shard runner every command uses.
 
 Determinism: tar members carry mtime 0 and fixed owner/mode, fields are written in sorted order,
 PNG encoding is fixed, so the same input + seed gives byte-identical shards.
-Resumability: input item i belongs to shard i // samples_per_shard. A shard is written to
-`NAME.tar.partial`, its stats to `NAME.stats.json`, then the tar is renamed into place (atomic);
-a rerun skips shards whose `.tar` exists and counts their stored stats in the summary.
+Resumability: input item i belongs to shard i // samples_per_shard. A shard's stats are written to
+`NAME.stats.json`, then the tar to a temp file renamed into place (atomic); a rerun skips shards whose
+`.tar` exists and counts their stored stats in the summary.
 Multi-process (accelerate launch / torchrun): process RANK of WORLD_SIZE takes shards
-index % WORLD_SIZE == RANK.
+index % WORLD_SIZE == RANK; the process that ends last writes summary.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from kosmosg_core.files import check_output_folder
+from kosmosg_core.files import atomic_output, check_output_folder, write_text_atomic
 from train.common.folder_settings import check_folder_settings, record_folder_settings
 
 logger = logging.getLogger(__name__)
@@ -137,27 +137,20 @@ def read_samples(spec: str | list[str], split_by_node: bool = False, split_by_wo
 
 
 def write_shard(path: str, samples: Iterable[Sample]) -> int:
-    """Write samples to `path` atomically (temp name, fsync, rename). Returns the sample count."""
-    partial = path + ".partial"
+    """Write samples to `path` atomically (a killed run never leaves a partial shard). -> the sample count."""
     count = 0
-    with open(partial, "wb") as stream:
+    with atomic_output(path) as tmp, open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="kosmosg", group="kosmosg")
         for sample in samples:
             writer.write(sample.to_wds())
             count += 1
         writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(partial, path)
     return count
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-    os.replace(partial, path)
+def write_json(path: str, data: Any) -> None:
+    """`data` -> `path` as indented, key-sorted JSON, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -200,7 +193,9 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         check_folder_settings(output, settings, RERUN_MAY_CHANGE)
     rank, world = distributed_rank()
     run_counts: Counter = Counter()
+    num_shards = 0
     for index, group in _grouped(items, samples_per_shard):
+        num_shards = index + 1
         if index % world != rank:
             continue
         path = os.path.join(output, shard_name(prefix, index))
@@ -227,7 +222,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
                 counts["written"] += 1
         if settings is not None:
             record_folder_settings(output, settings)
-        write_json_atomic(stats_path, dict(sorted(counts.items())))  # before the tar: a tar implies stats
+        write_json(stats_path, dict(sorted(counts.items())))  # before the tar: a tar implies stats
         write_shard(path, samples)
         run_counts.update(counts)
         run_counts["shards_written"] += 1
@@ -237,10 +232,12 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         logger.info("%s: kept %d finished shard(s) in %s from an earlier run with the same settings", what,
                     run_counts["shards_skipped_complete"], output)
     summary = summarize(output, prefix)
-    summary["this_run"] = dict(sorted(run_counts.items()))
-    write_json_atomic(os.path.join(output, SUMMARY_NAME), summary)
-    logger.info("%s summary: %s", what, json.dumps({k: v for k, v in summary.items() if k != "this_run"},
-                                                     sort_keys=True))
+    # Several processes: the one that ends last writes summary.json (it then sees every shard of the run;
+    # one that ends earlier would leave a summary without the others' last shards). A tar is written last.
+    if all(os.path.exists(os.path.join(output, shard_name(prefix, index))) for index in range(num_shards)):
+        write_json(os.path.join(output, SUMMARY_NAME), summary)
+    logger.info("%s summary: %s", what, json.dumps(summary, sort_keys=True))
+    summary["this_run"] = dict(sorted(run_counts.items()))  # this process's work
     return summary
 
 
