@@ -173,6 +173,17 @@ def test_missing_data_is_refused_before_any_model_is_loaded(tmp_path):
               "--init-checkpoint", str(tmp_path / "missing.safetensors")])
 
 
+def test_init_from_a_run_that_has_not_saved_yet_says_so(env, tmp_path):
+    """A run folder with its train_config.json but no checkpoint.pt yet (a run just started)."""
+    from train import stage2
+
+    started = tmp_path / "stage1-just-started"
+    started.mkdir()
+    (started / "train_config.json").write_text('{"stage": "stage1"}')
+    with pytest.raises(ValueError, match="no checkpoint.pt in that run folder yet"):
+        stage2.main(common(env, tmp_path / "out") + ["--clip-text-encoder", env.clip, "--init-checkpoint", str(started)])
+
+
 def test_shipped_configs_parse():
     from train.common.config import parse_config
     from train.stage1 import Stage1Config
@@ -740,6 +751,31 @@ def test_stage3_samples_follow_the_configured_probabilities(env):
     assert 0.05 < counts["uncond"] / 480 < 0.16
     assert any(len(values) == 2 for values in laion_uncond.values())  # samples of one epoch draw independently
     assert counts["droppable"] > 100 and 0.38 < counts["dropped"] / counts["droppable"] < 0.62
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2", "stage3"])
+def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog):
+    """Every stage skips (and logs) a record whose prompt is longer than the model reads (here: the aligner's
+    position table), instead of the model raising in the middle of training."""
+    import importlib
+
+    from kosmosg_core.config import ALIGNER_FIRST_POSITION, KosmosGConfig
+    from train.common.config import parse_config
+    from train.loop import RecordStream, replace_config
+
+    module = importlib.import_module(f"train.{stage_name}")
+    extra = {"stage2": ["--clip-text-encoder", env.clip], "stage3": ["--score-model", env.sd]}.get(stage_name, [])
+    cfg = parse_config(getattr(module, f"Stage{stage_name[-1]}Config"), common(env, env.root / "unused") + extra)
+    stage = getattr(module, f"Stage{stage_name[-1]}")(cfg)
+    stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    stream = RecordStream(env.data, seed=0)
+    records = [stream.next() for _ in range(16)]  # the tiny set, every kind
+    assert any(stage.select(record) is not None for record in records)
+    stage._model_cfg = replace_config(stage._model_cfg, aligner={"max_positions": ALIGNER_FIRST_POSITION + 3})
+    assert stage._model_cfg.max_prompt_tokens == 3
+    with caplog.at_level("INFO", logger="train.loop"):
+        assert [stage.select(record) for record in records] == [None] * 16
+    assert "tokens > the model's 3" in caplog.text
 
 
 def test_stage2_loss_terms_and_padding(env, stage2_run):

@@ -260,6 +260,13 @@ class Stage:
         """The KosmosGConfig being trained (saved in checkpoints for export)."""
         return self._model_cfg
 
+    def too_long(self, key: str, num_tokens: int) -> bool:
+        """A prompt of `num_tokens` model inputs beyond the model's positions: its record is skipped (logged)."""
+        limit = self._model_cfg.max_prompt_tokens
+        if num_tokens > limit:
+            logger.info("skipping %s: %d tokens > the model's %d", key, num_tokens, limit)
+        return num_tokens > limit
+
     def tokenizer_dir(self) -> str:
         return getattr(self.cfg, "tokenizer", "")
 
@@ -675,8 +682,8 @@ def resolve_model_config(spec: str, vocab_size: int | None = None):
 
 def is_train_checkpoint(path: Path) -> bool:
     """A train/ run folder or a checkpoint.pt inside one (recognised by the run's train_config.json)."""
-    if path.is_dir():
-        return (path / CHECKPOINT_NAME).exists()
+    if path.is_dir():  # one that has not saved yet, too: it gets "no checkpoint.pt in that run folder yet"
+        return (path / TRAIN_CONFIG_NAME).exists() or (path / CHECKPOINT_NAME).exists()
     return path.name == CHECKPOINT_NAME and (path.parent / TRAIN_CONFIG_NAME).exists()  # not a file exported there
 
 

@@ -15,7 +15,6 @@ used here and stays frozen). From scratch (`--model-config`) or continuing (`--i
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,6 @@ from train.inputs import check_images_readable, choose_interleaved, entity_pixel
 from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, sample_rng, \
     set_trainable
 
-logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
@@ -86,9 +84,7 @@ class Stage1(Stage):
             choice = choose_interleaved(meta, rng, drop_prob=0.0, masked_prob=self.cfg.masked_entity_prob)
             text, fields = choice.text, choice.image_fields
         prompt = prompt_with_eos(self.tokenizer, text, len(fields), self._model_cfg.image_token_slots)
-        if len(prompt) - 1 > self._model_cfg.max_prompt_tokens:
-            logger.info("skipping %s: %d tokens > the model's %d", record.key, len(prompt) - 1,
-                        self._model_cfg.max_prompt_tokens)
+        if self.too_long(record.key, len(prompt) - 1):  # the model reads all but the last token
             return None
         check_images_readable(record.fields, fields, record.key)
         return {"key": record.key, "prompt": prompt, "fields": fields, "record": record.fields}

@@ -152,7 +152,7 @@ class Stage2(Stage):
         if meta.get("kind") not in self.kinds or not caption:
             return None
         prompt = build_prompt_ids(self.tokenizer, caption, 0)  # [<s>] + caption (+ </s> dropped as model input)
-        if len(prompt) - 1 > self.cfg.max_caption_tokens:
+        if len(prompt) - 1 > self.cfg.max_caption_tokens or self.too_long(record.key, len(prompt)):
             return None
         return {"key": record.key, "prompt": prompt, "caption": caption}
 

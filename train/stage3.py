@@ -26,7 +26,6 @@ tower and the score model (diffusers SD1.5 or nano, see train/score_model.py).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +42,6 @@ from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dt
 from train.score_model import load_score_model
 from train.stage2 import clip_token_ids, load_clip_text
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,9 +139,7 @@ class Stage3(Stage):
         uncond = rng.random() < self.cfg.uncond_prob
         prompt = build_prompt_ids(self.tokenizer, choice.text, len(choice.image_fields),
                                   self._model_cfg.image_token_slots)
-        if len(prompt) > self._model_cfg.max_prompt_tokens:
-            logger.info("skipping %s: %d tokens > the model's %d", record.key, len(prompt),
-                        self._model_cfg.max_prompt_tokens)
+        if self.too_long(record.key, len(prompt)):
             return None
         check_images_readable(record.fields, choice.image_fields + [choice.target_field], record.key)
         return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,
