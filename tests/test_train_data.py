@@ -516,6 +516,31 @@ def test_to_official_is_written_by_the_first_process_only(tmp_path, monkeypatch)
     assert summary["written"] == 1 and (tmp_path / "rank0" / "laion" / "json" / "train.json").exists()
 
 
+@pytest.mark.parametrize("content,problem", [('[["a", [1]]', "is not valid JSON"),  # cut short
+                                             ('{"a": [1]}', "holds a JSON dict"),
+                                             ('[["a", 1]]', "an entry is not"),
+                                             ('[["a"]]', "an entry is not")])
+def test_a_malformed_seeds_json_names_the_file_and_its_layout(tmp_path, content, problem):
+    from train.data.ingest import iter_ip2p
+
+    (tmp_path / "seeds.json").write_text(content)
+    with pytest.raises(ValueError, match=f"seeds.json.*{problem}.*folder name, \\[seed"):
+        iter_ip2p(str(tmp_path))
+
+
+def test_a_damaged_shard_stats_file_names_the_file_and_the_fix(tmp_path):
+    from train.data.shards import Sample, run_sharded
+
+    def process(index):
+        return Sample(key=f"k{index}", meta={}), "written"
+
+    output = str(tmp_path / "out")
+    run_sharded(range(2), process, output, samples_per_shard=1)
+    (tmp_path / "out" / "shard-000001.stats.json").write_text('{"processed": 1')  # cut short
+    with pytest.raises(ValueError, match=r"shard-000001.stats.json is not valid JSON .*Delete it and its .tar"):
+        run_sharded(range(2), process, output, samples_per_shard=1)
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [None, "build", "ingest-ip2p", "ingest-pairs", "mix", "to-official",

@@ -98,6 +98,19 @@ def read_config_file(path) -> dict:
     return data
 
 
+def read_json(path, expected_type: type, holds: str, fix: str):
+    """A JSON file a command reads back -> its value, which must be an `expected_type`; a damaged or unexpected
+    one is a ValueError naming the file, what it should hold (`holds`) and what to do (`fix`)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); it should hold {holds}. {fix}") from e
+    if not isinstance(value, expected_type):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}; it should hold {holds}. {fix}")
+    return value
+
+
 def _yaml_position(error) -> str:
     mark = getattr(error, "problem_mark", None)
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "position unknown"

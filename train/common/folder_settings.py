@@ -12,7 +12,7 @@ import json
 import os
 
 from kosmosg_core.files import write_text_atomic
-from train.common.config import changed_settings, flatten_settings
+from train.common.config import changed_settings, flatten_settings, read_json
 
 SETTINGS_NAME = "settings.json"
 
@@ -22,8 +22,8 @@ def check_folder_settings(folder, settings: dict, may_change=()) -> None:
     path = os.path.join(folder, SETTINGS_NAME)
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    saved = read_json(path, dict, "the settings that made the folder's contents",
+                      "Use a new output folder (or delete the folder's contents to make them again).")
     changed = changed_settings(saved, settings, may_change)
     if changed:
         raise ValueError(f"{folder} holds output made with other settings ({'; '.join(changed[:5])}); a rerun keeps "

@@ -21,6 +21,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from train.common.config import read_json
+
 from .config import IngestConfig
 from .crops import CorruptImageError, decode_image, resize_shorter_side
 from .entities import clean_text
@@ -70,8 +72,12 @@ def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
                 raise ValueError(f"{jsonl}:{index + 1}: expected input_caption, edit and source/edited "
                                  f"or pairs ({error})") from error
     elif os.path.isfile(os.path.join(input_spec, "seeds.json")):
-        with open(os.path.join(input_spec, "seeds.json"), encoding="utf-8") as handle:
-            seeds_list = json.load(handle)
+        seeds_path = os.path.join(input_spec, "seeds.json")
+        layout = "[[folder name, [seed, ...]], ...] (the InstructPix2Pix release's seeds.json)"
+        fix = "Give the release's folder as it was downloaded, or a triplets .jsonl file."
+        seeds_list = read_json(seeds_path, list, layout, fix)
+        if not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list) for entry in seeds_list):
+            raise ValueError(f"{seeds_path}: an entry is not [folder name, [seed, ...]]; it should hold {layout}. {fix}")
         for index, (name, seeds) in enumerate(seeds_list):
             folder = os.path.join(input_spec, name)
             prompt_path = os.path.join(folder, "prompt.json")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from kosmosg_core.files import write_text_atomic
+from train.common.config import read_json
 
 from .config import KINDS, OfficialConfig
 from .crops import CorruptImageError, decode_image, png_bytes
@@ -149,8 +150,9 @@ def official_folders(root: str) -> list[str]:
 def iter_official(root: str):
     index = 0
     for folder in official_folders(root):
-        with open(os.path.join(folder, "json", "train.json"), encoding="utf-8") as handle:
-            entries = json.load(handle)
+        entries = read_json(os.path.join(folder, "json", "train.json"), list,
+                            'a list of {"source": [TSV file names], ...} entries (the official layout)',
+                            "Check the folder given to --input.")
         for entry in entries:
             kind = _kind_of(entry)
             for name in entry.get("source", []):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import webdataset as wds
 
 from kosmosg_core.files import atomic_output, check_output_folder, write_text_atomic
+from train.common.config import read_json
 from train.common.folder_settings import check_folder_settings, record_folder_settings
 
 logger = logging.getLogger(__name__)
@@ -201,8 +202,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
         path = os.path.join(output, shard_name(prefix, index))
         stats_path = path[: -len(".tar")] + ".stats.json"
         if os.path.exists(path) and os.path.exists(stats_path):
-            with open(stats_path, encoding="utf-8") as handle:
-                done = json.load(handle).get("processed")
+            done = read_stats(stats_path).get("processed")
             if done == len(group):  # finished; a shorter one was the last, partial shard of a smaller --count
                 run_counts["shards_skipped_complete"] += 1
                 continue
@@ -241,6 +241,12 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     return summary
 
 
+def read_stats(stats_path: str) -> dict:
+    """A shard's counts (its NAME.stats.json)."""
+    return read_json(stats_path, dict, "the counts of its shard ({\"processed\": N, ...})",
+                     "Delete it and its .tar to have that shard made again.")
+
+
 def summarize(output: str, prefix: str = "shard") -> dict:
     """Totals over every finished shard's stats in `output` (all runs, all ranks)."""
     totals: Counter = Counter()
@@ -248,8 +254,7 @@ def summarize(output: str, prefix: str = "shard") -> dict:
     for tar in sorted(glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*.tar"))):
         stats_path = tar[: -len(".tar")] + ".stats.json"
         if os.path.exists(stats_path):
-            with open(stats_path, encoding="utf-8") as handle:
-                totals.update(json.load(handle))
+            totals.update(read_stats(stats_path))
             shards += 1
     summary = dict.fromkeys(STANDARD_COUNTS, 0)
     summary.update(totals)
