@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -149,6 +150,11 @@ def write_text_atomic(path, text: str) -> Path:
     with atomic_output(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_json(path, data) -> Path:
+    """`data` -> `path` as JSON (indented, keys sorted: the same data gives the same bytes), atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def save_image(image, path) -> Path:

@@ -8,10 +8,9 @@ them (`settings.json`) when the run is about to write its first file, so a run t
 
 from __future__ import annotations
 
-import json
 import os
 
-from kosmosg_core.files import write_text_atomic
+from kosmosg_core.files import write_json
 from train.common.config import changed_settings, flatten_settings, read_json
 
 SETTINGS_NAME = "settings.json"
@@ -36,4 +35,4 @@ def record_folder_settings(folder, settings: dict) -> None:
     path = os.path.join(folder, SETTINGS_NAME)
     if os.path.exists(path):
         return
-    write_text_atomic(path, json.dumps(flatten_settings(settings), indent=1, sort_keys=True) + "\n")
+    write_json(path, flatten_settings(settings))

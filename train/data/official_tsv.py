@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from kosmosg_core.files import write_text_atomic
+from kosmosg_core.files import write_json, write_text_atomic
 from train.common.config import read_json
 
 from .config import KINDS, OfficialConfig
 from .crops import CorruptImageError, decode_image, png_bytes
 from .entities import clean_text, layout_interleaved
 from .samples import ip2p_sample, laion_sample, openimage_sample
-from .shards import ProcessResult, Sample, distributed_rank, read_samples, run_sharded, sanitize_key, write_json
+from .shards import ProcessResult, Sample, distributed_rank, read_samples, run_sharded, sanitize_key
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from kosmosg_core.files import atomic_output, check_output_folder, write_text_atomic
+from kosmosg_core.files import atomic_output, check_output_folder, write_json
 from train.common.config import read_json
 from train.common.folder_settings import check_folder_settings, record_folder_settings
 
@@ -147,11 +147,6 @@ def write_shard(path: str, samples: Iterable[Sample]) -> int:
             count += 1
         writer.close()
     return count
-
-
-def write_json(path: str, data: Any) -> None:
-    """`data` -> `path` as indented, key-sorted JSON, atomically."""
-    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -89,7 +89,7 @@ GENERATION_SETTINGS = ("captions", "num_captions", "seed", "checkpoint", "tokeni
 
 
 def run(cfg: CocoConfig) -> dict:
-    from kosmosg_core.files import check_output_folder, save_image
+    from kosmosg_core.files import check_output_folder, save_image, write_json
     from train.common.folder_settings import check_folder_settings, record_folder_settings
 
     from .generation import KosmosGSampler, SamplingSettings
@@ -110,7 +110,7 @@ def run(cfg: CocoConfig) -> dict:
         sampler = KosmosGSampler(cfg.checkpoint, cfg.sd_model, cfg.tokenizer, cfg.scheduler, cfg.dtype, cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     record_folder_settings(out, folder_settings)
-    (out / "captions.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out / "captions.json", manifest)
     if sampler is not None:
         settings = SamplingSettings(cfg.steps, cfg.guidance_scale, cfg.num_images, cfg.seed, cfg.height, cfg.width,
                                     cfg.negative_prompt)

@@ -360,8 +360,9 @@ def run(cfg: DreamBenchConfig) -> dict:
     result["models"] = {"dino": cfg.dino_model, "clip": cfg.clip_model}
     result["config"] = asdict(cfg)
     out = Path(cfg.output_json) if cfg.output_json else Path(cfg.generated) / "dreambench_metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    from kosmosg_core.files import write_json
+
+    write_json(out, result)
     return result
 
 

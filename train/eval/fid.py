@@ -16,7 +16,6 @@ same --inception only.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,8 +116,9 @@ def run(cfg: FidConfig) -> dict:
                            min(result["num_generated"], result["num_real"]), mu_gen.size)
     result["config"] = asdict(cfg)
     if cfg.output_json:
-        Path(cfg.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output_json).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        from kosmosg_core.files import write_json
+
+        write_json(cfg.output_json, result)
     return result
 
 

@@ -30,7 +30,6 @@ two): the held-out scene the caption describes, the generation, the empty-captio
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -234,8 +233,9 @@ def report(table: str, result: dict, json_path: str) -> None:
     """The table to stderr; the result to ``json_path`` if given (sorted keys: same flags, same bytes)."""
     print(table, file=sys.stderr)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        from kosmosg_core.files import write_json
+
+        write_json(json_path, result)
 
 
 def format_table(result: dict) -> str:

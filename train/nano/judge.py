@@ -524,8 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        from kosmosg_core.files import write_text_atomic
+
+        write_text_atomic(args.json, text + "\n")
     return 0
 
 
