@@ -475,3 +475,23 @@ def test_text_encoder_folder_with_weights_transformers_cannot_place_is_refused(p
     with pytest.raises(ValueError, match=r"finds no weights for \d+ of the text encoder's tensors"):
         te.load_text_encoder(folder)
     assert te.load_text_encoder(parts["te"])[0].training is False  # the intact folder loads, in eval mode
+
+
+def test_nano_lr_schedule_warms_up_then_decays_to_a_tenth():
+    from train.nano.run_utils import warmup_cosine
+
+    cosine, constant = warmup_cosine(2, 10), warmup_cosine(2, 10, constant=True)
+    assert [cosine(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert cosine(6) == pytest.approx(0.55) and cosine(10) == pytest.approx(0.1) == cosine(50)
+    assert [constant(s) for s in (0, 1, 2, 10, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_nano_unet_refuses_an_unknown_lr_schedule_before_writing(tmp_path):
+    import dataclasses
+
+    from train.nano.train_unet import UNetTrainConfig, train
+
+    cfg = dataclasses.replace(UNetTrainConfig(), output_dir=str(tmp_path / "run"), lr_schedule="linear")
+    with pytest.raises(ValueError, match="--lr-schedule 'linear': use one of constant, cosine"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

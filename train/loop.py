@@ -51,14 +51,13 @@ import torch
 from torch import nn
 
 from kosmosg_core.files import check_output_folder, write_text_atomic
-from train.common.checkpointing import CHECKPOINT_NAME, check_model_keys, check_step_within, gather_full_state, \
-    load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
+from train.common.checkpointing import CHECKPOINT_NAME, TRAIN_CONFIG_NAME, check_model_keys, check_step_within, \
+    gather_full_state, load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
 from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
 from train.common.metrics import METRICS_NAME, MetricsLog
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CONFIG_NAME = "train_config.json"
 # Set to N, every process of a run SIGKILLs itself right after update N is logged: a kill at an exact
 # point, for tests of resume under load (an outside kill races a fast run).
 SIGKILL_AT_STEP_ENV = "KOSMOSG_TRAIN_SIGKILL_AT_STEP"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+TRAIN_CONFIG_NAME = "train_config.json"  # the run's settings, beside its checkpoint
 
 
 def rng_state() -> dict:

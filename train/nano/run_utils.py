@@ -11,18 +11,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from kosmosg_core.files import write_text_atomic
-from train.common.checkpointing import check_step_within, load_checkpoint, restore, run_folder_lock
+from train.common.checkpointing import TRAIN_CONFIG_NAME, check_step_within, load_checkpoint, restore, run_folder_lock
 from train.common.config import changed_settings, config_to_dict
 from train.common.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "train_config.json"
+def warmup_cosine(warmup_steps: int, max_steps: int, constant: bool = False):
+    """The nano runs' LR factor of step s (for LambdaLR): linear warm-up to 1, then cosine decay to a tenth at
+    max_steps (or 1 throughout with `constant`)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if constant:
+            return 1.0
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
 
 
 def setup_threads(num_threads: int) -> None:
@@ -33,17 +44,6 @@ def setup_threads(num_threads: int) -> None:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for every random draw of optimiser step ``step`` (independent of resume)."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-
-
-def check_architecture(saved: dict, current: dict, keys: tuple[str, ...], path: Path) -> None:
-    """Refuse to resume when a field that shapes the model differs from the run's saved config."""
-    diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
-    if diff:
-        raise ValueError(
-            f"Checkpoint in {path} was trained with a different model config: "
-            + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            + ". Resume with the run's original config, or pass a new --output-dir."
-        )
 
 
 # Settings a resumed nano run may change; the others define the run (data, schedule, objective) and must
@@ -57,18 +57,17 @@ def check_resumed_settings(saved: dict, current: dict, path: Path) -> None:
     changed = changed_settings(saved, current, RESUME_MAY_CHANGE, common_keys_only=True)
     if changed:
         raise ValueError(f"Checkpoint in {path} was trained with other settings than this run's: {'; '.join(changed)}. "
-                         f"Resume with the run's settings ({CONFIG_NAME}), or pass a new --output-dir.")
+                         f"Resume with the run's settings ({TRAIN_CONFIG_NAME}), or pass a new --output-dir.")
 
 
-def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config, arch_keys: tuple[str, ...]) -> dict | None:
-    """The run's checkpoint (validated against ``model``, the config's architecture and its other settings), or
-    None."""
+def load_run_checkpoint(output_dir: Path, model: torch.nn.Module, config) -> dict | None:
+    """The run's checkpoint (validated against ``model`` and the run's settings, its architecture's included),
+    or None."""
     state = load_checkpoint(output_dir, expected_model_keys=list(model.state_dict()))
     if state is None:
         return None
     check_step_within(state, config.max_steps, output_dir)
     saved = state.get("extra", {}).get("config", {})
-    check_architecture(saved, config_to_dict(config), arch_keys, output_dir)
     check_resumed_settings(saved, config_to_dict(config), output_dir)
     current = model.state_dict()
     for name, tensor in state["model"].items():
@@ -101,7 +100,7 @@ def load_state_file(module: torch.nn.Module, path: Path, what: str, made_by: str
 
 
 def write_config(output_dir: Path, config) -> None:
-    write_text_atomic(output_dir / CONFIG_NAME, json.dumps(config_to_dict(config), indent=2))
+    write_text_atomic(output_dir / TRAIN_CONFIG_NAME, json.dumps(config_to_dict(config), indent=2))
 
 
 def with_run_lock(train):
@@ -113,12 +112,11 @@ def with_run_lock(train):
     return locked
 
 
-def open_run(output_dir: Path, module: torch.nn.Module, optimizer, scheduler, config,
-             arch_keys: tuple[str, ...]) -> tuple[int, MetricsLog]:
+def open_run(output_dir: Path, module: torch.nn.Module, optimizer, scheduler, config) -> tuple[int, MetricsLog]:
     """Start or resume a run in `output_dir`: the checkpoint (if any, validated) restores `module`, optimiser
     and scheduler; the config is recorded; metrics lines past the checkpoint are dropped.
     -> (first step to run, the run's metrics log)."""
-    state = load_run_checkpoint(output_dir, module, config, arch_keys)
+    state = load_run_checkpoint(output_dir, module, config)
     start = 0 if state is None else restore(state, module, optimizer, scheduler)
     write_config(output_dir, config)
     if start:

@@ -14,7 +14,6 @@ with one shape / one colour word changed), ``tokenizer/`` (vocab.json + merges.t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from train.nano import text_encoder as te
 
 logger = logging.getLogger(__name__)
 
-ARCH_KEYS = ("text_layers", "text_intermediate", "text_heads", "vision_width", "vision_layers", "vision_heads",
-             "embed_dim", "attribute_weight")
 SUBJECT_SLOTS = 2  # subjects per scene, left to right; a missing second subject is the class "none"
 ATTRIBUTES = ("colour", "shape", "position")
 ATTRIBUTE_VALUES = (world.COLOURS, world.SHAPES, world.POSITIONS)  # class "none" = len(values)
@@ -99,15 +96,6 @@ def attribute_loss(head: torch.nn.Linear, embeds: torch.Tensor, labels: torch.Te
     logits = head(embeds)  # [N, sum(HEAD_SPLITS)]
     losses = [F.cross_entropy(chunk, labels[:, k]) for k, chunk in enumerate(logits.split(HEAD_SPLITS, dim=1))]
     return torch.stack(losses).mean()
-
-
-def lr_lambda(cfg):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def shape_swapped(specs: list, generator: torch.Generator) -> list:
@@ -187,8 +175,8 @@ def train(cfg: TextEncoderTrainConfig) -> Path:
     model = build_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start, metrics = run_utils.open_run(out, model, optimizer, scheduler, cfg, ARCH_KEYS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_utils.warmup_cosine(cfg.warmup_steps, cfg.max_steps))
+    start, metrics = run_utils.open_run(out, model, optimizer, scheduler, cfg)
 
     train_set = nano_data.load_scenes("train", cfg.num_scenes)
     train_ids = te.tokenize(tokenizer, train_set.captions)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 CACHE_FILE = "cache.safetensors"
 TEXT_ENCODER_KEY = "text_encoder_fingerprint"  # metadata of the cache and the EMA file (te.weights_fingerprint)
 EMA_FILE = "unet_ema.safetensors"
-ARCH_KEYS = ("real_channels",)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -157,20 +156,6 @@ class Evaluator:
 # ----------------------------------------------------------------------------- training
 
 
-def lr_lambda(cfg: UNetTrainConfig):
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 class TrainState(torch.nn.Module):
     """The U-Net and its EMA in one module, so the checkpoint's model state holds both."""
 
@@ -230,6 +215,8 @@ def load_unet(path: str | Path) -> NanoUNet:
 
 
 def train(cfg: UNetTrainConfig) -> Path:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule {cfg.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}.")
     run_utils.setup_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,8 +224,9 @@ def train(cfg: UNetTrainConfig) -> Path:
     state_module = TrainState(NanoUNet(NanoUNetConfig(real_channels=cfg.real_channels)))
     unet, ema = state_module.unet, state_module.ema
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start, metrics = run_utils.open_run(out, state_module, optimizer, scheduler, cfg, ARCH_KEYS)
+    lr_factor = run_utils.warmup_cosine(cfg.warmup_steps, cfg.max_steps, constant=cfg.lr_schedule == "constant")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start, metrics = run_utils.open_run(out, state_module, optimizer, scheduler, cfg)
 
     cache, text_encoder_fingerprint = build_cache(cfg, out / CACHE_FILE)
     latents, caption_index = cache["latents"], cache["caption_index"]

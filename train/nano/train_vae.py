@@ -32,7 +32,6 @@ from train.nano.taesd import TinyAutoencoder, fit_latent_scale_shift
 logger = logging.getLogger(__name__)
 
 VAE_FILE = "vae.safetensors"
-ARCH_KEYS = ()  # the TAESD architecture is fixed by ComfyUI
 
 
 @dataclass
@@ -127,15 +126,6 @@ def heldout_judged(vae: TinyAutoencoder, images01: torch.Tensor, specs) -> float
     return sum(judge.score_against(img, spec.subjects)["all_correct"] for img, spec in zip(recon, specs)) / len(specs)
 
 
-def lr_lambda(cfg):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 @torch.no_grad()
 def fit_scale_shift(vae: TinyAutoencoder, images_uint8: torch.Tensor, batch: int = 256) -> tuple[float, float]:
     vae.eval()
@@ -156,8 +146,8 @@ def train(cfg: VaeTrainConfig) -> Path:
     vae.taesd_encoder.requires_grad_(not cfg.freeze_encoder)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start, metrics = run_utils.open_run(out, vae, optimizer, scheduler, cfg, ARCH_KEYS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_utils.warmup_cosine(cfg.warmup_steps, cfg.max_steps))
+    start, metrics = run_utils.open_run(out, vae, optimizer, scheduler, cfg)
 
     train_set = nano_data.load_scenes("train", cfg.num_scenes)
     train_images = train_set.images  # uint8 [N, 3, 64, 64]
