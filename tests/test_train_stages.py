@@ -228,7 +228,7 @@ def test_record_stream_is_seeded_and_repeats_epochs(env):
 
 def test_interleaved_choices_follow_official_probabilities():
     from train.inputs import choose_interleaved
-    from train.loop import sample_rng
+    from train.common.seeds import sample_rng
 
     meta = {"text": "a dog <i> on a mat <i>", "text_dropped": "a <i> on a <i>",
             "entities": [{"image": "entity_0.png", "masked": "entity_0_masked.png"},
@@ -807,7 +807,7 @@ def test_stage2_loss_terms_and_padding(env, stage2_run):
 
 
 def test_stage3_noise_timesteps_and_caption_targets():
-    from train.loop import sample_generator
+    from train.common.seeds import sample_generator
     from train.stage3 import caption_teacher_targets, draw_diffusion_noise
 
     def generators():

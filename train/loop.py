@@ -35,11 +35,9 @@ between 1 process, N DDP processes and N FSDP processes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -55,6 +53,7 @@ from train.common.checkpointing import CHECKPOINT_NAME, TRAIN_CONFIG_NAME, check
     gather_full_state, load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
 from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
 from train.common.metrics import METRICS_NAME, MetricsLog
+from train.common.seeds import derive_seed, sample_rng
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +111,18 @@ class LoopConfig:
                 "over the processes (FSDP2, one unit per transformer layer). Checkpoints are whole either way"})
 
 
-# --- seeds -----------------------------------------------------------------------------------------
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across runs, machines and PYTHONHASHSEED)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+@dataclass
+class MLLMTrainingConfig(LoopConfig):
+    """The settings of the stages that train the MLLM on interleaved prompts (1 and 3)."""
 
+    dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
+    masked_entity_prob: float = field(default=0.5, metadata={"help": "use the masked entity crop with this p"})
 
-def sample_rng(*parts) -> random.Random:
-    return random.Random(derive_seed(*parts))
-
-
-def sample_generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
+    def decoder_switches(self) -> dict:
+        """The MLLM's training switches, for `replace_config(model_cfg, decoder=...)`."""
+        return {"dropout": self.dropout, "attention_dropout": self.attention_dropout,
+                "gradient_checkpointing": self.gradient_checkpointing}
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -140,10 +138,6 @@ class Record:
     @property
     def meta(self) -> dict:
         return json.loads(self.fields["json"])
-
-
-def _no_split(urls):
-    return urls
 
 
 class RecordStream:
@@ -193,16 +187,13 @@ class RecordStream:
         return order
 
     def _load_current(self) -> list[tuple[str, dict]]:
-        import webdataset as wds
+        from train.data.shards import open_shard
 
         path = self._order()[self.cursor]
         self._shard_name = os.path.basename(path)
-        # This class splits the data between processes itself: webdataset's own node / worker
-        # splitters (which refuse to run under torch.distributed without one) are turned off.
-        shard = wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=_no_split,
-                               workersplitter=_no_split)
         try:
-            records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}) for r in shard]
+            records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")})
+                       for r in open_shard(path)]
         except Exception as e:  # tarfile.ReadError, a truncated member, ... (webdataset re-raises them as they come)
             raise ValueError(f"Shard {path} cannot be read ({type(e).__name__}: {e}); it is not a tar file or is "
                              "truncated. Rebuild it with python -m train.data, or leave it out of --data.") from e

@@ -23,21 +23,18 @@ from torch import nn
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER, PAD_ID
 from train.common.config import parse_config
+from train.common.seeds import sample_rng
 from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
-from train.loop import LoopConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, sample_rng, \
-    set_trainable
+from train.loop import MLLMTrainingConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, set_trainable
 
 IGNORE_INDEX = -100
 
 
 @dataclass
-class Stage1Config(LoopConfig):
+class Stage1Config(MLLMTrainingConfig):
     output_dir: str = field(default="runs/stage1", metadata={"help": "run folder"})
-    dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
     image_text_pairs: bool = field(default=True, metadata={
         "help": "laion samples as '<i> caption' with their image (else caption only)"})
-    masked_entity_prob: float = field(default=0.5, metadata={"help": "use the masked entity crop with this p"})
 
 
 class LanguageModelingModule(nn.Module):
@@ -64,8 +61,7 @@ class Stage1(Stage):
         self.accelerator = accelerator
 
         def adjust(model_cfg):
-            return replace_config(model_cfg, decoder={"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
-                                                      "gradient_checkpointing": cfg.gradient_checkpointing})
+            return replace_config(model_cfg, decoder=cfg.decoder_switches())
 
         model = build_kosmosg(cfg, self.tokenizer, adjust)
         set_trainable(model, decoder=True, connector=True, aligner=False, vision_last=True)

@@ -36,16 +36,17 @@ from kosmosg_core.checkpoint import RECONSTRUCTION_KEY_PREFIXES
 from kosmosg_core.config import BOS_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
+from train.common.seeds import sample_generator, sample_rng
 from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, target_pixels
-from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_as_script, \
-    run_training, sample_generator, sample_rng, set_trainable
+from train.loop import MLLMTrainingConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, replace_config, run_as_script, \
+    run_training, set_trainable
 from train.score_model import load_score_model
 from train.stage2 import clip_token_ids, load_clip_text
 
 
 
 @dataclass
-class Stage3Config(LoopConfig):
+class Stage3Config(MLLMTrainingConfig):
     output_dir: str = field(default="runs/stage3", metadata={"help": "run folder"})
     score_model: str = field(default="", metadata={
         "help": "frozen SD1.5 score model: diffusers folder (unet/, vae/), SD1.5 single file, or nano .safetensors"})
@@ -54,9 +55,6 @@ class Stage3Config(LoopConfig):
     uncond_prob: float = field(default=0.1, metadata={"help": "replace the condition by the unconditional one (0.1)"})
     drop_caption_prob: float = field(default=0.5, metadata={
         "help": "use text_dropped (entity words / IP2P input caption removed) with this p (official 0.5)"})
-    masked_entity_prob: float = field(default=0.5, metadata={"help": "use the masked entity crop with this p"})
-    dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
     caption_teacher_weight: float = field(default=0.0, metadata={
         "help": "weight of the caption-teacher loss (0 = official: diffusion loss only); needs --clip-text-encoder"})
     clip_text_encoder: str = field(default="", metadata={
@@ -109,9 +107,7 @@ class Stage3(Stage):
             self.score.enable_gradient_checkpointing()
 
         def adjust(model_cfg):
-            return replace_config(model_cfg, aligner={"with_reconstruction": False},
-                                  decoder={"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
-                                           "gradient_checkpointing": cfg.gradient_checkpointing})
+            return replace_config(model_cfg, aligner={"with_reconstruction": False}, decoder=cfg.decoder_switches())
 
         # a stage-2 checkpoint's reconstruction branch is not part of this model: discarded
         model = build_kosmosg(cfg, self.tokenizer, adjust,

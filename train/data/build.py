@@ -10,7 +10,6 @@ Nothing but a configuration error stops the run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import random
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from train.common.config import check_minimums
+from train.common.seeds import derive_seed
 
 from .config import BuildConfig
 from .crops import CorruptImageError, center_square, decode_image, entity_crops, RESAMPLE, resize_shorter_side
@@ -29,12 +29,6 @@ from .sources import (EntityLabel, LabelItem, RawItem, Scene, is_label_source, i
                       iter_raw_items, load_label_source)
 
 logger = logging.getLogger(__name__)
-
-
-def item_seed(seed: int, key: str) -> int:
-    """Per-item seed from (run seed, item key): results do not depend on order or sharding."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -138,7 +132,7 @@ def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):
             return None, "skipped_corrupt"
         if config.crop.square_crop:
             image = center_square(image)
-        seed_everything(item_seed(config.seed, item.key))
+        seed_everything(derive_seed(config.seed, item.key))  # per item: independent of order and sharding
         caption = labeller.caption(image, item.caption, item.key)
         if not caption:
             return None, "failed_caption"

@@ -107,6 +107,13 @@ def _every_shard(urls):
     return urls
 
 
+def open_shard(path: str):
+    """One shard's records, with webdataset's node / worker splitting off: the callers split the data between
+    processes themselves (webdataset's default splitters refuse to run under torch.distributed)."""
+    return wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
+                          workersplitter=_every_shard)
+
+
 def iter_records(spec: str | list[str], split_by_node: bool = False, split_by_worker: bool = False) -> Iterator[dict]:
     """Raw WebDataset records (field -> bytes), in shard order, nothing decoded.
 
@@ -123,10 +130,8 @@ def iter_records(spec: str | list[str], split_by_node: bool = False, split_by_wo
     if split_by_worker:
         urls = list(wds.split_by_worker(urls))
     for url in urls:  # one dataset per shard: an unreadable shard is skipped (logged), not the end of the run
-        dataset = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
-                                 workersplitter=_every_shard)
         try:
-            yield from dataset
+            yield from open_shard(url)
         except Exception as e:  # tarfile.ReadError, a truncated member...
             logger.warning("skipping (the rest of) shard %s: it cannot be read (%s: %s); it is not a tar file or is "
                            "truncated", url, type(e).__name__, e)
