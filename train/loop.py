@@ -283,8 +283,12 @@ def equal_shares(cfg: LoopConfig, accelerator) -> int:
 
 # --- optimiser -----------------------------------------------------------------------------------------
 def polynomial_decay(step: int, warmup: int, total: int, peak: float, end: float, power: float) -> float:
-    """fairseq `polynomial_decay` LR for update `step` (0-based): linear warm-up then (1 - progress)^power."""
-    update = step + 1  # fairseq sets the LR for update n after n-1 updates; n counts from 1
+    """fairseq's `polynomial_decay` formula for update `step` (0-based): linear warm-up then (1 - progress)^power.
+
+    Update n (from 1) runs at the formula's value for n. fairseq's trainer runs it at the value for n - 1 (it
+    sets the LR after each update, starting from step_update(0)): its first update runs at LR 0, ours at
+    peak / warmup, and our last update runs at `end`. One update of the schedule apart."""
+    update = step + 1
     if warmup > 0 and update <= warmup:
         return peak * update / warmup
     if update >= total:
