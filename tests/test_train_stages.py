@@ -383,6 +383,25 @@ def test_stage3_caption_teacher_trains_the_image_route(env, stage2_run):
     assert len(caption_mse) == 30 and mean(caption_mse[-8:]) < 0.8 * mean(caption_mse[:8])
 
 
+@pytest.mark.parametrize("kind", ["sd", "nano"])
+def test_score_model_latent_shape_is_what_the_encoder_gives(env, kind):
+    """Stage 3 draws the VAE's sampling noise for latents of this shape before encoding (no extra encode)."""
+    from train.score_model import load_score_model
+
+    score = load_score_model(getattr(env, kind))
+    for resolution in (16, 32):
+        assert score.encode_latents(torch.zeros(1, 3, resolution, resolution)).shape[1:] == \
+            score.latent_shape(resolution)
+
+
+def test_stage3_refuses_a_resolution_off_the_latent_grid(env, tmp_path):
+    from train import stage3
+
+    with pytest.raises(ValueError, match="--resolution 20: use a multiple of 8"):
+        stage3.main(common(env, tmp_path / "run", steps=1) + ["--score-model", env.nano, "--resolution", "20"])
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_stage3_runs_on_the_nano_score_model(env):
     from train import stage3
     from train.score_model import load_score_model

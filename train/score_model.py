@@ -23,6 +23,7 @@ from torch import nn
 
 from kosmosg_core.config import SD15_CONFIG_DIR
 from train.nano.sd15_format import FORMAT_NAME as NANO_FORMAT
+from train.nano.taesd import LATENT_CHANNELS
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,15 @@ class ScoreModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """[C, h, w] of the latents of a [3, resolution, resolution] image (what `encode_latents` gives)."""
+        if self.kind == "nano":
+            channels, factor = LATENT_CHANNELS, 8  # TAESD: three stride-2 convolutions
+        else:
+            config = self.autoencoder.config
+            channels, factor = config.latent_channels, 2 ** (len(config.block_out_channels) - 1)
+        return channels, resolution // factor, resolution // factor
 
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor, latent_noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -98,6 +98,9 @@ class Stage3(Stage):
 
     def build(self, cfg: Stage3Config, accelerator):
         self.accelerator = accelerator
+        if cfg.resolution < 8 or cfg.resolution % 8:
+            raise ValueError(f"--resolution {cfg.resolution}: use a multiple of 8 (the VAE's latent grid; "
+                             "SD1.5: 512).")
         if not cfg.score_model:
             raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
                              ".safetensors (train/score_model.py).")
@@ -150,8 +153,8 @@ class Stage3(Stage):
                                for it in mine])  # [B, 3, R, R] in [-1, 1]
         # per-sample noise: seeded by (seed, step, sample), so independent of the batch split
         gens = [sample_generator(self.cfg.seed, "noise", step, it["epoch"], it["key"]) for it in mine]
-        latent_shape = self.score.encode_latents(targets[:1]).shape[1:]  # [4, h, w]
-        latent_noise, noise, timesteps = draw_diffusion_noise(gens, latent_shape, self.score.num_train_timesteps)
+        latent_noise, noise, timesteps = draw_diffusion_noise(gens, self.score.latent_shape(self.cfg.resolution),
+                                                              self.score.num_train_timesteps)
         latents = self.score.encode_latents(targets, latent_noise).float()  # [B, 4, h, w]
         noise = noise.to(latents.device)
         noisy = self.score.add_noise(latents, noise, timesteps.to(latents.device))
