@@ -165,20 +165,6 @@ def test_crops_contain_the_subject():
                 assert (crop[0] == bg).all() and (crop[:, 0] == bg).all()
 
 
-def test_subject_image_is_one_centred_subject():
-    rng = np.random.default_rng(0)
-    for colour, shape in itertools.product(world.COLOURS[:3], world.SHAPES):
-        img = world.subject_image(colour, shape, rng)
-        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-        is_subject = np.abs(img.astype(int) - world.PALETTE[colour]).max(-1) <= 2
-        ys, xs = np.nonzero(is_subject)
-        assert abs(xs.mean() - 32) < 4 and 0.15 < is_subject.mean() < 0.6
-        assert (img[0, 0] == world.BACKGROUNDS["white"]).all()
-    a = world.subject_image("red", "circle", np.random.default_rng(3))
-    b = world.subject_image("red", "circle", np.random.default_rng(3))
-    np.testing.assert_array_equal(a, b)
-
-
 def test_bad_specs_and_names_are_refused_with_a_clear_message():
     s = world.SubjectSpec
     with pytest.raises(ValueError, match="colour 'pink'"):

@@ -20,7 +20,7 @@ from train.data import cli
 from train.data.build import run_build
 from train.data.config import BuildConfig, CropConfig, IngestConfig, MixConfig, OfficialConfig
 from train.data.crops import entity_crops
-from train.data.entities import apply_drop_spans, filter_entities, layout_interleaved, parse_entity_answer
+from train.data.entities import filter_entities, layout_interleaved, parse_entity_answer
 from train.data.ingest import run_ingest_ip2p, run_ingest_pairs
 from train.data.mix import run_mix
 from train.data.official_tsv import run_from_official, run_to_official
@@ -31,6 +31,15 @@ from train.data.sources import EntityLabel, Scene
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a dog on the red mat", "a cat with a hat", "the car and a tree", "a dog and a cat on grass",
             "a ball on the mat", None, "a red car"]  # None: no caption file -> the captioner is used
+
+
+def remove_spans(text: str, spans: list[list[int]]) -> str:
+    """`text` without its [start, end) character spans (a sample's drop_spans must give its text_dropped)."""
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        out.append(text[pos:start])
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def _noise_image(rng, height=48, width=64):
@@ -104,10 +113,10 @@ def test_layout_matches_official_segments_and_drop_spans():
     assert layout.text == "a cat's <i> toy <i> and (dog <i>) sleep"
     # drop: text up to the word, a space added only when the text does not end in one
     assert layout.text_dropped == "a <i> <i> and ( <i>) sleep"
-    assert apply_drop_spans(layout.text, layout.drop_spans) == layout.text_dropped
+    assert remove_spans(layout.text, layout.drop_spans) == layout.text_dropped
     start = layout_interleaved("dog on mat", ["dog", "mat"])
     assert start.text == "dog <i> on mat <i>" and start.text_dropped == "<i> on <i>"
-    assert apply_drop_spans(start.text, start.drop_spans) == start.text_dropped
+    assert remove_spans(start.text, start.drop_spans) == start.text_dropped
 
 
 def test_entity_crops_follow_official_recipe():
@@ -147,7 +156,7 @@ def test_build_writes_valid_shards_and_counts_the_corrupt_image(built, image_fol
         meta = sample.meta
         assert meta["kind"] == "openimage" and meta["format"] == "kosmosg-data"
         assert meta["text"].count("<i>") == len(meta["entities"]) >= 1
-        assert apply_drop_spans(meta["text"], meta["drop_spans"]) == meta["text_dropped"]
+        assert remove_spans(meta["text"], meta["drop_spans"]) == meta["text_dropped"]
         assert meta["text"].replace("<i>", "").replace(" ", "") == meta["caption"].replace(" ", "")
         for k, entity in enumerate(meta["entities"]):
             assert entity["name"].lower() in meta["caption"].lower()

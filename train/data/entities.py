@@ -161,13 +161,3 @@ def layout_interleaved(caption: str, tags: list[str]) -> Layout:
     text += rest
     dropped += rest
     return Layout(text=text, text_dropped=dropped, drop_spans=spans, entities=placed)
-
-
-def apply_drop_spans(text: str, spans: list[list[int]]) -> str:
-    """Remove the given [start, end) spans from `text` (what stage 3 does in drop mode)."""
-    out, pos = [], 0
-    for start, end in sorted(spans):
-        out.append(text[pos:start])
-        pos = end
-    out.append(text[pos:])
-    return "".join(out)

@@ -400,28 +400,6 @@ def scenes(
         yield render_scene(spec_at(seed, index, num_subjects, split))
 
 
-def subject_image(
-    colour: str,
-    shape: str,
-    rng: np.random.Generator,
-    background: str = "white",
-    out_px: int = IMAGE_PX,
-) -> np.ndarray:
-    """A single subject centred on a plain background, uint8 [out_px, out_px, 3].
-
-    This is the "subject image" a user hands Kosmos-G: the subject fills 55-75 % of the frame,
-    centre jittered by up to 2 px (in 64-px units).
-    """
-    _check_name("colour", colour, COLOURS)
-    _check_name("shape", shape, SHAPES)
-    _check_name("background", background, tuple(BACKGROUNDS))
-    size = float(rng.uniform(0.55, 0.75)) * IMAGE_PX
-    cx = IMAGE_PX / 2 + float(rng.uniform(-2, 2))
-    cy = IMAGE_PX / 2 + float(rng.uniform(-2, 2))
-    cov = subject_coverage(shape, cx, cy, size, (0.0, 0.0, IMAGE_PX), out_px)
-    return _composite(BACKGROUNDS[background], [(cov, PALETTE[colour])])
-
-
 # ----------------------------------------------------------------------------- captions -> labels
 
 
