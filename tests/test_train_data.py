@@ -575,6 +575,11 @@ def test_config_file_set_and_flags_precedence(tmp_path, capsys):
     assert cli.main(["build", "--set", "crop.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
     assert cli.main(["ingest-pairs", "--input", str(tmp_path)]) == 2  # no --output: clear error, exit 2
+    for word, value in (("yes", True), ("Off", False), ("1", True)):  # the words every train/ flag takes
+        config = cli.resolve_config(parser.parse_args(["build", "--set", f"crop.square_crop={word}"]))
+        assert config.crop.square_crop is value
+    assert cli.main(["build", "--set", "crop.square_crop=maybe"]) == 2
+    assert "square_crop='maybe': expected true or false" in capsys.readouterr().err
 
 
 def test_cli_runs_a_command(tmp_path, capsys):

@@ -14,12 +14,13 @@ import typing
 from pathlib import Path
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    if text.strip().lower() not in BOOL_WORDS:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return BOOL_WORDS[text.strip().lower()]
 
 
 def _without_optional(field_type):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the image files train/ reads from folders
+
 
 def files_under(folder: str | os.PathLike, suffixes: tuple[str, ...]) -> list[str]:
     """Sorted paths, relative to `folder`, of the files below it whose name ends with one of `suffixes`

@@ -117,12 +117,9 @@ def _coerce(value: Any, target: Any, name: str) -> Any:
     """Give a value from a file or the command line the type of the field's current value."""
     if isinstance(target, bool):
         if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}={value!r}: expected true or false")
+            if value.strip().lower() not in common_config.BOOL_WORDS:
+                raise ValueError(f"{name}={value!r}: expected true or false")
+            return common_config.BOOL_WORDS[value.strip().lower()]
         return bool(value)
     if isinstance(target, int) and not isinstance(value, bool):
         try:

@@ -25,11 +25,9 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from train.common.walk import files_under
+from train.common.walk import IMAGE_SUFFIXES, files_under
 
 from .shards import iter_records, sanitize_key
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass
@@ -116,7 +114,7 @@ def iter_folder(folder: str, captions_file: str | None = None, limit: int = 0) -
     if not os.path.isdir(folder):
         raise ValueError(f"input {folder!r} is not a folder of images")
     captions = _read_captions_file(captions_file)
-    paths = files_under(folder, IMAGE_EXTENSIONS)
+    paths = files_under(folder, IMAGE_SUFFIXES)
     if limit:
         paths = paths[:limit]
     for index, relative in enumerate(paths):
@@ -168,7 +166,7 @@ def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: 
         raise ValueError("input is not set: pass --input FOLDER (images + optional .txt captions) or shards")
     if source == "auto":
         if os.path.isdir(input_spec):  # a folder: of images, or of shards (a folder name may hold "[" or ",")
-            looks_like_shards = not files_under(input_spec, IMAGE_EXTENSIONS)
+            looks_like_shards = not files_under(input_spec, IMAGE_SUFFIXES)
         else:
             looks_like_shards = input_spec.lower().endswith(".tar") or any(c in input_spec for c in "*?[,")
         source = "shards" if looks_like_shards else "folder"
@@ -182,11 +180,8 @@ def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: 
 # ---- label sources ---------------------------------------------------------------------------
 
 def _nano_world(seed: int = 0, count: int = 0, **options: Any) -> LabelSource:
-    try:
-        from train.nano import world  # written by the nano-world work; optional here
-    except ImportError as error:
-        raise ValueError("--source nano-world needs train/nano/world.py, which is not importable "
-                         f"here ({error}); use --source package.module:factory for another label source") from error
+    from train.nano import world
+
     from .nano_labels import NanoWorldLabelSource
 
     return NanoWorldLabelSource(world, seed=seed, count=count, **options)

@@ -21,9 +21,6 @@ SUBCOMMANDS = {
     "nano": "train.eval.nano_kosmosg",
     "nano-image": "train.eval.nano_image",
 }
-# Reserved names whose modules a later issue adds: they answer "not yet available" instead of
-# "unknown command" (name -> what it will do).
-PLANNED: dict[str, str] = {}
 PROG = "python -m train.eval"
 
 
@@ -33,8 +30,6 @@ def usage() -> str:
              "sub-commands:"]
     for name, module in SUBCOMMANDS.items():
         lines.append(f"  {name:<15}{importlib.import_module(module).DESCRIPTION}")
-    for name, what in PLANNED.items():
-        lines.append(f"  {name:<15}(not yet available) {what}")
     lines += ["", f"`{PROG} SUB-COMMAND --help` lists its flags; docs/evaluation.md explains the metrics."]
     return "\n".join(lines)
 
@@ -45,9 +40,6 @@ def main(argv=None) -> int:
         print(usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name in PLANNED and name not in SUBCOMMANDS:
-        print(f"{PROG} {name}: not yet available ({PLANNED[name]}).", file=sys.stderr)
-        return 2
     if name not in SUBCOMMANDS:
         print(f"{PROG}: unknown sub-command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

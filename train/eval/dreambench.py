@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import parse_eval_config
+from train.common.walk import IMAGE_SUFFIXES
 
-from .images import IMAGE_SUFFIXES, list_images, load_rgb
+from .cli import parse_eval_config
+from .images import list_images, load_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from train.common.walk import files_under
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from train.common.walk import IMAGE_SUFFIXES, files_under
 
 
 def list_images(folder, flag: str, recursive: bool = False) -> list[Path]:
