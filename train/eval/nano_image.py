@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.nano import paths
+
 from .cli import parse_eval_config
 
 logger = logging.getLogger(__name__)
@@ -69,9 +71,9 @@ class NanoSamplingOptions:
 
 @dataclass
 class NanoImageConfig(NanoSamplingOptions):
-    checkpoint: str = field(default="models/nano/nano-sd15.safetensors",
+    checkpoint: str = field(default=paths.SD15_CHECKPOINT,
                             metadata={"help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
-    text_encoder: str = field(default="models/nano/text-encoder",
+    text_encoder: str = field(default=paths.SHIPPED_TEXT_ENCODER,
                               metadata={"help": "CLIPTextModel + tokenizer folder, export_nano's output"})
     judge_samples: int = field(default=200, metadata={"help": "real held-out scenes for judge_accuracy: min(N, this)"})
 

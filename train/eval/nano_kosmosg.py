@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER
-from train.nano import world
+from train.nano import paths, world
 
 from . import nano_image
 from .cli import parse_eval_config
@@ -73,14 +73,14 @@ HOW_TO_MAKE = ("the Kosmos-G nano model is trained with python -m train.stage1 /
 
 @dataclass
 class NanoKosmosGConfig(nano_image.NanoSamplingOptions):
-    checkpoint: str = field(default="models/nano/kosmosg-nano.safetensors",
+    checkpoint: str = field(default=paths.KOSMOSG_CHECKPOINT,
                             metadata={"help": "Kosmos-G nano pack .safetensors, train.export's output"})
     tokenizer: str = field(default="", metadata={
         "help": "tokenizer folder (sentencepiece.bpe.model + dict.txt); default: inside the checkpoint, "
                 "else beside it"})
-    sd_checkpoint: str = field(default="models/nano/nano-sd15.safetensors", metadata={
+    sd_checkpoint: str = field(default=paths.SD15_CHECKPOINT, metadata={
         "help": "nano SD1.5 single-file checkpoint (U-Net + TAESD), export_nano's output"})
-    text_encoder: str = field(default="models/nano/text-encoder",
+    text_encoder: str = field(default=paths.SHIPPED_TEXT_ENCODER,
                               metadata={"help": "nano CLIPTextModel + tokenizer folder (text-prompt ceiling)"})
 
 

@@ -23,6 +23,7 @@ import torch
 
 from kosmosg_core.files import check_output_folder
 from train.common.config import exit_on_input_error, parse_config
+from train.nano import paths
 from train.nano import text_encoder as te
 from train.nano.sd15_format import write_sd15_checkpoint
 from train.nano.train_unet import load_unet, trained_text_encoder
@@ -30,18 +31,17 @@ from train.nano.train_vae import load_vae
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "nano-sd15.safetensors"
 MAX_CHECKPOINT_MB = 60
 MAX_TEXT_ENCODER_MB = 20
 
 
 @dataclass
 class ExportConfig:
-    unet: str = field(default="runs/nano/unet", metadata={"help": "train_unet run folder or unet_ema.safetensors"})
-    vae: str = field(default="runs/nano/vae", metadata={"help": "train_vae run folder or vae.safetensors"})
-    text_encoder: str = field(default="runs/nano/text-encoder/text-encoder",
+    unet: str = field(default=paths.UNET_RUN, metadata={"help": "train_unet run folder or unet_ema.safetensors"})
+    vae: str = field(default=paths.VAE_RUN, metadata={"help": "train_vae run folder or vae.safetensors"})
+    text_encoder: str = field(default=paths.TEXT_ENCODER,
                               metadata={"help": "text encoder folder written by train_text_encoder"})
-    out_dir: str = field(default="models/nano", metadata={"help": "where nano-sd15.safetensors + text-encoder/ go"})
+    out_dir: str = field(default=paths.MODELS, metadata={"help": "where nano-sd15.safetensors + text-encoder/ go"})
 
 
 def folder_megabytes(folder: Path) -> float:
@@ -63,7 +63,7 @@ def export(cfg: ExportConfig) -> dict:
 
     # written beside the shipped files and checked first: a failed export leaves them as they were
     staged_ckpt = write_sd15_checkpoint(
-        out / (CHECKPOINT_NAME + ".new"), unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),
+        out / (paths.SD15_FILE + ".new"), unet.to_padded_state_dict(), vae.taesd_encoder.state_dict(),
         vae.taesd_decoder.state_dict(), float(vae.vae_scale), float(vae.vae_shift), dtype=torch.float16,
         metadata={"nano_unet_config": json.dumps(unet.config.to_dict())},
     )
@@ -78,7 +78,7 @@ def export(cfg: ExportConfig) -> dict:
         raise ValueError(f"exported files exceed the shipping budget ({sizes}; limits {MAX_CHECKPOINT_MB} MB and "
                          f"{MAX_TEXT_ENCODER_MB} MB): train a narrower text encoder (--text-layers / "
                          f"--text-intermediate); {out} was left as it was")
-    ckpt = out / CHECKPOINT_NAME
+    ckpt = out / paths.SD15_FILE
     os.replace(staged_ckpt, ckpt)
     shutil.rmtree(text_dir, ignore_errors=True)
     staged_text.rename(text_dir)

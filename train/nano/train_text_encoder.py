@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.nano import nano_data, run_utils, world
+from train.nano import nano_data, paths, run_utils, world
 from train.nano import text_encoder as te
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ HEAD_SPLITS = [len(values) + 1 for values in ATTRIBUTE_VALUES] * SUBJECT_SLOTS  
 
 @dataclass
 class TextEncoderTrainConfig:
-    output_dir: str = field(default="runs/nano/text-encoder", metadata={"help": "run folder (resumes from it)"})
+    output_dir: str = field(default=paths.TEXT_ENCODER_RUN, metadata={"help": "run folder (resumes from it)"})
     num_scenes: int = field(default=20000, metadata={"min": 1, "help": "training scenes rendered from the world's train stream"})
     eval_scenes: int = field(default=256, metadata={"help": "held-out scenes for the retrieval accuracy"})
     seed: int = field(default=0, metadata={"help": "seeds init and every batch draw"})

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
-from train.nano import nano_data, run_utils, sampler
+from train.nano import nano_data, paths, run_utils, sampler
 from train.nano import text_encoder as te
 from train.nano.train_vae import load_vae
 from train.nano.unet import NanoUNet, NanoUNetConfig
@@ -44,10 +44,10 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class UNetTrainConfig:
-    output_dir: str = field(default="runs/nano/unet", metadata={"help": "run folder (resumes from it)"})
-    text_encoder: str = field(default="runs/nano/text-encoder/text-encoder",
+    output_dir: str = field(default=paths.UNET_RUN, metadata={"help": "run folder (resumes from it)"})
+    text_encoder: str = field(default=paths.TEXT_ENCODER,
                               metadata={"help": "CLIPTextModel + tokenizer folder (train_text_encoder's output)"})
-    vae: str = field(default="runs/nano/vae", metadata={"help": "vae.safetensors or the train_vae run folder"})
+    vae: str = field(default=paths.VAE_RUN, metadata={"help": "vae.safetensors or the train_vae run folder"})
     num_scenes: int = field(default=4000, metadata={"min": 1, "help": "training scenes (latents + embeddings cached once)"})
     seed: int = field(default=0, metadata={"help": "seeds init and every draw (batches, noise, timesteps, drops)"})
     real_channels: int = field(default=64, metadata={"help": "NanoUNet width (multiple of 8; padded to 320)"})

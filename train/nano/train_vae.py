@@ -26,7 +26,7 @@ from kosmosg_core.files import save_safetensors
 from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
 from train.common.metrics import read_metrics
-from train.nano import nano_data, run_utils
+from train.nano import nano_data, paths, run_utils
 from train.nano.taesd import TinyAutoencoder, fit_latent_scale_shift
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ VAE_FILE = "vae.safetensors"
 
 @dataclass
 class VaeTrainConfig:
-    output_dir: str = field(default="runs/nano/vae", metadata={"help": "run folder (resumes from it)"})
+    output_dir: str = field(default=paths.VAE_RUN, metadata={"help": "run folder (resumes from it)"})
     num_scenes: int = field(default=20000, metadata={"min": 1, "help": "training scenes from the world's train stream"})
     eval_scenes: int = field(default=256, metadata={"help": "held-out scenes for PSNR"})
     fit_scenes: int = field(default=2048, metadata={"help": "training scenes used to fit vae_scale / vae_shift"})
