@@ -227,6 +227,14 @@ def test_scores_follow_the_images_each_condition_gets(models, monkeypatch):
     assert result["text_prompt_ceiling_single"] >= 0.75 and result["text_fidelity"] >= 0.75
     assert result["text_only_baseline"] == 0.0 and result["text_only_baseline_count"] == 0.0
     assert result["random_baseline"] < result["subject_fidelity"]
+    # the totals are over all N cases: the sample-weighted mean of the one- and two-subject groups
+    for total, single, two in (("subject_fidelity", "single_subject_fidelity", "two_subject_fidelity"),
+                               ("random_baseline", "random_baseline_single", "random_baseline_two"),
+                               ("text_fidelity", "text_fidelity_single", "text_fidelity_two")):
+        for suffix in ("", "_position"):
+            weighted = (result[single + suffix] * result["samples_single"]
+                        + result[two + suffix] * result["samples_two"]) / result["samples"]
+            assert result[total + suffix] == pytest.approx(weighted), total + suffix
 
 
 def test_missing_files_name_the_flag_and_the_command_that_makes_them(models, tmp_path):

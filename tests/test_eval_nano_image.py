@@ -72,6 +72,26 @@ def test_binomial_stderr():
     assert out["x_count"] == 1.0
 
 
+def test_generate_draws_new_noise_for_every_batch(shipped):
+    """Batch b is sampled from noise seed noise_seed + b: the same caption in two batches of one gives
+    two different images [N, 64, 64, 3], and the same seed gives the same images again."""
+    from train.nano import text_encoder as te
+
+    unet, vae, text_model, tokenizer = nano_image.load_shipped_model(shipped["checkpoint"], shipped["text_encoder"])
+    context = te.encode_captions(text_model, tokenizer, ["a red circle on the left, on grey"]).expand(2, -1, -1)
+    cfg = nano_image.NanoImageConfig(steps=2, batch_size=1)
+    images = nano_image.generate(unet, vae, context, None, cfg, noise_seed=7)
+    assert images.shape == (2, 64, 64, 3)
+    assert not torch.equal(images[0], images[1])
+    assert torch.equal(nano_image.generate(unet, vae, context, None, cfg, noise_seed=7), images)
+
+
+def test_grid_rows_are_half_one_subject_rounded_up():
+    """--grid-rows R: the first ceil(R / 2) rows show one-subject cases, the other floor(R / 2) two-subject ones."""
+    assert [nano_image.grid_rows_for("single", r) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [nano_image.grid_rows_for("two", r) for r in (1, 2, 3, 4)] == [0, 1, 1, 2]
+
+
 def test_cli_writes_the_json_and_is_deterministic_by_seed(shipped, tmp_path):
     first, second, grid = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "grid.png"
     proc = _eval_cli(*_flags(shipped, "--seed", "3", "--json", str(first), "--grid", str(grid), "--grid-rows", "3"))
@@ -130,7 +150,7 @@ def test_scores_follow_the_images_each_caption_gets(shipped, monkeypatch):
 
     from train.nano.nano_data import render_image
 
-    groups, calls = [], []
+    groups, calls, seeds = [], [], []
     real_specs = nano_image.heldout_specs
 
     def recording_specs(count, num_subjects, seed):
@@ -140,6 +160,7 @@ def test_scores_follow_the_images_each_caption_gets(shipped, monkeypatch):
     def fake_generate(unet, vae, context, uncond, cfg, noise_seed):
         specs = groups[len(calls) // 2]  # calls: single captioned, single empty, two captioned, two empty
         calls.append(uncond is None)
+        seeds.append(noise_seed)
         assert context.shape == (len(specs), 77, 768)
         if uncond is None:  # the unconditional baseline: nothing drawn
             images = [np.broadcast_to(np.asarray(world.BACKGROUNDS[s.background], np.float32), (64, 64, 3))
@@ -154,3 +175,8 @@ def test_scores_follow_the_images_each_caption_gets(shipped, monkeypatch):
     assert [len(g) for g in groups] == [4, 4] and calls == [False, True, False, True]
     assert result["text_to_image_single"] >= 0.75 and result["text_to_image_two"] >= 0.75
     assert result["unconditional_baseline"] == 0.0 and result["unconditional_baseline_count"] == 0.0
+    # the baseline of a group starts from the same noise as its captioned samples; groups differ
+    assert seeds[0] == seeds[1] and seeds[2] == seeds[3] and seeds[0] != seeds[2]
+    # the judge is measured on min(--samples, --judge-samples) real scenes
+    assert result["judge_samples"] == 3
+    assert nano_image.main(_flags(shipped, "--samples", "2"))["judge_samples"] == 2

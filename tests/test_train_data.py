@@ -135,6 +135,74 @@ def test_entity_crops_follow_official_recipe():
     assert entity_crops(image, np.zeros((100, 100), np.float32)) is None
 
 
+def test_entity_answer_cut_at_the_next_section_four_word_tags_and_case_duplicates():
+    """An answer is cut at a following "### ..." section, a tag of exactly max_words words is kept,
+    and a tag repeated in another case is kept once (first spelling)."""
+    assert parse_entity_answer("dog, ball\n### Input:\ncat on a mat") == ["dog", "ball"]
+    assert parse_entity_answer("big red fire truck, ball", max_words=4) == ["big red fire truck", "ball"]
+    assert parse_entity_answer("big red fire truck, ball", max_words=3) == ["ball"]
+    assert parse_entity_answer("Dog, dog, DOG, cat") == ["Dog", "cat"]
+
+
+def test_entity_filters_match_whole_words_and_colours_in_any_case():
+    """A tag must be a whole word of the caption ("cat" is not in "category"), and colour words are
+    refused whatever their case."""
+    assert filter_entities(["cat", "chart"], "a category chart") == ["chart"]
+    assert layout_interleaved("a category chart", ["cat"]).entities == []
+    assert filter_entities(["Red", "GREEN", "ball"], "a Red ball on GREEN grass") == ["ball"]
+
+
+def test_entity_crop_threshold_dilation_and_image_edge():
+    """The official crop recipe on hand-made masks [H, W]: probabilities at or below the threshold are
+    not the entity, dilation by min(H, W) // 100 joins pieces split by a thin seam (but not wider gaps),
+    and a square that would leave the image is shifted back inside it."""
+    # a big faint blob (0.2) and a small confident entity (0.9): the crop is around the entity
+    pixels = np.full((100, 100, 3), 90, dtype=np.uint8)
+    pixels[70:80, 70:80] = (255, 0, 0)
+    probabilities = np.zeros((100, 100), dtype=np.float32)
+    probabilities[5:55, 5:55] = 0.2
+    probabilities[70:80, 70:80] = 0.9
+    crop, masked = entity_crops(Image.fromarray(pixels), probabilities, threshold=0.3, size=10)
+    assert (np.asarray(crop) == (255, 0, 0)).all()
+
+    def split_entity(height, width, gap):
+        """A red and a blue half of one entity, `gap` columns apart -> colours seen in the masked crop."""
+        pixels = np.full((height, width, 3), 90, dtype=np.uint8)
+        probabilities = np.zeros((height, width), dtype=np.float32)
+        left = width // 2 - 30
+        pixels[140:160, left:left + 28] = (255, 0, 0)  # the bigger piece
+        pixels[140:160, left + 28 + gap:left + 48 + gap] = (0, 0, 255)
+        probabilities[140:160, left:left + 48 + gap] = 0.9
+        probabilities[:, left + 28:left + 28 + gap] = 0.0
+        _, masked = entity_crops(Image.fromarray(pixels), probabilities, threshold=0.3, size=64)
+        colours = np.asarray(masked).reshape(-1, 3).astype(int)
+        return {name for name, rgb in (("red", (255, 0, 0)), ("blue", (0, 0, 255)))
+                if (np.abs(colours - rgb).max(-1) < 10).any()}
+
+    assert split_entity(300, 300, gap=2) == {"red", "blue"}  # dilation 3 closes a 2-px seam
+    assert split_entity(300, 1000, gap=4) == {"red"}  # window from the shorter side (3), not the longer (10)
+
+    # an entity on the bottom edge: the square is the image's last rows, not a window past the edge
+    rows = np.repeat(np.arange(100, dtype=np.uint8)[:, None], 100, axis=1)
+    gradient = np.stack([rows, rows, rows], axis=-1)  # [H, W, 3], value = row index
+    probabilities = np.zeros((100, 100), dtype=np.float32)
+    probabilities[90:100, 10:50] = 0.9  # 10 x 40: square of side 40 centred on row 95 -> rows 60..100
+    crop, _ = entity_crops(Image.fromarray(gradient), probabilities, threshold=0.3, size=40)
+    assert np.array_equal(np.asarray(crop), gradient[60:100, 10:50])
+
+
+def test_center_square_and_shorter_side_resize():
+    """The square crop is the centred one; the shorter side goes to `size` for portrait and landscape."""
+    from train.data.crops import center_square, resize_shorter_side
+
+    columns = np.repeat(np.arange(60, dtype=np.uint8)[None], 40, axis=0)  # [H=40, W=60], value = column
+    square = np.asarray(center_square(Image.fromarray(columns)))
+    assert square.shape == (40, 40) and (square[0] == np.arange(10, 50)).all()
+    assert center_square(Image.new("RGB", (30, 50))).size == (30, 30)
+    assert resize_shorter_side(Image.new("RGB", (40, 60)), 20).size == (20, 30)  # portrait
+    assert resize_shorter_side(Image.new("RGB", (60, 40)), 20).size == (30, 20)  # landscape
+
+
 # ---- build --------------------------------------------------------------------------------------
 
 def test_build_writes_valid_shards_and_counts_the_corrupt_image(built, image_folder):
@@ -225,6 +293,83 @@ def test_build_from_label_source(tmp_path):
     cube = np.asarray(Image.open(io.BytesIO(sample.images["entity_0_masked.png"])))
     # the masked cube crop is the red square on white: no grey background survives
     assert (np.abs(cube.astype(int) - 128).sum(-1) > 60).mean() > 0.9
+
+
+class WideWorld:
+    """A label source of wide scenes [H=40, W=60]: one red square with its exact mask, right of centre."""
+
+    def __init__(self, seed=0, count=0):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def scene(self, index):
+        pixels = np.full((40, 60, 3), 128, dtype=np.uint8)
+        mask = np.zeros((40, 60), dtype=bool)
+        mask[15:25, 35:45] = True  # inside the centred 40 x 40 square (columns 10..50)
+        pixels[mask] = (255, 0, 0)
+        return Scene(key="ignored", image=Image.fromarray(pixels), caption="a cube", entities=[EntityLabel("cube", mask)])
+
+
+def test_build_square_crop_crops_the_masks_with_the_image(tmp_path):
+    """With square_crop a wide scene and its masks are cut to the same centred square: the entity crop
+    is the red square, and the target the centred 40 x 40."""
+    config = BuildConfig(output=str(tmp_path), source="test_train_data:WideWorld", count=1, samples_per_shard=1)
+    config.crop.entity_size = 16
+    config.crop.target_size = 40
+    assert run_build(config)["written"] == 1
+    sample = next(iter(read_samples(str(tmp_path))))
+    masked = np.asarray(Image.open(io.BytesIO(sample.images["entity_0_masked.png"]))).astype(int)
+    assert (np.abs(masked - (255, 0, 0)).max(-1) < 40).mean() > 0.5  # mostly the red square
+    target = np.asarray(Image.open(io.BytesIO(sample.images["target.png"])))
+    assert target.shape == (40, 40, 3) and (target[15:25, 25:35] == (255, 0, 0)).all()
+
+
+def test_build_refuses_a_mask_threshold_of_zero_or_one(tmp_path):
+    """0 would make every pixel the entity and 1 none: both are refused by name before anything runs."""
+    for threshold in (0.0, 1.0):
+        with pytest.raises(ValueError, match="crop.mask_threshold"):
+            run_build(BuildConfig(source="test_train_data:WideWorld", count=1, output=str(tmp_path / "o"),
+                                  crop=CropConfig(mask_threshold=threshold)))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_nano_world_source_streams_the_seeds_own_split_and_crop_kinds():
+    """split=auto: the held-out seed streams held-out scenes (never training ones); the `crop` of an
+    entity is the scene window, its `masked` crop the subject on white."""
+    from train.data.nano_labels import NanoWorldLabelSource
+    from train.nano import world
+
+    source = NanoWorldLabelSource(world, seed=world.HELDOUT_SEED, count=3)
+    assert source.split == "heldout"
+    for index in range(3):
+        split, seed, i = source.scene(index).origin.split(":")[1:]
+        assert world.split_of(world.spec_at(int(seed), int(i), None, split)) == "heldout"
+    assert NanoWorldLabelSource(world, seed=world.TRAIN_SEED, count=1).split == "train"
+    white = tuple(world.BACKGROUNDS["white"])
+    scenes = [NanoWorldLabelSource(world, seed=5, count=8).scene(i) for i in range(8)]
+    coloured = [s for s in scenes if tuple(np.asarray(s.image)[0, 0]) != white]
+    assert coloured, "no scene with a non-white background in the first 8"
+    for scene in coloured:
+        background = tuple(np.asarray(scene.image)[0, 0])
+        for entity in scene.entities:
+            assert tuple(np.asarray(entity.masked)[0, 0]) == white  # subject on white
+            assert tuple(np.asarray(entity.crop)[0, 0]) == background  # the scene around it
+
+
+def test_recaption_captions_images_that_come_with_a_caption(tiny_models):
+    """models.recaption: a given caption is kept by default and replaced by the captioner's when set."""
+    from train.data.build import ModelLabeller
+
+    config = _build_config(tiny_models, "unused", "unused")
+    labeller = ModelLabeller(config)
+    image = _noise_image(np.random.default_rng(9), 32, 32)
+    assert labeller.caption(image, "a  given\tcaption", "k") == "a given caption"
+    config.models.recaption = True
+    generated = labeller.caption(image, None, "k")
+    assert generated != "a given caption"
+    assert labeller.caption(image, "a given caption", "k") == generated
 
 
 # ---- ingestion ----------------------------------------------------------------------------------
@@ -329,6 +474,66 @@ def test_unreadable_shards_are_skipped_and_wrong_kinds_named(tmp_path, caplog):
         run_ingest_pairs(IngestConfig(input=str(tmp_path / "out"), output=str(tmp_path / "out2"), image_size=16))
 
 
+def test_ip2p_sample_drop_spans_give_the_dropped_text():
+    """Drop mode of an editing triplet removes exactly the input caption: applying the stored spans to
+    `text` gives `text_dropped` (stage 3 uses the spans)."""
+    tiny = _png(Image.new("RGB", (2, 2)))
+    meta = ip2p_sample("k", "a house", "make it snowy", [(tiny, tiny)]).meta
+    assert remove_spans(meta["text"], meta["drop_spans"]) == meta["text_dropped"] == "<i>make it snowy"
+
+
+def test_ingest_ip2p_keeps_source_and_edited_apart_and_honours_max_variants(tmp_path):
+    """Release layout: `<seed>_0.jpg` is the source (entity_0), `<seed>_1.jpg` the edited target;
+    --max-variants N keeps the first N seeds."""
+    release = tmp_path / "release"
+    (release / "0001").mkdir(parents=True)
+    (release / "0001" / "prompt.json").write_text(json.dumps({"input": "a house", "edit": "make it snowy"}))
+    for seed in (11, 12, 13):
+        Image.new("RGB", (24, 16), (20, 20, 20)).save(release / "0001" / f"{seed}_0.jpg")
+        Image.new("RGB", (24, 16), (230, 230, 230)).save(release / "0001" / f"{seed}_1.jpg")
+    (release / "seeds.json").write_text(json.dumps([["0001", [11, 12, 13]]]))
+    config = IngestConfig(input=str(release), output=str(tmp_path / "out"), image_size=0, max_variants=2)
+    assert run_ingest_ip2p(config)["written"] == 1
+    sample = next(iter(read_samples(config.output)))
+    assert sample.meta["variants"] == 1 and "variant_2_target.png" not in sample.images
+    for source, edited in (("entity_0.png", "target.png"), ("variant_1_entity_0.png", "variant_1_target.png")):
+        assert np.asarray(Image.open(io.BytesIO(sample.images[source]))).mean() < 60  # the dark source
+        assert np.asarray(Image.open(io.BytesIO(sample.images[edited]))).mean() > 200  # the light edit
+
+
+def test_ingest_pairs_min_side_drops_images_with_a_short_side(tmp_path):
+    """--min-side (official LAION filter) looks at the shorter side of each image."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    _noise_image(rng, 48, 64).save(folder / "wide.png")  # shorter side 48
+    _noise_image(rng, 56, 56).save(folder / "square.png")
+    for stem in ("wide", "square"):
+        (folder / f"{stem}.txt").write_text(f"a {stem} picture")
+    summary = run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=0,
+                                            min_side=50))
+    assert (summary["written"], summary["too_small"]) == (1, 1)
+    assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out"))] == ["a square picture"]
+
+
+def test_captions_file_takes_precedence_and_shard_limit_counts_records(tmp_path):
+    """A --captions-file entry wins over a sidecar .txt; `limit` on shards yields exactly that many records."""
+    from train.data.sources import iter_folder, iter_tar_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(8)
+    for stem in ("a", "b"):
+        _noise_image(rng).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(f"sidecar {stem}")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image": "a.png", "caption": "from the file"}) + "\n")
+    assert [item.caption for item in iter_folder(str(folder), str(captions))] == ["from the file", "sidecar b"]
+    _raw_pairs_shard(tmp_path / "s-000000.tar", ["p0", "p1", "p2", "p3"])
+    assert [item.caption for item in iter_tar_images(str(tmp_path / "s-000000.tar"), limit=2)] == ["caption p0",
+                                                                                                    "caption p1"]
+
+
 def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -424,6 +629,16 @@ def test_mix_names_swapped_sources_and_leaves_out_stray_samples(tmp_path):
     assert (summary["written"], summary["skipped_wrong_kind"]) == (8, 1)
 
 
+def test_mix_refuses_negative_weights():
+    """A negative ratio weight is a clear error, not a silently dropped source."""
+    from train.data.mix import mix_plan
+
+    with pytest.raises(ValueError, match="non-negative"):
+        mix_plan(MixConfig(ratio=[1, -1, 2], laion="l", instructpix2pix="i", openimage="o"))
+    with pytest.raises(ValueError, match="non-negative"):
+        mix_plan(MixConfig(ratio=[0, 0, 0], laion="l"))
+
+
 # ---- official layout ----------------------------------------------------------------------------
 
 def test_official_tsv_round_trip(built, tmp_path):
@@ -459,6 +674,21 @@ def test_official_tsv_round_trip(built, tmp_path):
         return json.dumps(meta, sort_keys=True), sorted(sample.images.items())
 
     assert sorted(map(comparable, restored)) == sorted(map(comparable, original))
+
+
+def test_official_lines_with_odd_fields_or_corrupt_png_are_counted_not_crashed():
+    """from-official: an InstructPix2Pix line with an unpaired image is `malformed`; a line whose base64
+    image starts like a PNG but does not decode is `skipped_corrupt` (its bytes are not kept)."""
+    from train.data.official_tsv import PNG_MAGIC, TsvLine, tsv_line_to_sample
+
+    good = base64.b64encode(_png(Image.new("RGB", (4, 4), (9, 9, 9)))).decode()
+    broken = base64.b64encode(PNG_MAGIC + b"not really a png").decode()
+    odd = TsvLine(0, "instructpix2pix", "ip2p/x:0000001", ["a room", "add a lamp", good, good, good])
+    assert tsv_line_to_sample(odd) == (None, "malformed")
+    corrupt = TsvLine(1, "laion", "laion/x:0000001", ["k", "a beach", broken, "4", "4"])
+    assert tsv_line_to_sample(corrupt) == (None, "skipped_corrupt")
+    sample, outcome = tsv_line_to_sample(TsvLine(2, "laion", "laion/x:0000002", ["k", "a beach", good, "4", "4"]))
+    assert outcome == "written" and sample.meta["caption"] == "a beach"
 
 
 def test_iter_records_inside_a_gloo_process_group(tmp_path, monkeypatch):

@@ -136,6 +136,36 @@ def test_cosines():
     assert table.shape == (3, 3) and torch.allclose(table[2], torch.tensor([2 ** -0.5, 2 ** -0.5, -1.0]), atol=1e-6)
 
 
+def test_gaussian_statistics_use_the_unbiased_covariance():
+    """FID statistics of [N, D] features: the mean and the N - 1 (unbiased) covariance, by hand on 3 points."""
+    mean, covariance = gaussian_statistics(np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 6.0]]))
+    assert np.allclose(mean, [2.0, 2.0])
+    # deviations x: -2, 0, 2; y: -2, -2, 4 -> sums of products 8, 24, 12 over N - 1 = 2
+    assert np.allclose(covariance, [[4.0, 6.0], [6.0, 12.0]])
+
+
+def test_resize_center_crop_keeps_the_aspect_and_takes_the_centre():
+    """Shorter side -> resize (aspect kept), then the central square: a wide red | green | blue image
+    gives only its green middle."""
+    from train.eval.images import resize_center_crop
+
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)  # [H, W, 3]
+    pixels[:, :20], pixels[:, 20:60], pixels[:, 60:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    out = resize_center_crop(Image.fromarray(pixels), 20, 20)
+    assert out.size == (20, 20)
+    mean = np.asarray(out, dtype=np.float64).reshape(-1, 3).mean(0)
+    assert mean[1] > 220 and mean[0] < 20 and mean[2] < 20
+
+
+def test_fid_max_images_takes_the_first_n_by_name(tmp_path):
+    """--max-images N uses exactly the first N images per side, sorted by name."""
+    for i in range(4):
+        _noise(i, (8, 8)).save(tmp_path / f"{i}.png")
+    paths = fid._folder_paths(str(tmp_path), "--real", fid.FidConfig(max_images=2))
+    assert [p.name for p in paths] == ["0.png", "1.png"]
+    assert len(fid._folder_paths(str(tmp_path), "--real", fid.FidConfig())) == 4
+
+
 def test_kosmosg_prompt_templates_follow_the_official_form():
     assert dreambench.kosmosg_template("a {} in the jungle") == "{} in the jungle"
     assert dreambench.kosmosg_template("a red {}") == "{}, red"
@@ -157,6 +187,32 @@ def test_dino_features_for_vit_and_dinov2(models):
         DinoFeatures(models["clip"], CPU)  # a CLIP folder is not a DINO model
     with pytest.raises(ValueError, match="--dino-model is required"):
         DinoFeatures("", CPU)
+
+
+def test_dino_preprocessing_and_cls_feature(models):
+    """DINO input as the official eval: resize to S * 256 / 224, centre crop S (a thin frame is cut off),
+    ImageNet mean / std (an image of the mean colour is ~0); the feature is the CLS token [N, D] of the
+    last hidden state."""
+    from transformers import AutoModel
+
+    from train.eval.features import IMAGENET_MEAN
+
+    dino = DinoFeatures(models["dino"], CPU, image_size=32)
+    mean_colour = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    assert dino.preprocess([Image.new("RGB", (40, 48), mean_colour)]).abs().max() < 0.02
+    framed = np.zeros((74, 74, 3), dtype=np.uint8)
+    framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = 255, 255, 255, 255  # 2-px white frame
+    pixels = dino.preprocess([Image.fromarray(framed)])  # [1, 3, 32, 32]
+    assert pixels.shape == (1, 3, 32, 32)
+    std = torch.tensor((0.229, 0.224, 0.225))[:, None, None]
+    unnormalised = pixels[0] * std + torch.tensor(IMAGENET_MEAN)[:, None, None]  # back to [0, 1]
+    assert unnormalised.max() < 0.15  # the frame is outside the centre crop
+
+    images = [_noise(1), _smooth(2)]
+    model = AutoModel.from_pretrained(models["dino"]).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=dino.preprocess(images)).last_hidden_state[:, 0]
+    assert torch.allclose(dino(images), expected, atol=1e-5)
 
 
 # ---- dreambench scoring ----------------------------------------------------------------------------
@@ -226,6 +282,45 @@ def test_dreambench_bad_inputs_name_the_flag(bench, models, tmp_path):
             dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(odd), generated=str(tmp_path)))
 
 
+def test_dreambench_jobs_prompts_and_subject_settings(bench, tmp_path):
+    """Jobs: the Kosmos-G prompt has `<i>` for the subject (with --drop-object false, "<class> <i>"); the
+    CLIP-T prompt names the class noun, never the folder name. prompts.json may mark a built-in subject as
+    not live; --max-references N keeps the first N references by name."""
+    from pathlib import Path
+
+    widget = dreambench.Subject("widget", "toy", ["a {} in the snow", "a red {}"], [Path("widget/00.jpg")])
+    jobs = dreambench.build_jobs([widget], drop_object=True)
+    assert [(j.input_prompt, j.text_prompt) for j in jobs] == [("<i> in the snow", "a toy in the snow"),
+                                                               ("<i>, red", "a red toy")]
+    assert dreambench.build_jobs([widget], drop_object=False)[0].input_prompt == "toy <i> in the snow"
+
+    custom = tmp_path / "bench"
+    shutil.copytree(bench, custom)
+    (custom / "prompts.json").write_text(json.dumps({"subjects": {"dog": {"class": "dog", "live": False},
+                                                                  "widget": {"class": "toy", "live": True}}}))
+    subjects = {s.name: s for s in dreambench.load_subjects(
+        dreambench.DreamBenchConfig(data=str(custom), generated=str(tmp_path), max_references=1))}
+    assert subjects["dog"].prompts == dreambench.OBJECT_PROMPTS
+    assert subjects["widget"].prompts == dreambench.LIVE_PROMPTS
+    assert [r.name for r in subjects["dog"].references] == ["00.jpg"]
+
+
+def test_dreambench_per_subject_scores_are_each_subjects_own(bench, models, tmp_path):
+    """per_subject averages only that subject's images: copies of the references score 1.0 for `dog`,
+    unrelated images score lower for `widget`, and the overall score is the mean over all images."""
+    out = tmp_path / "mixed"
+    out.mkdir()
+    for ref in sorted((bench / "dog").iterdir()):
+        Image.open(ref).convert("RGB").save(out / f"dog+{ref.stem}+0+a dog in the snow.png")
+    for i, ref in enumerate(sorted((bench / "widget").iterdir())):
+        _smooth(i).save(out / f"widget+{ref.stem}+0+a red toy.png")
+    result = _score(bench, out, models, "--metrics", "dino")
+    dog, widget = result["per_subject"]["dog"], result["per_subject"]["widget"]
+    assert dog["images"] == widget["images"] == 2
+    assert dog["dino"] == pytest.approx(1.0, abs=1e-5) and widget["dino"] < 0.999
+    assert result["metrics"]["dino"] == pytest.approx((dog["dino"] + widget["dino"]) / 2, abs=1e-6)
+
+
 # ---- FID ---------------------------------------------------------------------------------------------
 def test_fid_with_a_transformers_image_model(models, tmp_path):
     real, same, other = tmp_path / "real", tmp_path / "same", tmp_path / "other"
@@ -293,6 +388,12 @@ def test_fid_with_torchvision_inception_weights(tmp_path):
     extractor = InceptionFeatures(str(tmp_path / "inception.safetensors"), CPU, image_size=75)
     features = extractor([Image.open(p).convert("RGB") for p in sorted(real.iterdir())])
     assert features.shape == (3, 2048) and torch.isfinite(features).all()
+    seen = []  # what the network receives: black -> -1, white -> 1 (the Google weights' input range)
+    network, extractor.model = extractor.model, lambda x: (seen.append((x.min().item(), x.max().item())),
+                                                         torch.zeros(len(x), 2048))[1]
+    extractor([Image.new("RGB", (8, 8), (0, 0, 0)), Image.new("RGB", (8, 8), (255, 255, 255))])
+    assert seen == [pytest.approx((-1.0, 1.0), abs=1e-5)]
+    extractor.model = network
     common = ["--inception", str(tmp_path / "inception.safetensors"), "--image-size", "75", "--resize", "40",
               "--crop", "40", "--device", "cpu"]
     same = fid.main(["--generated", str(real), "--real", str(real), *common])["fid"]
