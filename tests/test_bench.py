@@ -9,19 +9,33 @@ import torch
 from kosmosg_core.cli import main
 
 
-def _bench(tmp_path, cpu_linear):
-    out = tmp_path / "results" / f"bench-{cpu_linear}.json"  # a folder that does not exist yet
-    main(["bench", "--size", "tiny", "--dtypes", "float32", "--repeats", "1", "--threads", "1",
-          "--cpu-linear", cpu_linear, "--json", str(out), "--workdir", str(tmp_path / "work")])
-    return json.loads(out.read_text())
+KERNELS = ["onednn", "default"] + (["few-row"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+
+
+@pytest.fixture
+def tiny_bench(tmp_path):
+    """One bench run timing every CPU kernel (the machine's yardsticks are measured once) -> (JSON, printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path / "results" / "bench.json"  # a folder that does not exist yet
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["bench", "--size", "tiny", "--dtypes", "float32", "--repeats", "1", "--threads", "1",
+              "--cpu-linear", ",".join(KERNELS), "--json", str(out), "--workdir", str(tmp_path / "work")])
+    return json.loads(out.read_text()), printed.getvalue()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpu_linear", ["onednn", "default", pytest.param("few-row", marks=pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="the few-row kernel exists for x86-64 CPUs only"))])
-def test_bench_tiny_writes_measured_json(tmp_path, capsys, cpu_linear):
-    results = _bench(tmp_path, cpu_linear)
-    printed = capsys.readouterr().out
+def test_bench_tiny_writes_measured_json_for_every_kernel(tiny_bench):
+    results, printed = tiny_bench
+    assert {c["linear_layers"] for c in results["cases"]} == set(KERNELS)  # few-row: x86-64 CPUs only
+    for cpu_linear in KERNELS:
+        _check_cases({**results, "cases": [c for c in results["cases"] if c["linear_layers"] == cpu_linear]},
+                     printed, cpu_linear)
+
+
+def _check_cases(results: dict, printed: str, cpu_linear: str) -> None:
     assert results["size"] == "tiny" and results["threads"] == 1
     assert [c["case"] for c in results["cases"]] == ["text-only", "1-image", "3-image"]
     for case in results["cases"]:

@@ -235,7 +235,10 @@ def _kill_midway(module: str, args: list[str], out: Path, kill_after_step: int) 
     try:
         deadline = time.time() + 240
         while time.time() < deadline and process.poll() is None:
-            metrics = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+            try:
+                metrics = read_metrics(out)
+            except ValueError:  # a line read while it was being written: look again
+                continue
             if metrics and metrics[-1].get("step", 0) >= kill_after_step:
                 break
             time.sleep(0.005)

@@ -184,15 +184,38 @@ def test_init_from_a_run_that_has_not_saved_yet_says_so(env, tmp_path):
         stage2.main(common(env, tmp_path / "out") + ["--clip-text-encoder", env.clip, "--init-checkpoint", str(started)])
 
 
-def test_shipped_configs_parse():
-    from train.common.config import parse_config
-    from train.stage1 import Stage1Config
-    from train.stage2 import Stage2Config
-    from train.stage3 import Stage3Config
+SHIPPED_CONFIGS = {  # every file of train/configs/ and the config class its command reads it with
+    "stage1.yaml": "train.stage1:Stage1Config", "stage2.yaml": "train.stage2:Stage2Config",
+    "stage3.yaml": "train.stage3:Stage3Config", "stage3-nano.yaml": "train.stage3:Stage3Config",
+    "tiny-test.yaml": "train.stage1:Stage1Config",
+    "nano/kosmosg-stage1.yaml": "train.stage1:Stage1Config", "nano/kosmosg-stage2.yaml": "train.stage2:Stage2Config",
+    "nano/kosmosg-stage3.yaml": "train.stage3:Stage3Config",
+    "nano/text_encoder.yaml": "train.nano.train_text_encoder:TextEncoderTrainConfig",
+    "nano/text_encoder_probe.yaml": "train.nano.train_text_encoder:TextEncoderTrainConfig",
+    "nano/unet.yaml": "train.nano.train_unet:UNetTrainConfig",
+    "nano/unet_probe.yaml": "train.nano.train_unet:UNetTrainConfig",
+    "nano/vae.yaml": "train.nano.train_vae:VaeTrainConfig", "nano/vae_probe.yaml": "train.nano.train_vae:VaeTrainConfig",
+    "nano/vae_decoder.yaml": "train.nano.train_vae:VaeTrainConfig",
+}
 
-    for name, klass in (("stage1", Stage1Config), ("stage2", Stage2Config), ("stage3", Stage3Config)):
-        for path in sorted((REPO / "train" / "configs").glob(f"{name}*.yaml")):
-            parse_config(klass, ["--config", str(path)])
+
+def test_every_shipped_config_is_listed():
+    configs = REPO / "train" / "configs"
+    on_disk = {str(p.relative_to(configs)) for p in configs.rglob("*.yaml")}
+    assert on_disk == set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_shipped_configs_parse(name):
+    """Each shipped config parses with its command's config class (unknown keys and bad values are refused)."""
+    import importlib
+
+    from train.common.config import parse_config
+
+    module, klass = SHIPPED_CONFIGS[name].split(":")
+    config_class = getattr(importlib.import_module(module), klass)
+    cfg = parse_config(config_class, ["--config", str(REPO / "train" / "configs" / name)])
+    assert cfg != config_class()  # the file set something
 
 
 def test_record_stream_is_seeded_and_repeats_epochs(env):
@@ -544,14 +567,15 @@ def test_stage2_starts_a_fresh_aligner_from_stage1_and_keeps_a_stage2_one(env, s
 
 # --- bad inputs: named, one line, nothing lost ---------------------------------------------------------
 @pytest.mark.parametrize("module, args, message", [
-    ("train.stage1", ["--tokenizer", "x"], "error: Tokenizer folder x does not exist"),
-    ("train.export", [], "error: "),
-    ("train.stage2", ["--config", "CONFIG"], "is not valid YAML"),
+    ("train.stage1", ["--tokenizer", "x", "--output-dir", "OUT"], "error: Tokenizer folder x does not exist"),
+    ("train.export", [], "error: --checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are "
+                         "required."),
+    ("train.stage2", ["--config", "CONFIG", "--output-dir", "OUT"], "is not valid YAML"),
 ])
 def test_entry_points_print_one_line_errors(module, args, message, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("batch_size: [2\n")
-    args = [str(config) if a == "CONFIG" else a for a in args] + ["--output-dir", str(tmp_path / "out")]
+    args = [{"CONFIG": str(config), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -131,7 +131,13 @@ try {
         app.canvas.setDirty(true, true);
     });
     await page.waitForTimeout(500);
-    const promptState = () => page.evaluate(() => {
+    const promptState = async () => {
+        // the node refreshes in the next animation frame: wait for it (a software-rendered frame on a
+        // loaded machine can take longer than the pauses above)
+        await page.waitForFunction(() => !window.__kg.prompt.kosmosgRefreshPending, null, { timeout: 15000 });
+        return promptSnapshot();
+    };
+    const promptSnapshot = () => page.evaluate(() => {
         const node = window.__kg.prompt;
         return {
             inputs: node.inputs.map((i, k) => ({ name: i.name, type: i.type, label: i.label ?? null, linked: node.isInputConnected(k) })),

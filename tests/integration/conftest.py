@@ -15,6 +15,7 @@ from support import comfy_server, comfy_tiny_models
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-Kosmos-G"  # folder name under custom_nodes (what users clone into)
 TINY_KOSMOSG_PT = "tiny-kosmosg.pt"
+TINY_KOSMOSG = "tiny-kosmosg.safetensors"  # the .pt converted by the core (every test may use it first)
 TINY_MODELS_CACHE = comfy_server.CACHE_DIR / f"tiny-sd15-models-v{comfy_tiny_models.VERSION}"
 
 
@@ -42,10 +43,15 @@ def _tiny_sd_models(models_dir: Path) -> None:
 
 def _tiny_kosmosg(kosmosg_dir: Path) -> None:
     """A tiny official-format checkpoint (fairseq .pt layout, 768-wide output) with its tokenizer
-    folder (data/) and config sidecar beside it, as a user would unpack the official release."""
+    folder (data/) and config sidecar beside it, as a user would unpack the official release; and its
+    conversion to the pack's .safetensors in fp32 (what the Convert node writes)."""
+    import torch
+
+    from kosmosg_core.checkpoint import convert_official
     from support.tiny_kosmosg import write_tiny_official
 
     write_tiny_official(kosmosg_dir, context_dim=768, seed=0, name=TINY_KOSMOSG_PT)
+    convert_official(kosmosg_dir / TINY_KOSMOSG_PT, kosmosg_dir / TINY_KOSMOSG, dtype=torch.float32)
 
 
 def _subject_images(input_dir: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +15,11 @@ from support import comfy_tiny_models
 from support.comfy_server import execution_error
 from support.workflow_api import schema_problems, substitute, ui_to_api
 
-from .conftest import PACK_NAME, REPO, TINY_KOSMOSG_PT
+from .conftest import PACK_NAME, REPO, TINY_KOSMOSG, TINY_KOSMOSG_PT
 
 pytestmark = pytest.mark.integration
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-TINY_KOSMOSG = "tiny-kosmosg.safetensors"  # written by the Convert node test
 NODE_IDS = ["KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint"]
 TEST_STEPS = 2
@@ -69,7 +67,7 @@ def assert_success(comfy, entry):
     assert entry["status"]["status_str"] == "success", f"run failed: {json.dumps(err, indent=1)[:3000]}\n{comfy.log_tail()}"
 
 
-# --- tests (ordered: conversion first, the others use its output) ---------------------------------
+# --- tests ------------------------------------------------------------------------------------------
 def test_pack_imports_without_failure(comfy):
     assert comfy.import_failures([PACK_NAME, REPO.name]) == []
     info = comfy.object_info()
@@ -109,14 +107,20 @@ def test_object_info_schema(comfy):
 
 
 def test_convert_node_writes_loadable_safetensors(comfy):
+    """The node's conversion is the core's (the file the other tests load): same tensors, and the loader lists it."""
+    import torch
+    from safetensors.torch import load_file
+
     graph = {"1": {"class_type": "KosmosGConvertCheckpoint",
-                   "inputs": {"source": TINY_KOSMOSG_PT, "output_name": Path(TINY_KOSMOSG).stem, "dtype": "fp32",
+                   "inputs": {"source": TINY_KOSMOSG_PT, "output_name": "tiny-by-node", "dtype": "fp32",
                               "overwrite": False}}}
     entry = comfy.run(graph)
     assert_success(comfy, entry)
-    assert (comfy.data / "models" / "kosmosg" / TINY_KOSMOSG).is_file()
+    folder = comfy.data / "models" / "kosmosg"
+    by_node, by_core = load_file(str(folder / "tiny-by-node.safetensors")), load_file(str(folder / TINY_KOSMOSG))
+    assert set(by_node) == set(by_core) and all(torch.equal(by_node[k], by_core[k]) for k in by_core)
     options = comfy.object_info("KosmosGLoader")["input"]["required"]["checkpoint"][1]["options"]
-    assert TINY_KOSMOSG in options
+    assert "tiny-by-node.safetensors" in options
 
 
 @pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

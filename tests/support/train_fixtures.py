@@ -174,7 +174,9 @@ def launch_command(module: str, args: list[str], nproc: int = 2, launcher: str =
     tool = Path(sys.executable).with_name(launcher)
     if launcher == "torchrun":
         return [str(tool), "--standalone", "--nproc_per_node", str(nproc), "-m", module] + args
-    port = 29700 + os.getpid() % 200  # accelerate has no free-port option
+    from support.comfy_server import free_port
+
+    port = free_port()  # accelerate has no free-port option: one the OS just handed out
     return [str(tool), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module] + args
 
