@@ -107,7 +107,7 @@ def run_to_official(config: OfficialConfig) -> dict:
     for kind, names in written.items():
         os.makedirs(os.path.join(config.output, kind, "json"), exist_ok=True)
         write_json(os.path.join(config.output, kind, "json", "train.json"),
-                          [{"source": names, "source_lang": kind, "weight": 1.0, "name": kind}])
+                   [{"source": names, "source_lang": kind, "weight": 1.0, "name": kind}])
     summary = dict(sorted(counts.items()))
     write_json(os.path.join(config.output, "summary.json"), summary)
     logger.info("to-official summary: %s", json.dumps(summary, sort_keys=True))
