@@ -26,6 +26,7 @@ e.g. before moving the model to a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -114,13 +115,31 @@ def few_row_build_for_this_cpu() -> str:
     return "avx512bf16" if "avx512_bf16" in _cpu_flags() else "avx512vl"
 
 
+def _content_addressed_source() -> Path:
+    """The kernel's source copied to a path that depends only on its content (under ~/.cache/kosmosg/csrc/):
+    torch's build cache (ninja) rebuilds when the source's path changes, so every checkout of the pack (a
+    second ComfyUI, each CI clone) would compile it again (~30 s). The pack's own file where no copy can be made."""
+    from .files import write_text_atomic
+
+    text = _FEW_ROW_SOURCE.read_text(encoding="utf-8")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kosmosg" / "csrc"
+    path = cache / hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] / _FEW_ROW_SOURCE.name
+    try:
+        if not path.is_file():
+            write_text_atomic(path, text)
+        return path
+    except OSError as error:
+        logger.info("Kosmos-G: building %s from the pack (%s)", _FEW_ROW_SOURCE, error)
+        return _FEW_ROW_SOURCE
+
+
 def _build_few_row_kernel(build: str):
     """Compile (or take from torch's cache) `csrc/few_row_linear.cpp` with `FEW_ROW_BUILDS[build]`."""
     name = f"kosmosg_few_row_linear_{build}"
     logger.info("Kosmos-G: building the few-row linear kernel (%s; once, cached by torch)", name)
     try:
         # OpenMP: at::parallel_for is inlined into the extension and runs on one thread without it
-        return _cpp_extension().load(name=name, sources=[str(_FEW_ROW_SOURCE)], verbose=False,
+        return _cpp_extension().load(name=name, sources=[str(_content_addressed_source())], verbose=False,
                     extra_cflags=["-O3", "-fopenmp", *FEW_ROW_BUILDS[build]], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a compiler / linker failure: its log is in the message
         raise DeviceError(f"cpu_kernel='few-row': building {_FEW_ROW_SOURCE.name} ({build}) failed ({error}). "

@@ -332,3 +332,17 @@ def test_checking_for_the_few_row_kernel_does_not_warn_about_cuda(tmp_path):
     assert warning not in stderr_of("from kosmosg_core import cpu_linear\n"
                                     "cpu_linear.few_row_kernel_unavailable_reason()\n"
                                     "import torch.utils.cpp_extension")
+
+
+def test_kernel_source_is_built_from_a_content_addressed_copy(tmp_path, monkeypatch):
+    """torch's build cache keys on the source's path: the kernel is compiled from a copy whose path depends on
+    its content only, so another checkout of the pack reuses the build; where no copy can be made, the pack's file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = cpu_linear._content_addressed_source()
+    assert path.is_relative_to(tmp_path / "cache" / "kosmosg" / "csrc")
+    assert path.read_bytes() == cpu_linear._FEW_ROW_SOURCE.read_bytes()
+    written = path.stat().st_mtime_ns
+    assert cpu_linear._content_addressed_source() == path and path.stat().st_mtime_ns == written  # not rewritten
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    assert cpu_linear._content_addressed_source() == cpu_linear._FEW_ROW_SOURCE
