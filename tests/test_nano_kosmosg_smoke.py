@@ -139,6 +139,19 @@ def test_tokenizer_and_config_agree(tokenizer_dir):
     assert nano_tokenizer.tokenizer_bytes() == nano_tokenizer.tokenizer_bytes()
 
 
+def test_tokenizer_corpus_is_exactly_the_world_grammar():
+    """world_captions(): every caption of the grammar once, subjects left to right. Count: 4 backgrounds x
+    (3 positions x 24 subjects + 3 ordered position pairs x 24 x 23 distinct subject pairs) = 6912."""
+    captions = nano_tokenizer.world_captions()
+    assert len(captions) == len(set(captions)) == 4 * (3 * 24 + 3 * 24 * 23)
+    order = {p: i for i, p in enumerate(world.POSITIONS)}
+    for caption in captions:
+        subjects, background = world.parse_caption(caption)
+        assert background in world.BACKGROUNDS
+        assert [order[p] for *_, p in subjects] == sorted(order[p] for *_, p in subjects)
+        assert len({p for *_, p in subjects}) == len(subjects)
+
+
 # ----------------------------------------------------------------------------------- stage smoke runs
 
 

@@ -90,3 +90,15 @@ def test_state_dict_loads_into_comfyui_taesd_with_identical_outputs():
         decoded = vae.decode(latents[:1])
         expected = ae.decode_from_unet_space(latents[:1] * SD15_LATENT_SCALE).movedim(1, -1)
         assert torch.allclose(decoded.float(), expected, atol=1e-5)
+
+
+def test_decode_from_unet_space_clamps_pixels_to_0_1():
+    """ComfyUI's VAEDecode clamps: a decoder whose raw output overshoots gives exactly 1 (or 0), never more."""
+    ae = random_autoencoder()
+    latents = torch.randn(1, 4, 8, 8) * 0.18  # [B, 4, h, w], U-Net space
+    for bias, expected in ((5.0, 1.0), (-5.0, 0.0)):
+        with torch.no_grad():
+            ae.taesd_decoder[-1].bias.fill_(bias)  # raw decoder output ~ bias: pixels far outside [0, 1]
+            pixels = ae.decode_from_unet_space(latents)
+        assert pixels.shape == (1, 3, 64, 64)
+        assert torch.equal(pixels, torch.full_like(pixels, expected))

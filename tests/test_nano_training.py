@@ -498,3 +498,197 @@ def test_nano_unet_refuses_an_unknown_lr_schedule_before_writing(tmp_path):
     with pytest.raises(ValueError, match="--lr-schedule 'linear': use one of constant, cosine"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_sampling_timesteps_run_evenly_from_999_down_to_0():
+    """Descending, evenly spaced, first 999 and last 0 (the sampler ends on the clean latent)."""
+    assert sampler.sampling_timesteps(1) == [999]
+    assert sampler.sampling_timesteps(2) == [999, 0]
+    assert sampler.sampling_timesteps(4) == [999, 666, 333, 0]
+    with pytest.raises(ValueError, match="steps"):
+        sampler.sampling_timesteps(0)
+
+
+def test_guided_eps_is_uncond_plus_guidance_times_the_difference():
+    """eps = eps_uncond + g * (eps_cond - eps_uncond), with the conditional half from ``context``."""
+    def unet(x, t, context):  # eps = the context's first entry, broadcast: cond 2, uncond 0.5
+        return context[:, :1, :1, None].expand_as(x)
+
+    x = torch.zeros(1, 4, 2, 2)
+    cond, uncond = torch.full((1, 77, 768), 2.0), torch.full((1, 77, 768), 0.5)
+    eps = sampler.guided_eps(unet, x, 500, cond, uncond, guidance=3.0)
+    assert torch.allclose(eps, torch.full_like(x, 0.5 + 3.0 * (2.0 - 0.5)))
+    assert torch.allclose(sampler.guided_eps(unet, x, 500, cond, uncond, guidance=1.0), torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("method", sampler.METHODS)
+def test_a_zero_eps_model_returns_the_seeded_noise_scaled_to_the_first_step(method):
+    """With eps = 0 every step keeps x0 = x / sqrt(a_999): both samplers return the seed's initial noise
+    (torch.Generator().manual_seed(seed)) times 1 / sqrt(alpha_bar_999) = sqrt(1 + sigma_max^2)."""
+    alphas = sampler.sd15_alphas_cumprod()
+    context = torch.zeros(2, 77, 768)
+    out = sampler.sample(lambda x, t, c: torch.zeros_like(x), context, None, steps=5, seed=7, method=method)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(out, noise / alphas[999].sqrt().float(), rtol=1e-4, atol=1e-4)
+
+
+def test_add_noise_scales_the_noise_by_sqrt_one_minus_alpha_bar():
+    alphas = sampler.sd15_alphas_cumprod().float()
+    x, n = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)  # [B, C, H, W]
+    t = torch.tensor([0, 500])
+    noisy = sampler.add_noise(x, n, t, alphas)
+    assert torch.allclose(noisy[0], torch.full((4, 2, 2), (1 - alphas[0]).sqrt().item()))
+    assert torch.allclose(noisy[1], torch.full((4, 2, 2), (1 - alphas[500]).sqrt().item()))
+
+
+def test_step_generator_draws_differ_by_step_and_seed():
+    """Every (seed, step) gets its own stream: no step repeats another's batch, and seed s + 1 is not
+    seed s shifted by a step."""
+    from train.nano.run_utils import step_generator
+
+    draws = {(seed, step): tuple(torch.randint(0, 2**31 - 1, (4,), generator=step_generator(seed, step)).tolist())
+             for seed in range(3) for step in range(40)}
+    assert len(set(draws.values())) == len(draws)
+    assert torch.equal(torch.rand(3, generator=step_generator(2, 5)), torch.rand(3, generator=step_generator(2, 5)))
+
+
+def test_ema_update_moves_a_fraction_one_minus_decay_towards_the_model():
+    """ema <- decay * ema + (1 - decay) * model."""
+    from train.nano.run_utils import ema_update_into
+
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(3.0)
+    ema_update_into(ema, model, 0.9)
+    for p in ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.9 * 1.0 + 0.1 * 3.0))
+
+
+def test_diffusion_loss_targets_the_noise_not_the_latents():
+    """Epsilon prediction: a model that predicts 0 has loss E[eps^2] ~ 1 whatever the latents are."""
+    from train.nano.train_unet import diffusion_loss
+
+    latents = torch.full((64, 4, 8, 8), 3.0)  # [B, 4, 8, 8]
+    loss = diffusion_loss(lambda x, t, c: torch.zeros_like(x), latents, torch.zeros(64, 77, 768),
+                          torch.Generator().manual_seed(0), sampler.sd15_alphas_cumprod().float())
+    assert abs(loss.item() - 1.0) < 0.05
+
+
+def test_reconstruction_loss_with_uniform_weight_is_the_plain_mse():
+    """Weighted MSE normalises by the weights (per pixel, over the 3 channels): weight 1 everywhere is the MSE,
+    and the edge term adds edge_weight * L1 of the finite differences."""
+    from train.nano.train_vae import reconstruction_loss
+
+    recon, target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 3, 8, 8)
+    mse = ((recon - target) ** 2).mean()
+    assert torch.allclose(reconstruction_loss(recon, target, 0.0, torch.ones(2, 1, 8, 8)), mse)
+    assert torch.allclose(reconstruction_loss(recon, target, 0.0, torch.full((2, 1, 8, 8), 5.0)), mse)
+    assert torch.allclose(reconstruction_loss(recon, target, 0.0), mse)
+
+
+def test_subject_crops_stay_inside_the_image_on_the_latent_grid():
+    """random_crops with centre_prob 1: every crop is placed around its centre, snapped to the 8-px grid and
+    clamped inside the image (a subject near the right edge gives the right-most window)."""
+    from train.nano.train_vae import random_crops
+
+    images = torch.arange(64, dtype=torch.float32).expand(6, 1, 64, 64).clone()  # [B, 1, H, W]: pixel = its x
+    centres = torch.tensor([[62.0, 32.0]] * 3 + [[2.0, 32.0]] * 3)  # (x, y) px
+    crops = random_crops(images, 16, torch.Generator().manual_seed(0), centres, centre_prob=1.0)
+    assert crops.shape == (6, 1, 16, 16)
+    for crop in crops[:3]:
+        assert torch.equal(crop[0, 0], torch.arange(48, 64, dtype=torch.float32))
+    for crop in crops[3:]:
+        assert torch.equal(crop[0, 0], torch.arange(0, 16, dtype=torch.float32))
+
+
+def test_unet_training_drops_captions_by_uncond_prob_and_warms_up_the_ema(parts, tmp_path, monkeypatch):
+    """--uncond-prob 1 replaces every caption embedding by the empty caption's, 0 replaces none; after step 1
+    the EMA is d * init + (1 - d) * trained, with the warmed-up decay d = min(ema_decay, (1 + 1) / (10 + 1))."""
+    from safetensors.torch import load_file
+
+    from train.common.checkpointing import load_checkpoint
+    from train.nano import train_unet
+    from train.nano.unet import NanoUNet, NanoUNetConfig
+
+    contexts = []
+    original = train_unet.diffusion_loss
+
+    def spy(unet, latents, context, g, alphas):
+        contexts.append(context.clone())  # [B, 77, 768]
+        return original(unet, latents, context, g, alphas)
+
+    monkeypatch.setattr(train_unet, "diffusion_loss", spy)
+    args = unet_args(parts)
+    for prob in ("1.0", "0.0"):
+        args[args.index("--uncond-prob") + 1] = prob
+        run_command("train_unet", args + ["--output-dir", str(tmp_path / prob), "--max-steps", "1"])
+    empty = load_file(str(tmp_path / "1.0" / "cache.safetensors"))["empty"][0]  # [77, 768]
+    assert len(contexts) == 2 and len(contexts[0]) == 4
+    assert all(torch.equal(row, empty) for row in contexts[0])
+    assert not any(torch.equal(row, empty) for row in contexts[1])
+
+    torch.manual_seed(0)  # --seed 0 seeds the init
+    init = NanoUNet(NanoUNetConfig(real_channels=16)).state_dict()
+    state = load_checkpoint(tmp_path / "0.0")["model"]
+    decay = min(0.999, 2 / 11)
+    moved = 0
+    for name, start in init.items():
+        trained, ema = state[f"unet.{name}"], state[f"ema.{name}"]
+        assert torch.allclose(ema, decay * start + (1 - decay) * trained, rtol=0, atol=1e-6), name
+        moved += not torch.equal(trained, start)
+    assert moved > 10  # the step changed the weights, so the EMA check is not vacuous
+
+
+def _tiny_pair(tmp_path) -> te.ContrastivePair:
+    tok = te.load_tokenizer(te.write_tokenizer_files(world_vocabulary(), tmp_path))
+    torch.manual_seed(0)
+    return te.ContrastivePair(te.text_config(tok, layers=1, intermediate=64, heads=12),
+                              te.vision_config(32, layers=1, heads=2), embed_dim=8)
+
+
+def test_contrastive_loss_splits_the_target_over_identical_captions_and_caps_the_temperature(tmp_path):
+    """Pairs with the same caption are soft positives (targets normalised per row): two identical pairs
+    with identical embeddings see uniform logits and half the target each, loss log 2. The logit scale
+    is capped at 100 as in CLIP."""
+    import math
+
+    pair = _tiny_pair(tmp_path)
+    e = torch.nn.functional.normalize(torch.ones(2, 8), dim=-1)  # [B, E]
+    same = torch.ones(2, 2, dtype=torch.bool)
+    assert pair.contrastive_loss(e, e, same).item() == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():
+        pair.logit_scale.fill_(6.0)  # exp(6) = 403 > 100
+    assert pair.similarity(e[:1], e[:1]).item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_vision_tower_sees_pixels_mapped_to_minus_one_one(tmp_path):
+    """pool_images(p) feeds the tower p * 2 - 1 (mean = std = 0.5, what save_vision_preprocessor records)."""
+    pair = _tiny_pair(tmp_path).eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # [B, 3, H, W] in [0, 1]
+    with torch.no_grad():
+        expected = pair.vision(pixel_values=pixels * 2 - 1).pooler_output
+        assert torch.allclose(pair.pool_images(pixels), expected, atol=1e-6)
+    te.save_vision_preprocessor(tmp_path / "vision")
+    config = json.loads((tmp_path / "vision" / "preprocessor_config.json").read_text())
+    assert config["image_mean"] == config["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_weights_fingerprint_is_that_of_the_fp16_weights(tmp_path):
+    """The fingerprint rounds weights to fp16 (the shipped precision): a text model and its fp16 round trip
+    match, a change fp16 can represent does not."""
+    import copy
+
+    from transformers import CLIPTextModel
+
+    tok = te.load_tokenizer(te.write_tokenizer_files(world_vocabulary(), tmp_path))
+    torch.manual_seed(0)
+    model = CLIPTextModel(te.text_config(tok, layers=1, intermediate=64, heads=12))
+    rounded = copy.deepcopy(model).half().float()
+    assert te.weights_fingerprint(model) == te.weights_fingerprint(rounded)
+    assert len(te.weights_fingerprint(model)) == 16
+    with torch.no_grad():
+        next(rounded.parameters()).view(-1)[0] += 0.01  # far above fp16 resolution at this size
+    assert te.weights_fingerprint(model) != te.weights_fingerprint(rounded)

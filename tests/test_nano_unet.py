@@ -204,6 +204,10 @@ def test_write_checkpoint_refuses_narrow_or_prefixed_unet(tmp_path):
         write_sd15_checkpoint(tmp_path / "c.safetensors", narrow.to_padded_state_dict(), enc, enc, 1.0, 0.0)
     with pytest.raises(ValueError, match="vae_scale"):
         write_sd15_checkpoint(tmp_path / "d.safetensors", narrow.to_padded_state_dict(), enc, dec, 0.0, 0.0)
+    narrow_context = {k: (v[:, :512] if k.endswith("attn2.to_k.weight") else v)
+                      for k, v in narrow.to_padded_state_dict().items()}
+    with pytest.raises(ValueError, match="768-wide context"):
+        write_sd15_checkpoint(tmp_path / "e.safetensors", narrow_context, enc, dec, 1.0, 0.0)
     assert not list(tmp_path.iterdir())
 
 
@@ -283,3 +287,28 @@ def test_checkpoint_loads_in_comfyui_as_sd15_and_samples(tmp_path):
     pixels = vae.decode(samples)
     assert pixels.shape == (1, 64, 64, 3)
     assert torch.isfinite(pixels).all()
+
+
+def test_fresh_residual_branches_start_at_identity():
+    """LDM's zero_module: in a fresh NanoUNet every ResBlock's and SpatialTransformer's residual branch is
+    zero, so a block with an identity skip returns its input h [B, C, H, W]."""
+    model = NanoUNet(real_channels=48)
+    h = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(0))  # [B, C_real, H, W]
+    emb = torch.randn(2, model.config.time_embed_real)
+    context = torch.randn(2, 77, 768)
+    with torch.no_grad():
+        for block in (model.input_blocks[1], model.middle_block):
+            assert torch.equal(block(h, emb, context), h)
+
+
+def test_norm_epsilons_are_comfyuis():
+    """ComfyUI's ResBlock / output GroupNorm use torch's default eps (1e-5), its SpatialTransformer norm
+    1e-6 and its transformer LayerNorms torch's default: the narrow norms must use the same."""
+    model = NanoUNet(real_channels=48)
+    torch_default = torch.nn.GroupNorm(32, 320).eps
+    assert torch_default == torch.nn.LayerNorm(320).eps == 1e-5
+    resblock, transformer = model.middle_block[0], model.middle_block[1]
+    assert resblock.in_layers[0].eps == resblock.out_layers[0].eps == model.out[0].eps == torch_default
+    assert transformer.norm.eps == 1e-6
+    block = transformer.transformer_blocks[0]
+    assert block.norm1.eps == block.norm2.eps == block.norm3.eps == torch_default

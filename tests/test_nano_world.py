@@ -93,7 +93,8 @@ def test_caption_grammar_and_round_trip():
     assert world.render_scene(one).caption == "an orange cross in the centre, on grey"
 
 
-@pytest.mark.parametrize("bad", ["a red blob on the left, on grey", "a red circle on the left", "a red circle at the top, on grey"])
+@pytest.mark.parametrize("bad", ["a red blob on the left, on grey", "a red circle on the left", "a red circle at the top, on grey",
+                                 "a red circle on the left and a blue square in the centre and a green cross on the right, on grey"])
 def test_parse_caption_refuses_text_outside_the_grammar(bad):
     with pytest.raises(ValueError, match="caption"):
         world.parse_caption(bad)
@@ -222,3 +223,77 @@ def test_with_attribute_changes_one_subject_attribute_only():
         assert same_shape is not None and world.with_attribute(same_shape, 0, "colour", other.colour) is None
     with pytest.raises(ValueError, match="attribute"):
         world.with_attribute(spec, 0, "size", "big")
+
+
+def test_sizes_and_jitter_cover_their_whole_inclusive_ranges():
+    """SIZE_RANGE and the +-JITTER_X / +-JITTER_Y placement jitter are inclusive: both ends occur."""
+    subjects = [s for i in range(1500) for s in world.spec_at(world.TRAIN_SEED, i, split=None).subjects]
+    assert {s.size for s in subjects} == set(range(world.SIZE_RANGE[0], world.SIZE_RANGE[1] + 1))
+    jitter_x = {s.cx - world.SLOT_CENTRES_X[s.position] for s in subjects}
+    assert jitter_x == set(range(-world.JITTER_X, world.JITTER_X + 1))
+    assert {s.cy - world.CENTRE_Y for s in subjects} == set(range(-world.JITTER_Y, world.JITTER_Y + 1))
+
+
+def test_scene_i_is_drawn_from_default_rng_of_seed_and_index():
+    """Scene i of stream seed comes from np.random.default_rng([seed, i]) (module docstring), so streams
+    of neighbouring seeds do not repeat each other shifted by one index."""
+    for seed, index in ((world.TRAIN_SEED, 0), (world.TRAIN_SEED, 7), (world.HELDOUT_SEED, 3)):
+        expected = world.sample_spec(np.random.default_rng([seed, index]))
+        assert world.spec_at(seed, index, split=None) == expected
+    shifted = [world.spec_at(world.TRAIN_SEED + 1, i, split=None) for i in range(20)]
+    assert sum(a == world.spec_at(world.TRAIN_SEED, i + 1, split=None) for i, a in enumerate(shifted)) == 0
+
+
+def test_validate_spec_refuses_close_unordered_or_edge_touching_subjects():
+    """Two subjects' bounding squares stay >= MIN_GAP apart, subjects are listed left to right, and every
+    subject stays EDGE_MARGIN px inside the image on all four sides."""
+    s = world.SubjectSpec
+
+    def scene(*subjects):
+        return world.SceneSpec(subjects, "grey")
+
+    # 12-px squares centred at x 14 and 28: boxes [8, 20] and [22, 34], 2 px apart
+    with pytest.raises(ValueError, match="closer than"):
+        world.validate_spec(scene(s("red", "square", "left", 12, 14, 32), s("blue", "square", "centre", 12, 28, 32)))
+    world.validate_spec(scene(s("red", "square", "left", 12, 14, 32), s("blue", "square", "centre", 12, 30, 32)))  # 4 px
+    with pytest.raises(ValueError, match="left to right"):
+        world.validate_spec(scene(s("blue", "square", "centre", 12, 32, 32), s("red", "square", "left", 12, 11, 32)))
+    # an 18-px subject centred at 54 reaches x = 63 (> 64 - 2); at 53 it ends exactly at the margin
+    with pytest.raises(ValueError, match="edge"):
+        world.validate_spec(world.SceneSpec((s("red", "circle", "right", 18, 54, 32),), "grey"))
+    with pytest.raises(ValueError, match="edge"):
+        world.validate_spec(world.SceneSpec((s("red", "circle", "centre", 18, 32, 54),), "grey"))
+    world.validate_spec(world.SceneSpec((s("red", "circle", "right", 18, 53, 53),), "grey"))
+
+
+def test_coverage_of_an_integer_square_is_exact_and_half_covered_pixels_are_in_the_mask():
+    """Sample points never fall on the edge of an integer-sized, integer-centred subject: a 12-px square
+    covers exactly 144 whole pixels. A 13-px square's edge pixels are covered exactly half, and
+    masks are coverage >= 0.5."""
+    cov = world.subject_coverage("square", 32, 32, 12)  # [64, 64]
+    assert cov.sum() == 144 and set(np.unique(cov)) == {0.0, 1.0}
+    assert cov[26:38, 26:38].min() == 1.0
+    odd = world.SceneSpec((world.SubjectSpec("red", "square", "centre", 13, 32, 32),), "grey")
+    scene = world.render_scene(odd)
+    # the square spans [25.5, 38.5): pixel 25 and pixel 38 are half inside
+    assert scene.coverage[0, 32, 25] == 0.5 and scene.coverage[0, 32, 38] == 0.5
+    assert scene.masks[0, 32, 25] and scene.masks[0, 32, 38]
+    assert scene.masks[0].sum() == 12 * 12 + 4 * 12  # interior + half-covered edges; the 4 corners are 1/4 covered
+
+
+def test_load_scenes_honours_start_and_subject_count():
+    """nano_data.load_scenes(split, count, start, num_subjects): scenes start..start+count-1 of the split's
+    stream, with the requested number of subjects, rendered as world.render_scene renders them."""
+    import torch
+
+    from train.nano import nano_data
+
+    batch = nano_data.load_scenes("train", 3, start=5)
+    assert batch.specs == [world.spec_at(world.TRAIN_SEED, i) for i in (5, 6, 7)]
+    assert batch.images.shape == (3, 3, 64, 64) and batch.images.dtype == torch.uint8  # [N, 3, H, W]
+    for image, spec in zip(batch.images, batch.specs):
+        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(world.render_scene(spec).image))
+    for subjects in (1, 2):
+        held = nano_data.load_scenes("heldout", 6, num_subjects=subjects)
+        assert all(len(s.subjects) == subjects for s in held.specs)
+        assert all(world.split_of(s) == "heldout" for s in held.specs)
