@@ -137,6 +137,24 @@ def test_resume_may_switch_gradient_checkpointing(env, tmp_path, stage):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), (a, b)
 
 
+def test_a_resumed_run_may_find_its_frozen_models_moved(env, tmp_path):
+    """Paths may change on resume (the files are checked by content): stage 3's --score-model folder moved,
+    the run goes on; another setting that defines the run (--uncond-prob) is still refused by name."""
+    import shutil
+
+    from train import stage3
+
+    args = common_args(env, tmp_path / "run", steps=3, save_every=2) + ["--score-model", env.sd, "--resolution", "16"]
+    stage3.main(args[:args.index("--max-steps")] + ["--max-steps", "2"] + args[args.index("--max-steps") + 2:])
+    moved = shutil.copytree(env.sd, tmp_path / "moved-sd")
+    args[args.index("--score-model") + 1] = str(moved)
+    stage3.main(args)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    with pytest.raises(ValueError, match="other settings than this run's: uncond_prob 0.1 -> 0.5"):
+        stage3.main(args[:args.index("--max-steps")] + ["--max-steps", "4"] + args[args.index("--max-steps") + 2:]
+                    + ["--uncond-prob", "0.5"])
+
+
 def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path):
     """Two runs into one folder interleaved their checkpoints and metrics (e.g. a relaunch while the workers of
     a killed launcher still ran). The lock is held while a run trains, then released."""

@@ -224,6 +224,7 @@ class Stage:
     """What a training stage provides to `run_training`."""
 
     name = "stage"
+    resume_may_change: frozenset[str] = frozenset()  # the stage's own settings a resumed run may change
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -340,8 +341,8 @@ RESUME_MAY_CHANGE = {
     "distributed", "gradient_checkpointing",  # how it runs, not what it computes
     "max_steps",  # extending (or ending) a run; the LR schedule then decays to the new end
     "batch_size", "gradient_accumulation_steps",  # compared as the global batch (processes may change)
-    "data", "tokenizer", "model_config", "score_model", "clip_text_encoder",  # files may move (the shard names,
-    # the model config and its keys are checked)
+    "data", "tokenizer", "model_config",  # files may move (the shard names, the model config and its keys are
+    # checked); a stage adds its own paths (Stage.resume_may_change)
     "init_checkpoint", "init_vision",  # read at the start only: ignored on resume (a warning says so)
 }
 
@@ -363,7 +364,7 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     if "train_config" not in extra:
         return
     before, now = json.loads(extra["train_config"]), config_to_dict(cfg)
-    changed = changed_settings(before, now, RESUME_MAY_CHANGE, common_keys_only=True)
+    changed = changed_settings(before, now, RESUME_MAY_CHANGE | stage.resume_may_change, common_keys_only=True)
     saved_world = state.get("data", {}).get("world_size", 1)
     global_before = before["batch_size"] * before.get("gradient_accumulation_steps", 1) * saved_world
     global_now = cfg.batch_size * cfg.gradient_accumulation_steps * world

@@ -117,6 +117,7 @@ class AlignmentModule(nn.Module):
 
 class Stage2(Stage):
     name = "stage2"
+    resume_may_change = frozenset({"clip_text_encoder"})  # a path: the frozen text encoder may move
 
     def __init__(self, cfg: Stage2Config):
         super().__init__(cfg)

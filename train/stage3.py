@@ -95,6 +95,7 @@ class DiffusionModule(nn.Module):
 
 class Stage3(Stage):
     name = "stage3"
+    resume_may_change = frozenset({"score_model", "clip_text_encoder"})  # paths: the frozen models may move
 
     def build(self, cfg: Stage3Config, accelerator):
         self.accelerator = accelerator
