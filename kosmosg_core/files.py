@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 import stat
+import time
 from pathlib import Path
 
 import torch
@@ -67,20 +68,26 @@ TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<host>-<random>.tmp besi
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 # Windows: os.kill(pid, 0) would send CTRL_C_EVENT to that process group instead of checking the pid
 CAN_PROBE_PIDS = os.name == "posix"
+# A temp file whose writer cannot be probed (another machine's, or any on Windows) is a killed writer's once
+# nothing has written to it for this long (a live writer keeps it fresh).
+UNPROBED_TEMP_FILE_AGE = 24 * 3600  # seconds
 _SWEPT: set[str] = set()  # folders whose stale temp files this process has removed
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
-    """Temp files left by killed writers (their process is gone) in `folder`, once per process: a run killed
-    again and again must not fill the disk with half-written checkpoints."""
-    if str(folder) in _SWEPT or not CAN_PROBE_PIDS:
+    """Temp files left by killed writers in `folder`, once per process: a run killed again and again must not
+    fill the disk with half-written checkpoints. A writer on this machine is gone when its pid is; one whose
+    pid cannot be probed here, when its file is older than UNPROBED_TEMP_FILE_AGE."""
+    if str(folder) in _SWEPT:
         return
     _SWEPT.add(str(folder))
     for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
         try:
-            pid, *rest = tmp.name[len(TEMP_PREFIX):].split("-")
-            pid = int(pid)
-            if len(rest) == 2 and rest[0] != HOST_TAG:  # another machine's writer: it may well be alive
+            pid_text, *rest = tmp.name[len(TEMP_PREFIX):].split("-")
+            pid = int(pid_text)
+            if not CAN_PROBE_PIDS or (len(rest) == 2 and rest[0] != HOST_TAG):
+                if time.time() - tmp.stat().st_mtime > UNPROBED_TEMP_FILE_AGE:
+                    tmp.unlink(missing_ok=True)
                 continue
             if pid != os.getpid():
                 os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone

@@ -346,3 +346,14 @@ def test_kernel_source_is_built_from_a_content_addressed_copy(tmp_path, monkeypa
     (tmp_path / "blocked").write_text("a file where the cache folder should be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
     assert cpu_linear._content_addressed_source() == cpu_linear._FEW_ROW_SOURCE
+
+
+def test_the_kernel_build_is_given_the_content_addressed_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    loads = []
+    fake_cpp_extension = type("CppExtension", (), {"load": staticmethod(lambda **kwargs: loads.append(kwargs))})
+    monkeypatch.setattr(cpu_linear, "_cpp_extension", lambda: fake_cpp_extension)
+    cpu_linear._build_few_row_kernel("avx2")
+    assert loads[0]["name"] == "kosmosg_few_row_linear_avx2"
+    assert loads[0]["sources"] == [str(cpu_linear._content_addressed_source())]
+    assert loads[0]["sources"][0].startswith(str(tmp_path / "cache"))

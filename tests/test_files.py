@@ -3,6 +3,7 @@
 import os
 import stat
 import sys
+import time
 
 import pytest
 import torch
@@ -123,35 +124,46 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_temp_files_of_dead_writers_are_removed_on_posix_and_left_on_windows(tmp_path, monkeypatch):
-    """Windows: os.kill(pid, 0) sends CTRL_C_EVENT to a process group instead of checking the pid, so the
-    sweep is not done there (the temp files stay; nothing is signalled)."""
+def _aged(path, seconds: float):
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+    return path
+
+
+def test_temp_files_of_dead_writers_are_removed_on_posix_and_by_age_on_windows(tmp_path, monkeypatch):
+    """Windows: os.kill(pid, 0) sends CTRL_C_EVENT to a process group instead of checking the pid, so no pid is
+    probed there: a temp file goes once nothing has written to it for a day (a fresh one stays)."""
     import kosmosg_core.files as files
 
     dead = tmp_path / f"{files.TEMP_PREFIX}{_dead_pid()}-abc.tmp"
     dead.write_bytes(b"half-written")
+    old = tmp_path / f"{files.TEMP_PREFIX}{_dead_pid()}-def.tmp"
+    old.write_bytes(b"half-written")
+    _aged(old, files.UNPROBED_TEMP_FILE_AGE + 60)
     monkeypatch.setattr(files, "_SWEPT", set())
     monkeypatch.setattr(files, "CAN_PROBE_PIDS", False)  # as on Windows
     monkeypatch.setattr(files.os, "kill", lambda *a: pytest.fail("os.kill called on Windows"))
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
-    assert dead.exists()
+    assert dead.exists() and not old.exists()
     monkeypatch.undo()
     monkeypatch.setattr(files, "_SWEPT", set())
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
     assert not dead.exists() and load_file(str(tmp_path / "b.safetensors"))["x"].shape == (2,)
 
 
-def test_temp_files_of_other_machines_are_left_alone(tmp_path, monkeypatch):
+def test_temp_files_of_other_machines_are_left_alone_until_a_day_old(tmp_path, monkeypatch):
     """A folder shared by several machines (multi-node runs on a network file system): a pid that is dead
-    here may be a live writer on another machine, so only this machine's temp files are swept."""
+    here may be a live writer on another machine, so another machine's temp file is removed only once
+    nothing has written to it for a day (a run restarted in a new container leaves such files)."""
     import kosmosg_core.files as files
 
     pid = _dead_pid()
-    other_machine = tmp_path / f"{files.TEMP_PREFIX}{pid}-{'0' if files.HOST_TAG[0] != '0' else '1'}{files.HOST_TAG[1:]}-ab12cd34.tmp"
+    other_tag = ('0' if files.HOST_TAG[0] != '0' else '1') + files.HOST_TAG[1:]
+    other_machine = tmp_path / f"{files.TEMP_PREFIX}{pid}-{other_tag}-ab12cd34.tmp"
+    other_machine_old = tmp_path / f"{files.TEMP_PREFIX}{pid}-{other_tag}-ef56ab78.tmp"
     this_machine = tmp_path / f"{files.TEMP_PREFIX}{pid}-{files.HOST_TAG}-ab12cd34.tmp"
-    for tmp in (other_machine, this_machine):
+    for tmp in (other_machine, other_machine_old, this_machine):
         tmp.write_bytes(b"half-written")
+    _aged(other_machine_old, files.UNPROBED_TEMP_FILE_AGE + 60)
     monkeypatch.setattr(files, "_SWEPT", set())
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
-    assert other_machine.exists() and not this_machine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", other_machine.name])

@@ -740,6 +740,50 @@ def test_several_processes_share_the_shards_and_the_last_to_end_writes_the_summa
     assert sorted(s.meta["index"] for s in read_samples(output)) == list(range(5))
 
 
+def test_a_process_ending_first_never_writes_its_totals_over_the_complete_summary(tmp_path, monkeypatch):
+    """Process 0 ends while process 1 still writes its last shard: whatever the interleaving, the summary.json
+    left at the end counts every shard (here process 1 finishes inside process 0's summing)."""
+    from train.data import shards
+    from train.data.shards import Sample, run_sharded
+
+    def process(index):
+        return Sample(key=f"k{index}", meta={"index": index}), "written"
+
+    output = str(tmp_path / "out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    real_summarize, others = shards.summarize, []
+
+    def summarize_while_process_1_ends(folder, prefix="shard"):
+        totals = real_summarize(folder, prefix)
+        if not others:  # process 0 is summing: process 1 writes its shards and ends now
+            others.append(1)
+            monkeypatch.setenv("RANK", "1")
+            run_sharded(range(4), process, output, samples_per_shard=1)
+            monkeypatch.setenv("RANK", "0")
+        return totals
+
+    monkeypatch.setattr(shards, "summarize", summarize_while_process_1_ends)
+    monkeypatch.setenv("RANK", "0")
+    run_sharded(range(4), process, output, samples_per_shard=1)
+    if not others:  # process 0 did not sum (it saw process 1's shards missing): process 1 ends after it
+        monkeypatch.setenv("RANK", "1")
+        run_sharded(range(4), process, output, samples_per_shard=1)
+    saved = json.load(open(os.path.join(output, "summary.json")))
+    assert (saved["shards"], saved["written"]) == (4, 4)
+
+
+def test_old_partial_files_are_removed(tmp_path):
+    """Versions before the core's atomic writer left `NAME.partial` files when killed: a rerun removes them."""
+    from train.data.shards import Sample, run_sharded
+
+    output = tmp_path / "out"
+    output.mkdir()
+    for name in ("shard-000000.tar.partial", "shard-000000.stats.json.partial", "summary.json.partial"):
+        (output / name).write_bytes(b"half")
+    run_sharded(range(1), lambda i: (Sample(key="k", meta={}), "written"), str(output), samples_per_shard=1)
+    assert not list(output.glob("*.partial"))
+
+
 def test_to_official_is_written_by_the_first_process_only(tmp_path, monkeypatch):
     """A conversion with no model: process 0 writes the whole layout; the others write nothing (every
     process writing the same files would race on them)."""

@@ -813,9 +813,21 @@ def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog
     stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
     stream = RecordStream(env.data, seed=0)
     records = [stream.next() for _ in range(16)]  # the tiny set, every kind
-    assert any(stage.select(record) is not None for record in records)
-    stage._model_cfg = replace_config(stage._model_cfg, aligner={"max_positions": ALIGNER_FIRST_POSITION + 3})
-    assert stage._model_cfg.max_prompt_tokens == 3
+    # what the model reads: stage 1 feeds all but the last token (the next-token targets end with </s>)
+    reads = {r.key: len(item["prompt"]) - (stage_name == "stage1") for r in records
+             if (item := stage.select(r)) is not None}
+    shortest = min(records, key=lambda r: reads.get(r.key, 10**9))
+    full = stage._model_cfg
+
+    def with_limit(tokens):
+        stage._model_cfg = replace_config(full, aligner={"max_positions": ALIGNER_FIRST_POSITION + tokens})
+        assert stage._model_cfg.max_prompt_tokens == tokens
+
+    with_limit(reads[shortest.key])  # exactly at the limit: kept
+    assert stage.select(shortest) is not None
+    with_limit(reads[shortest.key] - 1)
+    assert stage.select(shortest) is None
+    with_limit(3)
     with caplog.at_level("INFO", logger="train.loop"):
         assert [stage.select(record) for record in records] == [None] * 16
     assert "tokens > the model's 3" in caplog.text

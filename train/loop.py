@@ -259,7 +259,7 @@ class Stage:
         return num_tokens > limit
 
     def tokenizer_dir(self) -> str:
-        return getattr(self.cfg, "tokenizer", "")
+        return self.cfg.tokenizer
 
 
 def rank_slice(items: list, rank: int, world_size: int, split: str) -> list:

@@ -17,10 +17,15 @@ from pathlib import Path
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+def bool_word(text: str) -> bool | None:
+    """A true/false word (BOOL_WORDS, any case) -> its bool; anything else -> None."""
+    return BOOL_WORDS.get(text.strip().lower())
+
+
 def _parse_bool(text: str) -> bool:
-    if text.strip().lower() not in BOOL_WORDS:
+    if bool_word(text) is None:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return BOOL_WORDS[text.strip().lower()]
+    return bool_word(text)
 
 
 def _without_optional(field_type):

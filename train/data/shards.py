@@ -12,6 +12,7 @@ index % WORLD_SIZE == RANK; the process that ends last writes summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -184,7 +185,8 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
 
     `process(item)` must not raise for bad data: it returns (None, reason). An exception escaping
     it is still caught, logged and counted as `failed_other`, so one item never kills the run.
-    Returns the summary over all finished shards in `output` (also written to summary.json).
+    Returns the summary over all finished shards in `output` and this process's counts (`this_run`); the
+    summary is also written to summary.json by the process that ends last.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: must be at least 1")
@@ -192,20 +194,18 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     os.makedirs(output, exist_ok=True)
     if settings is not None:
         check_folder_settings(output, settings, RERUN_MAY_CHANGE)
+    _remove_old_partial_files(output)
     rank, world = distributed_rank()
     run_counts: Counter = Counter()
-    num_shards = 0
+    group_sizes: list[int] = []  # of every shard of the run, every process's
     for index, group in _grouped(items, samples_per_shard):
-        num_shards = index + 1
+        group_sizes.append(len(group))
         if index % world != rank:
             continue
+        if _is_finished(output, prefix, index, len(group)):
+            run_counts["shards_skipped_complete"] += 1
+            continue
         path = os.path.join(output, shard_name(prefix, index))
-        stats_path = path[: -len(".tar")] + ".stats.json"
-        if os.path.exists(path) and os.path.exists(stats_path):
-            done = read_stats(stats_path).get("processed")
-            if done == len(group):  # finished; a shorter one was the last, partial shard of a smaller --count
-                run_counts["shards_skipped_complete"] += 1
-                continue
         counts: Counter = Counter()
         samples = []
         for item in group:
@@ -222,7 +222,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
                 counts["written"] += 1
         if settings is not None:
             record_folder_settings(output, settings)
-        write_json(stats_path, dict(sorted(counts.items())))  # before the tar: a tar implies stats
+        write_json(_stats_path(path), dict(sorted(counts.items())))  # before the tar: a tar implies stats
         write_shard(path, samples)
         run_counts.update(counts)
         run_counts["shards_written"] += 1
@@ -231,14 +231,36 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     if run_counts["shards_skipped_complete"]:
         logger.info("%s: kept %d finished shard(s) in %s from an earlier run with the same settings", what,
                     run_counts["shards_skipped_complete"], output)
+    # Several processes: summary.json is written by a process that sees every shard of the run finished (the
+    # last to end; any that sees them all computes the same totals). Checked before summing: a process that
+    # summed first could write its totals over a complete summary after another process's last shard.
+    run_finished = all(_is_finished(output, prefix, index, size) for index, size in enumerate(group_sizes))
     summary = summarize(output, prefix)
-    # Several processes: the one that ends last writes summary.json (it then sees every shard of the run;
-    # one that ends earlier would leave a summary without the others' last shards). A tar is written last.
-    if all(os.path.exists(os.path.join(output, shard_name(prefix, index))) for index in range(num_shards)):
+    if run_finished:
         write_json(os.path.join(output, SUMMARY_NAME), summary)
     logger.info("%s summary: %s", what, json.dumps(summary, sort_keys=True))
     summary["this_run"] = dict(sorted(run_counts.items()))  # this process's work
     return summary
+
+
+def _stats_path(shard_path: str) -> str:
+    return shard_path[: -len(".tar")] + ".stats.json"
+
+
+def _is_finished(output: str, prefix: str, index: int, size: int) -> bool:
+    """Shard `index` is there with all its `size` items (the shorter last shard of a run with a smaller
+    --count is not: it is made again)."""
+    path = os.path.join(output, shard_name(prefix, index))
+    return os.path.exists(path) and os.path.exists(_stats_path(path)) and \
+        read_stats(_stats_path(path)).get("processed") == size
+
+
+def _remove_old_partial_files(output: str) -> None:
+    """`NAME.partial` files that versions before the core's atomic_output left when killed: never read."""
+    for leftover in glob.glob(os.path.join(glob.escape(output), "*.partial")):
+        logger.info("removing %s (a killed run's half-written file)", leftover)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
 
 
 def read_stats(stats_path: str) -> dict:
@@ -252,7 +274,7 @@ def summarize(output: str, prefix: str = "shard") -> dict:
     totals: Counter = Counter()
     shards = 0
     for tar in sorted(glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*.tar"))):
-        stats_path = tar[: -len(".tar")] + ".stats.json"
+        stats_path = _stats_path(tar)
         if os.path.exists(stats_path):
             totals.update(read_stats(stats_path))
             shards += 1

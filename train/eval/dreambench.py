@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kosmosg_core.files import write_json
 from train.common.walk import IMAGE_SUFFIXES
 
 from .cli import parse_eval_config
@@ -361,8 +362,6 @@ def run(cfg: DreamBenchConfig) -> dict:
     result["models"] = {"dino": cfg.dino_model, "clip": cfg.clip_model}
     result["config"] = asdict(cfg)
     out = Path(cfg.output_json) if cfg.output_json else Path(cfg.generated) / "dreambench_metrics.json"
-    from kosmosg_core.files import write_json
-
     write_json(out, result)
     return result
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kosmosg_core.files import write_json
 from train.nano import paths
 
 from .cli import parse_eval_config
@@ -235,8 +236,6 @@ def report(table: str, result: dict, json_path: str) -> None:
     """The table to stderr; the result to ``json_path`` if given (sorted keys: same flags, same bytes)."""
     print(table, file=sys.stderr)
     if json_path:
-        from kosmosg_core.files import write_json
-
         write_json(json_path, result)
 
 

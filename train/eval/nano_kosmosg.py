@@ -68,7 +68,7 @@ RANDOM_OFFSET = 250_000  # held-out scenes seed * SCENE_STRIDE + RANDOM_OFFSET .
 DONOR_OFFSET = 500_000  # held-out scenes seed * SCENE_STRIDE + DONOR_OFFSET ... : where subject images come from
 HOW_TO_MAKE = ("the Kosmos-G nano model is trained with python -m train.stage1 / train.stage2 / train.stage3 "
                "--config train/configs/nano/kosmosg-stageN.yaml and exported with python -m train.export "
-               "--checkpoint runs/nano/stage3 --out models/nano/kosmosg-nano.safetensors")
+               f"--checkpoint runs/nano/stage3 --out {paths.KOSMOSG_CHECKPOINT}")
 
 
 @dataclass

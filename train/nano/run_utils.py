@@ -23,6 +23,7 @@ from train.common.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
+
 def warmup_cosine(warmup_steps: int, max_steps: int, constant: bool = False):
     """The nano runs' LR factor of step s (for LambdaLR): linear warm-up to 1, then cosine decay to a tenth at
     max_steps (or 1 throughout with `constant`)."""
