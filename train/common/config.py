@@ -23,9 +23,10 @@ def bool_word(text: str) -> bool | None:
 
 
 def _parse_bool(text: str) -> bool:
-    if bool_word(text) is None:
+    value = bool_word(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return bool_word(text)
+    return value
 
 
 def _without_optional(field_type):

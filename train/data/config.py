@@ -117,9 +117,10 @@ def _coerce(value: Any, target: Any, name: str) -> Any:
     """Give a value from a file or the command line the type of the field's current value."""
     if isinstance(target, bool):
         if isinstance(value, str):
-            if common_config.bool_word(value) is None:
+            word = common_config.bool_word(value)
+            if word is None:
                 raise ValueError(f"{name}={value!r}: expected true or false")
-            return common_config.bool_word(value)
+            return word
         return bool(value)
     if isinstance(target, int) and not isinstance(value, bool):
         try:
