@@ -1,7 +1,8 @@
 """Model configuration: one dataclass per part of the paper's Figure 2, composed by `KosmosGConfig`.
 
-Official numbers are the defaults (facts: ../shared/spec/official-kosmos-g.md, "kosmosg_xl" arch +
-runapp.sh flags). Every constant of the model is written here once; modules read it from here.
+Official numbers are the defaults ("kosmosg_xl" arch + runapp.sh flags; "spec section N" below and in
+other modules: the official file behind each is named in docs/sources.md). Every constant of the model
+is written here once; modules read it from here.
 """
 
 from __future__ import annotations
