@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import CLIP_MEAN, CLIP_STD
+from .config import CLIP_MEAN, CLIP_STD, VisionConfig
 from .errors import ImageError
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,9 @@ def normalize(image: Image.Image) -> np.ndarray:
     return pixels
 
 
-def preprocess_images(images, image_size: int = 224) -> torch.Tensor:
-    """Images (anything `to_pil_images` reads) -> official vision input [N, 3, S, S] float32 (CPU)."""
+def preprocess_images(images, image_size: int = VisionConfig.image_size) -> torch.Tensor:
+    """Images (anything `to_pil_images` reads) -> official vision input [N, 3, S, S] float32 (CPU);
+    `image_size` = the model's `cfg.vision.image_size` (default: the official model's)."""
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
     # one image decoded at a time: only its small crop is kept (a list of full-size photos could take GBs)

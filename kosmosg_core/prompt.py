@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .config import BOS_ID, IMAGE_PLACEHOLDER, MAX_IMAGE_WEIGHT, PAD_ID
+from .config import BOS_ID, IMAGE_PLACEHOLDER, MAX_IMAGE_WEIGHT, PAD_ID, KosmosGConfig
 from .errors import PromptError
 
 
@@ -90,8 +90,10 @@ def check_negative_prompt(text: str) -> None:
                           "the placeholder.")
 
 
-def build_prompt_ids(tokenizer, text: str, num_images: int, image_slots: int = 64) -> PromptIds:
-    """Official interleaved layout (module docstring) -> PromptIds. `text` must hold `num_images` `<i>`."""
+def build_prompt_ids(tokenizer, text: str, num_images: int,
+                     image_slots: int = KosmosGConfig.image_token_slots) -> PromptIds:
+    """Official interleaved layout (module docstring) -> PromptIds. `text` must hold `num_images` `<i>`;
+    `image_slots` = the model's `cfg.image_token_slots` (default: the official model's)."""
     if not isinstance(text, str):
         raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
     if image_slots < 1:
