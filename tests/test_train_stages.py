@@ -5,6 +5,7 @@ down, only the parts each stage trains change, and the exported file loads in ko
 """
 
 import json
+import re
 import subprocess
 import shutil
 import sys
@@ -714,9 +715,23 @@ def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path
     with caplog.at_level("WARNING"):
         stage1.main(args)  # 8 updates x 4 samples: every shard read at least once
     assert "skipping sample 0001 of shard zz-raw-img2dataset.tar: no field 'json'" in caplog.text
+    # a shard that is not a tar, one cut short by a killed copy, an empty file: skipped with a warning (a run
+    # used to end when it reached one, possibly hours in, and could not resume without that shard)
     (data / "zz-raw-img2dataset.tar").write_bytes(b"this is not a tar file" * 40)
+    whole = sorted(data.glob("shard-*.tar"))[0].read_bytes()
+    (data / "zz-truncated.tar").write_bytes(whole[:len(whole) // 2 + 100])
+    (data / "zz-empty.tar").write_bytes(b"")
     args[args.index("--output-dir") + 1] = str(tmp_path / "run2")
-    with pytest.raises(ValueError, match=r"Shard .*zz-raw-img2dataset.tar cannot be read .*not a tar file or is truncated"):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stage1.main(args)
+    assert re.search(r"zz-raw-img2dataset.tar cannot be read past its first 0 records .*not a tar file or is "
+                     r"truncated", caplog.text)
+    assert re.search(r"zz-truncated.tar cannot be read past its first [1-9]", caplog.text)  # its whole records used
+    assert "zz-empty.tar cannot be read past its first 0 records" in caplog.text
+    args[args.index("--data") + 1] = f"{data / 'zz-raw-img2dataset.tar'},{data / 'zz-empty.tar'}"  # nothing usable
+    args[args.index("--output-dir") + 1] = str(tmp_path / "run3")
+    with pytest.raises(ValueError, match=r"hold no samples \(or cannot be read"):
         stage1.main(args)
 
 

@@ -191,12 +191,16 @@ class RecordStream:
 
         path = self._order()[self.cursor]
         self._shard_name = os.path.basename(path)
+        records = []
         try:
-            records = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")})
-                       for r in open_shard(path)]
+            for r in open_shard(path):
+                records.append((r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}))
         except Exception as e:  # tarfile.ReadError, a truncated member, ... (webdataset re-raises them as they come)
-            raise ValueError(f"Shard {path} cannot be read ({type(e).__name__}: {e}); it is not a tar file or is "
-                             "truncated. Rebuild it with python -m train.data, or leave it out of --data.") from e
+            # skipped, not fatal: a shard is reached at any time of a run, and a resumed run needs the same shards;
+            # the records before the damage are the same at every read, so the stream stays deterministic
+            logger.warning("shard %s cannot be read past its first %d records (%s: %s): it is not a tar file or is "
+                           "truncated; the rest of it is skipped in every epoch. Rebuild it under the same name with "
+                           "python -m train.data.", path, len(records), type(e).__name__, e)
         records.sort(key=lambda kv: kv[0])  # independent of tar member order
         sample_rng(self.seed, "records", self.epoch, os.path.basename(path)).shuffle(records)
         return records
@@ -216,7 +220,8 @@ class RecordStream:
                 self.cursor, self.epoch = 0, self.epoch + 1
                 self._empty_epochs += 1
                 if self._empty_epochs > 1:
-                    raise ValueError(f"The shards in {self.shards[:3]}... hold no samples; check --data.")
+                    raise ValueError(f"The shards in {self.shards[:3]}... hold no samples (or cannot be read: see the "
+                                     "warnings above); check --data.")
 
 
 # --- stage interface ---------------------------------------------------------------------------------
