@@ -735,6 +735,35 @@ def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path
         stage1.main(args)
 
 
+def test_samples_whose_json_has_fields_of_another_type_are_skipped(env, tmp_path, caplog):
+    """A record whose json is null or a list, or holds a number or null where text or a list belongs, is skipped
+    with a warning like a missing field (TypeError / AttributeError used to end the run in select)."""
+    import io
+    import tarfile
+
+    from train import stage1
+
+    data = tmp_path / "data"
+    shutil.copytree(env.data, data)
+    with tarfile.open(sorted(data.glob("*.tar"))[0]) as tar:
+        png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
+    metas = {"json_null": None, "json_list": [1, 2], "caption_number": {"kind": "laion", "caption": 5, "text": 5},
+             "entities_null": {"kind": "openimage", "caption": "a dog", "text": "a dog <i>", "entities": None}}
+    with tarfile.open(data / "zz-odd-types.tar", "w") as tar:
+        for key, meta in metas.items():
+            for field, payload in (("json", json.dumps(meta).encode()), ("target.png", png)):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = common(env, tmp_path / "run", steps=8, batch=4) + ["--image-text-pairs", "true"]
+    args[args.index("--data") + 1] = str(data)
+    with caplog.at_level("WARNING"):
+        stage1.main(args)  # 8 updates x 4 samples: every shard read at least once
+    for key in metas:
+        assert re.search(f"skipping sample {key} of shard zz-odd-types.tar: its json is not an object or a field has "
+                         "the wrong type", caplog.text), key
+
+
 def test_training_inputs_layout_and_ranges():
     import io
 

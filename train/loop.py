@@ -508,8 +508,14 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
         record = stream.next()
         try:
             item = stage.select(record)
-        except (KeyError, ValueError) as e:  # a malformed sample: skipped with a warning, as train.data does
-            reason = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # a malformed sample: skipped with a warning,
+            # as train.data does; TypeError / AttributeError: a field of another JSON type (null, a number, a list)
+            if isinstance(e, KeyError):
+                reason = f"no field {e.args[0]!r}"
+            elif isinstance(e, ValueError):
+                reason = str(e)
+            else:
+                reason = f"its json is not an object or a field has the wrong type ({type(e).__name__}: {e})"
             logger.warning("skipping sample %s of shard %s: %s (the layout is in docs/data-format.md)", record.key,
                            record.shard, reason)
             item = None
