@@ -764,6 +764,24 @@ def test_samples_whose_json_has_fields_of_another_type_are_skipped(env, tmp_path
                          "the wrong type", caplog.text), key
 
 
+def test_a_truncated_jpeg_in_a_sample_is_caught_before_collate():
+    """Image fields hold PNG (docs/data-format.md); a shard from another writer may hold JPEG, whose `verify`
+    passes a truncated file that then failed to decode in collate, ending the run."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from train.inputs import check_images_readable
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    whole = buffer.getvalue()
+    check_images_readable({"target.png": whole}, ["target.png"], "k")
+    with pytest.raises(ValueError, match="target.png is not a readable image .*image file is truncated"):
+        check_images_readable({"target.png": whole[:-50]}, ["target.png"], "k")  # the header intact: it opens
+
+
 def test_training_inputs_layout_and_ranges():
     import io
 
