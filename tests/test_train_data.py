@@ -419,6 +419,28 @@ def test_ingest_pairs_folder(tmp_path):
     assert all(s.meta["kind"] == "laion" and s.meta["entities"] == [] for s in samples)
 
 
+def test_captions_lose_byte_order_marks_control_characters_and_image_placeholders(tmp_path):
+    """A UTF-8 BOM (Windows editors), NUL / other control characters and a literal `<i>` (HTML italics in scraped
+    alt text) were kept in captions: the BOM and NUL went to the tokenizer, and `<i>` made a sample whose text has
+    more image placeholders than images, which every stage then skipped."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    captions = {"bom": "\ufeffa dog on a mat".encode("utf-8"), "nul": b"a dog\x00 on\x0b a mat",
+                "italics": b"a <i>Rosa canina</i> flower"}
+    for name, caption in captions.items():
+        _noise_image(rng).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(caption)
+    _noise_image(rng).save(folder / "listed.png")
+    run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=16))
+    assert sorted(s.meta["text"] for s in read_samples(str(tmp_path / "out"))) == [
+        "a Rosa canina</i> flower", "a dog on a mat", "a dog on a mat"]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"image": "pairs/listed.png", "caption": "a listed dog"}\n', encoding="utf-8-sig")
+    run_ingest_pairs(IngestConfig(input=str(jsonl), output=str(tmp_path / "out2"), image_size=16))
+    assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out2"))] == ["a listed dog"]
+
+
 def test_folder_names_with_brackets_or_commas_and_symlinked_subfolders(tmp_path):
     """Image and shard folders named like globs or lists are read as the folders they are, and images in
     symlinked subfolders count (they were skipped silently; summaries of "out [v2]" reported 0 shards)."""

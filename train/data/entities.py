@@ -16,6 +16,7 @@ Everything here is pure string work, so garbage model output can only ever shrin
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER
@@ -56,8 +57,11 @@ _STRIP_CHARS = " \t\"'`.!?:()[]{}"
 
 
 def clean_text(text: str) -> str:
-    """One line, single spaces: TSV-safe (no tab / newline) and stable for matching."""
-    return " ".join(text.replace("\t", " ").replace("\r", " ").replace("\n", " ").split())
+    """One line, single spaces: TSV-safe (no tab / newline) and stable for matching. Every control character
+    (tab, newline, NUL...) becomes a space, and a literal `<i>` (HTML italics in scraped captions) is removed:
+    in a sample's text it would be read as an image placeholder and the sample could not be trained on."""
+    text = text.replace(IMAGE_PLACEHOLDER, " ")
+    return " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in text).split())
 
 
 def parse_entity_answer(answer: str, max_words: int = 4) -> list[str]:

@@ -45,7 +45,7 @@ class TripletItem:
 
 def _read_jsonl(path: str) -> list[dict]:
     entries = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -82,7 +82,7 @@ def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
             folder = os.path.join(input_spec, name)
             prompt_path = os.path.join(folder, "prompt.json")
             try:
-                with open(prompt_path, encoding="utf-8") as handle:
+                with open(prompt_path, encoding="utf-8-sig") as handle:
                     prompt = json.load(handle)
                 caption, edit = prompt["input"], prompt["edit"]
             except (OSError, json.JSONDecodeError, KeyError) as error:

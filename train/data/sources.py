@@ -96,7 +96,7 @@ def _read_captions_file(path: str | None) -> dict[str, str]:
     if not path:
         return {}
     captions = {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -122,7 +122,7 @@ def iter_folder(folder: str, captions_file: str | None = None, limit: int = 0) -
         caption = captions.get(relative)
         sidecar = os.path.splitext(full)[0] + ".txt"
         if caption is None and os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8", errors="replace") as handle:
+            with open(sidecar, encoding="utf-8-sig", errors="replace") as handle:
                 caption = handle.read()
         key = f"{index:08d}_{sanitize_key(os.path.splitext(relative)[0])}"
         yield RawItem(index=index, key=key, origin=relative, read=_read_file(full),
