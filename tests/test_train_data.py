@@ -441,6 +441,32 @@ def test_captions_lose_byte_order_marks_control_characters_and_image_placeholder
     assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out2"))] == ["a listed dog"]
 
 
+def test_captions_that_are_not_utf8_are_counted_and_named_not_garbled(tmp_path, caplog):
+    """A Latin-1 caption (sidecar .txt or a shard's txt) was decoded with replacement characters and written
+    garbled; a shard's json member that is not UTF-8 ended the whole run (UnicodeDecodeError). Now a caption that
+    cannot be read is `unreadable_caption`, named in a warning; unreadable json is just no caption."""
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for name, caption in (("good", "a caf\u00e9 dog".encode("utf-8")), ("latin1", "a caf\u00e9 dog".encode("latin-1"))):
+        _noise_image(rng).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(caption)
+    with caplog.at_level("WARNING"):
+        summary = run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=16))
+    assert (summary["written"], summary["unreadable_caption"]) == (1, 1)
+    assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out"))] == ["a caf\u00e9 dog"]
+    assert "caption file latin1.txt cannot be read" in caplog.text and "save it as UTF-8 text" in caplog.text
+    shard = tmp_path / "raw.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("a.jpg", _png(_noise_image(rng))), ("a.txt", "caf\u00e9".encode("latin-1")),
+                              ("b.jpg", _png(_noise_image(rng))), ("b.json", b'{"caption": "caf\xe9"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    summary = run_ingest_pairs(IngestConfig(input=str(shard), output=str(tmp_path / "out2"), image_size=16))
+    assert (summary["unreadable_caption"], summary["missing_caption"]) == (1, 1)
+
+
 def test_folder_names_with_brackets_or_commas_and_symlinked_subfolders(tmp_path):
     """Image and shard folders named like globs or lists are read as the folders they are, and images in
     symlinked subfolders count (they were skipped silently; summaries of "out [v2]" reported 0 shards)."""

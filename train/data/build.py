@@ -3,7 +3,8 @@
 Per item outcomes (counted per shard and in summary.json): written, skipped_corrupt,
 failed_caption (no caption and none could be generated), failed_entities (LLM error),
 no_entities (no usable entity word after the official filters), failed_segmentation (CLIPSeg
-error), no_masks (no entity mask above the threshold), failed_labels (a label source raised).
+error), no_masks (no entity mask above the threshold), failed_labels (a label source raised),
+unreadable_caption (a given caption file is not UTF-8 text or cannot be opened).
 Nothing but a configuration error stops the run.
 """
 
@@ -125,6 +126,9 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
 
 def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):
     def process(item: RawItem) -> ProcessResult:
+        if item.caption_error:
+            logger.warning("%s: %s; skipped", item.key, item.caption_error)
+            return None, "unreadable_caption"
         try:
             image = decode_image(item.read(), item.origin)
         except (CorruptImageError, OSError) as error:

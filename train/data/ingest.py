@@ -147,6 +147,9 @@ def iter_pairs(input_spec: str | None, limit: int = 0):
 
 def make_pairs_processor(config: IngestConfig):
     def process(item: RawItem) -> ProcessResult:
+        if item.caption_error:
+            logger.warning("%s: %s; skipped", item.key, item.caption_error)
+            return None, "unreadable_caption"
         caption = clean_text(item.caption or "")
         if not caption:
             return None, "missing_caption"

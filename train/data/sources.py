@@ -39,6 +39,7 @@ class RawItem:
     origin: str
     read: Callable[[], bytes]
     caption: str | None = None
+    caption_error: str | None = None  # why a given caption could not be read: the item is `unreadable_caption`
 
 
 @dataclass
@@ -119,27 +120,34 @@ def iter_folder(folder: str, captions_file: str | None = None, limit: int = 0) -
         paths = paths[:limit]
     for index, relative in enumerate(paths):
         full = os.path.join(folder, relative)
-        caption = captions.get(relative)
+        caption, error = captions.get(relative), None
         sidecar = os.path.splitext(full)[0] + ".txt"
         if caption is None and os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8-sig", errors="replace") as handle:
-                caption = handle.read()
+            try:
+                with open(sidecar, encoding="utf-8-sig") as handle:
+                    caption = handle.read()
+            except (OSError, UnicodeDecodeError) as e:  # not decoded with replacement characters: that garbles it
+                error = f"caption file {os.path.splitext(relative)[0]}.txt cannot be read ({e}); save it as UTF-8 text"
         key = f"{index:08d}_{sanitize_key(os.path.splitext(relative)[0])}"
         yield RawItem(index=index, key=key, origin=relative, read=_read_file(full),
-                      caption=caption.strip() if caption and caption.strip() else None)
+                      caption=caption.strip() if caption and caption.strip() else None, caption_error=error)
 
 
-def _record_caption(record: dict) -> str | None:
+def _record_caption(record: dict) -> tuple[str | None, str | None]:
+    """(caption or None, why a given caption could not be read or None)."""
     if "txt" in record:
-        return bytes(record["txt"]).decode("utf-8", errors="replace").strip() or None
+        try:
+            return bytes(record["txt"]).decode("utf-8-sig").strip() or None, None
+        except UnicodeDecodeError as e:
+            return None, f"its .txt caption is not UTF-8 text ({e})"
     if "json" in record:
         try:
             meta = json.loads(record["json"])
-        except json.JSONDecodeError:
-            return None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError: img2dataset metadata, not needed without a caption
+            return None, None
         if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            return meta["caption"].strip() or None
-    return None
+            return meta["caption"].strip() or None, None
+    return None, None
 
 
 def iter_tar_images(spec: str, limit: int = 0) -> Iterator[RawItem]:
@@ -154,7 +162,8 @@ def iter_tar_images(spec: str, limit: int = 0) -> Iterator[RawItem]:
         data = bytes(record[field_name]) if field_name else b""
         key = f"{index:08d}_{sanitize_key(record['__key__'])}"
         origin = f"{os.path.basename(record.get('__url__', ''))}:{record['__key__']}"
-        yield RawItem(index=index, key=key, origin=origin, read=(lambda d=data: d), caption=_record_caption(record))
+        caption, error = _record_caption(record)
+        yield RawItem(index=index, key=key, origin=origin, read=(lambda d=data: d), caption=caption, caption_error=error)
 
 
 def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: str | None = None,
