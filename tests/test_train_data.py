@@ -739,6 +739,23 @@ def test_official_lines_with_odd_fields_or_corrupt_png_are_counted_not_crashed()
     assert outcome == "written" and sample.meta["caption"] == "a beach"
 
 
+def test_official_tsv_lines_that_are_not_utf8_or_lack_fields_are_counted_and_named(tmp_path, caplog):
+    """A TSV line with bytes that are not UTF-8 raised UnicodeDecodeError out of the reader: from-official ended
+    with 'utf-8 codec can't decode' naming no file. Now that line is `malformed`, named in a warning, like a
+    line with too few fields (counted silently before); CRLF line ends still read."""
+    good = base64.b64encode(_png(Image.new("RGB", (4, 4), (9, 9, 9)))).decode()
+    folder = tmp_path / "official" / "laion"
+    (folder / "json").mkdir(parents=True)
+    (folder / "json" / "train.json").write_text(json.dumps([{"source": ["x.tsv"], "source_lang": "laion"}]))
+    (folder / "x.tsv").write_bytes(f"k0\ta beach\t{good}\t4\t4\r\n".encode() + b"k1\tcaf\xe9\t" + good.encode() +
+                                   b"\t4\t4\n" + b"k2\tonly two fields\n")
+    with caplog.at_level("WARNING"):
+        summary = run_from_official(OfficialConfig(input=str(tmp_path / "official"), output=str(tmp_path / "out")))
+    assert (summary["written"], summary["malformed"]) == (1, 2)
+    assert "laion/x:0000002: not UTF-8 text" in caplog.text
+    assert "laion/x:0000003: 2 tab-separated fields, expected key, caption, image" in caplog.text
+
+
 def test_iter_records_inside_a_gloo_process_group(tmp_path, monkeypatch):
     """Under torchrun / accelerate launch (RANK, WORLD_SIZE set; gloo group initialised) reading
     shards must not hit webdataset's "you need to add an explicit nodesplitter" refusal; every

@@ -162,12 +162,16 @@ def iter_official(root: str):
                 if path is None:
                     logger.warning("%s: listed in train.json but missing; skipped", name)
                     continue
-                with open(path, encoding="utf-8") as handle:
-                    for number, line in enumerate(handle, 1):
-                        line = line.rstrip("\n")
-                        if line.strip():
-                            origin = f"{os.path.basename(folder)}/{os.path.splitext(name)[0]}:{number:07d}"
-                            yield TsvLine(index, kind, origin, line.split("\t"))
+                with open(path, "rb") as handle:  # decoded per line: one line that is not UTF-8 is one bad line
+                    for number, raw in enumerate(handle, 1):
+                        origin = f"{os.path.basename(folder)}/{os.path.splitext(name)[0]}:{number:07d}"
+                        try:
+                            line = raw.decode("utf-8").rstrip("\r\n")
+                        except UnicodeDecodeError as error:
+                            logger.warning("%s: not UTF-8 text (%s); counted as malformed", origin, error)
+                            line = None
+                        if line is None or line.strip():
+                            yield TsvLine(index, kind, origin, [] if line is None else line.split("\t"))
                             index += 1
 
 
@@ -182,28 +186,35 @@ def _png_from_b64(text: str, name: str) -> bytes:
     return png_bytes(decode_image(data, name))
 
 
+def _malformed(line: TsvLine, expected: str) -> ProcessResult:
+    if line.fields:  # no fields: a line that is not UTF-8, warned about when read
+        logger.warning("%s: %d tab-separated fields, expected %s (docs/data-format.md); counted as malformed",
+                       line.origin, len(line.fields), expected)
+    return None, "malformed"
+
+
 def tsv_line_to_sample(line: TsvLine) -> ProcessResult:
     fields, key, origin = line.fields, line.key, line.origin
     try:
         if line.kind == "laion":
             if len(fields) < 3:
-                return None, "malformed"
+                return _malformed(line, "key, caption, image[, width, height]")
             return laion_sample(key, fields[1], _png_from_b64(fields[2], origin), origin), "written"
         if line.kind == "instructpix2pix":
             if len(fields) < 4 or len(fields) % 2:
-                return None, "malformed"
+                return _malformed(line, "input caption, edit, then (source, edited) image pairs")
             pairs = [(_png_from_b64(fields[i], origin), _png_from_b64(fields[i + 1], origin))
                      for i in range(2, len(fields), 2)]
             return ip2p_sample(key, fields[0], fields[1], pairs, origin), "written"
         if len(fields) < 3:
-            return None, "malformed"
+            return _malformed(line, "caption, tags, image, then (crop, masked crop) per tag")
         caption, tags = fields[0], fields[1].split(",")
         layout = layout_interleaved(caption, tags)  # official loader: filter, order, place
         crops = []
         for name in layout.entities:
             tag_id = tags.index(name)
             if len(fields) < 5 + 2 * tag_id:
-                return None, "malformed"
+                return _malformed(line, f"a (crop, masked crop) pair for tag {name!r}")
             crops.append((_png_from_b64(fields[3 + 2 * tag_id], origin), _png_from_b64(fields[4 + 2 * tag_id], origin)))
         if not layout.entities:
             return None, "no_entities"
