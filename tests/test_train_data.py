@@ -467,6 +467,23 @@ def test_captions_that_are_not_utf8_are_counted_and_named_not_garbled(tmp_path, 
     assert (summary["unreadable_caption"], summary["missing_caption"]) == (1, 1)
 
 
+@pytest.mark.parametrize("line", ['[1, 2]', '{"image": 5, "caption": "x"}', '{"image": "a.png", "caption": 5}'])
+def test_a_jsonl_entry_of_another_type_is_named_before_any_work(tmp_path, line):
+    """A captions-file or pairs JSONL line that is not an object, or holds a number where text belongs, raised
+    AttributeError / TypeError out of the input iterator in the middle of the run."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _noise_image(np.random.default_rng(7)).save(folder / "a.png")
+    jsonl = folder / "pairs.jsonl"
+    jsonl.write_text('{"image": "a.png", "caption": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl: entry 2 .*expected \{\"image\""):
+        run_ingest_pairs(IngestConfig(input=str(jsonl), output=str(tmp_path / "out"), image_size=16))
+    from train.data.sources import iter_folder
+
+    with pytest.raises(ValueError, match=r"captions file .*pairs.jsonl:2: expected \{\"image\""):
+        list(iter_folder(str(folder), str(jsonl)))
+
+
 def test_folder_names_with_brackets_or_commas_and_symlinked_subfolders(tmp_path):
     """Image and shard folders named like globs or lists are read as the folders they are, and images in
     symlinked subfolders count (they were skipped silently; summaries of "out [v2]" reported 0 shards)."""

@@ -138,6 +138,11 @@ def iter_pairs(input_spec: str | None, limit: int = 0):
     if input_spec and input_spec.lower().endswith(".jsonl") and os.path.isfile(input_spec):
         base = os.path.dirname(os.path.abspath(input_spec))
         entries = _read_jsonl(input_spec)[: limit or None]
+        for index, entry in enumerate(entries):  # checked before any work: a bad line is a bad file, named at once
+            if not isinstance(entry, dict) or not isinstance(entry.get("image", ""), str) or \
+                    not isinstance(entry.get("caption"), (str, type(None))):
+                raise ValueError(f"{input_spec}: entry {index + 1} is {entry!r:.80}; expected "
+                                 '{"image": "relative/path", "caption": "..."} per line')
         for index, entry in enumerate(entries):
             path = os.path.join(base, str(entry.get("image", "")))
             yield RawItem(index, f"{index:08d}", str(entry.get("image", "")), _read_file(path), entry.get("caption"))

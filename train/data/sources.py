@@ -103,10 +103,12 @@ def _read_captions_file(path: str | None) -> dict[str, str]:
                 continue
             try:
                 entry = json.loads(line)
+                if not isinstance(entry["image"], str) or not isinstance(entry["caption"], str):
+                    raise TypeError(f"image and caption must be text, got {entry['image']!r}, {entry['caption']!r}")
                 captions[entry["image"]] = entry["caption"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"captions file {path}:{number}: expected "
-                                 '{"image": "relative/path", "caption": "..."} per line') from error
+                                 '{"image": "relative/path", "caption": "..."} per line ' f"({error})") from error
     return captions
 
 
