@@ -754,6 +754,9 @@ def test_official_lines_with_odd_fields_or_corrupt_png_are_counted_not_crashed()
     assert tsv_line_to_sample(corrupt) == (None, "skipped_corrupt")
     sample, outcome = tsv_line_to_sample(TsvLine(2, "laion", "laion/x:0000002", ["k", "a beach", good, "4", "4"]))
     assert outcome == "written" and sample.meta["caption"] == "a beach"
+    # a caption with a literal <i> (HTML italics) was kept: a sample every stage skips (one more placeholder)
+    sample, _ = tsv_line_to_sample(TsvLine(3, "laion", "laion/x:0000003", ["k", "a <i>Sula</i>\x00 bird", good, "4", "4"]))
+    assert sample.meta["text"] == "a Sula</i> bird"
 
 
 def test_official_tsv_lines_that_are_not_utf8_or_lack_fields_are_counted_and_named(tmp_path, caplog):

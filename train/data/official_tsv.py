@@ -199,16 +199,16 @@ def tsv_line_to_sample(line: TsvLine) -> ProcessResult:
         if line.kind == "laion":
             if len(fields) < 3:
                 return _malformed(line, "key, caption, image[, width, height]")
-            return laion_sample(key, fields[1], _png_from_b64(fields[2], origin), origin), "written"
+            return laion_sample(key, clean_text(fields[1]), _png_from_b64(fields[2], origin), origin), "written"
         if line.kind == "instructpix2pix":
             if len(fields) < 4 or len(fields) % 2:
                 return _malformed(line, "input caption, edit, then (source, edited) image pairs")
             pairs = [(_png_from_b64(fields[i], origin), _png_from_b64(fields[i + 1], origin))
                      for i in range(2, len(fields), 2)]
-            return ip2p_sample(key, fields[0], fields[1], pairs, origin), "written"
+            return ip2p_sample(key, clean_text(fields[0]), clean_text(fields[1]), pairs, origin), "written"
         if len(fields) < 3:
             return _malformed(line, "caption, tags, image, then (crop, masked crop) per tag")
-        caption, tags = fields[0], fields[1].split(",")
+        caption, tags = clean_text(fields[0]), fields[1].split(",")  # as every caption: no control chars, no <i>
         layout = layout_interleaved(caption, tags)  # official loader: filter, order, place
         crops = []
         for name in layout.entities:
