@@ -475,13 +475,25 @@ def test_a_jsonl_entry_of_another_type_is_named_before_any_work(tmp_path, line):
     folder.mkdir()
     _noise_image(np.random.default_rng(7)).save(folder / "a.png")
     jsonl = folder / "pairs.jsonl"
-    jsonl.write_text('{"image": "a.png", "caption": "fine"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl: entry 2 .*expected \{\"image\""):
+    jsonl.write_text('{"image": "a.png", "caption": "fine"}\n\n' + line + "\n")  # named by its line: 3
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: .* is not \{\"image\""):
         run_ingest_pairs(IngestConfig(input=str(jsonl), output=str(tmp_path / "out"), image_size=16))
     from train.data.sources import iter_folder
 
-    with pytest.raises(ValueError, match=r"captions file .*pairs.jsonl:2: expected \{\"image\""):
+    with pytest.raises(ValueError, match=r"captions file .*pairs.jsonl:3: expected \{\"image\""):
         list(iter_folder(str(folder), str(jsonl)))
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"input_caption": "a", "edit": "b"}'])
+def test_a_triplets_jsonl_entry_that_does_not_fit_is_named_by_its_line(tmp_path, line):
+    """Not an object (AttributeError escaped as a traceback), or no images: named by the line an editor shows
+    (blank lines were not counted)."""
+    from train.data.ingest import iter_ip2p
+
+    good = json.dumps({"input_caption": "a", "edit": "b", "source": "s.png", "edited": "e.png"})
+    (tmp_path / "triplets.jsonl").write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=r"triplets.jsonl:3: expected input_caption, edit"):
+        iter_ip2p(str(tmp_path))
 
 
 def test_folder_names_with_brackets_or_commas_and_symlinked_subfolders(tmp_path):
@@ -887,6 +899,7 @@ def test_to_official_is_written_by_the_first_process_only(tmp_path, monkeypatch)
 @pytest.mark.parametrize("content,problem", [('[["a", [1]]', "is not valid JSON"),  # cut short
                                              ('{"a": [1]}', "holds a JSON dict"),
                                              ('[["a", 1]]', "an entry is not"),
+                                             ('[[1, [1]]]', "an entry is not"),  # a number as the folder name
                                              ('[["a"]]', "an entry is not")])
 def test_a_malformed_seeds_json_names_the_file_and_its_layout(tmp_path, content, problem):
     from train.data.ingest import iter_ip2p

@@ -43,13 +43,14 @@ class TripletItem:
     pairs: list[tuple[str, str]]  # (source path, edited path) per seed
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str) -> list[tuple[int, object]]:
+    """(line number, parsed entry) per non-blank line: messages name the line a user's editor shows."""
     entries = []
     with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    entries.append(json.loads(line))
+                    entries.append((number, json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
     return entries
@@ -62,21 +63,22 @@ def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
     items: list[TripletItem] = []
     if os.path.isfile(jsonl):
         base = os.path.dirname(os.path.abspath(jsonl))
-        for index, entry in enumerate(_read_jsonl(jsonl)):
+        for index, (line, entry) in enumerate(_read_jsonl(jsonl)):
             try:
                 pairs = entry.get("pairs") or [[entry["source"], entry["edited"]]]
-                items.append(TripletItem(index, f"{index:08d}", f"{os.path.basename(jsonl)}:{index + 1}",
+                items.append(TripletItem(index, f"{index:08d}", f"{os.path.basename(jsonl)}:{line}",
                                          entry["input_caption"], entry["edit"],
                                          [(os.path.join(base, s), os.path.join(base, e)) for s, e in pairs]))
-            except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{jsonl}:{index + 1}: expected input_caption, edit and source/edited "
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise ValueError(f"{jsonl}:{line}: expected input_caption, edit and source/edited "
                                  f"or pairs ({error})") from error
     elif os.path.isfile(os.path.join(input_spec, "seeds.json")):
         seeds_path = os.path.join(input_spec, "seeds.json")
         layout = "[[folder name, [seed, ...]], ...] (the InstructPix2Pix release's seeds.json)"
         fix = "Give the release's folder as it was downloaded, or a triplets .jsonl file."
         seeds_list = read_json(seeds_path, list, layout, fix)
-        if not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list) for entry in seeds_list):
+        if not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+                   for entry in seeds_list):
             raise ValueError(f"{seeds_path}: an entry is not [folder name, [seed, ...]]; it should hold {layout}. {fix}")
         for index, (name, seeds) in enumerate(seeds_list):
             folder = os.path.join(input_spec, name)
@@ -138,12 +140,12 @@ def iter_pairs(input_spec: str | None, limit: int = 0):
     if input_spec and input_spec.lower().endswith(".jsonl") and os.path.isfile(input_spec):
         base = os.path.dirname(os.path.abspath(input_spec))
         entries = _read_jsonl(input_spec)[: limit or None]
-        for index, entry in enumerate(entries):  # checked before any work: a bad line is a bad file, named at once
+        for line, entry in entries:  # checked before any work: a bad line is a bad file, named at once
             if not isinstance(entry, dict) or not isinstance(entry.get("image", ""), str) or \
                     not isinstance(entry.get("caption"), (str, type(None))):
-                raise ValueError(f"{input_spec}: entry {index + 1} is {entry!r:.80}; expected "
-                                 '{"image": "relative/path", "caption": "..."} per line')
-        for index, entry in enumerate(entries):
+                raise ValueError(f"{input_spec}:{line}: {entry!r:.80} is not "
+                                 '{"image": "relative/path", "caption": "..."}; write one such object per line')
+        for index, (_, entry) in enumerate(entries):
             path = os.path.join(base, str(entry.get("image", "")))
             yield RawItem(index, f"{index:08d}", str(entry.get("image", "")), _read_file(path), entry.get("caption"))
         return
