@@ -593,6 +593,29 @@ def test_ingest_pairs_min_side_drops_images_with_a_short_side(tmp_path):
     assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out"))] == ["a square picture"]
 
 
+def test_ingest_skips_an_image_whose_resized_copy_would_pass_the_pixel_limit(tmp_path, monkeypatch):
+    """A banner whose shorter side is scaled up to --image-size became a huge image (10000x20 at 512:
+    256000x512, ~390 MB; thinner ones GBs) that training then refuses as a decompression bomb."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 16)  # the limit, scaled down to the test's images
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    _noise_image(rng, 4, 40).save(folder / "banner.png")  # 40x4 -> 160x16 at 16 px: 2560 > 640 pixels
+    _noise_image(rng, 20, 30).save(folder / "photo.png")  # 30x20 -> 24x16: 384 pixels
+    for stem in ("banner", "photo"):
+        (folder / f"{stem}.txt").write_text(f"a {stem}")
+    summary = run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=16))
+    assert (summary["written"], summary["too_large"]) == (1, 1)
+    assert [s.meta["caption"] for s in read_samples(str(tmp_path / "out"))] == ["a photo"]
+    # InstructPix2Pix: only the pair that would pass the limit is left out
+    jsonl = tmp_path / "triplets.jsonl"
+    jsonl.write_text(json.dumps({"input_caption": "a", "edit": "b", "pairs": [[str(folder / "banner.png"),
+                     str(folder / "photo.png")], [str(folder / "photo.png"), str(folder / "photo.png")]]}) + "\n")
+    run_ingest_ip2p(IngestConfig(input=str(jsonl), output=str(tmp_path / "ip2p"), image_size=16))
+    (sample,) = read_samples(str(tmp_path / "ip2p"))
+    assert sample.meta["variants"] == 0  # one pair: no variant beside it
+
+
 def test_captions_file_takes_precedence_and_shard_limit_counts_records(tmp_path):
     """A --captions-file entry wins over a sidecar .txt; `limit` on shards yields exactly that many records."""
     from train.data.sources import iter_folder, iter_tar_images

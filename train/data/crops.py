@@ -50,16 +50,30 @@ def center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at `size`, aspect kept."""
+    if width <= height:
+        return size, max(1, int(size / width * height))
+    return max(1, int(size / height * width)), size
+
+
 def resize_shorter_side(image: Image.Image, size: int | None) -> Image.Image:
     """Shorter side to `size`, aspect kept (official InstructPix2Pix repacking); None keeps it."""
     if not size:
         return image
-    width, height = image.size
-    if width <= height:
-        new = (size, max(1, int(size / width * height)))
-    else:
-        new = (max(1, int(size / height * width)), size)
+    new = shorter_side_size(*image.size, size)
     return image if new == image.size else image.resize(new, RESAMPLE)
+
+
+def resized_beyond_pixel_limit(image: Image.Image, size: int | None) -> bool:
+    """Would `resize_shorter_side` make more pixels than PIL decodes (`Image.MAX_IMAGE_PIXELS`)? A banner
+    such as 10000x20 becomes 256000x512 at 512: GBs to build here, and refused as a decompression bomb when
+    training reads the sample back."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not size or not limit:
+        return False
+    width, height = shorter_side_size(*image.size, size)
+    return width * height > limit
 
 
 def largest_region(mask: np.ndarray, dilation: int) -> tuple[np.ndarray, tuple[slice, slice]] | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from train.common.config import read_json
 
 from .config import IngestConfig
-from .crops import CorruptImageError, decode_image, resize_shorter_side
+from .crops import CorruptImageError, decode_image, resize_shorter_side, resized_beyond_pixel_limit
 from .entities import clean_text
 from .samples import ip2p_sample, laion_sample
 from .shards import ProcessResult, run_sharded, sanitize_key
@@ -113,6 +113,11 @@ def make_ip2p_processor(config: IngestConfig):
                 continue
             if min(*source.size, *edited.size) < config.min_side:
                 continue
+            if resized_beyond_pixel_limit(source, config.image_size) or \
+                    resized_beyond_pixel_limit(edited, config.image_size):
+                logger.warning("%s: %s or its edit is too elongated to resize its shorter side to %d px; pair "
+                               "skipped", item.key, source_path, config.image_size)
+                continue
             pairs.append((resize_shorter_side(source, config.image_size),
                           resize_shorter_side(edited, config.image_size)))
         if not pairs:
@@ -167,6 +172,10 @@ def make_pairs_processor(config: IngestConfig):
             return None, "skipped_corrupt"
         if min(image.size) < config.min_side:
             return None, "too_small"
+        if resized_beyond_pixel_limit(image, config.image_size):
+            logger.warning("%s: %dx%d is too elongated to resize its shorter side to %d px; skipped", item.origin,
+                           *image.size, config.image_size)
+            return None, "too_large"
         return laion_sample(item.key, caption, resize_shorter_side(image, config.image_size), item.origin), "written"
     return process
 
