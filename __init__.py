@@ -26,7 +26,11 @@ def _comfyui_version() -> str:
 
 
 _missing = _missing_node_api()
-if _missing is None:
+if not __package__:
+    # Imported as a lone file, not as a package: pytest does that when the checkout's folder name is no Python
+    # name (e.g. custom_nodes/ComfyUI-Kosmos-G, as the README clones it); the relative imports below would fail.
+    __all__ = ["WEB_DIRECTORY"]
+elif _missing is None:
     from .nodes import comfy_entrypoint
 
     __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

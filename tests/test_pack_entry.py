@@ -56,6 +56,16 @@ def test_outside_comfyui_the_package_imports_without_nodes(monkeypatch):
     assert entry.__all__ == ["WEB_DIRECTORY"] and not hasattr(entry, "comfy_entrypoint")
 
 
+def test_imported_as_a_lone_file_the_entry_point_loads_without_nodes():
+    """pytest imports the root __init__.py as a lone module when the checkout's folder is no Python name (the
+    README's `ComfyUI-Kosmos-G`): every test then failed at collection with 'attempted relative import with
+    no known parent package'."""
+    spec = importlib.util.spec_from_file_location("__init__", REPO / "__init__.py")  # no package around it
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.__all__ == ["WEB_DIRECTORY"] and not hasattr(entry, "comfy_entrypoint")
+
+
 def test_required_version_is_the_one_pyproject_declares():
     entry_source = (REPO / "__init__.py").read_text()
     required = re.search(r'REQUIRED_COMFYUI = "([^"]+)"', entry_source).group(1)
