@@ -56,10 +56,13 @@ def test_outside_comfyui_the_package_imports_without_nodes(monkeypatch):
     assert entry.__all__ == ["WEB_DIRECTORY"] and not hasattr(entry, "comfy_entrypoint")
 
 
-def test_imported_as_a_lone_file_the_entry_point_loads_without_nodes():
+def test_imported_as_a_lone_file_the_entry_point_loads_without_nodes(monkeypatch):
     """pytest imports the root __init__.py as a lone module when the checkout's folder is no Python name (the
     README's `ComfyUI-Kosmos-G`): every test then failed at collection with 'attempted relative import with
-    no known parent package'."""
+    no known parent package' (once a test had put ComfyUI's tree, hence its node API, on sys.path)."""
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", types.SimpleNamespace(io=types.SimpleNamespace(Autogrow=object)))
     spec = importlib.util.spec_from_file_location("__init__", REPO / "__init__.py")  # no package around it
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
