@@ -157,12 +157,17 @@ class KosmosGConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "KosmosGConfig":
         def build(klass, values):
+            if not isinstance(values, dict):
+                raise ValueError(f"Invalid Kosmos-G config: {klass.__name__} is a {type(values).__name__}, expected a "
+                                 "JSON object.")
             names = {f.name for f in dataclasses.fields(klass)}
             unknown = set(values) - names
             if unknown:
                 raise ValueError(f"Unknown {klass.__name__} fields in checkpoint config: {sorted(unknown)}.")
             return klass(**values)
 
+        if not isinstance(data, dict):  # e.g. a damaged file whose config reads as a list or a number
+            raise ValueError(f"Invalid Kosmos-G config: it is a {type(data).__name__}, expected a JSON object.")
         return cls(
             vision=build(VisionConfig, data.get("vision", {})),
             connector=build(ConnectorConfig, data.get("connector", {})),

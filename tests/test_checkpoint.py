@@ -218,6 +218,24 @@ def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, 
         load_model(path)
 
 
+
+@pytest.mark.parametrize("config_json", ["[]", "null", "64", '"x"'])
+def test_a_config_that_is_not_a_json_object_is_one_clear_error(tmp_path, config_json):
+    """Found by fuzzing: it was a bare AttributeError ('list' object has no attribute 'get')."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, _ = write_tiny_pack(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), {**metadata, "config": config_json})
+    with pytest.raises(CheckpointError, match="embedded config is missing or invalid .*expected a JSON object"):
+        load_model(path)
+    pt, tok_dir, _ = write_tiny_official(tmp_path / "official")
+    pt.with_suffix(".json").write_text(config_json)
+    with pytest.raises(CheckpointError, match=r"checkpoint_final\.json is not a valid Kosmos-G config: .*JSON object"):
+        load_model(pt, tok_dir)
+
 def test_state_dict_mismatch_names_what_differs():
     from kosmosg_core.checkpoint import state_dict_mismatch
 
