@@ -133,6 +133,8 @@ class KosmosGConfig:
             (v.width % v.heads == 0, f"vision width {v.width} is not divisible by its {v.heads} heads"),
             (a.width % a.heads == 0, f"aligner width {a.width} is not divisible by its {a.heads} heads"),
             (d.width % self.connector.heads == 0, f"decoder width {d.width} not divisible by connector heads"),
+            (1 <= v.width * v.mlp_ratio <= MAX_SIZE,  # the MLP's hidden width, int(width * mlp_ratio)
+             f"vision MLP width {v.width} x {v.mlp_ratio:g} is outside 1..{MAX_SIZE}"),
             (v.image_size % v.patch_size == 0, f"image size {v.image_size} not a multiple of patch {v.patch_size}"),
             (self.connector.num_queries == self.image_token_slots,
              f"connector queries {self.connector.num_queries} != image token slots {self.image_token_slots}"),

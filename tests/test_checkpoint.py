@@ -201,6 +201,7 @@ def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tm
     ("decoder", "layers", 100000, "expected a whole number from 1 to 1024"),  # was minutes of model building
     ("aligner", "dropout", float("nan"), "AlignerConfig.dropout = nan"),
     ("decoder", "scale_embedding", 1, "expected true or false"),
+    ("vision", "mlp_ratio", 1e308, "vision MLP width 32 x 1e"),  # found by fuzzing: was an OverflowError
 ])
 def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, value, message):
     import json
