@@ -176,8 +176,9 @@ def _describe_foreign(keys) -> str:
 
 def state_dict_mismatch(expected: dict, given: dict, allow_missing: tuple[str, ...] = ()) -> str | None:
     """None when `given` holds every tensor of `expected` (those under `allow_missing` prefixes may be absent),
-    no other, each of the expected shape; else what differs ("2 missing tensors: a, b; 1 unexpected tensor: c"
-    or "tensor a has shape (2, 3) but the model expects (3, 3)"), for the caller's error."""
+    no other, each of the expected shape and kind (floating point or not); else what differs ("2 missing tensors:
+    a, b; 1 unexpected tensor: c" or "tensor a has shape (2, 3) but the model expects (3, 3)"), for the caller's
+    error."""
     def show(names):
         return ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
 
@@ -190,6 +191,10 @@ def state_dict_mismatch(expected: dict, given: dict, allow_missing: tuple[str, .
     for name, tensor in given.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             return f"tensor {name} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[name].shape)}"
+        # loading casts floating point weights to the asked dtype; an integer or complex one cannot be a weight
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            kind = "floating point" if expected[name].is_floating_point() else f"{expected[name].dtype}"
+            return f"tensor {name} holds {tensor.dtype} values but the model expects {kind} ones"
     return None
 
 

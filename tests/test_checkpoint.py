@@ -247,6 +247,26 @@ def test_state_dict_mismatch_names_what_differs():
         "3 missing tensors: a.b, a.w, recon.w; 1 unexpected tensor: x"
     assert state_dict_mismatch(expected, {"a.w": torch.ones(3, 2), "a.b": torch.ones(2), "recon.w": torch.ones(1)}) == \
         "tensor a.w has shape (3, 2) but the model expects (2, 3)"
+    assert state_dict_mismatch(expected, {"a.w": torch.ones(2, 3, dtype=torch.int32), "a.b": torch.ones(2),
+                                          "recon.w": torch.ones(1)}) == \
+        "tensor a.w holds torch.int32 values but the model expects floating point ones"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_a_pack_with_a_non_float_weight_is_one_clear_error(tmp_path, dtype):
+    """Found by fuzzing: an integer weight was a bare RuntimeError from load_state_dict; a complex one loaded and
+    failed in the first encode."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, _ = write_tiny_pack(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["decoder.layer_norm.weight"] = tensors["decoder.layer_norm.weight"].to(dtype)
+    save_file(tensors, str(path), metadata)
+    with pytest.raises(CheckpointError, match=f"{path.name} does not match .*: tensor decoder.layer_norm.weight holds "
+                                              f"{dtype} values but the model expects floating point ones"):
+        load_model(path)
 
 
 def test_convert_keeps_the_files_dtype_unless_asked(tmp_path):
