@@ -321,6 +321,10 @@ def _read_pack(path: Path, config: KosmosGConfig | None):
         raise CheckpointError(f"Cannot read {path}: {e}.") from e
     tokenizer = None
     if TOKENIZER_SPM_KEY in tensors and TOKENIZER_DICT_KEY in tensors:
+        for key in (TOKENIZER_SPM_KEY, TOKENIZER_DICT_KEY):
+            if tensors[key].dtype != torch.uint8:  # the files' bytes as written; .numpy() cannot even read bfloat16
+                raise CheckpointError(f"{path}: tensor {key} holds {tensors[key].dtype} values, not the tokenizer "
+                                      "file's bytes (uint8); the file is damaged. Re-download or re-convert it.")
         tokenizer = KosmosGTokenizer.from_bytes(tensors.pop(TOKENIZER_SPM_KEY).numpy().tobytes(),
                                                 tensors.pop(TOKENIZER_DICT_KEY).numpy().tobytes(), source=str(path))
     try:

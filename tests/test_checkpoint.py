@@ -237,6 +237,22 @@ def test_a_config_that_is_not_a_json_object_is_one_clear_error(tmp_path, config_
     with pytest.raises(CheckpointError, match=r"checkpoint_final\.json is not a valid Kosmos-G config: .*JSON object"):
         load_model(pt, tok_dir)
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int16])
+def test_a_pack_whose_tokenizer_tensor_is_not_bytes_is_one_clear_error(tmp_path, dtype):
+    """Found by fuzzing: a bfloat16 tokenizer tensor was a bare TypeError (numpy cannot hold it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, _ = write_tiny_pack(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    data = tensors["tokenizer.dict_txt"]
+    tensors["tokenizer.dict_txt"] = data[:len(data) // 2 * 2].view(dtype)  # the same bytes, another dtype
+    save_file(tensors, str(path), metadata)
+    with pytest.raises(CheckpointError, match=f"{path.name}: tensor tokenizer.dict_txt holds {dtype} values"):
+        load_model(path)
+
 def test_state_dict_mismatch_names_what_differs():
     from kosmosg_core.checkpoint import state_dict_mismatch
 
