@@ -525,7 +525,9 @@ class _Archive:
         if self._zip is None:
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except zipfile.BadZipFile:
+            # a damaged directory can also be a name that is not UTF-8 (ValueError) or a zip feature (version,
+            # flag) Python does not implement
+            except (zipfile.BadZipFile, ValueError, NotImplementedError):
                 with open(self.path, "rb") as f:
                     head = f.read(16)
                 raise CheckpointError(_describe_non_zip(self.path, head, self.path.stat().st_size)) from None
@@ -559,7 +561,8 @@ class _Archive:
         try:
             with self._open().open(info) as f:
                 data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        # NotImplementedError: a record flag zipfile does not support (e.g. strong encryption)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
             raise CheckpointError(f"{self.path}: cannot read record {name!r} ({e or type(e).__name__}). "
                                   f"{_RE_DOWNLOAD}") from e
         if nbytes is not None and len(data) < nbytes:

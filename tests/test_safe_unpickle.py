@@ -431,6 +431,41 @@ def test_corrupt_storage_bytes_fail_the_crc(tmp_path):
         load_pt_state_dict(tmp_path / "bad.pt")
 
 
+
+def _patch_central_directory(data: bytes, patch) -> bytes:
+    """`patch(bytearray, offset)` applied to every central directory entry of a zip file."""
+    data = bytearray(data)
+    entry = data.find(b"PK\x01\x02")
+    while entry != -1:
+        patch(data, entry)
+        entry = data.find(b"PK\x01\x02", entry + 4)
+    return bytes(data)
+
+
+def _set_flag_bits(bits):
+    def patch(data, entry):
+        data[entry + 8:entry + 10] = (int.from_bytes(data[entry + 8:entry + 10], "little") | bits).to_bytes(2, "little")
+    return patch
+
+
+def _bad_utf8_name(data, entry):  # flag bit 11 says UTF-8, but the name is not
+    _set_flag_bits(0x800)(data, entry)
+    data[entry + 46] = 0xFF
+
+
+def _future_zip_version(data, entry):
+    data[entry + 6:entry + 8] = (64).to_bytes(2, "little")  # "version needed to extract" 6.4
+
+
+@pytest.mark.parametrize("patch", [_bad_utf8_name, _future_zip_version, _set_flag_bits(0x40), _set_flag_bits(0x20)],
+                         ids=["non-utf8-name", "zip-version-6.4", "strong-encryption", "patched-data"])
+def test_a_damaged_zip_directory_is_one_clear_error(tmp_path, patch):
+    """Found by fuzzing the central directory: zipfile raised a bare UnicodeDecodeError or NotImplementedError."""
+    torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "ok.pt")
+    (tmp_path / "bad.pt").write_bytes(_patch_central_directory((tmp_path / "ok.pt").read_bytes(), patch))
+    with pytest.raises(CheckpointError, match=r"bad\.pt.*re-download"):
+        load_pt_state_dict(tmp_path / "bad.pt")
+
 def test_not_a_zip(tmp_path):
     (tmp_path / "notes.pt").write_text("hello, this is text")
     with pytest.raises(CheckpointError, match="not a PyTorch .pt checkpoint"):
