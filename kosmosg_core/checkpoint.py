@@ -355,6 +355,12 @@ def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, pat
         keep = set(KosmosG(inference_cfg).state_dict())
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in state.items() if k in keep}
+    # safetensors refuses tensors that share memory; a .pt may hold two weights as one tensor (loading keeps that)
+    storages = set()
+    for name, tensor in tensors.items():
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensors[name] = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
     if tokenizer is not None:
         spm_bytes, dict_bytes = tokenizer.to_bytes()
         tensors[TOKENIZER_SPM_KEY] = torch.frombuffer(bytearray(spm_bytes), dtype=torch.uint8)

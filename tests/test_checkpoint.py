@@ -302,6 +302,20 @@ def test_convert_keeps_the_files_dtype_unless_asked(tmp_path):
     assert float_dtypes(convert_official(pt, tmp_path / "fp32.safetensors", tok_dir, dtype=torch.float32)) == {"F32"}
 
 
+
+def test_convert_writes_weights_that_share_memory_in_the_pt(tmp_path):
+    """Found by fuzzing: two weights saved as one tensor (one storage in the .pt) loaded, but convert failed with
+    safetensors' bare RuntimeError ("Some tensors share memory")."""
+    from kosmosg_core.checkpoint import convert_official
+
+    pt, tok_dir, model = write_tiny_official(tmp_path)
+    sd = to_official_state_dict(model.state_dict())
+    sd["aligner.encoder.layer_norm.weight"] = sd["aligner.encoder.layer_norm.bias"]  # same shape, one storage
+    torch.save({"model": sd}, pt)
+    out = convert_official(pt, tmp_path / "converted.safetensors", tok_dir)
+    _, tensors, _ = read_checkpoint(out)
+    assert torch.equal(tensors["aligner.encoder.layer_norm.weight"], model.state_dict()["aligner.encoder.layer_norm.bias"])
+
 def test_a_checkpoint_with_only_extra_tensors_is_refused_by_name(tmp_path):
     pt, _, model = write_tiny_official(tmp_path)
     sd = to_official_state_dict(model.state_dict())
