@@ -561,8 +561,9 @@ class _Archive:
         try:
             with self._open().open(info) as f:
                 data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
-        # NotImplementedError: a record flag zipfile does not support (e.g. strong encryption)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        # ValueError: a local header's name that is not UTF-8; NotImplementedError: a record flag zipfile does not
+        # support (e.g. strong encryption)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
             raise CheckpointError(f"{self.path}: cannot read record {name!r} ({e or type(e).__name__}). "
                                   f"{_RE_DOWNLOAD}") from e
         if nbytes is not None and len(data) < nbytes:

@@ -466,6 +466,20 @@ def test_a_damaged_zip_directory_is_one_clear_error(tmp_path, patch):
     with pytest.raises(CheckpointError, match=r"bad\.pt.*re-download"):
         load_pt_state_dict(tmp_path / "bad.pt")
 
+
+def test_a_local_header_with_a_non_utf8_name_is_one_clear_error(tmp_path):
+    """The local header (read when a record is opened) flags its name UTF-8 but it is not: was a bare
+    UnicodeDecodeError from zipfile."""
+    torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "ok.pt")
+    data = bytearray((tmp_path / "ok.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "ok.pt") as zf:
+        offset = next(i for i in zf.infolist() if i.filename.endswith("data.pkl")).header_offset
+    data[offset + 6:offset + 8] = (int.from_bytes(data[offset + 6:offset + 8], "little") | 0x800).to_bytes(2, "little")
+    data[offset + 30] = 0xFF  # first byte of the name
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"bad\.pt: cannot read record .*data\.pkl.*re-download"):
+        load_pt_state_dict(tmp_path / "bad.pt")
+
 def test_not_a_zip(tmp_path):
     (tmp_path / "notes.pt").write_text("hello, this is text")
     with pytest.raises(CheckpointError, match="not a PyTorch .pt checkpoint"):
