@@ -47,6 +47,7 @@ class KosmosGPrompt:
         digest.update(repr([float(w) for w in self.weights]).encode())
         for img in self.images:
             pixels = img.detach().to("cpu", torch.float32).contiguous()
-            digest.update(repr(tuple(pixels.shape)).encode())
+            # the dtype too: uint8 1 (nearly black) and float 1.0 (white) hash to the same float32 pixels
+            digest.update(repr((tuple(pixels.shape), img.dtype)).encode())
             digest.update(pixels.numpy())  # hashed in place: tobytes() copied the whole batch
         return digest.hexdigest()

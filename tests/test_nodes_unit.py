@@ -378,6 +378,17 @@ def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):
     assert str(err.value) == message
 
 
+def test_encode_cache_tells_integer_images_from_float_images(model_dirs, converted):
+    """A uint8 IMAGE (0..255) and a float IMAGE (0..1) holding the same numbers are different pictures: the
+    second encode got the first one's cached conditioning (the fingerprint hashed both as float32)."""
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    dark = torch.ones(1, 16, 16, 3, dtype=torch.uint8)  # 1/255: nearly black
+    white = torch.ones(1, 16, 16, 3)  # 1.0: white
+    KosmosGEncode.execute(model, run_prompt("<i>", [white]))
+    got = KosmosGEncode.execute(model, run_prompt("<i>", [dark])).result[0][0][0]
+    assert torch.allclose(got, model.pipeline.encode("<i>", [dark[0]]).float(), atol=1e-6)
+
+
 def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
     model = KosmosGLoader.execute(converted, device="cpu").result[0]
     monkeypatch.setattr(encode, "MAX_CACHED_BYTES", 77 * 768 * 4 * 3)  # room for one B=1 pair, not two
