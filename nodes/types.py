@@ -43,7 +43,8 @@ class KosmosGPrompt:
     def fingerprint(self) -> str:
         """Content hash: equal prompts (same text, weights, pixels) give equal fingerprints."""
         digest = hashlib.sha256()
-        digest.update(self.text.encode("utf-8"))
+        # surrogatepass: text that is not valid Unicode still gets a key; the encoder names the fault
+        digest.update(self.text.encode("utf-8", "surrogatepass"))
         digest.update(repr([float(w) for w in self.weights]).encode())
         for img in self.images:
             pixels = img.detach().to("cpu", torch.float32).contiguous()

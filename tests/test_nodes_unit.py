@@ -389,6 +389,13 @@ def test_encode_cache_tells_integer_images_from_float_images(model_dirs, convert
     assert torch.allclose(got, model.pipeline.encode("<i>", [dark[0]]).float(), atol=1e-6)
 
 
+def test_encode_names_a_prompt_that_is_not_valid_text(model_dirs, converted):
+    """A lone surrogate (an API prompt's JSON "\\ud800") gave a bare UnicodeEncodeError from the cache key."""
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    with pytest.raises(PromptError, match="not valid text"):
+        KosmosGEncode.execute(model, run_prompt("a \ud800 <i>", [image(1)]))
+
+
 def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
     model = KosmosGLoader.execute(converted, device="cpu").result[0]
     monkeypatch.setattr(encode, "MAX_CACHED_BYTES", 77 * 768 * 4 * 3)  # room for one B=1 pair, not two
