@@ -49,26 +49,27 @@ def parse_weights(text: str | None, num_images: int) -> list[float]:
     return weights
 
 
-def ordered_images(images: dict | None) -> list[torch.Tensor]:
-    """Autogrow dict {'image0': t, 'image3': t, ...} -> connected images in socket order."""
+def ordered_images(images: dict | None) -> list[tuple[str, torch.Tensor]]:
+    """Autogrow dict {'image0': t, 'image3': t, ...} -> (socket name, image) of the connected sockets, in
+    socket order. The names go into messages: a socket left empty in the middle shifts the positions."""
     found = []
     for name, value in (images or {}).items():
         match = _SOCKET_INDEX.match(name)
         if value is not None and match:
-            found.append((int(match.group(1)), value))
-    return [value for _, value in sorted(found, key=lambda item: item[0])]
+            found.append((int(match.group(1)), f"{IMAGE_PREFIX}{match.group(1)}", value))
+    return [(name, value) for _, name, value in sorted(found, key=lambda item: item[0])]
 
 
-def check_image_batches(images: list[torch.Tensor]) -> None:
-    for i, img in enumerate(images):
+def check_image_batches(images: list[tuple[str, torch.Tensor]]) -> None:
+    for name, img in images:
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ImageError(f"image{i}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
+            raise ImageError(f"{name}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
         if img.shape[0] == 0:
-            raise ImageError(f"image{i} holds an empty batch (0 images); connect an image, or a batch of at least one.")
-    sizes = {int(img.shape[0]) for img in images} - {1}
+            raise ImageError(f"{name} holds an empty batch (0 images); connect an image, or a batch of at least one.")
+    sizes = {int(img.shape[0]) for _, img in images} - {1}
     if len(sizes) > 1:
-        described = ", ".join(f"image{i}: {img.shape[0]}" for i, img in enumerate(images))
+        described = ", ".join(f"{name}: {img.shape[0]}" for name, img in images)
         raise ImageError(f"Image batches of different sizes ({described}); each socket must hold 1 image or the same "
                          "number of images as the other batched sockets (one conditioning per batch sample).")
 
@@ -138,5 +139,5 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         if message:
             raise PromptError(message)
         check_image_batches(connected)
-        connected = [img[..., :3] for img in connected]  # drop an alpha channel if present
+        connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
         return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=parse_weights(weights, len(connected))))

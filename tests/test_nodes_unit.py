@@ -278,6 +278,18 @@ def test_prompt_batch_rules():
         run_prompt("<i> <i>", [image(1), image(2, batch=3)[:0]])
 
 
+def test_prompt_errors_name_the_socket_even_after_an_empty_one():
+    """A socket left empty in the middle (image1) is skipped; an error about image2 named "image1" (the
+    position among connected sockets), pointing the user at the empty socket."""
+    images = {"image0": image(1), "image2": torch.rand(1, 40, 40)}  # a MASK on image2
+    with pytest.raises(ImageError, match=r"^image2: expected a ComfyUI IMAGE"):
+        KosmosGInterleavedPrompt.execute("<i> <i>", images, "")
+    with pytest.raises(ImageError, match="image2 holds an empty batch"):
+        KosmosGInterleavedPrompt.execute("<i> <i>", {"image0": image(1), "image2": image(2)[:0]}, "")
+    with pytest.raises(ImageError, match=r"image0: 2, image2: 3"):
+        KosmosGInterleavedPrompt.execute("<i> <i>", {"image0": image(1, batch=2), "image2": image(2, batch=3)}, "")
+
+
 def test_prompt_fingerprint_is_content_keyed():
     a = run_prompt("<i>", [image(1)])
     assert a.fingerprint() == run_prompt("<i>", [image(1)]).fingerprint()
