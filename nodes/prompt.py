@@ -67,6 +67,9 @@ def check_image_batches(images: list[tuple[str, torch.Tensor]]) -> None:
             raise ImageError(f"{name}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
         if img.shape[0] == 0:
             raise ImageError(f"{name} holds an empty batch (0 images); connect an image, or a batch of at least one.")
+        if img.is_meta:  # a shape without values: every later read fails with "Cannot copy out of meta tensor"
+            raise ImageError(f"{name} holds no pixel data (a tensor on the 'meta' device); connect a node that outputs "
+                             "real images.")
     sizes = {int(img.shape[0]) for _, img in images} - {1}
     if len(sizes) > 1:
         described = ", ".join(f"{name}: {img.shape[0]}" for name, img in images)

@@ -290,6 +290,13 @@ def test_prompt_errors_name_the_socket_even_after_an_empty_one():
         KosmosGInterleavedPrompt.execute("<i> <i>", {"image0": image(1, batch=2), "image2": image(2, batch=3)}, "")
 
 
+def test_prompt_refuses_an_image_without_data():
+    """A 'meta' tensor (shape only) passed the prompt node and failed in Encode with "Cannot copy out of
+    meta tensor"."""
+    with pytest.raises(ImageError, match="image0 holds no pixel data"):
+        KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.empty(1, 8, 8, 3, device="meta")}, "")
+
+
 def test_prompt_fingerprint_is_content_keyed():
     a = run_prompt("<i>", [image(1)])
     assert a.fingerprint() == run_prompt("<i>", [image(1)]).fingerprint()
