@@ -7,6 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..kosmosg_core.files import check_output_file
 from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
 from . import paths
 from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
@@ -124,7 +125,8 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
 
         src = paths.resolve_checkpoint(source)
         name = converted_file_name(source, output_name)
-        out = os.path.join(os.path.dirname(src), name)
+        # the source itself (a .safetensors source with no output_name): refused even with overwrite, like the CLI
+        out = str(check_output_file(os.path.join(os.path.dirname(src), name), "output_name", inputs=(src,)))
         if os.path.exists(out) and not overwrite:
             raise FileExistsError(f"{out} already exists; set overwrite to true or choose another output_name.")
         convert_official(src, out, dtype=None if dtype == "keep" else resolve_dtype(dtype))

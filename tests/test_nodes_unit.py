@@ -571,6 +571,18 @@ def test_convert_writes_safetensors_equal_to_official(model_dirs, converted):
     assert str(err.value) == message
 
 
+def test_convert_never_writes_over_its_source(model_dirs, converted):
+    """A .safetensors source (an API prompt may name one) with an empty output_name is its own output: the
+    node said "set overwrite to true", and with overwrite it re-cast the source in place (an fp32 file
+    became fp16). Refused like the CLI's --out, whatever overwrite says."""
+    kosmosg_dir, _ = model_dirs
+    before = (kosmosg_dir / converted).read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is the input file"):
+            KosmosGConvertCheckpoint.execute(converted, output_name="", dtype="fp16", overwrite=overwrite)
+    assert (kosmosg_dir / converted).read_bytes() == before
+
+
 @pytest.mark.parametrize("source, output_name, expected", [
     ("tiny.pt", "", "tiny.safetensors"),
     ("release/checkpoint_final.pt", "", "checkpoint_final.safetensors"),  # a subfolder of models/kosmosg
