@@ -157,11 +157,12 @@ def read_conditioning_file(path, device="cpu") -> list:
     return conditioning
 
 
-def _checked_cond(cond: torch.Tensor, path, name: str) -> torch.Tensor:
+def _checked_cond(cond: torch.Tensor, path, name: str,
+                  fix: str = "Save the conditioning again with Kosmos-G Save Conditioning.") -> torch.Tensor:
     """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
     if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
         raise ConditioningFileError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] "
-                                    "float conditioning. Save the conditioning again with Kosmos-G Save Conditioning.")
+                                    f"float conditioning. {fix}")
     if not torch.isfinite(cond).all():  # it would sample black images
         raise ConditioningFileError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
     return cond
@@ -175,6 +176,8 @@ def save_conditioning(conditioning, folder, filename_prefix: str = "kosmosg") ->
         raise ConditioningFileError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
     if not conditioning:
         raise ConditioningFileError("conditioning is empty (no entries): connect the output of an encode node.")
+    for i, (cond, _) in enumerate(conditioning):  # a file read_conditioning_file refuses would be lost work
+        _checked_cond(cond, "conditioning", f"entry {i}", fix="Connect the output of an encode node.")
     tensors, metadata = conditioning_to_file_content(conditioning)
     name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
     path = check_output_file(os.path.join(folder, name), "filename_prefix")  # e.g. a name too long

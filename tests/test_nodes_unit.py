@@ -476,6 +476,21 @@ def test_save_conditioning_rewrites_a_damaged_file_of_its_name_and_names_a_long_
         KosmosGSaveConditioning.execute(conditioning, "p" * 240)
 
 
+@pytest.mark.parametrize("cond, message", [
+    (torch.full((1, 77, 8), float("nan")), "entry 1 holds inf/NaN values"),
+    (torch.ones(1, 77, 8, dtype=torch.int64), r"entry 1 is torch.int64 \[1, 77, 8\], not a \[batch, tokens"),
+    (torch.randn(1, 1, 77, 8), r"entry 1 is torch.float32 \[1, 1, 77, 8\]"),
+    (torch.randn(0, 77, 8), r"entry 1 is torch.float32 \[0, 77, 8\]"),
+])
+def test_save_conditioning_refuses_what_load_would_refuse(model_dirs, cond, message):
+    """Save wrote these, and Load Conditioning then refused the file ("Save the conditioning again"): the
+    work looked saved but was not. Save now says so at once and writes nothing."""
+    _, cond_dir = model_dirs
+    with pytest.raises(ValueError, match=message):
+        KosmosGSaveConditioning.execute([[torch.randn(1, 77, 8), {}], [cond, {}]], "bad")
+    assert list(cond_dir.iterdir()) == []
+
+
 def test_saved_conditioning_keeps_tuples_dtypes_and_nested_tensors(model_dirs):
     """What ComfyUI's nodes put in a conditioning comes back as it went in: `area` a tuple (the sampler
     compares areas with ==; a list made a duplicate negative), the cond's dtype, tensors inside lists."""
