@@ -22,7 +22,7 @@ def check_output_file(path, what: str, inputs=()) -> Path:
     """Refuse, before any work is done, an output file path that cannot be written as a file: a folder, a
     name too long, a parent that is a file or not writable, or the same file as one of `inputs` (writing
     there would destroy the input)."""
-    path = Path(path)
+    path = _storable_path(path, what)
     if len(os.fsencode(path.name)) > NAME_MAX:
         raise OutputPathError(f"{what}: the file name is {len(os.fsencode(path.name))} bytes long; file systems "
                               f"allow {NAME_MAX}. Choose a shorter name.")
@@ -42,12 +42,26 @@ def check_output_file(path, what: str, inputs=()) -> Path:
 def check_output_folder(path, what: str) -> Path:
     """Refuse, before any work is done, an output folder path that is a file (or lies under one) or
     cannot be written."""
-    path = Path(path)
+    path = _storable_path(path, what)
     try:
         _check_folders(path, what, path)
     except OSError as e:
         raise OutputPathError(f"{what} {path}: {e.strerror or e}; choose another folder.") from e
     return path
+
+
+def _storable_path(path, what: str) -> Path:
+    """`path` as a Path, refused when no file system can store its name: a NUL character, or text that is not
+    valid Unicode (a lone surrogate, e.g. from an API client's JSON) - os calls raise bare ValueError /
+    UnicodeEncodeError on them."""
+    text = str(path)
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        raise OutputPathError(f"{what} {text!r} holds characters that are not valid text; choose another name.") from None
+    if "\0" in text:
+        raise OutputPathError(f"{what} {text!r} holds a NUL character; choose another name.")
+    return Path(text)
 
 
 def _check_folders(folder: Path, what: str, shown: Path) -> None:

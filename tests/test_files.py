@@ -79,6 +79,20 @@ def test_output_checks_name_the_problem_before_any_work(tmp_path, monkeypatch):
             check()
 
 
+@pytest.mark.parametrize("name,message", [("out\0.png", "holds a NUL character"),
+                                          ("out\ud800.png", "not valid text")])
+def test_output_names_no_file_system_can_store_are_named(tmp_path, name, message):
+    """A NUL or a lone surrogate (API clients send JSON such as "\\ud800") in a file name or prefix raised a bare
+    ValueError 'embedded null byte' / UnicodeEncodeError from the os calls."""
+    from kosmosg_core.errors import OutputPathError
+    from kosmosg_core.files import check_output_file, check_output_folder
+
+    with pytest.raises(OutputPathError, match=f"filename_prefix .*{message}"):
+        check_output_file(tmp_path / name, "filename_prefix")
+    with pytest.raises(OutputPathError, match=f"--output-dir .*{message}"):
+        check_output_folder(tmp_path / name / "sub", "--output-dir")
+
+
 def test_a_name_of_255_bytes_is_written_and_images_are_written_atomically(tmp_path, monkeypatch):
     """The temp file has a short name of its own (name + '.tmp' made a 255-byte name fail after the work)."""
     from PIL import Image
