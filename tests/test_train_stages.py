@@ -616,6 +616,20 @@ def test_data_without_a_usable_sample_is_an_error_not_a_hang(env, tmp_path):
                                                                       "--kinds", "lion"])
 
 
+def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, capsys):
+    """argparse's prefix matching took `--lr 0.5` for `--lr-power 0.5` and trained at the default LR."""
+    from train.common.config import parse_config
+    from train.data.cli import main as data_main
+    from train.stage1 import Stage1Config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(Stage1Config, ["--lr", "0.5"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --lr 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        data_main(["mix", "--out", str(tmp_path / "mixed")])  # --output
+    assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_settings_by_name(env, stage1_run, tmp_path):
     from train import stage1, stage2
 

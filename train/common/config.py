@@ -136,7 +136,8 @@ def _module_prog() -> str | None:
 
 
 def build_parser(config_class, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=_module_prog(), description=description,
+    # allow_abbrev=False: argparse would otherwise take `--lr 1e-4` for `--lr-power 1e-4`, silently
+    parser = argparse.ArgumentParser(prog=_module_prog(), description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML or JSON file with any of the fields below")
     hints = typing.get_type_hints(config_class)

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name, (_, summary, description, flags) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=summary, description=f"{summary}. {description}")
+        # allow_abbrev=False: a mistyped flag must not be taken for a longer one it begins (`--out` for `--output`)
+        sub = subparsers.add_parser(name, help=summary, description=f"{summary}. {description}", allow_abbrev=False)
         sub.add_argument("--config", help="YAML or JSON config file (a `%s:` section is used if present)" % name)
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, dotted for sections (repeatable)")
