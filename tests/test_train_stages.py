@@ -630,6 +630,51 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, cap
     assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage, args, message", [
+    ("stage1", ["--learning-rate", "0"], "--learning-rate 0.0: must be above 0"),  # was a ZeroDivisionError
+    ("stage1", ["--learning-rate", "inf"], "--learning-rate inf: must be a finite number"),  # trained to NaN
+    ("stage1", ["--end-learning-rate", "nan"], "--end-learning-rate nan: must be a finite number"),
+    ("stage1", ["--clip-norm", "nan"], "--clip-norm nan: must be a finite number"),  # clipping silently off
+    ("stage1", ["--clip-norm", "-1"], "--clip-norm -1.0: must be at least 0"),
+    ("stage1", ["--lr-power", "-1"], "--lr-power -1.0: must be at least 0"),
+    ("stage1", ["--warmup-steps", "-5"], "--warmup-steps -5: must be at least 0"),
+    ("stage1", ["--adam-beta2", "1"], "--adam-beta2 1.0: must be from 0 to below 1"),  # torch's check came after
+    ("stage1", ["--weight-decay", "-1"], "--weight-decay -1.0: must be at least 0"),  # the model was built
+    ("stage1", ["--mixed-precision", "fp32"], "--mixed-precision 'fp32': use no, fp16 or bf16"),
+    ("stage1", ["--masked-entity-prob", "2"], "--masked-entity-prob 2.0: must be at most 1"),
+    ("stage3", ["--uncond-prob", "nan"], "--uncond-prob nan: must be a finite number"),
+    ("stage3", ["--drop-caption-prob", "-1"], "--drop-caption-prob -1.0: must be at least 0"),
+    ("stage3", ["--caption-teacher-weight", "-1"], "--caption-teacher-weight -1.0: must be at least 0"),
+])
+def test_settings_out_of_range_are_refused_by_flag_before_data_or_models(stage, args, message, tmp_path):
+    """No --data: each error comes before the data is looked at, so before any model loads."""
+    import importlib
+
+    from support.train_fixtures import tiny_tokenizer
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        importlib.import_module(f"train.{stage}").main(["--tokenizer", str(tiny_tokenizer(tmp_path)), "--output-dir",
+                                                        str(tmp_path / "run")] + args)
+
+
+@pytest.mark.parametrize("config_class, field_name, value", [
+    ("train.nano.train_unet:UNetTrainConfig", "uncond_prob", 1.5),
+    ("train.nano.train_unet:UNetTrainConfig", "ema_decay", -0.1),
+    ("train.nano.train_vae:VaeTrainConfig", "subject_crop_prob", 2.0),
+    ("train.nano.train_text_encoder:TextEncoderTrainConfig", "learning_rate", float("nan")),
+])
+def test_nano_probabilities_and_numbers_are_checked_when_parsed(config_class, field_name, value, tmp_path):
+    import importlib
+
+    from train.common.config import parse_config
+
+    module, klass = config_class.split(":")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({field_name: value}).replace("NaN", '"nan"'))
+    with pytest.raises(ValueError, match=f"^--{field_name.replace('_', '-')} {value}: must be "):
+        parse_config(getattr(importlib.import_module(module), klass), ["--config", str(config)])
+
+
 def test_resume_refuses_changed_settings_by_name(env, stage1_run, tmp_path):
     from train import stage1, stage2
 

@@ -51,7 +51,7 @@ from torch import nn
 from kosmosg_core.files import check_output_folder, write_text_atomic
 from train.common.checkpointing import CHECKPOINT_NAME, TRAIN_CONFIG_NAME, check_model_keys, check_step_within, \
     gather_full_state, load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
-from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error
+from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error, flag_name
 from train.common.metrics import METRICS_NAME, MetricsLog
 from train.common.seeds import derive_seed, sample_rng
 
@@ -85,14 +85,14 @@ class LoopConfig:
                 "processes samples"})
     max_steps: int = field(default=200000, metadata={"min": 1, "help": "optimiser updates (official: 300k stage 2, 200k stage 3)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak LR (official 1e-3)"})
-    end_learning_rate: float = field(default=0.0, metadata={"help": "LR at max_steps (polynomial decay end)"})
-    lr_power: float = field(default=1.0, metadata={"help": "polynomial decay power (1 = linear)"})
-    warmup_steps: int = field(default=375, metadata={"help": "linear warm-up updates (official 375)"})
+    end_learning_rate: float = field(default=0.0, metadata={"min": 0, "help": "LR at max_steps (polynomial decay end)"})
+    lr_power: float = field(default=1.0, metadata={"min": 0, "help": "polynomial decay power (1 = linear)"})
+    warmup_steps: int = field(default=375, metadata={"min": 0, "help": "linear warm-up updates (official 375)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (official 0.98)"})
-    adam_eps: float = field(default=1e-6, metadata={"help": "Adam eps (official 1e-6)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay (fairseq Adam = AdamW)"})
-    clip_norm: float = field(default=2.0, metadata={"help": "gradient clipping max norm, 0 = off (official 2.0)"})
+    adam_eps: float = field(default=1e-6, metadata={"min": 0, "help": "Adam eps (official 1e-6)"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "decoupled weight decay (fairseq Adam = AdamW)"})
+    clip_norm: float = field(default=2.0, metadata={"min": 0, "help": "gradient clipping max norm, 0 = off (official 2.0)"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (accelerate autocast)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     save_every: int = field(default=2000, metadata={"min": 1, "help": "write checkpoint.pt every N steps (and at the end)"})
@@ -117,7 +117,8 @@ class MLLMTrainingConfig(LoopConfig):
 
     dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
     attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
-    masked_entity_prob: float = field(default=0.5, metadata={"help": "use the masked entity crop with this p"})
+    masked_entity_prob: float = field(default=0.5, metadata={"min": 0, "max": 1,
+                                                             "help": "use the masked entity crop with this p"})
 
     def decoder_switches(self) -> dict:
         """The MLLM's training switches, for `replace_config(model_cfg, decoder=...)`."""
@@ -534,9 +535,18 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
 
 
 def _check_loop_config(cfg: LoopConfig) -> None:
+    """Settings refused before anything is loaded (torch's own checks of them come after the model is built and
+    do not name the flag)."""
     check_minimums(cfg)  # again here: run_training may be called with a config not made by parse_config
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed={cfg.distributed!r}: use 'ddp' or 'fsdp'.")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16.")
+    if not cfg.learning_rate > 0:  # the schedule is a factor of it: 0 divides by zero
+        raise ValueError(f"--learning-rate {cfg.learning_rate}: must be above 0 (the peak LR; official 1e-3).")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{flag_name(name)} {getattr(cfg, name)}: must be from 0 to below 1 (official 0.9, 0.98).")
 
 
 def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = True,

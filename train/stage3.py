@@ -52,10 +52,11 @@ class Stage3Config(MLLMTrainingConfig):
         "help": "frozen SD1.5 score model: diffusers folder (unet/, vae/), SD1.5 single file, or nano .safetensors"})
     score_model_kind: str = field(default="auto", metadata={"help": "auto | diffusers | nano"})
     resolution: int = field(default=512, metadata={"help": "target image size (official 512)"})
-    uncond_prob: float = field(default=0.1, metadata={"help": "replace the condition by the unconditional one (0.1)"})
-    drop_caption_prob: float = field(default=0.5, metadata={
+    uncond_prob: float = field(default=0.1, metadata={"min": 0, "max": 1,
+                                                      "help": "replace the condition by the unconditional one (0.1)"})
+    drop_caption_prob: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "use text_dropped (entity words / IP2P input caption removed) with this p (official 0.5)"})
-    caption_teacher_weight: float = field(default=0.0, metadata={
+    caption_teacher_weight: float = field(default=0.0, metadata={"min": 0,
         "help": "weight of the caption-teacher loss (0 = official: diffusion loss only); needs --clip-text-encoder"})
     clip_text_encoder: str = field(default="", metadata={
         "help": "the CLIP text encoder + tokenizer the caption teacher reads (as stage 2's --clip-text-encoder)"})

@@ -2,7 +2,8 @@
 
 Every dataclass field becomes a flag (`--learning-rate 3e-4`), its help text taken from the field's
 `metadata={"help": ...}`; `--config` reads YAML or JSON with the same field names. A count or size
-declares its lowest value with `metadata={"min": N}` (checked by `check_minimums`, shown in --help).
+declares its lowest value with `metadata={"min": N}`, a probability also its highest with `"max"` (checked by
+`check_minimums`, shown in --help); a number field never takes NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 
@@ -149,6 +151,8 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
             help_text = f"{help_text} (default: {default})"
         if "min" in field.metadata:
             help_text = f"{help_text} (at least {field.metadata['min']})"
+        if "max" in field.metadata:
+            help_text = f"{help_text} (at most {field.metadata['max']})"
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(hints[field.name]),
                             default=argparse.SUPPRESS, help=help_text)
     return parser
@@ -182,12 +186,21 @@ def flag_name(field_name: str) -> str:
 def check_minimums(config, label: typing.Callable[[str], str] = flag_name) -> None:
     """A ValueError naming the first field below its `metadata["min"]` (a count or size: 0 batch size,
     steps or crop would loop forever, divide by zero or silently produce nothing; a negative max_*
-    would drop items by slicing). `label(field name)` names it: a flag by default."""
+    would drop items by slicing), above its `metadata["max"]` (a probability), or NaN / infinite (NaN
+    passes every comparison, and a NaN or infinite LR or weight trains to NaN without a word).
+    `label(field name)` names it: a flag by default."""
     for field in dataclasses.fields(config):
-        low, value = field.metadata.get("min"), getattr(config, field.name)
-        if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        value = getattr(config, field.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        low, high = field.metadata.get("min"), field.metadata.get("max")
+        if not math.isfinite(value):
+            raise ValueError(f"{label(field.name)} {value}: must be a finite number.")
+        if low is not None and value < low:
             meaning = " (0 = all)" if low == 0 and "0 = all" in field.metadata.get("help", "") else ""
             raise ValueError(f"{label(field.name)} {value}: must be at least {low}{meaning}.")
+        if high is not None and value > high:
+            raise ValueError(f"{label(field.name)} {value}: must be at most {high}.")
 
 
 def flatten_settings(settings: dict, prefix: str = "") -> dict:

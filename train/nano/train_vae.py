@@ -48,7 +48,7 @@ class VaeTrainConfig:
     crop_size: int = field(default=32, metadata={"help": "train on random crops of this side (multiple of 8, on the "
                                                          "8-px latent grid; the network is convolutional): 32 "
                                                          "costs 1/4 of full 64x64 images"})
-    subject_crop_prob: float = field(default=0.75, metadata={"help": "fraction of crops centred (on the 8-px grid) "
+    subject_crop_prob: float = field(default=0.75, metadata={"min": 0, "max": 1, "help": "fraction of crops centred (on the 8-px grid) "
                                                                       "on a subject: subjects cover about a twentieth of a scene"})
     foreground_weight: float = field(default=4.0, metadata={"help": "extra MSE weight on subject pixels (pixels "
                                                                      "that differ from the background)"})
