@@ -611,9 +611,9 @@ def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
 def test_data_without_a_usable_sample_is_an_error_not_a_hang(env, tmp_path):
     from train import stage2
 
-    with pytest.raises(ValueError, match="stage2: no sample in --data qualifies"):
+    with pytest.raises(ValueError, match="stage2: no sample in --data qualifies"):  # every caption is longer
         stage2.main(common(env, tmp_path / "s2", steps=2, batch=2) + ["--clip-text-encoder", env.clip,
-                                                                      "--kinds", "lion"])
+                                                                      "--max-caption-tokens", "1"])
 
 
 def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, capsys):
@@ -642,6 +642,11 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, cap
     ("stage1", ["--weight-decay", "-1"], "--weight-decay -1.0: must be at least 0"),  # the model was built
     ("stage1", ["--mixed-precision", "fp32"], "--mixed-precision 'fp32': use no, fp16 or bf16"),
     ("stage1", ["--masked-entity-prob", "2"], "--masked-entity-prob 2.0: must be at most 1"),
+    ("stage2", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),  # was "max() arg is an empty sequence"
+    ("stage2", ["--max-steps", "0"], "--max-steps 0: must be at least 1"),  # was a run that wrote nothing
+    ("stage2", ["--max-caption-tokens", "0"], "--max-caption-tokens 0: must be at least 1"),
+    ("stage2", ["--kinds", "lion"], "--kinds 'lion': name sample kinds from laion, instructpix2pix, openimage"),
+    ("stage2", ["--kinds", " , "], "--kinds ' , ': name sample kinds from"),
     ("stage3", ["--uncond-prob", "nan"], "--uncond-prob nan: must be a finite number"),
     ("stage3", ["--drop-caption-prob", "-1"], "--drop-caption-prob -1.0: must be at least 0"),
     ("stage3", ["--caption-teacher-weight", "-1"], "--caption-teacher-weight -1.0: must be at least 0"),

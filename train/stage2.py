@@ -27,6 +27,7 @@ from kosmosg_core.checkpoint import RECONSTRUCTION_KEY_PREFIXES
 from kosmosg_core.config import PAD_ID
 from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
+from train.data.config import KINDS
 from train.inputs import pad_rows
 from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, replace_config, \
     run_as_script, run_training, set_trainable
@@ -37,12 +38,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Stage2Config(LoopConfig):
     output_dir: str = field(default="runs/stage2", metadata={"help": "run folder"})
-    batch_size: int = field(default=56, metadata={"help": "captions per process per step (official 56/GPU)"})
-    max_steps: int = field(default=300000, metadata={"help": "optimiser updates (official 300k)"})
+    batch_size: int = field(default=56, metadata={"min": 1, "help": "captions per process per step (official 56/GPU)"})
+    max_steps: int = field(default=300000, metadata={"min": 1, "help": "optimiser updates (official 300k)"})
     clip_text_encoder: str = field(default="", metadata={
         "help": "SD1.5 CLIP text encoder + tokenizer: a diffusers SD1.5 folder (text_encoder/, tokenizer/) or one "
                 "folder holding both (transformers save_pretrained)"})
-    max_caption_tokens: int = field(default=128, metadata={"help": "skip captions with more pieces (official 128)"})
+    max_caption_tokens: int = field(default=128, metadata={"min": 1,
+                                                           "help": "skip captions with more pieces (official 128)"})
     kinds: str = field(default="laion", metadata={
         "help": "sample kinds whose captions are used, comma-separated (official: laion only)"})
 
@@ -122,6 +124,9 @@ class Stage2(Stage):
     def __init__(self, cfg: Stage2Config):
         super().__init__(cfg)
         self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
+        unknown = sorted(self.kinds - set(KINDS))
+        if unknown or not self.kinds:  # else every sample is skipped, found only after the models load
+            raise ValueError(f"--kinds {cfg.kinds!r}: name sample kinds from {', '.join(KINDS)} (official: laion).")
 
     def build(self, cfg: Stage2Config, accelerator):
         self.clip_tokenizer, clip_text = load_clip_text(cfg.clip_text_encoder)
