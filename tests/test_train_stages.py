@@ -680,6 +680,19 @@ def test_nano_probabilities_and_numbers_are_checked_when_parsed(config_class, fi
         parse_config(getattr(importlib.import_module(module), klass), ["--config", str(config)])
 
 
+def test_stage3_caption_teacher_without_its_text_encoder_is_refused_before_the_score_model_loads(env, tmp_path,
+                                                                                                  monkeypatch):
+    from train import stage3
+
+    def no_load(*args):
+        raise AssertionError("the score model was loaded before the settings were checked")
+
+    monkeypatch.setattr(stage3, "load_score_model", no_load)
+    with pytest.raises(ValueError, match="^--caption-teacher-weight 0.5 needs --clip-text-encoder"):
+        stage3.main(common(env, tmp_path / "run", steps=1) + ["--score-model", env.sd, "--resolution", "16",
+                                                              "--caption-teacher-weight", "0.5"])
+
+
 def test_resume_refuses_changed_settings_by_name(env, stage1_run, tmp_path):
     from train import stage1, stage2
 

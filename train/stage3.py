@@ -106,6 +106,9 @@ class Stage3(Stage):
         if not cfg.score_model:
             raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
                              ".safetensors (train/score_model.py).")
+        if cfg.caption_teacher_weight > 0 and not cfg.clip_text_encoder:  # before the score model loads, not after
+            raise ValueError(f"--caption-teacher-weight {cfg.caption_teacher_weight} needs --clip-text-encoder: the "
+                             "CLIP text encoder + tokenizer of the score model (as stage 2's).")
         self.score = load_score_model(cfg.score_model, cfg.score_model_kind)
         self.score.to(accelerator.device, frozen_dtype(cfg))
         if cfg.gradient_checkpointing:
