@@ -628,6 +628,14 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         data_main(["mix", "--out", str(tmp_path / "mixed")])  # --output
     assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
+    from train.nano import judge, nano_tokenizer, world  # their own parsers
+
+    for main, args in ((judge.main, ["--sample", "3"]), (nano_tokenizer.main, ["--ou", str(tmp_path / "tok")]),
+                       (world.main, ["--ou", str(tmp_path / "pairs"), "--count", "1"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        error = capsys.readouterr().err  # "unrecognized arguments: --sample" or, first, "required: --out"
+        assert exit_info.value.code == 2 and ("unrecognized arguments: " + args[0] in error or "required: --out" in error)
 
 
 @pytest.mark.parametrize("stage, args, message", [

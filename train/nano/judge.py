@@ -502,7 +502,7 @@ CONDITIONS = {  # name -> degrade() arguments; "clean" is the issue's >= 0.98 re
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.nano.judge",
+    parser = argparse.ArgumentParser(prog="python -m train.nano.judge", allow_abbrev=False,
                                      description="Measure the nano judge's accuracy on held-out world scenes.")
     parser.add_argument("--samples", type=int, default=2000, help="held-out scenes per condition")
     parser.add_argument("--seed", type=int, default=world.HELDOUT_SEED, help="scene stream (default: HELDOUT_SEED)")

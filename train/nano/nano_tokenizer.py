@@ -79,7 +79,8 @@ def write_tokenizer(directory, pieces: int = SPM_PIECES) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.nano.nano_tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.nano.nano_tokenizer", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (sentencepiece.bpe.model + dict.txt)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

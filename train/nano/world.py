@@ -448,7 +448,7 @@ def write_pairs(out_dir, count: int, seed: int = TRAIN_SEED, split: str | None =
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m train.nano.world",
+    parser = argparse.ArgumentParser(prog="python -m train.nano.world", allow_abbrev=False,
                                      description="write world scenes as an image-caption pair folder "
                                                  "(<index>.png + <index>.txt) for python -m train.data ingest-pairs")
     parser.add_argument("--out", required=True, help="output folder")
