@@ -25,15 +25,31 @@ _NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, 
                         image_encoder=None, requires_safety_checker=False)
 
 
+# What diffusers reads from a model folder, and from the config folder of a single file. Checked up front: for a
+# missing unet/ or vae/ diffusers says the folder itself lacks a config.json, and for a config folder it blames the file.
+SD15_FOLDER_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+
+
 def check_sd15_paths(sd_model, config_dir=None) -> Path:
     path = Path(sd_model)
     if not path.exists():
         raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
                                       "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
-    if config_dir is not None and not Path(config_dir).is_dir():
-        raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
-                                      "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
+    if path.is_dir():
+        _check_sd15_folder(path, "SD1.5 model folder", "give a whole diffusers SD1.5 folder or a single-file checkpoint.")
+    if config_dir is not None:
+        if not Path(config_dir).is_dir():
+            raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
+                                          "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
+        _check_sd15_folder(Path(config_dir), "SD1.5 config folder", "give a whole one, or leave it out for SD1.5's own.")
     return path
+
+
+def _check_sd15_folder(folder: Path, what: str, fix: str) -> None:
+    missing = [name for name in SD15_FOLDER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{what} {folder} has no {', '.join(missing)} (a diffusers SD1.5 folder holds "
+                              f"{', '.join(SD15_FOLDER_FILES)}); {fix}")
 
 
 def _first_line(error: Exception) -> str:

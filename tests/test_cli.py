@@ -145,6 +145,12 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     missing = tmp_path / "missing.pt"
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_unet = tmp_path / "no-unet"  # diffusers says no-unet/ itself lacks a config.json; for --sd-config it blames the model file
+    for name in ("model_index.json", "vae/config.json", "scheduler/scheduler_config.json"):
+        (no_unet / name).parent.mkdir(parents=True, exist_ok=True)
+        (no_unet / name).write_text("{}")
     cases = [
         (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give the path of a file"),
         (["encode", "--prompt", "x", "--out", a_file / "cond.safetensors"], "a_file.txt is a file, not a folder"),
@@ -155,6 +161,10 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["generate", "--sd-model", tmp_path / "sd.safetensors", "--prompt", "x"], "SD1.5 model not found"),
         (["generate", "--sd-model", a_file, "--sd-config", tmp_path / "nope", "--prompt", "x"],
          "SD1.5 config folder not found"),
+        (["generate", "--sd-model", empty, "--prompt", "x"], f"SD1.5 model folder {empty} has no model_index.json"),
+        (["generate", "--sd-model", no_unet, "--prompt", "x"], f"SD1.5 model folder {no_unet} has no unet/config.json"),
+        (["generate", "--sd-model", a_file, "--sd-config", no_unet, "--prompt", "x"],
+         f"SD1.5 config folder {no_unet} has no unet/config.json"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--steps", "0"], "steps must be a whole number >= 1"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--height", "60"], "height must be a multiple of 8"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--width", "-64"], "width must be a whole number >= 8"),
