@@ -78,6 +78,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
         raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
+    check_sd15_unet(pipe, path)
     scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -132,6 +133,19 @@ def check_sd15_width(context_dim: int, checkpoint) -> None:
     if context_dim != SD15_CONTEXT_DIM:
         raise CheckpointError(f"{checkpoint}: this Kosmos-G checkpoint produces {context_dim}-wide conditioning but "
                               f"SD1.5 expects {SD15_CONTEXT_DIM}; give a checkpoint made for SD1.5.")
+
+
+def check_sd15_unet(pipe, sd_model) -> None:
+    """diffusers loads any Stable Diffusion U-Net into this pipeline (an SD 2.x or SDXL folder, or a file with their
+    --sd-config): one of another shape fails only mid-sampling, with a bare shape error."""
+    unet, latent_channels = pipe.unet.config, pipe.vae.config.latent_channels
+    if unet.cross_attention_dim != SD15_CONTEXT_DIM:
+        raise CheckpointError(f"{sd_model}: this U-Net reads {unet.cross_attention_dim}-wide conditioning (SD 2.x: "
+                              f"1024, SDXL: 2048) but Kosmos-G makes SD1.5's {SD15_CONTEXT_DIM}; give an SD1.5 model.")
+    if unet.in_channels != latent_channels or unet.out_channels != latent_channels:
+        raise CheckpointError(f"{sd_model}: this U-Net takes {unet.in_channels} input channels (an inpainting or "
+                              f"instruction-editing model?) but its VAE makes {latent_channels}-channel latents; "
+                              "give a text-to-image SD1.5 model.")
 
 
 def check_scheduler(scheduler: str) -> None:

@@ -281,3 +281,22 @@ def test_generate_with_diffusers_folder(pack, images, tmp_path):
     missing = [str(tmp_path / "missing") if str(x) == str(tmp_path / "tiny-sd15") else x for x in common]
     result = run_cli(*missing, "--out-dir", tmp_path / "c", check=False)
     assert result.returncode == 2 and "SD1.5 model not found" in result.stderr
+
+
+def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
+    """diffusers loads an SD 2.x / SDXL U-Net (wider cross-attention) or an inpainting one (9 input channels) into
+    the SD1.5 pipeline: sampling then stopped with a bare shape error."""
+    from diffusers import UNet2DConditionModel
+
+    from kosmosg_core.errors import CheckpointError
+    from kosmosg_core.generate import load_sd15
+    from support.tiny_sd15 import write_tiny_sd15
+
+    sd2 = write_tiny_sd15(tmp_path / "sd2", context_dim=1024)
+    with pytest.raises(CheckpointError, match="reads 1024-wide conditioning .* Kosmos-G makes SD1.5's 768"):
+        load_sd15(sd2, torch.float32, torch.device("cpu"))
+    inpainting = Path(write_tiny_sd15(tmp_path / "inpainting"))
+    config = dict(UNet2DConditionModel.load_config(inpainting / "unet"), in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(inpainting / "unet")
+    with pytest.raises(CheckpointError, match="takes 9 input channels .* 4-channel latents"):
+        load_sd15(inpainting, torch.float32, torch.device("cpu"))
