@@ -57,8 +57,10 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = DEFAULT_SCHEDULER, config_dir=None):
-    """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline."""
+def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = DEFAULT_SCHEDULER, config_dir=None,
+              steps: int | None = None):
+    """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline; with
+    `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
     path = check_sd15_paths(sd_model, config_dir)
     try:
         import diffusers
@@ -79,8 +81,16 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     check_sd15_unet(pipe, path)
-    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
+    try:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        if steps is not None:
+            dry_run_scheduler(pipe.scheduler, steps)
+    except Exception as e:  # a damaged file, or settings this scheduler cannot run (many kinds, like loading's)
+        doing = "be built" if steps is None else f"run {steps} steps"
+        raise GenerationSettingsError(f"The {scheduler} scheduler cannot {doing} with the settings in {settings} "
+                                      f"({_first_line(e)}); choose other steps or another scheduler "
+                                      f"({', '.join(SCHEDULERS)}), or repair that file.") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -102,7 +112,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
-    sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir)
+    sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
                 generator=image_generators(seed, num_images), output_type="pil")
@@ -121,6 +131,19 @@ def _free_name(folder: Path, stem: str) -> Path:
         n += 1
         path = folder / f"{stem}_{n}.png"
     return path
+
+
+def dry_run_scheduler(scheduler, steps: int) -> None:
+    """Every step of (a copy of) `scheduler` on a 1-pixel latent, in well under a second. diffusers fails on settings
+    it cannot run only mid-sampling (DDIM at 1000 steps: a bare IndexError; PNDM without skip_prk_steps below 4 steps;
+    a damaged prediction_type or timestep_spacing) or not at all (DPM-Solver at 1000 steps: black NaN images)."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    sample = torch.ones(1, 4, 1, 1)
+    for t in probe.timesteps:
+        sample = probe.step(probe.scale_model_input(sample, t), t, sample).prev_sample
+    if not torch.isfinite(sample).all():
+        raise FloatingPointError("its steps come out inf/NaN")
 
 
 def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[torch.Generator]:

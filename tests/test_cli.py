@@ -300,3 +300,29 @@ def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
     UNet2DConditionModel.from_config(config).save_pretrained(inpainting / "unet")
     with pytest.raises(CheckpointError, match="takes 9 input channels .* 4-channel latents"):
         load_sd15(inpainting, torch.float32, torch.device("cpu"))
+
+
+def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tmp_path):
+    """diffusers failed on these only mid-sampling with a bare traceback, or gave black NaN images (DPM-Solver at
+    1000 steps): each scheduler is now tried on the steps first."""
+    import json
+
+    from kosmosg_core.config import SD15_CONFIG_DIR
+    from kosmosg_core.errors import GenerationSettingsError
+    from kosmosg_core.generate import generate_images, load_sd15
+    from support.tiny_sd15 import write_tiny_sd15
+
+    folder = Path(write_tiny_sd15(tmp_path / "sd15"))
+    settings = folder / "scheduler" / "scheduler_config.json"
+    shutil.copy(SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json", settings)  # SD1.5's: 1000 training timesteps
+    for scheduler in ("dpm", "ddim"):
+        with pytest.raises(GenerationSettingsError, match=f"The {scheduler} scheduler cannot run 1000 steps with the "
+                                                          f"settings in {settings} .*choose other steps"):
+            generate_images(pack[0], folder, "a photo", out_dir=tmp_path / "out", steps=1000, scheduler=scheduler,
+                            height=16, width=16)
+    assert not (tmp_path / "out").exists()
+    load_sd15(folder, torch.float32, torch.device("cpu"), "pndm", steps=50)  # what runs still loads
+    for key, value in (("algorithm_type", "foo"), ("timestep_spacing", "foo"), ("prediction_type", "foo")):
+        settings.write_text(json.dumps(dict(json.loads(settings.read_text()), **{key: value})))
+        with pytest.raises(GenerationSettingsError, match="foo .*or repair that file"):
+            load_sd15(folder, torch.float32, torch.device("cpu"), "dpm", steps=2)
