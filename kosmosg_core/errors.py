@@ -55,4 +55,4 @@ class MissingPackageError(KosmosGError, ImportError):
 
 
 class NonFiniteEncodingError(KosmosGError, FloatingPointError):
-    """The encoding came out inf/NaN: float16 overflowed, or the weights hold inf/NaN."""
+    """The encoding (or the images sampled from it) came out inf/NaN: float16 overflowed, or the weights hold inf/NaN."""

@@ -11,11 +11,13 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONFIG_DIR,
                      SD15_CONTEXT_DIM)
-from .errors import CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError
+from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
+                     NonFiniteEncodingError)
 from .files import check_output_folder, save_image
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
@@ -115,10 +117,15 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
-                generator=image_generators(seed, num_images), output_type="pil")
+                generator=image_generators(seed, num_images), output_type="np")  # floats: NaN shows, unlike in a PNG
+    if not np.isfinite(result.images).all():  # diffusers would write it as a black image without a word
+        raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN ({str(dtype).split('.')[-1]}, "
+                                     f"guidance_scale {guidance_scale}), so none was written; use float32 and a "
+                                     f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
+                                     "out NaN, the SD model's weights are damaged: fetch it again.")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, image in enumerate(result.images):
+    for k, image in enumerate(sd.numpy_to_pil(result.images)):
         path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
         save_image(image, path)  # atomic: a killed run leaves no half-written PNG
         paths.append(path)

@@ -326,3 +326,21 @@ def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tm
         settings.write_text(json.dumps(dict(json.loads(settings.read_text()), **{key: value})))
         with pytest.raises(GenerationSettingsError, match="foo .*or repair that file"):
             load_sd15(folder, torch.float32, torch.device("cpu"), "dpm", steps=2)
+
+
+def test_nan_images_are_refused_not_written_black(pack, tmp_path):
+    """diffusers turns NaN samples (damaged U-Net weights, fp16 overflow, a huge guidance scale) into black PNGs."""
+    from diffusers import UNet2DConditionModel
+
+    from kosmosg_core.errors import NonFiniteEncodingError
+    from kosmosg_core.generate import generate_images
+    from support.tiny_sd15 import write_tiny_sd15
+
+    folder = Path(write_tiny_sd15(tmp_path / "sd15"))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias[0] = float("nan")
+    unet.save_pretrained(folder / "unet")
+    with pytest.raises(NonFiniteEncodingError, match=f"sampled from {folder} came out NaN .*so none was written"):
+        generate_images(pack[0], folder, "a photo", out_dir=tmp_path / "out", steps=2, height=16, width=16)
+    assert not (tmp_path / "out").exists()
