@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONFIG_DIR,
-                     SD15_CONTEXT_DIM)
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, SCHEDULERS,
+                     SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
                      NonFiniteEncodingError)
 from .files import check_output_folder, save_image
@@ -39,12 +39,30 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
                                       "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
     if path.is_dir():
         _check_sd15_folder(path, "SD1.5 model folder", "give a whole diffusers SD1.5 folder or a single-file checkpoint.")
+    elif _safetensors_format(path) == NANO_SD15_FORMAT:  # diffusers would call it "not SD1.5", yet ComfyUI loads it
+        raise CheckpointError(f"{path} is the pack's nano image model: ComfyUI loads it (the out-of-the-box workflow) "
+                              "and train/'s evaluations sample it, but generate drives diffusers SD1.5 models, which "
+                              "cannot build its narrow U-Net and tiny VAE; give a full SD1.5 checkpoint or folder.")
     if config_dir is not None:
         if not Path(config_dir).is_dir():
             raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
                                           "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
         _check_sd15_folder(Path(config_dir), "SD1.5 config folder", "give a whole one, or leave it out for SD1.5's own.")
     return path
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The "format" in a .safetensors file's metadata (header only), or None (no such file, or unreadable: then
+    diffusers' own error names the problem)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception:  # safetensors raises its own error types for damaged headers
+        return None
 
 
 def _check_sd15_folder(folder: Path, what: str, fix: str) -> None:

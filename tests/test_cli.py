@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from kosmosg_core.config import NANO_SD15_FORMAT
 from kosmosg_core.pipeline import KosmosGPipeline
 from support.tiny_kosmosg import write_tiny_official
 
@@ -151,6 +152,8 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     for name in ("model_index.json", "vae/config.json", "scheduler/scheduler_config.json"):
         (no_unet / name).parent.mkdir(parents=True, exist_ok=True)
         (no_unet / name).write_text("{}")
+    nano_sd = tmp_path / "nano-sd15.safetensors"  # the pack's nano image model: diffusers called it "not SD1.5"
+    save_file({"x": torch.zeros(1)}, str(nano_sd), metadata={"format": NANO_SD15_FORMAT})
     cases = [
         (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give the path of a file"),
         (["encode", "--prompt", "x", "--out", a_file / "cond.safetensors"], "a_file.txt is a file, not a folder"),
@@ -165,6 +168,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["generate", "--sd-model", no_unet, "--prompt", "x"], f"SD1.5 model folder {no_unet} has no unet/config.json"),
         (["generate", "--sd-model", a_file, "--sd-config", no_unet, "--prompt", "x"],
          f"SD1.5 config folder {no_unet} has no unet/config.json"),
+        (["generate", "--sd-model", nano_sd, "--prompt", "x"], "is the pack's nano image model: ComfyUI loads it"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--steps", "0"], "steps must be a whole number >= 1"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--height", "60"], "height must be a multiple of 8"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--width", "-64"], "width must be a whole number >= 8"),

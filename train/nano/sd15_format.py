@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
+from kosmosg_core.config import NANO_SD15_FORMAT, SD15_CONTEXT_DIM
 from kosmosg_core.files import save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 ENCODER_PREFIX = VAE_PREFIX + "taesd_encoder."
 DECODER_PREFIX = VAE_PREFIX + "taesd_decoder."
-FORMAT_NAME = "kosmosg-nano-sd15"
+FORMAT_NAME = NANO_SD15_FORMAT
 FORMAT_VERSION = "1"
 SD15_MODEL_CHANNELS = 320
-SD15_CONTEXT_DIM = 768
 
 
 def _check_unet(sd: Mapping[str, torch.Tensor]) -> None:
