@@ -133,21 +133,31 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
-    result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
-                guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
-                generator=image_generators(seed, num_images), output_type="np")  # floats: NaN shows, unlike in a PNG
-    if not np.isfinite(result.images).all():  # diffusers would write it as a black image without a word
-        raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN ({str(dtype).split('.')[-1]}, "
-                                     f"guidance_scale {guidance_scale}), so none was written; use float32 and a "
-                                     f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
-                                     "out NaN, the SD model's weights are damaged: fetch it again.")
+    sampled = sample_sd15(sd, sd_model, cond, uncond, image_generators(seed, num_images), steps=steps,
+                          guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, image in enumerate(sd.numpy_to_pil(result.images)):
+    for k, image in enumerate(sampled):
         path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
         save_image(image, path)  # atomic: a killed run leaves no half-written PNG
         paths.append(path)
     return paths
+
+
+def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators: list, *, steps: int,
+                guidance_scale: float, num_images: int, height: int, width: int) -> list:
+    """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
+    B x num_images PIL images, prompt-major; images that came out NaN are refused (diffusers turns them into black
+    PNGs without a word)."""
+    result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
+                generator=generators, output_type="np")  # floats: NaN shows, unlike in a PNG
+    if not np.isfinite(result.images).all():
+        raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN ({str(sd.dtype).split('.')[-1]}, "
+                                     f"guidance_scale {guidance_scale}), so none was kept; use float32 and a "
+                                     f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
+                                     "out NaN, the SD model's weights are damaged: fetch it again.")
+    return sd.numpy_to_pil(result.images)
 
 
 def _free_name(folder: Path, stem: str) -> Path:

@@ -55,19 +55,19 @@ class KosmosGSampler:
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)
         check_sd15_width(self.encoder.context_dim, checkpoint)
-        self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
+        self.sd, self.sd_model = load_sd15(sd_model, self.dtype, self.device, scheduler), sd_model
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
                  ) -> list[list[Image.Image]]:
         """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
-        from kosmosg_core.generate import image_generators
+        from kosmosg_core.generate import image_generators, sample_sd15
 
         cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
         uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts))  # cached
         generators = image_generators(settings.seed, settings.num_images, num_prompts=len(prompts))
-        result = self.sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=settings.steps,
-                         guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
-                         height=settings.height, width=settings.width, generator=generators, output_type="pil")
+        sampled = sample_sd15(self.sd, self.sd_model, cond, uncond, generators, steps=settings.steps,
+                              guidance_scale=settings.guidance_scale, num_images=settings.num_images,
+                              height=settings.height, width=settings.width)
         n = settings.num_images  # diffusers orders them prompt 0 image 0..n-1, prompt 1 ...
-        return [result.images[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [sampled[i * n:(i + 1) * n] for i in range(len(prompts))]
