@@ -781,6 +781,18 @@ def test_samples_with_corrupt_image_bytes_are_skipped_with_a_warning(env, tmp_pa
         assert "is not a readable image" in caplog.text
 
 
+def test_a_shard_that_vanishes_stops_the_stream_it_is_not_skipped(env, tmp_path):
+    """Only a damaged shard is skipped: a missing file or an I/O error is not the shard's fault, and skipping it
+    would drop its records from this pass alone (the run would no longer equal its resume)."""
+    data = tmp_path / "data"
+    shutil.copytree(env.data, data)
+    stream = RecordStream(str(data), seed=0)
+    for shard in data.glob("*.tar"):
+        shard.unlink()
+    with pytest.raises(ValueError, match=r"cannot be read \(FileNotFoundError: .*make it readable again, then resume"):
+        stream.next()
+
+
 def test_malformed_samples_are_skipped_and_unreadable_shards_named(env, tmp_path, caplog):
     import io
     import tarfile
@@ -844,9 +856,11 @@ def test_samples_whose_json_has_fields_of_another_type_are_skipped(env, tmp_path
     args[args.index("--data") + 1] = str(data)
     with caplog.at_level("WARNING"):
         stage1.main(args)  # 8 updates x 4 samples: every shard read at least once
-    for key in metas:
-        assert re.search(f"skipping sample {key} of shard zz-odd-types.tar: its json is not an object or a field has "
-                         "the wrong type", caplog.text), key
+    reasons = {"json_null": "its json is a NoneType, not an object", "json_list": "its json is a list, not an object",
+               "caption_number": "its json field 'caption' is 5, not text or null",
+               "entities_null": "its json field 'entities' is None, not a list"}
+    for key, reason in reasons.items():
+        assert f"skipping sample {key} of shard zz-odd-types.tar: {reason}" in caplog.text, key
 
 
 def test_a_truncated_jpeg_in_a_sample_is_caught_before_collate():

@@ -138,7 +138,28 @@ class Record:
 
     @property
     def meta(self) -> dict:
-        return json.loads(self.fields["json"])
+        """The sample's json (docs/data-format.md). A field of another JSON type is a ValueError naming it, so the
+        sample is skipped like one with a missing field (a TypeError deep in a stage is left to be a bug)."""
+        meta = json.loads(self.fields["json"])
+        if not isinstance(meta, dict):
+            raise ValueError(f"its json is a {type(meta).__name__}, not an object")
+        for name, types in _META_FIELD_TYPES.items():
+            if name in meta and not isinstance(meta[name], types):
+                raise ValueError(f"its json field {name!r} is {meta[name]!r:.40}, not {_type_names(types)}")
+        for entity in meta.get("entities", []):
+            if not isinstance(entity, dict) or not isinstance(entity.get("image"), str) or \
+                    not isinstance(entity.get("masked"), (str, type(None))):
+                raise ValueError(f"its json entity {entity!r:.60} is not {{\"image\": field, \"masked\": field or null}}")
+        return meta
+
+
+_META_FIELD_TYPES = {"kind": str, "caption": (str, type(None)), "text": str, "text_dropped": str, "entities": list,
+                     "variants": (int, type(None))}
+
+
+def _type_names(types) -> str:
+    names = {str: "text", int: "a whole number", list: "a list", type(None): "null"}
+    return " or ".join(names[t] for t in (types if isinstance(types, tuple) else (types,)))
 
 
 class RecordStream:
@@ -188,7 +209,7 @@ class RecordStream:
         return order
 
     def _load_current(self) -> list[tuple[str, dict]]:
-        from train.data.shards import open_shard
+        from train.data.shards import UNREADABLE_SHARD_ERRORS, open_shard
 
         path = self._order()[self.cursor]
         self._shard_name = os.path.basename(path)
@@ -196,12 +217,16 @@ class RecordStream:
         try:
             for r in open_shard(path):
                 records.append((r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}))
-        except Exception as e:  # tarfile.ReadError, a truncated member, ... (webdataset re-raises them as they come)
+        except UNREADABLE_SHARD_ERRORS as e:
             # skipped, not fatal: a shard is reached at any time of a run, and a resumed run needs the same shards;
             # the records before the damage are the same at every read, so the stream stays deterministic
             logger.warning("shard %s cannot be read past its first %d records (%s: %s): it is not a tar file or is "
-                           "truncated; the rest of it is skipped in every epoch. Rebuild it under the same name with "
-                           "python -m train.data.", path, len(records), type(e).__name__, e)
+                           "truncated; the rest of it is skipped in every epoch. Rebuild it with python -m train.data "
+                           "(a run resumed after that reads the rebuilt records).", path, len(records), type(e).__name__,
+                           e)
+        except OSError as e:  # a missing file, a mount's I/O error: stop here, so that the resume is exact
+            raise ValueError(f"Shard {path} cannot be read ({type(e).__name__}: {e}); make it readable again, then "
+                             "resume the run.") from e
         records.sort(key=lambda kv: kv[0])  # independent of tar member order
         sample_rng(self.seed, "records", self.epoch, os.path.basename(path)).shuffle(records)
         return records
@@ -509,14 +534,8 @@ def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
         record = stream.next()
         try:
             item = stage.select(record)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:  # a malformed sample: skipped with a warning,
-            # as train.data does; TypeError / AttributeError: a field of another JSON type (null, a number, a list)
-            if isinstance(e, KeyError):
-                reason = f"no field {e.args[0]!r}"
-            elif isinstance(e, ValueError):
-                reason = str(e)
-            else:
-                reason = f"its json is not an object or a field has the wrong type ({type(e).__name__}: {e})"
+        except (KeyError, ValueError) as e:  # a malformed sample: skipped with a warning, as train.data does
+            reason = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             logger.warning("skipping sample %s of shard %s: %s (the layout is in docs/data-format.md)", record.key,
                            record.shard, reason)
             item = None

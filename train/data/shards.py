@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import json
 import logging
 import os
+import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -108,6 +111,12 @@ def _every_shard(urls):
     return urls
 
 
+# A shard that is damaged or no tar at all (webdataset re-raises these as it meets them, after the good records).
+# Not OSError: a missing file or a network mount's I/O error is not the shard's fault - skipping on it would drop
+# data for that pass only, so the caller stops instead (and a rerun / resume is exact).
+UNREADABLE_SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
 def open_shard(path: str):
     """One shard's records, with webdataset's node / worker splitting off: the callers split the data between
     processes themselves (webdataset's default splitters refuse to run under torch.distributed)."""
@@ -133,7 +142,7 @@ def iter_records(spec: str | list[str], split_by_node: bool = False, split_by_wo
     for url in urls:  # one dataset per shard: an unreadable shard is skipped (logged), not the end of the run
         try:
             yield from open_shard(url)
-        except Exception as e:  # tarfile.ReadError, a truncated member...
+        except UNREADABLE_SHARD_ERRORS as e:
             logger.warning("skipping (the rest of) shard %s: it cannot be read (%s: %s); it is not a tar file or is "
                            "truncated", url, type(e).__name__, e)
 
