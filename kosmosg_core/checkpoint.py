@@ -377,7 +377,8 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
     A pack .safetensors is accepted too (e.g. to re-cast it to float16), its own tokenizer kept unless
     tokenizer_dir is given. dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
     pt_path = Path(pt_path)
-    out_path = check_output_file(out_path, "The converted file")  # before the (long) read
+    # before the (long) read; never the source itself (a pack re-cast in place would lose its original)
+    out_path = check_output_file(out_path, "The converted file", inputs=(pt_path,))
     if out_path.suffix.lower() != ".safetensors":
         raise OutputPathError(f"The converted file {out_path} must end in .safetensors (the pack's format; the loaders "
                               "tell the formats apart by it); e.g. kosmosg.safetensors.")

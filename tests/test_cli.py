@@ -332,6 +332,17 @@ def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tm
             load_sd15(folder, torch.float32, torch.device("cpu"), "dpm", steps=2)
 
 
+def test_convert_never_writes_over_its_source(pack, tmp_path):
+    """`convert --checkpoint X.safetensors --out X.safetensors --dtype float16` rewrote X in place: the fp32
+    original was lost."""
+    source = tmp_path / "pack.safetensors"
+    shutil.copy(pack[0], source)
+    before = source.read_bytes()
+    result = run_cli("convert", "--checkpoint", source, "--out", source, "--dtype", "float16", check=False)
+    assert result.returncode == 2 and "is the input file" in result.stderr, result.stderr
+    assert source.read_bytes() == before
+
+
 def test_nan_images_are_refused_not_written_black(pack, tmp_path):
     """diffusers turns NaN samples (damaged U-Net weights, fp16 overflow, a huge guidance scale) into black PNGs."""
     from diffusers import UNet2DConditionModel

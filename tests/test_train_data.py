@@ -467,6 +467,23 @@ def test_captions_that_are_not_utf8_are_counted_and_named_not_garbled(tmp_path, 
     assert (summary["unreadable_caption"], summary["missing_caption"]) == (1, 1)
 
 
+def test_build_recaptions_an_image_whose_caption_file_cannot_be_read_when_recaption_is_set():
+    """With models.recaption the given caption is never read, so an unreadable one must not drop the image."""
+    import types
+
+    from train.data.build import make_raw_processor
+    from train.data.sources import RawItem
+
+    asked = []
+    labeller = types.SimpleNamespace(caption=lambda image, given, key: asked.append(key))  # -> None: failed_caption
+    item = RawItem(0, "k0", "a.png", read=lambda: _png(_noise_image(np.random.default_rng(1))),
+                   caption_error="caption file a.txt cannot be read")
+    config = BuildConfig(input="unused", output="unused")
+    assert make_raw_processor(config, labeller)(item) == (None, "unreadable_caption") and asked == []
+    config.models.recaption = True
+    assert make_raw_processor(config, labeller)(item) == (None, "failed_caption") and asked == ["k0"]
+
+
 @pytest.mark.parametrize("line", ['[1, 2]', '{"image": 5, "caption": "x"}', '{"image": "a.png", "caption": 5}'])
 def test_a_jsonl_entry_of_another_type_is_named_before_any_work(tmp_path, line):
     """A captions-file or pairs JSONL line that is not an object, or holds a number where text belongs, raised

@@ -126,7 +126,7 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
 
 def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):
     def process(item: RawItem) -> ProcessResult:
-        if item.caption_error:
+        if item.caption_error and not config.models.recaption:  # recaptioned anyway: the given one is not read
             logger.warning("%s: %s; skipped", item.key, item.caption_error)
             return None, "unreadable_caption"
         try:
