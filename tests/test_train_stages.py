@@ -655,6 +655,8 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, cap
     ("stage2", ["--max-caption-tokens", "0"], "--max-caption-tokens 0: must be at least 1"),
     ("stage2", ["--kinds", "lion"], "--kinds 'lion': name sample kinds from laion, instructpix2pix, openimage"),
     ("stage2", ["--kinds", " , "], "--kinds ' , ': name sample kinds from"),
+    ("stage1", ["--dropout", "2"], "--dropout 2.0: must be at most 1"),  # was refused by the model config
+    ("stage3", ["--resolution", "0"], "--resolution 0: use a multiple of 8"),  # was checked after the data listing
     ("stage3", ["--uncond-prob", "nan"], "--uncond-prob nan: must be a finite number"),
     ("stage3", ["--drop-caption-prob", "-1"], "--drop-caption-prob -1.0: must be at least 0"),
     ("stage3", ["--caption-teacher-weight", "-1"], "--caption-teacher-weight -1.0: must be at least 0"),
@@ -686,6 +688,14 @@ def test_nano_probabilities_and_numbers_are_checked_when_parsed(config_class, fi
     config.write_text(json.dumps({field_name: value}).replace("NaN", '"nan"'))
     with pytest.raises(ValueError, match=f"^--{field_name.replace('_', '-')} {value}: must be "):
         parse_config(getattr(importlib.import_module(module), klass), ["--config", str(config)])
+
+
+def test_a_huge_whole_number_setting_is_not_an_overflow_crash():
+    """The finite-number check called math.isfinite on ints too: 10**400 raised a bare OverflowError."""
+    from train.common.config import parse_config
+    from train.stage1 import Stage1Config
+
+    assert parse_config(Stage1Config, ["--max-steps", "1" + "0" * 400]).max_steps == 10 ** 400
 
 
 def test_stage3_caption_teacher_without_its_text_encoder_is_refused_before_the_score_model_loads(env, tmp_path,

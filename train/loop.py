@@ -115,8 +115,8 @@ class LoopConfig:
 class MLLMTrainingConfig(LoopConfig):
     """The settings of the stages that train the MLLM on interleaved prompts (1 and 3)."""
 
-    dropout: float = field(default=0.1, metadata={"help": "MLLM dropout (official training value 0.1)"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "MLLM attention dropout"})
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "MLLM dropout (official training value 0.1)"})
+    attention_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "MLLM attention dropout"})
     masked_entity_prob: float = field(default=0.5, metadata={"min": 0, "max": 1,
                                                              "help": "use the masked entity crop with this p"})
 

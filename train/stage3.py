@@ -98,17 +98,21 @@ class Stage3(Stage):
     name = "stage3"
     resume_may_change = frozenset({"score_model", "clip_text_encoder"})  # paths: the frozen models may move
 
-    def build(self, cfg: Stage3Config, accelerator):
-        self.accelerator = accelerator
+    def __init__(self, cfg: Stage3Config):
+        super().__init__(cfg)
+        # settings checked at once: before the data is listed and any model loads
         if cfg.resolution < 8 or cfg.resolution % 8:
             raise ValueError(f"--resolution {cfg.resolution}: use a multiple of 8 (the VAE's latent grid; "
                              "SD1.5: 512).")
         if not cfg.score_model:
             raise ValueError("--score-model is required: a diffusers SD1.5 folder, an SD1.5 single file or a nano "
                              ".safetensors (train/score_model.py).")
-        if cfg.caption_teacher_weight > 0 and not cfg.clip_text_encoder:  # before the score model loads, not after
+        if cfg.caption_teacher_weight > 0 and not cfg.clip_text_encoder:
             raise ValueError(f"--caption-teacher-weight {cfg.caption_teacher_weight} needs --clip-text-encoder: the "
                              "CLIP text encoder + tokenizer of the score model (as stage 2's).")
+
+    def build(self, cfg: Stage3Config, accelerator):
+        self.accelerator = accelerator
         self.score = load_score_model(cfg.score_model, cfg.score_model_kind)
         self.score.to(accelerator.device, frozen_dtype(cfg))
         if cfg.gradient_checkpointing:

@@ -15,6 +15,8 @@ import math
 import typing
 from pathlib import Path
 
+from kosmosg_core.errors import KosmosGError
+
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -194,7 +196,7 @@ def check_minimums(config, label: typing.Callable[[str], str] = flag_name) -> No
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         low, high = field.metadata.get("min"), field.metadata.get("max")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (an int is finite; isfinite overflows on huge ones)
             raise ValueError(f"{label(field.name)} {value}: must be a finite number.")
         if low is not None and value < low:
             meaning = " (0 = all)" if low == 0 and "0 = all" in field.metadata.get("help", "") else ""
@@ -232,7 +234,7 @@ def config_to_dict(config) -> dict:
 # checkpoint; the core's KosmosGError included); an OSError is the file system refusing (permissions, a name too
 # long, a full disk), its message names the path; a ModuleNotFoundError is a package of requirements-train.txt
 # that is not installed (the ComfyUI nodes need only requirements.txt).
-INPUT_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+INPUT_ERRORS = (ValueError, OSError, ModuleNotFoundError, KosmosGError)  # KosmosGError: the core's, e.g. NaN images
 
 
 def input_error_message(error: Exception) -> str:
