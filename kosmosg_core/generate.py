@@ -41,8 +41,9 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
         _check_sd15_folder(path, "SD1.5 model folder", "give a whole diffusers SD1.5 folder or a single-file checkpoint.")
     elif _safetensors_format(path) == NANO_SD15_FORMAT:  # diffusers would call it "not SD1.5", yet ComfyUI loads it
         raise CheckpointError(f"{path} is the pack's nano image model: ComfyUI loads it (the out-of-the-box workflow) "
-                              "and train/'s evaluations sample it, but generate drives diffusers SD1.5 models, which "
-                              "cannot build its narrow U-Net and tiny VAE; give a full SD1.5 checkpoint or folder.")
+                              "and train.eval's nano commands sample it, but this sampler drives diffusers SD1.5 "
+                              "models, which cannot build its narrow U-Net and tiny VAE; give a full SD1.5 checkpoint "
+                              "or folder.")
     if config_dir is not None:
         if not Path(config_dir).is_dir():
             raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
@@ -101,18 +102,30 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     check_sd15_unet(pipe, path)
-    settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
     try:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-        if steps is not None:
-            dry_run_scheduler(pipe.scheduler, steps)
-    except Exception as e:  # a damaged file, or settings this scheduler cannot run (many kinds, like loading's)
-        doing = "be built" if steps is None else f"run {steps} steps"
-        raise GenerationSettingsError(f"The {scheduler} scheduler cannot {doing} with the settings in {settings} "
-                                      f"({_first_line(e)}); choose other steps or another scheduler "
-                                      f"({', '.join(SCHEDULERS)}), or repair that file.") from e
+    except Exception as e:  # a damaged file (many kinds, like loading's)
+        raise _scheduler_error(scheduler, "be built", sd_model, config_dir, e) from e
+    if steps is not None:
+        check_scheduler_steps(pipe.scheduler, scheduler, steps, sd_model, config_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_scheduler_steps(scheduler, name: str, steps: int, sd_model, config_dir=None) -> None:
+    """`dry_run_scheduler`, its failure a GenerationSettingsError naming the scheduler and its settings file."""
+    try:
+        dry_run_scheduler(scheduler, steps)
+    except Exception as e:  # settings this scheduler cannot run: IndexError, ValueError, NaN...
+        raise _scheduler_error(name, f"run {steps} steps", sd_model, config_dir, e) from e
+
+
+def _scheduler_error(name: str, doing: str, sd_model, config_dir, error: Exception) -> GenerationSettingsError:
+    path = Path(sd_model)
+    settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
+    return GenerationSettingsError(f"The {name} scheduler cannot {doing} with the settings in {settings} "
+                                   f"({_first_line(error)}); choose other steps or another scheduler "
+                                   f"({', '.join(SCHEDULERS)}), or repair that file.")
 
 
 def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=None, negative_prompt: str = "",

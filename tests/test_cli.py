@@ -325,9 +325,15 @@ def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tm
             generate_images(pack[0], folder, "a photo", out_dir=tmp_path / "out", steps=1000, scheduler=scheduler,
                             height=16, width=16)
     assert not (tmp_path / "out").exists()
+    from train.eval.generation import KosmosGSampler, SamplingSettings  # train.eval's sampler: the same check
+
+    with pytest.raises(GenerationSettingsError, match="The ddim scheduler cannot run 1000 steps"):
+        KosmosGSampler(str(pack[0]), str(folder), scheduler="ddim", device="cpu")(
+            ["a photo"], [[]], SamplingSettings(steps=1000, guidance_scale=6.0, num_images=1, seed=0, height=16, width=16))
     load_sd15(folder, torch.float32, torch.device("cpu"), "pndm", steps=50)  # what runs still loads
+    pristine = json.loads(settings.read_text())
     for key, value in (("algorithm_type", "foo"), ("timestep_spacing", "foo"), ("prediction_type", "foo")):
-        settings.write_text(json.dumps(dict(json.loads(settings.read_text()), **{key: value})))
+        settings.write_text(json.dumps(dict(pristine, **{key: value})))  # one damaged setting at a time
         with pytest.raises(GenerationSettingsError, match="foo .*or repair that file"):
             load_sd15(folder, torch.float32, torch.device("cpu"), "dpm", steps=2)
 

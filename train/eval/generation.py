@@ -55,14 +55,18 @@ class KosmosGSampler:
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)
         check_sd15_width(self.encoder.context_dim, checkpoint)
-        self.sd, self.sd_model = load_sd15(sd_model, self.dtype, self.device, scheduler), sd_model
+        self.sd, self.sd_model, self.scheduler = load_sd15(sd_model, self.dtype, self.device, scheduler), sd_model, scheduler
+        self._steps_checked: set[int] = set()
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
                  ) -> list[list[Image.Image]]:
         """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
-        from kosmosg_core.generate import image_generators, sample_sd15
+        from kosmosg_core.generate import check_scheduler_steps, image_generators, sample_sd15
 
+        if settings.steps not in self._steps_checked:  # e.g. DDIM at 1000 steps: refused, not a traceback mid-run
+            check_scheduler_steps(self.sd.scheduler, self.scheduler, settings.steps, self.sd_model)
+            self._steps_checked.add(settings.steps)
         cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
         uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts))  # cached
         generators = image_generators(settings.seed, settings.num_images, num_prompts=len(prompts))
