@@ -55,7 +55,8 @@ class KosmosGSampler:
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)
         check_sd15_width(self.encoder.context_dim, checkpoint)
-        self.sd, self.sd_model, self.scheduler = load_sd15(sd_model, self.dtype, self.device, scheduler), sd_model, scheduler
+        self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
+        self.sd_model, self.scheduler = sd_model, scheduler
         self._steps_checked: set[int] = set()
 
     @torch.no_grad()
