@@ -497,8 +497,22 @@ def test_a_jsonl_entry_of_another_type_is_named_before_any_work(tmp_path, line):
         run_ingest_pairs(IngestConfig(input=str(jsonl), output=str(tmp_path / "out"), image_size=16))
     from train.data.sources import iter_folder
 
-    with pytest.raises(ValueError, match=r"captions file .*pairs.jsonl:3: expected \{\"image\""):
+    with pytest.raises(ValueError, match=r"captions file .*pairs.jsonl:3: .* is not \{\"image\""):
         list(iter_folder(str(folder), str(jsonl)))
+
+
+def test_a_captions_file_entry_with_a_null_caption_means_none_given(tmp_path):
+    """`"caption": null` (as the pairs JSONL allows) fell back to the sidecar .txt until a type check made it stop
+    the whole build."""
+    from train.data.sources import iter_folder
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _noise_image(np.random.default_rng(7)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a sidecar caption")
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text('{"image": "a.png", "caption": null}\n')
+    assert [item.caption for item in iter_folder(str(folder), str(jsonl))] == ["a sidecar caption"]
 
 
 @pytest.mark.parametrize("line", ['[1, 2]', '{"input_caption": "a", "edit": "b"}'])

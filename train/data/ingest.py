@@ -28,7 +28,7 @@ from .crops import CorruptImageError, decode_image, resize_shorter_side, resized
 from .entities import clean_text
 from .samples import ip2p_sample, laion_sample
 from .shards import ProcessResult, run_sharded, sanitize_key
-from .sources import RawItem, _read_file, iter_raw_items
+from .sources import CAPTION_ENTRY_LAYOUT, RawItem, _read_file, is_caption_entry, iter_raw_items
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,9 @@ def iter_pairs(input_spec: str | None, limit: int = 0):
         base = os.path.dirname(os.path.abspath(input_spec))
         entries = _read_jsonl(input_spec)[: limit or None]
         for line, entry in entries:  # checked before any work: a bad line is a bad file, named at once
-            if not isinstance(entry, dict) or not isinstance(entry.get("image", ""), str) or \
-                    not isinstance(entry.get("caption"), (str, type(None))):
-                raise ValueError(f"{input_spec}:{line}: {entry!r:.80} is not "
-                                 '{"image": "relative/path", "caption": "..."}; write one such object per line')
+            if not is_caption_entry(entry):
+                raise ValueError(f"{input_spec}:{line}: {entry!r:.80} is not {CAPTION_ENTRY_LAYOUT}; write one such "
+                                 "object per line")
         for index, (_, entry) in enumerate(entries):
             path = os.path.join(base, str(entry.get("image", "")))
             yield RawItem(index, f"{index:08d}", str(entry.get("image", "")), _read_file(path), entry.get("caption"))

@@ -93,6 +93,15 @@ def _read_file(path: str) -> Callable[[], bytes]:
     return read
 
 
+CAPTION_ENTRY_LAYOUT = '{"image": "relative/path", "caption": "..." or null}'
+
+
+def is_caption_entry(entry) -> bool:
+    """One line of a captions file or a pairs JSONL file: CAPTION_ENTRY_LAYOUT (null: no caption given)."""
+    return isinstance(entry, dict) and isinstance(entry.get("image"), str) and \
+        isinstance(entry.get("caption"), (str, type(None)))
+
+
 def _read_captions_file(path: str | None) -> dict[str, str]:
     if not path:
         return {}
@@ -103,12 +112,14 @@ def _read_captions_file(path: str | None) -> dict[str, str]:
                 continue
             try:
                 entry = json.loads(line)
-                if not isinstance(entry["image"], str) or not isinstance(entry["caption"], str):
-                    raise TypeError(f"image and caption must be text, got {entry['image']!r}, {entry['caption']!r}")
+            except json.JSONDecodeError as error:
+                raise ValueError(f"captions file {path}:{number}: not a JSON line ({error}); expected "
+                                 f"{CAPTION_ENTRY_LAYOUT} per line") from error
+            if not is_caption_entry(entry):
+                raise ValueError(f"captions file {path}:{number}: {entry!r:.80} is not {CAPTION_ENTRY_LAYOUT}; "
+                                 "write one such object per line")
+            if entry.get("caption") is not None:  # null: none given (the sidecar .txt or the captioner is used)
                 captions[entry["image"]] = entry["caption"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"captions file {path}:{number}: expected "
-                                 '{"image": "relative/path", "caption": "..."} per line ' f"({error})") from error
     return captions
 
 
