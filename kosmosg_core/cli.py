@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--sd-model", required=True, type=_path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("--sd-config", default=None, type=_path,
-                   help="for a single file: a diffusers-layout folder with unet/ vae/ scheduler/ configs "
+                   help="for a single file: a diffusers-layout folder with model_index.json and unet/ vae/ scheduler/ configs "
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image")
     p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")

@@ -66,9 +66,9 @@ def resize_shorter_side(image: Image.Image, size: int | None) -> Image.Image:
 
 
 def resized_beyond_pixel_limit(image: Image.Image, size: int | None) -> bool:
-    """Would `resize_shorter_side` make more pixels than PIL decodes (`Image.MAX_IMAGE_PIXELS`)? A banner
-    such as 10000x20 becomes 256000x512 at 512: GBs to build here, and refused as a decompression bomb when
-    training reads the sample back."""
+    """Would `resize_shorter_side` make more pixels than `Image.MAX_IMAGE_PIXELS` (where PIL starts to warn of a
+    decompression bomb; at twice it refuses)? A banner such as 10000x20 becomes 256000x512 at 512: GBs to build
+    here, and flagged or refused as a bomb when training reads the sample back."""
     limit = Image.MAX_IMAGE_PIXELS
     if not size or not limit:
         return False
