@@ -867,7 +867,7 @@ def test_samples_whose_json_has_fields_of_another_type_are_skipped(env, tmp_path
     with caplog.at_level("WARNING"):
         stage1.main(args)  # 8 updates x 4 samples: every shard read at least once
     reasons = {"json_null": "its json is a NoneType, not an object", "json_list": "its json is a list, not an object",
-               "caption_number": "its json field 'caption' is 5, not text or null",
+               "caption_number": "its json field 'caption' is 5, not text",
                "entities_null": "its json field 'entities' is None, not a list"}
     for key, reason in reasons.items():
         assert f"skipping sample {key} of shard zz-odd-types.tar: {reason}" in caplog.text, key

@@ -153,8 +153,8 @@ class Record:
         return meta
 
 
-_META_FIELD_TYPES = {"kind": str, "caption": (str, type(None)), "text": str, "text_dropped": str, "entities": list,
-                     "variants": (int, type(None))}
+_META_FIELD_TYPES = {"kind": str, "caption": str, "text": str, "text_dropped": str, "entities": list,
+                     "variants": (int, type(None))}  # as train.data writes them (stage 1 reads a laion caption as text)
 
 
 def _type_names(types) -> str:
