@@ -10,7 +10,8 @@
 // Steps: page load -> our extension registered -> node library (registered types + the search
 // box) -> a fresh prompt node: type text, connect a LoadImage, watch sockets and the status line
 // -> load a workflow from workflows/, substitute test models, queue it through the UI -> wait for
-// the output image on the SaveImage node. Screenshots at the interesting moments.
+// the output image on the SaveImage node -> copy + paste its prompt node with the keyboard (alone with
+// its connections, and together with its image loaders). Screenshots at the interesting moments.
 
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -279,6 +280,51 @@ try {
     await page.waitForTimeout(300);
     await shot(page, "workflow-output");
     step("queued", { output: { ...result, view, seconds: (Date.now() - started) / 1000 } });
+
+    // --- 5. copy + paste the prompt node with the keyboard, as users do --------------------------------
+    // Ctrl+Shift+V pastes the node alone wired to the same image loaders; Ctrl+C / Ctrl+V of the node
+    // with its loaders pastes the group wired among itself. Report each copy's sockets (and where their
+    // links come from) and what the API prompt would send for it.
+    // the shortcuts act on the canvas: click an empty spot of it first (as a user would)
+    const emptySpot = await page.evaluate(() => {
+        for (let y = 860; y > 100; y -= 40) for (let x = 1560; x > 100; x -= 40) {
+            const [gx, gy] = app.canvas.ds.convertCanvasToOffset([x, y]);
+            if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)) return [x, y];
+        }
+        return [1560, 860];
+    });
+    await page.mouse.click(canvasBox.x + emptySpot[0], canvasBox.y + emptySpot[1]);
+    const copyPaste = async (withLoaders, keys) => {
+        const before = await page.evaluate((withLoaders) => {
+            const prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
+            const loaders = prompt.inputs.filter((i) => i.link != null)
+                .map((i) => app.graph.getNodeById(app.graph.links[i.link].origin_id));
+            app.canvas.deselectAll();
+            app.canvas.selectItems(withLoaders ? [prompt, ...loaders] : [prompt]);
+            return app.graph.nodes.map((n) => n.id);
+        }, withLoaders);
+        await page.keyboard.press("Control+c");
+        await page.keyboard.press(keys);
+        await page.waitForFunction((before) => app.graph.nodes.some((n) => n.type === "KosmosGInterleavedPrompt"
+            && !before.includes(n.id) && !n.kosmosgRefreshPending), before, { timeout: 15000 });
+        return page.evaluate(async (before) => {
+            const copy = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt" && !before.includes(n.id));
+            const { output } = await app.graphToPrompt();
+            return {
+                sockets: copy.inputs.map((input, slot) => {
+                    const link = input.link == null ? null : app.graph.links[input.link];
+                    const origin = link ? app.graph.getNodeById(link.origin_id) : null;
+                    return { name: input.name, linked: copy.isInputConnected(slot),
+                        from: origin ? `${origin.type}${before.includes(origin.id) ? "" : " (copy)"}` : null };
+                }).filter((s) => s.name.startsWith("images.")),
+                status: copy.kosmosgStatus?.summary ?? null,
+                api_image_inputs: Object.keys(output[String(copy.id)]?.inputs ?? {}).filter((k) => k.startsWith("images.")),
+            };
+        }, before);
+    };
+    const pasteConnected = await copyPaste(false, "Control+Shift+v");
+    const pasteGroup = await copyPaste(true, "Control+v");
+    step("copy_paste", { copy_paste: { paste_connected: pasteConnected, paste_group: pasteGroup } });
 } finally {
     await browser.close();
 }

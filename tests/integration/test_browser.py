@@ -161,6 +161,20 @@ def test_shipped_workflow_loads_queues_and_shows_its_image(browser_report):
     assert bytes(output["view"]["head"]) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_copy_paste_keeps_every_image_connection(browser_report):
+    # the frontend's paste configures a copy whose sockets come back as image0, text, weights, image1, ...
+    # while the copied links keep the original slot numbers: every image but the first was lost until the
+    # extension put the sockets back in order
+    copies = browser_report["copy_paste"]
+    for how, source in (("paste_connected", "LoadImage"), ("paste_group", "LoadImage (copy)")):
+        copy = copies[how]
+        sockets = [(s["name"], s["linked"], s["from"]) for s in copy["sockets"]]
+        assert sockets == [("images.image0", True, source), ("images.image1", True, source),
+                           ("images.image2", False, None)], how
+        assert copy["status"] == "2 <i> / 2 images ✓", how
+        assert copy["api_image_inputs"] == ["images.image0", "images.image1"], how
+
+
 def test_screenshots_are_saved(browser_report):
     for name in ("node-search", "prompt-node", "workflow", "workflow-output"):
         path = browser_report["screenshot_dir"] / f"{name}.png"

@@ -156,6 +156,30 @@ function refresh(node) {
     node.setDirtyCanvas?.(true, true);
 }
 
+/** Put the image sockets back in one block in socket order (image0, image1, ...) where image0 sits.
+ * The frontend's configure() (paste, clone, Alt+drag, copying: it clones the node) keeps the sockets a
+ * fresh node has (image0, text, weights) and appends the saved ones after them (image1, image2, ...);
+ * the copied links keep the original slot numbers, so a paste with connections (Ctrl+Shift+V, or the
+ * image loaders copied along) connected image1 to the text socket (refused) and lost every image but
+ * the first. Links already attached follow their socket. */
+function keepImageSocketsInOrder(node) {
+    const inputs = node.inputs || [];
+    const first = inputs.findIndex((input) => input.name.startsWith(IMAGES_GROUP));
+    if (first === -1) return;
+    const socketIndex = (input) => Number(input.name.match(/(\d+)$/)?.[1] ?? -1);
+    const images = inputs.filter((input) => input.name.startsWith(IMAGES_GROUP))
+        .sort((a, b) => socketIndex(a) - socketIndex(b));
+    const others = inputs.filter((input) => !input.name.startsWith(IMAGES_GROUP));
+    const ordered = [...others.slice(0, first), ...images, ...others.slice(first)];
+    if (ordered.every((input, slot) => input === inputs[slot])) return;
+    inputs.splice(0, inputs.length, ...ordered);
+    const links = node.graph?.links;
+    ordered.forEach((input, slot) => {
+        const link = input.link == null ? null : links?.get?.(input.link) ?? links?.[input.link];
+        if (link) link.target_slot = slot;
+    });
+}
+
 /** Coalesce bursts (typing, Autogrow adding/removing sockets in the next frame) into one refresh. */
 function scheduleRefresh(node) {
     if (node.kosmosgRefreshPending) return;
@@ -239,8 +263,10 @@ if (app.extensions?.some?.((extension) => extension.name === EXTENSION_NAME)) {
             scheduleRefresh(this);
         });
 
-        // Loaded from a workflow: widget values and links are set without widget callbacks.
+        // Loaded from a workflow, pasted or cloned: widget values and links are set without widget
+        // callbacks, and the sockets may come back out of order.
         nodeType.prototype.onConfigure = chain(nodeType.prototype.onConfigure, function () {
+            keepImageSocketsInOrder(this);
             scheduleRefresh(this);
         });
     },
