@@ -285,14 +285,16 @@ try {
     // Ctrl+Shift+V pastes the node alone wired to the same image loaders; Ctrl+C / Ctrl+V of the node
     // with its loaders pastes the group wired among itself. Report each copy's sockets (and where their
     // links come from) and what the API prompt would send for it.
-    // the shortcuts act on the canvas: click an empty spot of it first (as a user would)
-    const emptySpot = await page.evaluate(() => {
-        for (let y = 860; y > 100; y -= 40) for (let x = 1560; x > 100; x -= 40) {
+    // the shortcuts act on the canvas: click an empty spot of it first (as a user would), one with no
+    // node, group or floating button (zoom controls, toolbox) on it
+    const emptySpot = await page.evaluate((box) => {
+        for (let y = 820; y > 100; y -= 40) for (let x = 1200; x > 100; x -= 40) {
             const [gx, gy] = app.canvas.ds.convertCanvasToOffset([x, y]);
-            if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)) return [x, y];
+            if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)
+                && document.elementFromPoint(box.x + x, box.y + y) === app.canvas.canvas) return [x, y];
         }
-        return [1560, 860];
-    });
+        return [1200, 820];
+    }, canvasBox);
     await page.mouse.click(canvasBox.x + emptySpot[0], canvasBox.y + emptySpot[1]);
     const copyPaste = async (withLoaders, keys) => {
         const before = await page.evaluate((withLoaders) => {
