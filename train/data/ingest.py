@@ -150,8 +150,8 @@ def iter_pairs(input_spec: str | None, limit: int = 0):
                 raise ValueError(f"{input_spec}:{line}: {entry!r:.80} is not {CAPTION_ENTRY_LAYOUT}; write one such "
                                  "object per line")
         for index, (_, entry) in enumerate(entries):
-            path = os.path.join(base, str(entry.get("image", "")))
-            yield RawItem(index, f"{index:08d}", str(entry.get("image", "")), _read_file(path), entry.get("caption"))
+            image = entry["image"]  # text: checked above
+            yield RawItem(index, f"{index:08d}", image, _read_file(os.path.join(base, image)), entry.get("caption"))
         return
     yield from iter_raw_items(input_spec, "auto", None, limit)
 

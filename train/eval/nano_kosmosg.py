@@ -55,7 +55,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kosmosg_core.config import IMAGE_PLACEHOLDER
 from train.nano import paths, world
 
 from . import nano_image
@@ -107,7 +106,7 @@ class EvalCase:
         """The prompt with its images removed: what the text alone asks for."""
         from train.data.entities import clean_text
 
-        return clean_text(self.prompt.replace(IMAGE_PLACEHOLDER, " "))
+        return clean_text(self.prompt)  # clean_text removes the image placeholders
 
 
 def interleaved_prompt(spec: world.SceneSpec) -> str:
