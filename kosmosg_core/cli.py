@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
     p.add_argument("--seed", type=int, default=0, help="random seed of image 0; image k uses seed + k (default 0)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, default=None,
+                       help=f"image {side} in pixels, a multiple of 8 (default: the SD model's own, 512 for SD1.5 and 64 "
+                            "for the nano image model)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)

@@ -30,7 +30,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_CONTEXT_TOKENS = 77  # SD1.5 text-encoder sequence length = aligner queries
 SD15_CONTEXT_DIM = 768  # SD1.5 cross-attention width
+SD15_LATENT_SCALE = 0.18215  # the SD1.5 U-Net sees VAE latents x this (comfy.latent_formats.SD15.scale_factor)
 NANO_SD15_FORMAT = "kosmosg-nano-sd15"  # metadata "format" of the pack's nano image model (train/nano/sd15_format.py)
+NANO_IMAGE_SIZE = 64  # pixels: the nano world's scenes (train/nano/world.py), what the nano models are trained at
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dtypes the core computes and stores in (pipeline.DTYPES)
 CPU_KERNELS = ("onednn", "few-row")  # what a cpu_linear.PackedLinear runs; "auto" resolves to one of them
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights), for diffusers

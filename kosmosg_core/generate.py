@@ -19,6 +19,7 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, N
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
                      NonFiniteEncodingError)
 from .files import check_output_folder, save_image
+from .nano_sd15 import load_nano_sd15
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,20 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
                                       "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
     if path.is_dir():
         _check_sd15_folder(path, "SD1.5 model folder", "give a whole diffusers SD1.5 folder or a single-file checkpoint.")
-    elif _safetensors_format(path) == NANO_SD15_FORMAT:  # diffusers would call it "not SD1.5", yet ComfyUI loads it
-        raise CheckpointError(f"{path} is the pack's nano image model: ComfyUI loads it (the out-of-the-box workflow) "
-                              "and train.eval's nano commands sample it, but this sampler drives diffusers SD1.5 "
-                              "models, which cannot build its narrow U-Net and tiny VAE; give a full SD1.5 checkpoint "
-                              "or folder.")
+    elif config_dir is not None and is_nano_sd15(path):
+        raise GenerationSettingsError(f"{path} is the pack's nano image model, whose layout is fixed: --sd-config "
+                                      f"({config_dir}) is for other single-file SD1.5 checkpoints; leave it out.")
     if config_dir is not None:
         if not Path(config_dir).is_dir():
             raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
                                           "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
         _check_sd15_folder(Path(config_dir), "SD1.5 config folder", "give a whole one, or leave it out for SD1.5's own.")
     return path
+
+
+def is_nano_sd15(path: Path) -> bool:
+    """The pack's nano image model (models/nano/nano-sd15.safetensors, or one trained with train/nano)?"""
+    return _safetensors_format(path) == NANO_SD15_FORMAT
 
 
 def _safetensors_format(path: Path) -> str | None:
@@ -80,8 +84,8 @@ def _first_line(error: Exception) -> str:
 
 def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = DEFAULT_SCHEDULER, config_dir=None,
               steps: int | None = None):
-    """A diffusers StableDiffusionPipeline without text encoder, from a folder or a single file, offline; with
-    `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
+    """A diffusers StableDiffusionPipeline without text encoder, from a folder, a single file or the pack's nano image
+    model (`nano_sd15`), offline; with `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
     path = check_sd15_paths(sd_model, config_dir)
     try:
         import diffusers
@@ -91,14 +95,21 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         raise MissingPackageError(f"generate needs diffusers >= 0.35.2 ({_first_line(error)}); install it with "
                                   "`pip install -r requirements-train.txt` (from this repository).") from error
 
+    nano = is_nano_sd15(path)
     try:
-        if path.is_dir():
+        if nano:
+            pipe = load_nano_sd15(path, dtype)
+        elif path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                                            **_NO_TEXT_ENCODER)
         else:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
                                                             torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
+        if nano:  # the format is ours: missing keys (KeyError), wrong shapes (RuntimeError)...
+            raise CheckpointError(f"Could not load {path} as the pack's nano image model ({_first_line(e)}): the file "
+                                  "is damaged; restore it (git checkout models/nano) or export it again "
+                                  "(python -m train.nano.export_nano).") from e
         raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     check_sd15_unet(pipe, path)
@@ -131,10 +142,11 @@ def _scheduler_error(name: str, doing: str, sd_model, config_dir, error: Excepti
 def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=None, negative_prompt: str = "",
                     out_dir: Path = Path("outputs"), steps: int = DEFAULT_STEPS,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
-                    num_images: int = 1, height: int = 512, width: int = 512, dtype="float32", device="cpu",
+                    num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
                     sd_config_dir=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
+    height / width None: the SD model's own size (`native_size`: SD1.5 512, the nano image model 64).
     Image k starts from the noise of seed + k (`image_generators`): it is image 0 of a run with that seed."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
@@ -158,10 +170,11 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
 
 
 def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators: list, *, steps: int,
-                guidance_scale: float, num_images: int, height: int, width: int) -> list:
+                guidance_scale: float, num_images: int, height: int | None, width: int | None) -> list:
     """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
-    B x num_images PIL images, prompt-major; images that came out NaN are refused (diffusers turns them into black
-    PNGs without a word)."""
+    B x num_images PIL images, prompt-major, height x width (None: `native_size`); images that came out NaN are
+    refused (diffusers turns them into black PNGs without a word)."""
+    height, width = (native_size(sd) if side is None else side for side in (height, width))
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
                 generator=generators, output_type="np")  # floats: NaN shows, unlike in a PNG
@@ -198,6 +211,11 @@ def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[t
     """diffusers' per-image generators, prompt-major: image k of every prompt starts from the noise of seed + k,
     so a picture does not depend on how many were asked for or on the batch it was made in."""
     return [torch.Generator("cpu").manual_seed(seed + k) for _ in range(num_prompts) for k in range(num_images)]
+
+
+def native_size(sd) -> int:
+    """The side in pixels a `load_sd15` pipeline makes by default: its U-Net's sample size x the VAE's scale."""
+    return sd.unet.config.sample_size * sd.vae_scale_factor
 
 
 def check_sd15_width(context_dim: int, checkpoint) -> None:
@@ -237,6 +255,8 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
     whole(num_images, "num_images", 1)
     whole(seed, "seed", 0, 2**64 - num_images)  # image k uses seed + k: torch.Generator.manual_seed's range
     for name, value in (("height", height), ("width", width)):
+        if value is None:  # the SD model's own size
+            continue
         whole(value, name, 8)
         if value % 8:
             raise GenerationSettingsError(f"{name} must be a multiple of 8 (the VAE's scale), got {value}; e.g. "

@@ -152,7 +152,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     for name in ("model_index.json", "vae/config.json", "scheduler/scheduler_config.json"):
         (no_unet / name).parent.mkdir(parents=True, exist_ok=True)
         (no_unet / name).write_text("{}")
-    nano_sd = tmp_path / "nano-sd15.safetensors"  # the pack's nano image model: diffusers called it "not SD1.5"
+    nano_sd = tmp_path / "nano-sd15.safetensors"  # the pack's nano image model: its layout is fixed
     save_file({"x": torch.zeros(1)}, str(nano_sd), metadata={"format": NANO_SD15_FORMAT})
     cases = [
         (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give the path of a file"),
@@ -168,7 +168,8 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["generate", "--sd-model", no_unet, "--prompt", "x"], f"SD1.5 model folder {no_unet} has no unet/config.json"),
         (["generate", "--sd-model", a_file, "--sd-config", no_unet, "--prompt", "x"],
          f"SD1.5 config folder {no_unet} has no unet/config.json"),
-        (["generate", "--sd-model", nano_sd, "--prompt", "x"], "is the pack's nano image model: ComfyUI loads it"),
+        (["generate", "--sd-model", nano_sd, "--sd-config", no_unet, "--prompt", "x"],
+         "is the pack's nano image model, whose layout is fixed: --sd-config"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--steps", "0"], "steps must be a whole number >= 1"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--height", "60"], "height must be a multiple of 8"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--width", "-64"], "width must be a whole number >= 8"),

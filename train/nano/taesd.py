@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kosmosg_core.config import SD15_LATENT_SCALE
+
 LATENT_CHANNELS = 4
 WIDTH = 64
-SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 
 
 def conv(n_in: int, n_out: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:

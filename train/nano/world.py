@@ -58,9 +58,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kosmosg_core.config import NANO_IMAGE_SIZE
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PX = 64
+IMAGE_PX = NANO_IMAGE_SIZE
 CROP_PX = 64
 CROP_CONTEXT = 1.5  # crop side / subject size
 SUPERSAMPLE = 4

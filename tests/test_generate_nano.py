@@ -1,0 +1,129 @@
+"""`generate` on the shipped nano image model (models/nano/nano-sd15.safetensors, kosmosg_core/nano_sd15.py):
+diffusers' U-Net and AutoencoderTiny built from the file compute what train/nano's networks and ComfyUI
+compute, and the headless CLI samples the shipped models into judged-right pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from kosmosg_core.config import SD15_LATENT_SCALE
+from kosmosg_core.errors import CheckpointError
+from kosmosg_core.generate import generate_images, load_sd15, native_size
+from kosmosg_core.nano_sd15 import VAE_SHIFT_KEY, load_nano_sd15
+from support import nano_ootb
+from support.comfy_modules import import_comfy
+
+REPO = Path(__file__).resolve().parents[1]
+NANO_SD15 = REPO / "models" / "nano" / "nano-sd15.safetensors"
+KOSMOSG_NANO = REPO / "models" / "nano" / "kosmosg-nano.safetensors"
+SUBJECT_IMAGES = [REPO / "workflows" / "input" / subject.file for subject in nano_ootb.SUBJECTS]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_sd15(NANO_SD15, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def train_nano_models():
+    """The shipped file through train/nano's own networks (each tested equal to ComfyUI's in test_nano_*)."""
+    from train.nano.sd15_format import read_sd15_checkpoint
+    from train.nano.taesd import TinyAutoencoder
+    from train.nano.unet import NanoUNet, NanoUNetConfig
+
+    saved = read_sd15_checkpoint(NANO_SD15)
+    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
+                                           NanoUNetConfig.from_dict(saved["nano_unet_config"])).eval()
+    vae = TinyAutoencoder()
+    vae.taesd_encoder.load_state_dict({k: v.float() for k, v in saved["taesd_encoder"].items()})
+    vae.taesd_decoder.load_state_dict({k: v.float() for k, v in saved["taesd_decoder"].items()})
+    vae.set_scale_shift(saved["vae_scale"], saved["vae_shift"])
+    return unet, vae.eval()
+
+
+def unet_inputs(seed: int = 0):
+    """x [2, 4, 8, 8] U-Net-space latents, timesteps [2], context [2, 77, 768]."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([15, 800]),
+            torch.randn(2, 77, 768, generator=generator))
+
+
+def test_diffusers_unet_equals_the_narrow_nano_unet(pipe, train_nano_models):
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = train_nano_models[0](x, t, context)
+        got = pipe.unet(x, t, encoder_hidden_states=context).sample
+    assert expected.abs().mean() > 0.1  # a real signal
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_vae_applies_comfyui_taesd_scale_and_shift(pipe, train_nano_models):
+    """The pipeline decodes `latents / scaling_factor` and encodes to `latents * scaling_factor`: with those, the
+    pixels and latents are ComfyUI's (train.nano.taesd's formulas), shift included."""
+    vae = train_nano_models[1]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # U-Net space
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))  # [0, 1]
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # [-1, 1]
+        assert torch.allclose(((decoded + 1) / 2).clamp(0, 1), vae.decode_from_unet_space(latents), atol=1e-5)
+        encoded = pipe.vae.encode(pixels * 2 - 1).latents * pipe.vae.config.scaling_factor
+        assert torch.allclose(encoded, vae.encode_to_unet_space(pixels), atol=1e-5)
+        # without the shift (diffusers' AutoencoderTiny as it is) the pictures would differ
+        unshifted = type(pipe.vae).__mro__[1].decode(pipe.vae, latents / pipe.vae.config.scaling_factor).sample
+        assert (unshifted - decoded).abs().max() > 0.05
+    assert pipe.vae.config.shift_factor != 0 and native_size(pipe) == nano_ootb.IMAGE_PX
+
+
+def test_bfloat16_loads_every_weight_in_bfloat16():
+    pipe = load_nano_sd15(NANO_SD15, torch.bfloat16)
+    dtypes = {p.dtype for module in (pipe.unet, pipe.vae) for p in [*module.parameters(), *module.buffers()]}
+    assert dtypes == {torch.bfloat16}
+
+
+def test_damaged_nano_file_names_itself_and_the_fix(tmp_path):
+    damaged = tmp_path / "nano-sd15.safetensors"
+    tensors = load_file(str(NANO_SD15))
+    del tensors[VAE_SHIFT_KEY]
+    save_file(tensors, str(damaged), metadata={"format": "kosmosg-nano-sd15", "format_version": "1"})
+    with pytest.raises(CheckpointError, match=r"as the pack's nano image model \(.*vae_shift.*git checkout models/nano"):
+        load_sd15(damaged, torch.float32, torch.device("cpu"))
+    tensors = load_file(str(NANO_SD15))
+    tensors = {k: (v[:160] if k.endswith("input_blocks.0.0.weight") else v) for k, v in tensors.items()}  # half wide
+    save_file(tensors, str(damaged), metadata={"format": "kosmosg-nano-sd15", "format_version": "1"})
+    with pytest.raises(CheckpointError, match="damaged; restore it"):
+        load_sd15(damaged, torch.float32, torch.device("cpu"))
+
+
+def test_generate_samples_the_shipped_models_into_judged_right_pictures(tmp_path):
+    """The out-of-the-box request, headless, with the official sampler (DPM-Solver, guidance 6) at 20 steps and
+    the model's own 64 px: every picture shows the red circle left and the blue square right, on grey."""
+    paths = generate_images(KOSMOSG_NANO, NANO_SD15, nano_ootb.PROMPT, SUBJECT_IMAGES, out_dir=tmp_path, steps=20,
+                            num_images=3, seed=10)
+    pictures = [np.asarray(Image.open(path)) for path in paths]
+    assert [picture.shape for picture in pictures] == [(64, 64, 3)] * 3
+    assert all(nano_ootb.judge_output(picture)["right"] for picture in pictures)
+    assert not np.array_equal(pictures[0], pictures[1])  # seeds 10 and 11
+
+
+@pytest.mark.integration
+def test_pipeline_computes_what_comfyui_computes_from_the_file(pipe):
+    """ComfyUI's own loader (CheckpointLoaderSimple's function) on the shipped file: its U-Net and VAE give
+    the diffusers pipeline's outputs."""
+    comfy = import_comfy()
+    import comfy.sd
+
+    model, _clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(NANO_SD15), output_vae=True, output_clip=False)
+    x, t, context = unet_inputs(seed=3)
+    with torch.no_grad():
+        expected = model.model.diffusion_model(x, timesteps=t, context=context, transformer_options={}).float()
+        assert (pipe.unet(x, t, encoder_hidden_states=context).sample - expected).abs().max() <= 1e-4
+        comfy_pixels = vae.decode(x / SD15_LATENT_SCALE).float()  # IMAGE [B, 64, 64, 3] in [0, 1]
+        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+        ours = ((decoded + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert (ours - comfy_pixels).abs().max() <= 1e-3
