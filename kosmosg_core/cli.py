@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
     model_args(p)
-    p.add_argument("--sd-model", required=True, type=_path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--sd-model", required=True, type=_path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt), diffusers folder, or the built-in "
+                        "models/nano/nano-sd15.safetensors")
     p.add_argument("--sd-config", default=None, type=_path,
                    help="for a single file: a diffusers-layout folder with model_index.json and unet/ vae/ scheduler/ configs "
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")

@@ -15,6 +15,7 @@ nano model through the same StableDiffusionPipeline as any SD1.5 model. Only saf
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def nano_unet_config() -> dict:
     return {**config, **NANO_UNET_CHANGES}
 
 
+@functools.cache  # one class, however many pipelines are loaded
 def comfy_taesd_class():
     """`ComfyTAESD` (built on first use: diffusers is imported only where generation needs it)."""
     from diffusers import AutoencoderTiny
