@@ -33,18 +33,9 @@ def pipe():
 @pytest.fixture(scope="module")
 def train_nano_models():
     """The shipped file through train/nano's own networks (each tested equal to ComfyUI's in test_nano_*)."""
-    from train.nano.sd15_format import read_sd15_checkpoint
-    from train.nano.taesd import TinyAutoencoder
-    from train.nano.unet import NanoUNet, NanoUNetConfig
+    from train.nano.sd15_format import load_networks
 
-    saved = read_sd15_checkpoint(NANO_SD15)
-    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
-                                           NanoUNetConfig.from_dict(saved["nano_unet_config"])).eval()
-    vae = TinyAutoencoder()
-    vae.taesd_encoder.load_state_dict({k: v.float() for k, v in saved["taesd_encoder"].items()})
-    vae.taesd_decoder.load_state_dict({k: v.float() for k, v in saved["taesd_decoder"].items()})
-    vae.set_scale_shift(saved["vae_scale"], saved["vae_shift"])
-    return unet, vae.eval()
+    return load_networks(NANO_SD15)
 
 
 def unet_inputs(seed: int = 0):

@@ -184,19 +184,9 @@ def _load_diffusers_single_file(path: Path) -> ScoreModel:
 
 
 def _load_nano(path: Path) -> ScoreModel:
-    from train.nano.sd15_format import read_sd15_checkpoint
-    from train.nano.taesd import TinyAutoencoder
-    from train.nano.unet import NanoUNet, NanoUNetConfig
+    from train.nano.sd15_format import load_networks
 
-    parts = read_sd15_checkpoint(path)
-    if "nano_unet_config" not in parts:
-        raise ValueError(f"nano score model {path} has no 'nano_unet_config' metadata, so the narrow U-Net cannot be "
-                         "rebuilt; write it with train.nano.sd15_format.write_sd15_checkpoint(metadata=...).")
-    cfg = NanoUNetConfig.from_dict(parts["nano_unet_config"])
-    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in parts["unet"].items()}, cfg)
-    autoencoder = TinyAutoencoder()
-    autoencoder.taesd_encoder.load_state_dict({k: v.float() for k, v in parts["taesd_encoder"].items()})
-    autoencoder.taesd_decoder.load_state_dict({k: v.float() for k, v in parts["taesd_decoder"].items()})
-    autoencoder.set_scale_shift(parts["vae_scale"], parts["vae_shift"])
+    unet, autoencoder = load_networks(path, f"nano score model {path}")
+    cfg = unet.config
     logger.info("nano score model %s: %s", path, json.dumps(cfg.to_dict(), sort_keys=True))
     return ScoreModel(unet, autoencoder, sd15_noise_scheduler(None), "nano", context_dim=cfg.context_dim)

@@ -94,24 +94,13 @@ def load_shipped_model(checkpoint: str, text_encoder: str, checkpoint_flag: str 
 
     checkpoint_flag: the caller's flag for the nano SD1.5 file, named in the error when it is missing."""
     from train.nano import text_encoder as te
-    from train.nano.sd15_format import read_sd15_checkpoint
-    from train.nano.taesd import TinyAutoencoder
-    from train.nano.unet import NanoUNet, NanoUNetConfig
+    from train.nano.sd15_format import load_networks
 
     ckpt_path = _require(checkpoint, checkpoint_flag, "nano SD1.5 checkpoint")
     text_path = _require(text_encoder, "--text-encoder", "nano text encoder folder")
-    saved = read_sd15_checkpoint(ckpt_path)
-    if "nano_unet_config" not in saved:
-        raise ValueError(f"{checkpoint_flag} {checkpoint}: no 'nano_unet_config' metadata, so the narrow U-Net cannot be "
-                         f"rebuilt; export it with python -m train.nano.export_nano")
-    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
-                                           NanoUNetConfig.from_dict(saved["nano_unet_config"])).eval()
-    vae = TinyAutoencoder()
-    vae.taesd_encoder.load_state_dict({k: v.float() for k, v in saved["taesd_encoder"].items()})
-    vae.taesd_decoder.load_state_dict({k: v.float() for k, v in saved["taesd_decoder"].items()})
-    vae.set_scale_shift(saved["vae_scale"], saved["vae_shift"])
+    unet, vae = load_networks(ckpt_path, f"{checkpoint_flag} {checkpoint}")
     text_model, tokenizer = te.load_text_encoder(text_path)
-    return unet, vae.eval(), text_model, tokenizer
+    return unet, vae, text_model, tokenizer
 
 
 # ----------------------------------------------------------------------------- captions + scoring

@@ -130,3 +130,22 @@ def read_sd15_checkpoint(path: str | os.PathLike) -> dict:
     if "nano_unet_config" in metadata:
         out["nano_unet_config"] = json.loads(metadata["nano_unet_config"])
     return out
+
+
+def load_networks(path: str | os.PathLike, name: str | None = None):
+    """(NanoUNet, TinyAutoencoder) of a checkpoint written by :func:`write_sd15_checkpoint` (with the
+    ``nano_unet_config`` metadata, as export_nano writes it): float32, eval mode. ``name``: how errors call it."""
+    from train.nano.taesd import TinyAutoencoder
+    from train.nano.unet import NanoUNet, NanoUNetConfig
+
+    saved = read_sd15_checkpoint(path)
+    if "nano_unet_config" not in saved:
+        raise ValueError(f"{name or path}: no 'nano_unet_config' metadata, so the narrow U-Net cannot be rebuilt; "
+                         "export it with python -m train.nano.export_nano (or write_sd15_checkpoint(metadata=...)).")
+    unet = NanoUNet.from_padded_state_dict({k: v.float() for k, v in saved["unet"].items()},
+                                           NanoUNetConfig.from_dict(saved["nano_unet_config"]))
+    autoencoder = TinyAutoencoder()
+    autoencoder.taesd_encoder.load_state_dict({k: v.float() for k, v in saved["taesd_encoder"].items()})
+    autoencoder.taesd_decoder.load_state_dict({k: v.float() for k, v in saved["taesd_decoder"].items()})
+    autoencoder.set_scale_shift(saved["vae_scale"], saved["vae_shift"])
+    return unet.eval(), autoencoder.eval()
