@@ -4,7 +4,8 @@
 // input, which the frontend grows without any JS here):
 //   1. a status line that counts `<i>` placeholders against connected images while typing,
 //      green when they match, amber/red with the fix when they do not (the server rejects a
-//      mismatch at queue time; this says so before the user queues);
+//      mismatch at queue time; this says so before the user queues). An image counts only when
+//      queueing would send it: a socket fed by a muted or bypassed loader is named and skipped;
 //   2. a preview of the text with each `<i>` numbered ("a photo of <i>₁ wearing <i>₂"),
 //      coloured like the socket that fills it;
 //   3. socket labels that say which placeholder each image socket fills ("image0 → <i>₁"),
@@ -12,8 +13,10 @@
 //      connected sockets, not socket indices) and images that have no placeholder.
 //
 // Only the public extension API is used: app.registerExtension, the node prototype callbacks
-// (always chained, never replaced), widget callbacks (chained) and node.addDOMWidget.
+// (always chained, never replaced), widget callbacks (chained), node.addDOMWidget, and listeners for the
+// graph's and the api's change events (added, never replacing anyone's).
 
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 
 const NODE_ID = "KosmosGInterleavedPrompt";
@@ -26,6 +29,9 @@ const PAIR_COLOURS = ["#4fc3f7", "#ffb74d", "#81c784", "#f06292", "#ba68c8", "#f
 const OK_COLOUR = "#66bb6a";
 const MIN_WIDTH = 420;
 const WARN_COLOUR = "#ffa726";
+// LiteGraph's LGraphEventMode values (not exported to extensions): what Ctrl+M and Ctrl+B set
+const MODE_NEVER = 2;                  // "muted": graphToPrompt leaves the node out, its links with it
+const MODE_BYPASS = 4;                 // "bypassed": its outputs take the matching input's link instead
 
 /** 12 -> "₁₂" (placeholder numbers start at 1, like the user counts). */
 export function subscript(n) {
@@ -47,30 +53,104 @@ export function parseWeights(text) {
     return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..10` };
 }
 
-/** The node's image sockets in socket order: [{input, index (socket number), linked}]. */
+/** The node's image sockets in socket order: [{input, index (socket number), linked, blocked}]; `blocked` is
+ * null or says why a linked socket sends no image once queued (see whatBlocks). */
 function imageSockets(node) {
     // node.isInputConnected(slot), not input.link: frontends from 1.53 on deprecate reading input.link (a
     // console warning now, gone later); the method exists in every frontend ComfyUI >= 0.30 ships
     return (node.inputs || [])
         .map((input, slot) => ({ input, slot }))
         .filter(({ input }) => input.name.startsWith(IMAGES_GROUP))
-        .map(({ input, slot }) => ({ input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1),
-            linked: node.isInputConnected(slot) }))
+        .map(({ input, slot }) => {
+            const linked = node.isInputConnected(slot);
+            return { input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1), linked,
+                blocked: linked ? whatBlocks(node, slot, input.type) : null };
+        })
         .sort((a, b) => a.index - b.index);
+}
+
+/** The link into `node`'s input `slot`, or null; getInputLink rather than input.link (see imageSockets). */
+function inputLink(node, slot) {
+    return node?.graph && slot >= 0 ? node.getInputLink?.(slot) ?? null : null;
+}
+
+/** LiteGraph's own type check (window.LiteGraph, as the frontend's bypass rule uses it); plain equality or a
+ * wildcard where it is missing. */
+function linkTypesMatch(a, b) {
+    return globalThis.LiteGraph?.isValidConnection?.(a, b) ?? (a === b || !a || !b || a === "*" || b === "*");
+}
+
+/** Which input of a bypassed `node` its output `slot` passes on for a socket of `type`, or -1: the same rule
+ * as the frontend's ExecutableNodeDTO._getBypassSlotIndex (same slot number when its type fits, else the first
+ * input of exactly that type, else the first compatible one). A LoadImage has no IMAGE input: -1. */
+function bypassInput(node, slot, type) {
+    const inputs = node.inputs || [];
+    const outputType = node.outputs?.[slot]?.type;
+    if (type === "*" || type === "") return inputs.length > slot ? slot : 0;
+    const same = inputs[slot];
+    if (same && linkTypesMatch(same.type, outputType) && linkTypesMatch(same.type, type)) return slot;
+    const exact = inputs.findIndex((input) => input.type === type);
+    if (exact !== -1) return exact;
+    return inputs.findIndex((input) => linkTypesMatch(input.type, outputType) && linkTypesMatch(input.type, type));
+}
+
+/** Why the image linked to `node`'s input `slot` would not reach the server, or null when it would.
+ * Walks upstream as the frontend's graphToPrompt does when it builds the API prompt (ExecutableNodeDTO
+ * resolveInput / resolveOutput, frontend 1.47): a muted node sends nothing; a bypassed node hands on the link
+ * of the input bypassInput picks (nothing when there is none or it is unconnected); a virtual node (the
+ * Reroute node) hands on its own input. The first other node is a real source: the image arrives. Whatever
+ * the walk cannot see (a subgraph's insides, a link from a subgraph's input) counts as arriving, as before. */
+export function whatBlocks(node, slot, type) {
+    const seen = new Set();
+    const first = inputLink(node, slot);
+    let origin = first ? node.graph.getNodeById?.(first.origin_id) : null;
+    let outputSlot = first?.origin_slot;
+    while (origin) {
+        const key = `${origin.id}:${outputSlot}`;
+        if (seen.has(key)) return null;  // a cycle: graphToPrompt throws its own error for it
+        seen.add(key);
+        if (origin.mode === MODE_NEVER) return { node: origin, why: "muted" };
+        let link;
+        if (origin.mode === MODE_BYPASS) {
+            link = inputLink(origin, bypassInput(origin, outputSlot, type));
+            if (!link) return { node: origin, why: "bypassed" };
+        } else if (origin.isVirtualNode) {
+            const source = origin.resolveVirtualOutput?.(outputSlot);  // cross-graph Set/Get style nodes
+            if (source?.node) {
+                [origin, outputSlot] = [source.node, source.slot];
+                continue;
+            }
+            link = inputLink(origin, outputSlot);
+            if (!link) return { node: origin, why: "unconnected" };
+        } else return null;
+        origin = origin.graph?.getNodeById?.(link.origin_id);
+        outputSlot = link.origin_slot;
+    }
+    return null;
+}
+
+/** "image1's Load Image is bypassed": names the socket and the node that stops its image. */
+function blockedNote(index, blocked) {
+    const name = blocked.node.title || blocked.node.type || "node";
+    return blocked.why === "unconnected" ? `image${index}'s ${name} has no input`
+        : `image${index}'s ${name} is ${blocked.why}`;
 }
 
 function widgetValue(node, name) {
     return node.widgets?.find((w) => w.name === name)?.value ?? "";
 }
 
-/** Everything the status line, the preview and the socket labels show, from the node's state. */
-export function describe(text, linkedSocketIndices, weightsText) {
+/** Everything the status line, the preview and the socket labels show, from the node's state.
+ * linkedSocketIndices: the sockets whose image reaches the server; skipped: a note per socket that is linked but
+ * sends nothing (blockedNote), shown as the cause when images are short and as a remark otherwise. */
+export function describe(text, linkedSocketIndices, weightsText, skipped = []) {
     const placeholders = countPlaceholders(text);
     const images = linkedSocketIndices.length;
     const weights = parseWeights(weightsText);
     const problems = [];
     if (placeholders > images) {
         const missing = placeholders - images;
+        problems.push(...skipped.map((note) => `${note}, so it sends no image`));
         problems.push(`connect ${missing} more image${missing > 1 ? "s" : ""} or remove ${missing} ${PLACEHOLDER}`);
     } else if (images > placeholders) {
         const extra = images - placeholders;
@@ -80,12 +160,13 @@ export function describe(text, linkedSocketIndices, weightsText) {
     else if (weights && weights.length !== images) {
         problems.push(`weights has ${weights.length} value${weights.length === 1 ? "" : "s"} for ${images} image${images === 1 ? "" : "s"}`);
     }
+    const remark = skipped.length > 0 && placeholders <= images ? ` (${skipped.join(", ")}: skipped)` : "";
     return {
         placeholders,
         images,
         ok: problems.length === 0,
         summary: `${placeholders} ${PLACEHOLDER} / ${images} image${images === 1 ? "" : "s"}`
-            + (problems.length === 0 ? " ✓" : ` ⚠ ${problems.join("; ")}`),
+            + (problems.length === 0 ? " ✓" : ` ⚠ ${problems.join("; ")}`) + remark,
         // placeholder k (1-based) is filled by the k-th linked socket, whatever its socket number
         socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
         weightFor: (k) => (Array.isArray(weights) && weights.length === images ? weights[k - 1] : null),
@@ -104,7 +185,7 @@ function renderPreview(element, text, state) {
         const socket = state.socketForPlaceholder(number);
         chip.className = "kosmosg-chip";
         chip.textContent = `${PLACEHOLDER}${subscript(number)}`;
-        chip.title = socket === undefined ? `placeholder ${number}: no image connected for it`
+        chip.title = socket === undefined ? `placeholder ${number}: no image connected (or sent) for it`
             : `placeholder ${number}: filled by socket image${socket}`;
         chip.style.color = socket === undefined ? WARN_COLOUR : PAIR_COLOURS[k % PAIR_COLOURS.length];
         chip.style.fontWeight = "bold";
@@ -114,15 +195,19 @@ function renderPreview(element, text, state) {
     if (!text) element.textContent = "(empty prompt)";
 }
 
-/** Socket labels: "image0 → <i>₁ ×0.8", "image1 (empty, skipped)", "image2 → no <i>", and the spare
+/** Socket labels: "image0 → <i>₁ ×0.8", "image1 (empty, skipped)", "image1 (bypassed, skipped)" (linked, but
+ * its image is not sent: see whatBlocks), "image2 → no <i>", and the spare
  * socket: "image3 → <i>₄?" while a placeholder lacks its image, else just "image3" (a socket restored
  * from a saved workflow would otherwise show its full "images.image3" name). */
 function labelSockets(node, state) {
     const sockets = imageSockets(node);
     let ordinal = 0;
-    sockets.forEach(({ input, index, linked }, position) => {
+    sockets.forEach(({ input, index, linked, blocked }, position) => {
         let label;
-        if (linked) {
+        if (linked && blocked) {
+            label = `image${index} (${blocked.why === "unconnected" ? "no input" : blocked.why}, skipped)`;
+            input.color_on = WARN_COLOUR;
+        } else if (linked) {
             ordinal += 1;
             const weight = state.weightFor(ordinal);
             label = ordinal <= state.placeholders
@@ -143,16 +228,21 @@ function labelSockets(node, state) {
 function refresh(node) {
     const widget = node.widgets?.find((w) => w.name === STATUS_WIDGET);
     if (!widget) return;
-    const linked = imageSockets(node).filter((s) => s.linked).map((s) => s.index);
+    watchGraph(node.graph);  // here, not in onNodeCreated: by the first refresh the node is in its graph
+    const sockets = imageSockets(node);
+    const linked = sockets.filter((s) => s.linked && !s.blocked).map((s) => s.index);
+    const skipped = sockets.filter((s) => s.linked && s.blocked);
     const text = String(widgetValue(node, "text"));
-    const state = describe(text, linked, String(widgetValue(node, "weights")));
+    const state = describe(text, linked, String(widgetValue(node, "weights")),
+        skipped.map((s) => blockedNote(s.index, s.blocked)));
     const { status, preview } = widget.kosmosgElements;
     status.textContent = state.summary;
     status.style.color = state.ok ? OK_COLOUR : WARN_COLOUR;
     renderPreview(preview, text, state);
     labelSockets(node, state);
     // read by the browser test and handy in the devtools console
-    node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary };
+    node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary,
+        skipped: skipped.map((s) => ({ socket: `image${s.index}`, node: s.blocked.node.id, why: s.blocked.why })) };
     node.setDirtyCanvas?.(true, true);
 }
 
@@ -188,6 +278,38 @@ function scheduleRefresh(node) {
         node.kosmosgRefreshPending = false;
         refresh(node);
     });
+}
+
+const watchedGraphs = new WeakSet();
+
+/** Refresh the prompt nodes of `graph` as soon as a node there changes mode (Ctrl+B / Ctrl+M, the context
+ * menu, the selection toolbox, the properties panel, a script: all just assign node.mode) or title. The
+ * loader is not our node, so none of our node's callbacks fire; the frontend (1.47 on) instruments node.mode
+ * and reports every assignment as the graph event "node:property:changed". graph.events is an EventTarget,
+ * so listening leaves the graph.onTrigger handlers the frontend chains (minimap, error clearing) alone.
+ * One listener per graph (a subgraph has its own). */
+function watchGraph(graph) {
+    if (!graph?.events?.addEventListener || watchedGraphs.has(graph)) return;
+    watchedGraphs.add(graph);
+    graph.events.addEventListener("node:property:changed", (event) => {
+        if (event.detail?.property !== "mode" && event.detail?.property !== "title") return;
+        for (const node of graph.nodes ?? []) if (node.type === NODE_ID) scheduleRefresh(node);
+    });
+}
+
+/** Every prompt node of the workflow, subgraphs included. */
+function allPromptNodes() {
+    const root = app.rootGraph ?? app.graph;
+    const graphs = [root, ...(root?.subgraphs?.values?.() ?? [])];
+    return graphs.flatMap((graph) => (graph?.nodes ?? []).filter((node) => node.type === NODE_ID));
+}
+
+/** After any user edit that changed the workflow: the frontend's change tracker compares the graph after each
+ * mouse/key action and sends "graphChanged" when it differs. This catches what no event of the graph reports:
+ * a link made or removed upstream (a bypassed node's own input, a Reroute's input), which changes whether
+ * our socket's image arrives, while nothing touches our node. */
+function onGraphChanged() {
+    for (const node of allPromptNodes()) scheduleRefresh(node);
 }
 
 function chain(original, extra) {
@@ -236,6 +358,10 @@ if (app.extensions?.some?.((extension) => extension.name === EXTENSION_NAME)) {
     console.debug(`${EXTENSION_NAME}: already registered (file loaded twice); skipping`);
 } else app.registerExtension({
     name: EXTENSION_NAME,
+
+    setup() {
+        api.addEventListener?.("graphChanged", onGraphChanged);
+    },
 
     // The only hook that sees the node class before instances exist: extend its prototype
     // callbacks once, for our node only.
