@@ -11,7 +11,8 @@
 // box) -> a fresh prompt node: type text, connect a LoadImage, watch sockets and the status line
 // -> load a workflow from workflows/, substitute test models, queue it through the UI -> wait for
 // the output image on the SaveImage node -> copy + paste its prompt node with the keyboard (alone with
-// its connections, and together with its image loaders). Screenshots at the interesting moments.
+// its connections, and together with its image loaders) -> bypass / mute image loaders with Ctrl+B /
+// Ctrl+M and watch the status line (and what graphToPrompt sends). Screenshots at the interesting moments.
 
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -287,15 +288,18 @@ try {
     // links come from) and what the API prompt would send for it.
     // the shortcuts act on the canvas: click an empty spot of it first (as a user would), one with no
     // node, group or floating button (zoom controls, toolbox) on it
-    const emptySpot = await page.evaluate((box) => {
-        for (let y = 820; y > 100; y -= 40) for (let x = 1200; x > 100; x -= 40) {
-            const [gx, gy] = app.canvas.ds.convertCanvasToOffset([x, y]);
-            if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)
-                && document.elementFromPoint(box.x + x, box.y + y) === app.canvas.canvas) return [x, y];
-        }
-        return [1200, 820];
-    }, canvasBox);
-    await page.mouse.click(canvasBox.x + emptySpot[0], canvasBox.y + emptySpot[1]);
+    const clickEmptyCanvas = async () => {
+        const emptySpot = await page.evaluate((box) => {
+            for (let y = 820; y > 100; y -= 40) for (let x = 1200; x > 100; x -= 40) {
+                const [gx, gy] = app.canvas.ds.convertCanvasToOffset([x, y]);
+                if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)
+                    && document.elementFromPoint(box.x + x, box.y + y) === app.canvas.canvas) return [x, y];
+            }
+            return [1200, 820];
+        }, canvasBox);
+        await page.mouse.click(canvasBox.x + emptySpot[0], canvasBox.y + emptySpot[1]);
+    };
+    await clickEmptyCanvas();
     const copyPaste = async (withLoaders, keys) => {
         const before = await page.evaluate((withLoaders) => {
             const prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
@@ -327,6 +331,118 @@ try {
     const pasteConnected = await copyPaste(false, "Control+Shift+v");
     const pasteGroup = await copyPaste(true, "Control+v");
     step("copy_paste", { copy_paste: { paste_connected: pasteConnected, paste_group: pasteGroup } });
+
+    // --- 6. bypassed / muted image loaders: Ctrl+B and Ctrl+M on the selected node, as users do ----------
+    // graphToPrompt sends no image from a muted node, nor from a bypassed one unless it passes an IMAGE on from
+    // its own input; the status line must count what would be sent. A fresh graph: two loaders into a prompt
+    // with two <i>; later an ImageScale (passes its IMAGE input through when bypassed) and a Reroute between.
+    await page.evaluate(() => app.graph.clear());
+    await page.evaluate(() => {
+        const add = (type, pos) => {
+            const node = LiteGraph.createNode(type);
+            node.pos = pos;
+            app.graph.add(node);
+            return node;
+        };
+        const prompt = add("KosmosGInterleavedPrompt", [560, 150]);
+        const first = add("LoadImage", [90, 60]);
+        const second = add("LoadImage", [90, 460]);
+        const text = prompt.widgets.find((w) => w.name === "text");
+        text.value = "<i> next to <i>";
+        text.callback?.(text.value);
+        window.__modes = { prompt, first, second };
+        app.canvas.ds.offset = [0, 0];
+        app.canvas.ds.scale = 1;
+        app.canvas.setDirty(true, true);
+    });
+    // connect `from` output 0 to the prompt's socket `name` once the Autogrow input has made it
+    const connectTo = async (from, name) => {
+        await page.waitForFunction((name) => window.__modes.prompt.inputs.some((i) => i.name === name), name,
+            { timeout: 15000 });
+        await page.evaluate(({ from, name }) => {
+            const { prompt } = window.__modes;
+            window.__modes[from].connect(0, prompt, prompt.inputs.findIndex((i) => i.name === name));
+        }, { from, name });
+    };
+    await connectTo("first", "images.image0");
+    await connectTo("second", "images.image1");
+    const modeState = async () => {
+        await page.waitForTimeout(300);
+        await page.waitForFunction(() => !window.__modes.prompt.kosmosgRefreshPending, null, { timeout: 15000 });
+        return page.evaluate(async () => {
+            const { prompt } = window.__modes;
+            const { output } = await app.graphToPrompt();
+            const inputs = output[String(prompt.id)]?.inputs ?? {};
+            const widget = prompt.widgets.find((w) => w.name === "kosmosg_status");
+            return {
+                modes: Object.fromEntries(Object.entries(window.__modes).map(([key, node]) => [key, node.mode])),
+                titles: Object.fromEntries(Object.entries(window.__modes).map(([key, node]) => [key, node.title])),
+                status: prompt.kosmosgStatus ?? null,
+                status_dom: widget?.kosmosgElements?.status.textContent ?? null,
+                labels: Object.fromEntries(prompt.inputs.filter((i) => i.name.startsWith("images."))
+                    .map((i) => [i.name, i.label ?? null])),
+                // what queueing would send: socket -> [origin node id, slot], and which of our nodes that is
+                api_images: Object.fromEntries(Object.entries(inputs).filter(([k]) => k.startsWith("images."))
+                    .map(([k, v]) => [k, Object.entries(window.__modes).find(([, n]) => String(n.id) === v[0])?.[0] ?? v[0]])),
+            };
+        });
+    };
+    // select the named nodes alone and press the shortcut on the canvas
+    const toggle = async (names, keys) => {
+        await clickEmptyCanvas();
+        await page.evaluate((names) => {
+            app.canvas.deselectAll();
+            app.canvas.selectItems(names.map((name) => window.__modes[name]));
+        }, names);
+        await page.keyboard.press(keys);
+        return modeState();
+    };
+    const modes = { both: await modeState() };
+    modes.bypassed = await toggle(["second"], "Control+b");
+    await page.mouse.click(canvasBox.x + 1300, canvasBox.y + 850);  // deselect: no selection toolbox in the picture
+    await page.waitForTimeout(300);
+    await shot(page, "prompt-node-bypassed-loader", { x: 70, y: 40, width: 1000, height: 780 });
+    modes.unbypassed = await toggle(["second"], "Control+b");
+    modes.muted = await toggle(["second"], "Control+m");
+    modes.unmuted = await toggle(["second"], "Control+m");
+    // an ImageScale between the second loader and its socket: bypassed, it hands the loader's image on
+    await page.evaluate(() => {
+        const { prompt, second } = window.__modes;
+        const scale = LiteGraph.createNode("ImageScale");
+        scale.pos = [330, 560];
+        app.graph.add(scale);
+        second.connect(0, scale, scale.inputs.findIndex((i) => i.type === "IMAGE"));
+        scale.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image1"));
+        // and a Reroute node between the first loader and its socket
+        const reroute = LiteGraph.createNode("Reroute");
+        reroute.pos = [420, 100];
+        app.graph.add(reroute);
+        window.__modes.first.connect(0, reroute, 0);
+        reroute.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image0"));
+        Object.assign(window.__modes, { scale, reroute });
+    });
+    modes.through_scale = await modeState();
+    modes.scale_bypassed = await toggle(["scale"], "Control+b");
+    // unplug / replug the bypassed ImageScale's own input: a link change upstream, none at the prompt node;
+    // then a click on the canvas, as the mouse-up that ends a user's link drag (the frontend's change tracker
+    // compares the graph after it and sends "graphChanged")
+    const plugScale = async (plug) => {
+        await page.evaluate((plug) => {
+            const { scale, second } = window.__modes;
+            const slot = scale.inputs.findIndex((i) => i.type === "IMAGE");
+            if (plug) second.connect(0, scale, slot);
+            else scale.disconnectInput(slot);
+        }, plug);
+        await clickEmptyCanvas();
+    };
+    await plugScale(false);
+    modes.scale_bypassed_unplugged = await modeState();
+    await plugScale(true);
+    modes.scale_bypassed_replugged = await modeState();
+    modes.scale_and_loader_bypassed = await toggle(["second"], "Control+b");
+    modes.scale_bypassed_loader_muted = await toggle(["second"], "Control+m");
+    modes.first_muted_behind_reroute = await toggle(["first"], "Control+m");
+    step("modes", { modes });
 } finally {
     await browser.close();
 }

@@ -175,7 +175,61 @@ def test_copy_paste_keeps_every_image_connection(browser_report):
         assert copy["api_image_inputs"] == ["images.image0", "images.image1"], how
 
 
+def test_bypassed_or_muted_loaders_are_not_counted(browser_report):
+    # graphToPrompt sends no image from a muted node, nor from a bypassed LoadImage (it has no IMAGE input to
+    # pass on): the server would refuse the prompt, so the status line must say so, naming the socket
+    modes = browser_report["modes"]
+    loader = modes["both"]["titles"]["second"]  # "Load Image"
+    for moment, mode in (("both", 0), ("bypassed", 4), ("unbypassed", 0), ("muted", 2), ("unmuted", 0)):
+        assert modes[moment]["modes"]["second"] == mode, f"{moment}: the shortcut did not set the mode"
+        assert modes[moment]["status_dom"] == modes[moment]["status"]["summary"], moment
+    for moment in ("both", "unbypassed", "unmuted"):
+        assert modes[moment]["status_dom"] == "2 <i> / 2 images ✓", moment
+        assert modes[moment]["api_images"] == {"images.image0": "first", "images.image1": "second"}, moment
+        assert modes[moment]["labels"]["images.image1"] == "image1 → <i>₂", moment
+    for moment, why in (("bypassed", "bypassed"), ("muted", "muted")):
+        state = modes[moment]
+        assert state["status_dom"] == (f"2 <i> / 1 image ⚠ image1's {loader} is {why}, so it sends no image; "
+                                       "connect 1 more image or remove 1 <i>"), moment
+        assert state["status"]["ok"] is False
+        assert state["status"]["skipped"] == [{"socket": "image1", "node": state["status"]["skipped"][0]["node"],
+                                               "why": why}]
+        # what the status counts is what queueing sends
+        assert state["api_images"] == {"images.image0": "first"}, moment
+        assert state["labels"]["images.image1"] == f"image1 ({why}, skipped)", moment
+
+
+def test_a_bypassed_node_passing_an_image_through_still_counts(browser_report):
+    # a bypassed ImageScale hands on the IMAGE of its own input (graphToPrompt links the loader behind it);
+    # a Reroute node is followed to its source
+    modes = browser_report["modes"]
+    loader = modes["both"]["titles"]["second"]
+    assert modes["through_scale"]["api_images"] == {"images.image0": "first", "images.image1": "scale"}
+    assert modes["through_scale"]["status_dom"] == "2 <i> / 2 images ✓"
+    state = modes["scale_bypassed"]
+    assert state["modes"]["scale"] == 4
+    assert state["api_images"] == {"images.image0": "first", "images.image1": "second"}
+    assert state["status_dom"] == "2 <i> / 2 images ✓"
+    # ...nothing when its own input is unplugged (a link change upstream also refreshes the status)
+    state = modes["scale_bypassed_unplugged"]
+    scale = state["titles"]["scale"]  # "Upscale Image"
+    assert state["api_images"] == {"images.image0": "first"}
+    assert state["status_dom"].startswith(f"2 <i> / 1 image ⚠ image1's {scale} is bypassed, so it sends no image")
+    assert modes["scale_bypassed_replugged"]["status_dom"] == "2 <i> / 2 images ✓"
+    # ...and not when the loader behind it is bypassed or muted too: the loader is named
+    for moment, why in (("scale_and_loader_bypassed", "bypassed"), ("scale_bypassed_loader_muted", "muted")):
+        state = modes[moment]
+        assert state["api_images"] == {"images.image0": "first"}, moment
+        assert state["status_dom"].startswith(f"2 <i> / 1 image ⚠ image1's {loader} is {why}, so it sends no image"), (
+            moment, state["status_dom"])
+    state = modes["first_muted_behind_reroute"]
+    assert state["api_images"] == {}
+    assert state["status_dom"] == (f"2 <i> / 0 images ⚠ image0's {loader} is muted, so it sends no image; "
+                                   f"image1's {loader} is muted, so it sends no image; "
+                                   "connect 2 more images or remove 2 <i>")
+
+
 def test_screenshots_are_saved(browser_report):
-    for name in ("node-search", "prompt-node", "workflow", "workflow-output"):
+    for name in ("node-search", "prompt-node", "workflow", "workflow-output", "prompt-node-bypassed-loader"):
         path = browser_report["screenshot_dir"] / f"{name}.png"
         assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), path
