@@ -74,10 +74,19 @@ def _one_input_to_pil(item) -> list[Image.Image]:
         return [pil_to_rgb(item, "the PIL image")]
     if isinstance(item, (str, os.PathLike)):
         return [_load_path(Path(item))]
+    return _array_to_pil(_as_array(item), *_describe_array(item))
+
+
+def _as_array(item) -> np.ndarray:
+    """A tensor (any dtype / device; floats as float32) or a numpy array -> a numpy array."""
     if isinstance(item, torch.Tensor):
-        return _array_to_pil(item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point()
-                             else item.detach().cpu().numpy(), "tensor", tuple(item.shape))
-    return _array_to_pil(item, "array", item.shape)
+        return item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point() else item.detach().cpu().numpy()
+    return item
+
+
+def _describe_array(item) -> tuple[str, tuple]:
+    """(kind, shape) of a tensor / array, as messages name it: ("tensor", (1, 40, 40, 3))."""
+    return ("tensor" if isinstance(item, torch.Tensor) else "array"), tuple(item.shape)
 
 
 def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -153,26 +162,41 @@ def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Imag
     return [Image.fromarray(np.ascontiguousarray(frame)) for frame in pixels]
 
 
-def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.integer):
+def check_pixel_values(image) -> None:
+    """Refuse a tensor / numpy array whose values are no picture's (NaN / inf, floats far outside 0..1, integers
+    outside 0..255), with the ImageError `preprocess_images` would raise. For front ends that check each input
+    before encoding, to say which input it is (the ComfyUI prompt node prefixes its socket's name)."""
+    _check_pixel_values(_as_array(image), *_describe_array(image))
+
+
+def _check_pixel_values(array: np.ndarray, kind: str, shape: tuple) -> None:
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
             raise ImageError(f"Integer image {kind} of shape {shape} holds values {low}..{high}; integer images must "
                              f"be 0..255 (convert to uint8) or give floats in 0..1.")
-        return array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32, copy=False)
+    elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ImageError(f"Image {kind} of shape {shape} contains NaN or infinity; fix the node that produced it.")
+            raise ImageError(f"Image {kind} of shape {shape} contains NaN or infinity; fix the step that produced it "
+                             "(in ComfyUI, the node feeding this image).")
         low, high = float(array.min()), float(array.max())
         # Slight overshoot (e.g. from a sharpening upscaler) is clipped; 0..255 or -1..1 scales are mistakes.
         if high > 1.5 or low < -0.5:
             raise ImageError(f"Float image {kind} of shape {shape} holds values {low:.3g}..{high:.3g}; float images "
                              f"must be 0..1 (divide 0..255 images by 255, map -1..1 images with (x + 1) / 2).")
+
+
+def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+    _check_pixel_values(array, kind, shape)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
         return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
     raise ImageError(f"Image {kind} of shape {shape} has dtype {array.dtype}; give uint8 0..255 or float 0..1.")
 

@@ -20,6 +20,7 @@ from comfy_execution.validation import validate_node_input
 
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
+from ..kosmosg_core.image_processing import check_pixel_values
 from ..kosmosg_core.prompt import check_image_weight, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
@@ -75,6 +76,16 @@ def check_image_batches(images: list[tuple[str, torch.Tensor]]) -> None:
         described = ", ".join(f"{name}: {img.shape[0]}" for name, img in images)
         raise ImageError(f"Image batches of different sizes ({described}); each socket must hold 1 image or the same "
                          "number of images as the other batched sockets (one conditioning per batch sample).")
+
+
+def check_image_pixels(images: list[tuple[str, torch.Tensor]]) -> None:
+    """NaN / inf or out-of-range pixels, refused with the core's message after the socket's name: checked here,
+    because past this node (in Encode) the images no longer carry their sockets' names."""
+    for name, img in images:
+        try:
+            check_pixel_values(img)
+        except ImageError as error:
+            raise ImageError(f"{name}: {error}") from error
 
 
 class KosmosGInterleavedPrompt(io.ComfyNode):
@@ -142,5 +153,6 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         if message:
             raise PromptError(message)
         check_image_batches(connected)
+        check_image_pixels(connected)  # after the cheap checks: it reads every pixel
         connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
         return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=parse_weights(weights, len(connected))))

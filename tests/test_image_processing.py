@@ -8,7 +8,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resiz
 
 from kosmosg_core.config import CLIP_MEAN, CLIP_STD
 from kosmosg_core.errors import ImageError
-from kosmosg_core.image_processing import preprocess_images, resize_and_center_crop, to_pil_images
+from kosmosg_core.image_processing import check_pixel_values, preprocess_images, resize_and_center_crop, to_pil_images
 
 
 def random_rgb(width, height, seed=0):
@@ -279,6 +279,32 @@ def test_float_overshoot_is_clipped():
 def test_bad_inputs_raise_image_error(bad, fragment):
     with pytest.raises(ImageError, match=fragment):
         to_pil_images(bad)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (torch.full((2, 4, 4, 3), float("nan")), r"tensor of shape \(2, 4, 4, 3\) contains NaN or infinity; fix the step"),
+    (torch.full((4, 4, 3), float("-inf")), "contains NaN or infinity"),
+    (np.full((4, 4, 3), 255.0), r"holds values 255..255; float images must be 0..1 \(divide 0..255 images by 255"),
+    (torch.full((1, 4, 4, 3), 300, dtype=torch.int64), "holds values 300..300; integer images must be 0..255"),
+])
+def test_pixel_values_are_checked_alone_with_the_message_preprocessing_gives(bad, fragment):
+    """check_pixel_values: what front ends call per input to name it (the prompt node's sockets); the message is
+    the core's own, naming the whole input's shape and the fix."""
+    with pytest.raises(ImageError, match=fragment) as alone:
+        check_pixel_values(bad)
+    assert not str(alone.value).startswith("image")  # nothing node-specific: the node adds the socket name
+    if bad.ndim == 3:  # a batch is split into its images before they are read
+        with pytest.raises(ImageError) as preprocessing:
+            preprocess_images(bad)
+        assert str(preprocessing.value) == str(alone.value)
+
+
+@pytest.mark.parametrize("good", [
+    torch.rand(2, 4, 4, 3), torch.full((1, 4, 4, 3), 1.02).half(), np.zeros((4, 4, 3), np.uint8),
+    np.ones((4, 4), bool), torch.full((4, 4, 3), 255, dtype=torch.int32),
+])
+def test_pixel_values_of_pictures_pass(good):
+    check_pixel_values(good)
 
 
 def test_layout_errors_give_the_fix():

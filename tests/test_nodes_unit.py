@@ -290,6 +290,31 @@ def test_prompt_errors_name_the_socket_even_after_an_empty_one():
         KosmosGInterleavedPrompt.execute("<i> <i>", {"image0": image(1, batch=2), "image2": image(2, batch=3)}, "")
 
 
+def _with_value(value, at=(0, 5, 7, 1)) -> torch.Tensor:
+    bad = image(2, batch=2)
+    bad[at] = value
+    return bad
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_with_value(float("nan")), r"Image tensor of shape \(2, 40, 40, 3\) contains NaN or infinity; fix the step that "
+                                r"produced it \(in ComfyUI, the node feeding this image\)"),
+    (_with_value(float("inf"), at=(1, 0, 0, 2)), "contains NaN or infinity; fix the step"),
+    (_with_value(255.0), r"Float image tensor of shape \(2, 40, 40, 3\) holds values [\d.e+-]+\.\.255; float images "
+                         r"must be 0\.\.1 \(divide 0\.\.255 images by 255"),
+    (_with_value(-1.0), r"holds values -1\.\.[\d.]+; float images must be 0\.\.1 .*map -1\.\.1 images with \(x \+ 1\) / 2"),
+    (torch.full((1, 8, 8, 3), 256, dtype=torch.int32), "holds values 256..256; integer images must be 0..255"),
+])
+def test_prompt_pixel_errors_name_the_socket(bad, message):
+    """NaN / inf / out-of-range pixels were refused only in Encode, by the core, naming the shape alone: with
+    several sockets the user could not tell which image was bad. Here the 2nd of two images, after an empty
+    socket (image1)."""
+    images = {"image0": image(1), "image1": None, "image2": bad}
+    with pytest.raises(ImageError, match=rf"^image2: .*{message}"):
+        KosmosGInterleavedPrompt.execute("<i> and <i>", images, "")
+    assert KosmosGInterleavedPrompt.execute("<i> and <i>", {**images, "image2": image(2)}, "").result[0].batch_size == 1
+
+
 def test_prompt_refuses_an_image_without_data():
     """A 'meta' tensor (shape only) passed the prompt node and failed in Encode with "Cannot copy out of
     meta tensor"."""
