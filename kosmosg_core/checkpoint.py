@@ -19,7 +19,7 @@ import torch
 
 from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
 from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
-from .files import check_output_file, save_safetensors
+from .files import check_input_path_length, check_output_file, path_length_problem, save_safetensors
 from .model import KosmosG
 from .safe_unpickle import load_pt_state_dict, looks_like_stable_diffusion
 from .tokenizer import TOKENIZER_FILENAMES, KosmosGTokenizer, tokenizer_dir_candidates
@@ -257,6 +257,7 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
                     ) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
     """Read either format -> (config, state dict with our names, embedded tokenizer or None)."""
     path = Path(path)
+    check_input_path_length(path, "Kosmos-G checkpoint", CheckpointNotFoundError)  # before exists(), which raises on it
     if not path.exists():
         raise CheckpointNotFoundError(f"Kosmos-G checkpoint not found: {path}. Check the path (official "
                                       "checkpoint_final.pt or a converted .safetensors).")
@@ -293,7 +294,8 @@ def _sidecar_config(path: Path) -> KosmosGConfig | None:
     """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt (or its symlink's target) overrides
     the inferred sizes."""
     for candidate in [c for place in _places(path) for c in (place.with_suffix(".json"), place.parent / "kosmosg_config.json")]:
-        if candidate.is_file():
+        # <name>.json can be too long where the checkpoint's own <name>.pt is not: then no such file exists
+        if not path_length_problem(candidate) and candidate.is_file():
             try:
                 return KosmosGConfig.from_json(candidate.read_text())
             except (ValueError, TypeError) as e:

@@ -1,4 +1,7 @@
-"""Output paths: checked before the work starts, written atomically with the permissions any new file gets."""
+"""Output paths: checked before the work starts, written atomically with the permissions any new file gets.
+Input paths too long for any file system, refused with the caller's typed error."""
+
+from __future__ import annotations
 
 import contextlib
 import hashlib
@@ -9,13 +12,74 @@ import socket
 import stat
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import OutputPathError
 
+if TYPE_CHECKING:  # only for annotations: the tokenizer and image readers import this module without needing torch
+    import torch
+
 
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS)
+
+
+def _path_max() -> int:
+    """Bytes in a whole path that the OS's file calls accept (Linux 4096, macOS 1024)."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows)
+        return 4096
+
+
+PATH_MAX = _path_max()
+# What to do about each over-long part (`path_length_problem`), for a file that should exist and for one to write.
+_INPUT_FIX = {"name": "rename the {kind}", "folder": "rename the folder", "path": "move the {kind} to a shorter path"}
+_OUTPUT_FIX = {"name": "choose a shorter name", "folder": "choose a shorter folder name", "path": "choose a shorter path"}
+
+
+def path_length_problem(path) -> tuple[str, str] | None:
+    """(why, which part: "name" / "folder" / "path") when no file system can hold `path`, else None: its file
+    name or a folder's name is over NAME_MAX bytes, or the whole path over PATH_MAX. The OS refuses such a path
+    in every call, exists() included, with a bare OSError (ENAMETOOLONG); checking first lets callers raise their
+    own typed error instead."""
+    path = Path(path)
+    size = _byte_length(path.name)
+    if size > NAME_MAX:
+        return f"the name is longer than the file system allows ({size} bytes, limit {NAME_MAX})", "name"
+    for folder in path.parent.parts:
+        size = _byte_length(folder)
+        if size > NAME_MAX:
+            return (f"the name of its folder {folder[:24]}... is longer than the file system allows ({size} bytes, "
+                    f"limit {NAME_MAX})"), "folder"
+    size = _byte_length(str(path))
+    if size > PATH_MAX:
+        return f"the path is longer than the OS allows ({size} bytes, limit {PATH_MAX})", "path"
+    return None
+
+
+def _byte_length(text: str) -> int:
+    """Bytes of `text` as the OS gets it; text that is not valid Unicode (which the os calls refuse on their own)
+    counted as UTF-8 all the same."""
+    try:
+        return len(os.fsencode(text))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_input_path_length(path, what: str, error: type[Exception], kind: str = "file") -> None:
+    """Refuse an input path no file system can hold (`path_length_problem`) with `error` (the caller's typed
+    error: CheckpointNotFoundError, ImageError...) naming it and the fix; `kind`: what the path should be ("file",
+    "folder"), for the fix."""
+    problem = path_length_problem(path)
+    if problem:
+        why, part = problem
+        raise error(f"{what} {_shortened(path)}: {why}; {_INPUT_FIX[part].format(kind=kind)}.")
+
+
+def _shortened(path, keep: int = 60) -> str:
+    """`path` for a message: its start (the folder) and end (the file name's tail), `keep` characters each."""
+    text = str(path)
+    return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
 
 def check_output_file(path, what: str, inputs=()) -> Path:
@@ -23,14 +87,13 @@ def check_output_file(path, what: str, inputs=()) -> Path:
     name too long, a parent that is a file or not writable, or the same file as one of `inputs` (writing
     there would destroy the input)."""
     path = _storable_path(path, what)
-    if len(os.fsencode(path.name)) > NAME_MAX:
-        raise OutputPathError(f"{what}: the file name is {len(os.fsencode(path.name))} bytes long; file systems "
-                              f"allow {NAME_MAX}. Choose a shorter name.")
     try:
         if path.is_dir():
             raise OutputPathError(f"{what} {path} is a folder; give the path of a file (e.g. one inside it).")
         for source in inputs:
-            if source and path.exists() and Path(source).exists() and path.samefile(source):
+            # an input whose path no file system can hold is not this file (and exists() would raise on it)
+            if source and path.exists() and not path_length_problem(source) and Path(source).exists() \
+                    and path.samefile(source):
                 raise OutputPathError(f"{what} {path} is the input file {source}; writing there would destroy it. "
                                       "Choose another output path.")
         _check_folders(path.parent, what, path)
@@ -51,9 +114,9 @@ def check_output_folder(path, what: str) -> Path:
 
 
 def _storable_path(path, what: str) -> Path:
-    """`path` as a Path, refused when no file system can store its name: a NUL character, or text that is not
-    valid Unicode (a lone surrogate, e.g. from an API client's JSON) - os calls raise bare ValueError /
-    UnicodeEncodeError on them."""
+    """`path` as a Path, refused when no file system can store its name: a NUL character, text that is not
+    valid Unicode (a lone surrogate, e.g. from an API client's JSON), or too long (`path_length_problem`) - os
+    calls raise bare ValueError / UnicodeEncodeError / OSError on them."""
     text = str(path)
     try:
         os.fsencode(text)
@@ -61,6 +124,10 @@ def _storable_path(path, what: str) -> Path:
         raise OutputPathError(f"{what} {text!r} holds characters that are not valid text; choose another name.") from None
     if "\0" in text:
         raise OutputPathError(f"{what} {text!r} holds a NUL character; choose another name.")
+    problem = path_length_problem(text)
+    if problem:
+        why, part = problem
+        raise OutputPathError(f"{what} {_shortened(text)}: {why}; {_OUTPUT_FIX[part]}.")
     return Path(text)
 
 

@@ -18,7 +18,7 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, N
                      SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
                      NonFiniteEncodingError)
-from .files import check_output_folder, save_image
+from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
 from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
 
@@ -35,6 +35,7 @@ SD15_FOLDER_FILES = ("model_index.json", "unet/config.json", "vae/config.json", 
 
 def check_sd15_paths(sd_model, config_dir=None) -> Path:
     path = Path(sd_model)
+    check_input_path_length(path, "SD1.5 model", CheckpointNotFoundError, kind="file or folder")  # exists() raises on it
     if not path.exists():
         raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
                                       "(.safetensors/.ckpt) or a diffusers folder (with model_index.json).")
@@ -44,6 +45,7 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
         raise GenerationSettingsError(f"{path} is the pack's nano image model, whose layout is fixed: --sd-config "
                                       f"({config_dir}) is for other single-file SD1.5 checkpoints; leave it out.")
     if config_dir is not None:
+        check_input_path_length(config_dir, "SD1.5 config folder", CheckpointNotFoundError, kind="folder")
         if not Path(config_dir).is_dir():
             raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
                                           "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")

@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD, VisionConfig
 from .errors import ImageError
+from .files import check_input_path_length
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 
 def _load_path(path: Path) -> Image.Image:
+    check_input_path_length(path, "Image file", ImageError)  # before exists(), which raises on it
     if not path.exists():
         raise ImageError(f"Image file {path} does not exist; check the path.")
     if not path.is_file():

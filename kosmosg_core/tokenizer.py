@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 from .config import ADDED_SYMBOLS, BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from .errors import TokenizerError
+from .files import check_input_path_length, path_length_problem
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ TOKENIZER_DIR_NAMES = ("{stem}", "{stem}-tokenizer", "tokenizer", "data", "")
 
 
 def tokenizer_dir_candidates(checkpoint_path: Path) -> list[Path]:
-    """The folders `TOKENIZER_DIR_NAMES` names, for the checkpoint at `checkpoint_path`."""
-    return [checkpoint_path.parent / name.format(stem=checkpoint_path.stem) for name in TOKENIZER_DIR_NAMES]
+    """The folders `TOKENIZER_DIR_NAMES` names, for the checkpoint at `checkpoint_path`; those whose names no file
+    system can hold (<name>-tokenizer for a checkpoint name near the limit) left out: looking them up would raise."""
+    candidates = [checkpoint_path.parent / name.format(stem=checkpoint_path.stem) for name in TOKENIZER_DIR_NAMES]
+    return [candidate for candidate in candidates if not path_length_problem(candidate)]
 
 
 def tokenizer_places_text(stem: str = "<checkpoint name>") -> str:
@@ -161,6 +164,7 @@ class KosmosGTokenizer:
     def from_dir(cls, directory) -> "KosmosGTokenizer":
         """Read `sentencepiece.bpe.model` + `dict.txt` from a folder."""
         directory = Path(directory)
+        check_input_path_length(directory, "Tokenizer folder", TokenizerError, kind="folder")  # is_dir() raises on it
         if not directory.is_dir():
             raise TokenizerError(f"Tokenizer folder {directory} does not exist (or is not a folder). Point it at the "
                                  f"folder holding {SPM_FILENAME} and {DICT_FILENAME}. {_FIX}")

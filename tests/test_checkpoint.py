@@ -7,7 +7,7 @@ from kosmosg_core.checkpoint import (
     OFFICIAL_KEYS_TO_IGNORE, infer_config, load_model, read_checkpoint, rename_official_state_dict,
     save_pack_checkpoint, to_official_state_dict)
 from kosmosg_core.config import KosmosGConfig
-from kosmosg_core.errors import CheckpointError
+from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, TokenizerError
 from kosmosg_core.model import KosmosG
 from support.tiny_kosmosg import random_kosmosg, write_tiny_official, write_tiny_pack
 
@@ -143,6 +143,42 @@ def test_a_symlinked_official_checkpoint_finds_its_config_and_tokenizer_beside_t
     for name in ("sentencepiece.bpe.model", "dict.txt"):
         (models / "data" / name).symlink_to(path.parent / "data" / name)
     assert load_model(link)[1].source.startswith(str(models / "data"))
+
+
+def test_paths_too_long_for_the_file_system_are_typed_errors(tmp_path):
+    """exists() itself raised on these: a bare OSError ("File name too long") instead of the typed error naming the
+    input and the fix. (The CLI's flags: test_cli.)"""
+    from kosmosg_core.files import PATH_MAX
+    from kosmosg_core.pipeline import KosmosGPipeline
+
+    pack, _, _ = write_tiny_pack(tmp_path)
+    deep = tmp_path.joinpath(*["d" * 200] * (PATH_MAX // 200 + 1), "x.pt")
+    for load, error, message in [
+        (lambda: load_model(tmp_path / ("c" * 300 + ".pt")), CheckpointNotFoundError,
+         r"^Kosmos-G checkpoint .*\.\.\.c+\.pt: the name is longer than the file system allows \(303 bytes, limit "
+         r"255\); rename the file\.$"),
+        (lambda: KosmosGPipeline.from_checkpoint(tmp_path / ("e" * 256) / "x.pt"), CheckpointNotFoundError,
+         r"the name of its folder e+\.\.\. is longer than the file system allows \(256 bytes, limit 255\); rename "
+         r"the folder\.$"),
+        (lambda: read_checkpoint(deep), CheckpointNotFoundError,
+         rf"the path is longer than the OS allows \(\d+ bytes, limit {PATH_MAX}\); move the file to a shorter path\.$"),
+        (lambda: load_model(pack, tokenizer_dir=tmp_path / ("t" * 300)), TokenizerError,
+         r"^Tokenizer folder .*: the name is longer than the file system allows \(300 bytes, limit 255\); rename the "
+         r"folder\.$"),
+    ]:
+        with pytest.raises(error, match=message):
+            load()
+
+
+def test_a_checkpoint_name_near_the_limit_finds_its_config_and_tokenizer(tmp_path):
+    """A 255-byte checkpoint_name.pt is fine, but <name>.json (the sidecar config) and <name>-tokenizer/ looked
+    for beside it are over the limit: looking for them raised OSError instead of moving on to data/ and
+    kosmosg_config.json."""
+    path, _, model = write_tiny_official(tmp_path, name="short.pt")
+    near_limit = path.rename(tmp_path / ("n" * 252 + ".pt"))
+    path.with_suffix(".json").rename(tmp_path / "kosmosg_config.json")
+    loaded, tokenizer = load_model(near_limit)
+    assert loaded.cfg.to_dict() == model.cfg.to_dict() and tokenizer.source.startswith(str(tmp_path / "data"))
 
 
 def test_official_tensors_inference_ignores_are_never_read(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,8 +89,6 @@ def test_paths_after_equals_sign_expand_home(pack, images, tmp_path):
      "no CUDA GPU|Unknown device|Unsupported device"),
 ])
 def test_encode_errors_are_one_line(pack, tmp_path, args, message):
-    import re
-
     result = run_cli("encode", "--checkpoint", pack[0], "--out", tmp_path / "x.safetensors", *args, check=False)
     assert result.returncode == 2
     assert re.search(message, result.stderr), result.stderr
@@ -120,14 +119,48 @@ def test_encode_never_overwrites_its_inputs_and_file_system_errors_are_one_line(
                          check=False)
         assert result.returncode == 2 and "is the input file" in result.stderr and "Traceback" not in result.stderr
     assert Path(model).read_bytes() == before
-    too_long = tmp_path / ("c" * 300 + ".png")  # stat() itself fails (ENAMETOOLONG): an OSError, not a traceback
-    result = run_cli("encode", "--checkpoint", model, "--prompt", "a <i>", "--image", too_long, "--out",
-                     tmp_path / "o.safetensors", check=False)
-    assert result.returncode == 2 and "File name too long" in result.stderr and "Traceback" not in result.stderr
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)  # reading it would block forever
     result = run_cli("encode", "--checkpoint", fifo, "--prompt", "x", "--out", tmp_path / "o.safetensors", check=False)
     assert result.returncode == 2 and "is not a regular file" in result.stderr
+
+
+def test_paths_too_long_for_the_file_system_are_typed_errors(pack, images, tmp_path):
+    """A name over 255 bytes made exists() itself raise: a bare OSError ("File name too long") where every other bad
+    path gets the typed error naming the input and the fix. (Over-long folder names and whole paths: test_checkpoint.)"""
+    name = "c" * 300 + ".pt"  # 303 bytes
+    too_long = tmp_path / name
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    existing_out = tmp_path / "existing.safetensors"  # the check that --out is no input compared them: it raised
+    existing_out.write_bytes(b"old")
+    too_long_name = r"the name is longer than the file system allows \(303 bytes, limit 255\)"
+    checkpoint = "Kosmos-G checkpoint .*: " + too_long_name + r"; rename the file\."
+    cases = [
+        (["info", "--checkpoint", too_long], checkpoint),
+        (["convert", "--checkpoint", too_long, "--out", tmp_path / "o.safetensors"], checkpoint),
+        (["encode", "--checkpoint", too_long, "--prompt", "x", "--out", existing_out], checkpoint),
+        (["encode", "--checkpoint", pack[0], "--tokenizer", too_long, "--prompt", "x", "--out", tmp_path / "o.safetensors"],
+         "Tokenizer folder .*: " + too_long_name + r"; rename the folder\."),
+        (["encode", "--checkpoint", pack[0], "--prompt", "a <i>", "--image", images[0].with_name(name), "--out",
+          tmp_path / "o.safetensors"], "Image file .*: " + too_long_name + r"; rename the file\."),
+        (["encode", "--checkpoint", pack[0], "--prompt", "x", "--out", too_long], "--out .*: " + too_long_name +
+         r"; choose a shorter name\."),
+        (["generate", "--checkpoint", too_long, "--sd-model", a_file, "--prompt", "x", "--out-dir", tmp_path], checkpoint),
+        (["generate", "--checkpoint", pack[0], "--sd-model", too_long, "--prompt", "x"],
+         "SD1.5 model .*: " + too_long_name + r"; rename the file or folder\."),
+        (["generate", "--checkpoint", pack[0], "--sd-model", a_file, "--sd-config", too_long, "--prompt", "x"],
+         "SD1.5 config folder .*: " + too_long_name + r"; rename the folder\."),
+        (["generate", "--checkpoint", pack[0], "--sd-model", a_file, "--prompt", "x", "--out-dir", too_long],
+         "The output folder .*: " + too_long_name + r"; choose a shorter name\."),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, check=False)
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(error_lines) == 1 and re.search(message, error_lines[0]), (args, result.stderr)
+        assert "Traceback" not in result.stderr and "Errno" not in result.stderr, (args, result.stderr)
+        assert len(error_lines[0]) < 500, error_lines[0]  # the path shortened in the message
+    assert existing_out.read_bytes() == b"old"
 
 
 def test_generation_settings_checked_for_api_callers_too():

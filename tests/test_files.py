@@ -63,7 +63,10 @@ def test_output_checks_name_the_problem_before_any_work(tmp_path, monkeypatch):
     source = tmp_path / "model.safetensors"
     source.write_bytes(b"weights")
     for path, inputs, message in (
-        (tmp_path / ("a" * 250 + ".safetensors"), (), "is 262 bytes long; file systems allow 255"),
+        (tmp_path / ("a" * 250 + ".safetensors"), (), r"the name is longer than the file system allows \(262 bytes, "
+                                                       r"limit 255\); choose a shorter name\."),
+        (tmp_path / ("f" * 256) / "x.safetensors", (), r"the name of its folder f+\.\.\. is longer than the file system "
+                                                      r"allows \(256 bytes, limit 255\); choose a shorter folder name\."),
         (source, [source], "is the input file"),
         (tmp_path / "link.safetensors", [source], "is the input file"),  # the same file under another name
     ):
@@ -72,6 +75,8 @@ def test_output_checks_name_the_problem_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(OutputPathError, match=message):
             check_output_file(path, "--out", inputs=inputs)
     assert check_output_file(tmp_path / "new.safetensors", "--out", inputs=[source, "", None])
+    # an input no file system can hold is not the output file: comparing them made exists() raise, blamed on --out
+    assert check_output_file(source, "--out", inputs=[tmp_path / ("i" * 300 + ".png")]) == source
     monkeypatch.setattr(os, "access", lambda *args: False)  # a folder this user may not write in (root may)
     for check in (lambda: check_output_file(tmp_path / "x.safetensors", "--out"),
                   lambda: check_output_folder(tmp_path / "new", "--output-dir")):

@@ -307,6 +307,13 @@ def test_pixel_values_of_pictures_pass(good):
     check_pixel_values(good)
 
 
+def test_an_image_path_too_long_for_the_file_system_is_an_image_error(tmp_path):
+    """exists() itself raised on it: a bare OSError ("File name too long")."""
+    with pytest.raises(ImageError, match=r"^Image file .*: the name is longer than the file system allows \(304 bytes, "
+                                         r"limit 255\); rename the file\.$"):
+        preprocess_images([Image.new("RGB", (4, 4)), tmp_path / ("i" * 300 + ".png")])
+
+
 def test_layout_errors_give_the_fix():
     with pytest.raises(ImageError) as err:
         to_pil_images(torch.rand(1, 3, 8, 9))

@@ -497,7 +497,7 @@ def test_save_conditioning_rewrites_a_damaged_file_of_its_name_and_names_a_long_
     assert KosmosGSaveConditioning.execute(conditioning, "subject").result[0] == name
     folder_paths.filename_list_cache.clear()
     assert torch.equal(KosmosGLoadConditioning.execute(name).result[0][0][0], conditioning[0][0])
-    with pytest.raises(ValueError, match="filename_prefix: the file name is 269 bytes long"):  # the pack's OutputPathError
+    with pytest.raises(ValueError, match=r"filename_prefix .*: the name is longer than the file system allows \(269 bytes"):  # the pack's OutputPathError
         KosmosGSaveConditioning.execute(conditioning, "p" * 240)
 
 
