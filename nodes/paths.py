@@ -11,6 +11,7 @@ import os
 import folder_paths
 
 from ..kosmosg_core.errors import CheckpointNotFoundError
+from ..kosmosg_core.files import path_length_problem
 from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
 
 CHECKPOINT_FOLDER = "kosmosg"
@@ -54,7 +55,10 @@ def missing_file_message(folder: str, name: str, what: str, how: str) -> str:
     searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"(no '{folder}' folder registered)"
     found = list_files(folder)
     found_text = ", ".join(found[:10]) + (" ..." if len(found) > 10 else "") if found else "nothing"
-    return (f"{what} {name!r} was not found. Searched: {searched} (found: {found_text}). {how} "
+    # e.g. an API prompt's name over 255 bytes: no file can have it, say so (ComfyUI's lookup just finds nothing)
+    problem = path_length_problem(name) if isinstance(name, str) else None
+    reason = f": {problem[0]}" if problem else ""
+    return (f"{what} {name!r} was not found{reason}. Searched: {searched} (found: {found_text}). {how} "
             f"Other locations can be added under a '{folder}:' key in extra_model_paths.yaml; "
             "press R in the UI to refresh the file lists.")
 

@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -154,6 +155,17 @@ def test_loader_lists_checkpoints_and_reports_missing_file(model_dirs):
     assert KosmosGLoader.validate_inputs("tiny.pt") is True
     with pytest.raises(CheckpointNotFoundError, match="missing.safetensors"):
         KosmosGLoader.execute("missing.safetensors")
+
+
+def test_file_names_no_file_system_can_hold_are_named(model_dirs):
+    """An API prompt's file name over 255 bytes: "not found" said why (ComfyUI's lookup just finds nothing)."""
+    name = "c" * 300 + ".safetensors"
+    reason = r"' was not found: the name is longer than the file system allows \(312 bytes, limit 255\)\. Searched"
+    for validate in (KosmosGLoader.validate_inputs, KosmosGLoadConditioning.validate_inputs):
+        assert re.search(reason, validate(name))
+    for execute in (KosmosGLoader.execute, KosmosGConvertCheckpoint.execute):
+        with pytest.raises(CheckpointNotFoundError, match=reason):
+            execute(name)
 
 
 def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted):
