@@ -43,13 +43,15 @@ def _image_paths(values: list[str]) -> list[Path]:
 def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors
-    from .pipeline import KosmosGPipeline
+    from .pipeline import KosmosGPipeline, read_prompt_images
 
     out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
     images = _image_paths(args.image)
     if args.prompt == "" and args.image:
         raise PromptError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
                            "--image were given; add <i> placeholders to the prompt or drop the images.")
+    if args.prompt != "":
+        images = read_prompt_images(args.prompt, images)  # before loading too
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel)
     if args.prompt == "":

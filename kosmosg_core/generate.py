@@ -20,7 +20,7 @@ from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSetting
                      NonFiniteEncodingError)
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
-from .pipeline import KosmosGPipeline, resolve_device, resolve_dtype
+from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,10 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
+    pictures = read_prompt_images(prompt, [Path(p) for p in images])
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
-    cond = encoder.encode(prompt, [Path(p) for p in images])  # [1, 77, C]
+    cond = encoder.encode(prompt, pictures)  # [1, 77, C]
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs

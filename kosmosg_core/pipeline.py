@@ -18,10 +18,10 @@ from .checkpoint import load_model
 from .config import DTYPE_NAMES
 from .cpu_linear import pack_for_cpu_encode, packs_by_default
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
-from .image_processing import preprocess_images, split_images
+from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
-    pad_batch
+    pad_batch, placeholder_mismatch
 from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,17 @@ def _check_text(text, what: str) -> None:
     except UnicodeEncodeError as e:
         raise PromptError(f"The {what} holds bytes that are not valid text (at character {e.start}); write it as "
                           "UTF-8 text.") from e
+
+
+def read_prompt_images(prompt: str, images: Sequence) -> list:
+    """What can be checked of one prompt and its images without a model, done before one loads (an official
+    `.pt` takes seconds): the text, one `<i>` per image, and every image read (paths decoded, so a missing or
+    damaged file is named now) -> the images as RGB PIL images, to pass to `encode`."""
+    _check_text(prompt, "prompt")
+    message = placeholder_mismatch(prompt, len(images))
+    if message:
+        raise PromptError(message)
+    return to_pil_images(list(images)) if images else []
 
 
 class KosmosGPipeline:
