@@ -20,14 +20,20 @@ if TYPE_CHECKING:  # only for annotations: the tokenizer and image readers impor
     import torch
 
 
-NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS)
+WINDOWS = os.name == "nt"
+# One file name: 255 bytes on the usual POSIX file systems (ext4, xfs, btrfs, APFS), 255 UTF-16 units on NTFS
+NAME_MAX = 255
+NAME_UNIT = "UTF-16 units" if WINDOWS else "bytes"
 
 
 def _path_max() -> int:
-    """Bytes in a whole path that the OS's file calls accept (Linux 4096, macOS 1024)."""
+    """A whole path's size that the OS's file calls accept, its terminating NUL included (Linux 4096, macOS
+    1024 bytes; Windows: 32767 UTF-16 units with long paths on, so nothing it might accept is refused here)."""
+    if WINDOWS:
+        return 32767
     try:
         return os.pathconf("/", "PC_PATH_MAX")
-    except (AttributeError, OSError, ValueError):  # no pathconf (Windows)
+    except (AttributeError, OSError, ValueError):
         return 4096
 
 
@@ -39,27 +45,29 @@ _OUTPUT_FIX = {"name": "choose a shorter name", "folder": "choose a shorter fold
 
 def path_length_problem(path) -> tuple[str, str] | None:
     """(why, which part: "name" / "folder" / "path") when no file system can hold `path`, else None: its file
-    name or a folder's name is over NAME_MAX bytes, or the whole path over PATH_MAX. The OS refuses such a path
+    name or a folder's name is over NAME_MAX, or the whole path reaches PATH_MAX. The OS refuses such a path
     in every call, exists() included, with a bare OSError (ENAMETOOLONG); checking first lets callers raise their
     own typed error instead."""
     path = Path(path)
-    size = _byte_length(path.name)
+    size = _name_length(path.name)
     if size > NAME_MAX:
-        return f"the name is longer than the file system allows ({size} bytes, limit {NAME_MAX})", "name"
+        return f"the name is longer than the file system allows ({size} {NAME_UNIT}, limit {NAME_MAX})", "name"
     for folder in path.parent.parts:
-        size = _byte_length(folder)
+        size = _name_length(folder)
         if size > NAME_MAX:
-            return (f"the name of its folder {folder[:24]}... is longer than the file system allows ({size} bytes, "
-                    f"limit {NAME_MAX})"), "folder"
-    size = _byte_length(str(path))
-    if size > PATH_MAX:
-        return f"the path is longer than the OS allows ({size} bytes, limit {PATH_MAX})", "path"
+            return (f"the name of its folder {folder[:24]}... is longer than the file system allows ({size} "
+                    f"{NAME_UNIT}, limit {NAME_MAX})"), "folder"
+    size = _name_length(str(path))
+    if size >= PATH_MAX:  # PATH_MAX counts the terminating NUL
+        return f"the path is longer than the OS allows ({size} {NAME_UNIT}, limit {PATH_MAX - 1})", "path"
     return None
 
 
-def _byte_length(text: str) -> int:
-    """Bytes of `text` as the OS gets it; text that is not valid Unicode (which the os calls refuse on their own)
-    counted as UTF-8 all the same."""
+def _name_length(text: str) -> int:
+    """The size of `text` as the OS counts it: UTF-16 units on Windows, else its bytes; text that is not valid
+    Unicode (which the os calls refuse on their own) counted all the same."""
+    if WINDOWS:
+        return len(text.encode("utf-16-le", "surrogatepass")) // 2
     try:
         return len(os.fsencode(text))
     except UnicodeEncodeError:

@@ -21,6 +21,7 @@ from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSetting
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
 from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
+from .prompt import check_negative_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         from diffusers import StableDiffusionPipeline
     except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
         # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
-        raise MissingPackageError(f"generate needs diffusers >= 0.35.2 ({_first_line(error)}); install it with "
-                                  "`pip install -r requirements-train.txt` (from this repository).") from error
+        raise _missing_diffusers(error) from error
 
     nano = is_nano_sd15(path)
     try:
@@ -107,6 +107,8 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         else:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
                                                             torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
+    except ImportError as e:  # a diffusers release without the modules the nano model is built from
+        raise _missing_diffusers(e) from e
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
         if nano:  # the format is ours: missing keys (KeyError), wrong shapes (RuntimeError)...
             raise CheckpointError(f"Could not load {path} as the pack's nano image model ({_first_line(e)}): the file "
@@ -123,6 +125,11 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         check_scheduler_steps(pipe.scheduler, scheduler, steps, sd_model, config_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _missing_diffusers(error: Exception) -> MissingPackageError:
+    return MissingPackageError(f"generate needs diffusers >= 0.35.2 ({_first_line(error)}); install it with "
+                               "`pip install -r requirements-train.txt` (from this repository).")
 
 
 def check_scheduler_steps(scheduler, name: str, steps: int, sd_model, config_dir=None) -> None:
@@ -148,12 +155,14 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     sd_config_dir=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
-    height / width None: the SD model's own size (`native_size`: SD1.5 512, the nano image model 64).
+    images: one per `<i>`, paths or anything `to_pil_images` reads; height / width None: the SD model's own size
+    (`native_size`).
     Image k starts from the noise of seed + k (`image_generators`): it is image 0 of a run with that seed."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
-    pictures = read_prompt_images(prompt, [Path(p) for p in images])
+    pictures = read_prompt_images(prompt, list(images))
+    check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
     cond = encoder.encode(prompt, pictures)  # [1, 77, C]
@@ -177,7 +186,11 @@ def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generato
     """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
     B x num_images PIL images, prompt-major, height x width (None: `native_size`); images that came out NaN are
     refused (diffusers turns them into black PNGs without a word)."""
-    height, width = (native_size(sd) if side is None else side for side in (height, width))
+    native = native_size(sd)
+    height, width = (native if side is None else side for side in (height, width))
+    if not native / 2 < max(height, width) < native * 2:  # e.g. the 64 px nano model asked for 512 px
+        logger.warning("sampling %s at %dx%d px, far from the %d px it was made for: expect poor pictures (leave "
+                       "height / width out to get its own size).", sd_model, width, height, native)
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
                 generator=generators, output_type="np")  # floats: NaN shows, unlike in a PNG

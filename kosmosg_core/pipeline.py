@@ -124,10 +124,11 @@ def read_prompt_images(prompt: str, images: Sequence) -> list:
     `.pt` takes seconds): the text, one `<i>` per image, and every image read (paths decoded, so a missing or
     damaged file is named now) -> the images as RGB PIL images, to pass to `encode`."""
     _check_text(prompt, "prompt")
+    images = split_images(list(images)) if images else []  # a batch [B, H, W, C] is B images, as in `encode`
     message = placeholder_mismatch(prompt, len(images))
     if message:
         raise PromptError(message)
-    return to_pil_images(list(images)) if images else []
+    return to_pil_images(images) if images else []
 
 
 class KosmosGPipeline:

@@ -68,6 +68,9 @@ def check_image_batches(images: list[tuple[str, torch.Tensor]]) -> None:
             raise ImageError(f"{name}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
         if img.shape[0] == 0:
             raise ImageError(f"{name} holds an empty batch (0 images); connect an image, or a batch of at least one.")
+        if img.shape[1] == 0 or img.shape[2] == 0:
+            raise ImageError(f"{name} holds images with no pixels (shape {tuple(img.shape)}); connect a node that "
+                             "outputs real images.")
         if img.is_meta:  # a shape without values: every later read fails with "Cannot copy out of meta tensor"
             raise ImageError(f"{name} holds no pixel data (a tensor on the 'meta' device); connect a node that outputs "
                              "real images.")

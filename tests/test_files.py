@@ -1,5 +1,6 @@
 """kosmosg_core.files.save_safetensors: atomic, and the permissions a plain `open` would give."""
 
+import errno
 import os
 import stat
 import sys
@@ -186,3 +187,35 @@ def test_temp_files_of_other_machines_are_left_alone_until_a_day_old(tmp_path, m
     monkeypatch.setattr(files, "_SWEPT", set())
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", other_machine.name])
+
+def test_path_length_limits_sit_where_the_os_puts_them(tmp_path):
+    """PATH_MAX counts the terminating NUL: a path of PATH_MAX bytes is refused by the OS (errno 36), one byte
+    shorter is not; path_length_problem must agree at that boundary."""
+    from kosmosg_core import files
+
+    def path_of(size: int) -> str:  # absolute, folders of <= 200 bytes, exactly `size` bytes
+        text = str(tmp_path)
+        while len(text) + 201 < size:
+            text += "/" + "d" * 200
+        return text + "/" + "f" * (size - len(text) - 1)
+
+    at_limit, below = path_of(files.PATH_MAX), path_of(files.PATH_MAX - 1)
+    assert len(os.fsencode(at_limit)) == files.PATH_MAX and files.path_length_problem(at_limit)[1] == "path"
+    with pytest.raises(OSError) as too_long:
+        os.stat(at_limit)
+    assert too_long.value.errno == errno.ENAMETOOLONG
+    assert files.path_length_problem(below) is None
+    with pytest.raises(FileNotFoundError):  # the OS takes the path (and finds nothing there)
+        os.stat(below)
+
+
+def test_windows_names_are_measured_in_utf16_units(monkeypatch):
+    """NTFS allows 255 UTF-16 units: a 130-letter Cyrillic name is 142 units there (fine) but 272 UTF-8 bytes
+    (too long on ext4)."""
+    from kosmosg_core import files
+
+    name = "Ж" * 130 + ".safetensors"
+    assert files.path_length_problem(name)[1] == "name"
+    monkeypatch.setattr(files, "WINDOWS", True)
+    assert files.path_length_problem(name) is None
+    assert files.path_length_problem("Ж" * 256)[1] == "name"

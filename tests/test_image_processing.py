@@ -307,6 +307,14 @@ def test_pixel_values_of_pictures_pass(good):
     check_pixel_values(good)
 
 
+def test_pixel_check_of_an_empty_image_leaves_it_to_reading():
+    """No values to check (numpy's min() of nothing was a bare ValueError): reading names it empty."""
+    empty = torch.zeros(1, 0, 0, 3)
+    check_pixel_values(empty)
+    with pytest.raises(ImageError, match=r"shape \(0, 0, 3\) is empty; give at least one image with pixels"):  # batch split
+        to_pil_images(empty)
+
+
 def test_an_image_path_too_long_for_the_file_system_is_an_image_error(tmp_path):
     """exists() itself raised on it: a bare OSError ("File name too long")."""
     with pytest.raises(ImageError, match=r"^Image file .*: the name is longer than the file system allows \(304 bytes, "

@@ -329,9 +329,12 @@ def test_prompt_pixel_errors_name_the_socket(bad, message):
 
 def test_prompt_refuses_an_image_without_data():
     """A 'meta' tensor (shape only) passed the prompt node and failed in Encode with "Cannot copy out of
-    meta tensor"."""
+    meta tensor"; an image 0 pixels high or wide was a bare numpy ValueError in the pixel check."""
     with pytest.raises(ImageError, match="image0 holds no pixel data"):
         KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.empty(1, 8, 8, 3, device="meta")}, "")
+    for empty in (torch.zeros(1, 0, 0, 3), torch.zeros(1, 8, 0, 3)):
+        with pytest.raises(ImageError, match=r"image0 holds images with no pixels \(shape \(1, "):
+            KosmosGInterleavedPrompt.execute("<i>", {"image0": empty}, "")
 
 
 def test_prompt_fingerprint_is_content_keyed():

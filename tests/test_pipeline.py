@@ -7,7 +7,7 @@ from PIL import Image
 
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, NonFiniteEncodingError, \
     PromptError, TokenizerError
-from kosmosg_core.pipeline import KosmosGPipeline, resolve_device
+from kosmosg_core.pipeline import KosmosGPipeline, read_prompt_images, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +302,21 @@ def test_cached_image_features_belong_to_the_dtype_they_were_computed_in(pack):
     fresh = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16", pack_cpu_linears=False)
     assert torch.equal(pipe.encode("a photo of <i>", [image(8)]), fresh.encode("a photo of <i>", [image(8)]))
 
+
+
+def test_read_prompt_images_counts_and_reads_like_encode(tmp_path):
+    """What the CLI checks before a model loads: a batch [B, H, W, C] is B images (as `encode` counts them), paths
+    are decoded, and a wrong count or an unreadable file is the error encode would give."""
+    batch = torch.rand(2, 8, 8, 3)
+    pictures = read_prompt_images("<i> and <i>", [batch])
+    assert [picture.size for picture in pictures] == [(8, 8), (8, 8)]
+    with pytest.raises(PromptError, match="The prompt has 1 <i> placeholder"):
+        read_prompt_images("<i>", [batch])
+    path = tmp_path / "red.png"
+    Image.new("RGB", (5, 4), (255, 0, 0)).save(path)
+    (red,) = read_prompt_images("a <i>", [path])
+    assert red.size == (5, 4) and red.getpixel((0, 0)) == (255, 0, 0)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ImageError, match="Cannot read image file"):
+        read_prompt_images("a <i>", [tmp_path / "broken.png"])
+    assert read_prompt_images("text only", []) == []

@@ -64,9 +64,20 @@ function imageSockets(node) {
         .map(({ input, slot }) => {
             const linked = node.isInputConnected(slot);
             return { input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1), linked,
-                blocked: linked ? whatBlocks(node, slot, input.type) : null };
+                blocked: linked ? blockedOrNull(node, slot, input.type) : null };
         })
         .sort((a, b) => a.index - b.index);
+}
+
+/** whatBlocks, where a graph it does not know (another frontend's node kinds) makes it throw: then the image
+ * counts as arriving, as before the walk existed, rather than the status line stopping for good. */
+function blockedOrNull(node, slot, type) {
+    try {
+        return whatBlocks(node, slot, type);
+    } catch (error) {
+        console.warn("[Kosmos-G] could not follow the link into", node.id, slot, error);
+        return null;
+    }
 }
 
 /** The link into `node`'s input `slot`, or null; getInputLink rather than input.link (see imageSockets). */
@@ -99,7 +110,8 @@ function bypassInput(node, slot, type) {
  * resolveInput / resolveOutput, frontend 1.47): a muted node sends nothing; a bypassed node hands on the link
  * of the input bypassInput picks (nothing when there is none or it is unconnected); a virtual node (the
  * Reroute node) hands on its own input. The first other node is a real source: the image arrives. Whatever
- * the walk cannot see (a subgraph's insides, a link from a subgraph's input) counts as arriving, as before. */
+ * the walk cannot see (a subgraph node, bypassed or not: its getInputLink answers with a link inside it; a link
+ * from a subgraph's input) counts as arriving, as before. */
 export function whatBlocks(node, slot, type) {
     const seen = new Set();
     const first = inputLink(node, slot);
@@ -110,10 +122,13 @@ export function whatBlocks(node, slot, type) {
         if (seen.has(key)) return null;  // a cycle: graphToPrompt throws its own error for it
         seen.add(key);
         if (origin.mode === MODE_NEVER) return { node: origin, why: "muted" };
+        if (origin.isSubgraphNode?.()) return null;
         let link;
         if (origin.mode === MODE_BYPASS) {
-            link = inputLink(origin, bypassInput(origin, outputSlot, type));
+            const passed = bypassInput(origin, outputSlot, type);
+            link = inputLink(origin, passed);
             if (!link) return { node: origin, why: "bypassed" };
+            type = origin.inputs[passed]?.type ?? type;  // the frontend resolves on with the chosen input's type
         } else if (origin.isVirtualNode) {
             const source = origin.resolveVirtualOutput?.(outputSlot);  // cross-graph Set/Get style nodes
             if (source?.node) {
@@ -199,8 +214,7 @@ function renderPreview(element, text, state) {
  * its image is not sent: see whatBlocks), "image2 → no <i>", and the spare
  * socket: "image3 → <i>₄?" while a placeholder lacks its image, else just "image3" (a socket restored
  * from a saved workflow would otherwise show its full "images.image3" name). */
-function labelSockets(node, state) {
-    const sockets = imageSockets(node);
+function labelSockets(sockets, state) {
     let ordinal = 0;
     sockets.forEach(({ input, index, linked, blocked }, position) => {
         let label;
@@ -239,7 +253,7 @@ function refresh(node) {
     status.textContent = state.summary;
     status.style.color = state.ok ? OK_COLOUR : WARN_COLOUR;
     renderPreview(preview, text, state);
-    labelSockets(node, state);
+    labelSockets(sockets, state);
     // read by the browser test and handy in the devtools console
     node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary,
         skipped: skipped.map((s) => ({ socket: `image${s.index}`, node: s.blocked.node.id, why: s.blocked.why })) };
