@@ -21,7 +21,7 @@ from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
-    pad_batch, placeholder_mismatch
+    check_text, pad_batch, placeholder_mismatch
 from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
@@ -108,22 +108,11 @@ def _normalise_batch(prompts, images, image_weights):
     return prompts, images, weights
 
 
-def _check_text(text, what: str) -> None:
-    """A prompt must be a str that encodes as UTF-8 (a lone surrogate, e.g. from undecodable bytes in argv, cannot)."""
-    if not isinstance(text, str):
-        raise PromptError(f"The {what} must be text, got {type(text).__name__}.")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PromptError(f"The {what} holds bytes that are not valid text (at character {e.start}); write it as "
-                          "UTF-8 text.") from e
-
-
 def read_prompt_images(prompt: str, images: Sequence) -> list:
     """What can be checked of one prompt and its images without a model, done before one loads (an official
     `.pt` takes seconds): the text, one `<i>` per image, and every image read (paths decoded, so a missing or
     damaged file is named now) -> the images as RGB PIL images, to pass to `encode`."""
-    _check_text(prompt, "prompt")
+    check_text(prompt, "prompt")
     images = split_images(list(images)) if images else []  # a batch [B, H, W, C] is B images, as in `encode`
     message = placeholder_mismatch(prompt, len(images))
     if message:
@@ -189,7 +178,7 @@ class KosmosGPipeline:
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
         """Validate one prompt against its images and the model's limits -> its token ids."""
-        _check_text(prompt, "prompt")
+        check_text(prompt, "prompt")
         ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.model.cfg.image_token_slots)
         check_prompt_length(ids, self.max_tokens)
         return ids
@@ -281,7 +270,7 @@ class KosmosGPipeline:
         """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative
         prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text."""
         negative_prompt = "" if negative_prompt is None else negative_prompt
-        _check_text(negative_prompt, "negative prompt")
+        check_text(negative_prompt, "negative prompt")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         key = (negative_prompt, self.dtype, self.device)

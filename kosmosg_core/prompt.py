@@ -81,10 +81,20 @@ def check_image_weight(weight, where: str) -> float:
     return float(weight)
 
 
+def check_text(text, what: str) -> None:
+    """A prompt must be a str that encodes as UTF-8 (a lone surrogate, e.g. from undecodable bytes in argv, cannot)."""
+    if not isinstance(text, str):
+        raise PromptError(f"The {what} must be text, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"The {what} holds bytes that are not valid text (at character {e.start}); write it as "
+                          "UTF-8 text.") from e
+
+
 def check_negative_prompt(text: str) -> None:
     """A PromptError unless `text` is text without `<i>` (the unconditional input takes no images)."""
-    if not isinstance(text, str):
-        raise PromptError(f"The negative prompt must be text, got {type(text).__name__}.")
+    check_text(text, "negative prompt")
     if count_placeholders(text):
         raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only: remove "
                           "the placeholder.")

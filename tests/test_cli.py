@@ -216,6 +216,8 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
          "The prompt has 0 <i> placeholder(s) but 1 image(s) were given"),
         (["generate", "--sd-model", nano_sd, "--prompt", "a photo", "--negative-prompt", "no <i>"],
          "The negative prompt contains <i>"),
+        (["generate", "--sd-model", nano_sd, "--prompt", "a photo", "--negative-prompt", "bad \udcff"],
+         "The negative prompt holds bytes that are not valid text"),  # an undecodable byte in argv
         (["generate", "--sd-model", a_file, "--prompt", "x", "--steps", "0"], "steps must be a whole number >= 1"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--height", "60"], "height must be a multiple of 8"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--width", "-64"], "width must be a whole number >= 8"),

@@ -5,8 +5,8 @@ import torch
 
 from kosmosg_core.config import BOS_ID, EOS_ID, PAD_ID
 from kosmosg_core.errors import PromptError
-from kosmosg_core.prompt import (PromptIds, build_prompt_ids, build_unconditional_ids, check_prompt_length,
-                                 count_placeholders, pad_batch)
+from kosmosg_core.prompt import (PromptIds, build_prompt_ids, build_unconditional_ids, check_negative_prompt,
+                                 check_prompt_length, count_placeholders, pad_batch)
 from kosmosg_core.tokenizer import KosmosGTokenizer
 from support.tokenizer_fixture import build_tiny_tokenizer
 
@@ -148,6 +148,17 @@ def test_unconditional_with_negative(tok):
 def test_unconditional_rejects_placeholder(tok):
     with pytest.raises(PromptError, match="text only"):
         build_unconditional_ids(tok, "blurry <i>")
+
+
+@pytest.mark.parametrize("negative, message", [
+    ("blurry \ud800", r"The negative prompt holds bytes that are not valid text \(at character 7\)"),
+    (3, "The negative prompt must be text, got int"),
+    ("<i>", "negative prompts are text only"),
+])
+def test_negative_prompt_checks_need_no_model(negative, message):
+    """What generate and the Encode node check before any model loads."""
+    with pytest.raises(PromptError, match=message):
+        check_negative_prompt(negative)
 
 
 def test_pad_batch(tok):
