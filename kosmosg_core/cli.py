@@ -87,7 +87,8 @@ def cmd_generate(args) -> None:
         checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model, prompt=args.prompt,
         images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
-        height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config)
+        height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
+        show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
         print(f"wrote {p}")
 

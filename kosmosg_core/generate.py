@@ -152,11 +152,11 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     out_dir: Path = Path("outputs"), steps: int = DEFAULT_STEPS,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
                     num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
-                    sd_config_dir=None) -> list[Path]:
+                    sd_config_dir=None, show_progress: bool = False) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
     images: one per `<i>`, paths or anything `to_pil_images` reads; height / width None: the SD model's own size
-    (`native_size`).
+    (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
     Image k starts from the noise of seed + k (`image_generators`): it is image 0 of a run with that seed."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
@@ -170,6 +170,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
+    sd.set_progress_bar_config(disable=not show_progress)
     sampled = sample_sd15(sd, sd_model, cond, uncond, image_generators(seed, num_images), steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -132,3 +132,11 @@ def test_sampling_far_from_the_models_own_size_warns(pipe, caplog):
         sample_sd15(pipe, "nano", cond, cond, image_generators(0, 1), steps=1, guidance_scale=1.0, num_images=1,
                     height=64, width=128)
     assert "at 128x64 px, far from the 64 px it was made for" in caplog.text
+
+
+def test_progress_bar_only_when_asked(tmp_path, capsys):
+    """The CLI shows diffusers' step bar on a terminal (an SD1.5 image takes minutes on a CPU)."""
+    for show in (False, True):
+        generate_images(KOSMOSG_NANO, NANO_SD15, "a red circle on the left, on grey", out_dir=tmp_path, steps=3,
+                        show_progress=show)
+        assert ("3/3" in capsys.readouterr().err) == show
