@@ -346,3 +346,15 @@ def test_input_image_not_modified():
     (out,) = to_pil_images(image)
     out.paste((0, 0, 0), (0, 0, 30, 20))
     assert np.array_equal(np.asarray(image), before)
+
+
+def test_a_bad_tensor_among_several_is_named_by_its_position():
+    """Several tensors of one shape: the shape alone did not say which one was bad (API callers)."""
+    good, bad = torch.rand(8, 8, 3), torch.full((8, 8, 3), float("nan"))
+    with pytest.raises(ImageError, match=r"^Image 2 of 3: Image tensor of shape \(8, 8, 3\) contains NaN"):
+        preprocess_images([good, bad, good])
+    batch = torch.stack([good, good, bad])  # a batch is split into its images
+    with pytest.raises(ImageError, match=r"^Image 3 of 3: "):
+        to_pil_images(batch)
+    with pytest.raises(ImageError, match=r"^Image tensor of shape \(8, 8, 3\) contains NaN"):  # alone: no position
+        to_pil_images(bad)
