@@ -7,6 +7,7 @@ encoder (which is never loaded). Defaults follow the official demo: DPM-Solver m
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -161,7 +162,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
-    pictures = read_prompt_images(prompt, list(images))
+    pictures = read_prompt_images(prompt, images)
+    negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
@@ -189,9 +191,8 @@ def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generato
     refused (diffusers turns them into black PNGs without a word)."""
     native = native_size(sd)
     height, width = (native if side is None else side for side in (height, width))
-    if not native / 2 < max(height, width) < native * 2:  # e.g. the 64 px nano model asked for 512 px
-        logger.warning("sampling %s at %dx%d px, far from the %d px it was made for: expect poor pictures (leave "
-                       "height / width out to get its own size).", sd_model, width, height, native)
+    if any(not native / 2 < side < native * 2 for side in (height, width)):  # e.g. the 64 px nano model at 512
+        _warn_far_from_native_size(str(sd_model), width, height, native)
     result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                 guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
                 generator=generators, output_type="np")  # floats: NaN shows, unlike in a PNG
@@ -201,6 +202,12 @@ def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generato
                                      f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
                                      "out NaN, the SD model's weights are damaged: fetch it again.")
     return sd.numpy_to_pil(result.images)
+
+
+@functools.cache  # once per model and size: train.eval samples batch after batch
+def _warn_far_from_native_size(sd_model: str, width: int, height: int, native: int) -> None:
+    logger.warning("sampling %s at %dx%d px, far from the %d px it was made for: expect poor pictures (give "
+                   "height and width %d).", sd_model, width, height, native, native)
 
 
 def _free_name(folder: Path, stem: str) -> Path:

@@ -44,21 +44,19 @@ _LAYOUT_FIX = "pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE
 
 # --- input normalisation -------------------------------------------------------------------------
 def to_pil_images(images) -> list[Image.Image]:
-    """Any supported image input (module docstring) -> list of RGB PIL images, in order."""
-    return list(_each_image(images))
-
-
-def _each_image(images):
-    """Any supported image input -> its RGB PIL images, decoded one at a time. Where several are given, a tensor
-    or array that is no picture is named by its position ("Image 2 of 3: ..."): its message names only a shape."""
+    """Any supported image input (module docstring) -> list of RGB PIL images, in order. Where several are given
+    (one prompt's), one that is no picture is named by its position, batches counted as their images ("Image 2
+    of 3: ..."): a tensor's message names only its shape. Paths name themselves."""
     items = split_images(images)
+    pictures = []
     for position, item in enumerate(items, 1):
         try:
-            yield from _one_input_to_pil(item)
+            pictures.extend(_one_input_to_pil(item))
         except ImageError as error:
-            if len(items) == 1 or not isinstance(item, (torch.Tensor, np.ndarray)):
-                raise  # a path names itself
+            if len(items) == 1 or isinstance(item, (str, os.PathLike)):
+                raise
             raise ImageError(f"Image {position} of {len(items)}: {error}") from error
+    return pictures
 
 
 def split_images(images) -> list:
@@ -260,5 +258,6 @@ def preprocess_images(images, image_size: int = VisionConfig.image_size) -> torc
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
     # one image decoded at a time: only its small crop is kept (a list of full-size photos could take GBs)
-    batch = np.stack([normalize(resize_and_center_crop(image, image_size)) for image in _each_image(images)])
+    batch = np.stack([normalize(resize_and_center_crop(image, image_size))
+                      for item in split_images(images) for image in _one_input_to_pil(item)])
     return torch.from_numpy(batch.astype(np.float32))

@@ -113,7 +113,10 @@ def read_prompt_images(prompt: str, images: Sequence) -> list:
     `.pt` takes seconds): the text, one `<i>` per image, and every image read (paths decoded, so a missing or
     damaged file is named now) -> the images as RGB PIL images, to pass to `encode`."""
     check_text(prompt, "prompt")
-    images = split_images(list(images)) if images else []  # a batch [B, H, W, C] is B images, as in `encode`
+    if isinstance(images, (list, tuple)) and not images:
+        images = []
+    else:  # one image or a list; a batch [B, H, W, C] is B images, as in `encode`
+        images = split_images(images)
     message = placeholder_mismatch(prompt, len(images))
     if message:
         raise PromptError(message)

@@ -348,13 +348,17 @@ def test_input_image_not_modified():
     assert np.array_equal(np.asarray(image), before)
 
 
-def test_a_bad_tensor_among_several_is_named_by_its_position():
-    """Several tensors of one shape: the shape alone did not say which one was bad (API callers)."""
+def test_a_bad_image_among_several_is_named_by_its_position(tmp_path):
+    """One prompt's images (what the CLI reads before a model loads): a tensor's message names only its shape, so
+    among several the bad one is named by its position, a batch counted as its images; a path names itself."""
     good, bad = torch.rand(8, 8, 3), torch.full((8, 8, 3), float("nan"))
     with pytest.raises(ImageError, match=r"^Image 2 of 3: Image tensor of shape \(8, 8, 3\) contains NaN"):
-        preprocess_images([good, bad, good])
-    batch = torch.stack([good, good, bad])  # a batch is split into its images
+        to_pil_images([good, bad, good])
     with pytest.raises(ImageError, match=r"^Image 3 of 3: "):
-        to_pil_images(batch)
+        to_pil_images(torch.stack([good, good, bad]))
+    with pytest.raises(ImageError, match=r"^Image 2 of 2: the PIL image is empty"):
+        to_pil_images([good, Image.new("RGB", (0, 0))])
     with pytest.raises(ImageError, match=r"^Image tensor of shape \(8, 8, 3\) contains NaN"):  # alone: no position
         to_pil_images(bad)
+    with pytest.raises(ImageError, match=r"^Image file .*missing.png does not exist"):
+        to_pil_images([good, tmp_path / "missing.png"])

@@ -320,3 +320,6 @@ def test_read_prompt_images_counts_and_reads_like_encode(tmp_path):
     with pytest.raises(ImageError, match="Cannot read image file"):
         read_prompt_images("a <i>", [tmp_path / "broken.png"])
     assert read_prompt_images("text only", []) == []
+    # one image given alone, not in a list (a PIL image; a batch tensor is still its images)
+    assert [p.size for p in read_prompt_images("a <i>", Image.new("RGB", (3, 2)))] == [(3, 2)]
+    assert len(read_prompt_images("<i> and <i>", batch)) == 2
