@@ -129,7 +129,11 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
 
 
 def _missing_diffusers(error: Exception) -> MissingPackageError:
-    return MissingPackageError(f"generate needs diffusers >= 0.35.2 ({_first_line(error)}); install it with "
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    # diffusers' lazy imports say "Failed to import X because of the following error (look up to see its
+    # traceback):" and the cause on the last line
+    cause = lines[-1] if lines[0].startswith("Failed to import") else lines[0]
+    return MissingPackageError(f"generate needs diffusers >= 0.35.2 ({cause}); install it with "
                                "`pip install -r requirements-train.txt` (from this repository).")
 
 

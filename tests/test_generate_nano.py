@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from kosmosg_core.config import SD15_LATENT_SCALE
-from kosmosg_core.errors import CheckpointError
+from kosmosg_core.errors import CheckpointError, MissingPackageError
 from kosmosg_core.generate import generate_images, load_sd15, native_size
 from kosmosg_core.nano_sd15 import VAE_SHIFT_KEY, load_nano_sd15
 from support import nano_ootb
@@ -149,3 +149,20 @@ def test_progress_bar_only_when_asked(tmp_path, capsys):
         generate_images(KOSMOSG_NANO, NANO_SD15, "a red circle on the left, on grey", out_dir=tmp_path, steps=3,
                         show_progress=show, negative_prompt=None)  # None: the official unconditional, as in encode
         assert ("3/3" in capsys.readouterr().err) == show
+
+
+def test_a_diffusers_that_cannot_build_the_nano_model_says_what_to_install(monkeypatch):
+    """A diffusers release without the modules the nano model is built from (an ImportError inside loading) is
+    a missing package, not a damaged file; diffusers' lazy-import message gives its cause on the last line."""
+    from kosmosg_core import generate
+
+    def old_diffusers(path, dtype):
+        raise ImportError("cannot import name 'convert_ldm_unet_checkpoint'")
+
+    monkeypatch.setattr(generate, "load_nano_sd15", old_diffusers)
+    with pytest.raises(MissingPackageError, match=r"generate needs diffusers >= 0.35.2 \(cannot import name "
+                                                  r"'convert_ldm_unet_checkpoint'\); install it with"):
+        load_sd15(NANO_SD15, torch.float32, torch.device("cpu"))
+    lazy = RuntimeError("Failed to import diffusers.loaders.single_file_utils because of the following error (look "
+                        "up to see its traceback):\nNo module named 'diffusers.loaders.single_file_utils'")
+    assert "(No module named 'diffusers.loaders.single_file_utils')" in str(generate._missing_diffusers(lazy))
