@@ -1,8 +1,9 @@
 """The pack in the real ComfyUI frontend (1.47.12, shipped with ComfyUI 0.30.0) in headless Chromium.
 
 tests/browser/ui_check.mjs drives the page once (playwright-core + Debian's chromium, installed by
-tests/browser/install.sh) and reports what it saw as JSON; the tests below assert on that report. tests/browser/vue_check.mjs does the same in the frontend's Vue nodes
-mode (setting Comfy.VueNodes.Enabled, "Nodes 2.0"), switched on for its own page and back off after it.
+tests/browser/install.sh) and reports what it saw as JSON; the tests below assert on that report.
+tests/browser/vue_check.mjs does the same in the frontend's Vue nodes mode (setting Comfy.VueNodes.Enabled,
+"Nodes 2.0"), switched on for its own page and back off after it.
 Screenshots go to $KOSMOSG_SCREENSHOT_DIR when set, else to the test's temporary folder.
 """
 
