@@ -14,10 +14,10 @@
 // its connections, and together with its image loaders) -> bypass / mute image loaders with Ctrl+B /
 // Ctrl+M and watch the status line (and what graphToPrompt sends). Screenshots at the interesting moments.
 
-import { chromium } from "playwright-core";
 import fs from "node:fs";
-import path from "node:path";
 import { parseArgs } from "node:util";
+
+import { launchChromium, newReport, recordErrors, screenshotsIn } from "./chromium.mjs";
 
 const { values: opts } = parseArgs({
     options: {
@@ -30,25 +30,12 @@ const { values: opts } = parseArgs({
     },
 });
 const TIMEOUT_MS = Number(opts.timeout) * 1000;
-const CHROMIUM_CANDIDATES = [opts.chromium, "/usr/lib/chromium/chromium", "/usr/bin/chromium",
-    "/usr/bin/chromium-browser"].filter(Boolean);
-// no sandbox (root in CI containers), no GPU, and nothing that phones home on the closed network
-const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"];
-
-const report = { steps: [], console_errors: [], page_errors: [] };
-const step = (name, data = {}) => { report.steps.push(name); Object.assign(report, data); };
-
-fs.mkdirSync(opts.screenshots, { recursive: true });
-const shot = (page, name, clip) => page.screenshot({ path: path.join(opts.screenshots, `${name}.png`), clip });
-
-const executablePath = CHROMIUM_CANDIDATES.find((p) => fs.existsSync(p));
-if (!executablePath) throw new Error(`no Chromium found (tried ${CHROMIUM_CANDIDATES.join(", ")}); run tests/browser/install.sh`);
-const browser = await chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
+const { report, step } = newReport();
+const shot = screenshotsIn(opts.screenshots);
+const browser = await launchChromium(opts.chromium);
 try {
     const page = await browser.newPage({ viewport: { width: 1600, height: 900 }, deviceScaleFactor: 1 });
-    page.on("console", (msg) => { if (msg.type() === "error") report.console_errors.push(msg.text()); });
-    page.on("pageerror", (err) => report.page_errors.push(String(err)));
+    recordErrors(page, report);
 
     // --- 1. page + extension ---------------------------------------------------------------------
     await page.goto(opts.url, { waitUntil: "domcontentloaded", timeout: TIMEOUT_MS });

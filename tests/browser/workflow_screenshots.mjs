@@ -12,10 +12,11 @@
 // toasts -> fit the graph's bounding box into the window ourselves (FitView leaves a wide margin)
 // -> screenshot of the whole window.
 
-import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
+
+import { launchChromium } from "./chromium.mjs";
 
 const { values: opts, positionals: workflowPaths } = parseArgs({
     allowPositionals: true,
@@ -35,11 +36,6 @@ if (!opts.url || !opts.out || workflowPaths.length === 0) {
 }
 const TIMEOUT_MS = Number(opts.timeout) * 1000;
 const VIEWPORT = { width: Number(opts.width), height: Number(opts.height) };
-const CHROMIUM_CANDIDATES = [opts.chromium, "/usr/lib/chromium/chromium", "/usr/bin/chromium",
-    "/usr/bin/chromium-browser"].filter(Boolean);
-// no sandbox (root in CI containers), no GPU, and nothing that phones home on the closed network
-const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 
 const screenshotName = (workflowPath) =>
     `workflow-${path.basename(workflowPath, ".json").replace(/^kosmosg-/, "")}.png`;
@@ -60,11 +56,9 @@ async function dismissOverlays(page) {
     await page.evaluate(() => app.extensionManager?.toast?.removeAll?.()).catch(() => {});
 }
 
-const executablePath = CHROMIUM_CANDIDATES.find((p) => fs.existsSync(p));
-if (!executablePath) throw new Error(`no Chromium found (tried ${CHROMIUM_CANDIDATES.join(", ")}); run tests/browser/install.sh`);
 fs.mkdirSync(opts.out, { recursive: true });
 const report = { viewport: VIEWPORT, workflows: [] };
-const browser = await chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
+const browser = await launchChromium(opts.chromium);
 try {
     const page = await browser.newPage({ viewport: VIEWPORT, deviceScaleFactor: 1 });
     const pageErrors = [];

@@ -44,22 +44,28 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def browser_report(comfy, tmp_path_factory):
+def run_browser_script(script: str, comfy, shots: Path, *args: str, timeout: int) -> dict:
+    """tests/browser/SCRIPT against the server -> the JSON report it prints last (+ "screenshot_dir": `shots`).
+    Without Chromium / playwright-core: skipped, and failed under CI (which installs them)."""
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-    shots = Path(os.environ.get("KOSMOSG_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
-    cmd = ["node", "ui_check.mjs", "--url", comfy.url, "--workflow", str(WORKFLOW), "--screenshots", str(shots),
-           "--substitute", json.dumps(SUBSTITUTIONS), "--timeout", "150"]
-    result = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, (f"ui_check.mjs failed ({result.returncode}):\n{result.stderr[-4000:]}\n"
+    cmd = ["node", script, "--url", comfy.url, "--screenshots", str(shots), "--timeout", "150", *args]
+    result = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (f"{script} failed ({result.returncode}):\n{result.stderr[-4000:]}\n"
                                     f"server log:\n{comfy.log_tail(40)}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     report["screenshot_dir"] = shots
     return report
+
+
+@pytest.fixture(scope="module")
+def browser_report(comfy, tmp_path_factory):
+    shots = Path(os.environ.get("KOSMOSG_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    return run_browser_script("ui_check.mjs", comfy, shots, "--workflow", str(WORKFLOW),
+                              "--substitute", json.dumps(SUBSTITUTIONS), timeout=420)
 
 
 def _sockets(state) -> list[str]:
@@ -246,18 +252,8 @@ def test_screenshots_are_saved(browser_report):
 
 @pytest.fixture(scope="module")
 def vue_report(comfy, tmp_path_factory):
-    missing = _browser_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
     shots = Path(os.environ.get("KOSMOSG_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots-vue"))
-    cmd = ["node", "vue_check.mjs", "--url", comfy.url, "--screenshots", str(shots), "--timeout", "150"]
-    result = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (f"vue_check.mjs failed ({result.returncode}):\n{result.stderr[-4000:]}\n"
-                                    f"server log:\n{comfy.log_tail(40)}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    report["screenshot_dir"] = shots
+    report = run_browser_script("vue_check.mjs", comfy, shots, timeout=300)
     if not report["available"]:
         # every frontend this pack is tested with (1.47.12 pinned, 1.53.10, 1.58.1) has the setting
         pytest.skip(f"the served frontend ({report.get('frontend_version')}) has no Comfy.VueNodes.Enabled setting "
