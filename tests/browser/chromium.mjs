@@ -1,5 +1,5 @@
-// What the browser scripts here share: Debian's Chromium (installed by install.sh) run headless, and the JSON
-// report the pytest wrappers read from the last stdout line.
+// What the browser scripts here share: Debian's Chromium (installed by install.sh) run headless, the JSON
+// report the pytest wrappers read from the last stdout line, and the graph several checks start from.
 
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -36,4 +36,41 @@ export function recordErrors(page, report) {
 export function screenshotsIn(folder) {
     fs.mkdirSync(folder, { recursive: true });
     return (page, name, clip) => page.screenshot({ path: path.join(folder, `${name}.png`), clip });
+}
+
+/** A prompt node fed by two LoadImage nodes, on the cleared graph's canvas at scale 1: the loaders connected to
+ * image0 and image1, each once the Autogrow input has made its socket. The nodes are kept in the page as
+ * window[name] = { prompt, first, second }; `positions` = { prompt, first, second } ([x, y] each); `secondImage`:
+ * a file of ComfyUI's input folder for the second loader, where it is listed. -> their node ids. */
+export async function promptWithTwoLoaders(page, name, positions, secondImage = null) {
+    const ids = await page.evaluate(({ name, positions, secondImage }) => {
+        const add = (type, pos) => {
+            const node = LiteGraph.createNode(type);
+            node.pos = pos;
+            app.graph.add(node);
+            return node;
+        };
+        const first = add("LoadImage", positions.first);
+        const second = add("LoadImage", positions.second);
+        const prompt = add("KosmosGInterleavedPrompt", positions.prompt);
+        const file = second.widgets.find((w) => w.name === "image");
+        if (secondImage && file?.options?.values?.includes(secondImage)) {
+            file.value = secondImage;
+            file.callback?.(file.value);
+        }
+        window[name] = { prompt, first, second };
+        app.canvas.ds.offset = [0, 0];
+        app.canvas.ds.scale = 1;
+        app.canvas.setDirty(true, true);
+        return { prompt: prompt.id, first: first.id, second: second.id };
+    }, { name, positions, secondImage });
+    for (const [from, socket] of [["first", "images.image0"], ["second", "images.image1"]]) {
+        await page.waitForFunction(({ name, socket }) => window[name].prompt.inputs.some((i) => i.name === socket),
+            { name, socket }, { timeout: 15000 });
+        await page.evaluate(({ name, from, socket }) => {
+            const { prompt } = window[name];
+            window[name][from].connect(0, prompt, prompt.inputs.findIndex((i) => i.name === socket));
+        }, { name, from, socket });
+    }
+    return ids;
 }

@@ -17,7 +17,7 @@
 import fs from "node:fs";
 import { parseArgs } from "node:util";
 
-import { launchChromium, newReport, recordErrors, screenshotsIn } from "./chromium.mjs";
+import { launchChromium, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn } from "./chromium.mjs";
 
 const { values: opts } = parseArgs({
     options: {
@@ -324,35 +324,12 @@ try {
     // its own input; the status line must count what would be sent. A fresh graph: two loaders into a prompt
     // with two <i>; later an ImageScale (passes its IMAGE input through when bypassed) and a Reroute between.
     await page.evaluate(() => app.graph.clear());
+    await promptWithTwoLoaders(page, "__modes", { prompt: [560, 150], first: [90, 60], second: [90, 460] });
     await page.evaluate(() => {
-        const add = (type, pos) => {
-            const node = LiteGraph.createNode(type);
-            node.pos = pos;
-            app.graph.add(node);
-            return node;
-        };
-        const prompt = add("KosmosGInterleavedPrompt", [560, 150]);
-        const first = add("LoadImage", [90, 60]);
-        const second = add("LoadImage", [90, 460]);
-        const text = prompt.widgets.find((w) => w.name === "text");
+        const text = window.__modes.prompt.widgets.find((w) => w.name === "text");
         text.value = "<i> next to <i>";
         text.callback?.(text.value);
-        window.__modes = { prompt, first, second };
-        app.canvas.ds.offset = [0, 0];
-        app.canvas.ds.scale = 1;
-        app.canvas.setDirty(true, true);
     });
-    // connect `from` output 0 to the prompt's socket `name` once the Autogrow input has made it
-    const connectTo = async (from, name) => {
-        await page.waitForFunction((name) => window.__modes.prompt.inputs.some((i) => i.name === name), name,
-            { timeout: 15000 });
-        await page.evaluate(({ from, name }) => {
-            const { prompt } = window.__modes;
-            window.__modes[from].connect(0, prompt, prompt.inputs.findIndex((i) => i.name === name));
-        }, { from, name });
-    };
-    await connectTo("first", "images.image0");
-    await connectTo("second", "images.image1");
     const modeState = async () => {
         await page.waitForTimeout(300);
         await page.waitForFunction(() => !window.__modes.prompt.kosmosgRefreshPending, null, { timeout: 15000 });

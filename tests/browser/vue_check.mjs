@@ -11,7 +11,7 @@
 
 import { parseArgs } from "node:util";
 
-import { launchChromium, newReport, recordErrors, screenshotsIn } from "./chromium.mjs";
+import { launchChromium, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn } from "./chromium.mjs";
 
 const { values: opts } = parseArgs({
     options: {
@@ -52,36 +52,8 @@ try {
         }, SETTING).catch((e) => { report.setting_error = String(e); });
         await page.evaluate(() => app.graph.clear());
         await page.keyboard.press("Escape");
-        const ids = await page.evaluate(() => {
-            const add = (type, pos) => {
-                const node = LiteGraph.createNode(type);
-                node.pos = pos;
-                app.graph.add(node);
-                return node;
-            };
-            const first = add("LoadImage", [60, 90]);
-            const second = add("LoadImage", [60, 470]);
-            const prompt = add("KosmosGInterleavedPrompt", [520, 120]);
-            const file = second.widgets.find((w) => w.name === "image");
-            if (file?.options?.values?.includes("kosmosg_subject_2.png")) {
-                file.value = "kosmosg_subject_2.png";
-                file.callback?.(file.value);
-            }
-            window.__vk = { prompt, first, second };
-            app.canvas.ds.offset = [0, 0];
-            app.canvas.ds.scale = 1;
-            app.canvas.setDirty(true, true);
-            return { prompt: prompt.id, first: first.id, second: second.id };
-        });
-        const connectTo = async (from, name) => {
-            await page.waitForFunction((name) => window.__vk.prompt.inputs.some((i) => i.name === name), name, { timeout: 15000 });
-            await page.evaluate(({ from, name }) => {
-                const { prompt } = window.__vk;
-                window.__vk[from].connect(0, prompt, prompt.inputs.findIndex((i) => i.name === name));
-            }, { from, name });
-        };
-        await connectTo("first", "images.image0");
-        await connectTo("second", "images.image1");
+        const ids = await promptWithTwoLoaders(page, "__vk", { prompt: [520, 120], first: [60, 90], second: [60, 470] },
+            "kosmosg_subject_2.png");
         // the node is a Vue component now: its root carries data-node-id
         const nodeSelector = `[data-node-id="${ids.prompt}"]`;
         await page.locator(nodeSelector).first().waitFor({ timeout: 30000 }).catch((e) => { report.node_dom_error = String(e); });
