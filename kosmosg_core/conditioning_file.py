@@ -8,7 +8,8 @@ hash of the tensors, so saving the same conditioning twice writes one file):
     metadata {"format": "kosmosg_conditioning", "format_version": "2",
               "entries": JSON list of each entry's keys: plain values as JSON, tuples as {"__tuple__": [...]}
               (ComfyUI compares `area` tuples with ==), tensors as {"__tensor__": "<tensor name>"}}
-Keys holding live objects (ControlNet, hooks) are not saved: re-apply those nodes after loading.
+Keys holding live objects (ControlNet, hooks) are not saved: re-apply those nodes after loading; nor are keys
+named like a tag (a key "__tuple__" / "__tensor__" at any depth would read back as one). Both are logged.
 Also read: version 1 files (plain JSON entries, top-level tensors only) and `python -m kosmosg_core encode
 --out` files (one tensor "cond" [B, T, C]; pooled_output is then its mean over T, as Kosmos-G Encode gives).
 """
@@ -36,7 +37,11 @@ TUPLE_TAG, TENSOR_TAG = "__tuple__", "__tensor__"
 
 
 class _NotSaveable(Exception):
-    """A value (or a part of it) that is not data: a ControlNet, a hook, a model patch..."""
+    """A value (or a part of it) the file cannot hold; its message says why."""
+
+
+LIVE_OBJECT = "a live object: re-apply that node after loading"
+RESERVED_KEY = f"the file format reserves the keys {TUPLE_TAG!r} and {TENSOR_TAG!r}: rename that key"
 
 
 def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
@@ -51,9 +56,11 @@ def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
     if isinstance(value, (list, tuple)):
         items = [_encode_value(item, f"{name}.{k}", tensors) for k, item in enumerate(value)]
         return {TUPLE_TAG: items} if isinstance(value, tuple) else items
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value) and not {TUPLE_TAG, TENSOR_TAG} & set(value):
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        if {TUPLE_TAG, TENSOR_TAG} & set(value):  # it would read back as a tuple / tensor reference
+            raise _NotSaveable(RESERVED_KEY)
         return {key: _encode_value(item, f"{name}.{key}", tensors) for key, item in value.items()}
-    raise _NotSaveable
+    raise _NotSaveable(LIVE_OBJECT)  # a ControlNet, a hook, a model patch... (or a mapping with non-text keys)
 
 
 def _decode_value(value, tensors: dict[str, torch.Tensor], device):
@@ -76,13 +83,14 @@ def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor],
         for key, value in extras.items():
             kept = dict(tensors)
             try:
+                if key in (TUPLE_TAG, TENSOR_TAG):  # the entry itself would read back as a tuple / tensor
+                    raise _NotSaveable(RESERVED_KEY)
                 encoded[key] = _encode_value(value, f"entry{i}.{key}", tensors)
-            except _NotSaveable:
+            except _NotSaveable as reason:
                 tensors = kept  # none of a dropped key's tensors stay
-                dropped.append(key)
+                dropped.append(f"{key!r} ({reason})")
         if dropped:
-            logger.warning("Kosmos-G Save Conditioning: not saving %s (live objects); re-apply those nodes after "
-                           "loading.", ", ".join(dropped))
+            logger.warning("Kosmos-G Save Conditioning: not saving %s.", "; ".join(dropped))
         entries.append(encoded)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "entries": json.dumps(entries)}
     return tensors, metadata

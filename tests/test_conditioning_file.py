@@ -37,3 +37,25 @@ def test_bad_files_and_requests_name_the_problem(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(ConditioningFileError, match="Cannot read conditioning file"):
         read_conditioning_file(tmp_path / "cut.safetensors")
+
+
+def test_keys_named_like_a_tag_are_left_out_with_the_reason_and_the_file_still_loads(tmp_path, caplog):
+    """A key "__tensor__" / "__tuple__" would read back as the file format's tag: an entry holding only
+    {"__tensor__": "x"} was saved, then refused on loading as damaged (lost work). Such keys are left out, and
+    the warning says why; live objects keep their own reason."""
+    cond = torch.randn(1, 77, 8)
+    for extras in ({"__tensor__": "x"}, {"__tuple__": [1, 2], "strength": 0.5}):
+        with caplog.at_level("WARNING", logger="kosmosg_core.conditioning_file"):
+            caplog.clear()
+            name = save_conditioning([[cond, extras]], tmp_path)
+        (loaded_cond, loaded), = read_conditioning_file(tmp_path / name)
+        assert torch.equal(loaded_cond, cond)
+        assert loaded == {key: value for key, value in extras.items() if not key.startswith("__")}
+        assert "reserves the keys" in caplog.text and "rename that key" in caplog.text
+    extras = {"meta": {"__tuple__": [1]}, "kept": {"a": (1, 2)}, "control": object()}
+    with caplog.at_level("WARNING", logger="kosmosg_core.conditioning_file"):
+        caplog.clear()
+        name = save_conditioning([[cond, extras]], tmp_path)
+    (_, loaded), = read_conditioning_file(tmp_path / name)
+    assert loaded == {"kept": {"a": (1, 2)}}
+    assert "'meta' (the file format reserves" in caplog.text and "'control' (a live object" in caplog.text
