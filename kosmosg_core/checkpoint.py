@@ -69,6 +69,7 @@ OFFICIAL_KEYS_TO_IGNORE = {
 
 _RENAMES = _prefix_rules(OFFICIAL_KEY_RENAMES)
 _IGNORES = [re.compile(p) for p in OFFICIAL_KEYS_TO_IGNORE]
+_TS_ATTN_BLOCK = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.ts_attn\.")
 _OPEN_CLIP_QKV = re.compile(r"^(img_model\.)?visual\.transformer\.resblocks\.(\d+)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
 
 
@@ -77,8 +78,14 @@ def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstru
                                ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map official keys to `KosmosG` names. Returns (state dict, ignored official keys)."""
     renamed, ignored = {}, []
+    # A block's official `ts_attn` is the attention its forward runs; a file saved from a model built without
+    # --visual-pretrained also keeps the block's open_clip `attn`, unused: ignored by rule, not by key order
+    blocks_with_ts_attn = {m.group(1) for key in official for m in [_TS_ATTN_BLOCK.search(key)] if m}
     for key, tensor in official.items():
         match = _OPEN_CLIP_QKV.match(key)
+        if match and match.group(2) in blocks_with_ts_attn:
+            ignored.append(key)
+            continue
         if match:  # open_clip layout (ViT-L-14-sd.pt): fused q/k/v, split like the official init does
             block, name = match.group(2), match.group(3)
             prefix = f"vision.resblocks.{block}.attn."

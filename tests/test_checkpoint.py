@@ -52,6 +52,24 @@ def test_open_clip_fused_attention_is_split():
         assert torch.equal(renamed[prefix + f"{p}_proj.weight"], sd[prefix + f"{p}_proj.weight"])
 
 
+def test_a_blocks_ts_attn_wins_over_its_unused_open_clip_attn_in_any_key_order():
+    """A state dict saved from an official model built without --visual-pretrained holds each vision block's
+    open_clip `attn` (unused by the forward) besides its `ts_attn`; both map onto one attention, and the one
+    read last used to win."""
+    cfg = KosmosGConfig.tiny()
+    model = random_kosmosg(cfg)
+    official = to_official_state_dict(model.state_dict())
+    width = cfg.vision.width
+    shapes = {"in_proj_weight": (3 * width, width), "in_proj_bias": (3 * width,), "out_proj.weight": (width, width),
+              "out_proj.bias": (width,)}
+    stale = {f"img_model.visual.transformer.resblocks.{block}.attn.{name}": torch.full(shape, 7.0)
+             for block in range(cfg.vision.layers) for name, shape in shapes.items()}
+    for ordered in ({**official, **stale}, {**stale, **official}):
+        renamed, ignored = rename_official_state_dict(ordered)
+        assert all(torch.equal(renamed[key], tensor) for key, tensor in model.state_dict().items())
+        assert sorted(set(ignored) & set(stale)) == sorted(stale)
+
+
 def test_sizes_inferred_from_shapes():
     cfg = head_dim_64_config()
     model = random_kosmosg(cfg)
