@@ -39,6 +39,11 @@ SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component con
 ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fairseq: padding index 1, + 1)
 # Sampling of the official demo (spec section 7): scheduler (diffusers class per CLI name), steps, guidance
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+# Settings over the model's scheduler config that keep each scheduler as the official code ran it (diffusers
+# 0.21.4). Its DPM-Solver ends with a second-order step to the last timestep's noise level (sigma_min ~0.03);
+# diffusers 0.25 on default to a first-order step to noise 0 (final_sigmas_type "zero"): a different picture
+# (tests/test_official_sampling.py). DDIM and PNDM are unchanged since 0.21.4.
+SCHEDULER_SETTINGS = {"dpm": {"final_sigmas_type": "sigma_min"}}
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 
 # Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile

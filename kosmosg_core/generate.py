@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, SCHEDULERS,
-                     SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, SCHEDULER_SETTINGS,
+                     SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
                      NonFiniteEncodingError)
 from .files import check_input_path_length, check_output_folder, save_image
@@ -92,7 +92,6 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
     model (`nano_sd15`), offline; with `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
     path = check_sd15_paths(sd_model, config_dir)
     try:
-        import diffusers
         from diffusers import StableDiffusionPipeline
     except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
         # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
@@ -119,7 +118,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
                               "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
     check_sd15_unet(pipe, path)
     try:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = official_scheduler(scheduler, pipe.scheduler.config)
     except Exception as e:  # a damaged file (many kinds, like loading's)
         raise _scheduler_error(scheduler, "be built", sd_model, config_dir, e) from e
     if steps is not None:
@@ -220,6 +219,14 @@ def _free_name(folder: Path, stem: str) -> Path:
         n += 1
         path = folder / f"{stem}_{n}.png"
     return path
+
+
+def official_scheduler(name: str, config):
+    """The diffusers scheduler `name` ("dpm", "ddim", "pndm") on a model's scheduler `config` (its noise schedule),
+    with the settings that make it step as in the official code (SCHEDULER_SETTINGS)."""
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
 def dry_run_scheduler(scheduler, steps: int) -> None:
