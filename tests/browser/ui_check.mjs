@@ -11,8 +11,10 @@
 // box) -> a fresh prompt node: type text, connect a LoadImage, watch sockets and the status line
 // -> load a workflow from workflows/, substitute test models, queue it through the UI -> wait for
 // the output image on the SaveImage node -> copy + paste its prompt node with the keyboard (alone with
-// its connections, and together with its image loaders) -> bypass / mute image loaders with Ctrl+B /
-// Ctrl+M and watch the status line (and what graphToPrompt sends). Screenshots at the interesting moments.
+// its connections, and together with its image loaders) -> bypass / mute image loaders
+// with Ctrl+B / Ctrl+M and watch the status line (and what graphToPrompt sends), also behind an active
+// Upscale Image -> the same with the prompt node inside a subgraph, and with a subgraph node between a
+// loader and the prompt node. Screenshots at the interesting moments.
 
 import fs from "node:fs";
 import { parseArgs } from "node:util";
@@ -279,7 +281,8 @@ try {
         const emptySpot = await page.evaluate((box) => {
             for (let y = 820; y > 100; y -= 40) for (let x = 1200; x > 100; x -= 40) {
                 const [gx, gy] = app.canvas.ds.convertCanvasToOffset([x, y]);
-                if (!app.graph.getNodeOnPos(gx, gy) && !app.graph.getGroupOnPos?.(gx, gy)
+                const shown = app.canvas.graph ?? app.graph;  // a subgraph, once opened
+                if (!shown.getNodeOnPos(gx, gy) && !shown.getGroupOnPos?.(gx, gy)
                     && document.elementFromPoint(box.x + x, box.y + y) === app.canvas.canvas) return [x, y];
             }
             return [1200, 820];
@@ -323,52 +326,77 @@ try {
     // graphToPrompt sends no image from a muted node, nor from a bypassed one unless it passes an IMAGE on from
     // its own input; the status line must count what would be sent. A fresh graph: two loaders into a prompt
     // with two <i>; later an ImageScale (passes its IMAGE input through when bypassed) and a Reroute between.
-    await page.evaluate(() => app.graph.clear());
-    await promptWithTwoLoaders(page, "__modes", { prompt: [560, 150], first: [90, 60], second: [90, 460] });
-    await page.evaluate(() => {
-        const text = window.__modes.prompt.widgets.find((w) => w.name === "text");
-        text.value = "<i> next to <i>";
-        text.callback?.(text.value);
-    });
-    const modeState = async () => {
+    // a fresh graph: prompt + two loaders kept as window[name], the prompt's text with two <i>
+    const twoLoaderGraph = async (name, positions) => {
+        await page.evaluate(() => app.graph.clear());
+        await promptWithTwoLoaders(page, name, positions);
+        await page.evaluate((name) => {
+            const text = window[name].prompt.widgets.find((w) => w.name === "text");
+            text.value = "<i> next to <i>";
+            text.callback?.(text.value);
+        }, name);
+    };
+    await twoLoaderGraph("__modes", { prompt: [560, 150], first: [90, 60], second: [90, 460] });
+    // The prompt node's status and what graphToPrompt sends, for the nodes kept in window[name] = { prompt, ... }
+    // (named so the report reads "first", "scale" rather than node ids). A node inside a subgraph has the execution
+    // id "<subgraph node id>:<its id>" in the API prompt.
+    const graphState = async (name) => {
         await page.waitForTimeout(300);
-        await page.waitForFunction(() => !window.__modes.prompt.kosmosgRefreshPending, null, { timeout: 15000 });
-        return page.evaluate(async () => {
-            const { prompt } = window.__modes;
+        await page.waitForFunction((name) => !window[name].prompt.kosmosgRefreshPending, name, { timeout: 15000 });
+        return page.evaluate(async (name) => {
+            const nodes = window[name];
+            const { prompt } = nodes;
+            const graphs = [app.graph, ...(app.graph.subgraphs?.values() ?? [])];
+            const executionId = (node) => {
+                const path = [node.id];
+                for (let graph = node.graph; graph && graph !== app.graph;) {
+                    const instance = graphs.flatMap((g) => g.nodes).find((n) => n.subgraph === graph);
+                    if (!instance) break;
+                    path.unshift(instance.id);
+                    graph = instance.graph;
+                }
+                return path.join(":");
+            };
+            const nameOf = (id) => Object.entries(nodes).find(([, n]) => executionId(n) === id)?.[0] ?? id;
             const { output } = await app.graphToPrompt();
-            const inputs = output[String(prompt.id)]?.inputs ?? {};
+            const sentLinks = (node) => Object.entries(output[executionId(node)]?.inputs ?? {})
+                .filter(([, v]) => Array.isArray(v));
             const widget = prompt.widgets.find((w) => w.name === "kosmosg_status");
             return {
-                modes: Object.fromEntries(Object.entries(window.__modes).map(([key, node]) => [key, node.mode])),
-                titles: Object.fromEntries(Object.entries(window.__modes).map(([key, node]) => [key, node.title])),
+                modes: Object.fromEntries(Object.entries(nodes).map(([key, node]) => [key, node.mode])),
+                titles: Object.fromEntries(Object.entries(nodes).map(([key, node]) => [key, node.title])),
                 status: prompt.kosmosgStatus ?? null,
                 status_dom: widget?.kosmosgElements?.status.textContent ?? null,
                 labels: Object.fromEntries(prompt.inputs.filter((i) => i.name.startsWith("images."))
                     .map((i) => [i.name, i.label ?? null])),
                 // what queueing would send: socket -> [origin node id, slot], and which of our nodes that is
-                api_images: Object.fromEntries(Object.entries(inputs).filter(([k]) => k.startsWith("images."))
-                    .map(([k, v]) => [k, Object.entries(window.__modes).find(([, n]) => String(n.id) === v[0])?.[0] ?? v[0]])),
+                api_images: Object.fromEntries(sentLinks(prompt).filter(([k]) => k.startsWith("images."))
+                    .map(([k, v]) => [k, nameOf(v[0])])),
+                // every named node's linked inputs that graphToPrompt sends (a node missing there is not sent)
+                api_links: Object.fromEntries(Object.entries(nodes).filter(([, node]) => output[executionId(node)])
+                    .map(([key, node]) => [key, sentLinks(node).map(([k]) => k)])),
             };
-        });
+        }, name);
     };
-    // select the named nodes alone and press the shortcut on the canvas
-    const toggle = async (names, keys) => {
+    // select the named nodes of window[name] alone and press the shortcut on the canvas
+    const toggle = async (name, nodes, keys) => {
         await clickEmptyCanvas();
-        await page.evaluate((names) => {
+        await page.evaluate(({ name, nodes }) => {
             app.canvas.deselectAll();
-            app.canvas.selectItems(names.map((name) => window.__modes[name]));
-        }, names);
+            app.canvas.selectItems(nodes.map((node) => window[name][node]));
+        }, { name, nodes });
         await page.keyboard.press(keys);
-        return modeState();
+        return graphState(name);
     };
+    const modeState = () => graphState("__modes");
     const modes = { both: await modeState() };
-    modes.bypassed = await toggle(["second"], "Control+b");
+    modes.bypassed = await toggle("__modes", ["second"], "Control+b");
     await page.mouse.click(canvasBox.x + 1300, canvasBox.y + 850);  // deselect: no selection toolbox in the picture
     await page.waitForTimeout(300);
     await shot(page, "prompt-node-bypassed-loader", { x: 70, y: 40, width: 1000, height: 780 });
-    modes.unbypassed = await toggle(["second"], "Control+b");
-    modes.muted = await toggle(["second"], "Control+m");
-    modes.unmuted = await toggle(["second"], "Control+m");
+    modes.unbypassed = await toggle("__modes", ["second"], "Control+b");
+    modes.muted = await toggle("__modes", ["second"], "Control+m");
+    modes.unmuted = await toggle("__modes", ["second"], "Control+m");
     // an ImageScale between the second loader and its socket: bypassed, it hands the loader's image on
     await page.evaluate(() => {
         const { prompt, second } = window.__modes;
@@ -386,7 +414,7 @@ try {
         Object.assign(window.__modes, { scale, reroute });
     });
     modes.through_scale = await modeState();
-    modes.scale_bypassed = await toggle(["scale"], "Control+b");
+    modes.scale_bypassed = await toggle("__modes", ["scale"], "Control+b");
     // unplug / replug the bypassed ImageScale's own input: a link change upstream, none at the prompt node;
     // then a click on the canvas, as the mouse-up that ends a user's link drag (the frontend's change tracker
     // compares the graph after it and sends "graphChanged")
@@ -403,10 +431,83 @@ try {
     modes.scale_bypassed_unplugged = await modeState();
     await plugScale(true);
     modes.scale_bypassed_replugged = await modeState();
-    modes.scale_and_loader_bypassed = await toggle(["second"], "Control+b");
-    modes.scale_bypassed_loader_muted = await toggle(["second"], "Control+m");
-    modes.first_muted_behind_reroute = await toggle(["first"], "Control+m");
+    modes.scale_and_loader_bypassed = await toggle("__modes", ["second"], "Control+b");
+    modes.scale_bypassed_loader_muted = await toggle("__modes", ["second"], "Control+m");
+    modes.first_muted_behind_reroute = await toggle("__modes", ["first"], "Control+m");
+    // the ImageScale active again, its loader muted: graphToPrompt sends the ImageScale without its image, and
+    // the server refuses the whole prompt ("Required input is missing"); so the status line must name the chain
+    modes.first_unmuted = await toggle("__modes", ["first"], "Control+m");
+    modes.scale_active_loader_muted = await toggle("__modes", ["scale"], "Control+b");
+    await page.mouse.click(canvasBox.x + 1300, canvasBox.y + 850);  // deselect
+    await page.waitForTimeout(300);
+    await shot(page, "prompt-node-refused-upstream", { x: 70, y: 40, width: 1000, height: 780 });
+    modes.scale_active_loader_bypassed = await toggle("__modes", ["second"], "Control+b");
+    modes.scale_active_loader_back = await toggle("__modes", ["second"], "Control+b");
     step("modes", { modes });
+
+    // --- 7. subgraphs --------------------------------------------------------------------------------------
+    // window[name]'s nodes `keys` into a new subgraph; window[name] then holds the nodes inside it (converting
+    // copies them, keeping their ids) and the subgraph node as `subgraph`
+    const intoSubgraph = (name, keys) => page.evaluate(({ name, keys }) => {
+        const nodes = window[name];
+        const { node } = app.graph.convertToSubgraph(new Set(keys.map((key) => nodes[key])));
+        for (const key of keys) nodes[key] = node.subgraph.getNodeById(nodes[key].id);
+        nodes.subgraph = node;
+    }, { name, keys });
+    const setMode = (name, key, mode) => page.evaluate(({ name, key, mode }) => { window[name][key].mode = mode; },
+        { name, key, mode });
+    // (a) the prompt node inside a subgraph with its second loader; the first loader outside feeds it through the
+    // subgraph's input. Ctrl+B / Ctrl+M on the loader inside, the canvas showing the subgraph; then the loader
+    // outside muted by a script (no user action: only the root graph's mode event says so)
+    await twoLoaderGraph("__inside", { prompt: [560, 150], first: [90, 60], second: [90, 460] });
+    await intoSubgraph("__inside", ["prompt", "second"]);
+    await page.evaluate(() => app.canvas.openSubgraph(window.__inside.subgraph.subgraph, window.__inside.subgraph));
+    const inside = { both: await graphState("__inside") };
+    inside.bypassed = await toggle("__inside", ["second"], "Control+b");
+    inside.unbypassed = await toggle("__inside", ["second"], "Control+b");
+    inside.muted = await toggle("__inside", ["second"], "Control+m");
+    inside.unmuted = await toggle("__inside", ["second"], "Control+m");
+    await setMode("__inside", "first", 2);
+    inside.outer_muted = await graphState("__inside");
+    await setMode("__inside", "first", 0);
+    inside.outer_unmuted = await graphState("__inside");
+    await page.evaluate(() => app.canvas.setGraph(app.graph));
+    // (b) an ImageScale wrapped in a subgraph between the second loader and the prompt node. Bypassed, a subgraph
+    // node passes on what reaches its input (graphToPrompt treats it like any bypassed node); active, the
+    // ImageScale inside must get its image. (A PreviewImage on the ImageScale gives the subgraph its output.)
+    await twoLoaderGraph("__wrapped", { prompt: [560, 150], first: [90, 60], second: [90, 460] });
+    await page.evaluate(() => {
+        const nodes = window.__wrapped;
+        const scale = LiteGraph.createNode("ImageScale");
+        const preview = LiteGraph.createNode("PreviewImage");
+        scale.pos = [330, 560];
+        preview.pos = [330, 760];
+        app.graph.add(scale);
+        app.graph.add(preview);
+        nodes.second.connect(0, scale, scale.inputs.findIndex((i) => i.type === "IMAGE"));
+        scale.connect(0, preview, 0);
+        Object.assign(nodes, { scale, preview });
+    });
+    await intoSubgraph("__wrapped", ["scale"]);
+    await page.evaluate(() => {
+        const { prompt, subgraph } = window.__wrapped;
+        subgraph.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "images.image1"));
+    });
+    const wrapped = { through: await graphState("__wrapped") };
+    wrapped.bypassed = await toggle("__wrapped", ["subgraph"], "Control+b");
+    wrapped.bypassed_loader_muted = await toggle("__wrapped", ["second"], "Control+m");
+    wrapped.active_loader_muted = await toggle("__wrapped", ["subgraph"], "Control+b");
+    // what the server says to that prompt (validation only: it refuses before running anything)
+    wrapped.active_loader_muted.server = await page.evaluate(async () => {
+        const { output } = await app.graphToPrompt();
+        const response = await fetch("/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ prompt: output }) });
+        const answer = await response.json();
+        return { status: response.status, node_errors: Object.fromEntries(Object.entries(answer.node_errors ?? {})
+            .map(([id, e]) => [id, { class_type: e.class_type, errors: e.errors.map((x) => `${x.message}: ${x.details}`) }])) };
+    });
+    wrapped.back = await toggle("__wrapped", ["second"], "Control+m");
+    step("subgraphs", { subgraphs: { inside, wrapped } });
 } finally {
     await browser.close();
 }

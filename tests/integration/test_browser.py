@@ -237,8 +237,72 @@ def test_a_bypassed_node_passing_an_image_through_still_counts(browser_report):
                                    "connect 2 more images or remove 2 <i>")
 
 
+def test_an_active_node_fed_by_a_muted_or_bypassed_one_is_named(browser_report):
+    # Load Image (muted or bypassed) -> Upscale Image (active) -> image1: graphToPrompt sends the Upscale Image
+    # without its required image, and the server refuses the prompt ("Required input is missing"); the socket's
+    # link itself is sent, so the image counts, and the status line names the chain
+    modes = browser_report["modes"]
+    loader, scale = modes["both"]["titles"]["second"], modes["through_scale"]["titles"]["scale"]
+    for moment, why in (("scale_active_loader_muted", "muted"), ("scale_active_loader_bypassed", "bypassed")):
+        state = modes[moment]
+        assert state["modes"]["scale"] == 0 and state["modes"]["second"] == (2 if why == "muted" else 4), moment
+        assert state["api_images"] == {"images.image0": "first", "images.image1": "scale"}, moment
+        assert state["api_links"]["scale"] == [], moment  # sent without its image
+        assert state["status_dom"] == state["status"]["summary"] == (
+            f"2 <i> / 2 images ⚠ image1's {scale} gets no image: its {loader} is {why}"), moment
+        assert state["status"]["ok"] is False
+        assert [(r["socket"], r["input"], r["why"]) for r in state["status"]["refused"]] == [("image1", "image", why)]
+        assert state["labels"]["images.image1"] == "image1 → <i>₂ (input missing upstream)", moment
+    back = modes["scale_active_loader_back"]
+    assert back["api_links"]["scale"] == ["image"] and back["status_dom"] == "2 <i> / 2 images ✓"
+    assert back["labels"]["images.image1"] == "image1 → <i>₂"
+
+
+def test_a_prompt_node_inside_a_subgraph_follows_its_loaders(browser_report):
+    # the prompt node and its second loader inside a subgraph, the first loader outside (through the subgraph's
+    # input): Ctrl+B / Ctrl+M inside, and a script muting the loader outside, update the status line, which says
+    # what graphToPrompt sends (API ids "<subgraph node>:<node>", mapped back to names by the browser script)
+    inside = browser_report["subgraphs"]["inside"]
+    for moment in ("both", "unbypassed", "unmuted", "outer_unmuted"):
+        assert inside[moment]["api_images"] == {"images.image0": "first", "images.image1": "second"}, moment
+        assert inside[moment]["status_dom"] == inside[moment]["status"]["summary"] == "2 <i> / 2 images ✓", moment
+    for moment, loader, mode, socket, sent in (("bypassed", "second", 4, 1, {"images.image0": "first"}),
+                                               ("muted", "second", 2, 1, {"images.image0": "first"}),
+                                               ("outer_muted", "first", 2, 0, {"images.image1": "second"})):
+        state = inside[moment]
+        why = "bypassed" if mode == 4 else "muted"
+        assert state["modes"][loader] == mode, f"{moment}: the mode was not set"
+        assert state["api_images"] == sent, moment
+        assert state["status_dom"] == state["status"]["summary"] == (
+            f"2 <i> / 1 image ⚠ image{socket}'s Load Image is {why}, so it sends no image; "
+            "connect 1 more image or remove 1 <i>"), moment
+        assert state["labels"][f"images.image{socket}"] == f"image{socket} ({why}, skipped)", moment
+
+
+def test_a_bypassed_subgraph_node_passes_on_its_input(browser_report):
+    # a subgraph node wrapping an Upscale Image: bypassed, graphToPrompt links what reaches its input (the second
+    # loader) like for any bypassed node, so a muted loader there leaves the socket empty; active, the Upscale Image
+    # inside gets nothing from the muted loader and the server refuses it
+    wrapped = browser_report["subgraphs"]["wrapped"]
+    for moment, source in (("through", "scale"), ("bypassed", "second"), ("back", "scale")):
+        assert wrapped[moment]["api_images"] == {"images.image0": "first", "images.image1": source}, moment
+        assert wrapped[moment]["status_dom"] == "2 <i> / 2 images ✓", moment
+    assert wrapped["bypassed"]["modes"]["subgraph"] == 4
+    state = wrapped["bypassed_loader_muted"]
+    assert state["api_images"] == {"images.image0": "first"}
+    assert state["status_dom"] == ("2 <i> / 1 image ⚠ image1's Load Image is muted, so it sends no image; "
+                                   "connect 1 more image or remove 1 <i>")
+    state = wrapped["active_loader_muted"]
+    assert state["modes"]["subgraph"] == 0 and state["api_links"]["scale"] == []
+    assert state["status_dom"] == "2 <i> / 2 images ⚠ image1's Upscale Image gets no image: its Load Image is muted"
+    # the server refuses that Upscale Image, as the status line says
+    assert state["server"]["status"] == 400
+    assert {"class_type": "ImageScale", "errors": ["Required input is missing: image"]} in state["server"]["node_errors"].values()
+
+
 def test_screenshots_are_saved(browser_report):
-    for name in ("node-search", "prompt-node", "workflow", "workflow-output", "prompt-node-bypassed-loader"):
+    for name in ("node-search", "prompt-node", "workflow", "workflow-output", "prompt-node-bypassed-loader",
+                 "prompt-node-refused-upstream"):
         path = browser_report["screenshot_dir"] / f"{name}.png"
         assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), path
 

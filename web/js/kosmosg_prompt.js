@@ -5,7 +5,9 @@
 //   1. a status line that counts `<i>` placeholders against connected images while typing,
 //      green when they match, amber/red with the fix when they do not (the server rejects a
 //      mismatch at queue time; this says so before the user queues). An image counts only when
-//      queueing would send it: a socket fed by a muted or bypassed loader is named and skipped;
+//      queueing would send it: a socket fed by a muted or bypassed loader is named and skipped; a
+//      node upstream that the server would refuse, because queueing drops a required input of it
+//      (an Upscale Image fed by a muted loader), is named too. Subgraphs are followed as queueing does;
 //   2. a preview of the text with each `<i>` numbered ("a photo of <i>₁ wearing <i>₂"),
 //      coloured like the socket that fills it;
 //   3. socket labels that say which placeholder each image socket fills ("image0 → <i>₁"),
@@ -14,7 +16,8 @@
 //
 // Only the public extension API is used: app.registerExtension, the node prototype callbacks
 // (always chained, never replaced), widget callbacks (chained), node.addDOMWidget, and listeners for the
-// graph's and the api's change events (added, never replacing anyone's).
+// graph's and the api's change events (added, never replacing anyone's); the upstream walk only reads the
+// graph (links, modes, subgraphs, the node definitions the frontend keeps on each node class).
 
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
@@ -32,6 +35,9 @@ const WARN_COLOUR = "#ffa726";
 // LiteGraph's LGraphEventMode values (not exported to extensions): what Ctrl+M and Ctrl+B set
 const MODE_NEVER = 2;                  // "muted": graphToPrompt leaves the node out, its links with it
 const MODE_BYPASS = 4;                 // "bypassed": its outputs take the matching input's link instead
+// how many nodes upstream of one image socket the status line checks for a required input graphToPrompt drops
+// (the status refreshes on every keystroke; what lies beyond counts as fine)
+const WALK_LIMIT = 1000;
 
 /** 12 -> "₁₂" (placeholder numbers start at 1, like the user counts). */
 export function subscript(n) {
@@ -53,8 +59,9 @@ export function parseWeights(text) {
     return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..10` };
 }
 
-/** The node's image sockets in socket order: [{input, index (socket number), linked, blocked}]; `blocked` is
- * null or says why a linked socket sends no image once queued (see whatBlocks). */
+/** The node's image sockets in socket order: [{input, index (socket number), linked, blocked, refused}]: for a
+ * linked socket, `blocked` says why it sends no image once queued, `refused` why the server would refuse the node
+ * that sends it (see whatBlocks); null when neither. */
 function imageSockets(node) {
     // node.isInputConnected(slot), not input.link: frontends from 1.53 on deprecate reading input.link (a
     // console warning now, gone later); the method exists in every frontend ComfyUI >= 0.30 ships
@@ -63,8 +70,9 @@ function imageSockets(node) {
         .filter(({ input }) => input.name.startsWith(IMAGES_GROUP))
         .map(({ input, slot }) => {
             const linked = node.isInputConnected(slot);
+            const found = linked ? blockedOrNull(node, slot, input.type) : null;
             return { input, index: Number(input.name.match(/(\d+)$/)?.[1] ?? -1), linked,
-                blocked: linked ? blockedOrNull(node, slot, input.type) : null };
+                blocked: found && !found.cause ? found : null, refused: found?.cause ? found : null };
         })
         .sort((a, b) => a.index - b.index);
 }
@@ -80,9 +88,13 @@ function blockedOrNull(node, slot, type) {
     }
 }
 
-/** The link into `node`'s input `slot`, or null; getInputLink rather than input.link (see imageSockets). */
+/** The link into `node`'s input `slot` in the graph the node is in, or null. LGraphNode's own getInputLink, also
+ * for a subgraph node: its override answers with the link inside it that feeds its output of that number. Not
+ * input.link (see imageSockets). */
 function inputLink(node, slot) {
-    return node?.graph && slot >= 0 ? node.getInputLink?.(slot) ?? null : null;
+    if (!node?.graph || !(slot >= 0)) return null;
+    const getInputLink = globalThis.LiteGraph?.LGraphNode?.prototype?.getInputLink ?? node.getInputLink;
+    return getInputLink?.call(node, slot) ?? null;
 }
 
 /** LiteGraph's own type check (window.LiteGraph, as the frontend's bypass rule uses it); plain equality or a
@@ -105,50 +117,131 @@ function bypassInput(node, slot, type) {
     return inputs.findIndex((input) => linkTypesMatch(input.type, outputType) && linkTypesMatch(input.type, type));
 }
 
-/** Why the image linked to `node`'s input `slot` would not reach the server, or null when it would.
- * Walks upstream as the frontend's graphToPrompt does when it builds the API prompt (ExecutableNodeDTO
- * resolveInput / resolveOutput, frontend 1.47): a muted node sends nothing; a bypassed node hands on the link
- * of the input bypassInput picks (nothing when there is none or it is unconnected); a virtual node (the
- * Reroute node) hands on its own input. The first other node is a real source: the image arrives. Whatever
- * the walk cannot see (a subgraph node, bypassed or not: its getInputLink answers with a link inside it; a link
- * from a subgraph's input) counts as arriving, as before. */
-export function whatBlocks(node, slot, type) {
-    const seen = new Set();
-    const first = inputLink(node, slot);
-    let origin = first ? node.graph.getNodeById?.(first.origin_id) : null;
-    let outputSlot = first?.origin_slot;
-    while (origin) {
-        const key = `${origin.id}:${outputSlot}`;
-        if (seen.has(key)) return null;  // a cycle: graphToPrompt throws its own error for it
-        seen.add(key);
-        if (origin.mode === MODE_NEVER) return { node: origin, why: "muted" };
-        if (origin.isSubgraphNode?.()) return null;
-        let link;
-        if (origin.mode === MODE_BYPASS) {
-            const passed = bypassInput(origin, outputSlot, type);
-            link = inputLink(origin, passed);
-            if (!link) return { node: origin, why: "bypassed" };
-            type = origin.inputs[passed]?.type ?? type;  // the frontend resolves on with the chosen input's type
-        } else if (origin.isVirtualNode) {
-            const source = origin.resolveVirtualOutput?.(outputSlot);  // cross-graph Set/Get style nodes
-            if (source?.node) {
-                [origin, outputSlot] = [source.node, source.slot];
-                continue;
-            }
-            link = inputLink(origin, outputSlot);
-            if (!link) return { node: origin, why: "unconnected" };
-        } else return null;
-        origin = origin.graph?.getNodeById?.(link.origin_id);
-        outputSlot = link.origin_slot;
+/** The subgraph node that shows `graph` (a subgraph), when exactly one does: a link from a subgraph's input
+ * comes from that node's input of the same number. With several (or none) the walk cannot tell which one the
+ * prompt node's status is about. */
+function onlyInstanceOf(graph) {
+    const instances = workflowGraphs()
+        .flatMap((g) => (g.nodes ?? []).filter((n) => n.isSubgraphNode?.() && n.subgraph === graph));
+    return instances.length === 1 ? instances[0] : null;
+}
+
+// What the upstream walk finds (whatBlocks): the real node whose output a link resolves to, or why nothing is
+// sent. `path` is the list of subgraph nodes the walk went into, outermost first.
+const sent = (node, slot, path) => ({ source: { node, slot, path } });
+const nothing = (node, why) => ({ blocked: { node, why } });
+const UNKNOWN = {};  // the walk cannot tell (a cycle, a link it cannot follow): counts as sent, as before it existed
+
+/** What graphToPrompt makes of the link into `node`'s input `slot` (ExecutableNodeDTO.resolveInput, frontend
+ * 1.47): the link's origin output, or, from a subgraph's input, the input of the subgraph node outside. Nothing
+ * connected: nothing is sent, and `emptyWhy` says why ("bypassed" for the input a bypassed node would pass on). */
+function resolveInput(node, slot, type, path, emptyWhy, seen) {
+    const key = `${path.map((n) => n.id).join(":")}:${node.id}[I]${slot}`;
+    if (seen.has(key)) return UNKNOWN;  // a cycle: graphToPrompt throws its own error for it
+    seen.add(key);
+    const link = inputLink(node, slot);
+    if (!link) return nothing(node, emptyWhy);
+    if (link.originIsIoNode) {
+        const outer = path.at(-1) ?? onlyInstanceOf(node.graph);
+        if (!outer) return UNKNOWN;
+        return resolveInput(outer, link.origin_slot, outer.inputs?.[link.origin_slot]?.type, path.slice(0, -1),
+            "unconnected", seen);
+    }
+    const origin = node.graph.getNodeById?.(link.origin_id);
+    return origin ? resolveOutput(origin, link.origin_slot, type ?? node.inputs?.[slot]?.type, path, seen) : UNKNOWN;
+}
+
+/** What graphToPrompt sends for `node`'s output `slot` (ExecutableNodeDTO.resolveOutput): a muted node nothing; a
+ * bypassed one (a subgraph node too) what reaches the input bypassInput picks; a subgraph node what reaches the
+ * output inside it; a virtual node (Reroute) what reaches its input; any other node its own output. */
+function resolveOutput(node, slot, type, path, seen) {
+    const key = `${path.map((n) => n.id).join(":")}:${node.id}[O]${slot}`;
+    if (seen.has(key)) return UNKNOWN;
+    seen.add(key);
+    if (node.mode === MODE_NEVER) return nothing(node, "muted");
+    if (node.mode === MODE_BYPASS) {
+        const passed = bypassInput(node, slot, type);
+        // the frontend resolves on with the chosen input's own type
+        return passed === -1 ? nothing(node, "bypassed")
+            : resolveInput(node, passed, node.inputs[passed]?.type, path, "bypassed", seen);
+    }
+    if (node.isSubgraphNode?.()) {
+        const inner = node.subgraph?.outputNode?.slots?.[slot]?.getLinks?.()?.at(0);
+        if (!inner) return nothing(node, "empty");
+        const innerNode = node.subgraph.getNodeById(inner.origin_id);
+        return innerNode ? resolveOutput(innerNode, inner.origin_slot, type, [...path, node], seen) : UNKNOWN;
+    }
+    if (node.isVirtualNode) {
+        const source = node.resolveVirtualOutput?.(slot);  // cross-graph Set/Get style nodes
+        if (source?.node) return resolveOutput(source.node, source.slot, type, path, seen);
+        return resolveInput(node, slot, type, path, "unconnected", seen);
+    }
+    return sent(node, slot, path);
+}
+
+/** Whether the server requires `node`'s input `name`: the node definition the frontend keeps on the class
+ * (nodeData.inputs, isOptional false for "required"). Inputs the definition does not list (added by a node's own
+ * script) count as optional: the walk would rather miss a refusal than flag a prompt the server accepts. */
+function isRequiredInput(node, name) {
+    const spec = node.constructor?.nodeData?.inputs?.[name];
+    return spec !== undefined && spec.isOptional !== true;
+}
+
+/** The first node at or above `source` that the server refuses because graphToPrompt drops the link into one of
+ * its required inputs ("Required input is missing"): {node, input, cause} (cause: what stops that input, as
+ * `nothing` gives it), or null. An input with a widget is not dropped (its widget value is sent instead); an
+ * unconnected required input is not reported (the user sees it, and the server names it). Each node is checked
+ * once per socket (`checked`), at most WALK_LIMIT of them, so a large graph costs one bounded pass. */
+function refusedAbove(source, checked) {
+    const { node, path } = source;
+    const key = `${path.map((n) => n.id).join(":")}:${node.id}`;
+    if (checked.has(key) || checked.size >= WALK_LIMIT) return null;
+    checked.add(key);
+    for (const [slot, input] of (node.inputs ?? []).entries()) {
+        if (input.widget || !isRequiredInput(node, input.name) || !inputLink(node, slot)) continue;
+        const found = resolveInput(node, slot, input.type, path, "unconnected", new Set());
+        if (found.blocked) return { node, input: input.label || input.localized_name || input.name, cause: found.blocked };
+        const above = found.source && refusedAbove(found.source, checked);
+        if (above) return above;
     }
     return null;
 }
 
+/** Why the image linked to `node`'s input `slot` would not reach the server, or null when it would.
+ * Walks upstream as the frontend's graphToPrompt does when it builds the API prompt (resolveInput /
+ * resolveOutput above). Two answers: {node, why} when nothing is sent for the socket (why: "muted", "bypassed",
+ * "unconnected" for a Reroute or subgraph input with nothing connected, "empty" for a subgraph output with nothing
+ * inside); {node, input, cause} when the link is sent but the server refuses `node` upstream, whose required
+ * `input` graphToPrompt drops (cause: that input's {node, why}), e.g. an active Upscale Image fed by a muted Load
+ * Image. What the walk cannot follow (a link from a subgraph's input where several subgraph nodes show that
+ * subgraph) counts as arriving, as before. */
+export function whatBlocks(node, slot, type) {
+    const found = resolveInput(node, slot, type, [], "unconnected", new Set());
+    if (found.blocked) return found.blocked;
+    return found.source ? refusedAbove(found.source, new Set()) : null;
+}
+
+/** "has no input", "is muted": what stops a node's output (a `nothing` answer of the walk). */
+function whyText({ why }) {
+    if (why === "unconnected") return "has no input";
+    if (why === "empty") return "outputs nothing";
+    return `is ${why}`;
+}
+
+function nodeName(node) {
+    return node.title || node.type || "node";
+}
+
 /** "image1's Load Image is bypassed": names the socket and the node that stops its image. */
 function blockedNote(index, blocked) {
-    const name = blocked.node.title || blocked.node.type || "node";
-    return blocked.why === "unconnected" ? `image${index}'s ${name} has no input`
-        : `image${index}'s ${name} is ${blocked.why}`;
+    return `image${index}'s ${nodeName(blocked.node)} ${whyText(blocked)}`;
+}
+
+/** "image1's Upscale Image gets no image: its Load Image is muted": names the socket, the node the server refuses,
+ * its input and what drops it. */
+function refusedNote(index, refused) {
+    return `image${index}'s ${nodeName(refused.node)} gets no ${refused.input}: its ${nodeName(refused.cause.node)} `
+        + whyText(refused.cause);
 }
 
 function widgetValue(node, name) {
@@ -156,13 +249,14 @@ function widgetValue(node, name) {
 }
 
 /** Everything the status line, the preview and the socket labels show, from the node's state.
- * linkedSocketIndices: the sockets whose image reaches the server; skipped: a note per socket that is linked but
- * sends nothing (blockedNote), shown as the cause when images are short and as a remark otherwise. */
-export function describe(text, linkedSocketIndices, weightsText, skipped = []) {
+ * linkedSocketIndices: the sockets whose image link is sent; skipped: a note per socket that is linked but
+ * sends nothing (blockedNote), shown as the cause when images are short and as a remark otherwise; refused: a note
+ * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the whole prompt fails. */
+export function describe(text, linkedSocketIndices, weightsText, skipped = [], refused = []) {
     const placeholders = countPlaceholders(text);
     const images = linkedSocketIndices.length;
     const weights = parseWeights(weightsText);
-    const problems = [];
+    const problems = [...refused];
     if (placeholders > images) {
         const missing = placeholders - images;
         problems.push(...skipped.map((note) => `${note}, so it sends no image`));
@@ -210,16 +304,20 @@ function renderPreview(element, text, state) {
     if (!text) element.textContent = "(empty prompt)";
 }
 
+// how a socket label says why its image is not sent (whatBlocks' `why`), where the word alone would not do
+const SKIPPED_LABELS = { unconnected: "no input", empty: "nothing out" };
+
 /** Socket labels: "image0 → <i>₁ ×0.8", "image1 (empty, skipped)", "image1 (bypassed, skipped)" (linked, but
- * its image is not sent: see whatBlocks), "image2 → no <i>", and the spare
+ * its image is not sent: see whatBlocks), "image1 → <i>₂ (input missing upstream)" (sent, but a node upstream
+ * is refused: see whatBlocks), "image2 → no <i>", and the spare
  * socket: "image3 → <i>₄?" while a placeholder lacks its image, else just "image3" (a socket restored
  * from a saved workflow would otherwise show its full "images.image3" name). */
 function labelSockets(sockets, state) {
     let ordinal = 0;
-    sockets.forEach(({ input, index, linked, blocked }, position) => {
+    sockets.forEach(({ input, index, linked, blocked, refused }, position) => {
         let label;
         if (linked && blocked) {
-            label = `image${index} (${blocked.why === "unconnected" ? "no input" : blocked.why}, skipped)`;
+            label = `image${index} (${SKIPPED_LABELS[blocked.why] ?? blocked.why}, skipped)`;
             input.color_on = WARN_COLOUR;
         } else if (linked) {
             ordinal += 1;
@@ -227,7 +325,8 @@ function labelSockets(sockets, state) {
             label = ordinal <= state.placeholders
                 ? `image${index} → ${PLACEHOLDER}${subscript(ordinal)}` + (weight != null && weight !== 1 ? ` ×${weight}` : "")
                 : `image${index} → no ${PLACEHOLDER}`;
-            input.color_on = PAIR_COLOURS[(ordinal - 1) % PAIR_COLOURS.length];
+            if (refused) label += " (input missing upstream)";
+            input.color_on = refused ? WARN_COLOUR : PAIR_COLOURS[(ordinal - 1) % PAIR_COLOURS.length];
         } else if (position < sockets.length - 1) {
             label = `image${index} (empty, skipped)`;
         } else {
@@ -242,13 +341,14 @@ function labelSockets(sockets, state) {
 function refresh(node) {
     const widget = node.widgets?.find((w) => w.name === STATUS_WIDGET);
     if (!widget) return;
-    watchGraph(node.graph);  // here, not in onNodeCreated: by the first refresh the node is in its graph
+    watchGraphs();  // here, not in onNodeCreated: by the first refresh the node is in its graph
     const sockets = imageSockets(node);
     const linked = sockets.filter((s) => s.linked && !s.blocked).map((s) => s.index);
     const skipped = sockets.filter((s) => s.linked && s.blocked);
+    const refused = sockets.filter((s) => s.refused);
     const text = String(widgetValue(node, "text"));
     const state = describe(text, linked, String(widgetValue(node, "weights")),
-        skipped.map((s) => blockedNote(s.index, s.blocked)));
+        skipped.map((s) => blockedNote(s.index, s.blocked)), refused.map((s) => refusedNote(s.index, s.refused)));
     const { status, preview } = widget.kosmosgElements;
     status.textContent = state.summary;
     status.style.color = state.ok ? OK_COLOUR : WARN_COLOUR;
@@ -256,7 +356,9 @@ function refresh(node) {
     labelSockets(sockets, state);
     // read by the browser test and handy in the devtools console
     node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary,
-        skipped: skipped.map((s) => ({ socket: `image${s.index}`, node: s.blocked.node.id, why: s.blocked.why })) };
+        skipped: skipped.map((s) => ({ socket: `image${s.index}`, node: s.blocked.node.id, why: s.blocked.why })),
+        refused: refused.map((s) => ({ socket: `image${s.index}`, node: s.refused.node.id, input: s.refused.input,
+            cause: s.refused.cause.node.id, why: s.refused.cause.why })) };
     node.setDirtyCanvas?.(true, true);
 }
 
@@ -296,26 +398,32 @@ function scheduleRefresh(node) {
 
 const watchedGraphs = new WeakSet();
 
-/** Refresh the prompt nodes of `graph` as soon as a node there changes mode (Ctrl+B / Ctrl+M, the context
- * menu, the selection toolbox, the properties panel, a script: all just assign node.mode) or title. The
+/** Refresh the prompt nodes as soon as a node anywhere in the workflow changes mode (Ctrl+B / Ctrl+M, the
+ * context menu, the selection toolbox, the properties panel, a script: all just assign node.mode) or title. The
  * loader is not our node, so none of our node's callbacks fire; the frontend (1.47 on) instruments node.mode
  * and reports every assignment as the graph event "node:property:changed". graph.events is an EventTarget,
  * so listening leaves the graph.onTrigger handlers the frontend chains (minimap, error clearing) alone.
- * One listener per graph (a subgraph has its own). */
-function watchGraph(graph) {
-    if (!graph?.events?.addEventListener || watchedGraphs.has(graph)) return;
-    watchedGraphs.add(graph);
-    graph.events.addEventListener("node:property:changed", (event) => {
-        if (event.detail?.property !== "mode" && event.detail?.property !== "title") return;
-        for (const node of graph.nodes ?? []) if (node.type === NODE_ID) scheduleRefresh(node);
-    });
+ * One listener per graph: a subgraph has its own events, and a node there may feed a prompt node outside it
+ * (through the subgraph node's output) or inside it; every prompt node is refreshed (cheap). */
+function watchGraphs() {
+    for (const graph of workflowGraphs()) {
+        if (!graph?.events?.addEventListener || watchedGraphs.has(graph)) continue;
+        watchedGraphs.add(graph);
+        graph.events.addEventListener("node:property:changed", (event) => {
+            if (event.detail?.property === "mode" || event.detail?.property === "title") onGraphChanged();
+        });
+    }
+}
+
+/** The workflow's root graph and all its subgraphs (the root graph keeps every subgraph, nested ones too). */
+function workflowGraphs() {
+    const root = app.rootGraph ?? app.graph;
+    return root ? [root, ...(root.subgraphs?.values?.() ?? [])] : [];
 }
 
 /** Every prompt node of the workflow, subgraphs included. */
 function allPromptNodes() {
-    const root = app.rootGraph ?? app.graph;
-    const graphs = [root, ...(root?.subgraphs?.values?.() ?? [])];
-    return graphs.flatMap((graph) => (graph?.nodes ?? []).filter((node) => node.type === NODE_ID));
+    return workflowGraphs().flatMap((graph) => (graph.nodes ?? []).filter((node) => node.type === NODE_ID));
 }
 
 /** After any user edit that changed the workflow: the frontend's change tracker compares the graph after each
