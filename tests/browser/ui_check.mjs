@@ -11,7 +11,7 @@
 // box) -> a fresh prompt node: type text, connect a LoadImage, watch sockets and the status line
 // -> load a workflow from workflows/, substitute test models, queue it through the UI -> wait for
 // the output image on the SaveImage node -> copy + paste its prompt node with the keyboard (alone with
-// its connections, and together with its image loaders) -> bypass / mute image loaders
+// its connections, together with its image loaders, alone without links) -> bypass / mute image loaders
 // with Ctrl+B / Ctrl+M and watch the status line (and what graphToPrompt sends), also behind an active
 // Upscale Image -> the same with the prompt node inside a subgraph, and with a subgraph node between a
 // loader and the prompt node. Screenshots at the interesting moments.
@@ -235,7 +235,9 @@ try {
         app.canvas.setDirty(true, true);
         const prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
         return { node_types: app.graph.nodes.map((n) => n.type).sort(), substituted: changed,
-            prompt_labels: prompt?.inputs.filter((i) => i.name.startsWith("images.")).map((i) => i.label ?? i.name) };
+            prompt_labels: prompt?.inputs.filter((i) => i.name.startsWith("images.")).map((i) => i.label ?? i.name),
+            prompt_sockets: prompt?.inputs.map((input, slot) => [input.name, prompt.isInputConnected(slot)])
+                .filter(([name]) => name.startsWith("images.")) };
     }, { workflow, substitutions });
     await page.waitForTimeout(500);
     await page.evaluate(() => {  // fitting a large graph can zoom below the level where the canvas draws text
@@ -320,7 +322,9 @@ try {
     };
     const pasteConnected = await copyPaste(false, "Control+Shift+v");
     const pasteGroup = await copyPaste(true, "Control+v");
-    step("copy_paste", { copy_paste: { paste_connected: pasteConnected, paste_group: pasteGroup } });
+    // the node alone, without its links (Ctrl+V): a copy with no image connected needs just one socket
+    const pasteAlone = await copyPaste(false, "Control+v");
+    step("copy_paste", { copy_paste: { paste_connected: pasteConnected, paste_group: pasteGroup, paste_alone: pasteAlone } });
 
     // --- 6. bypassed / muted image loaders: Ctrl+B and Ctrl+M on the selected node, as users do ----------
     // graphToPrompt sends no image from a muted node, nor from a bypassed one unless it passes an IMAGE on from

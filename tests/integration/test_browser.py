@@ -162,6 +162,8 @@ def test_shipped_workflow_loads_queues_and_shows_its_image(browser_report):
     assert {"CheckpointLoaderSimple.ckpt_name", "KosmosGLoader.checkpoint", "KSampler.steps"} <= set(
         workflow["substituted"])
     assert workflow["prompt_status"]["summary"] == "2 <i> / 2 images ✓"
+    # loading keeps every socket and link (the spare-socket trim runs only once the links are restored)
+    assert workflow["prompt_sockets"] == [["images.image0", True], ["images.image1", True], ["images.image2", False]]
     output = browser_report["output"]
     assert len(output["images"]) == 1 and output["images"][0]["type"] == "output"
     assert output["natural_sizes"] == [[64, 64]]
@@ -181,6 +183,15 @@ def test_copy_paste_keeps_every_image_connection(browser_report):
                            ("images.image2", False, None)], how
         assert copy["status"] == "2 <i> / 2 images ✓", how
         assert copy["api_image_inputs"] == ["images.image0", "images.image1"], how
+
+
+def test_a_copy_pasted_without_links_keeps_one_spare_socket(browser_report):
+    # the copy comes back with every socket of the original (image0..image2), all empty; the Autogrow rule is one
+    # spare socket after the last connected one, so it keeps image0 alone
+    copy = browser_report["copy_paste"]["paste_alone"]
+    assert [(s["name"], s["linked"]) for s in copy["sockets"]] == [("images.image0", False)]
+    assert copy["status"] == "2 <i> / 0 images ⚠ connect 2 more images or remove 2 <i>"
+    assert copy["api_image_inputs"] == []
 
 
 def test_bypassed_or_muted_loaders_are_not_counted(browser_report):

@@ -12,7 +12,9 @@
 //      coloured like the socket that fills it;
 //   3. socket labels that say which placeholder each image socket fills ("image0 → <i>₁"),
 //      including sockets left empty in the middle (the server skips them, so numbering follows
-//      connected sockets, not socket indices) and images that have no placeholder.
+//      connected sockets, not socket indices) and images that have no placeholder;
+//   4. one spare socket on a copy: a prompt node pasted, cloned or Alt+dragged without its links
+//      keeps one empty socket, not all of the original's.
 //
 // Only the public extension API is used: app.registerExtension, the node prototype callbacks
 // (always chained, never replaced), widget callbacks (chained), node.addDOMWidget, and listeners for the
@@ -386,6 +388,22 @@ function keepImageSocketsInOrder(node) {
     });
 }
 
+/** Keep one spare empty image socket after the last connected one, as the Autogrow input does while the user
+ * connects and disconnects: a copy pasted, cloned or Alt+dragged without its links comes back with every socket
+ * the original had (image0..image3 for three images), all empty. Only from onAfterGraphConfigured, which the
+ * frontend calls on every node once a paste has made its links, or a workflow load has restored them: in
+ * configure() a pasted copy has no links yet (they are made after it), so a trim there would drop the sockets
+ * a paste with connections (Ctrl+Shift+V) is about to use. Empty sockets between connected ones stay. */
+function dropSpareImageSockets(node) {
+    const slots = (node.inputs || []).map((input, slot) => (input.name.startsWith(IMAGES_GROUP) ? slot : -1))
+        .filter((slot) => slot !== -1);
+    const lastLinked = slots.findLastIndex((slot) => node.isInputConnected(slot));
+    const spare = slots.slice(lastLinked + 2);
+    if (spare.length === 0) return;
+    for (const slot of spare.reverse()) node.removeInput(slot);
+    node.setSize?.([node.size[0], node.computeSize?.()[1] ?? node.size[1]]);  // shrink, as the Autogrow input does
+}
+
 /** Coalesce bursts (typing, Autogrow adding/removing sockets in the next frame) into one refresh. */
 function scheduleRefresh(node) {
     if (node.kosmosgRefreshPending) return;
@@ -515,6 +533,13 @@ if (app.extensions?.some?.((extension) => extension.name === EXTENSION_NAME)) {
         // callbacks, and the sockets may come back out of order.
         nodeType.prototype.onConfigure = chain(nodeType.prototype.onConfigure, function () {
             keepImageSocketsInOrder(this);
+            scheduleRefresh(this);
+        });
+
+        // A paste, clone or Alt+drag has made its links, or a workflow load restored them: now the sockets
+        // a copy without links does not need can go.
+        nodeType.prototype.onAfterGraphConfigured = chain(nodeType.prototype.onAfterGraphConfigured, function () {
+            dropSpareImageSockets(this);
             scheduleRefresh(this);
         });
     },
