@@ -26,10 +26,10 @@ export function newReport() {
     return { report, step };
 }
 
-/** Console errors and uncaught page errors of `page`, into the report. */
+/** Console errors and uncaught page errors of `page` (with their stack: where it was thrown), into the report. */
 export function recordErrors(page, report) {
     page.on("console", (msg) => { if (msg.type() === "error") report.console_errors.push(msg.text()); });
-    page.on("pageerror", (err) => report.page_errors.push(String(err)));
+    page.on("pageerror", (err) => report.page_errors.push(err.stack || String(err)));
 }
 
 /** shot(page, name, clip?): a screenshot NAME.png in `folder` (made if missing). */

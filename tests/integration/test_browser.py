@@ -72,10 +72,18 @@ def _sockets(state) -> list[str]:
     return [i["name"] for i in state["inputs"] if i["name"].startswith("images.")]
 
 
+def _page_errors(report) -> list[str]:
+    """The page's uncaught errors, less one of frontend 1.58.1's own: its Autogrow input compacts the sockets one frame
+    after a link goes and throws NullGraphError when the node has left its graph meanwhile (deleted, or converted
+    into a subgraph, as the subgraph check does); a core node with an Autogrow input (BatchImagesNode) does the same."""
+    return [e for e in report["page_errors"]
+            if not (e.startswith("NullGraphError") and "at autogrowInputDisconnected" in e)]
+
+
 def test_extension_loads_without_errors(browser_report):
     assert browser_report["extension_registered"]
     assert any("/kosmosg_prompt.js" in url for url in browser_report["extension_urls"])
-    assert browser_report["page_errors"] == []
+    assert _page_errors(browser_report) == []
     ours = [e for e in browser_report["console_errors"] if "kosmos" in e.lower()]
     assert ours == []
 
@@ -338,7 +346,7 @@ def vue_report(comfy, tmp_path_factory):
 
 def test_vue_nodes_mode_shows_the_status_line_in_the_node(vue_report):
     vue = vue_report["vue"]
-    assert vue_report["page_errors"] == []
+    assert _page_errors(vue_report) == []
     assert [e for e in vue_report["console_errors"] if "kosmos" in e.lower()] == []
     for moment in ("connected", "typed", "bypassed", "unbypassed"):
         state = vue[moment]
