@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, SCHEDULERS
+from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, NOISE_MODES,
+                     SCHEDULERS)
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
@@ -88,7 +89,7 @@ def cmd_generate(args) -> None:
         images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
-        show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
+        show_progress=sys.stderr.isatty(), noise=args.noise)  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
         print(f"wrote {p}")
 
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
     p.add_argument("--seed", type=int, default=0, help="random seed of image 0; image k uses seed + k (default 0)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--noise", default="per-image", choices=NOISE_MODES,
+                   help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same picture "
+                        "on any device) or official (as the official demo: one draw of all images' noise from --seed on "
+                        "--device in --dtype; with --device cuda --dtype float16 its noise)")
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=int, default=None,
                        help=f"image {side} in pixels, a multiple of 8 (default: the SD model's own, 512 for SD1.5 and 64 "

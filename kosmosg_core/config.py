@@ -44,6 +44,10 @@ SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pn
 # diffusers 0.25 on default to a first-order step to noise 0 (final_sigmas_type "zero"): a different picture
 # (tests/test_official_sampling.py). DDIM and PNDM are unchanged since 0.21.4.
 SCHEDULER_SETTINGS = {"dpm": {"final_sigmas_type": "sigma_min"}}
+# Where each picture's starting noise comes from: "per-image" (image k from seed + k, drawn on the CPU: the same
+# picture on any device and in any batch) or "official" (the official demo: torch.manual_seed(seed), then one draw
+# of all pictures' noise on the sampling device in its dtype, diffusers 0.21.4's randn_tensor without a generator)
+NOISE_MODES = ("per-image", "official")
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 
 # Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, SCHEDULER_SETTINGS,
-                     SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
+                     SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
                      NonFiniteEncodingError)
 from .files import check_input_path_length, check_output_folder, save_image
@@ -156,13 +156,16 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     out_dir: Path = Path("outputs"), steps: int = DEFAULT_STEPS,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
                     num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
-                    sd_config_dir=None, show_progress: bool = False) -> list[Path]:
+                    sd_config_dir=None, show_progress: bool = False, noise: str = "per-image") -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
     images: one per `<i>`, paths or anything `to_pil_images` reads; height / width None: the SD model's own size
     (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
-    Image k starts from the noise of seed + k (`image_generators`): it is image 0 of a run with that seed."""
+    noise "per-image": image k starts from the noise of seed + k (`image_generators`), it is image 0 of a run with
+    that seed; "official": the official demo's noise (`official_noise_generator`)."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
+    if noise not in NOISE_MODES:
+        raise GenerationSettingsError(f"noise {noise!r} is not known: use one of {', '.join(NOISE_MODES)}.")
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
     pictures = read_prompt_images(prompt, images)
@@ -176,7 +179,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
     sd.set_progress_bar_config(disable=not show_progress)
-    sampled = sample_sd15(sd, sd_model, cond, uncond, image_generators(seed, num_images), steps=steps,
+    generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
+    sampled = sample_sd15(sd, sd_model, cond, uncond, generators, steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -187,7 +191,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     return paths
 
 
-def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators: list, *, steps: int,
+def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,
                 guidance_scale: float, num_images: int, height: int | None, width: int | None) -> list:
     """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
     B x num_images PIL images, prompt-major, height x width (None: `native_size`); images that came out NaN are
@@ -246,6 +250,14 @@ def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[t
     """diffusers' per-image generators, prompt-major: image k of every prompt starts from the noise of seed + k,
     so a picture does not depend on how many were asked for or on the batch it was made in."""
     return [torch.Generator("cpu").manual_seed(seed + k) for _ in range(num_prompts) for k in range(num_images)]
+
+
+def official_noise_generator(seed: int, device) -> torch.Generator:
+    """One generator on the sampling device, seeded like the official demo seeds the default one
+    (torch.manual_seed(seed)): given to diffusers alone (not one per image), it draws every picture's noise
+    [N, 4, H/8, W/8] in one call on that device in the sampling dtype, as the official code's randn_tensor does
+    without a generator (diffusers 0.21.4). Pictures then depend on N and on the device's random generator."""
+    return torch.Generator(device).manual_seed(seed)
 
 
 def native_size(sd) -> int:

@@ -125,3 +125,12 @@ def test_device_pipeline_caches(device, pack):
         assert (again.float() - first.float().cpu()).norm() / first.norm() < 0.05
     finally:
         pipe.model.forward = original
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_official_noise_on_the_device_is_the_official_demos_draw(device, dtype):
+    """`generate --noise official --device cuda`: the noise the official demo draws (torch.manual_seed, then
+    torch.randn on the GPU in float16)."""
+    from test_official_sampling import assert_official_noise
+
+    assert_official_noise(torch.device(device), dtype)

@@ -1,4 +1,5 @@
-"""`generate`'s schedulers step as the official code's do (diffusers 0.21.4, which it pins).
+"""`generate` samples as the official code does: its schedulers step as diffusers 0.21.4's (which the official
+code pins), and `--noise official` draws the official demo's starting noise.
 
 The reference trajectories were computed by diffusers 0.21.4's own scheduler files
 (tests/reference/generate_official_scheduler_outputs.py; stored in official_scheduler_outputs.safetensors).
@@ -9,10 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from safetensors import safe_open
 
-from kosmosg_core.generate import official_scheduler
+from kosmosg_core.errors import GenerationSettingsError
+from kosmosg_core.generate import generate_images, official_noise_generator, official_scheduler
 from reference.generate_official_scheduler_outputs import CASES, run_trajectory, sd15_schedule_config
 
 STORED = Path(__file__).parent / "reference" / "official_scheduler_outputs.safetensors"
@@ -41,3 +46,43 @@ def test_the_stored_trajectories_tell_the_dpm_final_steps_apart(stored):
     plain = diffusers.DPMSolverMultistepScheduler.from_config(sd15_schedule_config())
     final, _ = run_trajectory(plain, 50)
     assert (final - finals["dpm.50"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_official_noise_is_the_official_demos_draw(dtype):
+    """`--noise official`: diffusers given one generator draws what the official code drew with none after
+    torch.manual_seed(seed) (diffusers 0.21.4's randn_tensor: torch.randn on the device, in the dtype). The same
+    check runs on a GPU in tests/test_cuda.py."""
+    assert_official_noise(torch.device("cpu"), dtype)
+
+
+def assert_official_noise(device: torch.device, dtype: torch.dtype) -> None:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (3, 4, 8, 8)  # three pictures
+    ours = randn_tensor(shape, generator=official_noise_generator(7, device), device=device, dtype=dtype)
+    torch.manual_seed(7)
+    official = torch.randn(shape, generator=None, device=device, dtype=dtype)
+    assert ours.dtype == dtype and torch.equal(ours, official)
+
+
+def test_generate_draws_the_chosen_noise(tmp_path):
+    """The nano models through `generate`: "official" noise is one draw from the seed for all pictures, so its
+    second picture is not "per-image"'s (seed + 1); one picture alone starts from the same CPU draw in both."""
+    from support import nano_ootb
+
+    repo = Path(__file__).resolve().parents[1]
+    models = repo / "models" / "nano"
+    images = [repo / "workflows" / "input" / subject.file for subject in nano_ootb.SUBJECTS]
+
+    def pictures(noise: str, num_images: int) -> list[np.ndarray]:
+        paths = generate_images(models / "kosmosg-nano.safetensors", models / "nano-sd15.safetensors", nano_ootb.PROMPT,
+                                images, out_dir=tmp_path / f"{noise}{num_images}", steps=4, num_images=num_images,
+                                noise=noise)
+        return [np.asarray(Image.open(path)) for path in paths]
+
+    official, per_image = pictures("official", 2), pictures("per-image", 2)
+    assert not np.array_equal(official[1], per_image[1])
+    assert np.array_equal(pictures("official", 1)[0], pictures("per-image", 1)[0])
+    with pytest.raises(GenerationSettingsError, match="noise 'gpu' is not known: use one of per-image, official"):
+        generate_images(models / "kosmosg-nano.safetensors", models / "nano-sd15.safetensors", "x", noise="gpu")
