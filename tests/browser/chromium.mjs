@@ -74,3 +74,25 @@ export async function promptWithTwoLoaders(page, name, positions, secondImage = 
     }
     return ids;
 }
+
+/** app.loadGraphData(workflow) (a parsed UI-format workflow), after writing `substitutions` ({widget name: value},
+ * e.g. the test server's model files) into its nodes' widgets_values, which follow each node's widget order: done
+ * in the JSON before loading, so the frontend's missing-model check sees the files the server really has.
+ * -> the substituted widgets, "NodeType.widget" each. */
+export async function loadWorkflow(page, workflow, substitutions = {}) {
+    return page.evaluate(async ({ workflow, substitutions }) => {
+        const changed = [];
+        for (const node of workflow.nodes) {
+            const probe = LiteGraph.createNode(node.type);
+            const names = probe?.widgets?.map((w) => w.name) ?? [];
+            names.forEach((name, k) => {
+                if (name in substitutions && Array.isArray(node.widgets_values) && k < node.widgets_values.length) {
+                    node.widgets_values[k] = substitutions[name];
+                    changed.push(`${node.type}.${name}`);
+                }
+            });
+        }
+        await app.loadGraphData(workflow);
+        return changed;
+    }, { workflow, substitutions });
+}

@@ -19,7 +19,7 @@
 import fs from "node:fs";
 import { parseArgs } from "node:util";
 
-import { launchChromium, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn } from "./chromium.mjs";
+import { launchChromium, loadWorkflow, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn } from "./chromium.mjs";
 
 const { values: opts } = parseArgs({
     options: {
@@ -216,29 +216,17 @@ try {
     // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
     const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));
     const substitutions = JSON.parse(opts.substitute);
-    const loaded = await page.evaluate(async ({ workflow, substitutions }) => {
-        // substitute in the JSON before loading (widgets_values follow each node's widget order),
-        // so the frontend's missing-model check sees the files the test server really has
-        const changed = [];
-        for (const node of workflow.nodes) {
-            const probe = LiteGraph.createNode(node.type);
-            const names = probe?.widgets?.map((w) => w.name) ?? [];
-            names.forEach((name, k) => {
-                if (name in substitutions && Array.isArray(node.widgets_values) && k < node.widgets_values.length) {
-                    node.widgets_values[k] = substitutions[name];
-                    changed.push(`${node.type}.${name}`);
-                }
-            });
-        }
-        await app.loadGraphData(workflow);
+    const substituted = await loadWorkflow(page, workflow, substitutions);
+    const loaded = await page.evaluate(async () => {
         await app.extensionManager?.command?.execute?.("Comfy.Canvas.FitView");
         app.canvas.setDirty(true, true);
         const prompt = app.graph.nodes.find((n) => n.type === "KosmosGInterleavedPrompt");
-        return { node_types: app.graph.nodes.map((n) => n.type).sort(), substituted: changed,
+        return { node_types: app.graph.nodes.map((n) => n.type).sort(),
             prompt_labels: prompt?.inputs.filter((i) => i.name.startsWith("images.")).map((i) => i.label ?? i.name),
             prompt_sockets: prompt?.inputs.map((input, slot) => [input.name, prompt.isInputConnected(slot)])
                 .filter(([name]) => name.startsWith("images.")) };
-    }, { workflow, substitutions });
+    });
+    loaded.substituted = substituted;
     await page.waitForTimeout(500);
     await page.evaluate(() => {  // fitting a large graph can zoom below the level where the canvas draws text
         const ds = app.canvas.ds;
