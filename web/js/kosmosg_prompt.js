@@ -388,6 +388,21 @@ function keepImageSocketsInOrder(node) {
     });
 }
 
+/** A socket restored by configure() (workflow load, paste, clone, Alt+drag) comes with the label and colour it was
+ * saved or copied with: ours from that moment ("image0 → <i>₁", "image1 (bypassed, skipped)"), wrong for a copy
+ * pasted alone or a workflow edited since. Put back what the frontend gives a new socket (the Autogrow's label
+ * "image0", no colour of its own) until refresh() computes ours in the next frame. In the classic canvas that
+ * frame is all it would show; frontend 1.47.12's Vue nodes read a socket's label when the node's component mounts
+ * (after configure, before that refresh) and not when it changes: they showed the stale label (a copy pasted alone:
+ * "image0 → <i>₁" on its empty socket) until something else redrew the node's slots. */
+function resetImageSocketLabels(node) {
+    for (const input of node.inputs || []) {
+        if (!input.name.startsWith(IMAGES_GROUP)) continue;
+        input.label = input.name.slice(IMAGES_GROUP.length);
+        input.color_on = undefined;
+    }
+}
+
 /** Keep one spare empty image socket after the last connected one, as the Autogrow input does while the user
  * connects and disconnects: a copy pasted, cloned or Alt+dragged without its links comes back with every socket
  * the original had (image0..image3 for three images), all empty. Only from onAfterGraphConfigured, which the
@@ -530,8 +545,9 @@ if (app.extensions?.some?.((extension) => extension.name === EXTENSION_NAME)) {
         });
 
         // Loaded from a workflow, pasted or cloned: widget values and links are set without widget
-        // callbacks, and the sockets may come back out of order.
+        // callbacks, the sockets may come back out of order and with the labels they were saved with.
         nodeType.prototype.onConfigure = chain(nodeType.prototype.onConfigure, function () {
+            resetImageSocketLabels(this);
             keepImageSocketsInOrder(this);
             scheduleRefresh(this);
         });
