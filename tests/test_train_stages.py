@@ -207,16 +207,50 @@ def test_every_shipped_config_is_listed():
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
-def test_shipped_configs_parse(name):
-    """Each shipped config parses with its command's config class (unknown keys and bad values are refused)."""
+def test_shipped_configs_parse(name, caplog):
+    """Each shipped config parses with its command's config class (unknown keys and bad values are refused), and
+    its warm-up ends before its run does."""
     import importlib
 
-    from train.common.config import parse_config
+    from train.common.config import parse_config, warn_if_warmup_outlasts_run
 
     module, klass = SHIPPED_CONFIGS[name].split(":")
     config_class = getattr(importlib.import_module(module), klass)
     cfg = parse_config(config_class, ["--config", str(REPO / "train" / "configs" / name)])
     assert cfg != config_class()  # the file set something
+    with caplog.at_level("WARNING"):
+        warn_if_warmup_outlasts_run(cfg)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("warmup, steps, reached", [
+    (375, 200, "rises only to 0.000533 by the last update, short of the peak --learning-rate 0.001"),
+    (200, 200, "reaches the peak --learning-rate 0.001 only at the last update"),
+    (199, 200, None),
+])
+def test_a_warmup_as_long_as_the_run_is_named_with_its_fix(warmup, steps, reached, caplog):
+    from train.common.config import warn_if_warmup_outlasts_run
+    from train.loop import LoopConfig
+
+    with caplog.at_level("WARNING"):
+        warn_if_warmup_outlasts_run(LoopConfig(warmup_steps=warmup, max_steps=steps, learning_rate=1e-3))
+    expected = [f"--warmup-steps {warmup} >= --max-steps {steps}: the whole run is linear warm-up, so its learning rate "
+                f"{reached}. Give --warmup-steps below --max-steps, e.g. --warmup-steps 20 (a tenth of the run)."]
+    assert caplog.messages == (expected if reached else [])
+
+
+def test_a_run_shorter_than_its_warmup_warns_once_as_it_starts(env, tmp_path, caplog):
+    """A quick fine-tune with the official 375 warm-up steps never trains at its peak LR: said once, not per step."""
+    from train import stage1
+
+    args = common(env, tmp_path / "run", steps=2)
+    del args[args.index("--warmup-steps"):args.index("--warmup-steps") + 2]  # the default: 375
+    with caplog.at_level("WARNING"):
+        stage1.main(args)
+    assert [m for m in caplog.messages if "--warmup-steps" in m] == [
+        "--warmup-steps 375 >= --max-steps 2: the whole run is linear warm-up, so its learning rate rises only to "
+        "5.33e-06 by the last update, short of the peak --learning-rate 0.001. Give --warmup-steps below --max-steps, "
+        "e.g. --warmup-steps 0 (a tenth of the run)."]
 
 
 def test_record_stream_is_seeded_and_repeats_epochs(env):

@@ -51,7 +51,8 @@ from torch import nn
 from kosmosg_core.files import check_output_folder, write_text_atomic
 from train.common.checkpointing import CHECKPOINT_NAME, TRAIN_CONFIG_NAME, check_model_keys, check_step_within, \
     gather_full_state, load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
-from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error, flag_name
+from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error, flag_name, \
+    warn_if_warmup_outlasts_run
 from train.common.metrics import METRICS_NAME, MetricsLog
 from train.common.seeds import derive_seed, sample_rng
 
@@ -574,6 +575,8 @@ def run_training(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool = T
     _check_loop_config(cfg)
     check_output_folder(cfg.output_dir, "--output-dir")
     main_process = int(os.environ.get("RANK", "0")) == 0  # of the whole job: it writes the run folder
+    if main_process:  # one warning per run, not one per process
+        warn_if_warmup_outlasts_run(cfg)
     with run_folder_lock(cfg.output_dir) if main_process else contextlib.nullcontext():
         return _train(stage, cfg, find_unused_parameters, on_step)
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import typing
 from pathlib import Path
 
 from kosmosg_core.errors import KosmosGError
+
+logger = logging.getLogger(__name__)
 
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -203,6 +206,24 @@ def check_minimums(config, label: typing.Callable[[str], str] = flag_name) -> No
             raise ValueError(f"{label(field.name)} {value}: must be at least {low}{meaning}.")
         if high is not None and value > high:
             raise ValueError(f"{label(field.name)} {value}: must be at most {high}.")
+
+
+def warn_if_warmup_outlasts_run(cfg) -> None:
+    """Warn when `cfg.warmup_steps` >= `cfg.max_steps` (entry points call it once, as a run starts): the whole run
+    is linear warm-up, so its learning rate never trains at the peak (e.g. a 200-step fine-tune with the official
+    375 warm-up steps). A warning, not a refusal: such a run is well defined and may be meant (a smoke run of a few
+    steps, a run to be resumed with more --max-steps); what must not happen is that nobody notices."""
+    warmup, steps, peak = cfg.warmup_steps, cfg.max_steps, cfg.learning_rate
+    if warmup < steps:
+        return
+    if warmup == steps:
+        reached = f"reaches the peak --learning-rate {peak:g} only at the last update"
+    else:  # update n of the warm-up runs at peak * n / warmup
+        reached = (f"rises only to {peak * steps / warmup:.3g} by the last update, short of the peak --learning-rate "
+                   f"{peak:g}")
+    logger.warning(f"--warmup-steps {warmup} >= --max-steps {steps}: the whole run is linear warm-up, so its learning "
+                   f"rate {reached}. Give --warmup-steps below --max-steps, e.g. --warmup-steps {steps // 10} (a tenth "
+                   "of the run).")
 
 
 def flatten_settings(settings: dict, prefix: str = "") -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from kosmosg_core.files import write_text_atomic
 from train.common.checkpointing import TRAIN_CONFIG_NAME, check_step_within, load_checkpoint, restore, run_folder_lock
-from train.common.config import changed_settings, config_to_dict
+from train.common.config import changed_settings, config_to_dict, warn_if_warmup_outlasts_run
 from train.common.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def open_run(output_dir: Path, module: torch.nn.Module, optimizer, scheduler, co
     """Start or resume a run in `output_dir`: the checkpoint (if any, validated) restores `module`, optimiser
     and scheduler; the config is recorded; metrics lines past the checkpoint are dropped.
     -> (first step to run, the run's metrics log)."""
+    warn_if_warmup_outlasts_run(config)
     state = load_run_checkpoint(output_dir, module, config)
     start = 0 if state is None else restore(state, module, optimizer, scheduler)
     write_config(output_dir, config)
