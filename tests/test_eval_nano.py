@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER
+from support.argv import with_flags
 from support.nano_models import write_kosmosg_nano_pack, write_shipped_nano_sd
 from train.eval import nano_image, nano_kosmosg
 from train.nano import judge, world
@@ -48,8 +49,8 @@ def models(tmp_path_factory) -> dict:
 
 
 def _flags(models: dict, *extra: str) -> list[str]:
-    return ["--checkpoint", models["checkpoint"], "--sd-checkpoint", models["sd_checkpoint"],
-            "--text-encoder", models["text_encoder"], *RUN_FLAGS, *extra]
+    return with_flags(["--checkpoint", models["checkpoint"], "--sd-checkpoint", models["sd_checkpoint"],
+                       "--text-encoder", models["text_encoder"], *RUN_FLAGS], *extra)
 
 
 def _cases(seed: int, count: int = 12) -> list:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.argv import with_flags
 from support.nano_models import write_shipped_nano_sd
 from train.eval import nano_image
 from train.nano import world
@@ -40,7 +41,8 @@ def shipped(tmp_path_factory) -> dict:
 
 
 def _flags(shipped: dict, *extra: str) -> list[str]:
-    return ["--checkpoint", shipped["checkpoint"], "--text-encoder", shipped["text_encoder"], *RUN_FLAGS, *extra]
+    return with_flags(["--checkpoint", shipped["checkpoint"], "--text-encoder", shipped["text_encoder"], *RUN_FLAGS],
+                      *extra)
 
 
 def test_loads_the_shipped_files_back_into_the_exported_networks(shipped):

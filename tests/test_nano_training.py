@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.argv import with_flags
 from train.nano import sampler
 from train.nano import text_encoder as te
 from train.nano.nano_data import world_vocabulary
@@ -299,12 +300,12 @@ def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts
     args = unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"]
     run_command("train_unet", args)
     with pytest.raises(ValueError, match="real_channels|does not match"):
-        run_command("train_unet", args + ["--real-channels", "24", "--max-steps", "2"])
+        run_command("train_unet", with_flags(args, "--real-channels", "24", "--max-steps", "2"))
     te_out = tmp_path / "te"
     te_args = TE_ARGS + ["--output-dir", str(te_out), "--max-steps", "1"]
     run_command("train_text_encoder", te_args)
     with pytest.raises(ValueError, match="text_layers|does not match"):
-        run_command("train_text_encoder", te_args + ["--text-layers", "2", "--max-steps", "2"])
+        run_command("train_text_encoder", with_flags(te_args, "--text-layers", "2", "--max-steps", "2"))
 
 
 def test_resume_refuses_changed_settings_and_keeps_the_run_record(parts, tmp_path):
@@ -313,12 +314,12 @@ def test_resume_refuses_changed_settings_and_keeps_the_run_record(parts, tmp_pat
     run_command("train_unet", args)
     record = (out / "train_config.json").read_text()
     with pytest.raises(ValueError, match=r"other settings than this run's: learning_rate .* -> 0.1; seed 0 -> 5"):
-        run_command("train_unet", args + ["--max-steps", "2", "--learning-rate", "0.1", "--seed", "5"])
+        run_command("train_unet", with_flags(args, "--max-steps", "2", "--learning-rate", "0.1", "--seed", "5"))
     assert (out / "train_config.json").read_text() == record
-    run_command("train_unet", args + ["--max-steps", "2", "--eval-every", "0"])  # the length may change
+    run_command("train_unet", with_flags(args, "--max-steps", "2", "--eval-every", "0"))  # the length may change
     for flag in ("--save-every", "--batch-size"):
         with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):
-            run_command("train_unet", args + ["--output-dir", str(tmp_path / "zero"), flag, "0"])
+            run_command("train_unet", with_flags(args, "--output-dir", str(tmp_path / "zero"), flag, "0"))
     with pytest.raises(ValueError, match="is at step 2, beyond --max-steps 1"):  # it rewrote the EMA as step 1
         run_command("train_unet", args)
 
@@ -337,7 +338,7 @@ def test_unet_is_tied_to_its_text_encoder_on_resume_and_export(parts, tmp_path):
     assert trained_text_encoder(out) == expected != te.weights_fingerprint(te.load_text_encoder(other_te)[0])
 
     with pytest.raises(ValueError, match="another text encoder"):  # the cached embeddings are the old encoder's
-        run_command("train_unet", args + ["--text-encoder", str(other_te), "--max-steps", "2"])
+        run_command("train_unet", with_flags(args, "--text-encoder", str(other_te), "--max-steps", "2"))
     with pytest.raises(ValueError, match="--unet .*another text encoder"):
         export_nano.export(export_nano.ExportConfig(unet=str(out), vae=str(parts["vae"]), text_encoder=str(other_te),
                                                     out_dir=str(tmp_path / "models")))
@@ -435,8 +436,8 @@ def test_vae_decoder_finetune_keeps_the_encoder_and_latent_mapping(parts, tmp_pa
     from train.nano.train_vae import VAE_FILE
 
     out = tmp_path / "decoder"
-    run_command("train_vae", VAE_ARGS + ["--output-dir", str(out), "--max-steps", "3", "--init-vae", str(parts["vae"]),
-                                         "--freeze-encoder", "true", "--crop-size", "64"])
+    run_command("train_vae", with_flags(VAE_ARGS, "--output-dir", str(out), "--max-steps", "3", "--init-vae",
+                                        str(parts["vae"]), "--freeze-encoder", "true", "--crop-size", "64"))
     init, tuned = load_file(str(parts["vae"] / VAE_FILE)), load_file(str(out / VAE_FILE))
     for name, tensor in init.items():
         if name.startswith("taesd_encoder.") or name in ("vae_scale", "vae_shift"):

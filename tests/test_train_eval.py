@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from support.argv import with_flags
 from train.eval import coco, dreambench, fid
 from train.eval.__main__ import SUBCOMMANDS
 from train.eval.__main__ import main as eval_main
@@ -450,9 +451,10 @@ def test_dreambench_generates_resumes_and_scores(bench, models, generators, tmp_
 def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
     annotations = [{"id": 10 + i, "image_id": i, "caption": f"a photo of thing {i}"} for i in range(5)]
     (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations, "images": []}))
-    result = coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
-                        "--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"],
-                        "--num-captions", "2", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"])
+    argv = ["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
+            "--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"],
+            "--num-captions", "2", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]
+    result = coco.main(argv)
     assert result["generated_this_run"] == 2
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000.png", "00001.png"]
     manifest = json.loads((tmp_path / "out" / "captions.json").read_text())
@@ -465,10 +467,7 @@ def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
     before = (tmp_path / "out" / "captions.json").read_bytes()
     for extra in (["--num-captions", "3"], ["--seed", "5"]):  # other captions for the images already there
         with pytest.raises(ValueError, match="holds output made with other settings"):
-            coco.main(["--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
-                       "--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"],
-                       "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--num-captions", "2",
-                       *extra])
+            coco.main(with_flags(argv, *extra))
     assert (tmp_path / "out" / "captions.json").read_bytes() == before
 
 

@@ -606,6 +606,8 @@ def test_stage2_starts_a_fresh_aligner_from_stage1_and_keeps_a_stage2_one(env, s
     ("train.export", [], "error: --checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are "
                          "required."),
     ("train.stage2", ["--config", "CONFIG", "--output-dir", "OUT"], "is not valid YAML"),
+    ("train.stage1", ["--max-steps", "2", "--output-dir", "OUT", "--max-steps", "3"],
+     "python -m train.stage1: error: --max-steps is given twice on the command line (2, then 3); give it once."),
 ])
 def test_entry_points_print_one_line_errors(module, args, message, tmp_path):
     config = tmp_path / "bad.yaml"
@@ -623,6 +625,7 @@ def test_entry_points_print_one_line_errors(module, args, message, tmp_path):
     ("batch_size: 2.5\n", r"batch_size: expected a whole number, got 2.5"),
     ("cpu: maybe\n", r"cpu: expected true or false, got 'maybe'"),
     ("learning_rate: fast\n", r"learning_rate: expected a number, got 'fast'"),
+    ("seed: 2020-13-45\n", r"bad.yaml is not valid YAML \(month must be in 1..12"),  # was called "not valid JSON"
 ])
 def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
     from train.common.config import parse_config
@@ -648,6 +651,63 @@ def test_data_without_a_usable_sample_is_an_error_not_a_hang(env, tmp_path):
     with pytest.raises(ValueError, match="stage2: no sample in --data qualifies"):  # every caption is longer
         stage2.main(common(env, tmp_path / "s2", steps=2, batch=2) + ["--clip-text-encoder", env.clip,
                                                                       "--max-caption-tokens", "1"])
+
+
+def test_a_setting_given_twice_is_refused_by_name_and_place(tmp_path, capsys):
+    """PyYAML, json and argparse each keep the last of two values without a word. A flag over the config file's
+    value is the documented precedence, not a duplicate; a list is one comma-separated flag."""
+    from train.common.config import parse_config, read_config_file
+    from train.eval.cli import parse_eval_config
+    from train.eval.dreambench import DreamBenchConfig
+    from train.stage1 import Stage1Config
+
+    twice_yaml, twice_json = tmp_path / "twice.yaml", tmp_path / "twice.json"
+    twice_yaml.write_text("learning_rate: 1.0e-4\nbatch_size: 2\nlearning_rate: 3.0e-4\n")
+    twice_json.write_text('{"learning_rate": 1e-4, "batch_size": 2, "learning_rate": 3e-4}')
+    with pytest.raises(ValueError, match=r"^Config file \S*twice.yaml sets 'learning_rate' twice \(lines 1 and 3\); "
+                                         "keep one of them"):
+        parse_config(Stage1Config, ["--config", str(twice_yaml)])
+    with pytest.raises(ValueError, match=r"^Config file \S*twice.json sets 'learning_rate' twice; keep one of them"):
+        parse_config(Stage1Config, ["--config", str(twice_json)])
+    nested = tmp_path / "nested.yaml"  # in any mapping of the file
+    nested.write_text("build:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ValueError, match=r"sets 'seed' twice \(lines 2 and 3\)"):
+        read_config_file(nested)
+    merged = tmp_path / "merged.yaml"  # keys a YAML merge brings in may be overridden: that is what merges are for
+    merged.write_text("base: &base {seed: 1, count: 4}\nbuild:\n  <<: *base\n  seed: 2\n")
+    assert read_config_file(merged)["build"] == {"seed": 2, "count": 4}
+
+    for argv, flag, values in ((["--learning-rate", "1e-4", "--batch-size", "2", "--learning-rate=3e-4"],
+                                "--learning-rate", "(0.0001, then 0.0003)"),
+                               (["--config", str(merged), "--config", str(nested)], "--config",
+                                f"({str(merged)!r}, then {str(nested)!r})")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(Stage1Config, argv)
+        assert exit_info.value.code == 2
+        assert f"error: {flag} is given twice on the command line {values}; give it once." in capsys.readouterr().err
+    once = tmp_path / "once.yaml"
+    once.write_text("learning_rate: 1.0e-4\n")
+    assert parse_config(Stage1Config, ["--config", str(once), "--learning-rate", "3e-4"]).learning_rate == 3e-4
+    assert parse_eval_config(DreamBenchConfig, ["--subjects", "dog,cat"], "dreambench", "").subjects == ["dog", "cat"]
+    with pytest.raises(SystemExit):
+        parse_eval_config(DreamBenchConfig, ["--subjects", "dog", "--subjects", "cat"], "dreambench", "")
+    assert "python -m train.eval dreambench: error: --subjects is given twice" in capsys.readouterr().err
+
+
+def test_train_data_refuses_a_setting_given_twice_and_keeps_set_repeatable(tmp_path, capsys):
+    from train.data import cli
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mix", "--seed", "1", "--seed", "2"])
+    assert "error: --seed is given twice on the command line (1, then 2); give it once." in capsys.readouterr().err
+    config = cli.resolve_config(parser.parse_args(["build", "--set", "seed=2", "--set", "models.dtype=float16",
+                                                   "--seed", "3"]))  # --set repeats, a flag over --set: precedence
+    assert (config.seed, config.models.dtype) == (3, "float16")
+    assert cli.main(["build", "--set", "seed=2", "--set", "seed=5"]) == 2
+    assert "error: --set seed is given twice on the command line; give it once." in capsys.readouterr().err
+    assert cli.main(["build", "--source", "nano-world", "--labels-from", "folder"]) == 2  # two names of one setting
+    assert "error: --source and --labels-from both set source; give one of them." in capsys.readouterr().err
 
 
 def test_an_abbreviated_flag_is_refused_not_taken_for_a_longer_one(tmp_path, capsys):

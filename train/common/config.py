@@ -3,7 +3,8 @@
 Every dataclass field becomes a flag (`--learning-rate 3e-4`), its help text taken from the field's
 `metadata={"help": ...}`; `--config` reads YAML or JSON with the same field names. A count or size
 declares its lowest value with `metadata={"min": N}`, a probability also its highest with `"max"` (checked by
-`check_minimums`, shown in --help); a number field never takes NaN or an infinity.
+`check_minimums`, shown in --help); a number field never takes NaN or an infinity. A setting given twice in one
+place (a key of the file, a flag on the command line) is refused by name; a flag over the file's value is not.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def _file_value(name: str, value, field_type, source: str):
 
 
 def read_config_file(path) -> dict:
+    """A YAML or JSON config file -> its mapping. A key given twice in one mapping is refused by name: both readers
+    would keep the last value without a word."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Config file not found: {path}. Pass an existing YAML or JSON file to --config.")
@@ -97,19 +100,58 @@ def read_config_file(path) -> dict:
         raise ValueError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from e
     try:
         if path.suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_object_with_unique_keys)
         else:  # .yaml / .yml, and anything else: YAML reads JSON too
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-    except ValueError as e:  # json.JSONDecodeError
+            data = _yaml_load_with_unique_keys(text) or {}
+    except _DuplicateKey as e:
+        raise ValueError(f"Config file {path} sets {e.key!r} twice{e.lines}; keep one of them (the file would "
+                         "otherwise mean its last one, without a word).") from None
+    except json.JSONDecodeError as e:
         raise ValueError(f"Config file {path} is not valid JSON: {e}.") from e
-    except Exception as e:  # yaml.YAMLError
+    except Exception as e:  # yaml.YAMLError, and the ValueError of a date like 2020-13-45
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"Config file {path} is not valid YAML ({first_line}; {_yaml_position(e)}).") from e
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of field names to values.")
     return data
+
+
+class _DuplicateKey(ValueError):
+    """A mapping of a config file has `key` twice; `lines`: where, when the reader knows (" (lines 2 and 5)")."""
+
+    def __init__(self, key, lines: str = ""):
+        super().__init__(key)
+        self.key, self.lines = key, lines
+
+
+def _json_object_with_unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: the object as a dict, or _DuplicateKey (json.loads keeps the last silently)."""
+    mapping = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise _DuplicateKey(key)
+        mapping[key] = value
+    return mapping
+
+
+def _yaml_load_with_unique_keys(text: str):
+    """yaml.safe_load, but a mapping key given twice is a _DuplicateKey naming its lines (PyYAML keeps the last
+    silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                # a `<<: *defaults` merge is not a key, and the keys it brings may be overridden (flattened later)
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in lines:
+                        raise _DuplicateKey(key, f" (lines {lines[key]} and {line})")
+                    lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def read_json(path, expected_type: type, holds: str, fix: str):
@@ -142,11 +184,24 @@ def _module_prog() -> str | None:
     return "python -m " + ".".join(module[:-1] if module[-1] == "__main__" else module)
 
 
+class StoreOnce(argparse.Action):
+    """argparse's plain store, but a flag given twice is refused by name: argparse would keep the last value without
+    a word, and which one was meant is a guess. The flag's default must be argparse.SUPPRESS: then the namespace
+    holds its name only once the flag was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if hasattr(namespace, self.dest):
+            parser.error(f"{option_string} is given twice on the command line ({getattr(namespace, self.dest)!r}, "
+                         f"then {values!r}); give it once.")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(config_class, description: str) -> argparse.ArgumentParser:
     # allow_abbrev=False: argparse would otherwise take `--lr 1e-4` for `--lr-power 1e-4`, silently
     parser = argparse.ArgumentParser(prog=_module_prog(), description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML or JSON file with any of the fields below")
+    parser.add_argument("--config", action=StoreOnce, default=argparse.SUPPRESS,
+                        help="YAML or JSON file with any of the fields below")
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         default = field.default if field.default is not dataclasses.MISSING else (
@@ -159,7 +214,7 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
         if "max" in field.metadata:
             help_text = f"{help_text} (at most {field.metadata['max']})"
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(hints[field.name]),
-                            default=argparse.SUPPRESS, help=help_text)
+                            action=StoreOnce, default=argparse.SUPPRESS, help=help_text)
     return parser
 
 

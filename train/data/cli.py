@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from train.common.config import INPUT_ERRORS, input_error_message
+from train.common.config import INPUT_ERRORS, StoreOnce, input_error_message
 
 from . import config as cfg
 
@@ -83,27 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, summary, description, flags) in COMMANDS.items():
         # allow_abbrev=False: a mistyped flag must not be taken for a longer one it begins (`--out` for `--output`)
         sub = subparsers.add_parser(name, help=summary, description=f"{summary}. {description}", allow_abbrev=False)
-        sub.add_argument("--config", help="YAML or JSON config file (a `%s:` section is used if present)" % name)
+        sub.add_argument("--config", action=StoreOnce, default=argparse.SUPPRESS,
+                         help="YAML or JSON config file (a `%s:` section is used if present)" % name)
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, dotted for sections (repeatable)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         sub.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
         for flag, key, kind, text in flags:
-            sub.add_argument(flag, dest=f"opt:{key}:{flag}", type=kind, default=None, help=text,
-                             metavar=flag.lstrip("-").replace("-", "_").upper())
+            sub.add_argument(flag, dest=f"opt:{key}:{flag}", type=kind, action=StoreOnce, default=argparse.SUPPRESS,
+                             help=text, metavar=flag.lstrip("-").replace("-", "_").upper())
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
     config_class = COMMANDS[args.command][0]
     config = config_class()
-    if args.config:
+    if getattr(args, "config", None):
         cfg.apply_mapping(config, cfg.read_config_file(args.config, args.command))
     for key, value in cfg.parse_set(args.set):
         cfg.set_path(config, key, value)
-    for dest, value in vars(args).items():
-        if dest.startswith("opt:") and value is not None:
-            cfg.set_path(config, dest.split(":")[1], value)
+    flag_of = {}  # config key -> the explicit flag that set it (two flags may name one key: --source, --labels-from)
+    for dest, value in vars(args).items():  # only the flags given: their default is SUPPRESS
+        if dest.startswith("opt:"):
+            _, key, flag = dest.split(":")
+            if key in flag_of:
+                raise ValueError(f"{flag_of[key]} and {flag} both set {key}; give one of them.")
+            flag_of[key] = flag
+            cfg.set_path(config, key, value)
     return config
 
 

@@ -186,13 +186,18 @@ def read_config_file(path: str, section: str) -> dict:
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping)."""
-    parsed = []
+    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping). One key set twice is refused: the last
+    would win without a word."""
+    parsed, keys = [], set()
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set crop.entity_size=256")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        key = key.strip()
+        if key.replace("-", "_") in keys:  # as set_path reads it
+            raise ValueError(f"--set {key} is given twice on the command line; give it once.")
+        keys.add(key.replace("-", "_"))
+        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
     return parsed
 
 
