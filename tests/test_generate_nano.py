@@ -121,7 +121,7 @@ def test_pipeline_computes_what_comfyui_computes_from_the_file(pipe):
 
 
 def test_sampling_far_from_the_models_own_size_warns_once(pipe, caplog):
-    """train.eval's benchmarks default to SD1.5's 512 px; the nano model sampled there gives no usable picture.
+    """Asked for SD1.5's 512 px (train.eval's benchmarks used to default to it), the nano model gives no usable picture.
     Warned once per model and size (train.eval samples batch after batch), for either side."""
     from kosmosg_core.generate import image_generators, sample_sd15
 

@@ -471,6 +471,31 @@ def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
     assert (tmp_path / "out" / "captions.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("model", ["tiny", "nano"])
+def test_generation_defaults_to_the_sd_models_own_size(model, bench, models, generators, tmp_path, caplog):
+    """As `python -m kosmosg_core generate`: SD1.5's 512 px, the nano model's 64 (the tiny test model's 16). Both
+    commands used to sample at 512 px, where the nano model gives no usable picture, with only a warning.
+    --height / --width still win."""
+    shipped = os.path.join(REPO, "models", "nano")
+    checkpoint, sd_model, native = {
+        "tiny": (generators["checkpoint"], generators["sd_model"], 16),
+        "nano": (os.path.join(shipped, "kosmosg-nano.safetensors"), os.path.join(shipped, "nano-sd15.safetensors"), 64),
+    }[model]
+    (tmp_path / "captions.json").write_text(json.dumps(["a red circle on the left, on grey"]))
+    coco_argv = ["--captions", str(tmp_path / "captions.json"), "--checkpoint", checkpoint, "--sd-model", sd_model,
+                 "--steps", "2", "--device", "cpu"]
+    with caplog.at_level("WARNING"):
+        coco.main(coco_argv + ["--out", str(tmp_path / "coco")])
+        _score(bench, tmp_path / "dreambench", models, "--checkpoint", checkpoint, "--sd-model", sd_model,
+               "--subjects", "dog", "--max-references", "1", "--max-prompts", "1", "--num-images", "1",
+               "--steps", "2", "--metrics", "dino")
+    assert "far from" not in caplog.text
+    assert Image.open(tmp_path / "coco" / "00000.png").size == (native, native)
+    assert [Image.open(p).size for p in (tmp_path / "dreambench").glob("*.png")] == [(native, native)]
+    coco.main(coco_argv + ["--out", str(tmp_path / "coco-asked"), "--height", str(native + 8), "--width", str(native)])
+    assert Image.open(tmp_path / "coco-asked" / "00000.png").size == (native, native + 8)
+
+
 # ---- command line ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
 def test_help(command, capsys):

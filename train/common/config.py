@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import types
 import typing
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _parse_bool(text: str) -> bool:
 def _without_optional(field_type):
     """Optional[X] / X | None -> X."""
     origin = typing.get_origin(field_type)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         return [a for a in typing.get_args(field_type) if a is not type(None)][0]
     return field_type
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import field
 
 from train.common.config import build_parser, parse_config
 
@@ -32,6 +33,14 @@ def parse_eval_config(config_class, argv, name: str, description: str):
                                  "the first. Give each its own file.")
             written[path] = flag
     return cfg
+
+
+def image_side_field(side: str):
+    """--height / --width of a sub-command that generates: by default (None) the SD model's own size, as in `python -m
+    kosmosg_core generate`: 512 px for SD1.5 (the paper's benchmarks), 64 for the pack's nano model, which gives
+    no usable picture at 512."""
+    return field(default=None, metadata={"min": 1, "help": f"image {side} in pixels (default: the SD model's own size: "
+                                                           "512 for SD1.5, 64 for the nano model)"})
 
 
 OUTPUT_FILE_FIELDS = ("json", "output_json", "grid", "save_real_stats")  # the sub-commands' result files

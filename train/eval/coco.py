@@ -20,7 +20,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cli import parse_eval_config
+from .cli import image_side_field, parse_eval_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class CocoConfig:
     guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance (official: 3.0)"})
     num_images: int = field(default=1, metadata={"min": 1, "help": "images per caption (official: 1)"})
     seed: int = field(default=0, metadata={"min": 0, "help": "caption draw seed; image k of every caption uses seed + k"})
-    height: int = field(default=512, metadata={"min": 1, "help": "image height in pixels"})
-    width: int = field(default=512, metadata={"min": 1, "help": "image width in pixels"})
+    height: int | None = image_side_field("height")
+    width: int | None = image_side_field("width")
     negative_prompt: str = field(default="", metadata={"help": "negative prompt (official: empty)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "captions per sampling call"})
     dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})

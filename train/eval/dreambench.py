@@ -32,7 +32,7 @@ import torch
 from kosmosg_core.files import write_json
 from train.common.walk import IMAGE_SUFFIXES
 
-from .cli import parse_eval_config
+from .cli import image_side_field, parse_eval_config
 from .images import list_images, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class DreamBenchConfig:
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (official: 7.5)"})
     num_images: int = field(default=4, metadata={"min": 1, "help": "images per prompt and reference (official: 4)"})
     seed: int = field(default=0, metadata={"min": 0, "help": "image k of every prompt uses seed + k (official seed: 0)"})
-    height: int = field(default=512, metadata={"min": 1, "help": "image height in pixels"})
-    width: int = field(default=512, metadata={"min": 1, "help": "image width in pixels"})
+    height: int | None = image_side_field("height")
+    width: int | None = image_side_field("width")
     negative_prompt: str = field(default="", metadata={"help": "negative prompt (official: empty)"})
     drop_object: bool = field(default=True, metadata={"help": "true: '<i>' alone stands for the subject (official); "
                                                               "false: '<class> <i>'"})

@@ -25,8 +25,8 @@ class SamplingSettings:
     guidance_scale: float
     num_images: int
     seed: int
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the SD model's own size (`kosmosg_core.generate.native_size`)
+    width: int | None = None
     negative_prompt: str = ""
 
     def __post_init__(self):
