@@ -179,6 +179,62 @@ def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path
             pass
 
 
+def fake_msvcrt():
+    """A stand-in for Windows' msvcrt module that locks as `msvcrt.locking` does: `nbytes` bytes from the file
+    position, exclusively per open file (a second handle, as another process's, is refused even in one process),
+    LK_NBLCK failing at once with PermissionError (EACCES), LK_UNLCK releasing only what that handle holds.
+    `held` maps (device, inode, byte) to the holding descriptor."""
+    import errno
+    import os
+    import types
+
+    module = types.ModuleType("msvcrt")
+    module.LK_UNLCK, module.LK_LOCK, module.LK_NBLCK, module.LK_RLCK, module.LK_NBRLCK = range(5)
+    module.held = {}
+
+    def locking(fd, mode, nbytes):
+        status, start = os.fstat(fd), os.lseek(fd, 0, os.SEEK_CUR)
+        region = [(status.st_dev, status.st_ino, start + i) for i in range(nbytes)]
+        if mode == module.LK_NBLCK and not any(byte in module.held for byte in region):
+            module.held.update(dict.fromkeys(region, fd))
+        elif mode == module.LK_UNLCK and all(module.held.get(byte) == fd for byte in region):
+            for byte in region:
+                del module.held[byte]
+        else:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    module.locking = locking
+    return module
+
+
+def test_windows_runs_lock_the_folder_with_msvcrt(tmp_path, monkeypatch):
+    """Windows has no fcntl: the run lock is msvcrt's lock of the lock file's first byte (it did nothing there)."""
+    import os
+
+    from train.common import checkpointing
+
+    msvcrt = fake_msvcrt()
+    monkeypatch.setattr(checkpointing, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+    out = tmp_path / "run"
+    lock_file = out / checkpointing.LOCK_NAME
+    with checkpointing.run_folder_lock(out):
+        status = os.stat(lock_file)
+        assert msvcrt.held.keys() == {(status.st_dev, status.st_ino, 0)}
+        assert lock_file.read_text() == f"{os.getpid()}\n"
+    assert msvcrt.held == {}  # unlocked before the file was closed
+
+    with open(lock_file, "a+") as other:  # another process's run holds it
+        other.seek(0)
+        msvcrt.locking(other.fileno(), msvcrt.LK_NBLCK, 1)
+        with pytest.raises(ValueError, match=r"^Another process \(pid \S+\) is training into .*run; wait for it"):
+            with checkpointing.run_folder_lock(out):
+                pass
+        msvcrt.locking(other.fileno(), msvcrt.LK_UNLCK, 1)
+    with checkpointing.run_folder_lock(out):  # free once the other run has ended
+        assert len(msvcrt.held) == 1
+
+
 def test_checkpoints_get_the_usual_permissions_and_killed_writers_temp_files_are_removed(env, tmp_path):
     import os
     import stat

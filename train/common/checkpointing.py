@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: run_folder_lock uses msvcrt's byte-range locks instead
+    fcntl = None
+
 CHECKPOINT_NAME = "checkpoint.pt"
 TRAIN_CONFIG_NAME = "train_config.json"  # the run's settings, beside its checkpoint
 
@@ -111,25 +116,17 @@ _HELD_LOCKS: set[str] = set()  # run folders this process holds
 def run_folder_lock(output_dir):
     """While it is held, no other process can train into `output_dir` (e.g. a relaunch while the workers of a
     killed launcher still train: their checkpoints and metrics would interleave): an exclusive lock on
-    OUTPUT_DIR/.run.lock, refused by name. Nested use in one process is a no-op."""
+    OUTPUT_DIR/.run.lock (`_try_lock`), refused by name. Nested use in one process is a no-op."""
     folder = Path(output_dir).resolve()
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        fcntl = None
-    if fcntl is None or str(folder) in _HELD_LOCKS:
+    if str(folder) in _HELD_LOCKS:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_NAME, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            raise ValueError(f"Another process (pid {holder}) is training into {folder}; wait for it or stop it (the "
-                             "workers of a killed torchrun can outlive their launcher: check `ps`), or use another "
-                             "--output-dir.") from None
+        if not _try_lock(handle):
+            raise ValueError(f"Another process (pid {_lock_holder(handle)}) is training into {folder}; wait for it or "
+                             "stop it (the workers of a killed torchrun can outlive their launcher: check `ps`), or use "
+                             "another --output-dir.")
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -138,7 +135,47 @@ def run_folder_lock(output_dir):
         try:
             yield
         finally:
-            _HELD_LOCKS.discard(str(folder))  # closing the file releases the lock
+            _HELD_LOCKS.discard(str(folder))
+            _unlock(handle)
+
+
+def _try_lock(handle) -> bool:
+    """A non-blocking exclusive lock on the open lock file -> False when another process holds it.
+    POSIX: flock on the whole file. Windows (no fcntl): msvcrt locks byte ranges, so the file's first byte stands
+    for the file."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt
+
+    handle.seek(0)  # msvcrt locks from the file position
+    try:
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:  # PermissionError (EACCES): another process holds it
+        return False
+    return True
+
+
+def _unlock(handle) -> None:
+    """Closing the file releases an flock; Windows wants a byte-range lock released before its file is closed
+    (it frees a closed file's locks only eventually)."""
+    if fcntl is None:
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def _lock_holder(handle) -> str:
+    """The pid the holding process wrote into the lock file, or "?" (on Windows its lock makes that byte unreadable)."""
+    try:
+        handle.seek(0)
+        return handle.read().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def check_step_within(state: dict, max_steps: int, path) -> None:
