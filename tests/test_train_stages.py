@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.argv import with_flags
 from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
 from kosmosg_core.config import BOS_ID
 from train.common.checkpointing import load_checkpoint
@@ -1175,7 +1176,7 @@ def test_training_steps_clip_gradients_and_draw_fresh_dropout(env, tmp_path, mon
 
     def run(name, *flags):
         out = tmp_path / name
-        stage1.main(common(env, out, steps=2, batch=16) + ["--log-every", "1", *flags])
+        stage1.main(with_flags(common(env, out, steps=2, batch=16) + ["--log-every", "1"], *flags))
         return read_metrics(out), load_checkpoint(out)["model"]
 
     # the same first batch with and without dropout: the loss differs only if the module trains in train mode
