@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.argv import with_flags
 from support.train_fixtures import common_args, make_env, run_stage1_in_process, subprocess_env
 from train.common.checkpointing import load_checkpoint
 from train.common.metrics import read_metrics
@@ -105,7 +106,7 @@ def test_resume_with_other_max_steps_uses_the_new_schedule_from_its_first_update
     from train.loop import polynomial_decay
 
     out = tmp_path / "run"
-    args = common_args(env, out, steps=6, save_every=3) + ["--warmup-steps", "2", "--learning-rate", "1e-3"]
+    args = with_flags(common_args(env, out, steps=6, save_every=3), "--warmup-steps", "2", "--learning-rate", "1e-3")
     stage1.main(args)
     stage1.main(args[:args.index("--max-steps")] + ["--max-steps", "10"] + args[args.index("--max-steps") + 2:])
     lrs = {m["step"]: m["lr"] for m in read_metrics(out)}
