@@ -105,8 +105,8 @@ def read_config_file(path) -> dict:
         else:  # .yaml / .yml, and anything else: YAML reads JSON too
             data = _yaml_load_with_unique_keys(text) or {}
     except _DuplicateKey as e:
-        raise ValueError(f"Config file {path} sets {e.key!r} twice{e.lines}; keep one of them (the file would "
-                         "otherwise mean its last one, without a word).") from None
+        raise ValueError(f"Config file {path} sets {e.key!r} twice{e.lines}; keep one of them (YAML and JSON readers "
+                         "would take the last without a word).") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"Config file {path} is not valid JSON: {e}.") from e
     except Exception as e:  # yaml.YAMLError, and the ValueError of a date like 2020-13-45

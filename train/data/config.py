@@ -194,9 +194,10 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set crop.entity_size=256")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key.replace("-", "_") in keys:  # as set_path reads it
+        same_key = key.replace("-", "_")  # as set_path reads it
+        if same_key in keys:
             raise ValueError(f"--set {key} is given twice on the command line; give it once.")
-        keys.add(key.replace("-", "_"))
+        keys.add(same_key)
         parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
     return parsed
 
