@@ -154,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE})")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
                    help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
-    p.add_argument("--seed", type=int, default=0, help="random seed of image 0; image k uses seed + k (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); with --noise per-image, image k uses seed + k")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--noise", default="per-image", choices=NOISE_MODES,
-                   help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same picture "
+                   help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same noise "
                         "on any device) or official (as the official demo: one draw of all images' noise from --seed on "
                         "--device in --dtype; with --device cuda --dtype float16 its noise)")
     for side in ("height", "width"):

@@ -17,8 +17,8 @@ import torch
 
 from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
                      SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
-from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError, MissingPackageError,
-                     NonFiniteEncodingError)
+from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, GenerationSettingsError,
+                     MissingPackageError, NonFiniteEncodingError)
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
 from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
@@ -172,6 +172,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    # before the models load: a device without a random generator of its own fails here, not minutes later
+    generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
     cond = encoder.encode(prompt, pictures)  # [1, 77, C]
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
@@ -179,7 +181,6 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
     sd.set_progress_bar_config(disable=not show_progress)
-    generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     sampled = sample_sd15(sd, sd_model, cond, uncond, generators, steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,11 @@ def official_noise_generator(seed: int, device) -> torch.Generator:
     (torch.manual_seed(seed)): given to diffusers alone (not one per image), it draws every picture's noise
     [N, 4, H/8, W/8] in one call on that device in the sampling dtype, as the official code's randn_tensor does
     without a generator (diffusers 0.21.4). Pictures then depend on N and on the device's random generator."""
-    return torch.Generator(device).manual_seed(seed)
+    try:
+        return torch.Generator(device).manual_seed(seed)
+    except Exception as e:  # a backend without generators of its own (DirectML...): each fails its own way
+        raise DeviceError(f"noise 'official' draws on the sampling device, but this PyTorch has no random generator "
+                          f"on {str(device)!r} ({_first_line(e)}); use noise 'per-image' (drawn on the CPU).") from e
 
 
 def native_size(sd) -> int:
