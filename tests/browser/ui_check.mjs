@@ -435,6 +435,29 @@ try {
     await shot(page, "prompt-node-refused-upstream", { x: 70, y: 40, width: 1000, height: 780 });
     modes.scale_active_loader_bypassed = await toggle("__modes", ["second"], "Control+b");
     modes.scale_active_loader_back = await toggle("__modes", ["second"], "Control+b");
+    // the refusal behind an optional input: image1 from an ImageCompositeMasked whose optional mask comes from an
+    // ImageToMask fed by a third loader. Muting that loader drops the ImageToMask's required image; the mask link
+    // itself is sent, and the server checks the ImageToMask it leads to and refuses the prompt
+    await page.evaluate(() => {
+        const { prompt, first } = window.__modes;
+        const third = LiteGraph.createNode("LoadImage");
+        const toMask = LiteGraph.createNode("ImageToMask");
+        const composite = LiteGraph.createNode("ImageCompositeMasked");
+        [[third, [90, 860]], [toMask, [420, 860]], [composite, [700, 700]]].forEach(([node, pos]) => {
+            node.pos = pos;
+            app.graph.add(node);
+        });
+        third.widgets.find((w) => w.name === "image").value = first.widgets.find((w) => w.name === "image").value;
+        const slot = (node, name) => node.inputs.findIndex((i) => i.name === name);
+        third.connect(0, toMask, slot(toMask, "image"));
+        first.connect(0, composite, slot(composite, "destination"));
+        first.connect(0, composite, slot(composite, "source"));
+        toMask.connect(0, composite, slot(composite, "mask"));
+        composite.connect(0, prompt, slot(prompt, "images.image1"));
+        Object.assign(window.__modes, { third, to_mask: toMask, composite });
+    });
+    modes.mask_from_third = await modeState();
+    modes.mask_loader_muted = await toggle("__modes", ["third"], "Control+m");
     step("modes", { modes });
 
     // --- 7. subgraphs --------------------------------------------------------------------------------------

@@ -277,6 +277,21 @@ def test_an_active_node_fed_by_a_muted_or_bypassed_one_is_named(browser_report):
     assert back["labels"]["images.image1"] == "image1 → <i>₂"
 
 
+def test_a_refusal_behind_an_optional_input_is_named(browser_report):
+    # image1 <- ImageCompositeMasked, whose optional mask <- ImageToMask <- a third Load Image. Muted, that loader
+    # leaves the ImageToMask without its required image; the mask link is still sent, so the server checks the
+    # ImageToMask and refuses the prompt: the walk goes on up through optional inputs too
+    modes = browser_report["modes"]
+    fine, muted = modes["mask_from_third"], modes["mask_loader_muted"]
+    assert fine["api_links"]["to_mask"] == ["image"] and "mask" in fine["api_links"]["composite"]
+    assert fine["status_dom"] == "2 <i> / 2 images ✓"
+    assert muted["modes"]["third"] == 2
+    assert muted["api_links"]["to_mask"] == [] and "mask" in muted["api_links"]["composite"]
+    to_mask, loader = muted["titles"]["to_mask"], muted["titles"]["third"]
+    assert muted["status_dom"] == muted["status"]["summary"] == (
+        f"2 <i> / 2 images ⚠ image1's {to_mask} gets no image: its {loader} is muted")
+
+
 def test_a_prompt_node_inside_a_subgraph_follows_its_loaders(browser_report):
     # the prompt node and its second loader inside a subgraph, the first loader outside (through the subgraph's
     # input): Ctrl+B / Ctrl+M inside, and a script muting the loader outside, update the status line, which says

@@ -191,18 +191,22 @@ function isRequiredInput(node, name) {
 
 /** The first node at or above `source` that the server refuses because graphToPrompt drops the link into one of
  * its required inputs ("Required input is missing"): {node, input, cause} (cause: what stops that input, as
- * `nothing` gives it), or null. An input with a widget is not dropped (its widget value is sent instead); an
- * unconnected required input is not reported (the user sees it, and the server names it). Each node is checked
- * once per socket (`checked`), at most WALK_LIMIT of them, so a large graph costs one bounded pass. */
+ * `nothing` gives it), or null. A dropped link into an input with a widget (its widget value is sent instead) or
+ * into an optional input is no refusal, but the server checks every node a sent link leads to, so the walk goes
+ * on up through every linked input; an unconnected required input is not reported (the user sees it, and the
+ * server names it). Each node is checked once per socket (`checked`), at most WALK_LIMIT of them, so a large graph
+ * costs one bounded pass. */
 function refusedAbove(source, checked) {
     const { node, path } = source;
     const key = `${path.map((n) => n.id).join(":")}:${node.id}`;
     if (checked.has(key) || checked.size >= WALK_LIMIT) return null;
     checked.add(key);
     for (const [slot, input] of (node.inputs ?? []).entries()) {
-        if (input.widget || !isRequiredInput(node, input.name) || !inputLink(node, slot)) continue;
+        if (!inputLink(node, slot)) continue;
         const found = resolveInput(node, slot, input.type, path, "unconnected", new Set());
-        if (found.blocked) return { node, input: input.label || input.localized_name || input.name, cause: found.blocked };
+        if (found.blocked && !input.widget && isRequiredInput(node, input.name)) {
+            return { node, input: input.label || input.localized_name || input.name, cause: found.blocked };
+        }
         const above = found.source && refusedAbove(found.source, checked);
         if (above) return above;
     }
