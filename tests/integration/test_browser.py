@@ -3,7 +3,8 @@
 tests/browser/ui_check.mjs drives the page once (playwright-core + Debian's chromium, installed by
 tests/browser/install.sh) and reports what it saw as JSON; the tests below assert on that report.
 tests/browser/vue_check.mjs does the same in the frontend's Vue nodes mode (setting Comfy.VueNodes.Enabled,
-"Nodes 2.0"), switched on for its own page and back off after it.
+"Nodes 2.0"), switched on for its own page and back off after it. tests/browser/layout_check.mjs loads every
+shipped workflow in both modes and measures where each node lands on screen.
 Screenshots go to $KOSMOSG_SCREENSHOT_DIR when set, else to the test's temporary folder.
 """
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 BROWSER_DIR = REPO / "tests" / "browser"
 WORKFLOW = REPO / "workflows" / "kosmosg-two-subjects.json"
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]
 NODE_IDS = ["KosmosGConvertCheckpoint", "KosmosGEncode", "KosmosGInterleavedPrompt", "KosmosGLoadConditioning",
             "KosmosGLoader", "KosmosGSaveConditioning"]
@@ -538,3 +540,38 @@ def test_vue_nodes_mode_screenshots_are_saved(vue_report):
                  "vue-prompt-node-refused-upstream", "vue-workflow"):
         path = vue_report["screenshot_dir"] / f"{name}.png"
         assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), path
+
+
+# --- every shipped workflow, in the classic canvas and in Vue nodes mode: no node covers another ------------------
+# Vue node components are taller than the canvas draws the same nodes (a node grows to fit its widgets), so a layout
+# made for the canvas alone can put a node over its neighbour there. tests/browser/layout_check.mjs loads each workflow
+# (test models substituted) in both modes and measures each node's box as the user sees it, title bar included.
+
+MIN_GAP = 20  # graph units between two nodes' boxes: less reads as touching (the generator leaves 50)
+
+
+@pytest.fixture(scope="module")
+def layout_report(comfy, tmp_path_factory):
+    shots = Path(os.environ.get("KOSMOSG_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots-layout"))
+    return run_browser_script("layout_check.mjs", comfy, shots, "--substitute", json.dumps(SUBSTITUTIONS),
+                              "--min-gap", str(MIN_GAP), *map(str, WORKFLOWS), timeout=420)
+
+
+@pytest.mark.parametrize("mode", ["classic", "vue"])
+def test_no_node_of_a_shipped_workflow_covers_another(layout_report, mode):
+    if mode == "vue" and not layout_report["vue_available"]:
+        pytest.skip(f"the served frontend ({layout_report.get('frontend_version')}) has no Vue nodes mode")
+    results = layout_report["modes"][mode]
+    assert sorted(results) == [p.stem for p in WORKFLOWS]
+    for name, result in results.items():
+        # every node measured: in Vue mode each one is a component in the page
+        assert result["unmeasured"] == [] and len(result["boxes"]) == result["nodes"], (mode, name, result)
+        if mode == "vue":
+            assert result["vue_node_elements"] == result["nodes"], (mode, name)
+        assert not result.get("previews_missing"), f"{mode}, {name}: the Load Image previews did not arrive"
+    crowded = {name: result["crowded"] for name, result in results.items() if result["crowded"]}
+    assert crowded == {}, (f"frontend {layout_report.get('frontend_version')}, {mode} mode: nodes overlapping or "
+                           f"closer than {MIN_GAP} (see layout-{mode}-*.png in {layout_report['screenshot_dir']}): "
+                           f"{json.dumps(crowded, indent=1)}")
+    if mode == "vue":
+        assert layout_report["restored"], "the Vue nodes setting was not put back"
