@@ -63,6 +63,31 @@ SPECS = {
     "MarkdownNote": ([], []),
 }
 
+# Layout, in graph units (what "pos" and "size" are in). The frontend draws a node's title bar (TITLE high) above its
+# "pos": the node's box is that bar + its "size". In the Vue nodes mode ("Nodes 2.0", the setting
+# Comfy.VueNodes.Enabled) a node is a component at least that big that grows to fit its widgets, taller than the
+# classic canvas draws it (frontends 1.47.12 and 1.58.1: the Kosmos-G Loader 142 high there, 106 on the canvas; a Load
+# Image 322, 314 on the canvas), so SIZES are the Vue heights with a little to spare and the same box in both modes.
+# GAP separates two boxes in a column, COLUMN_GAP two columns. tests/browser/layout_check.mjs loads every workflow in
+# both modes and fails when two nodes overlap or nearly touch.
+TITLE, GAP, COLUMN_GAP = 30, 50, 60
+SIZES = {
+    "CheckpointLoaderSimple": (320, 110),
+    "KosmosGLoader": (320, 150),
+    "LoadImage": (320, 330),
+    "KosmosGInterleavedPrompt": (380, 260),  # up to two images (three sockets); more make it taller
+    "KosmosGEncode": (320, 160),
+    "EmptyLatentImage": (320, 130),
+    "KSampler": (320, 280),
+    "VAEDecode": (240, 60),
+    "SaveImage": (380, 420),
+    "ControlNetLoader": (380, 70),
+    "Canny": (320, 100),
+    "ControlNetApplyAdvanced": (320, 210),
+    "LoraLoaderModelOnly": (380, 100),
+}
+VIEW_SCALE, VIEW_MARGIN = 0.75, 120  # the view a loaded workflow opens with: its top-left corner clear of the menus
+
 
 class Workflow:
     def __init__(self, name: str):
@@ -70,9 +95,10 @@ class Workflow:
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
-    def add(self, kind: str, widgets: list, pos: tuple[int, int], size=(320, 120), images: int = 0,
-            title: str | None = None) -> dict:
+    def add(self, kind: str, widgets: list, pos: tuple[int, int], size: tuple[int, int] | None = None,
+            images: int = 0, title: str | None = None) -> dict:
         sockets, outputs = SPECS[kind]
+        size = size or SIZES[kind]
         if sockets is None:  # the prompt node: connected image sockets + one empty (as the UI shows)
             sockets = [(f"images.image{i}", "IMAGE") for i in range(images + 1)]
         node = {
@@ -100,47 +126,67 @@ class Workflow:
         dst["inputs"][dst_index]["link"] = link_id
 
     def to_json(self) -> dict:
+        # open with the top-left corner of the graph (the note's title bar) in view
+        left = min(n["pos"][0] for n in self.nodes)
+        top = min(n["pos"][1] - TITLE for n in self.nodes)
         return {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"kosmosg-workflow/{self.name}")),
             "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+            "extra": {"ds": {"scale": VIEW_SCALE, "offset": [VIEW_MARGIN - left, VIEW_MARGIN - top]}}, "version": 0.4,
         }
+
+
+def below(node: dict) -> int:
+    """The "pos" y of a node placed under `node` in its column."""
+    return node["pos"][1] + node["size"][1] + GAP + TITLE
 
 
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
                   kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, sampler_name="dpmpp_2m",
                   scheduler="normal", controlnet=False, lora=False, note_height=220) -> Workflow:
     """Loader + prompt + encode -> (ControlNet) -> KSampler (default: the official demo's DPM-Solver++ 2M,
-    50 steps, cfg 6) -> save."""
+    50 steps, cfg 6) -> save. Left to right, a column each: loaders + images | (LoRA) prompt (ControlNet loader + its
+    image) | encode + latent (edge detection) | (Apply ControlNet) | KSampler | decode + save."""
     wf = Workflow(name)
-    wf.add("MarkdownNote", [note], (20, -40 - note_height), size=(700, note_height))
-    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (20, 20), size=(320, 100))
-    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (20, 160), size=(320, 110))
-    images = [wf.add("LoadImage", [subject, "image"], (20, 310 + 340 * i), size=(320, 314)) for i, subject in
-              enumerate(subjects)]
-    prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (380, 160), size=(380, 200), images=len(subjects))
-    encode = wf.add("KosmosGEncode", [NEGATIVE], (800, 160), size=(320, 140))
-    latent = wf.add("EmptyLatentImage", [size, size, 1], (800, 340), size=(320, 110))
-    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0], (1160, 20),
-                     size=(320, 270))
-    decode = wf.add("VAEDecode", [], (1520, 20), size=(220, 50))
-    save = wf.add("SaveImage", ["kosmosg"], (1520, 120), size=(380, 420))
+    widest = ["LoadImage", "KosmosGInterleavedPrompt", "KosmosGEncode", *(["ControlNetApplyAdvanced"] if controlnet else []),
+              "KSampler", "SaveImage"]  # of each column
+    widths = [SIZES[kind][0] for kind in widest]
+    xs = [20]
+    for width in widths[:-1]:
+        xs.append(xs[-1] + width + COLUMN_GAP)
+    inputs_x, prompt_x, encode_x = xs[:3]
+    sampler_x, output_x = xs[-2:]
+    top = 20
+    wf.add("MarkdownNote", [note], (inputs_x, top - TITLE - GAP - note_height), size=(700, note_height))
+    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (inputs_x, top))
+    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (inputs_x, below(ckpt)))
+    images, y = [], below(loader)
+    for subject in subjects:
+        images.append(wf.add("LoadImage", [subject, "image"], (inputs_x, y)))
+        y = below(images[-1])
+    # the prompt sits lower than the Loader, so the Loader's link to Encode runs above the prompt's title bar
+    prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (prompt_x, loader["pos"][1] + 80), images=len(subjects))
+    encode = wf.add("KosmosGEncode", [NEGATIVE], (encode_x, loader["pos"][1]))
+    latent = wf.add("EmptyLatentImage", [size, size, 1], (encode_x, below(encode)))
+    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0], (sampler_x, top))
+    decode = wf.add("VAEDecode", [], (output_x, top))
+    save = wf.add("SaveImage", ["kosmosg"], (output_x, below(decode)))
     wf.link(loader, 0, encode, "model")
     for i, image in enumerate(images):
         wf.link(image, 0, prompt, f"images.image{i}")
     wf.link(prompt, 0, encode, "prompt")
     model_source, model_slot = ckpt, 0
     if lora:
-        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (380, 20), size=(380, 90))
+        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (prompt_x, top))
         wf.link(ckpt, 0, lora_node, "model")
         model_source, model_slot = lora_node, 0
     positive, negative = (encode, 0), (encode, 1)
     if controlnet:
-        cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (380, 420), size=(380, 60))
-        hint = wf.add("LoadImage", [SUBJECT_2, "image"], (380, 520), size=(320, 314), title="Load Image (edges from)")
-        canny = wf.add("Canny", [0.4, 0.8], (760, 520), size=(320, 90))
-        apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (800, 480 + 200), size=(320, 190))
+        cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (prompt_x, below(prompt)))
+        hint = wf.add("LoadImage", [SUBJECT_2, "image"], (prompt_x, below(cn_loader)), title="Load Image (edges from)")
+        canny = wf.add("Canny", [0.4, 0.8], (encode_x, hint["pos"][1]))
+        apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (xs[3], encode["pos"][1]))
         wf.link(hint, 0, canny, "image")
         wf.link(encode, 0, apply, "positive")
         wf.link(encode, 1, apply, "negative")
