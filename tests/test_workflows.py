@@ -38,3 +38,15 @@ def test_nodes_keep_their_distance(path):
         gap = max(bx - (ax + aw), ax - (bx + bw), by - (ay + ah), ay - (by + bh))
         assert gap >= make_workflows.GAP, (a.get("title", a["type"]), b.get("title", b["type"]), gap)
 
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_the_readme_screenshot_shows_the_nodes_text(path):
+    # scripts/make_workflow_screenshots.py fits each graph into 1400 x 800 (24 px margins); below a zoom where node text
+    # would be smaller than 8 px (the frontend's "Zoom Node Level of Detail - font size threshold", on 14 px text) the
+    # canvas draws the nodes without text or widgets
+    boxes = [_box(node) for node in json.loads(path.read_text())["nodes"]]
+    width = max(x + w for x, _, w, _ in boxes) - min(x for x, _, _, _ in boxes)
+    height = max(y + h for _, y, _, h in boxes) - min(y for _, y, _, _ in boxes)
+    scale = min((1400 - 2 * 24) / width, (800 - 2 * 24) / height)
+    assert scale * 14 >= 8, (width, height, scale)

@@ -68,9 +68,10 @@ SPECS = {
 # Comfy.VueNodes.Enabled) a node is a component at least that big that grows to fit its widgets, taller than the
 # classic canvas draws it (frontends 1.47.12 and 1.58.1: the Kosmos-G Loader 142 high there, 106 on the canvas; a Load
 # Image 322, 314 on the canvas), so SIZES are the Vue heights with a little to spare and the same box in both modes.
-# GAP separates two boxes in a column, COLUMN_GAP two columns. tests/browser/layout_check.mjs loads every workflow in
-# both modes and fails when two nodes overlap or nearly touch.
-TITLE, GAP, COLUMN_GAP = 30, 50, 60
+# GAP separates two boxes, in a column and between columns. tests/browser/layout_check.mjs loads every workflow in both
+# modes and fails when two nodes overlap or nearly touch. The graphs stay compact: a workflow at 0.75 fits a 1920 x 1080
+# window, and the README's screenshots (1400 x 800) keep a scale at which the canvas still draws the nodes' text.
+TITLE, GAP, SLOT = 30, 50, 20  # SLOT: the canvas's distance between two sockets of a node
 SIZES = {
     "CheckpointLoaderSimple": (320, 110),
     "KosmosGLoader": (320, 150),
@@ -81,10 +82,10 @@ SIZES = {
     "KSampler": (320, 280),
     "VAEDecode": (240, 60),
     "SaveImage": (380, 420),
-    "ControlNetLoader": (380, 70),
+    "ControlNetLoader": (320, 70),
     "Canny": (320, 100),
     "ControlNetApplyAdvanced": (320, 210),
-    "LoraLoaderModelOnly": (380, 100),
+    "LoraLoaderModelOnly": (320, 100),
 }
 VIEW_SCALE, VIEW_MARGIN = 0.75, 120  # the view a loaded workflow opens with: its top-left corner clear of the menus
 
@@ -146,47 +147,51 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
                   kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, sampler_name="dpmpp_2m",
                   scheduler="normal", controlnet=False, lora=False, note_height=220) -> Workflow:
     """Loader + prompt + encode -> (ControlNet) -> KSampler (default: the official demo's DPM-Solver++ 2M,
-    50 steps, cfg 6) -> save. Left to right, a column each: loaders + images | (LoRA) prompt (ControlNet loader + its
-    image) | encode + latent (edge detection) | (Apply ControlNet) | KSampler | decode + save."""
+    50 steps, cfg 6) -> save. The flow runs left to right, a column each (the note above the first two): subject
+    images (+ the ControlNet's edge image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent
+    (ControlNet loader) | (LoRA) | (Apply ControlNet) | KSampler | decode, save. A node's inputs come from the columns
+    to its left (Save Image's from VAE Decode above it), so no link runs back under the nodes."""
     wf = Workflow(name)
-    widest = ["LoadImage", "KosmosGInterleavedPrompt", "KosmosGEncode", *(["ControlNetApplyAdvanced"] if controlnet else []),
-              "KSampler", "SaveImage"]  # of each column
-    widths = [SIZES[kind][0] for kind in widest]
-    xs = [20]
-    for width in widths[:-1]:
-        xs.append(xs[-1] + width + COLUMN_GAP)
-    inputs_x, prompt_x, encode_x = xs[:3]
-    sampler_x, output_x = xs[-2:]
+    widest = {"images": "LoadImage", "prompt": "KosmosGInterleavedPrompt", "encode": "KosmosGEncode",
+              "lora": "LoraLoaderModelOnly", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
+              "output": "SaveImage"}  # each column's widest node
+    columns = ["images", "prompt", "encode", *(["lora"] if lora else []), *(["controlnet"] if controlnet else []),
+               "sampler", "output"]
+    x, left = 20, {}
+    for column in columns:
+        left[column] = x
+        x += SIZES[widest[column]][0] + GAP
     top = 20
-    wf.add("MarkdownNote", [note], (inputs_x, top - TITLE - GAP - note_height), size=(700, note_height))
-    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (inputs_x, top))
-    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (inputs_x, below(ckpt)))
-    images, y = [], below(loader)
+    wf.add("MarkdownNote", [note], (left["images"], top - TITLE - GAP - note_height), size=(700, note_height))
+    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (left["encode"], top))
+    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (left["prompt"], top))
+    images, y = [], top
     for subject in subjects:
-        images.append(wf.add("LoadImage", [subject, "image"], (inputs_x, y)))
+        images.append(wf.add("LoadImage", [subject, "image"], (left["images"], y)))
         y = below(images[-1])
-    # the prompt sits lower than the Loader, so the Loader's link to Encode runs above the prompt's title bar
-    prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (prompt_x, loader["pos"][1] + 80), images=len(subjects))
-    encode = wf.add("KosmosGEncode", [NEGATIVE], (encode_x, loader["pos"][1]))
-    latent = wf.add("EmptyLatentImage", [size, size, 1], (encode_x, below(encode)))
-    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0], (sampler_x, top))
-    decode = wf.add("VAEDecode", [], (output_x, top))
-    save = wf.add("SaveImage", ["kosmosg"], (output_x, below(decode)))
+    prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (left["prompt"], below(loader)), images=len(subjects))
+    encode = wf.add("KosmosGEncode", [NEGATIVE], (left["encode"], below(ckpt)))
+    latent = wf.add("EmptyLatentImage", [size, size, 1], (left["encode"], below(encode)))
+    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0],
+                     (left["sampler"], encode["pos"][1]))
+    decode = wf.add("VAEDecode", [], (left["output"], top))
+    save = wf.add("SaveImage", ["kosmosg"], (left["output"], below(decode)))
     wf.link(loader, 0, encode, "model")
     for i, image in enumerate(images):
         wf.link(image, 0, prompt, f"images.image{i}")
     wf.link(prompt, 0, encode, "prompt")
     model_source, model_slot = ckpt, 0
     if lora:
-        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (prompt_x, top))
+        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (left["lora"], top))
         wf.link(ckpt, 0, lora_node, "model")
         model_source, model_slot = lora_node, 0
     positive, negative = (encode, 0), (encode, 1)
     if controlnet:
-        cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (prompt_x, below(prompt)))
-        hint = wf.add("LoadImage", [SUBJECT_2, "image"], (prompt_x, below(cn_loader)), title="Load Image (edges from)")
-        canny = wf.add("Canny", [0.4, 0.8], (encode_x, hint["pos"][1]))
-        apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (xs[3], encode["pos"][1]))
+        cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (left["encode"], below(latent)))
+        hint = wf.add("LoadImage", [SUBJECT_2, "image"], (left["images"], y), title="Load Image (edges from)")
+        canny = wf.add("Canny", [0.4, 0.8], (left["prompt"], below(prompt)))
+        # the edges run straight into Apply's 4th input, between Empty Latent Image and the ControlNet loader
+        apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (left["controlnet"], canny["pos"][1] - 3 * SLOT))
         wf.link(hint, 0, canny, "image")
         wf.link(encode, 0, apply, "positive")
         wf.link(encode, 1, apply, "negative")
