@@ -9,7 +9,7 @@ What it does (nothing outside DATA and the pack is touched; no other ComfyUI ins
     kosmosg-pack-models/          links: checkpoints/nano-sd15.safetensors, kosmosg/kosmosg-nano.safetensors
     extra_model_paths.yaml        registers kosmosg-pack-models for `checkpoints` and `kosmosg`
     input/                        the example subject images from workflows/input/
-    user/default/workflows/       the shipped workflows (Workflows sidebar); never overwritten
+    user/default/workflows/       the shipped workflows (Workflows sidebar); updated unless edited there
     models/, output/, user/       ComfyUI's usual folders
   If a trained nano model is missing from models/nano (a checkout without the weights), a tiny
   RANDOM stand-in with the same file name is generated once into ~/.cache/kosmosg/standin-models-v1
@@ -26,6 +26,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -43,6 +44,8 @@ NANO_DIR = Path(os.environ.get("KOSMOSG_NANO_DIR") or REPO / "models" / "nano") 
 NANO_SD15 = "nano-sd15.safetensors"
 NANO_KOSMOSG = "kosmosg-nano.safetensors"
 OUT_OF_THE_BOX = "kosmosg-nano-out-of-the-box"
+# in the data folder (not the Workflows folder: the sidebar would list it): the SHA-256 of each workflow copied there
+SHIPPED_RECORD = ".kosmosg-shipped-workflows.json"
 EXAMPLE_IMAGES_DIR = REPO / "workflows" / "input"
 NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint")
@@ -113,16 +116,35 @@ def prepare_data_dir(data: Path) -> None:
 
 
 def copy_examples(data: Path) -> list[str]:
-    """Example subject images -> input/ (refreshed); workflows -> the Workflows sidebar (kept if edited)."""
+    """Example subject images -> input/ (refreshed); workflows -> the Workflows sidebar: copied when missing, and
+    updated when the pack's version changed while the copy there is still the one this script wrote (its SHA-256
+    is recorded in SHIPPED_RECORD); a copy the user edited (or one from before the record) is kept."""
     copied = []
     for image in sorted(EXAMPLE_IMAGES_DIR.glob("*.png")):
         shutil.copyfile(image, data / "input" / image.name)
         copied.append(image.name)
+    folder = data / "user" / "default" / "workflows"
+    record_path = data / SHIPPED_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: every existing copy counts as the user's
+        record = {}
     for workflow in sorted((REPO / "workflows").glob("*.json")):
-        target = data / "user" / "default" / "workflows" / workflow.name
-        if not target.exists():
+        target, shipped = folder / workflow.name, _sha256(workflow)
+        there = _sha256(target) if target.exists() else None
+        if there not in (None, shipped, record.get(workflow.name)):
+            logger.info("keeping %s: it differs from the pack's (edited, or from an older version); delete it to get "
+                        "the pack's", target)
+            continue
+        if there != shipped:
             shutil.copyfile(workflow, target)
+        record[workflow.name] = shipped
+    record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return copied
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def link_pack_models(data: Path, standins: Path | None) -> Path:

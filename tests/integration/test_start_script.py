@@ -6,8 +6,10 @@ through the HTTP API and checks the image; here we also check what it left in th
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -190,3 +192,23 @@ def test_missing_comfyui_tree_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "no ComfyUI tree at" in result.stderr and "start_comfyui.sh" in result.stderr
+
+
+def test_shipped_workflows_are_updated_unless_edited_there(tmp_path):
+    """The Workflows sidebar copies: a new pack version replaces the copy this script wrote, never one the user
+    edited (nor one from before the record, which may be edited)."""
+    data = tmp_path / "data"
+    start_comfyui.prepare_data_dir(data)
+    folder = data / "user" / "default" / "workflows"
+    start_comfyui.copy_examples(data)
+    shipped = sorted(path.name for path in (REPO / "workflows").glob("*.json"))
+    assert sorted(path.name for path in folder.iterdir()) == shipped  # the record is not in the sidebar's folder
+    unedited, edited = folder / shipped[0], folder / shipped[1]
+    unedited.write_text('{"an": "older version this script wrote"}')
+    record = json.loads((data / start_comfyui.SHIPPED_RECORD).read_text())
+    record[unedited.name] = hashlib.sha256(unedited.read_bytes()).hexdigest()
+    (data / start_comfyui.SHIPPED_RECORD).write_text(json.dumps(record))
+    edited.write_text('{"the": "user edited this"}')
+    start_comfyui.copy_examples(data)
+    assert unedited.read_bytes() == (REPO / "workflows" / unedited.name).read_bytes()
+    assert edited.read_text() == '{"the": "user edited this"}'
