@@ -224,19 +224,24 @@ def test_shipped_configs_parse(name, caplog):
     assert not caplog.records
 
 
-@pytest.mark.parametrize("warmup, steps, reached", [
-    (375, 200, "rises only to 0.000533 by the last update, short of the peak --learning-rate 0.001"),
-    (200, 200, "reaches the peak --learning-rate 0.001 only at the last update"),
-    (199, 200, None),
+@pytest.mark.parametrize("warmup, steps, reached, fix", [
+    (375, 200, "rises only to 0.000533 by the last update, short of the peak --learning-rate 0.001",
+     "--warmup-steps 20 (a tenth of the run)"),
+    (200, 200, "reaches the peak --learning-rate 0.001 only at the last update", "--warmup-steps 20 (a tenth of the run)"),
+    (10, 10, "reaches the peak --learning-rate 0.001 only at the last update", "--warmup-steps 1 (a tenth of the run)"),
+    # a run under 10 steps has no tenth: it was told "--warmup-steps 0 (a tenth of the run)"
+    (375, 9, "rises only to 2.4e-05 by the last update, short of the peak --learning-rate 0.001",
+     "--warmup-steps 0 (no warm-up)"),
+    (199, 200, None, None),
 ])
-def test_a_warmup_as_long_as_the_run_is_named_with_its_fix(warmup, steps, reached, caplog):
+def test_a_warmup_as_long_as_the_run_is_named_with_its_fix(warmup, steps, reached, fix, caplog):
     from train.common.config import warn_if_warmup_outlasts_run
     from train.loop import LoopConfig
 
     with caplog.at_level("WARNING"):
         warn_if_warmup_outlasts_run(LoopConfig(warmup_steps=warmup, max_steps=steps, learning_rate=1e-3))
     expected = [f"--warmup-steps {warmup} >= --max-steps {steps}: the whole run is linear warm-up, so its learning rate "
-                f"{reached}. Give --warmup-steps below --max-steps, e.g. --warmup-steps 20 (a tenth of the run)."]
+                f"{reached}. Give --warmup-steps below --max-steps, e.g. {fix}."]
     assert caplog.messages == (expected if reached else [])
 
 
@@ -251,7 +256,7 @@ def test_a_run_shorter_than_its_warmup_warns_once_as_it_starts(env, tmp_path, ca
     assert [m for m in caplog.messages if "--warmup-steps" in m] == [
         "--warmup-steps 375 >= --max-steps 2: the whole run is linear warm-up, so its learning rate rises only to "
         "5.33e-06 by the last update, short of the peak --learning-rate 0.001. Give --warmup-steps below --max-steps, "
-        "e.g. --warmup-steps 0 (a tenth of the run)."]
+        "e.g. --warmup-steps 0 (no warm-up)."]
 
 
 def test_record_stream_is_seeded_and_repeats_epochs(env):

@@ -277,9 +277,10 @@ def warn_if_warmup_outlasts_run(cfg) -> None:
     else:  # update n of the warm-up runs at peak * n / warmup
         reached = (f"rises only to {peak * steps / warmup:.3g} by the last update, short of the peak --learning-rate "
                    f"{peak:g}")
+    # a tenth of the run, as long runs warm up; a run under 10 steps has no tenth to give: no warm-up
+    fix = f"--warmup-steps {steps // 10} (a tenth of the run)" if steps >= 10 else "--warmup-steps 0 (no warm-up)"
     logger.warning(f"--warmup-steps {warmup} >= --max-steps {steps}: the whole run is linear warm-up, so its learning "
-                   f"rate {reached}. Give --warmup-steps below --max-steps, e.g. --warmup-steps {steps // 10} (a tenth "
-                   "of the run).")
+                   f"rate {reached}. Give --warmup-steps below --max-steps, e.g. {fix}.")
 
 
 def flatten_settings(settings: dict, prefix: str = "") -> dict:
