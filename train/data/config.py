@@ -186,9 +186,10 @@ def read_config_file(path: str, section: str) -> dict:
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping). One key set twice is refused: the last
-    would win without a word."""
-    parsed, keys = [], set()
+    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping). One key set twice is refused, and so is
+    a key inside a section set as a whole (`crop={entity_size: 128}` and `crop.entity_size=256`): the last would
+    win without a word."""
+    parsed, keys = [], {}  # key as set_path reads it -> as given
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set crop.entity_size=256")
@@ -197,7 +198,12 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         same_key = key.replace("-", "_")  # as set_path reads it
         if same_key in keys:
             raise ValueError(f"--set {key} is given twice on the command line; give it once.")
-        keys.add(same_key)
+        for other, given in keys.items():
+            if other.startswith(same_key + ".") or same_key.startswith(other + "."):
+                section, inside = sorted((given, key), key=len)
+                raise ValueError(f"--set {given} and --set {key} overlap ({inside} is inside {section}): the last "
+                                 "would win without a word; set it once.")
+        keys[same_key] = key
         parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
     return parsed
 
