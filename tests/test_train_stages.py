@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from support.argv import with_flags
 from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
@@ -682,6 +683,20 @@ def test_a_setting_given_twice_is_refused_by_name_and_place(tmp_path, capsys):
     merged = tmp_path / "merged.yaml"  # keys a YAML merge brings in may be overridden: that is what merges are for
     merged.write_text("base: &base {seed: 1, count: 4}\nbuild:\n  <<: *base\n  seed: 2\n")
     assert read_config_file(merged)["build"] == {"seed": 2, "count": 4}
+    # merges as PyYAML defines them: nested (N merges B and sets k; refused as "'k' twice (lines 1 and 6)", two
+    # mappings' keys), lists (the first mapping listed wins), and a `=` key (read as text)
+    for name, text in (("nested", "b: &B {k: 1}\ndefs:\n  inner: &N\n    <<: *B\n    j: 0\n    k: 2\nuse: {<<: *N}\n"),
+                       ("list", "a: &A {k: 1, i: 1}\nb: &B {k: 2, j: 2}\nuse:\n  <<: [*A, *B]\n  j: 3\n"),
+                       ("equals", "=: 1\nk: 2\n")):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        assert read_config_file(tmp_path / f"{name}.yaml") == yaml.safe_load(text)
+    assert read_config_file(tmp_path / "list.yaml")["use"] == {"k": 1, "i": 1, "j": 3}
+    for text, lines in (("a: &A {k: 1}\nuse:\n  <<: *A\n  k: 2\n  k: 3\n", "lines 4 and 5"),  # beside a merge
+                        ("a: &A {k: 1, k: 2}\nuse: {<<: *A}\n", "lines 1 and 1"),  # in a merged mapping
+                        ("a: &A {k: 1}\nb: &B\n  <<: *A\n  j: 1\n  j: 2\nuse: {<<: [*B]}\n", "lines 4 and 5")):
+        (tmp_path / "merge-twice.yaml").write_text(text)
+        with pytest.raises(ValueError, match=rf"sets '[kj]' twice \({lines}\)"):
+            read_config_file(tmp_path / "merge-twice.yaml")
 
     for argv, flag, values in ((["--learning-rate", "1e-4", "--batch-size", "2", "--learning-rate=3e-4"],
                                 "--learning-rate", "(0.0001, then 0.0003)"),

@@ -137,20 +137,32 @@ def _json_object_with_unique_keys(pairs: list) -> dict:
 
 def _yaml_load_with_unique_keys(text: str):
     """yaml.safe_load, but a mapping key given twice is a _DuplicateKey naming its lines (PyYAML keeps the last
-    silently)."""
+    silently). `<<` merges work as PyYAML defines them: the keys a merge brings may be overridden."""
     import yaml
 
+    merge_tag = "tag:yaml.org,2002:merge"
+
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.checked_mappings = set()  # ids of the mapping nodes whose own keys were checked
+
+        def flatten_mapping(self, node):
+            """PyYAML's flattening moves the keys of a node's `<<` merges into the node itself (nested merges too,
+            into the merged node), and a merged node is flattened again wherever it is used: so each node's own
+            keys are taken as it first comes here, before any merged ones join them."""
+            if id(node) in self.checked_mappings:
+                return super().flatten_mapping(node)
+            self.checked_mappings.add(id(node))
+            own_keys = [key_node for key_node, _ in node.value if key_node.tag != merge_tag]
+            super().flatten_mapping(node)  # (it also makes a `=` key plain text, which can then be constructed)
             lines = {}
-            for key_node, _ in node.value:
-                # a `<<: *defaults` merge is not a key, and the keys it brings may be overridden (flattened later)
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            for key_node in own_keys:
+                if isinstance(key_node, yaml.ScalarNode):  # (PyYAML refuses sequence and mapping keys: unhashable)
                     key, line = self.construct_object(key_node), key_node.start_mark.line + 1
                     if key in lines:
                         raise _DuplicateKey(key, f" (lines {lines[key]} and {line})")
                     lines[key] = line
-            return super().construct_mapping(node, deep)
 
     return yaml.load(text, Loader=UniqueKeyLoader)
 
