@@ -184,7 +184,9 @@ def fake_msvcrt():
     """A stand-in for Windows' msvcrt module that locks as `msvcrt.locking` does: `nbytes` bytes from the file
     position, exclusively per open file (a second handle, as another process's, is refused even in one process),
     LK_NBLCK failing at once with PermissionError (EACCES), LK_UNLCK releasing only what that handle holds.
-    `held` maps (device, inode, byte) to the holding descriptor."""
+    `held` maps (device, inode, byte) to the holding descriptor. `open` opens a file as Windows does with such locks:
+    its read() of a byte another handle locked fails with PermissionError (EACCES)."""
+    import builtins
     import errno
     import os
     import types
@@ -204,12 +206,29 @@ def fake_msvcrt():
         else:
             raise PermissionError(errno.EACCES, "Permission denied")
 
-    module.locking = locking
+    def open_with_locks(path, *args, **kwargs):
+        handle = builtins.open(path, *args, **kwargs)
+        read = handle.read
+
+        def read_unless_locked(*read_args):  # from the position to the end of the file, at most
+            fd = handle.fileno()
+            status, start = os.fstat(fd), handle.tell()
+            if any((device, inode) == (status.st_dev, status.st_ino) and start <= byte < status.st_size and holder != fd
+                   for (device, inode, byte), holder in module.held.items()):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return read(*read_args)
+
+        handle.read = read_unless_locked
+        return handle
+
+    module.locking, module.open = locking, open_with_locks
     return module
 
 
 def test_windows_runs_lock_the_folder_with_msvcrt(tmp_path, monkeypatch):
-    """Windows has no fcntl: the run lock is msvcrt's lock of the lock file's first byte (it did nothing there)."""
+    """Windows has no fcntl: the run lock is msvcrt's lock of one byte of the lock file (it did nothing there). That
+    byte lies past the pid the file holds: another process cannot read a locked byte, and the refusal named "pid ?"
+    when the first byte was locked."""
     import os
 
     from train.common import checkpointing
@@ -217,21 +236,19 @@ def test_windows_runs_lock_the_folder_with_msvcrt(tmp_path, monkeypatch):
     msvcrt = fake_msvcrt()
     monkeypatch.setattr(checkpointing, "fcntl", None)
     monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+    monkeypatch.setattr(checkpointing, "open", msvcrt.open, raising=False)  # the lock file's reads see the locks
     out = tmp_path / "run"
     lock_file = out / checkpointing.LOCK_NAME
     with checkpointing.run_folder_lock(out):
         status = os.stat(lock_file)
-        assert msvcrt.held.keys() == {(status.st_dev, status.st_ino, 0)}
         assert lock_file.read_text() == f"{os.getpid()}\n"
-    assert msvcrt.held == {}  # unlocked before the file was closed
-
-    with open(lock_file, "a+") as other:  # another process's run holds it
-        other.seek(0)
-        msvcrt.locking(other.fileno(), msvcrt.LK_NBLCK, 1)
-        with pytest.raises(ValueError, match=r"^Another process \(pid \S+\) is training into .*run; wait for it"):
+        [(device, inode, byte)] = msvcrt.held  # one byte of the file, past the pid
+        assert (device, inode) == (status.st_dev, status.st_ino) and byte >= status.st_size
+        monkeypatch.setattr(checkpointing, "_HELD_LOCKS", set())  # as another process, which does not hold it
+        with pytest.raises(ValueError, match=rf"^Another process \(pid {os.getpid()}\) is training into .*run; wait"):
             with checkpointing.run_folder_lock(out):
                 pass
-        msvcrt.locking(other.fileno(), msvcrt.LK_UNLCK, 1)
+    assert msvcrt.held == {}  # unlocked before the file was closed
     with checkpointing.run_folder_lock(out):  # free once the other run has ended
         assert len(msvcrt.held) == 1
 

@@ -139,10 +139,14 @@ def run_folder_lock(output_dir):
             _unlock(handle)
 
 
+# Windows (no fcntl): msvcrt locks byte ranges, and no other process can read a locked byte, so the byte that stands
+# for the file lies past the pid written at its start (locking past the end of a file is allowed there)
+_MSVCRT_LOCK_BYTE = 1 << 20
+
+
 def _try_lock(handle) -> bool:
     """A non-blocking exclusive lock on the open lock file -> False when another process holds it.
-    POSIX: flock on the whole file. Windows (no fcntl): msvcrt locks byte ranges, so the file's first byte stands
-    for the file."""
+    POSIX: flock on the whole file. Windows: msvcrt's lock of byte _MSVCRT_LOCK_BYTE."""
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,7 +155,7 @@ def _try_lock(handle) -> bool:
         return True
     import msvcrt
 
-    handle.seek(0)  # msvcrt locks from the file position
+    handle.seek(_MSVCRT_LOCK_BYTE)  # msvcrt locks from the file position
     try:
         msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:  # PermissionError (EACCES): another process holds it
@@ -165,12 +169,12 @@ def _unlock(handle) -> None:
     if fcntl is None:
         import msvcrt
 
-        handle.seek(0)
+        handle.seek(_MSVCRT_LOCK_BYTE)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 def _lock_holder(handle) -> str:
-    """The pid the holding process wrote into the lock file, or "?" (on Windows its lock makes that byte unreadable)."""
+    """The pid the holding process wrote into the lock file, or "?" (it is writing it, or the file is unreadable)."""
     try:
         handle.seek(0)
         return handle.read().strip() or "?"
