@@ -471,6 +471,52 @@ def test_generate_coco_follows_the_official_caption_draw(generators, tmp_path):
     assert (tmp_path / "out" / "captions.json").read_bytes() == before
 
 
+def test_a_folder_records_the_size_its_images_have(generators, tmp_path):
+    """--height / --width default to the SD model's own size (None). A folder records the size its images have, so
+    one made at that size with the flags (every folder made before the default changed: SD1.5's 512) resumes without
+    them, and the other way round: they read as 16 -> None (None -> 16) and were refused. A size that does differ is
+    still refused, once the loaded model tells what the default is."""
+    (tmp_path / "captions.json").write_text(json.dumps(["a red circle", "a blue square"]))
+    argv = ["--captions", str(tmp_path / "captions.json"), "--checkpoint", generators["checkpoint"],
+            "--sd-model", generators["sd_model"], "--steps", "2", "--device", "cpu"]
+    native = ["--height", "16", "--width", "16"]  # the tiny SD model's own size
+    for name, first, rerun in (("asked", native, []), ("default", [], native)):
+        out = tmp_path / name
+        coco.main(argv + ["--out", str(out)] + first)
+        record = json.loads((out / "settings.json").read_text())
+        assert (record["height"], record["width"]) == (16, 16)
+        assert "scheduler_settings" not in json.dumps(record)  # DDIM samples as before: its folders from before resume
+        image = np.asarray(Image.open(out / "00001.png"))
+        (out / "00001.png").unlink()  # as if the run was interrupted
+        assert coco.main(argv + ["--out", str(out)] + rerun)["generated_this_run"] == 1
+        assert np.array_equal(np.asarray(Image.open(out / "00001.png")), image)
+    coco.main(argv + ["--out", str(tmp_path / "other"), "--height", "24", "--width", "24"])
+    (tmp_path / "other" / "00001.png").unlink()
+    with pytest.raises(ValueError, match=r"other settings \(height 24 -> 16; width 24 -> 16\); .* or the settings in"):
+        coco.main(argv + ["--out", str(tmp_path / "other")])
+
+
+def test_a_dpm_folder_sampled_before_the_official_final_step_is_refused_by_name(bench, models, generators, tmp_path):
+    """generate's DPM-Solver takes the official final step now (kosmosg_core.config.SCHEDULER_SETTINGS): other
+    pictures than before. A folder records it, so one sampled before (no record of it) is refused by name with its
+    fix, not filled up with the other sampler's pictures; a folder made now resumes."""
+    generate = ["--checkpoint", generators["checkpoint"], "--sd-model", generators["sd_model"], "--subjects", "dog",
+                "--max-references", "1", "--max-prompts", "1", "--num-images", "1", "--steps", "2", "--metrics", "dino"]
+    _score(bench, tmp_path / "out", models, *generate)  # scheduler dpm, the default
+    settings = tmp_path / "out" / "settings.json"
+    record = json.loads(settings.read_text())
+    assert record["scheduler_settings.final_sigmas_type"] == "sigma_min"
+    assert _score(bench, tmp_path / "out", models, *with_flags(generate, "--max-prompts", "2"))["generated_this_run"] == 1
+    del record["scheduler_settings.final_sigmas_type"]  # as recorded before
+    settings.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"other settings \(scheduler_settings.final_sigmas_type \(not recorded\) -> "
+                                         r"'sigma_min'\): it was made by an earlier version, which did not record "
+                                         r"scheduler_settings.final_sigmas_type, .* use a new output folder, or delete "
+                                         r"the folder's contents to make them again"):
+        _score(bench, tmp_path / "out", models, *with_flags(generate, "--max-prompts", "3"))
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
 @pytest.mark.parametrize("model", ["tiny", "nano"])
 def test_generation_defaults_to_the_sd_models_own_size(model, bench, models, generators, tmp_path, caplog):
     """As `python -m kosmosg_core generate`: SD1.5's 512 px, the nano model's 64 (the tiny test model's 16). Both

@@ -306,14 +306,26 @@ def flatten_settings(settings: dict, prefix: str = "") -> dict:
     return json.loads(json.dumps(flat))
 
 
-def changed_settings(saved: dict, now: dict, may_change=(), common_keys_only: bool = False) -> list[str]:
-    """`"key old -> new"` for every (flattened) setting that differs between a run's saved settings and this
-    one's, but those in `may_change`. common_keys_only: settings that exist on one side only (fields added or
-    removed since the save) are not compared."""
+def changed_keys(saved: dict, now: dict, may_change=(), common_keys_only: bool = False) -> list[str]:
+    """The (flattened) settings that differ between a run's saved settings and this one's, but those in
+    `may_change`. A setting on one side only (a field added or removed since the save) reads as None there;
+    common_keys_only: such settings are not compared."""
     saved, now = flatten_settings(saved), flatten_settings(now)
     keys = set(saved) & set(now) if common_keys_only else set(saved) | set(now)
-    return [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(keys)
+    return [key for key in sorted(keys)
             if key.split(".")[0] not in may_change and key not in may_change and saved.get(key) != now.get(key)]
+
+
+def changed_settings(saved: dict, now: dict, may_change=(), common_keys_only: bool = False) -> list[str]:
+    """`"key old -> new"` for each of `changed_keys`; a setting on one side only shows as "(not recorded)" on the
+    saved side, "(not set)" on this run's (it read "None", like a recorded null)."""
+    keys = changed_keys(saved, now, may_change, common_keys_only)
+    saved, now = flatten_settings(saved), flatten_settings(now)
+    return [f"{key} {_shown(saved, key, '(not recorded)')} -> {_shown(now, key, '(not set)')}" for key in keys]
+
+
+def _shown(settings: dict, key: str, missing: str) -> str:
+    return repr(settings[key]) if key in settings else missing
 
 
 def config_to_dict(config) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from kosmosg_core.files import write_json
-from train.common.config import changed_settings, flatten_settings, read_json
+from train.common.config import changed_keys, changed_settings, flatten_settings, read_json
 
 SETTINGS_NAME = "settings.json"
 
@@ -23,11 +23,19 @@ def check_folder_settings(folder, settings: dict, may_change=()) -> None:
         return
     saved = read_json(path, dict, "the settings that made the folder's contents",
                       "Use a new output folder (or delete the folder's contents to make them again).")
-    changed = changed_settings(saved, settings, may_change)
-    if changed:
-        raise ValueError(f"{folder} holds output made with other settings ({'; '.join(changed[:5])}); a rerun keeps "
-                         f"what is there, so it needs the same settings. Use a new output folder, or the settings "
-                         f"in {path}.")
+    changed = changed_keys(saved, settings, may_change)
+    if not changed:
+        return
+    described = "; ".join(changed_settings(saved, settings, may_change)[:5])
+    recorded = flatten_settings(saved)
+    unrecorded = [key for key in changed if key not in recorded]
+    if unrecorded:  # a setting added since the folder was made: no flag makes what the earlier version made
+        raise ValueError(f"{folder} holds output made with other settings ({described}): it was made by an earlier "
+                         f"version, which did not record {', '.join(unrecorded)}, and its output may differ from what "
+                         "this version makes. A rerun keeps what is there: use a new output folder, or delete the "
+                         "folder's contents to make them again.")
+    raise ValueError(f"{folder} holds output made with other settings ({described}); a rerun keeps what is there, so it "
+                     f"needs the same settings. Use a new output folder, or the settings in {path}.")
 
 
 def record_folder_settings(folder, settings: dict) -> None:

@@ -83,22 +83,23 @@ def image_name(index: int, k: int, num_images: int) -> str:
     return f"{index:05d}.png" if num_images == 1 else f"{index:05d}_{k}.png"
 
 
-# What makes the images: a rerun into the same --out (it keeps the images there) must use the same.
+# What makes the images (with the scheduler's settings: generation.folder_settings): a rerun into the same --out (it
+# keeps the images there) must use the same.
 GENERATION_SETTINGS = ("captions", "num_captions", "seed", "checkpoint", "tokenizer", "sd_model", "scheduler", "steps",
                        "guidance_scale", "num_images", "height", "width", "negative_prompt", "dtype")
 
 
 def run(cfg: CocoConfig) -> dict:
     from kosmosg_core.files import check_output_folder, save_image, write_json
-    from train.common.folder_settings import check_folder_settings, record_folder_settings
 
-    from .generation import KosmosGSampler, SamplingSettings
+    from .generation import (KosmosGSampler, SamplingSettings, check_generated_folder, folder_settings,
+                             record_generated_folder)
 
     if not cfg.out:
         raise ValueError("--out is required: the folder for the generated images.")
     out = check_output_folder(cfg.out, "--out")
-    folder_settings = {name: getattr(cfg, name) for name in GENERATION_SETTINGS}
-    check_folder_settings(out, folder_settings)
+    generation = folder_settings(cfg, GENERATION_SETTINGS)
+    check_generated_folder(out, generation)
     chosen = select_captions(read_captions(cfg.captions), cfg.num_captions, cfg.seed)
     manifest = {image_name(i, k, cfg.num_images): entry
                 for i, entry in enumerate(chosen) for k in range(cfg.num_images)}
@@ -108,12 +109,12 @@ def run(cfg: CocoConfig) -> dict:
     sampler = None
     if todo:  # the models are checked before anything is written
         sampler = KosmosGSampler(cfg.checkpoint, cfg.sd_model, cfg.tokenizer, cfg.scheduler, cfg.dtype, cfg.device)
+        generation = record_generated_folder(out, generation, sampler)
     out.mkdir(parents=True, exist_ok=True)
-    record_folder_settings(out, folder_settings)
     write_json(out / "captions.json", manifest)
     if sampler is not None:
-        settings = SamplingSettings(cfg.steps, cfg.guidance_scale, cfg.num_images, cfg.seed, cfg.height, cfg.width,
-                                    cfg.negative_prompt)
+        settings = SamplingSettings(cfg.steps, cfg.guidance_scale, cfg.num_images, cfg.seed, generation["height"],
+                                    generation["width"], cfg.negative_prompt)
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
             results = sampler([chosen[i]["caption"] for i in batch], [[] for _ in batch], settings)

@@ -216,8 +216,9 @@ def build_jobs(subjects: list[Subject], drop_object: bool) -> list[Job]:
 
 
 # --- generation --------------------------------------------------------------------------------------
-# What makes the images: a rerun into the same --generated (it keeps the images there) must use the same;
-# the subset flags (subjects, max_*), the scoring models and the batch sizes may change.
+# What makes the images (with the scheduler's settings: generation.folder_settings): a rerun into the same
+# --generated (it keeps the images there) must use the same; the subset flags (subjects, max_*), the scoring models
+# and the batch sizes may change.
 GENERATION_SETTINGS = ("data", "checkpoint", "tokenizer", "sd_model", "scheduler", "steps", "guidance_scale",
                        "num_images", "seed", "height", "width", "negative_prompt", "drop_object", "dtype",
                        "prompts_file")
@@ -225,23 +226,23 @@ GENERATION_SETTINGS = ("data", "checkpoint", "tokenizer", "sd_model", "scheduler
 
 def generate(cfg: DreamBenchConfig, jobs: list[Job]) -> int:
     """Write every job's images that are not there yet -> number of images written."""
-    from .generation import KosmosGSampler, SamplingSettings
+    from .generation import (KosmosGSampler, SamplingSettings, check_generated_folder, folder_settings,
+                             record_generated_folder)
 
     from kosmosg_core.files import check_output_folder, save_image
-    from train.common.folder_settings import check_folder_settings, record_folder_settings
 
     out = check_output_folder(cfg.generated, "--generated")
-    folder_settings = {name: getattr(cfg, name) for name in GENERATION_SETTINGS}
-    check_folder_settings(out, folder_settings)
+    generation = folder_settings(cfg, GENERATION_SETTINGS)
+    check_generated_folder(out, generation)
     out.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if not all((out / job.file_name(k)).exists() for k in range(cfg.num_images))]
     logger.info("dreambench: %d of %d prompts to generate (%d images each)", len(todo), len(jobs), cfg.num_images)
     if not todo:
         return 0
     sampler = KosmosGSampler(cfg.checkpoint, cfg.sd_model, cfg.tokenizer, cfg.scheduler, cfg.dtype, cfg.device)
-    record_folder_settings(out, folder_settings)
-    settings = SamplingSettings(cfg.steps, cfg.guidance_scale, cfg.num_images, cfg.seed, cfg.height, cfg.width,
-                                cfg.negative_prompt)
+    generation = record_generated_folder(out, generation, sampler)
+    settings = SamplingSettings(cfg.steps, cfg.guidance_scale, cfg.num_images, cfg.seed, generation["height"],
+                                generation["width"], cfg.negative_prompt)
     written = 0
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start:start + cfg.batch_size]

@@ -14,9 +14,46 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from kosmosg_core.config import DEFAULT_SCHEDULER
+from kosmosg_core.config import DEFAULT_SCHEDULER, SCHEDULER_SETTINGS
 
 logger = logging.getLogger(__name__)
+
+IMAGE_SIDES = ("height", "width")
+
+
+def folder_settings(cfg, names: Sequence[str]) -> dict:
+    """What makes a generated folder's images, for `train.common.folder_settings` (a rerun keeps the images there,
+    so it must use the same): `cfg`'s fields `names`, and as `scheduler_settings` what the sampler sets over the
+    scheduler's config (kosmosg_core.config.SCHEDULER_SETTINGS). DPM-Solver's final step changed with those (see
+    there), so a folder sampled before, which has no such record, is refused rather than filled up with other
+    pictures; DDIM and PNDM have none and sample as before, so their folders from before still resume."""
+    settings = {name: getattr(cfg, name) for name in names}
+    if SCHEDULER_SETTINGS.get(cfg.scheduler):
+        settings["scheduler_settings"] = dict(SCHEDULER_SETTINGS[cfg.scheduler])
+    return settings
+
+
+def check_generated_folder(out, settings: dict) -> None:
+    """Before the models load: refuse, by name, `settings` other than those that made `out`'s images, but for a
+    height / width left to the SD model (None), whose size is known only once it is loaded
+    (`record_generated_folder`)."""
+    from train.common.folder_settings import check_folder_settings
+
+    check_folder_settings(out, settings, may_change=tuple(side for side in IMAGE_SIDES if settings[side] is None))
+
+
+def record_generated_folder(out, settings: dict, sampler: "KosmosGSampler") -> dict:
+    """Once the models are loaded, before the first image is written: `settings` with the size the sampler samples
+    at (for None: the SD model's own), checked against `out`'s record and recorded there -> those settings. Real
+    sizes on both sides: a folder made at 512 px resumes with the default size of SD1.5 (512), or the other way
+    round."""
+    from train.common.folder_settings import check_folder_settings, record_folder_settings
+
+    settings = {**settings, **{side: sampler.native_size for side in IMAGE_SIDES if settings[side] is None}}
+    check_folder_settings(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    record_folder_settings(out, settings)
+    return settings
 
 
 @dataclass
@@ -58,6 +95,13 @@ class KosmosGSampler:
         self.sd = load_sd15(sd_model, self.dtype, self.device, scheduler)
         self.sd_model, self.scheduler = sd_model, scheduler
         self._steps_checked: set[int] = set()
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels it samples at when given none (height / width None): the SD model's own."""
+        from kosmosg_core.generate import native_size
+
+        return native_size(self.sd)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
