@@ -44,8 +44,10 @@ NANO_DIR = Path(os.environ.get("KOSMOSG_NANO_DIR") or REPO / "models" / "nano") 
 NANO_SD15 = "nano-sd15.safetensors"
 NANO_KOSMOSG = "kosmosg-nano.safetensors"
 OUT_OF_THE_BOX = "kosmosg-nano-out-of-the-box"
-# in the data folder (not the Workflows folder: the sidebar would list it): the SHA-256 of each workflow copied there
-SHIPPED_RECORD = ".kosmosg-shipped-workflows.json"
+# the SHA-256 of every earlier version of each shipped workflow (tests/support/make_workflows.py adds the one it
+# replaces; tests/test_workflows.py checks it against the git history): a copy in the Workflows sidebar equal to
+# one of them is the pack's, not edited, so it is updated
+EARLIER_VERSIONS = REPO / "scripts" / "earlier_workflow_versions.json"
 EXAMPLE_IMAGES_DIR = REPO / "workflows" / "input"
 NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint")
@@ -116,30 +118,22 @@ def prepare_data_dir(data: Path) -> None:
 
 
 def copy_examples(data: Path) -> list[str]:
-    """Example subject images -> input/ (refreshed); workflows -> the Workflows sidebar: copied when missing, and
-    updated when the pack's version changed while the copy there is still the one this script wrote (its SHA-256
-    is recorded in SHIPPED_RECORD); a copy the user edited (or one from before the record) is kept."""
+    """Example subject images -> input/ (refreshed); workflows -> the Workflows sidebar: copied when missing, updated
+    when the copy there is an earlier version of the pack's (EARLIER_VERSIONS), kept when the user edited it."""
     copied = []
     for image in sorted(EXAMPLE_IMAGES_DIR.glob("*.png")):
         shutil.copyfile(image, data / "input" / image.name)
         copied.append(image.name)
-    folder = data / "user" / "default" / "workflows"
-    record_path = data / SHIPPED_RECORD
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):  # none yet, or damaged: every existing copy counts as the user's
-        record = {}
+    earlier = json.loads(EARLIER_VERSIONS.read_text())
     for workflow in sorted((REPO / "workflows").glob("*.json")):
-        target, shipped = folder / workflow.name, _sha256(workflow)
+        target = data / "user" / "default" / "workflows" / workflow.name
         there = _sha256(target) if target.exists() else None
-        if there not in (None, shipped, record.get(workflow.name)):
-            logger.info("keeping %s: it differs from the pack's (edited, or from an older version); delete it to get "
-                        "the pack's", target)
+        if there == _sha256(workflow):
             continue
-        if there != shipped:
-            shutil.copyfile(workflow, target)
-        record[workflow.name] = shipped
-    record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        if there is not None and there not in earlier.get(workflow.name, []):
+            logger.info("keeping %s: it is not the pack's (edited there); delete it to get the pack's", target)
+            continue
+        shutil.copyfile(workflow, target)
     return copied
 
 

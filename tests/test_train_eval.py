@@ -494,6 +494,11 @@ def test_a_folder_records_the_size_its_images_have(generators, tmp_path):
     (tmp_path / "other" / "00001.png").unlink()
     with pytest.raises(ValueError, match=r"other settings \(height 24 -> 16; width 24 -> 16\); .* or the settings in"):
         coco.main(argv + ["--out", str(tmp_path / "other")])
+    # another scheduler on a DDIM folder (which records no scheduler_settings): the usual message (--scheduler ddim
+    # is the fix), not "made by an earlier version"
+    with pytest.raises(ValueError, match=r"other settings \(scheduler 'ddim' -> 'dpm'; scheduler_settings.final_sigmas_"
+                                         r"type \(not recorded\) -> 'sigma_min'\); a rerun keeps .* or the settings in"):
+        coco.main(argv + ["--out", str(tmp_path / "other"), "--height", "24", "--width", "24", "--scheduler", "dpm"])
 
 
 def test_a_dpm_folder_sampled_before_the_official_final_step_is_refused_by_name(bench, models, generators, tmp_path):

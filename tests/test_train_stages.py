@@ -727,12 +727,16 @@ def test_train_data_refuses_a_setting_given_twice_and_keeps_set_repeatable(tmp_p
     assert (config.seed, config.models.dtype) == (3, "float16")
     assert cli.main(["build", "--set", "seed=2", "--set", "seed=5"]) == 2
     assert "error: --set seed is given twice on the command line; give it once." in capsys.readouterr().err
-    # a section set whole and a key inside it (either order): the last won without a word
-    for sets in (["crop={entity_size: 128}", "crop.entity_size=256"], ["crop.entity-size=256", "crop={min_size: 4}"]):
+    # a section's mapping and a key inside it that set one entry (either order): the last won without a word
+    for sets in (["crop={entity_size: 128}", "crop.entity_size=256"], ["crop.entity-size=256", "crop={entity-size: 4}"]):
         assert cli.main(["build", "--set", sets[0], "--set", sets[1]]) == 2
         first, second = (s.split("=")[0] for s in sets)
-        assert (f"error: --set {first} and --set {second} overlap ({max(first, second, key=len)} is inside crop): the "
-                "last would win without a word; set it once.") in capsys.readouterr().err
+        assert (f"error: --set {first} and --set {second} both set crop.entity_size: the last would win without a "
+                "word; set it once.") in capsys.readouterr().err
+    # a mapping is merged entry by entry: other entries of the same section do not collide
+    config = cli.resolve_config(parser.parse_args(["build", "--set", "crop={square_crop: false}", "--set",
+                                                   "crop.entity_size=256"]))
+    assert (config.crop.square_crop, config.crop.entity_size) == (False, 256)
     config = cli.resolve_config(parser.parse_args(["build", "--set", "source=folder", "--set",
                                                    "source_options={a: 1}"]))  # names that only start alike
     assert (config.source, config.source_options) == ("folder", {"a": 1})

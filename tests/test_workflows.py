@@ -4,8 +4,10 @@ frontend draws them, in the classic canvas and in Vue nodes mode; this one reads
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,31 @@ def test_the_readme_screenshot_shows_the_nodes_text(path):
     height = max(y + h for _, y, _, h in boxes) - min(y for _, y, _, _ in boxes)
     scale = min((1400 - 2 * 24) / width, (800 - 2 * 24) / height)
     assert scale * 14 >= 8, (width, height, scale)
+
+
+def test_every_earlier_version_of_a_workflow_is_known():
+    """The start script updates a Workflows sidebar copy that equals an earlier shipped version (the user did not
+    edit it): every version in the git history must be listed (make_workflows.py adds the one it replaces)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("needs this repository's git history (a clone)")
+    earlier = json.loads(make_workflows.EARLIER_VERSIONS.read_text())
+    for path in SHIPPED:
+        name = f"workflows/{path.name}"
+        commits = subprocess.run(["git", "log", "--format=%H", "--", name], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split()
+        versions = {hashlib.sha256(subprocess.run(["git", "show", f"{commit}:{name}"], cwd=REPO, capture_output=True,
+                                                  check=True).stdout).hexdigest() for commit in commits}
+        missing = versions - set(earlier.get(path.name, [])) - {hashlib.sha256(path.read_bytes()).hexdigest()}
+        assert not missing, (f"{make_workflows.EARLIER_VERSIONS} lacks earlier versions of {path.name}: {sorted(missing)} "
+                             "(python tests/support/make_workflows.py adds the version it replaces)")
+
+
+def test_regenerating_remembers_the_replaced_version(tmp_path, monkeypatch):
+    record = tmp_path / "earlier.json"
+    record.write_text("{}")
+    monkeypatch.setattr(make_workflows, "EARLIER_VERSIONS", record)
+    workflow = tmp_path / "kosmosg-lora.json"
+    workflow.write_text('{"an": "earlier version"}')
+    make_workflows.remember_earlier_version(str(workflow), '{"the": "new one"}')
+    make_workflows.remember_earlier_version(str(workflow), '{"an": "earlier version"}')  # unchanged: nothing to add
+    assert json.loads(record.read_text()) == {"kosmosg-lora.json": [hashlib.sha256(workflow.read_bytes()).hexdigest()]}

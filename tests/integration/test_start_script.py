@@ -194,21 +194,23 @@ def test_missing_comfyui_tree_is_a_clear_error(tmp_path):
     assert "no ComfyUI tree at" in result.stderr and "start_comfyui.sh" in result.stderr
 
 
-def test_shipped_workflows_are_updated_unless_edited_there(tmp_path):
-    """The Workflows sidebar copies: a new pack version replaces the copy this script wrote, never one the user
-    edited (nor one from before the record, which may be edited)."""
+def test_shipped_workflows_are_updated_unless_edited_there(tmp_path, monkeypatch):
+    """The Workflows sidebar copies: a new pack version replaces a copy that is an earlier version of the pack's
+    (scripts/earlier_workflow_versions.json), never one the user edited."""
     data = tmp_path / "data"
     start_comfyui.prepare_data_dir(data)
     folder = data / "user" / "default" / "workflows"
     start_comfyui.copy_examples(data)
     shipped = sorted(path.name for path in (REPO / "workflows").glob("*.json"))
-    assert sorted(path.name for path in folder.iterdir()) == shipped  # the record is not in the sidebar's folder
-    unedited, edited = folder / shipped[0], folder / shipped[1]
-    unedited.write_text('{"an": "older version this script wrote"}')
-    record = json.loads((data / start_comfyui.SHIPPED_RECORD).read_text())
-    record[unedited.name] = hashlib.sha256(unedited.read_bytes()).hexdigest()
-    (data / start_comfyui.SHIPPED_RECORD).write_text(json.dumps(record))
+    assert sorted(path.name for path in folder.iterdir()) == shipped
+    older, edited = folder / shipped[0], folder / shipped[1]
+    older.write_text('{"an": "earlier version"}')
+    earlier = json.loads(start_comfyui.EARLIER_VERSIONS.read_text())
+    earlier[older.name] = [hashlib.sha256(older.read_bytes()).hexdigest()]
+    versions = tmp_path / "earlier.json"
+    versions.write_text(json.dumps(earlier))
+    monkeypatch.setattr(start_comfyui, "EARLIER_VERSIONS", versions)
     edited.write_text('{"the": "user edited this"}')
     start_comfyui.copy_examples(data)
-    assert unedited.read_bytes() == (REPO / "workflows" / unedited.name).read_bytes()
+    assert older.read_bytes() == (REPO / "workflows" / older.name).read_bytes()
     assert edited.read_text() == '{"the": "user edited this"}'

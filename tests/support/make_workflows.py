@@ -19,6 +19,7 @@ that tests/support/nano_ootb.py makes from the nano world; this command also (re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ CONTROLNET = "control_v11p_sd15_canny.safetensors"
 LORA = "sd15-style-lora.safetensors"
 NANO_SD15 = "nano-sd15.safetensors"
 NANO_KOSMOSG = "kosmosg-nano.safetensors"
+EARLIER_VERSIONS = REPO / "scripts" / "earlier_workflow_versions.json"  # read by scripts/start_comfyui.py
 SUBJECT_1 = "kosmosg_subject_1.png"
 SUBJECT_2 = "kosmosg_subject_2.png"
 NEGATIVE = ""  # official demo: empty negative prompt = the unconditional encoding
@@ -150,7 +152,8 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     50 steps, cfg 6) -> save. The flow runs left to right, a column each (the note above the first two): subject
     images (+ the ControlNet's edge image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent
     (ControlNet loader) | (LoRA) | (Apply ControlNet) | KSampler | decode, save. A node's inputs come from the columns
-    to its left (Save Image's from VAE Decode above it), so no link runs back under the nodes."""
+    to its left (Save Image's from VAE Decode above it); a long link may pass behind a node between (the SD
+    checkpoint's VAE behind the LoRA loader)."""
     wf = Workflow(name)
     widest = {"images": "LoadImage", "prompt": "KosmosGInterleavedPrompt", "encode": "KosmosGEncode",
               "lora": "LoraLoaderModelOnly", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
@@ -271,10 +274,31 @@ def main(argv=None) -> None:
     for path in nano_ootb.write_subject_images(os.path.join(args.out, "input")):
         print(path)
     for name, wf in all_workflows().items():
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump(wf.to_json(), f, indent=2)
-            f.write("\n")
-        print(os.path.join(args.out, name + ".json"))
+        path = os.path.join(args.out, name + ".json")
+        text = json.dumps(wf.to_json(), indent=2) + "\n"
+        if os.path.isfile(path):
+            remember_earlier_version(path, text)
+        with open(path, "w") as f:
+            f.write(text)
+        print(path)
+
+
+def remember_earlier_version(path: str, new_text: str) -> None:
+    """Before the shipped workflow at `path` is replaced by `new_text`: its SHA-256 into EARLIER_VERSIONS, so the
+    start script updates a user's unedited copy of it (scripts/start_comfyui.py copy_examples)."""
+    with open(path, "rb") as f:
+        old = f.read()
+    if old == new_text.encode():
+        return
+    with open(EARLIER_VERSIONS) as f:
+        earlier = json.load(f)
+    known = earlier.setdefault(os.path.basename(path), [])
+    digest = hashlib.sha256(old).hexdigest()
+    if digest not in known:
+        known.append(digest)
+        known.sort()
+    with open(EARLIER_VERSIONS, "w") as f:
+        f.write(json.dumps(earlier, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

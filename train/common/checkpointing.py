@@ -155,7 +155,7 @@ def _try_lock(handle) -> bool:
         return True
     import msvcrt
 
-    handle.seek(_MSVCRT_LOCK_BYTE)  # msvcrt locks from the file position
+    os.lseek(handle.fileno(), _MSVCRT_LOCK_BYTE, os.SEEK_SET)  # msvcrt locks from the file descriptor's position
     try:
         msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:  # PermissionError (EACCES): another process holds it
@@ -169,7 +169,7 @@ def _unlock(handle) -> None:
     if fcntl is None:
         import msvcrt
 
-        handle.seek(_MSVCRT_LOCK_BYTE)
+        os.lseek(handle.fileno(), _MSVCRT_LOCK_BYTE, os.SEEK_SET)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 

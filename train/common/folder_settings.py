@@ -29,7 +29,9 @@ def check_folder_settings(folder, settings: dict, may_change=()) -> None:
     described = "; ".join(changed_settings(saved, settings, may_change)[:5])
     recorded = flatten_settings(saved)
     unrecorded = [key for key in changed if key not in recorded]
-    if unrecorded:  # a setting added since the folder was made: no flag makes what the earlier version made
+    # only settings added since the folder was made differ: no flag makes what the earlier version made (with a
+    # recorded one changed too, e.g. --scheduler, its recorded value may be what is meant: the usual message)
+    if unrecorded and len(unrecorded) == len(changed):
         raise ValueError(f"{folder} holds output made with other settings ({described}): it was made by an earlier "
                          f"version, which did not record {', '.join(unrecorded)}, and its output may differ from what "
                          "this version makes. A rerun keeps what is there: use a new output folder, or delete the "

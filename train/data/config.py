@@ -186,26 +186,34 @@ def read_config_file(path: str, section: str) -> dict:
 
 
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping). One key set twice is refused, and so is
-    a key inside a section set as a whole (`crop={entity_size: 128}` and `crop.entity_size=256`): the last would
-    win without a word."""
-    parsed, keys = [], {}  # key as set_path reads it -> as given
+    """`--set key=value` -> (key, value parsed as YAML scalar/list/mapping). A setting reached twice is refused: one
+    key given twice, or a section's mapping and a key inside it that both set the same entry
+    (`crop={entity_size: 128}` and `crop.entity_size=256`; a mapping is merged key by key, so `crop={square_crop:
+    false}` beside `crop.entity_size=256` is fine): the last would win without a word."""
+    parsed, leaves = [], {}  # every setting an item reaches, as set_path reads it -> the key as given
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set crop.entity_size=256")
         key, raw = item.split("=", 1)
         key = key.strip()
-        same_key = key.replace("-", "_")  # as set_path reads it
-        if same_key in keys:
-            raise ValueError(f"--set {key} is given twice on the command line; give it once.")
-        for other, given in keys.items():
-            if other.startswith(same_key + ".") or same_key.startswith(other + "."):
-                section, inside = sorted((given, key), key=len)
-                raise ValueError(f"--set {given} and --set {key} overlap ({inside} is inside {section}): the last "
-                                 "would win without a word; set it once.")
-        keys[same_key] = key
-        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        for leaf in _settings_reached(key.replace("-", "_"), value):  # as set_path reads it
+            for other, given in leaves.items():
+                if leaf == other or leaf.startswith(other + ".") or other.startswith(leaf + "."):
+                    if given == key:
+                        raise ValueError(f"--set {key} is given twice on the command line; give it once.")
+                    raise ValueError(f"--set {given} and --set {key} both set {min(leaf, other, key=len)}: the last "
+                                     "would win without a word; set it once.")
+        leaves.update({leaf: key for leaf in _settings_reached(key.replace("-", "_"), value)})
+        parsed.append((key, value))
     return parsed
+
+
+def _settings_reached(key: str, value) -> list[str]:
+    """The dotted settings `--set key=value` writes: a non-empty mapping is merged entry by entry."""
+    if isinstance(value, dict) and value:
+        return [leaf for name, item in value.items() for leaf in _settings_reached(f"{key}.{name}".replace("-", "_"), item)]
+    return [key]
 
 
 def to_dict(config: Any) -> dict:

@@ -185,16 +185,22 @@ function resolveOutput(node, slot, type, path, seen) {
  * (nodeData.inputs, isOptional false for "required"). Inputs the definition does not list (added by a node's own
  * script) count as optional: the walk would rather miss a refusal than flag a prompt the server accepts. */
 function isRequiredInput(node, name) {
-    const spec = node.constructor?.nodeData?.inputs?.[name];
+    const spec = inputSpec(node, name);
     return spec !== undefined && spec.isOptional !== true;
+}
+
+/** The node definition's entry for `node`'s input `name` (nodeData.inputs), or undefined: the server validates the
+ * inputs its definition declares, and only those. */
+function inputSpec(node, name) {
+    return node.constructor?.nodeData?.inputs?.[name];
 }
 
 /** The first node at or above `source` that the server refuses because graphToPrompt drops the link into one of
  * its required inputs ("Required input is missing"): {node, input, cause} (cause: what stops that input, as
  * `nothing` gives it), or null. A dropped link into an input with a widget (its widget value is sent instead) or
- * into an optional input is no refusal, but the server checks every node a sent link leads to, so the walk goes
- * on up through every linked input; an unconnected required input is not reported (the user sees it, and the
- * server names it). Each node is checked once per socket (`checked`), at most WALK_LIMIT of them, so a large graph
+ * into an optional input is no refusal, but the server checks every node a sent link into a declared input leads
+ * to, so the walk goes on up through every such input (one a node's own script added is not checked there, nor
+ * here); an unconnected required input is not reported (the user sees it, and the server names it). Each node is checked once per socket (`checked`), at most WALK_LIMIT of them, so a large graph
  * costs one bounded pass. */
 function refusedAbove(source, checked) {
     const { node, path } = source;
@@ -202,7 +208,7 @@ function refusedAbove(source, checked) {
     if (checked.has(key) || checked.size >= WALK_LIMIT) return null;
     checked.add(key);
     for (const [slot, input] of (node.inputs ?? []).entries()) {
-        if (!inputLink(node, slot)) continue;
+        if (!inputLink(node, slot) || inputSpec(node, input.name) === undefined) continue;
         const found = resolveInput(node, slot, input.type, path, "unconnected", new Set());
         if (found.blocked && !input.widget && isRequiredInput(node, input.name)) {
             return { node, input: input.label || input.localized_name || input.name, cause: found.blocked };
@@ -257,7 +263,8 @@ function widgetValue(node, name) {
 /** Everything the status line, the preview and the socket labels show, from the node's state.
  * linkedSocketIndices: the sockets whose image link is sent; skipped: a note per socket that is linked but
  * sends nothing (blockedNote), shown as the cause when images are short and as a remark otherwise; refused: a note
- * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the whole prompt fails. */
+ * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the server refuses every
+ * output that depends on it (the prompt fails unless another output still validates). */
 export function describe(text, linkedSocketIndices, weightsText, skipped = [], refused = []) {
     const placeholders = countPlaceholders(text);
     const images = linkedSocketIndices.length;
