@@ -317,9 +317,9 @@ def test_resume_refuses_changed_settings_and_keeps_the_run_record(parts, tmp_pat
         run_command("train_unet", with_flags(args, "--max-steps", "2", "--learning-rate", "0.1", "--seed", "5"))
     assert (out / "train_config.json").read_text() == record
     run_command("train_unet", with_flags(args, "--max-steps", "2", "--eval-every", "0"))  # the length may change
-    for flag in ("--save-every", "--batch-size"):
-        with pytest.raises(ValueError, match=f"{flag} 0: must be at least 1"):
-            run_command("train_unet", with_flags(args, "--output-dir", str(tmp_path / "zero"), flag, "0"))
+    for flag, value, least in (("--save-every", "0", 1), ("--batch-size", "0", 1), ("--warmup-steps", "-5", 0)):
+        with pytest.raises(ValueError, match=f"{flag} {value}: must be at least {least}"):
+            run_command("train_unet", with_flags(args, "--output-dir", str(tmp_path / "zero"), flag, value))
     with pytest.raises(ValueError, match="is at step 2, beyond --max-steps 1"):  # it rewrote the EMA as step 1
         run_command("train_unet", args)
 

@@ -44,7 +44,7 @@ class TextEncoderTrainConfig:
     batch_size: int = field(default=128, metadata={"min": 1, "help": "(image, caption) pairs per step"})
     max_steps: int = field(default=400, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
-    warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps, then cosine decay to a tenth"})
+    warmup_steps: int = field(default=40, metadata={"min": 0, "help": "linear warm-up steps, then cosine decay to a tenth"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     clip_norm: float = field(default=1.0, metadata={"help": "gradient clipping max norm (0 = off)"})
     text_layers: int = field(default=2, metadata={"help": "CLIPTextModel layers"})

@@ -54,7 +54,7 @@ class UNetTrainConfig:
     batch_size: int = field(default=32, metadata={"min": 1, "help": "latents per step"})
     max_steps: int = field(default=4000, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear warm-up steps"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant | cosine (to a tenth at max_steps)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     clip_norm: float = field(default=1.0, metadata={"help": "gradient clipping max norm (0 = off)"})

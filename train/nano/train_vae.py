@@ -44,7 +44,7 @@ class VaeTrainConfig:
     batch_size: int = field(default=16, metadata={"min": 1, "help": "images per step"})
     max_steps: int = field(default=300, metadata={"min": 1, "help": "optimiser steps"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak Adam learning rate (cosine decay to a tenth)"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    warmup_steps: int = field(default=20, metadata={"min": 0, "help": "linear warm-up steps"})
     crop_size: int = field(default=32, metadata={"help": "train on random crops of this side (multiple of 8, on the "
                                                          "8-px latent grid; the network is convolutional): 32 "
                                                          "costs 1/4 of full 64x64 images"})
