@@ -96,3 +96,29 @@ export async function loadWorkflow(page, workflow, substitutions = {}) {
         return changed;
     }, { workflow, substitutions });
 }
+
+const VUE_NODES_SETTING = "Comfy.VueNodes.Enabled";
+
+/** The frontend's Vue nodes mode ("Nodes 2.0"), a setting the server stores for every page: `available` (an unknown
+ * setting reads as undefined, a known one as its boolean), `before` (its value now), `set(on)`, and `restore()`
+ * -> whether it is back as it was, so the other browser checks find the mode they expect. */
+export async function vueNodesMode(page) {
+    const read = () => page.evaluate((id) => app.extensionManager.setting.get(id), VUE_NODES_SETTING);
+    const write = (on) => page.evaluate(async ([id, on]) => app.extensionManager.setting.set(id, on), [VUE_NODES_SETTING, on]);
+    const before = await read();
+    let changed = false;
+    return {
+        available: typeof before === "boolean",
+        before,
+        read,
+        set: async (on) => {
+            changed = true;
+            await write(on);
+        },
+        restore: async () => {
+            if (changed) await write(before);
+            changed = false;
+            return (await read()) === before;
+        },
+    };
+}

@@ -19,7 +19,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 
-import { launchChromium, loadWorkflow, newReport, recordErrors, screenshotsIn } from "./chromium.mjs";
+import { launchChromium, loadWorkflow, newReport, recordErrors, screenshotsIn, vueNodesMode } from "./chromium.mjs";
 
 const { values: opts, positionals: workflowPaths } = parseArgs({
     allowPositionals: true,
@@ -39,13 +39,12 @@ if (!opts.url || !opts.screenshots || workflowPaths.length === 0) {
 }
 const TIMEOUT_MS = Number(opts.timeout) * 1000;
 const MIN_GAP = Number(opts["min-gap"]);
-const SETTING = "Comfy.VueNodes.Enabled";
 const { report, step } = newReport();
 report.min_gap = MIN_GAP;
 report.modes = {};
 const shot = screenshotsIn(opts.screenshots);
 const browser = await launchChromium(opts.chromium);
-let restore = null;
+let vue = null;  // the Vue nodes mode setting, put back as it was at the end
 try {
     const page = await browser.newPage({ viewport: { width: Number(opts.width), height: Number(opts.height) },
         deviceScaleFactor: 1 });
@@ -53,9 +52,9 @@ try {
     await page.goto(opts.url, { waitUntil: "domcontentloaded", timeout: TIMEOUT_MS });
     await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types?.KosmosGLoader
         && window.app.canvas && window.app.extensionManager?.setting, null, { timeout: TIMEOUT_MS });
-    const before = await page.evaluate((id) => app.extensionManager.setting.get(id), SETTING);
+    vue = await vueNodesMode(page);
     step("loaded", { frontend_version: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null),
-        vue_available: typeof before === "boolean" });
+        vue_available: vue.available });
     await page.evaluate(async () => {  // nothing drawn over the canvas
         if (app.extensionManager.setting.get("Comfy.Minimap.Visible")) await app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
     }).catch(() => {});
@@ -158,23 +157,17 @@ try {
         report.modes[mode] = results;
     };
 
-    const setVue = (on) => page.evaluate(async ([id, on]) => app.extensionManager.setting.set(id, on), [SETTING, on]);
-    if (report.vue_available) restore = () => setVue(before);
-    if (before === true) await setVue(false);  // the classic canvas first, whatever the server's settings say
+    if (vue.before === true) await vue.set(false);  // the classic canvas first, whatever the server's settings say
     await checkMode("classic");
     step("classic");
-    if (report.vue_available) {
-        await setVue(true);
+    if (vue.available) {
+        await vue.set(true);
         await checkMode("vue");
-        step("vue", { vue_mode: await page.evaluate((id) => app.extensionManager.setting.get(id), SETTING) });
-    }
-    if (restore) {
-        await restore();
-        restore = null;
-        step("restored", { restored: await page.evaluate((id) => app.extensionManager.setting.get(id), SETTING) === before });
+        step("vue", { vue_mode: await vue.read() });
+        step("restored", { restored: await vue.restore() });
     }
 } finally {
-    await restore?.().catch(() => {});
+    await vue?.restore().catch(() => {});
     await browser.close();
 }
 console.log(JSON.stringify(report));

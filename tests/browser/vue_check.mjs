@@ -17,7 +17,9 @@
 import fs from "node:fs";
 import { parseArgs } from "node:util";
 
-import { launchChromium, loadWorkflow, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn } from "./chromium.mjs";
+import {
+    launchChromium, loadWorkflow, newReport, promptWithTwoLoaders, recordErrors, screenshotsIn, vueNodesMode,
+} from "./chromium.mjs";
 
 const { values: opts } = parseArgs({
     options: {
@@ -30,11 +32,10 @@ const { values: opts } = parseArgs({
     },
 });
 const TIMEOUT_MS = Number(opts.timeout) * 1000;
-const SETTING = "Comfy.VueNodes.Enabled";
 const { report, step } = newReport();
 const shot = screenshotsIn(opts.screenshots);
 const browser = await launchChromium(opts.chromium);
-let restore = null;  // settings are stored on the server: leave the mode as it was for the other browser checks
+let vue = null;  // settings are stored on the server: leave the mode as it was for the other browser checks
 try {
     const page = await browser.newPage({ viewport: { width: 1600, height: 900 }, deviceScaleFactor: 1 });
     recordErrors(page, report);
@@ -48,16 +49,15 @@ try {
     })));
 
     // --- enable Vue nodes: an unknown setting reads as undefined (a known one has its boolean default) -------
-    const before = await page.evaluate((id) => app.extensionManager.setting.get(id), SETTING);
-    report.available = typeof before === "boolean";
+    vue = await vueNodesMode(page);
+    report.available = vue.available;
     if (!report.available) {
-        step("no_vue_nodes", { setting_value: before ?? null });
+        step("no_vue_nodes", { setting_value: vue.before ?? null });
     } else {
-        restore = () => page.evaluate(async ([id, value]) => app.extensionManager.setting.set(id, value), [SETTING, before]);
-        await page.evaluate(async (id) => {
+        await page.evaluate(async () => {
             if (app.extensionManager.setting.get("Comfy.Minimap.Visible")) await app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
-            await app.extensionManager.setting.set(id, true);
-        }, SETTING).catch((e) => { report.setting_error = String(e); });
+        }).catch((e) => { report.setting_error = String(e); });
+        await vue.set(true).catch((e) => { report.setting_error = String(e); });
         await page.evaluate(() => app.graph.clear());
         await page.keyboard.press("Escape");
         const ids = await promptWithTwoLoaders(page, "__vk", { prompt: [520, 120], first: [60, 90], second: [60, 470] },
@@ -236,12 +236,10 @@ try {
             step("workflow", { workflow: { substituted, loaded } });
         }
 
-        await restore();
-        restore = null;
-        step("restored", { restored: await page.evaluate((id) => app.extensionManager.setting.get(id), SETTING) === before });
+        step("restored", { restored: await vue.restore() });
     }
 } finally {
-    await restore?.().catch(() => {});
+    await vue?.restore().catch(() => {});
     await browser.close();
 }
 console.log(JSON.stringify(report));
