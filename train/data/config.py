@@ -197,14 +197,15 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip()
         value = yaml.safe_load(raw) if raw.strip() else ""
-        for leaf in _settings_reached(key.replace("-", "_"), value):  # as set_path reads it
+        reached = _settings_reached(key.replace("-", "_"), value)  # as set_path reads it
+        for leaf in reached:
             for other, given in leaves.items():
                 if leaf == other or leaf.startswith(other + ".") or other.startswith(leaf + "."):
                     if given == key:
                         raise ValueError(f"--set {key} is given twice on the command line; give it once.")
                     raise ValueError(f"--set {given} and --set {key} both set {min(leaf, other, key=len)}: the last "
                                      "would win without a word; set it once.")
-        leaves.update({leaf: key for leaf in _settings_reached(key.replace("-", "_"), value)})
+        leaves.update({leaf: key for leaf in reached})
         parsed.append((key, value))
     return parsed
 
