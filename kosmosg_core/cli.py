@@ -18,6 +18,36 @@ from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEF
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
+
+
+class StoreOnce(argparse.Action):
+    """argparse's plain store, but a flag given twice is refused by name: argparse would keep the last value without
+    a word, and which one was meant is a guess. The flags given so far are kept in the namespace under
+    `_flags_given` while parsing; `OneValuePerFlagParser` removes that key when it is done."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault("_flags_given", {})
+        if self.dest in given:
+            parser.error(f"{option_string} is given twice on the command line ({given[self.dest]!r}, then {values!r}); "
+                         "give it once.")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+class OneValuePerFlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose plain (one-value) flags are `StoreOnce`: given twice, they are refused by name.
+    Sub-command parsers are of the same class (argparse makes them with the parent's class). Repeatable flags say
+    so with action="append"; on / off switches (store_true) may repeat harmlessly."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, StoreOnce)
+        self.register("action", "store", StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop("_flags_given", None)
+        return namespace, extras
 CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
@@ -101,7 +131,7 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kosmosg_core", description=__doc__,
+    parser = OneValuePerFlagParser(prog="python -m kosmosg_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from kosmosg_core.cli import OneValuePerFlagParser  # noqa: E402  (torch-free: a flag given twice is refused)
 from support import comfy_server  # noqa: E402  (stdlib-only server helper shared with the tests)
 
 PACK_FOLDER_NAME = "ComfyUI-Kosmos-G"
@@ -72,7 +73,7 @@ def shrink_png(path: Path, max_bytes: int) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneValuePerFlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=800)

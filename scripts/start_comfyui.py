@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kosmosg_core.cli import OneValuePerFlagParser  # noqa: E402  (torch-free: runs before the venv exists, for --help)
 PACK_FOLDER_NAME = "ComfyUI-Kosmos-G"
 NANO_DIR = Path(os.environ.get("KOSMOSG_NANO_DIR") or REPO / "models" / "nano")  # env: another nano models folder
 NANO_SD15 = "nano-sd15.safetensors"
@@ -74,8 +76,8 @@ def _port(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bash scripts/start_comfyui.sh", description=__doc__.splitlines()[0],
-                                     epilog="Arguments after `--` go to ComfyUI's main.py unchanged.")
+    parser = OneValuePerFlagParser(prog="bash scripts/start_comfyui.sh", description=__doc__.splitlines()[0],
+                                   epilog="Arguments after `--` go to ComfyUI's main.py unchanged.")
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "kosmosg" / "comfyui-data",
                         help="user data folder: models, input, output, settings (default: %(default)s)")
     parser.add_argument("--port", type=_port, default=None,

@@ -48,6 +48,37 @@ def test_help_for_each_subcommand():
         assert f"usage: python -m kosmosg_core {name}" in out
 
 
+def test_a_flag_given_twice_is_refused_by_name(capsys):
+    """argparse keeps the last of two values without a word; every CLI here refuses instead (one parser class:
+    train/ and scripts/start_comfyui.py are checked in their own tests). Repeatable flags (--image) and switches (-v)
+    may repeat."""
+    from kosmosg_core.cli import build_parser
+    from train.nano import judge, nano_tokenizer, world
+
+    parser = build_parser()
+    base = ["encode", "--checkpoint", "k.safetensors", "--prompt", "<i> and <i>", "--out", "o.safetensors"]
+    for extra, flag, values in ((["--prompt", "again"], "--prompt", "('<i> and <i>', then 'again')"),
+                                (["--dtype=float32", "--dtype", "bfloat16"], "--dtype", "('float32', then 'bfloat16')")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(base + extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"python -m kosmosg_core encode: error: {flag} is given twice on the command line {values}; give it once." in err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--checkpoint", "k", "--sd-model", "s", "--prompt", "x", "--steps", "20",
+                           "--steps", "50"])
+    assert "--steps is given twice on the command line (20, then 50)" in capsys.readouterr().err
+    args = parser.parse_args(["-v", "-v"] + base + ["--image", "a.png", "--image", "b.png"])
+    assert [Path(p).name for p in args.image] == ["a.png", "b.png"] and args.verbose and args.dtype == "float32"
+    assert not hasattr(args, "_flags_given")  # the parser's bookkeeping stays inside it
+    for main, argv in ((world.main, ["--out", "x", "--count", "1", "--count", "2"]),
+                       (judge.main, ["--samples", "1", "--samples", "2"]),
+                       (nano_tokenizer.main, ["--out", "x", "--out", "y"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and "is given twice on the command line" in capsys.readouterr().err
+
+
 def test_encode_writes_cond(pack, images, tmp_path):
     ckpt, tok_dir, _ = pack
     out = tmp_path / "cond.safetensors"

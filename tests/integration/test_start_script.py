@@ -161,7 +161,9 @@ def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
     import socket
 
     for argv, message in ((["--port", "0"], "0 is not a port"), (["--port", "99999"], "99999 is not a port"),
-                          (["--", "--port", "8193"], "give --port before `--`")):
+                          (["--", "--port", "8193"], "give --port before `--`"),
+                          (["--port", "8190", "--port", "8191"],
+                           "--port is given twice on the command line (8190, then 8191); give it once.")):
         result = subprocess.run([sys.executable, str(REPO / "scripts" / "start_comfyui.py"), *argv],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -18,6 +18,7 @@ import types
 import typing
 from pathlib import Path
 
+from kosmosg_core.cli import OneValuePerFlagParser
 from kosmosg_core.errors import KosmosGError
 
 logger = logging.getLogger(__name__)
@@ -197,23 +198,12 @@ def _module_prog() -> str | None:
     return "python -m " + ".".join(module[:-1] if module[-1] == "__main__" else module)
 
 
-class StoreOnce(argparse.Action):
-    """argparse's plain store, but a flag given twice is refused by name: argparse would keep the last value without
-    a word, and which one was meant is a guess. The flag's default must be argparse.SUPPRESS: then the namespace
-    holds its name only once the flag was given."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if hasattr(namespace, self.dest):
-            parser.error(f"{option_string} is given twice on the command line ({getattr(namespace, self.dest)!r}, "
-                         f"then {values!r}); give it once.")
-        setattr(namespace, self.dest, values)
-
-
 def build_parser(config_class, description: str) -> argparse.ArgumentParser:
     # allow_abbrev=False: argparse would otherwise take `--lr 1e-4` for `--lr-power 1e-4`, silently
-    parser = argparse.ArgumentParser(prog=_module_prog(), description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action=StoreOnce, default=argparse.SUPPRESS,
+    # OneValuePerFlagParser: a flag given twice is refused; SUPPRESS: the namespace holds only the flags given
+    parser = OneValuePerFlagParser(prog=_module_prog(), description=description, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="YAML or JSON file with any of the fields below")
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
@@ -227,7 +217,7 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
         if "max" in field.metadata:
             help_text = f"{help_text} (at most {field.metadata['max']})"
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(hints[field.name]),
-                            action=StoreOnce, default=argparse.SUPPRESS, help=help_text)
+                            default=argparse.SUPPRESS, help=help_text)
     return parser
 
 

@@ -14,7 +14,8 @@ import logging
 import sys
 from typing import Any, Callable
 
-from train.common.config import INPUT_ERRORS, StoreOnce, input_error_message
+from kosmosg_core.cli import OneValuePerFlagParser
+from train.common.config import INPUT_ERRORS, input_error_message
 
 from . import config as cfg
 
@@ -75,22 +76,22 @@ COMMANDS: dict[str, tuple[type, str, str, list]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.data",
-                                     description="Kosmos-G training data: construction, ingestion, mixing, "
-                                                 "official-layout conversion (WebDataset shards).")
+    parser = OneValuePerFlagParser(prog="python -m train.data",
+                                   description="Kosmos-G training data: construction, ingestion, mixing, "
+                                               "official-layout conversion (WebDataset shards).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name, (_, summary, description, flags) in COMMANDS.items():
         # allow_abbrev=False: a mistyped flag must not be taken for a longer one it begins (`--out` for `--output`)
         sub = subparsers.add_parser(name, help=summary, description=f"{summary}. {description}", allow_abbrev=False)
-        sub.add_argument("--config", action=StoreOnce, default=argparse.SUPPRESS,
+        sub.add_argument("--config", default=argparse.SUPPRESS,
                          help="YAML or JSON config file (a `%s:` section is used if present)" % name)
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, dotted for sections (repeatable)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         sub.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
         for flag, key, kind, text in flags:
-            sub.add_argument(flag, dest=f"opt:{key}:{flag}", type=kind, action=StoreOnce, default=argparse.SUPPRESS,
+            sub.add_argument(flag, dest=f"opt:{key}:{flag}", type=kind, default=argparse.SUPPRESS,
                              help=text, metavar=flag.lstrip("-").replace("-", "_").upper())
     return parser
 

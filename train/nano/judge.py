@@ -29,7 +29,6 @@ image shows what the labels say; ``read_background`` names the background (step 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -40,6 +39,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from kosmosg_core.cli import OneValuePerFlagParser
 
 from . import world
 
@@ -502,8 +503,8 @@ CONDITIONS = {  # name -> degrade() arguments; "clean" is the issue's >= 0.98 re
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.nano.judge", allow_abbrev=False,
-                                     description="Measure the nano judge's accuracy on held-out world scenes.")
+    parser = OneValuePerFlagParser(prog="python -m train.nano.judge", allow_abbrev=False,
+                                   description="Measure the nano judge's accuracy on held-out world scenes.")
     parser.add_argument("--samples", type=int, default=2000, help="held-out scenes per condition")
     parser.add_argument("--seed", type=int, default=world.HELDOUT_SEED, help="scene stream (default: HELDOUT_SEED)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

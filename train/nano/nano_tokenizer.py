@@ -13,13 +13,13 @@ shape, position and background) plus one line of printable ASCII, so any prompt 
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import logging
 import string
 from pathlib import Path
 
+from kosmosg_core.cli import OneValuePerFlagParser
 from train.nano import world
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ def write_tokenizer(directory, pieces: int = SPM_PIECES) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.nano.nano_tokenizer", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
+    parser = OneValuePerFlagParser(prog="python -m train.nano.nano_tokenizer", allow_abbrev=False,
+                                   description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (sentencepiece.bpe.model + dict.txt)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -58,6 +58,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kosmosg_core.cli import OneValuePerFlagParser
 from kosmosg_core.config import NANO_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -448,11 +449,9 @@ def write_pairs(out_dir, count: int, seed: int = TRAIN_SEED, split: str | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m train.nano.world", allow_abbrev=False,
-                                     description="write world scenes as an image-caption pair folder "
-                                                 "(<index>.png + <index>.txt) for python -m train.data ingest-pairs")
+    parser = OneValuePerFlagParser(prog="python -m train.nano.world", allow_abbrev=False,
+                                   description="write world scenes as an image-caption pair folder "
+                                               "(<index>.png + <index>.txt) for python -m train.data ingest-pairs")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--count", type=int, required=True, help="number of scenes")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"scene stream (training {TRAIN_SEED}, "
