@@ -18,6 +18,7 @@ from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEF
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
+CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
 class StoreOnce(argparse.Action):
@@ -48,7 +49,6 @@ class OneValuePerFlagParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         vars(namespace).pop("_flags_given", None)
         return namespace, extras
-CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
 def _cpu_linear_list(text: str) -> str:
@@ -132,7 +132,7 @@ def cmd_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneValuePerFlagParser(prog="python -m kosmosg_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
     sub = parser.add_subparsers(dest="command", required=True)
 
