@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `reference.in_memory_module`
+from reference.in_memory_module import module_from_source  # noqa: E402
 
 DEFAULT_MIRROR = Path("/work/.mirror/huggingface+diffusers/repo")
 OUTPUT = Path(__file__).parent / "official_scheduler_outputs.safetensors"
@@ -91,11 +93,7 @@ def load_old_schedulers(mirror: Path) -> tuple[str, dict, dict[str, str]]:
         data = _git(mirror, "show", f"{commit}:{path}")
         blobs[path] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         module_name = f"{diffusers.schedulers.__name__}._official_{name}"  # inside the package: relative imports
-        spec = importlib.util.spec_from_loader(module_name, loader=None)
-        module = importlib.util.module_from_spec(spec)
-        module.__package__ = diffusers.schedulers.__name__
-        sys.modules[module_name] = module
-        exec(compile(data, f"{TAG}:{path}", "exec"), module.__dict__)
+        module = module_from_source(data, f"{TAG}:{path}", module_name, diffusers.schedulers.__name__, register=True)
         classes[name] = getattr(module, CLASSES[name])
     return commit, classes, blobs
 
