@@ -49,9 +49,9 @@ def test_help_for_each_subcommand():
 
 
 def test_a_flag_given_twice_is_refused_by_name(capsys):
-    """argparse keeps the last of two values without a word; every CLI here refuses instead (one parser class:
-    train/ and scripts/start_comfyui.py are checked in their own tests). Repeatable flags (--image) and switches (-v)
-    may repeat."""
+    """argparse keeps the last of two values without a word; the Python commands here refuse instead (one parser
+    class: train/ and scripts/start_comfyui.py are checked in their own tests). Repeatable flags (--image) and
+    switches (-v) may repeat."""
     from kosmosg_core.cli import build_parser
     from train.nano import judge, nano_tokenizer, world
 
