@@ -71,6 +71,12 @@ def _image_paths(values: list[str]) -> list[Path]:
     return [Path(value) for value in values]
 
 
+def _image_weights(args) -> list[float]:
+    from .prompt import parse_image_weights
+
+    return parse_image_weights(args.image_weights, len(args.image), "--image-weights", "in --image order")
+
+
 def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors
@@ -81,17 +87,19 @@ def cmd_encode(args) -> None:
     if args.prompt == "" and args.image:
         raise PromptError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
                            "--image were given; add <i> placeholders to the prompt or drop the images.")
+    weights = _image_weights(args)
     if args.prompt != "":
-        images = read_prompt_images(args.prompt, images)  # before loading too
+        images = read_prompt_images(args.prompt, images, weights)  # before loading too
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel)
     if args.prompt == "":
         cond = pipe.encode_unconditional()
     else:
-        cond = pipe.encode(args.prompt, images)
+        cond = pipe.encode(args.prompt, images, image_weights=weights)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
     save_safetensors({ENCODE_TENSOR_NAME: cond.float().cpu().contiguous()}, out,
-                     metadata={"prompt": args.prompt, "images": json.dumps(args.image), "dtype": args.dtype,
+                     metadata={"prompt": args.prompt, "images": json.dumps(args.image),
+                               "image_weights": json.dumps(weights), "dtype": args.dtype,
                                "checkpoint": Path(args.checkpoint).name})
     print(f"wrote {out}: cond {list(cond.shape)}")
 
@@ -119,7 +127,8 @@ def cmd_generate(args) -> None:
         images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
-        show_progress=sys.stderr.isatty(), noise=args.noise)  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
+        image_weights=_image_weights(args), noise=args.noise,
+        show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
         print(f"wrote {p}")
 
@@ -145,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--prompt", required=True, help='text with one <i> per image; "" = the unconditional prompt')
     p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
+                   help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
+                        "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
@@ -177,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image")
     p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
+    p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
+                   help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
+                        "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (official demo: {DEFAULT_STEPS})")

@@ -156,10 +156,12 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     out_dir: Path = Path("outputs"), steps: int = DEFAULT_STEPS,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
                     num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
-                    sd_config_dir=None, show_progress: bool = False, noise: str = "per-image") -> list[Path]:
+                    sd_config_dir=None, show_progress: bool = False, noise: str = "per-image",
+                    image_weights=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
-    images: one per `<i>`, paths or anything `to_pil_images` reads; height / width None: the SD model's own size
+    images: one per `<i>`, paths or anything `to_pil_images` reads; image_weights: None (1.0 each) or one per image,
+    as `KosmosGPipeline.encode` takes them; height / width None: the SD model's own size
     (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
     noise "per-image": image k starts from the noise of seed + k (`image_generators`), it is image 0 of a run with
     that seed; "official": the official demo's noise (`official_noise_generator`)."""
@@ -168,14 +170,14 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
         raise GenerationSettingsError(f"noise {noise!r} is not known: use one of {', '.join(NOISE_MODES)}.")
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
     check_sd15_paths(sd_model, sd_config_dir)
-    pictures = read_prompt_images(prompt, images)
+    pictures = read_prompt_images(prompt, images, image_weights)
     negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     # before the models load: a device without a random generator of its own fails here, not minutes later
     generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
-    cond = encoder.encode(prompt, pictures)  # [1, 77, C]
+    cond = encoder.encode(prompt, pictures, image_weights=image_weights)  # [1, 77, C]
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs

@@ -108,10 +108,11 @@ def _normalise_batch(prompts, images, image_weights):
     return prompts, images, weights
 
 
-def read_prompt_images(prompt: str, images: Sequence) -> list:
+def read_prompt_images(prompt: str, images: Sequence, image_weights: Sequence[float] | None = None) -> list:
     """What can be checked of one prompt and its images without a model, done before one loads (an official
-    `.pt` takes seconds): the text, one `<i>` per image, and every image read (paths decoded, so a missing or
-    damaged file is named now) -> the images as RGB PIL images, to pass to `encode`."""
+    `.pt` takes seconds): the text, one `<i>` per image, the image weights if given (one per image, each in
+    range), and every image read (paths decoded, so a missing or damaged file is named now) -> the images as RGB
+    PIL images, to pass to `encode` (with the same weights)."""
     check_text(prompt, "prompt")
     if isinstance(images, (list, tuple)) and not images:
         images = []
@@ -120,6 +121,8 @@ def read_prompt_images(prompt: str, images: Sequence) -> list:
     message = placeholder_mismatch(prompt, len(images))
     if message:
         raise PromptError(message)
+    if image_weights is not None:
+        _normalise_batch(prompt, images, image_weights)  # the weights' count and range, as `encode` checks them
     return to_pil_images(images) if images else []
 
 

@@ -20,6 +20,7 @@ Layout (official `AppModel.kosmosg_preprocess`, spec section 5), for n images an
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -79,6 +80,28 @@ def check_image_weight(weight, where: str) -> float:
         raise PromptError(f"Image weight {weight:g} ({where}) is outside 0..{MAX_IMAGE_WEIGHT:g}; 1.0 is the official "
                           "strength, 0 removes the image's features.")
     return float(weight)
+
+
+def parse_image_weights(text: str | None, num_images: int, name: str, order: str) -> list[float]:
+    """'1.0, 0.8' -> [1.0, 0.8] (commas, spaces or semicolons between numbers); empty or None -> 1.0 per image.
+    A PromptError names `name` (the input the text came from) and, for a wrong count, says to give one weight per
+    image `order` (e.g. "in socket order")."""
+    text = (text or "").strip()
+    if not text:
+        return [1.0] * num_images
+    weights = []
+    for part in re.split(r"[,\s;]+", text):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise PromptError(f"{name}: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
+        weights.append(check_image_weight(value, name))
+    if len(weights) != num_images:
+        raise PromptError(f"{name} has {len(weights)} value(s) but {num_images} image(s) were given; give one weight "
+                          f"per image {order}, or leave {name} empty for 1.0 each.")
+    return weights
 
 
 def check_text(text, what: str) -> None:

@@ -21,7 +21,7 @@ from comfy_execution.validation import validate_node_input
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
 from ..kosmosg_core.image_processing import check_pixel_values
-from ..kosmosg_core.prompt import check_image_weight, placeholder_mismatch
+from ..kosmosg_core.prompt import parse_image_weights, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
 MAX_IMAGES = 16
@@ -31,23 +31,8 @@ _SOCKET_INDEX = re.compile(rf"^(?:{IMAGES_INPUT}\.)?{IMAGE_PREFIX}(\d+)$")
 
 
 def parse_weights(text: str | None, num_images: int) -> list[float]:
-    """'1.0, 0.8' -> [1.0, 0.8]; empty -> 1.0 per image. Raises PromptError naming the problem."""
-    text = (text or "").strip()
-    if not text:
-        return [1.0] * num_images
-    weights = []
-    for part in re.split(r"[,\s;]+", text):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise PromptError(f"weights: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
-        weights.append(check_image_weight(value, "weights"))
-    if len(weights) != num_images:
-        raise PromptError(f"weights has {len(weights)} value(s) but {num_images} image(s) are connected; give one weight "
-                          "per image in socket order, or leave weights empty for 1.0 each.")
-    return weights
+    """The `weights` field: '1.0, 0.8' -> [1.0, 0.8]; empty -> 1.0 per image. Raises PromptError naming the problem."""
+    return parse_image_weights(text, num_images, "weights", "in socket order")
 
 
 def ordered_images(images: dict | None) -> list[tuple[str, torch.Tensor]]:

@@ -1,5 +1,6 @@
 """`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kosmosg_core.config import NANO_SD15_FORMAT
@@ -88,6 +90,19 @@ def test_encode_writes_cond(pack, images, tmp_path):
     assert list(cond) == ["cond"] and cond["cond"].shape == (1, 77, 768)
     expected = KosmosGPipeline.from_checkpoint(ckpt).encode("a photo of <i> wearing <i>", list(images))
     assert torch.allclose(cond["cond"], expected, atol=1e-5)
+
+
+def test_encode_image_weights_scale_each_image(pack, images, tmp_path):
+    out = tmp_path / "weighted.safetensors"
+    prompt = "a photo of <i> wearing <i>"
+    run_cli("encode", "--checkpoint", pack[0], "--prompt", prompt, "--image", images[0], "--image", images[1],
+            "--image-weights", "1.0, 0.5", "--out", out)
+    with safe_open(str(out), "pt") as f:
+        cond, metadata = f.get_tensor("cond"), f.metadata()
+    pipe = KosmosGPipeline.from_checkpoint(pack[0])
+    assert torch.allclose(cond, pipe.encode(prompt, list(images), image_weights=[1.0, 0.5]), atol=1e-5)
+    assert not torch.allclose(cond, pipe.encode(prompt, list(images)), atol=1e-3)
+    assert json.loads(metadata["image_weights"]) == [1.0, 0.5]
 
 
 def test_encode_empty_prompt_is_unconditional(pack, tmp_path):
@@ -255,6 +270,16 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["generate", "--sd-model", a_file, "--prompt", "x", "--num-images", "0"], "num_images must be"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--seed", str(2**64)], "seed must be"),
         (["generate", "--sd-model", a_file, "--prompt", "x", "--guidance-scale", "inf"], "guidance_scale must be a finite number"),
+        (["encode", "--prompt", "<i>", "--image", a_file, "--image-weights", "1, 0.5", "--out", tmp_path / "o.safetensors"],
+         "--image-weights has 2 value(s) but 1 image(s) were given; give one weight per image in --image order"),
+        (["encode", "--prompt", "<i>", "--image", a_file, "--image-weights", "strong", "--out", tmp_path / "o.safetensors"],
+         "--image-weights: 'strong' is not a number"),
+        (["encode", "--prompt", "", "--image-weights", "1", "--out", tmp_path / "o.safetensors"],
+         "--image-weights has 1 value(s) but 0 image(s) were given"),
+        (["generate", "--sd-model", nano_sd, "--prompt", "a <i>", "--image", a_file, "--image-weights", "11"],
+         "Image weight 11 (--image-weights) is outside 0..10"),
+        (["generate", "--sd-model", nano_sd, "--prompt", "a <i>", "--image", a_file, "--image-weights", "1 1"],
+         "--image-weights has 2 value(s) but 1 image(s) were given"),
     ]
     for args, message in cases:
         result = run_cli(args[0], "--checkpoint", missing, *args[1:], check=False)
@@ -365,6 +390,11 @@ def test_generate_with_diffusers_folder(pack, images, tmp_path):
     missing = [str(tmp_path / "missing") if str(x) == str(tmp_path / "tiny-sd15") else x for x in common]
     result = run_cli(*missing, "--out-dir", tmp_path / "c", check=False)
     assert result.returncode == 2 and "SD1.5 model not found" in result.stderr
+    # --image-weights reach the encoder: 1 is the default, 0 removes the image's features
+    run_cli(*common, "--image-weights", "1", "--out-dir", tmp_path / "w1")
+    run_cli(*common, "--image-weights", "0", "--out-dir", tmp_path / "w0")
+    assert (tmp_path / "w1" / "kosmosg_7_0.png").read_bytes() == first
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "w0" / "kosmosg_7_0.png")), np.asarray(a))
 
 
 def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):

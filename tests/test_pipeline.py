@@ -323,3 +323,9 @@ def test_read_prompt_images_counts_and_reads_like_encode(tmp_path):
     # one image given alone, not in a list (a PIL image; a batch tensor is still its images)
     assert [p.size for p in read_prompt_images("a <i>", Image.new("RGB", (3, 2)))] == [(3, 2)]
     assert len(read_prompt_images("<i> and <i>", batch)) == 2
+    # image weights as encode checks them: one per image (a batch's images each count), each in 0..10
+    assert len(read_prompt_images("<i> and <i>", [batch], [1.0, 0.5])) == 2
+    with pytest.raises(PromptError, match=r"Prompt 0 has 2 image\(s\) but 1 image weight\(s\)"):
+        read_prompt_images("<i> and <i>", [batch], [1.0])
+    with pytest.raises(PromptError, match=r"Image weight 11 \(prompt 0\) is outside 0..10"):
+        read_prompt_images("a <i>", [path], [11])
