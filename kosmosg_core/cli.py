@@ -150,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, type=_path, help="official checkpoint_final.pt or a converted .safetensors")
         p.add_argument("--tokenizer", default=None, type=_path, help=tokenizer_help)
 
+    def image_args(p):
+        p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
+        p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
+                       help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
+                            "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
+
     p = sub.add_parser("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
     model_args(p)
     p.add_argument("--prompt", required=True, help='text with one <i> per image; "" = the unconditional prompt')
-    p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
-    p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
-                   help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
-                        "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
+    image_args(p)
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
@@ -188,10 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single file: a diffusers-layout folder with model_index.json and unet/ vae/ scheduler/ configs "
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image")
-    p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
-    p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
-                   help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
-                        "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
+    image_args(p)
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (official demo: {DEFAULT_STEPS})")
