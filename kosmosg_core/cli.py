@@ -81,6 +81,7 @@ def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors
     from .pipeline import KosmosGPipeline, read_prompt_images
+    from .prompt import combine_image_weights
 
     out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
     images = _image_paths(args.image)
@@ -99,7 +100,8 @@ def cmd_encode(args) -> None:
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
     save_safetensors({ENCODE_TENSOR_NAME: cond.float().cpu().contiguous()}, out,
                      metadata={"prompt": args.prompt, "images": json.dumps(args.image),
-                               "image_weights": json.dumps(weights), "dtype": args.dtype,
+                               "image_weights": json.dumps(combine_image_weights(args.prompt, weights)),
+                               "dtype": args.dtype,
                                "checkpoint": Path(args.checkpoint).name})
     print(f"wrote {out}: cond {list(cond.shape)}")
 
@@ -154,11 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
         p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
                        help="one weight per --image, in order, e.g. '1.0, 0.8': multiplies that image's features in the "
-                            "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights")
+                            "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights; "
+                            "a weight written in the prompt, <i:0.8>, multiplies with it")
 
     p = sub.add_parser("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
     model_args(p)
-    p.add_argument("--prompt", required=True, help='text with one <i> per image; "" = the unconditional prompt')
+    p.add_argument("--prompt", required=True, help='text with one <i> per image (<i:0.8>: that image at weight 0.8); "" = the unconditional prompt')
     image_args(p)
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sd-config", default=None, type=_path,
                    help="for a single file: a diffusers-layout folder with model_index.json and unet/ vae/ scheduler/ configs "
                         "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
-    p.add_argument("--prompt", required=True, help="text with one <i> per image")
+    p.add_argument("--prompt", required=True, help="text with one <i> per image (<i:0.8>: that image at weight 0.8)")
     image_args(p)
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")

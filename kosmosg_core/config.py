@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,11 @@ EOS_ID = 2  # </s>
 UNK_ID = 3  # <unk>
 ADDED_SYMBOLS = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")  # appended after dict.txt
 IMAGE_PLACEHOLDER = "<i>"  # what users type in a prompt for "an image goes here"
+# `<i>`, or `<i:W>` with W that image's weight (this pack's addition). Whatever stands between `<i:` and `>` is
+# read as the weight, so a typo (`<i:O.8>`) is refused by name instead of reaching the model as text. For plain
+# `<i>` it finds what `str.count` finds (non-overlapping, left to right), as the official assert counts.
+# Mirrored in web/js/kosmosg_prompt.js (PLACEHOLDER_PATTERN).
+PLACEHOLDER_PATTERN = re.compile(r"<i(?::([^<>]*))?>")
 # An image weight scales the image's features: 1.0 = the official model, 0 = the features removed. Above
 # MAX_IMAGE_WEIGHT (or below 0) the conditioning leaves anything SD1.5 was trained on.
 MAX_IMAGE_WEIGHT = 10.0

@@ -21,7 +21,7 @@ from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
-    check_text, pad_batch, placeholder_mismatch
+    check_text, combine_image_weights, pad_batch, placeholder_mismatch
 from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def _normalise_batch(prompts, images, image_weights):
 
 def read_prompt_images(prompt: str, images: Sequence, image_weights: Sequence[float] | None = None) -> list:
     """What can be checked of one prompt and its images without a model, done before one loads (an official
-    `.pt` takes seconds): the text, one `<i>` per image, the image weights if given (one per image, each in
-    range), and every image read (paths decoded, so a missing or damaged file is named now) -> the images as RGB
+    `.pt` takes seconds): the text, one `<i>` per image, the image weights (the list if given: one per image;
+    any `<i:W>`; each, and their products, in range), and every image read (paths decoded, so a missing or damaged file is named now) -> the images as RGB
     PIL images, to pass to `encode` (with the same weights)."""
     check_text(prompt, "prompt")
     if isinstance(images, (list, tuple)) and not images:
@@ -121,8 +121,8 @@ def read_prompt_images(prompt: str, images: Sequence, image_weights: Sequence[fl
     message = placeholder_mismatch(prompt, len(images))
     if message:
         raise PromptError(message)
-    if image_weights is not None:
-        _normalise_batch(prompt, images, image_weights)  # the weights' count and range, as `encode` checks them
+    _, _, (weights,) = _normalise_batch(prompt, images, image_weights)  # the weights' count and range
+    combine_image_weights(prompt, weights)  # and the `<i:W>` ones, as `encode` checks them
     return to_pil_images(images) if images else []
 
 
@@ -249,13 +249,15 @@ class KosmosGPipeline:
         images: for one prompt, its image or a list of its images; for B prompts, B lists (or one image
             each). Anything `to_pil_images` reads; a batch [N, H, W, C] counts as N images.
         image_weights: same nesting as images; each multiplies its image's slot embeddings
-            (1.0 = the official model). Prompts of different lengths batch to the same result as
+            (1.0 = the official model), as does a weight written in the text (`<i:0.8>`; the two multiply:
+            `prompt.combine_image_weights`). Prompts of different lengths batch to the same result as
             one at a time (right padding; the MLLM is causal and the aligner masks pads).
         progress: called once per image (when its features are ready) and once per encoded prompt (for
             progress bars; it may raise to interrupt). Prompts are encoded PROMPT_CHUNK at a time, so
             memory stays bounded and progress runs during the work, whatever the batch size."""
         prompts, images, image_weights = _normalise_batch(prompts, images, image_weights)
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
+        image_weights = [combine_image_weights(prompt, weights) for prompt, weights in zip(prompts, image_weights)]
         conds = []
         for start in range(0, len(prompt_ids), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)

@@ -15,6 +15,10 @@ Layout (official `AppModel.kosmosg_preprocess`, spec section 5), for n images an
   `<image>` id but are marked 1 in the mask: the model overwrites their embeddings with the S
   connector outputs of that image, images in prompt order; `</image>` is a real token (mask 0).
 - no `</s>` at the end. Length = 1 + sum(len(text_k)) + (S + 2) * n + len(tail).
+
+A placeholder may carry its image's weight, `<i:0.8>` (this pack's addition; the official format has `<i>`
+only): the tokens are those of `<i>`, and the weight multiplies the image's slot embeddings as a weights list
+does (`<i:1>` is `<i>`). Both can be given: an image's weight is its `<i:w>` times its list entry.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .config import BOS_ID, IMAGE_PLACEHOLDER, MAX_IMAGE_WEIGHT, PAD_ID, KosmosGConfig
+from .config import BOS_ID, IMAGE_PLACEHOLDER, MAX_IMAGE_WEIGHT, PAD_ID, PLACEHOLDER_PATTERN, KosmosGConfig
 from .errors import PromptError
 
 
@@ -51,11 +55,53 @@ class PromptIds:
         return sum(self.image_mask)
 
 
+# 0.8, 1, 1., .5 with spaces around: ASCII digits only, no sign, exponent or words (as web/js/kosmosg_prompt.js reads it)
+_WEIGHT_NUMBER = re.compile(r" *([0-9]+(?:\.[0-9]*)?|\.[0-9]+) *")
+
+
 def count_placeholders(text: str) -> int:
-    """Number of `<i>` in `text` (non-overlapping, as `str.count` and the official assert)."""
+    """Number of `<i>` / `<i:W>` placeholders in `text` (non-overlapping, left to right)."""
     if not isinstance(text, str):
         raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
-    return text.count(IMAGE_PLACEHOLDER)
+    return sum(1 for _ in PLACEHOLDER_PATTERN.finditer(text))
+
+
+def split_placeholders(text: str) -> tuple[list[str], list[float]]:
+    """'a <i:0.5> b <i>' -> (['a ', ' b ', ''], [0.5, 1.0]): the n + 1 texts around the n placeholders, and the
+    weight each placeholder writes (1.0 for plain `<i>`). A weight that is not a number in 0..MAX_IMAGE_WEIGHT
+    is a PromptError naming the placeholder."""
+    if not isinstance(text, str):
+        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    segments, weights, start = [], [], 0
+    for number, match in enumerate(PLACEHOLDER_PATTERN.finditer(text), start=1):
+        segments.append(text[start:match.start()])
+        start = match.end()
+        written = match.group(1)
+        if written is None:
+            weights.append(1.0)
+            continue
+        if not _WEIGHT_NUMBER.fullmatch(written):
+            raise PromptError(f"Placeholder {number} of the prompt, {match.group(0)!r}, has no weight Kosmos-G can "
+                              f"read; write {IMAGE_PLACEHOLDER} or a number in 0..{MAX_IMAGE_WEIGHT:g} after "
+                              "the colon, e.g. <i:0.8>.")
+        weights.append(check_image_weight(float(written), f"placeholder {number}, {match.group(0)}"))
+    segments.append(text[start:])
+    return segments, weights
+
+
+def combine_image_weights(text: str, weights: Sequence[float] | None) -> list[float]:
+    """Each image's weight: its placeholder's `<i:W>` (1.0 for `<i>`) times its entry in `weights` (None: 1.0
+    each), checked to stay within 0..MAX_IMAGE_WEIGHT. `weights` must hold one number per placeholder."""
+    _, written = split_placeholders(text)
+    weights = [1.0] * len(written) if weights is None else list(weights)
+    if len(weights) != len(written):
+        raise PromptError(f"{len(written)} placeholder(s) but {len(weights)} image weight(s); give one weight per "
+                          "image.")
+    combined = []
+    for number, (in_text, given) in enumerate(zip(written, weights), start=1):
+        where = f"image {number}: {in_text:g} in the text x {given:g} in the weights list"
+        combined.append(check_image_weight(in_text * given, where))
+    return combined
 
 
 def placeholder_mismatch(text: str, num_images: int) -> str | None:
@@ -137,13 +183,12 @@ def build_prompt_ids(tokenizer, text: str, num_images: int,
 
     image_id, image_end_id = tokenizer.image_id, tokenizer.image_end_id
     ids, mask = [BOS_ID], [False]
-    rest = text
-    for _ in range(num_images):
-        segment, rest = rest.split(IMAGE_PLACEHOLDER, 1)
+    segments, _ = split_placeholders(text)  # a weight (`<i:0.8>`) changes no token: the pipeline applies it
+    for segment in segments[:-1]:
         segment_ids = tokenizer.encode(segment)
         ids += segment_ids + [image_id] * (1 + image_slots) + [image_end_id]
         mask += [False] * len(segment_ids) + [False] + [True] * image_slots + [False]
-    tail_ids = tokenizer.encode(rest)
+    tail_ids = tokenizer.encode(segments[-1])
     ids += tail_ids
     mask += [False] * len(tail_ids)
     return PromptIds(ids, mask)

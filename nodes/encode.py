@@ -21,7 +21,7 @@ import torch
 from comfy_api.latest import io
 
 from ..kosmosg_core.errors import PromptError
-from ..kosmosg_core.prompt import check_negative_prompt
+from ..kosmosg_core.prompt import check_negative_prompt, combine_image_weights
 from .model_management import KosmosGModel
 from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
@@ -67,7 +67,8 @@ def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str
         except PromptError as error:  # e.g. too long: say which of the node's texts it is
             raise PromptError(f"negative_text: {error}") from error
         step()
-    metadata = {"model": model.name, "num_images": num_images, "weights": list(prompt.weights)}
+    metadata = {"model": model.name, "num_images": num_images,
+                "weights": combine_image_weights(prompt.text, prompt.weights)}  # the list's times the text's `<i:W>`
     return (to_conditioning(positive, {**metadata, "text": prompt.text}),
             to_conditioning(negative, {**metadata, "text": negative_text, "num_images": 0, "weights": [],
                                        "unconditional": True}))

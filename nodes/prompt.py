@@ -4,7 +4,8 @@ Rules (also in the node description and the README):
 - the n-th `<i>` in the text is filled by the n-th connected image socket (image0, image1, ...);
   the number of placeholders must equal the number of connected sockets, checked before the run;
 - `weights` is a comma-separated list with one number per connected image ("1.0, 0.8"); empty
-  means 1.0 for every image;
+  means 1.0 for every image; a placeholder may carry its own weight, `<i:0.8>`, which multiplies with the
+  list's (the encoder applies both: kosmosg_core.prompt.combine_image_weights);
 - a batch of B images on one socket gives B conditionings (sample b uses image b of that socket);
   sockets holding a single image are shared by every sample; all batched sockets must hold the
   same number of images.
@@ -21,7 +22,7 @@ from comfy_execution.validation import validate_node_input
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
 from ..kosmosg_core.image_processing import check_pixel_values
-from ..kosmosg_core.prompt import parse_image_weights, placeholder_mismatch
+from ..kosmosg_core.prompt import combine_image_weights, parse_image_weights, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
 MAX_IMAGES = 16
@@ -92,18 +93,21 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                 f"Builds an interleaved prompt: write {IMAGE_PLACEHOLDER} in the text where each subject image goes, "
                 f"e.g. 'a photo of {IMAGE_PLACEHOLDER} wearing {IMAGE_PLACEHOLDER}'. Connect one image per "
                 f"placeholder; a new image socket appears when the last one is connected. The n-th "
-                f"{IMAGE_PLACEHOLDER} uses the n-th connected socket. Counts are checked before the run. A batch of "
-                "B images on one socket gives B conditionings (sample b uses image b; single images are shared)."),
+                f"{IMAGE_PLACEHOLDER} uses the n-th connected socket; <i:0.8> gives that image weight 0.8. Counts are "
+                "checked before the run. A batch of B images on one socket gives B conditionings (sample b uses "
+                "image b; single images are shared)."),
             search_aliases=["kosmos", "subject prompt", "image prompt", "interleaved"],
             inputs=[
                 io.String.Input("text", multiline=True, default=f"a photo of {IMAGE_PLACEHOLDER} on the beach",
                                 tooltip=f"Prompt text; write {IMAGE_PLACEHOLDER} where each connected image belongs "
-                                        f"(one {IMAGE_PLACEHOLDER} per image, in socket order)."),
+                                        f"(one {IMAGE_PLACEHOLDER} per image, in socket order); <i:0.8> gives that "
+                                        "image weight 0.8 (1.0 = the official model)."),
                 io.Autogrow.Input(IMAGES_INPUT, template=template,
                                   tooltip=f"Subject images, one per {IMAGE_PLACEHOLDER}; up to {MAX_IMAGES}."),
                 io.String.Input("weights", default="",
                                 tooltip="Optional per-image strength, comma-separated in socket order, e.g. "
-                                        "'1.0, 0.7'. Empty = 1.0 for every image (the official model)."),
+                                        "'1.0, 0.7'. Empty = 1.0 for every image (the official model). Multiplies "
+                                        "with a weight written in the text (<i:0.8>)."),
             ],
             outputs=[KosmosGPromptType.Output(display_name="kosmosg_prompt",
                                               tooltip="Text + images for Kosmos-G Encode.")],
@@ -127,11 +131,10 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         message = placeholder_mismatch(text, len(linked))
         if message:
             return message
-        if weights is not None:
-            try:
-                parse_weights(weights, len(linked))
-            except PromptError as e:
-                return str(e)
+        try:  # the weights list (when not linked) and the `<i:W>` in the text, alone and multiplied
+            combine_image_weights(text, None if weights is None else parse_weights(weights, len(linked)))
+        except PromptError as e:
+            return str(e)
         return True
 
     @classmethod
@@ -142,5 +145,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
             raise PromptError(message)
         check_image_batches(connected)
         check_image_pixels(connected)  # after the cheap checks: it reads every pixel
+        weights = parse_weights(weights, len(connected))
+        combine_image_weights(text, weights)  # a bad `<i:W>` is named here, not first in Encode
         connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
-        return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=parse_weights(weights, len(connected))))
+        return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=weights))

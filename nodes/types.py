@@ -25,7 +25,8 @@ class KosmosGPrompt:
     text: the prompt with one `<i>` per image, in socket order.
     images: one ComfyUI IMAGE per placeholder, each [B_i, H, W, 3] float 0..1; every B_i is 1 or
         `batch_size` (a batch of B images on one socket gives B conditionings, sample b using image b).
-    weights: one multiplier per image (1.0 = the official model).
+    weights: one multiplier per image from the node's `weights` list (1.0 = the official model); a weight written
+        in the text (`<i:0.8>`) multiplies with it when the text is encoded.
     """
 
     text: str

@@ -103,6 +103,14 @@ def test_encode_image_weights_scale_each_image(pack, images, tmp_path):
     assert torch.allclose(cond, pipe.encode(prompt, list(images), image_weights=[1.0, 0.5]), atol=1e-5)
     assert not torch.allclose(cond, pipe.encode(prompt, list(images)), atol=1e-3)
     assert json.loads(metadata["image_weights"]) == [1.0, 0.5]
+    # a weight written in the prompt multiplies with --image-weights; the file records each image's product
+    written = tmp_path / "written.safetensors"
+    run_cli("encode", "--checkpoint", pack[0], "--prompt", "a photo of <i:0.5> wearing <i>", "--image", images[0],
+            "--image", images[1], "--image-weights", "2, 0.5", "--out", written)
+    with safe_open(str(written), "pt") as f:
+        assert torch.allclose(f.get_tensor("cond"), cond, atol=1e-6)
+        assert json.loads(f.metadata()["image_weights"]) == [1.0, 0.5]
+        assert f.metadata()["prompt"] == "a photo of <i:0.5> wearing <i>"
 
 
 def test_encode_empty_prompt_is_unconditional(pack, tmp_path):
@@ -280,6 +288,10 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
          "Image weight 11 (--image-weights) is outside 0..10"),
         (["generate", "--sd-model", nano_sd, "--prompt", "a <i>", "--image", a_file, "--image-weights", "1 1"],
          "--image-weights has 2 value(s) but 1 image(s) were given"),
+        (["encode", "--prompt", "a <i:O.8>", "--image", a_file, "--out", tmp_path / "o.safetensors"],
+         "Placeholder 1 of the prompt, '<i:O.8>', has no weight Kosmos-G can read"),
+        (["generate", "--sd-model", nano_sd, "--prompt", "a <i:4>", "--image", a_file, "--image-weights", "3"],
+         "Image weight 12 (image 1: 4 in the text x 3 in the weights list) is outside 0..10"),
     ]
     for args, message in cases:
         result = run_cli(args[0], "--checkpoint", missing, *args[1:], check=False)

@@ -251,6 +251,15 @@ def test_prompt_validation_names_both_counts():
     assert "1 value(s) but 2 image(s)" in KosmosGInterleavedPrompt.validate_inputs(
         "<i> <i>", "0.5", {"images.image0": "IMAGE", "images.image1": "IMAGE"})
     assert KosmosGInterleavedPrompt.validate_inputs(None, "", {"images.image0": "IMAGE"}) is True  # linked text
+    # `<i:W>`: a placeholder with its weight, checked alone and times the weights list, before the run
+    two = {"images.image0": "IMAGE", "images.image1": "IMAGE"}
+    assert KosmosGInterleavedPrompt.validate_inputs("<i:0.5> and <i>", "", two) is True
+    assert "2 <i> placeholder(s)" in KosmosGInterleavedPrompt.validate_inputs("<i:0.5> and <i>", "", {})
+    assert "Placeholder 2 of the prompt, '<i:x>', has no weight" in KosmosGInterleavedPrompt.validate_inputs(
+        "<i> and <i:x>", "", two)
+    assert "Image weight 12 (image 2: 6 in the text x 2 in the weights list)" in \
+        KosmosGInterleavedPrompt.validate_inputs("<i> and <i:6>", "1, 2", two)
+    assert "Image weight 11" in KosmosGInterleavedPrompt.validate_inputs("<i> and <i:11>", None, two)  # linked weights
     # declaring input_types turns off ComfyUI's link type check for text and weights too: redone by the node
     for name, kind in (("text", "INT"), ("weights", "FLOAT"), ("weights", "IMAGE")):
         message = KosmosGInterleavedPrompt.validate_inputs(None, None, {name: kind, "images.image0": "IMAGE"})
@@ -381,6 +390,19 @@ def test_encode_weights_change_the_result(model_dirs, converted):
     assert torch.allclose(got, model.pipeline.encode("<i> and <i>", images, image_weights=[1.0, 0.5]).float(), atol=1e-6)
     assert not torch.allclose(got, model.pipeline.encode("<i> and <i>", images, image_weights=[0.5, 1.0]).float(),
                               atol=1e-4)
+
+
+def test_a_weight_written_in_the_text_multiplies_the_weights_list(model_dirs, converted):
+    model = KosmosGLoader.execute(converted, device="cpu").result[0]
+    images = [image(4), image(5)]
+    written = run_prompt("<i:0.5> and <i>", images, "2, 0.5")
+    assert written.weights == [2.0, 0.5]  # the list, as given: the text's weights are applied when it is encoded
+    positive = KosmosGEncode.execute(model, written).result[0]
+    expected = model.pipeline.encode("<i> and <i>", [img[0] for img in images], image_weights=[1.0, 0.5])
+    assert torch.allclose(positive[0][0], expected.float(), atol=1e-6)
+    assert positive[0][1]["kosmosg"]["weights"] == [1.0, 0.5]  # what each image got, for Save Conditioning
+    with pytest.raises(PromptError, match="Placeholder 1 of the prompt, '<i:>', has no weight"):
+        run_prompt("<i:> and <i>", images)
 
 
 def test_encode_cache_is_per_model(model_dirs, converted, monkeypatch):

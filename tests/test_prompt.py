@@ -6,7 +6,8 @@ import torch
 from kosmosg_core.config import BOS_ID, EOS_ID, PAD_ID
 from kosmosg_core.errors import PromptError
 from kosmosg_core.prompt import (PromptIds, build_prompt_ids, build_unconditional_ids, check_negative_prompt,
-                                 check_prompt_length, count_placeholders, pad_batch)
+                                 check_prompt_length, combine_image_weights, count_placeholders, pad_batch,
+                                 split_placeholders)
 from kosmosg_core.tokenizer import KosmosGTokenizer
 from support.tokenizer_fixture import build_tiny_tokenizer
 
@@ -41,6 +42,48 @@ def test_count_placeholders():
     assert count_placeholders("<I> < i >") == 0  # exact, case-sensitive, like the official str.count
     with pytest.raises(PromptError, match="must be text"):
         count_placeholders(None)
+
+
+def test_weighted_placeholders_are_placeholders_with_the_same_tokens(tok):
+    """`<i:W>` is `<i>` with a weight: counted, split and laid out exactly like `<i>`."""
+    assert count_placeholders("<i:0.5> and <i> and <i:2>") == 3
+    assert count_placeholders("<i:> <i:x>") == 2  # counted (and refused when parsed): never read as text
+    assert count_placeholders("<i:0.5 and <i>") == 1  # no closing `>` before the next `<`: text, then a placeholder
+    plain = build_prompt_ids(tok, "a photo of <i> wearing <i> on the beach", 2)
+    weighted = build_prompt_ids(tok, "a photo of <i:0.5> wearing <i: 1.25 > on the beach", 2)
+    assert (weighted.ids, weighted.image_mask) == (plain.ids, plain.image_mask)
+    assert split_placeholders("a <i:0.5> b <i>") == (["a ", " b ", ""], [0.5, 1.0])
+    assert split_placeholders("<i:1.><i:.5><i:0><i:10>") == (["", "", "", "", ""], [1.0, 0.5, 0.0, 10.0])
+    assert split_placeholders("no images") == (["no images"], [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a <i:> dog", r"Placeholder 1 of the prompt, '<i:>', has no weight"),
+    ("a <i> and <i:O.8>", r"Placeholder 2 of the prompt, '<i:O.8>', has no weight .* e\.g\. <i:0\.8>"),
+    ("a <i:-1>", r"Placeholder 1 of the prompt, '<i:-1>', has no weight"),
+    ("a <i:1e-1>", "has no weight"),
+    ("a <i:nan>", "has no weight"),
+    ("a <i:0.5 dog>", "has no weight"),
+    ("a <i:\u0660.\u0665>", "has no weight"),  # Arabic-Indic digits: float() reads them, the web extension would not
+    ("a <i:\t1>", "has no weight"),
+    ("a <i:12>", r"Image weight 12 \(placeholder 1, <i:12>\) is outside 0..10"),
+])
+def test_a_bad_written_weight_is_named(tok, text, message):
+    with pytest.raises(PromptError, match=message):
+        split_placeholders(text)
+    with pytest.raises(PromptError, match=message):
+        build_prompt_ids(tok, text, count_placeholders(text))
+
+
+def test_written_weights_multiply_the_list():
+    assert combine_image_weights("<i:0.5> and <i>", None) == [0.5, 1.0]
+    assert combine_image_weights("<i:0.5> and <i>", [2.0, 0.25]) == [1.0, 0.25]
+    assert combine_image_weights("no images", []) == []
+    with pytest.raises(PromptError, match=r"Image weight 20 \(image 1: 4 in the text x 5 in the weights list\) is "
+                                          r"outside 0..10"):
+        combine_image_weights("<i:4>", [5.0])
+    with pytest.raises(PromptError, match=r"2 placeholder\(s\) but 1 image weight\(s\)"):
+        combine_image_weights("<i> <i>", [1.0])
 
 
 def test_text_only(tok):
@@ -148,6 +191,8 @@ def test_unconditional_with_negative(tok):
 def test_unconditional_rejects_placeholder(tok):
     with pytest.raises(PromptError, match="text only"):
         build_unconditional_ids(tok, "blurry <i>")
+    with pytest.raises(PromptError, match="text only"):
+        build_unconditional_ids(tok, "blurry <i:0.5>")
 
 
 @pytest.mark.parametrize("negative, message", [

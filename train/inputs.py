@@ -19,7 +19,7 @@ from PIL import Image
 
 from kosmosg_core.config import EOS_ID, IMAGE_PLACEHOLDER
 from kosmosg_core.image_processing import preprocess_images
-from kosmosg_core.prompt import PromptIds, build_prompt_ids, pad_batch
+from kosmosg_core.prompt import PromptIds, build_prompt_ids, count_placeholders, pad_batch
 
 
 @dataclass
@@ -43,8 +43,8 @@ def choose_interleaved(meta: dict, rng: random.Random, drop_prob: float, masked_
         if entity.get("masked") and rng.random() < masked_prob:
             field = entity["masked"]
         fields.append(prefix + field)
-    if text.count(IMAGE_PLACEHOLDER) != len(fields):
-        raise ValueError(f"sample text {text!r} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} but "
+    if count_placeholders(text) != len(fields):
+        raise ValueError(f"sample text {text!r} has {count_placeholders(text)} {IMAGE_PLACEHOLDER} but "
                          f"{len(fields)} entities; the shard is malformed (rebuild it with python -m train.data).")
     return InterleavedChoice(text=text, image_fields=fields, target_field=prefix + "target.png")
 

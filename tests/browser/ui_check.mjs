@@ -189,6 +189,19 @@ try {
     await setWeights("1.0");
     await page.waitForTimeout(300);
     const badWeights = await promptState();
+    // weights written in the text (`<i:0.25>`) multiply with the list's; a bad one is flagged as typed
+    const typedText = await textarea.inputValue();
+    await setWeights("2, 1");
+    await textarea.click();
+    await textarea.press("Control+a");
+    await textarea.pressSequentially("a photo of <i:0.25> wearing a hat next to <i:0.5>", { delay: 5 });
+    await page.waitForTimeout(300);
+    const writtenWeights = await promptState();
+    await textarea.pressSequentially(" and <i:O.8>", { delay: 5 });
+    await page.waitForTimeout(300);
+    const badWrittenWeight = await promptState();
+    await textarea.press("Control+a");
+    await textarea.pressSequentially(typedText, { delay: 5 });
     await setWeights("");
     // a third image with no placeholder for it
     await page.evaluate(() => {
@@ -211,7 +224,8 @@ try {
     await page.waitForTimeout(600);
     const gap = await promptState();
     step("prompt_node", { prompt_node: { created, typed_one: typedOne, connected, typed_two: typedTwo,
-        connected_two: connectedTwo, weighted, bad_weights: badWeights, extra_image: extraImage, gap, api_inputs: apiPrompt?.inputs ?? null } });
+        connected_two: connectedTwo, weighted, bad_weights: badWeights, written_weights: writtenWeights,
+        bad_written_weight: badWrittenWeight, typed_text: typedText, extra_image: extraImage, gap, api_inputs: apiPrompt?.inputs ?? null } });
 
     // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
     const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));

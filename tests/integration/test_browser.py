@@ -141,6 +141,65 @@ def test_weights_show_on_sockets_and_a_wrong_count_is_flagged(browser_report):
     assert node["bad_weights"]["status_dom"][0] == "2 <i> / 2 images ⚠ weights has 1 value for 2 images"
 
 
+def test_weights_written_in_the_text_show_on_sockets_and_a_bad_one_is_flagged(browser_report):
+    node = browser_report["prompt_node"]
+    assert node["typed_text"] == "a photo of <i> wearing a hat next to <i>"
+    written = node["written_weights"]  # weights "2, 1" times the text's <i:0.25> and <i:0.5>
+    assert written["preview_dom"][0] == "a photo of <i:0.25>₁ wearing a hat next to <i:0.5>₂"
+    labels = {i["name"]: i["label"] for i in written["inputs"]}
+    assert labels["images.image0"] == "image0 → <i>₁ ×0.5" and labels["images.image1"] == "image1 → <i>₂ ×0.5"
+    assert written["status_dom"][0] == "2 <i> / 2 images ✓"
+    bad = node["bad_written_weight"]["status_dom"][0]
+    assert bad.startswith("3 <i> / 2 images ⚠") and "<i:O.8> is not a weight (write e.g. <i:0.8>)" in bad
+
+
+def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
+    """web/js/kosmosg_prompt.js's findPlaceholders / describe against kosmosg_core.prompt, on the same texts: the
+    same placeholders, the same weights, a refusal where the core refuses (the status line must not pass what the
+    server refuses, nor flag what it takes). Needs node only (the module runs with its two imports stubbed)."""
+    from kosmosg_core.errors import PromptError
+    from kosmosg_core.prompt import combine_image_weights, count_placeholders, split_placeholders
+
+    if shutil.which("node") is None:
+        pytest.fail("node is not installed") if os.environ.get("CI") else pytest.skip("node is not installed")
+    texts = ["a <i> b", "<i:0.5><i>", "<i:>", "<i: 1.25 >", "<i:O.8>", "<i:-1>", "<i:1e-1>", "<i:\u0660.\u0665>",
+             "<i:\t1>", "<i:12>", "<i:10>", "<<i>>", "<i<i:0.3>>", "<i:0.5 and <i>", "<I> < i >", "<i:1.> <i:.5>",
+             "x<i:\n0.5>", "<i:0.5>>", "<i::0.5>", "<i:0.5:1>", "<i:00.50>", "<i:+1>", "<i:1,5>", "no images"]
+    lists = [("<i:0.5> <i:4>", [2, 3]), ("<i:0.5> <i:4>", [2, 2.5]), ("<i:0.1> <i>", [3, 1]), ("<i>", [10])]
+    source = (REPO / "web" / "js" / "kosmosg_prompt.js").read_text(encoding="utf-8")
+    stubbed = source.replace('import { api } from "../../scripts/api.js";', "const api = {};").replace(
+        'import { app } from "../../scripts/app.js";', 'const app = { extensions: [{ name: "KosmosG.interleavedPrompt" }] };')
+    assert stubbed.count("const api = {};") == 1 and stubbed.count("const app = {") == 1, "the module's imports changed"
+    (tmp_path / "prompt.mjs").write_text(stubbed, encoding="utf-8")
+    (tmp_path / "cases.json").write_text(json.dumps({"texts": texts, "lists": lists}), encoding="utf-8")
+    (tmp_path / "run.mjs").write_text("""
+        import fs from "node:fs";
+        import { findPlaceholders, describe } from "./prompt.mjs";
+        const { texts, lists } = JSON.parse(fs.readFileSync("cases.json", "utf8"));
+        console.log(JSON.stringify({
+            texts: texts.map((t) => findPlaceholders(t).map((p) => ({ weight: p.error ? null : p.weight, error: p.error }))),
+            lists: lists.map(([t, w]) => describe(t, w.map((_, k) => k), w.join(", ")).ok),
+        }));""", encoding="utf-8")
+    result = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    for text, found in zip(texts, seen["texts"]):
+        assert len(found) == count_placeholders(text), text
+        try:
+            weights = split_placeholders(text)[1]
+        except PromptError:  # the core stops at the first bad placeholder; the extension flags it (and any later)
+            assert any(p["error"] for p in found), (text, found)
+        else:
+            assert [p["weight"] for p in found] == weights, (text, found)
+    for (text, weights), ok in zip(lists, seen["lists"]):
+        try:
+            combine_image_weights(text, weights)
+        except PromptError:
+            assert ok is False, (text, weights)
+        else:
+            assert ok is True, (text, weights)
+
+
 def test_an_image_without_placeholder_is_flagged(browser_report):
     extra = browser_report["prompt_node"]["extra_image"]
     labels = {i["name"]: i["label"] for i in extra["inputs"]}

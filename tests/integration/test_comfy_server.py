@@ -260,6 +260,19 @@ def test_weight_count_mismatch_is_rejected(comfy):
     assert "2 value(s) but 1 image(s)" in json.dumps(body["node_errors"]["3"])
 
 
+def test_a_weight_written_in_the_text_runs_as_the_weights_list(comfy):
+    written = comfy.run(add_sampling(encode_graph(text="a photo of <i:0.3> on the beach"), seed=5, prefix="kg-written"))
+    listed = comfy.run(add_sampling(encode_graph(weights="0.3"), seed=5, prefix="kg-listed"))
+    plain = comfy.run(add_sampling(encode_graph(), seed=5, prefix="kg-plain"))
+    for entry in (written, listed, plain):
+        assert_success(comfy, entry)
+    written, listed, plain = (pixels(comfy.output_images(e)[0]) for e in (written, listed, plain))
+    assert (written == listed).all() and (written != plain).any()
+    status, body = comfy.queue(add_sampling(encode_graph(text="a photo of <i:O.3>"), prefix="kg-bad-written"))
+    assert status == 400
+    assert "Placeholder 1 of the prompt, '<i:O.3>', has no weight" in json.dumps(body["node_errors"]["3"])
+
+
 def test_missing_model_file_names_the_folder(comfy):
     status, body = comfy.queue(add_sampling(encode_graph(kosmosg="not-there.safetensors"), prefix="kg-missing"))
     assert status == 400

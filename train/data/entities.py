@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from kosmosg_core.config import IMAGE_PLACEHOLDER
+from kosmosg_core.config import IMAGE_PLACEHOLDER, PLACEHOLDER_PATTERN
 
 # Colour words the official loader refuses as entities (they name no object to crop).
 COLOUR_WORDS = frozenset({
@@ -58,9 +58,9 @@ _STRIP_CHARS = " \t\"'`.!?:()[]{}"
 
 def clean_text(text: str) -> str:
     """One line, single spaces: TSV-safe (no tab / newline) and stable for matching. Every control character
-    (tab, newline, NUL...) becomes a space, and a literal `<i>` (HTML italics in scraped captions) is removed:
-    in a sample's text it would be read as an image placeholder and the sample could not be trained on."""
-    text = text.replace(IMAGE_PLACEHOLDER, " ")
+    (tab, newline, NUL...) becomes a space, and a literal `<i>` (HTML italics in scraped captions; or `<i:...>`)
+    is removed: in a sample's text it would be read as an image placeholder and the sample could not be trained on."""
+    text = PLACEHOLDER_PATTERN.sub(" ", text)
     return " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in text).split())
 
 

@@ -8,9 +8,9 @@
 //      queueing would send it: a socket fed by a muted or bypassed loader is named and skipped; a
 //      node upstream that the server would refuse, because queueing drops a required input of it
 //      (an Upscale Image fed by a muted loader), is named too. Subgraphs are followed as queueing does;
-//   2. a preview of the text with each `<i>` numbered ("a photo of <i>₁ wearing <i>₂"),
-//      coloured like the socket that fills it;
-//   3. socket labels that say which placeholder each image socket fills ("image0 → <i>₁"),
+//   2. a preview of the text with each `<i>` numbered ("a photo of <i>₁ wearing <i:0.5>₂"),
+//      coloured like the socket that fills it (a placeholder may carry its image's weight, `<i:0.5>`);
+//   3. socket labels that say which placeholder each image socket fills, with its weight ("image0 → <i>₁ ×0.5"),
 //      including sockets left empty in the middle (the server skips them, so numbering follows
 //      connected sockets, not socket indices) and images that have no placeholder;
 //   4. one spare socket on a copy: a prompt node pasted, cloned or Alt+dragged without its links
@@ -26,6 +26,11 @@ import { app } from "../../scripts/app.js";
 
 const NODE_ID = "KosmosGInterleavedPrompt";
 const PLACEHOLDER = "<i>";            // kosmosg_core.config.IMAGE_PLACEHOLDER
+// `<i>` or `<i:W>`, W that image's weight: kosmosg_core.config.PLACEHOLDER_PATTERN and kosmosg_core.prompt's
+// _WEIGHT_NUMBER, the same rules (whatever stands between `<i:` and `>` is a weight, or an error)
+const PLACEHOLDER_PATTERN = /<i(?::([^<>]*))?>/g;
+const WEIGHT_NUMBER = /^ *([0-9]+(?:\.[0-9]*)?|\.[0-9]+) *$/;
+const MAX_WEIGHT = 10;                 // kosmosg_core.config.MAX_IMAGE_WEIGHT
 const IMAGES_GROUP = "images.";        // V3 Autogrow sockets are named "images.image0", "images.image1", ...
 const STATUS_WIDGET = "kosmosg_status";
 const SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉";
@@ -46,9 +51,28 @@ export function subscript(n) {
     return String(n).split("").map((d) => SUBSCRIPTS[Number(d)]).join("");
 }
 
-/** Same rule as kosmosg_core.prompt.count_placeholders: non-overlapping literal "<i>". */
+/** The placeholders of `text`, left to right, as kosmosg_core.prompt.split_placeholders reads them:
+ * [{start, end, source ("<i:0.5>"), weight (1 for plain <i>), error (null, or why the weight is refused)}]. */
+export function findPlaceholders(text) {
+    if (typeof text !== "string") return [];
+    return [...text.matchAll(PLACEHOLDER_PATTERN)].map((match, k) => {
+        const written = match[1];
+        const weight = written === undefined ? 1 : WEIGHT_NUMBER.test(written) ? Number(written) : NaN;
+        const error = Number.isNaN(weight) ? `${match[0]} is not a weight (write e.g. <i:0.8>)`
+            : weight > MAX_WEIGHT ? `${match[0]} is outside 0..${MAX_WEIGHT}` : null;
+        return { start: match.index, end: match.index + match[0].length, source: match[0], weight, error,
+            number: k + 1 };
+    });
+}
+
+/** Same rule as kosmosg_core.prompt.count_placeholders: `<i>` and `<i:W>`, non-overlapping. */
 export function countPlaceholders(text) {
-    return typeof text === "string" ? text.split(PLACEHOLDER).length - 1 : 0;
+    return findPlaceholders(text).length;
+}
+
+/** 0.30000000000000004 -> "0.3": a product of two weights, as a label shows it. */
+function formatWeight(weight) {
+    return String(Number(weight.toPrecision(6)));
 }
 
 /** "1.0, 0.8" -> [1, 0.8]; "" -> null (1.0 each); a bad entry -> {error}. Mirrors nodes/prompt.parse_weights
@@ -57,8 +81,8 @@ export function parseWeights(text) {
     const parts = (text || "").trim().split(/[,\s;]+/).filter((p) => p.length > 0);
     if (parts.length === 0) return null;
     const values = parts.map(Number);
-    const bad = parts.find((p, k) => !Number.isFinite(values[k]) || values[k] < 0 || values[k] > 10);
-    return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..10` };
+    const bad = parts.find((p, k) => !Number.isFinite(values[k]) || values[k] < 0 || values[k] > MAX_WEIGHT);
+    return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..${MAX_WEIGHT}` };
 }
 
 /** The node's image sockets in socket order: [{input, index (socket number), linked, blocked, refused}]: for a
@@ -266,10 +290,15 @@ function widgetValue(node, name) {
  * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the server refuses every
  * output that depends on it (the prompt fails unless another output still validates). */
 export function describe(text, linkedSocketIndices, weightsText, skipped = [], refused = []) {
-    const placeholders = countPlaceholders(text);
+    const found = findPlaceholders(text);
+    const placeholders = found.length;
     const images = linkedSocketIndices.length;
     const weights = parseWeights(weightsText);
+    const listed = Array.isArray(weights) && weights.length === images ? weights : null;
+    // placeholder k's weight: its `<i:W>` times its entry in the weights list (kosmosg_core.prompt.combine_image_weights)
+    const weightOf = (k) => (found[k - 1]?.error ? 1 : found[k - 1]?.weight ?? 1) * (listed?.[k - 1] ?? 1);
     const problems = [...refused];
+    problems.push(...found.filter((p) => p.error).map((p) => p.error));
     if (placeholders > images) {
         const missing = placeholders - images;
         problems.push(...skipped.map((note) => `${note}, so it sends no image`));
@@ -282,6 +311,12 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
     else if (weights && weights.length !== images) {
         problems.push(`weights has ${weights.length} value${weights.length === 1 ? "" : "s"} for ${images} image${images === 1 ? "" : "s"}`);
     }
+    found.forEach((p) => {
+        const weight = weightOf(p.number);
+        if (!p.error && listed && weight > MAX_WEIGHT) {
+            problems.push(`image ${p.number}: ${p.weight} in the text × ${listed[p.number - 1]} in weights is outside 0..${MAX_WEIGHT}`);
+        }
+    });
     const remark = skipped.length > 0 && placeholders <= images ? ` (${skipped.join(", ")}: skipped)` : "";
     return {
         placeholders,
@@ -291,29 +326,33 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
             + (problems.length === 0 ? " ✓" : ` ⚠ ${problems.join("; ")}`) + remark,
         // placeholder k (1-based) is filled by the k-th linked socket, whatever its socket number
         socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
-        weightFor: (k) => (Array.isArray(weights) && weights.length === images ? weights[k - 1] : null),
+        placeholderAt: (k) => found[k - 1],
+        weightFor: weightOf,
     };
 }
 
-/** The text with every `<i>` replaced by a numbered, coloured chip (DOM nodes, never innerHTML). */
+/** The text with every `<i>` / `<i:W>` followed by its number, as a coloured chip (DOM nodes, never innerHTML). */
 function renderPreview(element, text, state) {
     element.replaceChildren();
-    const pieces = (text || "").split(PLACEHOLDER);
-    pieces.forEach((piece, k) => {
-        if (piece) element.append(document.createTextNode(piece));
-        if (k === pieces.length - 1) return;
-        const number = k + 1;
+    let start = 0;
+    for (let number = 1; number <= state.placeholders; number += 1) {
+        const placeholder = state.placeholderAt(number);
+        if (placeholder.start > start) element.append(document.createTextNode(text.slice(start, placeholder.start)));
+        start = placeholder.end;
         const chip = document.createElement("span");
         const socket = state.socketForPlaceholder(number);
+        const missing = socket === undefined || placeholder.error;
         chip.className = "kosmosg-chip";
-        chip.textContent = `${PLACEHOLDER}${subscript(number)}`;
-        chip.title = socket === undefined ? `placeholder ${number}: no image connected (or sent) for it`
-            : `placeholder ${number}: filled by socket image${socket}`;
-        chip.style.color = socket === undefined ? WARN_COLOUR : PAIR_COLOURS[k % PAIR_COLOURS.length];
+        chip.textContent = `${placeholder.source}${subscript(number)}`;
+        chip.title = placeholder.error ? `placeholder ${number}: ${placeholder.error}`
+            : socket === undefined ? `placeholder ${number}: no image connected (or sent) for it`
+                : `placeholder ${number}: filled by socket image${socket}`;
+        chip.style.color = missing ? WARN_COLOUR : PAIR_COLOURS[(number - 1) % PAIR_COLOURS.length];
         chip.style.fontWeight = "bold";
-        if (socket === undefined) chip.style.textDecoration = "underline wavy";
+        if (missing) chip.style.textDecoration = "underline wavy";
         element.append(chip);
-    });
+    }
+    if (start < (text || "").length) element.append(document.createTextNode(text.slice(start)));
     if (!text) element.textContent = "(empty prompt)";
 }
 
@@ -336,7 +375,7 @@ function labelSockets(sockets, state) {
             ordinal += 1;
             const weight = state.weightFor(ordinal);
             label = ordinal <= state.placeholders
-                ? `image${index} → ${PLACEHOLDER}${subscript(ordinal)}` + (weight != null && weight !== 1 ? ` ×${weight}` : "")
+                ? `image${index} → ${PLACEHOLDER}${subscript(ordinal)}` + (weight !== 1 ? ` ×${formatWeight(weight)}` : "")
                 : `image${index} → no ${PLACEHOLDER}`;
             if (refused) label += " (input missing upstream)";
             input.color_on = refused ? WARN_COLOUR : PAIR_COLOURS[(ordinal - 1) % PAIR_COLOURS.length];
