@@ -30,6 +30,14 @@ _NO_TEXT_ENCODER = dict(text_encoder=None, tokenizer=None, safety_checker=None, 
                         image_encoder=None, requires_safety_checker=False)
 
 
+def diffusers_dtype_argument(dtype: torch.dtype, diffusers_version: str) -> dict:
+    """The pipeline loaders' dtype keyword: diffusers 0.40 renamed `torch_dtype` to `dtype` (following transformers;
+    the old name warns that it will go), and the releases before it (0.35.2, the lower bound) know only
+    `torch_dtype`."""
+    major, minor = (int(part) for part in diffusers_version.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
+
+
 # What diffusers reads from a model folder, and from the config folder of a single file. Checked up front: for a
 # missing unet/ or vae/ diffusers says the folder itself lacks a config.json, and for a config folder it blames the file.
 SD15_FOLDER_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
@@ -92,7 +100,7 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
     model (`nano_sd15`), offline; with `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
     path = check_sd15_paths(sd_model, config_dir)
     try:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, __version__ as diffusers_version
     except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
         # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
         raise _missing_diffusers(error) from error
@@ -102,11 +110,12 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         if nano:
             pipe = load_nano_sd15(path, dtype)
         elif path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
-                                                           **_NO_TEXT_ENCODER)
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **_NO_TEXT_ENCODER,
+                                                           **diffusers_dtype_argument(dtype, diffusers_version))
         else:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
-                                                            torch_dtype=dtype, local_files_only=True, **_NO_TEXT_ENCODER)
+                                                            local_files_only=True, **_NO_TEXT_ENCODER,
+                                                            **diffusers_dtype_argument(dtype, diffusers_version))
     except ImportError as e:  # a diffusers release without the modules the nano model is built from
         raise _missing_diffusers(e) from e
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)

@@ -428,6 +428,27 @@ def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
         load_sd15(inpainting, torch.float32, torch.device("cpu"))
 
 
+def test_sd_models_load_in_the_asked_dtype_without_diffusers_deprecation_warnings(tmp_path):
+    """diffusers 0.40 renamed the loaders' `torch_dtype` to `dtype` and warned at every `generate`; releases before it
+    (down to 0.35.2, the lower bound) know only `torch_dtype`."""
+    import warnings
+
+    from kosmosg_core.generate import diffusers_dtype_argument, load_sd15
+    from support.tiny_sd15 import write_tiny_sd15
+
+    folder = write_tiny_sd15(tmp_path / "sd15")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_sd15(folder, torch.bfloat16, torch.device("cpu"))
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [m for m in deprecations if "dtype" in m or "steps_offset" in m], deprecations
+    assert diffusers_dtype_argument(torch.float16, "0.35.2") == {"torch_dtype": torch.float16}
+    assert diffusers_dtype_argument(torch.float16, "0.39.1") == {"torch_dtype": torch.float16}
+    assert diffusers_dtype_argument(torch.float16, "0.40.0.dev0") == {"dtype": torch.float16}
+    assert diffusers_dtype_argument(torch.float16, "1.2.0") == {"dtype": torch.float16}
+
+
 def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tmp_path):
     """diffusers failed on these only mid-sampling with a bare traceback, or gave black NaN images (DPM-Solver at
     1000 steps): each scheduler is now tried on the steps first."""

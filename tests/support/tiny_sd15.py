@@ -22,7 +22,7 @@ def write_tiny_sd15(root, context_dim: int = 768, seed: int = 0) -> str:
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=8, sample_size=16)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False)
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)  # as SD1.5's
     StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
                             ).save_pretrained(str(root))
