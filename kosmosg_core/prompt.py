@@ -55,8 +55,14 @@ class PromptIds:
         return sum(self.image_mask)
 
 
-# 0.8, 1, 1., .5 with spaces around: ASCII digits only, no sign, exponent or words (as web/js/kosmosg_prompt.js reads it)
-_WEIGHT_NUMBER = re.compile(r" *([0-9]+(?:\.[0-9]*)?|\.[0-9]+) *")
+# Image weights as people write them, read the same way by web/js/kosmosg_prompt.js: 0.8, 1, 1., .5 (ASCII digits,
+# a sign that the range check then judges; no exponent, digit separator or words), with spaces around it in
+# `<i: 0.8 >`; a weights list's numbers separated by commas, semicolons or white space (the characters both
+# Python's and JavaScript's `\s` take).
+_NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_PLACEHOLDER_WEIGHT = re.compile(rf" *{_NUMBER} *")
+_LIST_WEIGHT = re.compile(_NUMBER)
+_LIST_SEPARATORS = re.compile(r"[,;\s\x1c-\x1f\x85\ufeff]+")
 
 
 def count_placeholders(text: str) -> int:
@@ -80,7 +86,7 @@ def split_placeholders(text: str) -> tuple[list[str], list[float]]:
         if written is None:
             weights.append(1.0)
             continue
-        if not _WEIGHT_NUMBER.fullmatch(written):
+        if not _PLACEHOLDER_WEIGHT.fullmatch(written):
             raise PromptError(f"Placeholder {number} of the prompt, {match.group(0)!r}, has no weight Kosmos-G can "
                               f"read; write {IMAGE_PLACEHOLDER} or a number in 0..{MAX_IMAGE_WEIGHT:g} after "
                               "the colon, e.g. <i:0.8>.")
@@ -95,11 +101,11 @@ def combine_image_weights(text: str, weights: Sequence[float] | None) -> list[fl
     _, written = split_placeholders(text)
     weights = [1.0] * len(written) if weights is None else list(weights)
     if len(weights) != len(written):
-        raise PromptError(f"{len(written)} placeholder(s) but {len(weights)} image weight(s); give one weight per "
-                          "image.")
+        raise PromptError(f"The prompt has {len(written)} placeholder(s) but {len(weights)} image weight(s) were "
+                          "given; give one weight per image.")
     combined = []
     for number, (in_text, given) in enumerate(zip(written, weights), start=1):
-        where = f"image {number}: {in_text:g} in the text x {given:g} in the weights list"
+        where = f"image {number}: {in_text:g} written in the text x {given:g} given as its weight"
         combined.append(check_image_weight(in_text * given, where))
     return combined
 
@@ -132,17 +138,15 @@ def parse_image_weights(text: str | None, num_images: int, name: str, order: str
     """'1.0, 0.8' -> [1.0, 0.8] (commas, spaces or semicolons between numbers); empty or None -> 1.0 per image.
     A PromptError names `name` (the input the text came from) and, for a wrong count, says to give one weight per
     image `order` (e.g. "in socket order")."""
-    text = (text or "").strip()
-    if not text:
+    text = text or ""
+    parts = [part for part in _LIST_SEPARATORS.split(text) if part]
+    if not parts and "," not in text and ";" not in text:  # blank: no number, no separator written
         return [1.0] * num_images
     weights = []
-    for part in re.split(r"[,\s;]+", text):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise PromptError(f"{name}: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.") from None
+    for part in parts:
+        if not _LIST_WEIGHT.fullmatch(part):
+            raise PromptError(f"{name}: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.")
+        value = float(part)
         weights.append(check_image_weight(value, name))
     if len(weights) != num_images:
         raise PromptError(f"{name} has {len(weights)} value(s) but {num_images} image(s) were given; give one weight "
@@ -164,9 +168,10 @@ def check_text(text, what: str) -> None:
 def check_negative_prompt(text: str) -> None:
     """A PromptError unless `text` is text without `<i>` (the unconditional input takes no images)."""
     check_text(text, "negative prompt")
-    if count_placeholders(text):
-        raise PromptError(f"The negative prompt contains {IMAGE_PLACEHOLDER}; negative prompts are text only: remove "
-                          "the placeholder.")
+    placeholder = PLACEHOLDER_PATTERN.search(text)
+    if placeholder:
+        raise PromptError(f"The negative prompt contains {placeholder.group(0)}; negative prompts are text only: "
+                          "remove the placeholder.")
 
 
 def build_prompt_ids(tokenizer, text: str, num_images: int,

@@ -143,9 +143,9 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         message = placeholder_mismatch(text, len(connected))
         if message:
             raise PromptError(message)
-        check_image_batches(connected)
-        check_image_pixels(connected)  # after the cheap checks: it reads every pixel
         weights = parse_weights(weights, len(connected))
         combine_image_weights(text, weights)  # a bad `<i:W>` is named here, not first in Encode
+        check_image_batches(connected)
+        check_image_pixels(connected)  # after the cheap checks: it reads every pixel
         connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
         return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=weights))

@@ -291,7 +291,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["encode", "--prompt", "a <i:O.8>", "--image", a_file, "--out", tmp_path / "o.safetensors"],
          "Placeholder 1 of the prompt, '<i:O.8>', has no weight Kosmos-G can read"),
         (["generate", "--sd-model", nano_sd, "--prompt", "a <i:4>", "--image", a_file, "--image-weights", "3"],
-         "Image weight 12 (image 1: 4 in the text x 3 in the weights list) is outside 0..10"),
+         "Image weight 12 (image 1: 4 written in the text x 3 given as its weight) is outside 0..10"),
     ]
     for args, message in cases:
         result = run_cli(args[0], "--checkpoint", missing, *args[1:], check=False)

@@ -257,7 +257,7 @@ def test_prompt_validation_names_both_counts():
     assert "2 <i> placeholder(s)" in KosmosGInterleavedPrompt.validate_inputs("<i:0.5> and <i>", "", {})
     assert "Placeholder 2 of the prompt, '<i:x>', has no weight" in KosmosGInterleavedPrompt.validate_inputs(
         "<i> and <i:x>", "", two)
-    assert "Image weight 12 (image 2: 6 in the text x 2 in the weights list)" in \
+    assert "Image weight 12 (image 2: 6 written in the text x 2 given as its weight)" in \
         KosmosGInterleavedPrompt.validate_inputs("<i> and <i:6>", "1, 2", two)
     assert "Image weight 11" in KosmosGInterleavedPrompt.validate_inputs("<i> and <i:11>", None, two)  # linked weights
     # declaring input_types turns off ComfyUI's link type check for text and weights too: redone by the node

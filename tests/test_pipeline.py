@@ -106,14 +106,14 @@ def test_a_weight_written_in_the_prompt_is_the_weights_list(pipe):
     both = pipe.encode("<i:0.5> and <i:2>", [image(5), image(6)], image_weights=[0.5, 0.5])
     assert torch.equal(both, pipe.encode("<i> and <i>", [image(5), image(6)], image_weights=[0.25, 1.0]))
     assert not torch.allclose(written, pipe.encode("<i> and <i>", [image(5), image(6)]), atol=1e-4)
-    with pytest.raises(PromptError, match=r"Image weight 12 \(image 1: 4 in the text x 3 in the weights list\)"):
+    with pytest.raises(PromptError, match=r"Image weight 12 \(image 1: 4 written in the text x 3 given as its weight\)"):
         pipe.encode("<i:4>", [image(5)], image_weights=[3.0])
     with pytest.raises(PromptError, match="Placeholder 1 of the prompt, '<i:big>', has no weight"):
         pipe.encode("<i:big>", [image(5)])
     # checked before a model is needed (the CLI reads the prompt and its images before loading one)
     with pytest.raises(PromptError, match="Placeholder 1 of the prompt, '<i:big>', has no weight"):
         read_prompt_images("<i:big>", [image(5)])
-    with pytest.raises(PromptError, match=r"Image weight 12 \(image 1: 4 in the text x 3"):
+    with pytest.raises(PromptError, match=r"Image weight 12 \(image 1: 4 written in the text x 3"):
         read_prompt_images("<i:4>", [image(5)], [3.0])
     assert len(read_prompt_images("<i:4>", [image(5)], [2.5])) == 1
 

@@ -7,7 +7,7 @@ from kosmosg_core.config import BOS_ID, EOS_ID, PAD_ID
 from kosmosg_core.errors import PromptError
 from kosmosg_core.prompt import (PromptIds, build_prompt_ids, build_unconditional_ids, check_negative_prompt,
                                  check_prompt_length, combine_image_weights, count_placeholders, pad_batch,
-                                 split_placeholders)
+                                 parse_image_weights, split_placeholders)
 from kosmosg_core.tokenizer import KosmosGTokenizer
 from support.tokenizer_fixture import build_tiny_tokenizer
 
@@ -60,7 +60,8 @@ def test_weighted_placeholders_are_placeholders_with_the_same_tokens(tok):
 @pytest.mark.parametrize("text, message", [
     ("a <i:> dog", r"Placeholder 1 of the prompt, '<i:>', has no weight"),
     ("a <i> and <i:O.8>", r"Placeholder 2 of the prompt, '<i:O.8>', has no weight .* e\.g\. <i:0\.8>"),
-    ("a <i:-1>", r"Placeholder 1 of the prompt, '<i:-1>', has no weight"),
+    ("a <i:-1>", r"Image weight -1 \(placeholder 1, <i:-1>\) is outside 0..10"),
+    ("a <i:- 1>", r"Placeholder 1 of the prompt, '<i:- 1>', has no weight"),
     ("a <i:1e-1>", "has no weight"),
     ("a <i:nan>", "has no weight"),
     ("a <i:0.5 dog>", "has no weight"),
@@ -75,14 +76,33 @@ def test_a_bad_written_weight_is_named(tok, text, message):
         build_prompt_ids(tok, text, count_placeholders(text))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("", [1.0, 1.0]), (None, [1.0, 1.0]), (" \t\n", [1.0, 1.0]), ("1.0, 0.8", [1.0, 0.8]), ("1;.5", [1.0, 0.5]),
+    ("1. 2", [1.0, 2.0]), ("\u00a01,\u30000.5\ufeff", [1.0, 0.5]), ("+1, 0", [1.0, 0.0]),
+])
+def test_a_weights_list_is_read_as_the_web_extension_reads_it(text, expected):
+    assert parse_image_weights(text, 2, "weights", "in socket order") == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1e-1, 1", r"weights: '1e-1' is not a number"), ("0x5, 1", "'0x5' is not a number"),
+    ("1_0, 1", "'1_0' is not a number"), ("\uff10.\uff15, 1", "is not a number"), ("inf, 1", "'inf' is not a number"),
+    ("-1, 1", r"Image weight -1 \(weights\) is outside 0..10"),
+    (",", r"weights has 0 value\(s\) but 2 image\(s\)"),  # a separator alone is not "empty"
+])
+def test_a_weights_list_that_is_not_plain_numbers_is_refused(text, message):
+    with pytest.raises(PromptError, match=message):
+        parse_image_weights(text, 2, "weights", "in socket order")
+
+
 def test_written_weights_multiply_the_list():
     assert combine_image_weights("<i:0.5> and <i>", None) == [0.5, 1.0]
     assert combine_image_weights("<i:0.5> and <i>", [2.0, 0.25]) == [1.0, 0.25]
     assert combine_image_weights("no images", []) == []
-    with pytest.raises(PromptError, match=r"Image weight 20 \(image 1: 4 in the text x 5 in the weights list\) is "
-                                          r"outside 0..10"):
+    with pytest.raises(PromptError, match=r"Image weight 20 \(image 1: 4 written in the text x 5 given as its weight\) "
+                                          r"is outside 0..10"):
         combine_image_weights("<i:4>", [5.0])
-    with pytest.raises(PromptError, match=r"2 placeholder\(s\) but 1 image weight\(s\)"):
+    with pytest.raises(PromptError, match=r"The prompt has 2 placeholder\(s\) but 1 image weight\(s\) were given"):
         combine_image_weights("<i> <i>", [1.0])
 
 
@@ -191,7 +211,7 @@ def test_unconditional_with_negative(tok):
 def test_unconditional_rejects_placeholder(tok):
     with pytest.raises(PromptError, match="text only"):
         build_unconditional_ids(tok, "blurry <i>")
-    with pytest.raises(PromptError, match="text only"):
+    with pytest.raises(PromptError, match="The negative prompt contains <i:0.5>; negative prompts are text only"):
         build_unconditional_ids(tok, "blurry <i:0.5>")
 
 

@@ -427,14 +427,15 @@ def test_captions_lose_byte_order_marks_control_characters_and_image_placeholder
     folder = tmp_path / "pairs"
     folder.mkdir()
     captions = {"bom": "\ufeffa dog on a mat".encode("utf-8"), "nul": b"a dog\x00 on\x0b a mat",
-                "italics": b"a <i>Rosa canina</i> flower", "weighted": b"a <i:0.5>small</i> dog"}
+                "italics": b"a <i>Rosa canina</i> flower", "weighted": b"a <i:0.5>small</i> dog",
+                "nested": b"a <i:<i>>tall</i> dog"}  # removing the inner <i> leaves <i: >: removed too
     for name, caption in captions.items():
         _noise_image(rng).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_bytes(caption)
     _noise_image(rng).save(folder / "listed.png")
     run_ingest_pairs(IngestConfig(input=str(folder), output=str(tmp_path / "out"), image_size=16))
     assert sorted(s.meta["text"] for s in read_samples(str(tmp_path / "out"))) == [
-        "a Rosa canina</i> flower", "a dog on a mat", "a dog on a mat", "a small</i> dog"]
+        "a Rosa canina</i> flower", "a dog on a mat", "a dog on a mat", "a small</i> dog", "a tall</i> dog"]
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text('{"image": "pairs/listed.png", "caption": "a listed dog"}\n', encoding="utf-8-sig")
     run_ingest_pairs(IngestConfig(input=str(jsonl), output=str(tmp_path / "out2"), image_size=16))

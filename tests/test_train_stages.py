@@ -317,6 +317,10 @@ def test_interleaved_choices_follow_official_probabilities():
     assert set(picks) == {"target.png", "variant_1_target.png", "variant_2_target.png"}
     choice = choose_interleaved(ip2p, sample_rng(1, 0), 0.5, 0.5)
     assert choice.image_fields[0].replace("entity_0.png", "target.png") == choice.target_field  # same seed's pair
+    # a hand-written shard with `<i:0.2>`: refused by name, not trained at weight 1 without a word
+    weighted = dict(meta, text="a dog <i:0.2> on a mat <i>")
+    with pytest.raises(ValueError, match=r"writes an image weight \(<i:0.2>\); training texts take plain <i>"):
+        choose_interleaved(weighted, sample_rng(0, 0), drop_prob=0.0, masked_prob=0.0)
 
 
 def test_stage1_targets_skip_image_slots_and_pads():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kosmosg_core.config import EOS_ID, IMAGE_PLACEHOLDER
+from kosmosg_core.config import EOS_ID, IMAGE_PLACEHOLDER, PLACEHOLDER_PATTERN
 from kosmosg_core.image_processing import preprocess_images
 from kosmosg_core.prompt import PromptIds, build_prompt_ids, count_placeholders, pad_batch
 
@@ -46,6 +46,10 @@ def choose_interleaved(meta: dict, rng: random.Random, drop_prob: float, masked_
     if count_placeholders(text) != len(fields):
         raise ValueError(f"sample text {text!r} has {count_placeholders(text)} {IMAGE_PLACEHOLDER} but "
                          f"{len(fields)} entities; the shard is malformed (rebuild it with python -m train.data).")
+    weighted = next((m.group(0) for m in PLACEHOLDER_PATTERN.finditer(text) if m.group(1) is not None), None)
+    if weighted:  # build_prompt_ids would drop it: the sample would train at weight 1 without a word
+        raise ValueError(f"sample text {text!r} writes an image weight ({weighted}); training texts take plain "
+                         f"{IMAGE_PLACEHOLDER} (a weight is an inference setting): write {IMAGE_PLACEHOLDER} there.")
     return InterleavedChoice(text=text, image_fields=fields, target_field=prefix + "target.png")
 
 

@@ -158,31 +158,37 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
     same placeholders, the same weights, a refusal where the core refuses (the status line must not pass what the
     server refuses, nor flag what it takes). Needs node only (the module runs with its two imports stubbed)."""
     from kosmosg_core.errors import PromptError
-    from kosmosg_core.prompt import combine_image_weights, count_placeholders, split_placeholders
+    from kosmosg_core.prompt import combine_image_weights, count_placeholders, parse_image_weights, split_placeholders
 
     if shutil.which("node") is None:
         pytest.fail("node is not installed") if os.environ.get("CI") else pytest.skip("node is not installed")
     texts = ["a <i> b", "<i:0.5><i>", "<i:>", "<i: 1.25 >", "<i:O.8>", "<i:-1>", "<i:1e-1>", "<i:\u0660.\u0665>",
              "<i:\t1>", "<i:12>", "<i:10>", "<<i>>", "<i<i:0.3>>", "<i:0.5 and <i>", "<I> < i >", "<i:1.> <i:.5>",
-             "x<i:\n0.5>", "<i:0.5>>", "<i::0.5>", "<i:0.5:1>", "<i:00.50>", "<i:+1>", "<i:1,5>", "no images"]
+             "x<i:\n0.5>", "<i:0.5>>", "<i::0.5>", "<i:0.5:1>", "<i:00.50>", "<i:+1>", "<i:1,5>", "no images",
+             "<i:-0>", "<i:- 1>", "<i:0x1>", "<i:\u20281>", "<i:1 >"]
+    weight_lists = ["", " \t", "1.0, 0.8", "1;.5", "1. 2", "\u00a01,\u30000.5\ufeff", "+1, 0", "1e-1, 1", "0x5, 1",
+                    "1_0, 1", "\uff10.\uff15, 1", "inf, 1", "-1, 1", ",", ";;", "1\x1c1", "1\x851", "1\ufeff1",
+                    "1\u20281", "1, 11", "NaN, 1", "1 2 3"]
     lists = [("<i:0.5> <i:4>", [2, 3]), ("<i:0.5> <i:4>", [2, 2.5]), ("<i:0.1> <i>", [3, 1]), ("<i>", [10])]
     source = (REPO / "web" / "js" / "kosmosg_prompt.js").read_text(encoding="utf-8")
     stubbed = source.replace('import { api } from "../../scripts/api.js";', "const api = {};").replace(
         'import { app } from "../../scripts/app.js";', 'const app = { extensions: [{ name: "KosmosG.interleavedPrompt" }] };')
     assert stubbed.count("const api = {};") == 1 and stubbed.count("const app = {") == 1, "the module's imports changed"
     (tmp_path / "prompt.mjs").write_text(stubbed, encoding="utf-8")
-    (tmp_path / "cases.json").write_text(json.dumps({"texts": texts, "lists": lists}), encoding="utf-8")
+    (tmp_path / "cases.json").write_text(json.dumps({"texts": texts, "lists": lists, "weight_lists": weight_lists}),
+                                         encoding="utf-8")
     (tmp_path / "run.mjs").write_text("""
         import fs from "node:fs";
-        import { findPlaceholders, describe } from "./prompt.mjs";
-        const { texts, lists } = JSON.parse(fs.readFileSync("cases.json", "utf8"));
+        import { findPlaceholders, describe, parseWeights } from "./prompt.mjs";
+        const { texts, lists, weight_lists } = JSON.parse(fs.readFileSync("cases.json", "utf8"));
         console.log(JSON.stringify({
             texts: texts.map((t) => findPlaceholders(t).map((p) => ({ weight: p.error ? null : p.weight, error: p.error }))),
             lists: lists.map(([t, w]) => describe(t, w.map((_, k) => k), w.join(", ")).ok),
+            weight_lists: weight_lists.map((w) => parseWeights(w)),
         }));""", encoding="utf-8")
     result = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = json.loads(result.stdout.strip().split("\n")[-1])  # not splitlines(): it also splits at \x85
     for text, found in zip(texts, seen["texts"]):
         assert len(found) == count_placeholders(text), text
         try:
@@ -191,6 +197,17 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
             assert any(p["error"] for p in found), (text, found)
         else:
             assert [p["weight"] for p in found] == weights, (text, found)
+    for text, parsed in zip(weight_lists, seen["weight_lists"]):  # the `weights` field, any count: null = blank
+        try:
+            weights = parse_image_weights(text, 0, "weights", "")
+        except PromptError as error:
+            if "value(s) but 0 image(s)" in str(error):  # numbers all read: the count is the only complaint
+                assert parsed == [float(w) for w in parse_image_weights(text, len(parsed), "weights", "")], text
+            else:
+                assert isinstance(parsed, dict) and "error" in parsed, (text, parsed)
+        else:
+            assert parsed in (None, []) and weights == [], (text, parsed)
+            assert (parsed is None) == (not text.strip(" \t")), (text, parsed)  # blank, or separators only
     for (text, weights), ok in zip(lists, seen["lists"]):
         try:
             combine_image_weights(text, weights)

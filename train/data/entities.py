@@ -60,7 +60,10 @@ def clean_text(text: str) -> str:
     """One line, single spaces: TSV-safe (no tab / newline) and stable for matching. Every control character
     (tab, newline, NUL...) becomes a space, and a literal `<i>` (HTML italics in scraped captions; or `<i:...>`)
     is removed: in a sample's text it would be read as an image placeholder and the sample could not be trained on."""
-    text = PLACEHOLDER_PATTERN.sub(" ", text)
+    while True:  # again until none is left: removing `<i>` from `<i:<i>>` leaves `<i: >`
+        text, removed = PLACEHOLDER_PATTERN.subn(" ", text)
+        if not removed:
+            break
     return " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in text).split())
 
 

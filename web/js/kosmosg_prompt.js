@@ -26,10 +26,14 @@ import { app } from "../../scripts/app.js";
 
 const NODE_ID = "KosmosGInterleavedPrompt";
 const PLACEHOLDER = "<i>";            // kosmosg_core.config.IMAGE_PLACEHOLDER
-// `<i>` or `<i:W>`, W that image's weight: kosmosg_core.config.PLACEHOLDER_PATTERN and kosmosg_core.prompt's
-// _WEIGHT_NUMBER, the same rules (whatever stands between `<i:` and `>` is a weight, or an error)
+// `<i>` or `<i:W>`, W that image's weight, and a weights list's numbers and separators: the rules of
+// kosmosg_core.config.PLACEHOLDER_PATTERN and kosmosg_core.prompt (_NUMBER, _PLACEHOLDER_WEIGHT, _LIST_WEIGHT,
+// _LIST_SEPARATORS), so that the status line passes what the server takes and flags what it refuses
 const PLACEHOLDER_PATTERN = /<i(?::([^<>]*))?>/g;
-const WEIGHT_NUMBER = /^ *([0-9]+(?:\.[0-9]*)?|\.[0-9]+) *$/;
+const NUMBER = "[-+]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)";
+const PLACEHOLDER_WEIGHT = new RegExp(`^ *${NUMBER} *$`);
+const LIST_WEIGHT = new RegExp(`^${NUMBER}$`);
+const LIST_SEPARATORS = /[,;\s\x1c-\x1f\x85\ufeff]+/;
 const MAX_WEIGHT = 10;                 // kosmosg_core.config.MAX_IMAGE_WEIGHT
 const IMAGES_GROUP = "images.";        // V3 Autogrow sockets are named "images.image0", "images.image1", ...
 const STATUS_WIDGET = "kosmosg_status";
@@ -57,9 +61,9 @@ export function findPlaceholders(text) {
     if (typeof text !== "string") return [];
     return [...text.matchAll(PLACEHOLDER_PATTERN)].map((match, k) => {
         const written = match[1];
-        const weight = written === undefined ? 1 : WEIGHT_NUMBER.test(written) ? Number(written) : NaN;
+        const weight = written === undefined ? 1 : PLACEHOLDER_WEIGHT.test(written) ? Number(written) : NaN;
         const error = Number.isNaN(weight) ? `${match[0]} is not a weight (write e.g. <i:0.8>)`
-            : weight > MAX_WEIGHT ? `${match[0]} is outside 0..${MAX_WEIGHT}` : null;
+            : weight < 0 || weight > MAX_WEIGHT ? `${match[0]} is outside 0..${MAX_WEIGHT}` : null;
         return { start: match.index, end: match.index + match[0].length, source: match[0], weight, error,
             number: k + 1 };
     });
@@ -75,13 +79,13 @@ function formatWeight(weight) {
     return String(Number(weight.toPrecision(6)));
 }
 
-/** "1.0, 0.8" -> [1, 0.8]; "" -> null (1.0 each); a bad entry -> {error}. Mirrors nodes/prompt.parse_weights
- *  (the range 0..10 is kosmosg_core/config.MAX_IMAGE_WEIGHT). */
+/** "1.0, 0.8" -> [1, 0.8]; blank -> null (1.0 each); a bad entry -> {error}. Mirrors
+ *  kosmosg_core.prompt.parse_image_weights (a separator alone is 0 values, not blank). */
 export function parseWeights(text) {
-    const parts = (text || "").trim().split(/[,\s;]+/).filter((p) => p.length > 0);
-    if (parts.length === 0) return null;
+    const parts = (text || "").split(LIST_SEPARATORS).filter((p) => p.length > 0);
+    if (parts.length === 0 && !/[,;]/.test(text || "")) return null;
     const values = parts.map(Number);
-    const bad = parts.find((p, k) => !Number.isFinite(values[k]) || values[k] < 0 || values[k] > MAX_WEIGHT);
+    const bad = parts.find((p, k) => !LIST_WEIGHT.test(p) || values[k] < 0 || values[k] > MAX_WEIGHT);
     return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..${MAX_WEIGHT}` };
 }
 
