@@ -111,8 +111,8 @@ def _normalise_batch(prompts, images, image_weights):
 def read_prompt_images(prompt: str, images: Sequence, image_weights: Sequence[float] | None = None) -> list:
     """What can be checked of one prompt and its images without a model, done before one loads (an official
     `.pt` takes seconds): the text, one `<i>` per image, the image weights (the list if given: one per image;
-    any `<i:W>`; each, and their products, in range), and every image read (paths decoded, so a missing or damaged file is named now) -> the images as RGB
-    PIL images, to pass to `encode` (with the same weights)."""
+    any `<i:W>`; each, and their products, in range), and every image read (paths decoded, so a missing or
+    damaged file is named now) -> the images as RGB PIL images, to pass to `encode` (with the same weights)."""
     check_text(prompt, "prompt")
     if isinstance(images, (list, tuple)) and not images:
         images = []

@@ -135,9 +135,9 @@ def check_image_weight(weight, where: str) -> float:
 
 
 def parse_image_weights(text: str | None, num_images: int, name: str, order: str) -> list[float]:
-    """'1.0, 0.8' -> [1.0, 0.8] (commas, spaces or semicolons between numbers); empty or None -> 1.0 per image.
-    A PromptError names `name` (the input the text came from) and, for a wrong count, says to give one weight per
-    image `order` (e.g. "in socket order")."""
+    """'1.0, 0.8' -> [1.0, 0.8] (commas, semicolons or white space between numbers); None, or white space only,
+    -> 1.0 per image (a comma alone is 0 values). A PromptError names `name` (the input the text came from) and,
+    for a wrong count, says to give one weight per image `order` (e.g. "in socket order")."""
     text = text or ""
     parts = [part for part in _LIST_SEPARATORS.split(text) if part]
     if not parts and "," not in text and ";" not in text:  # blank: no number, no separator written
