@@ -177,8 +177,12 @@ def test_conditioning_through_stock_nodes(comfy):
         "36": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["32", 0], "conditioning_2": ["33", 0]}},
         "37": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["36", 0], "conditioning_2": ["35", 0]}},
         "38": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 1]}},
+        # scheduled: the subject for the first 60 % of the steps, the text prompt after
+        "39": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["37", 0], "start": 0.0, "end": 0.6}},
+        "40": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["6", 0], "start": 0.6, "end": 1.0}},
+        "41": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["39", 0], "conditioning_2": ["40", 0]}},
     })
-    entry = comfy.run(add_sampling(graph, positive=("37", 0), negative=("38", 0), batch=2, prefix="kg-cond"))
+    entry = comfy.run(add_sampling(graph, positive=("41", 0), negative=("38", 0), batch=2, prefix="kg-cond"))
     assert_success(comfy, entry)
     assert len(comfy.output_images(entry)) == 2
 
