@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -170,6 +171,21 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
                     "1_0, 1", "\uff10.\uff15, 1", "inf, 1", "-1, 1", ",", ";;", "1\x1c1", "1\x851", "1\ufeff1",
                     "1\u20281", "1, 11", "NaN, 1", "1 2 3"]
     lists = [("<i:0.5> <i:4>", [2, 3]), ("<i:0.5> <i:4>", [2, 2.5]), ("<i:0.1> <i>", [3, 1]), ("<i>", [10])]
+    # and strings made at random from the pieces the rules care about (seeded: a failure reproduces)
+    rng = random.Random(0)
+    pieces = ["<i>", "<i:", "<", ">", "i", ":", "0", "1", "5", "10", ".", "-", "+", " ", "\t", "\n", "a", "e", "x",
+              ",", ";", "\u0660", "\x85", "\x1c", "\ufeff", "\u00a0", "\u2028", "\uff11"]
+
+    def number() -> str:  # mostly numbers, some nearly so
+        digits = lambda: "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 2)))  # noqa: E731
+        return (rng.choice(["", "", "-", "+", " "]) + digits() + rng.choice(["", ".", "." + digits()]) + digits()
+                + rng.choice(["", "", " ", "e1", "x", "\u0660", "\t"]))
+
+    made = ["".join(rng.choice(pieces + [f"<i:{number()}>"] * 8) for _ in range(rng.randint(1, 8)))
+            for _ in range(3000)]
+    texts += made
+    weight_lists += made + [rng.choice([",", ", ", ";", " ", "\u00a0", "\x85", ",,", "\n"]).join(
+        number() for _ in range(rng.randint(1, 3))) for _ in range(2000)]
     source = (REPO / "web" / "js" / "kosmosg_prompt.js").read_text(encoding="utf-8")
     stubbed = source.replace('import { api } from "../../scripts/api.js";', "const api = {};").replace(
         'import { app } from "../../scripts/app.js";', 'const app = { extensions: [{ name: "KosmosG.interleavedPrompt" }] };')
@@ -207,7 +223,7 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
                 assert isinstance(parsed, dict) and "error" in parsed, (text, parsed)
         else:
             assert parsed in (None, []) and weights == [], (text, parsed)
-            assert (parsed is None) == (not text.strip(" \t")), (text, parsed)  # blank, or separators only
+            assert (parsed is None) == ("," not in text and ";" not in text), (text, parsed)  # blank, or separators
     for (text, weights), ok in zip(lists, seen["lists"]):
         try:
             combine_image_weights(text, weights)
