@@ -428,6 +428,20 @@ def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
         load_sd15(inpainting, torch.float32, torch.device("cpu"))
 
 
+def test_the_readme_python_example_runs(tmp_path):
+    """The README's Python block, as written, from the repository root (it uses the shipped nano model)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1, "the README has one Python example"
+    script = tmp_path / "readme_example.py"
+    script.write_text(blocks[0], encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == ("torch.Size([1, 77, 768]) torch.Size([1, 77, 768]) "
+                                                      "torch.Size([2, 77, 768])")
+
+
 def test_sd_models_load_in_the_asked_dtype_without_diffusers_deprecation_warnings(tmp_path):
     """diffusers 0.40 renamed the loaders' `torch_dtype` to `dtype` and warned at every `generate`; releases before it
     (down to 0.35.2, the lower bound) know only `torch_dtype`."""
