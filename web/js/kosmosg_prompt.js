@@ -69,11 +69,6 @@ export function findPlaceholders(text) {
     });
 }
 
-/** Same rule as kosmosg_core.prompt.count_placeholders: `<i>` and `<i:W>`, non-overlapping. */
-export function countPlaceholders(text) {
-    return findPlaceholders(text).length;
-}
-
 /** 0.30000000000000004 -> "0.3": a product of two weights, as a label shows it. */
 function formatWeight(weight) {
     return String(Number(weight.toPrecision(6)));
