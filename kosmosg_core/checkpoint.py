@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,9 +69,14 @@ OFFICIAL_KEYS_TO_IGNORE = {
 }
 
 _RENAMES = _prefix_rules(OFFICIAL_KEY_RENAMES)
-_IGNORES = [re.compile(p) for p in OFFICIAL_KEYS_TO_IGNORE]
+_IGNORES = [(re.compile(pattern), what) for pattern, what in OFFICIAL_KEYS_TO_IGNORE.items()]
 _TS_ATTN_BLOCK = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.ts_attn\.")
 _OPEN_CLIP_QKV = re.compile(r"^(img_model\.)?visual\.transformer\.resblocks\.(\d+)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
+
+
+def ignored_as(key: str) -> str | None:
+    """What an official key inference does not use is (OFFICIAL_KEYS_TO_IGNORE's description), else None."""
+    return next((what for pattern, what in _IGNORES if pattern.search(key)), None)
 
 
 # --- official -> ours ------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def rename_official_state_dict(official: dict[str, torch.Tensor], keep_reconstru
                 renamed[prefix + name] = tensor
             continue
         reconstruction = key.startswith(RECONSTRUCTION_KEY_PREFIXES)
-        if any(p.search(key) for p in _IGNORES) and not (keep_reconstruction and reconstruction):
+        if ignored_as(key) is not None and not (keep_reconstruction and reconstruction):
             ignored.append(key)
             continue
         for pattern, replacement in _RENAMES:
@@ -260,9 +266,10 @@ def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_
 
 
 # --- public API ------------------------------------------------------------------------------------
-def read_checkpoint(path, config: KosmosGConfig | None = None
+def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[str] | None = None
                     ) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
-    """Read either format -> (config, state dict with our names, embedded tokenizer or None)."""
+    """Read either format -> (config, state dict with our names, embedded tokenizer or None). An official file's
+    keys that match OFFICIAL_KEYS_TO_IGNORE are never read; `not_read`, when given, collects them."""
     path = Path(path)
     check_input_path_length(path, "Kosmos-G checkpoint", CheckpointNotFoundError)  # before exists(), which raises on it
     if not path.exists():
@@ -276,7 +283,13 @@ def read_checkpoint(path, config: KosmosGConfig | None = None
         return _read_pack(path, config)
 
     # the tensors inference does not use (the official file's U-Net and VAE: GBs) are never read
-    official = load_pt_state_dict(path, key="model", include=lambda key: not any(p.search(key) for p in _IGNORES))
+    def include(key: str) -> bool:
+        ignored = ignored_as(key) is not None
+        if ignored and not_read is not None:
+            not_read.append(key)
+        return not ignored
+
+    official = load_pt_state_dict(path, key="model", include=include)
     if not any(k.startswith(("gpt_model.decoder.", "img_model.visual.", "aligner.encoder")) for k in official):
         raise CheckpointError(f"{path} is not a Kosmos-G checkpoint: {_describe_foreign(official)}.")
     state_dict, _ = rename_official_state_dict(official)
@@ -401,8 +414,13 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
 
 
 def describe(path) -> dict:
-    """Summary of a checkpoint without building the model (for `info` and the loader's log)."""
-    cfg, state_dict, tokenizer = read_checkpoint(Path(path))
+    """Summary of a checkpoint without building the model (for `info` and the loader's log). `not_read`: what an
+    official file also holds that conditioning does not use (e.g. whether it carries SD1.5's U-Net and VAE), as
+    {what it is: number of tensors}; a converted file holds none of it."""
+    not_read = []
+    cfg, state_dict, tokenizer = read_checkpoint(Path(path), not_read=not_read)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values()})
+    groups = Counter(ignored_as(key) for key in not_read)
     return {"path": str(path), "config": json.loads(cfg.to_json()), "dtypes": dtypes,
-            "parameters": sum(t.numel() for t in state_dict.values()), "tokenizer_embedded": tokenizer is not None}
+            "parameters": sum(t.numel() for t in state_dict.values()), "tokenizer_embedded": tokenizer is not None,
+            "not_read": dict(sorted(groups.items()))}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kosmosg_core.checkpoint import (
-    OFFICIAL_KEYS_TO_IGNORE, infer_config, load_model, read_checkpoint, rename_official_state_dict,
+    OFFICIAL_KEYS_TO_IGNORE, describe, infer_config, load_model, read_checkpoint, rename_official_state_dict,
     save_pack_checkpoint, to_official_state_dict)
 from kosmosg_core.config import KosmosGConfig
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, TokenizerError
@@ -37,6 +37,27 @@ def test_official_names_round_trip():
     assert sorted(ignored) == sorted(["gpt_model.decoder.output_projection.weight", "diffusion_unet.unet.conv_in.weight",
                                       "gpt_model.decoder.self_attn_sope.scale", "aligner.decoder_query"])
     assert all(OFFICIAL_KEYS_TO_IGNORE.values())  # every ignored pattern states its reason
+
+
+def test_info_names_what_an_official_file_holds_beyond_conditioning(tmp_path):
+    """`info` says whether an official file carries SD1.5's U-Net and VAE (and the stage-2 training parts): those
+    tensors are never read, so it counts them by what they are; a converted file holds none of them."""
+    from support.official_checkpoint import build_official_state_dict, save_official_checkpoint
+
+    cfg = KosmosGConfig.tiny()
+    pt = save_official_checkpoint(tmp_path / "checkpoint_final.pt", build_official_state_dict(cfg, stage2=True))
+    pt.with_suffix(".json").write_text(cfg.to_json())  # tiny heads are not 64 wide: sizes from the sidecar
+    not_read = describe(pt)["not_read"]
+    assert not_read["SD1.5 U-Net (the pack uses the user's own SD1.5 model)"] == 3
+    assert not_read["SD1.5 VAE (the user's own)"] == 3
+    assert not_read["tied LM head (same tensor as embed_tokens)"] == 1
+    assert not_read["stage-2 reconstruction branch (training only)"] > 0
+    assert not_read["stage-2 CLIP text encoder (loss target only)"] == 4
+    bare = save_official_checkpoint(tmp_path / "bare.pt", build_official_state_dict(cfg, include_unused=False))
+    bare.with_suffix(".json").write_text(cfg.to_json())
+    assert not any(what.startswith("SD1.5") for what in describe(bare)["not_read"])
+    pack_path, _, _ = write_tiny_pack(tmp_path / "pack")
+    assert describe(pack_path)["not_read"] == {}
 
 
 def test_open_clip_fused_attention_is_split():
