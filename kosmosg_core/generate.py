@@ -34,8 +34,9 @@ def diffusers_dtype_argument(dtype: torch.dtype, diffusers_version: str) -> dict
     """The pipeline loaders' dtype keyword: diffusers 0.40 renamed `torch_dtype` to `dtype` (following transformers;
     the old name warns that it will go), and the releases before it (0.35.2, the lower bound) know only
     `torch_dtype`."""
-    major, minor = (int(part) for part in diffusers_version.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
+    from packaging.version import Version  # a dependency of diffusers
+
+    return {"dtype": dtype} if Version(diffusers_version).release[:2] >= (0, 40) else {"torch_dtype": dtype}
 
 
 # What diffusers reads from a model folder, and from the config folder of a single file. Checked up front: for a

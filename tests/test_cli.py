@@ -461,6 +461,8 @@ def test_sd_models_load_in_the_asked_dtype_without_diffusers_deprecation_warning
     assert diffusers_dtype_argument(torch.float16, "0.39.1") == {"torch_dtype": torch.float16}
     assert diffusers_dtype_argument(torch.float16, "0.40.0.dev0") == {"dtype": torch.float16}
     assert diffusers_dtype_argument(torch.float16, "1.2.0") == {"dtype": torch.float16}
+    assert diffusers_dtype_argument(torch.float16, "0.40rc1") == {"dtype": torch.float16}
+    assert diffusers_dtype_argument(torch.float16, "0.39.0+local") == {"torch_dtype": torch.float16}
 
 
 def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tmp_path):

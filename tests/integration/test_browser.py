@@ -10,9 +10,11 @@ Screenshots go to $KOSMOSG_SCREENSHOT_DIR when set, else to the test's temporary
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -205,25 +207,36 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
     result = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().split("\n")[-1])  # not splitlines(): it also splits at \x85
+    assert [len(seen[k]) for k in ("texts", "weight_lists", "lists")] == [len(texts), len(weight_lists), len(lists)]
     for text, found in zip(texts, seen["texts"]):
         assert len(found) == count_placeholders(text), text
         try:
             weights = split_placeholders(text)[1]
-        except PromptError:  # the core stops at the first bad placeholder; the extension flags it (and any later)
-            assert any(p["error"] for p in found), (text, found)
+        except PromptError as error:  # the core stops at the first bad placeholder: the extension's first flag
+            first_flagged = next(k for k, p in enumerate(found, start=1) if p["error"])
+            assert re.search(rf"\b[Pp]laceholder {first_flagged}\b", str(error)), (text, found, str(error))
         else:
             assert [p["weight"] for p in found] == weights, (text, found)
+    def blank_to_the_core(text):  # 1.0 per image, whatever their number
+        try:
+            return parse_image_weights(text, 0, "weights", "") == [] and parse_image_weights(text, 1, "weights", "") == [1.0]
+        except PromptError:
+            return False
+
     for text, parsed in zip(weight_lists, seen["weight_lists"]):  # the `weights` field, any count: null = blank
+        assert (parsed is None) == blank_to_the_core(text), (text, parsed)
         try:
             weights = parse_image_weights(text, 0, "weights", "")
         except PromptError as error:
             if "value(s) but 0 image(s)" in str(error):  # numbers all read: the count is the only complaint
                 assert parsed == [float(w) for w in parse_image_weights(text, len(parsed), "weights", "")], text
-            else:
-                assert isinstance(parsed, dict) and "error" in parsed, (text, parsed)
+            else:  # the same entry refused: named by the core as written, or by its value when out of range
+                bad = re.fullmatch(r'weights: "(.*)" is not a number in 0..10', parsed["error"], flags=re.S).group(1)
+                named = re.match(r"weights: (.*) is not a number", str(error), flags=re.S)
+                assert (ast.literal_eval(named.group(1)) == bad if named else
+                        f"Image weight {float(bad):g} (weights) is outside" in str(error)), (text, parsed, str(error))
         else:
             assert parsed in (None, []) and weights == [], (text, parsed)
-            assert (parsed is None) == ("," not in text and ";" not in text), (text, parsed)  # blank, or separators
     for (text, weights), ok in zip(lists, seen["lists"]):
         try:
             combine_image_weights(text, weights)

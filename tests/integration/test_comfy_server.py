@@ -185,6 +185,9 @@ def test_conditioning_through_stock_nodes(comfy):
     entry = comfy.run(add_sampling(graph, positive=("41", 0), negative=("38", 0), batch=2, prefix="kg-cond"))
     assert_success(comfy, entry)
     assert len(comfy.output_images(entry)) == 2
+    unscheduled = comfy.run(add_sampling(graph, positive=("37", 0), negative=("38", 0), batch=2, prefix="kg-cond-all"))
+    assert_success(comfy, unscheduled)
+    assert (pixels(comfy.output_images(entry)[0]) != pixels(comfy.output_images(unscheduled)[0])).any()
 
 
 def test_ksampler_advanced_with_basic_controlnet_apply(comfy):
