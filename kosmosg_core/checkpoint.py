@@ -270,16 +270,8 @@ def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[st
                     ) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
     """Read either format -> (config, state dict with our names, embedded tokenizer or None). An official file's
     keys that match OFFICIAL_KEYS_TO_IGNORE are never read; `not_read`, when given, collects them."""
-    path = Path(path)
-    check_input_path_length(path, "Kosmos-G checkpoint", CheckpointNotFoundError)  # before exists(), which raises on it
-    if not path.exists():
-        raise CheckpointNotFoundError(f"Kosmos-G checkpoint not found: {path}. Check the path (official "
-                                      "checkpoint_final.pt or a converted .safetensors).")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt or .safetensors).")
-    if not path.is_file():  # a FIFO or device: reading it would block or never end
-        raise CheckpointError(f"{path} is not a regular file; give the checkpoint file (.pt or .safetensors).")
-    if _file_format(path) == "safetensors":
+    path = check_checkpoint_path(path)
+    if file_format(path) == "safetensors":
         return _read_pack(path, config)
 
     # the tensors inference does not use (the official file's U-Net and VAE: GBs) are never read
@@ -296,7 +288,36 @@ def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[st
     return config or _sidecar_config(path) or infer_config(state_dict), state_dict, None
 
 
-def _file_format(path: Path) -> str:
+def check_checkpoint_path(path) -> Path:
+    """`path` as a Path if it names a readable checkpoint file, else the error naming what is wrong and the fix."""
+    path = Path(path)
+    check_input_path_length(path, "Kosmos-G checkpoint", CheckpointNotFoundError)  # before exists(), which raises on it
+    if not path.exists():
+        raise CheckpointNotFoundError(f"Kosmos-G checkpoint not found: {path}. Check the path (official "
+                                      "checkpoint_final.pt or a converted .safetensors).")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (.pt or .safetensors).")
+    if not path.is_file():  # a FIFO or device: reading it would block or never end
+        raise CheckpointError(f"{path} is not a regular file; give the checkpoint file (.pt or .safetensors).")
+    return path
+
+
+def official_tensor_names(path) -> list[str]:
+    """The tensor names in an official `.pt`'s model state dict, none of the tensors read; [] for a `.safetensors`."""
+    path = check_checkpoint_path(path)
+    if file_format(path) == "safetensors":
+        return []
+    names = []
+
+    def note(name: str) -> bool:
+        names.append(name)
+        return False  # read nothing
+
+    load_pt_state_dict(path, key="model", include=note)
+    return names
+
+
+def file_format(path: Path) -> str:
     """"safetensors" or "pt": by the content where it is clear (a renamed file still loads), else by the suffix."""
     try:
         with open(path, "rb") as f:

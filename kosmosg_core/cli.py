@@ -188,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
     model_args(p)
-    p.add_argument("--sd-model", required=True, type=_path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt), diffusers folder, or the built-in "
-                        "models/nano/nano-sd15.safetensors")
+    p.add_argument("--sd-model", default=None, type=_path,
+                   help="SD1.5 single-file checkpoint (.safetensors/.ckpt), diffusers folder, or the built-in "
+                        "models/nano/nano-sd15.safetensors; left out: the SD1.5 U-Net and VAE stored in an official "
+                        "--checkpoint .pt (what the official demo samples with; `info` says whether it has them)")
     p.add_argument("--sd-config", default=None, type=_path,
-                   help="for a single file: a diffusers-layout folder with model_index.json and unet/ vae/ scheduler/ configs "
-                        "(default: SD1.5's, shipped in kosmosg_core/sd15_config)")
+                   help="for a single file, or the U-Net and VAE of an official .pt: a diffusers-layout folder with "
+                        "model_index.json and unet/ vae/ scheduler/ configs (default: SD1.5's, shipped in "
+                        "kosmosg_core/sd15_config)")
     p.add_argument("--prompt", required=True, help="text with one <i> per image (<i:0.8>: that image at weight 0.8)")
     image_args(p)
     p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')

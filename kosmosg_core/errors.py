@@ -56,3 +56,8 @@ class MissingPackageError(KosmosGError, ImportError):
 
 class NonFiniteEncodingError(KosmosGError, FloatingPointError):
     """The encoding (or the images sampled from it) came out inf/NaN: float16 overflowed, or the weights hold inf/NaN."""
+
+
+def first_line(error: Exception) -> str:
+    """What went wrong, from a library's error: their messages run to many lines (logs, hints); the first says it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

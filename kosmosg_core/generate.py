@@ -18,9 +18,10 @@ import torch
 from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
                      SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, GenerationSettingsError,
-                     MissingPackageError, NonFiniteEncodingError)
+                     MissingPackageError, NonFiniteEncodingError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
+from .official_sd15 import check_sd15_parts, load_official_sd15
 from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
 from .prompt import check_negative_prompt
 
@@ -44,8 +45,22 @@ def diffusers_dtype_argument(dtype: torch.dtype, diffusers_version: str) -> dict
 SD15_FOLDER_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
 
 
-def check_sd15_paths(sd_model, config_dir=None) -> Path:
-    path = Path(sd_model)
+def check_sd15_paths(sd_model, config_dir=None) -> Path | None:
+    """The SD1.5 model's path (None: the one an official Kosmos-G checkpoint stores, `official_sd15`) and the config
+    folder, checked: what is missing or of the wrong kind named with the fix."""
+    path = None if sd_model is None else Path(sd_model)
+    if path is not None:
+        _check_sd15_model_path(path, config_dir)
+    if config_dir is not None:
+        check_input_path_length(config_dir, "SD1.5 config folder", CheckpointNotFoundError, kind="folder")
+        if not Path(config_dir).is_dir():
+            raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
+                                          "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
+        _check_sd15_folder(Path(config_dir), "SD1.5 config folder", "give a whole one, or leave it out for SD1.5's own.")
+    return path
+
+
+def _check_sd15_model_path(path: Path, config_dir) -> None:
     check_input_path_length(path, "SD1.5 model", CheckpointNotFoundError, kind="file or folder")  # exists() raises on it
     if not path.exists():
         raise CheckpointNotFoundError(f"SD1.5 model not found: {path}. Give a single-file checkpoint "
@@ -55,13 +70,6 @@ def check_sd15_paths(sd_model, config_dir=None) -> Path:
     elif config_dir is not None and is_nano_sd15(path):
         raise GenerationSettingsError(f"{path} is the pack's nano image model, whose layout is fixed: --sd-config "
                                       f"({config_dir}) is for other single-file SD1.5 checkpoints; leave it out.")
-    if config_dir is not None:
-        check_input_path_length(config_dir, "SD1.5 config folder", CheckpointNotFoundError, kind="folder")
-        if not Path(config_dir).is_dir():
-            raise CheckpointNotFoundError(f"SD1.5 config folder not found: {config_dir}. Give a diffusers-layout folder "
-                                          "with unet/ vae/ scheduler/ configs, or leave it out for SD1.5's own.")
-        _check_sd15_folder(Path(config_dir), "SD1.5 config folder", "give a whole one, or leave it out for SD1.5's own.")
-    return path
 
 
 def is_nano_sd15(path: Path) -> bool:
@@ -90,42 +98,20 @@ def _check_sd15_folder(folder: Path, what: str, fix: str) -> None:
                               f"{', '.join(SD15_FOLDER_FILES)}); {fix}")
 
 
-def _first_line(error: Exception) -> str:
-    """diffusers' messages run to many lines (logs, hints): the first says what went wrong."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str = DEFAULT_SCHEDULER, config_dir=None,
-              steps: int | None = None):
+              steps: int | None = None, official_checkpoint=None):
     """A diffusers StableDiffusionPipeline without text encoder, from a folder, a single file or the pack's nano image
-    model (`nano_sd15`), offline; with `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
+    model (`nano_sd15`), offline; sd_model None: the U-Net and VAE stored in `official_checkpoint` (`official_sd15`).
+    With `steps`, its scheduler is tried on them first (`dry_run_scheduler`)."""
     path = check_sd15_paths(sd_model, config_dir)
-    try:
-        from diffusers import StableDiffusionPipeline, __version__ as diffusers_version
-    except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
-        # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
-        raise _missing_diffusers(error) from error
-
-    nano = is_nano_sd15(path)
-    try:
-        if nano:
-            pipe = load_nano_sd15(path, dtype)
-        elif path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **_NO_TEXT_ENCODER,
-                                                           **diffusers_dtype_argument(dtype, diffusers_version))
-        else:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
-                                                            local_files_only=True, **_NO_TEXT_ENCODER,
-                                                            **diffusers_dtype_argument(dtype, diffusers_version))
-    except ImportError as e:  # a diffusers release without the modules the nano model is built from
-        raise _missing_diffusers(e) from e
-    except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
-        if nano:  # the format is ours: missing keys (KeyError), wrong shapes (RuntimeError)...
-            raise CheckpointError(f"Could not load {path} as the pack's nano image model ({_first_line(e)}): the file "
-                                  "is damaged; restore it (git checkout models/nano) or export it again "
-                                  "(python -m train.nano.export_nano).") from e
-        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({_first_line(e)}); give an SD1.5 "
-                              "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
+    _stable_diffusion_pipeline()  # diffusers missing or broken: said before anything loads
+    if path is None:  # the SD1.5 U-Net and VAE an official Kosmos-G checkpoint stores: errors of their own
+        if official_checkpoint is None:
+            raise ValueError("load_sd15 needs sd_model or official_checkpoint.")
+        path = sd_model = Path(official_checkpoint)  # what the messages below name
+        pipe = load_official_sd15(path, dtype, config_dir)
+    else:
+        pipe = _load_sd15_model(path, dtype, config_dir)
     check_sd15_unet(pipe, path)
     try:
         pipe.scheduler = official_scheduler(scheduler, pipe.scheduler.config)
@@ -135,6 +121,42 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
         check_scheduler_steps(pipe.scheduler, scheduler, steps, sd_model, config_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _stable_diffusion_pipeline():
+    """diffusers' StableDiffusionPipeline class, or a MissingPackageError saying what to install."""
+    try:
+        from diffusers import StableDiffusionPipeline
+    except (ImportError, RuntimeError) as error:  # missing, or too old for this transformers (diffusers < 0.35.2
+        # with transformers 5 raises RuntimeError here). Not needed by the ComfyUI nodes: requirements-train.txt
+        raise _missing_diffusers(error) from error
+    return StableDiffusionPipeline
+
+
+def _load_sd15_model(path: Path, dtype: torch.dtype, config_dir):
+    """A folder, a single file or the nano image model -> the pipeline; diffusers' many errors as one CheckpointError."""
+    from diffusers import __version__ as diffusers_version
+
+    StableDiffusionPipeline = _stable_diffusion_pipeline()
+    nano = is_nano_sd15(path)
+    try:
+        if nano:
+            return load_nano_sd15(path, dtype)
+        if path.is_dir():
+            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **_NO_TEXT_ENCODER,
+                                                           **diffusers_dtype_argument(dtype, diffusers_version))
+        return StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir or SD15_CONFIG_DIR),
+                                                        local_files_only=True, **_NO_TEXT_ENCODER,
+                                                        **diffusers_dtype_argument(dtype, diffusers_version))
+    except ImportError as e:  # a diffusers release without the modules the nano model is built from
+        raise _missing_diffusers(e) from e
+    except Exception as e:  # diffusers raises many kinds (OSError, ValueError, SingleFileComponentError...)
+        if nano:  # the format is ours: missing keys (KeyError), wrong shapes (RuntimeError)...
+            raise CheckpointError(f"Could not load {path} as the pack's nano image model ({first_line(e)}): the file "
+                                  "is damaged; restore it (git checkout models/nano) or export it again "
+                                  "(python -m train.nano.export_nano).") from e
+        raise CheckpointError(f"Could not load {path} as a Stable Diffusion 1.5 model ({first_line(e)}); give an SD1.5 "
+                              "checkpoint (the U-Net, VAE and text encoder weights) or a diffusers SD1.5 folder.") from e
 
 
 def _missing_diffusers(error: Exception) -> MissingPackageError:
@@ -158,7 +180,7 @@ def _scheduler_error(name: str, doing: str, sd_model, config_dir, error: Excepti
     path = Path(sd_model)
     settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
     return GenerationSettingsError(f"The {name} scheduler cannot {doing} with the settings in {settings} "
-                                   f"({_first_line(error)}); choose other steps or another scheduler "
+                                   f"({first_line(error)}); choose other steps or another scheduler "
                                    f"({', '.join(SCHEDULERS)}), or repair that file.")
 
 
@@ -170,6 +192,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     image_weights=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
+    sd_model: an SD1.5 file or folder (`load_sd15`), or None: the U-Net and VAE an official `checkpoint` stores.
     images: one per `<i>`, paths or anything `to_pil_images` reads; image_weights: None (1.0 each) or one per image,
     as `KosmosGPipeline.encode` takes them; height / width None: the SD model's own size
     (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
@@ -179,7 +202,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     if noise not in NOISE_MODES:
         raise GenerationSettingsError(f"noise {noise!r} is not known: use one of {', '.join(NOISE_MODES)}.")
     out_dir = check_output_folder(out_dir, "The output folder")  # all checked before the models load
-    check_sd15_paths(sd_model, sd_config_dir)
+    if check_sd15_paths(sd_model, sd_config_dir) is None:  # the official checkpoint's own U-Net and VAE
+        check_sd15_parts(checkpoint)
     pictures = read_prompt_images(prompt, images, image_weights)
     negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
@@ -191,9 +215,9 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
-    sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps)
+    sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps, official_checkpoint=checkpoint)
     sd.set_progress_bar_config(disable=not show_progress)
-    sampled = sample_sd15(sd, sd_model, cond, uncond, generators, steps=steps,
+    sampled = sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -274,7 +298,7 @@ def official_noise_generator(seed: int, device) -> torch.Generator:
         return torch.Generator(device).manual_seed(seed)
     except Exception as e:  # a backend without generators of its own (DirectML...): each fails its own way
         raise DeviceError(f"noise 'official' draws on the sampling device, but this PyTorch has no random generator "
-                          f"on {str(device)!r} ({_first_line(e)}); use noise 'per-image' (drawn on the CPU).") from e
+                          f"on {str(device)!r} ({first_line(e)}); use noise 'per-image' (drawn on the CPU).") from e
 
 
 def native_size(sd) -> int:

@@ -252,6 +252,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
         (["generate", "--sd-model", a_file, "--sd-config", tmp_path / "nope", "--prompt", "x"],
          "SD1.5 config folder not found"),
         (["generate", "--sd-model", empty, "--prompt", "x"], f"SD1.5 model folder {empty} has no model_index.json"),
+        (["generate", "--prompt", "x"], "Kosmos-G checkpoint not found"),  # no --sd-model: its own U-Net, VAE are read
         (["generate", "--sd-model", no_unet, "--prompt", "x"], f"SD1.5 model folder {no_unet} has no unet/config.json"),
         (["generate", "--sd-model", a_file, "--sd-config", no_unet, "--prompt", "x"],
          f"SD1.5 config folder {no_unet} has no unet/config.json"),
@@ -426,6 +427,12 @@ def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
     UNet2DConditionModel.from_config(config).save_pretrained(inpainting / "unet")
     with pytest.raises(CheckpointError, match="takes 9 input channels .* 4-channel latents"):
         load_sd15(inpainting, torch.float32, torch.device("cpu"))
+
+
+def test_generate_without_sd_model_needs_an_official_file_that_stores_them(pack):
+    result = run_cli("generate", "--checkpoint", pack[0], "--prompt", "a photo", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "stores no SD1.5 U-Net or VAE" in result.stderr and "give an SD1.5 model (--sd-model" in result.stderr
 
 
 def test_the_readme_python_example_runs(tmp_path):

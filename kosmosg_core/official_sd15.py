@@ -1,0 +1,76 @@
+"""The SD1.5 U-Net and VAE an official Kosmos-G checkpoint stores, as a diffusers pipeline for `generate`.
+
+The official model holds SD1.5's U-Net and VAE as submodules (`diffusion_unet.unet.*`, `vae.vae.*`: diffusers
+names), so fairseq's checkpoint keeps their weights, and the official demo loads them over the ones it downloads
+(`load_state_dict(strict=False)`): generating with them is generating with what the demo runs. Conditioning never
+reads them (checkpoint.OFFICIAL_KEYS_TO_IGNORE); `python -m kosmosg_core info` says whether a file has them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import official_tensor_names, state_dict_mismatch
+from .config import SD15_CONFIG_DIR
+from .errors import CheckpointError, first_line
+
+UNET_PREFIX = "diffusion_unet.unet."
+VAE_PREFIX = "vae.vae."
+_PARTS = {"U-Net": UNET_PREFIX, "VAE": VAE_PREFIX}
+
+
+def missing_sd15_parts(checkpoint) -> list[str]:
+    """The parts ("U-Net", "VAE") an official `.pt` lacks (its tensor names only: no weight is read); a converted
+    `.safetensors` holds what conditioning uses, so it lacks both."""
+    keys = official_tensor_names(checkpoint)
+    return [part for part, prefix in _PARTS.items() if not any(key.startswith(prefix) for key in keys)]
+
+
+def check_sd15_parts(checkpoint) -> None:
+    """A CheckpointError unless `checkpoint` stores both an SD1.5 U-Net and a VAE, saying to give an SD1.5 model."""
+    missing = missing_sd15_parts(checkpoint)
+    if missing:
+        raise _nothing_to_sample_with(checkpoint, missing)
+
+
+def _nothing_to_sample_with(checkpoint, missing: list[str]) -> CheckpointError:
+    return CheckpointError(f"{checkpoint} stores no SD1.5 {' or '.join(missing)} (`python -m kosmosg_core info` lists "
+                           "what it holds; a converted .safetensors keeps only what conditioning uses), so there is "
+                           "nothing to sample with: give an SD1.5 model (--sd-model, a single file or a diffusers "
+                           "folder).")
+
+
+def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
+    """The U-Net and VAE stored in an official `.pt` -> a diffusers StableDiffusionPipeline without text encoder
+    (scheduler from `config_dir` too; `generate.load_sd15` replaces it with the official one). The networks are built
+    from `config_dir` (default: SD1.5's own, kosmosg_core/sd15_config) and must fit it tensor for tensor."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from .safe_unpickle import load_pt_state_dict
+
+    path, config_dir = Path(checkpoint), Path(config_dir or SD15_CONFIG_DIR)
+    stored = load_pt_state_dict(path, key="model", include=lambda key: key.startswith(tuple(_PARTS.values())))
+    missing = [part for part, prefix in _PARTS.items() if not any(key.startswith(prefix) for key in stored)]
+    if missing:
+        raise _nothing_to_sample_with(path, missing)
+    try:
+        networks = {"U-Net": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
+                    "VAE": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))}
+        scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(config_dir / "scheduler"))
+    except Exception as e:  # a damaged config: diffusers raises many kinds (OSError, ValueError, TypeError...)
+        raise CheckpointError(f"Could not build SD1.5 from the configs in {config_dir} ({first_line(e)}); repair them, "
+                              "or leave --sd-config out for SD1.5's own.") from e
+    for part, network in networks.items():
+        prefix = _PARTS[part]
+        weights = {key[len(prefix):]: tensor for key, tensor in stored.items() if key.startswith(prefix)}
+        mismatch = state_dict_mismatch(network.state_dict(), weights)
+        if mismatch:
+            raise CheckpointError(f"The SD1.5 {part} stored in {path} does not fit the config in {config_dir} "
+                                  f"({mismatch}); give --sd-config with the configs it was made with, or --sd-model.")
+        network.load_state_dict(weights)
+    pipe = StableDiffusionPipeline(vae=networks["VAE"], text_encoder=None, tokenizer=None, unet=networks["U-Net"],
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe.to(dtype=dtype)
