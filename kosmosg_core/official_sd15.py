@@ -69,8 +69,8 @@ def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
         if mismatch:
             raise CheckpointError(f"The SD1.5 {part} stored in {path} does not fit the config in {config_dir} "
                                   f"({mismatch}); give --sd-config with the configs it was made with, or --sd-model.")
-        network.load_state_dict(weights)
-    pipe = StableDiffusionPipeline(vae=networks["VAE"], text_encoder=None, tokenizer=None, unet=networks["U-Net"],
+        # cast on loading, the network taking the tensors (assign=True): diffusers' own to(dtype) warns needlessly
+        network.load_state_dict({key: tensor.to(dtype) for key, tensor in weights.items()}, strict=True, assign=True)
+    return StableDiffusionPipeline(vae=networks["VAE"], text_encoder=None, tokenizer=None, unet=networks["U-Net"],
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    return pipe.to(dtype=dtype)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kosmosg_core.errors import CheckpointError
-from kosmosg_core.generate import generate_images
+from kosmosg_core.generate import generate_images, load_sd15
 from kosmosg_core.official_sd15 import load_official_sd15, missing_sd15_parts
 from support.tiny_kosmosg import write_tiny_official, write_tiny_pack
 from support.tiny_sd15 import write_tiny_sd15
@@ -51,6 +51,9 @@ def test_the_stored_unet_and_vae_sample_what_the_same_networks_sample_from_a_fol
     (own,) = generate_images(sd_model=None, sd_config_dir=sd_folder, out_dir=tmp_path / "own", **common)
     (folder,) = generate_images(sd_model=sd_folder, out_dir=tmp_path / "folder", **common)
     assert own.read_bytes() == folder.read_bytes()
+    half = load_sd15(None, torch.bfloat16, torch.device("cpu"), "dpm", sd_folder, official_checkpoint=pt)
+    assert half.unet.dtype == half.vae.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in [*half.unet.parameters(), *half.vae.parameters()])
 
 
 def test_without_stored_networks_it_says_to_give_an_sd_model_before_loading(official, tmp_path, monkeypatch):
