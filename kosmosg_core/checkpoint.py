@@ -435,9 +435,9 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
 
 
 def describe(path) -> dict:
-    """Summary of a checkpoint without building the model (for `info`). `not_read`: what an
-    official file also holds that conditioning does not use (e.g. whether it carries SD1.5's U-Net and VAE), as
-    {what it is: number of tensors}; a converted file holds none of it."""
+    """Summary of a checkpoint without building the model (for `info`). `not_read`: what an official file also holds
+    that conditioning does not use (e.g. whether it carries SD1.5's U-Net and VAE), as {what it is: number of
+    tensors}; a converted file holds none of it."""
     not_read = []
     cfg, state_dict, tokenizer = read_checkpoint(Path(path), not_read=not_read)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values()})
