@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import official_tensor_names, state_dict_mismatch
+from .checkpoint import check_checkpoint_path, file_format, official_tensor_names, state_dict_mismatch
 from .config import SD15_CONFIG_DIR
 from .errors import CheckpointError, first_line
 
@@ -24,8 +24,11 @@ _PARTS = {"U-Net": UNET_PREFIX, "VAE": VAE_PREFIX}
 def missing_sd15_parts(checkpoint) -> list[str]:
     """The parts ("U-Net", "VAE") an official `.pt` lacks (its tensor names only: no weight is read); a converted
     `.safetensors` holds what conditioning uses, so it lacks both."""
-    keys = official_tensor_names(checkpoint)
-    return [part for part, prefix in _PARTS.items() if not any(key.startswith(prefix) for key in keys)]
+    return _missing_parts(official_tensor_names(checkpoint))
+
+
+def _missing_parts(names) -> list[str]:
+    return [part for part, prefix in _PARTS.items() if not any(name.startswith(prefix) for name in names)]
 
 
 def check_sd15_parts(checkpoint) -> None:
@@ -50,9 +53,10 @@ def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
 
     from .safe_unpickle import load_pt_state_dict
 
-    path, config_dir = Path(checkpoint), Path(config_dir or SD15_CONFIG_DIR)
-    stored = load_pt_state_dict(path, key="model", include=lambda key: key.startswith(tuple(_PARTS.values())))
-    missing = [part for part, prefix in _PARTS.items() if not any(key.startswith(prefix) for key in stored)]
+    path, config_dir = check_checkpoint_path(checkpoint), Path(config_dir or SD15_CONFIG_DIR)
+    stored = {} if file_format(path) == "safetensors" else load_pt_state_dict(  # a converted file has neither
+        path, key="model", include=lambda key: key.startswith(tuple(_PARTS.values())))
+    missing = _missing_parts(stored)
     if missing:
         raise _nothing_to_sample_with(path, missing)
     try:

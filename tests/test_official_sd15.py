@@ -71,6 +71,8 @@ def test_without_stored_networks_it_says_to_give_an_sd_model_before_loading(offi
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match=r"stores no SD1.5 U-Net \("):  # the API's own check, on the tensors read
         load_official_sd15(vae_only, torch.float32)
+    with pytest.raises(CheckpointError, match=r"stores no SD1.5 U-Net or VAE \("):  # a converted file: neither
+        load_official_sd15(pack, torch.float32)
 
 
 def test_stored_networks_that_do_not_fit_the_config_are_refused_by_name(official, tmp_path):
