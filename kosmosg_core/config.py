@@ -46,10 +46,13 @@ ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fa
 # Sampling of the official demo (spec section 7): scheduler (diffusers class per CLI name), steps, guidance
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
 # Settings over the model's scheduler config that keep each scheduler as the official code ran it (diffusers
-# 0.21.4). Its DPM-Solver ends with a second-order step to the last timestep's noise level (sigma_min ~0.03);
+# 0.21.4). Its DPM-Solver ends with a step to the last timestep's noise level (sigma_min ~0.03);
 # diffusers 0.26 on default to a first-order step to noise 0 (final_sigmas_type "zero"): a different picture
 # (tests/test_official_sampling.py). DDIM and PNDM are unchanged since 0.21.4.
 SCHEDULER_SETTINGS = {"dpm": {"final_sigmas_type": "sigma_min"}}
+# diffusers' DPM-Solver (lower_order_final, on by default and in 0.21.4) makes its last step first-order when it
+# runs fewer steps than this; from this many on, every step after the first is second-order
+DPM_SOLVER_FIRST_ORDER_FINAL_BELOW = 15
 # Where each picture's starting noise comes from: "per-image" (image k from seed + k, drawn on the CPU: the same
 # noise on any device and in any batch) or "official" (the official demo: torch.manual_seed(seed), then one draw
 # of all pictures' noise on the sampling device in its dtype, diffusers 0.21.4's randn_tensor without a generator)

@@ -270,6 +270,37 @@ def official_scheduler(name: str, config):
     return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
+def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> torch.Tensor:
+    """The noise levels [steps + 1] the official demo's DPM-Solver steps through, on a model's own noise schedule.
+
+    sigmas: [T] float, the model's noise level at each training timestep 0..T-1 (SD1.5: T = 1000, 0.029 ... 14.6).
+    Returns sigmas at the timesteps diffusers' DPM-Solver visits (built by `official_scheduler` as `generate` builds
+    it: evenly spaced from T-1, rounded to whole timesteps), then sigmas[0], where its last step ends
+    (`SCHEDULER_SETTINGS`). A second-order DPM-Solver++ multistep sampler (k-diffusion's `dpmpp_2m`) stepping through
+    these, from noise scaled to sqrt(1 + sigma_max^2), is the official sampler step for step
+    (tests/test_official_sampling.py)."""
+    import json
+
+    config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    total = int(sigmas.shape[0]) if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 else 0
+    if total < 2:
+        raise GenerationSettingsError(f"The model's noise schedule must list one noise level per training timestep "
+                                      f"(a 1-D table, SD1.5: 1000), got {_shape_or_type(sigmas)}; the official sampler "
+                                      "needs a discrete-time (SD1.5-type) model.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < total:
+        raise GenerationSettingsError(f"steps must be a whole number between 1 and {total - 1} (official demo: "
+                                      f"{DEFAULT_STEPS}), got {steps!r}.")
+    scheduler = official_scheduler(DEFAULT_SCHEDULER, {**config, "num_train_timesteps": total})
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.long()  # [steps], whole timesteps at least 1 apart, descending from T-1
+    table = sigmas.detach().float().cpu()
+    return torch.cat([table[timesteps], table[:1]])
+
+
+def _shape_or_type(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def dry_run_scheduler(scheduler, steps: int) -> None:
     """Every step of (a copy of) `scheduler` on a 1-pixel latent, in well under a second. diffusers fails on settings
     it cannot run only mid-sampling (DDIM at 1000 steps: a bare IndexError; PNDM without skip_prk_steps below 4 steps;

@@ -13,6 +13,7 @@ from .encode import KosmosGEncode
 from .loader import KosmosGConvertCheckpoint, KosmosGLoader
 from .paths import register_folders
 from .prompt import KosmosGInterleavedPrompt
+from .sampling import KosmosGOfficialSampler
 
 register_folders()
 
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     KosmosGSaveConditioning,
     KosmosGLoadConditioning,
     KosmosGConvertCheckpoint,
+    KosmosGOfficialSampler,
 ]
 
 

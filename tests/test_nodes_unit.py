@@ -48,6 +48,7 @@ from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, Kosmo
 from kosmosg_pack.nodes.encode import KosmosGEncode  # noqa: E402
 from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader, converted_file_name  # noqa: E402
 from kosmosg_pack.nodes.prompt import KosmosGInterleavedPrompt, parse_weights  # noqa: E402
+from kosmosg_pack.nodes.sampling import KosmosGOfficialSampler  # noqa: E402
 from kosmosg_pack.nodes.types import KosmosGPrompt  # noqa: E402
 
 EXPECTED_NODES = {
@@ -57,6 +58,7 @@ EXPECTED_NODES = {
     "KosmosGSaveConditioning": "Kosmos-G Save Conditioning",
     "KosmosGLoadConditioning": "Kosmos-G Load Conditioning",
     "KosmosGConvertCheckpoint": "Kosmos-G Convert Checkpoint",
+    "KosmosGOfficialSampler": "Kosmos-G Official Sampler",
 }
 
 
@@ -694,6 +696,111 @@ def test_convert_from_a_subfolder_writes_beside_the_source(model_dirs):
     out = KosmosGConvertCheckpoint.execute(source, output_name="", dtype="fp32")
     assert out.result[0] == os.path.join("release", "tiny.safetensors")
     assert (kosmosg_dir / "release" / "tiny.safetensors").is_file()
+
+
+# --- official sampler ------------------------------------------------------------------------------
+def sd15_model():
+    """What the sampler node reads of a MODEL: SD1.5's model_sampling (ComfyUI's own class, as a loaded SD1.5
+    checkpoint has it), behind the ModelPatcher accessor."""
+    import types
+
+    import comfy.model_sampling
+
+    sampling = type("ModelSampling", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS), {})()
+    return types.SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
+
+
+class ComfyDenoiser:
+    """What ComfyUI's KSAMPLER.sample calls, for an epsilon-prediction model `predict_noise(model_input [B, C, H, W],
+    timestep [B]) -> [B, C, H, W]` (model_input: what a U-Net sees, x / sqrt(1 + sigma^2)): the data estimate
+    x - sigma * eps, with the attributes KSAMPLER reads (the model's sampling; cfg and patcher for its log line)."""
+
+    def __init__(self, model_sampling, predict_noise):
+        import types
+
+        self.inner_model = types.SimpleNamespace(model_sampling=model_sampling)
+        self.cfg, self.model_patcher = 1.0, types.SimpleNamespace(model=None)
+        self.predict_noise = predict_noise
+
+    def __call__(self, x, sigma, **_):
+        s = sigma.reshape(-1, 1, 1, 1)
+        return x - s * self.predict_noise(x / (1 + s**2).sqrt(), self.inner_model.model_sampling.timestep(sigma))
+
+
+def comfy_sample(sampler, sigmas, denoiser, noise, callback=None):
+    """A whole run of ComfyUI's own KSAMPLER.sample (its noise scaling, its k-diffusion solver) from `noise` on an
+    empty latent -> the final latent, in ComfyUI's scaling (x = data + sigma * noise)."""
+    return sampler.sample(denoiser, sigmas, {}, callback, noise, latent_image=torch.zeros_like(noise),
+                          disable_pbar=True)
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50, 100])
+def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
+    """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver (the official
+    code's) ended on the same toy model from the same noise (tests/reference/official_scheduler_outputs.safetensors),
+    below 15 steps with the first-order last step included; ComfyUI's KSampler schedules do not."""
+    import comfy.samplers
+    from safetensors import safe_open
+
+    from reference.generate_official_scheduler_outputs import start_and_centres, toy_noise_prediction
+
+    with safe_open(str(REPO / "tests" / "reference" / "official_scheduler_outputs.safetensors"), "pt") as f:
+        expected = f.get_tensor(f"dpm.{steps}")  # [1, 4, 8, 8], diffusers' latent: sqrt(alpha_bar) * ComfyUI's
+    model = sd15_model()
+    model_sampling = model.get_model_object("model_sampling")
+    start, centres = start_and_centres()
+
+    def predict_noise(model_input, timestep):
+        alpha_cumprod = 1 / (1 + model_sampling.sigma(timestep) ** 2)
+        return toy_noise_prediction(model_input, alpha_cumprod, centres)
+
+    def run(sampler, sigmas):
+        final = comfy_sample(sampler, sigmas, ComfyDenoiser(model_sampling, predict_noise), start)
+        return final / (1 + sigmas[-1] ** 2).sqrt()  # in diffusers' scaling, to compare
+
+    sampler, sigmas = KosmosGOfficialSampler.execute(model, steps).result
+    assert sigmas.shape == (steps + 1,) and sigmas[-1] == model_sampling.sigma_min
+    assert (run(sampler, sigmas) - expected).abs().max() < 1e-5
+    for scheduler in ("normal", "sgm_uniform", "simple"):  # KSampler's nearest: a different path
+        grid = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
+        assert (run(comfy.samplers.ksampler("dpmpp_2m"), grid) - expected).abs().max() > 1e-4, scheduler
+
+
+def test_sampler_custom_draws_the_starting_noise_generate_draws():
+    """SamplerCustom's noise (RandomNoise: comfy.sample.prepare_noise, float32 on the CPU) for seed s is what
+    `generate --seed s` starts from in float32 on the CPU: `--noise official` for any batch (one draw after seeding),
+    `--noise per-image` for one picture (its generator seeded with s)."""
+    import comfy.sample
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from kosmosg_pack.kosmosg_core.generate import image_generators, official_noise_generator
+
+    for batch in (1, 3):
+        comfy_noise = comfy.sample.prepare_noise(torch.zeros(batch, 4, 8, 8), 7)
+        official = randn_tensor((batch, 4, 8, 8), generator=official_noise_generator(7, "cpu"), dtype=torch.float32)
+        assert torch.equal(comfy_noise, official)
+    per_image = randn_tensor((1, 4, 8, 8), generator=image_generators(7, 1), dtype=torch.float32)
+    assert torch.equal(comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 7), per_image)
+
+
+def test_official_sampler_reports_every_step_to_the_progress_bar():
+    model = sd15_model()
+    sampler, sigmas = KosmosGOfficialSampler.execute(model, 5).result  # 5 < 15: with the first-order last step
+    denoiser = ComfyDenoiser(model.get_model_object("model_sampling"), lambda x, t: torch.tanh(x))
+    seen = []
+    comfy_sample(sampler, sigmas, denoiser, torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)),
+                 callback=lambda step, denoised, x, total: seen.append((step, total)))
+    assert seen == [(i, 5) for i in range(5)]
+
+
+def test_official_sampler_refuses_a_model_without_discrete_timesteps():
+    import types
+
+    import comfy.model_sampling
+
+    flow = types.SimpleNamespace(get_model_object=lambda name: comfy.model_sampling.ModelSamplingDiscreteFlow())
+    with pytest.raises(Exception, match="SD1.5-type model .*ModelSamplingDiscreteFlow.*SD1.5 checkpoint's MODEL"):
+        KosmosGOfficialSampler.execute(flow, 50)
 
 
 # --- the shipped nano model ------------------------------------------------------------------------

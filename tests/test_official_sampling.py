@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from kosmosg_core.errors import DeviceError, GenerationSettingsError
-from kosmosg_core.generate import generate_images, official_noise_generator, official_scheduler
+from kosmosg_core.generate import generate_images, official_noise_generator, official_noise_levels, official_scheduler
 from reference.generate_official_scheduler_outputs import CASES, run_trajectory, sd15_schedule_config
 
 STORED = Path(__file__).parent / "reference" / "official_scheduler_outputs.safetensors"
@@ -49,6 +49,28 @@ def test_the_stored_trajectories_tell_the_dpm_final_steps_apart(stored):
     plain = diffusers.DPMSolverMultistepScheduler.from_config(sd15_schedule_config())
     final, _ = run_trajectory(plain, 50)
     assert (final - finals["dpm.50"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("steps", [steps for name, steps in CASES if name == "dpm"])
+def test_official_noise_levels_are_the_official_dpm_solvers(stored, steps):
+    """What the ComfyUI node (Kosmos-G Official Sampler) steps through: the model's noise levels at the timesteps
+    diffusers 0.21.4's DPM-Solver visited, then its smallest (the timestep-0 level, where that solver ended)."""
+    _, timesteps = stored
+    table = torch.linspace(0.03, 14.6, 1000)  # any model's [T] levels: read at the timesteps, not recomputed
+    levels = official_noise_levels(table, steps)
+    assert torch.equal(levels, table[timesteps[f"dpm.{steps}"] + [0]])
+
+
+@pytest.mark.parametrize("table, steps, message", [
+    (torch.ones(1000), 0, "steps must be a whole number between 1 and 999"),
+    (torch.ones(1000), 1000, "between 1 and 999 .official demo: 50., got 1000"),
+    (torch.ones(1000), True, "got True"),
+    (torch.ones(2, 1000), 50, "one noise level per training timestep .* shape \\(2, 1000\\).*discrete-time"),
+    (None, 50, "got NoneType"),
+])
+def test_official_noise_levels_refuse_what_they_cannot_space(table, steps, message):
+    with pytest.raises(GenerationSettingsError, match=message):
+        official_noise_levels(table, steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

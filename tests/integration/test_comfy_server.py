@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 NODE_IDS = ["KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
-            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint"]
+            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler"]
 TEST_STEPS = 2
 TEST_SIZE = 64
 
@@ -87,6 +87,7 @@ def test_object_info_schema(comfy):
         "KosmosGLoadConditioning": ({"conditioning_file": "COMBO"}, ["CONDITIONING"]),
         "KosmosGConvertCheckpoint": ({"source": "COMBO", "output_name": "STRING", "dtype": "COMBO",
                                      "overwrite": "BOOLEAN"}, ["STRING"]),
+        "KosmosGOfficialSampler": ({"model": "MODEL", "steps": "INT"}, ["SAMPLER", "SIGMAS"]),
     }
     for node_id, (inputs, outputs) in expected.items():
         node = info[node_id]
@@ -188,6 +189,28 @@ def test_conditioning_through_stock_nodes(comfy):
     unscheduled = comfy.run(add_sampling(graph, positive=("37", 0), negative=("38", 0), batch=2, prefix="kg-cond-all"))
     assert_success(comfy, unscheduled)
     assert (pixels(comfy.output_images(entry)[0]) != pixels(comfy.output_images(unscheduled)[0])).any()
+
+
+def test_official_sampler_drives_sampler_custom(comfy):
+    """Kosmos-G Official Sampler's SAMPLER + SIGMAS in SamplerCustom on a loaded SD1.5 checkpoint's MODEL (whose
+    noise schedule it reads); KSampler's dpmpp_2m + normal from the same seed gives a different picture
+    (tests/test_nodes_unit.py proves the node's path is the official one)."""
+    graph = add_sampling(encode_graph(), prefix="kg-official")
+    graph.update({
+        "30": {"class_type": "KosmosGOfficialSampler", "inputs": {"model": ["1", 0], "steps": TEST_STEPS}},
+        "31": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 6.0, "positive": ["4", 0],
+            "negative": ["4", 1], "sampler": ["30", 0], "sigmas": ["30", 1], "latent_image": ["20", 0]}},
+    })
+    graph["22"]["inputs"]["samples"] = ["31", 0]
+    del graph["21"]
+    entry = comfy.run(graph)
+    assert_success(comfy, entry)
+    official = pixels(comfy.output_images(entry)[0])
+    assert official.shape == (TEST_SIZE, TEST_SIZE, 3)
+    ksampler = comfy.run(add_sampling(encode_graph(), seed=42, prefix="kg-official-ksampler"))
+    assert_success(comfy, ksampler)
+    assert (pixels(comfy.output_images(ksampler)[0]) != official).any()
 
 
 def test_ksampler_advanced_with_basic_controlnet_apply(comfy):

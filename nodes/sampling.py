@@ -1,0 +1,81 @@
+"""Kosmos-G Official Sampler: the official demo's DPM-Solver as a SAMPLER + SIGMAS pair for SamplerCustom.
+
+The official demo samples with diffusers' DPM-Solver multistep (50 steps). ComfyUI's `dpmpp_2m` is the same
+solver; what KSampler's schedulers cannot give is the official grid of noise levels (diffusers' whole timesteps,
+ending at the smallest noise level, not at 0), nor, below 15 steps, the first-order last step. This node gives both
+(the noise levels from kosmosg_core.generate.official_noise_levels, on the connected model's own noise schedule).
+"""
+
+from __future__ import annotations
+
+import comfy.k_diffusion.sampling as k_sampling
+import comfy.model_sampling
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
+from ..kosmosg_core.errors import GenerationSettingsError
+from ..kosmosg_core.generate import official_noise_levels
+from .types import CATEGORY
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_first_order_final(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """`dpmpp_2m` to the next-to-last noise level, then one first-order step: diffusers' DPM-Solver below
+    DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps. DPM-Solver++'s first-order step is the DDIM step, which in ComfyUI's
+    scaling (x = data + sigma * noise) is the Euler step."""
+    x = k_sampling.sample_dpmpp_2m(model, x, sigmas[:-1], extra_args=extra_args, callback=callback, disable=disable)
+    last = len(sigmas) - 2  # the step index the progress callback reports for the last step
+    shifted = None if callback is None else (lambda info: callback({**info, "i": info["i"] + last}))
+    return k_sampling.sample_euler(model, x, sigmas[-2:], extra_args=extra_args, callback=shifted, disable=disable)
+
+
+def official_sampler(steps: int) -> comfy.samplers.KSAMPLER:
+    """The solver of the official DPM-Solver at `steps` steps, as a ComfyUI SAMPLER."""
+    if steps >= DPM_SOLVER_FIRST_ORDER_FINAL_BELOW:
+        return comfy.samplers.ksampler("dpmpp_2m")
+    return comfy.samplers.KSAMPLER(sample_dpmpp_2m_first_order_final)
+
+
+def model_noise_levels(model) -> torch.Tensor:
+    """The MODEL's noise level per training timestep [T], or a GenerationSettingsError for models without one."""
+    model_sampling = model.get_model_object("model_sampling")
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise GenerationSettingsError(
+            f"Kosmos-G Official Sampler needs an SD1.5-type model (discrete timesteps); the connected model samples "
+            f"with {type(model_sampling).__name__}. Connect the SD1.5 checkpoint's MODEL, or use KSampler.")
+    return model_sampling.sigmas
+
+
+class KosmosGOfficialSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGOfficialSampler",
+            display_name="Kosmos-G Official Sampler",
+            category=CATEGORY,
+            description=(
+                "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep on the official grid of "
+                "noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's guidance; add_noise "
+                "on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the normal scheduler is "
+                "close to it, not the same."),
+            search_aliases=["kosmos", "dpm-solver", "official schedule", "sigmas"],
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 model to be sampled: the noise levels come from its own "
+                                                "noise schedule."),
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=999,
+                             tooltip=f"Sampling steps (official demo: {DEFAULT_STEPS})."),
+            ],
+            outputs=[
+                io.Sampler.Output(display_name="sampler", tooltip="DPM-Solver++ 2M (first-order last step below "
+                                                                  f"{DPM_SOLVER_FIRST_ORDER_FINAL_BELOW} steps, as "
+                                                                  "the official code)."),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The official noise levels: steps + 1 values, "
+                                                                "ending at the model's smallest noise level."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, steps) -> io.NodeOutput:
+        return io.NodeOutput(official_sampler(steps), official_noise_levels(model_noise_levels(model), steps))
