@@ -97,7 +97,7 @@ def test_nodes_appear_in_the_node_library(browser_report):
     assert browser_report["kosmosg_category_nodes"] == NODE_IDS
     results = " | ".join(browser_report["search_results"])
     for title in ("Kosmos-G Loader", "Kosmos-G Interleaved Prompt", "Kosmos-G Encode", "Kosmos-G Save Conditioning",
-                  "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint"):
+                  "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint", "Kosmos-G Official Sampler"):
         assert title in results, (f"{title!r} not offered by the search box: {results!r} "
                                   f"(error: {browser_report.get('search_error')})")
     assert browser_report["added_from_search"] == ["KosmosGInterleavedPrompt"]
@@ -272,9 +272,9 @@ def test_ui_submits_text_and_sockets_but_not_the_status_widget(browser_report):
 
 def test_shipped_workflow_loads_queues_and_shows_its_image(browser_report):
     workflow = browser_report["workflow"]
-    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KSampler", "SaveImage"} <= set(
-        workflow["node_types"])
-    assert {"CheckpointLoaderSimple.ckpt_name", "KosmosGLoader.checkpoint", "KSampler.steps"} <= set(
+    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGOfficialSampler", "SamplerCustom",
+            "SaveImage"} <= set(workflow["node_types"])
+    assert {"CheckpointLoaderSimple.ckpt_name", "KosmosGLoader.checkpoint", "KosmosGOfficialSampler.steps"} <= set(
         workflow["substituted"])
     assert workflow["prompt_status"]["summary"] == "2 <i> / 2 images ✓"
     # loading keeps every socket and link (the spare-socket trim runs only once the links are restored)
@@ -576,7 +576,8 @@ def test_vue_nodes_mode_loads_the_shipped_workflow(vue_report):
     workflow = vue_report["workflow"]
     assert {"CheckpointLoaderSimple.ckpt_name", "KosmosGLoader.checkpoint"} <= set(workflow["substituted"])
     loaded = workflow["loaded"]
-    assert loaded["vue_node_elements"] == loaded["graph_nodes"] == 11  # every node of it is a Vue component
+    shipped = len(json.loads(WORKFLOW.read_text())["nodes"])
+    assert loaded["vue_node_elements"] == loaded["graph_nodes"] == shipped  # every node of it is a Vue component
     assert _vue_sockets(loaded) == [("images.image0", True, "first"), ("images.image1", True, "second"),
                                     ("images.image2", False, None)]
     assert loaded["dom_slot_order"] == ["images.image0", "images.image1", "images.image2"]

@@ -136,11 +136,14 @@ def test_shipped_workflow_runs(comfy, workflow_path):
         ("ControlNetLoader", "control_net_name"): comfy_tiny_models.CONTROLNET_NAME,
         ("LoraLoaderModelOnly", "lora_name"): comfy_tiny_models.LORA_NAME,
         ("KSampler", "steps"): TEST_STEPS,
+        ("KosmosGOfficialSampler", "steps"): TEST_STEPS,
         ("EmptyLatentImage", "width"): TEST_SIZE,
         ("EmptyLatentImage", "height"): TEST_SIZE,
     })
     classes = {node["class_type"] for node in prompt.values()}
-    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KSampler", "SaveImage"} <= classes
+    assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "SaveImage"} <= classes
+    nano = "nano" in workflow_path.stem  # the nano evaluation's sampler; real models: the official demo's
+    assert ({"KSampler"} if nano else {"KosmosGOfficialSampler", "SamplerCustom"}) <= classes
     entry = comfy.run(prompt)
     assert_success(comfy, entry)
     images = comfy.output_images(entry)
@@ -193,7 +196,7 @@ def test_conditioning_through_stock_nodes(comfy):
 
 def test_official_sampler_drives_sampler_custom(comfy):
     """Kosmos-G Official Sampler's SAMPLER + SIGMAS in SamplerCustom on a loaded SD1.5 checkpoint's MODEL (whose
-    noise schedule it reads); KSampler's dpmpp_2m + normal from the same seed gives a different picture
+    noise schedule it reads), and in SamplerCustomAdvanced (the same picture); KSampler's dpmpp_2m + normal from the same seed gives a different picture
     (tests/test_nodes_unit.py proves the node's path is the official one)."""
     graph = add_sampling(encode_graph(), prefix="kg-official")
     graph.update({
@@ -208,6 +211,20 @@ def test_official_sampler_drives_sampler_custom(comfy):
     assert_success(comfy, entry)
     official = pixels(comfy.output_images(entry)[0])
     assert official.shape == (TEST_SIZE, TEST_SIZE, 3)
+    graph.update({  # the same through SamplerCustomAdvanced: guider and noise as nodes of their own
+        "32": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1],
+                                                     "cfg": 6.0}},
+        "33": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+        "34": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["33", 0], "guider": ["32", 0], "sampler": ["30", 0], "sigmas": ["30", 1],
+            "latent_image": ["20", 0]}},
+    })
+    graph["22"]["inputs"]["samples"] = ["34", 0]
+    graph["23"]["inputs"]["filename_prefix"] = "kg-official-advanced"
+    del graph["31"]
+    advanced = comfy.run(graph)
+    assert_success(comfy, advanced)
+    assert (pixels(comfy.output_images(advanced)[0]) == official).all()
     ksampler = comfy.run(add_sampling(encode_graph(), seed=42, prefix="kg-official-ksampler"))
     assert_success(comfy, ksampler)
     assert (pixels(comfy.output_images(ksampler)[0]) != official).any()

@@ -54,6 +54,10 @@ SPECS = {
     "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                   ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "KosmosGOfficialSampler": ([("model", "MODEL")], [("sampler", "SAMPLER"), ("sigmas", "SIGMAS")]),
+    "SamplerCustom": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                       ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                      [("output", "LATENT"), ("denoised_output", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], [("IMAGE", "IMAGE")]),  # 0.30: passes its images through
     "ControlNetLoader": ([], [("CONTROL_NET", "CONTROL_NET")]),
@@ -82,6 +86,8 @@ SIZES = {
     "KosmosGEncode": (320, 160),
     "EmptyLatentImage": (320, 130),
     "KSampler": (320, 280),
+    "KosmosGOfficialSampler": (320, 110),
+    "SamplerCustom": (320, 300),
     "VAEDecode": (240, 60),
     "SaveImage": (380, 420),
     "ControlNetLoader": (320, 70),
@@ -146,14 +152,16 @@ def below(node: dict) -> int:
 
 
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
-                  kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0, sampler_name="dpmpp_2m",
-                  scheduler="normal", controlnet=False, lora=False, note_height=220) -> Workflow:
-    """Loader + prompt + encode -> (ControlNet) -> KSampler (default: the official demo's DPM-Solver++ 2M,
-    50 steps, cfg 6) -> save. The flow runs left to right, a column each (the note above the first two): subject
-    images (+ the ControlNet's edge image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent
-    (ControlNet loader) | (LoRA) | (Apply ControlNet) | KSampler | decode, save. A node's inputs come from the columns
-    to its left (Save Image's from VAE Decode above it); a long link may pass behind a node between (the SD
-    checkpoint's VAE behind the LoRA loader)."""
+                  kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0,
+                  ksampler: tuple[str, str] | None = None, controlnet=False, lora=False, note_height=220) -> Workflow:
+    """Loader + prompt + encode -> (ControlNet) -> sampling -> save. Sampling: the official demo's sampler (Kosmos-G
+    Official Sampler into SamplerCustom; 50 steps, cfg 6), or KSampler with `ksampler` = (sampler, scheduler). The
+    flow runs left to right, a column each (the note above the first two): subject images (+ the ControlNet's edge
+    image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent (ControlNet loader) | (LoRA) |
+    (Apply ControlNet) | (Official Sampler above) SamplerCustom or KSampler | decode, save. A node's inputs come from
+    the columns to its left (Save Image's from VAE Decode above it, SamplerCustom's sampler and sigmas from the
+    Official Sampler above it); a long link may pass behind a node between (the SD checkpoint's VAE behind the LoRA
+    loader)."""
     wf = Workflow(name)
     widest = {"images": "LoadImage", "prompt": "KosmosGInterleavedPrompt", "encode": "KosmosGEncode",
               "lora": "LoraLoaderModelOnly", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
@@ -175,8 +183,11 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (left["prompt"], below(loader)), images=len(subjects))
     encode = wf.add("KosmosGEncode", [NEGATIVE], (left["encode"], below(ckpt)))
     latent = wf.add("EmptyLatentImage", [size, size, 1], (left["encode"], below(encode)))
-    sampler = wf.add("KSampler", [42, "fixed", steps, cfg, sampler_name, scheduler, 1.0],
-                     (left["sampler"], encode["pos"][1]))
+    if ksampler is None:
+        schedule = wf.add("KosmosGOfficialSampler", [steps], (left["sampler"], top))
+        sampler = wf.add("SamplerCustom", [True, 42, "fixed", cfg], (left["sampler"], below(schedule)))
+    else:
+        sampler = wf.add("KSampler", [42, "fixed", steps, cfg, *ksampler, 1.0], (left["sampler"], encode["pos"][1]))
     decode = wf.add("VAEDecode", [], (left["output"], top))
     save = wf.add("SaveImage", ["kosmosg"], (left["output"], below(decode)))
     wf.link(loader, 0, encode, "model")
@@ -203,6 +214,10 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         wf.link(ckpt, 2, apply, "vae")
         positive, negative = (apply, 0), (apply, 1)
     wf.link(model_source, model_slot, sampler, "model")
+    if ksampler is None:
+        wf.link(model_source, model_slot, schedule, "model")
+        wf.link(schedule, 0, sampler, "sampler")
+        wf.link(schedule, 1, sampler, "sigmas")
     wf.link(positive[0], positive[1], sampler, "positive")
     wf.link(negative[0], negative[1], sampler, "negative")
     wf.link(latent, 0, sampler, "latent_image")
@@ -215,7 +230,9 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
 MODELS_NOTE = (f"**Models**: an SD1.5 checkpoint in `models/checkpoints` (here `{SD15_CHECKPOINT}`), the Kosmos-G "
                f"checkpoint in `models/kosmosg` (here `{KOSMOSG_CHECKPOINT}`; convert the official "
                "`checkpoint_final.pt` with *Kosmos-G Convert Checkpoint*). Subject images go in `input/`. "
-               "Pick your own files in the loaders if the names differ.")
+               "Pick your own files in the loaders if the names differ.\n\n**Sampler** = the official demo's, step for "
+               "step: *Kosmos-G Official Sampler* (DPM-Solver, 50 steps) into *SamplerCustom* (CFG 6). A KSampler "
+               "with `dpmpp_2m` + `normal` works too, close to it.")
 
 
 _FIRST, _SECOND = nano_ootb.SUBJECTS
@@ -262,7 +279,7 @@ def all_workflows() -> dict[str, Workflow]:
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
-            cfg=NANO_CFG, sampler_name=NANO_SAMPLER, scheduler=NANO_SCHEDULER, note_height=360),
+            cfg=NANO_CFG, ksampler=(NANO_SAMPLER, NANO_SCHEDULER), note_height=360),
     }
 
 
