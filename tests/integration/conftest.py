@@ -28,14 +28,16 @@ def _require_comfy():
 
 
 def _tiny_sd_models(models_dir: Path) -> None:
-    """Generate (once per cache version) and link the tiny SD1.5 checkpoint, ControlNet and LoRA."""
-    if not (TINY_MODELS_CACHE / "loras" / comfy_tiny_models.LORA_NAME).is_file():
+    """Generate (once per cache version) and link the tiny SD1.5 checkpoints (without and with CLIP), ControlNet and
+    LoRA."""
+    if not (TINY_MODELS_CACHE / "checkpoints" / comfy_tiny_models.CLIP_CHECKPOINT_NAME).is_file():  # written last
         TINY_MODELS_CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(comfy_server.VENV_PYTHON), str(Path(comfy_tiny_models.__file__)),
-                        "--comfy", str(comfy_server.COMFY_TREE), "--out", str(TINY_MODELS_CACHE)],
+                        "--comfy", str(comfy_server.COMFY_TREE), "--out", str(TINY_MODELS_CACHE), "--with-clip"],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-    for sub, name in (("checkpoints", comfy_tiny_models.UNET_NAME), ("controlnet", comfy_tiny_models.CONTROLNET_NAME),
-                      ("loras", comfy_tiny_models.LORA_NAME)):
+    for sub, name in (("checkpoints", comfy_tiny_models.UNET_NAME),
+                      ("checkpoints", comfy_tiny_models.CLIP_CHECKPOINT_NAME),
+                      ("controlnet", comfy_tiny_models.CONTROLNET_NAME), ("loras", comfy_tiny_models.LORA_NAME)):
         target = models_dir / sub / name
         if not target.exists():
             target.symlink_to(TINY_MODELS_CACHE / sub / name)

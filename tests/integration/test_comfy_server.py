@@ -6,6 +6,7 @@ Tiny random models (generated at test time) keep every graph at 64x64 and 2 samp
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 
@@ -126,20 +127,7 @@ def test_convert_node_writes_loadable_safetensors(comfy):
 
 @pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_shipped_workflow_runs(comfy, workflow_path):
-    info = comfy.object_info()
-    workflow = json.loads(workflow_path.read_text())
-    assert schema_problems(workflow, info) == []
-    prompt = ui_to_api(workflow, info)
-    prompt = substitute(prompt, {
-        ("CheckpointLoaderSimple", "ckpt_name"): comfy_tiny_models.UNET_NAME,
-        ("KosmosGLoader", "checkpoint"): TINY_KOSMOSG,
-        ("ControlNetLoader", "control_net_name"): comfy_tiny_models.CONTROLNET_NAME,
-        ("LoraLoaderModelOnly", "lora_name"): comfy_tiny_models.LORA_NAME,
-        ("KSampler", "steps"): TEST_STEPS,
-        ("KosmosGOfficialSampler", "steps"): TEST_STEPS,
-        ("EmptyLatentImage", "width"): TEST_SIZE,
-        ("EmptyLatentImage", "height"): TEST_SIZE,
-    })
+    prompt = shipped_workflow_with_tiny_models(comfy, workflow_path)
     classes = {node["class_type"] for node in prompt.values()}
     assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "SaveImage"} <= classes
     nano = "nano" in workflow_path.stem  # the nano evaluation's sampler; real models: the official demo's
@@ -149,8 +137,54 @@ def test_shipped_workflow_runs(comfy, workflow_path):
     images = comfy.output_images(entry)
     assert len(images) == 1
     assert pixels(images[0]).shape == (TEST_SIZE, TEST_SIZE, 3)
-    if "LoraLoaderModelOnly" in classes:
+    if "LoraLoader" in classes:
         assert "lora key not loaded" not in comfy.log_text()
+
+
+def test_lora_workflow_appends_the_trigger_words_to_the_kosmosg_conditioning(comfy):
+    """Its CLIP Text Encode (the LoRA's trigger words) reaches the picture through Conditioning (Concat): other words
+    give another picture, and so does the graph without the two nodes."""
+    prompt = shipped_workflow_with_tiny_models(comfy, REPO / "workflows" / "kosmosg-lora.json")
+    (concat_id,) = [key for key, node in prompt.items() if node["class_type"] == "ConditioningConcat"]
+    (save_id,) = [key for key, node in prompt.items() if node["class_type"] == "SaveImage"]
+    results = []
+    for variant in ("shipped", "other words", "no trigger words"):
+        graph = copy.deepcopy(prompt)
+        graph[save_id]["inputs"]["filename_prefix"] = f"kg-lora-{variant.replace(' ', '-')}"
+        if variant == "other words":
+            graph = substitute(graph, {("CLIPTextEncode", "text"): "oil painting, dramatic light"})
+        if variant == "no trigger words":  # the sampler takes Kosmos-G's positive directly
+            for node in graph.values():
+                for name, value in node["inputs"].items():
+                    if value == [concat_id, 0]:
+                        node["inputs"][name] = graph[concat_id]["inputs"]["conditioning_to"]
+            del graph[concat_id]
+        entry = comfy.run(graph)
+        assert_success(comfy, entry)
+        results.append(pixels(comfy.output_images(entry)[0]))
+    shipped, other_words, without = results
+    assert (shipped != other_words).any() and (shipped != without).any()
+
+
+def shipped_workflow_with_tiny_models(comfy, workflow_path):
+    """A shipped workflow as an API prompt, checked against the server's schema, on the session's tiny models
+    (the SD1.5 checkpoint with CLIP where the graph encodes text with it) at 2 steps and 64 px."""
+    info = comfy.object_info()
+    workflow = json.loads(workflow_path.read_text())
+    assert schema_problems(workflow, info) == []
+    prompt = ui_to_api(workflow, info)
+    uses_clip = any(node["class_type"] == "CLIPTextEncode" for node in prompt.values())
+    return substitute(prompt, {
+        ("CheckpointLoaderSimple", "ckpt_name"):
+            comfy_tiny_models.CLIP_CHECKPOINT_NAME if uses_clip else comfy_tiny_models.UNET_NAME,
+        ("KosmosGLoader", "checkpoint"): TINY_KOSMOSG,
+        ("ControlNetLoader", "control_net_name"): comfy_tiny_models.CONTROLNET_NAME,
+        ("LoraLoader", "lora_name"): comfy_tiny_models.LORA_NAME,
+        ("KSampler", "steps"): TEST_STEPS,
+        ("KosmosGOfficialSampler", "steps"): TEST_STEPS,
+        ("EmptyLatentImage", "width"): TEST_SIZE,
+        ("EmptyLatentImage", "height"): TEST_SIZE,
+    })
 
 
 def test_same_seed_gives_same_image(comfy):

@@ -9,6 +9,9 @@ Writes (keys exactly what ComfyUI's detectors expect, because ComfyUI's own clas
                                         CheckpointLoaderSimple then returns clip=None)
     controlnet/tiny-cn-sd15.safetensors ControlNet with the same trunk
     loras/tiny-lora-sd15.safetensors    LoRA on a few cross-attention projections
+    checkpoints/tiny-sd15-clip.safetensors  (with --with-clip) the same U-Net + VAE and a random SD1.5 CLIP text
+                                        encoder, full size (ComfyUI builds SD1.5's CLIP-L from its own config:
+                                        123 M parameters, 0.25 GB), for graphs with CLIP Text Encode
 Generated at test time, never committed (ComfyUI is GPL; these are random weights anyway).
 """
 
@@ -20,9 +23,10 @@ import os
 import sys
 
 UNET_NAME = "tiny-sd15.safetensors"
+CLIP_CHECKPOINT_NAME = "tiny-sd15-clip.safetensors"
 CONTROLNET_NAME = "tiny-cn-sd15.safetensors"
 LORA_NAME = "tiny-lora-sd15.safetensors"
-VERSION = "1"  # bump when the generated files change (cache key)
+VERSION = "2"  # bump when the generated files change (cache key)
 
 TRUNK = dict(
     image_size=32, in_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1], num_heads=8,
@@ -58,13 +62,14 @@ def _init_(state, generator, conv_gain: float | None = None):
     return out
 
 
-def build(out_dir: str, seed: int = 0) -> dict[str, str]:
+def build(out_dir: str, seed: int = 0, with_clip: bool = False) -> dict[str, str]:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (CUDA build, no driver)
     import comfy.cldm.cldm
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.ops
+    import comfy.sd1_clip
     import comfy.taesd.taesd
     import torch
     from safetensors.torch import save_file
@@ -89,15 +94,22 @@ def build(out_dir: str, seed: int = 0) -> dict[str, str]:
         lora[f"{key}.lora_up.weight"] = (torch.randn(fan_out, 4, generator=generator) * 0.1).to(torch.float16)
         lora[f"{key}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
 
+    files = [("checkpoints", UNET_NAME, tensors), ("controlnet", CONTROLNET_NAME, cn), ("loras", LORA_NAME, lora)]
+    if with_clip:  # drawn last: the files above are the same with or without it
+        with torch.device("meta"):
+            clip = comfy.sd1_clip.SD1ClipModel(dtype=torch.float16, model_options={"custom_operations": ops})
+        # the checkpoint names SD1.5's text encoder cond_stage_model.transformer.*; ComfyUI's class calls it clip_l.*
+        clip_tensors = {f"cond_stage_model.{k.removeprefix('clip_l.')}": v
+                        for k, v in _init_(clip.state_dict(), generator).items()}
+        files.append(("checkpoints", CLIP_CHECKPOINT_NAME, {**tensors, **clip_tensors}))
     written = {}
-    for sub, name, content in (("checkpoints", UNET_NAME, tensors), ("controlnet", CONTROLNET_NAME, cn),
-                               ("loras", LORA_NAME, lora)):
+    for sub, name, content in files:
         folder = os.path.join(out_dir, sub)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, name)
         save_file({k: v.contiguous() for k, v in content.items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
-        written[sub] = path
+        written[name] = path
     return written
 
 
@@ -106,13 +118,14 @@ def main(argv=None) -> None:
     parser.add_argument("--comfy", required=True, help="ComfyUI tree to import comfy.* from")
     parser.add_argument("--out", required=True, help="models directory to write checkpoints/, controlnet/, loras/ into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--with-clip", action="store_true", help=f"also write checkpoints/{CLIP_CHECKPOINT_NAME}")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.comfy))
     import torch
 
     torch.set_num_threads(1)
-    for sub, path in build(args.out, args.seed).items():
-        print(f"{sub}: {path}")
+    for name, path in build(args.out, args.seed, args.with_clip).items():
+        print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

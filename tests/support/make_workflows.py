@@ -34,6 +34,7 @@ SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 KOSMOSG_CHECKPOINT = "kosmosg.safetensors"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 LORA = "sd15-style-lora.safetensors"
+LORA_TRIGGER_WORDS = "watercolor style"  # stands for the LoRA's own trigger words
 NANO_SD15 = "nano-sd15.safetensors"
 NANO_KOSMOSG = "kosmosg-nano.safetensors"
 EARLIER_VERSIONS = REPO / "scripts" / "earlier_workflow_versions.json"  # read by scripts/start_comfyui.py
@@ -65,7 +66,10 @@ SPECS = {
     "ControlNetApplyAdvanced": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
                                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
-    "LoraLoaderModelOnly": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningConcat": ([("conditioning_to", "CONDITIONING"), ("conditioning_from", "CONDITIONING")],
+                           [("CONDITIONING", "CONDITIONING")]),
     "MarkdownNote": ([], []),
 }
 
@@ -93,7 +97,9 @@ SIZES = {
     "ControlNetLoader": (320, 70),
     "Canny": (320, 100),
     "ControlNetApplyAdvanced": (320, 210),
-    "LoraLoaderModelOnly": (320, 100),
+    "LoraLoader": (320, 150),
+    "CLIPTextEncode": (320, 170),
+    "ConditioningConcat": (320, 80),
 }
 VIEW_SCALE, VIEW_MARGIN = 0.75, 120  # the view a loaded workflow opens with: its top-left corner clear of the menus
 
@@ -164,7 +170,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     loader)."""
     wf = Workflow(name)
     widest = {"images": "LoadImage", "prompt": "KosmosGInterleavedPrompt", "encode": "KosmosGEncode",
-              "lora": "LoraLoaderModelOnly", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
+              "lora": "LoraLoader", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
               "output": "SaveImage"}  # each column's widest node
     columns = ["images", "prompt", "encode", *(["lora"] if lora else []), *(["controlnet"] if controlnet else []),
                "sampler", "output"]
@@ -195,11 +201,18 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         wf.link(image, 0, prompt, f"images.image{i}")
     wf.link(prompt, 0, encode, "prompt")
     model_source, model_slot = ckpt, 0
-    if lora:
-        lora_node = wf.add("LoraLoaderModelOnly", [LORA, 0.8], (left["lora"], top))
-        wf.link(ckpt, 0, lora_node, "model")
-        model_source, model_slot = lora_node, 0
     positive, negative = (encode, 0), (encode, 1)
+    if lora:  # the LoRA patches the U-Net and CLIP; its trigger words, CLIP-encoded, are appended to Kosmos-G's tokens
+        lora_node = wf.add("LoraLoader", [LORA, 0.8, 0.8], (left["lora"], top))
+        trigger = wf.add("CLIPTextEncode", [LORA_TRIGGER_WORDS], (left["lora"], below(lora_node)))
+        concat = wf.add("ConditioningConcat", [], (left["lora"], below(trigger)))
+        wf.link(ckpt, 0, lora_node, "model")
+        wf.link(ckpt, 1, lora_node, "clip")
+        wf.link(lora_node, 1, trigger, "clip")
+        wf.link(encode, 0, concat, "conditioning_to")
+        wf.link(trigger, 0, concat, "conditioning_from")
+        model_source, model_slot = lora_node, 0
+        positive = (concat, 0)
     if controlnet:
         cn_loader = wf.add("ControlNetLoader", [CONTROLNET], (left["encode"], below(latent)))
         hint = wf.add("LoadImage", [SUBJECT_2, "image"], (left["images"], y), title="Load Image (edges from)")
@@ -207,8 +220,8 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         # the edges run straight into Apply's 4th input, between Empty Latent Image and the ControlNet loader
         apply = wf.add("ControlNetApplyAdvanced", [0.8, 0.0, 1.0], (left["controlnet"], canny["pos"][1] - 3 * SLOT))
         wf.link(hint, 0, canny, "image")
-        wf.link(encode, 0, apply, "positive")
-        wf.link(encode, 1, apply, "negative")
+        wf.link(positive[0], positive[1], apply, "positive")
+        wf.link(negative[0], negative[1], apply, "negative")
         wf.link(cn_loader, 0, apply, "control_net")
         wf.link(canny, 0, apply, "image")
         wf.link(ckpt, 2, apply, "vae")
@@ -273,9 +286,11 @@ def all_workflows() -> dict[str, Workflow]:
             controlnet=True),
         "kosmosg-lora": subject_graph(
             "kosmosg-lora", "a photo of <i>, watercolor painting", [SUBJECT_1],
-            "# Kosmos-G + LoRA\nThe LoRA patches the U-Net (*LoraLoaderModelOnly*); Kosmos-G replaces the CLIP "
-            f"text encoder, so LoRA trigger words have no effect. SD1.5 LoRA in `models/loras` (here `{LORA}`). "
-            + MODELS_NOTE, lora=True),
+            "# Kosmos-G + LoRA\nThe LoRA patches the U-Net and CLIP (*Load LoRA*). Kosmos-G writes the prompt's "
+            "conditioning, so a LoRA's trigger words go in *CLIP Text Encode* (here `" + LORA_TRIGGER_WORDS + "`): "
+            "*Conditioning (Concat)* appends their CLIP tokens after Kosmos-G's 77, and the U-Net reads both, as it "
+            "reads the 77-token chunks of a long prompt. Without trigger words, drop the two nodes. SD1.5 LoRA in "
+            f"`models/loras` (here `{LORA}`). " + MODELS_NOTE, lora=True, note_height=260),
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
