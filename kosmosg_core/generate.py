@@ -274,14 +274,13 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> t
     """The noise levels [steps + 1] the official demo's DPM-Solver steps through, on a model's own noise schedule.
 
     sigmas: [T] float, the model's noise level at each training timestep 0..T-1 (SD1.5: T = 1000, 0.029 ... 14.6).
-    Returns sigmas at the timesteps diffusers' DPM-Solver visits (built by `official_scheduler` as `generate` builds
-    it: evenly spaced from T-1, rounded to whole timesteps), then sigmas[0], where its last step ends
-    (`SCHEDULER_SETTINGS`). A second-order DPM-Solver++ multistep sampler (k-diffusion's `dpmpp_2m`) stepping through
-    these, from noise scaled to sqrt(1 + sigma_max^2), is the official sampler step for step
-    (tests/test_official_sampling.py)."""
-    import json
-
-    config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    Returns sigmas at the timesteps diffusers' DPM-Solver visits (its "linspace" spacing, the default then and now:
+    T-1 down to 0 in `steps` even strides, rounded to whole timesteps, the last one, 0, dropped), then sigmas[0],
+    where its last step ends (diffusers 0.21.4; SCHEDULER_SETTINGS). Computed here, without diffusers, which the
+    ComfyUI nodes do not need; tests/test_official_sampling.py checks it against the timesteps diffusers 0.21.4 took.
+    k-diffusion's `dpmpp_2m` through these levels, from noise scaled to sqrt(1 + sigma_max^2), with a first-order
+    last step below DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps, is the official sampler step for step (the ComfyUI
+    node Kosmos-G Official Sampler; tests/test_nodes_unit.py)."""
     total = int(sigmas.shape[0]) if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 else 0
     if total < 2:
         raise GenerationSettingsError(f"The model's noise schedule must list one noise level per training timestep "
@@ -290,9 +289,8 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> t
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < total:
         raise GenerationSettingsError(f"steps must be a whole number between 1 and {total - 1} (official demo: "
                                       f"{DEFAULT_STEPS}), got {steps!r}.")
-    scheduler = official_scheduler(DEFAULT_SCHEDULER, {**config, "num_train_timesteps": total})
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps.long()  # [steps], whole timesteps at least 1 apart, descending from T-1
+    # strides of (T-1)/steps >= 1 never round two timesteps together
+    timesteps = torch.from_numpy(np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64))
     table = sigmas.detach().float().cpu()
     return torch.cat([table[timesteps], table[:1]])
 

@@ -4,6 +4,7 @@ The official demo samples with diffusers' DPM-Solver multistep (50 steps). Comfy
 solver; what KSampler's schedulers cannot give is the official grid of noise levels (diffusers' whole timesteps,
 ending at the smallest noise level, not at 0), nor, below 15 steps, the first-order last step. This node gives both
 (the noise levels from kosmosg_core.generate.official_noise_levels, on the connected model's own noise schedule).
+The match holds for the whole sigmas, from an empty latent with noise added, as SamplerCustom's `output`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def sample_dpmpp_2m_first_order_final(model, x, sigmas, extra_args=None, callbac
     return k_sampling.sample_euler(model, x, sigmas[-2:], extra_args=extra_args, callback=shifted, disable=disable)
 
 
-def official_sampler(steps: int) -> comfy.samplers.KSAMPLER:
+def dpm_solver_ksampler(steps: int) -> comfy.samplers.KSAMPLER:
     """The solver of the official DPM-Solver at `steps` steps, as a ComfyUI SAMPLER."""
     if steps >= DPM_SOLVER_FIRST_ORDER_FINAL_BELOW:
         return comfy.samplers.ksampler("dpmpp_2m")
@@ -39,13 +40,24 @@ def official_sampler(steps: int) -> comfy.samplers.KSAMPLER:
 
 
 def model_noise_levels(model) -> torch.Tensor:
-    """The MODEL's noise level per training timestep [T], or a GenerationSettingsError for models without one."""
-    model_sampling = model.get_model_object("model_sampling")
-    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+    """The MODEL's noise level per training timestep [T], or a GenerationSettingsError for a model that does not
+    sample as SD1.5 does: a table of discrete timesteps read as ComfyUI's ModelSamplingDiscrete reads it (not an
+    LCM-distilled, EDM or Stable Cascade variant), and noise added as to an epsilon / v / x0 prediction model."""
+    sampling = model.get_model_object("model_sampling")
+    discrete, prediction = comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS
+    kind = type(sampling)
+    if not (isinstance(sampling, discrete) and kind.timestep is discrete.timestep and kind.sigma is discrete.sigma
+            and isinstance(sampling, prediction) and kind.noise_scaling is prediction.noise_scaling
+            and kind.inverse_noise_scaling is prediction.inverse_noise_scaling):
+        # ComfyUI builds a model's sampling class as ModelSampling(schedule, prediction) (a patched one as
+        # ModelSamplingAdvanced(...)): name those two
+        generic = kind.__name__ in ("ModelSampling", "ModelSamplingAdvanced")
+        parts = [base.__name__ for base in kind.__bases__] if generic else [kind.__name__]
         raise GenerationSettingsError(
-            f"Kosmos-G Official Sampler needs an SD1.5-type model (discrete timesteps); the connected model samples "
-            f"with {type(model_sampling).__name__}. Connect the SD1.5 checkpoint's MODEL, or use KSampler.")
-    return model_sampling.sigmas
+            f"Kosmos-G Official Sampler needs an SD1.5-type model (discrete timesteps, noise added as SD1.5 adds it); "
+            f"the connected model samples with {' + '.join(parts)}. Connect the SD1.5 checkpoint's MODEL, or use "
+            "KSampler.")
+    return sampling.sigmas
 
 
 class KosmosGOfficialSampler(io.ComfyNode):
@@ -59,7 +71,8 @@ class KosmosGOfficialSampler(io.ComfyNode):
                 "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep on the official grid of "
                 "noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's guidance; add_noise "
                 "on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the normal scheduler is "
-                "close to it, not the same."),
+                "close to it, not the same. Keep the sigmas whole (no split or flip) and decode SamplerCustom's "
+                "output."),
             search_aliases=["kosmos", "dpm-solver", "official schedule", "sigmas"],
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model to be sampled: the noise levels come from its own "
@@ -78,4 +91,4 @@ class KosmosGOfficialSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps) -> io.NodeOutput:
-        return io.NodeOutput(official_sampler(steps), official_noise_levels(model_noise_levels(model), steps))
+        return io.NodeOutput(dpm_solver_ksampler(steps), official_noise_levels(model_noise_levels(model), steps))

@@ -699,15 +699,19 @@ def test_convert_from_a_subfolder_writes_beside_the_source(model_dirs):
 
 
 # --- official sampler ------------------------------------------------------------------------------
-def sd15_model():
-    """What the sampler node reads of a MODEL: SD1.5's model_sampling (ComfyUI's own class, as a loaded SD1.5
-    checkpoint has it), behind the ModelPatcher accessor."""
+def comfy_model(model_type_name: str = "EPS"):
+    """What the sampler node reads of a MODEL: the model_sampling ComfyUI's own model_base builds for a checkpoint of
+    that ModelType (SD1.5: EPS, default settings), behind the ModelPatcher accessor."""
     import types
 
-    import comfy.model_sampling
+    import comfy.model_base
 
-    sampling = type("ModelSampling", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS), {})()
+    sampling = comfy.model_base.model_sampling(None, getattr(comfy.model_base.ModelType, model_type_name))
     return types.SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
+
+
+def sd15_model():
+    return comfy_model("EPS")
 
 
 class ComfyDenoiser:
@@ -734,7 +738,7 @@ def comfy_sample(sampler, sigmas, denoiser, noise, callback=None):
                           disable_pbar=True)
 
 
-@pytest.mark.parametrize("steps", [10, 20, 50, 100])
+@pytest.mark.parametrize("steps", [10, 14, 15, 20, 50, 100])
 def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
     """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver (the official
     code's) ended on the same toy model from the same noise (tests/reference/official_scheduler_outputs.safetensors),
@@ -793,14 +797,42 @@ def test_official_sampler_reports_every_step_to_the_progress_bar():
     assert seen == [(i, 5) for i in range(5)]
 
 
-def test_official_sampler_refuses_a_model_without_discrete_timesteps():
+def test_official_sampler_needs_no_diffusers(monkeypatch):
+    """The pack's nodes run in a ComfyUI without diffusers (requirements.txt leaves it out)."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails
+    sampler, sigmas = KosmosGOfficialSampler.execute(sd15_model(), 50).result
+    assert sigmas.shape == (51,)
+
+
+@pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION"])
+def test_official_sampler_takes_sd15_type_models(model_type):
+    model = comfy_model(model_type)
+    _, sigmas = KosmosGOfficialSampler.execute(model, 50).result
+    assert torch.equal(sigmas[[0, -1]], model.get_model_object("model_sampling").sigmas[[999, 0]].float())
+
+
+@pytest.mark.parametrize("model_type, named", [
+    ("FLOW", "ModelSamplingDiscreteFlow + CONST"), ("STABLE_CASCADE", "StableCascadeSampling + EPS"),
+    ("EDM", "ModelSamplingContinuousEDM + EDM"), ("V_PREDICTION_EDM", "ModelSamplingContinuousEDM + V_PREDICTION"),
+    ("FLUX", "ModelSamplingFlux + CONST")])
+def test_official_sampler_refuses_models_that_do_not_sample_as_sd15(model_type, named):
+    with pytest.raises(Exception, match=f"SD1.5-type model .*samples with {re.escape(named)}. .*SD1.5 checkpoint"):
+        KosmosGOfficialSampler.execute(comfy_model(model_type), 50)
+
+
+def test_official_sampler_refuses_a_patched_sampling_that_reads_timesteps_otherwise():
+    """A model patched to another reading of its discrete table (what ComfyUI's ModelSamplingDiscrete node builds as
+    ModelSamplingAdvanced(base, prediction): here EDM's) or to another noise scaling."""
     import types
 
-    import comfy.model_sampling
+    import comfy.model_sampling as ms
 
-    flow = types.SimpleNamespace(get_model_object=lambda name: comfy.model_sampling.ModelSamplingDiscreteFlow())
-    with pytest.raises(Exception, match="SD1.5-type model .*ModelSamplingDiscreteFlow.*SD1.5 checkpoint's MODEL"):
-        KosmosGOfficialSampler.execute(flow, 50)
+    for bases, named in (((ms.ModelSamplingDiscreteEDM, ms.EDM), "ModelSamplingDiscreteEDM + EDM"),
+                         ((ms.ModelSamplingDiscrete, ms.V_PREDICTION_DDPM), "ModelSamplingDiscrete + V_PREDICTION_DDPM")):
+        patched = type("ModelSamplingAdvanced", bases, {})()
+        model = types.SimpleNamespace(get_model_object=lambda name, patched=patched: patched)
+        with pytest.raises(Exception, match=f"samples with {re.escape(named)}"):
+            KosmosGOfficialSampler.execute(model, 50)
 
 
 # --- the shipped nano model ------------------------------------------------------------------------
