@@ -770,6 +770,50 @@ def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
         assert (run(comfy.samplers.ksampler("dpmpp_2m"), grid) - expected).abs().max() > 1e-4, scheduler
 
 
+@pytest.mark.parametrize("steps", [10, 20])
+def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeline(steps):
+    """End to end on one U-Net (random, SD1.5-shaped: ComfyUI detects and loads it as SD1.5): SamplerCustom's own
+    sampling (comfy.sample.sample_custom: ComfyUI's CFG, model wrapper, noise scaling) with the node's sampler and
+    sigmas and RandomNoise's seeded noise ends where diffusers' StableDiffusionPipeline ends with the scheduler and
+    noise `generate` gives it (official_scheduler, `--noise official`), CFG 6, in float32 on the CPU: to float
+    rounding, once ComfyUI's latent is put in diffusers' scale (x SD1.5's 0.18215, x sqrt(alpha_bar_0))."""
+    import json
+
+    import comfy.sample
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR, SD15_LATENT_SCALE
+    from kosmosg_pack.kosmosg_core.generate import official_noise_generator, official_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(320,), cross_attention_dim=768,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                attention_head_dim=8)
+    ldm = dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+               transformer_depth_middle=1)  # the same U-Net in ComfyUI's (LDM) names
+    weights = unet.state_dict()
+    patcher = comfy.sd.load_diffusion_model_state_dict(
+        {ldm_key: weights[key] for key, ldm_key in comfy.utils.unet_to_diffusers(ldm).items() if key in weights})
+    cond, uncond = (torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    seed, latent = 5, torch.zeros(1, 4, 8, 8)
+
+    sampler, sigmas = KosmosGOfficialSampler.execute(patcher, steps).result
+    comfy_latent = comfy.sample.sample_custom(patcher, comfy.sample.prepare_noise(latent, seed), 6.0, sampler, sigmas,
+                                              [[cond, {}]], [[uncond, {}]], latent, seed=seed, disable_pbar=True)
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), norm_num_groups=8)  # unused: latents out; its 2 levels: 16 px
+    scheduler_config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, safety_checker=None,
+                                   scheduler=official_scheduler("dpm", scheduler_config), feature_extractor=None,
+                                   requires_safety_checker=False)
+    official = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=6.0,
+                    generator=official_noise_generator(seed, "cpu"), height=16, width=16, output_type="latent").images
+    alpha_bar_0 = 1 / (1 + sigmas[-1] ** 2)
+    in_diffusers_scale = comfy_latent * SD15_LATENT_SCALE * alpha_bar_0.sqrt()
+    assert (in_diffusers_scale - official).abs().max() < 1e-5 * official.abs().max()
+
+
 def test_sampler_custom_draws_the_starting_noise_generate_draws():
     """SamplerCustom's noise (RandomNoise: comfy.sample.prepare_noise, float32 on the CPU) for seed s is what
     `generate --seed s` starts from in float32 on the CPU: `--noise official` for any batch (one draw after seeding),
