@@ -58,6 +58,8 @@ DPM_SOLVER_FIRST_ORDER_FINAL_BELOW = 15
 # of all pictures' noise on the sampling device in its dtype, diffusers 0.21.4's randn_tensor without a generator)
 NOISE_MODES = ("per-image", "official")
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
+# The PNG text chunk in which `generate` records each picture's settings (JSON: prompt, images, seed, steps...)
+PNG_SETTINGS_KEY = "kosmosg"
 
 # Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile
 # config could otherwise ask for 100000 layers (minutes of model building before the tensor check) or a

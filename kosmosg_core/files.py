@@ -253,9 +253,19 @@ def write_json(path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def save_image(image, path) -> Path:
-    """A PIL image -> `path` atomically (format from the suffix)."""
+def save_image(image, path, text: dict[str, str] | None = None) -> Path:
+    """A PIL image -> `path` atomically (format from the suffix); `text`: PNG text chunks (name -> text)."""
     path = Path(path)
+    image_format = path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    options = {}
+    if text:
+        if image_format != "PNG":
+            raise OutputPathError(f"{path}: only a .png keeps the text it was asked to carry; name it .png.")
+        from PIL.PngImagePlugin import PngInfo
+
+        options["pnginfo"] = PngInfo()
+        for name, value in text.items():
+            options["pnginfo"].add_itxt(name, value)  # iTXt: UTF-8, any prompt's characters
     with atomic_output(path) as tmp:
-        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+        image.save(tmp, format=image_format, **options)
     return path

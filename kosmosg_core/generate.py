@@ -8,22 +8,26 @@ encoder (which is never loaded). Defaults follow the official demo: DPM-Solver m
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import __version__
 from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
-                     SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
+                     PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
 from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
-from .prompt import check_negative_prompt
+from .prompt import check_negative_prompt, combine_image_weights
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +223,26 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     sd.set_progress_bar_config(disable=not show_progress)
     sampled = sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
+    names = [_image_name(i) for i in images] if isinstance(images, (list, tuple)) else [None] * len(pictures)
+    settings = dict(prompt=prompt, negative_prompt=negative_prompt, images=names,
+                    image_sha256=[hashlib.sha256(p.tobytes()).hexdigest() for p in pictures],
+                    image_weights=combine_image_weights(prompt, image_weights), checkpoint=Path(checkpoint).name,
+                    sd_model=None if sd_model is None else Path(sd_model).name, seed=seed, noise=noise,
+                    num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                    dtype=str(dtype).removeprefix("torch."), device=str(device), kosmosg_core=__version__)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(sampled):
         path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
-        save_image(image, path)  # atomic: a killed run leaves no half-written PNG
+        record = {**settings, "image_index": k, "width": image.width, "height": image.height}
+        save_image(image, path, {PNG_SETTINGS_KEY: json.dumps(record, ensure_ascii=False)})  # atomic
         paths.append(path)
     return paths
+
+
+def _image_name(image) -> str | None:
+    """How a subject image was given, for the PNG's record: its path, or None (pixels given directly)."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,

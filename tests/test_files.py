@@ -118,6 +118,19 @@ def test_a_name_of_255_bytes_is_written_and_images_are_written_atomically(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest.name, "img.png"])
 
 
+def test_an_image_carries_its_text_chunks_in_png_only(tmp_path):
+    from PIL import Image
+
+    from kosmosg_core.errors import OutputPathError
+    from kosmosg_core.files import save_image
+
+    path = save_image(Image.new("RGB", (2, 2)), tmp_path / "a.png", {"kosmosg": '{"prompt": "ein Bild von <i> – 猫"}'})
+    assert Image.open(path).text == {"kosmosg": '{"prompt": "ein Bild von <i> – 猫"}'}
+    with pytest.raises(OutputPathError, match=r"a\.jpg: only a \.png keeps the text"):
+        save_image(Image.new("RGB", (2, 2)), tmp_path / "a.jpg", {"kosmosg": "{}"})
+    assert not (tmp_path / "a.jpg").exists()
+
+
 def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
     """e.g. a full disk: one line naming what was being written (the CLIs print OSErrors as one line)."""
     import safetensors.torch

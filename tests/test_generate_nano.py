@@ -103,6 +103,38 @@ def test_generate_samples_the_shipped_models_into_judged_right_pictures(tmp_path
 
 
 @pytest.mark.integration
+def test_each_png_records_the_settings_that_make_it_again(tmp_path):
+    """The PNG's text chunk `kosmosg` (JSON) holds what the picture was made from; generating from the record
+    (the images found by name) gives the same pixels."""
+    import hashlib
+    import json
+
+    from kosmosg_core import __version__
+    from kosmosg_core.config import PNG_SETTINGS_KEY
+
+    prompt = "a <i:0.9> on the left and a <i> on the right, on grey"
+    paths = generate_images(KOSMOSG_NANO, NANO_SD15, prompt, SUBJECT_IMAGES, out_dir=tmp_path / "first", steps=4,
+                            guidance_scale=4.0, seed=11, num_images=2, image_weights=[1.0, 0.5],
+                            negative_prompt="a black background")
+    records = [json.loads(Image.open(path).text[PNG_SETTINGS_KEY]) for path in paths]
+    first = records[1]
+    assert first == {
+        "prompt": prompt, "negative_prompt": "a black background", "images": [str(p) for p in SUBJECT_IMAGES],
+        "image_sha256": [hashlib.sha256(Image.open(p).convert("RGB").tobytes()).hexdigest() for p in SUBJECT_IMAGES],
+        "image_weights": [0.9, 0.5], "checkpoint": KOSMOSG_NANO.name, "sd_model": NANO_SD15.name, "seed": 11,
+        "noise": "per-image", "num_images": 2, "steps": 4, "guidance_scale": 4.0, "scheduler": "dpm",
+        "dtype": "float32", "device": "cpu", "kosmosg_core": __version__, "image_index": 1, "width": 64, "height": 64}
+    assert records[0]["image_index"] == 0
+    # the record's weights are the products: with no list and plain <i> they make the same conditioning
+    again = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on the left and a <i> on the right, on grey",
+                            first["images"], out_dir=tmp_path / "again", steps=first["steps"],
+                            guidance_scale=first["guidance_scale"], seed=first["seed"], num_images=first["num_images"],
+                            image_weights=first["image_weights"], negative_prompt=first["negative_prompt"],
+                            scheduler=first["scheduler"], noise=first["noise"])
+    for original, remade in zip(paths, again):
+        assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(remade)))
+
+
 def test_pipeline_computes_what_comfyui_computes_from_the_file(pipe):
     """ComfyUI's own loader (CheckpointLoaderSimple's function) on the shipped file: its U-Net and VAE give
     the diffusers pipeline's outputs."""
