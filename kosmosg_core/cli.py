@@ -129,7 +129,7 @@ def cmd_generate(args) -> None:
         images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
-        image_weights=_image_weights(args), noise=args.noise,
+        image_weights=_image_weights(args), noise=args.noise, record_settings=args.record_settings,
         show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
         print(f"wrote {p}")
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "for the nano image model)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-record", dest="record_settings", action="store_false",
+                   help="write the PNGs without their record of the settings (prompt, image file names and pixel "
+                        "hashes, seed, ...: the text chunk 'kosmosg'), e.g. before sharing them")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="measure load time, peak RSS and encode latency against machine yardsticks")

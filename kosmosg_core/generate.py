@@ -26,7 +26,8 @@ from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, Gene
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
-from .pipeline import KosmosGPipeline, read_prompt_images, resolve_device, resolve_dtype
+from .image_processing import split_images
+from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images, resolve_device, resolve_dtype
 from .prompt import check_negative_prompt, combine_image_weights
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
                     num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
                     sd_config_dir=None, show_progress: bool = False, noise: str = "per-image",
-                    image_weights=None) -> list[Path]:
+                    image_weights=None, record_settings: bool = True) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
     sd_model: an SD1.5 file or folder (`load_sd15`), or None: the U-Net and VAE an official `checkpoint` stores.
@@ -201,7 +202,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     as `KosmosGPipeline.encode` takes them; height / width None: the SD model's own size
     (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
     noise "per-image": image k starts from the noise of seed + k (`image_generators`), it is image 0 of a run with
-    that seed; "official": the official demo's noise (`official_noise_generator`)."""
+    that seed; "official": the official demo's noise (`official_noise_generator`). record_settings: each PNG
+    carries `settings_record` as JSON in its text chunk PNG_SETTINGS_KEY (prompt, image file names...)."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     if noise not in NOISE_MODES:
         raise GenerationSettingsError(f"noise {noise!r} is not known: use one of {', '.join(NOISE_MODES)}.")
@@ -212,6 +214,10 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    record = None if not record_settings else settings_record(
+        checkpoint, sd_model, prompt, images, pictures, image_weights, negative_prompt, seed=seed, noise=noise,
+        num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+        dtype=str(dtype).removeprefix("torch."), device=str(device))
     # before the models load: a device without a random generator of its own fails here, not minutes later
     generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
@@ -223,26 +229,34 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     sd.set_progress_bar_config(disable=not show_progress)
     sampled = sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps,
                           guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
-    names = [_image_name(i) for i in images] if isinstance(images, (list, tuple)) else [None] * len(pictures)
-    settings = dict(prompt=prompt, negative_prompt=negative_prompt, images=names,
-                    image_sha256=[hashlib.sha256(p.tobytes()).hexdigest() for p in pictures],
-                    image_weights=combine_image_weights(prompt, image_weights), checkpoint=Path(checkpoint).name,
-                    sd_model=None if sd_model is None else Path(sd_model).name, seed=seed, noise=noise,
-                    num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                    dtype=str(dtype).removeprefix("torch."), device=str(device), kosmosg_core=__version__)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(sampled):
         path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
-        record = {**settings, "image_index": k, "width": image.width, "height": image.height}
-        save_image(image, path, {PNG_SETTINGS_KEY: json.dumps(record, ensure_ascii=False)})  # atomic
+        text = None
+        if record is not None:  # the JSON, ASCII only: any path's or prompt's characters survive as escapes
+            text = {PNG_SETTINGS_KEY: json.dumps({**record, "image_index": k, "width": image.width,
+                                                  "height": image.height})}
+        save_image(image, path, text)  # atomic: a killed run leaves no half-written PNG
         paths.append(path)
     return paths
 
 
-def _image_name(image) -> str | None:
-    """How a subject image was given, for the PNG's record: its path, or None (pixels given directly)."""
-    return str(image) if isinstance(image, (str, os.PathLike)) else None
+def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, image_weights, negative_prompt: str,
+                    **settings) -> dict:
+    """What a PNG of `generate_images` records (PNG_SETTINGS_KEY), less its own index and size: the arguments that
+    make it again (prompt and negative as given, `image_weights` one per image as `encode` reads them, 1.0 = none
+    given; images, checkpoint and SD model by file name only, never a folder; the rest as passed), plus
+    `effective_image_weights` (each image's weight times its `<i:W>`), `image_sha256` (of each image's RGB pixels as
+    the pipeline reads them: EXIF orientation applied, 8 bits per channel) and the package version."""
+    weights = image_weight_list(prompt, images, image_weights)
+    given = split_images(images) if pictures else []
+    return dict(prompt=prompt, negative_prompt=negative_prompt,
+                images=[Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in given],
+                image_sha256=[hashlib.sha256(p.tobytes()).hexdigest() for p in pictures], image_weights=weights,
+                effective_image_weights=combine_image_weights(prompt, weights), checkpoint=Path(checkpoint).name,
+                sd_model=None if sd_model is None else Path(sd_model).name, **settings,
+                kosmosg_core_version=__version__)
 
 
 def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,

@@ -126,6 +126,12 @@ def read_prompt_images(prompt: str, images: Sequence, image_weights: Sequence[fl
     return to_pil_images(images) if images else []
 
 
+def image_weight_list(prompt: str, images, image_weights=None) -> list[float]:
+    """The image weights of one prompt as `encode` reads them: one per image (a number alone is one image's, an
+    empty list or None gives 1.0 each), checked; `<i:W>` in the text not included (`combine_image_weights`)."""
+    return _normalise_batch(prompt, images, image_weights)[2][0]
+
+
 class KosmosGPipeline:
     """Encoder pipeline around a loaded `KosmosG` model and its tokenizer.
 

@@ -50,6 +50,18 @@ def test_help_for_each_subcommand():
         assert f"usage: python -m kosmosg_core {name}" in out
 
 
+def test_generate_records_its_settings_unless_told_not_to(monkeypatch):
+    """--no-record reaches generate_images as record_settings=False (the default records)."""
+    from kosmosg_core import cli, generate
+
+    asked = []
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: asked.append(kwargs["record_settings"]) or [])
+    base = ["generate", "--checkpoint", "k", "--sd-model", "s", "--prompt", "x"]
+    for extra in ([], ["--no-record"]):
+        cli.cmd_generate(cli.build_parser().parse_args(base + extra))
+    assert asked == [True, False]
+
+
 def test_a_flag_given_twice_is_refused_by_name(capsys):
     """argparse keeps the last of two values without a word; the Python commands here refuse instead (one parser
     class: train/ and scripts/start_comfyui.py are checked in their own tests). Repeatable flags (--image) and

@@ -102,39 +102,67 @@ def test_generate_samples_the_shipped_models_into_judged_right_pictures(tmp_path
     assert not np.array_equal(pictures[0], pictures[1])  # seeds 0 and 1
 
 
-@pytest.mark.integration
-def test_each_png_records_the_settings_that_make_it_again(tmp_path):
-    """The PNG's text chunk `kosmosg` (JSON) holds what the picture was made from; generating from the record
-    (the images found by name) gives the same pixels."""
-    import hashlib
+def png_record(path) -> dict:
     import json
 
-    from kosmosg_core import __version__
     from kosmosg_core.config import PNG_SETTINGS_KEY
 
-    prompt = "a <i:0.9> on the left and a <i> on the right, on grey"
+    return json.loads(Image.open(path).text[PNG_SETTINGS_KEY])
+
+
+def test_each_png_records_the_settings_that_make_it_again(tmp_path):
+    """The PNG's text chunk `kosmosg` (JSON) holds what the picture was made from, images by file name; passing the
+    record's arguments back (the images found by name) gives the same pixels."""
+    import hashlib
+
+    from kosmosg_core import __version__
+    from kosmosg_core.image_processing import to_pil_images
+
+    prompt = "a <i:0.9> on the left and a <i> on the right, on grey – 灰"
     paths = generate_images(KOSMOSG_NANO, NANO_SD15, prompt, SUBJECT_IMAGES, out_dir=tmp_path / "first", steps=4,
-                            guidance_scale=4.0, seed=11, num_images=2, image_weights=[1.0, 0.5],
+                            guidance_scale=4.0, seed=11, num_images=2, image_weights=[1.0, 0.5], width=72,
                             negative_prompt="a black background")
-    records = [json.loads(Image.open(path).text[PNG_SETTINGS_KEY]) for path in paths]
+    records = [png_record(path) for path in paths]
     first = records[1]
     assert first == {
-        "prompt": prompt, "negative_prompt": "a black background", "images": [str(p) for p in SUBJECT_IMAGES],
-        "image_sha256": [hashlib.sha256(Image.open(p).convert("RGB").tobytes()).hexdigest() for p in SUBJECT_IMAGES],
-        "image_weights": [0.9, 0.5], "checkpoint": KOSMOSG_NANO.name, "sd_model": NANO_SD15.name, "seed": 11,
-        "noise": "per-image", "num_images": 2, "steps": 4, "guidance_scale": 4.0, "scheduler": "dpm",
-        "dtype": "float32", "device": "cpu", "kosmosg_core": __version__, "image_index": 1, "width": 64, "height": 64}
+        "prompt": prompt, "negative_prompt": "a black background", "images": [p.name for p in SUBJECT_IMAGES],
+        "image_sha256": [hashlib.sha256(picture.tobytes()).hexdigest() for picture in to_pil_images(SUBJECT_IMAGES)],
+        "image_weights": [1.0, 0.5], "effective_image_weights": [0.9, 0.5], "checkpoint": KOSMOSG_NANO.name,
+        "sd_model": NANO_SD15.name, "seed": 11, "noise": "per-image", "num_images": 2, "steps": 4,
+        "guidance_scale": 4.0, "scheduler": "dpm", "dtype": "float32", "device": "cpu",
+        "kosmosg_core_version": __version__, "image_index": 1, "width": 72, "height": 64}
     assert records[0]["image_index"] == 0
-    # the record's weights are the products: with no list and plain <i> they make the same conditioning
-    again = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on the left and a <i> on the right, on grey",
-                            first["images"], out_dir=tmp_path / "again", steps=first["steps"],
-                            guidance_scale=first["guidance_scale"], seed=first["seed"], num_images=first["num_images"],
-                            image_weights=first["image_weights"], negative_prompt=first["negative_prompt"],
-                            scheduler=first["scheduler"], noise=first["noise"])
+    arguments = ("prompt", "negative_prompt", "image_weights", "seed", "noise", "num_images", "steps",
+                 "guidance_scale", "scheduler", "width", "height")
+    again = generate_images(KOSMOSG_NANO, NANO_SD15, images=[SUBJECT_IMAGES[0].parent / n for n in first["images"]],
+                            out_dir=tmp_path / "again", **{name: first[name] for name in arguments})
     for original, remade in zip(paths, again):
         assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(remade)))
 
 
+def test_the_record_takes_every_input_generate_takes_and_can_be_left_out(tmp_path):
+    """Weights given as one number or an empty list, a file name that is not UTF-8, a batch inside the image list:
+    recorded (one entry per image) before anything loads, as they were sampled; record_settings=False: no record."""
+    import os
+    import shutil
+
+    odd_name = tmp_path / os.fsdecode(b"caf\xe9.png")  # a Linux file name in no encoding
+    shutil.copy(SUBJECT_IMAGES[0], odd_name)
+    fast = dict(steps=2, out_dir=tmp_path / "out")
+    (one,) = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on grey", [odd_name], image_weights=0.5, **fast)
+    assert png_record(one)["images"] == [odd_name.name] and png_record(one)["image_weights"] == [0.5]
+    (empty,) = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on grey", str(SUBJECT_IMAGES[0]), image_weights=[],
+                               **fast)
+    assert png_record(empty)["images"] == [SUBJECT_IMAGES[0].name] and png_record(empty)["image_weights"] == [1.0]
+    batch = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in SUBJECT_IMAGES])).float() / 255
+    (pair,) = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> and a <i>", [batch], **fast)
+    record = png_record(pair)
+    assert record["images"] == [None, None] and len(record["image_sha256"]) == len(record["image_weights"]) == 2
+    (bare,) = generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on grey", [odd_name], record_settings=False, **fast)
+    assert Image.open(bare).text == {}
+
+
+@pytest.mark.integration
 def test_pipeline_computes_what_comfyui_computes_from_the_file(pipe):
     """ComfyUI's own loader (CheckpointLoaderSimple's function) on the shipped file: its U-Net and VAE give
     the diffusers pipeline's outputs."""
