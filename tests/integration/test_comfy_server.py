@@ -138,17 +138,18 @@ def test_shipped_workflow_runs(comfy, workflow_path):
     assert len(images) == 1
     assert pixels(images[0]).shape == (TEST_SIZE, TEST_SIZE, 3)
     if "LoraLoader" in classes:
-        assert "lora key not loaded" not in comfy.log_text()
+        assert "lora key not loaded" not in comfy.log_text() and "NOT LOADED" not in comfy.log_text()
 
 
 def test_lora_workflow_appends_the_trigger_words_to_the_kosmosg_conditioning(comfy):
     """Its CLIP Text Encode (the LoRA's trigger words) reaches the picture through Conditioning (Concat): other words
-    give another picture, and so does the graph without the two nodes."""
+    give another picture, and so does the graph without the two nodes; the CLIP it encodes with is the LoRA's
+    (strength_clip 0 gives another picture), every LoRA key loaded."""
     prompt = shipped_workflow_with_tiny_models(comfy, REPO / "workflows" / "kosmosg-lora.json")
     (concat_id,) = [key for key, node in prompt.items() if node["class_type"] == "ConditioningConcat"]
     (save_id,) = [key for key, node in prompt.items() if node["class_type"] == "SaveImage"]
     results = []
-    for variant in ("shipped", "other words", "no trigger words"):
+    for variant in ("shipped", "other words", "no trigger words", "LoRA not on CLIP"):
         graph = copy.deepcopy(prompt)
         graph[save_id]["inputs"]["filename_prefix"] = f"kg-lora-{variant.replace(' ', '-')}"
         if variant == "other words":
@@ -159,11 +160,14 @@ def test_lora_workflow_appends_the_trigger_words_to_the_kosmosg_conditioning(com
                     if value == [concat_id, 0]:
                         node["inputs"][name] = graph[concat_id]["inputs"]["conditioning_to"]
             del graph[concat_id]
+        if variant == "LoRA not on CLIP":
+            graph = substitute(graph, {("LoraLoader", "strength_clip"): 0.0})
         entry = comfy.run(graph)
         assert_success(comfy, entry)
         results.append(pixels(comfy.output_images(entry)[0]))
-    shipped, other_words, without = results
-    assert (shipped != other_words).any() and (shipped != without).any()
+    shipped, other_words, without, lora_not_on_clip = results
+    assert (shipped != other_words).any() and (shipped != without).any() and (shipped != lora_not_on_clip).any()
+    assert "lora key not loaded" not in comfy.log_text() and "NOT LOADED" not in comfy.log_text()
 
 
 def shipped_workflow_with_tiny_models(comfy, workflow_path):

@@ -8,7 +8,9 @@ Writes (keys exactly what ComfyUI's detectors expect, because ComfyUI's own clas
                                         no CLIP text encoder (Kosmos-G supplies the conditioning;
                                         CheckpointLoaderSimple then returns clip=None)
     controlnet/tiny-cn-sd15.safetensors ControlNet with the same trunk
-    loras/tiny-lora-sd15.safetensors    LoRA on a few cross-attention projections
+    loras/tiny-lora-sd15.safetensors    LoRA on a few cross-attention projections and, in SD1.5's CLIP text
+                                        encoder, the first layer's attention projections (a LoRA with its own
+                                        trigger words trains both)
     checkpoints/tiny-sd15-clip.safetensors  (with --with-clip) the same U-Net + VAE and a random SD1.5 CLIP text
                                         encoder, full size (ComfyUI builds SD1.5's CLIP-L from its own config:
                                         123 M parameters, 0.25 GB), for graphs with CLIP Text Encode
@@ -26,7 +28,7 @@ UNET_NAME = "tiny-sd15.safetensors"
 CLIP_CHECKPOINT_NAME = "tiny-sd15-clip.safetensors"
 CONTROLNET_NAME = "tiny-cn-sd15.safetensors"
 LORA_NAME = "tiny-lora-sd15.safetensors"
-VERSION = "2"  # bump when the generated files change (cache key)
+VERSION = "3"  # bump when the generated files change (cache key)
 
 TRUNK = dict(
     image_size=32, in_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1], num_heads=8,
@@ -39,6 +41,8 @@ LORA_TARGETS = [
     ("input_blocks.1.1.transformer_blocks.0.attn2.to_v", 768, 320),
     ("output_blocks.0.1.transformer_blocks.0.attn2.to_k", 768, 320),
 ]
+# (LoRA key, in features, out features) in SD1.5's CLIP text encoder (ComfyUI's comfy/lora.py key map: kohya's names)
+LORA_TEXT_ENCODER_TARGETS = [(f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj", 768, 768) for p in "qkv"]
 
 
 def _init_(state, generator, conv_gain: float | None = None):
@@ -88,8 +92,8 @@ def build(out_dir: str, seed: int = 0, with_clip: bool = False) -> dict[str, str
     tensors.update({f"first_stage_model.{k}": v for k, v in vae.items()})
     cn = {f"control_model.{k}": v for k, v in _init_(controlnet.state_dict(), generator).items()}
     lora = {}
-    for module, fan_in, fan_out in LORA_TARGETS:
-        key = "lora_unet_" + module.replace(".", "_")
+    targets = [("lora_unet_" + module.replace(".", "_"), fan_in, fan_out) for module, fan_in, fan_out in LORA_TARGETS]
+    for key, fan_in, fan_out in targets + LORA_TEXT_ENCODER_TARGETS:
         lora[f"{key}.lora_down.weight"] = (torch.randn(4, fan_in, generator=generator) * 0.1).to(torch.float16)
         lora[f"{key}.lora_up.weight"] = (torch.randn(fan_out, 4, generator=generator) * 0.1).to(torch.float16)
         lora[f"{key}.alpha"] = torch.tensor(4.0, dtype=torch.float16)

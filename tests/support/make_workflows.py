@@ -286,11 +286,13 @@ def all_workflows() -> dict[str, Workflow]:
             controlnet=True),
         "kosmosg-lora": subject_graph(
             "kosmosg-lora", "a photo of <i>, watercolor painting", [SUBJECT_1],
-            "# Kosmos-G + LoRA\nThe LoRA patches the U-Net and CLIP (*Load LoRA*). Kosmos-G writes the prompt's "
-            "conditioning, so a LoRA's trigger words go in *CLIP Text Encode* (here `" + LORA_TRIGGER_WORDS + "`): "
-            "*Conditioning (Concat)* appends their CLIP tokens after Kosmos-G's 77, and the U-Net reads both, as it "
-            "reads the 77-token chunks of a long prompt. Without trigger words, drop the two nodes. SD1.5 LoRA in "
-            f"`models/loras` (here `{LORA}`). " + MODELS_NOTE, lora=True, note_height=260),
+            "# Kosmos-G + LoRA\nThe LoRA patches the U-Net and CLIP (*Load LoRA*; the SD1.5 checkpoint must hold its "
+            "CLIP). Kosmos-G writes the prompt's conditioning, so a LoRA's trigger words go in *CLIP Text Encode* "
+            "(here `" + LORA_TRIGGER_WORDS + "`): *Conditioning (Concat)* appends their 77-token CLIP chunk after "
+            "Kosmos-G's 77 tokens, and the U-Net reads both, as it reads the chunks of a long prompt. Without trigger "
+            "words, drop the two nodes: even an empty chunk changes the picture. With a batch of images on one socket, "
+            "concatenation needs a batch of texts too: combine instead. SD1.5 LoRA in "
+            f"`models/loras` (here `{LORA}`). " + MODELS_NOTE, lora=True, note_height=280),
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
