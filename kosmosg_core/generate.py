@@ -301,35 +301,6 @@ def official_scheduler(name: str, config):
     return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
-def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> torch.Tensor:
-    """The noise levels [steps + 1] the official demo's DPM-Solver steps through, on a model's own noise schedule.
-
-    sigmas: [T] float, the model's noise level at each training timestep 0..T-1 (SD1.5: T = 1000, 0.029 ... 14.6).
-    Returns sigmas at the timesteps diffusers' DPM-Solver visits (its "linspace" spacing, the default then and now:
-    T-1 down to 0 in `steps` even strides, rounded to whole timesteps, the last one, 0, dropped), then sigmas[0],
-    where its last step ends (diffusers 0.21.4; SCHEDULER_SETTINGS). Computed here, without diffusers, which the
-    ComfyUI nodes do not need; tests/test_official_sampling.py checks it against the timesteps diffusers 0.21.4 took.
-    k-diffusion's `dpmpp_2m` through these levels, from noise scaled to sqrt(1 + sigma_max^2), with a first-order
-    last step below DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps, is the official sampler step for step (the ComfyUI
-    node Kosmos-G Official Sampler; tests/test_nodes_unit.py)."""
-    total = int(sigmas.shape[0]) if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 else 0
-    if total < 2:
-        raise GenerationSettingsError(f"The model's noise schedule must list one noise level per training timestep "
-                                      f"(a 1-D table, SD1.5: 1000), got {_shape_or_type(sigmas)}; the official sampler "
-                                      "needs a discrete-time (SD1.5-type) model.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < total:
-        raise GenerationSettingsError(f"steps must be a whole number between 1 and {total - 1} (official demo: "
-                                      f"{DEFAULT_STEPS}), got {steps!r}.")
-    # strides of (T-1)/steps >= 1 never round two timesteps together
-    timesteps = torch.from_numpy(np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64))
-    table = sigmas.detach().float().cpu()
-    return torch.cat([table[timesteps], table[:1]])
-
-
-def _shape_or_type(value) -> str:
-    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
 def dry_run_scheduler(scheduler, steps: int) -> None:
     """Every step of (a copy of) `scheduler` on a 1-pixel latent, in well under a second. diffusers fails on settings
     it cannot run only mid-sampling (DDIM at 1000 steps: a bare IndexError; PNDM without skip_prk_steps below 4 steps;

@@ -3,7 +3,7 @@
 The official demo samples with diffusers' DPM-Solver multistep (50 steps). ComfyUI's `dpmpp_2m` is the same
 solver; what KSampler's schedulers cannot give is the official grid of noise levels (diffusers' whole timesteps,
 ending at the smallest noise level, not at 0), nor, below 15 steps, the first-order last step. This node gives both
-(the noise levels from kosmosg_core.generate.official_noise_levels, on the connected model's own noise schedule).
+(the noise levels from kosmosg_core.sampling.official_noise_levels, on the connected model's own noise schedule).
 The match holds for the whole sigmas, from an empty latent with noise added, as SamplerCustom's `output`.
 """
 
@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
 from ..kosmosg_core.errors import GenerationSettingsError
-from ..kosmosg_core.generate import official_noise_levels
+from ..kosmosg_core.sampling import official_noise_levels
 from .types import CATEGORY
 
 
