@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
                      PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
-from .errors import (CheckpointError, CheckpointNotFoundError, DeviceError, GenerationSettingsError,
+from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
 from .nano_sd15 import load_nano_sd15
@@ -29,6 +29,7 @@ from .official_sd15 import check_sd15_parts, load_official_sd15
 from .image_processing import split_images
 from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images, resolve_device, resolve_dtype
 from .prompt import check_negative_prompt, combine_image_weights
+from .sampling import official_noise_generator
 
 logger = logging.getLogger(__name__)
 
@@ -318,18 +319,6 @@ def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[t
     """diffusers' per-image generators, prompt-major: image k of every prompt starts from the noise of seed + k,
     so a picture does not depend on how many were asked for or on the batch it was made in."""
     return [torch.Generator("cpu").manual_seed(seed + k) for _ in range(num_prompts) for k in range(num_images)]
-
-
-def official_noise_generator(seed: int, device) -> torch.Generator:
-    """One generator on the sampling device, seeded like the official demo seeds the default one
-    (torch.manual_seed(seed)): given to diffusers alone (not one per image), it draws every picture's noise
-    [N, 4, H/8, W/8] in one call on that device in the sampling dtype, as the official code's randn_tensor does
-    without a generator (diffusers 0.21.4). Pictures then depend on N and on the device's random generator."""
-    try:
-        return torch.Generator(device).manual_seed(seed)
-    except Exception as e:  # a backend without generators of its own (DirectML...): each fails its own way
-        raise DeviceError(f"noise 'official' draws on the sampling device, but this PyTorch has no random generator "
-                          f"on {str(device)!r} ({first_line(e)}); use noise 'per-image' (drawn on the CPU).") from e
 
 
 def native_size(sd) -> int:

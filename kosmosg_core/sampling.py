@@ -1,8 +1,9 @@
-"""The noise levels the official demo's DPM-Solver steps through, on any discrete-time model's noise schedule.
+"""The official demo's sampling, without diffusers (the ComfyUI nodes do not need it): the noise levels its
+DPM-Solver steps through, on any discrete-time model's noise schedule, and its starting noise.
 
-Without diffusers (the ComfyUI nodes do not need it): the ComfyUI node Kosmos-G Official Sampler gives these to
-k-diffusion's `dpmpp_2m`; `generate` runs diffusers' own scheduler (generate.official_scheduler), whose timesteps
-tests/test_official_sampling.py checks these against.
+The ComfyUI nodes Kosmos-G Official Sampler and Official Noise give these to ComfyUI's own sampling; `generate`
+runs diffusers' scheduler (generate.official_scheduler; tests/test_official_sampling.py checks the two agree) and
+hands diffusers `official_noise_generator`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_STEPS
-from .errors import GenerationSettingsError
+from .errors import DeviceError, GenerationSettingsError, first_line
 
 
 def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> torch.Tensor:
@@ -40,3 +41,22 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> t
 
 def _shape_or_type(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def official_noise_generator(seed: int, device) -> torch.Generator:
+    """One generator on the sampling device, seeded like the official demo seeds the default one
+    (torch.manual_seed(seed)): given to diffusers alone (not one per image), it draws every picture's noise
+    [N, 4, H/8, W/8] in one call on that device in the sampling dtype, as the official code's randn_tensor does
+    without a generator (diffusers 0.21.4). Pictures then depend on N and on the device's random generator."""
+    try:
+        return torch.Generator(device).manual_seed(seed)
+    except Exception as e:  # a backend without generators of its own (DirectML...): each fails its own way
+        raise DeviceError(f"The official demo's noise is drawn on the sampling device, but this PyTorch has no random "
+                          f"generator on {str(device)!r} ({first_line(e)}); draw it on the CPU (generate: noise "
+                          "'per-image'; ComfyUI: RandomNoise).") from e
+
+
+def official_starting_noise(seed: int, shape, device, dtype: torch.dtype) -> torch.Tensor:
+    """The official demo's starting noise `shape` ([N, 4, H/8, W/8]: every picture's, in one draw) for `seed`, drawn
+    on `device` in `dtype` as diffusers 0.21.4's randn_tensor drew it (the demo: a CUDA GPU, float16)."""
+    return torch.randn(tuple(shape), generator=official_noise_generator(seed, device), device=device, dtype=dtype)

@@ -13,7 +13,7 @@ from .encode import KosmosGEncode
 from .loader import KosmosGConvertCheckpoint, KosmosGLoader
 from .paths import register_folders
 from .prompt import KosmosGInterleavedPrompt
-from .sampling import KosmosGOfficialSampler
+from .sampling import KosmosGOfficialNoise, KosmosGOfficialSampler
 
 register_folders()
 
@@ -25,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     KosmosGLoadConditioning,
     KosmosGConvertCheckpoint,
     KosmosGOfficialSampler,
+    KosmosGOfficialNoise,
 ]
 
 

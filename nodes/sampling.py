@@ -1,4 +1,5 @@
-"""Kosmos-G Official Sampler: the official demo's DPM-Solver as a SAMPLER + SIGMAS pair for SamplerCustom.
+"""Kosmos-G Official Sampler: the official demo's DPM-Solver as a SAMPLER + SIGMAS pair for SamplerCustom; Kosmos-G
+Official Noise: the demo's starting noise as a NOISE for SamplerCustomAdvanced.
 
 The official demo samples with diffusers' DPM-Solver multistep (50 steps). ComfyUI's `dpmpp_2m` is the same
 solver; what KSampler's schedulers cannot give is the official grid of noise levels (diffusers' whole timesteps,
@@ -10,6 +11,7 @@ The match holds for the whole sigmas, from an empty latent with noise added, as 
 from __future__ import annotations
 
 import comfy.k_diffusion.sampling as k_sampling
+import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.samplers
 import torch
@@ -17,7 +19,7 @@ from comfy_api.latest import io
 
 from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
 from ..kosmosg_core.errors import GenerationSettingsError
-from ..kosmosg_core.sampling import official_noise_levels
+from ..kosmosg_core.sampling import official_noise_levels, official_starting_noise
 from .types import CATEGORY
 
 
@@ -92,3 +94,46 @@ class KosmosGOfficialSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps) -> io.NodeOutput:
         return io.NodeOutput(dpm_solver_ksampler(steps), official_noise_levels(model_noise_levels(model), steps))
+
+
+NOISE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the demo's first
+
+
+class OfficialNoise:
+    """A ComfyUI NOISE (what SamplerCustomAdvanced reads: `seed`, `generate_noise(latent)`): the official demo's
+    draw of every picture's noise at once, on the sampling device in `dtype` (kosmosg_core.sampling)."""
+
+    def __init__(self, seed: int, dtype: torch.dtype):
+        self.seed, self.dtype = seed, dtype
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        latent = input_latent["samples"]  # [B, 4, H/8, W/8]
+        noise = official_starting_noise(self.seed, latent.shape, mm.get_torch_device(), self.dtype)
+        return noise.to("cpu", torch.float32)  # where and how ComfyUI's own noise arrives; the values are the draw's
+
+
+class KosmosGOfficialNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGOfficialNoise",
+            display_name="Kosmos-G Official Noise",
+            category=CATEGORY,
+            description=(
+                "The official Kosmos-G demo's starting noise for a seed: one draw of every picture's noise on the "
+                "sampling device (the demo's: a CUDA GPU, float16), where RandomNoise draws on the CPU in float32. "
+                "With Kosmos-G Official Sampler and a CFGGuider (cfg 6) in SamplerCustomAdvanced, a seed then starts "
+                "where the demo's does, on the same kind of device."),
+            search_aliases=["kosmos", "official noise", "seed"],
+            inputs=[
+                io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The demo's seed."),
+                io.Combo.Input("dtype", options=list(NOISE_DTYPES),
+                               tooltip="The precision the noise is drawn in (the demo: float16)."),
+            ],
+            outputs=[io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced's noise input.")],
+        )
+
+    @classmethod
+    def execute(cls, noise_seed, dtype="float16") -> io.NodeOutput:
+        return io.NodeOutput(OfficialNoise(noise_seed, NOISE_DTYPES[dtype]))

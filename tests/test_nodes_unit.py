@@ -48,7 +48,7 @@ from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, Kosmo
 from kosmosg_pack.nodes.encode import KosmosGEncode  # noqa: E402
 from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader, converted_file_name  # noqa: E402
 from kosmosg_pack.nodes.prompt import KosmosGInterleavedPrompt, parse_weights  # noqa: E402
-from kosmosg_pack.nodes.sampling import KosmosGOfficialSampler  # noqa: E402
+from kosmosg_pack.nodes.sampling import KosmosGOfficialNoise, KosmosGOfficialSampler  # noqa: E402
 from kosmosg_pack.nodes.types import KosmosGPrompt  # noqa: E402
 
 EXPECTED_NODES = {
@@ -59,6 +59,7 @@ EXPECTED_NODES = {
     "KosmosGLoadConditioning": "Kosmos-G Load Conditioning",
     "KosmosGConvertCheckpoint": "Kosmos-G Convert Checkpoint",
     "KosmosGOfficialSampler": "Kosmos-G Official Sampler",
+    "KosmosGOfficialNoise": "Kosmos-G Official Noise",
 }
 
 
@@ -783,7 +784,8 @@ def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeli
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR, SD15_LATENT_SCALE
-    from kosmosg_pack.kosmosg_core.generate import official_noise_generator, official_scheduler
+    from kosmosg_pack.kosmosg_core.generate import official_scheduler
+    from kosmosg_pack.kosmosg_core.sampling import official_noise_generator
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(320,), cross_attention_dim=768,
@@ -821,7 +823,8 @@ def test_sampler_custom_draws_the_starting_noise_generate_draws():
     import comfy.sample
     from diffusers.utils.torch_utils import randn_tensor
 
-    from kosmosg_pack.kosmosg_core.generate import image_generators, official_noise_generator
+    from kosmosg_pack.kosmosg_core.generate import image_generators
+    from kosmosg_pack.kosmosg_core.sampling import official_noise_generator
 
     for batch in (1, 3):
         comfy_noise = comfy.sample.prepare_noise(torch.zeros(batch, 4, 8, 8), 7)
@@ -829,6 +832,27 @@ def test_sampler_custom_draws_the_starting_noise_generate_draws():
         assert torch.equal(comfy_noise, official)
     per_image = randn_tensor((1, 4, 8, 8), generator=image_generators(7, 1), dtype=torch.float32)
     assert torch.equal(comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 7), per_image)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_official_noise_is_the_demos_draw_for_the_whole_batch(dtype):
+    """Kosmos-G Official Noise draws every picture's noise at once on the sampling device in the dtype asked
+    (kosmosg_core.sampling.official_starting_noise: the demo's call, tested there and on a GPU in test_cuda.py);
+    on the CPU in float32 that is also what RandomNoise draws."""
+    import comfy.sample
+
+    from kosmosg_pack.kosmosg_core.sampling import official_starting_noise
+
+    (noise,) = KosmosGOfficialNoise.execute(7, dtype).result
+    latent = torch.zeros(3, 4, 8, 8)
+    drawn = noise.generate_noise({"samples": latent})
+    assert noise.seed == 7 and drawn.dtype == torch.float32 and drawn.device.type == "cpu"
+    expected = official_starting_noise(7, latent.shape, mm.get_torch_device(), getattr(torch, dtype))
+    assert torch.equal(drawn, expected.float().cpu())
+    if dtype == "float32":
+        assert torch.equal(drawn, comfy.sample.prepare_noise(latent, 7))
+    else:  # drawn in float16: every value is a float16 one
+        assert torch.equal(drawn, drawn.half().float())
 
 
 def test_official_sampler_reports_every_step_to_the_progress_bar():

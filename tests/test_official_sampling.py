@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from kosmosg_core.errors import DeviceError, GenerationSettingsError
-from kosmosg_core.generate import generate_images, official_noise_generator, official_scheduler
-from kosmosg_core.sampling import official_noise_levels
+from kosmosg_core.generate import generate_images, official_scheduler
+from kosmosg_core.sampling import official_noise_generator, official_noise_levels, official_starting_noise
 from reference.generate_official_scheduler_outputs import CASES, run_trajectory, sd15_schedule_config
 
 STORED = Path(__file__).parent / "reference" / "official_scheduler_outputs.safetensors"
@@ -74,11 +74,12 @@ def test_official_noise_levels_refuse_what_they_cannot_space(table, steps, messa
         official_noise_levels(table, steps)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_official_noise_is_the_official_demos_draw(dtype):
     """`--noise official`: diffusers given one generator draws what the official code drew with none after
-    torch.manual_seed(seed) (diffusers 0.21.4's randn_tensor: torch.randn on the device, in the dtype). The same
-    check runs on a GPU in tests/test_cuda.py."""
+    torch.manual_seed(seed) (diffusers 0.21.4's randn_tensor: torch.randn on the device, in the dtype), and so does
+    `official_starting_noise` (the ComfyUI node Kosmos-G Official Noise). The same check runs on a GPU in
+    tests/test_cuda.py."""
     assert_official_noise(torch.device("cpu"), dtype)
 
 
@@ -91,6 +92,7 @@ def assert_official_noise(device: torch.device, dtype: torch.dtype) -> None:
         torch.manual_seed(7)
         official = torch.randn(shape, generator=None, device=device, dtype=dtype)
     assert ours.dtype == dtype and torch.equal(ours, official)
+    assert torch.equal(official_starting_noise(7, shape, device, dtype), official)
 
 
 def test_generate_draws_the_chosen_noise(tmp_path):
@@ -123,6 +125,6 @@ def test_official_noise_on_a_device_without_generators_fails_before_the_models_l
     monkeypatch.setattr(generate, "resolve_device", lambda device: torch.device("meta"))
     monkeypatch.setattr(generate.KosmosGPipeline, "from_checkpoint", lambda *a, **k: pytest.fail("loaded a model"))
     models = Path(__file__).resolve().parents[1] / "models" / "nano"
-    with pytest.raises(DeviceError, match="no random generator on 'meta'.*use noise 'per-image'"):
+    with pytest.raises(DeviceError, match="no random generator on 'meta'.*generate: noise 'per-image'"):
         generate_images(models / "kosmosg-nano.safetensors", models / "nano-sd15.safetensors", "a dog",
                         out_dir=tmp_path, noise="official")

@@ -33,7 +33,8 @@ WORKFLOW = REPO / "workflows" / "kosmosg-two-subjects.json"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]
 NODE_IDS = ["KosmosGConvertCheckpoint", "KosmosGEncode", "KosmosGInterleavedPrompt", "KosmosGLoadConditioning",
-            "KosmosGLoader", "KosmosGOfficialSampler", "KosmosGSaveConditioning"]
+            "KosmosGLoader", "KosmosGOfficialNoise", "KosmosGOfficialSampler",
+            "KosmosGSaveConditioning"]
 # the shipped workflow names real models; the session server has tiny ones (tests/integration/conftest.py)
 SUBSTITUTIONS = {"ckpt_name": comfy_tiny_models.UNET_NAME, "checkpoint": TINY_KOSMOSG_PT, "steps": 2,
                  "width": 64, "height": 64}
@@ -97,7 +98,8 @@ def test_nodes_appear_in_the_node_library(browser_report):
     assert browser_report["kosmosg_category_nodes"] == NODE_IDS
     results = " | ".join(browser_report["search_results"])
     for title in ("Kosmos-G Loader", "Kosmos-G Interleaved Prompt", "Kosmos-G Encode", "Kosmos-G Save Conditioning",
-                  "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint", "Kosmos-G Official Sampler"):
+                  "Kosmos-G Load Conditioning", "Kosmos-G Convert Checkpoint", "Kosmos-G Official Sampler",
+                  "Kosmos-G Official Noise"):
         assert title in results, (f"{title!r} not offered by the search box: {results!r} "
                                   f"(error: {browser_report.get('search_error')})")
     assert browser_report["added_from_search"] == ["KosmosGInterleavedPrompt"]

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 NODE_IDS = ["KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
-            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler"]
+            "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler",
+            "KosmosGOfficialNoise"]
 TEST_STEPS = 2
 TEST_SIZE = 64
 
@@ -89,6 +90,7 @@ def test_object_info_schema(comfy):
         "KosmosGConvertCheckpoint": ({"source": "COMBO", "output_name": "STRING", "dtype": "COMBO",
                                      "overwrite": "BOOLEAN"}, ["STRING"]),
         "KosmosGOfficialSampler": ({"model": "MODEL", "steps": "INT"}, ["SAMPLER", "SIGMAS"]),
+        "KosmosGOfficialNoise": ({"noise_seed": "INT", "dtype": "COMBO"}, ["NOISE"]),
     }
     for node_id, (inputs, outputs) in expected.items():
         node = info[node_id]
@@ -263,6 +265,12 @@ def test_official_sampler_drives_sampler_custom(comfy):
     advanced = comfy.run(graph)
     assert_success(comfy, advanced)
     assert (pixels(comfy.output_images(advanced)[0]) == official).all()
+    # Kosmos-G Official Noise in float32 on the CPU draws what RandomNoise draws there
+    graph["33"] = {"class_type": "KosmosGOfficialNoise", "inputs": {"noise_seed": 42, "dtype": "float32"}}
+    graph["23"]["inputs"]["filename_prefix"] = "kg-official-noise"
+    official_noise = comfy.run(graph)
+    assert_success(comfy, official_noise)
+    assert (pixels(comfy.output_images(official_noise)[0]) == official).all()
     ksampler = comfy.run(add_sampling(encode_graph(), seed=42, prefix="kg-official-ksampler"))
     assert_success(comfy, ksampler)
     assert (pixels(comfy.output_images(ksampler)[0]) != official).any()
