@@ -47,7 +47,8 @@ def official_noise_generator(seed: int, device) -> torch.Generator:
     """One generator on the sampling device, seeded like the official demo seeds the default one
     (torch.manual_seed(seed)): given to diffusers alone (not one per image), it draws every picture's noise
     [N, 4, H/8, W/8] in one call on that device in the sampling dtype, as the official code's randn_tensor does
-    without a generator (diffusers 0.21.4). Pictures then depend on N and on the device's random generator."""
+    without a generator (diffusers 0.21.4). A picture's noise then depends on the device's random generator, and may
+    depend on N (on a GPU whose threads do not cover the whole draw)."""
     try:
         return torch.Generator(device).manual_seed(seed)
     except Exception as e:  # a backend without generators of its own (DirectML...): each fails its own way

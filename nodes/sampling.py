@@ -10,6 +10,9 @@ The match holds for the whole sigmas, from an empty latent with noise added, as 
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import comfy.k_diffusion.sampling as k_sampling
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -21,6 +24,8 @@ from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BE
 from ..kosmosg_core.errors import GenerationSettingsError
 from ..kosmosg_core.sampling import official_noise_levels, official_starting_noise
 from .types import CATEGORY
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -101,15 +106,32 @@ NOISE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the demo'
 
 class OfficialNoise:
     """A ComfyUI NOISE (what SamplerCustomAdvanced reads: `seed`, `generate_noise(latent)`): the official demo's
-    draw of every picture's noise at once, on the sampling device in `dtype` (kosmosg_core.sampling)."""
+    draw of every picture's noise at once, on the sampling device in `dtype` (kosmosg_core.sampling). A latent that
+    names its pictures' places in a batch (`batch_index`, from Latent From Batch...) gets those rows of the draw."""
 
     def __init__(self, seed: int, dtype: torch.dtype):
         self.seed, self.dtype = seed, dtype
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
         latent = input_latent["samples"]  # [B, 4, H/8, W/8]
-        noise = official_starting_noise(self.seed, latent.shape, mm.get_torch_device(), self.dtype)
+        if getattr(latent, "is_nested", False):
+            raise GenerationSettingsError("Kosmos-G Official Noise draws noise for SD1.5 latents; this latent holds "
+                                          "several tensors (an audio / video model's): use RandomNoise.")
+        device = mm.get_torch_device()
+        if device.type != "cuda":
+            _warn_not_the_demos_device(str(device))
+        rows = input_latent.get("batch_index")
+        shape = latent.shape if rows is None else (max(rows) + 1, *latent.shape[1:])
+        noise = official_starting_noise(self.seed, shape, device, self.dtype)
+        if rows is not None:
+            noise = noise[list(rows)]
         return noise.to("cpu", torch.float32)  # where and how ComfyUI's own noise arrives; the values are the draw's
+
+
+@functools.cache  # once per device
+def _warn_not_the_demos_device(device: str) -> None:
+    logger.warning("Kosmos-G Official Noise draws on %s: the official demo drew on a CUDA GPU, whose generator gives "
+                   "other numbers, so this is not the demo's noise for the seed.", device)
 
 
 class KosmosGOfficialNoise(io.ComfyNode):
@@ -122,8 +144,10 @@ class KosmosGOfficialNoise(io.ComfyNode):
             description=(
                 "The official Kosmos-G demo's starting noise for a seed: one draw of every picture's noise on the "
                 "sampling device (the demo's: a CUDA GPU, float16), where RandomNoise draws on the CPU in float32. "
-                "With Kosmos-G Official Sampler and a CFGGuider (cfg 6) in SamplerCustomAdvanced, a seed then starts "
-                "where the demo's does, on the same kind of device."),
+                "Wire it into SamplerCustomAdvanced with a CFGGuider (cfg 6), Kosmos-G Official Sampler and an Empty "
+                "Latent Image of 512 x 512 (batch N = the demo's number of images; picture k = row k): on an NVIDIA "
+                "GPU that holds as many threads as the latent has numbers (nearly any for one picture), a seed then "
+                "starts where the demo's does."),
             search_aliases=["kosmos", "official noise", "seed"],
             inputs=[
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,

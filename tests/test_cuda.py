@@ -127,10 +127,11 @@ def test_device_pipeline_caches(device, pack):
         pipe.model.forward = original
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (4, 4, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_official_noise_on_the_device_is_the_official_demos_draw(device, dtype):
-    """`generate --noise official --device cuda`: the noise the official demo draws (torch.manual_seed, then
-    torch.randn on the GPU in float16)."""
+def test_official_noise_on_the_device_is_the_official_demos_draw(device, dtype, shape):
+    """`generate --noise official --device cuda` and Kosmos-G Official Noise: the noise the official demo draws
+    (torch.manual_seed, then torch.randn on the GPU in float16), also at the demo's own size (4 pictures, 512 px)."""
     from test_official_sampling import assert_official_noise
 
-    assert_official_noise(torch.device(device), dtype)
+    assert_official_noise(torch.device(device), dtype, shape)

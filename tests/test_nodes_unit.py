@@ -855,6 +855,30 @@ def test_official_noise_is_the_demos_draw_for_the_whole_batch(dtype):
         assert torch.equal(drawn, drawn.half().float())
 
 
+def test_official_noise_gives_a_latents_batch_rows_and_says_when_it_is_not_the_demos(caplog):
+    """A latent that names its rows (`batch_index`, e.g. Latent From Batch: picture 2 of the demo's batch) gets those
+    rows of the whole draw, as RandomNoise does for its draw; a latent of several tensors is refused by name; on a
+    device other than a CUDA GPU (here the CPU) the log says it is not the demo's noise."""
+    import logging
+
+    import comfy.nested_tensor
+    import comfy.sample
+
+    from kosmosg_pack.nodes import sampling
+
+    (noise,) = KosmosGOfficialNoise.execute(7, "float32").result
+    one = {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [2]}
+    sampling._warn_not_the_demos_device.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        drawn = noise.generate_noise(one)
+    assert torch.equal(drawn, noise.generate_noise({"samples": torch.zeros(3, 4, 8, 8)})[2:])
+    assert torch.equal(drawn, comfy.sample.prepare_noise(one["samples"], 7, [2]))
+    assert "draws on cpu: the official demo drew on a CUDA GPU" in caplog.text
+    nested = comfy.nested_tensor.NestedTensor([torch.zeros(1, 4, 8, 8), torch.zeros(1, 8, 4, 4)])
+    with pytest.raises(Exception, match="several tensors .*use RandomNoise"):
+        noise.generate_noise({"samples": nested})
+
+
 def test_official_sampler_reports_every_step_to_the_progress_bar():
     model = sd15_model()
     sampler, sigmas = KosmosGOfficialSampler.execute(model, 5).result  # 5 < 15: with the first-order last step

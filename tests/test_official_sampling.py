@@ -83,10 +83,10 @@ def test_official_noise_is_the_official_demos_draw(dtype):
     assert_official_noise(torch.device("cpu"), dtype)
 
 
-def assert_official_noise(device: torch.device, dtype: torch.dtype) -> None:
+def assert_official_noise(device: torch.device, dtype: torch.dtype, shape=(3, 4, 8, 8)) -> None:
+    """shape: three tiny pictures by default; the demo's is (4, 4, 64, 64) (four pictures at 512 px)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    shape = (3, 4, 8, 8)  # three pictures
     ours = randn_tensor(shape, generator=official_noise_generator(7, device), device=device, dtype=dtype)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):  # others' seeds
         torch.manual_seed(7)

@@ -271,6 +271,11 @@ def test_official_sampler_drives_sampler_custom(comfy):
     official_noise = comfy.run(graph)
     assert_success(comfy, official_noise)
     assert (pixels(comfy.output_images(official_noise)[0]) == official).all()
+    graph["33"]["inputs"]["dtype"] = "float16"  # the demo's (drawn on the CPU here: not the demo's numbers)
+    graph["23"]["inputs"]["filename_prefix"] = "kg-official-noise-fp16"
+    half = comfy.run(graph)
+    assert_success(comfy, half)
+    assert pixels(comfy.output_images(half)[0]).shape == (TEST_SIZE, TEST_SIZE, 3)
     ksampler = comfy.run(add_sampling(encode_graph(), seed=42, prefix="kg-official-ksampler"))
     assert_success(comfy, ksampler)
     assert (pixels(comfy.output_images(ksampler)[0]) != official).any()
