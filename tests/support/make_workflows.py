@@ -59,6 +59,11 @@ SPECS = {
     "SamplerCustom": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                        ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
                       [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "KosmosGOfficialNoise": ([], [("noise", "NOISE")]),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                  [("GUIDER", "GUIDER")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                               ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], [("IMAGE", "IMAGE")]),  # 0.30: passes its images through
     "ControlNetLoader": ([], [("CONTROL_NET", "CONTROL_NET")]),
@@ -92,6 +97,9 @@ SIZES = {
     "KSampler": (320, 280),
     "KosmosGOfficialSampler": (320, 110),
     "SamplerCustom": (320, 300),
+    "KosmosGOfficialNoise": (320, 140),
+    "CFGGuider": (320, 140),
+    "SamplerCustomAdvanced": (320, 180),
     "VAEDecode": (240, 60),
     "SaveImage": (380, 420),
     "ControlNetLoader": (320, 70),
@@ -159,21 +167,23 @@ def below(node: dict) -> int:
 
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
                   kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0,
-                  ksampler: tuple[str, str] | None = None, controlnet=False, lora=False, note_height=220) -> Workflow:
+                  ksampler: tuple[str, str] | None = None, demo_noise=False, batch=1, seed=42, controlnet=False,
+                  lora=False, note_height=220) -> Workflow:
     """Loader + prompt + encode -> (ControlNet) -> sampling -> save. Sampling: the official demo's sampler (Kosmos-G
-    Official Sampler into SamplerCustom; 50 steps, cfg 6), or KSampler with `ksampler` = (sampler, scheduler). The
-    flow runs left to right, a column each (the note above the first two): subject images (+ the ControlNet's edge
-    image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent (ControlNet loader) | (LoRA) |
-    (Apply ControlNet) | (Official Sampler above) SamplerCustom or KSampler | decode, save. A node's inputs come from
-    the columns to its left (Save Image's from VAE Decode above it, SamplerCustom's sampler and sigmas from the
-    Official Sampler above it); a long link may pass behind a node between (the SD checkpoint's VAE behind the LoRA
-    loader)."""
+    Official Sampler into SamplerCustom; 50 steps, cfg 6); with `demo_noise`, the demo's starting noise too (Kosmos-G
+    Official Noise and a CFGGuider into SamplerCustomAdvanced); or KSampler with `ksampler` = (sampler, scheduler).
+    The flow runs left to right, a column each (the note above the first two): subject images (+ the ControlNet's
+    edge image) | Kosmos-G Loader, prompt (edge detection) | SD checkpoint, encode, latent (ControlNet loader) |
+    (LoRA) | (Apply ControlNet) | (CFGGuider, Official Noise) | (Official Sampler above) SamplerCustom(Advanced) or
+    KSampler | decode, save. A node's inputs come from the columns to its left (Save Image's from VAE Decode above
+    it, the sampler's sampler and sigmas from the Official Sampler above it); a long link may pass behind a node
+    between (the SD checkpoint's VAE behind the LoRA loader)."""
     wf = Workflow(name)
     widest = {"images": "LoadImage", "prompt": "KosmosGInterleavedPrompt", "encode": "KosmosGEncode",
-              "lora": "LoraLoader", "controlnet": "ControlNetApplyAdvanced", "sampler": "KSampler",
-              "output": "SaveImage"}  # each column's widest node
+              "lora": "LoraLoader", "controlnet": "ControlNetApplyAdvanced", "guide": "CFGGuider",
+              "sampler": "KSampler", "output": "SaveImage"}  # each column's widest node
     columns = ["images", "prompt", "encode", *(["lora"] if lora else []), *(["controlnet"] if controlnet else []),
-               "sampler", "output"]
+               *(["guide"] if demo_noise else []), "sampler", "output"]
     x, left = 20, {}
     for column in columns:
         left[column] = x
@@ -188,12 +198,17 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         y = below(images[-1])
     prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (left["prompt"], below(loader)), images=len(subjects))
     encode = wf.add("KosmosGEncode", [NEGATIVE], (left["encode"], below(ckpt)))
-    latent = wf.add("EmptyLatentImage", [size, size, 1], (left["encode"], below(encode)))
+    latent = wf.add("EmptyLatentImage", [size, size, batch], (left["encode"], below(encode)))
     if ksampler is None:
         schedule = wf.add("KosmosGOfficialSampler", [steps], (left["sampler"], top))
-        sampler = wf.add("SamplerCustom", [True, 42, "fixed", cfg], (left["sampler"], below(schedule)))
+        if demo_noise:
+            guider = wf.add("CFGGuider", [cfg], (left["guide"], top))
+            noise = wf.add("KosmosGOfficialNoise", [seed, "fixed", "float16"], (left["guide"], below(guider)))
+            sampler = wf.add("SamplerCustomAdvanced", [], (left["sampler"], below(schedule)))
+        else:
+            sampler = wf.add("SamplerCustom", [True, seed, "fixed", cfg], (left["sampler"], below(schedule)))
     else:
-        sampler = wf.add("KSampler", [42, "fixed", steps, cfg, *ksampler, 1.0], (left["sampler"], encode["pos"][1]))
+        sampler = wf.add("KSampler", [seed, "fixed", steps, cfg, *ksampler, 1.0], (left["sampler"], encode["pos"][1]))
     decode = wf.add("VAEDecode", [], (left["output"], top))
     save = wf.add("SaveImage", ["kosmosg"], (left["output"], below(decode)))
     wf.link(loader, 0, encode, "model")
@@ -226,13 +241,17 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         wf.link(canny, 0, apply, "image")
         wf.link(ckpt, 2, apply, "vae")
         positive, negative = (apply, 0), (apply, 1)
-    wf.link(model_source, model_slot, sampler, "model")
+    conditioned = guider if demo_noise else sampler  # what takes the model and the conditionings
+    wf.link(model_source, model_slot, conditioned, "model")
     if ksampler is None:
         wf.link(model_source, model_slot, schedule, "model")
         wf.link(schedule, 0, sampler, "sampler")
         wf.link(schedule, 1, sampler, "sigmas")
-    wf.link(positive[0], positive[1], sampler, "positive")
-    wf.link(negative[0], negative[1], sampler, "negative")
+    wf.link(positive[0], positive[1], conditioned, "positive")
+    wf.link(negative[0], negative[1], conditioned, "negative")
+    if demo_noise:
+        wf.link(noise, 0, sampler, "noise")
+        wf.link(guider, 0, sampler, "guider")
     wf.link(latent, 0, sampler, "latent_image")
     wf.link(sampler, 0, decode, "samples")
     wf.link(ckpt, 2, decode, "vae")
@@ -243,9 +262,15 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
 MODELS_NOTE = (f"**Models**: an SD1.5 checkpoint in `models/checkpoints` (here `{SD15_CHECKPOINT}`), the Kosmos-G "
                f"checkpoint in `models/kosmosg` (here `{KOSMOSG_CHECKPOINT}`; convert the official "
                "`checkpoint_final.pt` with *Kosmos-G Convert Checkpoint*). Subject images go in `input/`. "
-               "Pick your own files in the loaders if the names differ.\n\n**Sampler** = the official demo's, step for "
-               "step: *Kosmos-G Official Sampler* (DPM-Solver, 50 steps) into *SamplerCustom* (CFG 6). A KSampler "
-               "with `dpmpp_2m` + `normal` works too, close to it.")
+               "Pick your own files in the loaders if the names differ.")
+SAMPLER_NOTE = ("\n\n**Sampler** = the official demo's, step for step: *Kosmos-G Official Sampler* (DPM-Solver, 50 "
+                "steps) into *SamplerCustom* (CFG 6). A KSampler with `dpmpp_2m` + `normal` works too, close to it.")
+DEMO_NOTE = (
+    "# Kosmos-G: the official demo, step for step\nThe official Gradio demo's settings: 512 px, 4 images, seed 0, "
+    "DPM-Solver with 50 steps (*Kosmos-G Official Sampler*), guidance 6 (*CFGGuider*), the unconditional negative, "
+    "and its starting noise (*Kosmos-G Official Noise*: float16, drawn on the GPU). On an NVIDIA GPU that holds "
+    "65,536 threads (nearly any for one image), a seed starts where the demo's does; picture k is batch row k. "
+    "Elsewhere the numbers differ (the log says so); the sampling is the demo's either way. ")
 
 
 _FIRST, _SECOND = nano_ootb.SUBJECTS
@@ -270,19 +295,19 @@ def all_workflows() -> dict[str, Workflow]:
     return {
         "kosmosg-single-subject": subject_graph(
             "kosmosg-single-subject", "a photo of <i> on the beach", [SUBJECT_1],
-            "# Kosmos-G: one subject\nWrite `<i>` where the image goes. " + MODELS_NOTE),
+            "# Kosmos-G: one subject\nWrite `<i>` where the image goes. " + MODELS_NOTE + SAMPLER_NOTE),
         "kosmosg-two-subjects": subject_graph(
             "kosmosg-two-subjects", "<i> and <i> sitting together in a garden", [SUBJECT_1, SUBJECT_2],
             "# Kosmos-G: two subjects\nThe first `<i>` is image0, the second image1 (a new socket appears "
-            "when you connect the last one). Optional per-image weights: e.g. `1.0, 0.8`. " + MODELS_NOTE),
+            "when you connect the last one). Optional per-image weights: e.g. `1.0, 0.8`. " + MODELS_NOTE + SAMPLER_NOTE),
         "kosmosg-image-editing": subject_graph(
             "kosmosg-image-editing", "<i> wearing a red hat, in the snow", [SUBJECT_1],
             "# Kosmos-G: editing by instruction\nDescribe the change around the image: `<i> wearing a red hat`. "
-            + MODELS_NOTE),
+            + MODELS_NOTE + SAMPLER_NOTE),
         "kosmosg-controlnet": subject_graph(
             "kosmosg-controlnet", "a photo of <i> in a forest", [SUBJECT_1],
             "# Kosmos-G + ControlNet\nKosmos-G conditioning goes through *Apply ControlNet* like CLIP text. "
-            f"Canny ControlNet for SD1.5 in `models/controlnet` (here `{CONTROLNET}`). " + MODELS_NOTE,
+            f"Canny ControlNet for SD1.5 in `models/controlnet` (here `{CONTROLNET}`). " + MODELS_NOTE + SAMPLER_NOTE,
             controlnet=True),
         "kosmosg-lora": subject_graph(
             "kosmosg-lora", "a photo of <i>, watercolor painting", [SUBJECT_1],
@@ -292,7 +317,10 @@ def all_workflows() -> dict[str, Workflow]:
             "Kosmos-G's 77 tokens, and the U-Net reads both, as it reads the chunks of a long prompt. Without trigger "
             "words, drop the two nodes: even an empty chunk changes the picture. With a batch of images on one socket, "
             "concatenation needs a batch of texts too: combine instead. SD1.5 LoRA in "
-            f"`models/loras` (here `{LORA}`). " + MODELS_NOTE, lora=True, note_height=280),
+            f"`models/loras` (here `{LORA}`). " + MODELS_NOTE + SAMPLER_NOTE, lora=True, note_height=280),
+        "kosmosg-official-demo": subject_graph(
+            "kosmosg-official-demo", "<i> and <i> sitting together in a garden", [SUBJECT_1, SUBJECT_2],
+            DEMO_NOTE + MODELS_NOTE, demo_noise=True, batch=4, seed=0, note_height=240),
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
