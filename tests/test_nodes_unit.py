@@ -702,17 +702,13 @@ def test_convert_from_a_subfolder_writes_beside_the_source(model_dirs):
 # --- official sampler ------------------------------------------------------------------------------
 def comfy_model(model_type_name: str = "EPS"):
     """What the sampler node reads of a MODEL: the model_sampling ComfyUI's own model_base builds for a checkpoint of
-    that ModelType (SD1.5: EPS, default settings), behind the ModelPatcher accessor."""
+    that ModelType (default: SD1.5's, EPS with default settings), behind the ModelPatcher accessor."""
     import types
 
     import comfy.model_base
 
     sampling = comfy.model_base.model_sampling(None, getattr(comfy.model_base.ModelType, model_type_name))
     return types.SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
-
-
-def sd15_model():
-    return comfy_model("EPS")
 
 
 class ComfyDenoiser:
@@ -751,7 +747,7 @@ def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
 
     with safe_open(str(REPO / "tests" / "reference" / "official_scheduler_outputs.safetensors"), "pt") as f:
         expected = f.get_tensor(f"dpm.{steps}")  # [1, 4, 8, 8], diffusers' latent: sqrt(alpha_bar) * ComfyUI's
-    model = sd15_model()
+    model = comfy_model()
     model_sampling = model.get_model_object("model_sampling")
     start, centres = start_and_centres()
 
@@ -880,7 +876,7 @@ def test_official_noise_gives_a_latents_batch_rows_and_says_when_it_is_not_the_d
 
 
 def test_official_sampler_reports_every_step_to_the_progress_bar():
-    model = sd15_model()
+    model = comfy_model()
     sampler, sigmas = KosmosGOfficialSampler.execute(model, 5).result  # 5 < 15: with the first-order last step
     denoiser = ComfyDenoiser(model.get_model_object("model_sampling"), lambda x, t: torch.tanh(x))
     seen = []
@@ -892,7 +888,7 @@ def test_official_sampler_reports_every_step_to_the_progress_bar():
 def test_official_sampler_needs_no_diffusers(monkeypatch):
     """The pack's nodes run in a ComfyUI without diffusers (requirements.txt leaves it out)."""
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails
-    sampler, sigmas = KosmosGOfficialSampler.execute(sd15_model(), 50).result
+    sampler, sigmas = KosmosGOfficialSampler.execute(comfy_model(), 50).result
     assert sigmas.shape == (51,)
 
 
