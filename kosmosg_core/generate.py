@@ -24,9 +24,9 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, N
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
+from .image_processing import split_images
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
-from .image_processing import split_images
 from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images, resolve_device, resolve_dtype
 from .prompt import check_negative_prompt, combine_image_weights
 from .sampling import official_noise_generator

@@ -101,7 +101,7 @@ class KosmosGOfficialSampler(io.ComfyNode):
         return io.NodeOutput(dpm_solver_ksampler(steps), official_noise_levels(model_noise_levels(model), steps))
 
 
-NOISE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # the demo's first
+NOISE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # the demo's first; the names the Loader uses
 
 
 class OfficialNoise:
@@ -153,11 +153,11 @@ class KosmosGOfficialNoise(io.ComfyNode):
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The demo's seed."),
                 io.Combo.Input("dtype", options=list(NOISE_DTYPES),
-                               tooltip="The precision the noise is drawn in (the demo: float16)."),
+                               tooltip="The precision the noise is drawn in (the demo: fp16)."),
             ],
             outputs=[io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced's noise input.")],
         )
 
     @classmethod
-    def execute(cls, noise_seed, dtype="float16") -> io.NodeOutput:
+    def execute(cls, noise_seed, dtype="fp16") -> io.NodeOutput:
         return io.NodeOutput(OfficialNoise(noise_seed, NOISE_DTYPES[dtype]))

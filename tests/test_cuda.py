@@ -130,8 +130,18 @@ def test_device_pipeline_caches(device, pack):
 @pytest.mark.parametrize("shape", [(3, 4, 8, 8), (4, 4, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_official_noise_on_the_device_is_the_official_demos_draw(device, dtype, shape):
-    """`generate --noise official --device cuda` and Kosmos-G Official Noise: the noise the official demo draws
-    (torch.manual_seed, then torch.randn on the GPU in float16), also at the demo's own size (4 pictures, 512 px)."""
-    from test_official_sampling import assert_official_noise
+    """Kosmos-G Official Noise's draw (`official_starting_noise`): the noise the official demo draws (torch.manual_seed,
+    then torch.randn on the GPU in float16), also at the demo's own size (4 pictures, 512 px). No diffusers."""
+    from test_official_sampling import assert_official_starting_noise
 
-    assert_official_noise(torch.device(device), dtype, shape)
+    assert_official_starting_noise(torch.device(device), dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_generate_draws_the_official_noise_on_the_device(device, dtype):
+    """`generate --noise official --device cuda`: diffusers given its generator draws the demo's noise (needs
+    diffusers, which scripts/device_checks.sh does not install: skipped there without it)."""
+    pytest.importorskip("diffusers")
+    from test_official_sampling import assert_generate_draws_the_official_noise
+
+    assert_generate_draws_the_official_noise(torch.device(device), dtype)

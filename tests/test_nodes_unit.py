@@ -830,25 +830,23 @@ def test_sampler_custom_draws_the_starting_noise_generate_draws():
     assert torch.equal(comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 7), per_image)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_official_noise_is_the_demos_draw_for_the_whole_batch(dtype):
-    """Kosmos-G Official Noise draws every picture's noise at once on the sampling device in the dtype asked
-    (kosmosg_core.sampling.official_starting_noise: the demo's call, tested there and on a GPU in test_cuda.py);
-    on the CPU in float32 that is also what RandomNoise draws."""
+@pytest.mark.parametrize("choice, dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
+def test_official_noise_node_draws_the_whole_batch_as_the_demo_calls_it(choice, dtype):
+    """Kosmos-G Official Noise: every picture's noise in one draw, what the demo's call gives (torch.manual_seed, then
+    torch.randn of the whole batch on the device in the dtype; here the CPU), handed on as ComfyUI's noise arrives
+    (float32 on the CPU); in float32 on the CPU that is also what RandomNoise draws."""
     import comfy.sample
 
-    from kosmosg_pack.kosmosg_core.sampling import official_starting_noise
-
-    (noise,) = KosmosGOfficialNoise.execute(7, dtype).result
+    (noise,) = KosmosGOfficialNoise.execute(7, choice).result
     latent = torch.zeros(3, 4, 8, 8)
     drawn = noise.generate_noise({"samples": latent})
     assert noise.seed == 7 and drawn.dtype == torch.float32 and drawn.device.type == "cpu"
-    expected = official_starting_noise(7, latent.shape, mm.get_torch_device(), getattr(torch, dtype))
-    assert torch.equal(drawn, expected.float().cpu())
-    if dtype == "float32":
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        demo = torch.randn(latent.shape, device=mm.get_torch_device(), dtype=dtype)
+    assert torch.equal(drawn, demo.float().cpu())
+    if dtype == torch.float32:
         assert torch.equal(drawn, comfy.sample.prepare_noise(latent, 7))
-    else:  # drawn in float16: every value is a float16 one
-        assert torch.equal(drawn, drawn.half().float())
 
 
 def test_official_noise_gives_a_latents_batch_rows_and_says_when_it_is_not_the_demos(caplog):
@@ -862,7 +860,7 @@ def test_official_noise_gives_a_latents_batch_rows_and_says_when_it_is_not_the_d
 
     from kosmosg_pack.nodes import sampling
 
-    (noise,) = KosmosGOfficialNoise.execute(7, "float32").result
+    (noise,) = KosmosGOfficialNoise.execute(7, "fp32").result
     one = {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [2]}
     sampling._warn_not_the_demos_device.cache_clear()
     with caplog.at_level(logging.WARNING):
@@ -885,11 +883,33 @@ def test_official_sampler_reports_every_step_to_the_progress_bar():
     assert seen == [(i, 5) for i in range(5)]
 
 
-def test_official_sampler_needs_no_diffusers(monkeypatch):
-    """The pack's nodes run in a ComfyUI without diffusers (requirements.txt leaves it out)."""
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails
-    sampler, sigmas = KosmosGOfficialSampler.execute(comfy_model(), 50).result
-    assert sigmas.shape == (51,)
+def test_the_pack_and_its_sampling_nodes_need_no_diffusers():
+    """The pack's nodes run in a ComfyUI without diffusers (requirements.txt leaves it out): in a fresh process where
+    `import diffusers` fails, the pack imports and both sampling nodes run, and nothing imported diffusers."""
+    import subprocess
+
+    script = f"""
+import sys, types
+sys.modules["diffusers"] = None  # `import diffusers` now fails
+sys.path[:0] = [{str(REPO / "tests")!r}]
+from support.comfy_modules import import_comfy
+import_comfy()
+import importlib.util
+spec = importlib.util.spec_from_file_location("kosmosg_pack", {str(REPO / "__init__.py")!r},
+                                              submodule_search_locations=[{str(REPO)!r}])
+pack = importlib.util.module_from_spec(spec); sys.modules["kosmosg_pack"] = pack; spec.loader.exec_module(pack)
+import comfy.model_base, torch
+from kosmosg_pack.nodes.sampling import KosmosGOfficialNoise, KosmosGOfficialSampler
+sampling = comfy.model_base.model_sampling(None, comfy.model_base.ModelType.EPS)
+_, sigmas = KosmosGOfficialSampler.execute(types.SimpleNamespace(get_model_object=lambda name: sampling), 50).result
+(noise,) = KosmosGOfficialNoise.execute(1, "fp16").result
+print(tuple(sigmas.shape), tuple(noise.generate_noise({{"samples": torch.zeros(1, 4, 8, 8)}}).shape),
+      sys.modules["diffusers"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "(51,) (1, 4, 8, 8) None"
 
 
 @pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION"])

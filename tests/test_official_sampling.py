@@ -78,21 +78,31 @@ def test_official_noise_levels_refuse_what_they_cannot_space(table, steps, messa
 def test_official_noise_is_the_official_demos_draw(dtype):
     """`--noise official`: diffusers given one generator draws what the official code drew with none after
     torch.manual_seed(seed) (diffusers 0.21.4's randn_tensor: torch.randn on the device, in the dtype), and so does
-    `official_starting_noise` (the ComfyUI node Kosmos-G Official Noise). The same check runs on a GPU in
+    `official_starting_noise` (the ComfyUI node Kosmos-G Official Noise). The same checks run on a GPU in
     tests/test_cuda.py."""
-    assert_official_noise(torch.device("cpu"), dtype)
+    assert_official_starting_noise(torch.device("cpu"), dtype)
+    assert_generate_draws_the_official_noise(torch.device("cpu"), dtype)
 
 
-def assert_official_noise(device: torch.device, dtype: torch.dtype, shape=(3, 4, 8, 8)) -> None:
-    """shape: three tiny pictures by default; the demo's is (4, 4, 64, 64) (four pictures at 512 px)."""
+def demos_draw(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The official demo's call for seed 7: torch.manual_seed, then one torch.randn of every picture's noise."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):  # others' seeds
+        torch.manual_seed(7)
+        return torch.randn(shape, generator=None, device=device, dtype=dtype)
+
+
+def assert_official_starting_noise(device: torch.device, dtype: torch.dtype, shape=(3, 4, 8, 8)) -> None:
+    """shape: three tiny pictures by default; the demo's is (4, 4, 64, 64) (four pictures at 512 px). No diffusers."""
+    drawn = official_starting_noise(7, shape, device, dtype)
+    assert drawn.dtype == dtype and torch.equal(drawn, demos_draw(device, dtype, shape))
+
+
+def assert_generate_draws_the_official_noise(device: torch.device, dtype: torch.dtype, shape=(3, 4, 8, 8)) -> None:
+    """What `generate --noise official` hands diffusers (one generator) draws the demo's noise."""
     from diffusers.utils.torch_utils import randn_tensor
 
     ours = randn_tensor(shape, generator=official_noise_generator(7, device), device=device, dtype=dtype)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):  # others' seeds
-        torch.manual_seed(7)
-        official = torch.randn(shape, generator=None, device=device, dtype=dtype)
-    assert ours.dtype == dtype and torch.equal(ours, official)
-    assert torch.equal(official_starting_noise(7, shape, device, dtype), official)
+    assert ours.dtype == dtype and torch.equal(ours, demos_draw(device, dtype, shape))
 
 
 def test_generate_draws_the_chosen_noise(tmp_path):

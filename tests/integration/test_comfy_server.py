@@ -271,12 +271,12 @@ def test_official_sampler_drives_sampler_custom(comfy):
     assert_success(comfy, advanced)
     assert (pixels(comfy.output_images(advanced)[0]) == official).all()
     # Kosmos-G Official Noise in float32 on the CPU draws what RandomNoise draws there
-    graph["33"] = {"class_type": "KosmosGOfficialNoise", "inputs": {"noise_seed": 42, "dtype": "float32"}}
+    graph["33"] = {"class_type": "KosmosGOfficialNoise", "inputs": {"noise_seed": 42, "dtype": "fp32"}}
     graph["23"]["inputs"]["filename_prefix"] = "kg-official-noise"
     official_noise = comfy.run(graph)
     assert_success(comfy, official_noise)
     assert (pixels(comfy.output_images(official_noise)[0]) == official).all()
-    graph["33"]["inputs"]["dtype"] = "float16"  # the demo's (drawn on the CPU here: not the demo's numbers)
+    graph["33"]["inputs"]["dtype"] = "fp16"  # the demo's (drawn on the CPU here: not the demo's numbers)
     graph["23"]["inputs"]["filename_prefix"] = "kg-official-noise-fp16"
     half = comfy.run(graph)
     assert_success(comfy, half)

@@ -167,8 +167,8 @@ def below(node: dict) -> int:
 
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
                   kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0,
-                  ksampler: tuple[str, str] | None = None, demo_noise=False, batch=1, seed=42, controlnet=False,
-                  lora=False, note_height=220) -> Workflow:
+                  ksampler: tuple[str, str] | None = None, demo_noise=False, batch=1, seed=42, kosmosg_dtype="auto",
+                  controlnet=False, lora=False, note_height=220) -> Workflow:
     """Loader + prompt + encode -> (ControlNet) -> sampling -> save. Sampling: the official demo's sampler (Kosmos-G
     Official Sampler into SamplerCustom; 50 steps, cfg 6); with `demo_noise`, the demo's starting noise too (Kosmos-G
     Official Noise and a CFGGuider into SamplerCustomAdvanced); or KSampler with `ksampler` = (sampler, scheduler).
@@ -191,7 +191,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     top = 20
     wf.add("MarkdownNote", [note], (left["images"], top - TITLE - GAP - note_height), size=(700, note_height))
     ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (left["encode"], top))
-    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, "auto", "auto"], (left["prompt"], top))
+    loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, kosmosg_dtype, "auto"], (left["prompt"], top))
     images, y = [], top
     for subject in subjects:
         images.append(wf.add("LoadImage", [subject, "image"], (left["images"], y)))
@@ -203,7 +203,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         schedule = wf.add("KosmosGOfficialSampler", [steps], (left["sampler"], top))
         if demo_noise:
             guider = wf.add("CFGGuider", [cfg], (left["guide"], top))
-            noise = wf.add("KosmosGOfficialNoise", [seed, "fixed", "float16"], (left["guide"], below(guider)))
+            noise = wf.add("KosmosGOfficialNoise", [seed, "fixed", "fp16"], (left["guide"], below(guider)))
             sampler = wf.add("SamplerCustomAdvanced", [], (left["sampler"], below(schedule)))
         else:
             sampler = wf.add("SamplerCustom", [True, seed, "fixed", cfg], (left["sampler"], below(schedule)))
@@ -266,11 +266,13 @@ MODELS_NOTE = (f"**Models**: an SD1.5 checkpoint in `models/checkpoints` (here `
 SAMPLER_NOTE = ("\n\n**Sampler** = the official demo's, step for step: *Kosmos-G Official Sampler* (DPM-Solver, 50 "
                 "steps) into *SamplerCustom* (CFG 6). A KSampler with `dpmpp_2m` + `normal` works too, close to it.")
 DEMO_NOTE = (
-    "# Kosmos-G: the official demo, step for step\nThe official Gradio demo's settings: 512 px, 4 images, seed 0, "
-    "DPM-Solver with 50 steps (*Kosmos-G Official Sampler*), guidance 6 (*CFGGuider*), the unconditional negative, "
-    "and its starting noise (*Kosmos-G Official Noise*: float16, drawn on the GPU). On an NVIDIA GPU that holds "
-    "65,536 threads (nearly any for one image), a seed starts where the demo's does; picture k is batch row k. "
-    "Elsewhere the numbers differ (the log says so); the sampling is the demo's either way. ")
+    "# Kosmos-G: the official demo, step for step\nThe official Gradio demo's settings: 512 px, 4 images, seed 0 "
+    "(its *Randomize seed* unticked), the model in fp16 (*Kosmos-G Loader*), DPM-Solver with 50 steps (*Kosmos-G "
+    "Official Sampler*), guidance 6 (*CFGGuider*), the unconditional negative, and its starting noise (*Kosmos-G "
+    "Official Noise*: fp16, drawn on the GPU); picture k is batch row k. On an NVIDIA GPU that holds as many threads "
+    "as the latent has numbers (65,536 for 4 images at 512 px; 16,384 for one, which nearly any GPU holds), a seed "
+    "starts where the demo's does; elsewhere the numbers differ (the log says so). The sampling is the demo's either "
+    "way. ")
 
 
 _FIRST, _SECOND = nano_ootb.SUBJECTS
@@ -320,7 +322,7 @@ def all_workflows() -> dict[str, Workflow]:
             f"`models/loras` (here `{LORA}`). " + MODELS_NOTE + SAMPLER_NOTE, lora=True, note_height=280),
         "kosmosg-official-demo": subject_graph(
             "kosmosg-official-demo", "<i> and <i> sitting together in a garden", [SUBJECT_1, SUBJECT_2],
-            DEMO_NOTE + MODELS_NOTE, demo_noise=True, batch=4, seed=0, note_height=240),
+            DEMO_NOTE + MODELS_NOTE, demo_noise=True, batch=4, seed=0, kosmosg_dtype="fp16", note_height=240),
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
