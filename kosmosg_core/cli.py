@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, NOISE_MODES,
-                     SCHEDULERS)
+from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DISK_CACHE_MAX_BYTES,
+                     DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
 from .errors import ImageError, KosmosGError, PromptError
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
@@ -77,6 +77,26 @@ def _image_weights(args) -> list[float]:
     return parse_image_weights(args.image_weights, len(args.image), "--image-weights", "in --image order")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _disk_cache(args):
+    """--cache-dir / --cache-max-gib -> a DiskCache, or None."""
+    if args.cache_dir is None:
+        return None
+    from .disk_cache import DiskCache
+    from .files import check_output_folder
+
+    return DiskCache(check_output_folder(args.cache_dir, "--cache-dir"), max_bytes=int(args.cache_max_gib * 2**30))
+
+
 def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors
@@ -84,6 +104,7 @@ def cmd_encode(args) -> None:
     from .prompt import combine_image_weights
 
     out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
+    cache = _disk_cache(args)
     images = _image_paths(args.image)
     if args.prompt == "" and args.image:
         raise PromptError(f"--prompt \"\" means the unconditional prompt, which takes no images, but {len(args.image)} "
@@ -94,9 +115,9 @@ def cmd_encode(args) -> None:
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel)
     if args.prompt == "":
-        cond = pipe.encode_unconditional()
+        cond = pipe.encode_unconditional(disk_cache=cache)
     else:
-        cond = pipe.encode(args.prompt, images, image_weights=weights)
+        cond = pipe.encode(args.prompt, images, image_weights=weights, disk_cache=cache)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
     save_safetensors({ENCODE_TENSOR_NAME: cond.float().cpu().contiguous()}, out,
                      metadata={"prompt": args.prompt, "images": json.dumps(args.image),
@@ -130,6 +151,7 @@ def cmd_generate(args) -> None:
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
         image_weights=_image_weights(args), noise=args.noise, record_settings=args.record_settings,
+        disk_cache=_disk_cache(args),
         show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
         print(f"wrote {p}")
@@ -152,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, type=_path, help="official checkpoint_final.pt or a converted .safetensors")
         p.add_argument("--tokenizer", default=None, type=_path, help=tokenizer_help)
 
+    def cache_args(p):
+        p.add_argument("--cache-dir", default=None, type=_path,
+                       help="keep encodings and image features in this folder and reuse them in later runs (keyed by the "
+                            "checkpoint file, dtype, device, prompt tokens, image pixels and weights; the ComfyUI "
+                            "nodes use user/__kosmosg_cache); default: no disk cache")
+        p.add_argument("--cache-max-gib", type=_positive_float, default=DISK_CACHE_MAX_BYTES / 2**30,
+                       help=f"size limit of --cache-dir in GiB, least recently used entries removed first "
+                            f"(default {DISK_CACHE_MAX_BYTES / 2**30:g})")
+
     def image_args(p):
         p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
         p.add_argument("--image-weights", default=None, metavar="W1,W2,...",
@@ -164,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help='text with one <i> per image (<i:0.8>: that image at weight 0.8); "" = the unconditional prompt')
     image_args(p)
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
+    cache_args(p)
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--cpu-kernel", default="auto", choices=CPU_KERNEL_CHOICES,
@@ -217,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "for the nano image model)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
+    cache_args(p)
     p.add_argument("--no-record", dest="record_settings", action="store_false",
                    help="write the PNGs without their record of the settings (prompt, image file names and pixel "
                         "hashes, seed, ...: the text chunk 'kosmosg'), e.g. before sharing them")

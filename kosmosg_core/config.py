@@ -60,6 +60,9 @@ NOISE_MODES = ("per-image", "official")
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 # The PNG text chunk in which `generate` records each picture's settings (JSON: prompt, images, seed, steps...)
 PNG_SETTINGS_KEY = "kosmosg"
+# The default size limit of a disk cache of encodings (`disk_cache.DiskCache`): an image's vision features are
+# 0.5 MiB in float32 at the official size, an encoding 0.23 MiB, so 1 GiB holds ~2000 images' features
+DISK_CACHE_MAX_BYTES = 2**30
 
 # Sanity limits for sizes read from a file's config (official sizes are far below): a damaged or hostile
 # config could otherwise ask for 100000 layers (minutes of model building before the tensor check) or a

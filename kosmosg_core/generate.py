@@ -195,7 +195,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
                     num_images: int = 1, height: int | None = None, width: int | None = None, dtype="float32", device="cpu",
                     sd_config_dir=None, show_progress: bool = False, noise: str = "per-image",
-                    image_weights=None, record_settings: bool = True) -> list[Path]:
+                    image_weights=None, record_settings: bool = True, disk_cache=None) -> list[Path]:
     """Encode the prompt with Kosmos-G, sample SD1.5, write PNGs `kosmosg_<seed>_<k>.png` -> their paths
     (`kosmosg_<seed>_<k>_<n>.png` where that name is taken: earlier results are never overwritten).
     sd_model: an SD1.5 file or folder (`load_sd15`), or None: the U-Net and VAE an official `checkpoint` stores.
@@ -204,7 +204,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     (`native_size`); show_progress: diffusers' progress bar over the sampling steps (on stderr).
     noise "per-image": image k starts from the noise of seed + k (`image_generators`), it is image 0 of a run with
     that seed; "official": the official demo's noise (`official_noise_generator`). record_settings: each PNG
-    carries `settings_record` as JSON in its text chunk PNG_SETTINGS_KEY (prompt, image file names...)."""
+    carries `settings_record` as JSON in its text chunk PNG_SETTINGS_KEY (prompt, image file names...).
+    disk_cache: a `DiskCache` the encodings are read from and kept in (the same prompt in a later run: no encode)."""
     check_generation_settings(steps, guidance_scale, seed, num_images, height, width, scheduler)
     if noise not in NOISE_MODES:
         raise GenerationSettingsError(f"noise {noise!r} is not known: use one of {', '.join(NOISE_MODES)}.")
@@ -222,8 +223,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     # before the models load: a device without a random generator of its own fails here, not minutes later
     generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
-    cond = encoder.encode(prompt, pictures, image_weights=image_weights)  # [1, 77, C]
-    uncond = encoder.encode_unconditional(negative_prompt)  # [1, 77, C]
+    cond = encoder.encode(prompt, pictures, image_weights=image_weights, disk_cache=disk_cache)  # [1, 77, C]
+    uncond = encoder.encode_unconditional(negative_prompt, disk_cache=disk_cache)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps, official_checkpoint=checkpoint)

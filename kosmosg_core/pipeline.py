@@ -17,6 +17,7 @@ import torch
 from .checkpoint import load_model
 from .config import DTYPE_NAMES
 from .cpu_linear import pack_for_cpu_encode, packs_by_default
+from .disk_cache import DiskCache, checkpoint_identity
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
@@ -132,21 +133,40 @@ def image_weight_list(prompt: str, images, image_weights=None) -> list[float]:
     return _normalise_batch(prompt, images, image_weights)[2][0]
 
 
+class _Once:
+    """Calls `function` (if any) the first time it is called itself: the `before_compute` hook."""
+
+    def __init__(self, function: Callable[[], None] | None):
+        self.function, self.done = function, function is None
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.function()
+
+
 class KosmosGPipeline:
     """Encoder pipeline around a loaded `KosmosG` model and its tokenizer.
 
     Vision features are cached by image content (preprocessed pixels), so a repeated subject image
     is encoded once; the cache holds at most `cache_size` images. Unconditional encodings (`<s>` or a
     negative prompt: the same for every positive prompt) are cached by text, at most `cache_size` too.
-    Both caches are keyed by the model's dtype and device; call `clear_cache` after changing its weights.
+    Both caches are keyed by the model's identity and dtype (without an identity: its dtype and current
+    device); call `clear_cache` after changing its weights.
+
+    model_identity: what made this model and where it computes (`from_checkpoint`: the file's path, size
+        and modification time, dtype and device), the key the caches use; needed for a `DiskCache`, which
+        keeps encodings across restarts. Give one that changes whenever the weights or the compute device do.
     """
 
-    def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64):
+    def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64,
+                 model_identity: str | None = None):
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be a whole number >= 0 (0 = no caching), got {cache_size!r}.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache_size = cache_size
+        self.model_identity = model_identity
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._unconditional_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -168,7 +188,10 @@ class KosmosGPipeline:
             pack_cpu_linears = packs_by_default(device, dtype)
         if pack_cpu_linears:
             pack_for_cpu_encode(model, kernel=cpu_kernel)
-        return cls(model, tokenizer, cache_size=cache_size)
+        identity = f"{checkpoint_identity(path)}|{dtype}|{device}"
+        if tokenizer_dir is not None:  # the ids are in the keys; the tokenizer's files make the same ids
+            identity += f"|{Path(tokenizer_dir).resolve()}"
+        return cls(model, tokenizer, cache_size=cache_size, model_identity=identity)
 
     # --- properties ----------------------------------------------------------------------------
     @property
@@ -196,23 +219,60 @@ class KosmosGPipeline:
         return ids
 
     # --- encoding ------------------------------------------------------------------------------
-    def _cache_key(self, pixels: torch.Tensor) -> str:
-        digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
-        return f"{digest}:{self.dtype}:{self.device}"
+    def _model_key(self) -> str:
+        """The model as the caches key it: its identity and dtype, else its dtype and current device."""
+        return f"{self.model_identity}|{self.dtype}" if self.model_identity else f"{self.dtype}|{self.device}"
+
+    def _disk_key(self, disk_cache: DiskCache, kind: str, *content) -> str:
+        if self.model_identity is None:
+            raise ValueError("A disk cache needs the pipeline's model_identity (what made the model and where it "
+                             "computes): load with KosmosGPipeline.from_checkpoint, or give model_identity.")
+        return disk_cache.key(kind, self._model_key(), *content)
+
+    def _cached_tensor(self, disk_cache: DiskCache, key: str, shape: tuple) -> torch.Tensor | None:
+        """A disk-cached tensor when it has the shape and dtype this model computes, else None (recompute)."""
+        tensor = disk_cache.get(key)
+        if tensor is None or tuple(tensor.shape) != tuple(shape) or tensor.dtype != self.dtype:
+            return None
+        return tensor
+
+    def _pixels_and_digests(self, images: Sequence) -> tuple[torch.Tensor, list[str]]:
+        """Images -> the model's input pixels [N, 3, S, S] and each one's SHA-256 (the caches' content key)."""
+        pixels = preprocess_images(list(images), self.model.cfg.vision.image_size)
+        return pixels, [hashlib.sha256(pixel.numpy().tobytes()).hexdigest() for pixel in pixels]
 
     @torch.inference_mode()
-    def image_embeddings(self, images: Sequence, progress: Callable[[], None] | None = None) -> torch.Tensor:
-        """Images (anything `to_pil_images` reads) -> connector outputs [N, Q, D], content-cached."""
+    def image_embeddings(self, images: Sequence, progress: Callable[[], None] | None = None,
+                         disk_cache: DiskCache | None = None,
+                         before_compute: Callable[[], None] | None = None) -> torch.Tensor:
+        """Images (anything `to_pil_images` reads) -> connector outputs [N, Q, D], content-cached (in memory;
+        on disk too with a `disk_cache`). before_compute: called once before the vision tower runs, not at
+        all when every image is cached (ComfyUI loads the model onto the GPU there)."""
         if not images:
             cfg = self.model.cfg
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
-        pixels = preprocess_images(list(images), self.model.cfg.vision.image_size)  # [N, 3, S, S]
-        keys = [self._cache_key(pixel) for pixel in pixels]
+        pixels, digests = self._pixels_and_digests(images)
+        return self._image_embeddings(pixels, digests, progress, disk_cache, _Once(before_compute))
+
+    def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], progress, disk_cache: DiskCache | None,
+                          before_compute: _Once) -> torch.Tensor:
+        cfg = self.model.cfg
+        keys = [f"{digest}|{self._model_key()}" for digest in digests]
         first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
+        disk_keys: dict[str, str] = {}
         for i, key in enumerate(keys):
-            if key not in self._image_cache and key not in first_index:
-                first_index[key] = i
+            if key in self._image_cache or key in first_index:
+                continue
+            if disk_cache is not None:
+                disk_keys[key] = self._disk_key(disk_cache, "vision", digests[i])
+                cached = self._cached_tensor(disk_cache, disk_keys[key], (cfg.image_token_slots, cfg.decoder.width))
+                if cached is not None:
+                    self._image_cache[key] = cached
+                    continue
+            first_index[key] = i
         new = list(first_index.items())
+        if new:
+            before_compute()
         for start in range(0, len(new), VISION_CHUNK):
             chunk = new[start:start + VISION_CHUNK]
             batch = pixels[[i for _, i in chunk]].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
@@ -220,6 +280,8 @@ class KosmosGPipeline:
             # its own storage: a view would keep the whole chunk's output alive for as long as it is cached
             for (key, _), embeds in zip(chunk, self.model.encode_images(batch).cpu()):  # [Q, D] each
                 self._image_cache[key] = embeds.clone()
+                if disk_cache is not None:
+                    disk_cache.put(disk_keys[key], self._image_cache[key])
             if progress is not None:
                 for _ in chunk:
                     progress()
@@ -239,6 +301,8 @@ class KosmosGPipeline:
         """Token ids (+ image embeddings [N, Q, D] for all prompts, in order) -> [B, 77, C]."""
         input_ids, image_mask = pad_batch(prompt_ids)
         input_ids, image_mask = input_ids.to(self.device), image_mask.to(self.device)
+        if image_embeds is not None:  # read from a cache while the model was elsewhere (ComfyUI: offloaded)
+            image_embeds = image_embeds.to(self.device)
         cond = self.model(input_ids, image_mask, image_embeds=image_embeds)  # [B, 77, C]
         if not torch.isfinite(cond).all():  # NaN conditioning would give black images, silently
             fix = ("float16 overflowed: load the model in bfloat16 or float32 (ComfyUI: the Kosmos-G Loader's dtype)"
@@ -247,8 +311,8 @@ class KosmosGPipeline:
             raise NonFiniteEncodingError(f"The Kosmos-G encoding came out inf/NaN in {str(cond.dtype).split('.')[-1]}; {fix}.")
         return cond
 
-    def encode(self, prompts, images=None, image_weights=None,
-               progress: Callable[[], None] | None = None) -> torch.Tensor:
+    def encode(self, prompts, images=None, image_weights=None, progress: Callable[[], None] | None = None,
+               disk_cache: DiskCache | None = None, before_compute: Callable[[], None] | None = None) -> torch.Tensor:
         """Interleaved prompt(s) + images -> conditioning [B, 77, C] (model dtype, model device).
 
         prompts: a string, or a list of B strings with `<i>` where each image goes.
@@ -260,39 +324,73 @@ class KosmosGPipeline:
             one at a time (right padding; the MLLM is causal and the aligner masks pads).
         progress: called once per image (when its features are ready) and once per encoded prompt (for
             progress bars; it may raise to interrupt). Prompts are encoded PROMPT_CHUNK at a time, so
-            memory stays bounded and progress runs during the work, whatever the batch size."""
+            memory stays bounded and progress runs during the work, whatever the batch size.
+        disk_cache: also keep (and look up) the encodings and image features there (`DiskCache`): a chunk of
+            prompts encoded before, even by an earlier process, is read back bit for bit without the model.
+        before_compute: called once before the model first runs, not at all when everything is cached."""
         prompts, images, image_weights = _normalise_batch(prompts, images, image_weights)
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
         image_weights = [combine_image_weights(prompt, weights) for prompt, weights in zip(prompts, image_weights)]
+        before_compute = _Once(before_compute)
         conds = []
         for start in range(0, len(prompt_ids), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)
             flat_images = [img for group in images[chunk] for img in group]
-            flat_weights = torch.tensor([w for group in image_weights[chunk] for w in group], dtype=torch.float32)
+            flat_weights = [w for group in image_weights[chunk] for w in group]
+            pixels, digests = self._pixels_and_digests(flat_images) if flat_images else (None, [])
+            disk_key = None
+            if disk_cache is not None:  # the chunk is the unit: a batch's numbers differ from one prompt's in the last bits
+                disk_key = self._disk_key(disk_cache, "encoding", [ids.ids for ids in prompt_ids[chunk]],
+                                          [ids.image_mask for ids in prompt_ids[chunk]], digests, flat_weights)
+                cond = self._cached_tensor(disk_cache, disk_key,
+                                           (len(prompt_ids[chunk]), self.model.cfg.aligner.num_queries, self.context_dim))
+                if cond is not None:
+                    conds.append(cond.to(self.device))
+                    if progress is not None:
+                        for _ in range(len(flat_images) + len(prompt_ids[chunk])):
+                            progress()
+                    continue
             image_embeds = None
             if flat_images:
-                image_embeds = self.image_embeddings(flat_images, progress)  # [N, Q, D]
-                if not torch.all(flat_weights == 1.0):
-                    image_embeds = image_embeds * flat_weights.to(image_embeds)[:, None, None]
+                image_embeds = self._image_embeddings(pixels, digests, progress, disk_cache, before_compute)  # [N, Q, D]
+                weights = torch.tensor(flat_weights, dtype=torch.float32)
+                if not torch.all(weights == 1.0):
+                    image_embeds = image_embeds * weights.to(image_embeds)[:, None, None]
+            before_compute()
             conds.append(self.encode_ids(prompt_ids[chunk], image_embeds))
+            if disk_key is not None:
+                disk_cache.put(disk_key, conds[-1])
             if progress is not None:
                 for _ in prompt_ids[chunk]:
                     progress()
         return torch.cat(conds)
 
-    def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1) -> torch.Tensor:
+    def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1,
+                             disk_cache: DiskCache | None = None,
+                             before_compute: Callable[[], None] | None = None) -> torch.Tensor:
         """The official classifier-free-guidance condition: MLLM + aligner on `<s>` (or `<s>` + negative
-        prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text."""
+        prompt, official `encode_condition`) -> [batch_size, 77, C]. Cached: computed once per text (and kept
+        in `disk_cache` if given); before_compute: called before the model runs, not when it is cached."""
         negative_prompt = "" if negative_prompt is None else negative_prompt
         check_text(negative_prompt, "negative prompt")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-        key = (negative_prompt, self.dtype, self.device)
+        key = (negative_prompt, self._model_key())
         cond = self._unconditional_cache.get(key)
         if cond is None:
             ids = build_unconditional_ids(self.tokenizer, negative_prompt)
             check_prompt_length(ids, self.max_tokens, what="negative prompt")
-            cond = self.encode_ids([ids], None)  # [1, 77, C]
+            disk_key = None
+            if disk_cache is not None:
+                disk_key = self._disk_key(disk_cache, "unconditional", ids.ids, ids.image_mask)
+                cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
+            if cond is not None:
+                cond = cond.to(self.device)
+            else:
+                _Once(before_compute)()
+                cond = self.encode_ids([ids], None)  # [1, 77, C]
+                if disk_key is not None:
+                    disk_cache.put(disk_key, cond)
         self._unconditional_cache[key] = cond
         self._unconditional_cache.move_to_end(key)
         while len(self._unconditional_cache) > self.cache_size:

@@ -20,8 +20,11 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..kosmosg_core.config import DISK_CACHE_MAX_BYTES
+from ..kosmosg_core.disk_cache import DiskCache
 from ..kosmosg_core.errors import PromptError
 from ..kosmosg_core.prompt import check_negative_prompt, combine_image_weights
+from . import paths
 from .model_management import KosmosGModel
 from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
@@ -30,6 +33,17 @@ logger = logging.getLogger(__name__)
 MAX_CACHED_ENCODINGS = 16
 MAX_CACHED_BYTES = 256 * 2**20  # and at most this much tensor data (big batches are 100s of MB each)
 _ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
+_DISK_CACHES: dict[str, DiskCache] = {}  # folder -> its cache (one per folder: it warns once when unwritable)
+
+
+def shared_disk_cache() -> DiskCache:
+    """The pack's disk cache of encodings (`paths.disk_cache_folder`), at most DISK_CACHE_MAX_BYTES."""
+    folder = paths.disk_cache_folder()
+    if folder not in _DISK_CACHES:
+        logger.info("Kosmos-G Encode keeps encodings and image features in %s (at most %d MiB, the least recently "
+                    "used go first; the node's disk_cache input turns it off)", folder, DISK_CACHE_MAX_BYTES >> 20)
+        _DISK_CACHES[folder] = DiskCache(folder)
+    return _DISK_CACHES[folder]
 
 
 def _cached_bytes() -> int:
@@ -43,8 +57,10 @@ def to_conditioning(context: torch.Tensor, metadata: dict) -> list:
     return [[context, {"pooled_output": context.mean(dim=1), "kosmosg": dict(metadata)}]]
 
 
-def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str) -> tuple[list, list]:
-    """Run the pipeline under the memory manager with a progress bar; interruptible between steps."""
+def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str,
+                  cache: DiskCache | None = None) -> tuple[list, list]:
+    """Run the pipeline under the memory manager with a progress bar; interruptible between steps. The model
+    goes to its load device only when something is computed: not when `cache` (a DiskCache) holds it all."""
     batch = prompt.batch_size
     num_images = len(prompt.images)
     pbar = comfy.utils.ProgressBar(batch * num_images + batch + 1)  # each image, each positive prompt, the negative
@@ -54,16 +70,17 @@ def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str
         pbar.update(1)
 
     mm.throw_exception_if_processing_interrupted()
-    model.load_for_encoding()
     pipeline = model.pipeline
     texts = [prompt.text] * batch
     images = [prompt.images_for_sample(b) for b in range(batch)]
     weights = [list(prompt.weights) for _ in range(batch)]
     with torch.inference_mode():
-        positive = pipeline.encode(texts, images, image_weights=weights, progress=step)  # [B, 77, C]
+        positive = pipeline.encode(texts, images, image_weights=weights, progress=step, disk_cache=cache,
+                                   before_compute=model.load_for_encoding)  # [B, 77, C]
         mm.throw_exception_if_processing_interrupted()
         try:
-            negative = pipeline.encode_unconditional(negative_text, batch_size=batch)  # [B, 77, C]
+            negative = pipeline.encode_unconditional(negative_text, batch_size=batch, disk_cache=cache,
+                                                     before_compute=model.load_for_encoding)  # [B, 77, C]
         except PromptError as error:  # e.g. too long: say which of the node's texts it is
             raise PromptError(f"negative_text: {error}") from error
         step()
@@ -85,7 +102,8 @@ class KosmosGEncode(io.ComfyNode):
                 "Encodes an interleaved prompt into SD1.5 conditioning ([B, 77, 768], like CLIP Text Encode), so it "
                 "works with KSampler, ControlNet, LoRA-patched models and the Conditioning nodes. The negative output "
                 "is Kosmos-G's own unconditional encoding (use it as KSampler's negative). pooled_output is the mean "
-                "of the 77 vectors (unused by SD1.5). Results are cached while the inputs are unchanged."),
+                "of the 77 vectors (unused by SD1.5). Results are cached while the inputs are unchanged, and on disk "
+                "across restarts (disk_cache)."),
             search_aliases=["kosmos", "subject", "conditioning"],
             inputs=[
                 KosmosGModelType.Input("model", tooltip="Kosmos-G model from Kosmos-G Loader."),
@@ -93,6 +111,11 @@ class KosmosGEncode(io.ComfyNode):
                 io.String.Input("negative_text", multiline=True, default="", optional=True,
                                 tooltip="Optional text for the negative conditioning (no <i>). Empty = the official "
                                         "unconditional encoding."),
+                io.Boolean.Input("disk_cache", default=True, optional=True,
+                                 tooltip="Keep encodings and image features on disk (__kosmosg_cache in ComfyUI's user folder, "
+                                         f"at most {DISK_CACHE_MAX_BYTES >> 30} GiB, least recently used dropped "
+                                         "first), so the same prompt and images are not encoded again after a "
+                                         "restart. Keyed by the checkpoint file, dtype and device."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",
@@ -112,7 +135,7 @@ class KosmosGEncode(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, prompt, negative_text="") -> io.NodeOutput:
+    def execute(cls, model, prompt, negative_text="", disk_cache=True) -> io.NodeOutput:
         negative_text = negative_text or ""
         # ComfyUI already caches this node's output while its inputs are unchanged; this content-keyed
         # cache also covers re-executed upstream nodes that produce the same pixels.
@@ -121,7 +144,8 @@ class KosmosGEncode(io.ComfyNode):
             _ENCODE_CACHE.move_to_end(key)
             positive, negative = _ENCODE_CACHE[key]
         else:
-            positive, negative = encode_prompt(model, prompt, negative_text)
+            positive, negative = encode_prompt(model, prompt, negative_text,
+                                               shared_disk_cache() if disk_cache else None)
             _ENCODE_CACHE[key] = (positive, negative)
             while len(_ENCODE_CACHE) > MAX_CACHED_ENCODINGS or (len(_ENCODE_CACHE) > 1 and _cached_bytes() > MAX_CACHED_BYTES):
                 _ENCODE_CACHE.popitem(last=False)

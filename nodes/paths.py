@@ -1,4 +1,5 @@
-"""Model folders: `models/kosmosg` for checkpoints, `models/kosmosg_conditioning` for saved conditionings.
+"""Model folders: `models/kosmosg` for checkpoints, `models/kosmosg_conditioning` for saved conditionings;
+the disk cache of encodings in ComfyUI's user folder.
 
 Registered the way IPAdapter_plus registers `models/ipadapter`: a folder already created by the
 user's `extra_model_paths.yaml` keeps its paths, only the extension filter is set.
@@ -19,6 +20,7 @@ CONDITIONING_FOLDER = "kosmosg_conditioning"
 CHECKPOINT_EXTENSIONS = {".pt", ".safetensors"}
 OFFICIAL_EXTENSIONS = {".pt"}
 CONDITIONING_EXTENSIONS = {".safetensors"}
+DISK_CACHE_NAME = "kosmosg_cache"
 
 
 def register_folder(name: str, extensions: set[str]) -> None:
@@ -99,3 +101,12 @@ def file_fingerprint(path: str | None) -> str:
         return "missing"
     stat = os.stat(path)
     return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def disk_cache_folder() -> str:
+    """Where Kosmos-G Encode keeps encodings across restarts: ComfyUI's internal user folder `user/__kosmosg_cache`
+    (never served over HTTP: it holds encodings of users' prompts and images)."""
+    if hasattr(folder_paths, "get_system_user_directory"):
+        return folder_paths.get_system_user_directory(DISK_CACHE_NAME)
+    # an older ComfyUI, without system user folders: the same place, by the same rule
+    return os.path.join(folder_paths.get_user_directory(), "__" + DISK_CACHE_NAME)

@@ -125,6 +125,44 @@ def test_encode_image_weights_scale_each_image(pack, images, tmp_path):
         assert f.metadata()["prompt"] == "a photo of <i:0.5> wearing <i>"
 
 
+def test_encode_cache_dir_is_read_by_later_runs(pack, images, tmp_path):
+    """--cache-dir keeps the encoding, and a later run reads it instead of encoding: an entry replaced by zeros
+    comes back as zeros (the unconditional prompt too)."""
+    from kosmosg_core.disk_cache import DiskCache
+
+    cache_dir, first, second = tmp_path / "cache", tmp_path / "1.safetensors", tmp_path / "2.safetensors"
+    args = ["encode", "--checkpoint", pack[0], "--prompt", "a photo of <i>", "--image", images[0], "--cache-dir", cache_dir]
+    run_cli(*args, "--out", first)
+    cache = DiskCache(cache_dir)
+    entries = {tuple(load_file(str(path))["value"].shape): path for path, _ in cache.entries()}
+    assert set(entries) == {(1, 77, 768), (4, 64)}  # the encoding and the image's features (tiny model: 4 x 64)
+    zeros = torch.zeros(1, 77, 768)
+    from kosmosg_core.files import save_safetensors
+    save_safetensors({"value": zeros}, entries[(1, 77, 768)])
+    run_cli(*args, "--out", second)
+    assert torch.equal(load_file(str(second))["cond"], zeros)
+    assert not torch.equal(load_file(str(first))["cond"], zeros)
+    # the unconditional prompt, and the size limit: 0.0001 GiB holds one 236 kB entry at most
+    run_cli("encode", "--checkpoint", pack[0], "--prompt", "", "--cache-dir", cache_dir, "--cache-max-gib", "0.0001",
+            "--out", tmp_path / "u.safetensors")
+    assert cache.size_bytes() <= 0.0001 * 2**30 and len(cache.entries()) == 0  # the entry alone is over the limit
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        result = run_cli(*args, "--out", second, "--cache-max-gib", bad, check=False)
+        assert result.returncode == 2 and "--cache-max-gib" in result.stderr and "not a positive number" in result.stderr
+
+
+def test_generate_passes_its_disk_cache(monkeypatch, tmp_path):
+    from kosmosg_core import cli, generate
+
+    asked = []
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: asked.append(kwargs["disk_cache"]) or [])
+    base = ["generate", "--checkpoint", "k", "--sd-model", "s", "--prompt", "x"]
+    for extra in ([], ["--cache-dir", str(tmp_path / "c"), "--cache-max-gib", "2"]):
+        cli.cmd_generate(cli.build_parser().parse_args(base + extra))
+    assert asked[0] is None
+    assert asked[1].directory == tmp_path / "c" and asked[1].max_bytes == 2 * 2**30
+
+
 def test_encode_empty_prompt_is_unconditional(pack, tmp_path):
     out = tmp_path / "uncond.safetensors"
     run_cli("encode", "--checkpoint", pack[0], "--prompt", "", "--out", out, "--dtype", "bfloat16")

@@ -64,6 +64,14 @@ EXPECTED_NODES = {
 
 
 # --- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def user_directory(tmp_path, monkeypatch):
+    """ComfyUI's user folder in tmp: Kosmos-G Encode's disk cache lives there (never shared between tests)."""
+    folder = tmp_path / "comfy-user"
+    monkeypatch.setattr(folder_paths, "user_directory", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def official_files(tmp_path_factory):
     """A tiny official-format checkpoint (768-wide output), its tokenizer in data/ beside it and a
@@ -435,6 +443,52 @@ def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
     again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     assert calls == [] and torch.equal(again[0][0][0], first[0][0][0])
     assert again[0] is not first[0]  # fresh lists: downstream edits cannot corrupt the cache
+
+
+def _restart_comfy():
+    """What a ComfyUI restart forgets: loaded models, the node caches, the pipeline's in-memory caches."""
+    mm.unload_all_models()
+    model_management.clear_cache()
+    encode._ENCODE_CACHE.clear()
+
+
+def test_encode_disk_cache_survives_a_restart(model_dirs, converted, user_directory, monkeypatch):
+    """After a restart the same prompt and images come from the disk cache: the same conditioning, the model
+    never run nor moved to its load device, the progress bar complete."""
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    first = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
+    folder = user_directory / "__kosmosg_cache"
+    assert paths.disk_cache_folder() == str(folder) and len(list(folder.glob("*/*.safetensors"))) == 4  # 2 images,
+    del model  # the encoding and the negative
+    _restart_comfy()
+
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    loads, updates = [], []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    for part in ("encode_images", "forward"):
+        monkeypatch.setattr(model.pipeline.model, part, lambda *a, **k: pytest.fail("the model ran"))
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert loads == [] and updates[-1] == (4, 4)
+    for got, expected in zip(again, first):
+        assert torch.equal(got[0][0], expected[0][0]) and got[0][1]["kosmosg"] == expected[0][1]["kosmosg"]
+
+
+def test_encode_without_disk_cache_writes_nothing_and_recomputes(model_dirs, converted, user_directory, monkeypatch):
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    first = KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]), "", False).result[0][0][0]
+    assert not (user_directory / "__kosmosg_cache").exists()
+    KosmosGEncode.execute(model, run_prompt("a <i> again", [image(5)]), "", True)  # fills the cache
+    del model
+    _restart_comfy()
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    loads = []
+    monkeypatch.setattr(model, "load_for_encoding", lambda: loads.append(1))
+    again = KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]), "", False).result[0][0][0]
+    assert loads == [1, 1] and torch.equal(again, first)  # the positive and the negative computed, not read
 
 
 def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):

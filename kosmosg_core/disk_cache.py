@@ -1,0 +1,126 @@
+"""Encodings kept on disk, keyed by content, so they survive restarts.
+
+The pipeline's in-memory caches (vision features by image content, unconditional encodings by text) are
+lost when the process ends; a `DiskCache` given to `KosmosGPipeline.encode` / `encode_unconditional` keeps
+those and whole encodings in a folder, one small safetensors file per entry (never a pickle), written
+atomically. A key is the SHA-256 of everything that decides the value: the model (its file's identity,
+dtype and compute device: `checkpoint_identity` + the caller's), the token ids, the images' pixels, the
+image weights and `CACHE_FORMAT`. The folder holds at most `max_bytes`; the least recently used entries
+go first. The cache is an optimisation: a damaged entry is a miss (and removed), a failed write a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import DISK_CACHE_MAX_BYTES
+
+logger = logging.getLogger(__name__)
+
+# Part of every key: bump it when what the encoder computes for the same inputs changes (the package
+# version is in the key too), so no earlier code's result is ever returned.
+CACHE_FORMAT = 1
+ENTRY_SUFFIX = ".safetensors"
+TENSOR_NAME = "value"
+
+
+def checkpoint_identity(path) -> str:
+    """A checkpoint file as a cache key part: its real path, size and modification time (a replaced or
+    retrained file is another model; reading its gigabytes to hash them would cost more than an encode)."""
+    path = os.path.realpath(path)
+    stat = os.stat(path)
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+class DiskCache:
+    """Tensors by key in `directory` (`<hash[:2]>/<hash>.safetensors`), at most `max_bytes` of them."""
+
+    def __init__(self, directory, max_bytes: int = DISK_CACHE_MAX_BYTES):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a whole number >= 0, got {max_bytes!r}.")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._warned_write = False
+
+    @staticmethod
+    def key(*parts) -> str:
+        """Key parts (JSON-serialisable: strings, numbers, lists) -> the entry's key."""
+        text = json.dumps([CACHE_FORMAT, __version__, *parts], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / (key + ENTRY_SUFFIX)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The tensor stored under `key` (on the CPU), or None. Marks the entry as just used."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        try:
+            tensor = load_file(str(path))[TENSOR_NAME]
+            os.utime(path)  # recently used: evicted last
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, OSError, KeyError) as e:  # truncated, damaged or not ours: recompute it
+            logger.warning("Kosmos-G disk cache: ignoring and removing the damaged entry %s (%s)", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        return tensor
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Store `tensor` under `key`, then drop the least recently used entries beyond max_bytes.
+        A failed write (full disk, read-only folder) is logged once, not raised: nothing is lost."""
+        from .files import save_safetensors
+
+        if self.max_bytes == 0:
+            return
+        try:
+            save_safetensors({TENSOR_NAME: tensor.detach().to("cpu").contiguous()}, self._path(key))
+            self._evict()
+        except OSError as e:
+            if not self._warned_write:
+                self._warned_write = True
+                logger.warning("Kosmos-G disk cache: cannot write to %s (%s); encodings are not kept across "
+                               "restarts until it is writable.", self.directory, e)
+
+    def entries(self) -> list[tuple[Path, int]]:
+        """The entry files and their sizes, least recently used first."""
+        found = []
+        if not self.directory.is_dir():
+            return []
+        for sub in os.scandir(self.directory):
+            if not (sub.is_dir() and len(sub.name) == 2):
+                continue
+            for entry in os.scandir(sub.path):
+                if not entry.name.endswith(ENTRY_SUFFIX):
+                    continue
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:  # removed meanwhile (another process sharing the folder)
+                    continue
+                found.append((stat.st_mtime_ns, Path(entry.path), stat.st_size))
+        return [(path, size) for _, path, size in sorted(found)]
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size in self.entries())
+
+    def _evict(self) -> None:
+        entries = self.entries()
+        total = sum(size for _, size in entries)
+        for path, size in entries:
+            if total <= self.max_bytes:
+                break
+            total -= size
+            path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for path, _ in self.entries():
+            path.unlink(missing_ok=True)

@@ -1,0 +1,216 @@
+"""DiskCache (encodings kept across restarts) and the pipeline's use of it."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kosmosg_core.disk_cache import CACHE_FORMAT, DiskCache, checkpoint_identity
+from kosmosg_core.pipeline import KosmosGPipeline
+
+
+def image(seed, size=(40, 30)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def set_mtime(cache, key, seconds):
+    path = cache._path(key)
+    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+
+
+# --- DiskCache ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_put_get_round_trip_is_exact(tmp_path, dtype):
+    cache = DiskCache(tmp_path / "cache")
+    value = torch.randn(2, 77, 16).to(dtype)
+    key = cache.key("encoding", "model", [1, 2, 3])
+    assert cache.get(key) is None
+    cache.put(key, value)
+    again = DiskCache(tmp_path / "cache").get(key)  # another instance: what a restarted process sees
+    assert again.dtype == dtype and torch.equal(again, value)
+    assert cache.size_bytes() > value.numel() * value.element_size()
+
+
+def test_keys_differ_in_every_part():
+    keys = {DiskCache.key("encoding", "model", [1, 2]), DiskCache.key("vision", "model", [1, 2]),
+            DiskCache.key("encoding", "other", [1, 2]), DiskCache.key("encoding", "model", [1, 3]),
+            DiskCache.key("encoding", "model", [1, 2], [0.5])}
+    assert len(keys) == 5
+
+
+def test_the_format_is_part_of_the_key(monkeypatch):
+    from kosmosg_core import disk_cache
+
+    before = DiskCache.key("encoding", "model")
+    monkeypatch.setattr(disk_cache, "CACHE_FORMAT", CACHE_FORMAT + 1)
+    assert DiskCache.key("encoding", "model") != before
+
+
+def test_damaged_entry_is_a_miss_and_removed(tmp_path, caplog):
+    cache = DiskCache(tmp_path)
+    key = cache.key("x")
+    cache.put(key, torch.ones(100))
+    path = cache._path(key)
+    path.write_bytes(path.read_bytes()[:-50])  # truncated
+    with caplog.at_level(logging.WARNING):
+        assert cache.get(key) is None
+    assert "damaged entry" in caplog.text and not path.exists()
+
+
+def test_least_recently_used_entries_go_first(tmp_path):
+    value = torch.zeros(1000)  # 4000 bytes + header
+    cache = DiskCache(tmp_path, max_bytes=10**9)
+    keys = [cache.key(k) for k in range(3)]
+    for seconds, key in enumerate(keys):
+        cache.put(key, value)
+        set_mtime(cache, key, 1_000_000 + seconds)
+    entry = cache._path(keys[0]).stat().st_size
+    assert cache.get(keys[0]) is not None  # used now: the newest
+    cache.max_bytes = 3 * entry
+    cache.put(cache.key(3), value)  # 4 entries > 3: the least recently used (keys[1]) goes
+    assert cache.get(keys[1]) is None
+    assert all(cache.get(key) is not None for key in (keys[0], keys[2], cache.key(3)))
+    assert cache.size_bytes() <= cache.max_bytes
+
+
+def test_unwritable_folder_warns_once_and_raises_nothing(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cache = DiskCache(blocker / "cache")
+    with caplog.at_level(logging.WARNING):
+        cache.put(cache.key(1), torch.ones(3))
+        cache.put(cache.key(2), torch.ones(3))
+    assert caplog.text.count("cannot write") == 1
+    assert cache.get(cache.key(1)) is None and cache.entries() == []
+
+
+def test_zero_bytes_keeps_nothing_and_bad_sizes_are_refused(tmp_path):
+    cache = DiskCache(tmp_path / "c", max_bytes=0)
+    cache.put(cache.key(1), torch.ones(3))
+    assert cache.get(cache.key(1)) is None and not (tmp_path / "c").exists()
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="max_bytes"):
+            DiskCache(tmp_path, max_bytes=bad)
+
+
+def test_clear_removes_every_entry(tmp_path):
+    cache = DiskCache(tmp_path)
+    for k in range(3):
+        cache.put(cache.key(k), torch.ones(2))
+    cache.clear()
+    assert cache.entries() == [] and cache.get(cache.key(0)) is None
+
+
+def test_checkpoint_identity_changes_when_the_file_is_replaced(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 10)
+    first = checkpoint_identity(path)
+    assert checkpoint_identity(path) == first
+    os.utime(path, ns=(1, 1))
+    assert checkpoint_identity(path) != first
+
+
+# --- the pipeline with a disk cache ---------------------------------------------------------------
+class ModelRuns(AssertionError):
+    pass
+
+
+def forbid_model(pipe, monkeypatch, vision=True, decoder=True):
+    """Make the vision tower and / or the MLLM + aligner raise if run."""
+    def refuse(*args, **kwargs):
+        raise ModelRuns("the model ran")
+
+    if vision:
+        monkeypatch.setattr(pipe.model, "encode_images", refuse)
+    if decoder:
+        monkeypatch.setattr(pipe.model, "forward", refuse)
+
+
+@pytest.fixture
+def checkpoint(pack, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(pack[0], path)
+    return path
+
+
+PROMPT = "a photo of <i> wearing <i> on the beach"
+
+
+def test_a_restarted_pipeline_reads_encodings_back_without_the_model(checkpoint, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "cache")
+    first = KosmosGPipeline.from_checkpoint(checkpoint)
+    computes = []
+    cond = first.encode(PROMPT, [image(0), image(1)], image_weights=[1.0, 0.5], disk_cache=cache,
+                        before_compute=lambda: computes.append(1))
+    uncond = first.encode_unconditional("blurry", disk_cache=cache, before_compute=lambda: computes.append(1))
+    assert computes == [1, 1]  # once per call, before the model ran
+
+    restarted = KosmosGPipeline.from_checkpoint(checkpoint)
+    forbid_model(restarted, monkeypatch)
+    progress = []
+    again = restarted.encode(PROMPT, [image(0), image(1)], image_weights=[1.0, 0.5], disk_cache=cache,
+                             before_compute=lambda: computes.append(1), progress=lambda: progress.append(1))
+    assert torch.equal(again, cond) and len(progress) == 3  # two images and the prompt: the bar completes
+    assert torch.equal(restarted.encode_unconditional("blurry", disk_cache=cache, batch_size=2),
+                       uncond.expand(2, -1, -1))
+    assert computes == [1, 1]  # nothing computed, so the model was never asked for (ComfyUI: no GPU load)
+
+
+def test_cached_image_features_serve_a_new_prompt(checkpoint, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "cache")
+    KosmosGPipeline.from_checkpoint(checkpoint).encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    expected = KosmosGPipeline.from_checkpoint(checkpoint).encode("<i> and <i> in the snow", [image(1), image(0)])
+
+    restarted = KosmosGPipeline.from_checkpoint(checkpoint)
+    forbid_model(restarted, monkeypatch, decoder=False)  # the vision tower must not run; the new text must
+    got = restarted.encode("<i> and <i> in the snow", [image(1), image(0)], disk_cache=cache)
+    assert torch.equal(got, expected)
+
+
+def test_other_inputs_are_not_served_from_the_cache(checkpoint, tmp_path):
+    cache = DiskCache(tmp_path / "cache")
+    pipe = KosmosGPipeline.from_checkpoint(checkpoint)
+    pipe.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    pipe.encode_unconditional("", disk_cache=cache)
+    plain = KosmosGPipeline.from_checkpoint(checkpoint)
+    for args, kwargs in [((PROMPT, [image(0), image(1)]), {"image_weights": [1.0, 0.5]}),
+                         ((PROMPT, [image(0), image(2)]), {}),
+                         (("a photo of <i> wearing <i> on the moon", [image(0), image(1)]), {})]:
+        fresh = KosmosGPipeline.from_checkpoint(checkpoint)
+        assert torch.equal(fresh.encode(*args, disk_cache=cache, **kwargs), plain.encode(*args, **kwargs))
+    fresh = KosmosGPipeline.from_checkpoint(checkpoint)
+    assert torch.equal(fresh.encode_unconditional("ugly", disk_cache=cache), plain.encode_unconditional("ugly"))
+
+
+def test_a_replaced_checkpoint_is_another_model(checkpoint, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "cache")
+    KosmosGPipeline.from_checkpoint(checkpoint).encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    os.utime(checkpoint, ns=(10**9, 10**9))  # e.g. retrained and written again
+    replaced = KosmosGPipeline.from_checkpoint(checkpoint)
+    forbid_model(replaced, monkeypatch)
+    with pytest.raises(ModelRuns):
+        replaced.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    other_dtype = KosmosGPipeline.from_checkpoint(checkpoint, dtype="bfloat16")
+    assert other_dtype.model_identity != replaced.model_identity
+
+
+def test_a_damaged_entry_is_recomputed(checkpoint, tmp_path):
+    cache = DiskCache(tmp_path / "cache")
+    cond = KosmosGPipeline.from_checkpoint(checkpoint).encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    for path, _ in cache.entries():
+        path.write_bytes(b"garbage")
+    again = KosmosGPipeline.from_checkpoint(checkpoint).encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    assert torch.equal(again, cond)
+
+
+def test_a_pipeline_without_identity_refuses_a_disk_cache(pack, tmp_path):
+    loaded = KosmosGPipeline.from_checkpoint(pack[0])
+    pipe = KosmosGPipeline(loaded.model, loaded.tokenizer)
+    with pytest.raises(ValueError, match="model_identity"):
+        pipe.encode("a dog", disk_cache=DiskCache(tmp_path))
+    named = KosmosGPipeline(loaded.model, loaded.tokenizer, model_identity="my-model|cpu")
+    assert torch.equal(named.encode("a dog", disk_cache=DiskCache(tmp_path)), loaded.encode("a dog"))
