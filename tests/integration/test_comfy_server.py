@@ -83,7 +83,8 @@ def test_object_info_schema(comfy):
         "KosmosGLoader": ({"checkpoint": "COMBO", "dtype": "COMBO", "device": "COMBO"}, ["KOSMOSG_MODEL"]),
         "KosmosGInterleavedPrompt": ({"text": "STRING", "images": "COMFY_AUTOGROW_V3", "weights": "STRING"},
                                      ["KOSMOSG_PROMPT"]),
-        "KosmosGEncode": ({"model": "KOSMOSG_MODEL", "prompt": "KOSMOSG_PROMPT", "negative_text": "STRING"},
+        "KosmosGEncode": ({"model": "KOSMOSG_MODEL", "prompt": "KOSMOSG_PROMPT", "negative_text": "STRING",
+                           "disk_cache": "BOOLEAN"},
                           ["CONDITIONING", "CONDITIONING"]),
         "KosmosGSaveConditioning": ({"conditioning": "CONDITIONING", "filename_prefix": "STRING"}, ["STRING"]),
         "KosmosGLoadConditioning": ({"conditioning_file": "COMBO"}, ["CONDITIONING"]),
@@ -206,6 +207,19 @@ def test_same_seed_gives_same_image(comfy):
         runs.append(comfy.output_images(entry)[0])
     assert runs[0] == runs[2]
     assert (pixels(runs[0]) != pixels(runs[1])).any()
+
+
+def test_encode_keeps_its_disk_cache_in_the_internal_user_folder(comfy):
+    """The Encode node's disk cache (on when an API prompt leaves disk_cache out) lands in ComfyUI's user folder as
+    `__kosmosg_cache`, which the server's user-data endpoints never serve (it holds encodings of users' prompts)."""
+    entry = comfy.run(add_sampling(encode_graph(text="a cached <i>"), prefix="kg-disk"))
+    assert_success(comfy, entry)
+    folder = comfy.data / "user" / "__kosmosg_cache"
+    assert len(list(folder.glob("*/*.safetensors"))) >= 2  # at least this prompt's encoding and its image's features
+    for path in ("/api/userdata?dir=__kosmosg_cache", "/api/userdata?dir=..%2F__kosmosg_cache",
+                 "/api/userdata/..%2F__kosmosg_cache"):
+        status, body = comfy.get(path)
+        assert status in (400, 403, 404) or b"safetensors" not in body, (path, status, body[:300])
 
 
 def test_conditioning_through_stock_nodes(comfy):

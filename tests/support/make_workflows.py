@@ -92,7 +92,7 @@ SIZES = {
     "KosmosGLoader": (320, 150),
     "LoadImage": (320, 330),
     "KosmosGInterleavedPrompt": (380, 260),  # up to two images (three sockets); more make it taller
-    "KosmosGEncode": (320, 160),
+    "KosmosGEncode": (320, 190),
     "EmptyLatentImage": (320, 130),
     "KSampler": (320, 280),
     "KosmosGOfficialSampler": (320, 110),
@@ -197,7 +197,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         images.append(wf.add("LoadImage", [subject, "image"], (left["images"], y)))
         y = below(images[-1])
     prompt = wf.add("KosmosGInterleavedPrompt", [text, ""], (left["prompt"], below(loader)), images=len(subjects))
-    encode = wf.add("KosmosGEncode", [NEGATIVE], (left["encode"], below(ckpt)))
+    encode = wf.add("KosmosGEncode", [NEGATIVE, True], (left["encode"], below(ckpt)))
     latent = wf.add("EmptyLatentImage", [size, size, batch], (left["encode"], below(encode)))
     if ksampler is None:
         schedule = wf.add("KosmosGOfficialSampler", [steps], (left["sampler"], top))
