@@ -329,3 +329,9 @@ def unpack_linears(model: nn.Module) -> int:
 
 def has_packed_linears(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def linear_kernels(model: nn.Module) -> str:
+    """What runs the model's linear layers, e.g. "onednn+few-row" or "torch" (none packed): their last bits
+    differ, so the pipeline's caches key by it."""
+    return "+".join(sorted({m.kernel for m in model.modules() if isinstance(m, PackedLinear)})) or "torch"

@@ -47,7 +47,8 @@ class DiskCache:
             raise ValueError(f"max_bytes must be a whole number >= 0, got {max_bytes!r}.")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self._warned_write = False
+        self._size: int | None = None  # the entries' bytes as last counted, plus what this process wrote since
+        self._last_warning = None
 
     @staticmethod
     def key(*parts) -> str:
@@ -66,13 +67,16 @@ class DiskCache:
         path = self._path(key)
         try:
             tensor = load_file(str(path))[TENSOR_NAME]
-            os.utime(path)  # recently used: evicted last
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # not there, or another user's in a shared folder
             return None
-        except (SafetensorError, OSError, KeyError) as e:  # truncated, damaged or not ours: recompute it
+        except (SafetensorError, OSError, KeyError) as e:  # truncated or damaged: recompute it
             logger.warning("Kosmos-G disk cache: ignoring and removing the damaged entry %s (%s)", path, e)
-            path.unlink(missing_ok=True)
+            _remove(path)
             return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:  # e.g. another user's entry in a shared folder: still a good entry
+            pass
         return tensor
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
@@ -82,14 +86,24 @@ class DiskCache:
 
         if self.max_bytes == 0:
             return
+        path = self._path(key)
         try:
-            save_safetensors({TENSOR_NAME: tensor.detach().to("cpu").contiguous()}, self._path(key))
-            self._evict()
+            # the folder is the user's alone (entries are encodings of their prompts and images); a folder made
+            # by someone else keeps its permissions
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            save_safetensors({TENSOR_NAME: tensor.detach().to("cpu").contiguous()}, path)
+            if self._size is None:
+                self._size = self.size_bytes()
+            else:
+                self._size += path.stat().st_size
+            if self._size > self.max_bytes:
+                self._evict()
         except OSError as e:
-            if not self._warned_write:
-                self._warned_write = True
+            message = f"{type(e).__name__}: {e}"
+            if message != self._last_warning:  # not the same line for every entry
+                self._last_warning = message
                 logger.warning("Kosmos-G disk cache: cannot write to %s (%s); encodings are not kept across "
-                               "restarts until it is writable.", self.directory, e)
+                               "restarts while it fails.", self.directory, message)
 
     def entries(self) -> list[tuple[Path, int]]:
         """The entry files and their sizes, least recently used first."""
@@ -113,14 +127,27 @@ class DiskCache:
         return sum(size for _, size in self.entries())
 
     def _evict(self) -> None:
+        """Remove the least recently used entries until the folder holds at most max_bytes (counted afresh:
+        other processes may share it)."""
         entries = self.entries()
         total = sum(size for _, size in entries)
         for path, size in entries:
             if total <= self.max_bytes:
                 break
-            total -= size
-            path.unlink(missing_ok=True)
+            if _remove(path):
+                total -= size
+        self._size = total
 
     def clear(self) -> None:
         for path, _ in self.entries():
-            path.unlink(missing_ok=True)
+            _remove(path)
+        self._size = None
+
+
+def _remove(path: Path) -> bool:
+    """Delete an entry -> whether it is gone; one that cannot be (another user's, a file open on Windows) stays."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import DTYPE_NAMES
-from .cpu_linear import pack_for_cpu_encode, packs_by_default
+from .cpu_linear import linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity
 from .errors import DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
@@ -151,22 +151,25 @@ class KosmosGPipeline:
     Vision features are cached by image content (preprocessed pixels), so a repeated subject image
     is encoded once; the cache holds at most `cache_size` images. Unconditional encodings (`<s>` or a
     negative prompt: the same for every positive prompt) are cached by text, at most `cache_size` too.
-    Both caches are keyed by the model's identity and dtype (without an identity: its dtype and current
-    device); call `clear_cache` after changing its weights.
+    Both caches are keyed by how the model computes (`cache_key`: dtype, device, kernels); call
+    `clear_cache` after changing its weights.
 
-    model_identity: what made this model and where it computes (`from_checkpoint`: the file's path, size
-        and modification time, dtype and device), the key the caches use; needed for a `DiskCache`, which
-        keeps encodings across restarts. Give one that changes whenever the weights or the compute device do.
+    model_identity: what made the weights (`from_checkpoint`: the file's path, size and modification time), part
+        of every cache key; needed for a `DiskCache`, which keeps encodings across restarts. Give one that changes
+        whenever the weights do.
+    compute_device: where the model computes when it is moved there only to compute (ComfyUI offloads it between
+        runs), so that the caches key by that device; None (default): wherever its weights are at the time.
     """
 
     def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64,
-                 model_identity: str | None = None):
+                 model_identity: str | None = None, compute_device: torch.device | None = None):
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be a whole number >= 0 (0 = no caching), got {cache_size!r}.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache_size = cache_size
         self.model_identity = model_identity
+        self.compute_device = compute_device
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._unconditional_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -188,7 +191,7 @@ class KosmosGPipeline:
             pack_cpu_linears = packs_by_default(device, dtype)
         if pack_cpu_linears:
             pack_for_cpu_encode(model, kernel=cpu_kernel)
-        identity = f"{checkpoint_identity(path)}|{dtype}|{device}"
+        identity = checkpoint_identity(path)
         if tokenizer_dir is not None:  # the ids are in the keys; the tokenizer's files make the same ids
             identity += f"|{Path(tokenizer_dir).resolve()}"
         return cls(model, tokenizer, cache_size=cache_size, model_identity=identity)
@@ -219,15 +222,26 @@ class KosmosGPipeline:
         return ids
 
     # --- encoding ------------------------------------------------------------------------------
-    def _model_key(self) -> str:
-        """The model as the caches key it: its identity and dtype, else its dtype and current device."""
-        return f"{self.model_identity}|{self.dtype}" if self.model_identity else f"{self.dtype}|{self.device}"
+    def cache_key(self) -> str:
+        """The model as the caches key it: what made its weights, its dtype, and where and how it computes (the
+        device and its kind, torch's version, the linear layers' kernels): values computed another way differ in
+        the last bits, and a cache hit must give what computing would."""
+        device = torch.device(self.compute_device) if self.compute_device is not None else self.device
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            device_kind = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
+        elif device.type == "cpu":
+            device_kind = torch.backends.cpu.get_cpu_capability()
+        else:
+            device_kind = ""
+        return "|".join([self.model_identity or "", str(self.dtype), str(device), device_kind,
+                         f"torch {torch.__version__}", linear_kernels(self.model)])
 
-    def _disk_key(self, disk_cache: DiskCache, kind: str, *content) -> str:
+    def _disk_key(self, disk_cache: DiskCache, model_key: str, kind: str, *content) -> str:
         if self.model_identity is None:
-            raise ValueError("A disk cache needs the pipeline's model_identity (what made the model and where it "
-                             "computes): load with KosmosGPipeline.from_checkpoint, or give model_identity.")
-        return disk_cache.key(kind, self._model_key(), *content)
+            raise ValueError("A disk cache needs the pipeline's model_identity (what made the weights): load with "
+                             "KosmosGPipeline.from_checkpoint, or give model_identity.")
+        return disk_cache.key(kind, model_key, *content)
 
     def _cached_tensor(self, disk_cache: DiskCache, key: str, shape: tuple) -> torch.Tensor | None:
         """A disk-cached tensor when it has the shape and dtype this model computes, else None (recompute)."""
@@ -257,14 +271,15 @@ class KosmosGPipeline:
     def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], progress, disk_cache: DiskCache | None,
                           before_compute: _Once) -> torch.Tensor:
         cfg = self.model.cfg
-        keys = [f"{digest}|{self._model_key()}" for digest in digests]
+        model_key = self.cache_key()
+        keys = [f"{digest}|{model_key}" for digest in digests]
         first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
         disk_keys: dict[str, str] = {}
         for i, key in enumerate(keys):
             if key in self._image_cache or key in first_index:
                 continue
             if disk_cache is not None:
-                disk_keys[key] = self._disk_key(disk_cache, "vision", digests[i])
+                disk_keys[key] = self._disk_key(disk_cache, model_key, "vision", digests[i])
                 cached = self._cached_tensor(disk_cache, disk_keys[key], (cfg.image_token_slots, cfg.decoder.width))
                 if cached is not None:
                     self._image_cache[key] = cached
@@ -332,6 +347,7 @@ class KosmosGPipeline:
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
         image_weights = [combine_image_weights(prompt, weights) for prompt, weights in zip(prompts, image_weights)]
         before_compute = _Once(before_compute)
+        model_key = self.cache_key() if disk_cache is not None else None
         conds = []
         for start in range(0, len(prompt_ids), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)
@@ -340,12 +356,12 @@ class KosmosGPipeline:
             pixels, digests = self._pixels_and_digests(flat_images) if flat_images else (None, [])
             disk_key = None
             if disk_cache is not None:  # the chunk is the unit: a batch's numbers differ from one prompt's in the last bits
-                disk_key = self._disk_key(disk_cache, "encoding", [ids.ids for ids in prompt_ids[chunk]],
+                disk_key = self._disk_key(disk_cache, model_key, "encoding", [ids.ids for ids in prompt_ids[chunk]],
                                           [ids.image_mask for ids in prompt_ids[chunk]], digests, flat_weights)
                 cond = self._cached_tensor(disk_cache, disk_key,
                                            (len(prompt_ids[chunk]), self.model.cfg.aligner.num_queries, self.context_dim))
                 if cond is not None:
-                    conds.append(cond.to(self.device))
+                    conds.append(cond)
                     if progress is not None:
                         for _ in range(len(flat_images) + len(prompt_ids[chunk])):
                             progress()
@@ -363,7 +379,8 @@ class KosmosGPipeline:
             if progress is not None:
                 for _ in prompt_ids[chunk]:
                     progress()
-        return torch.cat(conds)
+        # on the model's device, also chunks read from the disk cache before the model was moved to compute
+        return torch.cat([cond.to(self.device) for cond in conds])
 
     def encode_unconditional(self, negative_prompt: str = "", batch_size: int = 1,
                              disk_cache: DiskCache | None = None,
@@ -375,14 +392,15 @@ class KosmosGPipeline:
         check_text(negative_prompt, "negative prompt")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-        key = (negative_prompt, self._model_key())
+        model_key = self.cache_key()
+        key = (negative_prompt, model_key)
         cond = self._unconditional_cache.get(key)
         if cond is None:
             ids = build_unconditional_ids(self.tokenizer, negative_prompt)
             check_prompt_length(ids, self.max_tokens, what="negative prompt")
             disk_key = None
             if disk_cache is not None:
-                disk_key = self._disk_key(disk_cache, "unconditional", ids.ids, ids.image_mask)
+                disk_key = self._disk_key(disk_cache, model_key, "unconditional", ids.ids, ids.image_mask)
                 cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
             if cond is not None:
                 cond = cond.to(self.device)

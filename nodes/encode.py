@@ -13,6 +13,7 @@ Output format (what CLIPTextEncode gives, so every stock node accepts it):
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import comfy.model_management as mm
@@ -33,17 +34,38 @@ logger = logging.getLogger(__name__)
 MAX_CACHED_ENCODINGS = 16
 MAX_CACHED_BYTES = 256 * 2**20  # and at most this much tensor data (big batches are 100s of MB each)
 _ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
-_DISK_CACHES: dict[str, DiskCache] = {}  # folder -> its cache (one per folder: it warns once when unwritable)
+DISK_CACHE_SIZE_VARIABLE = "KOSMOSG_DISK_CACHE_GIB"  # environment: the disk cache's size limit for every workflow
+_DISK_CACHES: dict[tuple[str, int], DiskCache] = {}  # (folder, size limit) -> its cache
 
 
-def shared_disk_cache() -> DiskCache:
-    """The pack's disk cache of encodings (`paths.disk_cache_folder`), at most DISK_CACHE_MAX_BYTES."""
-    folder = paths.disk_cache_folder()
-    if folder not in _DISK_CACHES:
+def disk_cache_max_bytes() -> int:
+    """KOSMOSG_DISK_CACHE_GIB (a number of GiB, 0 = no disk cache) if set, else DISK_CACHE_MAX_BYTES."""
+    text = os.environ.get(DISK_CACHE_SIZE_VARIABLE, "").strip()
+    if not text:
+        return DISK_CACHE_MAX_BYTES
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not 0 <= gib < float("inf"):
+        logger.warning("%s=%r is not a number of GiB >= 0; using %g GiB.", DISK_CACHE_SIZE_VARIABLE, text,
+                       DISK_CACHE_MAX_BYTES / 2**30)
+        return DISK_CACHE_MAX_BYTES
+    return int(gib * 2**30)
+
+
+def shared_disk_cache() -> DiskCache | None:
+    """The pack's disk cache of encodings (`paths.disk_cache_folder`, `disk_cache_max_bytes`); None when the
+    limit is 0."""
+    folder, max_bytes = paths.disk_cache_folder(), disk_cache_max_bytes()
+    if max_bytes == 0:
+        return None
+    if (folder, max_bytes) not in _DISK_CACHES:
         logger.info("Kosmos-G Encode keeps encodings and image features in %s (at most %d MiB, the least recently "
-                    "used go first; the node's disk_cache input turns it off)", folder, DISK_CACHE_MAX_BYTES >> 20)
-        _DISK_CACHES[folder] = DiskCache(folder)
-    return _DISK_CACHES[folder]
+                    "used go first; the node's disk_cache input or %s=0 turns it off)", folder, max_bytes >> 20,
+                    DISK_CACHE_SIZE_VARIABLE)
+        _DISK_CACHES[(folder, max_bytes)] = DiskCache(folder, max_bytes=max_bytes)
+    return _DISK_CACHES[(folder, max_bytes)]
 
 
 def _cached_bytes() -> int:
@@ -115,7 +137,9 @@ class KosmosGEncode(io.ComfyNode):
                                  tooltip="Keep encodings and image features on disk (__kosmosg_cache in ComfyUI's user folder, "
                                          f"at most {DISK_CACHE_MAX_BYTES >> 30} GiB, least recently used dropped "
                                          "first), so the same prompt and images are not encoded again after a "
-                                         "restart. Keyed by the checkpoint file, dtype and device."),
+                                         "restart. Keyed by the checkpoint file, dtype and device. Size limit for "
+                                         f"every workflow: the environment variable {DISK_CACHE_SIZE_VARIABLE} "
+                                         "(GiB, 0 = off)."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",

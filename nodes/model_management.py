@@ -92,7 +92,6 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     """Load a checkpoint, or share the copy still alive for the same file identity (path, mtime, size),
     dtype and devices."""
     from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_by_default
-    from ..kosmosg_core.disk_cache import checkpoint_identity
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
@@ -104,8 +103,8 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
         return model
     logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
     pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device, pack_cpu_linears=False)
-    # it computes on the load device: what the caches (and the disk cache's entries) must be keyed by
-    pipeline.model_identity = f"{checkpoint_identity(path)}|{dtype}|{load_device}"
+    # moved to the load device only to compute: the caches (and the disk cache's entries) key by that device
+    pipeline.compute_device = load_device
     size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
     if packs_by_default(load_device, dtype):  # it encodes on the CPU: faster encodes
         pack_for_cpu_encode(pipeline.model)

@@ -45,6 +45,7 @@ def _check_cases(results: dict, printed: str, cpu_linear: str) -> None:
         assert case["best_ratio_to_limit"] == pytest.approx(case["best_seconds"] / case["limit_seconds"])
         assert case["linear_layers"] == cpu_linear
         assert (case["pack_seconds"] is not None) == (cpu_linear != "default")
+        assert 0 < case["disk_cached_seconds"] < case["seconds"]  # read back, not encoded
         if case["case"] == "text-only":
             assert case["cached_image_seconds"] is None
         else:

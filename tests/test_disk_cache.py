@@ -77,7 +77,7 @@ def test_least_recently_used_entries_go_first(tmp_path):
     assert cache.size_bytes() <= cache.max_bytes
 
 
-def test_unwritable_folder_warns_once_and_raises_nothing(tmp_path, caplog):
+def test_unwritable_folder_warns_once_per_cause_and_raises_nothing(tmp_path, caplog, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cache = DiskCache(blocker / "cache")
@@ -86,6 +86,48 @@ def test_unwritable_folder_warns_once_and_raises_nothing(tmp_path, caplog):
         cache.put(cache.key(2), torch.ones(3))
     assert caplog.text.count("cannot write") == 1
     assert cache.get(cache.key(1)) is None and cache.entries() == []
+    from kosmosg_core import files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "save_safetensors", disk_full)
+    cache.directory = tmp_path / "cache"  # a folder that can be made: the write itself fails now
+    with caplog.at_level(logging.WARNING):
+        cache.put(cache.key(3), torch.ones(3))  # another cause: said too
+        cache.put(cache.key(4), torch.ones(3))
+    assert caplog.text.count("cannot write") == 2 and "No space left" in caplog.text
+
+
+def test_the_folder_is_private_and_shared_entries_are_used_not_destroyed(tmp_path, monkeypatch):
+    """Entries hold encodings of the user's prompts and images: the folder it makes is 0700. In a folder shared
+    with other users, an entry whose time cannot be set is still served, one that cannot be read or removed is a
+    miss: never an exception, never a good entry deleted."""
+    from pathlib import Path
+
+    from kosmosg_core import disk_cache
+
+    cache = DiskCache(tmp_path / "cache")
+    key = cache.key("x")
+    cache.put(key, torch.ones(3))
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(disk_cache.os, "utime", deny)
+    assert torch.equal(cache.get(key), torch.ones(3))
+    monkeypatch.setattr(Path, "unlink", deny)
+    cache._path(key).write_bytes(b"damaged")
+    assert cache.get(key) is None  # damaged, and removing it was refused: a miss
+    cache.max_bytes = 1
+    cache.put(cache.key("y"), torch.ones(3))  # eviction refused too: no exception
+    monkeypatch.undo()
+    cache.max_bytes = 10**9
+    cache.put(key, torch.ones(3))
+    from safetensors import torch as safetensors_torch
+    monkeypatch.setattr(safetensors_torch, "load_file", deny)
+    assert cache.get(key) is None and cache._path(key).exists()  # unreadable (another user's): kept
 
 
 def test_zero_bytes_keeps_nothing_and_bad_sizes_are_refused(tmp_path):
@@ -179,6 +221,7 @@ def test_other_inputs_are_not_served_from_the_cache(checkpoint, tmp_path):
     plain = KosmosGPipeline.from_checkpoint(checkpoint)
     for args, kwargs in [((PROMPT, [image(0), image(1)]), {"image_weights": [1.0, 0.5]}),
                          ((PROMPT, [image(0), image(2)]), {}),
+                         ((PROMPT, [image(1), image(0)]), {}),  # the same images the other way round
                          (("a photo of <i> wearing <i> on the moon", [image(0), image(1)]), {})]:
         fresh = KosmosGPipeline.from_checkpoint(checkpoint)
         assert torch.equal(fresh.encode(*args, disk_cache=cache, **kwargs), plain.encode(*args, **kwargs))
@@ -195,7 +238,66 @@ def test_a_replaced_checkpoint_is_another_model(checkpoint, tmp_path, monkeypatc
     with pytest.raises(ModelRuns):
         replaced.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
     other_dtype = KosmosGPipeline.from_checkpoint(checkpoint, dtype="bfloat16")
-    assert other_dtype.model_identity != replaced.model_identity
+    assert other_dtype.cache_key() != replaced.cache_key()
+
+
+def test_the_model_is_asked_for_before_it_runs(checkpoint, tmp_path, monkeypatch):
+    """before_compute (ComfyUI: load the model onto the GPU) comes before the vision tower and the decoder run, so
+    nothing is computed where it should not be, nor stored under the wrong device."""
+    events = []
+    pipe = KosmosGPipeline.from_checkpoint(checkpoint)
+    for part in ("encode_images", "forward"):
+        real = getattr(pipe.model, part)
+        monkeypatch.setattr(pipe.model, part, lambda *a, real=real, part=part, **k: events.append(part) or real(*a, **k))
+    cache = DiskCache(tmp_path / "cache")
+    pipe.encode(PROMPT, [image(0), image(1)], disk_cache=cache, before_compute=lambda: events.append("load"))
+    assert events == ["load", "encode_images", "forward"]
+    events.clear()
+    pipe.clear_cache()  # features on disk, the new text not: the decoder runs after the load
+    pipe.encode("<i> then <i>", [image(0), image(1)], disk_cache=cache, before_compute=lambda: events.append("load"))
+    assert events == ["load", "forward"]
+    events.clear()
+    pipe.encode_unconditional("dull", disk_cache=cache, before_compute=lambda: events.append("load"))
+    assert events == ["load", "forward"]
+
+
+def test_chunks_read_before_the_model_moved_join_the_ones_computed_after(checkpoint, tmp_path, monkeypatch):
+    """ComfyUI: the model sits on the CPU until before_compute moves it to the GPU. A batch whose first chunk of
+    prompts comes from the disk cache (read while the model was on the CPU) and whose next chunk is computed
+    (on the GPU) ends on the model's device ('meta' stands in for the GPU here)."""
+    from kosmosg_core.pipeline import PROMPT_CHUNK
+
+    cache = DiskCache(tmp_path / "cache")
+    prompts = [f"a dog number {k}" for k in range(PROMPT_CHUNK)]
+    KosmosGPipeline.from_checkpoint(checkpoint).encode(prompts, disk_cache=cache)
+    pipe = KosmosGPipeline.from_checkpoint(checkpoint, pack_cpu_linears=False)
+    pipe.compute_device = torch.device("cpu")  # what the keys say (the entries were made on the CPU)
+    moved = []
+    monkeypatch.setattr(KosmosGPipeline, "device", property(lambda self: torch.device("meta" if moved else "cpu")))
+    monkeypatch.setattr(pipe, "encode_ids", lambda ids, embeds: torch.zeros(len(ids), 77, 768, device="meta"))
+    monkeypatch.setattr(cache, "put", lambda key, value: None)  # a meta tensor has no data to store
+    out = pipe.encode(prompts + ["a cat"], disk_cache=cache, before_compute=lambda: moved.append(1))
+    assert moved == [1] and out.device.type == "meta" and out.shape == (PROMPT_CHUNK + 1, 77, 768)
+
+
+def test_how_the_model_computes_is_part_of_the_key(checkpoint, tmp_path, monkeypatch):
+    """Values computed another way differ in the last bits: packed CPU linears (another kernel), another device,
+    another dtype do not share entries. A model moved to another device is keyed there (the in-memory caches
+    too), unless compute_device pins where it computes."""
+    cache = DiskCache(tmp_path / "cache")
+    KosmosGPipeline.from_checkpoint(checkpoint, pack_cpu_linears=False).encode(PROMPT, [image(0), image(1)],
+                                                                                disk_cache=cache)
+    packed = KosmosGPipeline.from_checkpoint(checkpoint, pack_cpu_linears=True, cpu_kernel="onednn")
+    forbid_model(packed, monkeypatch)
+    with pytest.raises(ModelRuns):
+        packed.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
+    plain = KosmosGPipeline.from_checkpoint(checkpoint, pack_cpu_linears=False)
+    key = plain.cache_key()
+    assert "torch " + torch.__version__ in key and key != packed.cache_key()
+    plain.model.to("meta")
+    assert plain.cache_key() != key  # moved: computed elsewhere from now on
+    plain.compute_device = torch.device("cpu")
+    assert plain.cache_key() == key
 
 
 def test_a_damaged_entry_is_recomputed(checkpoint, tmp_path):

@@ -491,6 +491,25 @@ def test_encode_without_disk_cache_writes_nothing_and_recomputes(model_dirs, con
     assert loads == [1, 1] and torch.equal(again, first)  # the positive and the negative computed, not read
 
 
+def test_disk_cache_size_comes_from_the_environment(model_dirs, converted, user_directory, monkeypatch, caplog):
+    """KOSMOSG_DISK_CACHE_GIB sets the limit for every workflow; 0 turns the disk cache off; nonsense is said and
+    the default used."""
+    from kosmosg_pack.kosmosg_core.config import DISK_CACHE_MAX_BYTES
+
+    monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", "2.5")
+    assert encode.shared_disk_cache().max_bytes == int(2.5 * 2**30)
+    for text in ("lots", "-1", "inf"):
+        monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", text)
+        caplog.clear()
+        assert encode.shared_disk_cache().max_bytes == DISK_CACHE_MAX_BYTES
+        assert "KOSMOSG_DISK_CACHE_GIB" in caplog.text and "not a number of GiB" in caplog.text
+    monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", "0")
+    assert encode.shared_disk_cache() is None
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]))
+    assert not (user_directory / "__kosmosg_cache").exists()
+
+
 def test_validation_of_api_prompts_without_or_with_odd_file_inputs(model_dirs):
     """An API prompt that leaves a file input out gets ComfyUI's own "required input missing" (the validators
     raised "missing 1 required positional argument"); a number instead of a file name is named, not a
