@@ -17,6 +17,8 @@ from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEF
                      DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
 from .errors import ImageError, KosmosGError, PromptError
 
+logger = logging.getLogger(__name__)
+
 DTYPE_CHOICES = list(DTYPE_NAMES)
 CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
@@ -142,15 +144,61 @@ def cmd_info(args) -> None:
     print(json.dumps(describe(args.checkpoint), indent=2))
 
 
+# generate's settings when neither a flag nor --like's record gives them
+GENERATE_DEFAULTS = dict(negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                         scheduler=DEFAULT_SCHEDULER, seed=0, num_images=1, noise="per-image", dtype="float32",
+                         device="cpu", height=None, width=None, image_weights=None)
+
+
+def generate_settings(args) -> dict:
+    """generate's settings: each flag given, else the --like record's (`generate.settings_like`), else
+    GENERATE_DEFAULTS. With --like, the images given are checked against the record (warnings: the picture will
+    differ, which may be what is wanted)."""
+    from .generate import read_settings_record, settings_like
+
+    given = {name: getattr(args, name) for name in ("prompt", *GENERATE_DEFAULTS) if name != "image_weights"}
+    given["image_weights"] = _image_weights(args) if args.image_weights is not None else None
+    record = read_settings_record(args.like) if args.like is not None else None
+    settings = {**GENERATE_DEFAULTS, **(settings_like(record) if record else {}),
+                **{name: value for name, value in given.items() if value is not None}}
+    if settings.get("prompt") is None:
+        raise PromptError("generate needs --prompt (or --like a PNG generate wrote, whose prompt it reuses).")
+    if record is not None:
+        _check_like_files(args, record, settings)
+    return settings
+
+
+def _check_like_files(args, record: dict, settings: dict) -> None:
+    """--like: the files given against the ones the record names (by name and, for images, by pixels)."""
+    from .generate import image_digests
+    from .pipeline import read_prompt_images
+
+    recorded = record["images"]
+    if recorded and not args.image and args.prompt is None:
+        names = ", ".join(str(name) for name in recorded)
+        raise PromptError(f"--like {args.like}: its prompt takes {len(recorded)} image(s) ({names}; the record keeps "
+                          "file names only): give them again with --image, in that order.")
+    for what, given, name in (("--checkpoint", args.checkpoint, record.get("checkpoint")),
+                              ("--sd-model", args.sd_model, record.get("sd_model"))):
+        if (Path(given).name if given is not None else None) != name:
+            logger.warning("--like %s was made with %s %s, not %s: the picture will differ.", args.like, what, name,
+                           Path(given).name if given is not None else "(none)")
+    if args.image and len(args.image) == len(recorded):
+        pictures = read_prompt_images(settings["prompt"], _image_paths(args.image), settings["image_weights"])
+        for k, (digest, expected) in enumerate(zip(image_digests(pictures), record["image_sha256"])):
+            if digest != expected:
+                logger.warning("--like %s: --image %s is not its image %d (%s): the pixels differ, so the picture "
+                               "will too.", args.like, args.image[k], k + 1, recorded[k])
+
+
 def cmd_generate(args) -> None:
     from .generate import generate_images
 
+    settings = generate_settings(args)
     paths = generate_images(
-        checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model, prompt=args.prompt,
-        images=_image_paths(args.image), negative_prompt=args.negative_prompt, out_dir=Path(args.out_dir), steps=args.steps,
-        guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
-        height=args.height, width=args.width, dtype=args.dtype, device=args.device, sd_config_dir=args.sd_config,
-        image_weights=_image_weights(args), noise=args.noise, record_settings=args.record_settings,
+        checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model,
+        images=_image_paths(args.image), out_dir=Path(args.out_dir), sd_config_dir=args.sd_config,
+        record_settings=args.record_settings, **settings,
         disk_cache=_disk_cache(args),
         show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
     for p in paths:
@@ -228,18 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single file, or the U-Net and VAE of an official .pt: a diffusers-layout folder with "
                         "model_index.json and unet/ vae/ scheduler/ configs (default: SD1.5's, shipped in "
                         "kosmosg_core/sd15_config)")
-    p.add_argument("--prompt", required=True, help="text with one <i> per image (<i:0.8>: that image at weight 0.8)")
+    p.add_argument("--like", default=None, type=_path, metavar="PNG",
+                   help="a PNG written by generate: its recorded settings (prompt, negative prompt, image weights, "
+                        "seed, steps, guidance, scheduler, noise, size, dtype, device) are the defaults, so it is made "
+                        "again; the files (--checkpoint, --sd-model, --image) are given again (the record names them "
+                        "only), and any flag given overrides the record (e.g. --seed)")
+    # settings left None here: the record of --like, else GENERATE_DEFAULTS
+    p.add_argument("--prompt", default=None, help="text with one <i> per image (<i:0.8>: that image at weight 0.8); "
+                                                  "required unless --like")
     image_args(p)
-    p.add_argument("--negative-prompt", default="", help='negative text (default "" = the official unconditional <s>)')
+    p.add_argument("--negative-prompt", default=None, help='negative text (default "" = the official unconditional <s>)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (official demo: {DEFAULT_STEPS})")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE})")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (official demo: {DEFAULT_STEPS}, the default)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE}, the default)")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
                    help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); with --noise per-image, image k uses seed + k")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--noise", default="per-image", choices=NOISE_MODES,
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0); with --noise per-image, image k uses seed + k")
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")
+    p.add_argument("--noise", default=None, choices=NOISE_MODES,
                    help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same noise "
                         "on any device) or official (as the official demo: one draw of all images' noise from --seed on "
                         "--device in --dtype; with --device cuda --dtype float16 its noise)")
@@ -247,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}", type=int, default=None,
                        help=f"image {side} in pixels, a multiple of 8 (default: the SD model's own, 512 for SD1.5 and 64 "
                             "for the nano image model)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default float32")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu)")
     cache_args(p)
     p.add_argument("--no-record", dest="record_settings", action="store_false",
                    help="write the PNGs without their record of the settings (prompt, image file names and pixel "

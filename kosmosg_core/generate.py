@@ -244,6 +244,11 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     return paths
 
 
+def image_digests(pictures: list) -> list[str]:
+    """SHA-256 of each picture's RGB pixels (as `read_prompt_images` gives them): a record's `image_sha256`."""
+    return [hashlib.sha256(picture.tobytes()).hexdigest() for picture in pictures]
+
+
 def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, image_weights, negative_prompt: str,
                     **settings) -> dict:
     """What a PNG of `generate_images` records (PNG_SETTINGS_KEY), less its own index and size: the arguments that
@@ -255,10 +260,55 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
     given = split_images(images) if pictures else []
     return dict(prompt=prompt, negative_prompt=negative_prompt,
                 images=[Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in given],
-                image_sha256=[hashlib.sha256(p.tobytes()).hexdigest() for p in pictures], image_weights=weights,
+                image_sha256=image_digests(pictures), image_weights=weights,
                 effective_image_weights=combine_image_weights(prompt, weights), checkpoint=Path(checkpoint).name,
                 sd_model=None if sd_model is None else Path(sd_model).name, **settings,
                 kosmosg_core_version=__version__)
+
+
+# A record's settings that `generate_images` takes as they are (the files are named by the user again; seed and
+# num_images depend on the noise mode: `settings_like`)
+RECORD_SETTINGS = ("prompt", "negative_prompt", "image_weights", "noise", "steps", "guidance_scale", "scheduler",
+                   "dtype", "device", "width", "height")
+RECORD_KEYS = (*RECORD_SETTINGS, "seed", "num_images", "image_index", "images", "image_sha256")
+
+
+def read_settings_record(path) -> dict:
+    """The settings a PNG of `generate_images` records (JSON in its text chunk PNG_SETTINGS_KEY); a file without
+    one, or with a damaged one, is a GenerationSettingsError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
+    except (OSError, UnidentifiedImageError) as e:
+        raise GenerationSettingsError(f"--like {path}: cannot read it as a PNG ({first_line(e)}); give a PNG written "
+                                      "by generate.") from e
+    if text is None:
+        raise GenerationSettingsError(f"--like {path}: it holds no record of its settings (PNG text chunk "
+                                      f"'{PNG_SETTINGS_KEY}'); generate writes one unless told --no-record.")
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        record = e
+    missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else ["all"]
+    if missing:
+        raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
+                                      f"(missing: {', '.join(missing)}); give the settings as arguments instead.")
+    return record
+
+
+def settings_like(record: dict) -> dict:
+    """A record -> the `generate_images` arguments that make its picture again, the files aside: the recorded
+    settings; per-image noise: the picture's own seed (seed + image_index) and one picture; official noise (one
+    draw for all the pictures, so each depends on the count): the run's seed and count (the picture is number
+    image_index of them)."""
+    settings = {name: record[name] for name in RECORD_SETTINGS}
+    if record["noise"] == "per-image":
+        settings.update(seed=record["seed"] + record["image_index"], num_images=1)
+    else:
+        settings.update(seed=record["seed"], num_images=record["num_images"])
+    return settings
 
 
 def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,

@@ -62,6 +62,71 @@ def test_generate_records_its_settings_unless_told_not_to(monkeypatch):
     assert asked == [True, False]
 
 
+def _png_with_record(path, **changes):
+    from kosmosg_core.config import PNG_SETTINGS_KEY
+    from kosmosg_core.files import save_image
+
+    record = dict(prompt="a <i> and a <i>", negative_prompt="dull", images=["dog.png", "hat.png"],
+                  image_sha256=["0" * 64, "1" * 64], image_weights=[1.0, 0.5], effective_image_weights=[1.0, 0.5],
+                  checkpoint="k.safetensors", sd_model="s.safetensors", seed=7, noise="per-image", num_images=4,
+                  steps=20, guidance_scale=5.0, scheduler="ddim", dtype="bfloat16", device="cpu",
+                  kosmosg_core_version="0.1.0", image_index=2, width=72, height=64)
+    record.update(changes)
+    save_image(Image.new("RGB", (8, 8)), path, text={PNG_SETTINGS_KEY: json.dumps(record)})
+    return path
+
+
+def test_generate_like_takes_the_records_settings_and_the_flags_given(monkeypatch, tmp_path, images, caplog):
+    """--like: the record's settings (per-image noise: the picture's own seed and one picture; official noise:
+    the run's seed and count), each flag given overriding them; images given are checked against the record."""
+    from kosmosg_core import cli, generate
+
+    asked = []
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: asked.append(kwargs) or [])
+    png = _png_with_record(tmp_path / "per-image.png")
+    files = ["--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--image", str(images[0]), "--image",
+             str(images[1])]
+    cli.cmd_generate(cli.build_parser().parse_args(["generate", "--like", str(png), *files]))
+    expected = dict(prompt="a <i> and a <i>", negative_prompt="dull", image_weights=[1.0, 0.5], noise="per-image",
+                    steps=20, guidance_scale=5.0, scheduler="ddim", dtype="bfloat16", device="cpu", width=72,
+                    height=64, seed=9, num_images=1)
+    assert {k: asked[-1][k] for k in expected} == expected
+    assert caplog.text.count("the pixels differ") == 2  # images[0], images[1] are not the recorded pictures
+    cli.cmd_generate(cli.build_parser().parse_args(["generate", "--like", str(png), *files, "--seed", "3", "--steps",
+                                                    "8", "--image-weights", "1, 1", "--negative-prompt", ""]))
+    assert (asked[-1]["seed"], asked[-1]["steps"], asked[-1]["image_weights"], asked[-1]["negative_prompt"],
+            asked[-1]["num_images"]) == (3, 8, [1.0, 1.0], "", 1)
+    official = _png_with_record(tmp_path / "official.png", noise="official")
+    cli.cmd_generate(cli.build_parser().parse_args(["generate", "--like", str(official), *files]))
+    assert (asked[-1]["seed"], asked[-1]["num_images"]) == (7, 4)
+    no_like = cli.build_parser().parse_args(["generate", "--checkpoint", "k", "--sd-model", "s", "--prompt", "x"])
+    cli.cmd_generate(no_like)
+    assert {k: asked[-1][k] for k in ("seed", "steps", "num_images", "noise", "dtype", "device", "negative_prompt")} == \
+        {"seed": 0, "steps": 50, "num_images": 1, "noise": "per-image", "dtype": "float32", "device": "cpu",
+         "negative_prompt": ""}
+
+
+def test_generate_like_errors_are_one_line(tmp_path, images):
+    png = _png_with_record(tmp_path / "r.png")
+    bare = tmp_path / "bare.png"
+    Image.new("RGB", (8, 8)).save(bare)
+    damaged = _png_with_record(tmp_path / "d.png", seed=None)
+    from kosmosg_core.config import PNG_SETTINGS_KEY
+    from kosmosg_core.files import save_image
+    save_image(Image.new("RGB", (8, 8)), damaged, text={PNG_SETTINGS_KEY: '{"prompt": "x"'})
+    not_png = tmp_path / "notes.txt"
+    not_png.write_text("hello")
+    cases = [(["--like", png], "its prompt takes 2 image(s) (dog.png, hat.png"),
+             (["--like", bare], "holds no record of its settings"),
+             (["--like", damaged], "record is damaged or not generate's"),
+             (["--like", not_png], "cannot read it as a PNG"),
+             ([], "generate needs --prompt (or --like")]
+    for extra, message in cases:
+        result = run_cli("generate", "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", *extra,
+                         "--out-dir", tmp_path / "out", check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_flag_given_twice_is_refused_by_name(capsys):
     """argparse keeps the last of two values without a word; the Python commands here refuse instead (one parser
     class: train/ and scripts/start_comfyui.py are checked in their own tests). Repeatable flags (--image) and

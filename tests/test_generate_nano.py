@@ -140,6 +140,30 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
         assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(remade)))
 
 
+@pytest.mark.parametrize("noise", ["per-image", "official"])
+def test_generate_like_a_png_makes_it_again(tmp_path, noise):
+    """`generate --like PNG` with the files given again remakes the picture from its record alone: per-image noise,
+    that one picture (its own seed); official noise (one draw for all), the whole run, the picture among them."""
+    from kosmosg_core.cli import main
+
+    prompt = "a <i:0.9> on the left and a <i> on the right, on grey"
+    made = generate_images(KOSMOSG_NANO, NANO_SD15, prompt, SUBJECT_IMAGES, out_dir=tmp_path / "first", steps=3,
+                           guidance_scale=4.0, seed=5, num_images=2, image_weights=[1.0, 0.5], width=72, noise=noise,
+                           negative_prompt="a black background")
+    files = ["--checkpoint", KOSMOSG_NANO, "--sd-model", NANO_SD15, *(a for i in SUBJECT_IMAGES for a in ("--image", i))]
+    assert main(["generate", "--like", str(made[1]), *map(str, files), "--out-dir", str(tmp_path / "again")]) == 0
+    again = sorted((tmp_path / "again").glob("*.png"))
+    assert len(again) == (1 if noise == "per-image" else 2)
+    remade = again[0] if noise == "per-image" else again[1]
+    assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(made[1])))
+    if noise == "per-image":  # a flag overrides the record: another seed, another picture
+        assert main(["generate", "--like", str(made[1]), *map(str, files), "--seed", "99",
+                     "--out-dir", str(tmp_path / "other")]) == 0
+        (other,) = (tmp_path / "other").glob("*.png")
+        assert not np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(made[1])))
+        assert png_record(other)["seed"] == 99 and png_record(other)["steps"] == 3
+
+
 def test_the_record_takes_every_input_generate_takes_and_can_be_left_out(tmp_path):
     """Weights given as one number or an empty list, a file name that is not UTF-8, a batch inside the image list:
     recorded (one entry per image) before anything loads, as they were sampled; record_settings=False: no record."""
