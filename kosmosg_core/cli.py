@@ -164,26 +164,56 @@ def generate_settings(args) -> dict:
     if settings.get("prompt") is None:
         raise PromptError("generate needs --prompt (or --like a PNG generate wrote, whose prompt it reuses).")
     if record is not None:
+        other_images = args.prompt is not None or (args.image and len(args.image) != len(record["images"]))
+        if other_images and given["image_weights"] is None:  # the record's weights are its images'
+            settings["image_weights"] = None
+        _check_like_settings(args, record, settings)
         _check_like_files(args, record, settings)
     return settings
 
 
+def _check_like_settings(args, record: dict, settings: dict) -> None:
+    """--like: a recorded device this machine lacks is an error saying so; official noise on another device or in
+    another dtype than recorded (other numbers drawn) a warning."""
+    from .errors import DeviceError
+    from .pipeline import resolve_device
+
+    if args.device is None:
+        try:
+            resolve_device(settings["device"])
+        except DeviceError as e:
+            raise DeviceError(f"--like {args.like} was made on device {settings['device']!r}, which cannot be used "
+                              f"here ({e}); give --device (e.g. --device cpu) to make it here, with other noise "
+                              "numbers if its noise was 'official'.") from e
+    if settings["noise"] == "official" and (settings["device"], settings["dtype"]) != (record["device"], record["dtype"]):
+        logger.warning("--like %s: its official noise was drawn on %s in %s; drawn on %s in %s it is other noise, so "
+                       "other pictures.", args.like, record["device"], record["dtype"], settings["device"],
+                       settings["dtype"])
+
+
 def _check_like_files(args, record: dict, settings: dict) -> None:
-    """--like: the files given against the ones the record names (by name and, for images, by pixels)."""
+    """--like: the files given against the ones the record names (by name and, for its own prompt, the images by
+    count and pixels)."""
     from .generate import image_digests
     from .pipeline import read_prompt_images
 
     recorded = record["images"]
-    if recorded and not args.image and args.prompt is None:
-        names = ", ".join(str(name) for name in recorded)
-        raise PromptError(f"--like {args.like}: its prompt takes {len(recorded)} image(s) ({names}; the record keeps "
-                          "file names only): give them again with --image, in that order.")
     for what, given, name in (("--checkpoint", args.checkpoint, record.get("checkpoint")),
                               ("--sd-model", args.sd_model, record.get("sd_model"))):
         if (Path(given).name if given is not None else None) != name:
             logger.warning("--like %s was made with %s %s, not %s: the picture will differ.", args.like, what, name,
                            Path(given).name if given is not None else "(none)")
-    if args.image and len(args.image) == len(recorded):
+    if args.prompt is not None:  # another prompt: its own images, nothing to compare
+        return
+    names = ", ".join(str(name) for name in recorded)
+    if recorded and not args.image:
+        raise PromptError(f"--like {args.like}: its prompt takes {len(recorded)} image(s) ({names}; the record keeps "
+                          "file names only): give them again with --image, in that order.")
+    if len(args.image) != len(recorded):
+        logger.warning("--like %s: its prompt took %d image(s) (%s), %d are given: expect an error or another "
+                       "picture.", args.like, len(recorded), names, len(args.image))
+        return
+    if recorded:
         pictures = read_prompt_images(settings["prompt"], _image_paths(args.image), settings["image_weights"])
         for k, (digest, expected) in enumerate(zip(image_digests(pictures), record["image_sha256"])):
             if digest != expected:
@@ -300,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device in --dtype; with --device cuda --dtype float16 its noise)")
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=int, default=None,
-                       help=f"image {side} in pixels, a multiple of 8 (default: the SD model's own, 512 for SD1.5 and 64 "
-                            "for the nano image model)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default float32")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu)")
+                       help=f"image {side} in pixels, a multiple of 8 (default: the --like record's if it asked for "
+                            "one, else the SD model's own, 512 for SD1.5 and 64 for the nano image model)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default float32 (or the --like record's)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu, or the --like record's)")
     cache_args(p)
     p.add_argument("--no-record", dest="record_settings", action="store_false",
                    help="write the PNGs without their record of the settings (prompt, image file names and pixel "

@@ -57,6 +57,7 @@ DPM_SOLVER_FIRST_ORDER_FINAL_BELOW = 15
 # noise on any device and in any batch) or "official" (the official demo: torch.manual_seed(seed), then one draw
 # of all pictures' noise on the sampling device in its dtype, diffusers 0.21.4's randn_tensor without a generator)
 NOISE_MODES = ("per-image", "official")
+MAX_NUM_IMAGES = 1024  # pictures per `generate` run (sampled as one batch): a bound on what a flag or a record asks
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 # The PNG text chunk in which `generate` records each picture's settings (JSON: prompt, images, seed, steps...)
 PNG_SETTINGS_KEY = "kosmosg"

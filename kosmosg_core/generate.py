@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, NANO_SD15_FORMAT, NOISE_MODES,
-                     PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR, SD15_CONTEXT_DIM)
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, MAX_NUM_IMAGES,
+                     NANO_SD15_FORMAT, NOISE_MODES, PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR,
+                     SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
@@ -219,7 +220,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     record = None if not record_settings else settings_record(
         checkpoint, sd_model, prompt, images, pictures, image_weights, negative_prompt, seed=seed, noise=noise,
         num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-        dtype=str(dtype).removeprefix("torch."), device=str(device))
+        dtype=str(dtype).removeprefix("torch."), device=str(device), requested_width=width, requested_height=height)
     # before the models load: a device without a random generator of its own fails here, not minutes later
     generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
@@ -267,10 +268,10 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
 
 
 # A record's settings that `generate_images` takes as they are (the files are named by the user again; seed and
-# num_images depend on the noise mode: `settings_like`)
+# num_images depend on the noise mode, the size on whether it was asked for: `settings_like`)
 RECORD_SETTINGS = ("prompt", "negative_prompt", "image_weights", "noise", "steps", "guidance_scale", "scheduler",
-                   "dtype", "device", "width", "height")
-RECORD_KEYS = (*RECORD_SETTINGS, "seed", "num_images", "image_index", "images", "image_sha256")
+                   "dtype", "device")
+RECORD_KEYS = (*RECORD_SETTINGS, "seed", "num_images", "image_index", "images", "image_sha256", "width", "height")
 
 
 def read_settings_record(path) -> dict:
@@ -295,7 +296,44 @@ def read_settings_record(path) -> dict:
     if missing:
         raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
                                       f"(missing: {', '.join(missing)}); give the settings as arguments instead.")
+    problem = settings_record_problem(record)
+    if problem:
+        raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
+                                      f"({problem}); give the settings as arguments instead.")
     return record
+
+
+def settings_record_problem(record: dict) -> str | None:
+    """What in a record (all RECORD_KEYS present) is not what `generate_images` writes, or None: a file's record
+    is untrusted input."""
+    def is_text(value):
+        return isinstance(value, str)
+
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    count = len(record["images"]) if isinstance(record["images"], list) else -1
+    checks = [
+        ("prompt", is_text), ("negative_prompt", is_text), ("device", is_text),
+        ("dtype", lambda v: v in DTYPE_NAMES), ("noise", lambda v: v in NOISE_MODES),
+        ("scheduler", lambda v: is_text(v) and v in SCHEDULERS),
+        ("images", lambda v: isinstance(v, list) and all(n is None or is_text(n) for n in v)),
+        ("image_sha256", lambda v: isinstance(v, list) and len(v) == count and all(map(is_text, v))),
+        ("image_weights", lambda v: isinstance(v, list) and len(v) == count and all(map(is_number, v))),
+        ("image_index", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < record["num_images"]
+         if isinstance(record["num_images"], int) else False),
+        ("requested_width", lambda v: v is None or isinstance(v, int)),
+        ("requested_height", lambda v: v is None or isinstance(v, int)),
+    ]
+    for key, ok in checks:
+        if key in record and not ok(record[key]):
+            return f"{key} is {record[key]!r}"
+    try:
+        check_generation_settings(record["steps"], record["guidance_scale"], record["seed"], record["num_images"],
+                                  record.get("requested_height"), record.get("requested_width"), record["scheduler"])
+    except GenerationSettingsError as e:
+        return str(e).rstrip(".")
+    return None
 
 
 def settings_like(record: dict) -> dict:
@@ -304,6 +342,9 @@ def settings_like(record: dict) -> dict:
     draw for all the pictures, so each depends on the count): the run's seed and count (the picture is number
     image_index of them)."""
     settings = {name: record[name] for name in RECORD_SETTINGS}
+    # the size asked for (None: the SD model's own, whichever model is given now); records before it: the picture's
+    settings.update(width=record.get("requested_width", record["width"]),
+                    height=record.get("requested_height", record["height"]))
     if record["noise"] == "per-image":
         settings.update(seed=record["seed"] + record["image_index"], num_images=1)
     else:
@@ -411,7 +452,7 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
             raise GenerationSettingsError(f"{name} must be a whole number {limit}, got {value!r}.")
 
     whole(steps, "steps", 1)
-    whole(num_images, "num_images", 1)
+    whole(num_images, "num_images", 1, MAX_NUM_IMAGES)
     whole(seed, "seed", 0, 2**64 - num_images)  # image k uses seed + k: torch.Generator.manual_seed's range
     for name, value in (("height", height), ("width", width)):
         if value is None:  # the SD model's own size

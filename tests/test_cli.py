@@ -1,6 +1,7 @@
 """`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -104,6 +105,61 @@ def test_generate_like_takes_the_records_settings_and_the_flags_given(monkeypatc
     assert {k: asked[-1][k] for k in ("seed", "steps", "num_images", "noise", "dtype", "device", "negative_prompt")} == \
         {"seed": 0, "steps": 50, "num_images": 1, "noise": "per-image", "dtype": "float32", "device": "cpu",
          "negative_prompt": ""}
+
+
+def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_path, images, caplog):
+    """A recorded device this machine lacks: an error saying it came from the record and how to override it; other
+    model names, another image count: warnings; a new prompt drops the record's image weights (they were its
+    images'); official noise on another device: a warning."""
+    from kosmosg_core import cli, generate
+    from kosmosg_core.errors import DeviceError
+
+    asked = []
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: asked.append(kwargs) or [])
+    run = lambda *argv: cli.cmd_generate(cli.build_parser().parse_args(["generate", *map(str, argv)]))  # noqa: E731
+    on_gpu = _png_with_record(tmp_path / "gpu.png", device="cuda:1", noise="official")
+    files = ["--checkpoint", "other.safetensors", "--sd-model", "s.safetensors", "--image", images[0], "--image",
+             images[1]]
+    with pytest.raises(DeviceError, match=r"--like .*gpu.png was made on device 'cuda:1'.*give --device"):
+        run("--like", on_gpu, *files)
+    with caplog.at_level(logging.WARNING):
+        run("--like", on_gpu, *files, "--device", "cpu")
+    assert asked[-1]["device"] == "cpu"
+    assert "made with --checkpoint k.safetensors, not other.safetensors" in caplog.text
+    assert "official noise was drawn on cuda:1 in bfloat16; drawn on cpu in bfloat16 it is other noise" in caplog.text
+    png = _png_with_record(tmp_path / "r.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run("--like", png, "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--image", images[0])
+    assert "its prompt took 2 image(s) (dog.png, hat.png), 1 are given" in caplog.text
+    assert asked[-1]["image_weights"] is None  # not the record's two weights for one image
+    run("--like", png, "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--prompt", "a <i>", "--image",
+        images[0])
+    assert asked[-1]["prompt"] == "a <i>" and asked[-1]["image_weights"] is None
+    run("--like", png, "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--prompt", "plain text")
+    assert asked[-1]["prompt"] == "plain text" and asked[-1]["image_weights"] is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"seed": "7"}, "seed must be a whole number"), ({"image_index": "2"}, "image_index is '2'"),
+    ({"images": 3}, "images is 3"), ({"image_sha256": 5}, "image_sha256 is 5"),
+    ({"image_sha256": []}, "image_sha256 is []"), ({"scheduler": [1]}, "scheduler is [1]"),
+    ({"num_images": 10**9}, "num_images must be a whole number between 1 and 1024"),
+    ({"seed": True}, "seed must be a whole number"), ({"images": "abc"}, "images is 'abc'"),
+    ({"image_index": 4}, "image_index is 4"), ({"prompt": ["a"]}, "prompt is ['a']"),
+    ({"dtype": "float8"}, "dtype is 'float8'"), ({"steps": 0}, "steps must be a whole number >= 1"),
+    ({"image_weights": [1, "x"]}, "image_weights is [1, 'x']"), ({"requested_width": 70}, "width must be a multiple of 8"),
+])
+def test_generate_like_refuses_a_record_it_would_not_write(tmp_path, images, capsys, change, problem):
+    """A PNG's record is untrusted input: every field of another type or out of range is a one-line error naming
+    the file and the field, before anything loads."""
+    from kosmosg_core.cli import main
+
+    png = _png_with_record(tmp_path / "odd.png", **change)
+    code = main(["generate", "--like", str(png), "--checkpoint", "k", "--sd-model", "s", "--image", str(images[0]),
+                 "--image", str(images[1])])
+    err = capsys.readouterr().err
+    assert code == 2 and "odd.png" in err and problem in err and "Traceback" not in err, err
 
 
 def test_generate_like_errors_are_one_line(tmp_path, images):

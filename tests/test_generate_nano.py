@@ -130,7 +130,8 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
         "image_weights": [1.0, 0.5], "effective_image_weights": [0.9, 0.5], "checkpoint": KOSMOSG_NANO.name,
         "sd_model": NANO_SD15.name, "seed": 11, "noise": "per-image", "num_images": 2, "steps": 4,
         "guidance_scale": 4.0, "scheduler": "dpm", "dtype": "float32", "device": "cpu",
-        "kosmosg_core_version": __version__, "image_index": 1, "width": 72, "height": 64}
+        "kosmosg_core_version": __version__, "image_index": 1, "width": 72, "height": 64,
+        "requested_width": 72, "requested_height": None}
     assert records[0]["image_index"] == 0
     arguments = ("prompt", "negative_prompt", "image_weights", "seed", "noise", "num_images", "steps",
                  "guidance_scale", "scheduler", "width", "height")
@@ -141,9 +142,12 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
 
 
 @pytest.mark.parametrize("noise", ["per-image", "official"])
-def test_generate_like_a_png_makes_it_again(tmp_path, noise):
-    """`generate --like PNG` with the files given again remakes the picture from its record alone: per-image noise,
-    that one picture (its own seed); official noise (one draw for all), the whole run, the picture among them."""
+def test_generate_like_a_png_makes_it_again(tmp_path, noise, caplog):
+    """`generate --like PNG` with the files given again remakes the picture from its record alone, without a
+    warning: per-image noise, that one picture (its own seed); official noise (one draw for all), the whole run,
+    the picture among them."""
+    import logging
+
     from kosmosg_core.cli import main
 
     prompt = "a <i:0.9> on the left and a <i> on the right, on grey"
@@ -151,7 +155,9 @@ def test_generate_like_a_png_makes_it_again(tmp_path, noise):
                            guidance_scale=4.0, seed=5, num_images=2, image_weights=[1.0, 0.5], width=72, noise=noise,
                            negative_prompt="a black background")
     files = ["--checkpoint", KOSMOSG_NANO, "--sd-model", NANO_SD15, *(a for i in SUBJECT_IMAGES for a in ("--image", i))]
-    assert main(["generate", "--like", str(made[1]), *map(str, files), "--out-dir", str(tmp_path / "again")]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--like", str(made[1]), *map(str, files), "--out-dir", str(tmp_path / "again")]) == 0
+    assert [r for r in caplog.records if r.name.startswith("kosmosg_core")] == []
     again = sorted((tmp_path / "again").glob("*.png"))
     assert len(again) == (1 if noise == "per-image" else 2)
     remade = again[0] if noise == "per-image" else again[1]
