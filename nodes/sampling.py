@@ -32,11 +32,12 @@ logger = logging.getLogger(__name__)
 def sample_dpmpp_2m_first_order_final(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """`dpmpp_2m` to the next-to-last noise level, then one first-order step: diffusers' DPM-Solver below
     DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps. DPM-Solver++'s first-order step is the DDIM step, which in ComfyUI's
-    scaling (x = data + sigma * noise) is the Euler step."""
+    scaling (x = data + sigma * noise) is the Euler step. One console bar (dpmpp_2m's, one step short): the
+    progress callback, ComfyUI's own bar, counts every step."""
     x = k_sampling.sample_dpmpp_2m(model, x, sigmas[:-1], extra_args=extra_args, callback=callback, disable=disable)
     last = len(sigmas) - 2  # the step index the progress callback reports for the last step
     shifted = None if callback is None else (lambda info: callback({**info, "i": info["i"] + last}))
-    return k_sampling.sample_euler(model, x, sigmas[-2:], extra_args=extra_args, callback=shifted, disable=disable)
+    return k_sampling.sample_euler(model, x, sigmas[-2:], extra_args=extra_args, callback=shifted, disable=True)
 
 
 def dpm_solver_ksampler(steps: int) -> comfy.samplers.KSAMPLER:

@@ -801,11 +801,11 @@ class ComfyDenoiser:
         return x - s * self.predict_noise(x / (1 + s**2).sqrt(), self.inner_model.model_sampling.timestep(sigma))
 
 
-def comfy_sample(sampler, sigmas, denoiser, noise, callback=None):
+def comfy_sample(sampler, sigmas, denoiser, noise, callback=None, disable_pbar=True):
     """A whole run of ComfyUI's own KSAMPLER.sample (its noise scaling, its k-diffusion solver) from `noise` on an
     empty latent -> the final latent, in ComfyUI's scaling (x = data + sigma * noise)."""
     return sampler.sample(denoiser, sigmas, {}, callback, noise, latent_image=torch.zeros_like(noise),
-                          disable_pbar=True)
+                          disable_pbar=disable_pbar)
 
 
 @pytest.mark.parametrize("steps", [10, 14, 15, 20, 50, 100])
@@ -946,14 +946,20 @@ def test_official_noise_gives_a_latents_batch_rows_and_says_when_it_is_not_the_d
         noise.generate_noise({"samples": nested})
 
 
-def test_official_sampler_reports_every_step_to_the_progress_bar():
+def test_official_sampler_reports_every_step_to_the_progress_bar(monkeypatch):
+    """ComfyUI's progress bar counts each step; the console shows one bar (there were two below 15 steps)."""
+    import comfy.k_diffusion.sampling as k_sampling
+
     model = comfy_model()
     sampler, sigmas = KosmosGOfficialSampler.execute(model, 5).result  # 5 < 15: with the first-order last step
     denoiser = ComfyDenoiser(model.get_model_object("model_sampling"), lambda x, t: torch.tanh(x))
-    seen = []
+    seen, bars = [], []
+    real_trange = k_sampling.trange
+    monkeypatch.setattr(k_sampling, "trange", lambda *a, **k: bars.append(not k.get("disable")) or real_trange(*a, **k))
     comfy_sample(sampler, sigmas, denoiser, torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)),
-                 callback=lambda step, denoised, x, total: seen.append((step, total)))
+                 callback=lambda step, denoised, x, total: seen.append((step, total)), disable_pbar=False)
     assert seen == [(i, 5) for i in range(5)]
+    assert bars.count(True) == 1, bars
 
 
 def test_the_pack_and_its_sampling_nodes_need_no_diffusers():
