@@ -470,7 +470,7 @@ def print_table(results: dict) -> None:
         cached = f"{c['cached_image_seconds']:.3f}" if c["cached_image_seconds"] else "-"
         speed = f"{c['cache_speedup']:.1f}x" if c["cache_speedup"] else "-"
         print(f"{c['case']:<10} {c['dtype']:<9} {c['linear_layers']:<8} {c['tokens']:>6d} {c['flops'] / 1e9:>7.1f} {c['seconds']:>9.3f} "
-              f"{c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} {c['best_ratio_to_limit']:>5.2f} {cached:>9} {speed:>8} {c['disk_cached_seconds']:>7.3f} {c['clip_text_encoder_seconds']:>11.3f}")
+              f"{c['limit_seconds']:>8.3f} {c['ratio_to_limit']:>6.2f} {c['best_ratio_to_limit']:>5.2f} {cached:>9} {speed:>8} {c['disk_cached_seconds']:>7.4f} {c['clip_text_encoder_seconds']:>11.3f}")
     print("per part: seconds (ratio to the part's own limit); sum of the part limits, a stricter limit for a"
           " case whose parts are bound differently")
     header = f"{'case':<10} {'dtype':<9} {'linear':<8} " + " ".join(f"{part:>16}" for part in PARTS) + f" {'sum of limits s':>16}"

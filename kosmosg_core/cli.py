@@ -79,14 +79,14 @@ def _image_weights(args) -> list[float]:
     return parse_image_weights(args.image_weights, len(args.image), "--image-weights", "in --image order")
 
 
-def _positive_float(text: str) -> float:
+def _size_gib(text: str) -> int:
+    """--cache-max-gib: a number of GiB >= 0 -> bytes."""
+    from .disk_cache import parse_size_gib
+
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
+        return parse_size_gib(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _disk_cache(args):
@@ -96,7 +96,7 @@ def _disk_cache(args):
     from .disk_cache import DiskCache
     from .files import check_output_folder
 
-    return DiskCache(check_output_folder(args.cache_dir, "--cache-dir"), max_bytes=int(args.cache_max_gib * 2**30))
+    return DiskCache(check_output_folder(args.cache_dir, "--cache-dir"), max_bytes=args.cache_max_bytes)
 
 
 def cmd_encode(args) -> None:
@@ -144,22 +144,22 @@ def cmd_info(args) -> None:
     print(json.dumps(describe(args.checkpoint), indent=2))
 
 
-# generate's settings when neither a flag nor --like's record gives them
-GENERATE_DEFAULTS = dict(negative_prompt="", steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                         scheduler=DEFAULT_SCHEDULER, seed=0, num_images=1, noise="per-image", dtype="float32",
-                         device="cpu", height=None, width=None, image_weights=None)
+# generate's settings that a flag or --like's record gives; without either, generate_images' own defaults
+GENERATE_SETTINGS = ("negative_prompt", "steps", "guidance_scale", "scheduler", "seed", "num_images", "noise", "dtype",
+                     "device", "height", "width", "image_weights")
 
 
 def generate_settings(args) -> dict:
     """generate's settings: each flag given, else the --like record's (`generate.settings_like`), else
-    GENERATE_DEFAULTS. With --like, the images given are checked against the record (warnings: the picture will
+    generate_images' defaults. With --like, the images given are checked against the record (warnings: the picture will
     differ, which may be what is wanted)."""
-    from .generate import read_settings_record, settings_like
+    from .generate import GENERATE_IMAGES_DEFAULTS, read_settings_record, settings_like
 
-    given = {name: getattr(args, name) for name in ("prompt", *GENERATE_DEFAULTS) if name != "image_weights"}
+    defaults = {name: GENERATE_IMAGES_DEFAULTS[name] for name in GENERATE_SETTINGS}
+    given = {name: getattr(args, name) for name in ("prompt", *GENERATE_SETTINGS) if name != "image_weights"}
     given["image_weights"] = _image_weights(args) if args.image_weights is not None else None
     record = read_settings_record(args.like) if args.like is not None else None
-    settings = {**GENERATE_DEFAULTS, **(settings_like(record) if record else {}),
+    settings = {**defaults, **(settings_like(record) if record else {}),
                 **{name: value for name, value in given.items() if value is not None}}
     if settings.get("prompt") is None:
         raise PromptError("generate needs --prompt (or --like a PNG generate wrote, whose prompt it reuses).")
@@ -257,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep encodings and image features in this folder and reuse them in later runs (keyed by the "
                             "checkpoint file, dtype, device, prompt tokens, image pixels and weights; the ComfyUI "
                             "nodes use user/__kosmosg_cache); default: no disk cache")
-        p.add_argument("--cache-max-gib", type=_positive_float, default=DISK_CACHE_MAX_BYTES / 2**30,
+        p.add_argument("--cache-max-gib", dest="cache_max_bytes", type=_size_gib, default=DISK_CACHE_MAX_BYTES,
                        help=f"size limit of --cache-dir in GiB, least recently used entries removed first "
-                            f"(default {DISK_CACHE_MAX_BYTES / 2**30:g})")
+                            f"(default {DISK_CACHE_MAX_BYTES / 2**30:g}; 0: read it, add nothing)")
 
     def image_args(p):
         p.add_argument("--image", action="append", type=_path, default=[], help="image file, once per <i> in order (repeatable)")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed, steps, guidance, scheduler, noise, size, dtype, device) are the defaults, so it is made "
                         "again; the files (--checkpoint, --sd-model, --image) are given again (the record names them "
                         "only), and any flag given overrides the record (e.g. --seed)")
-    # settings left None here: the record of --like, else GENERATE_DEFAULTS
+    # settings left None here: the record of --like, else generate_images' defaults (GENERATE_SETTINGS)
     p.add_argument("--prompt", default=None, help="text with one <i> per image (<i:0.8>: that image at weight 0.8); "
                                                   "required unless --like")
     image_args(p)

@@ -57,7 +57,9 @@ DPM_SOLVER_FIRST_ORDER_FINAL_BELOW = 15
 # noise on any device and in any batch) or "official" (the official demo: torch.manual_seed(seed), then one draw
 # of all pictures' noise on the sampling device in its dtype, diffusers 0.21.4's randn_tensor without a generator)
 NOISE_MODES = ("per-image", "official")
-MAX_NUM_IMAGES = 1024  # pictures per `generate` run (sampled as one batch): a bound on what a flag or a record asks
+# Bounds on what a flag or a PNG's record (`generate --like`) may ask of `generate`: pictures per run (sampled as
+# one batch), steps (SD1.5 has 1000 noise levels), a side in pixels
+MAX_NUM_IMAGES, MAX_STEPS, MAX_IMAGE_SIDE = 1024, 1000, 8192
 DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE = "dpm", 50, 6.0
 # The PNG text chunk in which `generate` records each picture's settings (JSON: prompt, images, seed, steps...)
 PNG_SETTINGS_KEY = "kosmosg"

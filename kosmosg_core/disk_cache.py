@@ -31,6 +31,17 @@ ENTRY_SUFFIX = ".safetensors"
 TENSOR_NAME = "value"
 
 
+def parse_size_gib(text: str) -> int:
+    """A size limit written in GiB ("1", "0.5", "0" = keep nothing) -> bytes; a ValueError saying what is wrong."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not 0 <= gib < float("inf"):
+        raise ValueError(f"{text!r} is not a number of GiB >= 0")
+    return int(gib * 2**30)
+
+
 def checkpoint_identity(path) -> str:
     """A checkpoint file as a cache key part: its real path, size and modification time (a replaced or
     retrained file is another model; reading its gigabytes to hash them would cost more than an encode)."""
@@ -81,7 +92,7 @@ class DiskCache:
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         """Store `tensor` under `key`, then drop the least recently used entries beyond max_bytes.
-        A failed write (full disk, read-only folder) is logged once, not raised: nothing is lost."""
+        A failed write (full disk, read-only folder) is a warning, one per cause, not an error: nothing is lost."""
         from .files import save_safetensors
 
         if self.max_bytes == 0:
@@ -92,33 +103,41 @@ class DiskCache:
             # by someone else keeps its permissions
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             save_safetensors({TENSOR_NAME: tensor.detach().to("cpu").contiguous()}, path)
-            if self._size is None:
-                self._size = self.size_bytes()
-            else:
-                self._size += path.stat().st_size
-            if self._size > self.max_bytes:
-                self._evict()
+            written = path.stat().st_size
         except OSError as e:
-            message = f"{type(e).__name__}: {e}"
-            if message != self._last_warning:  # not the same line for every entry
-                self._last_warning = message
-                logger.warning("Kosmos-G disk cache: cannot write to %s (%s); encodings are not kept across "
-                               "restarts while it fails.", self.directory, message)
+            cause = (type(e), e.errno)  # each entry's message names its own file: one warning per cause
+            if cause != self._last_warning:
+                self._last_warning = cause
+                logger.warning("Kosmos-G disk cache: cannot write to %s (%s: %s); encodings are not kept across "
+                               "restarts while it fails.", self.directory, type(e).__name__, e)
+            return
+        self._size = self.size_bytes() if self._size is None else self._size + written
+        if self._size > self.max_bytes:
+            self._evict()
+
+    def put_if_missing(self, key: str, tensor: torch.Tensor) -> None:
+        """`put`, unless the entry is there already (a value found in memory: written once)."""
+        if self.max_bytes and not self._path(key).is_file():
+            self.put(key, tensor)
 
     def entries(self) -> list[tuple[Path, int]]:
         """The entry files and their sizes, least recently used first."""
         found = []
-        if not self.directory.is_dir():
+        try:
+            subfolders = [sub.path for sub in os.scandir(self.directory) if sub.is_dir() and len(sub.name) == 2]
+        except OSError:  # no folder yet, or not ours to read
             return []
-        for sub in os.scandir(self.directory):
-            if not (sub.is_dir() and len(sub.name) == 2):
+        for subfolder in subfolders:
+            try:
+                listed = list(os.scandir(subfolder))
+            except OSError:  # another user's in a shared folder: not counted, not removed
                 continue
-            for entry in os.scandir(sub.path):
+            for entry in listed:
                 if not entry.name.endswith(ENTRY_SUFFIX):
                     continue
                 try:
                     stat = entry.stat()
-                except FileNotFoundError:  # removed meanwhile (another process sharing the folder)
+                except OSError:  # removed meanwhile (another process sharing the folder)
                     continue
                 found.append((stat.st_mtime_ns, Path(entry.path), stat.st_size))
         return [(path, size) for _, path, size in sorted(found)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, MAX_NUM_IMAGES,
-                     NANO_SD15_FORMAT, NOISE_MODES, PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR,
+from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_NAMES, MAX_IMAGE_SIDE,
+                     MAX_NUM_IMAGES, MAX_STEPS, NANO_SD15_FORMAT, NOISE_MODES, PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR,
                      SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, first_line)
@@ -245,6 +246,12 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     return paths
 
 
+# generate_images' own defaults, by argument name (what `generate` falls back to without a flag or a --like record)
+GENERATE_IMAGES_DEFAULTS = {name: parameter.default for name, parameter in
+                            inspect.signature(generate_images).parameters.items()
+                            if parameter.default is not inspect.Parameter.empty}
+
+
 def image_digests(pictures: list) -> list[str]:
     """SHA-256 of each picture's RGB pixels (as `read_prompt_images` gives them): a record's `image_sha256`."""
     return [hashlib.sha256(picture.tobytes()).hexdigest() for picture in pictures]
@@ -271,7 +278,7 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
 # num_images depend on the noise mode, the size on whether it was asked for: `settings_like`)
 RECORD_SETTINGS = ("prompt", "negative_prompt", "image_weights", "noise", "steps", "guidance_scale", "scheduler",
                    "dtype", "device")
-RECORD_KEYS = (*RECORD_SETTINGS, "seed", "num_images", "image_index", "images", "image_sha256", "width", "height")
+REQUIRED_RECORD_KEYS = (*RECORD_SETTINGS, "seed", "num_images", "image_index", "images", "image_sha256", "width", "height")
 
 
 def read_settings_record(path) -> dict:
@@ -292,7 +299,7 @@ def read_settings_record(path) -> dict:
         record = json.loads(text)
     except ValueError as e:
         record = e
-    missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else ["all"]
+    missing = [key for key in REQUIRED_RECORD_KEYS if key not in record] if isinstance(record, dict) else ["all"]
     if missing:
         raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
                                       f"(missing: {', '.join(missing)}); give the settings as arguments instead.")
@@ -304,7 +311,7 @@ def read_settings_record(path) -> dict:
 
 
 def settings_record_problem(record: dict) -> str | None:
-    """What in a record (all RECORD_KEYS present) is not what `generate_images` writes, or None: a file's record
+    """What in a record (all REQUIRED_RECORD_KEYS present) is not what `generate_images` writes, or None: a file's record
     is untrusted input."""
     def is_text(value):
         return isinstance(value, str)
@@ -322,8 +329,8 @@ def settings_record_problem(record: dict) -> str | None:
         ("image_weights", lambda v: isinstance(v, list) and len(v) == count and all(map(is_number, v))),
         ("image_index", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < record["num_images"]
          if isinstance(record["num_images"], int) else False),
-        ("requested_width", lambda v: v is None or isinstance(v, int)),
-        ("requested_height", lambda v: v is None or isinstance(v, int)),
+        ("requested_width", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+        ("requested_height", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
     ]
     for key, ok in checks:
         if key in record and not ok(record[key]):
@@ -451,13 +458,13 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
             limit = f"between {low} and {high}" if high is not None else f">= {low}"
             raise GenerationSettingsError(f"{name} must be a whole number {limit}, got {value!r}.")
 
-    whole(steps, "steps", 1)
+    whole(steps, "steps", 1, MAX_STEPS)
     whole(num_images, "num_images", 1, MAX_NUM_IMAGES)
     whole(seed, "seed", 0, 2**64 - num_images)  # image k uses seed + k: torch.Generator.manual_seed's range
     for name, value in (("height", height), ("width", width)):
         if value is None:  # the SD model's own size
             continue
-        whole(value, name, 8)
+        whole(value, name, 8, MAX_IMAGE_SIDE)
         if value % 8:
             raise GenerationSettingsError(f"{name} must be a multiple of 8 (the VAE's scale), got {value}; e.g. "
                                           f"{value - value % 8 or 8} or {value - value % 8 + 8}.")

@@ -151,8 +151,8 @@ class KosmosGPipeline:
     Vision features are cached by image content (preprocessed pixels), so a repeated subject image
     is encoded once; the cache holds at most `cache_size` images. Unconditional encodings (`<s>` or a
     negative prompt: the same for every positive prompt) are cached by text, at most `cache_size` too.
-    Both caches are keyed by how the model computes (`cache_key`: dtype, device, kernels); call
-    `clear_cache` after changing its weights.
+    Both caches are keyed by the model and how it computes (`model_key`: identity, config, dtype, device,
+    kernels); call `clear_cache` after changing its weights.
 
     model_identity: what made the weights (`from_checkpoint`: the file's path, size and modification time), part
         of every cache key; needed for a `DiskCache`, which keeps encodings across restarts. Give one that changes
@@ -191,10 +191,8 @@ class KosmosGPipeline:
             pack_cpu_linears = packs_by_default(device, dtype)
         if pack_cpu_linears:
             pack_for_cpu_encode(model, kernel=cpu_kernel)
-        identity = checkpoint_identity(path)
-        if tokenizer_dir is not None:  # the ids are in the keys; the tokenizer's files make the same ids
-            identity += f"|{Path(tokenizer_dir).resolve()}"
-        return cls(model, tokenizer, cache_size=cache_size, model_identity=identity)
+        # the tokenizer is not part of it: the keys hold the token ids
+        return cls(model, tokenizer, cache_size=cache_size, model_identity=checkpoint_identity(path))
 
     # --- properties ----------------------------------------------------------------------------
     @property
@@ -222,10 +220,11 @@ class KosmosGPipeline:
         return ids
 
     # --- encoding ------------------------------------------------------------------------------
-    def cache_key(self) -> str:
-        """The model as the caches key it: what made its weights, its dtype, and where and how it computes (the
-        device and its kind, torch's version, the linear layers' kernels): values computed another way differ in
-        the last bits, and a cache hit must give what computing would."""
+    def model_key(self) -> str:
+        """The model as the caches key it: what made its weights, its config (an official file's head counts come
+        from a sidecar file or an argument), its dtype, and where and how it computes (the device and its kind,
+        torch's version, the linear layers' kernels): values computed another way differ in the last bits, and a
+        cache hit must give what computing would."""
         device = torch.device(self.compute_device) if self.compute_device is not None else self.device
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -234,7 +233,8 @@ class KosmosGPipeline:
             device_kind = torch.backends.cpu.get_cpu_capability()
         else:
             device_kind = ""
-        return "|".join([self.model_identity or "", str(self.dtype), str(device), device_kind,
+        config = hashlib.sha256(self.model.cfg.to_json().encode()).hexdigest()[:16]
+        return "|".join([self.model_identity or "", f"config {config}", str(self.dtype), str(device), device_kind,
                          f"torch {torch.__version__}", linear_kernels(self.model)])
 
     def _disk_key(self, disk_cache: DiskCache, model_key: str, kind: str, *content) -> str:
@@ -271,15 +271,20 @@ class KosmosGPipeline:
     def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], progress, disk_cache: DiskCache | None,
                           before_compute: _Once) -> torch.Tensor:
         cfg = self.model.cfg
-        model_key = self.cache_key()
+        model_key = self.model_key()
         keys = [f"{digest}|{model_key}" for digest in digests]
         first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
         disk_keys: dict[str, str] = {}
         for i, key in enumerate(keys):
-            if key in self._image_cache or key in first_index:
+            if key in first_index or key in disk_keys:
                 continue
             if disk_cache is not None:
                 disk_keys[key] = self._disk_key(disk_cache, model_key, "vision", digests[i])
+            if key in self._image_cache:
+                if disk_cache is not None:  # computed while no disk cache was given: kept there from now on
+                    disk_cache.put_if_missing(disk_keys[key], self._image_cache[key])
+                continue
+            if disk_cache is not None:
                 cached = self._cached_tensor(disk_cache, disk_keys[key], (cfg.image_token_slots, cfg.decoder.width))
                 if cached is not None:
                     self._image_cache[key] = cached
@@ -347,7 +352,7 @@ class KosmosGPipeline:
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
         image_weights = [combine_image_weights(prompt, weights) for prompt, weights in zip(prompts, image_weights)]
         before_compute = _Once(before_compute)
-        model_key = self.cache_key() if disk_cache is not None else None
+        model_key = self.model_key() if disk_cache is not None else None
         conds = []
         for start in range(0, len(prompt_ids), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)
@@ -392,23 +397,23 @@ class KosmosGPipeline:
         check_text(negative_prompt, "negative prompt")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-        model_key = self.cache_key()
+        ids = build_unconditional_ids(self.tokenizer, negative_prompt)
+        check_prompt_length(ids, self.max_tokens, what="negative prompt")
+        model_key = self.model_key()
         key = (negative_prompt, model_key)
         cond = self._unconditional_cache.get(key)
+        disk_key = None if disk_cache is None else self._disk_key(disk_cache, model_key, "unconditional", ids.ids,
+                                                                   ids.image_mask)
+        if cond is not None and disk_key is not None:  # computed while no disk cache was given: kept there now
+            disk_cache.put_if_missing(disk_key, cond)
+        if cond is None and disk_key is not None:
+            cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
+            cond = None if cond is None else cond.to(self.device)
         if cond is None:
-            ids = build_unconditional_ids(self.tokenizer, negative_prompt)
-            check_prompt_length(ids, self.max_tokens, what="negative prompt")
-            disk_key = None
-            if disk_cache is not None:
-                disk_key = self._disk_key(disk_cache, model_key, "unconditional", ids.ids, ids.image_mask)
-                cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
-            if cond is not None:
-                cond = cond.to(self.device)
-            else:
-                _Once(before_compute)()
-                cond = self.encode_ids([ids], None)  # [1, 77, C]
-                if disk_key is not None:
-                    disk_cache.put(disk_key, cond)
+            _Once(before_compute)()
+            cond = self.encode_ids([ids], None)  # [1, 77, C]
+            if disk_key is not None:
+                disk_cache.put(disk_key, cond)
         self._unconditional_cache[key] = cond
         self._unconditional_cache.move_to_end(key)
         while len(self._unconditional_cache) > self.cache_size:

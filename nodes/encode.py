@@ -13,7 +13,6 @@ Output format (what CLIPTextEncode gives, so every stock node accepts it):
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import comfy.model_management as mm
@@ -25,7 +24,7 @@ from ..kosmosg_core.config import DISK_CACHE_MAX_BYTES
 from ..kosmosg_core.disk_cache import DiskCache
 from ..kosmosg_core.errors import PromptError
 from ..kosmosg_core.prompt import check_negative_prompt, combine_image_weights
-from . import paths
+from .disk_cache import SIZE_VARIABLE, shared_disk_cache
 from .model_management import KosmosGModel
 from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
@@ -34,38 +33,6 @@ logger = logging.getLogger(__name__)
 MAX_CACHED_ENCODINGS = 16
 MAX_CACHED_BYTES = 256 * 2**20  # and at most this much tensor data (big batches are 100s of MB each)
 _ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
-DISK_CACHE_SIZE_VARIABLE = "KOSMOSG_DISK_CACHE_GIB"  # environment: the disk cache's size limit for every workflow
-_DISK_CACHES: dict[tuple[str, int], DiskCache] = {}  # (folder, size limit) -> its cache
-
-
-def disk_cache_max_bytes() -> int:
-    """KOSMOSG_DISK_CACHE_GIB (a number of GiB, 0 = no disk cache) if set, else DISK_CACHE_MAX_BYTES."""
-    text = os.environ.get(DISK_CACHE_SIZE_VARIABLE, "").strip()
-    if not text:
-        return DISK_CACHE_MAX_BYTES
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = float("nan")
-    if not 0 <= gib < float("inf"):
-        logger.warning("%s=%r is not a number of GiB >= 0; using %g GiB.", DISK_CACHE_SIZE_VARIABLE, text,
-                       DISK_CACHE_MAX_BYTES / 2**30)
-        return DISK_CACHE_MAX_BYTES
-    return int(gib * 2**30)
-
-
-def shared_disk_cache() -> DiskCache | None:
-    """The pack's disk cache of encodings (`paths.disk_cache_folder`, `disk_cache_max_bytes`); None when the
-    limit is 0."""
-    folder, max_bytes = paths.disk_cache_folder(), disk_cache_max_bytes()
-    if max_bytes == 0:
-        return None
-    if (folder, max_bytes) not in _DISK_CACHES:
-        logger.info("Kosmos-G Encode keeps encodings and image features in %s (at most %d MiB, the least recently "
-                    "used go first; the node's disk_cache input or %s=0 turns it off)", folder, max_bytes >> 20,
-                    DISK_CACHE_SIZE_VARIABLE)
-        _DISK_CACHES[(folder, max_bytes)] = DiskCache(folder, max_bytes=max_bytes)
-    return _DISK_CACHES[(folder, max_bytes)]
 
 
 def _cached_bytes() -> int:
@@ -138,7 +105,7 @@ class KosmosGEncode(io.ComfyNode):
                                          f"at most {DISK_CACHE_MAX_BYTES >> 30} GiB, least recently used dropped "
                                          "first), so the same prompt and images are not encoded again after a "
                                          "restart. Keyed by the checkpoint file, dtype and device. Size limit for "
-                                         f"every workflow: the environment variable {DISK_CACHE_SIZE_VARIABLE} "
+                                         f"every workflow: the environment variable {SIZE_VARIABLE} "
                                          "(GiB, 0 = off)."),
             ],
             outputs=[
@@ -163,7 +130,8 @@ class KosmosGEncode(io.ComfyNode):
         negative_text = negative_text or ""
         # ComfyUI already caches this node's output while its inputs are unchanged; this content-keyed
         # cache also covers re-executed upstream nodes that produce the same pixels.
-        key = (model.cache_key, prompt.fingerprint(), negative_text)
+        # with the disk_cache flag: turned on, the next run puts what memory holds on disk
+        key = (model.cache_key, prompt.fingerprint(), negative_text, bool(disk_cache))
         if key in _ENCODE_CACHE:
             _ENCODE_CACHE.move_to_end(key)
             positive, negative = _ENCODE_CACHE[key]

@@ -13,7 +13,6 @@ naming the same file, dtype and device share one copy, and ComfyUI's "free model
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -92,12 +91,12 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     """Load a checkpoint, or share the copy still alive for the same file identity (path, mtime, size),
     dtype and devices."""
     from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_by_default
+    from ..kosmosg_core.disk_cache import checkpoint_identity
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
     dtype = choose_dtype(dtype_choice, load_device)
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(dtype), str(load_device), str(offload_device))
+    key = (checkpoint_identity(path), str(dtype), str(load_device), str(offload_device))
     model = _LOADED.get(key)
     if model is not None:
         return model

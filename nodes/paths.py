@@ -1,5 +1,4 @@
-"""Model folders: `models/kosmosg` for checkpoints, `models/kosmosg_conditioning` for saved conditionings;
-the disk cache of encodings in ComfyUI's user folder.
+"""Model folders: `models/kosmosg` for checkpoints, `models/kosmosg_conditioning` for saved conditionings.
 
 Registered the way IPAdapter_plus registers `models/ipadapter`: a folder already created by the
 user's `extra_model_paths.yaml` keeps its paths, only the extension filter is set.
@@ -11,6 +10,7 @@ import os
 
 import folder_paths
 
+from ..kosmosg_core.disk_cache import checkpoint_identity
 from ..kosmosg_core.errors import CheckpointNotFoundError
 from ..kosmosg_core.files import path_length_problem
 from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
@@ -20,7 +20,6 @@ CONDITIONING_FOLDER = "kosmosg_conditioning"
 CHECKPOINT_EXTENSIONS = {".pt", ".safetensors"}
 OFFICIAL_EXTENSIONS = {".pt"}
 CONDITIONING_EXTENSIONS = {".safetensors"}
-DISK_CACHE_NAME = "kosmosg_cache"
 
 
 def register_folder(name: str, extensions: set[str]) -> None:
@@ -99,14 +98,4 @@ def file_fingerprint(path: str | None) -> str:
     """Changes when the file is replaced or rewritten (for ComfyUI's re-run check)."""
     if path is None or not os.path.exists(path):
         return "missing"
-    stat = os.stat(path)
-    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
-
-
-def disk_cache_folder() -> str:
-    """Where Kosmos-G Encode keeps encodings across restarts: ComfyUI's internal user folder `user/__kosmosg_cache`
-    (never served over HTTP: it holds encodings of users' prompts and images)."""
-    if hasattr(folder_paths, "get_system_user_directory"):
-        return folder_paths.get_system_user_directory(DISK_CACHE_NAME)
-    # an older ComfyUI, without system user folders: the same place, by the same rule
-    return os.path.join(folder_paths.get_user_directory(), "__" + DISK_CACHE_NAME)
+    return checkpoint_identity(path)

@@ -139,6 +139,43 @@ def test_zero_bytes_keeps_nothing_and_bad_sizes_are_refused(tmp_path):
             DiskCache(tmp_path, max_bytes=bad)
 
 
+def test_a_full_disk_is_one_warning_and_an_unreadable_subfolder_does_not_stop_eviction(tmp_path, caplog,
+                                                                                          monkeypatch):
+    from kosmosg_core import files
+
+    cache = DiskCache(tmp_path / "cache", max_bytes=10**9)
+
+    def disk_full(tensors, path, metadata=None):
+        raise OSError(28, f"No space left on device (writing {path})")  # each entry's message names its file
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "save_safetensors", disk_full)
+        with caplog.at_level(logging.WARNING):
+            for k in range(3):
+                cache.put(cache.key(k), torch.ones(3))
+    assert caplog.text.count("cannot write") == 1
+    for k in range(4):
+        cache.put(cache.key(k), torch.zeros(1000))
+    entry = cache.entries()[0][1]
+    unreadable = cache._path(cache.key(0)).parent
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if str(path) == str(unreadable) else real_scandir(path))
+    cache.max_bytes = 2 * entry
+    cache._size = None
+    cache.put(cache.key(9), torch.zeros(1000))  # evicts among the readable entries, no exception
+    assert cache.size_bytes() <= 2 * entry
+
+
+def test_parse_size_gib():
+    from kosmosg_core.disk_cache import parse_size_gib
+
+    assert parse_size_gib("1") == 2**30 and parse_size_gib("0") == 0 and parse_size_gib(" 0.5") == 2**29
+    for bad in ("-1", "nan", "inf", "lots", ""):
+        with pytest.raises(ValueError, match="not a number of GiB >= 0"):
+            parse_size_gib(bad)
+
+
 def test_clear_removes_every_entry(tmp_path):
     cache = DiskCache(tmp_path)
     for k in range(3):
@@ -238,7 +275,7 @@ def test_a_replaced_checkpoint_is_another_model(checkpoint, tmp_path, monkeypatc
     with pytest.raises(ModelRuns):
         replaced.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
     other_dtype = KosmosGPipeline.from_checkpoint(checkpoint, dtype="bfloat16")
-    assert other_dtype.cache_key() != replaced.cache_key()
+    assert other_dtype.model_key() != replaced.model_key()
 
 
 def test_the_model_is_asked_for_before_it_runs(checkpoint, tmp_path, monkeypatch):
@@ -292,12 +329,14 @@ def test_how_the_model_computes_is_part_of_the_key(checkpoint, tmp_path, monkeyp
     with pytest.raises(ModelRuns):
         packed.encode(PROMPT, [image(0), image(1)], disk_cache=cache)
     plain = KosmosGPipeline.from_checkpoint(checkpoint, pack_cpu_linears=False)
-    key = plain.cache_key()
-    assert "torch " + torch.__version__ in key and key != packed.cache_key()
+    key = plain.model_key()
+    assert "torch " + torch.__version__ in key and key != packed.model_key()
     plain.model.to("meta")
-    assert plain.cache_key() != key  # moved: computed elsewhere from now on
+    assert plain.model_key() != key  # moved: computed elsewhere from now on
     plain.compute_device = torch.device("cpu")
-    assert plain.cache_key() == key
+    assert plain.model_key() == key
+    plain.model.cfg.decoder.heads //= 2  # e.g. an official file's sidecar head count changed: another model
+    assert plain.model_key() != key
 
 
 def test_a_damaged_entry_is_recomputed(checkpoint, tmp_path):

@@ -43,7 +43,7 @@ from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears, packs_dtype
 from kosmosg_pack.kosmosg_core.pipeline import KosmosGPipeline  # noqa: E402
 from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
 from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
-from kosmosg_pack.nodes import encode, model_management, paths  # noqa: E402
+from kosmosg_pack.nodes import disk_cache, encode, model_management, paths  # noqa: E402
 from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, KosmosGSaveConditioning  # noqa: E402
 from kosmosg_pack.nodes.encode import KosmosGEncode  # noqa: E402
 from kosmosg_pack.nodes.loader import KosmosGConvertCheckpoint, KosmosGLoader, converted_file_name  # noqa: E402
@@ -458,7 +458,7 @@ def test_encode_disk_cache_survives_a_restart(model_dirs, converted, user_direct
     model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
     first = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     folder = user_directory / "__kosmosg_cache"
-    assert paths.disk_cache_folder() == str(folder) and len(list(folder.glob("*/*.safetensors"))) == 4  # 2 images,
+    assert disk_cache.disk_cache_folder() == str(folder) and len(list(folder.glob("*/*.safetensors"))) == 4  # 2 images,
     del model  # the encoding and the negative
     _restart_comfy()
 
@@ -491,20 +491,36 @@ def test_encode_without_disk_cache_writes_nothing_and_recomputes(model_dirs, con
     assert loads == [1, 1] and torch.equal(again, first)  # the positive and the negative computed, not read
 
 
+def test_turning_the_disk_cache_on_keeps_what_memory_already_holds(model_dirs, converted, user_directory,
+                                                                   monkeypatch):
+    """Encoded with disk_cache off, then on (the node's and the pipeline's memory hold the features and the
+    negative): after a restart all of it comes from disk, the model not asked for."""
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    first = KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]), "", False).result
+    KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]), "", True)
+    del model
+    _restart_comfy()
+    model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
+    loads = []
+    monkeypatch.setattr(model, "load_for_encoding", lambda: loads.append(1))
+    again = KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]), "", True).result
+    assert loads == [] and all(torch.equal(a[0][0], b[0][0]) for a, b in zip(again, first))
+
+
 def test_disk_cache_size_comes_from_the_environment(model_dirs, converted, user_directory, monkeypatch, caplog):
     """KOSMOSG_DISK_CACHE_GIB sets the limit for every workflow; 0 turns the disk cache off; nonsense is said and
     the default used."""
     from kosmosg_pack.kosmosg_core.config import DISK_CACHE_MAX_BYTES
 
     monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", "2.5")
-    assert encode.shared_disk_cache().max_bytes == int(2.5 * 2**30)
+    assert disk_cache.shared_disk_cache().max_bytes == int(2.5 * 2**30)
     for text in ("lots", "-1", "inf"):
         monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", text)
         caplog.clear()
-        assert encode.shared_disk_cache().max_bytes == DISK_CACHE_MAX_BYTES
-        assert "KOSMOSG_DISK_CACHE_GIB" in caplog.text and "not a number of GiB" in caplog.text
+        assert disk_cache.shared_disk_cache().max_bytes == DISK_CACHE_MAX_BYTES
+        assert "KOSMOSG_DISK_CACHE_GIB" in caplog.text and "not a number of GiB >= 0" in caplog.text
     monkeypatch.setenv("KOSMOSG_DISK_CACHE_GIB", "0")
-    assert encode.shared_disk_cache() is None
+    assert disk_cache.shared_disk_cache() is None
     model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
     KosmosGEncode.execute(model, run_prompt("a <i>", [image(5)]))
     assert not (user_directory / "__kosmosg_cache").exists()
