@@ -60,19 +60,26 @@ def encode_prompt(model: KosmosGModel, prompt: KosmosGPrompt, negative_text: str
 
     mm.throw_exception_if_processing_interrupted()
     pipeline = model.pipeline
+    computed = []
+
+    def load_for_encoding():  # the pipeline calls it before the model runs: never when the disk cache holds it all
+        computed.append(True)
+        model.load_for_encoding()
     texts = [prompt.text] * batch
     images = [prompt.images_for_sample(b) for b in range(batch)]
     weights = [list(prompt.weights) for _ in range(batch)]
     with torch.inference_mode():
         positive = pipeline.encode(texts, images, image_weights=weights, progress=step, disk_cache=cache,
-                                   before_compute=model.load_for_encoding)  # [B, 77, C]
+                                   before_compute=load_for_encoding)  # [B, 77, C]
         mm.throw_exception_if_processing_interrupted()
         try:
             negative = pipeline.encode_unconditional(negative_text, batch_size=batch, disk_cache=cache,
-                                                     before_compute=model.load_for_encoding)  # [B, 77, C]
+                                                     before_compute=load_for_encoding)  # [B, 77, C]
         except PromptError as error:  # e.g. too long: say which of the node's texts it is
             raise PromptError(f"negative_text: {error}") from error
         step()
+    if cache is not None and not computed:
+        logger.info("Kosmos-G Encode: read from the disk cache in %s (the model was not run)", cache.directory)
     metadata = {"model": model.name, "num_images": num_images,
                 "weights": combine_image_weights(prompt.text, prompt.weights)}  # the list's times the text's `<i:W>`
     return (to_conditioning(positive, {**metadata, "text": prompt.text}),

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from support import comfy_tiny_models
-from support.comfy_server import execution_error
+from support.comfy_server import execution_error, free_port
 from support.workflow_api import schema_problems, substitute, ui_to_api
 
 from .conftest import PACK_NAME, REPO, TINY_KOSMOSG, TINY_KOSMOSG_PT
@@ -220,6 +220,22 @@ def test_encode_keeps_its_disk_cache_in_the_internal_user_folder(comfy):
                  "/api/userdata/..%2F__kosmosg_cache"):
         status, body = comfy.get(path)
         assert status in (400, 403, 404) or b"safetensors" not in body, (path, status, body[:300])
+
+
+def test_the_disk_cache_survives_a_server_restart(comfy):
+    """The user's story: a workflow run, ComfyUI restarted, the same workflow again: Kosmos-G Encode reads its
+    encodings from the disk cache (the model is not run) and the picture is the same."""
+    graph = add_sampling(encode_graph(text="a restart-proof <i>"), prefix="kg-restart")
+    before = comfy.run(graph)
+    assert_success(comfy, before)
+    assert "read from the disk cache" not in comfy.log_text()
+    comfy.stop()
+    comfy.port = free_port()  # the old one may linger in TIME_WAIT
+    comfy.start()
+    after = comfy.run(graph)
+    assert_success(comfy, after)
+    assert "Kosmos-G Encode: read from the disk cache" in comfy.log_text(), comfy.log_tail()
+    assert (pixels(comfy.output_images(after)[0]) == pixels(comfy.output_images(before)[0])).all()
 
 
 def test_conditioning_through_stock_nodes(comfy):
