@@ -360,7 +360,7 @@ class KosmosGPipeline:
             flat_weights = [w for group in image_weights[chunk] for w in group]
             pixels, digests = self._pixels_and_digests(flat_images) if flat_images else (None, [])
             disk_key = None
-            if disk_cache is not None:  # the chunk is the unit: a batch's numbers differ from one prompt's in the last bits
+            if disk_cache is not None:  # per chunk: a batch's numbers differ from one prompt's in the last bits
                 disk_key = self._disk_key(disk_cache, model_key, "encoding", [ids.ids for ids in prompt_ids[chunk]],
                                           [ids.image_mask for ids in prompt_ids[chunk]], digests, flat_weights)
                 cond = self._cached_tensor(disk_cache, disk_key,
@@ -410,7 +410,8 @@ class KosmosGPipeline:
             cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
             cond = None if cond is None else cond.to(self.device)
         if cond is None:
-            _Once(before_compute)()
+            if before_compute is not None:
+                before_compute()
             cond = self.encode_ids([ids], None)  # [1, 77, C]
             if disk_key is not None:
                 disk_cache.put(disk_key, cond)

@@ -622,6 +622,25 @@ def test_the_readme_python_example_runs(tmp_path):
                                                       "torch.Size([2, 77, 768])")
 
 
+def test_the_readme_headless_commands_parse():
+    """Every `python -m kosmosg_core ...` line of the README's headless block is a command the CLI takes (flags
+    renamed or removed would leave the README wrong without a word)."""
+    import shlex
+
+    from kosmosg_core.cli import build_parser
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Headless: `python -m kosmosg_core`", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [" ".join(part.rstrip("\\ ") for part in command.splitlines())
+                for command in re.split(r"\n(?=python -m kosmosg_core)", block.strip())]
+    assert len(commands) >= 10 and all(c.startswith("python -m kosmosg_core ") for c in commands), commands
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command.split("   #", 1)[0], comments=True)[3:]
+        argv = [a for a in argv if not (a.startswith("[") or a.endswith("]"))]  # [--dtype float16]: optional
+        parser.parse_args(argv)  # SystemExit (argparse's error) fails the test, naming the command
+
+
 def test_sd_models_load_in_the_asked_dtype_without_diffusers_deprecation_warnings(tmp_path):
     """diffusers 0.40 renamed the loaders' `torch_dtype` to `dtype` and warned at every `generate`; releases before it
     (down to 0.35.2, the lower bound) know only `torch_dtype`."""

@@ -127,6 +127,33 @@ def test_device_pipeline_caches(device, pack):
         pipe.model.forward = original
 
 
+def test_disk_cache_on_the_device(device, pack, tmp_path):
+    """A restarted GPU pipeline reads its encodings back without running the model, on its device; a model parked on
+    the CPU that computes on the GPU (ComfyUI's offload: compute_device) is keyed by the GPU, so it reads the GPU's
+    entries, and a prompt whose features come from the cache while the model is still parked, then runs its
+    decoder on the GPU, ends on the GPU (features read on the CPU move with it)."""
+    from kosmosg_core.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path / "cache")
+    pipe = KosmosGPipeline.from_checkpoint(pack[0], device=device, pack_cpu_linears=False)
+    cond = pipe.encode("a photo of <i>", [image(5)], disk_cache=cache)
+    uncond = pipe.encode_unconditional(disk_cache=cache)
+    expected = pipe.encode("<i> in a text never encoded", [image(5)])
+    parked = KosmosGPipeline.from_checkpoint(pack[0], device="cpu", pack_cpu_linears=False)
+    parked.compute_device = torch.device(device)
+    assert parked.model_key() == pipe.model_key()
+    runs = []
+    original = parked.model.forward
+    parked.model.forward = lambda *args, **kwargs: (runs.append(1), original(*args, **kwargs))[1]
+    read = parked.encode("a photo of <i>", [image(5)], disk_cache=cache, before_compute=lambda: runs.append("load"))
+    assert runs == [] and torch.equal(read.cpu(), cond.cpu())
+    assert torch.equal(parked.encode_unconditional(disk_cache=cache).cpu(), uncond.cpu()) and runs == []
+    new = parked.encode("<i> in a text never encoded", [image(5)], disk_cache=cache,
+                        before_compute=lambda: parked.model.to(device))  # what ComfyUI's load does
+    assert new.device.type == torch.device(device).type and runs == [1]
+    assert torch.allclose(new.float(), expected.float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 8, 8), (4, 4, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_official_noise_on_the_device_is_the_official_demos_draw(device, dtype, shape):
