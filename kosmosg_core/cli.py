@@ -1,4 +1,4 @@
-"""`python -m kosmosg_core` — encode, convert, info, generate, bench.
+"""`python -m kosmosg_core` — encode, convert, info, generate, cache, bench.
 
 Each sub-command maps onto one core function; a `KosmosGError` is printed as one line
 (`error: ...`) with exit code 2, never as a traceback.
@@ -235,6 +235,21 @@ def cmd_generate(args) -> None:
         print(f"wrote {p}")
 
 
+def cmd_cache(args) -> None:
+    from .disk_cache import DiskCache
+
+    cache = DiskCache(args.dir)
+    entries = cache.entries()
+    size = sum(entry_size for _, entry_size in entries)
+    if args.clear:
+        cache.clear()
+        left = len(cache.entries())
+        print(f"removed {len(entries) - left} entries ({size / 2**20:.1f} MiB) from {args.dir}"
+              + (f"; {left} could not be removed (another user's?)" if left else ""))
+    else:
+        print(f"{args.dir}: {len(entries)} entries, {size / 2**20:.1f} MiB")
+
+
 def cmd_bench(args) -> None:
     from .bench import run_benchmark
 
@@ -339,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the PNGs without their record of the settings (prompt, image file names and pixel "
                         "hashes, seed, ...: the text chunk 'kosmosg'), e.g. before sharing them")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("cache", help="a disk cache of encodings (--cache-dir, or ComfyUI's user/__kosmosg_cache): its "
+                                     "size, or --clear to empty it")
+    p.add_argument("--dir", required=True, type=_path, help="the cache folder")
+    p.add_argument("--clear", action="store_true", help="remove every entry")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("bench", help="measure load time, peak RSS and encode latency against machine yardsticks")
     p.add_argument("--size", default="official", choices=["official", "tiny", "small"],

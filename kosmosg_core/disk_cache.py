@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 ENTRY_SUFFIX = ".safetensors"
 TENSOR_NAME = "value"
+# an entry's file name: its key (64 hex digits) + ENTRY_SUFFIX, in the folder named by the key's first two digits;
+# nothing else in the folder is counted or ever removed (a --cache-dir may be a folder that holds other files)
+ENTRY_NAME = re.compile(r"([0-9a-f]{2})[0-9a-f]{62}" + re.escape(ENTRY_SUFFIX))
 
 
 def parse_size_gib(text: str) -> int:
@@ -121,7 +125,7 @@ class DiskCache:
             self.put(key, tensor)
 
     def entries(self) -> list[tuple[Path, int]]:
-        """The entry files and their sizes, least recently used first."""
+        """The entry files (ENTRY_NAME only) and their sizes, least recently used first."""
         found = []
         try:
             subfolders = [sub.path for sub in os.scandir(self.directory) if sub.is_dir() and len(sub.name) == 2]
@@ -133,7 +137,8 @@ class DiskCache:
             except OSError:  # another user's in a shared folder: not counted, not removed
                 continue
             for entry in listed:
-                if not entry.name.endswith(ENTRY_SUFFIX):
+                name = ENTRY_NAME.fullmatch(entry.name)
+                if name is None or name.group(1) != os.path.basename(subfolder):
                     continue
                 try:
                     stat = entry.stat()

@@ -21,7 +21,7 @@ from kosmosg_core.pipeline import KosmosGPipeline
 from support.tiny_kosmosg import write_tiny_official
 
 REPO = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["encode", "convert", "info", "generate", "bench"]
+SUBCOMMANDS = ["encode", "convert", "info", "generate", "cache", "bench"]
 
 
 def run_cli(*args, check=True, **env_overrides):
@@ -272,6 +272,21 @@ def test_encode_cache_dir_is_read_by_later_runs(pack, images, tmp_path):
     for bad in ("-1", "nan", "inf", "x"):
         result = run_cli(*args, "--out", second, "--cache-max-gib", bad, check=False)
         assert result.returncode == 2 and "--cache-max-gib" in result.stderr and "not a number of GiB" in result.stderr
+
+
+def test_cache_command_tells_the_size_and_clears(tmp_path):
+    from kosmosg_core.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path / "cache")
+    for k in range(3):
+        cache.put(cache.key(k), torch.zeros(1000))
+    other = tmp_path / "cache" / "readme.txt"
+    other.write_text("not an entry")
+    out = run_cli("cache", "--dir", tmp_path / "cache").stdout
+    assert out.startswith(f"{tmp_path / 'cache'}: 3 entries, ") and out.strip().endswith(" MiB")
+    out = run_cli("cache", "--dir", tmp_path / "cache", "--clear").stdout
+    assert out.startswith("removed 3 entries") and cache.entries() == [] and other.is_file()
+    assert run_cli("cache", "--dir", tmp_path / "nothing").stdout.strip().endswith(": 0 entries, 0.0 MiB")
 
 
 def test_generate_passes_its_disk_cache(monkeypatch, tmp_path):

@@ -176,12 +176,23 @@ def test_parse_size_gib():
             parse_size_gib(bad)
 
 
-def test_clear_removes_every_entry(tmp_path):
+def test_clear_and_eviction_touch_only_entries(tmp_path):
+    """A cache folder may be one that holds other files (a --cache-dir given by hand): clearing and eviction
+    remove only files named as entries are, in the folder their name says."""
     cache = DiskCache(tmp_path)
     for k in range(3):
         cache.put(cache.key(k), torch.ones(2))
+    keep = [tmp_path / "sd" / "model.safetensors", tmp_path / "ab" / ("ab" + "0" * 62 + ".txt"),
+            tmp_path / "cd" / ("ab" + "0" * 62 + ".safetensors"), tmp_path / "notes.safetensors"]
+    for path in keep:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 10_000)
+    assert len(cache.entries()) == 3
+    cache.max_bytes = 1
+    cache.put(cache.key(3), torch.ones(2))  # evicts all entries
     cache.clear()
     assert cache.entries() == [] and cache.get(cache.key(0)) is None
+    assert all(path.is_file() for path in keep)
 
 
 def test_checkpoint_identity_changes_when_the_file_is_replaced(tmp_path):
