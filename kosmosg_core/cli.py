@@ -237,17 +237,25 @@ def cmd_generate(args) -> None:
 
 def cmd_cache(args) -> None:
     from .disk_cache import DiskCache
+    from .errors import OutputPathError
 
-    cache = DiskCache(args.dir)
+    folder = Path(args.dir)
+    if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
+        problem = "does not exist" if not folder.exists() else "is not a folder" if not folder.is_dir() else \
+            "cannot be read"
+        raise OutputPathError(f"--dir {folder} {problem}; give the cache folder (ComfyUI's is user/__kosmosg_cache in "
+                              "ComfyUI's folder, the CLI's the --cache-dir it was given).")
+    cache = DiskCache(folder)
     entries = cache.entries()
     size = sum(entry_size for _, entry_size in entries)
     if args.clear:
         cache.clear()
-        left = len(cache.entries())
-        print(f"removed {len(entries) - left} entries ({size / 2**20:.1f} MiB) from {args.dir}"
-              + (f"; {left} could not be removed (another user's?)" if left else ""))
+        left = cache.entries()
+        removed = size - sum(entry_size for _, entry_size in left)
+        print(f"removed {len(entries) - len(left)} entries ({removed / 2**20:.1f} MiB) from {folder}"
+              + (f"; {len(left)} could not be removed (another user's?)" if left else ""))
     else:
-        print(f"{args.dir}: {len(entries)} entries, {size / 2**20:.1f} MiB")
+        print(f"{folder}: {len(entries)} entries, {size / 2**20:.1f} MiB")
 
 
 def cmd_bench(args) -> None:

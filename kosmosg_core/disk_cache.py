@@ -128,7 +128,9 @@ class DiskCache:
         """The entry files (ENTRY_NAME only) and their sizes, least recently used first."""
         found = []
         try:
-            subfolders = [sub.path for sub in os.scandir(self.directory) if sub.is_dir() and len(sub.name) == 2]
+            # never through a link: what it points to is not the cache's
+            subfolders = [sub.path for sub in os.scandir(self.directory)
+                          if len(sub.name) == 2 and sub.is_dir(follow_symlinks=False)]
         except OSError:  # no folder yet, or not ours to read
             return []
         for subfolder in subfolders:
@@ -138,7 +140,8 @@ class DiskCache:
                 continue
             for entry in listed:
                 name = ENTRY_NAME.fullmatch(entry.name)
-                if name is None or name.group(1) != os.path.basename(subfolder):
+                if name is None or name.group(1) != os.path.basename(subfolder) or \
+                        not entry.is_file(follow_symlinks=False):
                     continue
                 try:
                     stat = entry.stat()

@@ -228,6 +228,7 @@ class KosmosGPipeline:
         device = torch.device(self.compute_device) if self.compute_device is not None else self.device
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
+            device = torch.device("cuda", index)  # "cuda" names the same GPU as the weights' "cuda:0"
             device_kind = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
         elif device.type == "cpu":
             device_kind = torch.backends.cpu.get_cpu_capability()

@@ -1,5 +1,6 @@
 """`python -m kosmosg_core`: --help everywhere, encode contract, convert round trip, generate, clean errors."""
 
+import argparse
 import json
 import logging
 import os
@@ -286,7 +287,10 @@ def test_cache_command_tells_the_size_and_clears(tmp_path):
     assert out.startswith(f"{tmp_path / 'cache'}: 3 entries, ") and out.strip().endswith(" MiB")
     out = run_cli("cache", "--dir", tmp_path / "cache", "--clear").stdout
     assert out.startswith("removed 3 entries") and cache.entries() == [] and other.is_file()
-    assert run_cli("cache", "--dir", tmp_path / "nothing").stdout.strip().endswith(": 0 entries, 0.0 MiB")
+    assert run_cli("cache", "--dir", tmp_path / "cache").stdout.strip().endswith(": 0 entries, 0.0 MiB")
+    for folder, problem in ((tmp_path / "nothing", "does not exist"), (other, "is not a folder")):
+        result = run_cli("cache", "--dir", folder, "--clear", check=False)
+        assert result.returncode == 2 and f"--dir {folder} {problem}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_generate_passes_its_disk_cache(monkeypatch, tmp_path):
@@ -650,9 +654,12 @@ def test_the_readme_headless_commands_parse():
                 for command in re.split(r"\n(?=python -m kosmosg_core)", block.strip())]
     assert len(commands) >= 10 and all(c.startswith("python -m kosmosg_core ") for c in commands), commands
     parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for command in commands:
-        argv = shlex.split(command.split("   #", 1)[0], comments=True)[3:]
-        argv = [a for a in argv if not (a.startswith("[") or a.endswith("]"))]  # [--dtype float16]: optional
+        argv = [a.strip("[]") for a in shlex.split(command.split("   #", 1)[0], comments=True)[3:]]  # [--x]: optional
+        flags = set(subcommands[argv[0]]._option_string_actions)
+        # exact names: argparse would also take the start of a renamed flag
+        assert [a for a in argv if a.startswith("--") and a not in flags] == [], command
         parser.parse_args(argv)  # SystemExit (argparse's error) fails the test, naming the command
 
 

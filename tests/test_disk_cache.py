@@ -193,6 +193,15 @@ def test_clear_and_eviction_touch_only_entries(tmp_path):
     cache.clear()
     assert cache.entries() == [] and cache.get(cache.key(0)) is None
     assert all(path.is_file() for path in keep)
+    elsewhere = tmp_path.parent / (tmp_path.name + "-elsewhere")  # a link to another folder, named as a subfolder
+    elsewhere.mkdir()
+    victim = elsewhere / ("ef" + "1" * 62 + ".safetensors")
+    victim.write_bytes(b"x")
+    (tmp_path / "ef").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "ab" / ("ab" + "2" * 62 + ".safetensors")).symlink_to(victim)
+    assert cache.entries() == []
+    cache.clear()
+    assert victim.is_file()
 
 
 def test_checkpoint_identity_changes_when_the_file_is_replaced(tmp_path):
