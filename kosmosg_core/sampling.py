@@ -1,5 +1,5 @@
 """The official demo's sampling, without diffusers (the ComfyUI nodes do not need it): the noise levels its
-DPM-Solver steps through, on any discrete-time model's noise schedule, and its starting noise.
+DPM-Solver (or DDIM) steps through, on any discrete-time model's noise schedule, and its starting noise.
 
 The ComfyUI nodes Kosmos-G Official Sampler and Official Noise give these to ComfyUI's own sampling; `generate`
 runs diffusers' scheduler (generate.official_scheduler; tests/test_official_sampling.py checks the two agree) and
@@ -8,23 +8,42 @@ hands diffusers `official_noise_generator`.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 import torch
 
-from .config import DEFAULT_STEPS
+from .config import DEFAULT_STEPS, SD15_CONFIG_DIR
 from .errors import DeviceError, GenerationSettingsError, first_line
 
 
-def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> torch.Tensor:
-    """The noise levels [steps + 1] the official demo's DPM-Solver steps through, on a model's own noise schedule.
+OFFICIAL_SAMPLER_SCHEDULERS = ("dpm", "ddim")  # the demo's schedulers ComfyUI's samplers can step as it does
+
+
+@functools.cache
+def sd15_steps_offset() -> int:
+    """SD1.5's scheduler `steps_offset` (1): DDIM's timesteps are shifted by it."""
+    return int(json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())["steps_offset"])
+
+
+def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, scheduler: str = "dpm") -> torch.Tensor:
+    """The noise levels [steps + 1] the official demo's DPM-Solver (or DDIM) steps through, on a model's own noise
+    schedule.
 
     sigmas: [T] float, the model's noise level at each training timestep 0..T-1 (SD1.5: T = 1000, 0.029 ... 14.6).
-    Returns sigmas at the timesteps diffusers' DPM-Solver visits (its "linspace" spacing, the default then and now:
-    T-1 down to 0 in `steps` even strides, rounded to whole timesteps, the last one, 0, dropped), then sigmas[0],
-    where its last step ends (diffusers 0.21.4; config.SCHEDULER_SETTINGS).
-    k-diffusion's `dpmpp_2m` through these levels, from noise scaled to sqrt(1 + sigma_max^2), with a first-order
-    last step below DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps, is the official sampler step for step (the ComfyUI
-    node Kosmos-G Official Sampler; tests/test_nodes_unit.py)."""
+    Returns sigmas at the timesteps diffusers 0.21.4's scheduler visits, then sigmas[0], where its last step ends:
+    - "dpm": DPM-Solver's "linspace" spacing (the default then and now: T-1 down to 0 in `steps` even strides,
+      rounded to whole timesteps, the last one, 0, dropped), ending at sigmas[0] (config.SCHEDULER_SETTINGS).
+      k-diffusion's `dpmpp_2m` through these levels, from noise scaled to sqrt(1 + sigma_max^2), with a first-order
+      last step below DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps, is the official sampler step for step;
+    - "ddim": DDIM's "leading" spacing (every (T // steps)-th timestep from 0, plus SD1.5's steps_offset, high to
+      low), its last step going to alphas_cumprod[0] (SD1.5's set_alpha_to_one is false). DDIM with eta 0 is the
+      Euler step in ComfyUI's scaling, from noise scaled to sqrt(1 + sigma^2) at the first level.
+    (the ComfyUI node Kosmos-G Official Sampler; tests/test_nodes_unit.py)."""
+    if scheduler not in OFFICIAL_SAMPLER_SCHEDULERS:
+        raise GenerationSettingsError(f"scheduler {scheduler!r} is not one the official sampler steps as the demo does: "
+                                      f"use one of {', '.join(OFFICIAL_SAMPLER_SCHEDULERS)}.")
     total = int(sigmas.shape[0]) if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 else 0
     if total < 2:
         raise GenerationSettingsError(f"The model's noise schedule must list one noise level per training timestep "
@@ -33,8 +52,11 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS) -> t
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < total:
         raise GenerationSettingsError(f"steps must be a whole number between 1 and {total - 1} (official demo: "
                                       f"{DEFAULT_STEPS}), got {steps!r}.")
-    # strides of (T-1)/steps >= 1 never round two timesteps together
-    timesteps = torch.from_numpy(np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64))
+    if scheduler == "dpm":  # strides of (T-1)/steps >= 1 never round two timesteps together
+        timesteps = np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    else:  # the last, (steps - 1) * (T // steps) + offset, stays below T for every steps < T
+        timesteps = np.arange(steps)[::-1] * (total // steps) + sd15_steps_offset()
+    timesteps = torch.from_numpy(timesteps.copy())
     table = sigmas.detach().float().cpu()
     return torch.cat([table[timesteps], table[:1]])
 

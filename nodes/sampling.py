@@ -1,9 +1,10 @@
-"""Kosmos-G Official Sampler: the official demo's DPM-Solver as a SAMPLER + SIGMAS pair for SamplerCustom; Kosmos-G
-Official Noise: the demo's starting noise as a NOISE for SamplerCustomAdvanced.
+"""Kosmos-G Official Sampler: the official demo's DPM-Solver (or DDIM) as a SAMPLER + SIGMAS pair for SamplerCustom;
+Kosmos-G Official Noise: the demo's starting noise as a NOISE for SamplerCustomAdvanced.
 
-The official demo samples with diffusers' DPM-Solver multistep (50 steps). ComfyUI's `dpmpp_2m` is the same
-solver; what KSampler's schedulers cannot give is the official grid of noise levels (diffusers' whole timesteps,
-ending at the smallest noise level, not at 0), nor, below 15 steps, the first-order last step. This node gives both
+The official demo samples with diffusers' DPM-Solver multistep (50 steps; its DDIM on request). ComfyUI's
+`dpmpp_2m` is the same solver (and its `euler` DDIM's step); what KSampler's schedulers cannot give is the official
+grid of noise levels (diffusers' whole timesteps, ending at the smallest noise level, not at 0), nor, below 15 steps,
+the first-order last step, nor DDIM's start from plain noise below the largest noise level. This node gives all of it
 (the noise levels from kosmosg_core.sampling.official_noise_levels, on the connected model's own noise schedule).
 The match holds for the whole sigmas, from an empty latent with noise added, as SamplerCustom's `output`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import comfy.k_diffusion.sampling as k_sampling
 import comfy.model_management as mm
@@ -22,7 +24,7 @@ from comfy_api.latest import io
 
 from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
 from ..kosmosg_core.errors import GenerationSettingsError
-from ..kosmosg_core.sampling import official_noise_levels, official_starting_noise
+from ..kosmosg_core.sampling import OFFICIAL_SAMPLER_SCHEDULERS, official_noise_levels, official_starting_noise
 from .types import CATEGORY
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,27 @@ def dpm_solver_ksampler(steps: int) -> comfy.samplers.KSAMPLER:
     if steps >= DPM_SOLVER_FIRST_ORDER_FINAL_BELOW:
         return comfy.samplers.ksampler("dpmpp_2m")
     return comfy.samplers.KSAMPLER(sample_dpmpp_2m_first_order_final)
+
+
+class DDIMKSampler(comfy.samplers.KSAMPLER):
+    """diffusers' DDIM (eta 0) as a ComfyUI SAMPLER: k-diffusion's Euler step (DDIM's in ComfyUI's scaling) through
+    DDIM's noise levels, from diffusers' start: plain noise at its first timestep, which is x = noise * sqrt(1 +
+    sigma^2) in ComfyUI's scaling. ComfyUI scales noise so only from the largest noise level on (`max_denoise`);
+    DDIM's first level lies below it (timestep 981 of 999 at 50 steps), so this sampler asks for it at
+    `first_sigma` too. Sigmas that start elsewhere (split for img2img) keep ComfyUI's own scaling."""
+
+    def __init__(self, first_sigma: float):
+        super().__init__(k_sampling.sample_euler)
+        self.first_sigma = first_sigma
+
+    def max_denoise(self, model_wrap, sigmas) -> bool:
+        return super().max_denoise(model_wrap, sigmas) or math.isclose(float(sigmas[0]), self.first_sigma,
+                                                                        rel_tol=1e-5)
+
+
+def official_ksampler(scheduler: str, steps: int, sigmas: torch.Tensor) -> comfy.samplers.KSAMPLER:
+    """The official `scheduler`'s solver at `steps` steps through `sigmas` (official_noise_levels), a SAMPLER."""
+    return dpm_solver_ksampler(steps) if scheduler == "dpm" else DDIMKSampler(float(sigmas[0]))
 
 
 def model_noise_levels(model) -> torch.Tensor:
@@ -76,8 +99,8 @@ class KosmosGOfficialSampler(io.ComfyNode):
             display_name="Kosmos-G Official Sampler",
             category=CATEGORY,
             description=(
-                "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep on the official grid of "
-                "noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's guidance; add_noise "
+                "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep (or DDIM) on the official "
+                "grid of noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's guidance; add_noise "
                 "on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the normal scheduler is "
                 "close to it, not the same. Keep the sigmas whole (no split or flip) and decode SamplerCustom's "
                 "output."),
@@ -87,19 +110,23 @@ class KosmosGOfficialSampler(io.ComfyNode):
                                                 "noise schedule."),
                 io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=999,
                              tooltip=f"Sampling steps (official demo: {DEFAULT_STEPS})."),
+                io.Combo.Input("scheduler", options=list(OFFICIAL_SAMPLER_SCHEDULERS), default="dpm", optional=True,
+                               tooltip="The official demo's scheduler: dpm (DPM-Solver multistep, its default) or "
+                                       "ddim (DDIM, eta 0)."),
             ],
             outputs=[
                 io.Sampler.Output(display_name="sampler", tooltip="DPM-Solver++ 2M (first-order last step below "
                                                                   f"{DPM_SOLVER_FIRST_ORDER_FINAL_BELOW} steps, as "
-                                                                  "the official code)."),
+                                                                  "the official code), or DDIM's Euler step."),
                 io.Sigmas.Output(display_name="sigmas", tooltip="The official noise levels: steps + 1 values, "
                                                                 "ending at the model's smallest noise level."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, steps) -> io.NodeOutput:
-        return io.NodeOutput(dpm_solver_ksampler(steps), official_noise_levels(model_noise_levels(model), steps))
+    def execute(cls, model, steps, scheduler="dpm") -> io.NodeOutput:
+        sigmas = official_noise_levels(model_noise_levels(model), steps, scheduler)
+        return io.NodeOutput(official_ksampler(scheduler, steps, sigmas), sigmas)
 
 
 NOISE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # the demo's first; the names the Loader uses

@@ -824,18 +824,20 @@ def comfy_sample(sampler, sigmas, denoiser, noise, callback=None, disable_pbar=T
                           disable_pbar=disable_pbar)
 
 
-@pytest.mark.parametrize("steps", [10, 14, 15, 20, 50, 100])
-def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
-    """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver (the official
-    code's) ended on the same toy model from the same noise (tests/reference/official_scheduler_outputs.safetensors),
-    below 15 steps with the first-order last step included; ComfyUI's KSampler schedules do not."""
+@pytest.mark.parametrize("scheduler, steps", [("dpm", 10), ("dpm", 14), ("dpm", 15), ("dpm", 20), ("dpm", 50),
+                                              ("dpm", 100), ("ddim", 50)])
+def test_official_sampler_node_is_the_official_scheduler_step_for_step(scheduler, steps):
+    """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver / DDIM (the
+    official code's) ended on the same toy model from the same noise
+    (tests/reference/official_scheduler_outputs.safetensors), DPM-Solver below 15 steps with the first-order last step
+    included, DDIM from plain noise at its first level; ComfyUI's KSampler schedules do not."""
     import comfy.samplers
     from safetensors import safe_open
 
     from reference.generate_official_scheduler_outputs import start_and_centres, toy_noise_prediction
 
     with safe_open(str(REPO / "tests" / "reference" / "official_scheduler_outputs.safetensors"), "pt") as f:
-        expected = f.get_tensor(f"dpm.{steps}")  # [1, 4, 8, 8], diffusers' latent: sqrt(alpha_bar) * ComfyUI's
+        expected = f.get_tensor(f"{scheduler}.{steps}")  # [1, 4, 8, 8], diffusers' latent: sqrt(alpha_bar) * ComfyUI's
     model = comfy_model()
     model_sampling = model.get_model_object("model_sampling")
     start, centres = start_and_centres()
@@ -848,16 +850,22 @@ def test_official_sampler_node_is_the_official_dpm_solver_step_for_step(steps):
         final = comfy_sample(sampler, sigmas, ComfyDenoiser(model_sampling, predict_noise), start)
         return final / (1 + sigmas[-1] ** 2).sqrt()  # in diffusers' scaling, to compare
 
-    sampler, sigmas = KosmosGOfficialSampler.execute(model, steps).result
+    sampler, sigmas = KosmosGOfficialSampler.execute(model, steps, scheduler).result
     assert sigmas.shape == (steps + 1,) and sigmas[-1] == model_sampling.sigma_min
     assert (run(sampler, sigmas) - expected).abs().max() < 1e-5
-    for scheduler in ("normal", "sgm_uniform", "simple"):  # KSampler's nearest: a different path
-        grid = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
-        assert (run(comfy.samplers.ksampler("dpmpp_2m"), grid) - expected).abs().max() > 1e-4, scheduler
+    nearest = {"dpm": ("dpmpp_2m", ("normal", "sgm_uniform", "simple")), "ddim": ("ddim", ("ddim_uniform", "normal"))}
+    sampler_name, grids = nearest[scheduler]
+    for grid_name in grids:  # KSampler's nearest: a different path
+        grid = comfy.samplers.calculate_sigmas(model_sampling, grid_name, steps)
+        assert (run(comfy.samplers.sampler_object(sampler_name), grid) - expected).abs().max() > 1e-4, grid_name
+    if scheduler == "ddim":  # the same levels with ComfyUI's own noise scaling below sigma_max: not the official start
+        plain_euler = comfy.samplers.KSAMPLER(comfy.k_diffusion.sampling.sample_euler)
+        assert (run(plain_euler, sigmas) - expected).abs().max() > 1e-4
+        assert not sampler.max_denoise(ComfyDenoiser(model_sampling, None), sigmas[5:])  # split sigmas: ComfyUI's
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeline(steps):
+@pytest.mark.parametrize("scheduler, steps", [("dpm", 10), ("dpm", 20), ("ddim", 20)])
+def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeline(scheduler, steps):
     """End to end on one U-Net (random, SD1.5-shaped: ComfyUI detects and loads it as SD1.5): SamplerCustom's own
     sampling (comfy.sample.sample_custom: ComfyUI's CFG, model wrapper, noise scaling) with the node's sampler and
     sigmas and RandomNoise's seeded noise ends where diffusers' StableDiffusionPipeline ends with the scheduler and
@@ -884,7 +892,7 @@ def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeli
     cond, uncond = (torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
     seed, latent = 5, torch.zeros(1, 4, 8, 8)
 
-    sampler, sigmas = KosmosGOfficialSampler.execute(patcher, steps).result
+    sampler, sigmas = KosmosGOfficialSampler.execute(patcher, steps, scheduler).result
     comfy_latent = comfy.sample.sample_custom(patcher, comfy.sample.prepare_noise(latent, seed), 6.0, sampler, sigmas,
                                               [[cond, {}]], [[uncond, {}]], latent, seed=seed, disable_pbar=True)
 
@@ -892,7 +900,7 @@ def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeli
                         block_out_channels=(8, 16), norm_num_groups=8)  # unused: latents out; its 2 levels: 16 px
     scheduler_config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, safety_checker=None,
-                                   scheduler=official_scheduler("dpm", scheduler_config), feature_extractor=None,
+                                   scheduler=official_scheduler(scheduler, scheduler_config), feature_extractor=None,
                                    requires_safety_checker=False)
     official = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=6.0,
                     generator=official_noise_generator(seed, "cpu"), height=16, width=16, output_type="latent").images

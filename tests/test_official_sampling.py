@@ -52,14 +52,24 @@ def test_the_stored_trajectories_tell_the_dpm_final_steps_apart(stored):
     assert (final - finals["dpm.50"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("steps", [steps for name, steps in CASES if name == "dpm"])
-def test_official_noise_levels_are_the_official_dpm_solvers(stored, steps):
+@pytest.mark.parametrize("name, steps", [(name, steps) for name, steps in CASES if name in ("dpm", "ddim")])
+def test_official_noise_levels_are_the_official_schedulers(stored, name, steps):
     """What the ComfyUI node (Kosmos-G Official Sampler) steps through: the model's noise levels at the timesteps
-    diffusers 0.21.4's DPM-Solver visited, then its smallest (the timestep-0 level, where that solver ended)."""
+    diffusers 0.21.4's DPM-Solver / DDIM visited, then its smallest (the timestep-0 level, where both ended)."""
     _, timesteps = stored
     table = torch.linspace(0.03, 14.6, 1000)  # any model's [T] levels: read at the timesteps, not recomputed
-    levels = official_noise_levels(table, steps)
-    assert torch.equal(levels, table[timesteps[f"dpm.{steps}"] + [0]])
+    levels = official_noise_levels(table, steps, name)
+    assert torch.equal(levels, table[timesteps[f"{name}.{steps}"] + [0]])
+
+
+def test_official_noise_levels_take_ddim_at_every_step_count():
+    """diffusers' DDIM spacing with SD1.5's offset stays inside the table for every count the node offers."""
+    table = torch.arange(1000.0)
+    for steps in (1, 7, 333, 500, 501, 999):
+        levels = official_noise_levels(table, steps, "ddim")
+        assert levels.shape == (steps + 1,) and levels[0] <= 999 and levels[-2] == 1 and levels[-1] == 0
+    with pytest.raises(GenerationSettingsError, match="scheduler 'pndm' is not one the official sampler"):
+        official_noise_levels(table, 50, "pndm")
 
 
 @pytest.mark.parametrize("table, steps, message", [

@@ -90,7 +90,7 @@ def test_object_info_schema(comfy):
         "KosmosGLoadConditioning": ({"conditioning_file": "COMBO"}, ["CONDITIONING"]),
         "KosmosGConvertCheckpoint": ({"source": "COMBO", "output_name": "STRING", "dtype": "COMBO",
                                      "overwrite": "BOOLEAN"}, ["STRING"]),
-        "KosmosGOfficialSampler": ({"model": "MODEL", "steps": "INT"}, ["SAMPLER", "SIGMAS"]),
+        "KosmosGOfficialSampler": ({"model": "MODEL", "steps": "INT", "scheduler": "COMBO"}, ["SAMPLER", "SIGMAS"]),
         "KosmosGOfficialNoise": ({"noise_seed": "INT", "dtype": "COMBO"}, ["NOISE"]),
     }
     for node_id, (inputs, outputs) in expected.items():

@@ -95,7 +95,7 @@ SIZES = {
     "KosmosGEncode": (320, 190),
     "EmptyLatentImage": (320, 130),
     "KSampler": (320, 280),
-    "KosmosGOfficialSampler": (320, 110),
+    "KosmosGOfficialSampler": (320, 140),
     "SamplerCustom": (320, 300),
     "KosmosGOfficialNoise": (320, 140),
     "CFGGuider": (320, 140),
@@ -200,7 +200,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
     encode = wf.add("KosmosGEncode", [NEGATIVE, True], (left["encode"], below(ckpt)))
     latent = wf.add("EmptyLatentImage", [size, size, batch], (left["encode"], below(encode)))
     if ksampler is None:
-        schedule = wf.add("KosmosGOfficialSampler", [steps], (left["sampler"], top))
+        schedule = wf.add("KosmosGOfficialSampler", [steps, "dpm"], (left["sampler"], top))
         if demo_noise:
             guider = wf.add("CFGGuider", [cfg], (left["guide"], top))
             noise = wf.add("KosmosGOfficialNoise", [seed, "fixed", "fp16"], (left["guide"], below(guider)))
