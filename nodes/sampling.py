@@ -54,7 +54,8 @@ class DDIMKSampler(comfy.samplers.KSAMPLER):
     DDIM's noise levels, from diffusers' start: plain noise at its first timestep, which is x = noise * sqrt(1 +
     sigma^2) in ComfyUI's scaling. ComfyUI scales noise so only from the largest noise level on (`max_denoise`);
     DDIM's first level lies below it (timestep 981 of 999 at 50 steps), so this sampler asks for it at
-    `first_sigma` too. Sigmas that start elsewhere (split for img2img) keep ComfyUI's own scaling."""
+    `first_sigma` too (whatever made those sigmas: BasicScheduler's ddim_uniform at the same count starts there as
+    well, and gets diffusers' start). Sigmas that start elsewhere (split for img2img) keep ComfyUI's own scaling."""
 
     def __init__(self, first_sigma: float):
         super().__init__(k_sampling.sample_euler)
@@ -104,7 +105,7 @@ class KosmosGOfficialSampler(io.ComfyNode):
                 "on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the normal scheduler is "
                 "close to it, not the same. Keep the sigmas whole (no split or flip) and decode SamplerCustom's "
                 "output."),
-            search_aliases=["kosmos", "dpm-solver", "official schedule", "sigmas"],
+            search_aliases=["kosmos", "dpm-solver", "ddim", "official schedule", "sigmas"],
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model to be sampled: the noise levels come from its own "
                                                 "noise schedule."),

@@ -33,12 +33,14 @@ OUTPUT = Path(__file__).parent / "official_scheduler_outputs.safetensors"
 TAG = "v0.21.4"
 SOURCES = {"dpm": "scheduling_dpmsolver_multistep.py", "ddim": "scheduling_ddim.py", "pndm": "scheduling_pndm.py"}
 CLASSES = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
-# (scheduler, steps): DPM-Solver below 15 steps also takes its lower-order final steps (14 and 15: either side); 50 is the demo's count,
+# (scheduler, steps): DPM-Solver below 15 steps also takes its lower-order final steps (14 and 15: either side); DDIM at 30,
+# a count that does not divide 1000 (its spacing floors the stride); 50 is the demo's count,
 # 100 DreamBench's
-CASES = [("dpm", 10), ("dpm", 14), ("dpm", 15), ("dpm", 20), ("dpm", 50), ("dpm", 100), ("ddim", 50), ("pndm", 50)]
+CASES = [("dpm", 10), ("dpm", 14), ("dpm", 15), ("dpm", 20), ("dpm", 50), ("dpm", 100), ("ddim", 30), ("ddim", 50),
+         ("pndm", 50)]
 LATENT_SHAPE = (1, 4, 8, 8)
 DATA_SPREAD = 0.1  # the toy data: each value from one of two narrow Gaussians with this standard deviation
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 
 
 def sd15_schedule_config() -> dict:
