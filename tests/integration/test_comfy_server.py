@@ -318,6 +318,11 @@ def test_official_sampler_drives_sampler_custom(comfy):
     ksampler = comfy.run(add_sampling(encode_graph(), seed=42, prefix="kg-official-ksampler"))
     assert_success(comfy, ksampler)
     assert (pixels(comfy.output_images(ksampler)[0]) != official).any()
+    graph["30"]["inputs"]["scheduler"] = "ddim"  # the demo's DDIM (an API prompt without it: dpm, above)
+    graph["23"]["inputs"]["filename_prefix"] = "kg-official-ddim"
+    ddim = comfy.run(graph)
+    assert_success(comfy, ddim)
+    assert (pixels(comfy.output_images(ddim)[0]) != pixels(comfy.output_images(half)[0])).any()
 
 
 def test_ksampler_advanced_with_basic_controlnet_apply(comfy):
