@@ -267,12 +267,11 @@ class KosmosGPipeline:
             cfg = self.model.cfg
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
         pixels, digests = self._pixels_and_digests(images)
-        return self._image_embeddings(pixels, digests, progress, disk_cache, _Once(before_compute))
+        return self._image_embeddings(pixels, digests, self.model_key(), progress, disk_cache, _Once(before_compute))
 
-    def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], progress, disk_cache: DiskCache | None,
-                          before_compute: _Once) -> torch.Tensor:
+    def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], model_key: str, progress,
+                          disk_cache: DiskCache | None, before_compute: _Once) -> torch.Tensor:
         cfg = self.model.cfg
-        model_key = self.model_key()
         keys = [f"{digest}|{model_key}" for digest in digests]
         first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
         disk_keys: dict[str, str] = {}
@@ -353,7 +352,7 @@ class KosmosGPipeline:
         prompt_ids = [self.check_inputs(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)]
         image_weights = [combine_image_weights(prompt, weights) for prompt, weights in zip(prompts, image_weights)]
         before_compute = _Once(before_compute)
-        model_key = self.model_key() if disk_cache is not None else None
+        model_key = self.model_key()  # once per call: it hashes the config and walks the layers
         conds = []
         for start in range(0, len(prompt_ids), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)
@@ -374,7 +373,8 @@ class KosmosGPipeline:
                     continue
             image_embeds = None
             if flat_images:
-                image_embeds = self._image_embeddings(pixels, digests, progress, disk_cache, before_compute)  # [N, Q, D]
+                image_embeds = self._image_embeddings(pixels, digests, model_key, progress, disk_cache,
+                                                      before_compute)  # [N, Q, D]
                 weights = torch.tensor(flat_weights, dtype=torch.float32)
                 if not torch.all(weights == 1.0):
                     image_embeds = image_embeds * weights.to(image_embeds)[:, None, None]
