@@ -12,7 +12,8 @@ Everything printed is measured in this run on this machine:
   oneDNN in the others; bfloat16 where the CPU has AVX512-BF16), default (torch's own matmul);
 - disk: an encode after a restart with a `DiskCache` holding it (nothing in memory; no model load counted);
 - load: official-format `.pt` (restricted unpickler) vs the pack's `.safetensors`, each in a fresh
-  subprocess, with peak RSS above the process's post-import baseline.
+  subprocess, with peak RSS above the process's post-import baseline; and the time to open each (config,
+  tensor names and shapes checked, no weight read: what a lazy pipeline costs when its caches hold it all).
 Weights are random (no download); speed does not depend on their values.
 """
 
@@ -257,17 +258,24 @@ def write_checkpoints(cfg: KosmosGConfig, workdir: Path, dtype: torch.dtype) -> 
 _LOAD_SNIPPET = r"""
 import json, os, sys, time, torch
 torch.set_num_threads({threads})
-from kosmosg_core.checkpoint import read_checkpoint, build_model
+from kosmosg_core.checkpoint import _check_keys, read_checkpoint, build_model
+from kosmosg_core.model import KosmosG
 def rss_kb(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1])
 base = rss_kb('VmRSS:')
+start = time.perf_counter()  # opening (inspect_checkpoint but its tokenizer: the bench files hold none)
+cfg, specs, _ = read_checkpoint({path!r}, read_tensors=False)
+with torch.device('meta'):
+    _check_keys({path!r}, KosmosG(cfg), specs)
+open_seconds = time.perf_counter() - start
 start = time.perf_counter()
 cfg, sd, _ = read_checkpoint({path!r})
 model = build_model(cfg, sd, {path!r}, {dtype}, 'cpu')
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "peak_rss_bytes": (rss_kb('VmHWM:') - base) * 1024}}))
+print(json.dumps({{"seconds": seconds, "peak_rss_bytes": (rss_kb('VmHWM:') - base) * 1024,
+                  "open_seconds": open_seconds}}))
 """
 
 
@@ -457,7 +465,8 @@ def print_table(results: dict) -> None:
     print(f"load (fp32 file, {load['weights_bytes'] / 2**30:.2f} GiB weights): "
           f".pt {load['pt']['seconds']:.2f} s (peak RSS {load['pt_peak_rss_over_weights']:.2f}x weights), "
           f".safetensors {load['safetensors']['seconds']:.2f} s (peak RSS {load['safetensors_peak_rss_over_weights']:.2f}x weights), "
-          f"time ratio {load['safetensors_over_pt_time']:.2f}")
+          f"time ratio {load['safetensors_over_pt_time']:.2f}; open without reading the weights: "
+          f".pt {load['pt']['open_seconds']:.3f} s, .safetensors {load['safetensors']['open_seconds']:.3f} s")
     kernels = {"onednn": "all for oneDNN", "few-row": "prompt-token layers for the few-row kernel, others for oneDNN"}
     packing = {(c["dtype"], c["linear_layers"]): c["pack_seconds"] for c in results["cases"] if c["pack_seconds"] is not None}
     for (dtype, kernel), seconds in packing.items():

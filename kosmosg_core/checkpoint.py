@@ -266,13 +266,14 @@ def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_
 
 
 # --- public API ------------------------------------------------------------------------------------
-def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[str] | None = None
-                    ) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
+def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[str] | None = None,
+                    read_tensors: bool = True) -> tuple[KosmosGConfig, dict[str, torch.Tensor], KosmosGTokenizer | None]:
     """Read either format -> (config, state dict with our names, embedded tokenizer or None). An official file's
-    keys that match OFFICIAL_KEYS_TO_IGNORE are never read; `not_read`, when given, collects them."""
+    keys that match OFFICIAL_KEYS_TO_IGNORE are never read; `not_read`, when given, collects them.
+    read_tensors False: the state dict holds meta tensors of the stored shapes and dtypes, no weight is read."""
     path = check_checkpoint_path(path)
     if file_format(path) == "safetensors":
-        return _read_pack(path, config)
+        return _read_pack(path, config, read_tensors)
 
     # the tensors inference does not use (the official file's U-Net and VAE: GBs) are never read
     def include(key: str) -> bool:
@@ -281,7 +282,7 @@ def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[st
             not_read.append(key)
         return not ignored
 
-    official = load_pt_state_dict(path, key="model", include=include)
+    official = load_pt_state_dict(path, key="model", include=include, read=read_tensors)
     if not any(k.startswith(("gpt_model.decoder.", "img_model.visual.", "aligner.encoder")) for k in official):
         raise CheckpointError(f"{path} is not a Kosmos-G checkpoint: {_describe_foreign(official)}.")
     state_dict, _ = rename_official_state_dict(official)
@@ -344,7 +345,23 @@ def _sidecar_config(path: Path) -> KosmosGConfig | None:
     return None
 
 
-def _read_pack(path: Path, config: KosmosGConfig | None):
+# safetensors' dtype names -> torch's (the ones torch has; a file with another is refused when read)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _meta_tensor(tensor_slice, path: Path, key: str) -> torch.Tensor:
+    """A safetensors slice's shape and dtype as a meta tensor (nothing read)."""
+    dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key} holds {tensor_slice.get_dtype()} values, which this loader does "
+                              "not read. Re-convert the checkpoint (fp32, fp16 or bf16).")
+    return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+
+
+def _read_pack(path: Path, config: KosmosGConfig | None, read_tensors: bool = True):
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -357,7 +374,8 @@ def _read_pack(path: Path, config: KosmosGConfig | None):
             if metadata.get("format_version") != FORMAT_VERSION:
                 raise CheckpointError(f"{path} has Kosmos-G format version {metadata.get('format_version')!r}; this "
                                       f"version of the pack reads version {FORMAT_VERSION}. Update the pack.")
-            tensors = {k: f.get_tensor(k) for k in keys}
+            tensors = {k: f.get_tensor(k) if read_tensors or k in (TOKENIZER_SPM_KEY, TOKENIZER_DICT_KEY)
+                       else _meta_tensor(f.get_slice(k), path, k) for k in keys}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}). Re-download or re-convert it.") from e
     except OSError as e:
@@ -386,6 +404,20 @@ def load_model(path, tokenizer_dir=None, dtype: torch.dtype = torch.float32, dev
     tokenizer.check_matches(cfg.decoder.vocab_size)
     model = build_model(cfg, state_dict, path, dtype, device)
     return model, tokenizer
+
+
+def inspect_checkpoint(path, tokenizer_dir=None, config: KosmosGConfig | None = None
+                       ) -> tuple[KosmosGConfig, KosmosGTokenizer]:
+    """What `load_model` checks, without reading the weights -> (config, tokenizer): the file's format, every tensor's
+    name, shape and kind against the config, the tokenizer against the vocabulary. Only damaged tensor data is left
+    for the load to find."""
+    path = Path(path)
+    cfg, tensor_specs, embedded_tokenizer = read_checkpoint(path, config, read_tensors=False)  # meta tensors
+    tokenizer = _resolve_tokenizer(path, embedded_tokenizer, tokenizer_dir)
+    tokenizer.check_matches(cfg.decoder.vocab_size)
+    with torch.device("meta"):
+        _check_keys(path, KosmosG(cfg), tensor_specs)
+    return cfg, tokenizer
 
 
 def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, path, dtype: torch.dtype | None = None,

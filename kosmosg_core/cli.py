@@ -114,8 +114,9 @@ def cmd_encode(args) -> None:
     weights = _image_weights(args)
     if args.prompt != "":
         images = read_prompt_images(args.prompt, images, weights)  # before loading too
+    # lazy: the weights are read only if something is computed (not when --cache-dir holds the encoding)
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
-                                           device=args.device, cpu_kernel=args.cpu_kernel)
+                                           device=args.device, cpu_kernel=args.cpu_kernel, lazy=True)
     if args.prompt == "":
         cond = pipe.encode_unconditional(disk_cache=cache)
     else:

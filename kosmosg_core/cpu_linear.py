@@ -322,6 +322,20 @@ def pack_for_cpu_encode(model: nn.Module, kernel: str = "auto") -> int:
     return pack_linears(model, kernel, layers=multiplies_prompt_tokens) + pack_linears(model, "onednn")
 
 
+def kernels_after_packing(dtype: torch.dtype, kernel: str = "auto") -> str:
+    """What `linear_kernels` gives for a CPU `KosmosG` in `dtype` once `pack_for_cpu_encode(model, kernel)` has run,
+    without the model: a pipeline whose weights are not read yet keys its caches by it."""
+    if not packs_dtype(dtype):
+        return "torch"
+    resolved = resolve_cpu_kernel(kernel)
+    # the prompt-token layers get the kernel where it runs the dtype, every other layer oneDNN; oneDNN layers stay
+    # plain where this PyTorch cannot pack them
+    kernels = {resolved if kernel_runs_dtype(resolved, dtype) else "onednn", "onednn"}
+    if not cpu_packing_available():
+        kernels.discard("onednn")
+    return "+".join(sorted(kernels)) or "torch"
+
+
 def unpack_linears(model: nn.Module) -> int:
     """Turn every `PackedLinear` back into an `nn.Linear` (in place) -> how many."""
     return _replace_children(model, lambda name, child: child.to_linear() if isinstance(child, PackedLinear) else None)

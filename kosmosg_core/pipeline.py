@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
-from .config import DTYPE_NAMES
-from .cpu_linear import linear_kernels, pack_for_cpu_encode, packs_by_default
+from .checkpoint import build_model, check_checkpoint_path, inspect_checkpoint, load_model, read_checkpoint
+from .config import DTYPE_NAMES, KosmosGConfig
+from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity
-from .errors import DeviceError, NonFiniteEncodingError, PromptError
+from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
@@ -145,8 +145,42 @@ class _Once:
             self.function()
 
 
+class UnreadWeights:
+    """A checkpoint checked, its config and tokenizer read (`checkpoint.inspect_checkpoint`), its weights not yet:
+    `load()` reads them onto `device` in `dtype` (packed for CPU encodes if `pack_cpu_linears`). A pipeline built
+    with `lazy=True` holds one until its model first runs, so encodings its caches hold cost no load."""
+
+    def __init__(self, path, cfg: KosmosGConfig, dtype: torch.dtype, device: torch.device, pack_cpu_linears: bool,
+                 cpu_kernel: str = "auto", identity: str | None = None):
+        self.path, self.cfg, self.dtype, self.device = Path(path), cfg, dtype, device
+        self.pack_cpu_linears, self.cpu_kernel = pack_cpu_linears, cpu_kernel
+        # the file as it was when opened (`disk_cache.checkpoint_identity`): loading checks it is still that file
+        self.identity = identity or checkpoint_identity(path)
+
+    def linear_kernels(self) -> str:
+        """What `cpu_linear.linear_kernels` will say of the loaded model."""
+        return kernels_after_packing(self.dtype, self.cpu_kernel) if self.pack_cpu_linears else "torch"
+
+    def load(self) -> KosmosG:
+        try:
+            identity = checkpoint_identity(self.path)
+        except OSError as e:
+            raise CheckpointNotFoundError(f"Kosmos-G checkpoint {self.path} can no longer be read ({e}); it was "
+                                          "there when the model was opened. Put it back, or load it again.") from e
+        if identity != self.identity:  # the caches key by the identity read when it was opened
+            raise CheckpointError(f"Kosmos-G checkpoint {self.path} changed on disk after the model was opened (its "
+                                  "size or modification time differ); load it again (ComfyUI: run the workflow again, "
+                                  "the Loader re-reads a replaced file).")
+        logger.info("Kosmos-G: reading the weights of %s (%s, %s)", self.path, self.dtype, self.device)
+        _, state_dict, _ = read_checkpoint(self.path, self.cfg)
+        model = build_model(self.cfg, state_dict, self.path, self.dtype, self.device)
+        if self.pack_cpu_linears:
+            pack_for_cpu_encode(model, kernel=self.cpu_kernel)
+        return model
+
+
 class KosmosGPipeline:
-    """Encoder pipeline around a loaded `KosmosG` model and its tokenizer.
+    """Encoder pipeline around a `KosmosG` model and its tokenizer.
 
     Vision features are cached by image content (preprocessed pixels), so a repeated subject image
     is encoded once; the cache holds at most `cache_size` images. Unconditional encodings (`<s>` or a
@@ -159,13 +193,16 @@ class KosmosGPipeline:
         whenever the weights do.
     compute_device: where the model computes when it is moved there only to compute (ComfyUI offloads it between
         runs), so that the caches key by that device; None (default): wherever its weights are at the time.
+
+    `model` may be `UnreadWeights` (`from_checkpoint(lazy=True)`): the weights are read when the model first runs
+    (`model`, `load`), not when every encoding asked for is in a cache.
     """
 
-    def __init__(self, model: KosmosG, tokenizer: KosmosGTokenizer, cache_size: int = 64,
+    def __init__(self, model: KosmosG | UnreadWeights, tokenizer: KosmosGTokenizer, cache_size: int = 64,
                  model_identity: str | None = None, compute_device: torch.device | None = None):
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be a whole number >= 0 (0 = no caching), got {cache_size!r}.")
-        self.model = model.eval()
+        self._model, self._unread = (None, model) if isinstance(model, UnreadWeights) else (model.eval(), None)
         self.tokenizer = tokenizer
         self.cache_size = cache_size
         self.model_identity = model_identity
@@ -176,7 +213,7 @@ class KosmosGPipeline:
     @classmethod
     def from_checkpoint(cls, path, tokenizer_dir=None, dtype="float32", device="cpu", config=None,
                         cache_size: int = 64, pack_cpu_linears: bool | None = None,
-                        cpu_kernel: str = "auto") -> "KosmosGPipeline":
+                        cpu_kernel: str = "auto", lazy: bool = False) -> "KosmosGPipeline":
         """Load a checkpoint (official .pt or pack .safetensors) and its tokenizer.
 
         pack_cpu_linears: pre-pack the linear weights (`cpu_linear.pack_for_cpu_encode`), faster encodes on
@@ -184,38 +221,68 @@ class KosmosGPipeline:
             where it has native bf16. Leave it off for a model that will be moved to a GPU later.
         cpu_kernel: the decoder's and aligner's kernel when packing: "auto" (the few-row kernel where it
             builds, else oneDNN), "onednn" or "few-row" (`cpu_linear`), for the layers that multiply the prompt's
-            tokens; the others (vision tower, connector, the aligner's 77 queries) use oneDNN."""
+            tokens; the others (vision tower, connector, the aligner's 77 queries) use oneDNN.
+        lazy: check the file and read its config and tokenizer now (every error but damaged tensor data is raised
+            here), the weights when the model first runs: never, when the caches (a `DiskCache`) hold every
+            encoding asked for."""
         dtype, device = resolve_dtype(dtype), resolve_device(device)
-        model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, config=config)
         if pack_cpu_linears is None:
             pack_cpu_linears = packs_by_default(device, dtype)
-        if pack_cpu_linears:
-            pack_for_cpu_encode(model, kernel=cpu_kernel)
+        identity = checkpoint_identity(check_checkpoint_path(path))  # before reading: what the caches key by
+        if lazy:
+            cfg, tokenizer = inspect_checkpoint(path, tokenizer_dir=tokenizer_dir, config=config)
+            model = UnreadWeights(path, cfg, dtype, device, pack_cpu_linears, cpu_kernel, identity)
+        else:
+            model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
+                                          config=config)
+            if pack_cpu_linears:
+                pack_for_cpu_encode(model, kernel=cpu_kernel)
         # the tokenizer is not part of it: the keys hold the token ids
-        return cls(model, tokenizer, cache_size=cache_size, model_identity=checkpoint_identity(path))
+        return cls(model, tokenizer, cache_size=cache_size, model_identity=identity)
 
-    # --- properties ----------------------------------------------------------------------------
+    # --- the model and its properties -------------------------------------------------------------
+    @property
+    def model(self) -> KosmosG:
+        """The model; a lazy pipeline's weights are read here, the first time."""
+        if self._model is None:
+            self._model = self._unread.load().eval()
+            self._unread = None
+        return self._model
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the weights are read (always, unless built with `lazy=True` and not run yet)."""
+        return self._model is not None
+
+    def load(self) -> KosmosG:
+        """Read the weights now if they are not (a lazy pipeline) -> the model."""
+        return self.model
+
+    @property
+    def cfg(self) -> KosmosGConfig:
+        return self._model.cfg if self._model is not None else self._unread.cfg
+
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self._model.parameters()).device if self._model is not None else self._unread.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return next(self._model.parameters()).dtype if self._model is not None else self._unread.dtype
 
     @property
     def context_dim(self) -> int:
-        return self.model.context_dim
+        return self.cfg.aligner.width
 
     @property
     def max_tokens(self) -> int:
-        return self.model.cfg.max_prompt_tokens
+        return self.cfg.max_prompt_tokens
 
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
         """Validate one prompt against its images and the model's limits -> its token ids."""
         check_text(prompt, "prompt")
-        ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.model.cfg.image_token_slots)
+        ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.cfg.image_token_slots)
         check_prompt_length(ids, self.max_tokens)
         return ids
 
@@ -234,9 +301,10 @@ class KosmosGPipeline:
             device_kind = torch.backends.cpu.get_cpu_capability()
         else:
             device_kind = ""
-        config = hashlib.sha256(self.model.cfg.to_json().encode()).hexdigest()[:16]
+        config = hashlib.sha256(self.cfg.to_json().encode()).hexdigest()[:16]
+        kernels = linear_kernels(self._model) if self._model is not None else self._unread.linear_kernels()
         return "|".join([self.model_identity or "", f"config {config}", str(self.dtype), str(device), device_kind,
-                         f"torch {torch.__version__}", linear_kernels(self.model)])
+                         f"torch {torch.__version__}", kernels])
 
     def _disk_key(self, disk_cache: DiskCache, model_key: str, kind: str, *content) -> str:
         if self.model_identity is None:
@@ -253,7 +321,7 @@ class KosmosGPipeline:
 
     def _pixels_and_digests(self, images: Sequence) -> tuple[torch.Tensor, list[str]]:
         """Images -> the model's input pixels [N, 3, S, S] and each one's SHA-256 (the caches' content key)."""
-        pixels = preprocess_images(list(images), self.model.cfg.vision.image_size)
+        pixels = preprocess_images(list(images), self.cfg.vision.image_size)
         return pixels, [hashlib.sha256(pixel.numpy().tobytes()).hexdigest() for pixel in pixels]
 
     @torch.inference_mode()
@@ -264,14 +332,14 @@ class KosmosGPipeline:
         on disk too with a `disk_cache`). before_compute: called once before the vision tower runs, not at
         all when every image is cached (ComfyUI loads the model onto the GPU there)."""
         if not images:
-            cfg = self.model.cfg
+            cfg = self.cfg
             return torch.zeros(0, cfg.image_token_slots, cfg.decoder.width, dtype=self.dtype, device=self.device)
         pixels, digests = self._pixels_and_digests(images)
         return self._image_embeddings(pixels, digests, self.model_key(), progress, disk_cache, _Once(before_compute))
 
     def _image_embeddings(self, pixels: torch.Tensor, digests: list[str], model_key: str, progress,
                           disk_cache: DiskCache | None, before_compute: _Once) -> torch.Tensor:
-        cfg = self.model.cfg
+        cfg = self.cfg
         keys = [f"{digest}|{model_key}" for digest in digests]
         first_index: dict[str, int] = {}  # images to encode: cache key -> index of its first occurrence
         disk_keys: dict[str, str] = {}
@@ -293,6 +361,7 @@ class KosmosGPipeline:
         new = list(first_index.items())
         if new:
             before_compute()
+            self.load()  # a lazy pipeline reads its weights now (before_compute may have: ComfyUI's load does)
         for start in range(0, len(new), VISION_CHUNK):
             chunk = new[start:start + VISION_CHUNK]
             batch = pixels[[i for _, i in chunk]].to(device=self.device, dtype=self.dtype)  # [M, 3, S, S]
@@ -319,11 +388,12 @@ class KosmosGPipeline:
     @torch.inference_mode()
     def encode_ids(self, prompt_ids: list[PromptIds], image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token ids (+ image embeddings [N, Q, D] for all prompts, in order) -> [B, 77, C]."""
+        model = self.load()  # before self.device: where the weights are once read
         input_ids, image_mask = pad_batch(prompt_ids)
         input_ids, image_mask = input_ids.to(self.device), image_mask.to(self.device)
         if image_embeds is not None:  # read from a cache while the model was elsewhere (ComfyUI: offloaded)
             image_embeds = image_embeds.to(self.device)
-        cond = self.model(input_ids, image_mask, image_embeds=image_embeds)  # [B, 77, C]
+        cond = model(input_ids, image_mask, image_embeds=image_embeds)  # [B, 77, C]
         if not torch.isfinite(cond).all():  # NaN conditioning would give black images, silently
             fix = ("float16 overflowed: load the model in bfloat16 or float32 (ComfyUI: the Kosmos-G Loader's dtype)"
                    if cond.dtype == torch.float16 else
@@ -364,7 +434,7 @@ class KosmosGPipeline:
                 disk_key = self._disk_key(disk_cache, model_key, "encoding", [ids.ids for ids in prompt_ids[chunk]],
                                           [ids.image_mask for ids in prompt_ids[chunk]], digests, flat_weights)
                 cond = self._cached_tensor(disk_cache, disk_key,
-                                           (len(prompt_ids[chunk]), self.model.cfg.aligner.num_queries, self.context_dim))
+                                           (len(prompt_ids[chunk]), self.cfg.aligner.num_queries, self.context_dim))
                 if cond is not None:
                     conds.append(cond)
                     if progress is not None:
@@ -408,7 +478,7 @@ class KosmosGPipeline:
         if cond is not None and disk_key is not None:  # computed while no disk cache was given: kept there now
             disk_cache.put_if_missing(disk_key, cond)
         if cond is None and disk_key is not None:
-            cond = self._cached_tensor(disk_cache, disk_key, (1, self.model.cfg.aligner.num_queries, self.context_dim))
+            cond = self._cached_tensor(disk_cache, disk_key, (1, self.cfg.aligner.num_queries, self.context_dim))
             cond = None if cond is None else cond.to(self.device)
         if cond is None:
             if before_compute is not None:

@@ -674,8 +674,8 @@ def _select_state_dict(path: Path, state: Any, key: str | None) -> dict:
                           "An official Kosmos-G checkpoint keeps its weights under 'model'.")
 
 
-def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str], bool] | None = None
-                       ) -> dict[str, torch.Tensor]:
+def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str], bool] | None = None,
+                       read: bool = True) -> dict[str, torch.Tensor]:
     """Read the tensors of `state[key]` from a torch zip `.pt` file without running pickled code.
 
     key: the entry holding the state dict ("model" for fairseq checkpoints). `key=None` means the
@@ -684,6 +684,8 @@ def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str],
     include: optional filter on tensor names; tensors it rejects are never read (e.g. skip the
         official file's `diffusion_unet.*`).
     Only the storages of the returned tensors are read; shared storages stay shared.
+    read: False = read no tensor at all: each is a meta tensor of its stored shape and dtype (to check a file
+        and derive its config before reading gigabytes).
     """
     path = Path(path)
     with _Archive(path) as archive:
@@ -698,7 +700,8 @@ def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str],
             if include is not None and not include(name):
                 continue
             if isinstance(value, LazyTensor):
-                tensors[name] = archive.materialize(value)
+                tensors[name] = (archive.materialize(value) if read else
+                                 torch.empty(value.shape, dtype=value.dtype, device="meta"))
             else:
                 skipped.append(name)
         if skipped:

@@ -1,8 +1,10 @@
 """Loaded Kosmos-G models under ComfyUI's memory manager.
 
-The torch module is built on the offload device (CPU unless --gpu-only) and wrapped in a
-`ModelPatcher`; `comfy.model_management.load_models_gpu` moves it to the load device right before
-encoding and may offload it again when the U-Net needs the memory.
+The Loader checks the file and reads its config and tokenizer; the weights are read the first time the
+model computes (a lazy `KosmosGPipeline`): an encode whose results the disk cache holds, e.g. after a
+restart, costs no load. Then the torch module is built on the offload device (CPU unless --gpu-only)
+and wrapped in a `ModelPatcher`; `comfy.model_management.load_models_gpu` moves it to the load device
+right before encoding and may offload it again when the U-Net needs the memory.
 
 A loaded model is shared, not owned, here: the registry below holds weak references, so a model lives
 exactly as long as ComfyUI keeps the Loader's output (its node cache); two Loaders (or workflows)
@@ -29,19 +31,36 @@ DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 
 @dataclass
 class KosmosGModel:
-    """The value of a KOSMOSG_MODEL socket: the core pipeline plus its ComfyUI patcher."""
+    """The value of a KOSMOSG_MODEL socket: the core pipeline (lazy: weights read on first use) plus, once they
+    are read, its ComfyUI patcher."""
 
     pipeline: object  # kosmosg_core.pipeline.KosmosGPipeline
-    patcher: comfy.model_patcher.ModelPatcher
     name: str
     cache_key: tuple
+    load_device: torch.device
+    offload_device: torch.device
+    weight_bytes: int  # the weights' size in their dtype: what the memory manager counts
+    _patcher: comfy.model_patcher.ModelPatcher | None = None
 
     @property
     def context_dim(self) -> int:
         return self.pipeline.context_dim
 
+    @property
+    def patcher(self) -> comfy.model_patcher.ModelPatcher:
+        """The model under the memory manager; the weights are read here the first time (on the offload device)."""
+        if self._patcher is None:
+            logger.info("Kosmos-G: reading the weights of %s", self.name)
+            model = self.pipeline.load()
+            # CoreModelPatcher: the patcher ComfyUI picks for its own models (plain ModelPatcher before early 2026)
+            patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+            self._patcher = patcher_class(model, load_device=self.load_device, offload_device=self.offload_device,
+                                          size=self.weight_bytes)
+        return self._patcher
+
     def load_for_encoding(self) -> None:
-        """Ask the memory manager to put the model on its load device (evicting others if needed).
+        """Read the weights if not yet, and ask the memory manager to put the model on its load device (evicting
+        others if needed).
 
         force_full_load: our plain torch layers cannot run partially offloaded (no comfy.ops casts)."""
         mm.load_models_gpu([self.patcher], force_full_load=True)
@@ -88,10 +107,11 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
-    """Load a checkpoint, or share the copy still alive for the same file identity (path, mtime, size),
-    dtype and devices."""
-    from ..kosmosg_core.cpu_linear import pack_for_cpu_encode, packs_by_default
+    """Open a checkpoint (checked, config and tokenizer read, weights on first use), or share the copy still alive
+    for the same file identity (path, mtime, size), dtype and devices."""
+    from ..kosmosg_core.cpu_linear import packs_by_default
     from ..kosmosg_core.disk_cache import checkpoint_identity
+    from ..kosmosg_core.model import KosmosG
     from ..kosmosg_core.pipeline import KosmosGPipeline
 
     load_device, offload_device = resolve_devices(device_choice)
@@ -100,17 +120,16 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     model = _LOADED.get(key)
     if model is not None:
         return model
-    logger.info("Kosmos-G: loading %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
-    pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device, pack_cpu_linears=False)
+    logger.info("Kosmos-G: opening %s (%s, load device %s, offload device %s)", path, dtype, load_device, offload_device)
+    # built on the offload device; packed for faster encodes when it computes on the CPU
+    pipeline = KosmosGPipeline.from_checkpoint(path, dtype=dtype, device=offload_device,
+                                               pack_cpu_linears=packs_by_default(load_device, dtype), lazy=True)
     # moved to the load device only to compute: the caches (and the disk cache's entries) key by that device
     pipeline.compute_device = load_device
-    size = mm.module_size(pipeline.model)  # before packing: packed weights are not parameters
-    if packs_by_default(load_device, dtype):  # it encodes on the CPU: faster encodes
-        pack_for_cpu_encode(pipeline.model)
-    # CoreModelPatcher: the patcher ComfyUI picks for its own models (plain ModelPatcher before early 2026)
-    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    patcher = patcher_class(pipeline.model, load_device=load_device, offload_device=offload_device, size=size)
-    model = KosmosGModel(pipeline=pipeline, patcher=patcher, name=name, cache_key=key)
+    with torch.device("meta"):  # the weights' bytes in their dtype (packed ones are not parameters: counted here)
+        weight_bytes = mm.module_size(KosmosG(pipeline.cfg).to(dtype))
+    model = KosmosGModel(pipeline=pipeline, name=name, cache_key=key, load_device=load_device,
+                         offload_device=offload_device, weight_bytes=weight_bytes)
     _LOADED[key] = model
     return model
 

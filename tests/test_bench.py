@@ -82,6 +82,7 @@ def _check_cases(results: dict, printed: str, cpu_linear: str) -> None:
     assert read["1-image"] == read["3-image"] == read["text-only"] + nbytes["vision"] + nbytes["connector"]
     load = results["load"]
     assert load["pt"]["seconds"] > 0 and load["safetensors"]["seconds"] > 0
+    assert load["pt"]["open_seconds"] > 0 and load["safetensors"]["open_seconds"] > 0
     assert load["safetensors_over_pt_time"] == pytest.approx(load["safetensors"]["seconds"] / load["pt"]["seconds"])
     assert results["yardsticks"]["matmul_TFLOPs_float32"] > 0 and results["yardsticks"]["memory_bandwidth_GBps"] > 0
 

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from kosmosg_core.checkpoint import (
-    OFFICIAL_KEYS_TO_IGNORE, describe, infer_config, load_model, read_checkpoint, rename_official_state_dict,
-    save_pack_checkpoint, to_official_state_dict)
+    OFFICIAL_KEYS_TO_IGNORE, describe, infer_config, inspect_checkpoint, load_model, read_checkpoint,
+    rename_official_state_dict, save_pack_checkpoint, to_official_state_dict)
 from kosmosg_core.config import KosmosGConfig
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, TokenizerError
 from kosmosg_core.model import KosmosG
 from support.tiny_kosmosg import random_kosmosg, write_tiny_official, write_tiny_pack
+
+
+# a bad file is refused alike by the load and by the check a lazy pipeline makes without reading the weights
+BOTH_OPENERS = pytest.mark.parametrize("open_checkpoint", [load_model, inspect_checkpoint], ids=["load", "inspect"])
 
 
 def head_dim_64_config() -> KosmosGConfig:
@@ -114,7 +118,8 @@ def test_official_pt_without_sidecar_loads_by_inference(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_missing_and_unexpected_keys_are_named(tmp_path):
+@BOTH_OPENERS
+def test_missing_and_unexpected_keys_are_named(tmp_path, open_checkpoint):
     pt, _, model = write_tiny_official(tmp_path)
     sd = to_official_state_dict(model.state_dict())
     del sd["gpt_model.decoder.layers.1.ffn.fc2.bias"]
@@ -122,16 +127,17 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     torch.save({"model": sd}, pt)
     with pytest.raises(CheckpointError, match=r"1 missing tensor: decoder\.layers\.1\.ffn\.fc2\.bias; "
                                               r"1 unexpected tensor: connector\.extra_gate"):
-        load_model(pt)
+        open_checkpoint(pt)
 
 
-def test_shape_mismatch_with_sidecar_config(tmp_path):
+@BOTH_OPENERS
+def test_shape_mismatch_with_sidecar_config(tmp_path, open_checkpoint):
     pt, _, model = write_tiny_official(tmp_path)
     cfg = KosmosGConfig.from_json(pt.with_suffix(".json").read_text())
     cfg.decoder.ffn_width *= 2
     pt.with_suffix(".json").write_text(cfg.to_json())
     with pytest.raises(CheckpointError, match=r"decoder\.layers\.0\.ffn\.fc1\.weight has shape"):
-        load_model(pt)
+        open_checkpoint(pt)
 
 
 def test_pack_is_lazy_and_exact(tmp_path):
@@ -245,6 +251,50 @@ def test_official_tensors_inference_ignores_are_never_read(tmp_path, monkeypatch
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+def test_inspect_reads_the_config_and_tokenizer_but_no_weight(tmp_path, monkeypatch):
+    """What a lazy pipeline opens: the official .pt's config inferred from its shapes, a pack's from its metadata,
+    the tokenizers; not one tensor's bytes."""
+    import safetensors
+
+    from kosmosg_core import safe_unpickle
+    from support.tokenizer_fixture import build_tiny_tokenizer
+
+    cfg = head_dim_64_config()
+    torch.save({"model": to_official_state_dict(random_kosmosg(cfg).state_dict())}, tmp_path / "retrained.pt")
+    build_tiny_tokenizer(tmp_path / "tokenizer")
+    pack, _, packed_model = write_tiny_pack(tmp_path / "pack")
+    real_safe_open = safetensors.safe_open
+
+    class NoWeightReads:  # safe_open, refusing to read any tensor but the tokenizer's bytes
+        def __init__(self, *args, **kwargs):
+            self.file = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, key):
+            assert key.startswith("tokenizer."), f"read {key}"
+            return self.file.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def refuse(self, lazy):
+        raise AssertionError(f"read {lazy!r}")
+
+    monkeypatch.setattr(safe_unpickle._Archive, "materialize", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", NoWeightReads)
+    inferred, tokenizer = inspect_checkpoint(tmp_path / "retrained.pt")
+    assert inferred == cfg and tokenizer.source.startswith(str(tmp_path / "tokenizer"))
+    assert inspect_checkpoint(pack)[0] == packed_model.cfg
+    with pytest.raises(AssertionError, match="read"):  # the stand-ins do refuse reads
+        load_model(pack)
+
+
 def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tmp_path):
     """A small .pt whose zip directory claims a 4 GiB record: a one-line error before any allocation (it was
     a MemoryError with a 128 GiB claim)."""
@@ -268,6 +318,7 @@ def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tm
         load_pt_state_dict(path, key="model")
 
 
+@BOTH_OPENERS
 @pytest.mark.parametrize("part, field, value, message", [
     ("decoder", "heads", 0, "DecoderConfig.heads = 0: expected a whole number from 1"),
     ("vision", "patch_size", 0, "VisionConfig.patch_size = 0"),
@@ -278,7 +329,7 @@ def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tm
     ("decoder", "scale_embedding", 1, "expected true or false"),
     ("vision", "mlp_ratio", 1e308, "vision MLP width 32 x 1e"),  # found by fuzzing: was an OverflowError
 ])
-def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, value, message):
+def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, value, message, open_checkpoint):
     import json
 
     from safetensors import safe_open
@@ -291,12 +342,13 @@ def test_a_pack_with_a_damaged_config_is_one_clear_error(tmp_path, part, field, 
     config[part][field] = value
     save_file(tensors, str(path), {**metadata, "config": json.dumps(config)})
     with pytest.raises(CheckpointError, match=f"embedded config is missing or invalid .*{message}"):
-        load_model(path)
+        open_checkpoint(path)
 
 
 
+@BOTH_OPENERS
 @pytest.mark.parametrize("config_json", ["[]", "null", "64", '"x"'])
-def test_a_config_that_is_not_a_json_object_is_one_clear_error(tmp_path, config_json):
+def test_a_config_that_is_not_a_json_object_is_one_clear_error(tmp_path, config_json, open_checkpoint):
     """Found by fuzzing: it was a bare AttributeError ('list' object has no attribute 'get')."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -306,15 +358,16 @@ def test_a_config_that_is_not_a_json_object_is_one_clear_error(tmp_path, config_
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(path), {**metadata, "config": config_json})
     with pytest.raises(CheckpointError, match="embedded config is missing or invalid .*expected a JSON object"):
-        load_model(path)
+        open_checkpoint(path)
     pt, tok_dir, _ = write_tiny_official(tmp_path / "official")
     pt.with_suffix(".json").write_text(config_json)
     with pytest.raises(CheckpointError, match=r"checkpoint_final\.json is not a valid Kosmos-G config: .*JSON object"):
-        load_model(pt, tok_dir)
+        open_checkpoint(pt, tok_dir)
 
 
+@BOTH_OPENERS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int16])
-def test_a_pack_whose_tokenizer_tensor_is_not_bytes_is_one_clear_error(tmp_path, dtype):
+def test_a_pack_whose_tokenizer_tensor_is_not_bytes_is_one_clear_error(tmp_path, dtype, open_checkpoint):
     """Found by fuzzing: a bfloat16 tokenizer tensor was a bare TypeError (numpy cannot hold it)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -326,7 +379,7 @@ def test_a_pack_whose_tokenizer_tensor_is_not_bytes_is_one_clear_error(tmp_path,
     tensors["tokenizer.dict_txt"] = data[:len(data) // 2 * 2].view(dtype)  # the same bytes, another dtype
     save_file(tensors, str(path), metadata)
     with pytest.raises(CheckpointError, match=f"{path.name}: tensor tokenizer.dict_txt holds {dtype} values"):
-        load_model(path)
+        open_checkpoint(path)
 
 def test_state_dict_mismatch_names_what_differs():
     from kosmosg_core.checkpoint import state_dict_mismatch
@@ -343,8 +396,9 @@ def test_state_dict_mismatch_names_what_differs():
         "tensor a.w holds torch.int32 values but the model expects floating point ones"
 
 
+@BOTH_OPENERS
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
-def test_a_pack_with_a_non_float_weight_is_one_clear_error(tmp_path, dtype):
+def test_a_pack_with_a_non_float_weight_is_one_clear_error(tmp_path, dtype, open_checkpoint):
     """Found by fuzzing: an integer weight was a bare RuntimeError from load_state_dict; a complex one loaded and
     failed in the first encode."""
     from safetensors import safe_open
@@ -357,7 +411,7 @@ def test_a_pack_with_a_non_float_weight_is_one_clear_error(tmp_path, dtype):
     save_file(tensors, str(path), metadata)
     with pytest.raises(CheckpointError, match=f"{path.name} does not match .*: tensor decoder.layer_norm.weight holds "
                                               f"{dtype} values but the model expects floating point ones"):
-        load_model(path)
+        open_checkpoint(path)
 
 
 def test_convert_keeps_the_files_dtype_unless_asked(tmp_path):
@@ -391,10 +445,11 @@ def test_convert_writes_weights_that_share_memory_in_the_pt(tmp_path):
     _, tensors, _ = read_checkpoint(out)
     assert torch.equal(tensors["aligner.encoder.layer_norm.weight"], model.state_dict()["aligner.encoder.layer_norm.bias"])
 
-def test_a_checkpoint_with_only_extra_tensors_is_refused_by_name(tmp_path):
+@BOTH_OPENERS
+def test_a_checkpoint_with_only_extra_tensors_is_refused_by_name(tmp_path, open_checkpoint):
     pt, _, model = write_tiny_official(tmp_path)
     sd = to_official_state_dict(model.state_dict())
     sd["img_connector.extra_gate"] = torch.zeros(3)  # nothing missing: only one tensor too many
     torch.save({"model": sd}, pt)
     with pytest.raises(CheckpointError, match=r": 1 unexpected tensor: connector\.extra_gate\. Use a complete"):
-        load_model(pt)
+        open_checkpoint(pt)

@@ -263,9 +263,12 @@ def test_encode_cache_dir_is_read_by_later_runs(pack, images, tmp_path):
     zeros = torch.zeros(1, 77, 768)
     from kosmosg_core.files import save_safetensors
     save_safetensors({"value": zeros}, entries[(1, 77, 768)])
-    run_cli(*args, "--out", second)
+    log = run_cli("-v", *args, "--out", second).stderr
     assert torch.equal(load_file(str(second))["cond"], zeros)
     assert not torch.equal(load_file(str(first))["cond"], zeros)
+    assert "reading the weights" not in log  # nothing to compute: the checkpoint's weights are never read
+    log = run_cli("-v", *args[:4], "a photo of <i> again", *args[5:], "--out", second).stderr
+    assert "reading the weights" in log  # a new prompt is computed (its image's features from the cache)
     # the unconditional prompt, and the size limit: 0.0001 GiB (105 kB) holds no 236 kB entry
     run_cli("encode", "--checkpoint", pack[0], "--prompt", "", "--cache-dir", cache_dir, "--cache-max-gib", "0.0001",
             "--out", tmp_path / "u.safetensors")

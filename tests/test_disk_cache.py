@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from kosmosg_core.disk_cache import CACHE_FORMAT, DiskCache, checkpoint_identity
-from kosmosg_core.pipeline import KosmosGPipeline
+from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError
+from kosmosg_core.pipeline import KosmosGPipeline, UnreadWeights
 
 
 def image(seed, size=(40, 30)):
@@ -357,6 +358,62 @@ def test_how_the_model_computes_is_part_of_the_key(checkpoint, tmp_path, monkeyp
     assert plain.model_key() == key
     plain.model.cfg.decoder.heads //= 2  # e.g. an official file's sidecar head count changed: another model
     assert plain.model_key() != key
+
+
+# --- a lazy pipeline (weights read on first use) -----------------------------------------------------
+@pytest.mark.parametrize("dtype, pack_cpu_linears, cpu_kernel", [
+    ("float32", None, "auto"), ("float32", True, "onednn"), ("float32", False, "auto"), ("bfloat16", None, "auto"),
+    ("float16", None, "auto")])
+def test_a_lazy_pipeline_is_keyed_and_encodes_as_the_loaded_one(checkpoint, dtype, pack_cpu_linears, cpu_kernel):
+    """Its keys are known before its weights are read (the packed kernels included), so the disk cache serves it."""
+    options = {"dtype": dtype, "pack_cpu_linears": pack_cpu_linears, "cpu_kernel": cpu_kernel}
+    lazy = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True, **options)
+    loaded = KosmosGPipeline.from_checkpoint(checkpoint, **options)
+    assert not lazy.is_loaded and loaded.is_loaded
+    assert lazy.model_key() == loaded.model_key()
+    for name in ("cfg", "dtype", "device", "context_dim", "max_tokens"):
+        assert getattr(lazy, name) == getattr(loaded, name), name
+    if dtype == "float16":
+        return  # the CPU has no float16 matmuls for the model to run
+    got = lazy.encode(PROMPT, [image(0), image(1)])
+    assert lazy.is_loaded and torch.equal(got, loaded.encode(PROMPT, [image(0), image(1)]))
+    assert lazy.model_key() == loaded.model_key()
+
+
+def test_a_lazy_pipeline_reads_no_weights_when_the_disk_cache_holds_the_encodings(checkpoint, tmp_path, monkeypatch):
+    """What a restarted CLI or ComfyUI gets: the same numbers without reading the checkpoint's weights; a new
+    prompt reads them then (its images' features still from the disk)."""
+    cache = DiskCache(tmp_path / "cache")
+    loaded = KosmosGPipeline.from_checkpoint(checkpoint)
+    cond = loaded.encode(PROMPT, [image(0), image(1)], image_weights=[1.0, 0.5], disk_cache=cache)
+    uncond = loaded.encode_unconditional("blurry", disk_cache=cache)
+    expected = loaded.encode("<i> and <i> in the snow", [image(1), image(0)])
+
+    def refuse(self):
+        raise AssertionError("the weights were read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UnreadWeights, "load", refuse)
+        lazy = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
+        assert torch.equal(lazy.encode(PROMPT, [image(0), image(1)], image_weights=[1.0, 0.5], disk_cache=cache), cond)
+        assert torch.equal(lazy.encode_unconditional("blurry", disk_cache=cache, batch_size=2), uncond.expand(2, -1, -1))
+        assert torch.equal(lazy.image_embeddings([image(1)], disk_cache=cache), loaded.image_embeddings([image(1)]))
+        assert not lazy.is_loaded
+    forbid_model(lazy, monkeypatch, decoder=False)  # reads the weights; the vision tower must not run
+    assert torch.equal(lazy.encode("<i> and <i> in the snow", [image(1), image(0)], disk_cache=cache), expected)
+
+
+def test_a_lazy_pipeline_whose_file_changed_or_went_says_so(checkpoint):
+    """Its keys hold the file as it was when opened: a file replaced before the weights are read is refused, not
+    read under the old file's keys."""
+    lazy = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
+    os.utime(checkpoint, ns=(10**9, 10**9))  # e.g. retrained and written again
+    with pytest.raises(CheckpointError, match="changed on disk after the model was opened .* load it again"):
+        lazy.encode("a dog")
+    gone = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
+    checkpoint.unlink()
+    with pytest.raises(CheckpointNotFoundError, match="can no longer be read .* Put it back, or load it again"):
+        gone.encode_unconditional()
 
 
 def test_a_damaged_entry_is_recomputed(checkpoint, tmp_path):

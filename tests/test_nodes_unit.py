@@ -40,7 +40,7 @@ def _import_pack(name: str = "kosmosg_pack"):
 
 pack = _import_pack()
 from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears, packs_dtype  # noqa: E402  (the pack's own classes)
-from kosmosg_pack.kosmosg_core.pipeline import KosmosGPipeline  # noqa: E402
+from kosmosg_pack.kosmosg_core.pipeline import KosmosGPipeline, UnreadWeights  # noqa: E402
 from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
 from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
 from kosmosg_pack.nodes import disk_cache, encode, model_management, paths  # noqa: E402
@@ -182,7 +182,8 @@ def test_file_names_no_file_system_can_hold_are_named(model_dirs):
 def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted):
     kosmosg_dir, _ = model_dirs
     model = KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0]
-    assert isinstance(model.patcher, comfy.model_patcher.ModelPatcher)
+    assert not model.pipeline.is_loaded  # the file checked, its config and tokenizer read; the weights on first use
+    assert isinstance(model.patcher, comfy.model_patcher.ModelPatcher) and model.pipeline.is_loaded
     assert model.patcher.model is model.pipeline.model
     assert model.patcher.load_device == torch.device("cpu")
     assert model.pipeline.dtype == torch.float32  # auto on the CPU
@@ -453,8 +454,9 @@ def _restart_comfy():
 
 
 def test_encode_disk_cache_survives_a_restart(model_dirs, converted, user_directory, monkeypatch):
-    """After a restart the same prompt and images come from the disk cache: the same conditioning, the model
-    never run nor moved to its load device, the progress bar complete."""
+    """After a restart the same prompt and images come from the disk cache: the same conditioning, the checkpoint's
+    weights never read (the Loader opens the file; the weights are read on the first compute), the model never
+    moved to its load device, the progress bar complete."""
     model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
     first = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     folder = user_directory / "__kosmosg_cache"
@@ -462,17 +464,16 @@ def test_encode_disk_cache_survives_a_restart(model_dirs, converted, user_direct
     del model  # the encoding and the negative
     _restart_comfy()
 
+    monkeypatch.setattr(UnreadWeights, "load", lambda self: pytest.fail("the weights were read"))
     model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
     loads, updates = [], []
     monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
-    for part in ("encode_images", "forward"):
-        monkeypatch.setattr(model.pipeline.model, part, lambda *a, **k: pytest.fail("the model ran"))
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     try:
         again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert loads == [] and updates[-1] == (4, 4)
+    assert loads == [] and updates[-1] == (4, 4) and not model.pipeline.is_loaded
     for got, expected in zip(again, first):
         assert torch.equal(got[0][0], expected[0][0]) and got[0][1]["kosmosg"] == expected[0][1]["kosmosg"]
 
