@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DISK_CACHE_MAX_BYTES,
                      DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
-from .errors import ImageError, KosmosGError, PromptError
+from .errors import GenerationSettingsError, ImageError, KosmosGError, PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -177,36 +177,49 @@ def _check_like_settings(args, record: dict, settings: dict) -> None:
     """--like: a recorded device this machine lacks is an error saying so; official noise on another device or in
     another dtype than recorded (other numbers drawn) a warning."""
     from .errors import DeviceError
+    from .generate import shown
     from .pipeline import resolve_device
 
     if args.device is None:
         try:
             resolve_device(settings["device"])
         except DeviceError as e:
-            raise DeviceError(f"--like {args.like} was made on device {settings['device']!r}, which cannot be used "
-                              f"here ({e}); give --device (e.g. --device cpu) to make it here, with other noise "
+            raise DeviceError(f"--like {args.like} was made on device {shown(repr(settings['device']))}, which cannot "
+                              f"be used here ({shown(str(e), 200)}); give --device (e.g. --device cpu) to make it here, with other noise "
                               "numbers if its noise was 'official'.") from e
-    if settings["noise"] == "official" and (settings["device"], settings["dtype"]) != (record["device"], record["dtype"]):
+    if settings["noise"] == "official" and (_device_name(settings["device"]), settings["dtype"]) != \
+            (_device_name(record["device"]), record["dtype"]):
         logger.warning("--like %s: its official noise was drawn on %s in %s; drawn on %s in %s it is other noise, so "
-                       "other pictures.", args.like, record["device"], record["dtype"], settings["device"],
+                       "other pictures.", args.like, shown(record["device"]), record["dtype"], shown(settings["device"]),
                        settings["dtype"])
+
+
+def _device_name(device: str) -> str:
+    """A device as torch names it ("CPU" -> "cpu", "cuda" -> "cuda:0"), so spellings of one device compare equal."""
+    import torch
+
+    try:
+        device = torch.device(device.lower())
+    except (RuntimeError, ValueError):
+        return device
+    return f"{device.type}:{device.index or 0}" if device.type == "cuda" else str(device)
 
 
 def _check_like_files(args, record: dict, settings: dict) -> None:
     """--like: the files given against the ones the record names (by name and, for its own prompt, the images by
     count and pixels)."""
-    from .generate import image_digests
+    from .generate import image_digests, shown
     from .pipeline import read_prompt_images
 
     recorded = record["images"]
     for what, given, name in (("--checkpoint", args.checkpoint, record.get("checkpoint")),
                               ("--sd-model", args.sd_model, record.get("sd_model"))):
-        if (Path(given).name if given is not None else None) != name:
-            logger.warning("--like %s was made with %s %s, not %s: the picture will differ.", args.like, what, name,
-                           Path(given).name if given is not None else "(none)")
+        if (Path(given).name if given is not None else None) != name:  # the record's names: untrusted, shown escaped
+            logger.warning("--like %s was made with %s %s, not %s: the picture will differ.", args.like, what,
+                           shown(name), Path(given).name if given is not None else "(none)")
     if args.prompt is not None:  # another prompt: its own images, nothing to compare
         return
-    names = ", ".join(str(name) for name in recorded)
+    names = shown(", ".join(str(name) for name in recorded), 200)
     if recorded and not args.image:
         raise PromptError(f"--like {args.like}: its prompt takes {len(recorded)} image(s) ({names}; the record keeps "
                           "file names only): give them again with --image, in that order.")
@@ -219,19 +232,26 @@ def _check_like_files(args, record: dict, settings: dict) -> None:
         for k, (digest, expected) in enumerate(zip(image_digests(pictures), record["image_sha256"])):
             if digest != expected:
                 logger.warning("--like %s: --image %s is not its image %d (%s): the pixels differ, so the picture "
-                               "will too.", args.like, args.image[k], k + 1, recorded[k])
+                               "will too.", args.like, args.image[k], k + 1, shown(recorded[k]))
 
 
 def cmd_generate(args) -> None:
     from .generate import generate_images
 
     settings = generate_settings(args)
-    paths = generate_images(
-        checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model,
-        images=_image_paths(args.image), out_dir=Path(args.out_dir), sd_config_dir=args.sd_config,
-        record_settings=args.record_settings, **settings,
-        disk_cache=_disk_cache(args),
-        show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
+    try:
+        paths = generate_images(
+            checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer, sd_model=args.sd_model,
+            images=_image_paths(args.image), out_dir=Path(args.out_dir), sd_config_dir=args.sd_config,
+            record_settings=args.record_settings, **settings,
+            disk_cache=_disk_cache(args),
+            show_progress=sys.stderr.isatty())  # minutes per SD1.5 image on a CPU: show the steps (not in logs)
+    except (GenerationSettingsError, PromptError) as error:
+        if args.like is None:
+            raise
+        # a setting no flag gave came from the record: say so (e.g. steps the SD model's scheduler cannot run)
+        raise type(error)(f"{error} (--like {args.like}: the settings not given as flags are its record's; give the "
+                          "one named as a flag.)") from error
     for p in paths:
         print(f"wrote {p}")
 
@@ -332,26 +352,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "kosmosg_core/sd15_config)")
     p.add_argument("--like", default=None, type=_path, metavar="PNG",
                    help="a PNG written by generate: its recorded settings (prompt, negative prompt, image weights, "
-                        "seed, steps, guidance, scheduler, noise, size, dtype, device) are the defaults, so it is made "
-                        "again; the files (--checkpoint, --sd-model, --image) are given again (the record names them "
-                        "only), and any flag given overrides the record (e.g. --seed)")
+                        "seed, steps, guidance, scheduler, noise, size, dtype, device) are the defaults of every flag "
+                        "below, so it is made again bit for bit: with per-image noise that picture alone (its own seed "
+                        "+ index), with official noise the whole run again; the files (--checkpoint, --sd-model, "
+                        "--image) are given again (the record names them only), and any flag given overrides the "
+                        "record (e.g. --seed)"),
     # settings left None here: the record of --like, else generate_images' defaults (GENERATE_SETTINGS)
     p.add_argument("--prompt", default=None, help="text with one <i> per image (<i:0.8>: that image at weight 0.8); "
                                                   "required unless --like")
     image_args(p)
-    p.add_argument("--negative-prompt", default=None, help='negative text (default "" = the official unconditional <s>)')
+    p.add_argument("--negative-prompt", default=None, help='negative text (default "" = the official unconditional <s>, or the --like record\'s)')
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (official demo: {DEFAULT_STEPS}, the default)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (official demo: {DEFAULT_STEPS}, the default; or the --like record's)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE}, the default)")
+                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE}, the default; or the --like "
+                        "record's)")
     p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
-                   help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]})")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0); with --noise per-image, image k uses seed + k")
-    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")
+                   help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]}; or the --like record's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0, or the --like record's); with --noise per-image, image k uses seed "
+                        "+ k")
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1, or the --like record's)")
     p.add_argument("--noise", default=None, choices=NOISE_MODES,
                    help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same noise "
                         "on any device) or official (as the official demo: one draw of all images' noise from --seed on "
-                        "--device in --dtype; with --device cuda --dtype float16 its noise)")
+                        "--device in --dtype; with --device cuda --dtype float16 its noise); or the --like record's")
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=int, default=None,
                        help=f"image {side} in pixels, a multiple of 8 (default: the --like record's if it asked for "

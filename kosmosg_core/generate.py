@@ -24,13 +24,13 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, D
                      MAX_NUM_IMAGES, MAX_STEPS, NANO_SD15_FORMAT, NOISE_MODES, PNG_SETTINGS_KEY, SCHEDULER_SETTINGS, SCHEDULERS, SD15_CONFIG_DIR,
                      SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
-                     MissingPackageError, NonFiniteEncodingError, first_line)
+                     MissingPackageError, NonFiniteEncodingError, PromptError, first_line)
 from .files import check_input_path_length, check_output_folder, save_image
 from .image_processing import split_images
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
 from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images, resolve_device, resolve_dtype
-from .prompt import check_negative_prompt, combine_image_weights
+from .prompt import check_negative_prompt, check_text, combine_image_weights, placeholder_mismatch
 from .sampling import official_noise_generator
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,9 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
         dtype=str(dtype).removeprefix("torch."), device=str(device), requested_width=width, requested_height=height)
     # before the models load: a device without a random generator of its own fails here, not minutes later
     generators = official_noise_generator(seed, device) if noise == "official" else image_generators(seed, num_images)
-    encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device)
+    # lazy: its weights are read only if something is computed (not when disk_cache holds both encodings)
+    encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
+                                              lazy=True)
     cond = encoder.encode(prompt, pictures, image_weights=image_weights, disk_cache=disk_cache)  # [1, 77, C]
     uncond = encoder.encode_unconditional(negative_prompt, disk_cache=disk_cache)  # [1, 77, C]
     check_sd15_width(encoder.context_dim, checkpoint)
@@ -232,7 +234,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps, official_checkpoint=checkpoint)
     sd.set_progress_bar_config(disable=not show_progress)
     sampled = sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps,
-                          guidance_scale=guidance_scale, num_images=num_images, height=height, width=width)
+                          guidance_scale=guidance_scale, num_images=num_images, height=height, width=width,
+                          one_by_one=noise == "per-image")  # so each picture is remade bit for bit from its seed
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(sampled):
@@ -286,60 +289,85 @@ def read_settings_record(path) -> dict:
     one, or with a damaged one, is a GenerationSettingsError naming it."""
     from PIL import Image, UnidentifiedImageError
 
+    damaged = f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's"
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
-    except (OSError, UnidentifiedImageError) as e:
-        raise GenerationSettingsError(f"--like {path}: cannot read it as a PNG ({first_line(e)}); give a PNG written "
-                                      "by generate.") from e
+    # a hostile file: a text chunk that inflates past PIL's limit (ValueError), a size PIL calls a decompression bomb
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise GenerationSettingsError(f"--like {path}: cannot read it as a PNG ({shown(first_line(e))}); give a PNG "
+                                      "written by generate.") from e
     if text is None:
         raise GenerationSettingsError(f"--like {path}: it holds no record of its settings (PNG text chunk "
                                       f"'{PNG_SETTINGS_KEY}'); generate writes one unless told --no-record.")
     try:
         record = json.loads(text)
-    except ValueError as e:
-        record = e
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+        raise GenerationSettingsError(f"{damaged} (not valid JSON: {shown(first_line(e))}); give the settings as "
+                                      "arguments instead.") from None
     missing = [key for key in REQUIRED_RECORD_KEYS if key not in record] if isinstance(record, dict) else ["all"]
     if missing:
-        raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
-                                      f"(missing: {', '.join(missing)}); give the settings as arguments instead.")
+        raise GenerationSettingsError(f"{damaged} (missing: {', '.join(missing)}); give the settings as arguments "
+                                      "instead.")
     problem = settings_record_problem(record)
     if problem:
-        raise GenerationSettingsError(f"--like {path}: its '{PNG_SETTINGS_KEY}' record is damaged or not generate's "
-                                      f"({problem}); give the settings as arguments instead.")
+        raise GenerationSettingsError(f"{damaged} ({problem}); give the settings as arguments instead.")
     return record
+
+
+def shown(value, limit: int = 80) -> str:
+    """An untrusted value for a message: text as it is where printable, else its repr (escape codes and new lines
+    escaped), at most `limit` characters."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def settings_record_problem(record: dict) -> str | None:
     """What in a record (all REQUIRED_RECORD_KEYS present) is not what `generate_images` writes, or None: a file's record
-    is untrusted input."""
+    is untrusted input, checked as the arguments it gives are (so an error later cannot blame a flag not given)."""
     def is_text(value):
         return isinstance(value, str)
 
-    def is_number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value):  # an int too big for a float (10**400) is not one
+        try:
+            return (is_int(value) or isinstance(value, float)) and math.isfinite(float(value))
+        except OverflowError:
+            return False
 
     count = len(record["images"]) if isinstance(record["images"], list) else -1
     checks = [
         ("prompt", is_text), ("negative_prompt", is_text), ("device", is_text),
         ("dtype", lambda v: v in DTYPE_NAMES), ("noise", lambda v: v in NOISE_MODES),
         ("scheduler", lambda v: is_text(v) and v in SCHEDULERS),
+        ("num_images", is_int), ("guidance_scale", is_number),  # before image_index; an overflowing guidance
         ("images", lambda v: isinstance(v, list) and all(n is None or is_text(n) for n in v)),
         ("image_sha256", lambda v: isinstance(v, list) and len(v) == count and all(map(is_text, v))),
         ("image_weights", lambda v: isinstance(v, list) and len(v) == count and all(map(is_number, v))),
-        ("image_index", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < record["num_images"]
-         if isinstance(record["num_images"], int) else False),
-        ("requested_width", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
-        ("requested_height", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+        ("image_index", lambda v: is_int(v) and 0 <= v < record["num_images"]),
+        ("requested_width", lambda v: v is None or is_int(v)),
+        ("requested_height", lambda v: v is None or is_int(v)),
+        # records from before requested_width / _height: the picture's own size is asked for
+        ("width", lambda v: "requested_width" in record or is_int(v)),
+        ("height", lambda v: "requested_height" in record or is_int(v)),
     ]
     for key, ok in checks:
         if key in record and not ok(record[key]):
-            return f"{key} is {record[key]!r}"
+            return f"{key} is {shown(repr(record[key]))}"
     try:
         check_generation_settings(record["steps"], record["guidance_scale"], record["seed"], record["num_images"],
-                                  record.get("requested_height"), record.get("requested_width"), record["scheduler"])
-    except GenerationSettingsError as e:
-        return str(e).rstrip(".")
+                                  record.get("requested_height", record.get("height")),
+                                  record.get("requested_width", record.get("width")), record["scheduler"])
+        check_text(record["prompt"], "prompt")
+        check_negative_prompt(record["negative_prompt"])
+        mismatch = placeholder_mismatch(record["prompt"], count)
+        if mismatch:
+            raise PromptError(mismatch)
+        combine_image_weights(record["prompt"], record["image_weights"])  # each in range, and `<i:W>` written right
+    except (GenerationSettingsError, PromptError) as e:
+        return shown(str(e).rstrip("."), 300)
     return None
 
 
@@ -360,23 +388,36 @@ def settings_like(record: dict) -> dict:
 
 
 def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,
-                guidance_scale: float, num_images: int, height: int | None, width: int | None) -> list:
+                guidance_scale: float, num_images: int, height: int | None, width: int | None,
+                one_by_one: bool = False) -> list:
     """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
     B x num_images PIL images, prompt-major, height x width (None: `native_size`); images that came out NaN are
-    refused (diffusers turns them into black PNGs without a word)."""
+    refused (diffusers turns them into black PNGs without a word).
+
+    one_by_one: sample each picture alone (a batch of one, `generators` one per picture): its pixels then do not
+    depend on the batch it was asked in (a batch's matmuls round differently, a few pixels 1 apart); generate does
+    so for per-image noise, so that a picture is made again bit for bit from its own seed. Batched (default), the
+    GPU is used better."""
     native = native_size(sd)
     height, width = (native if side is None else side for side in (height, width))
     if any(not native / 2 < side < native * 2 for side in (height, width)):  # e.g. the 64 px nano model at 512
         _warn_far_from_native_size(str(sd_model), width, height, native)
-    result = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
-                guidance_scale=guidance_scale, num_images_per_prompt=num_images, height=height, width=width,
-                generator=generators, output_type="np")  # floats: NaN shows, unlike in a PNG
-    if not np.isfinite(result.images).all():
+    settings = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                    output_type="np")  # floats: NaN shows, unlike in a PNG
+    if one_by_one:
+        pictures = [sd(prompt_embeds=cond[p:p + 1], negative_prompt_embeds=uncond[p:p + 1], num_images_per_prompt=1,
+                       generator=[generators[p * num_images + k]], **settings).images
+                    for p in range(cond.shape[0]) for k in range(num_images)]  # prompt-major, as diffusers orders
+        images = np.concatenate(pictures)
+    else:
+        images = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_images_per_prompt=num_images,
+                    generator=generators, **settings).images
+    if not np.isfinite(images).all():
         raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN ({str(sd.dtype).split('.')[-1]}, "
                                      f"guidance_scale {guidance_scale}), so none was kept; use float32 and a "
                                      f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
                                      "out NaN, the SD model's weights are damaged: fetch it again.")
-    return sd.numpy_to_pil(result.images)
+    return sd.numpy_to_pil(images)
 
 
 @functools.cache  # once per model and size: train.eval samples batch after batch
@@ -416,7 +457,8 @@ def dry_run_scheduler(scheduler, steps: int) -> None:
 
 def image_generators(seed: int, num_images: int, num_prompts: int = 1) -> list[torch.Generator]:
     """diffusers' per-image generators, prompt-major: image k of every prompt starts from the noise of seed + k,
-    so a picture does not depend on how many were asked for or on the batch it was made in."""
+    so a picture's noise does not depend on how many were asked for or on the batch it was made in (its pixels do
+    not either when sampled `one_by_one`)."""
     return [torch.Generator("cpu").manual_seed(seed + k) for _ in range(num_prompts) for k in range(num_images)]
 
 

@@ -113,7 +113,7 @@ def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_
     model names, another image count: warnings; a new prompt drops the record's image weights (they were its
     images'); official noise on another device: a warning."""
     from kosmosg_core import cli, generate
-    from kosmosg_core.errors import DeviceError
+    from kosmosg_core.errors import DeviceError, GenerationSettingsError
 
     asked = []
     monkeypatch.setattr(generate, "generate_images", lambda **kwargs: asked.append(kwargs) or [])
@@ -139,6 +139,22 @@ def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_
     assert asked[-1]["prompt"] == "a <i>" and asked[-1]["image_weights"] is None
     run("--like", png, "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--prompt", "plain text")
     assert asked[-1]["prompt"] == "plain text" and asked[-1]["image_weights"] is None
+    caplog.clear()  # the recorded device spelled another way is the same device: the same official noise
+    official = _png_with_record(tmp_path / "o.png", noise="official", device="cuda")
+    with caplog.at_level(logging.WARNING):
+        run("--like", _png_with_record(tmp_path / "c.png", noise="official"), "--checkpoint", "k.safetensors",
+            "--sd-model", "s.safetensors", "--image", images[0], "--image", images[1], "--device", "CPU")
+    assert "other noise" not in caplog.text
+    assert cli._device_name("cuda") == cli._device_name("CUDA:0") != cli._device_name("cuda:1")
+
+    def refuse(**kwargs):  # e.g. steps the SD model's scheduler cannot run, found once it is loaded
+        raise GenerationSettingsError("ddim cannot run 1000 steps with the settings in scheduler_config.json.")
+
+    monkeypatch.setattr(generate, "generate_images", refuse)
+    with pytest.raises(GenerationSettingsError, match=r"1000 steps .*\(--like .*o.png: the settings not given as "
+                                                      "flags are its record's; give the one named as a flag"):
+        run("--like", official, "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--image", images[0],
+            "--image", images[1], "--device", "cpu")
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -152,6 +168,14 @@ def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_
     ({"image_weights": [1, "x"]}, "image_weights is [1, 'x']"), ({"requested_width": 70}, "width must be a multiple of 8"),
     ({"requested_width": 800000}, "width must be a whole number between 8 and 8192"),
     ({"requested_height": True}, "requested_height is True"), ({"steps": 10**9}, "steps must be a whole number between"),
+    # found by a review: numbers too big for a float were a bare OverflowError
+    ({"image_weights": [10**400, 1.0]}, "image_weights is [1000000"), ({"guidance_scale": 10**400}, "guidance_scale is 1000"),
+    ({"image_weights": [float("nan"), 1.0]}, "image_weights is [nan, 1.0]"),
+    # checked as the arguments are, so the error names the record, not a flag that was never given
+    ({"image_weights": [11, 1.0]}, "Image weight 11 (image 1"), ({"prompt": "a <i> and <i> and <i>"}, "has 3 <i>"),
+    ({"prompt": "a <i:abc> and <i>"}, "Placeholder 1 of the prompt"), ({"negative_prompt": "a <i>"}, "text only"),
+    ({"num_images": "4"}, "num_images is '4'"), ({"width": "abc"}, "width is 'abc'"),
+    ({"width": -64}, "width must be a whole number between 8"), ({"prompt": "a \ud800 <i> <i>"}, "not valid text"),
 ])
 def test_generate_like_refuses_a_record_it_would_not_write(tmp_path, images, capsys, change, problem):
     """A PNG's record is untrusted input: every field of another type or out of range is a one-line error naming
@@ -163,6 +187,60 @@ def test_generate_like_refuses_a_record_it_would_not_write(tmp_path, images, cap
                  "--image", str(images[1])])
     err = capsys.readouterr().err
     assert code == 2 and "odd.png" in err and problem in err and "Traceback" not in err, err
+
+
+def test_generate_like_shows_a_records_text_escaped_and_short(tmp_path, images, capsys, caplog):
+    """A record's names reach the terminal: escape codes and new lines are shown escaped, a megabyte is cut."""
+    from kosmosg_core.cli import main
+
+    png = _png_with_record(tmp_path / "ansi.png", images=["\x1b]0;pwned\x07\x1b[2K\rerror: run rm -rf ~\n", "b"],
+                           checkpoint="\x1b[31mred" + "x" * 10**6)
+    with caplog.at_level(logging.WARNING):
+        main(["generate", "--like", str(png), "--checkpoint", "k", "--sd-model", "s.safetensors", "--image",
+              str(images[0]), "--out-dir", str(tmp_path / "out")])
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2 and "pwned" in warnings[1] and "red" in warnings[0], warnings
+    assert all("\x1b" not in text and "\n" not in text and len(text) < 600 for text in warnings), warnings
+    capsys.readouterr()
+    huge = _png_with_record(tmp_path / "huge.png", device="x" * 10**6)
+    assert main(["generate", "--like", str(huge), "--checkpoint", "k", "--sd-model", "s"]) == 2
+    assert len(capsys.readouterr().err) < 1000
+
+
+def test_generate_like_refuses_hostile_pngs_in_one_line(tmp_path, capsys):
+    """Found by a review: JSON nested 200000 deep (RecursionError), a compressed text chunk that inflates past PIL's
+    limit (ValueError), a PNG claiming 200000 x 200000 pixels (DecompressionBombError), an integer of 5000 digits
+    (not valid JSON, not "missing: all"): each a one-line error naming the file."""
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from kosmosg_core.cli import main
+    from kosmosg_core.config import PNG_SETTINGS_KEY
+    from kosmosg_core.files import save_image
+
+    nested = tmp_path / "nested.png"
+    save_image(Image.new("RGB", (8, 8)), nested, text={PNG_SETTINGS_KEY: "[" * 200000 + "]" * 200000})
+    digits = tmp_path / "digits.png"
+    save_image(Image.new("RGB", (8, 8)), digits, text={PNG_SETTINGS_KEY: '{"seed": ' + "9" * 5000 + "}"})
+    inflating = tmp_path / "inflating.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_SETTINGS_KEY, "a" * 2 * 2**20, zip=True)
+    Image.new("RGB", (8, 8)).save(inflating, pnginfo=info)
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (8, 8)).save(bomb)
+    data = bytearray(bomb.read_bytes())
+    ihdr = bytes(data[12:17 + 12])  # "IHDR" + 13 bytes
+    ihdr = ihdr[:4] + struct.pack(">II", 200000, 200000) + ihdr[12:]
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    bomb.write_bytes(bytes(data))
+    for png, message in ((nested, "not valid JSON"), (digits, "not valid JSON"), (inflating, "cannot read it as a PNG"),
+                         (bomb, "cannot read it as a PNG")):
+        assert main(["generate", "--like", str(png), "--checkpoint", "k", "--sd-model", "s"]) == 2
+        err = capsys.readouterr().err
+        assert png.name in err and message in err and len(err.splitlines()) == 1, err[:500]
 
 
 def test_generate_like_errors_are_one_line(tmp_path, images):

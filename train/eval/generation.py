@@ -1,8 +1,9 @@
 """Batched Kosmos-G + SD1.5 sampling for the benchmarks: both models loaded once, many prompts.
 
 Seeds: image k of every prompt starts from the noise of `torch.Generator("cpu").manual_seed(seed + k)`
-(`kosmosg_core.generate.image_generators`, as `python -m kosmosg_core generate`), so an image does not
-depend on the batch it was generated in (resumed or re-batched runs give the same pictures).
+(`kosmosg_core.generate.image_generators`, as `python -m kosmosg_core generate`), so an image's noise does
+not depend on the batch it was generated in (resumed or re-batched runs give the same pictures up to the last
+bits: prompts and pictures are batched here, for speed, and a batch's matmuls round differently).
 """
 
 from __future__ import annotations
