@@ -332,17 +332,47 @@ def file_format(path: Path) -> str:
     return "safetensors" if path.suffix.lower() == ".safetensors" else "pt"
 
 
-def _sidecar_config(path: Path) -> KosmosGConfig | None:
-    """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt (or its symlink's target) overrides
-    the inferred sizes."""
+def _sidecar_path(path: Path) -> Path | None:
+    """The optional config file beside a .pt (or its symlink's target) that `_sidecar_config` reads, if any."""
     for candidate in [c for place in _places(path) for c in (place.with_suffix(".json"), place.parent / "kosmosg_config.json")]:
         # <name>.json can be too long where the checkpoint's own <name>.pt is not: then no such file exists
         if not path_length_problem(candidate) and candidate.is_file():
-            try:
-                return KosmosGConfig.from_json(candidate.read_text())
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"Config file {candidate} is not a valid Kosmos-G config: {e}") from e
+            return candidate
     return None
+
+
+def _sidecar_config(path: Path) -> KosmosGConfig | None:
+    """An optional `<checkpoint>.json` / `kosmosg_config.json` beside a .pt (or its symlink's target) overrides
+    the inferred sizes."""
+    candidate = _sidecar_path(path)
+    if candidate is None:
+        return None
+    try:
+        return KosmosGConfig.from_json(candidate.read_text())
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"Config file {candidate} is not a valid Kosmos-G config: {e}") from e
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The checkpoint and the files its loading also reads: an official .pt's sidecar config, the tokenizer files
+    beside it when the checkpoint holds none. What makes the model, for callers that notice a change (the ComfyUI
+    Loader re-opens it when any of them is replaced)."""
+    path = check_checkpoint_path(path)
+    files = [path]
+    embedded = False
+    if file_format(path) == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                embedded = TOKENIZER_SPM_KEY in f.keys()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is truncated or corrupt ({e}). Re-download or re-convert it.") from e
+    else:
+        sidecar = _sidecar_path(path)
+        files += [sidecar] if sidecar is not None else []
+    tokenizer_dir = None if embedded else find_tokenizer_dir(path)
+    return files + ([tokenizer_dir / name for name in TOKENIZER_FILENAMES] if tokenizer_dir is not None else [])
 
 
 # safetensors' dtype names -> torch's (the ones torch has; a file with another is refused when read)

@@ -75,7 +75,10 @@ def _decode_value(value, tensors: dict[str, torch.Tensor], device):
     return value
 
 
-def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def conditioning_to_file_content(conditioning, dropped_keys: list[str] | None = None
+                                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors, metadata) of the file. Values that are not data (a ControlNet, hooks) are left out, with a
+    warning; `dropped_keys`, when given, collects their keys."""
     tensors, entries = {}, []
     for i, (cond, extras) in enumerate(conditioning):
         tensors[f"entry{i}.cond"] = cond.detach().cpu().contiguous()
@@ -89,6 +92,8 @@ def conditioning_to_file_content(conditioning) -> tuple[dict[str, torch.Tensor],
             except _NotSaveable as reason:
                 tensors = kept  # none of a dropped key's tensors stay
                 dropped.append(f"{key!r} ({reason})")
+                if dropped_keys is not None and key not in dropped_keys:
+                    dropped_keys.append(key)
         if dropped:
             logger.warning("Kosmos-G Save Conditioning: not saving %s.", "; ".join(dropped))
         entries.append(encoded)
@@ -176,19 +181,33 @@ def _checked_cond(cond: torch.Tensor, path, name: str,
     return cond
 
 
-def save_conditioning(conditioning, folder, filename_prefix: str = "kosmosg") -> str:
-    """Write `conditioning` into `folder` as `<prefix>_<content hash>.safetensors` -> that file name. The same
-    content is written once (a file already holding it is kept)."""
+def _file_name(prefix: str, digest: str) -> str:
+    return f"{prefix}_{digest[:16]}.safetensors"
+
+
+def check_filename_prefix(filename_prefix, folder) -> str:
+    """The prefix `save_conditioning` names files with (empty: "kosmosg"), checked before anything is computed: a
+    plain name whose file names fit `folder`'s file system; a ConditioningFileError / OutputPathError otherwise."""
     prefix = (filename_prefix or "kosmosg").strip()
     if os.path.basename(prefix) != prefix or prefix in (".", ".."):
         raise ConditioningFileError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
+    check_output_file(os.path.join(folder, _file_name(prefix, "0" * 16)), "filename_prefix")  # e.g. a name too long
+    return prefix
+
+
+def save_conditioning(conditioning, folder, filename_prefix: str = "kosmosg", dropped_keys: list[str] | None = None
+                      ) -> str:
+    """Write `conditioning` into `folder` as `<prefix>_<content hash>.safetensors` -> that file name. The same
+    content is written once (a file already holding it is kept). `dropped_keys`: collects the keys of what is
+    not data and so not saved (`conditioning_to_file_content`)."""
+    prefix = check_filename_prefix(filename_prefix, folder)
     if not conditioning:
         raise ConditioningFileError("conditioning is empty (no entries): connect the output of an encode node.")
     for i, (cond, _) in enumerate(conditioning):  # a file read_conditioning_file refuses would be lost work
         _checked_cond(cond, "conditioning", f"entry {i}", fix="Connect the output of an encode node.")
-    tensors, metadata = conditioning_to_file_content(conditioning)
-    name = f"{prefix}_{content_hash(tensors, metadata)[:16]}.safetensors"
-    path = check_output_file(os.path.join(folder, name), "filename_prefix")  # e.g. a name too long
+    tensors, metadata = conditioning_to_file_content(conditioning, dropped_keys)
+    name = _file_name(prefix, content_hash(tensors, metadata))
+    path = check_output_file(os.path.join(folder, name), "filename_prefix")
     if not _holds(path, metadata):  # content-keyed: the same content is there already, unless damaged
         save_safetensors(tensors, path, metadata)
     return name

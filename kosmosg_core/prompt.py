@@ -60,6 +60,7 @@ class PromptIds:
 # `<i: 0.8 >`; a weights list's numbers separated by commas, semicolons or white space (the characters both
 # Python's and JavaScript's `\s` take).
 _NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_EXPONENT_NUMBER = re.compile(rf" *{_NUMBER}[eE][-+]?[0-9]+ *")  # 1e-3: refused, with its own message
 _PLACEHOLDER_WEIGHT = re.compile(rf" *{_NUMBER} *")
 _LIST_WEIGHT = re.compile(_NUMBER)
 _LIST_SEPARATORS = re.compile(r"[,;\s\x1c-\x1f\x85\ufeff]+")
@@ -86,6 +87,9 @@ def split_placeholders(text: str) -> tuple[list[str], list[float]]:
         if written is None:
             weights.append(1.0)
             continue
+        if _EXPONENT_NUMBER.fullmatch(written):
+            raise PromptError(f"Placeholder {number} of the prompt, {match.group(0)!r}, writes its weight with an "
+                              f"exponent; write it as a plain decimal in 0..{MAX_IMAGE_WEIGHT:g}, e.g. <i:0.8>.")
         if not _PLACEHOLDER_WEIGHT.fullmatch(written):
             raise PromptError(f"Placeholder {number} of the prompt, {match.group(0)!r}, has no weight Kosmos-G can "
                               f"read; write {IMAGE_PLACEHOLDER} or a number in 0..{MAX_IMAGE_WEIGHT:g} after "
@@ -129,7 +133,7 @@ def check_image_weight(weight, where: str) -> float:
         raise PromptError(f"Image weight {weight!r} ({where}) is not a finite number; use e.g. 1.0 (the official "
                           "model) or 0.5.")
     if not 0.0 <= weight <= MAX_IMAGE_WEIGHT:
-        raise PromptError(f"Image weight {weight:g} ({where}) is outside 0..{MAX_IMAGE_WEIGHT:g}; 1.0 is the official "
+        raise PromptError(f"Image weight {weight:.10g} ({where}) is outside 0..{MAX_IMAGE_WEIGHT:g}; 1.0 is the official "
                           "strength, 0 removes the image's features.")
     return float(weight)
 
@@ -144,6 +148,9 @@ def parse_image_weights(text: str | None, num_images: int, name: str, order: str
         return [1.0] * num_images
     weights = []
     for part in parts:
+        if _EXPONENT_NUMBER.fullmatch(part):
+            raise PromptError(f"{name}: {part!r} is written with an exponent; write each weight as a plain decimal "
+                              f"in 0..{MAX_IMAGE_WEIGHT:g}, e.g. '1.0, 0.8'.")
         if not _LIST_WEIGHT.fullmatch(part):
             raise PromptError(f"{name}: {part!r} is not a number; write one number per image, e.g. '1.0, 0.8'.")
         value = float(part)

@@ -6,7 +6,8 @@ import comfy.model_management as mm
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..kosmosg_core.conditioning_file import read_conditioning_file, save_conditioning
+from ..kosmosg_core.conditioning_file import check_filename_prefix, read_conditioning_file, save_conditioning
+from ..kosmosg_core.errors import KosmosGError
 from . import paths
 from .types import CATEGORY
 
@@ -34,10 +35,22 @@ class KosmosGSaveConditioning(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        if filename_prefix is None:  # from a link: checked when the node runs
+            return True
+        try:  # before the encode upstream runs, not after
+            check_filename_prefix(filename_prefix, folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0])
+        except KosmosGError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, conditioning, filename_prefix="kosmosg") -> io.NodeOutput:
+        dropped = []  # ControlNet / hook attachments are live objects, not data: said where the user looks
         name = save_conditioning(conditioning, folder_paths.get_folder_paths(paths.CONDITIONING_FOLDER)[0],
-                                 filename_prefix)
-        return io.NodeOutput(name, ui=ui.PreviewText(f"Saved {name}"))
+                                 filename_prefix, dropped_keys=dropped)
+        note = f" (without {', '.join(dropped)}: not data, so not saved; apply it again after loading)" if dropped else ""
+        return io.NodeOutput(name, ui=ui.PreviewText(f"Saved {name}{note}"))
 
 
 class KosmosGLoadConditioning(io.ComfyNode):

@@ -74,8 +74,8 @@ class KosmosGLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint, dtype, device):
-        # Re-run (and reload) when the file on disk is replaced.
-        return paths.file_fingerprint(folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint or ""))
+        # Re-run (and reload) when the file on disk, or its tokenizer or config file, is replaced.
+        return paths.checkpoint_fingerprint(folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint or ""))
 
     @classmethod
     def execute(cls, checkpoint, dtype="auto", device="auto") -> io.NodeOutput:

@@ -108,15 +108,16 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
     """Open a checkpoint (checked, config and tokenizer read, weights on first use), or share the copy still alive
-    for the same file identity (path, mtime, size), dtype and devices."""
+    for the same files (the checkpoint's and its tokenizer's and config's path, mtime, size), dtype and devices."""
     from ..kosmosg_core.cpu_linear import packs_by_default
-    from ..kosmosg_core.disk_cache import checkpoint_identity
     from ..kosmosg_core.model import KosmosG
     from ..kosmosg_core.pipeline import KosmosGPipeline
+    from .paths import checkpoint_fingerprint
 
     load_device, offload_device = resolve_devices(device_choice)
     dtype = choose_dtype(dtype_choice, load_device)
-    key = (checkpoint_identity(path), str(dtype), str(load_device), str(offload_device))
+    # the tokenizer and config files beside an official .pt too: replaced, they make another model
+    key = (checkpoint_fingerprint(path), str(dtype), str(load_device), str(offload_device))
     model = _LOADED.get(key)
     if model is not None:
         return model

@@ -99,3 +99,16 @@ def file_fingerprint(path: str | None) -> str:
     if path is None or not os.path.exists(path):
         return "missing"
     return checkpoint_identity(path)
+
+
+def checkpoint_fingerprint(path: str | None) -> str:
+    """Changes when the checkpoint, or a file its loading reads besides (an official .pt's tokenizer files and
+    sidecar config), is replaced or rewritten: the Loader then opens it again."""
+    from ..kosmosg_core.checkpoint import checkpoint_files
+    from ..kosmosg_core.errors import KosmosGError
+
+    try:
+        files = checkpoint_files(path) if path is not None else []
+    except (KosmosGError, OSError):  # unreadable: the Loader's run says why
+        return file_fingerprint(path)
+    return "|".join(file_fingerprint(str(file)) for file in files) or "missing"

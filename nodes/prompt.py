@@ -22,7 +22,7 @@ from comfy_execution.validation import validate_node_input
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
 from ..kosmosg_core.image_processing import check_pixel_values
-from ..kosmosg_core.prompt import combine_image_weights, parse_image_weights, placeholder_mismatch
+from ..kosmosg_core.prompt import check_text, combine_image_weights, parse_image_weights, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
 MAX_IMAGES = 16
@@ -114,7 +114,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, weights=None, input_types=None, images=None):
+    def validate_inputs(cls, text=None, weights=None, input_types=None, images=None, **sockets):
         # Runs before anything executes. Linked values are unknown here (`images` arrives as an
         # empty/None-valued dict), but `input_types` names every linked socket
         # ({"images.image0": "IMAGE", ...}), which is exactly the connected-image count.
@@ -126,8 +126,24 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                 article = "an" if expected == "IMAGE" else "a"
                 return f"{name} must be connected to {article} {expected} output, got {kind}."
         linked = [name for name in (input_types or {}) if _SOCKET_INDEX.match(name)]
+        beyond = [name for name in linked if int(_SOCKET_INDEX.match(name).group(1)) >= MAX_IMAGES]
+        if beyond:  # an API prompt may name any socket; the node takes image0..image15 (ComfyUI: a bare TypeError)
+            return (f"{', '.join(beyond)}: the prompt node takes at most {MAX_IMAGES} images, in sockets "
+                    f"{IMAGE_PREFIX}0..{IMAGE_PREFIX}{MAX_IMAGES - 1}; connect the images there.")
+        # a value typed into an API prompt where a link belongs: not an image, and not counted above. ComfyUI hands
+        # the sockets' values over as keyword arguments ("images.image0") only to a function that takes **kwargs
+        given = {**{f"{IMAGES_INPUT}.{name}": value for name, value in (images or {}).items()}, **sockets}
+        literal = [name for name, value in given.items()
+                   if _SOCKET_INDEX.match(name) and value is not None and name not in linked]
+        if literal:
+            return (f"{', '.join(literal)} holds a value, not a link; connect it to an IMAGE output (e.g. Load "
+                    "Image's).")
         if text is None:  # text comes from a link: checked when the node runs
             return True
+        try:
+            check_text(text, "text")
+        except PromptError as e:
+            return str(e)
         message = placeholder_mismatch(text, len(linked))
         if message:
             return message
@@ -140,12 +156,12 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, text, images=None, weights="") -> io.NodeOutput:
         connected = ordered_images(images)
+        check_image_batches(connected)  # first: a socket holding no image must not be counted as one
         message = placeholder_mismatch(text, len(connected))
         if message:
             raise PromptError(message)
         weights = parse_weights(weights, len(connected))
         combine_image_weights(text, weights)  # a bad `<i:W>` is named here, not first in Encode
-        check_image_batches(connected)
         check_image_pixels(connected)  # after the cheap checks: it reads every pixel
         connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
         return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=weights))

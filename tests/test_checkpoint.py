@@ -295,6 +295,23 @@ def test_inspect_reads_the_config_and_tokenizer_but_no_weight(tmp_path, monkeypa
         load_model(pack)
 
 
+def test_checkpoint_files_name_what_loading_reads(tmp_path):
+    """An official .pt: itself, its sidecar config, its tokenizer files; a pack holding its tokenizer: itself; a
+    pack without one: itself and the tokenizer found beside it."""
+    from kosmosg_core.checkpoint import checkpoint_files
+
+    pt, tok_dir, model = write_tiny_official(tmp_path / "official")
+    assert checkpoint_files(pt) == [pt, pt.with_suffix(".json"), tok_dir / "sentencepiece.bpe.model", tok_dir / "dict.txt"]
+    pack, _, _ = write_tiny_pack(tmp_path / "pack")
+    assert checkpoint_files(pack) == [pack]
+    bare = tmp_path / "official" / "bare.safetensors"
+    save_pack_checkpoint(model, None, bare)
+    found = checkpoint_files(bare)
+    assert found[0] == bare and [p.name for p in found[1:]] == ["sentencepiece.bpe.model", "dict.txt"]
+    with pytest.raises(CheckpointNotFoundError):
+        checkpoint_files(tmp_path / "none.pt")
+
+
 def test_a_record_claiming_more_bytes_than_the_file_is_refused_before_reading(tmp_path):
     """A small .pt whose zip directory claims a 4 GiB record: a one-line error before any allocation (it was
     a MemoryError with a 128 GiB claim)."""

@@ -205,6 +205,30 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0] is not model
 
 
+def test_loader_opens_again_when_the_tokenizer_or_config_beside_an_official_file_changes(model_dirs, converted):
+    """Found by a review: replacing dict.txt beside an official .pt kept the old tokenizer (the fingerprint and the
+    shared-model key looked at the .pt alone). A converted file holds its tokenizer: the files beside it do not
+    matter."""
+    kosmosg_dir, _ = model_dirs
+    official = KosmosGLoader.execute("tiny.pt", dtype="fp32", device="cpu").result[0]
+    before = KosmosGLoader.fingerprint_inputs("tiny.pt", "fp32", "cpu")
+    converted_before = KosmosGLoader.fingerprint_inputs(converted, "fp32", "cpu")
+    dict_txt = next(kosmosg_dir.rglob("dict.txt"))
+    lines = dict_txt.read_text().splitlines(keepends=True)
+    dict_txt.write_text("".join([lines[1], lines[0], *lines[2:]]))  # two words swap ids
+    os.utime(dict_txt, ns=(dict_txt.stat().st_atime_ns, dict_txt.stat().st_mtime_ns + 10**9))
+    assert KosmosGLoader.fingerprint_inputs("tiny.pt", "fp32", "cpu") != before
+    assert KosmosGLoader.fingerprint_inputs(converted, "fp32", "cpu") == converted_before
+    reopened = KosmosGLoader.execute("tiny.pt", dtype="fp32", device="cpu").result[0]
+    text = "a photo of a cat in the sand"
+    assert reopened is not official
+    assert reopened.pipeline.tokenizer.encode(text) != official.pipeline.tokenizer.encode(text)
+    sidecar = kosmosg_dir / "tiny.json"
+    before = KosmosGLoader.fingerprint_inputs("tiny.pt", "fp32", "cpu")
+    os.utime(sidecar, ns=(sidecar.stat().st_atime_ns, sidecar.stat().st_mtime_ns + 10**9))
+    assert KosmosGLoader.fingerprint_inputs("tiny.pt", "fp32", "cpu") != before
+
+
 def test_loader_works_on_a_comfyui_without_core_model_patcher(model_dirs, converted, monkeypatch):
     """ComfyUI releases from before CoreModelPatcher (early 2026) but with the V3 node API: plain ModelPatcher."""
     monkeypatch.delattr(comfy.model_patcher, "CoreModelPatcher")
@@ -278,6 +302,20 @@ def test_prompt_validation_names_both_counts():
         assert message == f"{name} must be connected to a STRING output, got {kind}.", message
     assert KosmosGInterleavedPrompt.validate_inputs(None, None, {"text": "STRING", "weights": "*",
                                                                  "images.image0": "IMAGE"}) is True
+
+
+def test_prompt_validation_refuses_what_the_run_would_refuse_less_clearly():
+    """Found by a review of API prompts: a value typed where an image link belongs was counted as an image by the
+    run and not by the check (two errors giving opposite advice); a socket past image15 was ComfyUI's bare
+    TypeError; a lone surrogate in the text failed only in Encode."""
+    message = KosmosGInterleavedPrompt.validate_inputs("<i>", "", {}, images={"image0": "kosmosg_subject_1.png"})
+    assert message == "images.image0 holds a value, not a link; connect it to an IMAGE output (e.g. Load Image's).", message
+    with pytest.raises(ImageError, match="image0: expected a ComfyUI IMAGE"):
+        KosmosGInterleavedPrompt.execute("no image", {"image0": "kosmosg_subject_1.png"})
+    linked = {"images.image0": "IMAGE", "images.image16": "IMAGE"}
+    assert "images.image16: the prompt node takes at most 16 images, in sockets image0..image15" in \
+        KosmosGInterleavedPrompt.validate_inputs("<i> <i>", "", linked, images={"image0": None, "image16": None})
+    assert "not valid text" in KosmosGInterleavedPrompt.validate_inputs("a <i> \ud800", "", {"images.image0": "IMAGE"})
 
 
 def test_parse_weights():
@@ -604,8 +642,11 @@ def test_save_load_conditioning_round_trip_content_keyed(model_dirs):
     cond = torch.randn(1, 77, 768)
     conditioning = [[cond, {"pooled_output": cond.mean(1), "kosmosg": {"text": "<i>"}, "strength": 0.5,
                             "control": object()}]]
-    name = KosmosGSaveConditioning.execute(conditioning, "subject").result[0]
+    saved = KosmosGSaveConditioning.execute(conditioning, "subject")
+    name = saved.result[0]
     assert name.startswith("subject_") and (cond_dir / name).is_file()
+    # the ControlNet left out is said in the node's text, not only in the server log
+    assert f"Saved {name} (without control: not data" in str(saved.ui.as_dict())
     assert KosmosGSaveConditioning.execute(conditioning, "subject").result[0] == name
     assert len(list(cond_dir.iterdir())) == 1
     other = KosmosGSaveConditioning.execute([[cond + 1, {}]], "subject").result[0]
@@ -629,6 +670,11 @@ def test_save_conditioning_rewrites_a_damaged_file_of_its_name_and_names_a_long_
     assert torch.equal(KosmosGLoadConditioning.execute(name).result[0][0][0], conditioning[0][0])
     with pytest.raises(ValueError, match=r"filename_prefix .*: the name is longer than the file system allows \(269 bytes"):  # the pack's OutputPathError
         KosmosGSaveConditioning.execute(conditioning, "p" * 240)
+    # found by a review: checked when the prompt is queued, before the encode upstream runs
+    assert "the name is longer than the file system allows" in KosmosGSaveConditioning.validate_inputs("p" * 240)
+    assert "must be a plain name (no folders)" in KosmosGSaveConditioning.validate_inputs("sub/dir/name")
+    assert KosmosGSaveConditioning.validate_inputs("subject") is True
+    assert KosmosGSaveConditioning.validate_inputs(None) is True  # from a link: checked when it runs
 
 
 @pytest.mark.parametrize("cond, message", [

@@ -62,7 +62,8 @@ def test_weighted_placeholders_are_placeholders_with_the_same_tokens(tok):
     ("a <i> and <i:O.8>", r"Placeholder 2 of the prompt, '<i:O.8>', has no weight .* e\.g\. <i:0\.8>"),
     ("a <i:-1>", r"Image weight -1 \(placeholder 1, <i:-1>\) is outside 0..10"),
     ("a <i:- 1>", r"Placeholder 1 of the prompt, '<i:- 1>', has no weight"),
-    ("a <i:1e-1>", "has no weight"),
+    ("a <i:1e-1>", r"'<i:1e-1>', writes its weight with an exponent; write it as a plain decimal"),
+    ("a <i:10.0000001>", r"Image weight 10.0000001 \(placeholder 1"),  # not "10": the message shows why
     ("a <i:nan>", "has no weight"),
     ("a <i:0.5 dog>", "has no weight"),
     ("a <i:\u0660.\u0665>", "has no weight"),  # Arabic-Indic digits: float() reads them, the web extension would not
@@ -85,7 +86,8 @@ def test_a_weights_list_is_read_as_the_web_extension_reads_it(text, expected):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("1e-1, 1", r"weights: '1e-1' is not a number"), ("0x5, 1", "'0x5' is not a number"),
+    ("1e-1, 1", r"weights: '1e-1' is written with an exponent; write each weight as a plain decimal"),
+    ("1e9, 1", r"'1e9' is written with an exponent"), ("0x5, 1", "'0x5' is not a number"),
     ("1_0, 1", "'1_0' is not a number"), ("\uff10.\uff15, 1", "is not a number"), ("inf, 1", "'inf' is not a number"),
     ("-1, 1", r"Image weight -1 \(weights\) is outside 0..10"),
     (",", r"weights has 0 value\(s\) but 2 image\(s\)"),  # a separator alone is not "empty"

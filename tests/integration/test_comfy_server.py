@@ -392,6 +392,12 @@ def test_placeholder_mismatch_is_rejected_before_running(comfy):
     errors = body["node_errors"]["3"]["errors"]
     text = " ".join(e["details"] for e in errors)
     assert "2 <i> placeholder(s)" in text and "1 image(s)" in text
+    # a value typed where an image link belongs: one message, at queue time, whatever the text says
+    for prompt_text in ("<i>", "no image"):
+        graph = add_sampling(encode_graph(text=prompt_text, images=()), prefix="kg-literal")
+        graph["3"]["inputs"]["images.image0"] = "kosmosg_subject_1.png"
+        status, body = comfy.queue(graph)
+        assert status == 400 and "images.image0 holds a value, not a link" in json.dumps(body["node_errors"]["3"]), json.dumps(body["node_errors"]["3"])
     # the server keeps serving
     assert_success(comfy, comfy.run(add_sampling(encode_graph(), seed=11, prefix="kg-after-bad")))
 
