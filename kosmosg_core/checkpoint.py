@@ -10,6 +10,7 @@ Two on-disk formats, one model:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -208,7 +209,19 @@ def state_dict_mismatch(expected: dict, given: dict, allow_missing: tuple[str, .
         if tensor.is_floating_point() != expected[name].is_floating_point():
             kind = "floating point" if expected[name].is_floating_point() else f"{expected[name].dtype}"
             return f"tensor {name} holds {tensor.dtype} values but the model expects {kind} ones"
+        if tensor.is_floating_point() and not _castable(tensor.dtype):  # e.g. float4: torch has no cast from it
+            return f"tensor {name} holds {tensor.dtype} values, which this PyTorch cannot convert to the model's dtype"
     return None
+
+
+@functools.cache
+def _castable(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch converts `dtype` values to float32 (loading casts every weight to the asked dtype)."""
+    try:
+        torch.zeros(2, dtype=torch.float32).to(dtype).to(torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
 
 
 def _check_keys(path, model: KosmosG, state_dict: dict) -> None:
@@ -375,11 +388,12 @@ def checkpoint_files(path) -> list[Path]:
     return files + ([tokenizer_dir / name for name in TOKENIZER_FILENAMES] if tokenizer_dir is not None else [])
 
 
-# safetensors' dtype names -> torch's (the ones torch has; a file with another is refused when read)
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors' dtype names -> torch's, those this torch has (a file with another is refused, as loading it would be)
+_SAFETENSORS_DTYPES = {name: getattr(torch, dtype) for name, dtype in {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}.items() if hasattr(torch, dtype)}
 
 
 def _meta_tensor(tensor_slice, path: Path, key: str) -> torch.Tensor:

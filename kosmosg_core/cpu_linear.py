@@ -328,6 +328,8 @@ def kernels_after_packing(dtype: torch.dtype, kernel: str = "auto") -> str:
     if not packs_dtype(dtype):
         return "torch"
     resolved = resolve_cpu_kernel(kernel)
+    if resolved == "few-row":
+        load_few_row_kernel()  # asked for by name: a DeviceError with the reason where it cannot be built, as packing
     # the prompt-token layers get the kernel where it runs the dtype, every other layer oneDNN; oneDNN layers stay
     # plain where this PyTorch cannot pack them
     kernels = {resolved if kernel_runs_dtype(resolved, dtype) else "onednn", "onednn"}

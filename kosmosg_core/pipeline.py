@@ -152,14 +152,18 @@ class UnreadWeights:
 
     def __init__(self, path, cfg: KosmosGConfig, dtype: torch.dtype, device: torch.device, pack_cpu_linears: bool,
                  cpu_kernel: str = "auto", identity: str | None = None):
-        self.path, self.cfg, self.dtype, self.device = Path(path), cfg, dtype, device
+        # absolute: a relative path would name another file after a change of working directory
+        self.path, self.cfg, self.dtype = Path(path).absolute(), cfg, dtype
+        self.device = torch.empty(0, device=device).device  # as the weights will report it ("cpu:0" -> "cpu")
         self.pack_cpu_linears, self.cpu_kernel = pack_cpu_linears, cpu_kernel
         # the file as it was when opened (`disk_cache.checkpoint_identity`): loading checks it is still that file
         self.identity = identity or checkpoint_identity(path)
 
     def linear_kernels(self) -> str:
-        """What `cpu_linear.linear_kernels` will say of the loaded model."""
-        return kernels_after_packing(self.dtype, self.cpu_kernel) if self.pack_cpu_linears else "torch"
+        """What `cpu_linear.linear_kernels` will say of the loaded model (packing leaves non-CPU weights plain)."""
+        if not self.pack_cpu_linears or self.device.type != "cpu":
+            return "torch"
+        return kernels_after_packing(self.dtype, self.cpu_kernel)
 
     def load(self) -> KosmosG:
         try:
@@ -232,6 +236,7 @@ class KosmosGPipeline:
         if lazy:
             cfg, tokenizer = inspect_checkpoint(path, tokenizer_dir=tokenizer_dir, config=config)
             model = UnreadWeights(path, cfg, dtype, device, pack_cpu_linears, cpu_kernel, identity)
+            model.linear_kernels()  # a kernel that cannot run here is refused now, as packing would
         else:
             model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
                                           config=config)

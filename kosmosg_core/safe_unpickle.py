@@ -546,7 +546,8 @@ class _Archive:
     def __exit__(self, *exc):
         self.close()
 
-    def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
+    def _record_info(self, name: str, nbytes: int | None = None) -> zipfile.ZipInfo:
+        """The zip entry `name`, checked to exist and to be able to hold `nbytes` (nothing read)."""
         try:
             info = self._open().getinfo(name)
         except KeyError:
@@ -558,6 +559,10 @@ class _Archive:
             needs = f", the pickle needs {nbytes}" if nbytes is not None else ""
             raise CheckpointError(f"{self.path}: record {name!r} claims {info.file_size} bytes in a {archive_size}-byte "
                                   f"file{needs}; the file is truncated or corrupt. {_RE_DOWNLOAD}")
+        return info
+
+    def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
+        info = self._record_info(name, nbytes)
         try:
             with self._open().open(info) as f:
                 data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
@@ -615,6 +620,12 @@ class _Archive:
                 raise CheckpointError(f"{self.path}: storage dtype {storage.dtype} is not supported ({e}).") from e
         self._cache[storage.key] = elements
         return elements
+
+    def check_record(self, lazy: LazyTensor) -> None:
+        """What reading `lazy` checks first, without reading it: its storage's record is there and big enough."""
+        nbytes = lazy.storage.numel * _itemsize(lazy.storage.dtype)
+        if nbytes:
+            self._record_info(f"{self.prefix}data/{lazy.storage.key}", nbytes)
 
     def materialize(self, lazy: LazyTensor) -> torch.Tensor:
         elements = self._storage_elements(lazy.storage)
@@ -700,8 +711,11 @@ def load_pt_state_dict(path, key: str | None = "model", include: Callable[[str],
             if include is not None and not include(name):
                 continue
             if isinstance(value, LazyTensor):
-                tensors[name] = (archive.materialize(value) if read else
-                                 torch.empty(value.shape, dtype=value.dtype, device="meta"))
+                if read:
+                    tensors[name] = archive.materialize(value)
+                else:
+                    archive.check_record(value)
+                    tensors[name] = torch.empty(value.shape, dtype=value.dtype, device="meta")
             else:
                 skipped.append(name)
         if skipped:

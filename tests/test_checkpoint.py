@@ -251,6 +251,58 @@ def test_official_tensors_inference_ignores_are_never_read(tmp_path, monkeypatch
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+@BOTH_OPENERS
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_a_pt_whose_storage_record_is_missing_or_short_is_refused(tmp_path, open_checkpoint, damage):
+    """From a review: the lazy open accepted these (the load refused them, mid-encode); the zip directory tells
+    each record's size without reading it."""
+    import zipfile
+
+    pt, _, _ = write_tiny_official(tmp_path)
+    with zipfile.ZipFile(pt) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    victim = max((info for info, _ in entries if "/data/" in info.filename), key=lambda info: info.file_size)
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as out:
+        for info, data in entries:
+            if info.filename == victim.filename:
+                if damage == "missing":
+                    continue
+                data = data[:len(data) // 2]
+            out.writestr(info.filename, data)
+    (tmp_path / "damaged.json").write_text(pt.with_suffix(".json").read_text())
+    message = "lacks the record" if damage == "missing" else "the pickle needs"
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(damaged)
+
+
+@BOTH_OPENERS
+def test_a_weight_of_a_dtype_torch_cannot_cast_is_refused_by_name(tmp_path, open_checkpoint):
+    """From a review: a float4 weight passed as floating point and failed in the cast with torch's bare
+    NotImplementedError, no file named."""
+    from kosmosg_core.checkpoint import state_dict_mismatch
+
+    expected = {"w": torch.zeros(2, 2)}
+    assert state_dict_mismatch(expected, {"w": torch.empty(2, 2, dtype=torch.float8_e4m3fn)}) is None
+    uncastable = next(d for d in (getattr(torch, "float4_e2m1fn_x2", None), torch.bits8) if d is not None)
+    given = {"w": torch.empty(2, 2, dtype=uncastable, device="meta")}
+    if given["w"].is_floating_point():
+        assert state_dict_mismatch(expected, given) == \
+            f"tensor w holds {uncastable} values, which this PyTorch cannot convert to the model's dtype"
+    else:  # this torch calls it no floating point type at all
+        assert "but the model expects floating point ones" in state_dict_mismatch(expected, given)
+    pack, _, _ = write_tiny_pack(tmp_path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(pack), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["decoder.layer_norm.weight"] = tensors["decoder.layer_norm.weight"].to(torch.float8_e4m3fnuz)
+    save_file(tensors, str(pack), metadata)
+    opened = open_checkpoint(pack)[0]  # the model, or the config the lazy open reads
+    assert getattr(opened, "cfg", opened).decoder.width > 0  # an FNUZ float8 weight opens on both paths
+
+
 def test_inspect_reads_the_config_and_tokenizer_but_no_weight(tmp_path, monkeypatch):
     """What a lazy pipeline opens: the official .pt's config inferred from its shapes, a pack's from its metadata,
     the tokenizers; not one tensor's bytes."""

@@ -403,6 +403,34 @@ def test_a_lazy_pipeline_reads_no_weights_when_the_disk_cache_holds_the_encoding
     assert torch.equal(lazy.encode("<i> and <i> in the snow", [image(1), image(0)], disk_cache=cache), expected)
 
 
+def test_a_lazy_pipeline_keys_by_what_the_loaded_weights_report(checkpoint, tmp_path, monkeypatch):
+    """From a review: "cpu:0" keyed as "cpu:0" until the load and as "cpu" after (a miss, a second entry); packing
+    asked for on a device it does not pack (the weights stay plain); a relative path after a change of folder."""
+    lazy = KosmosGPipeline.from_checkpoint(checkpoint, device="cpu:0", lazy=True)
+    key = lazy.model_key()
+    lazy.load()
+    assert lazy.model_key() == key == KosmosGPipeline.from_checkpoint(checkpoint, device="cpu:0").model_key()
+    unread = UnreadWeights(checkpoint, lazy.cfg, torch.float32, torch.device("meta"), pack_cpu_linears=True)
+    assert unread.linear_kernels() == "torch"  # pack_linears leaves non-CPU weights as they are
+    monkeypatch.chdir(checkpoint.parent)
+    relative = KosmosGPipeline.from_checkpoint(checkpoint.name, lazy=True)
+    monkeypatch.chdir(tmp_path.parent)
+    assert torch.equal(relative.encode("a dog"), lazy.encode("a dog"))
+
+
+def test_a_lazy_pipeline_refuses_a_kernel_that_cannot_run_when_opened(checkpoint, monkeypatch):
+    """From a review: cpu_kernel='few-row' where it cannot be built opened fine and failed at the first encode."""
+    from kosmosg_core import cpu_linear
+    from kosmosg_core.errors import DeviceError
+
+    monkeypatch.setattr(cpu_linear, "_few_row_module", None)
+    monkeypatch.setattr(cpu_linear, "few_row_kernel_unavailable_reason", lambda: "no C++ compiler")
+    for lazy in (False, True):
+        with pytest.raises(DeviceError, match="cpu_kernel='few-row' is unavailable: no C\\+\\+ compiler"):
+            KosmosGPipeline.from_checkpoint(checkpoint, cpu_kernel="few-row", pack_cpu_linears=True, lazy=lazy)
+    assert not KosmosGPipeline.from_checkpoint(checkpoint, cpu_kernel="auto", lazy=True).is_loaded  # oneDNN then
+
+
 def test_a_lazy_pipeline_whose_file_changed_or_went_says_so(checkpoint):
     """Its keys hold the file as it was when opened: a file replaced before the weights are read is refused, not
     read under the old file's keys."""
