@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ALIGNER_FIRST_POSITION, AlignerConfig
-from .layers import MultiheadAttention, TransformerLayer
+from .layers import Embedding, MultiheadAttention, TransformerLayer
 
 
 class LayerStack(nn.Module):
@@ -57,7 +57,7 @@ class InputEncoder(LayerStack):
                  num_layers: int | None = None):
         super().__init__(cfg, cfg.encoder_layers if num_layers is None else num_layers, cross_attention=False)
         self.embed_tokens = nn.Linear(in_width, cfg.width) if in_width is not None else None
-        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.width)
+        self.embed_positions = Embedding(cfg.max_positions, cfg.width)
         self.output_projection = nn.Linear(cfg.width, out_width) if out_width is not None else None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -258,17 +258,14 @@ def write_checkpoints(cfg: KosmosGConfig, workdir: Path, dtype: torch.dtype) -> 
 _LOAD_SNIPPET = r"""
 import json, os, sys, time, torch
 torch.set_num_threads({threads})
-from kosmosg_core.checkpoint import _check_keys, read_checkpoint, build_model
-from kosmosg_core.model import KosmosG
+from kosmosg_core.checkpoint import check_checkpoint_tensors, read_checkpoint, build_model
 def rss_kb(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1])
 base = rss_kb('VmRSS:')
 start = time.perf_counter()  # opening (inspect_checkpoint but its tokenizer: the bench files hold none)
-cfg, specs, _ = read_checkpoint({path!r}, read_tensors=False)
-with torch.device('meta'):
-    _check_keys({path!r}, KosmosG(cfg), specs)
+check_checkpoint_tensors({path!r})
 open_seconds = time.perf_counter() - start
 start = time.perf_counter()
 cfg, sd, _ = read_checkpoint({path!r})

@@ -224,8 +224,19 @@ def _castable(dtype: torch.dtype) -> bool:
     return True
 
 
-def _check_keys(path, model: KosmosG, state_dict: dict) -> None:
-    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+@functools.lru_cache(maxsize=4)
+def _model_tensors(config_json: str) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return KosmosG(KosmosGConfig.from_json(config_json)).state_dict()
+
+
+def model_tensors(cfg: KosmosGConfig) -> dict[str, torch.Tensor]:
+    """The tensors a `KosmosG(cfg)` holds, as meta tensors (names, shapes, dtypes; no memory), built once per config."""
+    return _model_tensors(cfg.to_json())
+
+
+def _check_keys(path, expected: dict[str, torch.Tensor], state_dict: dict) -> None:
+    mismatch = state_dict_mismatch(expected, state_dict)
     if mismatch:
         raise CheckpointError(f"Checkpoint {path} does not match the Kosmos-G architecture of its config: {mismatch}. "
                               "Use a complete Kosmos-G checkpoint (checkpoint_final.pt or a converted .safetensors) "
@@ -237,7 +248,7 @@ def build_model(cfg: KosmosGConfig, state_dict: dict, path, dtype: torch.dtype, 
     a CheckpointError naming `path` otherwise). Built on the meta device: no memory for random weights."""
     with torch.device("meta"):
         model = KosmosG(cfg)
-    _check_keys(path, model, state_dict)
+    _check_keys(path, model.state_dict(), state_dict)
     # assign=True adopts the loaded (mmap-backed) tensors instead of copying into fresh ones.
     state_dict = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
                   for k, v in state_dict.items()}
@@ -380,7 +391,7 @@ def checkpoint_files(path) -> list[Path]:
             with safe_open(str(path), framework="pt") as f:
                 embedded = TOKENIZER_SPM_KEY in f.keys()
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is truncated or corrupt ({e}). Re-download or re-convert it.") from e
+            raise _unreadable_safetensors(path, e) from e
     else:
         sidecar = _sidecar_path(path)
         files += [sidecar] if sidecar is not None else []
@@ -405,6 +416,10 @@ def _meta_tensor(tensor_slice, path: Path, key: str) -> torch.Tensor:
     return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
 
 
+def _unreadable_safetensors(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is truncated or corrupt ({error}). Re-download or re-convert it.")
+
+
 def _read_pack(path: Path, config: KosmosGConfig | None, read_tensors: bool = True):
     from safetensors import SafetensorError, safe_open
 
@@ -421,7 +436,7 @@ def _read_pack(path: Path, config: KosmosGConfig | None, read_tensors: bool = Tr
             tensors = {k: f.get_tensor(k) if read_tensors or k in (TOKENIZER_SPM_KEY, TOKENIZER_DICT_KEY)
                        else _meta_tensor(f.get_slice(k), path, k) for k in keys}
     except SafetensorError as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({e}). Re-download or re-convert it.") from e
+        raise _unreadable_safetensors(path, e) from e
     except OSError as e:
         raise CheckpointError(f"Cannot read {path}: {e}.") from e
     tokenizer = None
@@ -457,11 +472,17 @@ def inspect_checkpoint(path, tokenizer_dir=None, config: KosmosGConfig | None = 
     for the load to find."""
     path = Path(path)
     cfg, tensor_specs, embedded_tokenizer = read_checkpoint(path, config, read_tensors=False)  # meta tensors
-    tokenizer = _resolve_tokenizer(path, embedded_tokenizer, tokenizer_dir)
+    tokenizer = _resolve_tokenizer(path, embedded_tokenizer, tokenizer_dir)  # in load_model's order of checks
     tokenizer.check_matches(cfg.decoder.vocab_size)
-    with torch.device("meta"):
-        _check_keys(path, KosmosG(cfg), tensor_specs)
+    _check_keys(path, model_tensors(cfg), tensor_specs)
     return cfg, tokenizer
+
+
+def check_checkpoint_tensors(path, config: KosmosGConfig | None = None) -> KosmosGConfig:
+    """`inspect_checkpoint` without the tokenizer (e.g. a file whose tokenizer is elsewhere) -> its config."""
+    cfg, tensor_specs, _ = read_checkpoint(Path(path), config, read_tensors=False)
+    _check_keys(path, model_tensors(cfg), tensor_specs)
+    return cfg
 
 
 def save_pack_checkpoint(model: KosmosG, tokenizer: KosmosGTokenizer | None, path, dtype: torch.dtype | None = None,

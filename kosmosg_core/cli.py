@@ -195,14 +195,14 @@ def _check_like_settings(args, record: dict, settings: dict) -> None:
 
 
 def _device_name(device: str) -> str:
-    """A device as torch names it ("CPU" -> "cpu", "cuda" -> "cuda:0"), so spellings of one device compare equal."""
-    import torch
+    """One name per device (`pipeline.canonical_device`: "CPU", "cpu:0" -> "cpu"), so spellings of one device compare
+    equal; a name torch does not read stays as it is."""
+    from .pipeline import canonical_device
 
     try:
-        device = torch.device(device.lower())
+        return str(canonical_device(device))
     except (RuntimeError, ValueError):
         return device
-    return f"{device.type}:{device.index or 0}" if device.type == "cuda" else str(device)
 
 
 def _check_like_files(args, record: dict, settings: dict) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import PAD_ID, DecoderConfig
-from .layers import TransformerLayer
+from .layers import Embedding, TransformerLayer
 
 
 def sinusoidal_positions(input_ids: torch.Tensor, width: int, padding_idx: int = PAD_ID) -> torch.Tensor:
@@ -40,7 +40,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=PAD_ID)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.width, padding_idx=PAD_ID)
         self.embed_scale = math.sqrt(cfg.width) if cfg.scale_embedding else 1.0
         self.layers = nn.ModuleList([
             TransformerLayer(cfg.width, cfg.heads, cfg.ffn_width, layer_norm_eps=cfg.layer_norm_eps,

@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose weights are not initialised on the meta device (shapes only: checkpoints are built there
+    before their tensors are assigned). `normal_` on meta imports PyTorch's compiler stack, ~1.5 s once per process,
+    the most of opening a checkpoint; on a real device it initialises as nn.Embedding does."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 def gelu_float32(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU computed in float32, then cast back (official torchscale FFN)."""
     return F.gelu(x.float()).type_as(x)

@@ -64,6 +64,19 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+def canonical_device(device) -> torch.device:
+    """One name per device, as tensors there report it: "CPU" and "cpu:0" -> cpu; "cuda" -> cuda:<current GPU>
+    (cuda:0 where this PyTorch sees none); "mps" -> mps:0. Nothing is allocated: it also names devices this
+    machine lacks (e.g. a PNG record's)."""
+    device = torch.device(device.lower() if isinstance(device, str) else device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.index is None:
+        index = torch.cuda.current_device() if device.type == "cuda" and torch.cuda.is_available() else 0
+        return torch.device(device.type, index)
+    return device
+
+
 def device_usable(device: torch.device) -> bool:
     """True when this PyTorch can make a tensor on `device`: the other backends ComfyUI runs on (DirectML's
     'privateuseone', Ascend 'npu', ...) work where their plugin is installed."""
@@ -154,7 +167,7 @@ class UnreadWeights:
                  cpu_kernel: str = "auto", identity: str | None = None):
         # absolute: a relative path would name another file after a change of working directory
         self.path, self.cfg, self.dtype = Path(path).absolute(), cfg, dtype
-        self.device = torch.empty(0, device=device).device  # as the weights will report it ("cpu:0" -> "cpu")
+        self.device = canonical_device(device)  # as the weights will report it ("cpu:0" -> "cpu")
         self.pack_cpu_linears, self.cpu_kernel = pack_cpu_linears, cpu_kernel
         # the file as it was when opened (`disk_cache.checkpoint_identity`): loading checks it is still that file
         self.identity = identity or checkpoint_identity(path)
@@ -297,10 +310,10 @@ class KosmosGPipeline:
         from a sidecar file or an argument), its dtype, and where and how it computes (the device and its kind,
         torch's version, the linear layers' kernels): values computed another way differ in the last bits, and a
         cache hit must give what computing would."""
-        device = torch.device(self.compute_device) if self.compute_device is not None else self.device
+        # "cuda" names the same GPU as the weights' "cuda:0"
+        device = canonical_device(self.compute_device if self.compute_device is not None else self.device)
         if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            device = torch.device("cuda", index)  # "cuda" names the same GPU as the weights' "cuda:0"
+            index = device.index
             device_kind = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
         elif device.type == "cpu":
             device_kind = torch.backends.cpu.get_cpu_capability()

@@ -109,8 +109,8 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
     """Open a checkpoint (checked, config and tokenizer read, weights on first use), or share the copy still alive
     for the same files (the checkpoint's and its tokenizer's and config's path, mtime, size), dtype and devices."""
+    from ..kosmosg_core.checkpoint import model_tensors
     from ..kosmosg_core.cpu_linear import packs_by_default
-    from ..kosmosg_core.model import KosmosG
     from ..kosmosg_core.pipeline import KosmosGPipeline
     from .paths import checkpoint_fingerprint
 
@@ -127,8 +127,9 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
                                                pack_cpu_linears=packs_by_default(load_device, dtype), lazy=True)
     # moved to the load device only to compute: the caches (and the disk cache's entries) key by that device
     pipeline.compute_device = load_device
-    with torch.device("meta"):  # the weights' bytes in their dtype (packed ones are not parameters: counted here)
-        weight_bytes = mm.module_size(KosmosG(pipeline.cfg).to(dtype))
+    # the weights' bytes in their dtype (packed ones are not parameters: counted here, before the load)
+    weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                       for t in model_tensors(pipeline.cfg).values())
     model = KosmosGModel(pipeline=pipeline, name=name, cache_key=key, load_device=load_device,
                          offload_device=offload_device, weight_bytes=weight_bytes)
     _LOADED[key] = model

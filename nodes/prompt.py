@@ -126,7 +126,9 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                 article = "an" if expected == "IMAGE" else "a"
                 return f"{name} must be connected to {article} {expected} output, got {kind}."
         linked = [name for name in (input_types or {}) if _SOCKET_INDEX.match(name)]
-        beyond = [name for name in linked if int(_SOCKET_INDEX.match(name).group(1)) >= MAX_IMAGES]
+        # ComfyUI leaves a socket the schema does not declare out of input_types; its value comes in **sockets
+        beyond = [name for name in dict.fromkeys([*linked, *sockets])
+                  if _SOCKET_INDEX.match(name) and int(_SOCKET_INDEX.match(name).group(1)) >= MAX_IMAGES]
         if beyond:  # an API prompt may name any socket; the node takes image0..image15 (ComfyUI: a bare TypeError)
             return (f"{', '.join(beyond)}: the prompt node takes at most {MAX_IMAGES} images, in sockets "
                     f"{IMAGE_PREFIX}0..{IMAGE_PREFIX}{MAX_IMAGES - 1}; connect the images there.")

@@ -146,6 +146,7 @@ def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_
             "--sd-model", "s.safetensors", "--image", images[0], "--image", images[1], "--device", "CPU")
     assert "other noise" not in caplog.text
     assert cli._device_name("cuda") == cli._device_name("CUDA:0") != cli._device_name("cuda:1")
+    assert cli._device_name("cpu:0") == cli._device_name("CPU") == "cpu" and cli._device_name("no such") == "no such"
 
     def refuse(**kwargs):  # e.g. steps the SD model's scheduler cannot run, found once it is loaded
         raise GenerationSettingsError("ddim cannot run 1000 steps with the settings in scheduler_config.json.")

@@ -186,3 +186,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and any(k.startswith("decoder.") for k in plain)
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_a_skeleton_on_the_meta_device_skips_the_embeddings_init_and_a_real_model_keeps_it(cfg):
+    """Checkpoints are built on the meta device before their tensors are assigned: `normal_` there imported
+    PyTorch's compiler stack (~1.5 s per process, most of a lazy open). On the CPU the embeddings initialise as
+    nn.Embedding does (N(0, 1), the padding row zero)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\nfrom kosmosg_core.model import KosmosG\nfrom kosmosg_core.config import KosmosGConfig\n"
+            "with torch.device('meta'):\n    KosmosG(KosmosGConfig())\nprint('torch._dynamo' in sys.modules)")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=True,
+                         env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "False", out.stderr
+    torch.manual_seed(0)
+    model = KosmosG(cfg)
+    weight = model.decoder.embed_tokens.weight
+    assert 0.8 < weight.std().item() < 1.2 and torch.all(weight[PAD_ID] == 0)
+    assert 0.8 < model.aligner.encoder_proj.embed_positions.weight.std().item() < 1.2

@@ -307,14 +307,15 @@ def test_prompt_validation_names_both_counts():
 def test_prompt_validation_refuses_what_the_run_would_refuse_less_clearly():
     """Found by a review of API prompts: a value typed where an image link belongs was counted as an image by the
     run and not by the check (two errors giving opposite advice); a socket past image15 was ComfyUI's bare
-    TypeError; a lone surrogate in the text failed only in Encode."""
-    message = KosmosGInterleavedPrompt.validate_inputs("<i>", "", {}, images={"image0": "kosmosg_subject_1.png"})
+    TypeError; a lone surrogate in the text failed only in Encode. ComfyUI hands the sockets' values over as
+    keyword arguments, and leaves an undeclared socket out of input_types (as here; the server test queues both)."""
+    message = KosmosGInterleavedPrompt.validate_inputs("<i>", "", {}, **{"images.image0": "kosmosg_subject_1.png"})
     assert message == "images.image0 holds a value, not a link; connect it to an IMAGE output (e.g. Load Image's).", message
     with pytest.raises(ImageError, match="image0: expected a ComfyUI IMAGE"):
         KosmosGInterleavedPrompt.execute("no image", {"image0": "kosmosg_subject_1.png"})
-    linked = {"images.image0": "IMAGE", "images.image16": "IMAGE"}
     assert "images.image16: the prompt node takes at most 16 images, in sockets image0..image15" in \
-        KosmosGInterleavedPrompt.validate_inputs("<i> <i>", "", linked, images={"image0": None, "image16": None})
+        KosmosGInterleavedPrompt.validate_inputs("<i>", "", {"images.image0": "IMAGE"},
+                                                 **{"images.image0": None, "images.image16": None})
     assert "not valid text" in KosmosGInterleavedPrompt.validate_inputs("a <i> \ud800", "", {"images.image0": "IMAGE"})
 
 

@@ -397,7 +397,12 @@ def test_placeholder_mismatch_is_rejected_before_running(comfy):
         graph = add_sampling(encode_graph(text=prompt_text, images=()), prefix="kg-literal")
         graph["3"]["inputs"]["images.image0"] = "kosmosg_subject_1.png"
         status, body = comfy.queue(graph)
-        assert status == 400 and "images.image0 holds a value, not a link" in json.dumps(body["node_errors"]["3"]), json.dumps(body["node_errors"]["3"])
+        assert status == 400 and "images.image0 holds a value, not a link" in json.dumps(body["node_errors"]["3"]), body
+    graph = add_sampling(encode_graph(text="<i> and <i>", images=("kosmosg_subject_1.png", "kosmosg_subject_2.png")),
+                         prefix="kg-past")
+    graph["3"]["inputs"]["images.image16"] = graph["3"]["inputs"].pop("images.image1")  # a socket the node lacks
+    status, body = comfy.queue(graph)
+    assert status == 400 and "images.image16: the prompt node takes at most 16 images" in json.dumps(body), body
     # the server keeps serving
     assert_success(comfy, comfy.run(add_sampling(encode_graph(), seed=11, prefix="kg-after-bad")))
 
