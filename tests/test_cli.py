@@ -177,6 +177,7 @@ def test_generate_like_checks_the_record_against_what_is_given(monkeypatch, tmp_
     ({"prompt": "a <i:abc> and <i>"}, "Placeholder 1 of the prompt"), ({"negative_prompt": "a <i>"}, "text only"),
     ({"num_images": "4"}, "num_images is '4'"), ({"width": "abc"}, "width is 'abc'"),
     ({"width": -64}, "width must be a whole number between 8"), ({"prompt": "a \ud800 <i> <i>"}, "not valid text"),
+    ({"checkpoint_fingerprint": 5}, "checkpoint_fingerprint is 5"),
 ])
 def test_generate_like_refuses_a_record_it_would_not_write(tmp_path, images, capsys, change, problem):
     """A PNG's record is untrusted input: every field of another type or out of range is a one-line error naming
@@ -188,6 +189,41 @@ def test_generate_like_refuses_a_record_it_would_not_write(tmp_path, images, cap
                  "--image", str(images[1])])
     err = capsys.readouterr().err
     assert code == 2 and "odd.png" in err and problem in err and "Traceback" not in err, err
+
+
+def test_generate_like_compares_the_models_by_content(monkeypatch, tmp_path, images, caplog):
+    """From a review: by name only, a renamed copy warned and another model of the same name did not. A record's
+    fingerprint (size, first and last MiB) tells them apart; a record without one is compared by name."""
+    import shutil
+
+    from kosmosg_core import cli, generate
+
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: [])
+    original = tmp_path / "k.safetensors"
+    original.write_bytes(bytes(range(256)) * 20000)
+    folder = tmp_path / "sd"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "w.bin").write_bytes(b"\1" * 5000)
+    png = _png_with_record(tmp_path / "r.png", checkpoint_fingerprint=generate.model_fingerprint(original),
+                           sd_model="sd", sd_model_fingerprint=generate.model_fingerprint(folder))
+    copy = tmp_path / "renamed.safetensors"
+    shutil.copy(original, copy)
+    other = tmp_path / "other" / "k.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(bytes(range(256)) * 19999 + bytes(256))  # the same size and name, the last bytes differ
+    files = ["--sd-model", str(folder), "--image", str(images[0]), "--image", str(images[1])]
+    for checkpoint, warned in ((copy, False), (original, False), (other, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            cli.cmd_generate(cli.build_parser().parse_args(["generate", "--like", str(png), "--checkpoint",
+                                                            str(checkpoint), *files]))
+        assert ("another --checkpoint than k.safetensors" in caplog.text) == warned, (checkpoint, caplog.text)
+        assert "--sd-model" not in caplog.text
+    (folder / "unet" / "w.bin").write_bytes(b"\2" * 5000)  # a folder model: any file's content counts
+    with caplog.at_level(logging.WARNING):
+        cli.cmd_generate(cli.build_parser().parse_args(["generate", "--like", str(png), "--checkpoint", str(copy),
+                                                        *files]))
+    assert "another --sd-model than sd" in caplog.text
 
 
 def test_generate_like_shows_a_records_text_escaped_and_short(tmp_path, images, capsys, caplog):
