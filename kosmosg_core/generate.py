@@ -25,7 +25,7 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, D
                      SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, PromptError, first_line)
-from .files import check_input_path_length, check_output_folder, save_image
+from .files import check_input_path_length, check_output_folder, content_fingerprint, save_image
 from .image_processing import split_images
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
@@ -255,29 +255,6 @@ GENERATE_IMAGES_DEFAULTS = {name: parameter.default for name, parameter in
                             if parameter.default is not inspect.Parameter.empty}
 
 
-FINGERPRINT_BYTES = 2**20  # read from each end of a model file
-
-
-def model_fingerprint(path) -> str | None:
-    """A model file's content in 16 hex digits, from its size and its first and last MiB (its header and tensors:
-    two trainings of one architecture differ there), so a renamed copy is the same model and another model of the
-    same name is not, without reading gigabytes; a folder (diffusers): from each of its files, by relative name.
-    None: nothing to read."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}|{size}|".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(FINGERPRINT_BYTES))
-            f.seek(max(size - FINGERPRINT_BYTES, 0))
-            digest.update(f.read(FINGERPRINT_BYTES))
-    return digest.hexdigest()[:16]
-
-
 def image_digests(pictures: list) -> list[str]:
     """SHA-256 of each picture's RGB pixels (as `read_prompt_images` gives them): a record's `image_sha256`."""
     return [hashlib.sha256(picture.tobytes()).hexdigest() for picture in pictures]
@@ -289,7 +266,7 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
     make it again (prompt and negative as given, `image_weights` one per image as `encode` reads them, 1.0 = none
     given; images, checkpoint and SD model by file name only, never a folder; the rest as passed), plus
     `effective_image_weights` (each image's weight times its `<i:W>`), `image_sha256` (of each image's RGB pixels as
-    the pipeline reads them: EXIF orientation applied, 8 bits per channel), the models' `model_fingerprint`s and the
+    the pipeline reads them: EXIF orientation applied, 8 bits per channel), the models' `files.content_fingerprint`s and the
     package version."""
     weights = image_weight_list(prompt, images, image_weights)
     given = split_images(images) if pictures else []
@@ -298,8 +275,8 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
                 image_sha256=image_digests(pictures), image_weights=weights,
                 effective_image_weights=combine_image_weights(prompt, weights), checkpoint=Path(checkpoint).name,
                 sd_model=None if sd_model is None else Path(sd_model).name,
-                checkpoint_fingerprint=model_fingerprint(checkpoint),
-                sd_model_fingerprint=None if sd_model is None else model_fingerprint(sd_model), **settings,
+                checkpoint_fingerprint=content_fingerprint(checkpoint),
+                sd_model_fingerprint=None if sd_model is None else content_fingerprint(sd_model), **settings,
                 kosmosg_core_version=__version__)
 
 

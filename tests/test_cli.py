@@ -197,6 +197,7 @@ def test_generate_like_compares_the_models_by_content(monkeypatch, tmp_path, ima
     import shutil
 
     from kosmosg_core import cli, generate
+    from kosmosg_core.files import content_fingerprint
 
     monkeypatch.setattr(generate, "generate_images", lambda **kwargs: [])
     original = tmp_path / "k.safetensors"
@@ -204,8 +205,8 @@ def test_generate_like_compares_the_models_by_content(monkeypatch, tmp_path, ima
     folder = tmp_path / "sd"
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "w.bin").write_bytes(b"\1" * 5000)
-    png = _png_with_record(tmp_path / "r.png", checkpoint_fingerprint=generate.model_fingerprint(original),
-                           sd_model="sd", sd_model_fingerprint=generate.model_fingerprint(folder))
+    png = _png_with_record(tmp_path / "r.png", checkpoint_fingerprint=content_fingerprint(original),
+                           sd_model="sd", sd_model_fingerprint=content_fingerprint(folder))
     copy = tmp_path / "renamed.safetensors"
     shutil.copy(original, copy)
     other = tmp_path / "other" / "k.safetensors"

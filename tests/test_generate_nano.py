@@ -116,7 +116,7 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
     import hashlib
 
     from kosmosg_core import __version__
-    from kosmosg_core.generate import model_fingerprint
+    from kosmosg_core.files import content_fingerprint
     from kosmosg_core.image_processing import to_pil_images
 
     prompt = "a <i:0.9> on the left and a <i> on the right, on grey – 灰"
@@ -133,7 +133,7 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
         "guidance_scale": 4.0, "scheduler": "dpm", "dtype": "float32", "device": "cpu",
         "kosmosg_core_version": __version__, "image_index": 1, "width": 72, "height": 64,
         "requested_width": 72, "requested_height": None,
-        "checkpoint_fingerprint": model_fingerprint(KOSMOSG_NANO), "sd_model_fingerprint": model_fingerprint(NANO_SD15)}
+        "checkpoint_fingerprint": content_fingerprint(KOSMOSG_NANO), "sd_model_fingerprint": content_fingerprint(NANO_SD15)}
     assert records[0]["image_index"] == 0
     arguments = ("prompt", "negative_prompt", "image_weights", "seed", "noise", "num_images", "steps",
                  "guidance_scale", "scheduler", "width", "height")

@@ -293,6 +293,28 @@ def test_rerunning_a_finished_vae_run_keeps_one_final_line(tmp_path):
     for _ in range(3):  # e.g. a kill after the last line, then the same command again
         run_command("train_vae", args)
     assert sum("vae_scale" in m for m in read_metrics(tmp_path / "vae")) == 1
+    # from a review: an extended run kept the first end's line and never logged the values its file holds
+    run_command("train_vae", args[:-1] + ["4"])
+    finals = [m for m in read_metrics(tmp_path / "vae") if "vae_scale" in m]
+    assert [m["step"] for m in finals] == [2, 4]
+
+
+def test_unet_refuses_latents_cached_from_another_vae(parts, tmp_path):
+    """From a review: a new run into a folder whose checkpoint was deleted (what the corrupt-checkpoint message
+    advises) reused the cached latents of the earlier run's VAE."""
+    import shutil
+
+    out = tmp_path / "unet"
+    run_command("train_unet", unet_args(parts) + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"])
+    (out / "checkpoint.pt").unlink()
+    other_vae = shutil.copytree(parts["vae"], tmp_path / "other-vae")  # a training folder, vae.safetensors in it
+    with open(other_vae / "vae.safetensors", "r+b") as f:  # other weights, the same layout
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x3f")
+    args = unet_args(parts)
+    args[args.index("--vae") + 1] = str(other_vae)
+    with pytest.raises(ValueError, match="holds latents of another VAE than --vae"):
+        run_command("train_unet", args + ["--output-dir", str(out), "--max-steps", "1", "--save-every", "1"])
 
 
 def test_unet_and_text_encoder_refuse_a_checkpoint_of_another_architecture(parts, tmp_path):

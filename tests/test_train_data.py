@@ -744,6 +744,9 @@ def test_mix_honours_ratio_and_is_deterministic(tmp_path):
     run_mix(other)
     assert _tar_bytes(other.output) != _tar_bytes(config.output)
     # a source runs out -> the mix stops (ratio kept); weight 0 excludes a source
+    for bad in (["a", "b", "c"], [1, float("nan"), 1]):  # from a review: 'a' was float()'s bare message
+        with pytest.raises(ValueError, match=r"ratio .*: give three non-negative weights"):
+            run_mix(MixConfig(output=str(tmp_path / "bad"), ratio=bad, laion=sources["laion"]))
     only = MixConfig(output=str(tmp_path / "d"), ratio=[1, 0, 0], laion=sources["laion"])
     assert run_mix(only)["written"] == 400
 

@@ -154,6 +154,40 @@ def test_a_resumed_run_may_find_its_frozen_models_moved(env, tmp_path):
     with pytest.raises(ValueError, match="other settings than this run's: uncond_prob 0.1 -> 0.5"):
         stage3.main(args[:args.index("--max-steps")] + ["--max-steps", "4"] + args[args.index("--max-steps") + 2:]
                     + ["--uncond-prob", "0.5"])
+    # from a review: a frozen model (or tokenizer) of other content in the same place was taken without a word
+    weights = max((p for p in moved.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(ValueError, match=r"--score-model .*moved-sd holds other files \(their contents differ"):
+        stage3.main(args[:args.index("--max-steps")] + ["--max-steps", "4"] + args[args.index("--max-steps") + 2:])
+
+
+def test_a_folder_named_like_the_checkpoint_is_one_clear_error(env, tmp_path):
+    """From a review: it was a bare AttributeError deep in the resume check."""
+    from train import stage1
+
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"checkpoint.pt is a folder; the run writes its checkpoint file there"):
+        stage1.main(common_args(env, tmp_path / "run", steps=2, save_every=2))
+
+
+def test_resume_refuses_other_shards_of_the_same_names_or_their_order(env, tmp_path):
+    """From a review: every build names its shards shard-000000.tar..., so another dataset of as many shards, or
+    two datasets given the other way round, resumed without a word. Moved shards still resume."""
+    import shutil
+
+    from train.loop import RecordStream
+
+    state = RecordStream(env.data, seed=0).state_dict()
+    RecordStream(str(shutil.copytree(env.data, tmp_path / "moved")), seed=0).load_state_dict(state)
+    other = shutil.copytree(env.data, tmp_path / "other")
+    last = sorted(other.glob("*.tar"))[-1]
+    with open(last, "ab") as f:
+        f.write(bytes(1024))
+    with pytest.raises(ValueError, match=rf"shard {len(state['shard_names'])}, {last.name}, has other content"):
+        RecordStream(str(other), seed=0).load_state_dict(state)
+    both = RecordStream(f"{env.data},{other}", seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"is another of them \(the same shards in another order\)"):
+        RecordStream(f"{other},{env.data}", seed=0).load_state_dict(both)
 
 
 def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path):

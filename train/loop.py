@@ -104,7 +104,7 @@ class LoopConfig:
     data_split: str = field(default="samples", metadata={
         "help": "samples: every process reads the stream and takes its slice (N processes == 1 process); "
                 "shards: each process reads its own shards"})
-    tensorboard: bool = field(default=True, metadata={"help": "also log to tensorboard (OUTPUT_DIR/tensorboard)"})
+    tensorboard: bool = field(default=True, metadata={"help": "also log to tensorboard (OUTPUT_DIR/<stage>, e.g. OUTPUT_DIR/stage1)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     distributed: str = field(default="ddp", metadata={
@@ -163,6 +163,9 @@ def _type_names(types) -> str:
     return " or ".join(names[t] for t in (types if isinstance(types, tuple) else (types,)))
 
 
+SHARD_FINGERPRINT_BYTES = 2**16  # read from each end of a shard to fingerprint it (hundreds of shards: ~0.1 GB)
+
+
 class RecordStream:
     """Deterministic, resumable stream of raw records over WebDataset shards (repeats epochs).
 
@@ -183,14 +186,25 @@ class RecordStream:
                 raise ValueError(f"data_split=shards: process {rank} of {world_size} gets no shard ({data} has fewer "
                                  "shards than processes); use data_split=samples or write more shards.")
         self.shards, self.seed = shards, seed
+        self._fingerprints: list[str] | None = None
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._records: list[tuple[str, dict]] | None = None
         self._shard_name = ""  # of the loaded records
         self._empty_epochs = 0
 
+    def shard_fingerprints(self) -> list[str]:
+        """Each shard's content (`content_fingerprint` of its first and last 64 KiB and size), in order, once: every
+        build names its shards shard-000000.tar..., so names alone do not tell two datasets apart."""
+        if self._fingerprints is None:
+            from kosmosg_core.files import content_fingerprint
+
+            self._fingerprints = [content_fingerprint(path, SHARD_FINGERPRINT_BYTES) for path in self.shards]
+        return self._fingerprints
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards),
-                "shard_names": [os.path.basename(path) for path in self.shards]}
+                "shard_names": [os.path.basename(path) for path in self.shards],
+                "shard_fingerprints": self.shard_fingerprints()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_shards") != len(self.shards):
@@ -201,6 +215,13 @@ class RecordStream:
             missing = sorted(set(state["shard_names"]) - set(names)) or ["(the same names in another order)"]
             raise ValueError(f"--data holds other shards than the run was trained on (not there: {missing[0]}); "
                              "resume with the run's data.")
+        saved = state.get("shard_fingerprints")  # checkpoints before them: names only
+        if saved is not None and saved != self.shard_fingerprints():
+            k = next(k for k, (a, b) in enumerate(zip(saved, self.shard_fingerprints())) if a != b)
+            moved = self.shard_fingerprints()[k] in saved
+            raise ValueError(f"--data holds other shards than the run was trained on: shard {k + 1}, {names[k]}, "
+                             f"{'is another of them (the same shards in another order)' if moved else 'has other content'}"
+                             "; resume with the run's data, in its order.")
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
         self._records = None
 
@@ -346,6 +367,9 @@ def build_optimizer(parameters, cfg: LoopConfig):
 # --- run folder --------------------------------------------------------------------------------------
 def find_resume_checkpoint(cfg: LoopConfig) -> Path | None:
     existing = Path(cfg.output_dir) / CHECKPOINT_NAME
+    if existing.is_dir():  # the checkpoint's name taken by a folder: a checkpoint could never be written there
+        raise ValueError(f"{existing} is a folder; the run writes its checkpoint file there. Move the folder away or "
+                         "use a new --output-dir.")
     if cfg.resume == "auto":
         return existing if existing.exists() else None
     if cfg.resume == "never":
@@ -379,7 +403,22 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int) -> None:
+def input_fingerprints(cfg: LoopConfig, stage: Stage) -> dict[str, str]:
+    """The content (`content_fingerprint`) of the files the run reads but does not train, by setting: the tokenizer
+    and the stage's frozen models (`Stage.resume_may_change`: their paths may change on resume, their content not)."""
+    from kosmosg_core.files import content_fingerprint
+
+    fingerprints = {}
+    for key in sorted({"tokenizer", *stage.resume_may_change}):
+        value = getattr(cfg, key, None)
+        fingerprint = content_fingerprint(value) if isinstance(value, str) and value else None
+        if fingerprint is not None:
+            fingerprints[key] = fingerprint
+    return fingerprints
+
+
+def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int,
+                        fingerprints: dict[str, str]) -> None:
     extra = state.get("extra", {})
     if extra.get("stage") != stage.name:
         raise ValueError(f"Checkpoint {path} was written by {extra.get('stage')!r}, not {stage.name!r}; resume it "
@@ -403,6 +442,10 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     if global_before != global_now:
         changed.append(f"global batch (batch_size x gradient_accumulation_steps x processes) {global_before} -> "
                        f"{global_now}")
+    saved_fingerprints = extra.get("input_fingerprints", {})  # checkpoints before them: paths only
+    changed += [f"--{key.replace('_', '-')} {getattr(cfg, key)} holds other files (their contents differ from the "
+                "run's)" for key in sorted(set(saved_fingerprints) & set(fingerprints))
+                if saved_fingerprints[key] != fingerprints[key]]
     if changed:
         raise ValueError(f"Checkpoint {path} was trained with other settings than this run's: {'; '.join(changed)}. "
                          "Resume with the run's settings (its train_config.json), or start a new --output-dir.")
@@ -500,13 +543,14 @@ def shard_with_fsdp(module: nn.Module, device: torch.device, find_unused_paramet
 
 
 def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, scheduler, stream: RecordStream,
-                           rank: int, world: int) -> int:
+                           rank: int, world: int, fingerprints: dict[str, str]) -> int:
     """Load the run's checkpoint (if resuming) into the live objects -> the update to continue from."""
     path = find_resume_checkpoint(cfg)
     if path is None:
         return 0
     state = load_checkpoint(path)
-    _check_resume_state(state, stage, path, cfg, world)  # the stage and settings, named, before the tensors
+    # the stage and settings, named, before the tensors
+    _check_resume_state(state, stage, path, cfg, world, fingerprints)
     check_model_keys(state, model.state_dict().keys(), path)
     try:
         load_full_state(model, optimizer, state["model"], state.get("optimizer"))
@@ -600,7 +644,8 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
     if sharded:  # before the optimiser: FSDP replaces the parameters with sharded ones
         shard_with_fsdp(module, accelerator.device, find_unused_parameters)
     params, optimizer, scheduler = build_optimizer(module.parameters(), cfg)
-    start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world)
+    fingerprints = input_fingerprints(cfg, stage)  # once: every checkpoint of the run holds them
+    start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world, fingerprints)
     if accelerator.is_main_process:
         metrics_log = MetricsLog(out, start_step)
         write_text_atomic(out / TRAIN_CONFIG_NAME, json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
@@ -610,7 +655,9 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
     else:
         module, optimizer = accelerator.prepare(module, optimizer)
     if accelerator.trackers == [] and cfg.tensorboard and accelerator.log_with:
-        accelerator.init_trackers(stage.name)
+        # a resumed run drops the events a killed run logged after its checkpoint (metrics.jsonl does the same)
+        purge = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+        accelerator.init_trackers(stage.name, init_kwargs=purge)
 
     progress = None
     if cfg.progress and accelerator.is_local_main_process:
@@ -665,7 +712,8 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
                 progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.3g}")
 
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_run_checkpoint(accelerator, stage, model, optimizer.optimizer, scheduler, stream, step + 1, cfg)
+            save_run_checkpoint(accelerator, stage, model, optimizer.optimizer, scheduler, stream, step + 1, cfg,
+                                fingerprints)
     if progress is not None:
         progress.close()
     accelerator.wait_for_everyone()
@@ -679,15 +727,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save_run_checkpoint(accelerator, stage: Stage, model, optimizer, scheduler, stream: RecordStream, step: int,
-                        cfg: LoopConfig) -> None:
-    """Every process calls it: whole model + optimiser state (FSDP shards gathered) -> checkpoint.pt."""
+                        cfg: LoopConfig, fingerprints: dict[str, str] | None = None) -> None:
+    """Every process calls it: whole model + optimiser state (FSDP shards gathered) -> checkpoint.pt, with the frozen
+    inputs' `fingerprints` (`input_fingerprints`)."""
     from accelerate.utils import gather_object
 
     positions = gather_object([stream.state_dict()])  # every process's data position, in rank order
     model_state, optimizer_state = gather_full_state(model, optimizer)
     if accelerator.is_main_process:
         extra = {"stage": stage.name, "kosmosg_config": stage.model_config().to_json(),
-                 "tokenizer": stage.tokenizer_dir(), "train_config": json.dumps(config_to_dict(cfg))}
+                 "tokenizer": stage.tokenizer_dir(), "train_config": json.dumps(config_to_dict(cfg)),
+                 "input_fingerprints": fingerprints or {}}
         data_state = {"world_size": accelerator.num_processes, "split": cfg.data_split, "ranks": positions}
         save_checkpoint(cfg.output_dir, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
                         step=step, data_state=data_state, extra=extra)

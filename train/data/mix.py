@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,8 +33,11 @@ class MixItem:
 
 
 def mix_plan(config: MixConfig) -> tuple[list[str], list[float], dict[str, str]]:
-    ratio = [float(r) for r in config.ratio]
-    if len(ratio) != len(KINDS) or any(r < 0 for r in ratio) or sum(ratio) <= 0:
+    try:
+        ratio = [float(r) for r in config.ratio]
+    except (TypeError, ValueError):
+        ratio = []  # not numbers: the message below names the flag
+    if len(ratio) != len(KINDS) or any(not math.isfinite(r) or r < 0 for r in ratio) or sum(ratio) <= 0:
         raise ValueError(f"ratio {config.ratio!r}: give three non-negative weights laion,instructpix2pix,openimage "
                          "(official 1,2,2), e.g. --ratio 1,2,2")
     inputs = {kind: getattr(config, kind) for kind in KINDS}

@@ -31,13 +31,14 @@ from train.common.checkpointing import save_checkpoint
 from train.common.config import config_to_dict, run_entry_point
 from train.nano import nano_data, paths, run_utils, sampler
 from train.nano import text_encoder as te
-from train.nano.train_vae import load_vae
+from train.nano.train_vae import load_vae, vae_file
 from train.nano.unet import NanoUNet, NanoUNetConfig
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.safetensors"
 TEXT_ENCODER_KEY = "text_encoder_fingerprint"  # metadata of the cache and the EMA file (te.weights_fingerprint)
+VAE_KEY = "vae_fingerprint"  # metadata of the cache (files.content_fingerprint of --vae)
 EMA_FILE = "unet_ema.safetensors"
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -80,12 +81,16 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
     reused on resume with the same text encoder only."""
     from safetensors import safe_open
 
+    from kosmosg_core.files import content_fingerprint
+
     text_model, tokenizer = te.load_text_encoder(cfg.text_encoder)
     fingerprint = te.weights_fingerprint(text_model)
+    vae_fingerprint = content_fingerprint(vae_file(cfg.vae)) or ""  # the latents are the VAE's
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             cache = {name: f.get_tensor(name) for name in f.keys()}
             cached_fingerprint = (f.metadata() or {}).get(TEXT_ENCODER_KEY, fingerprint)  # older caches: unrecorded
+            cached_vae = (f.metadata() or {}).get(VAE_KEY, vae_fingerprint)
         if cache["latents"].shape[0] != cfg.num_scenes:
             raise ValueError(f"{path} holds {cache['latents'].shape[0]} scenes but --num-scenes is {cfg.num_scenes}; "
                              f"delete the cache or use the run's original config")
@@ -93,6 +98,9 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
             raise ValueError(f"{path} was made with another text encoder than --text-encoder {cfg.text_encoder} "
                              f"(fingerprint {cached_fingerprint} vs {fingerprint}): resume with the run's text "
                              f"encoder, or start a new --output-dir")
+        if cached_vae != vae_fingerprint:  # e.g. a new run into a folder whose checkpoint was deleted
+            raise ValueError(f"{path} holds latents of another VAE than --vae {cfg.vae} (its content differs): delete "
+                             "the cache to encode them again, or use the run's VAE")
         return cache, fingerprint
     vae = load_vae(cfg.vae)
     scenes = nano_data.load_scenes("train", cfg.num_scenes)
@@ -106,7 +114,7 @@ def build_cache(cfg: UNetTrainConfig, path: Path) -> tuple[dict[str, torch.Tenso
         "embeddings": te.encode_captions(text_model, tokenizer, unique).half().contiguous(),
         "empty": te.encode_captions(text_model, tokenizer, [""]).contiguous(),
     }
-    save_safetensors(cache, path, {TEXT_ENCODER_KEY: fingerprint})
+    save_safetensors(cache, path, {TEXT_ENCODER_KEY: fingerprint, VAE_KEY: vae_fingerprint})
     logger.info("cached %d latents (std %.3f) and %d caption embeddings", len(latents), latents.std(), len(unique))
     return cache, fingerprint
 

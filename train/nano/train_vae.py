@@ -193,16 +193,21 @@ def train(cfg: VaeTrainConfig) -> Path:
         scale, shift = fit_scale_shift(vae, train_images[: cfg.fit_scenes])
     save_safetensors({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, out / VAE_FILE)
     logger.info("saved %s (vae_scale %.4f, vae_shift %.4f)", out / VAE_FILE, scale, shift)
-    if not any("vae_scale" in record for record in read_metrics(out)):  # a rerun of a finished run has it
+    # a rerun of a finished run has it; an extended run (a higher --max-steps) writes its own
+    if not any("vae_scale" in record and record.get("step") == cfg.max_steps for record in read_metrics(out)):
         metrics.write({"step": cfg.max_steps, "vae_scale": scale, "vae_shift": shift})
     return out / VAE_FILE
 
 
+def vae_file(path: str | Path) -> Path:
+    """``vae.safetensors`` itself, or the one in a run folder."""
+    path = Path(path)
+    return path / VAE_FILE if path.is_dir() else path
+
+
 def load_vae(path: str | Path) -> TinyAutoencoder:
     """A TinyAutoencoder from ``vae.safetensors`` (or a run folder holding it), eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / VAE_FILE
+    path = vae_file(path)
     if not path.is_file():
         raise ValueError(f"no trained VAE at {path}; run python -m train.nano.train_vae (or pass its output dir)")
     vae = TinyAutoencoder()
