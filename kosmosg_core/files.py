@@ -275,17 +275,21 @@ def content_fingerprint(path, nbytes: int = 2**20) -> str | None:
     """A file's content in 16 hex digits, from its size and its first and last `nbytes` (a model's header and
     tensors, a shard's first and last samples: two files of one layout differ there), so a renamed or moved copy is
     the same file and another file of the same name is not, without reading gigabytes; a folder (a diffusers model,
-    a tokenizer): from each of its files, by relative name. None: nothing to read."""
+    a tokenizer): from each of its files, by relative name. None: nothing to read (no such file, or a path no file
+    system holds: the caller's own checks name the problem)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(path) if path.is_dir() else ''}|{size}|".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(nbytes))
+                f.seek(max(size - nbytes, 0))
+                digest.update(f.read(nbytes))
+    except (OSError, ValueError):  # e.g. a name too long, a NUL in it, a file that cannot be read
         return None
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}|{size}|".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(nbytes))
-            f.seek(max(size - nbytes, 0))
-            digest.update(f.read(nbytes))
     return digest.hexdigest()[:16]

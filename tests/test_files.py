@@ -232,3 +232,33 @@ def test_windows_names_are_measured_in_utf16_units(monkeypatch):
     monkeypatch.setattr(files, "WINDOWS", True)
     assert files.path_length_problem(name) is None
     assert files.path_length_problem("Ж" * 256)[1] == "name"
+
+
+def test_content_fingerprint_follows_the_content_not_the_name(tmp_path):
+    """A moved or renamed copy: the same fingerprint; a byte changed at either end, or another size: another; a
+    folder file by file; nothing to read (missing, a name no file system holds): None."""
+    import shutil
+
+    from kosmosg_core.files import content_fingerprint
+
+    original = tmp_path / "model.safetensors"
+    original.write_bytes(bytes(range(256)) * 10000)  # 2.4 MiB: the middle is not read
+    copy = tmp_path / "elsewhere" / "renamed.bin"
+    copy.parent.mkdir()
+    shutil.copy(original, copy)
+    assert content_fingerprint(copy) == content_fingerprint(original) is not None
+    data = bytearray(original.read_bytes())
+    for position in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[position] ^= 1
+        copy.write_bytes(bytes(changed))
+        assert content_fingerprint(copy) != content_fingerprint(original), position
+    copy.write_bytes(bytes(data[:-1]))
+    assert content_fingerprint(copy) != content_fingerprint(original)
+    folder = tmp_path / "folder"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "w.bin").write_bytes(b"1")
+    before = content_fingerprint(folder)
+    (folder / "unet" / "w.bin").write_bytes(b"2")
+    assert before != content_fingerprint(folder) is not None
+    assert content_fingerprint(tmp_path / "missing") is None and content_fingerprint(tmp_path / ("x" * 300)) is None

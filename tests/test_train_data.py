@@ -516,7 +516,28 @@ def test_a_captions_file_entry_with_a_null_caption_means_none_given(tmp_path):
     assert [item.caption for item in iter_folder(str(folder), str(jsonl))] == ["a sidecar caption"]
 
 
-@pytest.mark.parametrize("line", ['[1, 2]', '{"input_caption": "a", "edit": "b"}'])
+def test_a_rerun_may_extend_a_build_but_not_shrink_it(tmp_path):
+    """From a review: a rerun with a smaller --count rewrote one shard smaller and left the earlier build's later
+    shards, so the folder held neither build. Extending rewrites the short last shard and goes on."""
+    from train.data.shards import Sample, run_sharded
+
+    def process(index):
+        return Sample(key=f"k{index}", meta={"index": index}), "written"
+
+    output = str(tmp_path / "out")
+    assert run_sharded(range(6), process, output, samples_per_shard=4)["written"] == 6  # shards of 4 and 2
+    assert run_sharded(range(10), process, output, samples_per_shard=4)["written"] == 10  # extended: 4, 4, 2
+    before = {name: os.path.getmtime(os.path.join(output, name)) for name in os.listdir(output)}
+    for count in (6, 8):  # a shard rewritten smaller, or the build ending on a shard boundary
+        with pytest.raises(ValueError, match=r"holds shards past the \d this run makes .* built with a larger --count"):
+            run_sharded(range(count), process, output, samples_per_shard=4)
+    assert {name: os.path.getmtime(os.path.join(output, name)) for name in os.listdir(output)} == before
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"input_caption": "a", "edit": "b"}',
+                                  # from a review: a caption that is not text was a traceback mid-build
+                                  '{"input_caption": 5, "edit": ["x"], "source": "a.png", "edited": "b.png"}',
+                                  '{"input_caption": null, "edit": "x", "source": "a.png", "edited": "b.png"}'])
 def test_a_triplets_jsonl_entry_that_does_not_fit_is_named_by_its_line(tmp_path, line):
     """Not an object (AttributeError escaped as a traceback), or no images: named by the line an editor shows
     (blank lines were not counted)."""

@@ -66,8 +66,10 @@ def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
         for index, (line, entry) in enumerate(_read_jsonl(jsonl)):
             try:
                 pairs = entry.get("pairs") or [[entry["source"], entry["edited"]]]
-                items.append(TripletItem(index, f"{index:08d}", f"{os.path.basename(jsonl)}:{line}",
-                                         entry["input_caption"], entry["edit"],
+                texts = entry["input_caption"], entry["edit"]
+                if not all(isinstance(text, str) for text in texts):  # a number or a list failed mid-build
+                    raise TypeError(f"input_caption and edit must be text, got {', '.join(map(repr, texts))[:120]}")
+                items.append(TripletItem(index, f"{index:08d}", f"{os.path.basename(jsonl)}:{line}", *texts,
                                          [(os.path.join(base, s), os.path.join(base, e)) for s, e in pairs]))
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise ValueError(f"{jsonl}:{line}: expected input_caption, edit and source/edited "

@@ -215,6 +215,8 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
             run_counts["shards_skipped_complete"] += 1
             continue
         path = os.path.join(output, shard_name(prefix, index))
+        if os.path.exists(path) and os.path.exists(_stats_path(path)):  # finished, with another size: rewritten,
+            _check_not_shrinking(output, prefix, index + 1)  # unless it was not the earlier build's last shard
         counts: Counter = Counter()
         samples = []
         for item in group:
@@ -243,6 +245,7 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     # Several processes: summary.json is written by a process that sees every shard of the run finished (the
     # last to end; any that sees them all computes the same totals). Checked before summing: a process that
     # summed first could write its totals over a complete summary after another process's last shard.
+    _check_not_shrinking(output, prefix, len(group_sizes))  # a smaller --count ending on a shard boundary
     run_finished = all(_is_finished(output, prefix, index, size) for index, size in enumerate(group_sizes))
     summary = summarize(output, prefix)
     if run_finished:
@@ -254,6 +257,16 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
 
 def _stats_path(shard_path: str) -> str:
     return shard_path[: -len(".tar")] + ".stats.json"
+
+
+def _check_not_shrinking(output: str, prefix: str, num_shards: int) -> None:
+    """A rerun may extend a build (a larger --count), not shrink it: the shards past the new end would stay, and the
+    folder would hold neither build. Called before a finished shard is rewritten with another size (with
+    `num_shards` = its index + 1: only the earlier build's last, shorter shard may be) and at the end."""
+    if os.path.exists(os.path.join(output, shard_name(prefix, num_shards))):
+        raise ValueError(f"{output} holds shards past the {num_shards} this run makes (e.g. "
+                         f"{shard_name(prefix, num_shards)}): it was built with a larger --count. A rerun may extend "
+                         "a build, not shrink it; use a new --output, or the larger --count.")
 
 
 def _is_finished(output: str, prefix: str, index: int, size: int) -> bool:
