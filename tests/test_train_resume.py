@@ -188,6 +188,17 @@ def test_resume_refuses_other_shards_of_the_same_names_or_their_order(env, tmp_p
     both = RecordStream(f"{env.data},{other}", seed=0).state_dict()
     with pytest.raises(ValueError, match=r"is another of them \(the same shards in another order\)"):
         RecordStream(f"{other},{env.data}", seed=0).load_state_dict(both)
+    # a shard the run found damaged may be rebuilt before the resume (what the damage warning advises)
+    damaged = shutil.copytree(env.data, tmp_path / "damaged")
+    shard = sorted(damaged.glob("*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    stream = RecordStream(str(damaged), seed=0)
+    while stream.epoch == 0:
+        stream.next()
+    state = stream.state_dict()
+    assert state["damaged_shards"] == [len(state["shard_names"]) - 1]
+    shutil.copy(sorted(Path(env.data).glob("*.tar"))[-1], shard)  # rebuilt
+    RecordStream(str(damaged), seed=0).load_state_dict(state)
 
 
 def test_a_second_process_training_into_the_same_folder_is_refused(env, tmp_path):

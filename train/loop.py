@@ -187,6 +187,7 @@ class RecordStream:
                                  "shards than processes); use data_split=samples or write more shards.")
         self.shards, self.seed = shards, seed
         self._fingerprints: list[str] | None = None
+        self._damaged: set[int] = set()  # indices into self.shards of shards found damaged: a resume may find them rebuilt
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._records: list[tuple[str, dict]] | None = None
         self._shard_name = ""  # of the loaded records
@@ -204,7 +205,7 @@ class RecordStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards),
                 "shard_names": [os.path.basename(path) for path in self.shards],
-                "shard_fingerprints": self.shard_fingerprints()}
+                "shard_fingerprints": self.shard_fingerprints(), "damaged_shards": sorted(self._damaged)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_shards") != len(self.shards):
@@ -216,8 +217,10 @@ class RecordStream:
             raise ValueError(f"--data holds other shards than the run was trained on (not there: {missing[0]}); "
                              "resume with the run's data.")
         saved = state.get("shard_fingerprints")  # checkpoints before them: names only
-        if saved is not None and saved != self.shard_fingerprints():
-            k = next(k for k, (a, b) in enumerate(zip(saved, self.shard_fingerprints())) if a != b)
+        rebuilt = set(state.get("damaged_shards", []))  # a shard the run found damaged may since be rebuilt
+        differ = [k for k, (a, b) in enumerate(zip(saved or [], self.shard_fingerprints())) if a != b and k not in rebuilt]
+        if differ:
+            k = differ[0]
             moved = self.shard_fingerprints()[k] in saved
             raise ValueError(f"--data holds other shards than the run was trained on: shard {k + 1}, {names[k]}, "
                              f"{'is another of them (the same shards in another order)' if moved else 'has other content'}"
@@ -240,6 +243,7 @@ class RecordStream:
             for r in open_shard(path):
                 records.append((r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")}))
         except UNREADABLE_SHARD_ERRORS as e:
+            self._damaged.add(self.shards.index(path))
             # skipped, not fatal: a shard is reached at any time of a run, and a resumed run needs the same shards;
             # the records before the damage are the same at every read, so the stream stays deterministic
             logger.warning("shard %s cannot be read past its first %d records (%s: %s): it is not a tar file or is "
