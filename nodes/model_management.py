@@ -50,8 +50,7 @@ class KosmosGModel:
     def patcher(self) -> comfy.model_patcher.ModelPatcher:
         """The model under the memory manager; the weights are read here the first time (on the offload device)."""
         if self._patcher is None:
-            logger.info("Kosmos-G: reading the weights of %s", self.name)
-            model = self.pipeline.load()
+            model = self.pipeline.load()  # logs "reading the weights of ..."
             # CoreModelPatcher: the patcher ComfyUI picks for its own models (plain ModelPatcher before early 2026)
             patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
             self._patcher = patcher_class(model, load_device=self.load_device, offload_device=self.offload_device,

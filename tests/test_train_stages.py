@@ -1245,3 +1245,16 @@ def test_stage3_trains_the_unconditional_embedding_too(env, stage2_run):
     module(batch)[0].backward()
     # the official code recomputes the <s>-only condition with gradients: its embedding row learns
     assert module.model.decoder.embed_tokens.weight.grad[BOS_ID].abs().sum() > 0
+
+
+def test_stage2_resumes_with_its_kinds_in_another_order(env, tmp_path):
+    """From a review: --kinds is a set to the stage, but 'openimage,laion' was refused as another setting than
+    'laion,openimage'; another set of kinds still is."""
+    from train import stage2
+
+    run = tmp_path / "s2"
+    stage2.main(common(env, run, steps=2, batch=2) + ["--clip-text-encoder", env.clip, "--kinds", "laion,openimage"])
+    stage2.main(common(env, run, steps=3, batch=2) + ["--clip-text-encoder", env.clip, "--kinds", "openimage, laion"])
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
+    with pytest.raises(ValueError, match="other settings than this run's: kinds"):
+        stage2.main(common(env, run, steps=4, batch=2) + ["--clip-text-encoder", env.clip, "--kinds", "laion"])

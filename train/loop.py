@@ -283,6 +283,12 @@ class Stage:
     name = "stage"
     resume_may_change: frozenset[str] = frozenset()  # the stage's own settings a resumed run may change
 
+    @staticmethod
+    def comparable_settings(settings: dict) -> dict:
+        """A run's settings as a resume compares them: a stage whose setting is a set written as a list overrides
+        it (stage 2's --kinds), so another order of the same items is the same run."""
+        return settings
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)  # every stage tokenizes prompts
@@ -438,7 +444,8 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
                              "new --output-dir.")
     if "train_config" not in extra:
         return
-    before, now = json.loads(extra["train_config"]), config_to_dict(cfg)
+    before, now = (stage.comparable_settings(settings) for settings in (json.loads(extra["train_config"]),
+                                                                        config_to_dict(cfg)))
     changed = changed_settings(before, now, RESUME_MAY_CHANGE | stage.resume_may_change, common_keys_only=True)
     saved_world = state.get("data", {}).get("world_size", 1)
     global_before = before["batch_size"] * before.get("gradient_accumulation_steps", 1) * saved_world

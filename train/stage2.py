@@ -121,6 +121,13 @@ class Stage2(Stage):
     name = "stage2"
     resume_may_change = frozenset({"clip_text_encoder"})  # a path: the frozen text encoder may move
 
+    @staticmethod
+    def comparable_settings(settings: dict) -> dict:
+        kinds = settings.get("kinds")  # a set: "openimage,laion" resumes a "laion,openimage" run
+        if not isinstance(kinds, str):
+            return settings
+        return {**settings, "kinds": ",".join(sorted({k.strip() for k in kinds.split(",") if k.strip()}))}
+
     def __init__(self, cfg: Stage2Config):
         super().__init__(cfg)
         self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
