@@ -171,12 +171,14 @@ class UnreadWeights:
         self.pack_cpu_linears, self.cpu_kernel = pack_cpu_linears, cpu_kernel
         # the file as it was when opened (`disk_cache.checkpoint_identity`): loading checks it is still that file
         self.identity = identity or checkpoint_identity(path)
+        # what `cpu_linear.linear_kernels` will say of the loaded model (packing leaves non-CPU weights plain),
+        # resolved once, here: a kernel that cannot run here is refused when the checkpoint is opened, as packing would
+        self._kernels = kernels_after_packing(dtype, cpu_kernel) if pack_cpu_linears and self.device.type == "cpu" \
+            else "torch"
 
     def linear_kernels(self) -> str:
-        """What `cpu_linear.linear_kernels` will say of the loaded model (packing leaves non-CPU weights plain)."""
-        if not self.pack_cpu_linears or self.device.type != "cpu":
-            return "torch"
-        return kernels_after_packing(self.dtype, self.cpu_kernel)
+        """What `cpu_linear.linear_kernels` will say of the loaded model (the caches key by it before the load)."""
+        return self._kernels
 
     def load(self) -> KosmosG:
         try:
@@ -249,7 +251,6 @@ class KosmosGPipeline:
         if lazy:
             cfg, tokenizer = inspect_checkpoint(path, tokenizer_dir=tokenizer_dir, config=config)
             model = UnreadWeights(path, cfg, dtype, device, pack_cpu_linears, cpu_kernel, identity)
-            model.linear_kernels()  # a kernel that cannot run here is refused now, as packing would
         else:
             model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
                                           config=config)
