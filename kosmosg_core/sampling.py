@@ -1,5 +1,5 @@
 """The official demo's sampling, without diffusers (the ComfyUI nodes do not need it): the noise levels its
-DPM-Solver (or DDIM) steps through, on any discrete-time model's noise schedule, and its starting noise.
+DPM-Solver (or DDIM, or PNDM) steps through, on any discrete-time model's noise schedule, and its starting noise.
 
 The ComfyUI nodes Kosmos-G Official Sampler and Official Noise give these to ComfyUI's own sampling; `generate`
 runs diffusers' scheduler (generate.official_scheduler; tests/test_official_sampling.py checks the two agree) and
@@ -18,18 +18,18 @@ from .config import DEFAULT_STEPS, SD15_CONFIG_DIR
 from .errors import DeviceError, GenerationSettingsError, first_line
 
 
-OFFICIAL_SAMPLER_SCHEDULERS = ("dpm", "ddim")  # the demo's schedulers ComfyUI's samplers can step as it does
+OFFICIAL_SAMPLER_SCHEDULERS = ("dpm", "ddim", "pndm")  # the demo's three (nodes/sampling.py steps each as it does)
 
 
 @functools.cache
 def sd15_steps_offset() -> int:
-    """SD1.5's scheduler `steps_offset` (1): DDIM's timesteps are shifted by it."""
+    """SD1.5's scheduler `steps_offset` (1): DDIM's and PNDM's timesteps are shifted by it."""
     return int(json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())["steps_offset"])
 
 
 def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, scheduler: str = "dpm") -> torch.Tensor:
-    """The noise levels [steps + 1] the official demo's DPM-Solver (or DDIM) steps through, on a model's own noise
-    schedule.
+    """The noise levels [steps + 1] the official demo's DPM-Solver (or DDIM, or PNDM) steps through, on a model's own
+    noise schedule.
 
     sigmas: [T] float, the model's noise level at each training timestep 0..T-1 (SD1.5: T = 1000, 0.029 ... 14.6).
     Returns sigmas at the timesteps diffusers 0.21.4's scheduler visits, then sigmas[0], where its last step ends:
@@ -39,7 +39,9 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, sche
       last step below DPM_SOLVER_FIRST_ORDER_FINAL_BELOW steps, is the official sampler step for step;
     - "ddim": DDIM's "leading" spacing (every (T // steps)-th timestep from 0, plus SD1.5's steps_offset, high to
       low), its last step going to alphas_cumprod[0] (SD1.5's set_alpha_to_one is false). DDIM with eta 0 is the
-      Euler step in ComfyUI's scaling, from noise scaled to sqrt(1 + sigma^2) at the first level.
+      Euler step in ComfyUI's scaling, from noise scaled to sqrt(1 + sigma^2) at the first level;
+    - "pndm": DDIM's levels (SD1.5's PNDM: "leading" spacing, skip_prk_steps, the same last step). Each PNDM step is
+      DDIM's step with a blend of the noise predictions so far (the node's sample_pndm).
     (the ComfyUI node Kosmos-G Official Sampler; tests/test_nodes_unit.py)."""
     if scheduler not in OFFICIAL_SAMPLER_SCHEDULERS:
         raise GenerationSettingsError(f"scheduler {scheduler!r} is not one the official sampler steps as the demo does: "
@@ -54,7 +56,7 @@ def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, sche
                                       f"{DEFAULT_STEPS}), got {steps!r}.")
     if scheduler == "dpm":  # strides of (T-1)/steps >= 1 never round two timesteps together
         timesteps = np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
-    else:  # the last, (steps - 1) * (T // steps) + offset, stays below T for every steps < T
+    else:  # DDIM, PNDM: the last, (steps - 1) * (T // steps) + offset, stays below T for every steps < T
         timesteps = np.arange(steps)[::-1] * (total // steps) + sd15_steps_offset()
     timesteps = torch.from_numpy(timesteps.copy())
     table = sigmas.detach().float().cpu()

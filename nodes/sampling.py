@@ -1,10 +1,12 @@
-"""Kosmos-G Official Sampler: the official demo's DPM-Solver (or DDIM) as a SAMPLER + SIGMAS pair for SamplerCustom;
+"""Kosmos-G Official Sampler: the official demo's DPM-Solver (or DDIM, or PNDM) as a SAMPLER + SIGMAS pair for
+SamplerCustom;
 Kosmos-G Official Noise: the demo's starting noise as a NOISE for SamplerCustomAdvanced.
 
-The official demo samples with diffusers' DPM-Solver multistep (50 steps; its DDIM on request). ComfyUI's
+The official demo samples with diffusers' DPM-Solver multistep (50 steps; its DDIM or PNDM on request). ComfyUI's
 `dpmpp_2m` is the same solver (and its `euler` DDIM's step); what KSampler's schedulers cannot give is the official
 grid of noise levels (diffusers' whole timesteps, ending at the smallest noise level, not at 0), nor, below 15 steps,
-the first-order last step, nor DDIM's start from plain noise below the largest noise level. This node gives all of it
+the first-order last step, nor DDIM's start from plain noise below the largest noise level, nor PNDM (ComfyUI has
+no PLMS with diffusers' Heun first step). This node gives all of it
 (the noise levels from kosmosg_core.sampling.official_noise_levels, on the connected model's own noise schedule).
 The match holds for the whole sigmas, from an empty latent with noise added, as SamplerCustom's `output`.
 """
@@ -49,16 +51,48 @@ def dpm_solver_ksampler(steps: int) -> comfy.samplers.KSAMPLER:
     return comfy.samplers.KSAMPLER(sample_dpmpp_2m_first_order_final)
 
 
-class DDIMKSampler(comfy.samplers.KSAMPLER):
-    """diffusers' DDIM (eta 0) as a ComfyUI SAMPLER: k-diffusion's Euler step (DDIM's in ComfyUI's scaling) through
-    DDIM's noise levels, from diffusers' start: plain noise at its first timestep, which is x = noise * sqrt(1 +
-    sigma^2) in ComfyUI's scaling. ComfyUI scales noise so only from the largest noise level on (`max_denoise`);
-    DDIM's first level lies below it (timestep 981 of 999 at 50 steps), so this sampler asks for it at
-    `first_sigma` too (whatever made those sigmas: BasicScheduler's ddim_uniform at the same count starts there as
-    well, and gets diffusers' start). Sigmas that start elsewhere (split for img2img) keep ComfyUI's own scaling."""
+# PNDM's linear multistep blends (Adams-Bashforth) of the last 2, 3, 4 noise predictions, newest first
+PLMS_BLENDS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
-    def __init__(self, first_sigma: float):
-        super().__init__(k_sampling.sample_euler)
+
+@torch.no_grad()
+def sample_pndm(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """diffusers' PNDM as SD1.5 configures it (skip_prk_steps: pseudo linear multistep) in ComfyUI's scaling. Each
+    of its steps is DDIM's (the Euler step here: x += (sigma_next - sigma) * noise) with a blend of the noise
+    predictions so far: the first step is a Heun step (one model call more: diffusers runs the second timestep twice),
+    then the Adams-Bashforth blends of PLMS_BLENDS. One step alone (steps = 1) is DDIM's."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    predictions = []  # the noise predictions [B, C, H, W] at the levels stepped from, newest last (4 at most)
+    for i in k_sampling.trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        predictions = (predictions + [k_sampling.to_d(x, sigma, denoised)])[-4:]
+        if len(predictions) == 1 and len(sigmas) > 2:  # Heun: the mean of the predictions at both ends of an Euler step
+            ahead = x + (sigma_next - sigma) * predictions[0]
+            ahead_denoised = model(ahead, sigma_next * s_in, **extra_args)
+            noise = (predictions[0] + k_sampling.to_d(ahead, sigma_next, ahead_denoised)) / 2
+        elif len(predictions) == 1:
+            noise = predictions[0]
+        else:
+            noise = sum(weight * prediction for weight, prediction in zip(PLMS_BLENDS[len(predictions)],
+                                                                          reversed(predictions)))
+        x = x + (sigma_next - sigma) * noise
+    return x
+
+
+class PlainNoiseStartKSampler(comfy.samplers.KSAMPLER):
+    """A ComfyUI SAMPLER that starts as diffusers' DDIM and PNDM do: from plain noise at the first timestep, which is
+    x = noise * sqrt(1 + sigma^2) in ComfyUI's scaling. ComfyUI scales noise so only from the largest noise level on
+    (`max_denoise`); DDIM's first level lies below it (timestep 981 of 999 at 50 steps), so this sampler asks for it
+    at `first_sigma` too (whatever made those sigmas: BasicScheduler's ddim_uniform at the same count starts there as
+    well, and gets diffusers' start). Sigmas that start elsewhere (split for img2img) keep ComfyUI's own scaling.
+    `sampler_function`: k-diffusion's Euler step (diffusers' DDIM with eta 0 in ComfyUI's scaling) or sample_pndm."""
+
+    def __init__(self, sampler_function, first_sigma: float):
+        super().__init__(sampler_function)
         self.first_sigma = first_sigma
 
     def max_denoise(self, model_wrap, sigmas) -> bool:
@@ -68,7 +102,9 @@ class DDIMKSampler(comfy.samplers.KSAMPLER):
 
 def official_ksampler(scheduler: str, steps: int, sigmas: torch.Tensor) -> comfy.samplers.KSAMPLER:
     """The official `scheduler`'s solver at `steps` steps through `sigmas` (official_noise_levels), a SAMPLER."""
-    return dpm_solver_ksampler(steps) if scheduler == "dpm" else DDIMKSampler(float(sigmas[0]))
+    if scheduler == "dpm":
+        return dpm_solver_ksampler(steps)
+    return PlainNoiseStartKSampler(sample_pndm if scheduler == "pndm" else k_sampling.sample_euler, float(sigmas[0]))
 
 
 def model_noise_levels(model) -> torch.Tensor:
@@ -100,25 +136,27 @@ class KosmosGOfficialSampler(io.ComfyNode):
             display_name="Kosmos-G Official Sampler",
             category=CATEGORY,
             description=(
-                "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep (or DDIM) on the official "
-                "grid of noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's guidance; add_noise "
-                "on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the normal scheduler is "
-                "close to it, not the same. Keep the sigmas whole (no split or flip) and decode SamplerCustom's "
+                "The official Kosmos-G demo's sampler, step for step: DPM-Solver multistep (or DDIM, or PNDM) on the "
+                "official grid of noise levels. Connect sampler and sigmas to SamplerCustom (cfg 6 = the demo's "
+                "guidance; add_noise on) or to SamplerCustomAdvanced with a CFGGuider. KSampler's dpmpp_2m with the "
+                "normal scheduler is close to it, not the same. Keep the sigmas whole (no split or flip) and decode SamplerCustom's "
                 "output."),
-            search_aliases=["kosmos", "dpm-solver", "ddim", "official schedule", "sigmas"],
+            search_aliases=["kosmos", "dpm-solver", "ddim", "pndm", "plms", "official schedule", "sigmas"],
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model to be sampled: the noise levels come from its own "
                                                 "noise schedule."),
                 io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=999,
                              tooltip=f"Sampling steps (official demo: {DEFAULT_STEPS})."),
                 io.Combo.Input("scheduler", options=list(OFFICIAL_SAMPLER_SCHEDULERS), default="dpm", optional=True,
-                               tooltip="The official demo's scheduler: dpm (DPM-Solver multistep, its default) or "
-                                       "ddim (DDIM, eta 0)."),
+                               tooltip="The official demo's scheduler: dpm (DPM-Solver multistep, its default), "
+                                       "ddim (DDIM, eta 0) or pndm (PNDM as SD1.5 sets it: PLMS, one model call "
+                                       "more than steps)."),
             ],
             outputs=[
                 io.Sampler.Output(display_name="sampler", tooltip="DPM-Solver++ 2M (first-order last step below "
                                                                   f"{DPM_SOLVER_FIRST_ORDER_FINAL_BELOW} steps, as "
-                                                                  "the official code), or DDIM's Euler step."),
+                                                                  "the official code), DDIM's Euler step, or "
+                                                                  "PNDM's multistep."),
                 io.Sigmas.Output(display_name="sigmas", tooltip="The official noise levels: steps + 1 values, "
                                                                 "ending at the model's smallest noise level."),
             ],

@@ -873,12 +873,12 @@ def comfy_sample(sampler, sigmas, denoiser, noise, callback=None, disable_pbar=T
 
 
 @pytest.mark.parametrize("scheduler, steps", [("dpm", 10), ("dpm", 14), ("dpm", 15), ("dpm", 20), ("dpm", 50),
-                                              ("dpm", 100), ("ddim", 30), ("ddim", 50)])
+                                              ("dpm", 100), ("ddim", 30), ("ddim", 50), ("pndm", 50)])
 def test_official_sampler_node_is_the_official_scheduler_step_for_step(scheduler, steps):
-    """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver / DDIM (the
+    """Its sampler + sigmas, run by ComfyUI's KSAMPLER, end where diffusers 0.21.4's own DPM-Solver / DDIM / PNDM (the
     official code's) ended on the same toy model from the same noise
     (tests/reference/official_scheduler_outputs.safetensors), DPM-Solver below 15 steps with the first-order last step
-    included, DDIM from plain noise at its first level; ComfyUI's KSampler schedules do not."""
+    included, DDIM and PNDM from plain noise at their first level; ComfyUI's KSampler schedules do not."""
     import comfy.samplers
     from safetensors import safe_open
 
@@ -901,7 +901,8 @@ def test_official_sampler_node_is_the_official_scheduler_step_for_step(scheduler
     sampler, sigmas = KosmosGOfficialSampler.execute(model, steps, scheduler).result
     assert sigmas.shape == (steps + 1,) and sigmas[-1] == model_sampling.sigma_min
     assert (run(sampler, sigmas) - expected).abs().max() < 1e-5
-    nearest = {"dpm": ("dpmpp_2m", ("normal", "sgm_uniform", "simple")), "ddim": ("ddim", ("ddim_uniform", "normal"))}
+    nearest = {"dpm": ("dpmpp_2m", ("normal", "sgm_uniform", "simple")), "ddim": ("ddim", ("ddim_uniform", "normal")),
+               "pndm": ("ipndm", ("ddim_uniform", "normal"))}
     sampler_name, grids = nearest[scheduler]
     for grid_name in grids:  # KSampler's nearest: a different path
         grid = comfy.samplers.calculate_sigmas(model_sampling, grid_name, steps)
@@ -910,9 +911,40 @@ def test_official_sampler_node_is_the_official_scheduler_step_for_step(scheduler
         plain_euler = comfy.samplers.KSAMPLER(comfy.k_diffusion.sampling.sample_euler)
         assert (run(plain_euler, sigmas) - expected).abs().max() > 1e-4
         assert not sampler.max_denoise(ComfyDenoiser(model_sampling, None), sigmas[5:])  # split sigmas: ComfyUI's
+    if scheduler == "pndm":  # DDIM's step through the same levels from the same start: the blends matter
+        ddim, _ = KosmosGOfficialSampler.execute(model, steps, "ddim").result
+        assert (run(ddim, sigmas) - expected).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("scheduler, steps", [("dpm", 10), ("dpm", 20), ("ddim", 20)])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 20, 999])
+def test_official_sampler_pndm_is_diffusers_pndm_at_every_step_count(steps):
+    """PNDM's warm-up (one step alone: DDIM's; then a Heun step, then blends of 2, 3 and 4 predictions) at each count
+    where it changes, against the installed diffusers' PNDMScheduler on SD1.5's settings (its step is 0.21.4's:
+    tests/test_official_sampling.py), with as many model calls as diffusers makes (steps + 1 from 2 steps on)."""
+    from reference.generate_official_scheduler_outputs import run_trajectory, sd15_schedule_config, start_and_centres
+    from reference.generate_official_scheduler_outputs import toy_noise_prediction
+
+    from kosmosg_pack.kosmosg_core.generate import official_scheduler
+
+    model = comfy_model()
+    model_sampling = model.get_model_object("model_sampling")
+    start, centres = start_and_centres()
+    calls = []
+
+    def predict_noise(model_input, timestep):
+        calls.append(int(timestep.round()))
+        return toy_noise_prediction(model_input, 1 / (1 + model_sampling.sigma(timestep) ** 2), centres)
+
+    sampler, sigmas = KosmosGOfficialSampler.execute(model, steps, "pndm").result
+    final = comfy_sample(sampler, sigmas, ComfyDenoiser(model_sampling, predict_noise), start)
+    expected, timesteps = run_trajectory(official_scheduler("pndm", sd15_schedule_config()), steps)
+    assert calls == timesteps  # diffusers runs its second timestep twice: the Heun step's second call
+    # float32 rounding, relative: at 2 steps the blend extrapolates from the largest noise level to the smallest in one
+    # step (1e-5 of the result there; the two agree to 1e-14 in float64)
+    assert (final / (1 + sigmas[-1] ** 2).sqrt() - expected).abs().max() < 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheduler, steps", [("dpm", 10), ("dpm", 20), ("ddim", 20), ("pndm", 20)])
 def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeline(scheduler, steps):
     """End to end on one U-Net (random, SD1.5-shaped: ComfyUI detects and loads it as SD1.5): SamplerCustom's own
     sampling (comfy.sample.sample_custom: ComfyUI's CFG, model wrapper, noise scaling) with the node's sampler and
@@ -1032,6 +1064,11 @@ def test_official_sampler_reports_every_step_to_the_progress_bar(monkeypatch):
                  callback=lambda step, denoised, x, total: seen.append((step, total)), disable_pbar=False)
     assert seen == [(i, 5) for i in range(5)]
     assert bars.count(True) == 1, bars
+    seen.clear()
+    sampler, sigmas = KosmosGOfficialSampler.execute(model, 5, "pndm").result  # 6 model calls, 5 steps
+    comfy_sample(sampler, sigmas, denoiser, torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)),
+                 callback=lambda step, denoised, x, total: seen.append((step, total)), disable_pbar=False)
+    assert seen == [(i, 5) for i in range(5)]
 
 
 def test_the_pack_and_its_sampling_nodes_need_no_diffusers():

@@ -52,24 +52,29 @@ def test_the_stored_trajectories_tell_the_dpm_final_steps_apart(stored):
     assert (final - finals["dpm.50"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name, steps", [(name, steps) for name, steps in CASES if name in ("dpm", "ddim")])
+@pytest.mark.parametrize("name, steps", CASES)
 def test_official_noise_levels_are_the_official_schedulers(stored, name, steps):
     """What the ComfyUI node (Kosmos-G Official Sampler) steps through: the model's noise levels at the timesteps
-    diffusers 0.21.4's DPM-Solver / DDIM visited, then its smallest (the timestep-0 level, where both ended)."""
+    diffusers 0.21.4's DPM-Solver / DDIM / PNDM visited (PNDM visits its second twice: its Heun step), then its
+    smallest (the timestep-0 level, where each ended)."""
     _, timesteps = stored
     table = torch.linspace(0.03, 14.6, 1000)  # any model's [T] levels: read at the timesteps, not recomputed
     levels = official_noise_levels(table, steps, name)
-    assert torch.equal(levels, table[timesteps[f"{name}.{steps}"] + [0]])
+    visited = list(dict.fromkeys(timesteps[f"{name}.{steps}"]))  # in order, each once
+    assert len(visited) == steps and torch.equal(levels, table[visited + [0]])
 
 
-def test_official_noise_levels_take_ddim_at_every_step_count():
-    """diffusers' DDIM spacing with SD1.5's offset stays inside the table for every count the node offers."""
+def test_official_noise_levels_take_ddim_and_pndm_at_every_step_count():
+    """diffusers' DDIM (and PNDM) spacing with SD1.5's offset stays inside the table for every count the node
+    offers."""
     table = torch.arange(1000.0)
     for steps in (1, 7, 333, 500, 501, 999):
         levels = official_noise_levels(table, steps, "ddim")
         assert levels.shape == (steps + 1,) and levels[0] <= 999 and levels[-2] == 1 and levels[-1] == 0
-    with pytest.raises(GenerationSettingsError, match="scheduler 'pndm' is not one the official sampler"):
-        official_noise_levels(table, 50, "pndm")
+        assert torch.equal(official_noise_levels(table, steps, "pndm"), levels)
+    with pytest.raises(GenerationSettingsError, match="scheduler 'euler' is not one the official sampler.*dpm, ddim, "
+                                                      "pndm"):
+        official_noise_levels(table, 50, "euler")
 
 
 @pytest.mark.parametrize("table, steps, message", [

@@ -323,6 +323,11 @@ def test_official_sampler_drives_sampler_custom(comfy):
     ddim = comfy.run(graph)
     assert_success(comfy, ddim)
     assert (pixels(comfy.output_images(ddim)[0]) != pixels(comfy.output_images(half)[0])).any()
+    graph["30"]["inputs"]["scheduler"] = "pndm"  # the demo's third
+    graph["23"]["inputs"]["filename_prefix"] = "kg-official-pndm"
+    pndm = comfy.run(graph)
+    assert_success(comfy, pndm)
+    assert (pixels(comfy.output_images(pndm)[0]) != pixels(comfy.output_images(ddim)[0])).any()
 
 
 def test_ksampler_advanced_with_basic_controlnet_apply(comfy):
