@@ -217,6 +217,7 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
         except PromptError as error:  # the core stops at the first bad placeholder: the extension's first flag
             first_flagged = next(k for k, p in enumerate(found, start=1) if p["error"])
             assert re.search(rf"\b[Pp]laceholder {first_flagged}\b", str(error)), (text, found, str(error))
+            assert ("exponent" in found[first_flagged - 1]["error"]) == ("exponent" in str(error)), (text, found)
         else:
             assert [p["weight"] for p in found] == weights, (text, found)
     def blank_to_the_core(text):  # 1.0 per image, whatever their number
@@ -232,11 +233,17 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
         except PromptError as error:
             if "value(s) but 0 image(s)" in str(error):  # numbers all read: the count is the only complaint
                 assert parsed == [float(w) for w in parse_image_weights(text, len(parsed), "weights", "")], text
-            else:  # the same entry refused: named by the core as written, or by its value when out of range
-                bad = re.fullmatch(r'weights: "(.*)" is not a number in 0..10', parsed["error"], flags=re.S).group(1)
-                named = re.match(r"weights: (.*) is (?:not a number|written with an exponent)", str(error), flags=re.S)
-                assert (ast.literal_eval(named.group(1)) == bad if named else
-                        f"Image weight {float(bad):.10g} (weights) is outside" in str(error)), (text, parsed, str(error))
+            else:  # the same entry refused for the same reason: named by the core as written, or by its value when
+                # out of range
+                bad, why = re.fullmatch(r'weights: "(.*)" (is not a number in|is outside|is written with an exponent)'
+                                        r' .*0..10\)?', parsed["error"], flags=re.S).groups()
+                if why == "is outside":
+                    assert f"Image weight {float(bad):.10g} (weights) is outside" in str(error), (text, parsed)
+                else:
+                    named = re.match(r"weights: (.*) (is not a number|is written with an exponent)", str(error),
+                                     flags=re.S)
+                    assert ast.literal_eval(named.group(1)) == bad and why.startswith(named.group(2)), (text, parsed,
+                                                                                                       str(error))
         else:
             assert parsed in (None, []) and weights == [], (text, parsed)
     for (text, weights), ok in zip(lists, seen["lists"]):

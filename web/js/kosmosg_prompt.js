@@ -27,10 +27,12 @@ import { app } from "../../scripts/app.js";
 const NODE_ID = "KosmosGInterleavedPrompt";
 const PLACEHOLDER = "<i>";            // kosmosg_core.config.IMAGE_PLACEHOLDER
 // `<i>` or `<i:W>`, W that image's weight, and a weights list's numbers and separators: the rules of
-// kosmosg_core.config.PLACEHOLDER_PATTERN and kosmosg_core.prompt (_NUMBER, _PLACEHOLDER_WEIGHT, _LIST_WEIGHT,
-// _LIST_SEPARATORS), so that the status line passes what the server takes and flags what it refuses
+// kosmosg_core.config.PLACEHOLDER_PATTERN and kosmosg_core.prompt (_NUMBER, _EXPONENT_NUMBER, _PLACEHOLDER_WEIGHT,
+// _LIST_WEIGHT, _LIST_SEPARATORS), so that the status line passes what the server takes and flags what it refuses,
+// for the reason the server gives
 const PLACEHOLDER_PATTERN = /<i(?::([^<>]*))?>/g;
 const NUMBER = "[-+]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)";
+const EXPONENT_NUMBER = new RegExp(`^ *${NUMBER}[eE][-+]?[0-9]+ *$`);  // 1e-1: refused, with its own message
 const PLACEHOLDER_WEIGHT = new RegExp(`^ *${NUMBER} *$`);
 const LIST_WEIGHT = new RegExp(`^${NUMBER}$`);
 const LIST_SEPARATORS = /[,;\s\x1c-\x1f\x85\ufeff]+/;
@@ -62,7 +64,9 @@ export function findPlaceholders(text) {
     return [...text.matchAll(PLACEHOLDER_PATTERN)].map((match, k) => {
         const written = match[1];
         const weight = written === undefined ? 1 : PLACEHOLDER_WEIGHT.test(written) ? Number(written) : NaN;
-        const error = Number.isNaN(weight) ? `${match[0]} is not a weight (write e.g. <i:0.8>)`
+        const error = Number.isNaN(weight) ? (EXPONENT_NUMBER.test(written)
+            ? `${match[0]} writes its weight with an exponent (write a plain decimal, e.g. <i:0.8>)`
+            : `${match[0]} is not a weight (write e.g. <i:0.8>)`)
             : weight < 0 || weight > MAX_WEIGHT ? `${match[0]} is outside 0..${MAX_WEIGHT}` : null;
         return { start: match.index, end: match.index + match[0].length, source: match[0], weight, error,
             number: k + 1 };
@@ -81,7 +85,10 @@ export function parseWeights(text) {
     if (parts.length === 0 && !/[,;]/.test(text || "")) return null;
     const values = parts.map(Number);
     const bad = parts.find((p, k) => !LIST_WEIGHT.test(p) || values[k] < 0 || values[k] > MAX_WEIGHT);
-    return bad === undefined ? values : { error: `weights: "${bad}" is not a number in 0..${MAX_WEIGHT}` };
+    if (bad === undefined) return values;
+    const why = EXPONENT_NUMBER.test(bad) ? `is written with an exponent (write a plain decimal in 0..${MAX_WEIGHT})`
+        : LIST_WEIGHT.test(bad) ? `is outside 0..${MAX_WEIGHT}` : `is not a number in 0..${MAX_WEIGHT}`;
+    return { error: `weights: "${bad}" ${why}` };
 }
 
 /** The node's image sockets in socket order: [{input, index (socket number), linked, blocked, refused}]: for a
