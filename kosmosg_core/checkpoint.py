@@ -21,7 +21,7 @@ import torch
 
 from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
 from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
-from .files import check_input_path_length, check_output_file, path_length_problem, save_safetensors
+from .files import check_input_path_length, check_output_file, path_length_problem, save_safetensors, utf8_text
 from .model import KosmosG
 from .safe_unpickle import load_pt_state_dict, looks_like_stable_diffusion
 from .tokenizer import TOKENIZER_FILENAMES, KosmosGTokenizer, tokenizer_dir_candidates
@@ -528,7 +528,7 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
     if dtype is None:
         dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
     model = build_model(cfg, state_dict, pt_path, dtype, "cpu")
-    return save_pack_checkpoint(model, tokenizer, out_path, extra_metadata={"source": pt_path.name})
+    return save_pack_checkpoint(model, tokenizer, out_path, extra_metadata={"source": utf8_text(pt_path.name)})
 
 
 def describe(path) -> dict:

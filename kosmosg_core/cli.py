@@ -101,7 +101,7 @@ def _disk_cache(args):
 
 def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
-    from .files import check_output_file, save_safetensors
+    from .files import check_output_file, save_safetensors, utf8_text
     from .pipeline import KosmosGPipeline, read_prompt_images
     from .prompt import combine_image_weights
 
@@ -126,7 +126,7 @@ def cmd_encode(args) -> None:
                      metadata={"prompt": args.prompt, "images": json.dumps(args.image),
                                "image_weights": json.dumps(combine_image_weights(args.prompt, weights)),
                                "dtype": args.dtype,
-                               "checkpoint": Path(args.checkpoint).name})
+                               "checkpoint": utf8_text(Path(args.checkpoint).name)})
     print(f"wrote {out}: cond {list(cond.shape)}")
 
 

@@ -24,7 +24,7 @@ import os
 import torch
 
 from .errors import ConditioningFileError
-from .files import check_output_file, save_safetensors
+from .files import check_output_file, read_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
     if isinstance(value, torch.Tensor):
         while name in tensors:  # a dict key holding "." could repeat a place's name
             name += "_"
-        tensors[name] = value.detach().cpu().contiguous()
+        tensors[name] = _own_copy(value)
         return {TENSOR_TAG: name}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -63,13 +63,29 @@ def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):
     raise _NotSaveable(LIVE_OBJECT)  # a ControlNet, a hook, a model patch... (or a mapping with non-text keys)
 
 
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor to store, on the CPU in memory of its own: safetensors refuses to write tensors that share memory,
+    and stock nodes share them (ConditioningCombine of a conditioning with an area version of itself holds one
+    `cond` twice; ComfyUI's intermediate device is the CPU, where .cpu() copies nothing)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+class _DamagedValue(Exception):
+    """An entry's JSON is not one this format writes; its message says where."""
+
+
 def _decode_value(value, tensors: dict[str, torch.Tensor], device):
     if isinstance(value, list):
         return [_decode_value(item, tensors, device) for item in value]
     if isinstance(value, dict):
         if set(value) == {TENSOR_TAG}:
-            return tensors[value[TENSOR_TAG]].to(device)
+            name = value[TENSOR_TAG]
+            if not isinstance(name, str) or name not in tensors:
+                raise _DamagedValue(f"it refers to a tensor {str(name)[:100]!r} the file does not hold")
+            return tensors[name].to(device)
         if set(value) == {TUPLE_TAG}:
+            if not isinstance(value[TUPLE_TAG], list):
+                raise _DamagedValue(f"a tuple is written as {type(value[TUPLE_TAG]).__name__}, not a list")
             return tuple(_decode_value(item, tensors, device) for item in value[TUPLE_TAG])
         return {key: _decode_value(item, tensors, device) for key, item in value.items()}
     return value
@@ -81,7 +97,7 @@ def conditioning_to_file_content(conditioning, dropped_keys: list[str] | None = 
     warning; `dropped_keys`, when given, collects their keys."""
     tensors, entries = {}, []
     for i, (cond, extras) in enumerate(conditioning):
-        tensors[f"entry{i}.cond"] = cond.detach().cpu().contiguous()
+        tensors[f"entry{i}.cond"] = _own_copy(cond)
         encoded, dropped = {}, []
         for key, value in extras.items():
             kept = dict(tensors)
@@ -110,25 +126,25 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return digest.hexdigest()
 
 
-def _holds(path, metadata: dict[str, str]) -> bool:
-    """Whether `path` is a readable conditioning file with this metadata (its name carries the tensors' hash)."""
-    from safetensors import SafetensorError, safe_open
+def _holds(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether `path` is a readable conditioning file holding exactly these tensors and metadata (a damaged one,
+    e.g. a value flipped on disk, is written again)."""
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() == metadata
+        stored, stored_metadata = read_safetensors(path)
     except (SafetensorError, OSError):
         return False
+    return stored_metadata == metadata and stored.keys() == tensors.keys() and all(
+        stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor) for name, tensor in tensors.items())
 
 
 def read_conditioning_file(path, device="cpu") -> list:
     """A conditioning file (any readable version, or an `encode --out` file) -> CONDITIONING on `device`."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:  # tensors of their own: ComfyUI keeps a node's output, and the file may be replaced meanwhile
+        tensors, metadata = read_safetensors(path)
     except (SafetensorError, OSError) as e:
         raise ConditioningFileError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
                                     "Conditioning.") from e
@@ -157,25 +173,47 @@ def read_conditioning_file(path, device="cpu") -> list:
             raise ConditioningFileError(damaged.format(f"entry {i} has no tensor {prefix}cond"))
         try:
             extras = _decode_value(encoded, tensors, device)
-        except KeyError as e:
-            raise ConditioningFileError(damaged.format(f"entry {i} refers to a tensor {e} it does not hold")) from None
+        except _DamagedValue as e:
+            raise ConditioningFileError(damaged.format(f"entry {i}: {e}")) from None
         except RecursionError:
             raise ConditioningFileError(damaged.format(f"entry {i} is nested too deeply")) from None
-        if version == "1":  # top-level tensors were not referenced from the JSON; tuples were lists
+        if version == "1" and isinstance(extras, dict):  # top-level tensors were not in the JSON; tuples were lists
             extras.update({name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()
                            if name.startswith(prefix) and name != prefix + "cond"})
             if isinstance(extras.get("area"), list):
                 extras["area"] = tuple(extras["area"])
+        problem = _extras_problem(extras)
+        if problem:
+            raise ConditioningFileError(damaged.format(f"entry {i}: {problem}"))
         conditioning.append([_checked_cond(tensors[prefix + "cond"], path, prefix + "cond").to(device), extras])
     return conditioning
+
+
+def _extras_problem(extras) -> str | None:
+    """What is wrong with an entry's decoded extras for ComfyUI's nodes (which copy them as a dict and take
+    pooled_output as [B, C] floats, a mask as a tensor), or None."""
+    if not isinstance(extras, dict):
+        return f"its keys are written as {type(extras).__name__}, not a mapping"
+    pooled = extras.get("pooled_output")
+    if pooled is not None and not (isinstance(pooled, torch.Tensor) and pooled.dim() == 2
+                                   and pooled.dtype in CONDITIONING_DTYPES):
+        shown = f"{pooled.dtype} {list(pooled.shape)}" if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        return f"pooled_output is {shown}, not a [batch, channels] float tensor"
+    if "mask" in extras and not isinstance(extras["mask"], torch.Tensor):
+        return f"mask is {type(extras['mask']).__name__}, not a tensor"
+    return None
+
+
+# the float types a conditioning is computed and sampled in (float8 has no isfinite, and samplers take none of it)
+CONDITIONING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _checked_cond(cond: torch.Tensor, path, name: str,
                   fix: str = "Save the conditioning again with Kosmos-G Save Conditioning.") -> torch.Tensor:
     """A conditioning tensor must be finite [B, T, C] floating point with B, T, C >= 1 (what samplers take)."""
-    if cond.dim() != 3 or cond.numel() == 0 or not cond.is_floating_point():
+    if cond.dim() != 3 or cond.numel() == 0 or cond.dtype not in CONDITIONING_DTYPES:
         raise ConditioningFileError(f"{path}: {name} is {cond.dtype} {list(cond.shape)}, not a [batch, tokens, channels] "
-                                    f"float conditioning. {fix}")
+                                    f"float16/bfloat16/float32/float64 conditioning. {fix}")
     if not torch.isfinite(cond).all():  # it would sample black images
         raise ConditioningFileError(f"{path}: {name} holds inf/NaN values; encode the subject again and save that.")
     return cond
@@ -188,7 +226,7 @@ def _file_name(prefix: str, digest: str) -> str:
 def check_filename_prefix(filename_prefix, folder) -> str:
     """The prefix `save_conditioning` names files with (empty: "kosmosg"), checked before anything is computed: a
     plain name whose file names fit `folder`'s file system; a ConditioningFileError / OutputPathError otherwise."""
-    prefix = (filename_prefix or "kosmosg").strip()
+    prefix = (filename_prefix or "").strip() or "kosmosg"  # white space alone: the default too
     if os.path.basename(prefix) != prefix or prefix in (".", ".."):
         raise ConditioningFileError(f"filename_prefix {filename_prefix!r} must be a plain name (no folders).")
     check_output_file(os.path.join(folder, _file_name(prefix, "0" * 16)), "filename_prefix")  # e.g. a name too long
@@ -208,6 +246,6 @@ def save_conditioning(conditioning, folder, filename_prefix: str = "kosmosg", dr
     tensors, metadata = conditioning_to_file_content(conditioning, dropped_keys)
     name = _file_name(prefix, content_hash(tensors, metadata))
     path = check_output_file(os.path.join(folder, name), "filename_prefix")
-    if not _holds(path, metadata):  # content-keyed: the same content is there already, unless damaged
+    if not _holds(path, tensors, metadata):  # content-keyed: the same content is there already, unless damaged
         save_safetensors(tensors, path, metadata)
     return name

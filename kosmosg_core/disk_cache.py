@@ -77,16 +77,20 @@ class DiskCache:
     def get(self, key: str) -> torch.Tensor | None:
         """The tensor stored under `key` (on the CPU), or None. Marks the entry as just used."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+
+        from .files import read_safetensors
 
         path = self._path(key)
-        try:
-            tensor = load_file(str(path))[TENSOR_NAME]
+        try:  # in memory of its own: the caches keep it, and another process may replace the file meanwhile
+            tensor = read_safetensors(path)[0][TENSOR_NAME]
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # a value flipped on disk
+                raise ValueError("it holds inf/NaN values, which no encoding does")
         except (FileNotFoundError, PermissionError):  # not there, or another user's in a shared folder
             return None
-        except (SafetensorError, OSError, KeyError) as e:  # truncated or damaged: recompute it
-            logger.warning("Kosmos-G disk cache: ignoring and removing the damaged entry %s (%s)", path, e)
-            _remove(path)
+        except (SafetensorError, OSError, KeyError, ValueError) as e:  # truncated or damaged: recompute it
+            removed = _remove(path)
+            logger.warning("Kosmos-G disk cache: ignoring %s the damaged entry %s (%s)",
+                           "and removing" if removed else "(cannot remove)", path, e)
             return None
         try:
             os.utime(path)  # recently used: evicted last

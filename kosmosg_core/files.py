@@ -241,6 +241,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     return Path(path)
 
 
+def utf8_text(text: str) -> str:
+    """`text` as UTF-8 can hold it (safetensors metadata, JSON for other tools): a file name's undecodable bytes
+    (Python keeps them as lone surrogates, which UTF-8 cannot encode) written as escapes, e.g. c\\udcff.pt."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A small .safetensors file -> (its tensors, its metadata), the tensors in memory of their own: safetensors
+    maps a file's tensors from the file, and a file replaced in place while one is in use (cp, rsync --inplace)
+    would then crash the process with a bus error. Raises safetensors' SafetensorError or OSError."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name).clone() for name in f.keys()}, f.metadata() or {}
+
+
 def write_text_atomic(path, text: str) -> Path:
     """`text` (UTF-8) -> `path` atomically: a kill never leaves it empty (runs read their record back)."""
     with atomic_output(path) as tmp:

@@ -870,3 +870,27 @@ def test_nan_images_are_refused_not_written_black(pack, tmp_path):
     with pytest.raises(NonFiniteEncodingError, match="came out NaN"):
         sampler(["a photo"], [[]], SamplingSettings(steps=2, guidance_scale=6.0, num_images=1, seed=0, height=16,
                                                     width=16))
+
+
+def test_a_checkpoint_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    """Found by a review: `encode` (and `convert`, after its long read) wrote the checkpoint's file name into the
+    output's metadata, which must be UTF-8: a name with undecodable bytes (a Linux file name from another
+    encoding) ended in a traceback after the work, and nothing was written. Now the name is written escaped."""
+    pt, tok_dir, _ = write_tiny_official(tmp_path / "official")
+    odd = os.path.join(os.fsencode(pt.parent), b"caf\xe9.pt")  # Latin-1 bytes
+    os.rename(pt, odd)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out, converted = tmp_path / "cond.safetensors", tmp_path / "converted.safetensors"
+    for args in ([b"encode", b"--checkpoint", odd, b"--tokenizer", os.fsencode(tok_dir), b"--prompt", b"a dog",
+                  b"--out", os.fsencode(out)],
+                 [b"convert", b"--checkpoint", odd, b"--tokenizer", os.fsencode(tok_dir), b"--out",
+                  os.fsencode(converted)]):
+        result = subprocess.run([sys.executable, "-m", "kosmosg_core", *args], capture_output=True, text=True, env=env,
+                                cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["checkpoint"] == "caf\\udce9.pt"
+    with safe_open(str(converted), "pt") as f:
+        assert f.metadata()["source"] == "caf\\udce9.pt"

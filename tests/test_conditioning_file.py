@@ -59,3 +59,101 @@ def test_keys_named_like_a_tag_are_left_out_with_the_reason_and_the_file_still_l
     (_, loaded), = read_conditioning_file(tmp_path / name)
     assert loaded == {"kept": {"a": (1, 2)}}
     assert "'meta' (the file format reserves" in caplog.text and "'control' (a live object" in caplog.text
+
+
+def test_entries_sharing_a_tensor_save_and_load(tmp_path):
+    """Found by a review: ConditioningCombine of a conditioning with an area (or timestep) version of itself holds
+    one `cond` tensor twice, which safetensors refuses to write ("Some tensors share memory"): nothing was saved.
+    A view of a tensor another value holds (a batch row) is the same case."""
+    cond = torch.randn(2, 77, 8)
+    pooled = cond.mean(dim=1)
+    conditioning = [[cond, {"pooled_output": pooled}], [cond, {"pooled_output": pooled, "area": (8, 8, 0, 0)}],
+                    [cond[:1], {"pooled_output": pooled[:1], "mask": cond[0]}]]
+    name = save_conditioning(conditioning, tmp_path)
+    loaded = read_conditioning_file(tmp_path / name)
+    for (want_cond, want), (got_cond, got) in zip(conditioning, loaded):
+        assert torch.equal(got_cond, want_cond) and got.keys() == want.keys()
+        assert all(torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v for k, v in want.items())
+
+
+def test_loaded_tensors_survive_the_file_being_overwritten_in_place(tmp_path):
+    """Found by a review: loaded tensors were mapped from the file, so a file truncated or rewritten in place while
+    ComfyUI kept the output (cp over it, rsync --inplace, another machine evicting a shared cache entry) crashed the
+    process with a bus error on the next use. In a subprocess: the old behaviour kills it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(Path(__file__).parents[1])!r}]
+from kosmosg_core.conditioning_file import read_conditioning_file, save_conditioning
+from kosmosg_core.disk_cache import DiskCache
+folder = {str(tmp_path)!r}
+cond = torch.randn(1, 77, 8)
+name = save_conditioning([[cond, {{"pooled_output": cond.mean(1)}}]], folder)
+(loaded, extras), = read_conditioning_file(folder + "/" + name)
+cache = DiskCache(folder + "/cache")
+key = DiskCache.key("entry")
+cache.put(key, torch.randn(64, 16))
+entry = cache.get(key)
+for path in (folder + "/" + name, *[str(p) for p, _ in cache.entries()]):
+    open(path, "wb").close()  # truncated in place
+print(float(loaded.sum() + extras["pooled_output"].sum() + entry.sum()) == float(loaded.sum() + extras["pooled_output"].sum() + entry.sum()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "True"
+
+
+def test_save_rewrites_a_file_of_its_name_whose_values_were_damaged(tmp_path):
+    """Found by a review: a file of the content-keyed name was kept when its metadata matched, so a value damaged
+    on disk stayed: Load refused it ("encode the subject again and save that"), and saving again said "saved" and
+    changed nothing."""
+    import json
+    import struct
+
+    conditioning = [[torch.randn(1, 77, 8), {}]]
+    name = save_conditioning(conditioning, tmp_path)
+    data = bytearray((tmp_path / name).read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensor data, after the header
+    assert "entry0.cond" in json.loads(data[8:start])
+    data[start:start + 4] = struct.pack("<f", float("nan"))
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(ConditioningFileError, match="inf/NaN"):
+        read_conditioning_file(tmp_path / name)
+    assert save_conditioning(conditioning, tmp_path) == name
+    assert torch.equal(read_conditioning_file(tmp_path / name)[0][0], conditioning[0][0])
+
+
+@pytest.mark.parametrize("entries, tensors, message", [
+    ([{"pooled_output": {"__tensor__": ["x"]}}], {}, r"entry 0: it refers to a tensor \"\['x'\]\" the file does not"),
+    ([{"pooled_output": {"__tensor__": 3}}], {}, "entry 0: it refers to a tensor '3' the file does not hold"),
+    ([{"area": {"__tuple__": 5}}], {}, "entry 0: a tuple is written as int, not a list"),
+    ([{"__tuple__": [1, 2]}], {}, "entry 0: its keys are written as tuple, not a mapping"),
+    ([{"__tensor__": "entry0.cond"}], {}, "entry 0: its keys are written as Tensor, not a mapping"),
+    ([{"pooled_output": {"__tensor__": "entry0.p"}}], {"entry0.p": torch.zeros(3, 5, dtype=torch.int64)},
+     r"entry 0: pooled_output is torch.int64 \[3, 5\], not a \[batch, channels\] float tensor"),
+    ([{"pooled_output": [1, 2]}], {}, "entry 0: pooled_output is list, not a"),
+    ([{"mask": 1.5}], {}, "entry 0: mask is float, not a tensor"),
+])
+def test_damaged_entries_are_refused_by_name(tmp_path, entries, tensors, message):
+    """Found by a review: these were bare TypeErrors, or loaded and then failed in ComfyUI's nodes (which copy each
+    entry's keys as a dict and take pooled_output as [B, C] floats)."""
+    import json
+
+    path = tmp_path / "damaged.safetensors"
+    save_file({"entry0.cond": torch.randn(1, 77, 8), **tensors}, str(path),
+              metadata={"format": "kosmosg_conditioning", "format_version": "2", "entries": json.dumps(entries)})
+    with pytest.raises(ConditioningFileError, match=f"damaged.safetensors is damaged: {message}"):
+        read_conditioning_file(path)
+
+
+def test_float8_conds_and_a_blank_prefix(tmp_path):
+    """Found by a review: a float8 cond was a bare NotImplementedError (torch has no isfinite for it); a prefix of
+    white space named files "_<hash>" instead of taking the default."""
+    save_file({"cond": torch.randn(1, 4, 3).to(torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
+    with pytest.raises(ConditioningFileError, match=r"float8_e4m3fn \[1, 4, 3\], not a .*float16/bfloat16/float32"):
+        read_conditioning_file(tmp_path / "f8.safetensors")
+    assert save_conditioning([[torch.randn(1, 4, 3), {}]], tmp_path, "  ").startswith("kosmosg_")

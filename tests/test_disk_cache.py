@@ -126,8 +126,8 @@ def test_the_folder_is_private_and_shared_entries_are_used_not_destroyed(tmp_pat
     monkeypatch.undo()
     cache.max_bytes = 10**9
     cache.put(key, torch.ones(3))
-    from safetensors import torch as safetensors_torch
-    monkeypatch.setattr(safetensors_torch, "load_file", deny)
+    from kosmosg_core import files
+    monkeypatch.setattr(files, "read_safetensors", deny)
     assert cache.get(key) is None and cache._path(key).exists()  # unreadable (another user's): kept
 
 
@@ -460,3 +460,22 @@ def test_a_pipeline_without_identity_refuses_a_disk_cache(pack, tmp_path):
         pipe.encode("a dog", disk_cache=DiskCache(tmp_path))
     named = KosmosGPipeline(loaded.model, loaded.tokenizer, model_identity="my-model|cpu")
     assert torch.equal(named.encode("a dog", disk_cache=DiskCache(tmp_path)), loaded.encode("a dog"))
+
+
+def test_an_entry_damaged_to_inf_or_nan_is_a_miss_and_removed(tmp_path, caplog):
+    """Found by a review: an entry whose values were damaged on disk (its header intact) was used: NaN
+    conditioning (black pictures) without an error, or an error blaming the checkpoint on every later run."""
+    cache = DiskCache(tmp_path / "cache")
+    key = DiskCache.key("encoding", "model")
+    cache.put(key, torch.full((2, 3), float("nan")))
+    (path, _), = cache.entries()
+    with caplog.at_level("WARNING", logger="kosmosg_core.disk_cache"):
+        assert cache.get(key) is None
+    assert "ignoring and removing the damaged entry" in caplog.text and "inf/NaN" in caplog.text
+    assert not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()  # a folder where the entry goes: not removable, and the warning does not claim it was removed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kosmosg_core.disk_cache"):
+        assert cache.get(key) is None
+    assert "ignoring (cannot remove) the damaged entry" in caplog.text
