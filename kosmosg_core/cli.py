@@ -236,8 +236,9 @@ def _check_like_files(args, record: dict, settings: dict) -> None:
         return
     if recorded:
         pictures = read_prompt_images(settings["prompt"], _image_paths(args.image), settings["image_weights"])
+        sizes = record.get("image_sizes") or [list(picture.size) for picture in pictures]  # records before sizes
         for k, (digest, expected) in enumerate(zip(image_digests(pictures), record["image_sha256"])):
-            if digest != expected:
+            if digest != expected or list(pictures[k].size) != sizes[k]:
                 logger.warning("--like %s: --image %s is not its image %d (%s): the pixels differ, so the picture "
                                "will too.", args.like, args.image[k], k + 1, shown(recorded[k]))
 

@@ -266,13 +266,15 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
     make it again (prompt and negative as given, `image_weights` one per image as `encode` reads them, 1.0 = none
     given; images, checkpoint and SD model by file name only, never a folder; the rest as passed), plus
     `effective_image_weights` (each image's weight times its `<i:W>`), `image_sha256` (of each image's RGB pixels as
-    the pipeline reads them: EXIF orientation applied, 8 bits per channel), the models' `files.content_fingerprint`s and the
+    the pipeline reads them: EXIF orientation applied, 8 bits per channel) and `image_sizes` ([width, height]: the
+    pixels alone do not tell 2x1 from 1x2), the models' `files.content_fingerprint`s and the
     package version."""
     weights = image_weight_list(prompt, images, image_weights)
     given = split_images(images) if pictures else []
     return dict(prompt=prompt, negative_prompt=negative_prompt,
                 images=[Path(i).name if isinstance(i, (str, os.PathLike)) else None for i in given],
-                image_sha256=image_digests(pictures), image_weights=weights,
+                image_sha256=image_digests(pictures), image_sizes=[list(picture.size) for picture in pictures],
+                image_weights=weights,
                 effective_image_weights=combine_image_weights(prompt, weights), checkpoint=Path(checkpoint).name,
                 sd_model=None if sd_model is None else Path(sd_model).name,
                 checkpoint_fingerprint=content_fingerprint(checkpoint),
@@ -348,6 +350,8 @@ def settings_record_problem(record: dict) -> str | None:
         ("num_images", is_int), ("guidance_scale", is_number),  # before image_index; an overflowing guidance
         ("images", lambda v: isinstance(v, list) and all(n is None or is_text(n) for n in v)),
         ("image_sha256", lambda v: isinstance(v, list) and len(v) == count and all(map(is_text, v))),
+        ("image_sizes", lambda v: isinstance(v, list) and len(v) == count and all(  # records before it: none
+            isinstance(size, list) and len(size) == 2 and all(map(is_int, size)) for size in v)),
         ("image_weights", lambda v: isinstance(v, list) and len(v) == count and all(map(is_number, v))),
         ("image_index", lambda v: is_int(v) and 0 <= v < record["num_images"]),
         ("checkpoint_fingerprint", lambda v: v is None or is_text(v)),  # records before them: names only

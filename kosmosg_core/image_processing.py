@@ -9,10 +9,14 @@ Accepted inputs (`to_pil_images`), each giving RGB PIL images:
 - a PIL image (any mode; converted with `.convert("RGB")`, which drops alpha like the official
   gradio demo's RGB conversion; 16-bit modes `I;16*` / `I` are scaled to 8 bits (/257: 0..65535 -> 0..255;
   `.convert` would clip them to white), float mode `F` is read as 0..1 when its values lie there, else 0..255);
-  EXIF orientation applied (as ComfyUI's LoadImage and the gradio demo do);
+  EXIF orientation applied (as ComfyUI's LoadImage, the gradio demo and image viewers do: PIL keeps a file's EXIF
+  through convert / rotate, so a picture turned upright by hand should drop its orientation tag, as
+  `ImageOps.exif_transpose` does); EXIF that cannot be applied (damaged) is left out with a warning, as gradio
+  does;
 - a path (str / os.PathLike) to an image file, read as above; a multi-frame file gives its first frame;
 - a numpy array `[H, W]`, `[H, W, C]` or `[B, H, W, C]` with C = 1 (gray), 2 (gray + alpha),
-  3 (RGB) or 4 (RGBA); uint8 0..255 (other integer types must hold 0..255) or float 0..1;
+  3 (RGB) or 4 (RGBA); uint8 0..255, uint16 0..65535 (scaled /257, as 16-bit files), other integer types holding
+  0..255, or float 0..1;
   alpha is dropped (not composited), like `.convert("RGB")`;
 - a torch tensor in ComfyUI's IMAGE layout `[B, H, W, C]` float 0..1 (also `[H, W, C]`, `[H, W]`),
   any dtype / device; a batch yields B images;
@@ -39,7 +43,14 @@ from .files import check_input_path_length
 logger = logging.getLogger(__name__)
 
 _CHANNELS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}  # channels last -> what they hold
-_LAYOUT_FIX = "pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE layout), e.g. x.permute(0, 2, 3, 1)"
+IMAGE_CHANNELS = tuple(_CHANNELS)
+
+
+def _layout_fix(kind: str, ndim: int) -> str:
+    """How to put a channels-first tensor / array of `ndim` dimensions channels last, as a message's advice."""
+    order = "1, 2, 0" if ndim == 3 else "0, 2, 3, 1"
+    how = f"x.permute({order})" if kind == "tensor" else f"x.transpose({order})"
+    return f"pass images as [H, W, C] / [B, H, W, C] with C = 3 (ComfyUI IMAGE layout), e.g. {how}"
 
 
 # --- input normalisation -------------------------------------------------------------------------
@@ -92,6 +103,10 @@ def _one_input_to_pil(item) -> list[Image.Image]:
 def _as_array(item) -> np.ndarray:
     """A tensor (any dtype / device; floats as float32) or a numpy array -> a numpy array."""
     if isinstance(item, torch.Tensor):
+        if item.is_meta or item.layout != torch.strided:  # no values to read, or not as a plain array
+            raise ImageError(f"Image tensor of shape {tuple(item.shape)} is a {item.layout} tensor on {item.device} "
+                             "(no pixel values to read): give an ordinary (dense) tensor with its values, e.g. "
+                             "x.to_dense().")
         return item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point() else item.detach().cpu().numpy()
     return item
 
@@ -102,14 +117,16 @@ def _describe_array(item) -> tuple[str, tuple]:
 
 
 def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Any PIL image -> an RGB copy as a viewer shows it (EXIF orientation, 16-bit / float modes scaled;
-    module docstring). Also how train/ reads dataset and evaluation images, so they match inference."""
+    """Any PIL image -> an RGB copy as a viewer shows it (EXIF orientation, 16-bit / float modes scaled; module
+    docstring). Also how train/ reads dataset and evaluation images, so they match inference."""
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name} is empty ({image.width}x{image.height}); give an image with pixels.")
-    image = ImageOps.exif_transpose(image)  # a copy: callers never alias the input
+    image = _upright(image, name)  # a copy: callers never alias the input
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # .convert("RGB") would clip these to 0..255: a 16-bit picture comes out white, a 0..1 float one black
-        values = np.nan_to_num(np.array(image, dtype=np.float32), copy=False)  # one float32 copy: exact for 0..65535
+        values = np.array(image, dtype=np.float32)  # one float32 copy: exact for 0..65535
+        if not np.isfinite(values).all():
+            raise ImageError(f"{name} (mode {image.mode}) holds NaN or infinity; fix the step that produced it.")
         if image.mode != "F":
             values /= 257.0  # 0..65535 -> 0..255
         elif values.max(initial=0.0) <= 1.0:
@@ -118,6 +135,16 @@ def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     elif image.mode == "La":  # premultiplied gray + alpha: PIL converts it to RGB only through LA
         image = image.convert("LA")
     return image.convert("RGB")
+
+
+def _upright(image: Image.Image, name: str) -> Image.Image:
+    """A copy of `image` as a viewer shows it: turned by its EXIF orientation. EXIF that cannot be applied is left
+    out with a warning (gradio, which the official demo reads uploads with, does the same)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # damaged EXIF: PIL raises struct.error, TypeError, SyntaxError...
+        logger.warning("%s: its EXIF cannot be read (%s: %s); using the image unrotated.", name, type(e).__name__, e)
+        return image.copy()
 
 
 def _load_path(path: Path) -> Image.Image:
@@ -141,7 +168,7 @@ def _load_path(path: Path) -> Image.Image:
 def _channels_error(kind: str, shape: tuple) -> ImageError:
     kinds = [f"{count} ({what})" for count, what in _CHANNELS.items()]
     return ImageError(f"Image {kind} of shape {shape} has {shape[-1]} channels; images need {', '.join(kinds[:-1])} or "
-                      f"{kinds[-1]} channels last; {_LAYOUT_FIX}.")
+                      f"{kinds[-1]} channels last; {_layout_fix(kind, len(shape))}.")
 
 
 def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Image]:
@@ -154,16 +181,18 @@ def _array_to_pil(array: np.ndarray, kind: str, shape: tuple) -> list[Image.Imag
                 mask_hint = " (or it is a ComfyUI MASK [B, H, W]: convert it with 'Convert Mask to Image')" \
                     if array.shape[0] == 1 else ""
                 raise ImageError(f"Image {kind} of shape {shape} looks channels-first [C, H, W]{mask_hint}; "
-                                 f"{_LAYOUT_FIX}.")
+                                 f"{_layout_fix(kind, 3)}.")
             raise _channels_error(kind, shape)
         array = array[None]
     elif array.ndim == 4:
         if array.shape[-1] not in _CHANNELS:
             if array.shape[1] in _CHANNELS:
-                raise ImageError(f"Image {kind} of shape {shape} looks channels-first [B, C, H, W]; {_LAYOUT_FIX}.")
+                raise ImageError(f"Image {kind} of shape {shape} looks channels-first [B, C, H, W]; "
+                                 f"{_layout_fix(kind, 4)}.")
             raise _channels_error(kind, shape)
     else:
-        raise ImageError(f"Image {kind} of shape {shape} has {array.ndim} dimensions; {_LAYOUT_FIX}.")
+        raise ImageError(f"Image {kind} of shape {shape} has {array.ndim} dimensions; "
+                         f"{_layout_fix(kind, 4)}.")
     if array.size == 0:
         raise ImageError(f"Image {kind} of shape {shape} is empty; give at least one image with pixels.")
     pixels = _to_uint8(array, kind, shape)  # [B, H, W, C]
@@ -185,11 +214,11 @@ def check_pixel_values(image) -> None:
 def _check_pixel_values(array: np.ndarray, kind: str, shape: tuple) -> None:
     if array.size == 0:  # no values to check (min() would fail): reading refuses it as empty
         return
-    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+    if np.issubdtype(array.dtype, np.integer) and array.dtype not in (np.uint8, np.uint16):  # those: any value
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
             raise ImageError(f"Integer image {kind} of shape {shape} holds values {low}..{high}; integer images must "
-                             f"be 0..255 (convert to uint8) or give floats in 0..1.")
+                             f"be 0..255 (convert to uint8; 16-bit pictures as uint16) or give floats in 0..1.")
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError(f"Image {kind} of shape {shape} contains NaN or infinity; fix the step that produced it "
@@ -209,6 +238,8 @@ def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32, copy=False)
     _check_pixel_values(array, kind, shape)
+    if array.dtype == np.uint16:  # 16-bit, as 16-bit files are read
+        return np.rint(array / 257.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):

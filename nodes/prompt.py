@@ -21,7 +21,7 @@ from comfy_execution.validation import validate_node_input
 
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
-from ..kosmosg_core.image_processing import check_pixel_values
+from ..kosmosg_core.image_processing import IMAGE_CHANNELS, check_pixel_values
 from ..kosmosg_core.prompt import check_text, combine_image_weights, parse_image_weights, placeholder_mismatch
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
 
@@ -49,9 +49,12 @@ def ordered_images(images: dict | None) -> list[tuple[str, torch.Tensor]]:
 
 def check_image_batches(images: list[tuple[str, torch.Tensor]]) -> None:
     for name, img in images:
-        if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
+        if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in IMAGE_CHANNELS:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ImageError(f"{name}: expected a ComfyUI IMAGE [B, H, W, 3], got {shape}.")
+            hint = " (channels first: x.permute(0, 2, 3, 1) puts them last)" if isinstance(img, torch.Tensor) and \
+                img.ndim == 4 and img.shape[1] in IMAGE_CHANNELS else ""
+            raise ImageError(f"{name}: expected a ComfyUI IMAGE [B, H, W, C] with C = 3 (RGB; 1, 2 or 4 are read "
+                             f"too), got {shape}{hint}.")
         if img.shape[0] == 0:
             raise ImageError(f"{name} holds an empty batch (0 images); connect an image, or a batch of at least one.")
         if img.shape[1] == 0 or img.shape[2] == 0:

@@ -894,3 +894,35 @@ def test_a_checkpoint_name_that_is_not_utf8_is_written_escaped(tmp_path):
         assert f.metadata()["checkpoint"] == "caf\\udce9.pt"
     with safe_open(str(converted), "pt") as f:
         assert f.metadata()["source"] == "caf\\udce9.pt"
+
+
+def test_generate_like_tells_images_of_the_same_bytes_and_another_size_apart(monkeypatch, tmp_path, caplog):
+    """Found by a review: the record's image digest hashed the pixels' bytes alone, so a 2x1 image and a 1x2 one of
+    the same bytes passed as the recorded image. Records now keep each image's size too (older ones: digest only)."""
+    import hashlib
+
+    from kosmosg_core import cli, generate
+
+    monkeypatch.setattr(generate, "generate_images", lambda **kwargs: [])
+    pixels = np.arange(6, dtype=np.uint8).reshape(1, 2, 3)  # 2 wide, 1 high
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.fromarray(pixels).save(wide)
+    Image.fromarray(pixels.reshape(2, 1, 3)).save(tall)
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+    common = dict(prompt="a <i>", images=["wide.png"], image_sha256=[digest], image_weights=[1.0],
+                  effective_image_weights=[1.0])
+    run = lambda png, image: cli.cmd_generate(cli.build_parser().parse_args(  # noqa: E731
+        ["generate", "--like", str(png), "--checkpoint", "k.safetensors", "--sd-model", "s.safetensors", "--image",
+         str(image)]))
+    sized = _png_with_record(tmp_path / "sized.png", **common, image_sizes=[[2, 1]])
+    for image, differs in ((wide, False), (tall, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run(sized, image)
+        assert ("the pixels differ" in caplog.text) == differs, image
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(_png_with_record(tmp_path / "older.png", **common), wide)  # a record from before image_sizes
+    assert "the pixels differ" not in caplog.text
+    with pytest.raises(Exception, match="image_sizes is"):
+        run(_png_with_record(tmp_path / "bad.png", **common, image_sizes=[[2]]), wide)

@@ -326,6 +326,11 @@ def test_layout_errors_give_the_fix():
     with pytest.raises(ImageError) as err:
         to_pil_images(torch.rand(1, 3, 8, 9))
     assert "(1, 3, 8, 9)" in str(err.value) and "permute(0, 2, 3, 1)" in str(err.value)
+    # found by a review: the advice named torch's permute for numpy arrays, and 4-D orders for 3-D inputs
+    for given, advice in ((torch.rand(3, 8, 9), "x.permute(1, 2, 0)"), (np.zeros((3, 8, 9)), "x.transpose(1, 2, 0)"),
+                          (np.zeros((1, 3, 8, 9)), "x.transpose(0, 2, 3, 1)")):
+        with pytest.raises(ImageError, match=r"channels-first .*e\.g\. " + advice.replace("(", r"\(").replace(")", r"\)")):
+            to_pil_images(given)
 
 
 def test_comfy_mask_gets_a_hint():
@@ -362,3 +367,51 @@ def test_a_bad_image_among_several_is_named_by_its_position(tmp_path):
         to_pil_images(bad)
     with pytest.raises(ImageError, match=r"^Image file .*missing.png does not exist"):
         to_pil_images([good, tmp_path / "missing.png"])
+
+
+def test_damaged_exif_is_left_out_with_a_warning_as_the_demo_does(tmp_path, caplog):
+    """Found by a review: EXIF PIL cannot apply (a tag of the wrong type: struct.error; a PNG text chunk named exif)
+    was a bare traceback or "not an image" for pictures PIL reads. The official demo's gradio leaves it out."""
+    image = Image.new("RGB", (24, 16), "red")
+    exif = image.getexif()
+    exif[0x0112], exif[0x0132] = 6, "2020:01:01 00:00:00"
+    image.save(tmp_path / "bad_exif.jpg", exif=exif)
+    data = (tmp_path / "bad_exif.jpg").read_bytes()
+    # the DateTime tag's id -> SampleFormat's, its text value kept: PIL fails on it when transposing
+    (tmp_path / "bad_exif.jpg").write_bytes(data.replace(b"\x01\x32\x00\x02", b"\x01\x53\x00\x02", 1))
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("exif", "bogus")
+    Image.new("RGB", (24, 16), "blue").save(tmp_path / "bogus_exif.png", pnginfo=text)
+    for name, colour in (("bad_exif.jpg", (254, 0, 0)), ("bogus_exif.png", (0, 0, 255))):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kosmosg_core.image_processing"):
+            (loaded,) = to_pil_images(tmp_path / name)
+        assert loaded.size == (24, 16) and np.abs(np.asarray(loaded)[8, 12].astype(int) - colour).max() <= 2, name
+        assert "its EXIF cannot be read" in caplog.text and "using the image unrotated" in caplog.text, name
+
+
+def test_float_mode_with_nan_or_inf_and_non_dense_tensors_are_refused():
+    """Found by a review: a float (F) PIL image holding inf came out nearly black (inf became 3e38, so the picture
+    was read as 0..255), NaN silently 0; a meta or sparse tensor was a bare NotImplementedError / TypeError."""
+    for bad in (float("inf"), float("nan")):
+        values = np.full((8, 8), 0.5, dtype=np.float32)
+        values[2, 3] = bad
+        with pytest.raises(ImageError, match=r"the PIL image \(mode F\) holds NaN or infinity"):
+            to_pil_images(Image.fromarray(values, mode="F"))
+    for tensor in (torch.rand(1, 8, 8, 3, device="meta"), torch.rand(8, 8, 3).to_sparse()):
+        with pytest.raises(ImageError, match=r"is a torch\.(strided|sparse_coo) tensor on (meta|cpu) .no pixel values"):
+            to_pil_images(tensor)
+
+
+def test_uint16_arrays_are_read_as_16_bit_files_are(tmp_path):
+    """Found by a review: a uint16 array was read as 8-bit (257 times too bright) or refused, while the same
+    picture as a 16-bit PNG was scaled: now both are scaled /257."""
+    deep = (np.arange(0, 256, dtype=np.uint16).reshape(16, 16) * 257)
+    Image.fromarray(deep).save(tmp_path / "gray16.png")
+    (from_file,) = to_pil_images(tmp_path / "gray16.png")
+    (from_array,) = to_pil_images(deep)
+    (dark,) = to_pil_images(np.full((4, 4), 200, dtype=np.uint16))
+    assert np.array_equal(np.asarray(from_file), np.asarray(from_array))
+    assert np.asarray(dark).max() == 1  # 200 / 257 rounds to 1, as in a 16-bit file

@@ -313,6 +313,11 @@ def test_prompt_validation_refuses_what_the_run_would_refuse_less_clearly():
     assert message == "images.image0 holds a value, not a link; connect it to an IMAGE output (e.g. Load Image's).", message
     with pytest.raises(ImageError, match="image0: expected a ComfyUI IMAGE"):
         KosmosGInterleavedPrompt.execute("no image", {"image0": "kosmosg_subject_1.png"})
+    # the channels the core reads (gray, gray + alpha: a review found them refused here), and a channels-first hint
+    for channels in (1, 2):
+        KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.rand(1, 8, 8, channels)})
+    with pytest.raises(ImageError, match=r"got \(1, 3, 8, 8\) \(channels first: x\.permute\(0, 2, 3, 1\) puts"):
+        KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.rand(1, 3, 8, 8)})
     assert "images.image16: the prompt node takes at most 16 images, in sockets image0..image15" in \
         KosmosGInterleavedPrompt.validate_inputs("<i>", "", {"images.image0": "IMAGE"},
                                                  **{"images.image0": None, "images.image16": None})
