@@ -1,4 +1,5 @@
-"""The SD1.5 U-Net and VAE an official Kosmos-G checkpoint stores, as a diffusers pipeline for `generate`.
+"""The SD1.5 U-Net and VAE an official Kosmos-G checkpoint stores, as a diffusers pipeline for `generate` (and, as
+weights, for the ComfyUI node Kosmos-G SD1.5 From Checkpoint).
 
 The official model holds SD1.5's U-Net and VAE as submodules (`diffusion_unet.unet.*`, `vae.vae.*`: diffusers
 names), so fairseq's checkpoint keeps their weights, and the official demo loads them over the ones it downloads
@@ -31,18 +32,37 @@ def _missing_parts(names) -> list[str]:
     return [part for part, prefix in _PARTS.items() if not any(name.startswith(prefix) for name in names)]
 
 
+GIVE_AN_SD_MODEL = "give an SD1.5 model (--sd-model, a single file or a diffusers folder)"
+
+
 def check_sd15_parts(checkpoint) -> None:
     """A CheckpointError unless `checkpoint` stores both an SD1.5 U-Net and a VAE, saying to give an SD1.5 model."""
     missing = missing_sd15_parts(checkpoint)
     if missing:
-        raise _nothing_to_sample_with(checkpoint, missing)
+        raise _nothing_to_sample_with(checkpoint, missing, GIVE_AN_SD_MODEL)
 
 
-def _nothing_to_sample_with(checkpoint, missing: list[str]) -> CheckpointError:
+def _nothing_to_sample_with(checkpoint, missing: list[str], fix: str) -> CheckpointError:
     return CheckpointError(f"{checkpoint} stores no SD1.5 {' or '.join(missing)} (`python -m kosmosg_core info` lists "
                            "what it holds; a converted .safetensors keeps only what conditioning uses), so there is "
-                           "nothing to sample with: give an SD1.5 model (--sd-model, a single file or a diffusers "
-                           "folder).")
+                           f"nothing to sample with: {fix}.")
+
+
+def read_official_sd15(checkpoint, fix: str = GIVE_AN_SD_MODEL, parts=tuple(_PARTS)) -> dict[str, dict]:
+    """The SD1.5 U-Net and VAE an official `.pt` stores -> {"U-Net": weights, "VAE": weights} ({name: tensor}), each
+    in diffusers' names (UNet2DConditionModel's, AutoencoderKL's); only the tensors of `parts` are read. A file
+    lacking one (a converted .safetensors lacks both) is a CheckpointError ending in `fix` (what to do instead)."""
+    from .safe_unpickle import load_pt_state_dict
+
+    path = check_checkpoint_path(checkpoint)
+    prefixes = tuple(_PARTS[part] for part in parts)
+    stored = {} if file_format(path) == "safetensors" else load_pt_state_dict(  # a converted file has neither
+        path, key="model", include=lambda key: key.startswith(prefixes))
+    missing = [part for part in _missing_parts(stored) if part in parts]
+    if missing:
+        raise _nothing_to_sample_with(path, missing, fix)
+    return {part: {key[len(_PARTS[part]):]: tensor for key, tensor in stored.items() if key.startswith(_PARTS[part])}
+            for part in parts}
 
 
 def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
@@ -51,14 +71,8 @@ def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
     from `config_dir` (default: SD1.5's own, kosmosg_core/sd15_config) and must fit it tensor for tensor."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from .safe_unpickle import load_pt_state_dict
-
     path, config_dir = check_checkpoint_path(checkpoint), Path(config_dir or SD15_CONFIG_DIR)
-    stored = {} if file_format(path) == "safetensors" else load_pt_state_dict(  # a converted file has neither
-        path, key="model", include=lambda key: key.startswith(tuple(_PARTS.values())))
-    missing = _missing_parts(stored)
-    if missing:
-        raise _nothing_to_sample_with(path, missing)
+    stored = read_official_sd15(path)
     try:
         networks = {"U-Net": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
                     "VAE": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))}
@@ -67,8 +81,7 @@ def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
         raise CheckpointError(f"Could not build SD1.5 from the configs in {config_dir} ({first_line(e)}); repair them, "
                               "or leave --sd-config out for SD1.5's own.") from e
     for part, network in networks.items():
-        prefix = _PARTS[part]
-        weights = {key[len(prefix):]: tensor for key, tensor in stored.items() if key.startswith(prefix)}
+        weights = stored[part]
         mismatch = state_dict_mismatch(network.state_dict(), weights)
         if mismatch:
             raise CheckpointError(f"The SD1.5 {part} stored in {path} does not fit the config in {config_dir} "

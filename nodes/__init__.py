@@ -11,6 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 from .conditioning_files import KosmosGLoadConditioning, KosmosGSaveConditioning
 from .encode import KosmosGEncode
 from .loader import KosmosGConvertCheckpoint, KosmosGLoader
+from .official_sd15 import KosmosGCheckpointSD15
 from .paths import register_folders
 from .prompt import KosmosGInterleavedPrompt
 from .sampling import KosmosGOfficialNoise, KosmosGOfficialSampler
@@ -26,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     KosmosGConvertCheckpoint,
     KosmosGOfficialSampler,
     KosmosGOfficialNoise,
+    KosmosGCheckpointSD15,
 ]
 
 

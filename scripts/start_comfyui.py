@@ -53,7 +53,7 @@ EARLIER_VERSIONS = REPO / "scripts" / "earlier_workflow_versions.json"
 EXAMPLE_IMAGES_DIR = REPO / "workflows" / "input"
 NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler",
-            "KosmosGOfficialNoise")
+            "KosmosGOfficialNoise", "KosmosGCheckpointSD15")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PACK_MODELS = "kosmosg-pack-models"  # DATA's folder of links to the models the yaml registers
 STANDIN_VERSION = "1"  # bump when the stand-in generators change

@@ -41,7 +41,7 @@ def _import_pack(name: str = "kosmosg_pack"):
 pack = _import_pack()
 from kosmosg_pack.kosmosg_core.cpu_linear import has_packed_linears, packs_dtype  # noqa: E402  (the pack's own classes)
 from kosmosg_pack.kosmosg_core.pipeline import KosmosGPipeline, UnreadWeights  # noqa: E402
-from kosmosg_pack.kosmosg_core.errors import CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
+from kosmosg_pack.kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, ImageError, PromptError, TokenizerError  # noqa: E402
 from kosmosg_pack.nodes import NODES, comfy_entrypoint  # noqa: E402
 from kosmosg_pack.nodes import disk_cache, encode, model_management, paths  # noqa: E402
 from kosmosg_pack.nodes.conditioning_files import KosmosGLoadConditioning, KosmosGSaveConditioning  # noqa: E402
@@ -60,6 +60,7 @@ EXPECTED_NODES = {
     "KosmosGConvertCheckpoint": "Kosmos-G Convert Checkpoint",
     "KosmosGOfficialSampler": "Kosmos-G Official Sampler",
     "KosmosGOfficialNoise": "Kosmos-G Official Noise",
+    "KosmosGCheckpointSD15": "Kosmos-G SD1.5 From Checkpoint",
 }
 
 
@@ -1158,3 +1159,105 @@ def test_loader_and_encode_nodes_run_the_shipped_nano_model(monkeypatch):
     assert torch.allclose(cond, model.pipeline.encode(nano_ootb.PROMPT, [i[0] for i in images]).float(), atol=1e-5)
     assert not torch.allclose(cond, negative[0][0], atol=1e-3)
     model_management.clear_cache()
+
+
+# --- Kosmos-G SD1.5 From Checkpoint ------------------------------------------------------------------
+def sd_unet_and_vae(seed: int = 0):
+    """A diffusers U-Net ComfyUI detects as SD1.5 (320 channels, 768-wide context) but small (two levels, one
+    resnet each, the cross-attention on the first level down and the last up, as SD1.5's are), and SD1.5's own
+    VAE (ComfyUI builds SD VAEs at their one size), random, in float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(320, 320),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                attention_head_dim=8)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
+    return unet.eval(), vae.eval()
+
+
+@pytest.fixture(scope="module")
+def official_with_sd15(tmp_path_factory, official_files):
+    """The tiny official checkpoint with a U-Net and VAE stored under the official names (the VAE in float16, as
+    the official file stores its weights)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("official-sd15")
+    shutil.copytree(official_files, root, dirs_exist_ok=True)
+    unet, vae = sd_unet_and_vae()
+    vae.half().float()  # the values float16 holds: the reference decodes with them
+    state = torch.load(root / "tiny.pt", weights_only=True)  # our own fixture
+    state["model"].update({"diffusion_unet.unet." + k: v for k, v in unet.state_dict().items()})
+    state["model"].update({"vae.vae." + k: v.half() for k, v in vae.state_dict().items()})
+    torch.save(state, root / "with-sd15.pt")
+    return root, unet, vae
+
+
+def test_checkpoint_sd15_node_gives_the_stored_unet_and_vae_as_comfyui_model_and_vae(official_with_sd15, monkeypatch):
+    """The stored U-Net, renamed to ComfyUI's names and detected by ComfyUI as SD1.5, predicts what the diffusers
+    U-Net predicts for the same input; the stored VAE decodes as diffusers' does (ComfyUI's [B, H, W, C] in 0..1)."""
+    from kosmosg_pack.nodes.official_sd15 import KosmosGCheckpointSD15
+
+    root, unet, vae = official_with_sd15
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", ([str(root)], paths.CHECKPOINT_EXTENSIONS))
+    folder_paths.filename_list_cache.clear()
+    assert KosmosGCheckpointSD15.validate_inputs("with-sd15.pt") is True
+    model, comfy_vae = KosmosGCheckpointSD15.execute("with-sd15.pt").result
+    assert type(model.model).__name__ == "BaseModel" and model.model.model_config.__class__.__name__ == "SD15"
+    generator = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 768, generator=generator)
+    timesteps = torch.tensor([999.0, 10.0])
+    with torch.no_grad():
+        expected = unet(x, timesteps, encoder_hidden_states=context).sample
+        got = model.model.diffusion_model(x, timesteps=timesteps, context=context)
+        assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+        latent = torch.randn(1, 4, 4, 4, generator=generator)
+        pixels = ((vae.decode(latent).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [1, 32, 32, 3]
+        decoded = comfy_vae.decode(latent)
+        assert decoded.shape == pixels.shape and (decoded - pixels).abs().max() < 1e-3
+    assert model.cached_patcher_init[0](*model.cached_patcher_init[1]).model.diffusion_model.state_dict().keys() == \
+        model.model.diffusion_model.state_dict().keys()  # ComfyUI's reload factory (per-device copies)
+
+
+def test_unet_block_layout_of_sd15_is_comfyuis_sd15_layout():
+    """At SD1.5's own size (built on the meta device: shapes only), the layout read from the names is the one
+    ComfyUI's SD1.5 config holds, every stored tensor gets a ComfyUI name, and ComfyUI detects the renamed U-Net
+    as SD1.5."""
+    import comfy.model_detection
+    from diffusers import UNet2DConditionModel
+
+    from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR
+    from kosmosg_pack.nodes.official_sd15 import unet_block_layout, unet_in_comfy_names
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
+    weights = unet.state_dict()
+    layout = unet_block_layout(weights)
+    assert layout == {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 1, 1, 1],
+                      "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                      "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}
+    renamed = unet_in_comfy_names(weights, "sd15")
+    assert len(renamed) == len(weights)
+    config = comfy.model_detection.model_config_from_unet(renamed, "")
+    assert type(config).__name__ == "SD15"
+    assert comfy.model_detection.model_config_from_diffusers_unet(weights).unet_config["transformer_depth_output"] == \
+        layout["transformer_depth_output"]  # ComfyUI's own reading of the full-size diffusers names agrees
+
+
+def test_checkpoint_sd15_node_says_what_to_do_without_stored_networks(model_dirs, converted, official_with_sd15):
+    """A converted .safetensors (conditioning only) and an official file without them: the error names the missing
+    part and says to use Load Checkpoint; a U-Net of another layout is refused by name, not a bare KeyError."""
+    from kosmosg_pack.nodes.official_sd15 import KosmosGCheckpointSD15, unet_in_comfy_names
+
+    with pytest.raises(CheckpointError, match=r"stores no SD1.5 U-Net .* load SD1.5 with Load Checkpoint instead"):
+        KosmosGCheckpointSD15.execute(converted)
+    with pytest.raises(CheckpointError, match=r"tiny.pt stores no SD1.5 U-Net .*Load Checkpoint"):
+        KosmosGCheckpointSD15.execute("tiny.pt")
+    _, unet, _ = official_with_sd15
+    weights = {**unet.state_dict(), "down_blocks.0.motion_modules.0.weight": torch.zeros(1)}  # AnimateDiff-like
+    with pytest.raises(CheckpointError, match=r"not laid out as an SD1.5 U-Net \(1 tensors .* e\.g\. down_blocks\.0\.motion"):
+        unet_in_comfy_names(weights, "x.pt")
+    assert "not found" in KosmosGCheckpointSD15.validate_inputs("missing.pt")

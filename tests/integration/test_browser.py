@@ -32,8 +32,8 @@ BROWSER_DIR = REPO / "tests" / "browser"
 WORKFLOW = REPO / "workflows" / "kosmosg-two-subjects.json"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 CHROMIUM_PATHS = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]
-NODE_IDS = ["KosmosGConvertCheckpoint", "KosmosGEncode", "KosmosGInterleavedPrompt", "KosmosGLoadConditioning",
-            "KosmosGLoader", "KosmosGOfficialNoise", "KosmosGOfficialSampler",
+NODE_IDS = ["KosmosGCheckpointSD15", "KosmosGConvertCheckpoint", "KosmosGEncode", "KosmosGInterleavedPrompt",
+            "KosmosGLoadConditioning", "KosmosGLoader", "KosmosGOfficialNoise", "KosmosGOfficialSampler",
             "KosmosGSaveConditioning"]
 # the shipped workflow names real models; the session server has tiny ones (tests/integration/conftest.py)
 SUBSTITUTIONS = {"ckpt_name": comfy_tiny_models.UNET_NAME, "checkpoint": TINY_KOSMOSG_PT, "steps": 2,

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 NODE_IDS = ["KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "KosmosGSaveConditioning",
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler",
-            "KosmosGOfficialNoise"]
+            "KosmosGOfficialNoise", "KosmosGCheckpointSD15"]
 TEST_STEPS = 2
 TEST_SIZE = 64
 
@@ -92,6 +92,7 @@ def test_object_info_schema(comfy):
                                      "overwrite": "BOOLEAN"}, ["STRING"]),
         "KosmosGOfficialSampler": ({"model": "MODEL", "steps": "INT", "scheduler": "COMBO"}, ["SAMPLER", "SIGMAS"]),
         "KosmosGOfficialNoise": ({"noise_seed": "INT", "dtype": "COMBO"}, ["NOISE"]),
+        "KosmosGCheckpointSD15": ({"checkpoint": "COMBO"}, ["MODEL", "VAE"]),
     }
     for node_id, (inputs, outputs) in expected.items():
         node = info[node_id]

@@ -1,0 +1,125 @@
+"""Kosmos-G SD1.5 From Checkpoint: the SD1.5 U-Net and VAE an official Kosmos-G checkpoint stores, as ComfyUI's
+MODEL and VAE.
+
+The official model holds SD1.5's U-Net and VAE (diffusers names: kosmosg_core.official_sd15), and the official demo
+samples with them: loading them from the same file needs no separate SD1.5 download and is exactly the demo's
+networks. ComfyUI takes a U-Net in its own (LDM) names, and matches a diffusers-named one only against whole known
+configs; the names are converted here from the stored tensors' own layout (so any size converts: tested on tiny
+U-Nets), then ComfyUI detects the model from them as it does for any checkpoint. ComfyUI's VAE converts diffusers
+names itself.
+"""
+
+from __future__ import annotations
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..kosmosg_core.errors import CheckpointError
+from . import paths
+from .types import CATEGORY
+
+USE_LOAD_CHECKPOINT = "load SD1.5 with Load Checkpoint instead (any SD1.5 checkpoint)"
+
+
+def _count(state_dict, pattern: str) -> int:
+    """How many consecutive blocks 0, 1, ... `pattern` (a prefix with one {}) has keys in `state_dict`."""
+    count = 0
+    while any(key.startswith(pattern.format(count) + ".") for key in state_dict):
+        count += 1
+    return count
+
+
+def unet_block_layout(state_dict) -> dict:
+    """A diffusers UNet2DConditionModel's state dict -> its block layout as comfy.utils.unet_to_diffusers takes it
+    (num_res_blocks, channel_mult, transformer_depth, transformer_depth_output, transformer_depth_middle), read
+    from the tensors' names: how many resnets each down block has, how many transformer blocks each attention."""
+    down = _count(state_dict, "down_blocks.{}")
+    num_res_blocks = [_count(state_dict, f"down_blocks.{i}.resnets.{{}}") for i in range(down)]
+    transformer_depth = [_count(state_dict, f"down_blocks.{i}.attentions.{j}.transformer_blocks.{{}}")
+                         for i in range(down) for j in range(num_res_blocks[i])]
+    up_depths = [_count(state_dict, f"up_blocks.{x}.attentions.{i}.transformer_blocks.{{}}")
+                 for x in range(_count(state_dict, "up_blocks.{}"))
+                 for i in range(_count(state_dict, f"up_blocks.{x}.resnets.{{}}"))]
+    return {"num_res_blocks": num_res_blocks, "channel_mult": [1] * down,  # only its length is read
+            "transformer_depth": transformer_depth,
+            "transformer_depth_output": up_depths[::-1],  # unet_to_diffusers takes them from the end
+            "transformer_depth_middle": _count(state_dict, "mid_block.attentions.0.transformer_blocks.{}")}
+
+
+def unet_in_comfy_names(state_dict, source: str) -> dict:
+    """A diffusers-named SD U-Net's weights -> the same tensors in ComfyUI's (LDM) names; a CheckpointError naming
+    `source` when a tensor has no place there (not an SD-type U-Net)."""
+    names = comfy.utils.unet_to_diffusers(unet_block_layout(state_dict))  # diffusers name -> LDM name
+    unplaced = sorted(key for key in state_dict if key not in names)
+    if unplaced or not state_dict:
+        raise CheckpointError(f"The U-Net stored in {source} is not laid out as an SD1.5 U-Net ({len(unplaced)} "
+                              f"tensors have no place in one, e.g. {', '.join(unplaced[:3]) or 'none stored'}); "
+                              f"{USE_LOAD_CHECKPOINT}.")
+    return {names[key]: tensor for key, tensor in state_dict.items()}
+
+
+def load_stored_unet(path: str, disable_dynamic: bool = False):
+    """The U-Net stored in the official checkpoint at `path` -> ComfyUI's ModelPatcher (the MODEL). Also the
+    patcher's reload factory (`cached_patcher_init`: ComfyUI builds per-device copies through it)."""
+    from ..kosmosg_core.official_sd15 import read_official_sd15
+
+    unet = unet_in_comfy_names(read_official_sd15(path, USE_LOAD_CHECKPOINT, ["U-Net"])["U-Net"], path)
+    model = comfy.sd.load_diffusion_model_state_dict(unet, disable_dynamic=disable_dynamic)
+    if model is None:
+        raise CheckpointError(f"ComfyUI does not recognise the U-Net stored in {path} as a model it can sample "
+                              f"with; {USE_LOAD_CHECKPOINT}.")
+    model.cached_patcher_init = (load_stored_unet, (path,))
+    return model
+
+
+def load_stored_vae(path: str):
+    """The VAE stored in the official checkpoint at `path` -> ComfyUI's VAE."""
+    from ..kosmosg_core.official_sd15 import read_official_sd15
+
+    vae = comfy.sd.VAE(sd=read_official_sd15(path, USE_LOAD_CHECKPOINT, ["VAE"])["VAE"])
+    try:
+        vae.throw_exception_if_invalid()
+    except RuntimeError:
+        raise CheckpointError(f"ComfyUI does not recognise the VAE stored in {path}; {USE_LOAD_CHECKPOINT}.") from None
+    return vae
+
+
+class KosmosGCheckpointSD15(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KosmosGCheckpointSD15",
+            display_name="Kosmos-G SD1.5 From Checkpoint",
+            category=CATEGORY,
+            description=(
+                "The SD1.5 U-Net and VAE stored inside an official Kosmos-G checkpoint_final.pt (the networks the "
+                "official demo samples with), as MODEL and VAE: no separate SD1.5 download. Connect MODEL to the "
+                "sampler and VAE to VAE Decode; Kosmos-G Encode gives the conditioning. A converted .safetensors "
+                "keeps only what conditioning uses: use Load Checkpoint with an SD1.5 checkpoint then."),
+            search_aliases=["kosmos", "sd1.5", "unet", "vae", "official checkpoint"],
+            inputs=[
+                io.Combo.Input("checkpoint", options=paths.list_files(paths.CHECKPOINT_FOLDER,
+                                                                      paths.OFFICIAL_EXTENSIONS),
+                               tooltip="The official Kosmos-G checkpoint (checkpoint_final.pt) in models/kosmosg."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The stored SD1.5 U-Net."),
+                     io.Vae.Output(display_name="VAE", tooltip="The stored SD1.5 VAE.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint=None):
+        if checkpoint is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, checkpoint) is None:
+            return paths.checkpoint_missing_message(checkpoint)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, checkpoint):
+        # Re-run (and reload) when the file on disk is replaced.
+        return paths.file_fingerprint(folder_paths.get_full_path(paths.CHECKPOINT_FOLDER, checkpoint or ""))
+
+    @classmethod
+    def execute(cls, checkpoint) -> io.NodeOutput:
+        path = paths.resolve_checkpoint(checkpoint)
+        return io.NodeOutput(load_stored_unet(path), load_stored_vae(path))
