@@ -128,6 +128,7 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
     assert first == {
         "prompt": prompt, "negative_prompt": "a black background", "images": [p.name for p in SUBJECT_IMAGES],
         "image_sha256": [hashlib.sha256(picture.tobytes()).hexdigest() for picture in to_pil_images(SUBJECT_IMAGES)],
+        "image_sizes": [list(picture.size) for picture in to_pil_images(SUBJECT_IMAGES)],
         "image_weights": [1.0, 0.5], "effective_image_weights": [0.9, 0.5], "checkpoint": KOSMOSG_NANO.name,
         "sd_model": NANO_SD15.name, "seed": 11, "noise": "per-image", "num_images": 2, "steps": 4,
         "guidance_scale": 4.0, "scheduler": "dpm", "dtype": "float32", "device": "cpu",
