@@ -103,10 +103,12 @@ def _one_input_to_pil(item) -> list[Image.Image]:
 def _as_array(item) -> np.ndarray:
     """A tensor (any dtype / device; floats as float32) or a numpy array -> a numpy array."""
     if isinstance(item, torch.Tensor):
-        if item.is_meta or item.layout != torch.strided:  # no values to read, or not as a plain array
-            raise ImageError(f"Image tensor of shape {tuple(item.shape)} is a {item.layout} tensor on {item.device} "
-                             "(no pixel values to read): give an ordinary (dense) tensor with its values, e.g. "
-                             "x.to_dense().")
+        if item.is_meta:  # a shape without values
+            raise ImageError(f"Image tensor of shape {tuple(item.shape)} is on the meta device (a shape without pixel "
+                             "values); give a tensor that holds the image.")
+        if item.layout != torch.strided:
+            raise ImageError(f"Image tensor of shape {tuple(item.shape)} is a {item.layout} tensor; give an "
+                             "ordinary (dense) one, e.g. x.to_dense().")
         return item.detach().to("cpu", torch.float32).numpy() if item.is_floating_point() else item.detach().cpu().numpy()
     return item
 
@@ -121,6 +123,10 @@ def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     docstring). Also how train/ reads dataset and evaluation images, so they match inference."""
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name} is empty ({image.width}x{image.height}); give an image with pixels.")
+    try:
+        image.load()  # a lazily read file (Image.open) reads now: its damage is reported as such, not as EXIF's
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"Cannot read {name} ({e}); it is truncated or damaged. Re-save it as PNG or JPEG.") from e
     image = _upright(image, name)  # a copy: callers never alias the input
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # .convert("RGB") would clip these to 0..255: a 16-bit picture comes out white, a 0..1 float one black
@@ -239,6 +245,9 @@ def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
         array = array.astype(np.float32, copy=False)
     _check_pixel_values(array, kind, shape)
     if array.dtype == np.uint16:  # 16-bit, as 16-bit files are read
+        if array.max() <= 255:  # 8-bit values in a 16-bit type (e.g. from numpy arithmetic): nearly black as 16-bit
+            logger.warning("Image %s of shape %s is uint16 (read as 16-bit: 0..65535) but holds only 0..255; if it "
+                           "is 8-bit, convert it with .astype(np.uint8).", kind, shape)
         return np.rint(array / 257.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.uint8)

@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..kosmosg_core.errors import CheckpointError
+from ..kosmosg_core.errors import CheckpointError, first_line
 from . import paths
 from .types import CATEGORY
 
@@ -55,35 +55,65 @@ def unet_in_comfy_names(state_dict, source: str) -> dict:
     unplaced = sorted(key for key in state_dict if key not in names)
     if unplaced or not state_dict:
         raise CheckpointError(f"The U-Net stored in {source} is not laid out as an SD1.5 U-Net ({len(unplaced)} "
-                              f"tensors have no place in one, e.g. {', '.join(unplaced[:3]) or 'none stored'}); "
+                              f"tensor(s) have no place in one, e.g. {', '.join(unplaced[:3]) or 'none stored'}); "
                               f"{USE_LOAD_CHECKPOINT}.")
     return {names[key]: tensor for key, tensor in state_dict.items()}
 
 
-def load_stored_unet(path: str, disable_dynamic: bool = False):
-    """The U-Net stored in the official checkpoint at `path` -> ComfyUI's ModelPatcher (the MODEL). Also the
-    patcher's reload factory (`cached_patcher_init`: ComfyUI builds per-device copies through it)."""
-    from ..kosmosg_core.official_sd15 import read_official_sd15
-
-    unet = unet_in_comfy_names(read_official_sd15(path, USE_LOAD_CHECKPOINT, ["U-Net"])["U-Net"], path)
-    model = comfy.sd.load_diffusion_model_state_dict(unet, disable_dynamic=disable_dynamic)
+def comfy_unet(weights: dict, source: str, disable_dynamic: bool = False):
+    """The stored U-Net's weights (diffusers names) -> ComfyUI's ModelPatcher (the MODEL), every tensor of the
+    model ComfyUI detects among them; a CheckpointError naming `source` otherwise."""
+    renamed = unet_in_comfy_names(weights, source)
+    stored = set(renamed)  # ComfyUI takes tensors out of the dict as it loads them
+    try:
+        # disable_dynamic: asked for by ComfyUI versions that have it (through cached_patcher_init), only by them
+        model = comfy.sd.load_diffusion_model_state_dict(renamed, **({"disable_dynamic": True} if disable_dynamic
+                                                                      else {}))
+    except (KeyError, RuntimeError) as e:  # detection reads named tensors; loading refuses other shapes
+        raise CheckpointError(f"ComfyUI cannot build the U-Net stored in {source} ({first_line(e)}): it lacks "
+                              f"tensors of an SD1.5 U-Net or holds them in other shapes; {USE_LOAD_CHECKPOINT}.") from e
     if model is None:
-        raise CheckpointError(f"ComfyUI does not recognise the U-Net stored in {path} as a model it can sample "
+        raise CheckpointError(f"ComfyUI does not recognise the U-Net stored in {source} as a model it can sample "
                               f"with; {USE_LOAD_CHECKPOINT}.")
-    model.cached_patcher_init = (load_stored_unet, (path,))
+    missing = sorted(set(model.model.diffusion_model.state_dict()) - stored)
+    if missing:  # ComfyUI loads what it finds and leaves the rest at random values, with a log line
+        raise CheckpointError(f"The U-Net stored in {source} lacks {len(missing)} tensor(s) of the SD1.5 U-Net "
+                              f"ComfyUI detects (e.g. {', '.join(missing[:3])}); {USE_LOAD_CHECKPOINT}.")
+    model.cached_patcher_init = (reload_stored_unet, (source,))
     return model
 
 
-def load_stored_vae(path: str):
-    """The VAE stored in the official checkpoint at `path` -> ComfyUI's VAE."""
+def comfy_vae(weights: dict, source: str):
+    """The stored VAE's weights (diffusers names) -> ComfyUI's VAE (which converts the names itself)."""
+    try:
+        vae = comfy.sd.VAE(sd=weights)
+        vae.throw_exception_if_invalid()
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"ComfyUI does not recognise the VAE stored in {source} ({first_line(e)}); "
+                              f"{USE_LOAD_CHECKPOINT}.") from e
+    if getattr(vae, "patcher", None) is not None:  # ComfyUI's reload factory for per-device copies
+        vae.patcher.cached_patcher_init = (reload_stored_vae_patcher, (source,))
+    return vae
+
+
+def _reloaded(part: str, path: str, build):
+    """ComfyUI's reload factories (`cached_patcher_init`): the part read again from the file. ComfyUI's callers
+    pass over a loader that cannot reload (a RuntimeError); a file damaged since is one."""
+    from ..kosmosg_core.errors import KosmosGError
     from ..kosmosg_core.official_sd15 import read_official_sd15
 
-    vae = comfy.sd.VAE(sd=read_official_sd15(path, USE_LOAD_CHECKPOINT, ["VAE"])["VAE"])
     try:
-        vae.throw_exception_if_invalid()
-    except RuntimeError:
-        raise CheckpointError(f"ComfyUI does not recognise the VAE stored in {path}; {USE_LOAD_CHECKPOINT}.") from None
-    return vae
+        return build(read_official_sd15(path, USE_LOAD_CHECKPOINT, [part])[part], path)
+    except KosmosGError as e:
+        raise RuntimeError(f"Kosmos-G SD1.5 From Checkpoint cannot read the {part} again: {e}") from e
+
+
+def reload_stored_unet(path: str, disable_dynamic: bool = False):
+    return _reloaded("U-Net", path, lambda weights, source: comfy_unet(weights, source, disable_dynamic))
+
+
+def reload_stored_vae_patcher(path: str, disable_dynamic: bool = False):
+    return _reloaded("VAE", path, comfy_vae).patcher
 
 
 class KosmosGCheckpointSD15(io.ComfyNode):
@@ -121,5 +151,8 @@ class KosmosGCheckpointSD15(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint) -> io.NodeOutput:
+        from ..kosmosg_core.official_sd15 import read_official_sd15
+
         path = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(load_stored_unet(path), load_stored_vae(path))
+        stored = read_official_sd15(path, USE_LOAD_CHECKPOINT)  # one read; both parts checked before any is built
+        return io.NodeOutput(comfy_unet(stored["U-Net"], path), comfy_vae(stored["VAE"], path))

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 comfy = import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
@@ -1218,8 +1219,11 @@ def test_checkpoint_sd15_node_gives_the_stored_unet_and_vae_as_comfyui_model_and
         pixels = ((vae.decode(latent).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [1, 32, 32, 3]
         decoded = comfy_vae.decode(latent)
         assert decoded.shape == pixels.shape and (decoded - pixels).abs().max() < 1e-3
+    # ComfyUI's reload factories (per-device copies: Select VAE Device, multi-GPU), as its own loaders set them
     assert model.cached_patcher_init[0](*model.cached_patcher_init[1]).model.diffusion_model.state_dict().keys() == \
-        model.model.diffusion_model.state_dict().keys()  # ComfyUI's reload factory (per-device copies)
+        model.model.diffusion_model.state_dict().keys()
+    factory, arguments = comfy_vae.patcher.cached_patcher_init
+    assert factory(*arguments).model.state_dict().keys() == comfy_vae.patcher.model.state_dict().keys()
 
 
 def test_unet_block_layout_of_sd15_is_comfyuis_sd15_layout():
@@ -1258,6 +1262,46 @@ def test_checkpoint_sd15_node_says_what_to_do_without_stored_networks(model_dirs
         KosmosGCheckpointSD15.execute("tiny.pt")
     _, unet, _ = official_with_sd15
     weights = {**unet.state_dict(), "down_blocks.0.motion_modules.0.weight": torch.zeros(1)}  # AnimateDiff-like
-    with pytest.raises(CheckpointError, match=r"not laid out as an SD1.5 U-Net \(1 tensors .* e\.g\. down_blocks\.0\.motion"):
+    with pytest.raises(CheckpointError, match=r"not laid out as an SD1.5 U-Net \(1 tensor\(s\) .* e\.g\. down_blocks\.0\.motion"):
         unet_in_comfy_names(weights, "x.pt")
     assert "not found" in KosmosGCheckpointSD15.validate_inputs("missing.pt")
+
+
+def test_checkpoint_sd15_node_refuses_a_stored_unet_missing_tensors(official_with_sd15, tmp_path, monkeypatch):
+    """Found by a review: a stored U-Net lacking a tensor loaded as SD1.5 with that weight left random (ComfyUI
+    logs "unet missing" and goes on: garbage pictures), or, for a tensor ComfyUI's detection reads, a bare KeyError.
+    A file lacking the VAE fails before the U-Net is built (one read of the file). A file damaged after loading:
+    ComfyUI's reload factory raises the RuntimeError its callers pass over."""
+    import shutil
+
+    from kosmosg_pack.nodes.official_sd15 import KosmosGCheckpointSD15
+
+    root, _, _ = official_with_sd15
+    state = torch.load(root / "with-sd15.pt", weights_only=True)
+    for name, dropped in (("no-conv-out.pt", ["diffusion_unet.unet.conv_out.weight"]),
+                          ("no-key.pt", ["diffusion_unet.unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2."
+                                         "to_k.weight"]),
+                          ("no-vae.pt", [k for k in state["model"] if k.startswith("vae.vae.")])):
+        torch.save({**state, "model": {k: v for k, v in state["model"].items() if k not in dropped}}, tmp_path / name)
+    shutil.copytree(root / "data", tmp_path / "data")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", ([str(tmp_path)], paths.CHECKPOINT_EXTENSIONS))
+    folder_paths.filename_list_cache.clear()
+    with pytest.raises(CheckpointError, match=r"no-conv-out.pt lacks 1 tensor\(s\) of the SD1.5 U-Net ComfyUI detects "
+                                              r"\(e\.g\. out\.2\.weight\); load SD1.5 with Load Checkpoint"):
+        KosmosGCheckpointSD15.execute("no-conv-out.pt")
+    with pytest.raises(CheckpointError, match=r"ComfyUI cannot build the U-Net stored in .*no-key.pt \(.*attn2.to_k"):
+        KosmosGCheckpointSD15.execute("no-key.pt")
+    built = []
+    monkeypatch.setattr(comfy.sd, "load_diffusion_model_state_dict", lambda *a, **k: built.append(1))
+    with pytest.raises(CheckpointError, match=r"no-vae.pt stores no SD1.5 VAE"):
+        KosmosGCheckpointSD15.execute("no-vae.pt")
+    assert built == []
+    monkeypatch.undo()
+    shutil.copy(root / "with-sd15.pt", tmp_path / "replaced.pt")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", ([str(tmp_path)], paths.CHECKPOINT_EXTENSIONS))
+    folder_paths.filename_list_cache.clear()
+    model, vae = KosmosGCheckpointSD15.execute("replaced.pt").result
+    (tmp_path / "replaced.pt").write_bytes(b"damaged")
+    for factory, arguments in (model.cached_patcher_init, vae.patcher.cached_patcher_init):
+        with pytest.raises(RuntimeError, match="Kosmos-G SD1.5 From Checkpoint cannot read the (U-Net|VAE) again"):
+            factory(*arguments)
