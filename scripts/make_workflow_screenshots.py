@@ -31,6 +31,7 @@ BROWSER_DIR = REPO / "tests" / "browser"
 LOADER_FOLDERS = {
     "CheckpointLoaderSimple": "checkpoints",
     "KosmosGLoader": "kosmosg",
+    "KosmosGCheckpointSD15": "kosmosg",
     "ControlNetLoader": "controlnet",
     "LoraLoaderModelOnly": "loras",
     "LoraLoader": "loras",

@@ -1163,37 +1163,20 @@ def test_loader_and_encode_nodes_run_the_shipped_nano_model(monkeypatch):
 
 
 # --- Kosmos-G SD1.5 From Checkpoint ------------------------------------------------------------------
-def sd_unet_and_vae(seed: int = 0):
-    """A diffusers U-Net ComfyUI detects as SD1.5 (320 channels, 768-wide context) but small (two levels, one
-    resnet each, the cross-attention on the first level down and the last up, as SD1.5's are), and SD1.5's own
-    VAE (ComfyUI builds SD VAEs at their one size), random, in float32."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(320, 320),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                                attention_head_dim=8)
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
-    return unet.eval(), vae.eval()
-
-
 @pytest.fixture(scope="module")
 def official_with_sd15(tmp_path_factory, official_files):
     """The tiny official checkpoint with a U-Net and VAE stored under the official names (the VAE in float16, as
     the official file stores its weights)."""
     import shutil
 
+    from support.tiny_sd15 import comfy_detectable_sd15_networks, store_sd15_networks
+
     root = tmp_path_factory.mktemp("official-sd15")
     shutil.copytree(official_files, root, dirs_exist_ok=True)
-    unet, vae = sd_unet_and_vae()
+    unet, vae = comfy_detectable_sd15_networks()
     vae.half().float()  # the values float16 holds: the reference decodes with them
-    state = torch.load(root / "tiny.pt", weights_only=True)  # our own fixture
-    state["model"].update({"diffusion_unet.unet." + k: v for k, v in unet.state_dict().items()})
-    state["model"].update({"vae.vae." + k: v.half() for k, v in vae.state_dict().items()})
-    torch.save(state, root / "with-sd15.pt")
+    store_sd15_networks(root / "tiny.pt", unet, out=root / "with-sd15.pt")
+    store_sd15_networks(root / "with-sd15.pt", vae=vae, dtype=torch.float16)
     return root, unet, vae
 
 

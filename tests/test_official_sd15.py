@@ -14,7 +14,7 @@ from kosmosg_core.errors import CheckpointError
 from kosmosg_core.generate import generate_images, load_sd15
 from kosmosg_core.official_sd15 import load_official_sd15, missing_sd15_parts
 from support.tiny_kosmosg import write_tiny_official, write_tiny_pack
-from support.tiny_sd15 import write_tiny_sd15
+from support.tiny_sd15 import store_sd15_networks, write_tiny_sd15
 
 SAMPLING = dict(steps=2, height=16, width=16, seed=3)
 
@@ -23,14 +23,8 @@ def with_stored_sd15(pt: Path, sd_folder: str, parts=("unet", "vae")) -> None:
     """Store the tiny SD1.5 folder's U-Net and / or VAE in the official .pt, as the official model's submodules."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    state = torch.load(pt, weights_only=True)  # our own fixture
-    if "unet" in parts:
-        unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
-        state["model"].update({"diffusion_unet.unet." + k: v for k, v in unet.state_dict().items()})
-    if "vae" in parts:
-        vae = AutoencoderKL.from_pretrained(sd_folder, subfolder="vae")
-        state["model"].update({"vae.vae." + k: v for k, v in vae.state_dict().items()})
-    torch.save(state, pt)
+    store_sd15_networks(pt, UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet") if "unet" in parts else None,
+                        AutoencoderKL.from_pretrained(sd_folder, subfolder="vae") if "vae" in parts else None)
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,18 @@ def _tiny_sd_models(models_dir: Path) -> None:
 
 def _tiny_kosmosg(kosmosg_dir: Path) -> None:
     """A tiny official-format checkpoint (fairseq .pt layout, 768-wide output) with its tokenizer
-    folder (data/) and config sidecar beside it, as a user would unpack the official release; and its
-    conversion to the pack's .safetensors in fp32 (what the Convert node writes)."""
+    folder (data/) and config sidecar beside it, as a user would unpack the official release, holding an SD1.5-type
+    U-Net and VAE in float16 as the official file does (for Kosmos-G SD1.5 From Checkpoint: a U-Net ComfyUI detects
+    as SD1.5, small, and SD1.5's own VAE); and its conversion to the pack's .safetensors in fp32 (what the Convert
+    node writes: without them)."""
     import torch
 
     from kosmosg_core.checkpoint import convert_official
     from support.tiny_kosmosg import write_tiny_official
+    from support.tiny_sd15 import comfy_detectable_sd15_networks, store_sd15_networks
 
     write_tiny_official(kosmosg_dir, context_dim=768, seed=0, name=TINY_KOSMOSG_PT)
+    store_sd15_networks(kosmosg_dir / TINY_KOSMOSG_PT, *comfy_detectable_sd15_networks(), dtype=torch.float16)
     convert_official(kosmosg_dir / TINY_KOSMOSG_PT, kosmosg_dir / TINY_KOSMOSG, dtype=torch.float32)
 
 

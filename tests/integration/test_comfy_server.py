@@ -136,8 +136,9 @@ def test_shipped_workflow_runs(comfy, workflow_path):
     assert {"KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "SaveImage"} <= classes
     nano = "nano" in workflow_path.stem  # the nano evaluation's sampler; real models: the official demo's
     assert {"KSampler"} <= classes if nano else "KosmosGOfficialSampler" in classes
-    if "demo" in workflow_path.stem:  # its noise too
-        assert {"KosmosGOfficialNoise", "CFGGuider", "SamplerCustomAdvanced"} <= classes
+    if "demo" in workflow_path.stem:  # its noise too, and the SD1.5 networks the official file stores
+        assert {"KosmosGOfficialNoise", "CFGGuider", "SamplerCustomAdvanced", "KosmosGCheckpointSD15"} <= classes
+        assert "CheckpointLoaderSimple" not in classes
     elif not nano:
         assert "SamplerCustom" in classes
     entry = comfy.run(prompt)
@@ -190,6 +191,7 @@ def shipped_workflow_with_tiny_models(comfy, workflow_path):
         ("CheckpointLoaderSimple", "ckpt_name"):
             comfy_tiny_models.CLIP_CHECKPOINT_NAME if uses_clip else comfy_tiny_models.UNET_NAME,
         ("KosmosGLoader", "checkpoint"): TINY_KOSMOSG,
+        ("KosmosGCheckpointSD15", "checkpoint"): TINY_KOSMOSG_PT,  # the official file (it stores the networks)
         ("ControlNetLoader", "control_net_name"): comfy_tiny_models.CONTROLNET_NAME,
         ("LoraLoader", "lora_name"): comfy_tiny_models.LORA_NAME,
         ("KSampler", "steps"): TEST_STEPS,

@@ -9,6 +9,8 @@ every file against the real server's /object_info and runs it, so a drift fails 
 Placeholder model names (README says where each file goes):
     SD15_CHECKPOINT  models/checkpoints  any SD1.5 checkpoint
     KOSMOSG_CHECKPOINT models/kosmosg    the official weights converted to .safetensors
+    OFFICIAL_CHECKPOINT models/kosmosg   the official checkpoint_final.pt itself (the demo workflow: its encoder and
+                                         its stored SD1.5 U-Net and VAE)
     CONTROLNET       models/controlnet   an SD1.5 canny ControlNet
     LORA             models/loras        any SD1.5 LoRA
 The out-of-the-box workflow uses the built-in nano models instead, and the two subject images
@@ -32,6 +34,7 @@ from support import nano_ootb  # noqa: E402
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 KOSMOSG_CHECKPOINT = "kosmosg.safetensors"
+OFFICIAL_CHECKPOINT = "checkpoint_final.pt"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 LORA = "sd15-style-lora.safetensors"
 LORA_TRIGGER_WORDS = "watercolor style"  # stands for the LoRA's own trigger words
@@ -47,6 +50,7 @@ NANO_STEPS, NANO_CFG, NANO_SAMPLER, NANO_SCHEDULER = 20, 5.0, "euler", "normal"
 # Socket inputs (links, not widgets) and outputs of each node type used: (name, type).
 SPECS = {
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "KosmosGCheckpointSD15": ([], [("MODEL", "MODEL"), ("VAE", "VAE")]),
     "KosmosGLoader": ([], [("kosmosg_model", "KOSMOSG_MODEL")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "KosmosGInterleavedPrompt": (None, [("kosmosg_prompt", "KOSMOSG_PROMPT")]),  # sockets: images.imageN
@@ -89,6 +93,7 @@ SPECS = {
 TITLE, GAP, SLOT = 30, 50, 20  # SLOT: the canvas's distance between two sockets of a node
 SIZES = {
     "CheckpointLoaderSimple": (320, 110),
+    "KosmosGCheckpointSD15": (320, 90),
     "KosmosGLoader": (320, 150),
     "LoadImage": (320, 330),
     "KosmosGInterleavedPrompt": (380, 260),  # up to two images (three sockets); more make it taller
@@ -168,8 +173,10 @@ def below(node: dict) -> int:
 def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_checkpoint=SD15_CHECKPOINT,
                   kosmosg_checkpoint=KOSMOSG_CHECKPOINT, size=512, steps=50, cfg=6.0,
                   ksampler: tuple[str, str] | None = None, demo_noise=False, batch=1, seed=42, kosmosg_dtype="auto",
-                  controlnet=False, lora=False, note_height=220) -> Workflow:
-    """Loader + prompt + encode -> (ControlNet) -> sampling -> save. Sampling: the official demo's sampler (Kosmos-G
+                  controlnet=False, lora=False, sd15_from_kosmosg=False, note_height=220) -> Workflow:
+    """Loader + prompt + encode -> (ControlNet) -> sampling -> save. With `sd15_from_kosmosg`, the SD1.5 U-Net and VAE
+    come from the Kosmos-G checkpoint (Kosmos-G SD1.5 From Checkpoint) instead of an SD1.5 checkpoint (no CLIP: no
+    LoRA, no ControlNet then). Sampling: the official demo's sampler (Kosmos-G
     Official Sampler into SamplerCustom; 50 steps, cfg 6); with `demo_noise`, the demo's starting noise too (Kosmos-G
     Official Noise and a CFGGuider into SamplerCustomAdvanced); or KSampler with `ksampler` = (sampler, scheduler).
     The flow runs left to right, a column each (the note above the first two): subject images (+ the ControlNet's
@@ -190,7 +197,10 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         x += SIZES[widest[column]][0] + GAP
     top = 20
     wf.add("MarkdownNote", [note], (left["images"], top - TITLE - GAP - note_height), size=(700, note_height))
-    ckpt = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (left["encode"], top))
+    if sd15_from_kosmosg:
+        ckpt, vae_slot = wf.add("KosmosGCheckpointSD15", [kosmosg_checkpoint], (left["encode"], top)), 1
+    else:
+        ckpt, vae_slot = wf.add("CheckpointLoaderSimple", [sd_checkpoint], (left["encode"], top)), 2
     loader = wf.add("KosmosGLoader", [kosmosg_checkpoint, kosmosg_dtype, "auto"], (left["prompt"], top))
     images, y = [], top
     for subject in subjects:
@@ -239,7 +249,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         wf.link(negative[0], negative[1], apply, "negative")
         wf.link(cn_loader, 0, apply, "control_net")
         wf.link(canny, 0, apply, "image")
-        wf.link(ckpt, 2, apply, "vae")
+        wf.link(ckpt, vae_slot, apply, "vae")
         positive, negative = (apply, 0), (apply, 1)
     conditioned = guider if demo_noise else sampler  # what takes the model and the conditionings
     wf.link(model_source, model_slot, conditioned, "model")
@@ -254,7 +264,7 @@ def subject_graph(name: str, text: str, subjects: list[str], note: str, sd_check
         wf.link(guider, 0, sampler, "guider")
     wf.link(latent, 0, sampler, "latent_image")
     wf.link(sampler, 0, decode, "samples")
-    wf.link(ckpt, 2, decode, "vae")
+    wf.link(ckpt, vae_slot, decode, "vae")
     wf.link(decode, 0, save, "images")
     return wf
 
@@ -273,6 +283,11 @@ DEMO_NOTE = (
     "as the latent has numbers (65,536 for 4 images at 512 px; 16,384 for one, which nearly any GPU holds), a seed "
     "starts where the demo's does; elsewhere the numbers differ (the log says so). The sampling is the demo's either "
     "way. ")
+DEMO_MODELS_NOTE = (
+    f"**Models**: the official Kosmos-G checkpoint alone, in `models/kosmosg` (here `{OFFICIAL_CHECKPOINT}`, with "
+    "its tokenizer's `sentencepiece.bpe.model` and `dict.txt` in a `data/` folder beside it): *Kosmos-G Loader* reads "
+    "the encoder from it and *Kosmos-G SD1.5 From Checkpoint* the SD1.5 U-Net and VAE it stores, the networks the "
+    "demo samples with. Subject images go in `input/`. Pick your own files in the loaders if the names differ.")
 
 
 _FIRST, _SECOND = nano_ootb.SUBJECTS
@@ -322,7 +337,8 @@ def all_workflows() -> dict[str, Workflow]:
             f"`models/loras` (here `{LORA}`). " + MODELS_NOTE + SAMPLER_NOTE, lora=True, note_height=280),
         "kosmosg-official-demo": subject_graph(
             "kosmosg-official-demo", "<i> and <i> sitting together in a garden", [SUBJECT_1, SUBJECT_2],
-            DEMO_NOTE + MODELS_NOTE, demo_noise=True, batch=4, seed=0, kosmosg_dtype="fp16", note_height=240),
+            DEMO_NOTE + DEMO_MODELS_NOTE, kosmosg_checkpoint=OFFICIAL_CHECKPOINT, sd15_from_kosmosg=True,
+            demo_noise=True, batch=4, seed=0, kosmosg_dtype="fp16", note_height=240),
         "kosmosg-nano-out-of-the-box": subject_graph(
             "kosmosg-nano-out-of-the-box", nano_ootb.PROMPT, [s.file for s in nano_ootb.SUBJECTS], NANO_NOTE,
             sd_checkpoint=NANO_SD15, kosmosg_checkpoint=NANO_KOSMOSG, size=nano_ootb.IMAGE_PX, steps=NANO_STEPS,
