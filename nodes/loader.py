@@ -66,11 +66,7 @@ class KosmosGLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint=None):
-        # Replaces ComfyUI's "Value not in list" with a message saying where to put the file. Not given at
-        # all (an API prompt): ComfyUI reports the missing input itself.
-        if checkpoint is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, checkpoint) is None:
-            return paths.checkpoint_missing_message(checkpoint)
-        return True
+        return paths.checkpoint_input_problem(checkpoint)
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint, dtype, device):
@@ -114,9 +110,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, source=None):
-        if source is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, source) is None:
-            return paths.checkpoint_missing_message(source)
-        return True
+        return paths.checkpoint_input_problem(source)
 
     @classmethod
     def execute(cls, source, output_name="", dtype="fp16", overwrite=False) -> io.NodeOutput:

@@ -140,9 +140,7 @@ class KosmosGCheckpointSD15(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint=None):
-        if checkpoint is not None and paths.listed_file(paths.CHECKPOINT_FOLDER, checkpoint) is None:
-            return paths.checkpoint_missing_message(checkpoint)
-        return True
+        return paths.checkpoint_input_problem(checkpoint)
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint):

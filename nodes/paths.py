@@ -64,6 +64,14 @@ def missing_file_message(folder: str, name: str, what: str, how: str) -> str:
             "press R in the UI to refresh the file lists.")
 
 
+def checkpoint_input_problem(name) -> str | bool:
+    """A node's validate_inputs for a checkpoint combo: True, or where to put the file (in place of ComfyUI's "Value
+    not in list"). Not given at all (an API prompt, None): True, ComfyUI reports the missing input itself."""
+    if name is not None and listed_file(CHECKPOINT_FOLDER, name) is None:
+        return checkpoint_missing_message(name)
+    return True
+
+
 def checkpoint_missing_message(name: str) -> str:
     return missing_file_message(
         CHECKPOINT_FOLDER, name, "Kosmos-G checkpoint",
