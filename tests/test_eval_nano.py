@@ -182,7 +182,7 @@ def test_cli_writes_the_json_and_grid_and_is_deterministic(models, tmp_path):
     assert (result["samples"], result["samples_single"], result["samples_two"], result["seed"]) == (5, 3, 2, 3)
     assert result["examples"]["single"].count(IMAGE_PLACEHOLDER) == 1
     assert result["examples"]["two"].count(IMAGE_PLACEHOLDER) == 2
-    assert result["sampler"]["steps"] == 2 and result["sampler"]["method"] == "ddim"
+    assert result["sampler"]["steps"] == 2 and result["sampler"]["method"] == "ddim" and result["sampler"]["batch_size"] == 2
 
     with Image.open(grid) as image:  # 2 one-subject + 1 two-subject rows of 5 cells, 128 px each
         assert image.format == "PNG" and image.size == (4 + 5 * 132, 4 + 3 * 132)

@@ -1067,3 +1067,84 @@ def test_exit_on_input_error_turns_a_missing_package_into_its_fix(capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("error: No module named 'accelerate': train/ needs the packages of "
                                               "requirements-train.txt")
+
+
+def test_official_tsv_lines_of_a_long_named_file_keep_their_own_keys(tmp_path):
+    """Found by a review: a sample key was cut to its first 80 characters, so with a long TSV name (the LAION release's
+    run to 85) every line got the same key, and the shards written could not be read back (webdataset: duplicate
+    file name in tar file). A long key now keeps its start and its end (the line number)."""
+    from train.data.shards import sanitize_key
+
+    good = base64.b64encode(_png(Image.new("RGB", (4, 4), (9, 9, 9)))).decode()
+    folder = tmp_path / "official" / "laion"
+    (folder / "json").mkdir(parents=True)
+    name = "laion2B-en-aesthetic-part-00000-5114fd87-297e-42b0-9d11-50f1df323dfa-c000.snappy.tsv"
+    (folder / "json" / "train.json").write_text(json.dumps([{"source": [name], "source_lang": "laion"}]))
+    (folder / name).write_text("".join(f"k{i}\ta beach {i}\t{good}\t4\t4\n" for i in range(3)))
+    summary = run_from_official(OfficialConfig(input=str(tmp_path / "official"), output=str(tmp_path / "out")))
+    keys = [sample.key for sample in read_samples(str(tmp_path / "out"))]
+    assert summary["written"] == 3 and len(set(keys)) == 3, keys
+    assert all(len(key) <= 80 for key in keys)
+    assert sanitize_key("a.b/c") == "a_b_c" and sanitize_key("x" * 80) == "x" * 80  # short keys as before
+
+
+def test_counts_and_shard_sizes_out_of_range_are_refused_by_flag(tmp_path, capsys):
+    """Found by a review: a negative --count dropped items by slicing (build: the last image; mix: everything, exit
+    0), and to-official's --samples-per-shard 0 wrote one file per sample; the data commands checked no ranges."""
+    from train.data.cli import main
+
+    for argv, message in ((["mix", "--laion", str(tmp_path), "--ratio", "1,0,0", "--count", "-3", "--output",
+                            str(tmp_path / "o")], "--count -3: must be at least 0"),
+                          (["build", "--input", str(tmp_path), "--count", "-1", "--output", str(tmp_path / "b")],
+                           "--count -1: must be at least 0"),
+                          (["to-official", "--input", str(tmp_path), "--output", str(tmp_path / "t"),
+                            "--samples-per-shard", "0"], "--samples-per-shard 0: must be at least 1")):
+        assert main(argv) != 0, argv
+        assert message in capsys.readouterr().err, argv
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_text_files_that_are_not_utf8_are_named_and_prompts_skipped(tmp_path, caplog):
+    """Found by a review: a captions / triplets JSONL that is not UTF-8 stopped with Python's bare "'utf-8' codec
+    can't decode" naming no file, and one Latin-1 (or list-holding) prompt.json stopped a whole seeds.json ingest
+    that skips unreadable prompts."""
+    from train.data.ingest import _read_jsonl, iter_ip2p
+    from train.data.sources import _read_captions_file
+
+    latin = tmp_path / "captions.jsonl"
+    latin.write_bytes(b'{"image": "a.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"captions file .*captions.jsonl is not UTF-8 text .*save the file as UTF-8"):
+        _read_captions_file(str(latin))
+    with pytest.raises(ValueError, match=r"captions.jsonl is not UTF-8 text"):
+        _read_jsonl(str(latin))
+    (tmp_path / "seeds.json").write_text(json.dumps([["a", [1]], ["b", [2]], ["c", [3]]]))
+    for name, content in (("a", b'{"input": "a room", "edit": "add a lamp"}'), ("b", b'{"input": "caf\xe9"}'),
+                          ("c", b'["a list"]')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prompt.json").write_bytes(content)
+    with caplog.at_level("WARNING"):
+        items = iter_ip2p(str(tmp_path))
+    assert [(item.input_caption, item.edit) for item in items] == [("a room", "add a lamp"), ("", ""), ("", "")]
+    assert caplog.text.count("unreadable prompt") == 2
+
+
+def test_to_official_refuses_an_output_folder_that_is_not_empty(built, tmp_path):
+    """Found by a review: a second to-official run into the same folder kept the first run's other kinds, which
+    from-official then read back as part of the second (5 samples for 3)."""
+    shards, _ = built
+    official = tmp_path / "official"
+    official.mkdir()  # empty: fine
+    run_to_official(OfficialConfig(input=shards, output=str(official)))
+    with pytest.raises(ValueError, match=r"--output .*official is not empty .*give a new or empty folder"):
+        run_to_official(OfficialConfig(input=shards, output=str(official)))
+
+
+@pytest.mark.parametrize("listing", [[{"source": "x.tsv", "source_lang": "laion"}], ["x.tsv"], [{"source": [3]}]])
+def test_from_official_refuses_a_listing_it_cannot_read(tmp_path, listing):
+    """Found by a review: a "source" written as one name was read letter by letter (one "missing" warning each,
+    nothing written, exit 0); an entry that is no mapping was a bare AttributeError."""
+    folder = tmp_path / "official" / "laion"
+    (folder / "json").mkdir(parents=True)
+    (folder / "json" / "train.json").write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match=r'train.json: an entry is not \{"source": \[TSV file names\]'):
+        run_from_official(OfficialConfig(input=str(tmp_path / "official"), output=str(tmp_path / "out")))

@@ -304,6 +304,18 @@ def test_dreambench_jobs_prompts_and_subject_settings(bench, tmp_path):
     assert subjects["dog"].prompts == dreambench.OBJECT_PROMPTS
     assert subjects["widget"].prompts == dreambench.LIVE_PROMPTS
     assert [r.name for r in subjects["dog"].references] == ["00.jpg"]
+    # found by a review: these were bare KeyError / AttributeError tracebacks, a template read letter by letter, a
+    # "live": "false" taken as live
+    for spec, message in (({"subjects": {"widget": {"live": False}}}, '"subjects" must map each folder'),
+                          ({"subjects": ["widget"]}, '"subjects" must map each folder'),
+                          ({"subjects": {"widget": {"class": "toy", "live": "false"}}}, '"subjects" must map'),
+                          ({"object_prompts": "a {} in snow"}, '"object_prompts" must be a list of prompt templates')):
+        (custom / "prompts.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=f"prompts file .*prompts.json: {message}"):
+            dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(custom), generated=str(tmp_path)))
+    (custom / "prompts.json").write_bytes(b'{"subjects": {"widget": "caf\xe9"}}')
+    with pytest.raises(ValueError, match="prompts file .*prompts.json: not valid UTF-8 JSON"):
+        dreambench.load_subjects(dreambench.DreamBenchConfig(data=str(custom), generated=str(tmp_path)))
 
 
 def test_dreambench_per_subject_scores_are_each_subjects_own(bench, models, tmp_path):

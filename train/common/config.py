@@ -181,6 +181,15 @@ def read_json(path, expected_type: type, holds: str, fix: str):
     return value
 
 
+def read_utf8_lines(handle, what: str):
+    """The lines of a text file opened as UTF-8 (`handle`), with a ValueError naming `what` (the file) and the fix
+    in place of Python's bare "'utf-8' codec can't decode byte" (which names neither)."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as e:  # (decoded a chunk at a time: the line is not known)
+        raise ValueError(f"{what} is not UTF-8 text ({e.reason}); save the file as UTF-8.") from e
+
+
 def _yaml_position(error) -> str:
     mark = getattr(error, "problem_mark", None)
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "position unknown"

@@ -111,7 +111,22 @@ def resolve_config(args: argparse.Namespace) -> Any:
                 raise ValueError(f"{flag_of[key]} and {flag} both set {key}; give one of them.")
             flag_of[key] = flag
             cfg.set_path(config, key, value)
+    _check_ranges(config)
     return config
+
+
+def _check_ranges(config, prefix: str = "") -> None:
+    """Each setting against its declared range (`metadata["min"]`: a negative --count dropped items by slicing, a
+    0 --samples-per-shard wrote one file per sample), nested settings (crop.*, models.*) named by their key."""
+    import dataclasses
+
+    from train.common.config import check_minimums, flag_name
+
+    check_minimums(config, label=lambda name: f"{prefix}{name}" if prefix else flag_name(name))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{prefix}{field.name}.")
 
 
 def _runner(command: str) -> Callable[[Any], dict]:

@@ -66,8 +66,8 @@ class BuildConfig:
     source_options: dict = field(default_factory=dict)  # keyword arguments for the source factory
     captions_file: str | None = None  # optional JSONL {"image": relative path, "caption": ...}
     seed: int = 0
-    count: int = 0  # 0 = all inputs; generated sources: number of scenes
-    samples_per_shard: int = 1000  # input items per shard (official: 1000 lines per TSV)
+    count: int = field(default=0, metadata={"min": 0})  # 0 = all inputs; generated sources: number of scenes
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})  # input items per shard (official: 1000 lines per TSV)
     shard_prefix: str = "shard"
     models: ModelsConfig = field(default_factory=ModelsConfig)
     crop: CropConfig = field(default_factory=CropConfig)
@@ -80,8 +80,8 @@ class IngestConfig:
     input: str | None = None
     output: str | None = None
     seed: int = 0
-    count: int = 0
-    samples_per_shard: int = 1000
+    count: int = field(default=0, metadata={"min": 0})  # 0 = all
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})
     shard_prefix: str = "shard"
     image_size: int = 512  # shorter side (official InstructPix2Pix repacking); 0 keeps the size
     min_side: int = 0  # drop images with a side below this (official LAION stage-3 filter: 384)
@@ -98,8 +98,8 @@ class MixConfig:
     ratio: list = field(default_factory=lambda: list(OFFICIAL_MIX_RATIO))  # laion : ip2p : openimage
     output: str | None = None
     seed: int = 0
-    count: int = 0  # 0 = until the first source runs out
-    samples_per_shard: int = 1000
+    count: int = field(default=0, metadata={"min": 0})  # 0 = until the first source runs out
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})
     shard_prefix: str = "mix"
 
 
@@ -109,7 +109,7 @@ class OfficialConfig:
 
     input: str | None = None
     output: str | None = None
-    samples_per_shard: int = 1000  # samples per TSV (to-official) or per tar (from-official)
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})  # samples per TSV (to-official) or per tar (from-official)
     shard_prefix: str = "shard"
 
 

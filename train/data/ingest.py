@@ -9,8 +9,8 @@ InstructPix2Pix input, either layout:
   seeds, {"input_caption": ..., "edit": ..., "pairs": [["a0.png", "b0.png"], ["a1.png", "b1.png"]]};
   image paths are relative to the JSONL file's folder.
 
-Image-caption pairs input: a folder of images with `<stem>.txt` captions (or --captions-file
-JSONL), img2dataset-style shards, or a JSONL file of {"image": path, "caption": text}.
+Image-caption pairs input: a folder of images with `<stem>.txt` captions, img2dataset-style shards, or a JSONL
+file of {"image": path, "caption": text} (what `build` takes as --captions-file, here as --input).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from train.common.config import read_json
+from train.common.config import read_json, read_utf8_lines
 
 from .config import IngestConfig
 from .crops import CorruptImageError, decode_image, resize_shorter_side, resized_beyond_pixel_limit
@@ -47,7 +47,7 @@ def _read_jsonl(path: str) -> list[tuple[int, object]]:
     """(line number, parsed entry) per non-blank line: messages name the line a user's editor shows."""
     entries = []
     with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(read_utf8_lines(handle, path), 1):
             if line.strip():
                 try:
                     entries.append((number, json.loads(line)))
@@ -89,7 +89,7 @@ def iter_ip2p(input_spec: str | None, limit: int = 0) -> list[TripletItem]:
                 with open(prompt_path, encoding="utf-8-sig") as handle:
                     prompt = json.load(handle)
                 caption, edit = prompt["input"], prompt["edit"]
-            except (OSError, json.JSONDecodeError, KeyError) as error:
+            except (OSError, ValueError, KeyError, TypeError) as error:  # ValueError: bad JSON, not UTF-8
                 logger.warning("%s: unreadable prompt (%s); its images become a skipped item", prompt_path, error)
                 caption, edit = "", ""
             pairs = [(os.path.join(folder, f"{seed}_0.jpg"), os.path.join(folder, f"{seed}_1.jpg")) for seed in seeds]

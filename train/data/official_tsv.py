@@ -76,6 +76,10 @@ def run_to_official(config: OfficialConfig) -> dict:
     if rank != 0:  # one pass over the shards, no model: process 0 writes the whole layout
         logger.info("to-official runs in one process: process %d of %d has nothing to do", rank, world)
         return {}
+    if os.path.isdir(config.output) and os.listdir(config.output):
+        # it writes a whole layout: an earlier run's kinds left beside this run's would be read back as part of it
+        raise ValueError(f"--output {config.output} is not empty (an earlier to-official run's layout?); to-official "
+                         "writes a whole official layout: give a new or empty folder, or remove this one to rewrite it.")
     counts: Counter = Counter()
     buffers: dict[str, list[str]] = defaultdict(list)
     written: dict[str, list[str]] = defaultdict(list)
@@ -150,9 +154,15 @@ def official_folders(root: str) -> list[str]:
 def iter_official(root: str):
     index = 0
     for folder in official_folders(root):
-        entries = read_json(os.path.join(folder, "json", "train.json"), list,
-                            'a list of {"source": [TSV file names], ...} entries (the official layout)',
-                            "Check the folder given to --input.")
+        listing = os.path.join(folder, "json", "train.json")
+        holds = 'a list of {"source": [TSV file names], ...} entries (the official layout)'
+        entries = read_json(listing, list, holds, "Check the folder given to --input.")
+        if not all(isinstance(entry, dict) and isinstance(entry.get("source", []), list)
+                   and all(isinstance(name, str) for name in entry.get("source", [])) for entry in entries):
+            # a "source" written as one name was read letter by letter (each "missing"), an entry that is no
+            # mapping was a bare AttributeError
+            raise ValueError(f"{listing}: an entry is not {{\"source\": [TSV file names], ...}}; it should hold "
+                             f"{holds}. Check the folder given to --input.")
         for entry in entries:
             kind = _kind_of(entry)
             for name in entry.get("source", []):

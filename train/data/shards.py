@@ -77,8 +77,11 @@ def encode_meta(meta: dict) -> bytes:
 
 
 def sanitize_key(text: str) -> str:
-    """A WebDataset-safe key fragment: no dots or slashes (they would split the key)."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:80] or "x"
+    """A WebDataset-safe key fragment: no dots or slashes (they would split the key), at most 80 characters: a
+    longer one keeps its start and its end (where a line number or an index sits: cutting the end made the lines
+    of a TSV with a long name one key)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "x"
+    return safe if len(safe) <= 80 else f"{safe[:40]}__{safe[-38:]}"
 
 
 def shard_name(prefix: str, index: int) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from train.common.config import read_utf8_lines
 from train.common.walk import IMAGE_SUFFIXES, files_under
 
 from .shards import iter_records, sanitize_key
@@ -107,7 +108,7 @@ def _read_captions_file(path: str | None) -> dict[str, str]:
         return {}
     captions = {}
     with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(read_utf8_lines(handle, f"captions file {path}"), 1):
             if not line.strip():
                 continue
             try:

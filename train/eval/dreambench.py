@@ -146,12 +146,24 @@ def read_prompts_file(cfg: DreamBenchConfig) -> dict:
         if cfg.prompts_file:
             raise ValueError(f"--prompts-file {cfg.prompts_file}: no such file.")
         return {}
+    layout = ('{"subjects": {"<folder>": {"class": "dog", "live": true} or "dog", ...}, "object_prompts": ["a {} '
+              'in the snow", ...], "live_prompts": [...]}')
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompts file {path}: not valid JSON ({e}).") from e
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        raise ValueError(f"prompts file {path}: not valid UTF-8 JSON ({e}); it should hold {layout}.") from e
     if not isinstance(spec, dict):
-        raise ValueError(f"prompts file {path}: must hold an object with subjects / object_prompts / live_prompts.")
+        raise ValueError(f"prompts file {path}: must hold an object, {layout}.")
+    subjects = spec.get("subjects", {})
+    if not isinstance(subjects, dict) or not all(
+            isinstance(info, str) or (isinstance(info, dict) and isinstance(info.get("class"), str)
+                                      and isinstance(info.get("live", False), bool)) for info in subjects.values()):
+        raise ValueError(f"prompts file {path}: \"subjects\" must map each folder to its class noun or to "
+                         f"{{\"class\": noun, \"live\": true/false}}; it should hold {layout}.")
+    for key in ("object_prompts", "live_prompts"):
+        if key in spec and not (isinstance(spec[key], list) and all(isinstance(t, str) for t in spec[key])):
+            raise ValueError(f"prompts file {path}: \"{key}\" must be a list of prompt templates (each with one "
+                             f"{{}} for the subject); it should hold {layout}.")
     return spec
 
 

@@ -63,7 +63,7 @@ class NanoSamplingOptions:
     steps: int = field(default=20, metadata={"min": 1, "help": "sampler steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     method: str = field(default="ddim", metadata={"help": "sampler: ddim | euler"})
-    batch_size: int = field(default=64, metadata={"min": 1, "help": "cases per sampler batch (noise is drawn per case)"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "cases per sampler batch (each batch's noise is seeded from --seed and its number, so results depend on it; the JSON records it)"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     json: str = field(default="", metadata={"help": "also write the result JSON to this file"})
     grid: str = field(default="", metadata={"help": "also write a PNG grid of the first --grid-rows cases"})
@@ -209,7 +209,7 @@ def run(cfg: NanoImageConfig) -> dict:
     result["judge_samples"] = judge_n
     result.update({
         "samples": cfg.samples, "seed": cfg.seed,
-        "sampler": {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance,
+        "sampler": {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance, "batch_size": cfg.batch_size,
                     "uncond": "empty caption", "latent_shape": [4, 8, 8]},
         "checkpoint": str(cfg.checkpoint), "text_encoder": str(cfg.text_encoder),
     })  # no wall time in the result: the same flags give byte-identical JSON

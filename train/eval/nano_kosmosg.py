@@ -288,7 +288,7 @@ def run(cfg: NanoKosmosGConfig) -> dict:
     result.update(text_fractions(totals["subject_fidelity"], "text_fidelity"))
     result.update({
         "samples": cfg.samples, "seed": cfg.seed,
-        "sampler": {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance,
+        "sampler": {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance, "batch_size": cfg.batch_size,
                     "uncond": "Kosmos-G encode_unconditional (<s>); text ceiling: empty caption",
                     "latent_shape": [4, 8, 8]},
         "checkpoint": str(cfg.checkpoint), "tokenizer": cfg.tokenizer or "(inside the checkpoint)",
