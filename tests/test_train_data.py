@@ -1148,3 +1148,13 @@ def test_from_official_refuses_a_listing_it_cannot_read(tmp_path, listing):
     (folder / "json" / "train.json").write_text(json.dumps(listing))
     with pytest.raises(ValueError, match=r'train.json: an entry is not \{"source": \[TSV file names\]'):
         run_from_official(OfficialConfig(input=str(tmp_path / "official"), output=str(tmp_path / "out")))
+
+
+def test_a_folder_of_neither_images_nor_shards_says_so(tmp_path):
+    """Found by a review: a folder with no images (only .txt / .tif files) was taken for shards and refused as
+    "no .tar files found"."""
+    from train.data.sources import iter_raw_items
+
+    (tmp_path / "a.txt").write_text("a caption")
+    with pytest.raises(ValueError, match=r"holds neither images \(.*\) nor \.tar shards; give the folder of images"):
+        list(iter_raw_items(str(tmp_path)))

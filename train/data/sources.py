@@ -190,6 +190,9 @@ def iter_raw_items(input_spec: str | None, source: str = "auto", captions_file: 
     if source == "auto":
         if os.path.isdir(input_spec):  # a folder: of images, or of shards (a folder name may hold "[" or ",")
             looks_like_shards = not files_under(input_spec, IMAGE_SUFFIXES)
+            if looks_like_shards and not files_under(input_spec, (".tar",)):  # said "no .tar files found" before
+                raise ValueError(f"--input {input_spec}: holds neither images ({', '.join(IMAGE_SUFFIXES)}) nor "
+                                 ".tar shards; give the folder of images (with .txt captions) or of shards.")
         else:
             looks_like_shards = input_spec.lower().endswith(".tar") or any(c in input_spec for c in "*?[,")
         source = "shards" if looks_like_shards else "folder"

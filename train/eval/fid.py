@@ -36,7 +36,7 @@ class FidConfig:
     real: str = field(default="", metadata={"help": "folder of real images, or an .npz written by --save-real-stats"})
     inception: str = field(default="", metadata={"help": "torchvision inception_v3 weights (.pth/.safetensors) or "
                                                          "a transformers image-model folder"})
-    image_size: int = field(default=299, metadata={"help": "torchvision Inception input size"})
+    image_size: int = field(default=299, metadata={"min": 1, "help": "torchvision Inception input size"})
     resize: int = field(default=256, metadata={"min": 1, "help": "shorter side before the centre crop (official COCO: 256)"})
     crop: int = field(default=256, metadata={"min": 1, "help": "centre-crop size (official COCO: 256)"})
     max_images: int = field(default=0, metadata={"min": 0, "help": "use at most N images per side, sorted by name (0 = all)"})
