@@ -1158,3 +1158,15 @@ def test_a_folder_of_neither_images_nor_shards_says_so(tmp_path):
     (tmp_path / "a.txt").write_text("a caption")
     with pytest.raises(ValueError, match=r"holds neither images \(.*\) nor \.tar shards; give the folder of images"):
         list(iter_raw_items(str(tmp_path)))
+
+
+def test_set_takes_a_key_of_a_free_form_mapping(tmp_path):
+    """Found by a review: `--set source_options.crops=mask` was refused ("unknown config key ...; known keys here: "
+    with an empty list): only the mapping form worked."""
+    from train.data.cli import build_parser, resolve_config
+
+    config = resolve_config(build_parser().parse_args(
+        ["build", "--source", "nano-world", "--set", "source_options.crops=mask", "--set", "source_options.size=40"]))
+    assert config.source_options == {"crops": "mask", "size": 40}
+    config = resolve_config(build_parser().parse_args(["build", "--set", "source_options={crops: full}"]))
+    assert config.source_options == {"crops": "full"}

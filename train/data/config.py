@@ -149,10 +149,16 @@ def set_path(config: Any, dotted: str, value: Any) -> None:
     """Set `a.b.c` on nested dataclasses, converting `value` to the field's type."""
     *parents, last = dotted.replace("-", "_").split(".")
     target = config
-    for part in parents:
+    for depth, part in enumerate(parents):
+        if isinstance(target, dict):  # a free-form mapping (source_options): the rest of the key is one of its keys
+            target[".".join([*parents[depth:], last])] = value
+            return
         if not dataclasses.is_dataclass(target) or not hasattr(target, part):
             raise ValueError(f"unknown config key {dotted!r} ({type(config).__name__} has no {part!r})")
         target = getattr(target, part)
+    if isinstance(target, dict):  # e.g. source_options.crops=mask
+        target[last] = value
+        return
     if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
         names = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
         raise ValueError(f"unknown config key {dotted!r}; known keys here: {names}")
