@@ -174,9 +174,17 @@ class KosmosGConfig:
 
     @property
     def max_prompt_tokens(self) -> int:
-        """The longest token sequence (ids incl. <s> and the image slots) the model reads: the decoder's
-        max_positions, and the rows of the aligner's position table from ALIGNER_FIRST_POSITION on."""
-        return min(self.decoder.max_positions, self.aligner.max_positions - ALIGNER_FIRST_POSITION)
+        """The longest token sequence (ids incl. <s> and the image slots) the model was trained on and reads: the
+        decoder's max_positions (official tokens-per-sample), within the aligner's position table from
+        ALIGNER_FIRST_POSITION on. Training keeps to it."""
+        return min(self.decoder.max_positions, self.max_readable_tokens)
+
+    @property
+    def max_readable_tokens(self) -> int:
+        """The longest token sequence the model can read at all: the rows of the aligner's learned position table
+        from ALIGNER_FIRST_POSITION on (official: 32766). The decoder's sinusoidal positions are computed for any
+        length, and the official code encodes prompts past its trained length (the pipeline warns)."""
+        return self.aligner.max_positions - ALIGNER_FIRST_POSITION
 
     # --- serialisation (stored as JSON in the .safetensors metadata) ---------------------------
     def to_dict(self) -> dict:

@@ -295,14 +295,24 @@ class KosmosGPipeline:
 
     @property
     def max_tokens(self) -> int:
-        return self.cfg.max_prompt_tokens
+        return self.cfg.max_readable_tokens
+
+    def _check_length(self, ids: PromptIds, what: str) -> None:
+        """Refuse a sequence the model cannot read; warn about one past what it was trained on (the official code
+        encodes it, without a word)."""
+        check_prompt_length(ids, self.max_tokens, what)
+        if len(ids.ids) > self.cfg.max_prompt_tokens:
+            logger.warning("The %s is %d tokens long (image slots included: %d), past the %d the model was trained "
+                           "on: it is encoded as the official code encodes it, but may come out worse; shorten the "
+                           "text or use fewer images.", what, len(ids.ids), ids.num_image_slots,
+                           self.cfg.max_prompt_tokens)
 
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:
         """Validate one prompt against its images and the model's limits -> its token ids."""
         check_text(prompt, "prompt")
         ids = build_prompt_ids(self.tokenizer, prompt, len(images), image_slots=self.cfg.image_token_slots)
-        check_prompt_length(ids, self.max_tokens)
+        self._check_length(ids, "prompt")
         return ids
 
     # --- encoding ------------------------------------------------------------------------------
@@ -488,7 +498,7 @@ class KosmosGPipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PromptError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         ids = build_unconditional_ids(self.tokenizer, negative_prompt)
-        check_prompt_length(ids, self.max_tokens, what="negative prompt")
+        self._check_length(ids, "negative prompt")
         model_key = self.model_key()
         key = (negative_prompt, model_key)
         cond = self._unconditional_cache.get(key)

@@ -253,3 +253,22 @@ def test_batch_of_different_lengths_matches_official(setup):
     assert ids.shape[1] > rows[0][0].shape[1]  # the batch really pads the short prompt
     official_batch = setup.ref.trace(ids, mask, torch.cat(all_pixels))["condition"]
     assert max_diff(batch, official_batch) <= ATOL
+
+
+def test_a_prompt_past_the_trained_length_is_encoded_as_the_official_code_encodes_it(setup, caplog):
+    """The official code encodes prompts past the decoder's trained length (its sinusoidal positions are computed
+    for any length; only the aligner's learned table ends): the pack did refuse them (a review found it). Past the
+    trained length: the official output and a warning; past the aligner's table: a PromptError naming it."""
+    from kosmosg_core.errors import PromptError
+
+    words = setup.cfg.max_prompt_tokens + 20  # one token each ("a" is one piece), plus <s>
+    prompt = " ".join(["a"] * words)
+    if len(setup.pipe.tokenizer.encode(prompt)) + 1 > setup.cfg.max_readable_tokens:  # medium: its aligner is shorter
+        with pytest.raises(PromptError, match=r"tokens long .* reads at most \d+ \(its aligner's position table\)"):
+            setup.pipe.encode(prompt, [])
+        return
+    with caplog.at_level("WARNING", logger="kosmosg_core.pipeline"):
+        actual = setup.pipe.encode(prompt, [])
+    assert f"past the {setup.cfg.max_prompt_tokens} the model was trained on" in caplog.text
+    ids, mask, pixels, _ = setup.ref_inputs(prompt, [])
+    assert_parity(setup, prompt, [], actual, setup.ref.trace(ids, mask, pixels)["condition"])

@@ -229,7 +229,7 @@ def test_placeholder_mismatch(pipe):
 
 
 def test_prompt_too_long(pipe):
-    with pytest.raises(PromptError, match=r"8001 tokens long .* at most 256; shorten the text"):
+    with pytest.raises(PromptError, match=r"8001 tokens long .* at most 510 \(its aligner.s position table\); shorten"):
         pipe.encode("word " * 2000)
 
 
