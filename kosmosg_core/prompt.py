@@ -123,8 +123,11 @@ def placeholder_mismatch(text: str, num_images: int) -> str | None:
         fix = f"add an image or remove a {IMAGE_PLACEHOLDER}"
     else:
         fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs, or remove an image"
-    return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given; "
-            f"{fix} (one {IMAGE_PLACEHOLDER} per image, in order).")
+    # `<i:...>` (an image with its weight) counts too: said when the text holds one, which may be meant as text
+    weighted = " (a <i:...> is a placeholder too)" if any(
+        match.group(1) is not None for match in PLACEHOLDER_PATTERN.finditer(text)) else ""
+    return (f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s){weighted} but {num_images} image(s) "
+            f"were given; {fix} (one {IMAGE_PLACEHOLDER} per image, in order).")
 
 
 def check_image_weight(weight, where: str) -> float:

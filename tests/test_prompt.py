@@ -263,3 +263,13 @@ def test_prompt_ids_validates_lengths():
     assert PromptIds([0, 5]).image_mask == [False, False]
     with pytest.raises(ValueError):
         PromptIds([0, 5], [False])
+
+
+def test_a_count_mismatch_says_that_a_weighted_placeholder_counts():
+    """From a fidelity review: the official code counts only the literal <i>; this pack's <i:W> counts too, so
+    `smiley <i:)> <i>` with one image was a mismatch the user could not see. The message now says so (only then)."""
+    from kosmosg_core.prompt import placeholder_mismatch
+
+    assert "(a <i:...> is a placeholder too) but 1 image(s)" in placeholder_mismatch("smiley <i:)> <i>", 1)
+    for text in ("<i> <i>", "<i<i>>"):
+        assert "is a placeholder too" not in placeholder_mismatch(text, 3)
