@@ -304,8 +304,8 @@ class KosmosGPipeline:
         if len(ids.ids) > self.cfg.max_prompt_tokens:
             logger.warning("The %s is %d tokens long (image slots included: %d), past the %d the model was trained "
                            "on: it is encoded as the official code encodes it, but may come out worse; shorten the "
-                           "text or use fewer images.", what, len(ids.ids), ids.num_image_slots,
-                           self.cfg.max_prompt_tokens)
+                           "text%s.", what, len(ids.ids), ids.num_image_slots, self.cfg.max_prompt_tokens,
+                           " or use fewer images" if ids.num_image_slots else "")
 
     # --- checks --------------------------------------------------------------------------------
     def check_inputs(self, prompt: str, images: Sequence) -> PromptIds:

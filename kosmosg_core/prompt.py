@@ -245,4 +245,5 @@ def check_prompt_length(prompt_ids: PromptIds, max_positions: int, what: str = "
         images = prompt_ids.num_image_slots
         raise PromptError(
             f"The {what} is {length} tokens long (image slots included: {images}) but the model reads at most "
-            f"{max_positions} (its aligner's position table); shorten the text or use fewer images.")
+            f"{max_positions} (its aligner's position table); shorten the text"
+            f"{' or use fewer images' if images else ''}.")

@@ -47,7 +47,13 @@ class KosmosGModel:
         return self.pipeline.context_dim
 
     @property
-    def patcher(self) -> comfy.model_patcher.ModelPatcher:
+    def patcher(self) -> comfy.model_patcher.ModelPatcher | None:
+        """The model under the memory manager once its weights are read, else None. Never reads them: ComfyUI's
+        executor looks up `patcher` on every node output it passes on (its model tracker, its RAM-pressure cache),
+        and a workflow whose encodings all come from the disk cache must not read the weights."""
+        return self._patcher
+
+    def loaded_patcher(self) -> comfy.model_patcher.ModelPatcher:
         """The model under the memory manager; the weights are read here the first time (on the offload device)."""
         if self._patcher is None:
             model = self.pipeline.load()  # logs "reading the weights of ..."
@@ -62,7 +68,7 @@ class KosmosGModel:
         others if needed).
 
         force_full_load: our plain torch layers cannot run partially offloaded (no comfy.ops casts)."""
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        mm.load_models_gpu([self.loaded_patcher()], force_full_load=True)
 
 
 _LOADED: "weakref.WeakValueDictionary[tuple, KosmosGModel]" = weakref.WeakValueDictionary()

@@ -185,7 +185,13 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     kosmosg_dir, _ = model_dirs
     model = KosmosGLoader.execute(converted, dtype="auto", device="cpu").result[0]
     assert not model.pipeline.is_loaded  # the file checked, its config and tokenizer read; the weights on first use
-    assert isinstance(model.patcher, comfy.model_patcher.ModelPatcher) and model.pipeline.is_loaded
+    # found by a review: ComfyUI's executor reads `patcher` of every output it passes on (its model tracker): that
+    # read the weights even when every encoding then came from the disk cache
+    comfy.model_patcher.PromptModelTracker().add([model])
+    assert comfy.model_patcher.is_model_patcher_output(model) is False
+    assert model.patcher is None and not model.pipeline.is_loaded
+    assert isinstance(model.loaded_patcher(), comfy.model_patcher.ModelPatcher) and model.pipeline.is_loaded
+    assert model.patcher is model.loaded_patcher()
     assert model.patcher.model is model.pipeline.model
     assert model.patcher.load_device == torch.device("cpu")
     assert model.pipeline.dtype == torch.float32  # auto on the CPU
@@ -199,7 +205,7 @@ def test_loader_wraps_model_in_patcher_and_caches_by_file(model_dirs, converted)
     assert has_packed_linears(bf16.pipeline.model) == packs_dtype(torch.bfloat16)
     plain = KosmosGPipeline.from_checkpoint(kosmosg_dir / converted, pack_cpu_linears=False).model
     fp32_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
-    assert model.patcher.model_size() == fp32_bytes and bf16.patcher.model_size() == fp32_bytes // 2
+    assert model.patcher.model_size() == fp32_bytes and bf16.loaded_patcher().model_size() == fp32_bytes // 2
     before = KosmosGLoader.fingerprint_inputs(converted, "auto", "cpu")
     path = kosmosg_dir / converted
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
@@ -235,7 +241,7 @@ def test_loader_works_on_a_comfyui_without_core_model_patcher(model_dirs, conver
     """ComfyUI releases from before CoreModelPatcher (early 2026) but with the V3 node API: plain ModelPatcher."""
     monkeypatch.delattr(comfy.model_patcher, "CoreModelPatcher")
     model = KosmosGLoader.execute(converted, dtype="fp32", device="cpu").result[0]
-    assert type(model.patcher) is comfy.model_patcher.ModelPatcher
+    assert type(model.loaded_patcher()) is comfy.model_patcher.ModelPatcher
     assert KosmosGEncode.execute(model, run_prompt("a <i> in town", [image(3)])).result[0][0][0].shape == (1, 77, 768)
 
 
@@ -260,7 +266,7 @@ def test_loaded_model_is_freed_when_comfy_lets_go_of_it(model_dirs, converted):
 
 def test_loader_auto_device_follows_comfy_text_encoder_device(model_dirs, converted):
     model = KosmosGLoader.execute(converted).result[0]
-    assert model.patcher.load_device == mm.text_encoder_device()
+    assert model.loaded_patcher().load_device == mm.text_encoder_device()
     assert model.patcher.offload_device == mm.text_encoder_offload_device()
 
 

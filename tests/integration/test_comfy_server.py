@@ -242,6 +242,9 @@ def test_the_disk_cache_survives_a_server_restart(comfy):
     after = comfy.run(graph)
     assert_success(comfy, after)
     assert "Kosmos-G Encode: read from the disk cache" in comfy.log_text(), comfy.log_tail()
+    # the weights are not read either (a review found ComfyUI's executor read them, looking up the Loader output's
+    # `patcher` for its model tracker)
+    assert "reading the weights of" not in comfy.log_text(), comfy.log_tail()
     assert (pixels(comfy.output_images(after)[0]) == pixels(comfy.output_images(before)[0])).all()
 
 
