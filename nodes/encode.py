@@ -13,7 +13,6 @@ Output format (what CLIPTextEncode gives, so every stock node accepts it):
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import comfy.model_management as mm
 import comfy.utils
@@ -30,13 +29,12 @@ from .types import CATEGORY, KosmosGModelType, KosmosGPrompt, KosmosGPromptType
 
 logger = logging.getLogger(__name__)
 
-MAX_CACHED_ENCODINGS = 16
+MAX_CACHED_ENCODINGS = 16  # per model (KosmosGModel.encodings)
 MAX_CACHED_BYTES = 256 * 2**20  # and at most this much tensor data (big batches are 100s of MB each)
-_ENCODE_CACHE: "OrderedDict[tuple, tuple[list, list]]" = OrderedDict()
 
 
-def _cached_bytes() -> int:
-    return sum(t.numel() * t.element_size() for pair in _ENCODE_CACHE.values() for conditioning in pair
+def _cached_bytes(encodings: dict) -> int:
+    return sum(t.numel() * t.element_size() for pair in encodings.values() for conditioning in pair
                for cond, extras in conditioning for t in (cond, extras["pooled_output"]))
 
 
@@ -138,15 +136,16 @@ class KosmosGEncode(io.ComfyNode):
         # ComfyUI already caches this node's output while its inputs are unchanged; this content-keyed
         # cache also covers re-executed upstream nodes that produce the same pixels.
         # with the disk_cache flag: turned on, the next run puts what memory holds on disk
-        key = (model.cache_key, prompt.fingerprint(), negative_text, bool(disk_cache))
-        if key in _ENCODE_CACHE:
-            _ENCODE_CACHE.move_to_end(key)
-            positive, negative = _ENCODE_CACHE[key]
+        # kept with the model: freed with it (ComfyUI's "free model and node cache" drops the Loader's output)
+        cache, key = model.encodings, (prompt.fingerprint(), negative_text, bool(disk_cache))
+        if key in cache:
+            cache.move_to_end(key)
+            positive, negative = cache[key]
         else:
             positive, negative = encode_prompt(model, prompt, negative_text,
                                                shared_disk_cache() if disk_cache else None)
-            _ENCODE_CACHE[key] = (positive, negative)
-            while len(_ENCODE_CACHE) > MAX_CACHED_ENCODINGS or (len(_ENCODE_CACHE) > 1 and _cached_bytes() > MAX_CACHED_BYTES):
-                _ENCODE_CACHE.popitem(last=False)
+            cache[key] = (positive, negative)
+            while len(cache) > MAX_CACHED_ENCODINGS or (len(cache) > 1 and _cached_bytes(cache) > MAX_CACHED_BYTES):
+                cache.popitem(last=False)
         # fresh outer lists and dicts each run: downstream nodes may copy/extend them
         return io.NodeOutput([[t, d.copy()] for t, d in positive], [[t, d.copy()] for t, d in negative])

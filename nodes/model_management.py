@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -32,7 +33,8 @@ DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 @dataclass
 class KosmosGModel:
     """The value of a KOSMOSG_MODEL socket: the core pipeline (lazy: weights read on first use) plus, once they
-    are read, its ComfyUI patcher."""
+    are read, its ComfyUI patcher, and Kosmos-G Encode's recent results with it (`encodings`: they live as long
+    as the model, so ComfyUI's "free model and node cache" frees them too)."""
 
     pipeline: object  # kosmosg_core.pipeline.KosmosGPipeline
     name: str
@@ -41,6 +43,7 @@ class KosmosGModel:
     offload_device: torch.device
     weight_bytes: int  # the weights' size in their dtype: what the memory manager counts
     _patcher: comfy.model_patcher.ModelPatcher | None = None
+    encodings: OrderedDict = field(default_factory=OrderedDict, repr=False)  # Encode's key -> (positive, negative)
 
     @property
     def context_dim(self) -> int:

@@ -98,7 +98,6 @@ def model_dirs(tmp_path, official_files, monkeypatch):
                         ([str(cond_dir)], paths.CONDITIONING_EXTENSIONS))
     folder_paths.filename_list_cache.clear()
     model_management.clear_cache()
-    encode._ENCODE_CACHE.clear()
     yield kosmosg_dir, cond_dir
     folder_paths.filename_list_cache.clear()
     model_management.clear_cache()
@@ -255,8 +254,8 @@ def test_loaded_model_is_freed_when_comfy_lets_go_of_it(model_dirs, converted):
     KosmosGEncode.execute(model, run_prompt("a <i> in town", [image(3)]))  # through load_models_gpu
     assert any(m.model is model.patcher for m in mm.current_loaded_models)
     alive = weakref.ref(model.pipeline.model)
+    assert len(model.encodings) == 1  # Encode's results live with the model (a review found them outliving it)
     mm.unload_all_models()
-    encode._ENCODE_CACHE.clear()
     del model
     gc.collect()
     assert alive() is None
@@ -501,8 +500,7 @@ def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
 def _restart_comfy():
     """What a ComfyUI restart forgets: loaded models, the node caches, the pipeline's in-memory caches."""
     mm.unload_all_models()
-    model_management.clear_cache()
-    encode._ENCODE_CACHE.clear()
+    model_management.clear_cache()  # the models, with Encode's results kept on them
 
 
 def test_encode_disk_cache_survives_a_restart(model_dirs, converted, user_directory, monkeypatch):
@@ -627,7 +625,7 @@ def test_encode_cache_is_bounded_by_bytes(model_dirs, converted, monkeypatch):
     monkeypatch.setattr(encode, "MAX_CACHED_BYTES", 77 * 768 * 4 * 3)  # room for one B=1 pair, not two
     KosmosGEncode.execute(model, run_prompt("a cat"))
     KosmosGEncode.execute(model, run_prompt("a dog"))
-    assert len(encode._ENCODE_CACHE) == 1 and encode._cached_bytes() <= encode.MAX_CACHED_BYTES
+    assert len(model.encodings) == 1 and encode._cached_bytes(model.encodings) <= encode.MAX_CACHED_BYTES
 
 
 def test_encode_is_interruptible(model_dirs, converted):
