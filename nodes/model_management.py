@@ -43,7 +43,7 @@ class KosmosGModel:
     offload_device: torch.device
     weight_bytes: int  # the weights' size in their dtype: what the memory manager counts
     _patcher: comfy.model_patcher.ModelPatcher | None = None
-    encodings: OrderedDict = field(default_factory=OrderedDict, repr=False)  # Encode's key -> (positive, negative)
+    encodings: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)  # Encode's key -> results
 
     @property
     def context_dim(self) -> int:
