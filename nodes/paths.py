@@ -23,11 +23,12 @@ CONDITIONING_EXTENSIONS = {".safetensors"}
 
 
 def register_folder(name: str, extensions: set[str]) -> None:
-    if name in folder_paths.folder_names_and_paths:
-        paths = folder_paths.folder_names_and_paths[name][0]
-    else:
-        paths = [os.path.join(folder_paths.models_dir, name)]
-    folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
+    """ComfyUI's `models/<name>` plus any folders extra_model_paths.yaml lists under a `<name>:` key (ComfyUI reads
+    the yaml before it imports custom nodes, so those come first here; the default folder is kept: the README and
+    every "not found" message send users there)."""
+    default = os.path.join(folder_paths.models_dir, name)
+    listed = list(folder_paths.folder_names_and_paths.get(name, ([], set()))[0])
+    folder_paths.folder_names_and_paths[name] = ([default, *(p for p in listed if p != default)], set(extensions))
 
 
 def register_folders() -> None:

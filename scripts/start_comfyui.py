@@ -7,7 +7,8 @@ What it does (nothing outside DATA and the pack is touched; no other ComfyUI ins
   DATA (default ~/.cache/kosmosg/comfyui-data, or --dir):
     custom_nodes/ComfyUI-Kosmos-G -> this repository (symlink)
     kosmosg-pack-models/          links: checkpoints/nano-sd15.safetensors, kosmosg/kosmosg-nano.safetensors
-    extra_model_paths.yaml        registers kosmosg-pack-models for `checkpoints` and `kosmosg`
+    kosmosg_model_paths.yaml      registers kosmosg-pack-models for `checkpoints` and `kosmosg` (its own name:
+                                  a ComfyUI tree given as DATA keeps its extra_model_paths.yaml)
     input/                        the example subject images from workflows/input/
     user/default/workflows/       the shipped workflows (Workflows sidebar); updated unless edited there
     models/, output/, user/       ComfyUI's usual folders
@@ -20,7 +21,8 @@ Modes:
   (default)  start the server on 127.0.0.1:PORT in the foreground, print the URL and the
              workflow to open; Ctrl-C stops it.
   --smoke    start it, queue the out-of-the-box workflow through the HTTP API, check the image is
-             a valid PNG of the workflow's size, stop the server; exit status 0 (ok) or 1.
+             a valid PNG of the workflow's size and not one flat colour, stop the server; exit status 0 (ok)
+             or 1.
 """
 
 from __future__ import annotations
@@ -133,11 +135,23 @@ def copy_examples(data: Path) -> list[str]:
         there = _sha256(target) if target.exists() else None
         if there == _sha256(workflow):
             continue
-        if there is not None and there not in earlier.get(workflow.name, []):
+        if there is not None and there not in earlier.get(workflow.name, []) and _is_json(target):
             logger.info("keeping %s: it is not the pack's (edited there); delete it to get the pack's", target)
             continue
-        shutil.copyfile(workflow, target)
+        if there is not None and there not in earlier.get(workflow.name, []):  # a copy cut short: not an edit
+            logger.info("replacing %s: it is not readable JSON (a copy cut short?)", target)
+        partial = target.with_name(target.name + ".partial")  # not a .json: the sidebar never lists it
+        shutil.copyfile(workflow, partial)
+        os.replace(partial, target)  # a kill mid-copy leaves the old file or the new one, never half of one
     return copied
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -161,15 +175,23 @@ def link_pack_models(data: Path, standins: Path | None) -> Path:
     return root
 
 
+YAML_MARKER = "# written by scripts/start_comfyui.py; regenerated on every start"
+
+
 def write_extra_model_paths(data: Path, pack_models: Path) -> Path:
     """Registers the pack's models (link_pack_models) for CheckpointLoaderSimple and the Kosmos-G
     loader; only this server reads the file (--extra-model-paths-config)."""
-    lines = ["# written by scripts/start_comfyui.py; regenerated on every start",
+    lines = [YAML_MARKER,
              "kosmosg_pack_models:  # links to the pack's models/nano (or random-weight stand-ins)",
              f"  base_path: {json.dumps(str(pack_models))}",
              "  checkpoints: checkpoints",
              "  kosmosg: kosmosg"]
-    path = data / "extra_model_paths.yaml"
+    # earlier versions wrote DATA/extra_model_paths.yaml: removed when it is ours (a ComfyUI tree given as DATA had
+    # its own overwritten: a review found it); a file of that name of anyone else's is never touched
+    earlier = data / "extra_model_paths.yaml"
+    if earlier.is_file() and earlier.read_text(errors="replace").startswith(YAML_MARKER):
+        earlier.unlink()
+    path = data / "kosmosg_model_paths.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -369,12 +391,12 @@ def combo_options(info: dict, node: str, name: str) -> list[str]:
 
 
 def loader_list_problem(info: dict) -> str | None:
-    """Each loader lists its own nano model and not the other one (extra_model_paths.yaml's job)."""
+    """Each loader lists its own nano model and not the other one (kosmosg_model_paths.yaml's job)."""
     for node, name, own, other in (("CheckpointLoaderSimple", "ckpt_name", NANO_SD15, NANO_KOSMOSG),
                                    ("KosmosGLoader", "checkpoint", NANO_KOSMOSG, NANO_SD15)):
         options = combo_options(info, node, name)
         if own not in options or other in options:
-            return f"{node} lists {options}: expected {own} and not {other} (extra_model_paths.yaml)"
+            return f"{node} lists {options}: expected {own} and not {other} (kosmosg_model_paths.yaml)"
     return None
 
 
@@ -384,7 +406,8 @@ def _expected_size(prompt: dict) -> tuple[int, int]:
 
 
 def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
-    """None for a decodable PNG of `size` with finite, non-constant-NaN content; else what is wrong."""
+    """None for a decodable PNG of `size` that is not one flat colour (NaN latents decode black; a model that
+    ignores its input gives a flat picture); else what is wrong."""
     from PIL import Image
 
     if not data.startswith(PNG_SIGNATURE):
@@ -397,6 +420,9 @@ def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
         return f"the output PNG does not decode: {e}"
     if image.size != size:
         return f"the output is {image.size[0]}x{image.size[1]}, the workflow asks for {size[0]}x{size[1]}"
+    extrema = image.getextrema()  # (min, max) per band, or one pair for a one-band image
+    if all(low == high for low, high in (extrema if isinstance(extrema[0], tuple) else [extrema])):
+        return f"the output is one flat colour ({image.getpixel((0, 0))}): the models produced no picture"
     return None
 
 
@@ -414,6 +440,12 @@ def main(argv=None) -> int:
     if not (args.comfy / "main.py").is_file():
         raise SystemExit(f"no ComfyUI tree at {args.comfy}; run scripts/start_comfyui.sh (it installs one) "
                          "or pass --comfy")
+    port = args.port or 8188
+    from support.comfy_server import port_is_free
+
+    if (not args.smoke or args.port) and not port_is_free(port):  # before anything is set up or written
+        raise SystemExit(f"[start_comfyui] port {port} on 127.0.0.1 is in use (ComfyUI already running? its URL is "
+                         f"http://127.0.0.1:{port}); stop it, or start this one with --port N")
     data = args.dir
     prepare_data_dir(data)
     examples = copy_examples(data)
@@ -422,12 +454,6 @@ def main(argv=None) -> int:
     yaml_path = write_extra_model_paths(data, link_pack_models(data, standins))
     if args.smoke:
         return smoke(args, data, yaml_path, args.comfy, standins)
-    port = args.port or 8188
-    from support.comfy_server import port_is_free
-
-    if not port_is_free(port):
-        raise SystemExit(f"[start_comfyui] port {port} on 127.0.0.1 is in use (ComfyUI already running? its URL is "
-                         f"http://127.0.0.1:{port}); stop it, or start this one with --port N")
     cpu = args.cpu or not gpu_available()
     cmd = server_command(args, data, yaml_path, port, cpu)
     url = f"http://127.0.0.1:{port}"

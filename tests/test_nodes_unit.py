@@ -147,9 +147,14 @@ def test_custom_types_and_conditioning_outputs():
 
 
 def test_folder_registration_keeps_yaml_paths(monkeypatch):
+    """A `kosmosg:` key in extra_model_paths.yaml adds its folders to models/kosmosg (a review found that it replaced
+    it: the start script's yaml hid DATA/models/kosmosg, where the README and the "not found" message send users)."""
+    default = os.path.join(folder_paths.models_dir, "kosmosg")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "kosmosg", (["/from/yaml"], set()))
     paths.register_folder("kosmosg", paths.CHECKPOINT_EXTENSIONS)
-    assert folder_paths.folder_names_and_paths["kosmosg"] == (["/from/yaml"], {".pt", ".safetensors"})
+    assert folder_paths.folder_names_and_paths["kosmosg"] == ([default, "/from/yaml"], {".pt", ".safetensors"})
+    paths.register_folder("kosmosg", paths.CHECKPOINT_EXTENSIONS)  # again (a reload): no duplicate
+    assert folder_paths.folder_names_and_paths["kosmosg"][0] == [default, "/from/yaml"]
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "kosmosg")
     paths.register_folder("kosmosg", paths.CHECKPOINT_EXTENSIONS)
     assert folder_paths.folder_names_and_paths["kosmosg"][0] == [os.path.join(folder_paths.models_dir, "kosmosg")]

@@ -35,9 +35,12 @@ def _load_start_module():
 start_comfyui = _load_start_module()
 
 
-def _png(size=(64, 48)) -> bytes:
+def _png(size=(64, 48), flat=False) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    image = Image.new("RGB", size, (10, 200, 30))
+    if not flat:
+        image.putpixel((0, 0), (250, 20, 20))
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -49,6 +52,8 @@ def test_png_check_accepts_a_png_of_the_requested_size():
     (b"GIF89a....", (64, 48), "not a PNG"),
     (_png((64, 48))[:60], (64, 48), "does not decode"),
     (_png((32, 32)), (64, 48), "32x32"),
+    # found by a review: a flat picture (NaN latents decode black) passed the smoke check
+    (_png((64, 48), flat=True), (64, 48), "one flat colour ((10, 200, 30)): the models produced no picture"),
 ])
 def test_png_check_names_the_problem(data, size, expected):
     assert expected in start_comfyui.png_problem(data, size)
@@ -109,7 +114,7 @@ def test_smoke_mode_runs_the_out_of_the_box_workflow(tmp_path):
     # what the command promises to set up, in the folder it was given
     link = data / "custom_nodes" / start_comfyui.PACK_FOLDER_NAME
     assert link.is_symlink() and link.resolve() == REPO
-    yaml_text = (data / "extra_model_paths.yaml").read_text()
+    yaml_text = (data / "kosmosg_model_paths.yaml").read_text()
     assert str(data / start_comfyui.PACK_MODELS) in yaml_text
     links = data / start_comfyui.PACK_MODELS
     for folder, name in (("checkpoints", start_comfyui.NANO_SD15), ("kosmosg", start_comfyui.NANO_KOSMOSG)):
@@ -179,6 +184,18 @@ def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
         with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use"):
             comfy_server.ComfyServer(tmp_path / "d", port=port).start(timeout=5)
     assert comfy_server.port_is_free(port)
+    # found by a review: a port whose server just stopped (its connections in TIME_WAIT for a minute) was refused as
+    # in use, though ComfyUI (SO_REUSEADDR) binds it
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's (ComfyUI's) listener does
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    assert comfy_server.port_is_free(port)
 
 
 def test_help_needs_no_environment(tmp_path):
@@ -213,6 +230,39 @@ def test_shipped_workflows_are_updated_unless_edited_there(tmp_path, monkeypatch
     versions.write_text(json.dumps(earlier))
     monkeypatch.setattr(start_comfyui, "EARLIER_VERSIONS", versions)
     edited.write_text('{"the": "user edited this"}')
+    cut = folder / shipped[2]  # found by a review: a copy cut short (a kill, a full disk) was kept as an edit forever
+    cut.write_bytes((REPO / "workflows" / cut.name).read_bytes()[:300])
     start_comfyui.copy_examples(data)
     assert older.read_bytes() == (REPO / "workflows" / older.name).read_bytes()
     assert edited.read_text() == '{"the": "user edited this"}'
+    assert cut.read_bytes() == (REPO / "workflows" / cut.name).read_bytes()
+    assert sorted(path.name for path in folder.iterdir()) == shipped  # no temporary file left
+
+
+def test_a_comfyui_tree_given_as_data_keeps_its_model_paths_and_a_busy_port_writes_nothing(tmp_path):
+    """Found by a review: the script wrote DATA/extra_model_paths.yaml over a ComfyUI tree's own (no backup), and
+    set DATA up before finding the port in use. Its file now has its own name; an earlier run's file of the old
+    name (its marker line) is removed, anyone else's kept."""
+    import socket
+
+    tree = tmp_path / "MyComfyUI"
+    tree.mkdir()
+    theirs = "comfyui:\n  base_path: /mnt/big/models\n"
+    (tree / "extra_model_paths.yaml").write_text(theirs)
+    written = start_comfyui.write_extra_model_paths(tree, tmp_path / "links")
+    assert written.name == "kosmosg_model_paths.yaml" and "kosmosg: kosmosg" in written.read_text()
+    assert (tree / "extra_model_paths.yaml").read_text() == theirs
+    earlier = tmp_path / "earlier-data"
+    earlier.mkdir()
+    (earlier / "extra_model_paths.yaml").write_text(start_comfyui.YAML_MARKER + "\nkosmosg_pack_models:\n")
+    start_comfyui.write_extra_model_paths(earlier, tmp_path / "links")
+    assert not (earlier / "extra_model_paths.yaml").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fresh = tmp_path / "fresh"
+        with pytest.raises(SystemExit, match=f"port {port} on 127.0.0.1 is in use"):
+            start_comfyui.main(["--dir", str(fresh), "--port", str(port), "--comfy",
+                                str(comfy_server.COMFY_TREE)])
+    assert not fresh.exists()

@@ -43,8 +43,12 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (else a second server would fail, or a check reach the wrong one)."""
+    """Nothing listens on 127.0.0.1:port (else a second server would fail, or a check reach the wrong one). A port
+    whose last connections are only closing (TIME_WAIT, for a minute after a server stopped) is free: ComfyUI binds
+    with SO_REUSEADDR, and so does this check (on POSIX; on Windows the option would take a port in use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
