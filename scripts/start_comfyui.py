@@ -78,6 +78,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` above 0 (a thread count of -3 reached torch as OMP_NUM_THREADS=-3)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneValuePerFlagParser(prog="bash scripts/start_comfyui.sh", description=__doc__.splitlines()[0],
                                    epilog="Arguments after `--` go to ComfyUI's main.py unchanged.")
@@ -88,10 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="start, run the out-of-the-box workflow through the API, check the image, stop")
     parser.add_argument("--comfy", type=Path, default=None, help="ComfyUI tree (default: beside the venv)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive(int), default=None,
                         help="torch CPU threads for the server (default: torch's choice; --smoke uses 1)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
-    parser.add_argument("--timeout", type=float, default=300.0, help="--smoke: seconds allowed for start + run")
+    parser.add_argument("--timeout", type=_positive(float), default=300.0,
+                        help="--smoke: seconds allowed for start + run")
     argv = list(sys.argv[1:] if argv is None else argv)
     own, comfy_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)
@@ -447,7 +459,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"[start_comfyui] port {port} on 127.0.0.1 is in use (ComfyUI already running? its URL is "
                          f"http://127.0.0.1:{port}); stop it, or start this one with --port N")
     data = args.dir
-    prepare_data_dir(data)
+    try:
+        prepare_data_dir(data)
+    except OSError as e:  # a read-only place, a path no file system holds (/proc/...)
+        raise SystemExit(f"[start_comfyui] cannot set up --dir {data} ({e.strerror or e}: {e.filename or data}); give "
+                         "a folder you can write to") from e
     examples = copy_examples(data)
     missing = missing_nano_models()
     standins = ensure_standins(args.comfy, missing) if missing else None

@@ -168,7 +168,10 @@ def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
     for argv, message in ((["--port", "0"], "0 is not a port"), (["--port", "99999"], "99999 is not a port"),
                           (["--", "--port", "8193"], "give --port before `--`"),
                           (["--port", "8190", "--port", "8191"],
-                           "--port is given twice on the command line (8190, then 8191); give it once.")):
+                           "--port is given twice on the command line (8190, then 8191); give it once."),
+                          # found by a review: accepted, -3 reached torch as OMP_NUM_THREADS=-3
+                          (["--threads", "0"], "argument --threads: 0 is not above 0"),
+                          (["--timeout", "-1"], "argument --timeout: -1 is not above 0")):
         result = subprocess.run([sys.executable, str(REPO / "scripts" / "start_comfyui.py"), *argv],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -176,6 +179,10 @@ def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
     a_file.write_text("x")
     with pytest.raises(SystemExit):
         start_comfyui.parse_args(["--dir", str(a_file)])
+    # found by a review: four chained tracebacks
+    with pytest.raises(SystemExit, match=r"cannot set up --dir .*a_file/below .*give a folder you can write to"):
+        start_comfyui.main(["--dir", str(a_file / "below"), "--port", str(comfy_server.free_port()), "--comfy",
+                            str(comfy_server.COMFY_TREE)])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
