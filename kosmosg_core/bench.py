@@ -396,6 +396,11 @@ def run_benchmark(args) -> dict:
     from .pipeline import resolve_device, resolve_dtype
 
     # every argument checked before minutes of measuring
+    try:  # the CLIP text yardstick's model (not a requirement of the pack: ComfyUI brings it, as do the tests)
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise KosmosGError(f"bench measures the SD1.5 CLIP text encoder as a yardstick, with transformers, which "
+                           f"cannot be imported here ({e}); pip install transformers.") from e
     unknown = [case for case in args.cases.split(",") if case not in PROMPTS]
     if unknown:
         raise KosmosGError(f"--cases: unknown case(s) {', '.join(unknown)}; use a comma list of {', '.join(PROMPTS)}.")

@@ -62,8 +62,8 @@ OFFICIAL_KEYS_TO_IGNORE = {
     r"^gpt_model\.decoder\.embed_positions\._float_tensor$": "fairseq dtype marker",
     # SoPE/xPos buffer: built by --sope-rel-pos but never applied by LMDecoder.forward
     r"^gpt_model\.decoder\.self_attn_sope\.": "unused SoPE buffer",
-    r"^diffusion_unet\.": "SD1.5 U-Net (the pack uses the user's own SD1.5 model)",
-    r"^vae\.": "SD1.5 VAE (the user's own)",
+    r"^diffusion_unet\.": "SD1.5 U-Net (not for conditioning; generate and Kosmos-G SD1.5 From Checkpoint sample with it)",
+    r"^vae\.": "SD1.5 VAE (not for conditioning; generate and Kosmos-G SD1.5 From Checkpoint decode with it)",
     r"^aligner\.clip_encoder\.": "stage-2 CLIP text encoder (loss target only)",
     "^(" + "|".join(map(re.escape, RECONSTRUCTION_KEY_PREFIXES)) + ")": "stage-2 reconstruction branch (training only)",
     r"^img_model\.visual\.proj$": "CLIP projection head (Kosmos-G uses unprojected tokens)",
@@ -536,9 +536,12 @@ def describe(path) -> dict:
     that conditioning does not use (e.g. whether it carries SD1.5's U-Net and VAE), as {what it is: number of
     tensors}; a converted file holds none of it."""
     not_read = []
-    cfg, state_dict, tokenizer = read_checkpoint(Path(path), not_read=not_read)
+    # names, shapes and dtypes only (meta tensors): a review found `info` read every weight of an official file
+    cfg, state_dict, tokenizer = read_checkpoint(Path(path), not_read=not_read, read_tensors=False)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values()})
     groups = Counter(ignored_as(key) for key in not_read)
+    beside = None if tokenizer is not None else find_tokenizer_dir(Path(path))
     return {"path": str(path), "config": json.loads(cfg.to_json()), "dtypes": dtypes,
             "parameters": sum(t.numel() for t in state_dict.values()), "tokenizer_embedded": tokenizer is not None,
-            "not_read": dict(sorted(groups.items()))}
+            # an official file's tokenizer folder, as encode / convert / the Loader find it (None: none found there)
+            "tokenizer_dir": None if beside is None else str(beside), "not_read": dict(sorted(groups.items()))}

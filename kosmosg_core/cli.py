@@ -278,11 +278,13 @@ def cmd_cache(args) -> None:
     entries = cache.entries()
     size = sum(entry_size for _, entry_size in entries)
     if args.clear:
-        cache.clear()
-        left = cache.entries()
-        removed = size - sum(entry_size for _, entry_size in left)
-        print(f"removed {len(entries) - len(left)} entries ({removed / 2**20:.1f} MiB) from {folder}"
-              + (f"; {len(left)} could not be removed (another user's?)" if left else ""))
+        removed, removed_bytes, failures = cache.clear()
+        reasons = ", ".join(sorted({e.strerror or str(e) for e in failures}))
+        if failures and not removed:  # e.g. a read-only file system: nothing done, said as an error
+            raise OutputPathError(f"--dir {folder}: none of its {len(failures)} entries could be removed ({reasons}); "
+                                  "clear it where it can be written, or as the user who owns it.")
+        print(f"removed {removed} entries ({removed_bytes / 2**20:.1f} MiB) from {folder}"
+              + (f"; {len(failures)} could not be removed ({reasons})" if failures else ""))
     else:
         print(f"{folder}: {len(entries)} entries, {size / 2**20:.1f} MiB")
 
@@ -435,4 +437,8 @@ def main(argv=None) -> int:
         logging.getLogger(__name__).info("details", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (outputs are written atomically: nothing half-written is left)
+        logging.getLogger(__name__).info("details", exc_info=True)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

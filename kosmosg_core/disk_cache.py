@@ -169,10 +169,19 @@ class DiskCache:
                 total -= size
         self._size = total
 
-    def clear(self) -> None:
-        for path, _ in self.entries():
-            _remove(path)
+    def clear(self) -> tuple[int, int, list[OSError]]:
+        """Remove every entry listed now -> (entries removed, their bytes, why each other one could not be): entries
+        another process writes meanwhile are neither removed nor counted."""
+        removed, removed_bytes, failures = 0, 0, []
+        for path, size in self.entries():
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # another user's in a shared folder, a read-only file system...
+                failures.append(e)
+                continue
+            removed, removed_bytes = removed + 1, removed_bytes + size
         self._size = None
+        return removed, removed_bytes, failures
 
 
 def _remove(path: Path) -> bool:

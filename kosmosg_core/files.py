@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
 import time
@@ -151,7 +152,8 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
             return
 
 
-TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<host>-<random>.tmp beside their final file
+TEMP_PREFIX = ".kosmosg-"  # temp files: .kosmosg-<pid>-<host>-<random>.tmp beside their final file (a folder
+# .kosmosg-...tmpd holds what a library writes through temp files of its own: safetensors)
 # Which machine wrote a temp file: on a folder shared by several machines (a multi-node run on a network
 # file system) a pid means something only on its own machine.
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
@@ -170,20 +172,27 @@ def _remove_stale_temp_files(folder: Path) -> None:
     if str(folder) in _SWEPT:
         return
     _SWEPT.add(str(folder))
-    for tmp in folder.glob(f"{TEMP_PREFIX}*.tmp"):
+    for tmp in [*folder.glob(f"{TEMP_PREFIX}*.tmp"), *folder.glob(f"{TEMP_PREFIX}*.tmpd")]:
         try:
             pid_text, *rest = tmp.name[len(TEMP_PREFIX):].split("-")
             pid = int(pid_text)
             if not CAN_PROBE_PIDS or (len(rest) == 2 and rest[0] != HOST_TAG):
                 if time.time() - tmp.stat().st_mtime > UNPROBED_TEMP_FILE_AGE:
-                    tmp.unlink(missing_ok=True)
+                    _remove_temp(tmp)
                 continue
             if pid != os.getpid():
                 os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            _remove_temp(tmp)
         except (ValueError, OSError):  # not ours, or a live process of another user: leave it
             pass
+
+
+def _remove_temp(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def _new_temp_file(folder: Path) -> tuple[Path, int]:
@@ -234,10 +243,17 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     from safetensors.torch import save_file
 
     with atomic_output(path) as tmp:
+        # safetensors writes through a temp file of its own beside its target (.tmpXXXXXX, left behind by a kill):
+        # its target goes in a folder named like our temp files, which the next writer's sweep removes
+        workdir = tmp.with_name(tmp.name + "d")
+        workdir.mkdir()
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(workdir / "tensors"), metadata=metadata)
+            os.replace(workdir / "tensors", tmp)
         except SafetensorError as e:  # e.g. no space left: an OSError like any other failed write
             raise OSError(f"cannot write {path}: {e}") from e
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     return Path(path)
 
 

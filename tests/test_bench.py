@@ -128,3 +128,24 @@ def test_bench_refuses_a_size_this_machine_cannot_hold_before_building_it(tmp_pa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
     assert main(args) == 2 and "--workdir on a bigger disk" in capsys.readouterr().err
     assert built == []
+
+
+def test_bench_without_transformers_and_a_ctrl_c_say_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Found by a review: bench without transformers (not a requirement of the pack) ended in an ImportError
+    traceback after its load measurements; Ctrl-C ended any sub-command in a KeyboardInterrupt traceback."""
+    import sys
+
+    from kosmosg_core import bench, cli
+
+    built = []
+    monkeypatch.setattr(bench, "write_checkpoints", lambda *args: built.append(args))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    args = ["bench", "--size", "tiny", "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path)]
+    assert main(args) == 2 and "with transformers, which cannot be imported here" in capsys.readouterr().err
+    assert built == []
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)  # the parser is built by main: it takes this one
+    assert main(["info", "--checkpoint", "x"]) == 130 and capsys.readouterr().err.strip() == "interrupted"

@@ -43,7 +43,7 @@ def test_official_names_round_trip():
     assert all(OFFICIAL_KEYS_TO_IGNORE.values())  # every ignored pattern states its reason
 
 
-def test_info_names_what_an_official_file_holds_beyond_conditioning(tmp_path):
+def test_info_names_what_an_official_file_holds_beyond_conditioning(tmp_path, monkeypatch):
     """`info` says whether an official file carries SD1.5's U-Net and VAE (and the stage-2 training parts): those
     tensors are never read, so it counts them by what they are; a converted file holds none of them."""
     from support.official_checkpoint import build_official_state_dict, save_official_checkpoint
@@ -52,8 +52,8 @@ def test_info_names_what_an_official_file_holds_beyond_conditioning(tmp_path):
     pt = save_official_checkpoint(tmp_path / "checkpoint_final.pt", build_official_state_dict(cfg, stage2=True))
     pt.with_suffix(".json").write_text(cfg.to_json())  # tiny heads are not 64 wide: sizes from the sidecar
     not_read = describe(pt)["not_read"]
-    assert not_read["SD1.5 U-Net (the pack uses the user's own SD1.5 model)"] == 3
-    assert not_read["SD1.5 VAE (the user's own)"] == 3
+    assert not_read["SD1.5 U-Net (not for conditioning; generate and Kosmos-G SD1.5 From Checkpoint sample with it)"] == 3
+    assert not_read["SD1.5 VAE (not for conditioning; generate and Kosmos-G SD1.5 From Checkpoint decode with it)"] == 3
     assert not_read["tied LM head (same tensor as embed_tokens)"] == 1
     assert not_read["stage-2 reconstruction branch (training only)"] > 0
     assert not_read["stage-2 CLIP text encoder (loss target only)"] == 4
@@ -62,6 +62,19 @@ def test_info_names_what_an_official_file_holds_beyond_conditioning(tmp_path):
     assert not any(what.startswith("SD1.5") for what in describe(bare)["not_read"])
     pack_path, _, _ = write_tiny_pack(tmp_path / "pack")
     assert describe(pack_path)["not_read"] == {}
+    # found by a review: it could not tell whether an official file has its tokenizer beside it, and it read every
+    # weight it reports (GBs for the official file): names, shapes and dtypes are enough
+    assert describe(pt)["tokenizer_dir"] is None and describe(pack_path)["tokenizer_dir"] is None
+    from support.tokenizer_fixture import build_tiny_tokenizer
+
+    build_tiny_tokenizer(tmp_path / "data")
+    assert describe(pt)["tokenizer_dir"] == str(tmp_path / "data")
+    import kosmosg_core.checkpoint as checkpoint_module
+
+    real_load, reads = checkpoint_module.load_pt_state_dict, []
+    monkeypatch.setattr(checkpoint_module, "load_pt_state_dict",
+                        lambda *a, **k: reads.append(k.get("read", True)) or real_load(*a, **k))
+    assert describe(pt)["parameters"] > 0 and reads == [False]
 
 
 def test_open_clip_fused_attention_is_split():

@@ -926,3 +926,38 @@ def test_generate_like_tells_images_of_the_same_bytes_and_another_size_apart(mon
     assert "the pixels differ" not in caplog.text
     with pytest.raises(Exception, match="image_sizes is"):
         run(_png_with_record(tmp_path / "bad.png", **common, image_sizes=[[2]]), wide)
+
+
+def test_cache_clear_counts_what_it_removed_and_a_read_only_folder_is_an_error(tmp_path, monkeypatch, capsys):
+    """Found by a review: --clear counted entries written meanwhile by another process as "could not be removed"
+    (it compared two listings), and on a read-only file system removed nothing and exited 0."""
+    import errno
+    from pathlib import Path
+
+    from kosmosg_core import cli
+    from kosmosg_core.disk_cache import DiskCache
+    from kosmosg_core.errors import OutputPathError
+
+    cache = DiskCache(tmp_path / "cache")
+    for k in range(3):
+        cache.put(cache.key(k), torch.zeros(1000))
+    (kept, _), *_ = cache.entries()
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if path == kept:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        cache.put(cache.key("written meanwhile", str(path)), torch.zeros(10))  # another process writes on
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    cli.cmd_cache(cli.build_parser().parse_args(["cache", "--dir", str(tmp_path / "cache"), "--clear"]))
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("removed 2 entries") and out.endswith("; 1 could not be removed (Permission denied)"), out
+
+    def read_only(path, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OutputPathError, match=r"none of its \d+ entries could be removed \(Read-only file system\)"):
+        cli.cmd_cache(cli.build_parser().parse_args(["cache", "--dir", str(tmp_path / "cache"), "--clear"]))

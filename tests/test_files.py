@@ -262,3 +262,28 @@ def test_content_fingerprint_follows_the_content_not_the_name(tmp_path):
     (folder / "unet" / "w.bin").write_bytes(b"2")
     assert before != content_fingerprint(folder) is not None
     assert content_fingerprint(tmp_path / "missing") is None and content_fingerprint(tmp_path / ("x" * 300)) is None
+
+
+def test_a_killed_safetensors_write_leaves_nothing_behind_after_the_next_write(tmp_path, monkeypatch):
+    """Found by a review: safetensors writes through a temp file of its own (.tmpXXXXXX beside its target): a
+    `convert` killed mid-write left a full-size hidden file no sweep removed. Its target is now inside a folder
+    named like the pack's temp files (…tmpd), which the next writer's sweep removes with what is in it."""
+    import kosmosg_core.files as files
+
+    seen = []
+    real_save = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+
+    def watching(tensors, filename, metadata=None):
+        seen.append(os.path.basename(os.path.dirname(filename)))  # where safetensors writes (and puts its own temp file)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("safetensors.torch.save_file", watching)
+    save_safetensors({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+    assert seen[0].startswith(files.TEMP_PREFIX) and seen[0].endswith(".tmpd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    killed = tmp_path / f"{files.TEMP_PREFIX}{_dead_pid()}-{files.HOST_TAG}-abcd1234.tmpd"  # a killed writer's
+    killed.mkdir()
+    (killed / ".tmpQx3yZa").write_bytes(b"half of a checkpoint")
+    monkeypatch.setattr(files, "_SWEPT", set())
+    save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
