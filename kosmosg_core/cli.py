@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DISK_CACHE_MAX_BYTES,
                      DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
-from .errors import GenerationSettingsError, ImageError, KosmosGError, PromptError
+from .errors import GenerationSettingsError, KosmosGError, PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,15 @@ def _cpu_linear_list(text: str) -> str:
 
 
 def _path(text: str) -> str:
-    """A path argument with `~` expanded: the shell leaves it alone in `--out=~/x`."""
+    """A path argument with `~` expanded: the shell leaves it alone in `--out=~/x`. An empty one (an unset shell
+    variable) is refused: Path("") is the current folder, which `cache --clear` would then clear."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
     return os.path.expanduser(text)
 
 
 def _image_paths(values: list[str]) -> list[Path]:
-    if any(not value.strip() for value in values):
-        raise ImageError("--image was given an empty path; give the path of an image file.")
-    return [Path(value) for value in values]
+    return [Path(value) for value in values]  # (an empty one is refused by the parser: _path)
 
 
 def _image_weights(args) -> list[float]:

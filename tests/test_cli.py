@@ -555,7 +555,7 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     cases = [
         (["encode", "--prompt", "x", "--out", tmp_path], "is a folder; give the path of a file"),
         (["encode", "--prompt", "x", "--out", a_file / "cond.safetensors"], "a_file.txt is a file, not a folder"),
-        (["encode", "--prompt", "<i>", "--image", "", "--out", tmp_path / "o.safetensors"], "--image was given an empty path"),
+        (["encode", "--prompt", "<i>", "--image", "", "--out", tmp_path / "o.safetensors"], "argument --image: an empty path"),
         (["encode", "--prompt", "", "--image", a_file, "--out", tmp_path / "o.safetensors"], "takes no images"),
         (["convert", "--out", tmp_path / "converted.pt"], "must end in .safetensors"),
         (["generate", "--sd-model", tmp_path, "--prompt", "x", "--out-dir", a_file], "a_file.txt is a file, not a folder"),
@@ -608,6 +608,9 @@ def test_bad_outputs_and_arguments_are_refused_before_loading(tmp_path):
     for args, message in cases:
         result = run_cli(args[0], "--checkpoint", missing, *args[1:], check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    # found by a review: an empty path (an unset shell variable) was the current folder: `cache --clear` cleared it
+    result = run_cli("cache", "--dir", "", "--clear", check=False)
+    assert result.returncode == 2 and "argument --dir: an empty path; give a file or folder" in result.stderr
     result = run_cli("bench", "--size", "tiny", "--cases", "text_only", check=False)
     assert result.returncode == 2 and "unknown case(s) text_only" in result.stderr
     result = run_cli("bench", "--size", "tiny", "--repeats", "0", check=False)
