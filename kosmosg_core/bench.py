@@ -415,7 +415,10 @@ def run_benchmark(args) -> dict:
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     cfg = SIZES[args.size]()
-    dtypes = [resolve_dtype(d) for d in args.dtypes.split(",")]
+    try:  # each once, in the order given (a dtype named twice was timed twice)
+        dtypes = list(dict.fromkeys(resolve_dtype(d) for d in args.dtypes.split(",")))
+    except KosmosGError as e:
+        raise KosmosGError(f"--dtypes {args.dtypes!r}: {e}") from e
     results = {"size": args.size, "device": str(device), "threads": threads, "torch": torch.__version__,
                "cases": [], "load": {}, "yardsticks": {}}
     bandwidth = measure_memory_bandwidth(device)

@@ -21,7 +21,8 @@ def tiny_bench(tmp_path):
     out = tmp_path / "results" / "bench.json"  # a folder that does not exist yet
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        main(["bench", "--size", "tiny", "--dtypes", "float32", "--repeats", "1", "--threads", "1",
+        # float32 named twice: timed once (a review found every case timed twice)
+        main(["bench", "--size", "tiny", "--dtypes", "float32,float32", "--repeats", "1", "--threads", "1",
               "--cpu-linear", ",".join(KERNELS), "--json", str(out), "--workdir", str(tmp_path / "work")])
     return json.loads(out.read_text()), printed.getvalue()
 
@@ -121,10 +122,11 @@ def test_bench_refuses_a_size_this_machine_cannot_hold_before_building_it(tmp_pa
     monkeypatch.setattr(bench, "write_checkpoints", lambda *args: built.append(args))
     monkeypatch.setattr(bench, "measure_memory_bandwidth", lambda device: 1e10)
     monkeypatch.setattr(bench, "_available_memory", lambda: 10**6)  # 1 MB free
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**14, 0, 10**14))  # whatever this disk has free
     args = ["bench", "--size", "official", "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path)]
     assert main(args) == 2 and "is available. Use a smaller --size" in capsys.readouterr().err
     monkeypatch.setattr(bench, "_available_memory", lambda: 10**12)
-    usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
     assert main(args) == 2 and "--workdir on a bigger disk" in capsys.readouterr().err
     assert built == []
@@ -143,6 +145,9 @@ def test_bench_without_transformers_and_a_ctrl_c_say_so_in_one_line(tmp_path, mo
     args = ["bench", "--size", "tiny", "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path)]
     assert main(args) == 2 and "with transformers, which cannot be imported here" in capsys.readouterr().err
     assert built == []
+    monkeypatch.delitem(sys.modules, "transformers")
+    assert main([*args, "--dtypes", "float32,"]) == 2  # a trailing comma: named by its flag
+    assert "--dtypes 'float32,': Unsupported dtype ''" in capsys.readouterr().err and built == []
 
     def interrupted(args):
         raise KeyboardInterrupt
