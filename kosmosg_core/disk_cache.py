@@ -88,9 +88,8 @@ class DiskCache:
         except (FileNotFoundError, PermissionError):  # not there, or another user's in a shared folder
             return None
         except (SafetensorError, OSError, KeyError, ValueError) as e:  # truncated or damaged: recompute it
-            removed = _remove(path)
             logger.warning("Kosmos-G disk cache: ignoring %s the damaged entry %s (%s)",
-                           "and removing" if removed else "(cannot remove)", path, e)
+                           "and removing" if _remove(path) is None else "(cannot remove)", path, e)
             return None
         try:
             os.utime(path)  # recently used: evicted last
@@ -165,7 +164,7 @@ class DiskCache:
         for path, size in entries:
             if total <= self.max_bytes:
                 break
-            if _remove(path):
+            if _remove(path) is None:
                 total -= size
         self._size = total
 
@@ -174,20 +173,20 @@ class DiskCache:
         another process writes meanwhile are neither removed nor counted."""
         removed, removed_bytes, failures = 0, 0, []
         for path, size in self.entries():
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as e:  # another user's in a shared folder, a read-only file system...
-                failures.append(e)
-                continue
-            removed, removed_bytes = removed + 1, removed_bytes + size
+            failure = _remove(path)
+            if failure is None:
+                removed, removed_bytes = removed + 1, removed_bytes + size
+            else:
+                failures.append(failure)
         self._size = None
         return removed, removed_bytes, failures
 
 
-def _remove(path: Path) -> bool:
-    """Delete an entry -> whether it is gone; one that cannot be (another user's, a file open on Windows) stays."""
+def _remove(path: Path) -> OSError | None:
+    """Delete an entry -> None once it is gone, else why it cannot be (another user's, a file open on Windows, a
+    read-only file system): it stays."""
     try:
         path.unlink(missing_ok=True)
-    except OSError:
-        return False
-    return True
+    except OSError as e:
+        return e
+    return None

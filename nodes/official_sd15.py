@@ -16,7 +16,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..kosmosg_core.errors import CheckpointError, first_line
+from ..kosmosg_core.errors import CheckpointError, KosmosGError, first_line
+from ..kosmosg_core.official_sd15 import read_official_sd15
 from . import paths
 from .types import CATEGORY
 
@@ -99,9 +100,6 @@ def comfy_vae(weights: dict, source: str):
 def _reloaded(part: str, path: str, build):
     """ComfyUI's reload factories (`cached_patcher_init`): the part read again from the file. ComfyUI's callers
     pass over a loader that cannot reload (a RuntimeError); a file damaged since is one."""
-    from ..kosmosg_core.errors import KosmosGError
-    from ..kosmosg_core.official_sd15 import read_official_sd15
-
     try:
         return build(read_official_sd15(path, USE_LOAD_CHECKPOINT, [part])[part], path)
     except KosmosGError as e:
@@ -149,8 +147,6 @@ class KosmosGCheckpointSD15(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint) -> io.NodeOutput:
-        from ..kosmosg_core.official_sd15 import read_official_sd15
-
         path = paths.resolve_checkpoint(checkpoint)
         stored = read_official_sd15(path, USE_LOAD_CHECKPOINT)  # one read; both parts checked before any is built
         return io.NodeOutput(comfy_unet(stored["U-Net"], path), comfy_vae(stored["VAE"], path))
