@@ -20,7 +20,7 @@ from train.data import cli
 from train.data.build import run_build
 from train.data.config import BuildConfig, CropConfig, IngestConfig, MixConfig, OfficialConfig
 from train.data.crops import entity_crops
-from train.data.entities import filter_entities, layout_interleaved, parse_entity_answer
+from train.data.entities import filter_entities, layout_interleaved, order_entities, parse_entity_answer
 from train.data.ingest import run_ingest_ip2p, run_ingest_pairs
 from train.data.mix import run_mix
 from train.data.official_tsv import run_from_official, run_to_official
@@ -100,8 +100,10 @@ def test_entity_parsing_and_official_filters():
     answer = "1. Dog\n- dog collar, red, and ball; the, a sentence that is far too long to be a noun ### Input: x"
     assert parse_entity_answer(answer) == ["Dog", "dog collar", "red", "ball"]
     caption = "a dog with a dog collar chasing a red ball"
-    # "Dog" occurs inside "dog collar" (ambiguous), "red" is a colour word; case-insensitive matching
-    assert filter_entities(["Dog", "dog collar", "red", "ball", "cat"], caption) == ["dog collar", "ball"]
+    # "dog" occurs inside "dog collar" (ambiguous), "red" is a colour word, "cat" is not in the caption
+    assert filter_entities(["dog", "dog collar", "red", "ball", "cat"], caption) == ["dog collar", "ball"]
+    # the official ambiguity test is case-sensitive: "Dog" is not found inside "dog collar"
+    assert filter_entities(["Dog", "dog collar", "red", "ball", "cat"], caption) == ["Dog", "dog collar", "ball"]
     # tags absent from the caption do not make others ambiguous (construction filters them first)
     assert filter_entities(["dog", "dog red red"], "a dog on a mat") == ["dog"]
 
@@ -144,12 +146,28 @@ def test_entity_answer_cut_at_the_next_section_four_word_tags_and_case_duplicate
     assert parse_entity_answer("Dog, dog, DOG, cat") == ["Dog", "cat"]
 
 
-def test_entity_filters_match_whole_words_and_colours_in_any_case():
-    """A tag must be a whole word of the caption ("cat" is not in "category"), and colour words are
-    refused whatever their case."""
+def test_entity_filters_are_the_official_loaders_own_tests():
+    """A tag must be a whole word of the caption, in any case ("cat" is not in "category"); colour words are
+    the official lower-case list compared exactly ("Red" stays); a tag named twice is ambiguous; the ambiguity
+    test reads the tag as a regular expression ("a.b" is found in "axb") and a tag that is not one makes the
+    official loader skip the line (no tag kept)."""
     assert filter_entities(["cat", "chart"], "a category chart") == ["chart"]
     assert layout_interleaved("a category chart", ["cat"]).entities == []
-    assert filter_entities(["Red", "GREEN", "ball"], "a Red ball on GREEN grass") == ["ball"]
+    assert filter_entities(["Red", "green", "ball"], "a Red ball on green grass") == ["Red", "ball"]
+    assert filter_entities(["dog", "dog", "cat"], "a dog and a cat") == ["cat"]
+    assert filter_entities(["a.b", "axb"], "an a.b and an axb") == ["axb"]
+    assert filter_entities(["dog)", "cat"], "the dog)s and a cat") == []
+
+
+def test_layout_orders_case_variants_as_the_official_loader_and_a_repeated_tag_by_its_own_mentions():
+    """The official loader sorts every tag by its first match: "Dog" and "dog" both sort there, so "cat"
+    (between the two mentions) comes after both and finds no mention left. A tag given twice (two entities of
+    one name in a labelled scene) takes the first and then the second mention."""
+    caption = "a dog and a cat and a dog"
+    assert order_entities(["Dog", "dog", "cat"], caption) == ["Dog", "dog", "cat"]
+    assert layout_interleaved(caption, ["Dog", "dog", "cat"]).entities == ["Dog", "dog"]
+    assert order_entities(["dog", "cat", "dog"], caption) == ["dog", "cat", "dog"]
+    assert order_entities(["dog", "dog", "dog", "cat"], caption) == ["dog", "cat", "dog", "dog"]
 
 
 def test_entity_crop_threshold_dilation_and_image_edge():
@@ -293,6 +311,49 @@ def test_build_from_label_source(tmp_path):
     cube = np.asarray(Image.open(io.BytesIO(sample.images["entity_0_masked.png"])))
     # the masked cube crop is the red square on white: no grey background survives
     assert (np.abs(cube.astype(int) - 128).sum(-1) > 60).mean() > 0.9
+
+
+class TwoDogWorld:
+    """A label source naming two entities alike: three dogs (red, green, blue squares with exact masks) and a
+    cat (white) in a caption that mentions a dog, the cat, then a dog."""
+
+    COLOURS = {"dog": [(255, 0, 0), (0, 255, 0), (0, 0, 255)], "cat": [(255, 255, 255)]}
+
+    def __init__(self, seed=0, count=0):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def scene(self, index):
+        pixels = np.full((40, 40, 3), 128, dtype=np.uint8)
+        entities = []
+        for slot, (name, colour) in enumerate([("dog", 0), ("cat", 0), ("dog", 1), ("dog", 2)]):
+            mask = np.zeros((40, 40), dtype=bool)
+            mask[2 + 9 * slot:9 + 9 * slot, 2:9] = True
+            pixels[mask] = self.COLOURS[name][colour]
+            entities.append(EntityLabel(name, mask))
+        return Scene(key="ignored", image=Image.fromarray(pixels), caption="a dog near a cat and a dog",
+                     entities=entities)
+
+
+def test_build_places_entities_of_one_name_at_their_own_mentions(tmp_path):
+    """Two entities of one name are not one ambiguous tag: the first dog's crop goes after the first "dog",
+    the cat's after "cat", the second dog's after the second "dog"; the third dog has no mention left and is
+    left out (before: one dog, with the last dog's crop)."""
+    config = BuildConfig(output=str(tmp_path), source="test_train_data:TwoDogWorld", count=1, samples_per_shard=1)
+    config.crop.entity_size = 8
+    config.crop.target_size = 40
+    assert run_build(config)["written"] == 1
+    sample = next(iter(read_samples(str(tmp_path))))
+    assert sample.meta["text"] == "a dog <i> near a cat <i> and a dog <i>"
+    palette = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}  # the cat's crop is all white
+    found = []
+    for k in range(3):
+        masked = np.asarray(Image.open(io.BytesIO(sample.images[f"entity_{k}_masked.png"]))).reshape(-1, 1, 3)
+        near = np.abs(masked.astype(int) - np.array(list(palette.values()))).max(-1) < 40  # [pixels, colours]
+        found.append([name for name, count in zip(palette, near.sum(0)) if count > 0])
+    assert found == [["red"], [], ["green"]]
 
 
 class WideWorld:

@@ -23,7 +23,8 @@ from train.common.seeds import derive_seed
 
 from .config import BuildConfig
 from .crops import CorruptImageError, center_square, decode_image, entity_crops, RESAMPLE, resize_shorter_side
-from .entities import clean_text, layout_interleaved, parse_entity_answer
+from .entities import (clean_text, filter_entities, layout_interleaved, order_entities, parse_entity_answer,
+                       place_entities)
 from .samples import openimage_sample
 from .shards import ProcessResult, run_sharded
 from .sources import (EntityLabel, LabelItem, RawItem, Scene, is_label_source, iter_label_items,
@@ -86,6 +87,22 @@ def _fit_scene(scene: Scene, square: bool) -> Scene:
     return Scene(scene.key, center_square(scene.image), scene.caption, entities, scene.origin)
 
 
+def _placed_labels(labels: list[EntityLabel], caption: str) -> list[EntityLabel]:
+    """The labels the official layout places, in caption order. Names pass the official filters once each,
+    so entities of one name in a labelled scene (two dogs) are not ambiguous with each other: the k-th of a
+    name takes the name's k-th mention (one past the mentions is left out)."""
+    kept = set(filter_entities(list(dict.fromkeys(label.name for label in labels)), caption))
+    named = [label for label in labels if label.name in kept]
+    layout = place_entities(caption, order_entities([label.name for label in named], caption))
+    remaining = list(named)
+    placed = []
+    for name in layout.entities:  # the j-th placed `name` is the j-th label of that name
+        label = next(label for label in remaining if label.name == name)
+        remaining.remove(label)
+        placed.append(label)
+    return placed
+
+
 def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
     """Labelled scene -> `openimage` sample (official crop recipe for masks, layout, target)."""
     crop_cfg = config.crop
@@ -93,14 +110,11 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
     caption = clean_text(scene.caption)
     if not caption:
         return None, "failed_caption"
-    by_name = {e.name: e for e in scene.entities}
-    layout = layout_interleaved(caption, list(by_name))
-    names = layout.entities[: config.models.max_entities or None]
-    if not names:
+    labels = _placed_labels(scene.entities, caption)[: config.models.max_entities or None]
+    if not labels:
         return None, "no_entities"
-    crops = {}
-    for name in names:
-        entity = by_name[name]
+    crops = {}  # id(label) -> (crop, masked crop)
+    for entity in labels:
         if entity.mask is not None:
             pair = entity_crops(scene.image, np.asarray(entity.mask, dtype=np.float32), crop_cfg.mask_threshold,
                                 crop_cfg.dilation_divisor, crop_cfg.entity_size)
@@ -112,16 +126,17 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
         else:
             pair = None
         if pair is not None:
-            crops[name] = pair
+            crops[id(entity)] = pair
     if not crops:
         return None, "no_masks"
-    layout = layout_interleaved(caption, [n for n in names if n in crops])
+    placed = _placed_labels([entity for entity in labels if id(entity) in crops], caption)
+    layout = place_entities(caption, [entity.name for entity in placed])
+    pairs = [crops[id(entity)] for entity in placed]
     if crop_cfg.square_crop:
         target = scene.image.resize((crop_cfg.target_size, crop_cfg.target_size), RESAMPLE)
     else:
         target = resize_shorter_side(scene.image, crop_cfg.target_size)
-    return openimage_sample(scene.key, caption, layout, target, [crops[n] for n in layout.entities],
-                            scene.origin), "written"
+    return openimage_sample(scene.key, caption, layout, target, pairs, scene.origin), "written"
 
 
 def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):

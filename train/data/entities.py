@@ -4,8 +4,9 @@ interleaved caption layout (entity word followed by its image).
 Facts (spec section 8, official OpenImages loader and converter):
 - the converter asks an instruction LLM for comma-separated foreground nouns and keeps a tag only
   when it occurs in the caption;
-- the loader drops colour words, tags absent from the caption as whole words, and tags that occur
-  (as whole words) inside more than one tag ("dog" next to "dog collar" is ambiguous);
+- the loader drops colour words (its lower-case list, compared exactly), tags absent from the caption
+  as whole words (any case), and tags that occur as whole words inside more than one tag ("dog" next to
+  "dog collar" is ambiguous; this test is case-sensitive and reads the tag as a regular expression);
 - tags are ordered by where their first match ends in the caption and consumed left to right;
   each entity segment runs to the end of the word (next delimiter) and gets one trailing space;
 - with `random_drop_caption_prob` the entity word itself is removed (text up to its start only).
@@ -15,11 +16,14 @@ Everything here is pure string work, so garbage model output can only ever shrin
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass, field
 
 from kosmosg_core.config import IMAGE_PLACEHOLDER, PLACEHOLDER_PATTERN
+
+logger = logging.getLogger(__name__)
 
 # Colour words the official loader refuses as entities (they name no object to crop).
 COLOUR_WORDS = frozenset({
@@ -97,26 +101,44 @@ def _whole_word(tag: str) -> re.Pattern:
 
 
 def filter_entities(tags: list[str], caption: str) -> list[str]:
-    """The official tag filters, in the official order.
+    """The official tag filters, in the official order, with the official loader's own tests.
 
-    Construction keeps only tags that occur in the caption; the loader then drops colour words,
-    tags that are not whole words of the caption, and tags that occur as a whole word in more than
-    one of the stored tags (ambiguous: "dog" beside "dog collar"). Matching is case-insensitive.
+    Construction keeps only tags that occur in the caption (whole word, any case); the loader then drops
+    colour words (its lower-case list, exactly: "Red" stays) and tags found as a whole word in more than
+    one of the stored tags (ambiguous: "dog" beside "dog collar"; a tag named twice is ambiguous too).
+    That last test is case-sensitive ("Dog" beside "dog collar" stays) and reads the tag unescaped, as a
+    regular expression, as the official loader does; a tag that is not a valid one made the official loader
+    skip the whole line, so no tag is kept then.
     """
     stored = [tag for tag in tags if tag and _whole_word(tag).search(caption) is not None]
     kept = []
     for tag in stored:
-        if tag.lower() in COLOUR_WORDS:
+        if tag in COLOUR_WORDS:
             continue
-        if sum(_whole_word(tag).search(other) is not None for other in stored) > 1:
+        try:
+            as_written = re.compile(r"\b{}\b".format(tag))
+        except re.error as error:
+            logger.warning("entity tag %r is not a valid regular expression (%s): the official loader skips "
+                           "the whole sample then, and so is it here", tag, error)
+            return []
+        if sum(as_written.search(other) is not None for other in stored) > 1:
             continue
         kept.append(tag)
     return kept
 
 
 def order_entities(tags: list[str], caption: str) -> list[str]:
-    """Sort tags by where their first whole-word match ends in the caption (stable)."""
-    return sorted(tags, key=lambda tag: _whole_word(tag).search(caption).end())
+    """Sort tags by where their first whole-word match ends in the caption (stable), as the official loader
+    does. A tag given k times (entities of one name in a labelled scene; the official filters never pass a
+    repeated tag) is sorted by its first, second... k-th match; one past the caption's matches goes last (it
+    is not placed)."""
+    def match_end(numbered: tuple[int, str]) -> float:
+        index, tag = numbered
+        occurrence = tags[:index].count(tag)  # as spelled: the official loader sorts case variants alike
+        ends = [match.end() for match in _whole_word(tag).finditer(caption)]
+        return ends[occurrence] if occurrence < len(ends) else float("inf")
+
+    return [tag for _, tag in sorted(enumerate(tags), key=match_end)]
 
 
 @dataclass
@@ -143,7 +165,11 @@ def layout_interleaved(caption: str, tags: list[str]) -> Layout:
     Drop mode segment: caption up to the start of the word, plus one space under the same rule
     (empty when the word starts the caption, where the official loader skips the sample instead).
     """
-    tags = order_entities(filter_entities(tags, caption), caption)
+    return place_entities(caption, order_entities(filter_entities(tags, caption), caption))
+
+
+def place_entities(caption: str, tags: list[str]) -> Layout:
+    """The placement of `layout_interleaved` for tags already filtered and ordered (a tag may repeat)."""
     text, dropped, spans, placed = "", "", [], []
     rest = caption
     for tag in tags:
