@@ -203,7 +203,19 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: must be at least 1")
     check_output_folder(output, "--output")
+    created = not os.path.lexists(output)
     os.makedirs(output, exist_ok=True)
+    try:
+        return _run_sharded(items, process, output, samples_per_shard, prefix, what, settings)
+    except BaseException:
+        if created:  # a run refused (bad input, Ctrl-C) before its first shard leaves no empty --output behind
+            with contextlib.suppress(OSError):
+                os.rmdir(output)
+        raise
+
+
+def _run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], output: str,
+                 samples_per_shard: int, prefix: str, what: str, settings: dict | None) -> dict:
     if settings is not None:
         check_folder_settings(output, settings, RERUN_MAY_CHANGE)
     _remove_old_partial_files(output)
