@@ -1233,16 +1233,15 @@ def test_set_takes_a_key_of_a_free_form_mapping(tmp_path):
     assert config.source_options == {"crops": "full"}
 
 
-def test_a_refused_build_leaves_no_empty_output_folder_it_made(tmp_path, capsys):
-    """Found by a review: a build refused on its input (here a folder of neither images nor shards) left the
-    --output folder it had just made, empty; a folder that was there before stays."""
-    source = tmp_path / "texts"
-    source.mkdir()
-    (source / "a.txt").write_text("a caption")
+def test_a_refused_ingest_leaves_no_empty_output_folder_it_made(tmp_path, capsys):
+    """Found by a review: an ingest refused on its input (here a pairs JSONL line of the wrong kind, found when
+    read) left the --output folder it had just made, empty; a folder that was there before stays."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"image": "a.png", "caption": 3}\n')
     output = tmp_path / "out"
-    assert cli.main(["build", "--input", str(source), "--output", str(output)]) != 0
-    assert "holds neither images" in capsys.readouterr().err
+    assert cli.main(["ingest-pairs", "--input", str(pairs), "--output", str(output)]) != 0
+    assert "pairs.jsonl:1:" in capsys.readouterr().err
     assert not output.exists()
     output.mkdir()
-    assert cli.main(["build", "--input", str(source), "--output", str(output)]) != 0
+    assert cli.main(["ingest-pairs", "--input", str(pairs), "--output", str(output)]) != 0
     assert output.is_dir()
