@@ -381,6 +381,10 @@ def test_fid_follows_linked_folders_keeps_npz_names_and_refuses_one_file_for_two
     assert result["num_generated"] == 6  # the linked folder's 3 images count
     assert result["saved_real_stats"] == str(stats) and sorted(p.name for p in tmp_path.glob("real.*")) == ["real.NPZ"]
     assert fid.main([*common, "--real", str(stats)])["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    # statistics made with another resize/crop are refused by name (they only warned: a meaningless FID)
+    with pytest.raises(ValueError, match=r"real\.NPZ was computed with .*:resize32:crop32:.*, this run uses "
+                                         r".*:resize40:crop32:.*compute the real statistics again"):
+        fid.main([*common[:2], "--resize", "40", *common[4:], "--real", str(stats)])
     with pytest.raises(ValueError, match="--output-json and --save-real-stats name the same file"):
         fid.main([*common, "--real", str(real), "--save-real-stats", str(stats), "--output-json", str(stats)])
 

@@ -66,10 +66,14 @@ def load_stats(path: str, extractor_name: str) -> tuple[np.ndarray, np.ndarray, 
     with np.load(path, allow_pickle=False) as stats:  # plain arrays only, nothing unpickled
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"--real {path}: not a statistics file from --save-real-stats (needs mu and sigma).")
-        saved_with = str(stats["extractor"]) if "extractor" in stats else "?"
-        if saved_with != extractor_name:
-            logger.warning("--real %s was computed with %s, now %s: the FID is only meaningful with the same "
-                           "feature network and preprocessing", path, saved_with, extractor_name)
+        if "extractor" not in stats:  # statistics from another tool: its preprocessing cannot be checked
+            logger.warning("--real %s does not say how it was computed: the FID is only meaningful with the same "
+                           "feature network and preprocessing as %s", path, extractor_name)
+        elif str(stats["extractor"]) != extractor_name:
+            raise ValueError(f"--real {path} was computed with {stats['extractor']}, this run uses {extractor_name}: "
+                             "an FID between features of another network or another resize/crop means nothing. Use "
+                             "the settings it names, or compute the real statistics again with these (--real FOLDER "
+                             "--save-real-stats FILE).")
         return stats["mu"], stats["sigma"], int(stats["count"]) if "count" in stats else -1
 
 
