@@ -47,11 +47,13 @@ def parse_size_gib(text: str) -> int:
 
 
 def checkpoint_identity(path) -> str:
-    """A checkpoint file as a cache key part: its real path, size and modification time (a replaced or
-    retrained file is another model; reading its gigabytes to hash them would cost more than an encode)."""
+    """A checkpoint file as a cache key part: its real path, size, modification time, status-change time and
+    inode (a replaced or retrained file is another model; reading its gigabytes to hash them would cost more than
+    an encode). The status-change time and inode are there because `cp -p` / `rsync -a` copy another file in with
+    the old size and modification time; neither can be set back (a chmod also makes it another file: a miss)."""
     path = os.path.realpath(path)
     stat = os.stat(path)
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
 
 
 class DiskCache:

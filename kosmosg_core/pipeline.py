@@ -188,7 +188,7 @@ class UnreadWeights:
                                           "there when the model was opened. Put it back, or load it again.") from e
         if identity != self.identity:  # the caches key by the identity read when it was opened
             raise CheckpointError(f"Kosmos-G checkpoint {self.path} changed on disk after the model was opened (its "
-                                  "size or modification time differ); load it again (ComfyUI: run the workflow again, "
+                                  "size, modification or status-change time or inode differ); load it again (ComfyUI: run the workflow again, "
                                   "the Loader re-reads a replaced file).")
         logger.info("Kosmos-G: reading the weights of %s (%s, %s)", self.path, self.dtype, self.device)
         _, state_dict, _ = read_checkpoint(self.path, self.cfg)

@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -212,6 +213,29 @@ def test_checkpoint_identity_changes_when_the_file_is_replaced(tmp_path):
     assert checkpoint_identity(path) == first
     os.utime(path, ns=(1, 1))
     assert checkpoint_identity(path) != first
+
+
+def test_checkpoint_identity_tells_a_file_copied_in_with_the_old_size_and_time(tmp_path):
+    """Found by a review: `cp -p` / `rsync -a` of another checkpoint of the same size over the old one kept size and
+    modification time, so the cache served the old model's encodings."""
+    path, other = tmp_path / "model.safetensors", tmp_path / "retrained.safetensors"
+    path.write_bytes(b"a" * 10)
+    other.write_bytes(b"b" * 10)
+    stat = path.stat()
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = checkpoint_identity(path)
+    time.sleep(0.01)  # coarse file-system clocks: the copy's status change is a later tick
+    shutil.copy2(other, tmp_path / "incoming")
+    os.replace(tmp_path / "incoming", path)  # what rsync -a leaves: the same size and modification time
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert checkpoint_identity(path) != before
+    before = checkpoint_identity(path)
+    time.sleep(0.01)
+    other.write_bytes(b"c" * 10)
+    shutil.copyfile(other, path)  # what cp -p over the file does: rewritten in place, then its times set back
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert checkpoint_identity(path) != before
 
 
 # --- the pipeline with a disk cache ---------------------------------------------------------------
