@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,7 @@ NODE_IDS = ("KosmosGLoader", "KosmosGInterleavedPrompt", "KosmosGEncode", "Kosmo
             "KosmosGLoadConditioning", "KosmosGConvertCheckpoint", "KosmosGOfficialSampler",
             "KosmosGOfficialNoise", "KosmosGCheckpointSD15")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOCK_NAME = ".start_comfyui.lock"  # in DATA: held while a server of this script runs on it
 PACK_MODELS = "kosmosg-pack-models"  # DATA's folder of links to the models the yaml registers
 STANDIN_VERSION = "1"  # bump when the stand-in generators change
 
@@ -111,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --port before `--` (this script starts the server on its own --port and checks it there)")
     if args.dir.exists() and not args.dir.is_dir():
         parser.error(f"--dir {args.dir} is a file; give a folder (it is created if missing)")
+    problem = database_path_problem(args.dir.expanduser().resolve())
+    if problem:
+        parser.error(f"--dir {args.dir}: {problem}; give a folder whose path has neither")
     args.comfy_args = comfy_args
     args.comfy = (args.comfy or default_comfy_dir()).resolve()
     args.dir = args.dir.expanduser().resolve()
@@ -118,6 +123,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- the data folder -------------------------------------------------------------------------------
+def database_path_problem(data: Path) -> str | None:
+    """ComfyUI keeps its database at DATA/user/comfyui.db, named by an sqlite:/// URL: a `?` in the path starts
+    the URL's query (the database would be made elsewhere) and `%` + two hex digits is read as an escape."""
+    text = str(data)
+    if "?" in text or re.search(r"%[0-9A-Fa-f]{2}", text):
+        return "ComfyUI's database URL cannot hold a '?' or a '%' followed by two hex digits"
+    return None
+
+
+def lock_data_dir(data: Path):
+    """Hold DATA/.start_comfyui.lock while this script runs: two servers on one data folder would share its
+    database, outputs and temp files. Released when the process ends, however it ends."""
+    from filelock import FileLock, Timeout  # ComfyUI's own dependency (its database lock)
+
+    lock = FileLock(str(data / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SystemExit(f"[start_comfyui] --dir {data} is in use by another start_comfyui (a server is running on "
+                         "it); stop that one, or give this one another --dir") from None
+    return lock
+
+
 def prepare_data_dir(data: Path) -> None:
     for sub in ("models/checkpoints", "models/kosmosg", "models/loras", "models/controlnet", "input", "output",
                 "temp", "custom_nodes", "user/default/workflows"):
@@ -392,6 +420,9 @@ def smoke(args, data: Path, yaml_path: Path, comfy: Path, standins: Path | None)
         return 0
     except (RuntimeError, TimeoutError, OSError, AssertionError, KeyError, ValueError) as e:
         return _fail(server, f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, the server stopped below
+        print("[smoke] interrupted (Ctrl-C); the server is stopped", file=sys.stderr, flush=True)
+        return 130
     finally:
         server.stop()
 
@@ -439,7 +470,7 @@ def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
 
 
 def _fail(server, message: str) -> int:
-    tail = server.log_tail(40)
+    tail = server.log_tail(40)  # empty before the server started: no earlier run's lines
     log = "" if tail in message else f"\n--- server log (tail) ---\n{tail}"  # start-up errors carry it already
     print(f"[smoke] FAILED: {message}{log}", file=sys.stderr, flush=True)
     return 1
@@ -460,6 +491,8 @@ def main(argv=None) -> int:
                          f"http://127.0.0.1:{port}); stop it, or start this one with --port N")
     data = args.dir
     try:
+        data.mkdir(parents=True, exist_ok=True)
+        lock = lock_data_dir(data)  # noqa: F841 - held until the process ends; before anything in it changes
         prepare_data_dir(data)
     except OSError as e:  # a read-only place, a path no file system holds (/proc/...)
         raise SystemExit(f"[start_comfyui] cannot set up --dir {data} ({e.strerror or e}: {e.filename or data}); give "

@@ -205,6 +205,61 @@ def test_bad_ports_and_folders_are_refused_up_front(tmp_path):
     assert comfy_server.port_is_free(port)
 
 
+def test_a_data_folder_comfyuis_database_url_cannot_name_is_refused_up_front(tmp_path, capsys):
+    """Found by a review: a `?` in --dir cut ComfyUI's sqlite:/// database URL there (the database was made in
+    another folder) and `%41` was read as an escape."""
+    for name in ("a?b", "a%41b"):
+        with pytest.raises(SystemExit):
+            start_comfyui.parse_args(["--dir", str(tmp_path / name)])
+        assert "ComfyUI's database URL cannot hold" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+    assert start_comfyui.parse_args(["--dir", str(tmp_path / "a%zb#c d")]).dir == tmp_path / "a%zb#c d"
+
+
+def test_a_second_start_on_a_data_folder_in_use_is_refused(tmp_path):
+    """Found by a review: two servers could run on one --dir (one database, outputs and temp files)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    held = start_comfyui.lock_data_dir(data)
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "start_comfyui.py"), "--dir", str(data),
+                                 "--port", str(comfy_server.free_port()), "--comfy", str(comfy_server.COMFY_TREE)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        held.release()
+    assert result.returncode != 0
+    assert f"--dir {data} is in use by another start_comfyui" in result.stderr, result.stderr
+    assert sorted(p.name for p in data.iterdir()) == [start_comfyui.LOCK_NAME]  # nothing set up
+
+
+def test_server_log_is_this_runs_only_and_rotated_when_large(tmp_path, monkeypatch):
+    """Found by a review: a smoke run failing before its server started printed an earlier run's log tail as its
+    own, and DATA/server.log grew without limit (appended to by every run)."""
+    (tmp_path / "server.log").write_text("an earlier run's last line\n")
+    server = comfy_server.ComfyServer(tmp_path)
+    assert server.log_tail() == ""
+    monkeypatch.setattr(comfy_server, "LOG_ROTATE_BYTES", 10)
+    server._open_log()
+    server._log.write(b"this run\n")
+    server._log.close()
+    assert server.log_tail() == "this run"
+    assert (tmp_path / "server.log.1").read_text() == "an earlier run's last line\n"
+
+
+def test_ctrl_c_during_smoke_is_one_line_and_stops(tmp_path, monkeypatch, capsys):
+    """Found by a review: Ctrl-C during --smoke ended in a KeyboardInterrupt traceback."""
+    stopped = []
+
+    def interrupted(self, timeout=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(comfy_server.ComfyServer, "start", interrupted)
+    monkeypatch.setattr(comfy_server.ComfyServer, "stop", lambda self: stopped.append(True))
+    args = start_comfyui.parse_args(["--smoke", "--dir", str(tmp_path), "--comfy", str(comfy_server.COMFY_TREE)])
+    assert start_comfyui.smoke(args, tmp_path, tmp_path / "paths.yaml", args.comfy, None) == 130
+    assert "[smoke] interrupted (Ctrl-C)" in capsys.readouterr().err and stopped == [True]
+
+
 def test_help_needs_no_environment(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "KOSMOSG_CACHE": str(tmp_path / "nothing-installed")})

@@ -24,6 +24,7 @@ from pathlib import Path
 CACHE_DIR = Path(os.environ.get("KOSMOSG_COMFY_DIR", Path.home() / ".cache" / "kosmosg" / "comfy"))
 COMFY_TREE = CACHE_DIR / "ComfyUI"
 VENV_PYTHON = CACHE_DIR / "venv" / "bin" / "python"
+LOG_ROTATE_BYTES = 8 * 2**20  # a server.log larger than this at a start is moved to server.log.1
 IMPORT_FAILURE_PATTERNS = [
     re.compile(r"\(IMPORT FAILED\): (.*)"),
     re.compile(r"Cannot import (.*) module for custom nodes"),
@@ -75,6 +76,7 @@ class ComfyServer:
         self.threads = threads
         self.extra_args = extra_args or []
         self.log_path = self.data / "server.log"
+        self._log_start: int | None = None  # where this run's part of the log begins (None: not started)
         self.proc: subprocess.Popen | None = None
         self.client_id = str(uuid.uuid4())
 
@@ -92,9 +94,7 @@ class ComfyServer:
         if not port_is_free(self.port):
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use (another ComfyUI?); stop that server or "
                                "choose another port.")
-        # the log is appended to (earlier runs stay readable); this run's checks read only what it adds
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._log = open(self.log_path, "ab")
+        self._open_log()
         self.proc = subprocess.Popen(cmd, cwd=COMFY_TREE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
@@ -109,6 +109,14 @@ class ComfyServer:
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer /system_stats within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _open_log(self) -> None:
+        """The log is appended to (earlier runs stay readable); this run's checks read only what it adds. Past
+        LOG_ROTATE_BYTES it becomes server.log.1 (the one before is dropped), so it never grows without limit."""
+        if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log = open(self.log_path, "ab")
 
     def stop(self) -> None:
         if self.proc is None:
@@ -126,11 +134,11 @@ class ComfyServer:
         self.proc = None
 
     def log_text(self) -> str:
-        """This run's part of the server log."""
-        if not self.log_path.exists():
+        """This run's part of the server log ("" before `start`: an earlier run's lines are not this run's)."""
+        if self._log_start is None or not self.log_path.exists():
             return ""
         with open(self.log_path, "rb") as log:
-            log.seek(getattr(self, "_log_start", 0))
+            log.seek(self._log_start)
             return log.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
