@@ -84,6 +84,13 @@ def resolve_devices(device_choice: str) -> tuple[torch.device, torch.device]:
         cpu = torch.device("cpu")
         return cpu, cpu
     if device_choice == "gpu":
+        if mm.vram_state == mm.VRAMState.NO_VRAM:  # the memory manager would leave the weights on the CPU and
+            # stream them (comfy.ops casts), which plain torch layers cannot: it would compute on the CPU in the
+            # GPU's dtype while everything said the GPU
+            logger.warning("Kosmos-G Loader: device=gpu under --novram: the model computes on the CPU (it cannot "
+                           "stream its weights to the GPU); start ComfyUI without --novram to encode on the GPU")
+            cpu = torch.device("cpu")
+            return cpu, cpu
         return mm.get_torch_device(), mm.text_encoder_offload_device()
     if device_choice == "auto":
         return mm.text_encoder_device(), mm.text_encoder_offload_device()

@@ -274,6 +274,22 @@ def test_loader_auto_device_follows_comfy_text_encoder_device(model_dirs, conver
     assert model.patcher.offload_device == mm.text_encoder_offload_device()
 
 
+def test_gpu_device_under_novram_computes_on_the_cpu_and_says_so(monkeypatch, caplog):
+    """Found by a review: under --novram ComfyUI left the weights on the CPU (it streams them, which plain torch
+    layers cannot), so device=gpu encoded on the CPU in the GPU's dtype while the caches' keys said cuda."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "text_encoder_offload_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    assert model_management.resolve_devices("gpu") == (gpu, torch.device("cpu"))
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    with caplog.at_level("WARNING"):
+        load, offload = model_management.resolve_devices("gpu")
+    assert load == offload == torch.device("cpu")
+    assert model_management.choose_dtype("auto", load) == torch.float32
+    assert "device=gpu under --novram: the model computes on the CPU" in caplog.text
+
+
 def test_loader_without_tokenizer_says_where_to_put_it(model_dirs, tmp_path):
     import shutil
 
