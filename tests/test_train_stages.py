@@ -434,11 +434,36 @@ def test_stage3_caption_teacher_adds_the_text_route_target(env, stage2_run):
         condition = torch.where(batch["uncond"][:, None, None], null.expand_as(condition), condition)
         target = module.frozen["clip_text"](batch["clip_ids"]).last_hidden_state
     teacher = ((condition - target) ** 2).mean(dim=(1, 2))  # [B]
-    assert total.item() == pytest.approx(diffusion_only.item() + 2.0 * teacher.sum().item(), rel=1e-5)
+    assert total.item() == pytest.approx(diffusion_only.item() + 2.0 * teacher.mean().item(), rel=1e-5)
     assert metrics["caption_mse"].item() == pytest.approx(teacher.mean().item(), rel=1e-5)
     official = Stage3(parse_config(Stage3Config, args))
     official.build(official.cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1))
     assert "clip_ids" not in official.collate(items, items, 0, "cpu")
+
+
+def test_stage3_loss_and_gradient_are_the_per_sample_mean_as_fairseq_makes_them(env, stage2_run):
+    """Found by a review: the loss was the batch's sum of per-sample MSEs, as the official diffusion wrapper returns
+    it, but fairseq's trainer divides the gradients by the criterion's sample_size (the update's sample count)
+    before clipping: one sample repeated 4 times must give the loss and gradient of that sample once."""
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    args = common(env, env.root / "unused") + ["--score-model", env.sd, "--resolution", "16", "--init-checkpoint",
+                                               str(stage2_run), "--uncond-prob", "0"]
+    cfg = parse_config(Stage3Config, args)
+    stage = Stage3(cfg)
+    module = stage.build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)).eval()
+    stream = RecordStream(cfg.data, cfg.seed)
+    item = next(it for it in (stage.select(stream.next()) for _ in range(12)) if it is not None)
+    results = []
+    for copies in (1, 4):
+        module.zero_grad(set_to_none=True)
+        loss, _ = module(stage.collate([item] * copies, [item] * copies, 0, "cpu"))
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+        results.append((loss.item(), grad))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
 
 
 def test_stage3_caption_teacher_trains_the_image_route(env, stage2_run):

@@ -6,11 +6,13 @@ Per sample (official loaders + diffusion wrapper, spec section 8):
   the seeds; target: Resize + CenterCrop to `resolution`, VAE-encoded (sampled) latents;
 - condition = KosmosG(prompt) [77, C]; with p = `uncond_prob` replaced by the unconditional
   embedding aligner(MLLM([<s>])), recomputed with gradients every step;
-- t ~ U{0..999}, eps ~ N(0, I); loss = mean over latent elements of (eps_hat - eps)^2, summed over
-  the batch (official).
+- t ~ U{0..999}, eps ~ N(0, I); loss = mean over latent elements of (eps_hat - eps)^2, averaged over
+  the update's samples (official: the diffusion wrapper sums it over the batch and fairseq's trainer
+  divides the gradients by the criterion's sample_size, the number of samples in the update, before
+  clipping; the logged loss is that mean too).
 - optional, not in the official recipe: `caption_teacher_weight` w > 0 adds w x the mean squared
   difference between the condition and the CLIP text encoder's states of the sample's caption (the
-  empty caption for unconditional samples), summed over the batch. It distils the text route, which
+  empty caption for unconditional samples), averaged the same way. It distils the text route, which
   stage 2 aligned, into the image route. At small batch the diffusion loss alone moves the image
   route too slowly: in the nano run (batch 8), 500 steps without it left the subjects' colour and
   shape at chance (judged right in 0.15 / 0.20 of 20 one-subject cases, though a linear probe reads
@@ -63,8 +65,8 @@ class Stage3Config(MLLMTrainingConfig):
 
 
 class DiffusionModule(nn.Module):
-    """forward(batch) -> (this process's sum of per-sample eps-MSE [+ w x caption-teacher MSE],
-    {"uncond_fraction"[, "caption_mse"]})."""
+    """forward(batch) -> (this micro-batch's share of the update's mean per-sample eps-MSE [+ w x caption-teacher
+    MSE], {"uncond_fraction"[, "caption_mse"]}): its per-sample sum over the update's sample count."""
 
     def __init__(self, model, score, num_shares: int, clip_text=None, caption_teacher_weight: float = 0.0):
         super().__init__()
@@ -83,15 +85,16 @@ class DiffusionModule(nn.Module):
             condition = torch.where(uncond[:, None, None], null.expand_as(condition), condition)
         eps = self.frozen["score"].predict_noise(batch["noisy_latents"], batch["timesteps"], condition)
         per_sample = F.mse_loss(eps.float(), batch["noise"].float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
-        metrics = {"uncond_fraction": uncond.float().sum() / (len(uncond) * self.num_shares)}
+        update_samples = len(uncond) * self.num_shares  # equal micro-batches, all processes
+        metrics = {"uncond_fraction": uncond.float().sum() / update_samples}
         if "clip_ids" not in batch:
-            return per_sample.sum(), metrics
+            return per_sample.sum() / update_samples, metrics
         with torch.no_grad():
             target = self.frozen["clip_text"](batch["clip_ids"]).last_hidden_state.float()  # [B, 77, C]
         # samples without a caption (has_caption False) get no teacher term
         teacher = F.mse_loss(condition.float(), target, reduction="none").mean(dim=(1, 2)) * batch["has_caption"]  # [B]
-        metrics["caption_mse"] = teacher.detach().sum() / (len(uncond) * self.num_shares)
-        return per_sample.sum() + self.caption_teacher_weight * teacher.sum(), metrics
+        metrics["caption_mse"] = teacher.detach().sum() / update_samples
+        return (per_sample.sum() + self.caption_teacher_weight * teacher.sum()) / update_samples, metrics
 
 
 class Stage3(Stage):
