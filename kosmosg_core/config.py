@@ -103,6 +103,7 @@ class ConnectorConfig:
 
     num_queries: int = 64
     heads: int = 32  # width of the MLLM / 64
+    attention_dropout: float = 0.0  # official training 0.1 (its attention takes the MLLM's attention_dropout)
 
 
 @dataclass
@@ -118,8 +119,11 @@ class DecoderConfig:
     # the sinusoidal positions are computed, not stored)
     layer_norm_eps: float = 1e-5
     scale_embedding: bool = True  # official no_scale_embedding=False: embeddings * sqrt(width)
-    dropout: float = 0.0  # official training 0.1; inference 0
+    dropout: float = 0.0  # embeddings and residual branches (official training 0.1; inference 0)
+    # attention probabilities (official training: none applied: its self-attention runs through xformers'
+    # memory_efficient_attention under --flash-attention, which takes no dropout, though 0.1 is configured)
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # after the FFN's GELU (torchscale's activation_dropout; official 0)
     gradient_checkpointing: bool = False
 
 
@@ -223,7 +227,8 @@ class KosmosGConfig:
         """A copy with the training-only switches off: dropout, gradient checkpointing and the
         stage-2 reconstruction branch. The pack's .safetensors always records this form."""
         cfg = KosmosGConfig.from_dict(self.to_dict())
-        cfg.decoder.dropout = cfg.decoder.attention_dropout = cfg.aligner.dropout = 0.0
+        cfg.decoder.dropout = cfg.decoder.attention_dropout = cfg.decoder.activation_dropout = 0.0
+        cfg.connector.attention_dropout = cfg.aligner.dropout = 0.0
         cfg.decoder.gradient_checkpointing = False
         cfg.aligner.with_reconstruction = False
         return cfg

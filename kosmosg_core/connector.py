@@ -17,7 +17,7 @@ class Connector(nn.Module):
         super().__init__()
         self.dense = nn.Linear(vision_width, mllm_width)
         self.latent_query = nn.Parameter(torch.zeros(cfg.num_queries, mllm_width))
-        self.x_attn = MultiheadAttention(mllm_width, cfg.heads, subln=False)
+        self.x_attn = MultiheadAttention(mllm_width, cfg.heads, subln=False, dropout=cfg.attention_dropout)
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """image_tokens [N, V, Dv] -> image embeddings [N, Q, D]."""

@@ -44,7 +44,8 @@ class Decoder(nn.Module):
         self.embed_scale = math.sqrt(cfg.width) if cfg.scale_embedding else 1.0
         self.layers = nn.ModuleList([
             TransformerLayer(cfg.width, cfg.heads, cfg.ffn_width, layer_norm_eps=cfg.layer_norm_eps,
-                             dropout=cfg.dropout, attention_dropout=cfg.attention_dropout)
+                             dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                             activation_dropout=cfg.activation_dropout)
             for _ in range(cfg.layers)
         ])
         self.layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)

@@ -79,17 +79,18 @@ class MultiheadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc1 -> GELU (float32) -> subLN -> fc2 (torchscale FeedForwardNetwork with subln)."""
+    """fc1 -> GELU (float32) -> activation dropout -> subLN -> fc2 (torchscale FeedForwardNetwork with subln; its
+    output dropout is the layer's residual dropout here)."""
 
-    def __init__(self, width: int, ffn_width: int, layer_norm_eps: float = 1e-5, dropout: float = 0.0):
+    def __init__(self, width: int, ffn_width: int, layer_norm_eps: float = 1e-5, activation_dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(width, ffn_width)
         self.ffn_layernorm = nn.LayerNorm(ffn_width, eps=layer_norm_eps)
         self.fc2 = nn.Linear(ffn_width, width)
-        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(gelu_float32(self.fc1(x)))
+        x = self.activation_dropout(gelu_float32(self.fc1(x)))
         return self.fc2(self.ffn_layernorm(x))
 
 
@@ -101,7 +102,8 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, ffn_width: int, cross_attention: bool = False,
-                 layer_norm_eps: float = 1e-5, dropout: float = 0.0, attention_dropout: float = 0.0):
+                 layer_norm_eps: float = 1e-5, dropout: float = 0.0, attention_dropout: float = 0.0,
+                 activation_dropout: float = 0.0):
         super().__init__()
         self.self_attn = MultiheadAttention(width, heads, subln=True, layer_norm_eps=layer_norm_eps,
                                             dropout=attention_dropout)
@@ -112,7 +114,7 @@ class TransformerLayer(nn.Module):
             self.encoder_attn_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
         else:
             self.encoder_attn = None
-        self.ffn = FeedForward(width, ffn_width, layer_norm_eps, dropout)
+        self.ffn = FeedForward(width, ffn_width, layer_norm_eps, activation_dropout)
         self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
 

@@ -18,10 +18,10 @@ def env(tmp_path_factory):
 
 
 def stage_args(env, stage: str) -> list[str]:
-    extra = {"stage1": ["--dropout", "0", "--attention-dropout", "0"],
-             "stage2": ["--clip-text-encoder", env.clip],
-             "stage3": ["--dropout", "0", "--attention-dropout", "0", "--score-model", env.sd, "--resolution", "16",
-                        "--uncond-prob", "0.3"]}
+    no_dropout = ["--dropout", "0", "--attention-dropout", "0", "--connector-attention-dropout", "0"]
+    extra = {"stage1": no_dropout,
+             "stage2": ["--clip-text-encoder", env.clip, "--mllm-dropout", "0"],
+             "stage3": [*no_dropout, "--score-model", env.sd, "--resolution", "16", "--uncond-prob", "0.3"]}
     return extra[stage]
 
 

@@ -25,7 +25,8 @@ def env(tmp_path_factory):
 
 
 def stage_args(env, stage: str) -> list[str]:
-    extra = ["--dropout", "0", "--attention-dropout", "0"]  # dropout masks are per process by design
+    # dropout masks are per process by design
+    extra = ["--dropout", "0", "--attention-dropout", "0", "--connector-attention-dropout", "0"]
     if stage == "stage3":
         extra += ["--score-model", env.sd, "--resolution", "16", "--uncond-prob", "0.3"]
     return extra

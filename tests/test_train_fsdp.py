@@ -22,7 +22,7 @@ from train.loop import SIGKILL_AT_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 4
-STAGE1 = ["--dropout", "0", "--attention-dropout", "0",  # dropout masks are per process by design
+STAGE1 = ["--dropout", "0", "--attention-dropout", "0", "--connector-attention-dropout", "0",  # per-process masks
           "--image-text-pairs", "false"]
 FSDP = ["--distributed", "fsdp"]
 
@@ -104,7 +104,7 @@ def test_fsdp_stage3_matches_one_process(env):
     from train import stage3
 
     extra = ["--score-model", env.sd, "--resolution", "16", "--uncond-prob", "0.3", "--dropout", "0",
-             "--attention-dropout", "0"]
+             "--attention-dropout", "0", "--connector-attention-dropout", "0"]
     one, two = env.root / "stage3-one", env.root / "stage3-fsdp"
     stage3.main(common_args(env, one, steps=4, batch=4, save_every=4) + extra)
     launch_processes("train.stage3", common_args(env, two, steps=4, batch=2, save_every=4) + extra + FSDP)

@@ -1207,6 +1207,50 @@ def test_stage3_noise_timesteps_and_caption_targets():
     assert caption_teacher_targets(items) == (["", "", "", "a cat"], [1.0, 1.0, 0.0, 1.0])
 
 
+def test_training_dropout_is_where_the_official_model_applies_it(env):
+    """Found by a review: the FFN's GELU output was dropped with p = dropout (torchscale's activation_dropout is 0;
+    its FFN drops only its output, our layer's residual dropout), the MLLM's attention with 0.1 (the official
+    self-attention runs through xformers, which applies none) and the connector's attention never (official 0.1)."""
+    from train.common.config import parse_config
+    from train.stage1 import Stage1, Stage1Config
+
+    cfg = parse_config(Stage1Config, common(env, env.root / "unused"))
+    assert (cfg.dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.connector_attention_dropout) == \
+        (0.1, 0.0, 0.0, 0.1)
+    module = Stage1(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu"))).train()
+    model = next(m for m in module.modules() if type(m).__name__ == "KosmosG")
+    layer = model.decoder.layers[0]
+    assert layer.dropout.p == 0.1 and layer.self_attn.dropout == 0.0 and model.connector.x_attn.dropout == 0.1
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, model.cfg.decoder.width)
+    assert not torch.equal(layer(x), layer(x))  # the residual dropout is on
+    assert torch.equal(layer.ffn(x), layer.ffn(x))  # but nothing inside the FFN is dropped
+    image_tokens = torch.randn(1, model.cfg.vision.num_tokens, model.cfg.vision.width)
+    assert not torch.equal(model.connector(image_tokens), model.connector(image_tokens))  # its attention drops
+    model.eval()
+    assert torch.equal(model.connector(image_tokens), model.connector(image_tokens))
+
+
+def test_stage2_runs_the_frozen_mllm_in_training_mode_as_the_official_stage(env, stage1_run):
+    """Found by a review: the frozen MLLM was put in eval mode (deterministic targets); the official stage 2 calls
+    model.train() on the whole model, so its dropout (0.1) perturbs the aligner's input and reconstruction target.
+    --mllm-dropout 0 gives deterministic targets."""
+    from train.common.config import parse_config
+    from train.stage2 import Stage2, Stage2Config
+
+    def hidden_twice(extra):
+        cfg = parse_config(Stage2Config, common(env, env.root / "unused2") + [
+            "--clip-text-encoder", env.clip, "--init-checkpoint", str(stage1_run), *extra])
+        module = Stage2(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)).train()
+        assert module.model.decoder.training
+        ids = torch.tensor([[0, 5, 6, 7, 8]])
+        with torch.no_grad():
+            return [module.model.mllm_hidden(ids, torch.zeros_like(ids, dtype=torch.bool)) for _ in range(2)]
+
+    assert not torch.equal(*hidden_twice([]))
+    assert torch.equal(*hidden_twice(["--mllm-dropout", "0"]))
+
+
 def test_stage1_samples_put_the_image_first_and_keep_every_entity_word(env):
     from kosmosg_core.config import EOS_ID, KosmosGConfig
     from kosmosg_core.prompt import build_prompt_ids

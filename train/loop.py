@@ -116,15 +116,24 @@ class LoopConfig:
 class MLLMTrainingConfig(LoopConfig):
     """The settings of the stages that train the MLLM on interleaved prompts (1 and 3)."""
 
-    dropout: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "MLLM dropout (official training value 0.1)"})
-    attention_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "MLLM attention dropout"})
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 1,
+                                                  "help": "MLLM embedding and residual dropout (official 0.1)"})
+    attention_dropout: float = field(default=0.0, metadata={
+        "min": 0, "max": 1, "help": "MLLM attention dropout (official 0: 0.1 is configured, but its self-attention runs "
+                                    "through xformers under --flash-attention, which applies none)"})
+    activation_dropout: float = field(default=0.0, metadata={
+        "min": 0, "max": 1, "help": "MLLM dropout after the FFN's GELU (official 0, torchscale's default)"})
+    connector_attention_dropout: float = field(default=0.1, metadata={
+        "min": 0, "max": 1, "help": "connector attention dropout (official 0.1: its attention has no xformers path)"})
     masked_entity_prob: float = field(default=0.5, metadata={"min": 0, "max": 1,
                                                              "help": "use the masked entity crop with this p"})
 
-    def decoder_switches(self) -> dict:
-        """The MLLM's training switches, for `replace_config(model_cfg, decoder=...)`."""
-        return {"dropout": self.dropout, "attention_dropout": self.attention_dropout,
-                "gradient_checkpointing": self.gradient_checkpointing}
+    def training_switches(self) -> dict:
+        """The MLLM's and connector's training switches, for `replace_config(model_cfg, **...)`."""
+        return {"decoder": {"dropout": self.dropout, "attention_dropout": self.attention_dropout,
+                            "activation_dropout": self.activation_dropout,
+                            "gradient_checkpointing": self.gradient_checkpointing},
+                "connector": {"attention_dropout": self.connector_attention_dropout}}
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class Stage1(Stage):
         self.accelerator = accelerator
 
         def adjust(model_cfg):
-            return replace_config(model_cfg, decoder=cfg.decoder_switches())
+            return replace_config(model_cfg, **cfg.training_switches())
 
         model = build_kosmosg(cfg, self.tokenizer, adjust)
         set_trainable(model, decoder=True, connector=True, aligner=False, vision_last=True)

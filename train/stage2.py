@@ -47,6 +47,10 @@ class Stage2Config(LoopConfig):
                                                            "help": "skip captions with more pieces (official 128)"})
     kinds: str = field(default="laion", metadata={
         "help": "sample kinds whose captions are used, comma-separated (official: laion only)"})
+    mllm_dropout: float = field(default=0.1, metadata={
+        "min": 0, "max": 1, "help": "dropout in the frozen MLLM (embeddings, residuals) and the connector's attention: "
+                                    "the official stage 2 runs the whole model in training mode, so its 0.1 perturbs "
+                                    "the aligner's input and reconstruction target; 0 = deterministic targets"})
 
 
 def load_clip_text(path_text: str):
@@ -95,12 +99,6 @@ class AlignmentModule(nn.Module):
         self.frozen = {"clip_text": clip_text}  # plain dict: not a submodule, so never saved, wrapped or trained
         self.num_shares = num_shares  # equal micro-batches per update, all processes
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for part in (self.model.vision, self.model.connector, self.model.decoder):
-            part.eval()  # the frozen MLLM gives deterministic targets: no dropout
-        return self
-
     def forward(self, batch: dict):
         ids = batch["input_ids"]  # [B, T]
         with torch.no_grad():
@@ -139,8 +137,12 @@ class Stage2(Stage):
         self.clip_tokenizer, clip_text = load_clip_text(cfg.clip_text_encoder)
 
         def adjust(model_cfg):
+            # the frozen MLLM runs in training mode, as officially (model.train()): its dropout, none in its
+            # attention (xformers) nor after the FFN's GELU; the connector's attention dropout
             return replace_config(model_cfg, aligner={"with_reconstruction": True},
-                                  decoder={"dropout": 0.0, "attention_dropout": 0.0, "gradient_checkpointing": False})
+                                  decoder={"dropout": cfg.mllm_dropout, "attention_dropout": 0.0,
+                                           "activation_dropout": 0.0, "gradient_checkpointing": False},
+                                  connector={"attention_dropout": cfg.mllm_dropout})
 
         # Stage 1 never trains the aligner (the official stage 1 has none), so a stage-1 run's aligner
         # tensors are an untrained init, possibly an older one: the aligner starts fresh here, from the

@@ -122,7 +122,7 @@ class Stage3(Stage):
             self.score.enable_gradient_checkpointing()
 
         def adjust(model_cfg):
-            return replace_config(model_cfg, aligner={"with_reconstruction": False}, decoder=cfg.decoder_switches())
+            return replace_config(model_cfg, aligner={"with_reconstruction": False}, **cfg.training_switches())
 
         # a stage-2 checkpoint's reconstruction branch is not part of this model: discarded
         model = build_kosmosg(cfg, self.tokenizer, adjust,
