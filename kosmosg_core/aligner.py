@@ -88,17 +88,9 @@ class Aligner(nn.Module):
                                              num_layers=cfg.reconstruction_layers)
         self.init_like_torchscale()
 
-    def init_like_torchscale(self) -> None:
-        """The official fresh initialisation (what stage 2 starts from; loading a checkpoint replaces it).
-
-        torchscale's attention: xavier-uniform q/k/v (gain 2^-1/2) and out_proj, zero out_proj bias;
-        then its subLN scaling: fc1, fc2, out_proj and v_proj weights and biases of each stack times
-        a depth factor (cross-attention excluded in the query stacks). The official aligner builds
-        every stack from one config, so encoder_layers / decoder_layers below are its two depths.
-        The queries are random (official randn): zero queries would make all 77 outputs equal at the
-        start and learn about half as fast (nano probe: 10 % vs 22 % of the held-out between-caption
-        variance after 375 steps).
-        """
+    def _stacks(self) -> list[tuple[nn.Module, float]]:
+        """Each layer stack with its torchscale subLN factor. The official aligner builds every stack from one
+        config, so encoder_layers / decoder_layers are its two depths."""
         enc, dec = self.cfg.encoder_layers, self.cfg.decoder_layers
         stacks = [(self.encoder_proj, math.sqrt(math.log(3 * dec) * math.log(2 * enc) / 3)),  # torchscale Encoder, enc-dec
                   (self.encoder, math.sqrt(math.log(3 * dec)))]  # torchscale Decoder, enc-dec
@@ -106,8 +98,35 @@ class Aligner(nn.Module):
             recon = self.cfg.reconstruction_layers
             stacks += [(self.decoder, math.sqrt(math.log(3 * recon))),
                        (self.decoder_proj, math.sqrt(math.log(2 * recon)))]  # torchscale Encoder alone
+        return stacks
+
+    @staticmethod
+    def _subln_scaled(name: str, names: tuple[str, ...] = ("fc1", "fc2", "out_proj", "v_proj")) -> bool:
+        return "encoder_attn" not in name and any(k in name for k in names)
+
+    def init_like_torchscale(self) -> None:
+        """The official fresh initialisation (what stage 2 starts from; loading a checkpoint replaces it).
+
+        PyTorch's own Linear / LayerNorm init (torchscale's MultiheadAttention defines a xavier
+        `reset_parameters`, but the official code never calls it), then torchscale's subLN scaling: fc1, fc2,
+        out_proj and v_proj weights and biases of each stack times a depth factor (cross-attention excluded in
+        the query stacks). The queries are random (official randn): zero queries would make all 77 outputs
+        equal at the start and learn about half as fast (nano probe: 10 % vs 22 % of the held-out
+        between-caption variance after 375 steps).
+        """
         with torch.no_grad():
-            for stack, subln_scale in stacks:
+            for stack, subln_scale in self._stacks():
+                for name, parameter in stack.named_parameters():
+                    if self._subln_scaled(name):
+                        parameter.mul_(subln_scale)
+
+    def reset_attention_xavier(self) -> None:
+        """Re-initialise every attention as torchscale's uncalled `MultiheadAttention.reset_parameters` would
+        (xavier-uniform q/k/v with gain 2^-1/2 and out_proj, zero out_proj bias), keeping the subLN scaling: the
+        init this repo's stage 2 used before it followed the official one (the shipped nano's run). Called
+        right after `init_like_torchscale` with no random draw between, it gives that init bit for bit."""
+        with torch.no_grad():
+            for stack, subln_scale in self._stacks():
                 for module in stack.modules():
                     if isinstance(module, MultiheadAttention):
                         for projection in (module.q_proj, module.k_proj, module.v_proj):
@@ -115,7 +134,7 @@ class Aligner(nn.Module):
                         nn.init.xavier_uniform_(module.out_proj.weight)
                         nn.init.zeros_(module.out_proj.bias)
                 for name, parameter in stack.named_parameters():
-                    if "encoder_attn" not in name and any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")):
+                    if self._subln_scaled(name, ("out_proj.weight", "v_proj.weight")):  # the ones just replaced
                         parameter.mul_(subln_scale)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

@@ -636,6 +636,76 @@ def test_stage2_starts_a_fresh_aligner_from_stage1_and_keeps_a_stage2_one(env, s
     assert torch.equal(module.model.aligner.encoder_query, stage2_state["aligner.encoder_query"])
 
 
+def test_stage2_starts_from_an_official_stage1_file_without_an_aligner(env, tmp_path):
+    """Found by a review: an official-format stage-1 .pt (no aligner tensors, the route stage2.yaml documents) was
+    refused for its missing aligner; the official stage 2 builds a fresh one (strict=False loading)."""
+    from support.official_checkpoint import build_official_state_dict, save_official_checkpoint
+    from kosmosg_core.config import KosmosGConfig
+    from train.common.config import parse_config
+    from train.stage2 import Stage2, Stage2Config
+
+    model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    official = {k: v for k, v in build_official_state_dict(model_cfg, include_unused=False).items()
+                if not k.startswith("aligner.")}
+    path = save_official_checkpoint(tmp_path / "checkpoint_stage1.pt", official, with_training_state=False)
+    cfg = parse_config(Stage2Config, common(env, tmp_path / "run") + [
+        "--clip-text-encoder", env.clip, "--init-checkpoint", str(path)])  # common() names the --model-config
+    module = Stage2(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+    assert module.model.aligner.encoder_query.std() > 0.5  # fresh, official randn
+    assert torch.equal(module.model.decoder.layers[0].ffn.fc1.weight, official["gpt_model.decoder.layers.0.ffn.fc1.weight"])
+
+
+def test_stage2_skips_captions_as_the_official_align_filter(env, stage1_run):
+    """Found by a review: only captions over 128 SentencePiece pieces were skipped; the official align mode skips
+    those over 85 pieces or 75 CLIP tokens (so the CLIP target, 77 with its start and end, is never cut)."""
+    from train.common.config import parse_config
+    from train.stage2 import Stage2, Stage2Config
+
+    def kept(caption, *extra):
+        cfg = parse_config(Stage2Config, common(env, env.root / "unused2") + [
+            "--clip-text-encoder", env.clip, "--init-checkpoint", str(stage1_run), *extra])
+        stage = Stage2(cfg)
+        stage.build(cfg, types.SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+        record = types.SimpleNamespace(key="k", epoch=0, meta={"kind": "laion", "caption": caption})
+        return stage.select(record) is not None, len(stage.clip_tokenizer.tokenize(caption)), \
+            len(stage.tokenizer.encode(caption))
+
+    outcomes = set()
+    for repeats in (2, 5, 12, 13, 20, 30, 45, 60):
+        caption = " ".join(["dog", "cat"] * repeats)
+        is_kept, clip_tokens, pieces = kept(caption, "--max-caption-tokens", "100000")
+        assert is_kept == (clip_tokens <= 75), (repeats, clip_tokens)
+        outcomes.add(("clip", is_kept))
+        is_kept, clip_tokens, pieces = kept(caption, "--max-clip-tokens", "100000")
+        assert is_kept == (pieces <= 85), (repeats, pieces)
+        outcomes.add(("pieces", is_kept))
+        assert kept(caption)[0] == (clip_tokens <= 75 and pieces <= 85)
+    assert outcomes == {("clip", True), ("clip", False), ("pieces", True), ("pieces", False)}  # both sides tried
+
+
+def test_a_fresh_aligner_follows_the_official_init_or_on_request_the_shipped_nanos(env, stage1_run):
+    """Found by a review: the fresh aligner's attention was xavier-initialised with zero out_proj biases, from
+    torchscale's MultiheadAttention.reset_parameters, which the official code never calls (its attention keeps
+    PyTorch's Linear init). --aligner-attention-init xavier keeps the old init (the shipped nano's stage 2)."""
+    from train.common.config import parse_config
+    from train.stage2 import Stage2, Stage2Config
+
+    def attention(extra):
+        cfg = parse_config(Stage2Config, common(env, env.root / "unused2") + [
+            "--clip-text-encoder", env.clip, "--init-checkpoint", str(stage1_run), *extra])
+        return Stage2(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu"),
+                                                            num_processes=1)).model.aligner.encoder.layers[0].self_attn
+
+    official, xavier = attention([]), attention(["--aligner-attention-init", "xavier"])
+    width = official.q_proj.weight.shape[1]
+    assert official.out_proj.bias.abs().max() > 0 and xavier.out_proj.bias.abs().max() == 0
+    # PyTorch's Linear: U(+-1/sqrt(fan_in)), std (3 fan_in)^-1/2; xavier, gain 2^-1/2, square: std (2 fan_in)^-1/2
+    assert official.q_proj.weight.std().item() == pytest.approx((3 * width) ** -0.5, rel=0.1)
+    assert xavier.q_proj.weight.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.1)
+    with pytest.raises(ValueError, match="--aligner-attention-init 'other': use official or xavier"):
+        Stage2(parse_config(Stage2Config, common(env, env.root / "unused2") + ["--aligner-attention-init", "other"]))
+
+
 # --- bad inputs: named, one line, nothing lost ---------------------------------------------------------
 @pytest.mark.parametrize("module, args, message", [
     ("train.stage1", ["--tokenizer", "x", "--output-dir", "OUT"], "error: Tokenizer folder x does not exist"),

@@ -1,7 +1,10 @@
 """Stage 2: align the AlignerNet to the SD1.5 CLIP text encoder on captions (official runalign.sh).
 
-The MLLM is frozen (no gradients, eval mode). Input `[<s>] + caption + [</s>]` minus the last
-token, i.e. `<s> caption`; captions longer than `max_caption_tokens` pieces are skipped.
+The MLLM is frozen (no gradients) and, as officially (model.train()), runs in training mode: its dropout
+(`mllm_dropout`) perturbs the aligner's input and reconstruction target. Input `[<s>] + caption + [</s>]`
+minus the last token, i.e. `<s> caption`; as the official align-mode filter, captions of more than
+`max_caption_tokens` (85) SentencePiece pieces or `max_clip_tokens` (75) CLIP tokens are skipped (the CLIP
+target is never truncated).
 
     loss = mse(aligner(h), CLIPText(clip_ids).last_hidden_state)          # mean over [B, 77, C]
          + mse(aligner.reconstruct(context, T), h) * 77 / T               # mean over [B, T, D]
@@ -29,8 +32,8 @@ from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.data.config import KINDS
 from train.inputs import pad_rows
-from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, replace_config, \
-    run_as_script, run_training, set_trainable
+from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, \
+    is_train_checkpoint, replace_config, run_as_script, run_training, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +46,16 @@ class Stage2Config(LoopConfig):
     clip_text_encoder: str = field(default="", metadata={
         "help": "SD1.5 CLIP text encoder + tokenizer: a diffusers SD1.5 folder (text_encoder/, tokenizer/) or one "
                 "folder holding both (transformers save_pretrained)"})
-    max_caption_tokens: int = field(default=128, metadata={"min": 1,
-                                                           "help": "skip captions with more pieces (official 128)"})
+    max_caption_tokens: int = field(default=85, metadata={
+        "min": 1, "help": "skip captions of more SentencePiece pieces (official align-mode filter: 85)"})
+    max_clip_tokens: int = field(default=75, metadata={
+        "min": 1, "help": "skip captions of more CLIP tokens (official 75: the CLIP target, 77 with its start and end "
+                          "tokens, is never truncated)"})
     kinds: str = field(default="laion", metadata={
         "help": "sample kinds whose captions are used, comma-separated (official: laion only)"})
+    aligner_attention_init: str = field(default="official", metadata={
+        "help": "a fresh aligner's attention weights: official (PyTorch's Linear init, as the official code leaves "
+                "them) | xavier (torchscale's uncalled reset_parameters: what the shipped nano's stage 2 started from)"})
     mllm_dropout: float = field(default=0.1, metadata={
         "min": 0, "max": 1, "help": "dropout in the frozen MLLM (embeddings, residuals) and the connector's attention: "
                                     "the official stage 2 runs the whole model in training mode, so its 0.1 perturbs "
@@ -115,6 +124,22 @@ class AlignmentModule(nn.Module):
         return parts["clip_mse"] + parts["reconstruction"], parts
 
 
+def official_without_aligner(path_text: str) -> bool:
+    """An official-format .pt with no aligner tensor (an official stage-1 checkpoint): the official stage 2 builds
+    a fresh aligner and loads the file with strict=False. Only the tensor names are read."""
+    from kosmosg_core.checkpoint import official_tensor_names
+    from kosmosg_core.errors import CheckpointError
+
+    path = Path(path_text) if path_text else None
+    if path is None or not path.is_file() or is_train_checkpoint(path):
+        return False
+    try:
+        names = official_tensor_names(path)
+    except (CheckpointError, OSError):  # not readable as an official .pt: the load names the problem
+        return False
+    return bool(names) and not any(name.startswith("aligner.") for name in names)
+
+
 class Stage2(Stage):
     name = "stage2"
     resume_may_change = frozenset({"clip_text_encoder"})  # a path: the frozen text encoder may move
@@ -129,6 +154,8 @@ class Stage2(Stage):
     def __init__(self, cfg: Stage2Config):
         super().__init__(cfg)
         self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
+        if cfg.aligner_attention_init not in ("official", "xavier"):
+            raise ValueError(f"--aligner-attention-init {cfg.aligner_attention_init!r}: use official or xavier.")
         unknown = sorted(self.kinds - set(KINDS))
         if unknown or not self.kinds:  # else every sample is skipped, found only after the models load
             raise ValueError(f"--kinds {cfg.kinds!r}: name sample kinds from {', '.join(KINDS)} (official: laion).")
@@ -148,10 +175,13 @@ class Stage2(Stage):
         # tensors are an untrained init, possibly an older one: the aligner starts fresh here, from the
         # official init, as the official stage 2 builds it. Other sources (a stage-2 run, a pack file)
         # keep their aligner; the reconstruction branch, absent from exported files, starts fresh.
-        fresh_aligner = init_checkpoint_stage(cfg.init_checkpoint) == "stage1"
+        fresh_aligner = init_checkpoint_stage(cfg.init_checkpoint) == "stage1" or \
+            official_without_aligner(cfg.init_checkpoint)
         model = build_kosmosg(cfg, self.tokenizer, adjust,
                               allow_missing=("aligner.",) if fresh_aligner else RECONSTRUCTION_KEY_PREFIXES,
                               ignore=("aligner.",) if fresh_aligner else ())
+        if cfg.aligner_attention_init == "xavier" and (fresh_aligner or not cfg.init_checkpoint):
+            model.aligner.reset_attention_xavier()  # no random draw since the model was built: bit for bit as before
         if clip_text.config.hidden_size != model.cfg.aligner.width:
             raise ValueError(f"CLIP text encoder width {clip_text.config.hidden_size} != aligner width "
                              f"{model.cfg.aligner.width}; use the SD1.5 text encoder (768) with a 768-wide aligner.")
@@ -168,6 +198,8 @@ class Stage2(Stage):
             return None
         prompt = build_prompt_ids(self.tokenizer, caption, 0)  # [<s>] + caption (+ </s> dropped as model input)
         if len(prompt) - 1 > self.cfg.max_caption_tokens or self.too_long(record.key, len(prompt)):
+            return None
+        if len(self.clip_tokenizer.tokenize(caption)) > self.cfg.max_clip_tokens:
             return None
         return {"key": record.key, "prompt": prompt, "caption": caption}
 
