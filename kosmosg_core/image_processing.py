@@ -258,11 +258,12 @@ def _to_uint8(array: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
 
 # --- official transform --------------------------------------------------------------------------
 MAX_RESIZED_PIXELS = 4096 * 4096  # ~50 MB of RGB: beyond it only the kept square is resized
-def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """torchvision `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, same pixels.
+def resize_and_center_crop(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """torchvision `Resize(size, resample)` + `CenterCrop(size)` on a PIL image, same pixels (the vision
+    tower's: bicubic; training's diffusion target: bilinear).
 
     Resize: shorter side -> size, longer side -> int(size * long / short) (torchvision's rounding
-    down), PIL bicubic (PIL always antialiases). Crop: top = int(round((h - size) / 2.0)), left
+    down), PIL's `resample` (PIL always antialiases). Crop: top = int(round((h - size) / 2.0)), left
     likewise (Python's round: halves go to even). No padding is ever needed: after the resize
     both sides are >= size.
 
@@ -278,9 +279,9 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     if new_width * new_height > MAX_RESIZED_PIXELS:  # aspect ratio beyond ~300:1 at 224 px
         scale_x, scale_y = width / new_width, height / new_height  # source pixels per resized pixel
         box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-        return image.resize((size, size), Image.BICUBIC, box=box)
+        return image.resize((size, size), resample, box=box)
     if (new_width, new_height) != (width, height):  # torchvision returns the image untouched otherwise
-        image = image.resize((new_width, new_height), Image.BICUBIC)
+        image = image.resize((new_width, new_height), resample)
     return image.crop((left, top, left + size, top + size))
 
 

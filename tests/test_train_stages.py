@@ -1143,6 +1143,17 @@ def test_training_inputs_layout_and_ranges():
     crop = target_pixels(buffer.getvalue(), 16, "s")
     assert torch.all(crop[:, :, :7] == -1.0) and torch.all(crop[:, :, 9:] == 1.0)
     assert torch.allclose(crop[:, :, 7], -crop[:, :, 8])  # the resize blurs the edge symmetrically
+    # found by a review: the longer side was int(long * R / short) where torchvision takes int(R * long / short):
+    # 1 px short for some sizes (588 x 392 at 768 -> 767), which moved the crop; now torchvision's own pixels
+    import numpy as np
+    from torchvision import transforms
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (392, 588, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    official = transforms.Compose([transforms.Resize(768), transforms.CenterCrop(768)])(noise)  # official 'diff'
+    expected = torch.from_numpy(np.asarray(official, dtype=np.float32).transpose(2, 0, 1).copy()) / 127.5 - 1.0
+    assert torch.equal(target_pixels(buffer.getvalue(), 768, "n"), expected)
 
     tokenizer = KosmosGTokenizer.from_dir(build_tiny_tokenizer(Path(__import__("tempfile").mkdtemp()) / "tok"))
     prompt = prompt_with_eos(tokenizer, "<i> a dog", 1, 4)

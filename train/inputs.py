@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from kosmosg_core.config import EOS_ID, IMAGE_PLACEHOLDER, PLACEHOLDER_PATTERN
-from kosmosg_core.image_processing import preprocess_images
+from kosmosg_core.image_processing import preprocess_images, resize_and_center_crop
 from kosmosg_core.prompt import PromptIds, build_prompt_ids, count_placeholders, pad_batch
 
 
@@ -87,14 +87,7 @@ def entity_pixels(record_fields: dict, field_names: list[str], image_size: int, 
 
 def target_pixels(data: bytes, resolution: int, name: str) -> torch.Tensor:
     """Diffusion target: torchvision Resize(R) (bilinear, shorter side) + CenterCrop(R), to [-1, 1]. -> [3, R, R]."""
-    image = decode_png(data, name)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, int(width * scale)), max(resolution, int(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = resize_and_center_crop(decode_png(data, name), resolution, Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
     return pixels / 127.5 - 1.0
 
