@@ -319,3 +319,34 @@ def test_checkpoints_get_the_usual_permissions_and_killed_writers_temp_files_are
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # was 0600: unreadable to another user
     assert not stale.exists() and foreign.exists()
+
+
+def test_fp16_loss_scale_resumes_and_an_overflowed_update_leaves_the_lr_schedule(tmp_path):
+    """Found by a review: the fp16 loss scaler's state was not in checkpoint.pt (a resumed run started again from
+    the initial scale), and an update the scaler skipped (overflowed gradients) still advanced the LR schedule,
+    where fairseq leaves it. The scaler starts as the official runs set fairseq's (init scale 4, window 256).
+    Checked with torch's CPU GradScaler: accelerate makes one only on a GPU."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from train.common.checkpointing import restore, save_checkpoint
+    from train.loop import LoopConfig, apply_update, build_accelerator
+
+    cfg = LoopConfig(output_dir=str(tmp_path / "run"), mixed_precision="fp16", tensorboard=False, cpu=True)
+    handler = build_accelerator(cfg, find_unused_parameters=False).scaler_handler
+    assert (handler.init_scale, handler.growth_interval) == (4.0, 256)
+    Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=256)
+    accelerated = AcceleratedOptimizer(optimizer, scaler=scaler)
+    scaler.scale((weight * float("inf")).sum()).backward()
+    assert not apply_update(accelerated, scheduler)  # overflow: skipped, the schedule stays, the scale halves
+    assert scheduler.last_epoch == 0 and torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() == 2.0
+    scaler.scale((weight * 2).sum()).backward()
+    assert apply_update(accelerated, scheduler) and scheduler.last_epoch == 1
+    save_checkpoint(tmp_path / "run", model_state={"w": weight.detach()}, step=2, grad_scaler=scaler)
+    resumed = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=256)
+    restore(load_checkpoint(tmp_path / "run"), grad_scaler=resumed)
+    assert resumed.state_dict() == scaler.state_dict() and resumed.get_scale() == 2.0

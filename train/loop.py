@@ -510,7 +510,7 @@ def run_as_script(main: Callable[[], Any]) -> None:
 
 def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, GradScalerKwargs
 
     log_with = None
     if cfg.tensorboard:
@@ -531,9 +531,11 @@ def build_accelerator(cfg: LoopConfig, find_unused_parameters: bool):
     launched = launched_processes()
     # accelerate only forms a CPU process group (gloo) when told to use the CPU
     cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+                # fp16's loss scaler as the official runs set fairseq's: --fp16-init-scale 4, --fp16-scale-window 256
+                GradScalerKwargs(init_scale=4.0, growth_interval=256)]
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, log_with=log_with,
-                              project_dir=cfg.output_dir,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+                              project_dir=cfg.output_dir, kwargs_handlers=handlers)
     if accelerator.num_processes != launched:
         raise ValueError(f"The launcher started {launched} processes but accelerate formed a group of "
                          f"{accelerator.num_processes}; the processes would train independently. Check the launch "
@@ -563,7 +565,7 @@ def shard_with_fsdp(module: nn.Module, device: torch.device, find_unused_paramet
 
 
 def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, scheduler, stream: RecordStream,
-                           rank: int, world: int, fingerprints: dict[str, str]) -> int:
+                           rank: int, world: int, fingerprints: dict[str, str], grad_scaler=None) -> int:
     """Load the run's checkpoint (if resuming) into the live objects -> the update to continue from."""
     path = find_resume_checkpoint(cfg)
     if path is None:
@@ -577,7 +579,7 @@ def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, sche
     except RuntimeError as e:  # shape mismatch from load_state_dict
         raise ValueError(f"Checkpoint {path} does not fit this model ({e}). Resume with the config the run was "
                          "started with, or use a new --output-dir.") from e
-    start_step = restore(state, scheduler=scheduler)  # LR schedule, RNG state, step
+    start_step = restore(state, scheduler=scheduler, grad_scaler=grad_scaler)  # LR schedule, loss scale, RNG, step
     data_state = state["data"]
     if cfg.data_split == "shards":
         if data_state.get("world_size") != world:
@@ -588,6 +590,18 @@ def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, sche
         stream.load_state_dict(data_state["ranks"][0])
     logger.info("resumed %s from %s at step %d", stage.name, path, start_step)
     return start_step
+
+
+def apply_update(optimizer, scheduler) -> bool:
+    """One optimiser update and the LR schedule's step -> whether the update was applied. Under fp16 the loss
+    scaler skips an update whose gradients overflowed; fairseq then leaves its LR schedule where it was, and so
+    does this (the scaler lowers its scale for the next try)."""
+    optimizer.step()
+    applied = not getattr(optimizer, "step_was_skipped", False)
+    if applied:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return applied
 
 
 def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
@@ -665,7 +679,8 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
         shard_with_fsdp(module, accelerator.device, find_unused_parameters)
     params, optimizer, scheduler = build_optimizer(module.parameters(), cfg)
     fingerprints = input_fingerprints(cfg, stage)  # once: every checkpoint of the run holds them
-    start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world, fingerprints)
+    start_step = resume_from_checkpoint(cfg, stage, model, optimizer, scheduler, stream, rank, world, fingerprints,
+                                        accelerator.scaler)
     if accelerator.is_main_process:
         metrics_log = MetricsLog(out, start_step)
         write_text_atomic(out / TRAIN_CONFIG_NAME, json.dumps({"stage": stage.name, **config_to_dict(cfg)}, indent=1))
@@ -705,9 +720,7 @@ def _train(stage: Stage, cfg: LoopConfig, find_unused_parameters: bool, on_step)
                 accelerator.backward(share * world)  # processes average: world * share gives the global gradient
             shares.append(torch.stack([share.detach().float()] + [v.detach().float() for v in parts.values()]))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_update(optimizer, scheduler)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             values = accelerator.reduce(torch.stack(shares).sum(0), reduction="sum")
@@ -760,7 +773,7 @@ def save_run_checkpoint(accelerator, stage: Stage, model, optimizer, scheduler, 
                  "input_fingerprints": fingerprints or {}}
         data_state = {"world_size": accelerator.num_processes, "split": cfg.data_split, "ranks": positions}
         save_checkpoint(cfg.output_dir, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
-                        step=step, data_state=data_state, extra=extra)
+                        step=step, data_state=data_state, extra=extra, grad_scaler=accelerator.scaler)
         logger.info("step %d: wrote %s", step, Path(cfg.output_dir) / CHECKPOINT_NAME)
     accelerator.wait_for_everyone()
 

@@ -60,8 +60,9 @@ def atomic_torch_save(obj, path) -> Path:
 
 def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=None, step: int,
                     data_state: dict | None = None, extra: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
-    """Write the run's state; `optimizer_state` (e.g. from `gather_full_state`) replaces `optimizer.state_dict()`."""
+                    optimizer_state: dict | None = None, grad_scaler=None) -> Path:
+    """Write the run's state; `optimizer_state` (e.g. from `gather_full_state`) replaces `optimizer.state_dict()`;
+    `grad_scaler`: fp16's loss scaler, whose scale and growth count a resume must continue from."""
     state = {"model": model_state, "step": step, "rng": rng_state(), "data": data_state or {},
              "extra": extra or {}}
     if optimizer_state is None and optimizer is not None:
@@ -70,6 +71,8 @@ def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=Non
         state["optimizer"] = optimizer_state
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    if grad_scaler is not None:
+        state["grad_scaler"] = grad_scaler.state_dict()  # plain numbers: loads with weights_only
     return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
 
 
@@ -190,8 +193,10 @@ def check_step_within(state: dict, max_steps: int, path) -> None:
                          f"--max-steps {int(state['step'])} or more to continue it, or a new --output-dir.")
 
 
-def restore(state: dict, model=None, optimizer=None, scheduler=None) -> int:
+def restore(state: dict, model=None, optimizer=None, scheduler=None, grad_scaler=None) -> int:
     """Load a saved state into the live objects (RNG included) -> the step to continue from."""
+    if grad_scaler is not None and "grad_scaler" in state:
+        grad_scaler.load_state_dict(state["grad_scaler"])
     if model is not None:
         model.load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
