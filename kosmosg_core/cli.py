@@ -104,7 +104,7 @@ def cmd_encode(args) -> None:
     from .conditioning_file import ENCODE_TENSOR_NAME
     from .files import check_output_file, save_safetensors, utf8_text
     from .pipeline import KosmosGPipeline, read_prompt_images
-    from .prompt import combine_image_weights
+    from .prompt import clip_syntax_note, combine_image_weights
 
     out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
     cache = _disk_cache(args)
@@ -115,6 +115,9 @@ def cmd_encode(args) -> None:
     weights = _image_weights(args)
     if args.prompt != "":
         images = read_prompt_images(args.prompt, images, weights)  # before loading too
+        note = clip_syntax_note(args.prompt)
+        if note:
+            logger.warning("--prompt: %s", note)
     # lazy: the weights are read only if something is computed (not when --cache-dir holds the encoding)
     pipe = KosmosGPipeline.from_checkpoint(args.checkpoint, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                            device=args.device, cpu_kernel=args.cpu_kernel, lazy=True)

@@ -130,6 +130,21 @@ def placeholder_mismatch(text: str, num_images: int) -> str | None:
             f"were given; {fix} (one {IMAGE_PLACEHOLDER} per image, in order).")
 
 
+# ComfyUI's CLIP prompt syntax: "(photo:1.3)" weights and "embedding:name" textual inversions. Kosmos-G's
+# tokenizer reads them as plain characters; only images take weights here (`<i:W>`).
+CLIP_PROMPT_SYNTAX = re.compile(rf"\([^()<>]*:\s*{_NUMBER}\s*\)|\bembedding:\S+")
+
+
+def clip_syntax_note(text: str) -> str | None:
+    """A note when `text` holds ComfyUI's CLIP prompt syntax, which Kosmos-G encodes as literal text; else None."""
+    found = CLIP_PROMPT_SYNTAX.search(text)
+    if found is None:
+        return None
+    return (f"{found.group(0)!r} is CLIP-text-encoder syntax (a weight or an embedding), which Kosmos-G reads as "
+            "plain text; weight subject images with <i:W> or the weights list, and mix CLIP text in through "
+            "Conditioning (Concat).")
+
+
 def check_image_weight(weight, where: str) -> float:
     """`weight` as a float if it is a number in 0..MAX_IMAGE_WEIGHT, else a PromptError naming `where` it came from."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):

@@ -115,7 +115,8 @@ class KosmosGEncode(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",
-                                       tooltip="Kosmos-G conditioning [B, 77, 768]; connect to KSampler positive."),
+                                       tooltip="Kosmos-G conditioning [B, 77, 768] (SD1.5 models only); connect to "
+                                               "KSampler positive, with a latent batch of B."),
                 io.Conditioning.Output(display_name="negative",
                                        tooltip="Unconditional (or negative-text) encoding; connect to KSampler "
                                                "negative."),

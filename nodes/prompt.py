@@ -13,6 +13,7 @@ Rules (also in the node description and the README):
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -22,8 +23,11 @@ from comfy_execution.validation import validate_node_input
 from ..kosmosg_core.config import IMAGE_PLACEHOLDER
 from ..kosmosg_core.errors import ImageError, PromptError
 from ..kosmosg_core.image_processing import IMAGE_CHANNELS, check_pixel_values
-from ..kosmosg_core.prompt import check_text, combine_image_weights, parse_image_weights, placeholder_mismatch
+from ..kosmosg_core.prompt import (check_text, clip_syntax_note, combine_image_weights, parse_image_weights,
+                                   placeholder_mismatch)
 from .types import CATEGORY, KosmosGPrompt, KosmosGPromptType
+
+logger = logging.getLogger(__name__)
 
 MAX_IMAGES = 16
 IMAGES_INPUT = "images"
@@ -86,7 +90,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         template = io.Autogrow.TemplatePrefix(
             io.Image.Input(IMAGE_PREFIX, tooltip=f"Image for the next {IMAGE_PLACEHOLDER} in the text (socket n fills "
                                                  f"the n-th {IMAGE_PLACEHOLDER}). A batch of B images makes B "
-                                                 "conditionings, sample b using image b."),
+                                                 "conditionings, sample b using image b: set the latent batch to B."),
             prefix=IMAGE_PREFIX, min=0, max=MAX_IMAGES)
         return io.Schema(
             node_id="KosmosGInterleavedPrompt",
@@ -98,7 +102,8 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                 f"placeholder; a new image socket appears when the last one is connected. The n-th "
                 f"{IMAGE_PLACEHOLDER} uses the n-th connected socket; <i:0.8> gives that image weight 0.8. Counts are "
                 "checked before the run. A batch of B images on one socket gives B conditionings (sample b uses "
-                "image b; single images are shared)."),
+                "image b; single images are shared): set the latent batch (Empty Latent Image's batch_size) to B, "
+                "as a smaller one uses the first conditionings only and a larger one repeats them."),
             search_aliases=["kosmos", "subject prompt", "image prompt", "interleaved"],
             inputs=[
                 io.String.Input("text", multiline=True, default=f"a photo of {IMAGE_PLACEHOLDER} on the beach",
@@ -107,7 +112,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                                         "image weight 0.8 (1.0 = the official model)."),
                 io.Autogrow.Input(IMAGES_INPUT, template=template,
                                   tooltip=f"Subject images, one per {IMAGE_PLACEHOLDER}; up to {MAX_IMAGES}."),
-                io.String.Input("weights", default="",
+                io.String.Input("weights", default="", optional=True,
                                 tooltip="Optional per-image strength, comma-separated in socket order, e.g. "
                                         "'1.0, 0.7'. Empty = 1.0 for every image (the official model). Multiplies "
                                         "with a weight written in the text (<i:0.8>)."),
@@ -169,4 +174,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         combine_image_weights(text, weights)  # a bad `<i:W>` is named here, not first in Encode
         check_image_pixels(connected)  # after the cheap checks: it reads every pixel
         connected = [img[..., :3] for _, img in connected]  # drop an alpha channel if present
+        note = clip_syntax_note(text)
+        if note:
+            logger.warning("Kosmos-G Interleaved Prompt: %s", note)
         return io.NodeOutput(KosmosGPrompt(text=text, images=connected, weights=weights))

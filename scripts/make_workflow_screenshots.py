@@ -1,4 +1,5 @@
-"""Screenshots of every shipped workflow (workflows/*.json) for the README: docs/screenshots/workflow-<name>.png.
+"""Screenshots of every shipped workflow (workflows/*.json) for the README: docs/screenshots/workflow-<name>.png,
+and from each the template browser's thumbnail beside its workflow (workflows/<workflow name>.jpg).
 
 Starts a real ComfyUI (the environment from .ci/setup_env.sh) on 127.0.0.1 with this pack, a throw-away
 DATA folder, the example subject images and EMPTY files named like the models the workflows ask for
@@ -73,6 +74,22 @@ def shrink_png(path: Path, max_bytes: int) -> None:
     palette.save(path, optimize=True)
 
 
+THUMBNAIL_WIDTH = 512
+
+
+def write_thumbnail(screenshot: Path, workflow: Path) -> Path:
+    """The template browser shows `<workflow name>.jpg` from the workflow's folder (ComfyUI serves the folder at
+    /api/workflow_templates/<pack>/): the screenshot, THUMBNAIL_WIDTH px wide, as JPEG."""
+    from PIL import Image
+
+    thumbnail = workflow.with_suffix(".jpg")
+    with Image.open(screenshot) as image:
+        image = image.convert("RGB")
+        height = round(image.height * THUMBNAIL_WIDTH / image.width)
+        image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(thumbnail, "JPEG", quality=85, optimize=True)
+    return thumbnail
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneValuePerFlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
@@ -114,6 +131,7 @@ def main(argv=None) -> int:
     for entry in report["workflows"]:
         png = Path(entry["screenshot"])
         shrink_png(png, args.max_kb * 1024)
+        write_thumbnail(png, next(w for w in workflows if w.name == entry["workflow"]))
         logger.info("%s: %d nodes, scale %.2f, %d KiB%s", png.name, entry["nodes"], entry["scale"],
                     png.stat().st_size // 1024, f", page errors: {entry['page_errors']}" if entry["page_errors"] else "")
     return 0

@@ -361,6 +361,19 @@ def test_parse_weights():
         parse_weights("-1", 1)
 
 
+def test_prompt_weights_are_optional_and_clip_syntax_is_flagged(caplog):
+    """Found by a review: `weights` was documented as optional but an API prompt without it was refused
+    ("Required input is missing: weights"); ComfyUI's CLIP syntax typed into the text was encoded silently as
+    characters."""
+    weights = next(i for i in KosmosGInterleavedPrompt.define_schema().inputs if i.id == "weights")
+    assert weights.optional
+    image = torch.rand(1, 8, 8, 3)
+    assert KosmosGInterleavedPrompt.execute("a <i>", {"image0": image}).result[0].weights == [1.0]
+    with caplog.at_level("WARNING"):
+        KosmosGInterleavedPrompt.execute("a (photo:1.3) of <i>", {"image0": image})
+    assert "'(photo:1.3)' is CLIP-text-encoder syntax" in caplog.text
+
+
 def test_prompt_orders_sockets_numerically_and_drops_alpha():
     first, second = image(1), image(2, channels=4)
     value = KosmosGInterleavedPrompt.execute("<i> <i>", {"image10": second, "image2": first}, "1, 0.5").result[0]

@@ -6,7 +6,7 @@ import torch
 from kosmosg_core.config import BOS_ID, EOS_ID, PAD_ID
 from kosmosg_core.errors import PromptError
 from kosmosg_core.prompt import (PromptIds, build_prompt_ids, build_unconditional_ids, check_negative_prompt,
-                                 check_prompt_length, combine_image_weights, count_placeholders, pad_batch,
+                                 check_prompt_length, clip_syntax_note, combine_image_weights, count_placeholders, pad_batch,
                                  parse_image_weights, split_placeholders)
 from kosmosg_core.tokenizer import KosmosGTokenizer
 from support.tokenizer_fixture import build_tiny_tokenizer
@@ -273,3 +273,13 @@ def test_a_count_mismatch_says_that_a_weighted_placeholder_counts():
     assert "(a <i:...> is a placeholder too) but 1 image(s)" in placeholder_mismatch("smiley <i:)> <i>", 1)
     for text in ("<i> <i>", "<i<i>>"):
         assert "is a placeholder too" not in placeholder_mismatch(text, 3)
+
+
+@pytest.mark.parametrize("text, found", [
+    ("a (photo:1.3) of <i>", "(photo:1.3)"), ("(masterpiece: 1.2), <i>", "(masterpiece: 1.2)"),
+    ("embedding:easynegative a dog", "embedding:easynegative"), ("a dog (in the park) at 10:30", None),
+    ("<i:0.5> on a mat", None), ("a <i> (a dog)", None)])
+def test_clip_prompt_syntax_is_noted(text, found):
+    """ComfyUI's CLIP weight and embedding syntax is read as plain text by Kosmos-G: noted, not refused."""
+    note = clip_syntax_note(text)
+    assert (note is None) if found is None else note.startswith(repr(found))

@@ -223,9 +223,29 @@ try {
     });
     await page.waitForTimeout(600);
     const gap = await promptState();
+    // text from a link (a String node): the widget's hidden value is not what the server gets, so it is not counted
+    await page.evaluate(() => {
+        const { prompt } = window.__kg;
+        const source = LiteGraph.createNode("PrimitiveStringMultiline");
+        source.pos = [90, 900];
+        app.graph.add(source);
+        source.widgets.find((w) => w.name === "value").value = "a <i> and a <i>";
+        source.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "text"));
+        window.__kg.textSource = source;
+    });
+    await page.waitForTimeout(600);
+    const linkedText = await promptState();
+    await page.evaluate(() => {
+        const { prompt, textSource } = window.__kg;
+        prompt.disconnectInput(prompt.inputs.findIndex((i) => i.name === "text"));
+        app.graph.remove(textSource);
+    });
+    await page.waitForTimeout(600);
+    const unlinkedText = await promptState();
     step("prompt_node", { prompt_node: { created, typed_one: typedOne, connected, typed_two: typedTwo,
         connected_two: connectedTwo, weighted, bad_weights: badWeights, written_weights: writtenWeights,
-        bad_written_weight: badWrittenWeight, typed_text: typedText, extra_image: extraImage, gap, api_inputs: apiPrompt?.inputs ?? null } });
+        bad_written_weight: badWrittenWeight, typed_text: typedText, extra_image: extraImage, gap,
+        linked_text: linkedText, unlinked_text: unlinkedText, api_inputs: apiPrompt?.inputs ?? null } });
 
     // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
     const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));

@@ -271,6 +271,15 @@ def test_unplugging_the_first_image_renumbers_the_rest(browser_report):
     assert gap["status_dom"][0].startswith("2 <i> / 1 image ⚠")
 
 
+def test_text_from_a_link_is_not_counted_from_the_hidden_widget(browser_report):
+    """Found by a review: with `text` fed by a String node the status counted the widget's hidden default text (a
+    false warning, or a false tick), though the server gets the linked text."""
+    linked, unlinked = browser_report["prompt_node"]["linked_text"], browser_report["prompt_node"]["unlinked_text"]
+    assert linked["status_dom"][0] == "text from a link / 1 image: the <i> count is checked when queued"
+    assert linked["preview_dom"][0] == "(text from a link)" and linked["status"]["ok"] is True
+    assert unlinked["status_dom"][0] == browser_report["prompt_node"]["gap"]["status_dom"][0]  # back to the widget
+
+
 def test_ui_submits_text_and_sockets_but_not_the_status_widget(browser_report):
     inputs = browser_report["prompt_node"]["api_inputs"]
     assert inputs["text"] == "a photo of <i> wearing a hat next to <i>"

@@ -77,6 +77,21 @@ def test_pack_imports_without_failure(comfy):
     assert not missing, f"nodes missing from /object_info: {missing}\n{comfy.log_tail()}"
 
 
+def test_template_browser_lists_every_shipped_workflow_with_its_thumbnail(comfy):
+    """The frontend's template browser lists GET /workflow_templates and shows /api/workflow_templates/<pack>/<name>.jpg
+    (conventions: a same-name .jpg thumbnail; found missing by a review)."""
+    from PIL import Image
+
+    templates = comfy.get_json("/workflow_templates")
+    shipped = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    assert sorted(templates[PACK_NAME]) == shipped
+    for name in shipped:
+        status, body = comfy.get(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
+        assert status == 200, name
+        with Image.open(io.BytesIO(body)) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.width == 512, name
+
+
 def test_object_info_schema(comfy):
     info = comfy.object_info()
     expected = {

@@ -286,6 +286,10 @@ function refusedNote(index, refused) {
         + whyText(refused.cause);
 }
 
+function inputLinked(node, name) {
+    return (node.inputs || []).some((input) => input.name === name && input.link != null);
+}
+
 function widgetValue(node, name) {
     return node.widgets?.find((w) => w.name === name)?.value ?? "";
 }
@@ -296,10 +300,11 @@ function widgetValue(node, name) {
  * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the server refuses every
  * output that depends on it (the prompt fails unless another output still validates). */
 export function describe(text, linkedSocketIndices, weightsText, skipped = [], refused = []) {
+    if (text === null) return describeLinkedText(linkedSocketIndices, refused);
     const found = findPlaceholders(text);
     const placeholders = found.length;
     const images = linkedSocketIndices.length;
-    const weights = parseWeights(weightsText);
+    const weights = weightsText === null ? null : parseWeights(weightsText);  // null: from a link
     const listed = Array.isArray(weights) && weights.length === images ? weights : null;
     // placeholder k's weight: its `<i:W>` times its entry in the weights list (kosmosg_core.prompt.combine_image_weights)
     const weightOf = (k) => (found[k - 1]?.error ? 1 : found[k - 1]?.weight ?? 1) * (listed?.[k - 1] ?? 1);
@@ -323,7 +328,9 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
             problems.push(`image ${p.number}: ${p.weight} in the text × ${listed[p.number - 1]} in weights is outside 0..${MAX_WEIGHT}`);
         }
     });
-    const remark = skipped.length > 0 && placeholders <= images ? ` (${skipped.join(", ")}: skipped)` : "";
+    const remarks = [...(skipped.length > 0 && placeholders <= images ? [`${skipped.join(", ")}: skipped`] : []),
+        ...(weightsText === null ? ["weights from a link: checked when queued"] : [])];
+    const remark = remarks.length > 0 ? ` (${remarks.join("; ")})` : "";
     return {
         placeholders,
         images,
@@ -334,6 +341,23 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
         socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
         placeholderAt: (k) => found[k - 1],
         weightFor: weightOf,
+    };
+}
+
+/** `describe` when the text comes from a link: its value is known only when the prompt is queued (the server checks
+ * the placeholder count then), so the widget's hidden value is not counted; the k-th sent socket fills the k-th
+ * placeholder of whatever text arrives. */
+function describeLinkedText(linkedSocketIndices, refused) {
+    const images = linkedSocketIndices.length;
+    return {
+        placeholders: images,
+        images,
+        ok: refused.length === 0,
+        summary: `text from a link / ${images} image${images === 1 ? "" : "s"}: the ${PLACEHOLDER} count is checked `
+            + `when queued` + (refused.length === 0 ? "" : ` ⚠ ${refused.join("; ")}`),
+        socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
+        placeholderAt: () => undefined,
+        weightFor: () => 1,
     };
 }
 
@@ -404,13 +428,16 @@ function refresh(node) {
     const linked = sockets.filter((s) => s.linked && !s.blocked).map((s) => s.index);
     const skipped = sockets.filter((s) => s.linked && s.blocked);
     const refused = sockets.filter((s) => s.refused);
-    const text = String(widgetValue(node, "text"));
-    const state = describe(text, linked, String(widgetValue(node, "weights")),
+    // a text or weights input fed by a link: the widget's value is hidden and not what the server gets
+    const text = inputLinked(node, "text") ? null : String(widgetValue(node, "text"));
+    const weights = inputLinked(node, "weights") ? null : String(widgetValue(node, "weights"));
+    const state = describe(text, linked, weights,
         skipped.map((s) => blockedNote(s.index, s.blocked)), refused.map((s) => refusedNote(s.index, s.refused)));
     const { status, preview } = widget.kosmosgElements;
     status.textContent = state.summary;
     status.style.color = state.ok ? OK_COLOUR : WARN_COLOUR;
-    renderPreview(preview, text, state);
+    if (text === null) preview.replaceChildren(document.createTextNode("(text from a link)"));
+    else renderPreview(preview, text, state);
     labelSockets(sockets, state);
     // read by the browser test and handy in the devtools console
     node.kosmosgStatus = { placeholders: state.placeholders, images: state.images, ok: state.ok, summary: state.summary,
