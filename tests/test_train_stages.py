@@ -1312,6 +1312,35 @@ def test_training_dropout_is_where_the_official_model_applies_it(env):
     assert torch.equal(model.connector(image_tokens), model.connector(image_tokens))
 
 
+def test_a_fresh_mllm_starts_as_torchscale_builds_it(env):
+    """Found by a review: a model built from --model-config lacked torchscale's subLN init (fc1, fc2, out_proj,
+    v_proj times sqrt(log(2 x layers))) and the connector's random queries (zeros: its outputs all equal at the
+    start). --fresh-init unscaled keeps the earlier init (the shipped nano's stage 1), draw for draw."""
+    import math
+
+    from train.common.config import parse_config
+    from train.stage1 import Stage1, Stage1Config
+
+    def fresh(extra):
+        cfg = parse_config(Stage1Config, common(env, env.root / "unused") + extra)
+        torch.manual_seed(0)  # run_training seeds the init so
+        module = Stage1(cfg).build(cfg, types.SimpleNamespace(device=torch.device("cpu")))
+        return next(m for m in module.modules() if type(m).__name__ == "KosmosG")
+
+    official, unscaled = fresh([]), fresh(["--fresh-init", "unscaled"])
+    scale = math.sqrt(math.log(2 * official.cfg.decoder.layers))
+    layer, plain = official.decoder.layers[0], unscaled.decoder.layers[0]
+    for name in ("ffn.fc1.weight", "ffn.fc2.bias", "self_attn.out_proj.weight", "self_attn.v_proj.weight"):
+        assert torch.allclose(layer.get_parameter(name), plain.get_parameter(name) * scale), name  # same seed
+    assert torch.equal(layer.self_attn.q_proj.weight, plain.self_attn.q_proj.weight)
+    assert unscaled.connector.latent_query.abs().max() == 0 and 0.5 < official.connector.latent_query.std() < 1.5
+    with pytest.raises(ValueError, match="--fresh-init 'other': use official or unscaled"):
+        from train.loop import run_training
+
+        cfg = parse_config(Stage1Config, common(env, env.root / "unused") + ["--fresh-init", "other"])
+        run_training(Stage1(cfg), cfg)
+
+
 def test_stage2_runs_the_frozen_mllm_in_training_mode_as_the_official_stage(env, stage1_run):
     """Found by a review: the frozen MLLM was put in eval mode (deterministic targets); the official stage 2 calls
     model.train() on the whole model, so its dropout (0.1) perturbs the aligner's input and reconstruction target.

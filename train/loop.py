@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -78,6 +79,10 @@ class LoopConfig:
     init_vision: str = field(default="", metadata={
         "help": "an HF CLIPVisionModel/CLIPModel folder whose weights start the vision encoder (official stage 1 "
                 "starts from CLIP ViT-L/14); overrides the vision weights of --init-checkpoint"})
+    fresh_init: str = field(default="official", metadata={
+        "help": "a model built from --model-config (no --init-checkpoint): official = torchscale's subLN scaling of "
+                "the MLLM's fc1/fc2/out_proj/v_proj and random connector queries (randn), as the official model "
+                "starts; unscaled = neither (zero queries: what the shipped nano's stage 1 started from)"})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "samples per process per micro-batch (official: 16/GPU "
                                                           "stage 3, 56/GPU stage 2)"})
@@ -636,6 +641,8 @@ def _check_loop_config(cfg: LoopConfig) -> None:
     """Settings refused before anything is loaded (torch's own checks of them come after the model is built and
     do not name the flag)."""
     check_minimums(cfg)  # again here: run_training may be called with a config not made by parse_config
+    if cfg.fresh_init not in ("official", "unscaled"):
+        raise ValueError(f"--fresh-init {cfg.fresh_init!r}: use official or unscaled.")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed={cfg.distributed!r}: use 'ddp' or 'fsdp'.")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
@@ -904,7 +911,7 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
     tokenizer.check_matches(model_cfg.decoder.vocab_size)
     model = KosmosG(model_cfg)
     if state is None:
-        init_fresh_weights(model)
+        init_fresh_weights(model, official=cfg.fresh_init == "official")
     else:
         dropped = [k for k in state if k.startswith(ignore)] if ignore else []
         if dropped:
@@ -921,17 +928,25 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
     return model
 
 
-def init_fresh_weights(model) -> None:
-    """From-scratch init of the token embedding as fairseq's decoder does: N(0, D^-1/2), pad row 0.
-
-    The head is tied to it, so PyTorch's N(0, 1) default would start the LM with logits of
-    std ~sqrt(D) and a cross-entropy far above log(V)."""
+def init_fresh_weights(model, official: bool = True) -> None:
+    """From-scratch init of the token embedding as fairseq's decoder does: N(0, D^-1/2), pad row 0 (the head is
+    tied to it, so PyTorch's N(0, 1) default would start the LM with logits of std ~sqrt(D) and a cross-entropy far
+    above log(V)). `official`: also torchscale's subLN init of the decoder (fc1, fc2, out_proj and v_proj weights and
+    biases times sqrt(log(2 x layers))) and the connector's random queries (official randn; zeros make its 64
+    outputs equal at the start). The aligner initialises itself (`Aligner.init_like_torchscale`)."""
     from kosmosg_core.config import PAD_ID
 
     weight = model.decoder.embed_tokens.weight
     with torch.no_grad():
         weight.normal_(0.0, weight.shape[1] ** -0.5)
         weight[PAD_ID].zero_()
+        if not official:
+            return
+        subln_scale = math.sqrt(math.log(2 * model.cfg.decoder.layers))
+        for name, parameter in model.decoder.layers.named_parameters():
+            if any(part in name for part in ("fc1", "fc2", "out_proj", "v_proj")):
+                parameter.mul_(subln_scale)
+        model.connector.latent_query.normal_()
 
 
 def set_trainable(model, decoder: bool, connector: bool, aligner: bool, vision_last: bool) -> None:
