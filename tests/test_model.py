@@ -142,7 +142,9 @@ def test_reconstruction_branch_shapes():
 
 def test_aligner_fresh_init_follows_torchscale():
     """Stage 2 starts from this: random queries (official randn; zero queries made all 77 outputs equal
-    and learned about half as fast), xavier attention, subLN depth scaling of fc/out_proj/v_proj."""
+    and learned about half as fast), PyTorch's Linear init in the attention (torchscale's xavier reset_parameters
+    is never called by the official code), subLN depth scaling of fc/out_proj/v_proj. `reset_attention_xavier`
+    gives the xavier init the shipped nano's stage 2 started from."""
     from kosmosg_core.aligner import Aligner
     from kosmosg_core.config import AlignerConfig
 
@@ -152,21 +154,29 @@ def test_aligner_fresh_init_follows_torchscale():
     aligner = Aligner(cfg, mllm_width=32)
     for queries in (aligner.encoder_query, aligner.decoder_query):
         assert 0.9 < queries.std().item() < 1.1 and queries.mean(1).abs().max() < 0.6  # rows differ
-    xavier_bound = math.sqrt(6 / (64 + 64))
+    linear_bound = 64 ** -0.5  # PyTorch's Linear: U(+-1/sqrt(fan_in))
     query_layer = aligner.encoder.layers[0]
-    assert query_layer.self_attn.q_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 + 1e-6
-    assert query_layer.self_attn.q_proj.weight.abs().max() > 0.9 * xavier_bound * 2 ** -0.5
-    assert torch.all(query_layer.encoder_attn.out_proj.bias == 0)
+    assert 0.9 * linear_bound < query_layer.self_attn.q_proj.weight.abs().max() <= linear_bound
+    assert query_layer.encoder_attn.out_proj.bias.abs().max() > 0  # not zeroed
     # subLN scaling: v_proj of the query stack (torchscale Decoder, enc-dec) by sqrt(log(3 * decoder_layers));
-    # cross-attention keeps plain xavier
+    # cross-attention keeps the plain init
     scale = math.sqrt(math.log(3 * 3))
-    assert query_layer.self_attn.v_proj.weight.abs().max() > 0.9 * xavier_bound * 2 ** -0.5 * scale
-    assert query_layer.encoder_attn.v_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 + 1e-6
+    assert query_layer.self_attn.v_proj.weight.abs().max() > 0.9 * linear_bound * scale
+    assert query_layer.encoder_attn.v_proj.weight.abs().max() <= linear_bound + 1e-6
     encoder_scale = math.sqrt(math.log(3 * 3) * math.log(2 * 2) / 3)
-    assert aligner.encoder_proj.layers[0].self_attn.out_proj.weight.abs().max() <= xavier_bound * encoder_scale + 1e-6
+    assert aligner.encoder_proj.layers[0].self_attn.out_proj.weight.abs().max() <= linear_bound * encoder_scale + 1e-6
     # every query produces its own output from the start
     out = aligner(torch.randn(2, 5, 32))
     assert (out[:, 0] - out[:, 1]).abs().mean() > 0.1
+
+    aligner.reset_attention_xavier()  # the earlier init: xavier attention, zero out_proj biases, the same scaling
+    xavier_bound = math.sqrt(6 / (64 + 64))
+    assert 0.9 * xavier_bound * 2 ** -0.5 < query_layer.self_attn.q_proj.weight.abs().max() <= \
+        xavier_bound * 2 ** -0.5 + 1e-6
+    assert torch.all(query_layer.encoder_attn.out_proj.bias == 0)
+    assert query_layer.self_attn.v_proj.weight.abs().max() > 0.9 * xavier_bound * 2 ** -0.5 * scale
+    assert query_layer.self_attn.v_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 * scale + 1e-6
+    assert query_layer.encoder_attn.v_proj.weight.abs().max() <= xavier_bound * 2 ** -0.5 + 1e-6
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

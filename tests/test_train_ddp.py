@@ -99,7 +99,7 @@ def test_only_the_main_process_writes_the_checkpoint(tmp_path, main_process):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     waits = []
-    accelerator = types.SimpleNamespace(is_main_process=main_process, num_processes=2,
+    accelerator = types.SimpleNamespace(is_main_process=main_process, num_processes=2, scaler=None,
                                         wait_for_everyone=lambda: waits.append(True))
     stage = types.SimpleNamespace(name="stage1", model_config=KosmosGConfig.tiny, tokenizer_dir=lambda: "tok")
     stream = types.SimpleNamespace(state_dict=lambda: {"epoch": 0})

@@ -326,16 +326,21 @@ def test_fp16_loss_scale_resumes_and_an_overflowed_update_leaves_the_lr_schedule
     the initial scale), and an update the scaler skipped (overflowed gradients) still advanced the LR schedule,
     where fairseq leaves it. The scaler starts as the official runs set fairseq's (init scale 4, window 256).
     Checked with torch's CPU GradScaler: accelerate makes one only on a GPU."""
-    from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
 
     from train.common.checkpointing import restore, save_checkpoint
     from train.loop import LoopConfig, apply_update, build_accelerator
 
     cfg = LoopConfig(output_dir=str(tmp_path / "run"), mixed_precision="fp16", tensorboard=False, cpu=True)
-    handler = build_accelerator(cfg, find_unused_parameters=False).scaler_handler
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process: ours only
+    try:
+        handler = build_accelerator(cfg, find_unused_parameters=False).scaler_handler
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the fp16 setting must not reach later tests
     assert (handler.init_scale, handler.growth_interval) == (4.0, 256)
-    Accelerator(cpu=True)
+    cfg.mixed_precision = "no"
+    build_accelerator(cfg, find_unused_parameters=False)  # AcceleratedOptimizer needs a state
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)

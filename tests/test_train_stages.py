@@ -1220,6 +1220,8 @@ def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog
     cfg = parse_config(getattr(module, f"Stage{stage_name[-1]}Config"), common(env, env.root / "unused") + extra)
     stage = getattr(module, f"Stage{stage_name[-1]}")(cfg)
     stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    if stage_name == "stage2":  # its caption filter counts CLIP tokens too (`build` loads the tokenizer)
+        stage.clip_tokenizer = module.load_clip_text(env.clip)[0]
     stream = RecordStream(env.data, seed=0)
     records = [stream.next() for _ in range(16)]  # the tiny set, every kind
     # what the model reads: stage 1 feeds all but the last token (the next-token targets end with </s>)
