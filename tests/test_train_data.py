@@ -20,7 +20,8 @@ from train.data import cli
 from train.data.build import run_build
 from train.data.config import BuildConfig, CropConfig, IngestConfig, MixConfig, OfficialConfig
 from train.data.crops import entity_crops
-from train.data.entities import filter_entities, layout_interleaved, order_entities, parse_entity_answer
+from train.data.entities import (converter_tags, filter_entities, layout_interleaved, order_entities,
+                                 parse_entity_answer, place_entities)
 from train.data.ingest import run_ingest_ip2p, run_ingest_pairs
 from train.data.mix import run_mix
 from train.data.official_tsv import run_from_official, run_to_official
@@ -104,8 +105,11 @@ def test_entity_parsing_and_official_filters():
     assert filter_entities(["dog", "dog collar", "red", "ball", "cat"], caption) == ["dog collar", "ball"]
     # the official ambiguity test is case-sensitive: "Dog" is not found inside "dog collar"
     assert filter_entities(["Dog", "dog collar", "red", "ball", "cat"], caption) == ["Dog", "dog collar", "ball"]
-    # tags absent from the caption do not make others ambiguous (construction filters them first)
-    assert filter_entities(["dog", "dog red red"], "a dog on a mat") == ["dog"]
+    # the converter stores only tags found in the caption as written, so one absent from it makes no other ambiguous
+    assert converter_tags(["dog", "dog red red", "Dog", ""], "a dog on a mat") == ["dog"]
+    # the loader counts ambiguity over every stored tag, whole word of the caption or not (found by a review)
+    assert converter_tags(["dog", "hot dog"], "a dog next to two hot dogs") == ["dog", "hot dog"]
+    assert filter_entities(["dog", "hot dog"], "a dog next to two hot dogs") == []
 
 
 def test_layout_matches_official_segments_and_drop_spans():
@@ -168,6 +172,9 @@ def test_layout_orders_case_variants_as_the_official_loader_and_a_repeated_tag_b
     assert layout_interleaved(caption, ["Dog", "dog", "cat"]).entities == ["Dog", "dog"]
     assert order_entities(["dog", "cat", "dog"], caption) == ["dog", "cat", "dog"]
     assert order_entities(["dog", "dog", "dog", "cat"], caption) == ["dog", "cat", "dog", "dog"]
+    # a placed mention consumes its whole word ("dog-dog"): the second dog sorts at the next mention after it
+    assert place_entities("dog-dog cat dog", order_entities(["dog", "dog", "cat"], "dog-dog cat dog")).entities == \
+        ["dog", "cat", "dog"]
 
 
 def test_entity_crop_threshold_dilation_and_image_edge():
@@ -341,11 +348,12 @@ def test_build_places_entities_of_one_name_at_their_own_mentions(tmp_path):
     """Two entities of one name are not one ambiguous tag: the first dog's crop goes after the first "dog",
     the cat's after "cat", the second dog's after the second "dog"; the third dog has no mention left and is
     left out (before: one dog, with the last dog's crop)."""
-    config = BuildConfig(output=str(tmp_path), source="test_train_data:TwoDogWorld", count=1, samples_per_shard=1)
+    built = tmp_path / "built"
+    config = BuildConfig(output=str(built), source="test_train_data:TwoDogWorld", count=1, samples_per_shard=1)
     config.crop.entity_size = 8
     config.crop.target_size = 40
     assert run_build(config)["written"] == 1
-    sample = next(iter(read_samples(str(tmp_path))))
+    sample = next(iter(read_samples(str(built))))
     assert sample.meta["text"] == "a dog <i> near a cat <i> and a dog <i>"
     palette = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}  # the cat's crop is all white
     found = []
@@ -354,6 +362,40 @@ def test_build_places_entities_of_one_name_at_their_own_mentions(tmp_path):
         near = np.abs(masked.astype(int) - np.array(list(palette.values()))).max(-1) < 40  # [pixels, colours]
         found.append([name for name, count in zip(palette, near.sum(0)) if count > 0])
     assert found == [["red"], [], ["green"]]
+    # the official format names entities by their word: its loader drops a tag stored twice (found by a review)
+    official = tmp_path / "official"
+    assert run_to_official(OfficialConfig(input=str(built), output=str(official)))["repeated_entity_names"] == 1
+    back = tmp_path / "back"
+    run_from_official(OfficialConfig(input=str(official), output=str(back)))
+    assert [e["name"] for e in next(iter(read_samples(str(back)))).meta["entities"]] == ["cat"]
+
+
+class CollarWorld:
+    """A dog with a mask and a "dog collar" whose mask is empty, in "a dog with a dog collar"."""
+
+    def __init__(self, seed=0, count=0):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def scene(self, index):
+        pixels = np.full((40, 40, 3), 128, dtype=np.uint8)
+        dog = np.zeros((40, 40), dtype=bool)
+        dog[5:20, 5:20] = True
+        pixels[dog] = (255, 0, 0)
+        return Scene(key="ignored", image=Image.fromarray(pixels), caption="a dog with a dog collar",
+                     entities=[EntityLabel("dog", dog), EntityLabel("dog collar", np.zeros((40, 40), dtype=bool))])
+
+
+def test_only_tags_with_a_crop_are_stored_and_make_others_ambiguous(tmp_path):
+    """Found by a review: as the official converter stores only tags with a crop, a "dog collar" without one does
+    not make "dog" ambiguous (both were dropped: the loader's filter ran before the crops)."""
+    config = BuildConfig(output=str(tmp_path), source="test_train_data:CollarWorld", count=1, samples_per_shard=1)
+    config.crop.entity_size = 8
+    config.crop.target_size = 40
+    assert run_build(config)["written"] == 1
+    assert next(iter(read_samples(str(tmp_path)))).meta["text"] == "a dog <i> with a dog collar"
 
 
 class WideWorld:

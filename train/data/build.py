@@ -23,7 +23,7 @@ from train.common.seeds import derive_seed
 
 from .config import BuildConfig
 from .crops import CorruptImageError, center_square, decode_image, entity_crops, RESAMPLE, resize_shorter_side
-from .entities import (clean_text, filter_entities, layout_interleaved, order_entities, parse_entity_answer,
+from .entities import (clean_text, converter_tags, filter_entities, order_entities, parse_entity_answer,
                        place_entities)
 from .samples import openimage_sample
 from .shards import ProcessResult, run_sharded
@@ -88,9 +88,9 @@ def _fit_scene(scene: Scene, square: bool) -> Scene:
 
 
 def _placed_labels(labels: list[EntityLabel], caption: str) -> list[EntityLabel]:
-    """The labels the official layout places, in caption order. Names pass the official filters once each,
-    so entities of one name in a labelled scene (two dogs) are not ambiguous with each other: the k-th of a
-    name takes the name's k-th mention (one past the mentions is left out)."""
+    """The stored labels the official loader places, in caption order. Names pass its filter once each, so
+    entities of one name in a labelled scene (two dogs) are not ambiguous with each other: the k-th of a name
+    takes the name's k-th mention (one past the mentions is left out)."""
     kept = set(filter_entities(list(dict.fromkeys(label.name for label in labels)), caption))
     named = [label for label in labels if label.name in kept]
     layout = place_entities(caption, order_entities([label.name for label in named], caption))
@@ -110,11 +110,15 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
     caption = clean_text(scene.caption)
     if not caption:
         return None, "failed_caption"
-    labels = _placed_labels(scene.entities, caption)[: config.models.max_entities or None]
-    if not labels:
+    # the official converter: tags found in the caption as written, cropped from their masks; those with a
+    # crop are stored; then the official loader's filter and layout over the stored ones
+    names = set(converter_tags([entity.name for entity in scene.entities], caption))
+    if not names:
         return None, "no_entities"
     crops = {}  # id(label) -> (crop, masked crop)
-    for entity in labels:
+    for entity in scene.entities:
+        if entity.name not in names:
+            continue
         if entity.mask is not None:
             pair = entity_crops(scene.image, np.asarray(entity.mask, dtype=np.float32), crop_cfg.mask_threshold,
                                 crop_cfg.dilation_divisor, crop_cfg.entity_size)
@@ -129,7 +133,10 @@ def finish_scene(scene: Scene, config: BuildConfig) -> ProcessResult:
             crops[id(entity)] = pair
     if not crops:
         return None, "no_masks"
-    placed = _placed_labels([entity for entity in labels if id(entity) in crops], caption)
+    stored = [entity for entity in scene.entities if id(entity) in crops]
+    placed = _placed_labels(stored, caption)[: config.models.max_entities or None]
+    if not placed:
+        return None, "no_entities"
     layout = place_entities(caption, [entity.name for entity in placed])
     pairs = [crops[id(entity)] for entity in placed]
     if crop_cfg.square_crop:
@@ -161,7 +168,7 @@ def make_raw_processor(config: BuildConfig, labeller: ModelLabeller):
             logger.warning("%s: entity extraction failed (%s: %s); skipped", item.key, type(error).__name__, error)
             return None, "failed_entities"
         tags = parse_entity_answer(answer, config.models.entity_max_words)
-        names = layout_interleaved(caption, tags).entities[: config.models.max_entities or None]
+        names = converter_tags(tags, caption)  # all of them segmented, as the official converter does
         if not names:
             logger.debug("%s: no usable entity in %r for caption %r", item.key, answer, caption)
             return None, "no_entities"

@@ -100,20 +100,22 @@ def _whole_word(tag: str) -> re.Pattern:
     return re.compile(r"\b{}\b".format(re.escape(tag)), re.IGNORECASE)
 
 
-def filter_entities(tags: list[str], caption: str) -> list[str]:
-    """The official tag filters, in the official order, with the official loader's own tests.
+def converter_tags(tags: list[str], caption: str) -> list[str]:
+    """The official converter's tag filter (scripts/convert_openimage.py): non-empty tags found in the caption as
+    written (a case-sensitive substring). Those with a mask are the stored tags the loader reads."""
+    return [tag for tag in tags if tag and tag in caption]
 
-    Construction keeps only tags that occur in the caption (whole word, any case); the loader then drops
-    colour words (its lower-case list, exactly: "Red" stays) and tags found as a whole word in more than
-    one of the stored tags (ambiguous: "dog" beside "dog collar"; a tag named twice is ambiguous too).
-    That last test is case-sensitive ("Dog" beside "dog collar" stays) and reads the tag unescaped, as a
-    regular expression, as the official loader does; a tag that is not a valid one made the official loader
-    skip the whole line, so no tag is kept then.
-    """
-    stored = [tag for tag in tags if tag and _whole_word(tag).search(caption) is not None]
+
+def filter_entities(tags: list[str], caption: str) -> list[str]:
+    """The official loader's tag filter (`tag_filter`) over the stored tags, with its own tests, in its order:
+    colour words dropped (its lower-case list, exactly: "Red" stays); tags not found in the caption as a whole word
+    (any case) dropped; tags found as a whole word in more than one stored tag dropped (ambiguous: "dog" beside
+    "dog collar", also when "dog collar" is itself dropped; a tag stored twice is ambiguous too). That last test is
+    case-sensitive ("Dog" beside "dog collar" stays) and reads the tag unescaped, as a regular expression; a tag
+    that is not a valid one made the official loader skip the whole line, so no tag is kept then."""
     kept = []
-    for tag in stored:
-        if tag in COLOUR_WORDS:
+    for tag in tags:
+        if not tag or tag in COLOUR_WORDS or _whole_word(tag).search(caption) is None:
             continue
         try:
             as_written = re.compile(r"\b{}\b".format(tag))
@@ -121,10 +123,22 @@ def filter_entities(tags: list[str], caption: str) -> list[str]:
             logger.warning("entity tag %r is not a valid regular expression (%s): the official loader skips "
                            "the whole sample then, and so is it here", tag, error)
             return []
-        if sum(as_written.search(other) is not None for other in stored) > 1:
+        if sum(as_written.search(other) is not None for other in tags) > 1:
             continue
         kept.append(tag)
     return kept
+
+
+def _mention_ends(tag: str, caption: str) -> list[int]:
+    """Where each mention of `tag` the layout can place ends: the first whole-word match, then the next one after
+    the end of that match's word (placing a mention consumes its word: "dog-dog" is one mention)."""
+    ends, start, pattern = [], 0, _whole_word(tag)
+    while (match := pattern.search(caption, start)) is not None:
+        ends.append(match.end())
+        start = match.end()
+        while start < len(caption) and caption[start] not in WORD_DELIMITERS:
+            start += 1
+    return ends
 
 
 def order_entities(tags: list[str], caption: str) -> list[str]:
@@ -135,7 +149,7 @@ def order_entities(tags: list[str], caption: str) -> list[str]:
     def match_end(numbered: tuple[int, str]) -> float:
         index, tag = numbered
         occurrence = tags[:index].count(tag)  # as spelled: the official loader sorts case variants alike
-        ends = [match.end() for match in _whole_word(tag).finditer(caption)]
+        ends = _mention_ends(tag, caption)
         return ends[occurrence] if occurrence < len(ends) else float("inf")
 
     return [tag for _, tag in sorted(enumerate(tags), key=match_end)]

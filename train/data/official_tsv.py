@@ -100,6 +100,13 @@ def run_to_official(config: OfficialConfig) -> dict:
             logger.warning("%s: cannot convert (%s); skipped", sample.key, error)
             counts["failed_convert"] += 1
             continue
+        names = [entity["name"] for entity in sample.meta.get("entities", [])] if kind == "openimage" else []
+        if len(set(names)) < len(names):  # two entities of one name, from a label source
+            logger.warning("%s: the official format names entities by their word, so the official loader (and "
+                           "from-official) reads the %s repeated in %s as one ambiguous tag and leaves those entities "
+                           "out; the line is written with them", sample.key,
+                           "/".join(sorted({n for n in names if names.count(n) > 1})), names)
+            counts["repeated_entity_names"] += 1
         buffers[kind].append("\t".join(fields))
         counts["written"] += 1
         counts[f"written_{kind}"] += 1
