@@ -145,6 +145,12 @@ class AlignerConfig:
     reconstruction_layers: int = 12
 
 
+# Fields added after checkpoint format 1, written only when they differ from their default (training switches; 0 in
+# every exported file), so a file exported now stays readable by earlier versions of the pack, which refuse a field
+# they do not know.
+FIELDS_WRITTEN_WHEN_SET = {"decoder": ("activation_dropout",), "connector": ("attention_dropout",)}
+
+
 @dataclass
 class KosmosGConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -191,11 +197,18 @@ class KosmosGConfig:
         return self.aligner.max_positions - ALIGNER_FIRST_POSITION
 
     # --- serialisation (stored as JSON in the .safetensors metadata) ---------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, complete: bool = False) -> dict:
+        """Every field with `complete`; else FIELDS_WRITTEN_WHEN_SET are left out at their default (what files and
+        cache keys hold: an exported file stays readable by earlier packs, an earlier key stays the same)."""
+        data = dataclasses.asdict(self)
+        for part, names in ({} if complete else FIELDS_WRITTEN_WHEN_SET).items():
+            for name in names:
+                if data[part][name] == getattr(type(getattr(self, part)), name):
+                    del data[part][name]
+        return data
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+    def to_json(self, complete: bool = False) -> str:
+        return json.dumps(self.to_dict(complete), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "KosmosGConfig":

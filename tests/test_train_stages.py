@@ -345,6 +345,37 @@ def test_stage1_loss_goes_down(stage1_run):
     assert set(state["optimizer"]["state"])  # Adam moments saved
 
 
+def test_a_run_of_the_earlier_version_resumes_with_the_dropout_it_ran_with(env, stage1_run, tmp_path, caplog):
+    """Found by a review: a checkpoint written before the activation and connector dropouts were config fields was
+    refused whatever the flags ("holds a model with a different KosmosGConfig"). It is read as it ran (the FFN's
+    GELU output dropped with p = dropout, no connector dropout): the same dropouts as flags resume it, others are
+    named. Exported files leave those fields out at 0, so earlier packs (which refuse unknown fields) read them."""
+    from kosmosg_core.config import KosmosGConfig
+    from train import stage1
+    from train.common.checkpointing import atomic_torch_save
+
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run, run)
+    state = load_checkpoint(run)
+    config = json.loads(state["extra"]["kosmosg_config"])
+    assert config["decoder"]["activation_dropout"] == 0.0 and config["connector"]["attention_dropout"] == 0.1
+    del config["decoder"]["activation_dropout"], config["connector"]["attention_dropout"]  # as the earlier version
+    state["extra"]["kosmosg_config"] = json.dumps(config)
+    train_config = json.loads(state["extra"]["train_config"])
+    for name in ("activation_dropout", "connector_attention_dropout", "fresh_init"):  # flags it did not have
+        del train_config[name]
+    state["extra"]["train_config"] = json.dumps(train_config)
+    atomic_torch_save(state, run / "checkpoint.pt")
+    args = common(env, run, steps=31)
+    with pytest.raises(ValueError, match=r"decoder.activation_dropout 0.1 -> 0.0.*--activation-dropout 0.1"):
+        stage1.main(args)
+    stage1.main(args + ["--activation-dropout", "0.1", "--connector-attention-dropout", "0"])
+    assert load_checkpoint(run)["step"] == 31
+    exported = KosmosGConfig.from_json(config_json := KosmosGConfig.tiny().for_inference().to_json()).to_dict()
+    assert "activation_dropout" not in json.loads(config_json)["decoder"]
+    assert "attention_dropout" not in json.loads(config_json)["connector"] and exported["connector"]["heads"] > 0
+
+
 def test_stage2_trains_only_the_aligner(stage1_run, stage2_run):
     metrics = read_metrics(stage2_run)
     losses = [m["loss"] for m in metrics]

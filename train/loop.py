@@ -296,6 +296,7 @@ class Stage:
 
     name = "stage"
     resume_may_change: frozenset[str] = frozenset()  # the stage's own settings a resumed run may change
+    earlier_version_note = ""  # what changed in this stage since checkpoints that lack the newer config fields
 
     @staticmethod
     def comparable_settings(settings: dict) -> dict:
@@ -450,12 +451,15 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     check_step_within(state, cfg.max_steps, path)
     saved = extra.get("kosmosg_config")
     if saved is not None:
-        changed = changed_settings(json.loads(saved), json.loads(stage.model_config().to_json()),
+        saved_config, earlier = as_recorded_now(json.loads(saved))
+        changed = changed_settings(saved_config, json.loads(stage.model_config().to_json(complete=True)),
                                    {"decoder.gradient_checkpointing"})  # --gradient-checkpointing may change
         if changed:
             raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
-                             f"({'; '.join(changed[:4])}); resume with the config the run was started with, or use a "
-                             "new --output-dir.")
+                             f"({'; '.join(changed[:4])}); resume with the config the run was started with (its "
+                             "flags, e.g. --activation-dropout 0.1), or use a new --output-dir.")
+        if earlier and stage.earlier_version_note:
+            logger.warning("resuming %s, written by an earlier version: %s", path, stage.earlier_version_note)
     if "train_config" not in extra:
         return
     before, now = (stage.comparable_settings(settings) for settings in (json.loads(extra["train_config"]),
@@ -607,6 +611,18 @@ def apply_update(optimizer, scheduler) -> bool:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return applied
+
+
+def as_recorded_now(saved: dict) -> tuple[dict, bool]:
+    """A checkpoint's model config with the training switches an earlier version did not record, at the values it
+    ran with: the FFN dropped its GELU output with p = dropout, the connector's attention had no dropout. -> (config,
+    whether it was written by such a version)."""
+    decoder, connector = saved.get("decoder", {}), saved.get("connector", {})
+    earlier = "activation_dropout" not in decoder
+    if earlier:
+        decoder = {**decoder, "activation_dropout": decoder.get("dropout", 0.0)}
+        connector = {"attention_dropout": 0.0, **connector}
+    return {**saved, "decoder": decoder, "connector": connector}, earlier
 
 
 def next_items(stage: Stage, stream: RecordStream, count: int) -> list:
@@ -775,7 +791,7 @@ def save_run_checkpoint(accelerator, stage: Stage, model, optimizer, scheduler, 
     positions = gather_object([stream.state_dict()])  # every process's data position, in rank order
     model_state, optimizer_state = gather_full_state(model, optimizer)
     if accelerator.is_main_process:
-        extra = {"stage": stage.name, "kosmosg_config": stage.model_config().to_json(),
+        extra = {"stage": stage.name, "kosmosg_config": stage.model_config().to_json(complete=True),
                  "tokenizer": stage.tokenizer_dir(), "train_config": json.dumps(config_to_dict(cfg)),
                  "input_fingerprints": fingerprints or {}}
         data_state = {"world_size": accelerator.num_processes, "split": cfg.data_split, "ranks": positions}

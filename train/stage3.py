@@ -100,6 +100,8 @@ class DiffusionModule(nn.Module):
 class Stage3(Stage):
     name = "stage3"
     resume_may_change = frozenset({"score_model", "clip_text_encoder"})  # paths: the frozen models may move
+    earlier_version_note = ("stage 3's loss is now the update's per-sample mean (it was the sum over the batch), so "
+                            "its gradients are 1/batch of the earlier ones: clip_norm clips less than it did")
 
     def __init__(self, cfg: Stage3Config):
         super().__init__(cfg)
