@@ -56,6 +56,13 @@ def checkpoint_identity(path) -> str:
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
 
 
+def same_file_written(identity: str, other: str) -> bool:
+    """Two `checkpoint_identity` strings of the same path, size and modification time: the file was not rewritten.
+    The status-change time and inode also change with a hard link, a chmod, or a remount of some file systems (FUSE,
+    FAT), none of which changes the weights: a model opened before still loads."""
+    return identity.rsplit("|", 2)[0] == other.rsplit("|", 2)[0]
+
+
 class DiskCache:
     """Tensors by key in `directory` (`<hash[:2]>/<hash>.safetensors`), at most `max_bytes` of them."""
 

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import build_model, check_checkpoint_path, inspect_checkpoint, load_model, read_checkpoint
 from .config import DTYPE_NAMES, KosmosGConfig
 from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
-from .disk_cache import DiskCache, checkpoint_identity
+from .disk_cache import DiskCache, checkpoint_identity, same_file_written
 from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
@@ -186,9 +186,9 @@ class UnreadWeights:
         except OSError as e:
             raise CheckpointNotFoundError(f"Kosmos-G checkpoint {self.path} can no longer be read ({e}); it was "
                                           "there when the model was opened. Put it back, or load it again.") from e
-        if identity != self.identity:  # the caches key by the identity read when it was opened
+        if not same_file_written(identity, self.identity):  # the caches key by the identity read when it was opened
             raise CheckpointError(f"Kosmos-G checkpoint {self.path} changed on disk after the model was opened (its "
-                                  "size, modification or status-change time or inode differ); load it again (ComfyUI: run the workflow again, "
+                                  "size or modification time differ); load it again (ComfyUI: run the workflow again, "
                                   "the Loader re-reads a replaced file).")
         logger.info("Kosmos-G: reading the weights of %s (%s, %s)", self.path, self.dtype, self.device)
         _, state_dict, _ = read_checkpoint(self.path, self.cfg)

@@ -458,6 +458,10 @@ def test_a_lazy_pipeline_refuses_a_kernel_that_cannot_run_when_opened(checkpoint
 def test_a_lazy_pipeline_whose_file_changed_or_went_says_so(checkpoint):
     """Its keys hold the file as it was when opened: a file replaced before the weights are read is refused, not
     read under the old file's keys."""
+    linked = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
+    os.link(checkpoint, checkpoint.with_name("backup.safetensors"))  # a backup tool's hard link: its ctime changes
+    os.chmod(checkpoint, 0o600)
+    assert linked.encode("a dog").shape[1] == 77  # found by a review: refused as "changed on disk"
     lazy = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
     os.utime(checkpoint, ns=(10**9, 10**9))  # e.g. retrained and written again
     with pytest.raises(CheckpointError, match="changed on disk after the model was opened .* load it again"):
