@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -125,10 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- the data folder -------------------------------------------------------------------------------
 def database_path_problem(data: Path) -> str | None:
     """ComfyUI keeps its database at DATA/user/comfyui.db, named by an sqlite:/// URL: a `?` in the path starts
-    the URL's query (the database would be made elsewhere) and `%` + two hex digits is read as an escape."""
+    the URL's query (the database would be made elsewhere), and any `%` stops alembic's config (its interpolation
+    syntax): ComfyUI then runs without its database."""
     text = str(data)
-    if "?" in text or re.search(r"%[0-9A-Fa-f]{2}", text):
-        return "ComfyUI's database URL cannot hold a '?' or a '%' followed by two hex digits"
+    if "?" in text or "%" in text:
+        return "ComfyUI's database URL cannot hold a '?' or a '%'"
     return None
 
 
