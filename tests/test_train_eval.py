@@ -381,6 +381,11 @@ def test_fid_follows_linked_folders_keeps_npz_names_and_refuses_one_file_for_two
     assert result["num_generated"] == 6  # the linked folder's 3 images count
     assert result["saved_real_stats"] == str(stats) and sorted(p.name for p in tmp_path.glob("real.*")) == ["real.NPZ"]
     assert fid.main([*common, "--real", str(stats)])["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    # the same weights under another name are the same network (found by a review: the name was compared)
+    renamed = tmp_path / "renamed-model"
+    shutil.copytree(models["image-model"], renamed)
+    assert fid.main(["--inception", str(renamed), *common[2:], "--real", str(stats)])["fid"] == \
+        pytest.approx(result["fid"], rel=1e-9)
     # statistics made with another resize/crop are refused by name (they only warned: a meaningless FID)
     with pytest.raises(ValueError, match=r"real\.NPZ was computed with .*:resize32:crop32:.*, this run uses "
                                          r".*:resize40:crop32:.*compute the real statistics again"):

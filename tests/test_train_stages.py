@@ -1368,6 +1368,10 @@ def test_a_fresh_mllm_starts_as_torchscale_builds_it(env):
         assert torch.allclose(layer.get_parameter(name), plain.get_parameter(name) * scale), name  # same seed
     assert torch.equal(layer.self_attn.q_proj.weight, plain.self_attn.q_proj.weight)
     assert unscaled.connector.latent_query.abs().max() == 0 and 0.5 < official.connector.latent_query.std() < 1.5
+    # the connector's attention as fairseq's MultiheadAttention initialises itself: xavier, zero out_proj bias
+    attention, width = official.connector.x_attn, official.cfg.decoder.width
+    assert attention.out_proj.bias.abs().max() == 0 and unscaled.connector.x_attn.out_proj.bias.abs().max() > 0
+    assert attention.q_proj.weight.abs().max() <= (6 / (2 * width)) ** 0.5 * 2 ** -0.5 + 1e-6
     with pytest.raises(ValueError, match="--fresh-init 'other': use official or unscaled"):
         from train.loop import run_training
 

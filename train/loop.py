@@ -948,8 +948,9 @@ def init_fresh_weights(model, official: bool = True) -> None:
     """From-scratch init of the token embedding as fairseq's decoder does: N(0, D^-1/2), pad row 0 (the head is
     tied to it, so PyTorch's N(0, 1) default would start the LM with logits of std ~sqrt(D) and a cross-entropy far
     above log(V)). `official`: also torchscale's subLN init of the decoder (fc1, fc2, out_proj and v_proj weights and
-    biases times sqrt(log(2 x layers))) and the connector's random queries (official randn; zeros make its 64
-    outputs equal at the start). The aligner initialises itself (`Aligner.init_like_torchscale`)."""
+    biases times sqrt(log(2 x layers))), the connector's random queries (official randn; zeros make its 64 outputs
+    equal at the start) and its attention as fairseq's MultiheadAttention initialises itself (xavier q/k/v with gain
+    2^-1/2, xavier out_proj, zero out_proj bias). The aligner initialises itself (`Aligner.init_like_torchscale`)."""
     from kosmosg_core.config import PAD_ID
 
     weight = model.decoder.embed_tokens.weight
@@ -963,6 +964,11 @@ def init_fresh_weights(model, official: bool = True) -> None:
             if any(part in name for part in ("fc1", "fc2", "out_proj", "v_proj")):
                 parameter.mul_(subln_scale)
         model.connector.latent_query.normal_()
+        attention = model.connector.x_attn
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+            nn.init.xavier_uniform_(projection.weight, gain=2 ** -0.5)
+        nn.init.xavier_uniform_(attention.out_proj.weight)
+        nn.init.zeros_(attention.out_proj.bias)
 
 
 def set_trainable(model, decoder: bool, connector: bool, aligner: bool, vision_last: bool) -> None:

@@ -181,7 +181,7 @@ class Stage2(Stage):
                               allow_missing=("aligner.",) if fresh_aligner else RECONSTRUCTION_KEY_PREFIXES,
                               ignore=("aligner.",) if fresh_aligner else ())
         if cfg.aligner_attention_init == "xavier" and (fresh_aligner or not cfg.init_checkpoint):
-            model.aligner.reset_attention_xavier()  # no random draw since the model was built: bit for bit as before
+            model.aligner.reset_attention_xavier()  # from a stage-1 run no draw comes between: bit for bit as before
         if clip_text.config.hidden_size != model.cfg.aligner.width:
             raise ValueError(f"CLIP text encoder width {clip_text.config.hidden_size} != aligner width "
                              f"{model.cfg.aligner.width}; use the SD1.5 text encoder (768) with a 768-wide aligner.")

@@ -235,6 +235,10 @@ try {
     });
     await page.waitForTimeout(600);
     const linkedText = await promptState();
+    await setWeights("1, 2");  // the typed weights list is still checked against the images
+    await page.waitForTimeout(300);
+    const linkedTextBadWeights = await promptState();
+    await setWeights("");
     await page.evaluate(() => {
         const { prompt, textSource } = window.__kg;
         prompt.disconnectInput(prompt.inputs.findIndex((i) => i.name === "text"));
@@ -245,7 +249,7 @@ try {
     step("prompt_node", { prompt_node: { created, typed_one: typedOne, connected, typed_two: typedTwo,
         connected_two: connectedTwo, weighted, bad_weights: badWeights, written_weights: writtenWeights,
         bad_written_weight: badWrittenWeight, typed_text: typedText, extra_image: extraImage, gap,
-        linked_text: linkedText, unlinked_text: unlinkedText, api_inputs: apiPrompt?.inputs ?? null } });
+        linked_text: linkedText, linked_text_bad_weights: linkedTextBadWeights, unlinked_text: unlinkedText, api_inputs: apiPrompt?.inputs ?? null } });
 
     // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
     const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));

@@ -275,8 +275,10 @@ def test_text_from_a_link_is_not_counted_from_the_hidden_widget(browser_report):
     """Found by a review: with `text` fed by a String node the status counted the widget's hidden default text (a
     false warning, or a false tick), though the server gets the linked text."""
     linked, unlinked = browser_report["prompt_node"]["linked_text"], browser_report["prompt_node"]["unlinked_text"]
-    assert linked["status_dom"][0] == "text from a link / 1 image: the <i> count is checked when queued"
+    assert linked["status_dom"][0] == "text from a link / 1 image: the <i> count is checked when it runs"
     assert linked["preview_dom"][0] == "(text from a link)" and linked["status"]["ok"] is True
+    bad = browser_report["prompt_node"]["linked_text_bad_weights"]
+    assert bad["status_dom"][0].endswith("⚠ weights has 2 values for 1 image") and bad["status"]["ok"] is False
     assert unlinked["status_dom"][0] == browser_report["prompt_node"]["gap"]["status_dom"][0]  # back to the widget
 
 

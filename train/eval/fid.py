@@ -78,7 +78,7 @@ def load_stats(path: str, extractor_name: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run(cfg: FidConfig) -> dict:
-    from kosmosg_core.files import atomic_output
+    from kosmosg_core.files import atomic_output, content_fingerprint
 
     from .features import InceptionFeatures, pick_device
     from .metrics import frechet_distance
@@ -91,7 +91,9 @@ def run(cfg: FidConfig) -> dict:
         raise ValueError(f"--crop {cfg.crop} is larger than --resize {cfg.resize} (the shorter side after resizing); "
                          "the centre crop must fit inside it (official COCO: both 256).")
     extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
-    extractor_name = f"{extractor.kind}:{Path(cfg.inception).name}:resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
+    # the weights by content: a renamed or converted copy is the same network, another file of the same name is not
+    weights = content_fingerprint(cfg.inception) or Path(cfg.inception).name
+    extractor_name = f"{extractor.kind}:{weights}:resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
     result: dict = {"feature_extractor": extractor_name}
     if cfg.real.lower().endswith(".npz"):
         if not Path(cfg.real).is_file():

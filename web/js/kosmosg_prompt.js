@@ -300,7 +300,7 @@ function widgetValue(node, name) {
  * per sent socket whose node upstream the server refuses (refusedNote), always a problem: the server refuses every
  * output that depends on it (the prompt fails unless another output still validates). */
 export function describe(text, linkedSocketIndices, weightsText, skipped = [], refused = []) {
-    if (text === null) return describeLinkedText(linkedSocketIndices, refused);
+    if (text === null) return describeLinkedText(linkedSocketIndices, weightsText, skipped, refused);
     const found = findPlaceholders(text);
     const placeholders = found.length;
     const images = linkedSocketIndices.length;
@@ -318,10 +318,7 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
         const extra = images - placeholders;
         problems.push(`add ${extra} ${PLACEHOLDER} to the text or disconnect ${extra} image${extra > 1 ? "s" : ""}`);
     }
-    if (weights?.error) problems.push(weights.error);
-    else if (weights && weights.length !== images) {
-        problems.push(`weights has ${weights.length} value${weights.length === 1 ? "" : "s"} for ${images} image${images === 1 ? "" : "s"}`);
-    }
+    problems.push(...weightsProblems(weights, images));
     found.forEach((p) => {
         const weight = weightOf(p.number);
         if (!p.error && listed && weight > MAX_WEIGHT) {
@@ -329,7 +326,7 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
         }
     });
     const remarks = [...(skipped.length > 0 && placeholders <= images ? [`${skipped.join(", ")}: skipped`] : []),
-        ...(weightsText === null ? ["weights from a link: checked when queued"] : [])];
+        ...(weightsText === null ? ["weights from a link: checked when it runs"] : [])];
     const remark = remarks.length > 0 ? ` (${remarks.join("; ")})` : "";
     return {
         placeholders,
@@ -344,17 +341,30 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
     };
 }
 
-/** `describe` when the text comes from a link: its value is known only when the prompt is queued (the server checks
- * the placeholder count then), so the widget's hidden value is not counted; the k-th sent socket fills the k-th
- * placeholder of whatever text arrives. */
-function describeLinkedText(linkedSocketIndices, refused) {
+/** What is wrong with a parsed weights list (parseWeights; null: none to check) for `images` images. */
+function weightsProblems(weights, images) {
+    if (weights?.error) return [weights.error];
+    if (weights && weights.length !== images) {
+        return [`weights has ${weights.length} value${weights.length === 1 ? "" : "s"} for ${images} image${images === 1 ? "" : "s"}`];
+    }
+    return [];
+}
+
+/** `describe` when the text comes from a link: its value is known only when the node runs (the server checks the
+ * placeholder count then), so the widget's hidden value is not counted; the k-th sent socket fills the k-th
+ * placeholder of whatever text arrives. The weights list (when typed) must still give one value per image. */
+function describeLinkedText(linkedSocketIndices, weightsText, skipped, refused) {
     const images = linkedSocketIndices.length;
+    const problems = [...refused];
+    const weights = weightsText === null ? null : parseWeights(weightsText);
+    problems.push(...weightsProblems(weights, images));
+    const remark = skipped.length > 0 ? ` (${skipped.join(", ")}: skipped)` : "";
     return {
         placeholders: images,
         images,
-        ok: refused.length === 0,
+        ok: problems.length === 0,
         summary: `text from a link / ${images} image${images === 1 ? "" : "s"}: the ${PLACEHOLDER} count is checked `
-            + `when queued` + (refused.length === 0 ? "" : ` ⚠ ${refused.join("; ")}`),
+            + `when it runs` + (problems.length === 0 ? "" : ` ⚠ ${problems.join("; ")}`) + remark,
         socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
         placeholderAt: () => undefined,
         weightFor: () => 1,
