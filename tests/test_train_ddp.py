@@ -99,7 +99,8 @@ def test_only_the_main_process_writes_the_checkpoint(tmp_path, main_process):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     waits = []
-    accelerator = types.SimpleNamespace(is_main_process=main_process, num_processes=2, scaler=None,
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # fp16's loss scaler: saved with the run (fp16 on a GPU)
+    accelerator = types.SimpleNamespace(is_main_process=main_process, num_processes=2, scaler=scaler,
                                         wait_for_everyone=lambda: waits.append(True))
     stage = types.SimpleNamespace(name="stage1", model_config=KosmosGConfig.tiny, tokenizer_dir=lambda: "tok")
     stream = types.SimpleNamespace(state_dict=lambda: {"epoch": 0})
@@ -108,5 +109,6 @@ def test_only_the_main_process_writes_the_checkpoint(tmp_path, main_process):
     if main_process:
         state = load_checkpoint(tmp_path)
         assert state["step"] == 4 and torch.equal(state["model"]["weight"], model.weight)
+        assert state["grad_scaler"] == scaler.state_dict()
     else:
         assert list(tmp_path.iterdir()) == []

@@ -604,7 +604,8 @@ def resume_from_checkpoint(cfg: LoopConfig, stage: Stage, model, optimizer, sche
 def apply_update(optimizer, scheduler) -> bool:
     """One optimiser update and the LR schedule's step -> whether the update was applied. Under fp16 the loss
     scaler skips an update whose gradients overflowed; fairseq then leaves its LR schedule where it was, and so
-    does this (the scaler lowers its scale for the next try)."""
+    does this (the scaler lowers its scale for the next try). Unlike fairseq's update count, the skipped step still
+    counts toward max_steps (the loop's steps are the data's: a checkpoint resumes at the same sample)."""
     optimizer.step()
     applied = not getattr(optimizer, "step_was_skipped", False)
     if applied:
