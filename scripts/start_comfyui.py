@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     data = args.dir
     try:
         data.mkdir(parents=True, exist_ok=True)
-        lock = lock_data_dir(data)  # noqa: F841 - held until the process ends; before anything in it changes
+        args.data_lock = lock_data_dir(data)  # held until the process ends; taken before anything in DATA changes
         prepare_data_dir(data)
     except OSError as e:  # a read-only place, a path no file system holds (/proc/...)
         raise SystemExit(f"[start_comfyui] cannot set up --dir {data} ({e.strerror or e}: {e.filename or data}); give "

@@ -320,17 +320,30 @@ def test_build_from_label_source(tmp_path):
     assert (np.abs(cube.astype(int) - 128).sum(-1) > 60).mean() > 0.9
 
 
-class TwoDogWorld:
-    """A label source naming two entities alike: three dogs (red, green, blue squares with exact masks) and a
-    cat (white) in a caption that mentions a dog, the cat, then a dog."""
-
-    COLOURS = {"dog": [(255, 0, 0), (0, 255, 0), (0, 0, 255)], "cat": [(255, 255, 255)]}
+class SceneSource:
+    """A test label source: `count` scenes, each made by the subclass's `scene(index)`."""
 
     def __init__(self, seed=0, count=0):
         self.count = count
 
     def __len__(self):
         return self.count
+
+
+def build_scenes(output, source: str, entity_size: int = 8):
+    """`build` of one scene from a label source of this module -> its sample."""
+    config = BuildConfig(output=str(output), source=f"test_train_data:{source}", count=1, samples_per_shard=1)
+    config.crop.entity_size = entity_size
+    config.crop.target_size = 40
+    assert run_build(config)["written"] == 1
+    return next(iter(read_samples(str(output))))
+
+
+class TwoDogWorld(SceneSource):
+    """A label source naming two entities alike: three dogs (red, green, blue squares with exact masks) and a
+    cat (white) in a caption that mentions a dog, the cat, then a dog."""
+
+    COLOURS = {"dog": [(255, 0, 0), (0, 255, 0), (0, 0, 255)], "cat": [(255, 255, 255)]}
 
     def scene(self, index):
         pixels = np.full((40, 40, 3), 128, dtype=np.uint8)
@@ -349,11 +362,7 @@ def test_build_places_entities_of_one_name_at_their_own_mentions(tmp_path):
     the cat's after "cat", the second dog's after the second "dog"; the third dog has no mention left and is
     left out (before: one dog, with the last dog's crop)."""
     built = tmp_path / "built"
-    config = BuildConfig(output=str(built), source="test_train_data:TwoDogWorld", count=1, samples_per_shard=1)
-    config.crop.entity_size = 8
-    config.crop.target_size = 40
-    assert run_build(config)["written"] == 1
-    sample = next(iter(read_samples(str(built))))
+    sample = build_scenes(built, "TwoDogWorld")
     assert sample.meta["text"] == "a dog <i> near a cat <i> and a dog <i>"
     palette = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}  # the cat's crop is all white
     found = []
@@ -370,14 +379,8 @@ def test_build_places_entities_of_one_name_at_their_own_mentions(tmp_path):
     assert [e["name"] for e in next(iter(read_samples(str(back)))).meta["entities"]] == ["cat"]
 
 
-class CollarWorld:
+class CollarWorld(SceneSource):
     """A dog with a mask and a "dog collar" whose mask is empty, in "a dog with a dog collar"."""
-
-    def __init__(self, seed=0, count=0):
-        self.count = count
-
-    def __len__(self):
-        return self.count
 
     def scene(self, index):
         pixels = np.full((40, 40, 3), 128, dtype=np.uint8)
@@ -391,21 +394,11 @@ class CollarWorld:
 def test_only_tags_with_a_crop_are_stored_and_make_others_ambiguous(tmp_path):
     """Found by a review: as the official converter stores only tags with a crop, a "dog collar" without one does
     not make "dog" ambiguous (both were dropped: the loader's filter ran before the crops)."""
-    config = BuildConfig(output=str(tmp_path), source="test_train_data:CollarWorld", count=1, samples_per_shard=1)
-    config.crop.entity_size = 8
-    config.crop.target_size = 40
-    assert run_build(config)["written"] == 1
-    assert next(iter(read_samples(str(tmp_path)))).meta["text"] == "a dog <i> with a dog collar"
+    assert build_scenes(tmp_path, "CollarWorld").meta["text"] == "a dog <i> with a dog collar"
 
 
-class WideWorld:
+class WideWorld(SceneSource):
     """A label source of wide scenes [H=40, W=60]: one red square with its exact mask, right of centre."""
-
-    def __init__(self, seed=0, count=0):
-        self.count = count
-
-    def __len__(self):
-        return self.count
 
     def scene(self, index):
         pixels = np.full((40, 60, 3), 128, dtype=np.uint8)
@@ -418,11 +411,7 @@ class WideWorld:
 def test_build_square_crop_crops_the_masks_with_the_image(tmp_path):
     """With square_crop a wide scene and its masks are cut to the same centred square: the entity crop
     is the red square, and the target the centred 40 x 40."""
-    config = BuildConfig(output=str(tmp_path), source="test_train_data:WideWorld", count=1, samples_per_shard=1)
-    config.crop.entity_size = 16
-    config.crop.target_size = 40
-    assert run_build(config)["written"] == 1
-    sample = next(iter(read_samples(str(tmp_path))))
+    sample = build_scenes(tmp_path, "WideWorld", entity_size=16)
     masked = np.asarray(Image.open(io.BytesIO(sample.images["entity_0_masked.png"]))).astype(int)
     assert (np.abs(masked - (255, 0, 0)).max(-1) < 40).mean() > 0.5  # mostly the red square
     target = np.asarray(Image.open(io.BytesIO(sample.images["target.png"])))
