@@ -98,6 +98,34 @@ def test_crash_then_resume_stage1_matches(env, accumulation):
     assert_same_run(reference, crashed)
 
 
+def test_a_loss_scaled_run_resumes_its_scale_through_the_training_loop(env, tmp_path, monkeypatch):
+    """The loop saves the loss scaler with the run and a resume restores it (a review noticed the scaler's own test
+    would pass with the loop's wiring removed). fp16's scaler exists only on a GPU: here torch's CPU GradScaler, set
+    on the loop's accelerator, doubles its scale every 2 updates; a run stopped at 3 and resumed to 6 ends at the
+    uninterrupted run's scale and losses."""
+    from train import loop
+
+    build = loop.build_accelerator
+
+    def with_scaler(cfg, find_unused_parameters):
+        accelerator = build(cfg, find_unused_parameters)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=2)
+        return accelerator
+
+    monkeypatch.setattr(loop, "build_accelerator", with_scaler)
+
+    def run(out, steps):
+        run_stage1_in_process(common_args(env, out, steps=steps, save_every=3))
+        return load_checkpoint(out)
+
+    whole = run(tmp_path / "whole", 6)
+    assert whole["grad_scaler"]["scale"] == 32.0  # 4, doubled after updates 2, 4 and 6
+    assert run(tmp_path / "resumed", 3)["grad_scaler"]["scale"] == 8.0
+    resumed = run(tmp_path / "resumed", 6)
+    assert resumed["grad_scaler"] == whole["grad_scaler"]
+    assert [m["loss"] for m in read_metrics(tmp_path / "resumed")] == [m["loss"] for m in read_metrics(tmp_path / "whole")]
+
+
 def test_resume_with_other_max_steps_uses_the_new_schedule_from_its_first_update(env, tmp_path):
     """--max-steps may change on resume: the first resumed update took the old schedule's LR (0.0 when a
     finished run was extended). A --max-steps below the checkpoint's step is refused (it trained nothing and
