@@ -303,15 +303,18 @@ def save_image(image, path, text: dict[str, str] | None = None) -> Path:
     return path
 
 
-def content_fingerprint(path, nbytes: int = 2**20) -> str | None:
+def content_fingerprint(path, nbytes: int = 2**20, skip_hidden: bool = False) -> str | None:
     """A file's content in 16 hex digits, from its size and its first and last `nbytes` (a model's header and
     tensors, a shard's first and last samples: two files of one layout differ there), so a renamed or moved copy is
     the same file and another file of the same name is not, without reading gigabytes; a folder (a diffusers model,
     a tokenizer): from each of its files, by relative name. None: nothing to read (no such file, or a path no file
-    system holds: the caller's own checks name the problem)."""
+    system holds: the caller's own checks name the problem). `skip_hidden`: a folder's files and folders whose names
+    start with "." do not count (e.g. huggingface_hub's .cache/ of download metadata)."""
     path = Path(path)
     try:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not (
+            skip_hidden and any(part.startswith(".") for part in p.relative_to(path).parts))) \
+            if path.is_dir() else [path] if path.is_file() else []
         if not files:
             return None
         digest = hashlib.sha256()

@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,11 +385,20 @@ def test_fid_follows_linked_folders_keeps_npz_names_and_refuses_one_file_for_two
     # the same weights under another name are the same network (found by a review: the name was compared)
     renamed = tmp_path / "renamed-model"
     shutil.copytree(models["image-model"], renamed)
+    (renamed / ".cache").mkdir()
+    (renamed / ".cache" / "download.metadata").write_text("a hub download's timestamped record")  # not counted
     assert fid.main(["--inception", str(renamed), *common[2:], "--real", str(stats)])["fid"] == \
         pytest.approx(result["fid"], rel=1e-9)
+    # statistics an earlier version saved name the network by its file's name: accepted for weights of that name
+    with np.load(stats) as saved:
+        kind, _, *preprocessing = str(saved["extractor"]).split(":")
+        earlier = tmp_path / "earlier.npz"
+        np.savez(earlier, mu=saved["mu"], sigma=saved["sigma"], count=saved["count"],
+                 extractor=np.array(":".join([kind, Path(models["image-model"]).name, *preprocessing])))
+    assert fid.main([*common, "--real", str(earlier)])["fid"] == pytest.approx(result["fid"], rel=1e-9)
     # statistics made with another resize/crop are refused by name (they only warned: a meaningless FID)
     with pytest.raises(ValueError, match=r"real\.NPZ was computed with .*:resize32:crop32:.*, this run uses "
-                                         r".*:resize40:crop32:.*compute the real statistics again"):
+                                         r".*:resize40:crop32:.*Compute the real statistics again"):
         fid.main([*common[:2], "--resize", "40", *common[4:], "--real", str(stats)])
     with pytest.raises(ValueError, match="--output-json and --save-real-stats name the same file"):
         fid.main([*common, "--real", str(real), "--save-real-stats", str(stats), "--output-json", str(stats)])

@@ -62,18 +62,24 @@ def _folder_paths(folder: str, flag: str, cfg: FidConfig) -> list[Path]:
     return paths[:cfg.max_images] if cfg.max_images else paths
 
 
-def load_stats(path: str, extractor_name: str) -> tuple[np.ndarray, np.ndarray, int]:
+def load_stats(path: str, extractor_name: str, earlier_name: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+    """`extractor_name`: this run's network (by its weights' content) and preprocessing; `earlier_name`: the same as
+    versions before wrote it (the network by its weights file's name), accepted for statistics they saved."""
     with np.load(path, allow_pickle=False) as stats:  # plain arrays only, nothing unpickled
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"--real {path}: not a statistics file from --save-real-stats (needs mu and sigma).")
-        if "extractor" not in stats:  # statistics from another tool: its preprocessing cannot be checked
+        saved_with = str(stats["extractor"]) if "extractor" in stats else None
+        if saved_with is None:  # statistics from another tool: its preprocessing cannot be checked
             logger.warning("--real %s does not say how it was computed: the FID is only meaningful with the same "
                            "feature network and preprocessing as %s", path, extractor_name)
-        elif str(stats["extractor"]) != extractor_name:
-            raise ValueError(f"--real {path} was computed with {stats['extractor']}, this run uses {extractor_name}: "
-                             "an FID between features of another network or another resize/crop means nothing. Use "
-                             "the settings it names, or compute the real statistics again with these (--real FOLDER "
-                             "--save-real-stats FILE).")
+        elif earlier_name and saved_with == earlier_name:
+            logger.info("--real %s names its network by the weights file's name (an earlier version): this run's "
+                        "weights file has that name", path)
+        elif saved_with != extractor_name:
+            raise ValueError(f"--real {path} was computed with {saved_with}, this run uses {extractor_name} (the network "
+                             "named by its weights' content): an FID between features of another network or another "
+                             "resize/crop means nothing. Compute the real statistics again with this run's settings "
+                             "(--real FOLDER --save-real-stats FILE), or give the resize/crop they name.")
         return stats["mu"], stats["sigma"], int(stats["count"]) if "count" in stats else -1
 
 
@@ -91,14 +97,17 @@ def run(cfg: FidConfig) -> dict:
         raise ValueError(f"--crop {cfg.crop} is larger than --resize {cfg.resize} (the shorter side after resizing); "
                          "the centre crop must fit inside it (official COCO: both 256).")
     extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
-    # the weights by content: a renamed or converted copy is the same network, another file of the same name is not
-    weights = content_fingerprint(cfg.inception) or Path(cfg.inception).name
-    extractor_name = f"{extractor.kind}:{weights}:resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
+    # the weights by content (a renamed copy is the same network, another file of the same name is not; a folder's
+    # hidden files, e.g. a hub download's metadata, do not count)
+    weights = content_fingerprint(cfg.inception, skip_hidden=True) or Path(cfg.inception).name
+    preprocessing = f"resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
+    extractor_name = f"{extractor.kind}:{weights}:{preprocessing}"
+    earlier_name = f"{extractor.kind}:{Path(cfg.inception).name}:{preprocessing}"  # how earlier versions wrote it
     result: dict = {"feature_extractor": extractor_name}
     if cfg.real.lower().endswith(".npz"):
         if not Path(cfg.real).is_file():
             raise ValueError(f"--real {cfg.real}: no such statistics file.")
-        mu_real, sigma_real, result["num_real"] = load_stats(cfg.real, extractor_name)
+        mu_real, sigma_real, result["num_real"] = load_stats(cfg.real, extractor_name, earlier_name)
     else:
         real_paths = _folder_paths(cfg.real, "--real", cfg)
         mu_real, sigma_real = image_statistics(real_paths, extractor, cfg)
