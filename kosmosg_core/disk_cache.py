@@ -57,9 +57,9 @@ def checkpoint_identity(path) -> str:
 
 
 def same_file_written(identity: str, other: str) -> bool:
-    """Two `checkpoint_identity` strings of the same path, size and modification time: the file was not rewritten.
-    The status-change time and inode also change with a hard link, a chmod, or a remount of some file systems (FUSE,
-    FAT), none of which changes the weights: a model opened before still loads."""
+    """Two `checkpoint_identity` strings of the same path, size and modification time. The status-change time and
+    inode also change with a hard link, a chmod, or a remount of some file systems (FUSE, FAT), none of which changes
+    the weights; but also with `cp -p` of another file over it: compare a sample of the bytes then."""
     return identity.rsplit("|", 2)[0] == other.rsplit("|", 2)[0]
 
 

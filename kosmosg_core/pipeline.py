@@ -19,6 +19,7 @@ from .config import DTYPE_NAMES, KosmosGConfig
 from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity, same_file_written
 from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
+from .files import content_fingerprint
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
@@ -170,8 +171,10 @@ class UnreadWeights:
         self.path, self.cfg, self.dtype = Path(path).absolute(), cfg, dtype
         self.device = canonical_device(device)  # as the weights will report it ("cpu:0" -> "cpu")
         self.pack_cpu_linears, self.cpu_kernel = pack_cpu_linears, cpu_kernel
-        # the file as it was when opened (`disk_cache.checkpoint_identity`): loading checks it is still that file
+        # the file as it was when opened (`disk_cache.checkpoint_identity`, and a sample of its bytes for when only
+        # its status-change time or inode moved): loading checks it is still that file
         self.identity = identity or checkpoint_identity(path)
+        self.content = content_fingerprint(self.path)
         # what `cpu_linear.linear_kernels` will say of the loaded model (packing leaves non-CPU weights plain),
         # resolved once, here: a kernel that cannot run here is refused when the checkpoint is opened, as packing would
         self._kernels = kernels_after_packing(dtype, cpu_kernel) if pack_cpu_linears and self.device.type == "cpu" \
@@ -187,9 +190,13 @@ class UnreadWeights:
         except OSError as e:
             raise CheckpointNotFoundError(f"Kosmos-G checkpoint {self.path} can no longer be read ({e}); it was "
                                           "there when the model was opened. Put it back, or load it again.") from e
-        if not same_file_written(identity, self.identity):  # the caches key by the identity read when it was opened
+        # the caches key by the identity read when it was opened. A hard link, a chmod or a remount moves only the
+        # status-change time or inode: the same bytes still load; `cp -p` of another file over it does not
+        unchanged = identity == self.identity or (same_file_written(identity, self.identity)
+                                                  and content_fingerprint(self.path) == self.content)
+        if not unchanged:
             raise CheckpointError(f"Kosmos-G checkpoint {self.path} changed on disk after the model was opened (its "
-                                  "size or modification time differ); load it again (ComfyUI: run the workflow again, "
+                                  "size, modification time or bytes differ); load it again (ComfyUI: run the workflow again, "
                                   "the Loader re-reads a replaced file).")
         logger.info("Kosmos-G: reading the weights of %s (%s, %s)", self.path, self.dtype, self.device)
         _, state_dict, _ = read_checkpoint(self.path, self.cfg)

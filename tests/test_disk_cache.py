@@ -13,6 +13,7 @@ from PIL import Image
 from kosmosg_core.disk_cache import CACHE_FORMAT, DiskCache, checkpoint_identity
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError
 from kosmosg_core.pipeline import KosmosGPipeline, UnreadWeights
+from support.tiny_kosmosg import write_tiny_pack
 
 
 def image(seed, size=(40, 30)):
@@ -455,13 +456,21 @@ def test_a_lazy_pipeline_refuses_a_kernel_that_cannot_run_when_opened(checkpoint
     assert not KosmosGPipeline.from_checkpoint(checkpoint, cpu_kernel="auto", lazy=True).is_loaded  # oneDNN then
 
 
-def test_a_lazy_pipeline_whose_file_changed_or_went_says_so(checkpoint):
+def test_a_lazy_pipeline_whose_file_changed_or_went_says_so(checkpoint, tmp_path):
     """Its keys hold the file as it was when opened: a file replaced before the weights are read is refused, not
     read under the old file's keys."""
     linked = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
     os.link(checkpoint, checkpoint.with_name("backup.safetensors"))  # a backup tool's hard link: its ctime changes
     os.chmod(checkpoint, 0o600)
     assert linked.encode("a dog").shape[1] == 77  # found by a review: refused as "changed on disk"
+    swapped = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
+    stat = checkpoint.stat()
+    other = write_tiny_pack(tmp_path / "other", seed=1)[0]  # another model of the same layout: the same size
+    assert other.stat().st_size == stat.st_size
+    shutil.copyfile(other, checkpoint)  # what cp -p does: its bytes over the file, then the old times
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(CheckpointError, match="changed on disk after the model was opened"):
+        swapped.encode("a dog")  # found by a review: loaded under the first file's keys
     lazy = KosmosGPipeline.from_checkpoint(checkpoint, lazy=True)
     os.utime(checkpoint, ns=(10**9, 10**9))  # e.g. retrained and written again
     with pytest.raises(CheckpointError, match="changed on disk after the model was opened .* load it again"):
