@@ -141,13 +141,15 @@ def test_entity_crops_follow_official_recipe():
     assert entity_crops(image, np.zeros((100, 100), np.float32)) is None
 
 
-def test_entity_answer_cut_at_the_next_section_four_word_tags_and_case_duplicates():
+def test_entity_answer_cut_at_the_next_section_four_word_tags_and_duplicates():
     """An answer is cut at a following "### ..." section, a tag of exactly max_words words is kept,
-    and a tag repeated in another case is kept once (first spelling)."""
+    and a tag repeated as written is kept once (case variants are other tags)."""
     assert parse_entity_answer("dog, ball\n### Input:\ncat on a mat") == ["dog", "ball"]
     assert parse_entity_answer("big red fire truck, ball", max_words=4) == ["big red fire truck", "ball"]
     assert parse_entity_answer("big red fire truck, ball", max_words=3) == ["ball"]
-    assert parse_entity_answer("Dog, dog, DOG, cat") == ["Dog", "cat"]
+    assert parse_entity_answer("Dog, dog, dog, cat") == ["Dog", "dog", "cat"]
+    # found by a review: "Dog" kept for "dog" left the caption's "dog" to the converter's case-sensitive test
+    assert converter_tags(parse_entity_answer("Dog, dog, mat"), "a dog on a mat") == ["dog", "mat"]
 
 
 def test_entity_filters_are_the_official_loaders_own_tests():

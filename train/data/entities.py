@@ -76,8 +76,9 @@ def parse_entity_answer(answer: str, max_words: int = 4) -> list[str]:
 
     Robust to what instruction models add: a following "### ..." section (cut there, where the
     official converter drops the whole sample), bullets, numbering, "and", quotes, trailing dots.
-    Tags longer than `max_words` words are sentences, not nouns, and are dropped. Order is kept,
-    duplicates (case-insensitive) removed.
+    Tags longer than `max_words` words are sentences, not nouns, and are dropped. Order is kept, a tag
+    repeated as written is kept once (the official converter would store it twice, and its loader then
+    drops both as ambiguous); case variants stay, for the converter's case-sensitive test to pick from.
     """
     answer = answer.split("#", 1)[0]
     tags: list[str] = []
@@ -90,8 +91,8 @@ def parse_entity_answer(answer: str, max_words: int = 4) -> list[str]:
             continue
         if all(word.lower() in FUNCTION_WORDS for word in piece.split()):
             continue
-        if piece.lower() not in seen:
-            seen.add(piece.lower())
+        if piece not in seen:
+            seen.add(piece)
             tags.append(piece)
     return tags
 
