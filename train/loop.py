@@ -52,8 +52,8 @@ from torch import nn
 from kosmosg_core.files import check_output_folder, write_text_atomic
 from train.common.checkpointing import CHECKPOINT_NAME, TRAIN_CONFIG_NAME, check_model_keys, check_step_within, \
     gather_full_state, load_checkpoint, load_full_state, restore, run_folder_lock, save_checkpoint
-from train.common.config import changed_settings, check_minimums, config_to_dict, exit_on_input_error, flag_name, \
-    warn_if_warmup_outlasts_run
+from train.common.config import changed_keys, changed_settings, check_minimums, config_to_dict, exit_on_input_error, \
+    flag_name, warn_if_warmup_outlasts_run
 from train.common.metrics import METRICS_NAME, MetricsLog
 from train.common.seeds import derive_seed, sample_rng
 
@@ -297,6 +297,10 @@ class Stage:
     name = "stage"
     resume_may_change: frozenset[str] = frozenset()  # the stage's own settings a resumed run may change
     earlier_version_note = ""  # what changed in this stage since checkpoints that lack the newer config fields
+    # the flag that sets each model-config field a stage's training switches write (for the resume refusal)
+    model_config_flags = {"decoder.dropout": "--dropout", "decoder.attention_dropout": "--attention-dropout",
+                          "decoder.activation_dropout": "--activation-dropout",
+                          "connector.attention_dropout": "--connector-attention-dropout"}
 
     @staticmethod
     def comparable_settings(settings: dict) -> dict:
@@ -452,12 +456,16 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     saved = extra.get("kosmosg_config")
     if saved is not None:
         saved_config, earlier = as_recorded_now(json.loads(saved))
-        changed = changed_settings(saved_config, json.loads(stage.model_config().to_json(complete=True)),
-                                   {"decoder.gradient_checkpointing"})  # --gradient-checkpointing may change
+        config_now = json.loads(stage.model_config().to_json(complete=True))
+        may_change = {"decoder.gradient_checkpointing"}  # --gradient-checkpointing may change
+        changed = changed_settings(saved_config, config_now, may_change)
         if changed:
+            flags = sorted({stage.model_config_flags[key] for key in changed_keys(saved_config, config_now, may_change)
+                            if key in stage.model_config_flags})
+            how = f"its {', '.join(flags)}" if flags else "its --model-config"
             raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
-                             f"({'; '.join(changed[:4])}); resume with the config the run was started with (its "
-                             "flags, e.g. --activation-dropout 0.1), or use a new --output-dir.")
+                             f"({'; '.join(changed[:4])}); resume with the settings the run was started with ({how}), "
+                             "or use a new --output-dir.")
         if earlier and stage.earlier_version_note:
             logger.warning("resuming %s, written by an earlier version: %s", path, stage.earlier_version_note)
     if "train_config" not in extra:

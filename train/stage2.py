@@ -143,6 +143,7 @@ def official_without_aligner(path_text: str) -> bool:
 class Stage2(Stage):
     name = "stage2"
     resume_may_change = frozenset({"clip_text_encoder"})  # a path: the frozen text encoder may move
+    model_config_flags = {"decoder.dropout": "--mllm-dropout", "connector.attention_dropout": "--mllm-dropout"}
 
     @staticmethod
     def comparable_settings(settings: dict) -> dict:
