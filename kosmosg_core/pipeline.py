@@ -33,10 +33,11 @@ DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
           "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16}
 
 # Big batches are encoded in chunks: memory stays bounded and `progress` (which may raise to interrupt) runs
-# during the work. Images per vision forward (4: about 2 s at the official size on a 2-core CPU, so a cancel is
-# answered within seconds; a GPU runs them in milliseconds either way); prompts per MLLM + aligner forward.
+# during the work. Images per vision forward, prompts per MLLM + aligner forward: at the official size on a 2-core
+# CPU a chunk takes about 4 s (4 images; 4 prompts of one image each), so a cancel is answered within seconds (a
+# GPU runs either in milliseconds).
 VISION_CHUNK = 4
-PROMPT_CHUNK = 16
+PROMPT_CHUNK = 4
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -278,7 +278,8 @@ def test_a_count_mismatch_says_that_a_weighted_placeholder_counts():
 @pytest.mark.parametrize("text, found", [
     ("a (photo:1.3) of <i>", "(photo:1.3)"), ("(masterpiece: 1.2), <i>", "(masterpiece: 1.2)"),
     ("embedding:easynegative a dog", "embedding:easynegative"), ("a dog (in the park) at 10:30", None),
-    ("a dog (meeting at 10:30)", None), ("a poster (ratio 16:9)", None),
+    ("a dog (meeting at 10:30)", None), ("a poster (ratio 16:9)", None), ("(1990:1.2) car", "(1990:1.2)"),
+    ("(style v2:1.2)", "(style v2:1.2)"), ("(cat 3: 1.1)", "(cat 3: 1.1)"),
     ("<i:0.5> on a mat", None), ("a <i> (a dog)", None)])
 def test_clip_prompt_syntax_is_noted(text, found):
     """ComfyUI's CLIP weight and embedding syntax is read as plain text by Kosmos-G: noted, not refused."""

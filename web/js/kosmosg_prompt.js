@@ -367,7 +367,8 @@ function describeLinkedText(linkedSocketIndices, weightsText, skipped, refused) 
             + `when it runs` + (problems.length === 0 ? "" : ` ⚠ ${problems.join("; ")}`) + remark,
         socketForPlaceholder: (k) => linkedSocketIndices[k - 1],
         placeholderAt: () => undefined,
-        weightFor: () => 1,
+        // the typed list's weight (the linked text's own `<i:W>` are known only when it runs)
+        weightFor: (k) => (Array.isArray(weights) && weights.length === images ? weights[k - 1] : 1),
     };
 }
 
