@@ -212,7 +212,7 @@ def _device_name(device: str) -> str:
 def _check_like_files(args, record: dict, settings: dict) -> None:
     """--like: the files given against the ones the record names (by name and, for its own prompt, the images by
     count and pixels)."""
-    from .files import content_fingerprint
+    from .files import holds_content
     from .generate import image_digests, shown
     from .pipeline import read_prompt_images
 
@@ -222,7 +222,7 @@ def _check_like_files(args, record: dict, settings: dict) -> None:
             ("--sd-model", args.sd_model, record.get("sd_model"), record.get("sd_model_fingerprint"))):
         given_name = Path(given).name if given is not None else None
         if fingerprint is not None and given is not None:  # by content: a renamed copy is the same model
-            if content_fingerprint(given) != fingerprint:
+            if not holds_content(given, fingerprint):
                 logger.warning("--like %s was made with another %s than %s (the record's was %s; the files' contents "
                                "differ): the picture will differ.", args.like, what, given_name, shown(name))
         elif given_name != name:  # records before fingerprints, or a model given on one side only: by name

@@ -303,17 +303,18 @@ def save_image(image, path, text: dict[str, str] | None = None) -> Path:
     return path
 
 
-def content_fingerprint(path, nbytes: int = 2**20, skip_hidden: bool = False) -> str | None:
+def content_fingerprint(path, nbytes: int = 2**20, count_hidden: bool = False) -> str | None:
     """A file's content in 16 hex digits, from its size and its first and last `nbytes` (a model's header and
     tensors, a shard's first and last samples: two files of one layout differ there), so a renamed or moved copy is
     the same file and another file of the same name is not, without reading gigabytes; a folder (a diffusers model,
-    a tokenizer): from each of its files, by relative name. None: nothing to read (no such file, or a path no file
-    system holds: the caller's own checks name the problem). `skip_hidden`: a folder's files and folders whose names
-    start with "." do not count (e.g. huggingface_hub's .cache/ of download metadata)."""
+    a tokenizer): from each of its files, by relative name, but for hidden ones (names starting with ".", e.g.
+    huggingface_hub's .cache/ of timestamped download records; `count_hidden`: counted, as versions before did).
+    None: nothing to read (no such file, or a path no file system holds: the caller's own checks name the
+    problem)."""
     path = Path(path)
     try:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not (
-            skip_hidden and any(part.startswith(".") for part in p.relative_to(path).parts))) \
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (
+            count_hidden or not any(part.startswith(".") for part in p.relative_to(path).parts))) \
             if path.is_dir() else [path] if path.is_file() else []
         if not files:
             return None
@@ -326,5 +327,27 @@ def content_fingerprint(path, nbytes: int = 2**20, skip_hidden: bool = False) ->
                 f.seek(max(size - nbytes, 0))
                 digest.update(f.read(nbytes))
     except (OSError, ValueError):  # e.g. a name too long, a NUL in it, a file that cannot be read
+        return None
+    return digest.hexdigest()[:16]
+
+
+def holds_content(path, fingerprint: str) -> bool:
+    """Whether `path` holds what `fingerprint` was taken of: `content_fingerprint` now, or as versions before took it
+    (a folder's hidden files counted)."""
+    return fingerprint in (content_fingerprint(path), content_fingerprint(path, count_hidden=True))
+
+
+def sampled_fingerprint(path, blocks: int = 64, block_size: int = 2**14) -> str | None:
+    """A file's content in 16 hex digits from its size and `blocks` blocks spread evenly over it (1 MiB read): two
+    models of one layout that differ in any tenth of their bytes differ here with near certainty (a fine-tune of
+    some layers too, which the first and last bytes may miss). None: the file cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            digest = hashlib.sha256(str(size).encode())
+            for k in range(blocks):
+                file.seek(max(size - block_size, 0) * k // max(blocks - 1, 1))
+                digest.update(file.read(block_size))
+    except (OSError, ValueError):
         return None
     return digest.hexdigest()[:16]

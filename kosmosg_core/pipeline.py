@@ -19,7 +19,7 @@ from .config import DTYPE_NAMES, KosmosGConfig
 from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity, same_file_written
 from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
-from .files import content_fingerprint
+from .files import sampled_fingerprint
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
 from .prompt import PromptIds, build_prompt_ids, build_unconditional_ids, check_image_weight, check_prompt_length, \
@@ -167,7 +167,7 @@ class UnreadWeights:
     with `lazy=True` holds one until its model first runs, so encodings its caches hold cost no load."""
 
     def __init__(self, path, cfg: KosmosGConfig, dtype: torch.dtype, device: torch.device, pack_cpu_linears: bool,
-                 cpu_kernel: str = "auto", identity: str | None = None):
+                 cpu_kernel: str = "auto", identity: str | None = None, content: str | None = None):
         # absolute: a relative path would name another file after a change of working directory
         self.path, self.cfg, self.dtype = Path(path).absolute(), cfg, dtype
         self.device = canonical_device(device)  # as the weights will report it ("cpu:0" -> "cpu")
@@ -175,7 +175,7 @@ class UnreadWeights:
         # the file as it was when opened (`disk_cache.checkpoint_identity`, and a sample of its bytes for when only
         # its status-change time or inode moved): loading checks it is still that file
         self.identity = identity or checkpoint_identity(path)
-        self.content = content_fingerprint(self.path)
+        self.content = content or sampled_fingerprint(self.path)
         # what `cpu_linear.linear_kernels` will say of the loaded model (packing leaves non-CPU weights plain),
         # resolved once, here: a kernel that cannot run here is refused when the checkpoint is opened, as packing would
         self._kernels = kernels_after_packing(dtype, cpu_kernel) if pack_cpu_linears and self.device.type == "cpu" \
@@ -194,7 +194,7 @@ class UnreadWeights:
         # the caches key by the identity read when it was opened. A hard link, a chmod or a remount moves only the
         # status-change time or inode: the same bytes still load; `cp -p` of another file over it does not
         unchanged = identity == self.identity or (same_file_written(identity, self.identity)
-                                                  and content_fingerprint(self.path) == self.content)
+                                                  and sampled_fingerprint(self.path) == self.content)
         if not unchanged:
             raise CheckpointError(f"Kosmos-G checkpoint {self.path} changed on disk after the model was opened (its "
                                   "size, modification time or bytes differ); load it again (ComfyUI: run the workflow again, "
@@ -258,8 +258,9 @@ class KosmosGPipeline:
             pack_cpu_linears = packs_by_default(device, dtype)
         identity = checkpoint_identity(check_checkpoint_path(path))  # before reading: what the caches key by
         if lazy:
+            content = sampled_fingerprint(path)  # with the identity: the bytes the config and tokenizer come from
             cfg, tokenizer = inspect_checkpoint(path, tokenizer_dir=tokenizer_dir, config=config)
-            model = UnreadWeights(path, cfg, dtype, device, pack_cpu_linears, cpu_kernel, identity)
+            model = UnreadWeights(path, cfg, dtype, device, pack_cpu_linears, cpu_kernel, identity, content)
         else:
             model, tokenizer = load_model(Path(path), tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
                                           config=config)

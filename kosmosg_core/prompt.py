@@ -134,7 +134,7 @@ def placeholder_mismatch(text: str, num_images: int) -> str | None:
 # tokenizer reads them as plain characters; only images take weights here (`<i:W>`).
 # A whole number after a digit and a colon is a time or a ratio ("(at 10:30)", "(16:9)"), not a weight; a decimal
 # weight ("(1990:1.2)") or one after a word ("(photo:1)") is.
-CLIP_PROMPT_SYNTAX = re.compile(rf"\([^()<>]*(?:[^\d\s:()<>]\s*:\s*{_NUMBER}|:\s*[0-9]*\.[0-9]+)\s*\)"
+CLIP_PROMPT_SYNTAX = re.compile(rf"\([^()<>]*(?:[^\d\s:()<>]\s*:\s*{_NUMBER}|:\s*[-+]?[0-9]*\.[0-9]+)\s*\)"
                                 r"|\bembedding:\S+")
 
 

@@ -264,6 +264,44 @@ def test_content_fingerprint_follows_the_content_not_the_name(tmp_path):
     assert content_fingerprint(tmp_path / "missing") is None and content_fingerprint(tmp_path / ("x" * 300)) is None
 
 
+def test_a_folders_hidden_files_do_not_count_and_earlier_fingerprints_still_match(tmp_path):
+    """Found by a review: huggingface_hub's .cache/ of timestamped download records changed a model folder's
+    fingerprint (a resumed run was refused for its frozen model "holding other files"). Hidden files no longer
+    count; a fingerprint taken as before (hidden files counted) is still recognised."""
+    from kosmosg_core.files import content_fingerprint, holds_content
+
+    folder = tmp_path / "text-encoder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    plain = content_fingerprint(folder)
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "model.metadata").write_text("etag, 2026-12-07")
+    earlier = content_fingerprint(folder, count_hidden=True)
+    assert content_fingerprint(folder) == plain != earlier
+    (folder / ".cache" / "huggingface" / "model.metadata").write_text("etag, 2026-12-08")  # downloaded again
+    assert holds_content(folder, plain) and not holds_content(folder, "0" * 16)
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert not holds_content(folder, plain) and not holds_content(folder, earlier)
+    (folder / ".cache" / "huggingface" / "model.metadata").write_text("etag, 2026-12-07")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    assert holds_content(folder, earlier)  # a run of an earlier version recorded this one
+
+
+def test_sampled_fingerprint_sees_the_middle_of_a_file(tmp_path):
+    """Found by a review: the first and last MiB of a checkpoint may both lie in parts a fine-tune left alone (the
+    header, the embedded tokenizer, frozen tensors); blocks spread over the file tell such files apart."""
+    from kosmosg_core.files import content_fingerprint, sampled_fingerprint
+
+    data = bytearray(bytes(range(256)) * 40000)  # 10 MiB
+    original, tuned = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    original.write_bytes(bytes(data))
+    data[len(data) // 2: len(data) // 2 + len(data) // 10] = bytes(len(data) // 10)  # a tenth in the middle changed
+    tuned.write_bytes(bytes(data))
+    assert content_fingerprint(tuned) == content_fingerprint(original)  # its ends are the same
+    assert sampled_fingerprint(tuned) != sampled_fingerprint(original) is not None
+    assert sampled_fingerprint(tmp_path / "missing") is None
+
+
 def test_a_killed_safetensors_write_leaves_nothing_behind_after_the_next_write(tmp_path, monkeypatch):
     """Found by a review: safetensors writes through a temp file of its own (.tmpXXXXXX beside its target): a
     `convert` killed mid-write left a full-size hidden file no sweep removed. Its target is now inside a folder

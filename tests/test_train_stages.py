@@ -617,6 +617,14 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
         stage3.main(common(env, other_stage, steps=2) + ["--score-model", env.sd, "--resolution", "16"])
     with pytest.raises(ValueError, match=r"different KosmosGConfig.*decoder.dropout 0.1 -> 0.2.*\(its --dropout\)"):
         stage1.main(common(env, other_stage, steps=40) + ["--dropout", "0.2"])
+    deeper = json.loads(Path(env.model_config).read_text())  # and a size: the model it started from, too
+    deeper["decoder"]["layers"] += 1
+    (tmp_path / "deeper.json").write_text(json.dumps(deeper))
+    args = common(env, other_stage, steps=40) + ["--dropout", "0.2"]
+    args[args.index("--model-config") + 1] = str(tmp_path / "deeper.json")
+    with pytest.raises(ValueError, match=r"decoder.layers .*\(its --dropout and the model it started from: its "
+                                         r"--init-checkpoint or --model-config\)"):
+        stage1.main(args)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         stage1.main(common(env, other_stage, steps=40) + ["--resume", "never"])
 

@@ -448,6 +448,8 @@ def input_fingerprints(cfg: LoopConfig, stage: Stage) -> dict[str, str]:
 
 def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int,
                         fingerprints: dict[str, str]) -> None:
+    from kosmosg_core.files import holds_content
+
     extra = state.get("extra", {})
     if extra.get("stage") != stage.name:
         raise ValueError(f"Checkpoint {path} was written by {extra.get('stage')!r}, not {stage.name!r}; resume it "
@@ -460,12 +462,14 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
         may_change = {"decoder.gradient_checkpointing"}  # --gradient-checkpointing may change
         changed = changed_settings(saved_config, config_now, may_change)
         if changed:
-            flags = sorted({stage.model_config_flags[key] for key in changed_keys(saved_config, config_now, may_change)
-                            if key in stage.model_config_flags})
-            how = f"its {', '.join(flags)}" if flags else "its --model-config"
+            keys = changed_keys(saved_config, config_now, may_change)
+            flags = sorted({stage.model_config_flags[key] for key in keys if key in stage.model_config_flags})
+            how = [f"its {', '.join(flags)}"] if flags else []
+            if any(key not in stage.model_config_flags for key in keys):  # sizes and the like: the model it began with
+                how.append("the model it started from: its --init-checkpoint or --model-config")
             raise ValueError(f"Checkpoint {path} holds a model with a different KosmosGConfig than this run's "
-                             f"({'; '.join(changed[:4])}); resume with the settings the run was started with ({how}), "
-                             "or use a new --output-dir.")
+                             f"({'; '.join(changed[:8])}); resume with the settings the run was started with "
+                             f"({' and '.join(how)}), or use a new --output-dir.")
         if earlier and stage.earlier_version_note:
             logger.warning("resuming %s, written by an earlier version: %s", path, stage.earlier_version_note)
     if "train_config" not in extra:
@@ -482,7 +486,8 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     saved_fingerprints = extra.get("input_fingerprints", {})  # checkpoints before them: paths only
     changed += [f"--{key.replace('_', '-')} {getattr(cfg, key)} holds other files (their contents differ from the "
                 "run's)" for key in sorted(set(saved_fingerprints) & set(fingerprints))
-                if saved_fingerprints[key] != fingerprints[key]]
+                if saved_fingerprints[key] != fingerprints[key] and not holds_content(getattr(cfg, key),
+                                                                                       saved_fingerprints[key])]
     if changed:
         raise ValueError(f"Checkpoint {path} was trained with other settings than this run's: {'; '.join(changed)}. "
                          "Resume with the run's settings (its train_config.json), or start a new --output-dir.")

@@ -79,7 +79,7 @@ def load_stats(path: str, extractor_name: str, earlier_name: str = "") -> tuple[
             raise ValueError(f"--real {path} was computed with {saved_with}, this run uses {extractor_name} (the network "
                              "named by its weights' content): an FID between features of another network or another "
                              "resize/crop means nothing. Compute the real statistics again with this run's settings "
-                             "(--real FOLDER --save-real-stats FILE), or give the resize/crop they name.")
+                             "(--real FOLDER --save-real-stats FILE), or run with the network and settings they name.")
         return stats["mu"], stats["sigma"], int(stats["count"]) if "count" in stats else -1
 
 
@@ -99,7 +99,7 @@ def run(cfg: FidConfig) -> dict:
     extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
     # the weights by content (a renamed copy is the same network, another file of the same name is not; a folder's
     # hidden files, e.g. a hub download's metadata, do not count)
-    weights = content_fingerprint(cfg.inception, skip_hidden=True) or Path(cfg.inception).name
+    weights = content_fingerprint(cfg.inception) or Path(cfg.inception).name
     preprocessing = f"resize{cfg.resize}:crop{cfg.crop}:{cfg.image_size}"
     extractor_name = f"{extractor.kind}:{weights}:{preprocessing}"
     earlier_name = f"{extractor.kind}:{Path(cfg.inception).name}:{preprocessing}"  # how earlier versions wrote it
