@@ -81,8 +81,9 @@ class LoopConfig:
                 "starts from CLIP ViT-L/14); overrides the vision weights of --init-checkpoint"})
     fresh_init: str = field(default="official", metadata={
         "help": "a model built from --model-config (no --init-checkpoint): official = torchscale's subLN scaling of "
-                "the MLLM's fc1/fc2/out_proj/v_proj and random connector queries (randn), as the official model "
-                "starts; unscaled = neither (zero queries: what the shipped nano's stage 1 started from)"})
+                "the MLLM's fc1/fc2/out_proj/v_proj, random connector queries (randn) and fairseq's attention init in "
+                "the connector, as the official model starts; unscaled = none of them (zero queries, PyTorch's "
+                "init: what the shipped nano's stage 1 started from)"})
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and every random choice"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "samples per process per micro-batch (official: 16/GPU "
                                                           "stage 3, 56/GPU stage 2)"})

@@ -122,7 +122,7 @@ def filter_entities(tags: list[str], caption: str) -> list[str]:
             as_written = re.compile(r"\b{}\b".format(tag))
         except re.error as error:
             logger.warning("entity tag %r is not a valid regular expression (%s): the official loader skips "
-                           "the whole sample then, and so is it here", tag, error)
+                           "the whole sample then, and so does this", tag, error)
             return []
         if sum(as_written.search(other) is not None for other in tags) > 1:
             continue
