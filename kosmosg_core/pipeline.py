@@ -518,19 +518,19 @@ class KosmosGPipeline:
             disk_cache.put_if_missing(disk_key, cond)
         if cond is None and disk_key is not None:
             cond = self._cached_tensor(disk_cache, disk_key, (1, self.cfg.aligner.num_queries, self.context_dim))
-            cond = None if cond is None else cond.to(self.device)
         if cond is None:
             if before_compute is not None:
                 before_compute()
             cond = self.encode_ids([ids], None)  # [1, 77, C]
             if disk_key is not None:
                 disk_cache.put(disk_key, cond)
-        self._unconditional_cache[key] = cond
+        # kept on the CPU, as the image features are: GPU memory belongs to the model (ComfyUI offloads it)
+        self._unconditional_cache[key] = cond = cond.cpu()
         self._unconditional_cache.move_to_end(key)
         while len(self._unconditional_cache) > self.cache_size:
             self._unconditional_cache.popitem(last=False)
-        # a fresh tensor: callers may modify what they get
-        return cond.expand(batch_size, -1, -1).clone()
+        # a fresh tensor on the model's device: callers may modify what they get
+        return cond.to(self.device).expand(batch_size, -1, -1).clone()
 
     def clear_cache(self) -> None:
         self._image_cache.clear()

@@ -105,9 +105,9 @@ def test_cli_encodes_on_the_device_in_float16(device, pack, cpu_pipe, tmp_path):
 
 
 def test_device_pipeline_caches(device, pack):
-    """Vision features are kept on the CPU (the GPU's memory belongs to the model); the unconditional
-    cache is per device and dtype, so a model moved to the CPU (cast to bf16 when testing on the CPU)
-    computes it again."""
+    """Vision features and unconditional encodings are kept on the CPU (the GPU's memory belongs to the model) and
+    returned on the model's device; the unconditional cache is per device and dtype, so a model moved to the CPU
+    (cast to bf16 when testing on the CPU) computes it again."""
     pipe = KosmosGPipeline.from_checkpoint(pack[0], device=device, pack_cpu_linears=False)
     pipe.encode("a photo of <i>", [image(5)])
     assert all(features.device.type == "cpu" for features in pipe._image_cache.values())
@@ -116,7 +116,8 @@ def test_device_pipeline_caches(device, pack):
     pipe.model.forward = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
     try:
         first = pipe.encode_unconditional()
-        assert pipe.encode_unconditional().device == first.device and calls == [1]
+        assert pipe.encode_unconditional().device == first.device == pipe.device and calls == [1]
+        assert all(cond.device.type == "cpu" for cond in pipe._unconditional_cache.values())
         moved = {"dtype": torch.bfloat16} if device == "cpu" else {"device": "cpu"}
         pipe.model.to(**moved)
         again = pipe.encode_unconditional()

@@ -208,6 +208,7 @@ def test_unconditional_cache(pipe):
         pipe.clear_cache()
         assert torch.equal(pipe.encode_unconditional(), again[:1])
         assert calls == [1, 1, 1]
+        assert all(cond.device.type == "cpu" for cond in pipe._unconditional_cache.values())  # not in GPU memory
     finally:
         pipe.model.forward = original
 
