@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..kosmosg_core.files import check_output_file
 from ..kosmosg_core.tokenizer import TOKENIZER_FILENAMES, tokenizer_places_text
 from . import paths
-from .model_management import DEVICE_CHOICES, DTYPE_CHOICES, load_model
+from .model_management import DTYPE_CHOICES, device_choices, load_model
 from .types import CATEGORY, KosmosGModelType
 
 CONVERT_DTYPES = ["keep", "fp16", "bf16", "fp32"]
@@ -55,10 +55,11 @@ class KosmosGLoader(io.ComfyNode):
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
                                tooltip="Weight precision. auto: fp32 on the CPU; on a GPU bf16 where supported, "
                                        "else fp16. Choose fp32 if you see black or noisy images."),
-                io.Combo.Input("device", options=DEVICE_CHOICES, default="auto",
+                io.Combo.Input("device", options=device_choices(), default="auto",
                                tooltip="auto: ComfyUI's text-encoder device (GPU unless low-VRAM mode). gpu: the main "
-                                       "GPU. cpu: never use the GPU (saves VRAM, slower). The GPU copy is offloaded "
-                                       "when the U-Net needs the memory."),
+                                       "GPU. cpu: never use the GPU (saves VRAM, slower). cuda:N (listed where there "
+                                       "are several GPUs): that GPU, e.g. a second one, leaving the main GPU to the "
+                                       "U-Net. The GPU copy is offloaded when the U-Net needs the memory."),
             ],
             outputs=[KosmosGModelType.Output(display_name="kosmosg_model",
                                              tooltip="The loaded Kosmos-G encoder; connect it to Kosmos-G Encode.")],

@@ -15,6 +15,7 @@ naming the same file, dtype and device share one copy, and ComfyUI's "free model
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from comfy.cli_args import args
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
-DEVICE_CHOICES = ["auto", "cpu", "gpu"]
+DEVICE_CHOICES = ["auto", "cpu", "gpu"]  # and each GPU by name ("cuda:1") where there are several: device_choices()
+_GPU_BY_NAME = re.compile(r"^(cuda|xpu):(\d+)$")
 
 
 @dataclass
@@ -77,24 +79,50 @@ class KosmosGModel:
 _LOADED: "weakref.WeakValueDictionary[tuple, KosmosGModel]" = weakref.WeakValueDictionary()
 
 
+def _gpu_count(kind: str) -> int:
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "xpu" and hasattr(torch, "xpu"):
+        return torch.xpu.device_count()
+    return 1  # mps, directml...: one device
+
+
+def device_choices() -> list[str]:
+    """The Loader's device options: DEVICE_CHOICES, plus each GPU by name ("cuda:0", "cuda:1"...) where ComfyUI's
+    PyTorch sees several, so the encoder can have a GPU of its own (users ask for a second-device option)."""
+    main = mm.get_torch_device()
+    count = _gpu_count(main.type) if main.type in ("cuda", "xpu") else 1
+    return DEVICE_CHOICES + ([f"{main.type}:{i}" for i in range(count)] if count > 1 else [])
+
+
 def resolve_devices(device_choice: str) -> tuple[torch.device, torch.device]:
     """'auto' = ComfyUI's text-encoder device (GPU unless low-VRAM), 'gpu' = the main compute device,
-    'cpu' = stay on the CPU. Returns (load_device, offload_device)."""
+    'cpu' = stay on the CPU, 'cuda:N' = that GPU. Returns (load_device, offload_device)."""
     if device_choice == "cpu":
         cpu = torch.device("cpu")
         return cpu, cpu
-    if device_choice == "gpu":
+    named = _GPU_BY_NAME.match(device_choice)
+    if device_choice == "gpu" or named:
         if mm.vram_state == mm.VRAMState.NO_VRAM:  # the memory manager would leave the weights on the CPU and
             # stream them (comfy.ops casts), which plain torch layers cannot: it would compute on the CPU in the
             # GPU's dtype while everything said the GPU
-            logger.warning("Kosmos-G Loader: device=gpu under --novram: the model computes on the CPU (it cannot "
-                           "stream its weights to the GPU); start ComfyUI without --novram to encode on the GPU")
+            logger.warning("Kosmos-G Loader: device=%s under --novram: the model computes on the CPU (it cannot "
+                           "stream its weights to the GPU); start ComfyUI without --novram to encode on the GPU",
+                           device_choice)
             cpu = torch.device("cpu")
             return cpu, cpu
-        return mm.get_torch_device(), mm.text_encoder_offload_device()
+        offload = mm.text_encoder_offload_device()
+        if not named:
+            return mm.get_torch_device(), offload
+        if device_choice not in device_choices():  # e.g. a workflow from a machine with more GPUs
+            raise ValueError(f"device {device_choice!r}: this machine's PyTorch sees no such GPU; choose one of "
+                             f"{device_choices()} in the Kosmos-G Loader.")
+        load = torch.device(device_choice)
+        # --gpu-only / --highvram keep idle models on the main GPU; a GPU of its own keeps this one there instead
+        return load, offload if offload.type == "cpu" else load
     if device_choice == "auto":
         return mm.text_encoder_device(), mm.text_encoder_offload_device()
-    raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device_choice!r}.")
+    raise ValueError(f"device must be one of {device_choices()}, got {device_choice!r}.")
 
 
 def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:

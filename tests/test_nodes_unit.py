@@ -290,6 +290,31 @@ def test_gpu_device_under_novram_computes_on_the_cpu_and_says_so(monkeypatch, ca
     assert "device=gpu under --novram: the model computes on the CPU" in caplog.text
 
 
+def test_loader_offers_each_gpu_by_name_where_there_are_several(monkeypatch):
+    """Users ask for a second-device option: with two GPUs the encoder can have one of its own."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "text_encoder_offload_device", lambda: cpu)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert model_management.device_choices() == ["auto", "cpu", "gpu"]  # one GPU: 'gpu' is it
+    with pytest.raises(ValueError, match=r"device 'cuda:1': this machine's PyTorch sees no such GPU; choose one of "
+                                         r"\['auto', 'cpu', 'gpu'\] in the Kosmos-G Loader"):
+        model_management.resolve_devices("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert model_management.device_choices() == ["auto", "cpu", "gpu", "cuda:0", "cuda:1"]
+    device_input = next(i for i in KosmosGLoader.define_schema().inputs if i.id == "device")
+    assert device_input.options == ["auto", "cpu", "gpu", "cuda:0", "cuda:1"] and device_input.default == "auto"
+    assert model_management.resolve_devices("cuda:1") == (torch.device("cuda", 1), cpu)
+    monkeypatch.setattr(mm, "text_encoder_offload_device", lambda: torch.device("cuda", 0))  # --gpu-only
+    assert model_management.resolve_devices("cuda:1") == (torch.device("cuda", 1), torch.device("cuda", 1))
+    assert model_management.resolve_devices("gpu") == (torch.device("cuda", 0), torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)  # as device=gpu: the CPU computes
+    assert model_management.resolve_devices("cuda:1") == (cpu, cpu)
+    with pytest.raises(ValueError, match="device must be one of"):
+        model_management.resolve_devices("cuda")
+
+
 def test_loader_without_tokenizer_says_where_to_put_it(model_dirs, tmp_path):
     import shutil
 
