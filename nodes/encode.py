@@ -128,7 +128,7 @@ class KosmosGEncode(io.ComfyNode):
         try:
             check_negative_prompt(negative_text or "")  # before the Loader runs
         except PromptError as e:
-            return f"negative_text: {e}"
+            return str(e)  # ComfyUI writes "negative_text - " before it
         return True
 
     @classmethod

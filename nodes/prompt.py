@@ -122,10 +122,13 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, weights=None, input_types=None, images=None, **sockets):
-        # Runs before anything executes. Linked values are unknown here (`images` arrives as an
-        # empty/None-valued dict), but `input_types` names every linked socket
+    def validate_inputs(cls, text=None, input_types=None, images=None):
+        # Runs before anything executes. Linked values are unknown here (`images` arrives as a dict of None, one
+        # key per socket the prompt fills, linked or not), but `input_types` names every linked socket
         # ({"images.image0": "IMAGE", ...}), which is exactly the connected-image count.
+        # ComfyUI repeats a message returned here once per argument taken (a review saw 19 copies when this took
+        # **sockets), under each argument's name: hence only text and input_types (the images come with the
+        # latter); the weights list is checked when the node runs, before it reads a pixel, naming it.
         # Declaring `input_types` turns off ComfyUI's own link type check for every input of the node,
         # so it is redone here, with ComfyUI's own rule, for the image sockets, text and weights.
         for name, kind in (input_types or {}).items():
@@ -134,34 +137,19 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                 article = "an" if expected == "IMAGE" else "a"
                 return f"{name} must be connected to {article} {expected} output, got {kind}."
         linked = [name for name in (input_types or {}) if _SOCKET_INDEX.match(name)]
-        # ComfyUI leaves a socket the schema does not declare out of input_types; its value comes in **sockets
-        beyond = [name for name in dict.fromkeys([*linked, *sockets])
-                  if _SOCKET_INDEX.match(name) and int(_SOCKET_INDEX.match(name).group(1)) >= MAX_IMAGES]
-        if beyond:  # an API prompt may name any socket; the node takes image0..image15 (ComfyUI: a bare TypeError)
-            return (f"{', '.join(beyond)}: the prompt node takes at most {MAX_IMAGES} images, in sockets "
-                    f"{IMAGE_PREFIX}0..{IMAGE_PREFIX}{MAX_IMAGES - 1}; connect the images there.")
-        # a value typed into an API prompt where a link belongs: not an image, and not counted above. ComfyUI hands
-        # the sockets' values over as keyword arguments ("images.image0") only to a function that takes **kwargs
-        given = {**{f"{IMAGES_INPUT}.{name}": value for name, value in (images or {}).items()}, **sockets}
-        literal = [name for name, value in given.items()
-                   if _SOCKET_INDEX.match(name) and value is not None and name not in linked]
+        # a value typed into an API prompt where a link belongs: not an image, and not counted above
+        literal = [f"{IMAGES_INPUT}.{name}" for name in (images or {}) if f"{IMAGES_INPUT}.{name}" not in linked]
         if literal:
-            return (f"{', '.join(literal)} holds a value, not a link; connect it to an IMAGE output (e.g. Load "
-                    "Image's).")
+            return (f"{', '.join(literal)}: not linked to an image (a value or null where a link belongs); connect "
+                    "it to an IMAGE output (e.g. Load Image's) or leave it out.")
         if text is None:  # text comes from a link: checked when the node runs
             return True
         try:
             check_text(text, "text")
+            combine_image_weights(text, None)  # the `<i:W>` written in the text
         except PromptError as e:
             return str(e)
-        message = placeholder_mismatch(text, len(linked))
-        if message:
-            return message
-        try:  # the weights list (when not linked) and the `<i:W>` in the text, alone and multiplied
-            combine_image_weights(text, None if weights is None else parse_weights(weights, len(linked)))
-        except PromptError as e:
-            return str(e)
-        return True
+        return placeholder_mismatch(text, len(linked)) or True
 
     @classmethod
     def execute(cls, text, images=None, weights="") -> io.NodeOutput:
