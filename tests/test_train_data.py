@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -803,6 +804,32 @@ def test_a_rerun_into_the_same_output_needs_the_same_settings(tmp_path):
                                          samples_per_shard=2))["written"] == 1
     assert run_ingest_pairs(IngestConfig(input=str(folder), output=partial, image_size=16, count=3,
                                          samples_per_shard=2))["written"] == 3
+
+
+def test_shards_never_overwrite_a_folder_no_run_made(tmp_path):
+    """Found by a review: an --output holding the user's own shard-000000.tar (no settings.json), or the input folder
+    itself, had that shard overwritten; refused now, the files untouched. A killed writer's temp file alone is not
+    content."""
+    from kosmosg_core.files import TEMP_PREFIX
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    _noise_image(np.random.default_rng(7)).save(folder / "p0.jpg")
+    (folder / "p0.txt").write_text("caption 0")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "shard-000000.tar").write_bytes(b"the user's shard")
+    for output in (theirs, folder):
+        before = {p.name: p.read_bytes() for p in output.iterdir()}
+        with pytest.raises(ValueError, match=rf"--output {re.escape(str(output))} is not empty \(.*\) and holds no "
+                                             r"settings\.json, so no run of this command made it.*Give a new or empty"):
+            run_ingest_pairs(IngestConfig(input=str(folder), output=str(output), image_size=16, samples_per_shard=1))
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / f"{TEMP_PREFIX}1-host-abcd.tmp").write_bytes(b"half a settings.json")
+    assert run_ingest_pairs(IngestConfig(input=str(folder), output=str(killed), image_size=16,
+                                         samples_per_shard=1))["written"] == 1
 
 
 def test_build_and_ingest_settings_are_checked(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kosmosg_core.errors import OutputPathError
 from support.argv import with_flags
 from train.eval import coco, dreambench, fid
 from train.eval.__main__ import SUBCOMMANDS
@@ -402,6 +403,12 @@ def test_fid_follows_linked_folders_keeps_npz_names_and_refuses_one_file_for_two
         fid.main([*common[:2], "--resize", "40", *common[4:], "--real", str(stats)])
     with pytest.raises(ValueError, match="--output-json and --save-real-stats name the same file"):
         fid.main([*common, "--real", str(real), "--save-real-stats", str(stats), "--output-json", str(stats)])
+    # a result file naming an input is refused before it is read (a review replaced a checkpoint with --json)
+    before = stats.read_bytes()
+    with pytest.raises(OutputPathError, match=r"--output-json .*real\.NPZ is the input file .*real\.NPZ; writing "
+                                              r"there would destroy it"):
+        fid.main([*common, "--real", str(stats), "--output-json", str(stats)])
+    assert stats.read_bytes() == before
 
 
 def test_fid_with_torchvision_inception_weights(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import field
 
 from train.common.config import build_parser, parse_config
@@ -24,10 +25,14 @@ def parse_eval_config(config_class, argv, name: str, description: str):
     parser.parse_args(argv)
     cfg = parse_config(config_class, argv, description=description)
     written = {}  # resolved path -> flag
+    # every other path given (the checkpoint, the SD model, statistics read...): a result written there would
+    # destroy it (a review replaced a model with --json naming it)
+    inputs = [value for name, value in vars(cfg).items()
+              if name not in OUTPUT_FILE_FIELDS and isinstance(value, str) and value and os.path.isfile(value)]
     for field_name in OUTPUT_FILE_FIELDS:  # checked before minutes of evaluation, not when the result is written
         if getattr(cfg, field_name, ""):
             flag = "--" + field_name.replace("_", "-")
-            path = check_output_file(getattr(cfg, field_name), flag).resolve()
+            path = check_output_file(getattr(cfg, field_name), flag, inputs=inputs).resolve()
             if path in written:
                 raise ValueError(f"{written[path]} and {flag} name the same file {path}; the second would overwrite "
                                  "the first. Give each its own file.")
