@@ -349,6 +349,52 @@ def test_checkpoints_get_the_usual_permissions_and_killed_writers_temp_files_are
     assert not stale.exists() and foreign.exists()
 
 
+def test_a_full_disk_while_checkpointing_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    """Found by a review: torch.save given a path reports a full disk as "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos", a traceback naming nothing; written through a Python file it is the
+    OSError, named, and the previous checkpoint stays."""
+    import builtins
+    import errno
+
+    from train.common import checkpointing
+    from train.common.config import input_error_message
+
+    run = tmp_path / "run"
+    checkpointing.save_checkpoint(run, model_state={"w": torch.zeros(4)}, step=1)
+    before = (run / "checkpoint.pt").read_bytes()
+
+    class FullDisk:  # a file on a disk with 100 bytes left
+        def __init__(self, stream):
+            self.stream, self.left = stream, 100
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.stream.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: FullDisk(real_open(file, mode, *a, **k))
+                        if mode == "wb" and ".kosmosg-" in str(file) else real_open(file, mode, *a, **k))
+    with pytest.raises(OSError) as err:
+        checkpointing.save_checkpoint(run, model_state={"w": torch.ones(100_000)}, step=2)
+    assert err.value.errno == errno.ENOSPC
+    message = input_error_message(err.value)
+    assert f"No space left on device (writing {run / 'checkpoint.pt'})" in message, message
+    assert "is unchanged: free the space (or fix the folder) and run the same command again" in message
+    monkeypatch.undo()
+    assert (run / "checkpoint.pt").read_bytes() == before and [p.name for p in run.iterdir()] == ["checkpoint.pt"]
+
+
 def test_fp16_loss_scale_resumes_and_an_overflowed_update_leaves_the_lr_schedule(tmp_path):
     """Found by a review: the fp16 loss scaler's state was not in checkpoint.pt (a resumed run started again from
     the initial scale), and an update the scaler skipped (overflowed gradients) still advanced the LR schedule,

@@ -53,8 +53,19 @@ def set_rng_state(state: dict) -> None:
 def atomic_torch_save(obj, path) -> Path:
     from kosmosg_core.files import atomic_output
 
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    # through a Python file, so that a failed write (a full disk) is an OSError, which atomic_output names the path
+    # in: torch's zip writer reports it as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+    # (with a path, nothing else; with a file, the file's OSError is that error's context)
+    with atomic_output(path) as tmp, open(tmp, "wb") as stream:
+        try:
+            torch.save(obj, stream)
+        except RuntimeError as e:
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror) if cause.errno else OSError(str(cause)) from e
     return Path(path)
 
 
@@ -73,7 +84,11 @@ def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=Non
         state["scheduler"] = scheduler.state_dict()
     if grad_scaler is not None:
         state["grad_scaler"] = grad_scaler.state_dict()  # plain numbers: loads with weights_only
-    return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
+    try:
+        return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
+    except OSError as e:  # e.g. a full disk: what a resume would start from is intact
+        raise OSError(e.errno, f"{e.strerror or e}; the checkpoint there before, if any, is unchanged: free the "
+                               "space (or fix the folder) and run the same command again to resume from it") from e
 
 
 def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
