@@ -98,6 +98,24 @@ def test_crash_then_resume_stage1_matches(env, accumulation):
     assert_same_run(reference, crashed)
 
 
+def test_a_resume_that_splits_the_batch_otherwise_warns_when_dropout_is_on(env, tmp_path, caplog):
+    """Found by a review: dropout's masks follow the split of the global batch, so batch 2 x 2 after 4 x 1 goes on
+    with other draws (losses 0.05 apart); allowed, and said. Without dropout the split changes nothing (the
+    accumulation tests), and nothing is said."""
+    for off in ([], ["--dropout", "0", "--connector-attention-dropout", "0"]):
+        out = tmp_path / f"run{len(off)}"
+        with pytest.raises(KeyboardInterrupt):
+            run_stage1_in_process(common_args(env, out, steps=6, batch=4, save_every=3) + off, crash_at=4)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            run_stage1_in_process(common_args(env, out, steps=6, batch=2, save_every=3) + off +
+                                  ["--gradient-accumulation-steps", "2"])
+        warned = ("resuming with the global batch split otherwise (batch_size x gradient_accumulation_steps x "
+                  "processes 4 x 1 x 1 -> 2 x 2 x 1): with dropout on (decoder.dropout 0.1, "
+                  "connector.attention_dropout 0.1) its masks follow the split") in caplog.text
+        assert warned == (not off), caplog.text
+
+
 def test_a_loss_scaled_run_resumes_its_scale_through_the_training_loop(env, tmp_path, monkeypatch):
     """The loop saves the loss scaler with the run and a resume restores it (a review noticed the scaler's own test
     would pass with the loop's wiring removed). fp16's scaler exists only on a GPU: here torch's CPU GradScaler, set

@@ -569,6 +569,36 @@ def test_export_loads_in_the_core_and_encodes(env, stage3_run, tmp_path):
     assert f"[1, 77, {CONTEXT_DIM}]" in result.stdout
 
 
+def test_a_pack_init_checkpoint_keeps_its_own_config(env, stage3_run, tmp_path, caplog):
+    """Found by a review: --model-config's JSON replaced the config a pack .safetensors carries (other heads, no
+    embedding scaling: the tensors still fit, the model silently another); --help says it is ignored then."""
+    import json
+
+    from train import export
+    from train.loop import read_init_weights
+
+    pack = tmp_path / "pack.safetensors"
+    export.main(["--checkpoint", str(stage3_run), "--tokenizer", env.tokenizer, "--out", str(pack)])
+    settings = json.loads(Path(env.model_config).read_text())
+    heads = settings["decoder"]["heads"]
+    settings["decoder"]["heads"], settings["scale_embedding"] = heads * 2, not settings.get("scale_embedding", True)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(settings))
+    with caplog.at_level("WARNING"):
+        cfg, state = read_init_weights(str(pack), str(other))
+    assert cfg.decoder.heads == heads and cfg.to_json() == read_init_weights(str(pack), "official")[0].to_json()
+    assert f"--model-config {other} is ignored: --init-checkpoint {pack} carries its own config" in caplog.text
+    assert f"decoder.heads {heads} -> {heads * 2}" in caplog.text
+    caplog.clear()
+    settings = json.loads(Path(env.model_config).read_text())
+    settings["decoder"]["dropout"] = 0.3  # a training switch: set by the stage's flags, not the model
+    other.write_text(json.dumps(settings))
+    with caplog.at_level("WARNING"):
+        read_init_weights(str(pack), env.model_config)  # the config it was trained with: nothing to say
+        read_init_weights(str(pack), str(other))
+    assert "is ignored" not in caplog.text
+
+
 def test_export_of_a_stage1_run_warns_that_its_aligner_is_untrained(env, stage1_run, tmp_path, caplog):
     from train import export
 

@@ -447,6 +447,14 @@ def input_fingerprints(cfg: LoopConfig, stage: Stage) -> dict[str, str]:
     return fingerprints
 
 
+def _dropouts(model_cfg) -> list[str]:
+    """"decoder.dropout 0.1"... for each dropout of the model in training that is on."""
+    parts = {"decoder": ("dropout", "attention_dropout", "activation_dropout"), "connector": ("attention_dropout",),
+             "aligner": ("dropout",)}
+    return [f"{part}.{name} {getattr(getattr(model_cfg, part), name):g}" for part, names in parts.items()
+            for name in names if getattr(getattr(model_cfg, part), name) > 0]
+
+
 def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int,
                         fingerprints: dict[str, str]) -> None:
     from kosmosg_core.files import holds_content
@@ -484,6 +492,15 @@ def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, 
     if global_before != global_now:
         changed.append(f"global batch (batch_size x gradient_accumulation_steps x processes) {global_before} -> "
                        f"{global_now}")
+    else:
+        split_before = (before["batch_size"], before.get("gradient_accumulation_steps", 1), saved_world)
+        split_now = (cfg.batch_size, cfg.gradient_accumulation_steps, world)
+        dropouts = _dropouts(stage.model_config())
+        if split_before != split_now and dropouts:
+            logger.warning("resuming with the global batch split otherwise (batch_size x gradient_accumulation_steps "
+                           "x processes %s -> %s): with dropout on (%s) its masks follow the split, so the run "
+                           "goes on with other random draws than an unchanged resume (as valid, not the same weights)",
+                           " x ".join(map(str, split_before)), " x ".join(map(str, split_now)), ", ".join(dropouts))
     saved_fingerprints = extra.get("input_fingerprints", {})  # checkpoints before them: paths only
     changed += [f"--{key.replace('_', '-')} {getattr(cfg, key)} holds other files (their contents differ from the "
                 "run's)" for key in sorted(set(saved_fingerprints) & set(fingerprints))
@@ -863,7 +880,7 @@ def read_init_weights(path_text: str, model_config_spec: str):
 
     Official .pt files carry no config: their sizes are read from the tensors, or from --model-config
     when it names a JSON file (e.g. a stage-1 checkpoint that has no aligner yet)."""
-    from kosmosg_core.checkpoint import read_checkpoint
+    from kosmosg_core.checkpoint import file_format, read_checkpoint
 
     path = Path(path_text)
     if not path.exists():
@@ -878,8 +895,18 @@ def read_init_weights(path_text: str, model_config_spec: str):
         if saved is None:
             raise ValueError(f"--init-checkpoint {path} has no model config; it was not written by train/.")
         return KosmosGConfig.from_json(saved), state["model"]
-    override = resolve_model_config(model_config_spec) if model_config_spec.endswith(".json") else None
-    cfg, state_dict, _ = read_checkpoint(path, override)
+    given = resolve_model_config(model_config_spec) if model_config_spec.endswith(".json") else None
+    if file_format(path) != "safetensors":  # an official .pt: sizes from --model-config's JSON, else the tensors
+        cfg, state_dict, _ = read_checkpoint(path, given)
+        return cfg, state_dict
+    cfg, state_dict, _ = read_checkpoint(path)  # a pack file carries its config: the model it holds
+    # the model's own fields (the training switches, e.g. dropout, come from this stage's flags)
+    ours, theirs = (c.for_inference().to_dict(complete=True) for c in (cfg, given or cfg))
+    if ours != theirs:
+        from train.common.config import changed_settings
+
+        logger.warning("--model-config %s is ignored: --init-checkpoint %s carries its own config, which differs "
+                       "(%s)", model_config_spec, path, "; ".join(changed_settings(ours, theirs)[:4]))
     return cfg, state_dict
 
 
