@@ -219,7 +219,8 @@ class KosmosGConfig:
             names = {f.name for f in dataclasses.fields(klass)}
             unknown = set(values) - names
             if unknown:
-                raise ValueError(f"Unknown {klass.__name__} fields in checkpoint config: {sorted(unknown)}.")
+                raise ValueError(f"Unknown {klass.__name__} fields in the model config: {sorted(unknown)}; it takes "
+                                 f"{', '.join(sorted(names))}.")
             return klass(**values)
 
         if not isinstance(data, dict):  # e.g. a damaged file whose config reads as a list or a number

@@ -81,6 +81,27 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env):
     assert_same_run(reference, killed)
 
 
+def test_ctrl_c_is_one_line_saying_how_to_go_on(env, tmp_path):
+    """Found by a review: Ctrl-C printed a 30-line KeyboardInterrupt traceback."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "train.stage1"] + common_args(env, out, steps=10_000, save_every=2),
+                               cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None and load_checkpoint(out) is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().endswith("interrupted (Ctrl-C): the updates after the last checkpoint are not kept; run the "
+                                    "same command again to resume from it (--save-every sets how often one is "
+                                    "written)"), stderr[-3000:]
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_crash_then_resume_stage1_matches(env, accumulation):
     """Stage 1 (interleaved images, token-count denominators) interrupted in-process by an exception;

@@ -641,6 +641,11 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
     (corrupt / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match="corrupt or not a train/ checkpoint"):
         stage1.main(common(env, corrupt, steps=2))
+    model = tmp_path / "model.safetensors"  # a model given to --resume: named where it belongs
+    model.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ValueError, match=r"model\.safetensors is (corrupt or )?not a train/ checkpoint .*\(a "
+                                         r"\.safetensors model starts a new run as its --init-checkpoint\)"):
+        stage1.main(common(env, tmp_path / "new", steps=2) + ["--resume", str(model)])
     other_stage = tmp_path / "other"
     shutil.copytree(stage1_run, other_stage)
     with pytest.raises(ValueError, match="written by 'stage1'"):

@@ -538,9 +538,15 @@ def run_as_script(main: Callable[[], Any]) -> None:
     called without an active exception", SIGABRT, no Python frame; ~1 launch in 100 on a loaded
     2-core machine), which fails the whole launch although the training succeeded. `os._exit` skips
     that teardown (and atexit handlers: the trackers were finished by `accelerator.end_training`).
-    A bad input ends the process with its one-line message (`exit_on_input_error`); other failures raise.
+    A bad input ends the process with its one-line message (`exit_on_input_error`), Ctrl-C with one line saying
+    how to go on (exit code 130, as a shell's); other failures raise.
     """
-    exit_on_input_error(main)
+    try:
+        exit_on_input_error(main)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the updates after the last checkpoint are not kept; run the same command again "
+              "to resume from it (--save-every sets how often one is written)", file=sys.stderr)
+        sys.exit(130)
     if launched_processes() > 1:
         logging.shutdown()
         sys.stdout.flush()

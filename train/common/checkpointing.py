@@ -100,6 +100,8 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
         return None
     if not path.is_file():  # a FIFO or device: reading it would block or never end
         raise ValueError(f"{path} is not a regular file; give a train/ run folder or its checkpoint.pt.")
+    model = " (a .safetensors model starts a new run as its --init-checkpoint)" if path.suffix.lower() == ".safetensors" \
+        else ""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
@@ -108,10 +110,10 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
             boilerplate in line for boilerplate in ("weights_only", "Please file an issue", "Check the documentation"))),
             "unreadable")
         raise ValueError(f"{path} is corrupt or not a train/ checkpoint ({type(e).__name__}: {reason}). Give a train/ "
-                         f"run folder or its {CHECKPOINT_NAME}; a damaged {CHECKPOINT_NAME} can be deleted to start "
-                         "that run over.") from e
+                         f"run folder or its {CHECKPOINT_NAME}{model}; a damaged {CHECKPOINT_NAME} can be deleted to "
+                         "start that run over.") from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise ValueError(f"{path} is not a train/ checkpoint (no model/step). Use --output-dir of a train/ run.")
+        raise ValueError(f"{path} is not a train/ checkpoint (no model/step){model}. Use --output-dir of a train/ run.")
     if expected_model_keys is not None:
         check_model_keys(state, expected_model_keys, path)
     return state
