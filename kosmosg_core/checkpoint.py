@@ -285,7 +285,7 @@ def _resolve_tokenizer(path: Path, embedded: KosmosGTokenizer | None, tokenizer_
             f"No tokenizer found for {path}: the checkpoint holds none, and none of "
             f"{', '.join(map(str, tokenizer_dir_candidates(path)))}{target} contains "
             f"{' + '.join(TOKENIZER_FILENAMES)}. Put the official sentencepiece.bpe.model and dict.txt (from the "
-            "Kosmos-G release's data/ folder) in one of them, or pass the folder explicitly.")
+            "Kosmos-G release's data/ folder) in one of them, or give the folder (CLI: --tokenizer DIR).")
     return KosmosGTokenizer.from_dir(found)
 
 

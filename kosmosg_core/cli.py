@@ -14,12 +14,17 @@ import sys
 from pathlib import Path
 
 from .config import (CPU_KERNELS, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DISK_CACHE_MAX_BYTES,
-                     DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
+                     DTYPE_ALIASES, DTYPE_NAMES, NOISE_MODES, SCHEDULERS)
 from .errors import GenerationSettingsError, KosmosGError, PromptError
 
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = list(DTYPE_NAMES)
+
+
+def _dtype_name(text: str) -> str:
+    """A --dtype value: the name (float16) or a short one (fp16, bf16, fp32, half: as the nodes and bench say)."""
+    return DTYPE_ALIASES.get(text.lower(), text.lower())
 CPU_KERNEL_CHOICES = ["auto", *CPU_KERNELS]
 
 
@@ -101,12 +106,12 @@ def _disk_cache(args):
 
 
 def cmd_encode(args) -> None:
-    from .conditioning_file import ENCODE_TENSOR_NAME
-    from .files import check_output_file, save_safetensors, utf8_text
+    from .conditioning_file import ENCODE_TENSOR_NAME, check_encode_output
+    from .files import save_safetensors, utf8_text
     from .pipeline import KosmosGPipeline, read_prompt_images
     from .prompt import clip_syntax_note, combine_image_weights
 
-    out = check_output_file(args.out, "--out", inputs=[args.checkpoint, *(args.image or [])])  # before loading
+    out = check_encode_output(args.out, inputs=[args.checkpoint, *(args.image or [])])  # before loading
     cache = _disk_cache(args)
     images = _image_paths(args.image)
     if args.prompt == "" and args.image:
@@ -127,7 +132,8 @@ def cmd_encode(args) -> None:
         cond = pipe.encode(args.prompt, images, image_weights=weights, disk_cache=cache)
     # Stored as float32 whatever the compute dtype: exact for fp16/bf16 values, readable everywhere.
     save_safetensors({ENCODE_TENSOR_NAME: cond.float().cpu().contiguous()}, out,
-                     metadata={"prompt": args.prompt, "images": json.dumps(args.image),
+                     metadata={"prompt": args.prompt,  # the images' names, as generate records them
+                               "images": json.dumps([utf8_text(Path(image).name) for image in args.image or []]),
                                "image_weights": json.dumps(combine_image_weights(args.prompt, weights)),
                                "dtype": args.dtype,
                                "checkpoint": utf8_text(Path(args.checkpoint).name)})
@@ -136,10 +142,16 @@ def cmd_encode(args) -> None:
 
 def cmd_convert(args) -> None:
     from .checkpoint import convert_official
+    from .errors import OutputPathError
+    from .files import check_output_file
     from .pipeline import resolve_dtype
 
     dtype = None if args.dtype == "keep" else resolve_dtype(args.dtype)
-    out = convert_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype)
+    # the source itself is refused even with --overwrite (before this check, whose advice would be --overwrite)
+    out = check_output_file(args.out, "--out", inputs=(args.checkpoint,))
+    if out.exists() and not args.overwrite:  # as the Convert node (a review saw an SD model replaced)
+        raise OutputPathError(f"--out {out} already exists; add --overwrite to replace it, or choose another name.")
+    out = convert_official(args.checkpoint, out, tokenizer_dir=args.tokenizer, dtype=dtype)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -303,7 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneValuePerFlagParser(prog="python -m kosmosg_core", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    # after the sub-command too (`encode ... -v`); SUPPRESS: not given there, it leaves the one before it alone
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress (INFO level)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kwargs)
 
     def model_args(p, tokenizer_help="folder with sentencepiece.bpe.model + dict.txt (default: inside the "
                                      "checkpoint, else beside it)"):
@@ -315,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep encodings and image features in this folder and reuse them in later runs (keyed by the "
                             "checkpoint file, dtype, device, prompt tokens, image pixels and weights; the ComfyUI "
                             "nodes use user/__kosmosg_cache); default: no disk cache")
-        p.add_argument("--cache-max-gib", dest="cache_max_bytes", type=_size_gib, default=DISK_CACHE_MAX_BYTES,
+        p.add_argument("--cache-max-gib", dest="cache_max_bytes", type=_size_gib, default=DISK_CACHE_MAX_BYTES, metavar="GIB",
                        help=f"size limit of --cache-dir in GiB, least recently used entries removed first "
                             f"(default {DISK_CACHE_MAX_BYTES / 2**30:g}; 0: read it, add nothing)")
 
@@ -326,13 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompt (0..10; default 1.0 each, the official model), as the ComfyUI prompt node's weights; "
                             "a weight written in the prompt, <i:0.8>, multiplies with it")
 
-    p = sub.add_parser("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
+    p = command("encode", help="prompt + images -> conditioning tensor `cond` [1,77,D] in a .safetensors")
     model_args(p)
     p.add_argument("--prompt", required=True, help='text with one <i> per image (<i:0.8>: that image at weight 0.8); "" = the unconditional prompt')
     image_args(p)
     p.add_argument("--out", required=True, type=_path, help="output .safetensors (tensor `cond`, float32)")
     cache_args(p)
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype (default float32)")
+    p.add_argument("--dtype", default="float32", type=_dtype_name, choices=DTYPE_CHOICES,
+                   help="compute dtype (default float32; fp32 / fp16 / bf16 also read)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--cpu-kernel", default="auto", choices=CPU_KERNEL_CHOICES,
                    help="on the CPU, the kernel of the layers that multiply the prompt's tokens (decoder, aligner "
@@ -341,20 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default) = few-row where it builds, else oneDNN")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside); "
+    p = command("convert", help="official .pt -> one .safetensors (inference tensors, config + tokenizer inside); "
                                         "a converted .safetensors is accepted too, e.g. to re-cast it with --dtype")
     model_args(p, tokenizer_help="folder with the official sentencepiece.bpe.model + dict.txt to embed "
                                  "(default: the one inside a .safetensors, else beside the checkpoint)")
     p.add_argument("--out", required=True, type=_path, help="output .safetensors")
-    p.add_argument("--dtype", default="keep", choices=["keep"] + DTYPE_CHOICES,
+    p.add_argument("--dtype", default="keep", type=_dtype_name, choices=["keep"] + DTYPE_CHOICES,
                    help="tensor dtype in the output (default: keep the file's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("info", help="print a checkpoint's config, dtypes and size without building the model")
+    p = command("info", help="print a checkpoint's config, dtypes and size without building the model")
     p.add_argument("--checkpoint", required=True, type=_path, help=".pt or .safetensors")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
+    p = command("generate", help="generate PNGs with a local SD1.5 model conditioned by Kosmos-G")
     model_args(p)
     p.add_argument("--sd-model", default=None, type=_path,
                    help="SD1.5 single-file checkpoint (.safetensors/.ckpt), diffusers folder, or the built-in "
@@ -376,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "required unless --like")
     image_args(p)
     p.add_argument("--negative-prompt", default=None, help='negative text (default "" = the official unconditional <s>, or the --like record\'s)')
-    p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs")
+    p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs (default: outputs)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (official demo: {DEFAULT_STEPS}, the default; or the --like record's)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE}, the default; or the --like "
@@ -394,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}", type=int, default=None,
                        help=f"image {side} in pixels, a multiple of 8 (default: the --like record's if it asked for "
                             "one, else the SD model's own, 512 for SD1.5 and 64 for the nano image model)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default float32 (or the --like record's)")
+    p.add_argument("--dtype", default=None, type=_dtype_name, choices=DTYPE_CHOICES,
+                   help="default float32 (or the --like record's; fp32 / fp16 / bf16 also read)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu, or the --like record's)")
     cache_args(p)
     p.add_argument("--no-record", dest="record_settings", action="store_false",
@@ -402,19 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "hashes, seed, ...: the text chunk 'kosmosg'), e.g. before sharing them")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("cache", help="a disk cache of encodings (--cache-dir, or ComfyUI's user/__kosmosg_cache): its "
+    p = command("cache", help="a disk cache of encodings (--cache-dir, or ComfyUI's user/__kosmosg_cache): its "
                                      "size, or --clear to empty it")
     p.add_argument("--dir", required=True, type=_path, help="the cache folder")
     p.add_argument("--clear", action="store_true", help="remove every entry")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("bench", help="measure load time, peak RSS and encode latency against machine yardsticks")
+    p = command("bench", help="measure load time, peak RSS and encode latency against machine yardsticks")
     p.add_argument("--size", default="official", choices=["official", "tiny", "small"],
                    help="model size with random weights (default: official)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of dtypes to time")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
-    p.add_argument("--cases", default="text-only,1-image,3-image", help="comma list of prompt cases to time")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma list of dtypes to time (default: float32,bfloat16; float16 on a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case, the median reported (default: 3)")
+    p.add_argument("--cases", default="text-only,1-image,3-image",
+                   help="comma list of prompt cases to time (default: text-only,1-image,3-image, every case)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 2 on CI)")
     p.add_argument("--cpu-linear", default="auto", type=_cpu_linear_list,
                    help="on the CPU, a comma list of: auto (default: what the pipeline runs here, few-row where "

@@ -92,6 +92,10 @@ def read_hf_clip_vision_folder(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     from transformers import CLIPVisionConfig
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"CLIP vision folder {folder} not found; give a folder written by CLIPVisionModel "
+                                      "or CLIPModel .save_pretrained (the nano configs: the vision-tower/ that "
+                                      "python -m train.nano.train_text_encoder writes).")
     if not (folder / "config.json").is_file():
         raise CheckpointNotFoundError(f"{folder}: no config.json; give a folder written by CLIPVisionModel or "
                                       "CLIPModel .save_pretrained (e.g. a download of openai/clip-vit-large-patch14).")

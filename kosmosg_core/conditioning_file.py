@@ -20,10 +20,11 @@ import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
-from .errors import ConditioningFileError
+from .errors import ConditioningFileError, OutputPathError
 from .files import check_output_file, read_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,27 @@ class _NotSaveable(Exception):
 
 LIVE_OBJECT = "a live object: re-apply that node after loading"
 RESERVED_KEY = f"the file format reserves the keys {TUPLE_TAG!r} and {TENSOR_TAG!r}: rename that key"
+
+
+def check_encode_output(path, inputs=()) -> Path:
+    """`encode --out`: a .safetensors path that can be written, and, where a file is there, one encode wrote (its one
+    tensor `cond`), never another file (a review saw a PNG, a tokenizer file and a model overwritten)."""
+    from safetensors import safe_open
+
+    path = check_output_file(path, "--out", inputs=inputs)
+    if path.suffix.lower() != ".safetensors":
+        raise OutputPathError(f"--out {path}: encode writes a .safetensors file (ComfyUI's Kosmos-G Load Conditioning "
+                              "lists those); name it *.safetensors.")
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+        except Exception:  # noqa: BLE001 - safetensors raises its own error types for a file of another kind
+            names = None
+        if names != [ENCODE_TENSOR_NAME]:
+            raise OutputPathError(f"--out {path} exists and is not a conditioning encode wrote; choose another name "
+                                  "(or delete that file first).")
+    return path
 
 
 def _encode_value(value, name: str, tensors: dict[str, torch.Tensor]):

@@ -40,6 +40,7 @@ SD15_LATENT_SCALE = 0.18215  # the SD1.5 U-Net sees VAE latents x this (comfy.la
 NANO_SD15_FORMAT = "kosmosg-nano-sd15"  # metadata "format" of the pack's nano image model (train/nano/sd15_format.py)
 NANO_IMAGE_SIZE = 64  # pixels: the nano world's scenes (train/nano/world.py), what the nano models are trained at
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dtypes the core computes and stores in (pipeline.DTYPES)
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}  # ComfyUI's, torch's
 CPU_KERNELS = ("onednn", "few-row")  # what a cpu_linear.PackedLinear runs; "auto" resolves to one of them
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"  # SD1.5's component configs (no weights), for diffusers
 ALIGNER_FIRST_POSITION = 2  # the aligner's learned positions start at row 2 (fairseq: padding index 1, + 1)

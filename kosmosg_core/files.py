@@ -149,6 +149,11 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
             if not os.access(candidate, os.W_OK | os.X_OK):
                 raise OutputPathError(f"{what} {shown}: this user may not write in {candidate}; choose another "
                                       "path or change the folder's permissions.")
+            try:  # what os.access cannot tell: a read-only mount, /sys or /proc (as root), a full quota of files
+                _remove_temp(_new_temp_file(candidate)[0])
+            except OSError as e:
+                raise OutputPathError(f"{what} {shown}: no file can be written in {candidate} ({e.strerror or e}); "
+                                      "choose another path.") from e
             return
 
 
@@ -215,9 +220,12 @@ def atomic_output(path):
     one. Creates the parent folder; removes temp files of killed writers there. The temp name is short:
     a 255-byte final name still works. A failed write (e.g. a full disk) is an OSError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path.parent)
-    tmp, new_file_mode = _new_temp_file(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path.parent)
+        tmp, new_file_mode = _new_temp_file(path.parent)
+    except OSError as e:
+        raise _naming(e, path) from e
     try:
         yield tmp
         with open(tmp, "rb+") as written:
@@ -228,11 +236,16 @@ def atomic_output(path):
         tmp.unlink(missing_ok=True)
         if str(path) in str(e):
             raise
-        raise (OSError(e.errno, f"{e.strerror} (writing {path})") if e.errno and e.strerror
-               else OSError(f"{e} (writing {path})")) from e
+        raise _naming(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` (its errno kept) with the file being written named: a temp file's name would mean nothing."""
+    return (OSError(error.errno, f"{error.strerror} (writing {path})") if error.errno and error.strerror
+            else OSError(f"{error} (writing {path})"))
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

@@ -128,7 +128,8 @@ def load_sd15(sd_model, dtype: torch.dtype, device: torch.device, scheduler: str
     if steps is not None:
         check_scheduler_steps(pipe.scheduler, scheduler, steps, sd_model, config_dir)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # diffusers warns that float16 "cannot run" on the CPU: torch runs it there now (slowly)
+    return pipe.to(device, silence_dtype_warnings=True)
 
 
 def _stable_diffusion_pipeline():
@@ -181,6 +182,12 @@ def check_scheduler_steps(scheduler, name: str, steps: int, sd_model, config_dir
     try:
         dry_run_scheduler(scheduler, steps)
     except Exception as e:  # settings this scheduler cannot run: IndexError, ValueError, NaN...
+        timesteps = scheduler.config.get("num_train_timesteps")
+        if isinstance(timesteps, int) and steps >= timesteps:  # every scheduler fails there: say the bound
+            raise GenerationSettingsError(
+                f"The {name} scheduler cannot run {steps} steps: the model's noise schedule has {timesteps} timesteps "
+                f"(SD1.5's: 1000), and a sampler takes fewer steps than that: use at most {timesteps - 1} (the "
+                "official demo: 50).") from e
         raise _scheduler_error(name, f"run {steps} steps", sd_model, config_dir, e) from e
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_model, check_checkpoint_path, inspect_checkpoint, load_model, read_checkpoint
-from .config import DTYPE_NAMES, KosmosGConfig
+from .config import DTYPE_ALIASES, DTYPE_NAMES, KosmosGConfig
 from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity, same_file_written
 from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # DTYPE_NAMES and their short names (fp32 / fp16 / bf16: ComfyUI's, half: torch's)
 DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
-          "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16}
+          **{alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}}
 
 # Big batches are encoded in chunks: memory stays bounded and `progress` (which may raise to interrupt) runs
 # during the work. Images per vision forward, prompts per MLLM + aligner forward: at the official size on a 2-core

@@ -461,15 +461,15 @@ def test_encode_errors_are_one_line(pack, tmp_path, args, message):
 
 
 def test_encode_missing_checkpoint_and_bad_image(pack, tmp_path):
-    result = run_cli("encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out", tmp_path / "o.st",
+    result = run_cli("encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out", tmp_path / "o.safetensors",
                      check=False)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
     verbose = run_cli("--verbose", "encode", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x", "--out",
-                      tmp_path / "o.st", check=False)  # --verbose: the same error, with its traceback for a report
+                      tmp_path / "o.safetensors", check=False)  # --verbose: the same error, with its traceback for a report
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "CheckpointNotFoundError" in verbose.stderr
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    result = run_cli("encode", "--checkpoint", pack[0], "--prompt", "<i>", "--image", bad, "--out", tmp_path / "o.st",
+    result = run_cli("encode", "--checkpoint", pack[0], "--prompt", "<i>", "--image", bad, "--out", tmp_path / "o.safetensors",
                      check=False)
     assert result.returncode == 2 and "bad.jpg" in result.stderr and "Traceback" not in result.stderr
 
@@ -484,6 +484,22 @@ def test_encode_never_overwrites_its_inputs_and_file_system_errors_are_one_line(
                          check=False)
         assert result.returncode == 2 and "is the input file" in result.stderr and "Traceback" not in result.stderr
     assert Path(model).read_bytes() == before
+    # nor any other file: only an earlier encode's output is replaced (a review saw a PNG, a tokenizer file and a model
+    # overwritten), and the name is *.safetensors (what ComfyUI's Load Conditioning lists)
+    picture, other_model = tmp_path / "picture.png", tmp_path / "other.safetensors"
+    shutil.copy(images[1], picture)
+    shutil.copy(pack[0], other_model)
+    for out, message in ((picture, r"--out .*picture\.png: encode writes a \.safetensors file .*; name it "
+                                   r"\*\.safetensors\."),
+                         (other_model, r"--out .*other\.safetensors exists and is not a conditioning encode wrote; "
+                                       r"choose another name \(or delete that file first\)\.")):
+        before = out.read_bytes()
+        result = run_cli("encode", "--checkpoint", model, "--prompt", "a dog", "--out", out, check=False)
+        assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
+        assert out.read_bytes() == before
+    again = tmp_path / "again.safetensors"
+    for _ in range(2):  # an earlier encode's output is replaced
+        run_cli("encode", "--checkpoint", model, "--prompt", "a dog", "--out", again)
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)  # reading it would block forever
     result = run_cli("encode", "--checkpoint", fifo, "--prompt", "x", "--out", tmp_path / "o.safetensors", check=False)
@@ -498,7 +514,8 @@ def test_paths_too_long_for_the_file_system_are_typed_errors(pack, images, tmp_p
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     existing_out = tmp_path / "existing.safetensors"  # the check that --out is no input compared them: it raised
-    existing_out.write_bytes(b"old")
+    save_file({"cond": torch.zeros(1, 77, 768)}, str(existing_out))  # an earlier encode's: may be replaced
+    existing = existing_out.read_bytes()
     too_long_name = r"the name is longer than the file system allows \(303 bytes, limit 255\)"
     checkpoint = "Kosmos-G checkpoint .*: " + too_long_name + r"; rename the file\."
     cases = [
@@ -525,7 +542,7 @@ def test_paths_too_long_for_the_file_system_are_typed_errors(pack, images, tmp_p
         assert result.returncode == 2 and len(error_lines) == 1 and re.search(message, error_lines[0]), (args, result.stderr)
         assert "Traceback" not in result.stderr and "Errno" not in result.stderr, (args, result.stderr)
         assert len(error_lines[0]) < 500, error_lines[0]  # the path shortened in the message
-    assert existing_out.read_bytes() == b"old"
+    assert existing_out.read_bytes() == existing
 
 
 def test_generation_settings_checked_for_api_callers_too():
@@ -822,8 +839,8 @@ def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tm
     settings = folder / "scheduler" / "scheduler_config.json"
     shutil.copy(SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json", settings)  # SD1.5's: 1000 training timesteps
     for scheduler in ("dpm", "ddim"):
-        with pytest.raises(GenerationSettingsError, match=f"The {scheduler} scheduler cannot run 1000 steps with the "
-                                                          f"settings in {settings} .*choose other steps"):
+        with pytest.raises(GenerationSettingsError, match=f"The {scheduler} scheduler cannot run 1000 steps: the "
+                                                          r"model's noise schedule has 1000 timesteps .*use at most 999"):
             generate_images(pack[0], folder, "a photo", out_dir=tmp_path / "out", steps=1000, scheduler=scheduler,
                             height=16, width=16)
     assert not (tmp_path / "out").exists()
@@ -846,9 +863,19 @@ def test_convert_never_writes_over_its_source(pack, tmp_path):
     source = tmp_path / "pack.safetensors"
     shutil.copy(pack[0], source)
     before = source.read_bytes()
-    result = run_cli("convert", "--checkpoint", source, "--out", source, "--dtype", "float16", check=False)
-    assert result.returncode == 2 and "is the input file" in result.stderr, result.stderr
-    assert source.read_bytes() == before
+    for overwrite in ([], ["--overwrite"]):
+        result = run_cli("convert", "--checkpoint", source, "--out", source, "--dtype", "float16", *overwrite, check=False)
+        assert result.returncode == 2 and "is the input file" in result.stderr, result.stderr
+        assert source.read_bytes() == before
+    # nor over another file unless asked (a review saw an SD1.5 model replaced), as the Convert node
+    other = tmp_path / "sd15.safetensors"
+    other.write_bytes(b"someone else's model")
+    result = run_cli("convert", "--checkpoint", source, "--out", other, check=False)
+    assert result.returncode == 2 and re.search(r"--out .*sd15\.safetensors already exists; add --overwrite to replace "
+                                                r"it, or choose another name\.", result.stderr), result.stderr
+    assert other.read_bytes() == b"someone else's model"
+    run_cli("convert", "--checkpoint", source, "--out", other, "--overwrite")
+    assert load_file(str(other)).keys() == load_file(str(source)).keys()
 
 
 def test_nan_images_are_refused_not_written_black(pack, tmp_path):

@@ -325,3 +325,32 @@ def test_a_killed_safetensors_write_leaves_nothing_behind_after_the_next_write(t
     monkeypatch.setattr(files, "_SWEPT", set())
     save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_a_folder_no_file_can_be_written_in_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Found by a review: os.access said yes (as root) for /sys/kernel, a read-only mount, /proc; generate sampled
+    for minutes, then "Permission denied: '.../.kosmosg-...tmp'". Now the check writes a probe file, and a write
+    that fails anyway names the file, not the temp file."""
+    from kosmosg_core.errors import OutputPathError
+    from kosmosg_core.files import atomic_output, check_output_file, check_output_folder
+
+    folder = tmp_path / "mounted-read-only"
+    folder.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    for check, path in ((check_output_file, folder / "x.safetensors"), (check_output_folder, folder / "new" / "sub")):
+        with pytest.raises(OutputPathError, match=rf"--out {path}: no file can be written in {folder} \(Read-only file "
+                                                  r"system\); choose another path\."):
+            check(path, "--out")
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.EROFS}\] Read-only file system \(writing {folder}/x\.bin\)$"):
+        with atomic_output(folder / "x.bin"):
+            pass
+    assert list(folder.iterdir()) == []
+    assert check_output_folder(tmp_path / "writable", "--out") == tmp_path / "writable"  # elsewhere: fine
+    assert list(tmp_path.iterdir()) == [folder]  # the probe leaves nothing

@@ -191,3 +191,7 @@ def test_stage1_refuses_a_tower_that_does_not_fit(env, tmp_path):
     with pytest.raises(ValueError, match="num_hidden_layers 3 != vision.layers 2"):
         stage1.main(common_args(env, tmp_path / "run", steps=1) + ["--init-vision", folder])
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # a folder that is not there: said so, naming the flag and where the nano configs' tower comes from
+    with pytest.raises(CheckpointError, match=r"--init-vision: CLIP vision folder .*absent-tower not found; .*"
+                                              r"python -m train\.nano\.train_text_encoder writes"):
+        stage1.main(common_args(env, tmp_path / "run", steps=1) + ["--init-vision", str(tmp_path / "absent-tower")])

@@ -84,9 +84,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env):
 def test_ctrl_c_is_one_line_saying_how_to_go_on(env, tmp_path):
     """Found by a review: Ctrl-C printed a 30-line KeyboardInterrupt traceback."""
     out = tmp_path / "run"
+    # SIGINT as a terminal's: pytest-xdist's workers ignore it, and a child that starts with it ignored (inherited)
+    # gets no KeyboardInterrupt from Python
     process = subprocess.Popen([sys.executable, "-m", "train.stage1"] + common_args(env, out, steps=10_000, save_every=2),
                                cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and process.poll() is None and load_checkpoint(out) is None:

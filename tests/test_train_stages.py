@@ -618,6 +618,12 @@ def test_a_file_exported_into_a_run_folder_starts_another_run_and_paths_are_chec
     shutil.copytree(stage2_run, run)
     exported = export.main(["--checkpoint", str(run), "--out", str(run / "exported.safetensors")])
     stage1.main(common(env, tmp_path / "from-export", steps=1) + ["--init-checkpoint", str(exported)])
+    before = exported.read_bytes()  # an existing --out is replaced only when asked
+    with pytest.raises(ValueError, match="--out .*exported.safetensors already exists; add --overwrite true to replace"):
+        export.main(["--checkpoint", str(run), "--out", str(exported), "--dtype", "float16"])
+    assert exported.read_bytes() == before
+    export.main(["--checkpoint", str(run), "--out", str(exported), "--dtype", "float16", "--overwrite", "true"])
+    assert exported.read_bytes() != before
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="--output-dir .*a_file.txt is a file, not a folder"):

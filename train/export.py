@@ -26,6 +26,7 @@ class ExportConfig:
     tokenizer: str = field(default="", metadata={
         "help": "folder with sentencepiece.bpe.model + dict.txt (default: the one the run was trained with)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --out if it exists (default: refuse)"})
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -43,7 +44,9 @@ def export(cfg: ExportConfig) -> Path:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPE_NAMES)}.")
     if not cfg.out.lower().endswith(".safetensors"):
         raise ValueError(f"--out {cfg.out}: the pack format is .safetensors; name the file *.safetensors.")
-    check_output_file(cfg.out, "--out")  # before the checkpoint is read
+    out = check_output_file(cfg.out, "--out")  # before the checkpoint is read
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"--out {out} already exists; add --overwrite true to replace it, or choose another name.")
     state = load_checkpoint(cfg.checkpoint)
     if state is None:
         raise ValueError(f"--checkpoint {cfg.checkpoint}: no checkpoint.pt there (has the run saved one yet?).")

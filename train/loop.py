@@ -985,10 +985,14 @@ def build_kosmosg(cfg: LoopConfig, tokenizer, adjust: Callable | None = None, al
                      allow_missing)
     if cfg.init_vision:
         from kosmosg_core.clip_vision import load_hf_clip_vision
+        from kosmosg_core.errors import CheckpointNotFoundError
 
         if cfg.init_checkpoint:
             logger.info("--init-vision %s replaces the vision weights of --init-checkpoint", cfg.init_vision)
-        load_hf_clip_vision(model.vision, cfg.init_vision)
+        try:
+            load_hf_clip_vision(model.vision, cfg.init_vision)
+        except CheckpointNotFoundError as e:
+            raise CheckpointNotFoundError(f"--init-vision: {e}") from e
     return model
 
 
