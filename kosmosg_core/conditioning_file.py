@@ -55,6 +55,8 @@ def check_encode_output(path, inputs=()) -> Path:
         raise OutputPathError(f"--out {path}: encode writes a .safetensors file (ComfyUI's Kosmos-G Load Conditioning "
                               "lists those); name it *.safetensors.")
     if path.exists():
+        if not path.is_file():  # a FIFO: reading it would block
+            raise OutputPathError(f"--out {path} exists and is not a regular file; choose another name.")
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())

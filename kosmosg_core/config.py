@@ -226,6 +226,11 @@ class KosmosGConfig:
 
         if not isinstance(data, dict):  # e.g. a damaged file whose config reads as a list or a number
             raise ValueError(f"Invalid Kosmos-G config: it is a {type(data).__name__}, expected a JSON object.")
+        parts = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(parts)
+        if unknown:  # e.g. a part's field written at the top (scale_embedding belongs in decoder)
+            raise ValueError(f"Unknown fields at the top of the model config: {sorted(unknown)}; it takes "
+                             f"{', '.join(parts)}, each part's fields inside it.")
         return cls(
             vision=build(VisionConfig, data.get("vision", {})),
             connector=build(ConnectorConfig, data.get("connector", {})),

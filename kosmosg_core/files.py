@@ -150,10 +150,15 @@ def _check_folders(folder: Path, what: str, shown: Path) -> None:
                 raise OutputPathError(f"{what} {shown}: this user may not write in {candidate}; choose another "
                                       "path or change the folder's permissions.")
             try:  # what os.access cannot tell: a read-only mount, /sys or /proc (as root), a full quota of files
-                _remove_temp(_new_temp_file(candidate)[0])
+                probe = _new_temp_file(candidate)[0]
             except OSError as e:
                 raise OutputPathError(f"{what} {shown}: no file can be written in {candidate} ({e.strerror or e}); "
                                       "choose another path.") from e
+            try:
+                probe.unlink()
+            except OSError as e:  # e.g. an append-only folder: a finished file could not replace its temp file
+                raise OutputPathError(f"{what} {shown}: files can be made in {candidate} but not removed or replaced "
+                                      f"({e.strerror or e}; it keeps {probe.name}); choose another path.") from e
             return
 
 

@@ -152,7 +152,12 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
         return placeholder_mismatch(text, len(linked)) or True
 
     @classmethod
-    def execute(cls, text, images=None, weights="") -> io.NodeOutput:
+    def execute(cls, text, images=None, weights="", **beyond) -> io.NodeOutput:
+        # an API prompt may link sockets the node lacks (image16...): ComfyUI's check leaves them out of what
+        # validate_inputs sees and hands them over here as keyword arguments (else a bare TypeError)
+        if beyond:
+            raise PromptError(f"{', '.join(sorted(beyond))}: the prompt node takes at most {MAX_IMAGES} images, in "
+                              f"sockets {IMAGE_PREFIX}0..{IMAGE_PREFIX}{MAX_IMAGES - 1}; connect the images there.")
         connected = ordered_images(images)
         check_image_batches(connected)  # first: a socket holding no image must not be counted as one
         message = placeholder_mismatch(text, len(connected))

@@ -504,6 +504,9 @@ def test_encode_never_overwrites_its_inputs_and_file_system_errors_are_one_line(
     os.mkfifo(fifo)  # reading it would block forever
     result = run_cli("encode", "--checkpoint", fifo, "--prompt", "x", "--out", tmp_path / "o.safetensors", check=False)
     assert result.returncode == 2 and "is not a regular file" in result.stderr
+    result = run_cli("encode", "--checkpoint", model, "--prompt", "x", "--out", fifo, check=False)  # nor as --out
+    assert result.returncode == 2 and re.search(r"--out .*fifo\.safetensors exists and is not a regular file",
+                                                result.stderr), result.stderr
 
 
 def test_paths_too_long_for_the_file_system_are_typed_errors(pack, images, tmp_path):

@@ -354,3 +354,24 @@ def test_a_folder_no_file_can_be_written_in_is_refused_before_the_work(tmp_path,
     assert list(folder.iterdir()) == []
     assert check_output_folder(tmp_path / "writable", "--out") == tmp_path / "writable"  # elsewhere: fine
     assert list(tmp_path.iterdir()) == [folder]  # the probe leaves nothing
+
+
+def test_a_folder_where_files_can_be_made_but_not_removed_is_refused_saying_so(tmp_path, monkeypatch):
+    """Found by a review: an append-only folder (chattr +a; a Windows create-but-not-delete ACL) was reported as "no
+    file can be written", the probe left behind without a word."""
+    from pathlib import Path
+
+    from kosmosg_core.errors import OutputPathError
+    from kosmosg_core.files import check_output_file
+
+    real_unlink = Path.unlink
+
+    def append_only(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            raise OSError(errno.EPERM, "Operation not permitted", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", append_only)
+    with pytest.raises(OutputPathError, match=rf"--out {tmp_path}/x\.bin: files can be made in {tmp_path} but not "
+                                              r"removed or replaced \(Operation not permitted; it keeps \.kosmosg-.*\.tmp\)"):
+        check_output_file(tmp_path / "x.bin", "--out")

@@ -63,6 +63,9 @@ def test_config_json_round_trip_and_validation(cfg):
     assert KosmosGConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="not divisible"):
         KosmosGConfig.from_dict({"decoder": {"width": 30, "heads": 4}})
+    with pytest.raises(ValueError, match=r"Unknown fields at the top of the model config: \['scale_embedding'\]; it "
+                                         r"takes vision, connector, decoder, aligner, image_token_slots"):
+        KosmosGConfig.from_dict({"scale_embedding": False})  # a review found it ignored: decoder.scale_embedding
     with pytest.raises(ValueError, match="Unknown DecoderConfig fields"):
         KosmosGConfig.from_dict({"decoder": {"widht": 64}})
 

@@ -387,6 +387,12 @@ def test_prompt_validation_refuses_what_the_run_would_refuse_less_clearly():
     with pytest.raises(ImageError, match=r"got \(1, 3, 8, 8\) \(channels first: x\.permute\(0, 2, 3, 1\) puts"):
         KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.rand(1, 3, 8, 8)})
     assert "not valid text" in validate_prompt("a <i> \ud800", {"images.image0": "IMAGE"})
+    # a socket the node lacks (an API prompt's image16): ComfyUI leaves it out of the check and hands it to the run,
+    # as a keyword argument (a review found the run's bare TypeError)
+    with pytest.raises(PromptError, match=r"images\.image16: the prompt node takes at most 16 images, in sockets "
+                                          r"image0\.\.image15"):
+        KosmosGInterleavedPrompt.execute("<i>", {"image0": torch.rand(1, 8, 8, 3)},
+                                         **{"images.image16": torch.rand(1, 8, 8, 3)})
 
 
 def test_parse_weights():

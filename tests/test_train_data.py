@@ -825,9 +825,14 @@ def test_shards_never_overwrite_a_folder_no_run_made(tmp_path):
                                              r"settings\.json, so no run of this command made it.*Give a new or empty"):
             run_ingest_pairs(IngestConfig(input=str(folder), output=str(output), image_size=16, samples_per_shard=1))
         assert {p.name: p.read_bytes() for p in output.iterdir()} == before
-    killed = tmp_path / "killed"
+    (theirs / "video.mp4.partial").write_bytes(b"the user's download")  # a name a killed run of ours once left
+    with pytest.raises(ValueError, match="is not empty"):
+        run_ingest_pairs(IngestConfig(input=str(folder), output=str(theirs), image_size=16, samples_per_shard=1))
+    assert (theirs / "video.mp4.partial").read_bytes() == b"the user's download"  # a refused folder is not touched
+    killed = tmp_path / "killed"  # hidden files hold no data: a killed writer's temp file, .DS_Store, .gitkeep
     killed.mkdir()
-    (killed / f"{TEMP_PREFIX}1-host-abcd.tmp").write_bytes(b"half a settings.json")
+    for name in (f"{TEMP_PREFIX}1-host-abcd.tmp", ".DS_Store", ".gitkeep"):
+        (killed / name).write_bytes(b"x")
     assert run_ingest_pairs(IngestConfig(input=str(folder), output=str(killed), image_size=16,
                                          samples_per_shard=1))["written"] == 1
 

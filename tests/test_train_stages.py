@@ -581,21 +581,26 @@ def test_a_pack_init_checkpoint_keeps_its_own_config(env, stage3_run, tmp_path, 
     export.main(["--checkpoint", str(stage3_run), "--tokenizer", env.tokenizer, "--out", str(pack)])
     settings = json.loads(Path(env.model_config).read_text())
     heads = settings["decoder"]["heads"]
-    settings["decoder"]["heads"], settings["scale_embedding"] = heads * 2, not settings.get("scale_embedding", True)
+    settings["decoder"]["heads"] = heads * 2
+    settings["decoder"]["scale_embedding"] = not settings["decoder"].get("scale_embedding", True)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(settings))
     with caplog.at_level("WARNING"):
         cfg, state = read_init_weights(str(pack), str(other))
     assert cfg.decoder.heads == heads and cfg.to_json() == read_init_weights(str(pack), "official")[0].to_json()
     assert f"--model-config {other} is ignored: --init-checkpoint {pack} carries its own config" in caplog.text
-    assert f"decoder.heads {heads} -> {heads * 2}" in caplog.text
+    assert f"decoder.heads {heads} -> {heads * 2}" in caplog.text and "decoder.scale_embedding" in caplog.text
     caplog.clear()
     settings = json.loads(Path(env.model_config).read_text())
     settings["decoder"]["dropout"] = 0.3  # a training switch: set by the stage's flags, not the model
     other.write_text(json.dumps(settings))
+    unsized = json.loads(Path(env.model_config).read_text())
+    del unsized["decoder"]["vocab_size"]  # follows the tokenizer: here the pack's
+    (tmp_path / "unsized.json").write_text(json.dumps(unsized))
     with caplog.at_level("WARNING"):
         read_init_weights(str(pack), env.model_config)  # the config it was trained with: nothing to say
         read_init_weights(str(pack), str(other))
+        read_init_weights(str(pack), str(tmp_path / "unsized.json"))
     assert "is ignored" not in caplog.text
 
 
@@ -650,7 +655,8 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(env, stage1_run, tmp_pat
     model = tmp_path / "model.safetensors"  # a model given to --resume: named where it belongs
     model.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError, match=r"model\.safetensors is (corrupt or )?not a train/ checkpoint .*\(a "
-                                         r"\.safetensors model starts a new run as its --init-checkpoint\)"):
+                                         r"\.safetensors file is a model, not a training checkpoint: a run starts "
+                                         r"from one with --init-checkpoint\)"):
         stage1.main(common(env, tmp_path / "new", steps=2) + ["--resume", str(model)])
     other_stage = tmp_path / "other"
     shutil.copytree(stage1_run, other_stage)

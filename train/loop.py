@@ -901,11 +901,13 @@ def read_init_weights(path_text: str, model_config_spec: str):
         if saved is None:
             raise ValueError(f"--init-checkpoint {path} has no model config; it was not written by train/.")
         return KosmosGConfig.from_json(saved), state["model"]
-    given = resolve_model_config(model_config_spec) if model_config_spec.endswith(".json") else None
+    is_json = model_config_spec.endswith(".json")
     if file_format(path) != "safetensors":  # an official .pt: sizes from --model-config's JSON, else the tensors
-        cfg, state_dict, _ = read_checkpoint(path, given)
+        cfg, state_dict, _ = read_checkpoint(path, resolve_model_config(model_config_spec) if is_json else None)
         return cfg, state_dict
     cfg, state_dict, _ = read_checkpoint(path)  # a pack file carries its config: the model it holds
+    # a JSON without decoder.vocab_size follows the tokenizer: here the pack's
+    given = resolve_model_config(model_config_spec, cfg.decoder.vocab_size) if is_json else None
     # the model's own fields (the training switches, e.g. dropout, come from this stage's flags)
     ours, theirs = (c.for_inference().to_dict(complete=True) for c in (cfg, given or cfg))
     if ours != theirs:

@@ -87,8 +87,9 @@ def save_checkpoint(run_dir, *, model_state: dict, optimizer=None, scheduler=Non
     try:
         return atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
     except OSError as e:  # e.g. a full disk: what a resume would start from is intact
-        raise OSError(e.errno, f"{e.strerror or e}; the checkpoint there before, if any, is unchanged: free the "
-                               "space (or fix the folder) and run the same command again to resume from it") from e
+        message = (f"{e.strerror or e}; the checkpoint there before, if any, is unchanged: free the space (or fix the "
+                   "folder) and run the same command again to resume from it")
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
 def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
@@ -100,8 +101,8 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
         return None
     if not path.is_file():  # a FIFO or device: reading it would block or never end
         raise ValueError(f"{path} is not a regular file; give a train/ run folder or its checkpoint.pt.")
-    model = " (a .safetensors model starts a new run as its --init-checkpoint)" if path.suffix.lower() == ".safetensors" \
-        else ""
+    model = " (a .safetensors file is a model, not a training checkpoint: a run starts from one with " \
+        "--init-checkpoint)" if path.suffix.lower() == ".safetensors" else ""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
-from kosmosg_core.files import TEMP_PREFIX, atomic_output, check_output_folder, write_json
+from kosmosg_core.files import atomic_output, check_output_folder, write_json
 from train.common.config import read_json
 from train.common.folder_settings import SETTINGS_NAME, check_folder_settings, record_folder_settings
 
@@ -216,10 +216,10 @@ def run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], o
 
 def _run_sharded(items: Iterable[Any], process: Callable[[Any], ProcessResult], output: str,
                  samples_per_shard: int, prefix: str, what: str, settings: dict | None) -> dict:
-    _remove_old_partial_files(output)
     if settings is not None:
         check_folder_settings(output, settings, RERUN_MAY_CHANGE)
         _check_made_here(output)
+    _remove_old_partial_files(output)  # after the check: in a folder it refuses, nothing is touched
     rank, world = distributed_rank()
     run_counts: Counter = Counter()
     group_sizes: list[int] = []  # of every shard of the run, every process's
@@ -297,9 +297,11 @@ def _check_made_here(output: str) -> None:
     """A folder this command writes shards into holds only what an earlier run with the recorded settings.json made:
     refuse one with files but no settings.json (the user's own shards, or the input folder itself: a review saw
     `--output` = `--input` overwrite the input shard shard-000000.tar)."""
-    if os.path.exists(os.path.join(output, SETTINGS_NAME)):
+    names = os.listdir(output)  # one look: another rank may record settings.json meanwhile
+    if SETTINGS_NAME in names:
         return
-    held = sorted(name for name in os.listdir(output) if not name.startswith(TEMP_PREFIX))  # a killed writer's
+    # hidden files (.DS_Store, .gitkeep, a killed writer's temp file) and a fresh file system's lost+found hold no data
+    held = sorted(name for name in names if not name.startswith(".") and name != "lost+found")
     if held:
         raise ValueError(f"--output {output} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and "
                          f"holds no {SETTINGS_NAME}, so no run of this command made it: its files could be "
