@@ -170,7 +170,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], head_dim: int = DEFAULT_HE
     except KeyError as e:
         raise CheckpointError(f"Checkpoint lacks the tensor {e.args[0]!r} needed to read the model's sizes; "
                               "it is not a complete Kosmos-G checkpoint.") from e
-    except ValueError as e:
+    # ValueError: a size check; the others: shapes no model has (0 channels, a 0-dim tensor), from a damaged file
+    except (ValueError, ArithmeticError, TypeError, IndexError) as e:
         raise CheckpointError(f"Cannot derive a Kosmos-G config from the checkpoint's shapes: {e} "
                               "Pass the model's config JSON explicitly (config=...).") from e
     return cfg
@@ -310,7 +311,13 @@ def read_checkpoint(path, config: KosmosGConfig | None = None, not_read: list[st
     if not any(k.startswith(("gpt_model.decoder.", "img_model.visual.", "aligner.encoder")) for k in official):
         raise CheckpointError(f"{path} is not a Kosmos-G checkpoint: {_describe_foreign(official)}.")
     state_dict, _ = rename_official_state_dict(official)
-    return config or _sidecar_config(path) or infer_config(state_dict), state_dict, None
+    cfg = config or _sidecar_config(path)
+    if cfg is None:
+        try:
+            cfg = infer_config(state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    return cfg, state_dict, None
 
 
 def check_checkpoint_path(path) -> Path:

@@ -167,6 +167,9 @@ def read_conditioning_file(path, device="cpu") -> list:
     """A conditioning file (any readable version, or an `encode --out` file) -> CONDITIONING on `device`."""
     from safetensors import SafetensorError
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO: reading it would block
+        raise ConditioningFileError(f"Conditioning file {path} is not a regular file; give a file Kosmos-G Save "
+                                    "Conditioning (or encode --out) wrote.")
     try:  # tensors of their own: ComfyUI keeps a node's output, and the file may be replaced meanwhile
         tensors, metadata = read_safetensors(path)
     except (SafetensorError, OSError) as e:

@@ -241,7 +241,11 @@ class KosmosGConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "KosmosGConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except RecursionError:  # a hostile file's nesting: a ValueError as any bad config
+            raise ValueError("Invalid Kosmos-G config: its JSON nests too deep.") from None
+        return cls.from_dict(data)
 
     def for_inference(self) -> "KosmosGConfig":
         """A copy with the training-only switches off: dropout, gradient checkpointing and the

@@ -266,7 +266,7 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     # Tensor subclasses: torch wraps the plain rebuild; we keep the plain (lazy) tensor.
-    if func not in _TENSOR_REBUILDERS or not isinstance(args, tuple):
+    if getattr(func, "function", None) not in _TENSOR_REBUILDERS or not isinstance(args, tuple):
         raise _RefusedCall(f"torch._utils._rebuild_from_type_v2({getattr(func, 'pickle_ref', func)!r})")
     return func(*args)
 
@@ -338,30 +338,48 @@ class _InertConstructor:
         raise CheckpointError(f"The pickle tries to modify {self.module}.{self.name}.")
 
 
+class _AllowedFunction:
+    """An allow-listed function as the pickle gets it: it calls the function, and a file cannot change it (BUILD on a
+    plain function sets its attributes, e.g. its __defaults__, for every later load in the process: a review broke
+    the loading of good files that way)."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"The pickle tries to modify {self.function.__name__}.")
+
+
 _TENSOR_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
                       _rebuild_parameter_with_state}
 
+# the classes here are immutable types (a BUILD on one fails); the functions are handed over as _AllowedFunction
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("torch._utils", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_tensor"): _AllowedFunction(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _AllowedFunction(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _AllowedFunction(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _AllowedFunction(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _AllowedFunction(_rebuild_parameter_with_state),
+    ("torch._utils", "_rebuild_from_type_v2"): _AllowedFunction(_rebuild_from_type_v2),
+    ("torch._tensor", "_rebuild_from_type_v2"): _AllowedFunction(_rebuild_from_type_v2),
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("collections", "defaultdict"): _defaultdict,
+    ("collections", "defaultdict"): _AllowedFunction(_defaultdict),
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): _complex,
-    ("builtins", "bytearray"): _bytearray,
+    ("builtins", "complex"): _AllowedFunction(_complex),
+    ("builtins", "bytearray"): _AllowedFunction(_bytearray),
     ("builtins", "slice"): slice,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copyreg", "__newobj__"): _newobj,
-    ("copyreg", "__newobj_ex__"): _newobj_ex,
-    ("_codecs", "encode"): _codecs_encode,
+    ("copyreg", "_reconstructor"): _AllowedFunction(_reconstructor),
+    ("copyreg", "__newobj__"): _AllowedFunction(_newobj),
+    ("copyreg", "__newobj_ex__"): _AllowedFunction(_newobj_ex),
+    ("_codecs", "encode"): _AllowedFunction(_codecs_encode),
 }
 for _np in ("numpy.core.multiarray", "numpy._core.multiarray"):
     for _name in ("scalar", "_reconstruct"):
@@ -412,6 +430,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # --- the pickle's shape, checked before it is run ----------------------------------------------------
 MAX_NESTING = 200  # containers inside containers (an official checkpoint: ~10); deeper ones crash C code
 _MUTATING = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the container below
+# Containers (tuples...) as dict keys or set members: a checkpoint needs none. Crafted ones all hash alike
+# (hash(-1) == hash(-2)), which makes building the dict quadratic: a review's 2 MB file took a minute.
+MAX_CONTAINER_KEYS = 1000
 
 
 def _check_pickle_ops(data: bytes, path: Path) -> None:
@@ -421,6 +442,7 @@ def _check_pickle_ops(data: bytes, path: Path) -> None:
     big-number arithmetic; dict keys k * (2**61 - 1) all hash alike, which makes building the dict quadratic). A walk over the opcodes (`pickletools.genops`) with the depth of
     every stack item; nothing is built."""
     mark, stack, memo = object(), [], {}
+    container_keys = 0
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(data)):
             name = op.name
@@ -439,8 +461,8 @@ def _check_pickle_ops(data: bytes, path: Path) -> None:
             if name in ("GET", "BINGET", "LONG_BINGET"):
                 stack.append(memo.get(int(arg), 0))
                 continue
-            popped = []
-            for item in op.stack_before:
+            popped = []  # the depths taken off the stack, top first
+            for item in reversed(op.stack_before):  # top first: a slice, then the mark under it, then the rest
                 if item is pickletools.stackslice:
                     while stack and stack[-1] is not mark:
                         popped.append(stack.pop())
@@ -450,6 +472,13 @@ def _check_pickle_ops(data: bytes, path: Path) -> None:
                 elif stack:
                     popped.append(stack.pop())
             popped = [d for d in popped if d is not mark]
+            if name in ("SETITEM", "SETITEMS"):  # above the dict: value, key, value, key... (top first)
+                container_keys += sum(1 for d in popped[1:-1:2] if d > 0)
+            elif name in ("ADDITEMS", "FROZENSET"):
+                container_keys += sum(1 for d in (popped[:-1] if name == "ADDITEMS" else popped) if d > 0)
+            if container_keys > MAX_CONTAINER_KEYS:
+                raise CheckpointError(f"{path}: its pickle uses more than {MAX_CONTAINER_KEYS} tuples or other "
+                                      "containers as dict keys or set members (a checkpoint needs none); refused.")
             if name in _MUTATING and popped:  # the container (bottom) gains the items
                 depth = max([popped[-1]] + [d + 1 for d in popped[:-1]])
             else:
@@ -563,6 +592,12 @@ class _Archive:
 
     def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
         info = self._record_info(name, nbytes)
+        # each record is read once (storages are cached): a file reads at most its own size, unless its records
+        # overlap (a review made 200 records of one 10 MB payload: 2 GB read)
+        wanted = nbytes if nbytes is not None else min(info.file_size, limit if limit is not None else info.file_size)
+        if self.bytes_read + wanted > self.path.stat().st_size:
+            raise CheckpointError(f"{self.path}: its records hold more bytes than the file (they overlap); refused. "
+                                  + _RE_DOWNLOAD)
         try:
             with self._open().open(info) as f:
                 data = f.read(nbytes if nbytes is not None else (limit if limit is not None else -1))
@@ -592,8 +627,10 @@ class _Archive:
                 "If you do trust this one, re-save just its weights where it came from, in an environment allowed "
                 "to run its code: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt') "
                 "(or safetensors), and load that file instead.") from None
-        except CheckpointError:
-            raise
+        except CheckpointError as e:
+            if str(self.path) in str(e):
+                raise
+            raise type(e)(f"{self.path}: {e}") from e  # raised by a rebuild function, which knows no file
         except Exception as e:  # any other failure of a hostile or damaged pickle: named, never a traceback
             raise CheckpointError(f"{self.path}: its pickle is corrupt or unsupported ({type(e).__name__}: "
                                   f"{str(e)[:300]}). " + _RE_DOWNLOAD) from e
@@ -603,7 +640,10 @@ class _Archive:
     def _storage_elements(self, storage: LazyStorage) -> torch.Tensor:
         """1-D tensor of the storage's elements (read once; cached so shared storages stay shared)."""
         cached = self._cache.get(storage.key)
-        if cached is not None and cached.dtype == storage.dtype:
+        if cached is not None:
+            if cached.dtype != storage.dtype:  # each view would read the record again: memory without bound
+                raise CheckpointError(f"{self.path}: storage {storage.key!r:.60} is read as {cached.dtype} and "
+                                      f"{storage.dtype}; a checkpoint reads each storage one way. {_RE_DOWNLOAD}")
             return cached
         itemsize = _itemsize(storage.dtype)
         nbytes = storage.numel * itemsize

@@ -157,3 +157,13 @@ def test_float8_conds_and_a_blank_prefix(tmp_path):
     with pytest.raises(ConditioningFileError, match=r"float8_e4m3fn \[1, 4, 3\], not a .*float16/bfloat16/float32"):
         read_conditioning_file(tmp_path / "f8.safetensors")
     assert save_conditioning([[torch.randn(1, 4, 3), {}]], tmp_path, "  ").startswith("kosmosg_")
+
+
+def test_a_fifo_is_refused_not_read_forever(tmp_path):
+    """Found by a review: read_conditioning_file blocked forever on a FIFO (the node checks first; API callers not)."""
+    import os
+
+    fifo = tmp_path / "cond.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ConditioningFileError, match=r"cond\.safetensors is not a regular file"):
+        read_conditioning_file(fifo)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -590,6 +591,13 @@ def _proto2(body: bytes) -> bytes:
                                               + b"N" for k in range(1, 100)) + b"u"), "-bit integer"),
     # bytearray(10^9): a gigabyte from a few bytes
     ("bytearray", _proto2(b"c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R"), "bytearray"),
+    # X -> (X, (None,)) by MARK NONE TUPLE TUPLE2: the check's stack model kept the mark under a TUPLE, so TUPLE2 lost
+    # the depth below it; 200k deep, the dict key's hash crashed the process (a review: an 800 KB file, exit 139)
+    ("marked-deep", _proto2(b"})" + b"(Nt\x86" * 10_000 + b"Ns"), "nests containers more than 200 deep"),
+    # tuples of -1 / -2 (hash(-1) == hash(-2)) as dict keys all hash alike: 2 MB took a minute to build
+    ("tuple-keys", _proto2(b"}(" + b"".join(b"".join(b"J" + struct.pack("<i", -1 - (k >> bit & 1)) for bit in range(3))
+                                            + b"\x87N" for k in range(1001)) + b"u"),
+     "more than 1000 tuples or other containers as dict keys"),
 ])
 def test_hostile_pickle_shapes_are_refused(tmp_path, label, pickle_bytes, message):
     path = write_torch_zip(tmp_path / f"{label}.pt", pickle_bytes=pickle_bytes)
@@ -614,6 +622,94 @@ def test_a_file_cannot_change_what_later_loads_read(tmp_path, official):
         safe_load(path)
     best = safe_load(official[0])["extra_state"]["best"]
     assert isinstance(best, PickledObject) and best.pickle_ref.endswith("multiarray.scalar")
+
+
+def test_an_allowed_function_cannot_be_changed_by_a_file(tmp_path, official):
+    """Found by a review: BUILD on GLOBAL torch._utils._rebuild_tensor_v2 (our own function) set its __defaults__
+    for every later load in the process: good files then failed to load."""
+    evil = _proto2(b"ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b0}")
+    path = write_torch_zip(tmp_path / "poison.pt", pickle_bytes=evil)
+    with pytest.raises(CheckpointError, match=rf"{path}: The pickle tries to modify _rebuild_tensor_v2"):
+        safe_load(path)
+    assert load_pt_state_dict(official[0])  # a good file still loads
+
+
+def _overlapping_zip(path: Path, pickle_bytes: bytes, names: list[str], payload: int) -> Path:
+    """A zip whose records archive/data/<name> all end at the end of one shared payload: local headers back to back,
+    then the payload (each record smaller than the file, but together many times it)."""
+    def local(name, size, crc=0):
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, size, size, len(name), 0) + name
+
+    def central(name, size, offset, crc=0):
+        return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(name), 0, 0, 0,
+                           0, 0, offset) + name
+
+    body, directory = bytearray(), bytearray()
+    for name, data in ((b"archive/data.pkl", pickle_bytes), (b"archive/byteorder", b"little")):
+        directory += central(name, len(data), len(body), zlib.crc32(data))
+        body += local(name, len(data), zlib.crc32(data)) + data
+    encoded = [f"archive/data/{name}".encode() for name in names]
+    offsets = [len(body) + sum(30 + len(n) for n in encoded[:i]) for i in range(len(encoded))]
+    end = len(body) + sum(30 + len(n) for n in encoded) + payload + 1
+    for name, offset in zip(encoded, offsets):
+        size = end - (offset + 30 + len(name))
+        body += local(name, size)
+        directory += central(name, size, offset)
+    body += bytes(payload + 1)
+    count = 2 + len(names)
+    path.write_bytes(bytes(body + directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(directory),
+                                                          len(body), 0)))
+    return path
+
+
+def test_records_read_more_than_the_file_holds_are_refused(tmp_path):
+    """Found by a review: memory many times the file's size, before any check. (a) One record viewed as two dtypes
+    was read again for every tensor; (b) zip records whose data overlap each read the same bytes (200 records of
+    one 10 MB payload: 2 GB)."""
+    values = torch.arange(8, dtype=torch.float32)
+    raw = FakeStorage("0", values.numel() * 4, storage_type=torch.UntypedStorage)
+    as_bytes = RawReduce(torch._utils._rebuild_tensor_v3, raw, 0, (32,), (1,), False, collections.OrderedDict(),
+                         torch.uint8)
+    as_floats = RawReduce(torch._utils._rebuild_tensor_v3, raw, 0, (8,), (1,), False, collections.OrderedDict(),
+                          torch.float32)
+    path = write_torch_zip(tmp_path / "alias.pt", {"model": {"a": as_bytes, "b": as_floats}},
+                           records={"0": values.numpy().tobytes()})
+    with pytest.raises(CheckpointError, match=r"alias\.pt: storage '0' is read as torch\.uint8 and torch\.float32"):
+        load_pt_state_dict(path)
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump(
+        {"model": {str(k): tensor_record(FakeStorage(str(k), 5000), size=(5000,)) for k in range(3)}})
+    # each read stops short of its record's end, where zipfile would check the CRC
+    path = _overlapping_zip(tmp_path / "overlap.pt", buffer.getvalue(), ["0", "1", "2"], payload=20_000)
+    assert path.stat().st_size < 2 * 20_000
+    with pytest.raises(CheckpointError, match=r"overlap\.pt: its records hold more bytes than the file"):
+        load_pt_state_dict(path)
+
+
+def test_malformed_files_are_named_and_typed(tmp_path):
+    """Found by a review: errors raised while unpickling named no file; shapes no model has (a 0-channel conv) ended
+    in a ZeroDivisionError traceback; a config JSON nested deep in a RecursionError."""
+    from safetensors.torch import save_file
+
+    from kosmosg_core.checkpoint import read_checkpoint, to_official_state_dict
+    from kosmosg_core.model import KosmosG
+
+    storage = FakeStorage("0", 4)
+    path = write_torch_zip(tmp_path / "offset.pt", {"model": {"w": tensor_record(storage, offset=-1)}},
+                           records={"0": bytes(16)})
+    with pytest.raises(CheckpointError, match=rf"^{path}: Malformed tensor record: storage offset -1"):
+        safe_load(path)
+    state = KosmosG(KosmosGConfig.tiny()).state_dict()
+    state["vision.conv1.weight"] = torch.zeros(0, *state["vision.conv1.weight"].shape[1:])  # 0 output channels
+    zero = tmp_path / "zero.pt"
+    torch.save({"model": to_official_state_dict(state)}, zero)
+    with pytest.raises(CheckpointError, match=rf"{zero}: Cannot derive a Kosmos-G config from the checkpoint's shapes"):
+        read_checkpoint(zero, read_tensors=False)
+    deep = tmp_path / "deep.safetensors"
+    save_file({"w": torch.zeros(1)}, str(deep), metadata={"format": "kosmosg", "format_version": "1",
+                                                          "config": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match="nests too deep"):
+        read_checkpoint(deep, read_tensors=False)
 
 
 def test_big_endian_complex_swaps_each_part(tmp_path):
