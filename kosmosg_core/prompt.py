@@ -114,12 +114,16 @@ def combine_image_weights(text: str, weights: Sequence[float] | None) -> list[fl
     return combined
 
 
-def placeholder_mismatch(text: str, num_images: int) -> str | None:
-    """None when `text` holds one `<i>` per image, else the message (which count is higher, and the fix)."""
+def placeholder_mismatch(text: str, num_images: int, max_images: int | None = None) -> str | None:
+    """None when `text` holds one `<i>` per image, else the message (which count is higher, and the fix).
+    `max_images`: the most images the caller takes (ComfyUI's prompt node: its sockets), past which the fix is
+    only removing placeholders."""
     placeholders = count_placeholders(text)
     if placeholders == num_images:
         return None
-    if placeholders > num_images:
+    if max_images is not None and placeholders > max_images:
+        fix = f"at most {max_images} images can be connected: remove {placeholders - max_images} {IMAGE_PLACEHOLDER}"
+    elif placeholders > num_images:
         fix = f"add an image or remove a {IMAGE_PLACEHOLDER}"
     else:
         fix = f"add a {IMAGE_PLACEHOLDER} where each image belongs, or remove an image"

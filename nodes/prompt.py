@@ -149,7 +149,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
             combine_image_weights(text, None)  # the `<i:W>` written in the text
         except PromptError as e:
             return str(e)
-        return placeholder_mismatch(text, len(linked)) or True
+        return placeholder_mismatch(text, len(linked), MAX_IMAGES) or True
 
     @classmethod
     def execute(cls, text, images=None, weights="", **beyond) -> io.NodeOutput:
@@ -160,7 +160,7 @@ class KosmosGInterleavedPrompt(io.ComfyNode):
                               f"sockets {IMAGE_PREFIX}0..{IMAGE_PREFIX}{MAX_IMAGES - 1}; connect the images there.")
         connected = ordered_images(images)
         check_image_batches(connected)  # first: a socket holding no image must not be counted as one
-        message = placeholder_mismatch(text, len(connected))
+        message = placeholder_mismatch(text, len(connected), MAX_IMAGES)
         if message:
             raise PromptError(message)
         weights = parse_weights(weights, len(connected))

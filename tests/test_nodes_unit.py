@@ -343,6 +343,8 @@ def test_prompt_validation_names_both_counts():
     assert validate_prompt("<i> and <i>", {"images.image0": "IMAGE", "images.image1": "IMAGE"}) is True
     assert validate_prompt("no images", {}) is True
     assert "must be connected to an IMAGE" in validate_prompt("<i>", {"images.image0": "LATENT"})
+    sixteen = {f"images.image{k}": "IMAGE" for k in range(16)}  # every socket: no image can be added
+    assert "at most 16 images can be connected: remove 1 <i>" in validate_prompt("<i> " * 17, sixteen)
     assert validate_prompt(None, {"images.image0": "IMAGE"}) is True  # linked text
     # `<i:W>`: a placeholder with its weight, checked before the run
     two = {"images.image0": "IMAGE", "images.image1": "IMAGE"}

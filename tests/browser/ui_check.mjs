@@ -239,6 +239,14 @@ try {
     await page.waitForTimeout(300);
     const linkedTextBadWeights = await promptState();
     await setWeights("");
+    // the String node muted: graphToPrompt sends the prompt node's own (hidden) text, which the server checks
+    // before the run, so the status counts it (a review found it still saying "from a link")
+    await page.evaluate(() => { window.__kg.textSource.mode = 2; });
+    await page.waitForTimeout(600);
+    const mutedTextSource = { ...(await promptState()), api_text: await page.evaluate(async () =>
+        (await app.graphToPrompt()).output[String(window.__kg.prompt.id)]?.inputs?.text ?? null) };
+    await page.evaluate(() => { window.__kg.textSource.mode = 0; });
+    await page.waitForTimeout(600);
     await page.evaluate(() => {
         const { prompt, textSource } = window.__kg;
         prompt.disconnectInput(prompt.inputs.findIndex((i) => i.name === "text"));
@@ -249,7 +257,8 @@ try {
     step("prompt_node", { prompt_node: { created, typed_one: typedOne, connected, typed_two: typedTwo,
         connected_two: connectedTwo, weighted, bad_weights: badWeights, written_weights: writtenWeights,
         bad_written_weight: badWrittenWeight, typed_text: typedText, extra_image: extraImage, gap,
-        linked_text: linkedText, linked_text_bad_weights: linkedTextBadWeights, unlinked_text: unlinkedText, api_inputs: apiPrompt?.inputs ?? null } });
+        linked_text: linkedText, linked_text_bad_weights: linkedTextBadWeights, muted_text_source: mutedTextSource,
+        unlinked_text: unlinkedText, api_inputs: apiPrompt?.inputs ?? null } });
 
     // --- 4. a shipped workflow: load, substitute test models, queue, wait for the image -------------
     const workflow = JSON.parse(fs.readFileSync(opts.workflow, "utf8"));

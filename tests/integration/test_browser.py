@@ -280,6 +280,11 @@ def test_text_from_a_link_is_not_counted_from_the_hidden_widget(browser_report):
     bad = browser_report["prompt_node"]["linked_text_bad_weights"]
     assert bad["status_dom"][0].endswith("⚠ weights has 2 values for 1 image") and bad["status"]["ok"] is False
     assert unlinked["status_dom"][0] == browser_report["prompt_node"]["gap"]["status_dom"][0]  # back to the widget
+    # its source muted, the link sends nothing: the frontend sends the widget's text, and the status counts it
+    muted = browser_report["prompt_node"]["muted_text_source"]
+    assert muted["api_text"] == "a photo of <i> wearing a hat next to <i>"
+    assert muted["status_dom"][0] == browser_report["prompt_node"]["gap"]["status_dom"][0]
+    assert muted["preview_dom"][0] != "(text from a link)"
 
 
 def test_ui_submits_text_and_sockets_but_not_the_status_widget(browser_report):

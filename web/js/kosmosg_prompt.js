@@ -161,7 +161,7 @@ function onlyInstanceOf(graph) {
 // What the upstream walk finds (whatBlocks): the real node whose output a link resolves to, or why nothing is
 // sent. `path` is the list of subgraph nodes the walk went into, outermost first.
 const sent = (node, slot, path) => ({ source: { node, slot, path } });
-const nothing = (node, why) => ({ blocked: { node, why } });
+const nothing = (node, why, slot) => ({ blocked: { node, why, slot } });  // slot: the input with nothing linked
 const UNKNOWN = {};  // the walk cannot tell (a cycle, a link it cannot follow): counts as sent, as before it existed
 
 /** What graphToPrompt makes of the link into `node`'s input `slot` (ExecutableNodeDTO.resolveInput, frontend
@@ -172,7 +172,7 @@ function resolveInput(node, slot, type, path, emptyWhy, seen) {
     if (seen.has(key)) return UNKNOWN;  // a cycle: graphToPrompt throws its own error for it
     seen.add(key);
     const link = inputLink(node, slot);
-    if (!link) return nothing(node, emptyWhy);
+    if (!link) return nothing(node, emptyWhy, slot);
     if (link.originIsIoNode) {
         const outer = path.at(-1) ?? onlyInstanceOf(node.graph);
         if (!outer) return UNKNOWN;
@@ -286,12 +286,33 @@ function refusedNote(index, refused) {
         + whyText(refused.cause);
 }
 
-function inputLinked(node, name) {
-    return (node.inputs || []).some((input) => input.name === name && input.link != null);
-}
-
 function widgetValue(node, name) {
     return node.widgets?.find((w) => w.name === name)?.value ?? "";
+}
+
+/** What graphToPrompt sends for `node`'s widget input `name`: typed text (a string), or null when a node's output
+ * is sent (known only when the node runs). Typed text is sent where nothing is linked, and where the link sends
+ * nothing (its source muted, bypassed with nothing to pass on, a Reroute without input, a legacy Primitive node,
+ * which writes its value into the widget): the widget's value; inside a subgraph, a link from the subgraph's input
+ * that the subgraph node's own box feeds sends that box's value. (A review found the status line calling such text
+ * "from a link" while the server checked it before the run.) */
+function sentWidgetText(node, name) {
+    const slot = (node.inputs || []).findIndex((input) => input.name === name);
+    if (slot === -1 || !node.isInputConnected(slot)) return String(widgetValue(node, name));
+    let found;
+    try {
+        found = resolveInput(node, slot, node.inputs[slot].type, [], "unconnected", new Set());
+    } catch (error) {
+        console.warn("[Kosmos-G] could not follow the link into", node.id, name, error);
+        return null;
+    }
+    if (!found.blocked) return null;  // a node's output, or a link the walk cannot follow
+    const { node: holder, slot: holderSlot } = found.blocked;
+    if (holder !== node && holder.isSubgraphNode?.() && holderSlot !== undefined) {
+        const input = holder.inputs?.[holderSlot];
+        return String(widgetValue(holder, input?.widget?.name ?? input?.name));
+    }
+    return String(widgetValue(node, name));
 }
 
 /** Everything the status line, the preview and the socket labels show, from the node's state.
@@ -439,9 +460,9 @@ function refresh(node) {
     const linked = sockets.filter((s) => s.linked && !s.blocked).map((s) => s.index);
     const skipped = sockets.filter((s) => s.linked && s.blocked);
     const refused = sockets.filter((s) => s.refused);
-    // a text or weights input fed by a link: the widget's value is hidden and not what the server gets
-    const text = inputLinked(node, "text") ? null : String(widgetValue(node, "text"));
-    const weights = inputLinked(node, "weights") ? null : String(widgetValue(node, "weights"));
+    // a text or weights input fed by a node's output: known only when it runs (its hidden widget is not sent)
+    const text = sentWidgetText(node, "text");
+    const weights = sentWidgetText(node, "weights");
     const state = describe(text, linked, weights,
         skipped.map((s) => blockedNote(s.index, s.blocked)), refused.map((s) => refusedNote(s.index, s.refused)));
     const { status, preview } = widget.kosmosgElements;
