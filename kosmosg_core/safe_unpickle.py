@@ -51,7 +51,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointEr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_pt_state_dict", "safe_load", "LazyTensor", "PickledObject"]
+__all__ = ["check_pickle_shape", "load_pt_state_dict", "safe_load", "LazyTensor", "PickledObject"]
 
 _RE_DOWNLOAD = "The file is truncated or corrupt; re-download it (or copy it again) and check its size."
 
@@ -688,6 +688,14 @@ def safe_load(path) -> Any:
         return archive.unpickle()
     finally:
         archive.close()  # LazyTensor.materialize() reopens the file when needed
+
+
+def check_pickle_shape(path) -> None:
+    """The checks `safe_load` makes of a torch zip file's pickle before running it (nesting, memo, frame, integer
+    sizes, container dict keys), for files another unpickler reads: torch.load(weights_only=True) crashes the
+    process (a segfault) on a dict key nested deep. Raises CheckpointError."""
+    with _Archive(path) as archive:
+        _check_pickle_ops(archive._read(archive.prefix + "data.pkl"), archive.path)
 
 
 SD_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")  # U-Net, VAE, CLIP

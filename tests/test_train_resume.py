@@ -436,6 +436,24 @@ def test_a_full_disk_while_checkpointing_is_one_error_naming_the_file(tmp_path, 
     assert (run / "checkpoint.pt").read_bytes() == before and [p.name for p in run.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_checkpoint_whose_pickle_would_crash_torch_load_is_refused(tmp_path):
+    """Found by a review: torch.load(weights_only=True) segfaults on a dict key nested 200k deep (an 800 KB file);
+    the core's shape check runs first."""
+    import zipfile
+
+    from train.common.checkpointing import load_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    nested = b"\x80\x02}" + b")" + b"(Nt\x86" * 200_000 + b"Ns."
+    with zipfile.ZipFile(run / "checkpoint.pt", "w") as zf:
+        zf.writestr("archive/data.pkl", nested)
+        zf.writestr("archive/byteorder", "little")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is corrupt or not a train/ checkpoint \(CheckpointError: "
+                                         r".*nests containers more than 200 deep"):
+        load_checkpoint(run)
+
+
 def test_fp16_loss_scale_resumes_and_an_overflowed_update_leaves_the_lr_schedule(tmp_path):
     """Found by a review: the fp16 loss scaler's state was not in checkpoint.pt (a resumed run started again from
     the initial scale), and an update the scaler skipped (overflowed gradients) still advanced the LR schedule,

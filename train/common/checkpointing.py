@@ -103,7 +103,10 @@ def load_checkpoint(run_dir_or_file, expected_model_keys=None) -> dict | None:
         raise ValueError(f"{path} is not a regular file; give a train/ run folder or its checkpoint.pt.")
     model = " (a .safetensors file is a model, not a training checkpoint: a run starts from one with " \
         "--init-checkpoint)" if path.suffix.lower() == ".safetensors" else ""
+    from kosmosg_core.safe_unpickle import check_pickle_shape
+
     try:
+        check_pickle_shape(path)  # torch.load's own unpickler segfaults on a dict key nested deep
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
         # torch's own advice (load with weights_only=False) is unsafe for untrusted files: keep only the reason
