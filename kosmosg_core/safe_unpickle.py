@@ -315,6 +315,49 @@ def _complex(real=0.0, imag=0.0):
     return complex(real, imag)
 
 
+# Containers (tuples...) as dict keys or set members: a checkpoint needs none. Crafted ones all hash alike
+# (hash(-1) == hash(-2)), which makes building the dict quadratic: a review's 2 MB file took a minute. Counted in
+# the opcodes (SETITEM(S), DICT, ADDITEMS, FROZENSET) and, for dicts and sets built by a call (OrderedDict(pairs),
+# set(list)), by the allow-listed constructors as they run.
+MAX_CONTAINER_KEYS = 100
+_CONTAINER_KEYS_REFUSED = (f"its pickle uses more than {MAX_CONTAINER_KEYS} tuples or other containers as dict "
+                           "keys or set members (a checkpoint needs none); refused.")
+
+
+def _count_container_keys(keys) -> None:
+    """Add the containers among `keys` (a dict's keys or a set's members, about to be hashed) to this load's count."""
+    _LOADING.container_keys = getattr(_LOADING, "container_keys", 0) + sum(
+        1 for key in keys if isinstance(key, (tuple, frozenset)))
+    if _LOADING.container_keys > MAX_CONTAINER_KEYS:
+        raise CheckpointError(_CONTAINER_KEYS_REFUSED)
+
+
+def _pairs(items) -> list:
+    """The (key, value) pairs a dict is built from, as a list (an iterable arrives as a list in a pickle)."""
+    pairs = list(items.items() if isinstance(items, dict) else items)
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+        raise CheckpointError("Malformed dict record: its items are not (key, value) pairs.")
+    return pairs
+
+
+def _ordered_dict(items=()):
+    pairs = _pairs(items)
+    _count_container_keys(key for key, _ in pairs)
+    return collections.OrderedDict(pairs)
+
+
+def _set(items=()):
+    members = list(items)
+    _count_container_keys(members)
+    return set(members)
+
+
+def _frozenset(items=()):
+    members = list(items)
+    _count_container_keys(members)
+    return frozenset(members)
+
+
 def _defaultdict(default_factory=None, *args):
     # omegaconf pickles `defaultdict(dict)` (flags caches); the factory is never needed: a plain dict.
     if args:
@@ -359,6 +402,7 @@ _TENSOR_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _
                       _rebuild_parameter_with_state}
 
 # the classes here are immutable types (a BUILD on one fails); the functions are handed over as _AllowedFunction
+# (dicts and sets too: their constructors count container keys)
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _AllowedFunction(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor_v2"): _AllowedFunction(_rebuild_tensor_v2),
@@ -369,10 +413,10 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _AllowedFunction(_rebuild_from_type_v2),
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _AllowedFunction(_ordered_dict),
     ("collections", "defaultdict"): _AllowedFunction(_defaultdict),
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): _AllowedFunction(_set),
+    ("builtins", "frozenset"): _AllowedFunction(_frozenset),
     ("builtins", "complex"): _AllowedFunction(_complex),
     ("builtins", "bytearray"): _AllowedFunction(_bytearray),
     ("builtins", "slice"): slice,
@@ -430,9 +474,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # --- the pickle's shape, checked before it is run ----------------------------------------------------
 MAX_NESTING = 200  # containers inside containers (an official checkpoint: ~10); deeper ones crash C code
 _MUTATING = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the container below
-# Containers (tuples...) as dict keys or set members: a checkpoint needs none. Crafted ones all hash alike
-# (hash(-1) == hash(-2)), which makes building the dict quadratic: a review's 2 MB file took a minute.
-MAX_CONTAINER_KEYS = 1000
 
 
 def _check_pickle_ops(data: bytes, path: Path) -> None:
@@ -474,11 +515,12 @@ def _check_pickle_ops(data: bytes, path: Path) -> None:
             popped = [d for d in popped if d is not mark]
             if name in ("SETITEM", "SETITEMS"):  # above the dict: value, key, value, key... (top first)
                 container_keys += sum(1 for d in popped[1:-1:2] if d > 0)
+            elif name == "DICT":  # a dict built from the items above the mark
+                container_keys += sum(1 for d in popped[1::2] if d > 0)
             elif name in ("ADDITEMS", "FROZENSET"):
                 container_keys += sum(1 for d in (popped[:-1] if name == "ADDITEMS" else popped) if d > 0)
             if container_keys > MAX_CONTAINER_KEYS:
-                raise CheckpointError(f"{path}: its pickle uses more than {MAX_CONTAINER_KEYS} tuples or other "
-                                      "containers as dict keys or set members (a checkpoint needs none); refused.")
+                raise CheckpointError(_CONTAINER_KEYS_REFUSED)
             if name in _MUTATING and popped:  # the container (bottom) gains the items
                 depth = max([popped[-1]] + [d + 1 for d in popped[:-1]])
             else:
@@ -524,7 +566,8 @@ class _Archive:
         if self.path.is_dir():
             raise CheckpointError(f"{self.path} is a folder; give the .pt file inside it.")
         self._zip: zipfile.ZipFile | None = None
-        self._cache: dict[str, torch.Tensor] = {}  # storage key -> 1-D tensor of its elements
+        self._raw: dict[str, torch.Tensor] = {}  # storage key -> its record's bytes (uint8), read once
+        self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (key, dtype) -> 1-D tensor of its elements
         self.bytes_read = 0
         try:
             self._read_layout()
@@ -617,7 +660,7 @@ class _Archive:
         data = self._read(self.prefix + "data.pkl")
         _check_pickle_ops(data, self.path)
         previous = getattr(_LOADING, "archive", None), getattr(_LOADING, "placeholders", None)
-        _LOADING.archive, _LOADING.placeholders = self, {}
+        _LOADING.archive, _LOADING.placeholders, _LOADING.container_keys = self, {}, 0
         try:
             return _RestrictedUnpickler(io.BytesIO(data), self).load()
         except _RefusedCall as e:
@@ -638,19 +681,23 @@ class _Archive:
             _LOADING.archive, _LOADING.placeholders = previous
 
     def _storage_elements(self, storage: LazyStorage) -> torch.Tensor:
-        """1-D tensor of the storage's elements (read once; cached so shared storages stay shared)."""
-        cached = self._cache.get(storage.key)
+        """1-D tensor of the storage's elements. Each record is read once (shared storages stay shared); views of
+        one record as several dtypes (torch.save writes uint16 / float8 tensors over byte storages, and a byte view
+        of them over the same one) share its bytes (a big-endian file: one swapped copy per dtype)."""
+        cached = self._cache.get((storage.key, storage.dtype))
         if cached is not None:
-            if cached.dtype != storage.dtype:  # each view would read the record again: memory without bound
-                raise CheckpointError(f"{self.path}: storage {storage.key!r:.60} is read as {cached.dtype} and "
-                                      f"{storage.dtype}; a checkpoint reads each storage one way. {_RE_DOWNLOAD}")
             return cached
         itemsize = _itemsize(storage.dtype)
         nbytes = storage.numel * itemsize
         if nbytes == 0:
             elements = torch.empty(0, dtype=storage.dtype)
         else:
-            raw = torch.frombuffer(bytearray(self._read(f"{self.prefix}data/{storage.key}", nbytes)), dtype=torch.uint8)
+            raw = self._raw.get(storage.key)
+            if raw is None or raw.numel() < nbytes:
+                raw = torch.frombuffer(bytearray(self._read(f"{self.prefix}data/{storage.key}", nbytes)),
+                                       dtype=torch.uint8)
+                self._raw[storage.key] = raw
+            raw = raw[:nbytes]
             if self.byteorder != sys.byteorder and itemsize > 1:
                 word = itemsize // 2 if storage.dtype.is_complex else itemsize  # complex: each part on its own
                 raw = raw.view(-1, word).flip(-1).reshape(-1)
@@ -658,7 +705,7 @@ class _Archive:
                 elements = raw.view(storage.dtype)
             except RuntimeError as e:
                 raise CheckpointError(f"{self.path}: storage dtype {storage.dtype} is not supported ({e}).") from e
-        self._cache[storage.key] = elements
+        self._cache[(storage.key, storage.dtype)] = elements
         return elements
 
     def check_record(self, lazy: LazyTensor) -> None:

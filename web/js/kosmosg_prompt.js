@@ -307,12 +307,12 @@ function sentWidgetText(node, name) {
         return null;
     }
     if (!found.blocked) return null;  // a node's output, or a link the walk cannot follow
-    const { node: holder, slot: holderSlot } = found.blocked;
-    if (holder !== node && holder.isSubgraphNode?.() && holderSlot !== undefined) {
-        const input = holder.inputs?.[holderSlot];
-        return String(widgetValue(holder, input?.widget?.name ?? input?.name));
-    }
-    return String(widgetValue(node, name));
+    // reached through a subgraph's input to the subgraph node's own input, linked to nothing: its box's value, where
+    // it has one (a bypassed subgraph node with nothing to pass on is "bypassed": the prompt node's own text)
+    const { node: holder, slot: holderSlot, why } = found.blocked;
+    const box = why === "unconnected" && holder !== node && holder.isSubgraphNode?.()
+        ? holder.inputs?.[holderSlot]?.widget?.name : undefined;
+    return String(box !== undefined ? widgetValue(holder, box) : widgetValue(node, name));
 }
 
 /** Everything the status line, the preview and the socket labels show, from the node's state.
