@@ -102,7 +102,10 @@ def _disk_cache(args):
     from .disk_cache import DiskCache
     from .files import check_output_folder
 
-    return DiskCache(check_output_folder(args.cache_dir, "--cache-dir"), max_bytes=args.cache_max_bytes)
+    # an existing folder is used as it is: one this user may only read still answers (its writes warn, as README
+    # says; --cache-max-gib 0 writes nothing); a new one must be creatable
+    folder = args.cache_dir if Path(args.cache_dir).is_dir() else check_output_folder(args.cache_dir, "--cache-dir")
+    return DiskCache(folder, max_bytes=args.cache_max_bytes)
 
 
 def cmd_encode(args) -> None:

@@ -157,7 +157,7 @@ def _holds(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
     try:
         stored, stored_metadata = read_safetensors(path)
-    except (SafetensorError, OSError):
+    except (SafetensorError, OSError, RuntimeError):
         return False
     return stored_metadata == metadata and stored.keys() == tensors.keys() and all(
         stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor) for name, tensor in tensors.items())
@@ -172,7 +172,8 @@ def read_conditioning_file(path, device="cpu") -> list:
                                     "Conditioning (or encode --out) wrote.")
     try:  # tensors of their own: ComfyUI keeps a node's output, and the file may be replaced meanwhile
         tensors, metadata = read_safetensors(path)
-    except (SafetensorError, OSError) as e:
+    # RuntimeError: torch opening the file again after safetensors read its header (replaced or removed meanwhile)
+    except (SafetensorError, OSError, RuntimeError) as e:
         raise ConditioningFileError(f"Cannot read conditioning file {path}: {e}. Save it again with Kosmos-G Save "
                                     "Conditioning.") from e
     if metadata.get("format") is None and set(tensors) == {ENCODE_TENSOR_NAME}:

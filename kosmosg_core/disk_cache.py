@@ -6,7 +6,8 @@ those and whole encodings in a folder, one small safetensors file per entry (nev
 atomically. A key is the SHA-256 of everything that decides the value: the model (its file's identity,
 dtype and compute device: `checkpoint_identity` + the caller's), the token ids, the images' pixels, the
 image weights and `CACHE_FORMAT`. The folder holds at most `max_bytes`; the least recently used entries
-go first. The cache is an optimisation: a damaged entry is a miss (and removed), a failed write a warning.
+go first (counted afresh after each write: several processes may share the folder). The cache is an
+optimisation: a damaged entry is a miss (and removed), a failed write a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import re
+from stat import S_ISREG
 from pathlib import Path
 
 import torch
@@ -27,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 # Part of every key: bump it when what the encoder computes for the same inputs changes (the package
 # version is in the key too), so no earlier code's result is ever returned.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry their value's SHA-256 (a flipped bit that leaves the value finite is a miss)
 ENTRY_SUFFIX = ".safetensors"
 TENSOR_NAME = "value"
+CHECKSUM_NAME = "sha256"  # metadata: the SHA-256 of the value's bytes
+MAX_ENTRY_BYTES = 64 * 2**20  # an entry is at most ~1 MB (4 prompts' [77, 768] float32): a bigger file is not one
 # an entry's file name: its key (64 hex digits) + ENTRY_SUFFIX, in the folder named by the key's first two digits;
 # nothing else in the folder is counted or ever removed (a --cache-dir may be a folder that holds other files)
 ENTRY_NAME = re.compile(r"([0-9a-f]{2})[0-9a-f]{62}" + re.escape(ENTRY_SUFFIX))
@@ -71,7 +75,6 @@ class DiskCache:
             raise ValueError(f"max_bytes must be a whole number >= 0, got {max_bytes!r}.")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self._size: int | None = None  # the entries' bytes as last counted, plus what this process wrote since
         self._last_warning = None
 
     @staticmethod
@@ -85,20 +88,32 @@ class DiskCache:
 
     def get(self, key: str) -> torch.Tensor | None:
         """The tensor stored under `key` (on the CPU), or None. Marks the entry as just used."""
-        from safetensors import SafetensorError
-
         from .files import read_safetensors
 
         path = self._path(key)
-        try:  # in memory of its own: the caches keep it, and another process may replace the file meanwhile
-            tensor = read_safetensors(path)[0][TENSOR_NAME]
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # a value flipped on disk
-                raise ValueError("it holds inf/NaN values, which no encoding does")
-        except (FileNotFoundError, PermissionError):  # not there, or another user's in a shared folder
+        try:  # only a regular file this cache could have written, in a real subfolder (never through a link: what
+            # it points to is not the cache's; a FIFO would block the read)
+            status = os.lstat(path)
+            if not S_ISREG(status.st_mode) or os.path.islink(path.parent):
+                return None
+        except OSError:  # not there, or another user's in a shared folder
             return None
-        except (SafetensorError, OSError, KeyError, ValueError) as e:  # truncated or damaged: recompute it
-            logger.warning("Kosmos-G disk cache: ignoring %s the damaged entry %s (%s)",
-                           "and removing" if _remove(path) is None else "(cannot remove)", path, e)
+        try:  # in memory of its own: the caches keep it, and another process may replace the file meanwhile
+            if status.st_size > MAX_ENTRY_BYTES:
+                raise ValueError(f"it holds {status.st_size} bytes, more than any entry")
+            tensors, metadata = read_safetensors(path)
+            tensor = tensors[TENSOR_NAME]
+            if metadata.get(CHECKSUM_NAME) != _checksum(tensor):  # a value changed on disk
+                raise ValueError("its values do not match their checksum")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError("it holds inf/NaN values, which no encoding does")
+        except (FileNotFoundError, PermissionError):  # removed meanwhile, or another user's in a shared folder
+            return None
+        except Exception as e:  # noqa: BLE001 - damaged in any way (safetensors, torch and OS errors): recompute
+            if not path.exists():  # removed meanwhile by another process sharing the folder: a miss
+                return None
+            logger.warning("Kosmos-G disk cache: ignoring %s the damaged entry %s (%s: %s)",
+                           "and removing" if _remove(path) is None else "(cannot remove)", path, type(e).__name__, e)
             return None
         try:
             os.utime(path)  # recently used: evicted last
@@ -107,19 +122,22 @@ class DiskCache:
         return tensor
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        """Store `tensor` under `key`, then drop the least recently used entries beyond max_bytes.
-        A failed write (full disk, read-only folder) is a warning, one per cause, not an error: nothing is lost."""
+        """Store `tensor` under `key`, then drop the least recently used entries beyond max_bytes (the folder counted
+        afresh: other processes may share it). A failed write (full disk, read-only folder) is a warning, one per
+        cause, not an error: nothing is lost."""
         from .files import save_safetensors
 
         if self.max_bytes == 0:
             return
         path = self._path(key)
+        value = tensor.detach().to("cpu").contiguous()
         try:
             # the folder is the user's alone (entries are encodings of their prompts and images); a folder made
             # by someone else keeps its permissions
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            save_safetensors({TENSOR_NAME: tensor.detach().to("cpu").contiguous()}, path)
-            written = path.stat().st_size
+            if os.path.islink(path.parent):  # entries() never counts (nor evicts) what lies behind a link
+                raise OSError(f"{path.parent} is a link, not a folder of the cache")
+            save_safetensors({TENSOR_NAME: value}, path, metadata={CHECKSUM_NAME: _checksum(value)})
         except OSError as e:
             cause = (type(e), e.errno)  # each entry's message names its own file: one warning per cause
             if cause != self._last_warning:
@@ -127,9 +145,7 @@ class DiskCache:
                 logger.warning("Kosmos-G disk cache: cannot write to %s (%s: %s); encodings are not kept across "
                                "restarts while it fails.", self.directory, type(e).__name__, e)
             return
-        self._size = self.size_bytes() if self._size is None else self._size + written
-        if self._size > self.max_bytes:
-            self._evict()
+        self._evict()
 
     def put_if_missing(self, key: str, tensor: torch.Tensor) -> None:
         """`put`, unless the entry is there already (a value found in memory: written once)."""
@@ -175,7 +191,6 @@ class DiskCache:
                 break
             if _remove(path) is None:
                 total -= size
-        self._size = total
 
     def clear(self) -> tuple[int, int, list[OSError]]:
         """Remove every entry listed now -> (entries removed, their bytes, why each other one could not be): entries
@@ -187,8 +202,12 @@ class DiskCache:
                 removed, removed_bytes = removed + 1, removed_bytes + size
             else:
                 failures.append(failure)
-        self._size = None
         return removed, removed_bytes, failures
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    """The SHA-256 of a tensor's bytes (its dtype and shape are checked by the caller's use)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _remove(path: Path) -> OSError | None:

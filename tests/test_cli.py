@@ -377,8 +377,9 @@ def test_encode_cache_dir_is_read_by_later_runs(pack, images, tmp_path):
     entries = {tuple(load_file(str(path))["value"].shape): path for path, _ in cache.entries()}
     assert set(entries) == {(1, 77, 768), (4, 64)}  # the encoding and the image's features (tiny model: 4 x 64)
     zeros = torch.zeros(1, 77, 768)
+    from kosmosg_core.disk_cache import CHECKSUM_NAME, _checksum
     from kosmosg_core.files import save_safetensors
-    save_safetensors({"value": zeros}, entries[(1, 77, 768)])
+    save_safetensors({"value": zeros}, entries[(1, 77, 768)], metadata={CHECKSUM_NAME: _checksum(zeros)})
     log = run_cli("-v", *args, "--out", second).stderr
     assert torch.equal(load_file(str(second))["cond"], zeros)
     assert not torch.equal(load_file(str(first))["cond"], zeros)

@@ -511,8 +511,98 @@ def test_an_entry_damaged_to_inf_or_nan_is_a_miss_and_removed(tmp_path, caplog):
     assert "ignoring and removing the damaged entry" in caplog.text and "inf/NaN" in caplog.text
     assert not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir()  # a folder where the entry goes: not removable, and the warning does not claim it was removed
+    path.mkdir()  # a folder where the entry goes: no entry of the cache (nor a FIFO, nor a link): a miss, left alone
     caplog.clear()
     with caplog.at_level("WARNING", logger="kosmosg_core.disk_cache"):
         assert cache.get(key) is None
-    assert "ignoring (cannot remove) the damaged entry" in caplog.text
+    assert caplog.text == "" and path.is_dir()
+
+
+def test_damage_that_leaves_the_values_finite_is_a_miss(tmp_path, caplog):
+    """Found by a review: one sign bit flipped on disk was served as the encoding (only inf/NaN were checked); each
+    entry now carries its value's SHA-256."""
+    cache = DiskCache(tmp_path / "cache")
+    key = DiskCache.key("encoding", "model")
+    cache.put(key, torch.arange(6, dtype=torch.float32))
+    (path, _), = cache.entries()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x80  # the last float's sign
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="kosmosg_core.disk_cache"):
+        assert cache.get(key) is None
+    assert "do not match their checksum" in caplog.text and not path.exists()
+
+
+def test_special_files_in_the_cache_are_never_read_nor_written_through(tmp_path):
+    """Found by a review: a FIFO at an entry's path blocked the read forever; a link was read (and its target's date
+    changed); a linked subfolder took writes outside the cache that no eviction counted."""
+    cache = DiskCache(tmp_path / "cache")
+    key, other = DiskCache.key("a"), DiskCache.key("b")
+    cache.put(key, torch.ones(3))
+    (path, _), = cache.entries()
+    path.unlink()
+    os.mkfifo(path)
+    assert cache.get(key) is None  # at once
+    path.unlink()
+    target = tmp_path / "elsewhere.safetensors"
+    DiskCache(tmp_path / "other").put(key, torch.ones(3))
+    os.replace(DiskCache(tmp_path / "other")._path(key), target)
+    before = target.stat().st_mtime_ns
+    path.symlink_to(target)
+    assert cache.get(key) is None and target.stat().st_mtime_ns == before
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    subfolder = cache._path(other).parent
+    subfolder.symlink_to(outside, target_is_directory=True)
+    cache.put(other, torch.ones(3))
+    assert list(outside.iterdir()) == [] and cache.get(other) is None
+
+
+def test_the_size_limit_holds_for_processes_sharing_the_folder(tmp_path):
+    """Found by a review: each process counted the folder once and then only its own writes (4 processes on a 5 MiB
+    limit filled 16.8 MiB); the folder is counted afresh after each write."""
+    entry = 4 * 1024  # floats: 16 KiB per entry
+    caches = [DiskCache(tmp_path / "cache", max_bytes=100 * 1024) for _ in range(4)]
+    for k in range(40):
+        caches[k % 4].put(DiskCache.key(k), torch.zeros(entry))
+        assert caches[0].size_bytes() <= 100 * 1024
+
+
+def test_an_entry_removed_while_it_is_read_is_a_miss(tmp_path, monkeypatch):
+    """Found by a review: safetensors reads the header, torch opens the file again; removed in between (another
+    process evicting, `cache --clear`), torch's RuntimeError escaped into Encode."""
+    from kosmosg_core import files
+
+    cache = DiskCache(tmp_path / "cache")
+    key = DiskCache.key("a")
+    cache.put(key, torch.ones(3))
+    path = cache._path(key)
+
+    def removed_meanwhile(where):
+        path.unlink()
+        raise RuntimeError(f"unable to open file <{where}> in read-only mode: No such file or directory (2)")
+
+    monkeypatch.setattr(files, "read_safetensors", removed_meanwhile)
+    assert cache.get(key) is None
+
+
+def test_the_cli_reads_a_cache_folder_it_cannot_write(tmp_path, monkeypatch):
+    """Found by a review: `encode --cache-dir RO --cache-max-gib 0` (read it, add nothing) was refused up front for a
+    folder this user cannot write; an existing folder is used as it is (writes warn), a new one must be creatable."""
+    import argparse
+    import errno
+
+    from kosmosg_core import cli, files
+    from kosmosg_core.errors import OutputPathError
+
+    folder = tmp_path / "shared-cache"
+    DiskCache(folder).put(DiskCache.key("a"), torch.ones(3))
+
+    def read_only(where):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files, "_new_temp_file", read_only)
+    cache = cli._disk_cache(argparse.Namespace(cache_dir=folder, cache_max_bytes=0))
+    assert torch.equal(cache.get(DiskCache.key("a")), torch.ones(3))
+    with pytest.raises(OutputPathError, match="no file can be written"):
+        cli._disk_cache(argparse.Namespace(cache_dir=tmp_path / "new", cache_max_bytes=0))
