@@ -77,6 +77,18 @@ def test_required_version_is_the_one_pyproject_declares():
     assert required == declared
 
 
+def test_pyproject_lists_the_requirements():
+    """The Comfy registry reads pyproject.toml's static dependencies (a `dynamic` list from requirements.txt came
+    out empty there); ComfyUI-Manager and pip read requirements.txt: the same requirements in both."""
+    import ast
+
+    # the list as TOML writes it is a Python literal too (tomllib is Python >= 3.11; the suite runs on 3.10 as well)
+    declared = ast.literal_eval(re.search(r"^dependencies = (\[.*?\])$", (REPO / "pyproject.toml").read_text(),
+                                          re.M | re.S).group(1))
+    listed = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    assert declared == [line for line in listed if line]
+
+
 REGISTRY_CHECK = ["-m", "ruff", "check", ".", "-q", "--no-cache", "--select", "S102,S307,E702", "--exit-zero"]
 
 
