@@ -6,7 +6,7 @@ those and whole encodings in a folder, one small safetensors file per entry (nev
 atomically. A key is the SHA-256 of everything that decides the value: the model (its file's identity,
 dtype and compute device: `checkpoint_identity` + the caller's), the token ids, the images' pixels, the
 image weights and `CACHE_FORMAT`. The folder holds at most `max_bytes`; the least recently used entries
-go first (counted afresh after each write: several processes may share the folder). The cache is an
+go first (the folder counted afresh every RECOUNT_SECONDS: several processes may share it). The cache is an
 optimisation: a damaged entry is a miss (and removed), a failed write a warning.
 """
 
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import time
 from stat import S_ISREG
 from pathlib import Path
 
@@ -34,6 +35,10 @@ ENTRY_SUFFIX = ".safetensors"
 TENSOR_NAME = "value"
 CHECKSUM_NAME = "sha256"  # metadata: the SHA-256 of the value's bytes
 MAX_ENTRY_BYTES = 64 * 2**20  # an entry is at most ~1 MB (4 prompts' [77, 768] float32): a bigger file is not one
+# How long a count of the folder stands, seconds: writes within it are added to it; after it, the next write counts
+# the folder again (other processes may write there too). A count of 4000 entries takes ~50 ms, more than a GPU
+# encode: counting after every write would slow each one.
+RECOUNT_SECONDS = 10.0
 # an entry's file name: its key (64 hex digits) + ENTRY_SUFFIX, in the folder named by the key's first two digits;
 # nothing else in the folder is counted or ever removed (a --cache-dir may be a folder that holds other files)
 ENTRY_NAME = re.compile(r"([0-9a-f]{2})[0-9a-f]{62}" + re.escape(ENTRY_SUFFIX))
@@ -75,6 +80,8 @@ class DiskCache:
             raise ValueError(f"max_bytes must be a whole number >= 0, got {max_bytes!r}.")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self._size: int | None = None  # the entries' bytes as last counted, plus what this process wrote since
+        self._counted_at = 0.0  # time.monotonic() of that count
         self._last_warning = None
 
     @staticmethod
@@ -91,12 +98,8 @@ class DiskCache:
         from .files import read_safetensors
 
         path = self._path(key)
-        try:  # only a regular file this cache could have written, in a real subfolder (never through a link: what
-            # it points to is not the cache's; a FIFO would block the read)
-            status = os.lstat(path)
-            if not S_ISREG(status.st_mode) or os.path.islink(path.parent):
-                return None
-        except OSError:  # not there, or another user's in a shared folder
+        status = _entry_status(path)
+        if status is None:
             return None
         try:  # in memory of its own: the caches keep it, and another process may replace the file meanwhile
             if status.st_size > MAX_ENTRY_BYTES:
@@ -110,8 +113,9 @@ class DiskCache:
         except (FileNotFoundError, PermissionError):  # removed meanwhile, or another user's in a shared folder
             return None
         except Exception as e:  # noqa: BLE001 - damaged in any way (safetensors, torch and OS errors): recompute
-            if not path.exists():  # removed meanwhile by another process sharing the folder: a miss
-                return None
+            now = _entry_status(path)
+            if now is None or (now.st_ino, now.st_mtime_ns) != (status.st_ino, status.st_mtime_ns):
+                return None  # removed or written again meanwhile by another process sharing the folder: a miss
             logger.warning("Kosmos-G disk cache: ignoring %s the damaged entry %s (%s: %s)",
                            "and removing" if _remove(path) is None else "(cannot remove)", path, type(e).__name__, e)
             return None
@@ -138,6 +142,9 @@ class DiskCache:
             if os.path.islink(path.parent):  # entries() never counts (nor evicts) what lies behind a link
                 raise OSError(f"{path.parent} is a link, not a folder of the cache")
             save_safetensors({TENSOR_NAME: value}, path, metadata={CHECKSUM_NAME: _checksum(value)})
+            written = path.stat().st_size
+        except FileNotFoundError:  # written, then evicted at once by another process sharing the folder
+            written = 0
         except OSError as e:
             cause = (type(e), e.errno)  # each entry's message names its own file: one warning per cause
             if cause != self._last_warning:
@@ -145,11 +152,16 @@ class DiskCache:
                 logger.warning("Kosmos-G disk cache: cannot write to %s (%s: %s); encodings are not kept across "
                                "restarts while it fails.", self.directory, type(e).__name__, e)
             return
-        self._evict()
+        if self._size is None or time.monotonic() - self._counted_at > RECOUNT_SECONDS:
+            self._count()
+        else:
+            self._size += written
+        if self._size > self.max_bytes:
+            self._evict()
 
     def put_if_missing(self, key: str, tensor: torch.Tensor) -> None:
         """`put`, unless the entry is there already (a value found in memory: written once)."""
-        if self.max_bytes and not self._path(key).is_file():
+        if self.max_bytes and _entry_status(self._path(key)) is None:
             self.put(key, tensor)
 
     def entries(self) -> list[tuple[Path, int]]:
@@ -181,6 +193,9 @@ class DiskCache:
     def size_bytes(self) -> int:
         return sum(size for _, size in self.entries())
 
+    def _count(self) -> None:
+        self._size, self._counted_at = self.size_bytes(), time.monotonic()
+
     def _evict(self) -> None:
         """Remove the least recently used entries until the folder holds at most max_bytes (counted afresh:
         other processes may share it)."""
@@ -191,6 +206,7 @@ class DiskCache:
                 break
             if _remove(path) is None:
                 total -= size
+        self._size, self._counted_at = total, time.monotonic()
 
     def clear(self) -> tuple[int, int, list[OSError]]:
         """Remove every entry listed now -> (entries removed, their bytes, why each other one could not be): entries
@@ -202,7 +218,18 @@ class DiskCache:
                 removed, removed_bytes = removed + 1, removed_bytes + size
             else:
                 failures.append(failure)
+        self._size = None
         return removed, removed_bytes, failures
+
+
+def _entry_status(path: Path) -> os.stat_result | None:
+    """`path`'s status if it is a regular file in a real subfolder (what this cache writes; never through a link:
+    what it points to is not the cache's; a FIFO would block a read), else None (absent, or another user's)."""
+    try:
+        status = os.lstat(path)
+        return status if S_ISREG(status.st_mode) and not os.path.islink(path.parent) else None
+    except OSError:
+        return None
 
 
 def _checksum(tensor: torch.Tensor) -> str:

@@ -558,12 +558,17 @@ def test_special_files_in_the_cache_are_never_read_nor_written_through(tmp_path)
     assert list(outside.iterdir()) == [] and cache.get(other) is None
 
 
-def test_the_size_limit_holds_for_processes_sharing_the_folder(tmp_path):
+def test_the_size_limit_holds_for_processes_sharing_the_folder(tmp_path, monkeypatch):
     """Found by a review: each process counted the folder once and then only its own writes (4 processes on a 5 MiB
-    limit filled 16.8 MiB); the folder is counted afresh after each write."""
+    limit filled 16.8 MiB); a write counts the folder afresh once the last count is RECOUNT_SECONDS old."""
+    from kosmosg_core import disk_cache
+
+    clock = [0.0]
+    monkeypatch.setattr(disk_cache.time, "monotonic", lambda: clock[0])
     entry = 4 * 1024  # floats: 16 KiB per entry
     caches = [DiskCache(tmp_path / "cache", max_bytes=100 * 1024) for _ in range(4)]
     for k in range(40):
+        clock[0] += disk_cache.RECOUNT_SECONDS + 1  # one write per window and process
         caches[k % 4].put(DiskCache.key(k), torch.zeros(entry))
         assert caches[0].size_bytes() <= 100 * 1024
 
@@ -606,3 +611,28 @@ def test_the_cli_reads_a_cache_folder_it_cannot_write(tmp_path, monkeypatch):
     assert torch.equal(cache.get(DiskCache.key("a")), torch.ones(3))
     with pytest.raises(OutputPathError, match="no file can be written"):
         cli._disk_cache(argparse.Namespace(cache_dir=tmp_path / "new", cache_max_bytes=0))
+
+
+def test_a_damaged_entry_is_not_removed_when_another_process_rewrote_it(tmp_path, monkeypatch):
+    """Found by a review: the damaged entry's removal could delete the good one another process had just written at
+    the same path (one more recompute later)."""
+    from kosmosg_core import files
+
+    reader, writer = DiskCache(tmp_path / "cache"), DiskCache(tmp_path / "cache")
+    key = DiskCache.key("a")
+    reader.put(key, torch.ones(3))
+    path = reader._path(key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x80
+    path.write_bytes(bytes(data))
+    real_read = files.read_safetensors
+
+    def rewritten_meanwhile(where):
+        read = real_read(where)
+        writer.put(key, torch.ones(3))  # a good entry replaces the damaged one while it is checked
+        return read
+
+    monkeypatch.setattr(files, "read_safetensors", rewritten_meanwhile)
+    assert reader.get(key) is None
+    monkeypatch.undo()
+    assert torch.equal(reader.get(key), torch.ones(3))
