@@ -520,7 +520,7 @@ def _check_pickle_ops(data: bytes, path: Path) -> None:
             elif name in ("ADDITEMS", "FROZENSET"):
                 container_keys += sum(1 for d in (popped[:-1] if name == "ADDITEMS" else popped) if d > 0)
             if container_keys > MAX_CONTAINER_KEYS:
-                raise CheckpointError(_CONTAINER_KEYS_REFUSED)
+                raise CheckpointError(f"{path}: {_CONTAINER_KEYS_REFUSED}")
             if name in _MUTATING and popped:  # the container (bottom) gains the items
                 depth = max([popped[-1]] + [d + 1 for d in popped[:-1]])
             else:

@@ -614,8 +614,9 @@ def _proto2(body: bytes) -> bytes:
 ])
 def test_hostile_pickle_shapes_are_refused(tmp_path, label, pickle_bytes, message):
     path = write_torch_zip(tmp_path / f"{label}.pt", pickle_bytes=pickle_bytes)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=message) as refused:
         safe_load(path)
+    assert str(refused.value).startswith(str(path)), refused.value  # the file is named
 
 
 def test_compressed_records_are_refused(tmp_path):
