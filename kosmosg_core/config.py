@@ -149,6 +149,9 @@ class AlignerConfig:
 # Fields added after checkpoint format 1, written only when they differ from their default (training switches; 0 in
 # every exported file), so a file exported now stays readable by earlier versions of the pack, which refuse a field
 # they do not know.
+# every dropout of the model, (part, field): on in training only
+DROPOUT_FIELDS = (("decoder", "dropout"), ("decoder", "attention_dropout"), ("decoder", "activation_dropout"),
+                  ("connector", "attention_dropout"), ("aligner", "dropout"))
 FIELDS_WRITTEN_WHEN_SET = {"decoder": ("activation_dropout",), "connector": ("attention_dropout",)}
 
 
@@ -251,8 +254,8 @@ class KosmosGConfig:
         """A copy with the training-only switches off: dropout, gradient checkpointing and the
         stage-2 reconstruction branch. The pack's .safetensors always records this form."""
         cfg = KosmosGConfig.from_dict(self.to_dict())
-        cfg.decoder.dropout = cfg.decoder.attention_dropout = cfg.decoder.activation_dropout = 0.0
-        cfg.connector.attention_dropout = cfg.aligner.dropout = 0.0
+        for part, name in DROPOUT_FIELDS:
+            setattr(getattr(cfg, part), name, 0.0)
         cfg.decoder.gradient_checkpointing = False
         cfg.aligner.with_reconstruction = False
         return cfg

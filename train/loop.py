@@ -449,10 +449,10 @@ def input_fingerprints(cfg: LoopConfig, stage: Stage) -> dict[str, str]:
 
 def _dropouts(model_cfg) -> list[str]:
     """"decoder.dropout 0.1"... for each dropout of the model in training that is on."""
-    parts = {"decoder": ("dropout", "attention_dropout", "activation_dropout"), "connector": ("attention_dropout",),
-             "aligner": ("dropout",)}
-    return [f"{part}.{name} {getattr(getattr(model_cfg, part), name):g}" for part, names in parts.items()
-            for name in names if getattr(getattr(model_cfg, part), name) > 0]
+    from kosmosg_core.config import DROPOUT_FIELDS
+
+    values = {f"{part}.{name}": getattr(getattr(model_cfg, part), name) for part, name in DROPOUT_FIELDS}
+    return [f"{name} {value:g}" for name, value in values.items() if value > 0]
 
 
 def _check_resume_state(state: dict, stage: Stage, path: Path, cfg: LoopConfig, world: int,
