@@ -987,6 +987,16 @@ def test_settings_out_of_range_are_refused_by_flag_before_data_or_models(stage, 
                                                         str(tmp_path / "run")] + args)
 
 
+def test_a_bad_setting_is_named_before_the_tokenizer_loads(tmp_path):
+    """Found by a review: --learning-rate 0 came after the tokenizer was read, so a user with both problems got two
+    rounds."""
+    from train import stage1
+
+    with pytest.raises(ValueError, match=re.escape("--learning-rate 0.0: must be above 0")):
+        stage1.main(["--tokenizer", str(tmp_path / "not-there"), "--output-dir", str(tmp_path / "run"),
+                     "--learning-rate", "0"])
+
+
 @pytest.mark.parametrize("config_class, field_name, value", [
     ("train.nano.train_unet:UNetTrainConfig", "uncond_prob", 1.5),
     ("train.nano.train_unet:UNetTrainConfig", "ema_decay", -0.1),

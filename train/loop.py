@@ -311,6 +311,7 @@ class Stage:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        _check_loop_config(cfg)  # before the tokenizer loads: a bad setting is named first (run_training checks again)
         self.tokenizer = load_tokenizer(cfg.tokenizer)  # every stage tokenizes prompts
         self._model_cfg = None  # set by `build`
 
