@@ -65,7 +65,7 @@ def atomic_torch_save(obj, path) -> Path:
                 cause = cause.__context__
             if cause is None:
                 raise
-            raise OSError(cause.errno, cause.strerror) if cause.errno else OSError(str(cause)) from e
+            raise cause from None  # the write's own error (its errno and kind); torch's wrapper adds nothing
     return Path(path)
 
 
