@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
@@ -922,6 +923,31 @@ def test_mix_refuses_negative_weights():
 
 
 # ---- official layout ----------------------------------------------------------------------------
+
+def test_a_full_disk_while_writing_a_shard_is_one_error(tmp_path, monkeypatch):
+    """Found by a review: after the one-line error, tarfile's stream flushed again when collected and Python printed
+    "Exception ignored in _Stream.__del__" with a second traceback; and no partial shard is left."""
+    import gc
+
+    from train.data import shards
+
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(shards, "open", lambda path, mode: FullDisk(), raising=False)
+    rng = np.random.default_rng(0)
+    big = [laion_sample(f"la{i}", "a beach", _png(_noise_image(rng, 64, 64))) for i in range(4)]
+    with pytest.raises(OSError, match="No space left"):
+        write_shard(str(tmp_path / "shard-000000.tar"), big)
+    gc.collect()
+    assert unraisable == [] and os.listdir(tmp_path) == []
+
 
 def test_official_tsv_round_trip(built, tmp_path):
     output, _ = built

@@ -987,14 +987,21 @@ def test_settings_out_of_range_are_refused_by_flag_before_data_or_models(stage, 
                                                         str(tmp_path / "run")] + args)
 
 
-def test_a_bad_setting_is_named_before_the_tokenizer_loads(tmp_path):
-    """Found by a review: --learning-rate 0 came after the tokenizer was read, so a user with both problems got two
-    rounds."""
-    from train import stage1
+@pytest.mark.parametrize("stage, args, message", [
+    ("stage1", ["--learning-rate", "0"], "--learning-rate 0.0: must be above 0"),
+    ("stage2", ["--kinds", "laoin"], "--kinds 'laoin': name sample kinds from"),
+    ("stage2", ["--aligner-attention-init", "glorot"], "--aligner-attention-init 'glorot': use official or xavier"),
+    ("stage3", ["--score-model", "sd", "--resolution", "100"], "--resolution 100: use a multiple of 8"),
+    ("stage3", [], "--score-model is required"),
+])
+def test_a_bad_setting_is_named_before_the_tokenizer_loads(stage, args, message, tmp_path):
+    """Found by reviews: --learning-rate 0 (then stage 2's --kinds, stage 3's --resolution) came after the tokenizer
+    was read, so a user with both problems got two rounds."""
+    import importlib
 
-    with pytest.raises(ValueError, match=re.escape("--learning-rate 0.0: must be above 0")):
-        stage1.main(["--tokenizer", str(tmp_path / "not-there"), "--output-dir", str(tmp_path / "run"),
-                     "--learning-rate", "0"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        importlib.import_module(f"train.{stage}").main(["--tokenizer", str(tmp_path / "not-there"), "--output-dir",
+                                                        str(tmp_path / "run")] + args)
 
 
 @pytest.mark.parametrize("config_class, field_name, value", [

@@ -311,9 +311,14 @@ class Stage:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        _check_loop_config(cfg)  # before the tokenizer loads: a bad setting is named first (run_training checks again)
+        # before the tokenizer loads: a bad setting is named first (run_training checks the loop's again)
+        _check_loop_config(cfg)
+        self.check_settings(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer)  # every stage tokenizes prompts
         self._model_cfg = None  # set by `build`
+
+    def check_settings(self, cfg) -> None:
+        """Raise ValueError naming a stage-specific setting that cannot work (before anything loads)."""
 
     def build(self, cfg, accelerator) -> nn.Module:
         """-> the training module: `forward(batch) -> (objective share, metrics dict of shares)`, with

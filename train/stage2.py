@@ -140,6 +140,11 @@ def official_without_aligner(path_text: str) -> bool:
     return bool(names) and not any(name.startswith("aligner.") for name in names)
 
 
+def parse_kinds(kinds: str) -> set[str]:
+    """--kinds "laion, openimage" -> {"laion", "openimage"} (a set: order and spaces do not matter)."""
+    return {kind.strip() for kind in kinds.split(",") if kind.strip()}
+
+
 class Stage2(Stage):
     name = "stage2"
     resume_may_change = frozenset({"clip_text_encoder"})  # a path: the frozen text encoder may move
@@ -150,16 +155,18 @@ class Stage2(Stage):
         kinds = settings.get("kinds")  # a set: "openimage,laion" resumes a "laion,openimage" run
         if not isinstance(kinds, str):
             return settings
-        return {**settings, "kinds": ",".join(sorted({k.strip() for k in kinds.split(",") if k.strip()}))}
+        return {**settings, "kinds": ",".join(sorted(parse_kinds(kinds)))}
+
+    def check_settings(self, cfg: Stage2Config) -> None:
+        if cfg.aligner_attention_init not in ("official", "xavier"):
+            raise ValueError(f"--aligner-attention-init {cfg.aligner_attention_init!r}: use official or xavier.")
+        kinds = parse_kinds(cfg.kinds)
+        if not kinds or kinds - set(KINDS):  # else every sample is skipped, found only after the models load
+            raise ValueError(f"--kinds {cfg.kinds!r}: name sample kinds from {', '.join(KINDS)} (official: laion).")
 
     def __init__(self, cfg: Stage2Config):
         super().__init__(cfg)
-        self.kinds = {k.strip() for k in cfg.kinds.split(",") if k.strip()}
-        if cfg.aligner_attention_init not in ("official", "xavier"):
-            raise ValueError(f"--aligner-attention-init {cfg.aligner_attention_init!r}: use official or xavier.")
-        unknown = sorted(self.kinds - set(KINDS))
-        if unknown or not self.kinds:  # else every sample is skipped, found only after the models load
-            raise ValueError(f"--kinds {cfg.kinds!r}: name sample kinds from {', '.join(KINDS)} (official: laion).")
+        self.kinds = parse_kinds(cfg.kinds)
 
     def build(self, cfg: Stage2Config, accelerator):
         self.clip_tokenizer, clip_text = load_clip_text(cfg.clip_text_encoder)

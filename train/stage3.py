@@ -103,9 +103,7 @@ class Stage3(Stage):
     earlier_version_note = ("stage 3's loss is now the update's per-sample mean (it was the sum over the batch), so "
                             "its gradients are 1/batch of the earlier ones: clip_norm clips less than it did")
 
-    def __init__(self, cfg: Stage3Config):
-        super().__init__(cfg)
-        # settings checked at once: before the data is listed and any model loads
+    def check_settings(self, cfg: Stage3Config) -> None:
         if cfg.resolution < 8 or cfg.resolution % 8:
             raise ValueError(f"--resolution {cfg.resolution}: use a multiple of 8 (the VAE's latent grid; "
                              "SD1.5: 512).")

@@ -160,9 +160,16 @@ def write_shard(path: str, samples: Iterable[Sample]) -> int:
     count = 0
     with atomic_output(path) as tmp, open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="kosmosg", group="kosmosg")
-        for sample in samples:
-            writer.write(sample.to_wds())
-            count += 1
+        try:
+            for sample in samples:
+                writer.write(sample.to_wds())
+                count += 1
+        except BaseException:
+            # closed now, its flush failing quietly: else tarfile's stream flushes again when collected and prints
+            # "Exception ignored in _Stream.__del__" after the error (a full disk)
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
         writer.close()
     return count
 
