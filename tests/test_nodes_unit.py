@@ -365,6 +365,19 @@ def test_prompt_validation_names_both_counts():
     assert validate_prompt(None, {"text": "STRING", "weights": "*", "images.image0": "IMAGE"}) is True
 
 
+def test_the_web_extension_mirrors_the_node_constants():
+    """web/js/kosmosg_prompt.js repeats a few facts (it runs in the browser): they must not drift from Python's."""
+    from kosmosg_pack.kosmosg_core import config
+    from kosmosg_pack.nodes import prompt
+
+    source = (REPO / "web" / "js" / "kosmosg_prompt.js").read_text(encoding="utf-8")
+    constants = dict(re.findall(r"^const (\w+) = ([^;]+);", source, flags=re.M))
+    assert json.loads(constants["PLACEHOLDER"]) == config.IMAGE_PLACEHOLDER
+    assert float(constants["MAX_WEIGHT"]) == config.MAX_IMAGE_WEIGHT
+    assert int(constants["MAX_IMAGES"]) == prompt.MAX_IMAGES
+    assert json.loads(constants["NODE_ID"]) == KosmosGInterleavedPrompt.define_schema().node_id
+
+
 def test_prompt_validation_takes_few_arguments():
     """ComfyUI repeats a validation message once per argument the function takes (a review saw 19 copies when it
     took **sockets): text and input_types only, whatever the number of images."""

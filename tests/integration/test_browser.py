@@ -163,7 +163,8 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
     same placeholders, the same weights, a refusal where the core refuses (the status line must not pass what the
     server refuses, nor flag what it takes). Needs node only (the module runs with its two imports stubbed)."""
     from kosmosg_core.errors import PromptError
-    from kosmosg_core.prompt import combine_image_weights, count_placeholders, parse_image_weights, split_placeholders
+    from kosmosg_core.prompt import (combine_image_weights, count_placeholders, parse_image_weights,
+                                     placeholder_mismatch, split_placeholders)
 
     if shutil.which("node") is None:
         pytest.fail("node is not installed") if os.environ.get("CI") else pytest.skip("node is not installed")
@@ -175,6 +176,7 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
                     "1_0, 1", "\uff10.\uff15, 1", "inf, 1", "-1, 1", ",", ";;", "1\x1c1", "1\x851", "1\ufeff1",
                     "1\u20281", "1, 11", "NaN, 1", "1 2 3"]
     lists = [("<i:0.5> <i:4>", [2, 3]), ("<i:0.5> <i:4>", [2, 2.5]), ("<i:0.1> <i>", [3, 1]), ("<i>", [10])]
+    too_many = "<i>" * 17  # more placeholders than the node's 16 sockets, all linked: only removing one helps
     # and strings made at random from the pieces the rules care about (seeded: a failure reproduces)
     rng = random.Random(0)
     pieces = ["<i>", "<i:", "<", ">", "i", ":", "0", "1", "5", "10", ".", "-", "+", " ", "\t", "\n", "a", "e", "x",
@@ -195,15 +197,17 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
         'import { app } from "../../scripts/app.js";', 'const app = { extensions: [{ name: "KosmosG.interleavedPrompt" }] };')
     assert stubbed.count("const api = {};") == 1 and stubbed.count("const app = {") == 1, "the module's imports changed"
     (tmp_path / "prompt.mjs").write_text(stubbed, encoding="utf-8")
-    (tmp_path / "cases.json").write_text(json.dumps({"texts": texts, "lists": lists, "weight_lists": weight_lists}),
+    (tmp_path / "cases.json").write_text(json.dumps({"texts": texts, "lists": lists, "weight_lists": weight_lists,
+                                                     "too_many": too_many}),
                                          encoding="utf-8")
     (tmp_path / "run.mjs").write_text("""
         import fs from "node:fs";
         import { findPlaceholders, describe, parseWeights } from "./prompt.mjs";
-        const { texts, lists, weight_lists } = JSON.parse(fs.readFileSync("cases.json", "utf8"));
+        const { texts, lists, weight_lists, too_many } = JSON.parse(fs.readFileSync("cases.json", "utf8"));
         console.log(JSON.stringify({
             texts: texts.map((t) => findPlaceholders(t).map((p) => ({ weight: p.error ? null : p.weight, error: p.error }))),
             lists: lists.map(([t, w]) => describe(t, w.map((_, k) => k), w.join(", ")).ok),
+            too_many: describe(too_many, [...Array(16).keys()], "").summary,
             weight_lists: weight_lists.map((w) => parseWeights(w)),
         }));""", encoding="utf-8")
     result = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -246,6 +250,8 @@ def test_the_extension_reads_placeholders_as_the_core_does(tmp_path):
                                                                                                        str(error))
         else:
             assert parsed in (None, []) and weights == [], (text, parsed)
+    assert seen["too_many"] == "17 <i> / 16 images ⚠ at most 16 images can be connected: remove 1 <i>"
+    assert "at most 16 images can be connected: remove 1 <i>" in placeholder_mismatch(too_many, 16, 16)
     for (text, weights), ok in zip(lists, seen["lists"]):
         try:
             combine_image_weights(text, weights)

@@ -37,6 +37,7 @@ const PLACEHOLDER_WEIGHT = new RegExp(`^ *${NUMBER} *$`);
 const LIST_WEIGHT = new RegExp(`^${NUMBER}$`);
 const LIST_SEPARATORS = /[,;\s\x1c-\x1f\x85\ufeff]+/;
 const MAX_WEIGHT = 10;                 // kosmosg_core.config.MAX_IMAGE_WEIGHT
+const MAX_IMAGES = 16;                 // nodes.prompt.MAX_IMAGES: the node's image sockets
 const IMAGES_GROUP = "images.";        // V3 Autogrow sockets are named "images.image0", "images.image1", ...
 const STATUS_WIDGET = "kosmosg_status";
 const SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉";
@@ -331,7 +332,9 @@ export function describe(text, linkedSocketIndices, weightsText, skipped = [], r
     const weightOf = (k) => (found[k - 1]?.error ? 1 : found[k - 1]?.weight ?? 1) * (listed?.[k - 1] ?? 1);
     const problems = [...refused];
     problems.push(...found.filter((p) => p.error).map((p) => p.error));
-    if (placeholders > images) {
+    if (placeholders > MAX_IMAGES) {  // more than the sockets: only removing placeholders helps (as the server says)
+        problems.push(`at most ${MAX_IMAGES} images can be connected: remove ${placeholders - MAX_IMAGES} ${PLACEHOLDER}`);
+    } else if (placeholders > images) {
         const missing = placeholders - images;
         problems.push(...skipped.map((note) => `${note}, so it sends no image`));
         problems.push(`connect ${missing} more image${missing > 1 ? "s" : ""} or remove ${missing} ${PLACEHOLDER}`);
