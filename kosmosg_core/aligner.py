@@ -5,7 +5,7 @@ stack of query layers whose 77 learned queries cross-attend to it and come out a
 `encoder_hidden_states` [B, 77, C]. Stage-2 training adds the reconstruction branch
 (`decoder_query`, `decoder`, `decoder_proj`) that maps the 77 outputs back to the MLLM states.
 
-Glossary: B batch, T text tokens, D MLLM width, C aligner width (= SD context width), Q 77 queries.
+Glossary: B batch, T text tokens, D MLLM width, C aligner width (= SD context width), L the 77 learned queries.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LayerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, self_padding_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C] (padding_mask [B, T], True = pad); memory [B, S, C] for cross-attention (its mask
+        """x [B, T, C] (self_padding_mask [B, T], True = pad); memory [B, S, C] for cross-attention (its mask
         [B, S]) -> [B, T, C], after the final LayerNorm."""
         kwargs = dict(self_padding_mask=self_padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
         for layer in self.layers:
@@ -61,6 +61,8 @@ class InputEncoder(LayerStack):
         self.output_projection = nn.Linear(cfg.width, out_width) if out_width is not None else None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, in_width] (or [B, T, C] without embed_tokens; padding_mask [B, T], True = pad) -> [B, T, out_width]
+        (or [B, T, C] without output_projection)."""
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # [B, T, C]
         T = x.shape[1]
@@ -75,6 +77,9 @@ class InputEncoder(LayerStack):
 
 
 class Aligner(nn.Module):
+    """AlignerNet: `encoder_proj` (InputEncoder over the MLLM states) -> `encoder` (77 queries cross-attending to
+    them) -> SD1.5 context; plus the stage-2 reconstruction branch when the config asks for it."""
+
     def __init__(self, cfg: AlignerConfig, mllm_width: int):
         super().__init__()
         self.cfg = cfg
@@ -143,14 +148,14 @@ class Aligner(nn.Module):
                 module.gradient_checkpointing = enabled
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """MLLM states [B, T, D] (+ pad mask [B, T], True = pad) -> SD context [B, Q, C]."""
+        """MLLM states [B, T, D] (+ pad mask [B, T], True = pad) -> SD context [B, L, C]."""
         memory = self.encoder_proj(hidden, padding_mask)  # [B, T, C]
-        queries = self.encoder_query.to(memory.dtype).expand(hidden.shape[0], -1, -1)  # [B, Q, C]
+        queries = self.encoder_query.to(memory.dtype).expand(hidden.shape[0], -1, -1)  # [B, L, C]
         # Queries have no positions and no mask among themselves; they see only real text tokens.
         return self.encoder(queries, memory=memory, memory_padding_mask=padding_mask)
 
     def reconstruct(self, context: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Stage-2 reconstruction branch: context [B, Q, C] -> MLLM states [B, T, D].
+        """Stage-2 reconstruction branch: context [B, L, C] -> MLLM states [B, T, D].
 
         T queries (`decoder_query[:T]`) cross-attend to the 77 outputs (no mask), then
         `decoder_proj` (learned positions, encoder layers, Linear C -> D)."""

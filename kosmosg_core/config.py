@@ -146,12 +146,12 @@ class AlignerConfig:
     reconstruction_layers: int = 12
 
 
-# Fields added after checkpoint format 1, written only when they differ from their default (training switches; 0 in
-# every exported file), so a file exported now stays readable by earlier versions of the pack, which refuse a field
-# they do not know.
 # every dropout of the model, (part, field): on in training only
 DROPOUT_FIELDS = (("decoder", "dropout"), ("decoder", "attention_dropout"), ("decoder", "activation_dropout"),
                   ("connector", "attention_dropout"), ("aligner", "dropout"))
+# Fields added after checkpoint format 1, written only when they differ from their default (training switches; 0 in
+# every exported file), so a file exported now stays readable by earlier versions of the pack, which refuse a field
+# they do not know.
 FIELDS_WRITTEN_WHEN_SET = {"decoder": ("activation_dropout",), "connector": ("attention_dropout",)}
 
 

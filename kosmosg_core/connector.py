@@ -1,6 +1,6 @@
 """Connector (official `XConnector`): a one-layer resampler from image tokens to Q latent slots.
 
-Glossary: N images, V image tokens (1 + patches), Q latent queries, D MLLM width.
+Glossary: N images, V image tokens (1 + patches), Dv vision width, Q latent queries (= image slots), D MLLM width.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import OutputPathError
+from .errors import OutputPathError, first_line
 
 if TYPE_CHECKING:  # only for annotations: the tokenizer and image readers import this module without needing torch
     import torch
@@ -289,6 +289,21 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name).clone() for name in f.keys()}, f.metadata() or {}
+
+
+def safetensors_format(path) -> str | None:
+    """The "format" entry of a .safetensors file's metadata, its header only read (the pack's files say what they
+    hold there); None for another suffix or a file without one. Raises ValueError naming the file when its header
+    cannot be read."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path} is not a readable .safetensors file ({first_line(e)}).") from e
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -25,7 +25,7 @@ from .config import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, D
                      SD15_CONTEXT_DIM)
 from .errors import (CheckpointError, CheckpointNotFoundError, GenerationSettingsError,
                      MissingPackageError, NonFiniteEncodingError, PromptError, first_line)
-from .files import check_input_path_length, check_output_folder, content_fingerprint, save_image
+from .files import check_input_path_length, check_output_folder, content_fingerprint, safetensors_format, save_image
 from .image_processing import split_images
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
@@ -82,21 +82,10 @@ def _check_sd15_model_path(path: Path, config_dir) -> None:
 
 def is_nano_sd15(path: Path) -> bool:
     """The pack's nano image model (models/nano/nano-sd15.safetensors, or one trained with train/nano)?"""
-    return _safetensors_format(path) == NANO_SD15_FORMAT
-
-
-def _safetensors_format(path: Path) -> str | None:
-    """The "format" in a .safetensors file's metadata (header only), or None (no such file, or unreadable: then
-    diffusers' own error names the problem)."""
-    if path.suffix.lower() != ".safetensors":
-        return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            return (handle.metadata() or {}).get("format")
-    except Exception:  # safetensors raises its own error types for damaged headers
-        return None
+        return safetensors_format(path) == NANO_SD15_FORMAT
+    except ValueError:  # unreadable: diffusers' own error names the problem
+        return False
 
 
 def _check_sd15_folder(folder: Path, what: str, fix: str) -> None:

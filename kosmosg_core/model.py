@@ -16,6 +16,9 @@ from .vision import VisionEncoder
 
 
 class KosmosG(nn.Module):
+    """The whole inference model: `encode_images` (pixels -> image slots), `mllm_hidden` (tokens with the slots
+    written in -> MLLM states), and `forward` (-> the aligner's SD1.5 conditioning [B, 77, C])."""
+
     def __init__(self, cfg: KosmosGConfig):
         super().__init__()
         self.cfg = cfg

@@ -1,7 +1,8 @@
 """The user-facing encoder: interleaved prompts + images -> SD1.5 conditioning [B, 77, C].
 
-Shared by the CLI, the ComfyUI nodes and train/eval. All user-input checks live in
-`check_inputs`, so every front end reports the same actionable errors.
+Shared by the CLI, the ComfyUI nodes and train/eval. The user-input checks live here and in `prompt` /
+`image_processing` (`_normalise_batch`: the batch's nesting and weights; `check_inputs`: one prompt with its images;
+`read_prompt_images`: the same before a model loads), so every front end reports the same actionable errors.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class KosmosGPipeline:
     Both caches are keyed by the model and how it computes (`model_key`: identity, config, dtype, device,
     kernels); call `clear_cache` after changing its weights.
 
-    model_identity: what made the weights (`from_checkpoint`: the file's path, size and modification time), part
+    model_identity: what made the weights (`from_checkpoint`: `disk_cache.checkpoint_identity` of the file), part
         of every cache key; needed for a `DiskCache`, which keeps encodings across restarts. Give one that changes
         whenever the weights do.
     compute_device: where the model computes when it is moved there only to compute (ComfyUI offloads it between
@@ -303,14 +304,10 @@ class KosmosGPipeline:
     def context_dim(self) -> int:
         return self.cfg.aligner.width
 
-    @property
-    def max_tokens(self) -> int:
-        return self.cfg.max_readable_tokens
-
     def _check_length(self, ids: PromptIds, what: str) -> None:
         """Refuse a sequence the model cannot read; warn about one past what it was trained on (the official code
         encodes it, without a word)."""
-        check_prompt_length(ids, self.max_tokens, what)
+        check_prompt_length(ids, self.cfg.max_readable_tokens, what)
         if len(ids.ids) > self.cfg.max_prompt_tokens:
             logger.warning("The %s is %d tokens long (image slots included: %d), past the %d the model was trained "
                            "on: it is encoded as the official code encodes it, but may come out worse; shorten the "

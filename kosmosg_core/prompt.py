@@ -260,12 +260,12 @@ def pad_batch(prompts: Sequence[PromptIds]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-def check_prompt_length(prompt_ids: PromptIds, max_positions: int, what: str = "prompt") -> None:
-    """Raise PromptError when the sequence has more than `max_positions` tokens (T <= limit is fine)."""
+def check_prompt_length(prompt_ids: PromptIds, max_tokens: int, what: str = "prompt") -> None:
+    """Raise PromptError when the sequence has more than `max_tokens` tokens (T <= limit is fine)."""
     length = len(prompt_ids.ids)
-    if length > max_positions:
+    if length > max_tokens:
         images = prompt_ids.num_image_slots
         raise PromptError(
             f"The {what} is {length} tokens long (image slots included: {images}) but the model reads at most "
-            f"{max_positions} (its aligner's position table); shorten the text"
+            f"{max_tokens} (its aligner's position table); shorten the text"
             f"{' or use fewer images' if images else ''}.")

@@ -14,11 +14,11 @@ import json
 import numpy as np
 import torch
 
-from .config import DEFAULT_STEPS, SD15_CONFIG_DIR
+from .config import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SD15_CONFIG_DIR
 from .errors import DeviceError, GenerationSettingsError, first_line
 
 
-OFFICIAL_SAMPLER_SCHEDULERS = ("dpm", "ddim", "pndm")  # the demo's three (nodes/sampling.py steps each as it does)
+OFFICIAL_SAMPLER_SCHEDULERS = tuple(SCHEDULERS)  # the demo's three (nodes/sampling.py steps each as it does)
 
 
 @functools.cache
@@ -27,7 +27,7 @@ def sd15_steps_offset() -> int:
     return int(json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())["steps_offset"])
 
 
-def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, scheduler: str = "dpm") -> torch.Tensor:
+def official_noise_levels(sigmas: torch.Tensor, steps: int = DEFAULT_STEPS, scheduler: str = DEFAULT_SCHEDULER) -> torch.Tensor:
     """The noise levels [steps + 1] the official demo's DPM-Solver (or DDIM, or PNDM) steps through, on a model's own
     noise schedule.
 

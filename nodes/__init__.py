@@ -1,6 +1,6 @@
 """ComfyUI glue for Kosmos-G (V3 node API). The model code lives in ../kosmosg_core.
 
-One registration table: node id -> class. Ids, input names and socket types are stable forever
+One registration list, `NODES` (each class names its node id). Ids, input names and socket types are stable forever
 (saved workflows refer to them); add deprecated aliases instead of renaming.
 """
 

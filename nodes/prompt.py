@@ -3,7 +3,7 @@
 Rules (also in the node description and the README):
 - the n-th `<i>` in the text is filled by the n-th connected image socket (image0, image1, ...);
   the number of placeholders must equal the number of connected sockets, checked before the run;
-- `weights` is a comma-separated list with one number per connected image ("1.0, 0.8"); empty
+- `weights` is a list with one number per connected image ("1.0, 0.8"; commas, semicolons or spaces between); empty
   means 1.0 for every image; a placeholder may carry its own weight, `<i:0.8>`, which multiplies with the
   list's (the encoder applies both: kosmosg_core.prompt.combine_image_weights);
 - a batch of B images on one socket gives B conditionings (sample b uses image b of that socket);

@@ -24,7 +24,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..kosmosg_core.config import DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
+from ..kosmosg_core.config import DEFAULT_SCHEDULER, DEFAULT_STEPS, DPM_SOLVER_FIRST_ORDER_FINAL_BELOW
 from ..kosmosg_core.errors import GenerationSettingsError
 from ..kosmosg_core.sampling import OFFICIAL_SAMPLER_SCHEDULERS, official_noise_levels, official_starting_noise
 from .types import CATEGORY
@@ -147,7 +147,7 @@ class KosmosGOfficialSampler(io.ComfyNode):
                                                 "noise schedule."),
                 io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=999,
                              tooltip=f"Sampling steps (official demo: {DEFAULT_STEPS})."),
-                io.Combo.Input("scheduler", options=list(OFFICIAL_SAMPLER_SCHEDULERS), default="dpm", optional=True,
+                io.Combo.Input("scheduler", options=list(OFFICIAL_SAMPLER_SCHEDULERS), default=DEFAULT_SCHEDULER, optional=True,
                                tooltip="The official demo's scheduler: dpm (DPM-Solver multistep, its default), "
                                        "ddim (DDIM, eta 0) or pndm (PNDM as SD1.5 sets it: PLMS, one model call "
                                        "more than steps)."),
@@ -163,7 +163,7 @@ class KosmosGOfficialSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, steps, scheduler="dpm") -> io.NodeOutput:
+    def execute(cls, model, steps, scheduler=DEFAULT_SCHEDULER) -> io.NodeOutput:
         sigmas = official_noise_levels(model_noise_levels(model), steps, scheduler)
         return io.NodeOutput(official_ksampler(scheduler, steps, sigmas), sigmas)
 

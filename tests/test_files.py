@@ -375,3 +375,16 @@ def test_a_folder_where_files_can_be_made_but_not_removed_is_refused_saying_so(t
     with pytest.raises(OutputPathError, match=rf"--out {tmp_path}/x\.bin: files can be made in {tmp_path} but not "
                                               r"removed or replaced \(Operation not permitted; it keeps \.kosmosg-.*\.tmp\)"):
         check_output_file(tmp_path / "x.bin", "--out")
+
+
+def test_safetensors_format_reads_the_header_and_names_a_damaged_file(tmp_path):
+    from kosmosg_core.files import safetensors_format
+
+    marked = save_safetensors({"x": torch.zeros(2)}, tmp_path / "m.SafeTensors", {"format": "nano_sd15"})
+    assert safetensors_format(marked) == "nano_sd15"  # the suffix in any case, as the loaders take it
+    assert safetensors_format(save_safetensors({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")) is None
+    (tmp_path / "model.ckpt").write_bytes(b"\0" * 16)
+    assert safetensors_format(tmp_path / "model.ckpt") is None  # another suffix: not read
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    with pytest.raises(ValueError, match=r"notes.safetensors is not a readable .safetensors file \(.+\)\.$"):
+        safetensors_format(tmp_path / "notes.safetensors")

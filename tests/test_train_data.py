@@ -899,6 +899,26 @@ def test_mix_honours_ratio_and_is_deterministic(tmp_path):
     assert run_mix(only)["written"] == 400
 
 
+def test_mix_repeat_sources_cycles_a_small_source_as_the_official_loader(tmp_path, caplog):
+    """Found by a review: the mix ended when its smallest source ran out (the official loader cycles every
+    source), leaving the rest of the others out without a word."""
+    sources = _synthetic_sources(str(tmp_path / "src"), per_source=6)
+    small = dict(sources, instructpix2pix=None)
+    with caplog.at_level("INFO", logger="train.data.mix"):
+        ended = run_mix(MixConfig(output=str(tmp_path / "a"), ratio=[1, 0, 4], **small))
+    stopped = re.search(r"mix: --(laion|openimage) ran out after 6 samples; the mix ends at (\d+)", caplog.text)
+    assert stopped and int(stopped.group(2)) == ended["written"] < 12
+    with pytest.raises(ValueError, match="--repeat-sources true needs --count N"):
+        run_mix(MixConfig(output=str(tmp_path / "b"), ratio=[1, 0, 4], repeat_sources=True, **small))
+    repeated = MixConfig(output=str(tmp_path / "c"), ratio=[1, 0, 4], count=40, repeat_sources=True, **small)
+    assert run_mix(repeated)["written"] == 40
+    origin = [(s.meta["mixed_from"]["source"], s.meta["mixed_from"]["key"]) for s in read_samples(repeated.output)]
+    laion = [key for source, key in origin if source == "laion"]
+    openimage = [key for source, key in origin if source == "openimage"]
+    assert len(openimage) > 12 and openimage[:12] == sorted(openimage[:6]) * 2  # each pass in the source's order
+    assert laion[:6] == sorted(laion[:6]) and len({s.key for s in read_samples(repeated.output)}) == 40
+
+
 def test_mix_names_swapped_sources_and_leaves_out_stray_samples(tmp_path):
     sources = _synthetic_sources(str(tmp_path / "src"), per_source=8)
     swapped = MixConfig(output=str(tmp_path / "a"), ratio=[1, 0, 0], laion=sources["openimage"])
@@ -971,6 +991,12 @@ def test_official_tsv_round_trip(built, tmp_path):
     assert len(line) == 3 + 2 * len(first.meta["entities"])
     ip2p_line = open(os.path.join(official, "instructpix2pix", "data", "shard-000000.tsv")).read().split("\t")
     assert ip2p_line[:2] == ["a room", "add a lamp"] and len(ip2p_line) == 6
+    # each listed file where its official loader opens it (found by a review: the LAION loader opens
+    # <folder>/<listed name>, not <folder>/data/<name> as the other two, so it read no LAION file)
+    opened_under = {"openimage": "data", "instructpix2pix": "data", "laion": ""}
+    for kind, under in opened_under.items():
+        for name in json.load(open(os.path.join(official, kind, "json", "train.json")))[0]["source"]:
+            assert os.path.isfile(os.path.join(official, kind, under, name)), (kind, name)
 
     back = str(tmp_path / "back")
     summary = run_from_official(OfficialConfig(input=official, output=back))

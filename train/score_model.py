@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kosmosg_core.config import SD15_CONFIG_DIR
-from train.nano.sd15_format import FORMAT_NAME as NANO_FORMAT
+from kosmosg_core.config import NANO_SD15_FORMAT, SD15_CONFIG_DIR
+from kosmosg_core.files import safetensors_format
 from train.nano.taesd import LATENT_CHANNELS
 
 logger = logging.getLogger(__name__)
@@ -132,24 +132,12 @@ def load_score_model(path, kind: str = "auto") -> ScoreModel:
     if kind not in ("auto", "diffusers", "nano"):
         raise ValueError(f"score_model_kind={kind!r}: use auto, diffusers or nano.")
     if kind == "auto":
-        kind = "nano" if path.is_file() and _safetensors_format(path) == NANO_FORMAT else "diffusers"
+        kind = "nano" if path.is_file() and safetensors_format(path) == NANO_SD15_FORMAT else "diffusers"
     if kind == "nano":
         return _load_nano(path)
     if path.is_dir():
         return _load_diffusers_folder(path)
     return _load_diffusers_single_file(path)
-
-
-def _safetensors_format(path: Path) -> str | None:
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable safetensors file"
-        raise ValueError(f"score model {path} is not a readable .safetensors file ({e}).") from e
 
 
 def _load_diffusers_folder(folder: Path) -> ScoreModel:

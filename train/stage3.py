@@ -10,6 +10,8 @@ Per sample (official loaders + diffusion wrapper, spec section 8):
   the update's samples (official: the diffusion wrapper sums it over the batch and fairseq's trainer
   divides the gradients by the criterion's sample_size, the number of samples in the update, before
   clipping; the logged loss is that mean too).
+- laion captions of more than `max_laion_caption_tokens` (128) pieces are skipped, as the official LAION loader
+  does (its 384-pixel minimum side is the data's: `train.data ingest-pairs --min-side`);
 - optional, not in the official recipe: `caption_teacher_weight` w > 0 adds w x the mean squared
   difference between the condition and the CLIP text encoder's states of the sample's caption (the
   empty caption for unconditional samples), averaged the same way. It distils the text route, which
@@ -62,6 +64,8 @@ class Stage3Config(MLLMTrainingConfig):
         "help": "weight of the caption-teacher loss (0 = official: diffusion loss only); needs --clip-text-encoder"})
     clip_text_encoder: str = field(default="", metadata={
         "help": "the CLIP text encoder + tokenizer the caption teacher reads (as stage 2's --clip-text-encoder)"})
+    max_laion_caption_tokens: int = field(default=128, metadata={
+        "min": 1, "help": "skip laion captions of more SentencePiece pieces (official LAION loader: 128)"})
 
 
 class DiffusionModule(nn.Module):
@@ -150,12 +154,15 @@ class Stage3(Stage):
         uncond = rng.random() < self.cfg.uncond_prob
         prompt = build_prompt_ids(self.tokenizer, choice.text, len(choice.image_fields),
                                   self._model_cfg.image_token_slots)
+        if meta.get("kind") == "laion" and len(prompt) - 1 > self.cfg.max_laion_caption_tokens:  # [<s>] + caption
+            return None
         if self.too_long(record.key, len(prompt)):
             return None
         check_images_readable(record.fields, choice.image_fields + [choice.target_field], record.key)
+        # the caption teacher's text: what the target shows (an InstructPix2Pix caption is its source image's)
+        caption = "" if meta.get("kind") == "instructpix2pix" else (meta.get("caption") or "").strip()
         return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,
-                "target": choice.target_field, "uncond": uncond, "record": record.fields,
-                "caption": (meta.get("caption") or "").strip()}
+                "target": choice.target_field, "uncond": uncond, "record": record.fields, "caption": caption}
 
     def collate(self, mine, global_items, step, device):
         ids, mask = pad_rows([it["prompt"] for it in global_items], [it["prompt"] for it in mine])
@@ -205,7 +212,8 @@ def draw_diffusion_noise(generators: list[torch.Generator], latent_shape, num_tr
 
 def caption_teacher_targets(items: list[dict]) -> tuple[list[str], list[float]]:
     """The caption teacher's text per sample and whether it counts: an unconditional sample's target is the
-    empty caption's states (it counts); a conditional sample without a caption has no target."""
+    empty caption's states (it counts); a conditional sample without a caption (an InstructPix2Pix one: its
+    caption describes the source image, not the target) has no target."""
     captions = ["" if it["uncond"] else it["caption"] for it in items]
     return captions, [float(it["uncond"] or bool(it["caption"])) for it in items]
 

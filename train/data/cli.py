@@ -63,6 +63,8 @@ COMMANDS: dict[str, tuple[type, str, str, list]] = {
              ("--output", "output", str, "output folder"),
              ("--seed", "seed", int, "mixing seed"),
              ("--count", "count", int, "total samples (0 = until a source runs out)"),
+             ("--repeat-sources", "repeat_sources", str, "true: a source that runs out starts again (as the official "
+                                                         "loader); needs --count"),
              ("--samples-per-shard", "samples_per_shard", int, "samples per output shard")]),
     "to-official": (cfg.OfficialConfig, "shards -> official json/train.json + data/*.tsv layout",
                     "Writes OUTPUT/<kind>/json/train.json and OUTPUT/<kind>/data/*.tsv (base64 PNG images).",

@@ -99,6 +99,9 @@ class MixConfig:
     output: str | None = None
     seed: int = 0
     count: int = field(default=0, metadata={"min": 0})  # 0 = until the first source runs out
+    # true: a source that runs out starts again from its first sample, as the official loader cycles every source
+    # (with real sizes the smallest set, InstructPix2Pix, runs out long before the others); needs a count
+    repeat_sources: bool = False
     samples_per_shard: int = field(default=1000, metadata={"min": 1})
     shard_prefix: str = "mix"
 

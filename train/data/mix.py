@@ -3,7 +3,9 @@
 Official stage-3 weights are LAION : InstructPix2Pix : OpenImages = 1 : 2 : 2. Each output slot
 draws its source from a seeded RNG with those weights (what WebDataset's RandomMix and the
 official multi-source loader do), streaming every source in its own order; the mix stops at
-`count` samples or when a drawn source runs out, so the ratio holds over the whole output.
+`count` samples or when a drawn source runs out, so the ratio holds over the whole output (the rest of the other
+sources is left out: logged). With `repeat_sources` a source that runs out starts again from its first sample, as
+the official loader cycles every source, until `count`.
 Samples are renamed `000000000`, `000000001`, ... and their meta gains
 `mixed_from = {"source": kind, "key": original key}`.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from typing import Iterator
 
 from .config import KINDS, MixConfig
 from .shards import ProcessResult, Sample, encode_meta, iter_records, run_sharded
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,14 +73,25 @@ def _checked_stream(kind: str, spec: str) -> Iterator[dict]:
 
 def iter_mixed(config: MixConfig) -> Iterator[MixItem]:
     names, weights, inputs = mix_plan(config)
+    if config.repeat_sources and not config.count:
+        raise ValueError("--repeat-sources true needs --count N: repeated sources never run out, so the mix needs "
+                         "its length.")
     streams = {kind: _checked_stream(kind, inputs[kind]) for kind in names}
+    drawn = dict.fromkeys(names, 0)
     rng = random.Random(config.seed)
     index = 0
     while not config.count or index < config.count:
         kind = rng.choices(names, weights)[0]
         record = next(streams[kind], None)
+        if record is None and config.repeat_sources and drawn[kind]:
+            streams[kind] = _checked_stream(kind, inputs[kind])  # from its first sample again
+            record = next(streams[kind], None)
         if record is None:
+            logger.info("mix: --%s ran out after %d samples; the mix ends at %d (%s); --repeat-sources true with "
+                        "--count N starts a source again instead", kind, drawn[kind], index,
+                        ", ".join(f"{name} {count}" for name, count in drawn.items()))
             return
+        drawn[kind] += 1
         yield MixItem(index, kind, record)
         index += 1
 

@@ -2,7 +2,9 @@
 
 Official layout (spec section 8), one folder per source:
   <source>/json/train.json  [{"source": ["x.tsv", ...], "source_lang": <kind>, "weight": 1.0, "name": <kind>}]
-  <source>/data/x.tsv       one example per line, tab-separated, images base64 PNG/JPEG:
+  <source>/data/x.tsv       one example per line, tab-separated, images base64 PNG/JPEG (train.json lists
+                            "x.tsv": the OpenImages / InstructPix2Pix loaders open data/x.tsv; the LAION loader opens
+                            the listed path under <source>, so its list says "data/x.tsv"):
     laion:           key \t caption \t image \t width \t height   (the loader reads fields 1-4)
     instructpix2pix: input_caption \t edit \t (source \t edited) x seeds
     openimage:       caption \t tag1,tag2,... \t full_image \t (crop_k \t masked_crop_k) x tags
@@ -117,8 +119,9 @@ def run_to_official(config: OfficialConfig) -> dict:
             flush(kind)
     for kind, names in written.items():
         os.makedirs(os.path.join(config.output, kind, "json"), exist_ok=True)
+        listed = [f"data/{name}" for name in names] if kind == "laion" else names  # as each official loader opens it
         write_json(os.path.join(config.output, kind, "json", "train.json"),
-                   [{"source": names, "source_lang": kind, "weight": 1.0, "name": kind}])
+                   [{"source": listed, "source_lang": kind, "weight": 1.0, "name": kind}])
     summary = dict(sorted(counts.items()))
     write_json(os.path.join(config.output, "summary.json"), summary)
     logger.info("to-official summary: %s", json.dumps(summary, sort_keys=True))
@@ -181,7 +184,8 @@ def iter_official(root: str):
                     continue
                 with open(path, "rb") as handle:  # decoded per line: one line that is not UTF-8 is one bad line
                     for number, raw in enumerate(handle, 1):
-                        origin = f"{os.path.basename(folder)}/{os.path.splitext(name)[0]}:{number:07d}"
+                        stem = os.path.splitext(os.path.basename(name))[0]
+                        origin = f"{os.path.basename(folder)}/{stem}:{number:07d}"
                         try:
                             line = raw.decode("utf-8").rstrip("\r\n")
                         except UnicodeDecodeError as error:
