@@ -291,6 +291,25 @@ def test_record_stream_is_seeded_and_repeats_epochs(env):
     assert not set(split[0]) & set(split[1]) and sorted(split[0] + split[1]) == sorted(first.shards)  # data_split=shards
 
 
+def test_two_data_folders_with_the_same_keys_draw_apart(env, tmp_path):
+    """Found by a review: each build numbers its samples from 00000000, and the per-sample draws (stage 1/3 choices,
+    stage 3 noise) and the record shuffle were seeded by key and shard name only: `--data a,b` with two builds drew
+    alike for their same-key samples. The first folder's draws are unchanged (a one-folder run is as before)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(env.data, copy)
+    alone = RecordStream(env.data, seed=3)
+    first_only = [(r.key, r.sample_id) for r in (alone.next() for _ in range(16))]
+    assert all(key == sample_id for key, sample_id in first_only)
+    both = RecordStream(f"{env.data},{copy}", seed=3)
+    records = [both.next() for _ in range(32)]  # one epoch of both folders
+    by_folder = {}
+    for record in records:
+        by_folder.setdefault(record.sample_id.startswith("1/"), []).append(record)
+    assert sorted(r.key for r in by_folder[True]) == sorted(r.key for r in by_folder[False])  # the same keys...
+    assert {r.sample_id for r in by_folder[True]} == {f"1/{r.key}" for r in by_folder[False]}  # ...told apart
+    assert {r.sample_id for r in by_folder[False]} == {key for key, _ in first_only}
+
+
 def test_interleaved_choices_follow_official_probabilities():
     from train.inputs import choose_interleaved
     from train.common.seeds import sample_rng

@@ -151,6 +151,12 @@ class Record:
     epoch: int
     fields: dict
     shard: str = ""  # the shard file's name, for messages
+    # the sample as its per-sample draws know it: its key, qualified by its folder's number past the first folder of
+    # --data (each build numbers its samples from 00000000: two folders' samples would draw alike)
+    sample_id: str = ""
+
+    def __post_init__(self):
+        self.sample_id = self.sample_id or self.key
 
     @property
     def meta(self) -> dict:
@@ -195,6 +201,9 @@ class RecordStream:
         if split not in ("samples", "shards"):
             raise ValueError(f"data_split={split!r}: use 'samples' or 'shards'.")
         shards = resolve_shards(data)
+        # the folder each shard comes from, numbered in --data's order (0: the first); for `Record.sample_id`
+        folders = list(dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in shards))
+        self._folder_number = {path: folders.index(os.path.dirname(os.path.abspath(path))) for path in shards}
         if split == "shards":
             shards = shards[rank::world_size]
             if not shards:
@@ -205,7 +214,7 @@ class RecordStream:
         self._damaged: set[int] = set()  # indices into self.shards of shards found damaged: a resume may find them rebuilt
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._records: list[tuple[str, dict]] | None = None
-        self._shard_name = ""  # of the loaded records
+        self._shard_name = self._shard_path = ""  # of the loaded records
         self._empty_epochs = 0
 
     def shard_fingerprints(self) -> list[str]:
@@ -269,8 +278,15 @@ class RecordStream:
             raise ValueError(f"Shard {path} cannot be read ({type(e).__name__}: {e}); make it readable again, then "
                              "resume the run.") from e
         records.sort(key=lambda kv: kv[0])  # independent of tar member order
-        sample_rng(self.seed, "records", self.epoch, os.path.basename(path)).shuffle(records)
+        sample_rng(self.seed, "records", self.epoch, self._qualified(os.path.basename(path), path)).shuffle(records)
+        self._shard_path = path
         return records
+
+    def _qualified(self, name: str, path: str) -> str:
+        """`name` (a key, a shard's file name) as the per-sample draws see it: the first folder's as it is, another
+        folder's prefixed by its number ("1/00000002"), so two builds' samples do not draw alike."""
+        number = self._folder_number[path]
+        return f"{number}/{name}" if number else name
 
     def next(self) -> Record:
         while True:
@@ -280,7 +296,8 @@ class RecordStream:
                 key, fields = self._records[self.offset]
                 self.offset += 1
                 self._empty_epochs = 0
-                return Record(key=key, epoch=self.epoch, fields=fields, shard=self._shard_name)
+                return Record(key=key, epoch=self.epoch, fields=fields, shard=self._shard_name,
+                              sample_id=self._qualified(key, self._shard_path))
             self._records, self.offset = None, 0
             self.cursor += 1
             if self.cursor == len(self.shards):

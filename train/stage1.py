@@ -70,7 +70,7 @@ class Stage1(Stage):
 
     def select(self, record):
         meta = record.meta
-        rng = sample_rng(self.cfg.seed, self.name, record.epoch, record.key)
+        rng = sample_rng(self.cfg.seed, self.name, record.epoch, record.sample_id)
         if meta.get("kind") == "laion":
             if not self.cfg.image_text_pairs:
                 text, fields = meta["caption"], []

@@ -149,7 +149,7 @@ class Stage3(Stage):
 
     def select(self, record):
         meta = record.meta
-        rng = sample_rng(self.cfg.seed, self.name, record.epoch, record.key)
+        rng = sample_rng(self.cfg.seed, self.name, record.epoch, record.sample_id)
         choice = choose_interleaved(meta, rng, self.cfg.drop_caption_prob, self.cfg.masked_entity_prob)
         uncond = rng.random() < self.cfg.uncond_prob
         prompt = build_prompt_ids(self.tokenizer, choice.text, len(choice.image_fields),
@@ -161,7 +161,8 @@ class Stage3(Stage):
         check_images_readable(record.fields, choice.image_fields + [choice.target_field], record.key)
         # the caption teacher's text: what the target shows (an InstructPix2Pix caption is its source image's)
         caption = "" if meta.get("kind") == "instructpix2pix" else (meta.get("caption") or "").strip()
-        return {"key": record.key, "epoch": record.epoch, "prompt": prompt, "fields": choice.image_fields,
+        return {"key": record.key, "sample_id": record.sample_id, "epoch": record.epoch, "prompt": prompt,
+                "fields": choice.image_fields,
                 "target": choice.target_field, "uncond": uncond, "record": record.fields, "caption": caption}
 
     def collate(self, mine, global_items, step, device):
@@ -171,7 +172,7 @@ class Stage3(Stage):
         targets = torch.stack([target_pixels(it["record"][it["target"]], self.cfg.resolution, f"{it['key']}.target")
                                for it in mine])  # [B, 3, R, R] in [-1, 1]
         # per-sample noise: seeded by (seed, step, sample), so independent of the batch split
-        gens = [sample_generator(self.cfg.seed, "noise", step, it["epoch"], it["key"]) for it in mine]
+        gens = [sample_generator(self.cfg.seed, "noise", step, it["epoch"], it["sample_id"]) for it in mine]
         latent_noise, noise, timesteps = draw_diffusion_noise(gens, self.score.latent_shape(self.cfg.resolution),
                                                               self.score.num_train_timesteps)
         latents = self.score.encode_latents(targets, latent_noise).float()  # [B, 4, h, w]
