@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import AlignerConfig, ConnectorConfig, DecoderConfig, KosmosGConfig, VisionConfig
-from .errors import CheckpointError, CheckpointNotFoundError, OutputPathError, TokenizerError
+from .errors import CheckpointError, CheckpointNotFoundError, TokenizerError
 from .files import check_input_path_length, check_output_file, path_length_problem, save_safetensors, utf8_text
 from .model import KosmosG
 from .safe_unpickle import load_pt_state_dict, looks_like_stable_diffusion
@@ -525,10 +525,9 @@ def convert_official(pt_path, out_path, tokenizer_dir=None, dtype: torch.dtype |
     tokenizer_dir is given. dtype None keeps the file's own floating dtype (official files are most likely fp16)."""
     pt_path = Path(pt_path)
     # before the (long) read; never the source itself (a pack re-cast in place would lose its original)
-    out_path = check_output_file(out_path, "The converted file", inputs=(pt_path,))
-    if out_path.suffix.lower() != ".safetensors":
-        raise OutputPathError(f"The converted file {out_path} must end in .safetensors (the pack's format; the loaders "
-                              "tell the formats apart by it); e.g. kosmosg.safetensors.")
+    out_path = check_output_file(out_path, "The converted file", inputs=(pt_path,), suffix=".safetensors",
+                                 suffix_why="it must end in .safetensors (the pack's format; the loaders tell the "
+                                            "formats apart by it)")
     cfg, state_dict, embedded_tokenizer = read_checkpoint(pt_path, config)
     tokenizer = _resolve_tokenizer(pt_path, embedded_tokenizer, tokenizer_dir)
     tokenizer.check_matches(cfg.decoder.vocab_size)

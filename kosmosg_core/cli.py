@@ -145,15 +145,13 @@ def cmd_encode(args) -> None:
 
 def cmd_convert(args) -> None:
     from .checkpoint import convert_official
-    from .errors import OutputPathError
     from .files import check_output_file
     from .pipeline import resolve_dtype
 
     dtype = None if args.dtype == "keep" else resolve_dtype(args.dtype)
-    # the source itself is refused even with --overwrite (before this check, whose advice would be --overwrite)
-    out = check_output_file(args.out, "--out", inputs=(args.checkpoint,))
-    if out.exists() and not args.overwrite:  # as the Convert node (a review saw an SD model replaced)
-        raise OutputPathError(f"--out {out} already exists; add --overwrite to replace it, or choose another name.")
+    # an existing file only with --overwrite, as the Convert node (a review saw an SD model replaced)
+    out = check_output_file(args.out, "--out", inputs=(args.checkpoint,),
+                            replace_fix=None if args.overwrite else "add --overwrite")
     out = convert_official(args.checkpoint, out, tokenizer_dir=args.tokenizer, dtype=dtype)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 

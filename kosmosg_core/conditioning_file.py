@@ -50,10 +50,9 @@ def check_encode_output(path, inputs=()) -> Path:
     tensor `cond`), never another file (a review saw a PNG, a tokenizer file and a model overwritten)."""
     from safetensors import safe_open
 
-    path = check_output_file(path, "--out", inputs=inputs)
-    if path.suffix.lower() != ".safetensors":
-        raise OutputPathError(f"--out {path}: encode writes a .safetensors file (ComfyUI's Kosmos-G Load Conditioning "
-                              "lists those); name it *.safetensors.")
+    path = check_output_file(path, "--out", inputs=inputs, suffix=".safetensors",
+                             suffix_why="encode writes a .safetensors file (ComfyUI's Kosmos-G Load Conditioning "
+                                        "lists those)")
     if path.exists():
         if not path.is_file():  # a FIFO: reading it would block
             raise OutputPathError(f"--out {path} exists and is not a regular file; choose another name.")

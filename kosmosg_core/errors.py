@@ -42,6 +42,10 @@ class OutputPathError(KosmosGError, ValueError):
     """An output path cannot be written (a folder where a file goes, a file where a folder goes...)."""
 
 
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output file is there already and the caller did not ask to replace it."""
+
+
 class GenerationSettingsError(KosmosGError, ValueError):
     """A sampling setting (steps, size, seed...) is out of range."""
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import OutputPathError, first_line
+from .errors import OutputExistsError, OutputPathError, first_line
 
 if TYPE_CHECKING:  # only for annotations: the tokenizer and image readers import this module without needing torch
     import torch
@@ -91,10 +91,14 @@ def _shortened(path, keep: int = 60) -> str:
     return text if len(text) <= 2 * keep + 3 else f"{text[:keep]}...{text[-keep:]}"
 
 
-def check_output_file(path, what: str, inputs=()) -> Path:
+def check_output_file(path, what: str, inputs=(), suffix: str | None = None, suffix_why: str = "",
+                      replace_fix: str | None = None) -> Path:
     """Refuse, before any work is done, an output file path that cannot be written as a file: a folder, a
     name too long, a parent that is a file or not writable, or the same file as one of `inputs` (writing
-    there would destroy the input)."""
+    there would destroy the input; refused first, whatever the other checks would advise).
+    suffix: the ending the file must have (any case; e.g. ".safetensors"), `suffix_why` saying why.
+    replace_fix: where given, an existing file is refused (OutputExistsError) with this advice ("add --overwrite");
+    None: an existing file may be replaced."""
     path = _storable_path(path, what)
     try:
         if path.is_dir():
@@ -105,8 +109,16 @@ def check_output_file(path, what: str, inputs=()) -> Path:
                     and path.samefile(source):
                 raise OutputPathError(f"{what} {path} is the input file {source}; writing there would destroy it. "
                                       "Choose another output path.")
+        if suffix is not None and path.suffix.lower() != suffix:
+            raise OutputPathError(f"{what} {path}: {suffix_why or 'the file must end in ' + suffix}; name it "
+                                  f"*{suffix}.")
+        if replace_fix is not None and path.exists():
+            raise OutputExistsError(f"{what} {path} already exists; {replace_fix} to replace it, or choose another "
+                                    "name.")
         _check_folders(path.parent, what, path)
     except OSError as e:  # e.g. a folder on the way that this user may not enter
+        if isinstance(e, OutputPathError):  # an OutputExistsError is a FileExistsError too
+            raise
         raise OutputPathError(f"{what} {path}: {e.strerror or e}; choose another path.") from e
     return path
 

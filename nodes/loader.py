@@ -120,11 +120,9 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
 
         src = paths.resolve_checkpoint(source)
         name = converted_file_name(source, output_name)
-        # the source itself (a .safetensors source with no output_name): refused even with overwrite (as the core's
-        # convert_official does), before the exists check, whose advice would be to set overwrite
-        out = str(check_output_file(os.path.join(os.path.dirname(src), name), "output_name", inputs=(src,)))
-        if os.path.exists(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists; set overwrite to true or choose another output_name.")
+        # the source itself (a .safetensors source with no output_name) is refused even with overwrite
+        out = str(check_output_file(os.path.join(os.path.dirname(src), name), "output_name", inputs=(src,),
+                                    replace_fix=None if overwrite else "set overwrite to true"))
         convert_official(src, out, dtype=None if dtype == "keep" else resolve_dtype(dtype))
         relative = os.path.join(os.path.dirname(source), name) if os.path.dirname(source) else name
         return io.NodeOutput(relative, ui=ui.PreviewText(f"Converted {source} -> {relative}"))

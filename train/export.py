@@ -42,11 +42,8 @@ def export(cfg: ExportConfig) -> Path:
         raise ValueError("--checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are required.")
     if cfg.dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPE_NAMES)}.")
-    if not cfg.out.lower().endswith(".safetensors"):
-        raise ValueError(f"--out {cfg.out}: the pack format is .safetensors; name the file *.safetensors.")
-    out = check_output_file(cfg.out, "--out")  # before the checkpoint is read
-    if out.exists() and not cfg.overwrite:
-        raise ValueError(f"--out {out} already exists; add --overwrite true to replace it, or choose another name.")
+    check_output_file(cfg.out, "--out", suffix=".safetensors", suffix_why="the pack format is .safetensors",
+                      replace_fix=None if cfg.overwrite else "add --overwrite true")  # before the checkpoint is read
     state = load_checkpoint(cfg.checkpoint)
     if state is None:
         raise ValueError(f"--checkpoint {cfg.checkpoint}: no checkpoint.pt there (has the run saved one yet?).")
