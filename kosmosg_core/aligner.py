@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ALIGNER_FIRST_POSITION, AlignerConfig
-from .layers import Embedding, MultiheadAttention, TransformerLayer
+from .layers import Embedding, MultiheadAttention, TransformerLayer, scale_subln_
 
 
 class LayerStack(nn.Module):
@@ -105,10 +105,6 @@ class Aligner(nn.Module):
                        (self.decoder_proj, math.sqrt(math.log(2 * recon)))]  # torchscale Encoder alone
         return stacks
 
-    @staticmethod
-    def _subln_scaled(name: str, names: tuple[str, ...] = ("fc1", "fc2", "out_proj", "v_proj")) -> bool:
-        return "encoder_attn" not in name and any(k in name for k in names)
-
     def init_like_torchscale(self) -> None:
         """The official fresh initialisation (what stage 2 starts from; loading a checkpoint replaces it).
 
@@ -119,28 +115,20 @@ class Aligner(nn.Module):
         equal at the start and learn about half as fast (nano probe: 10 % vs 22 % of the held-out
         between-caption variance after 375 steps).
         """
-        with torch.no_grad():
-            for stack, subln_scale in self._stacks():
-                for name, parameter in stack.named_parameters():
-                    if self._subln_scaled(name):
-                        parameter.mul_(subln_scale)
+        for stack, subln_scale in self._stacks():
+            scale_subln_(stack, subln_scale, skip="encoder_attn")
 
     def reset_attention_xavier(self) -> None:
         """Re-initialise every attention as torchscale's uncalled `MultiheadAttention.reset_parameters` would
         (xavier-uniform q/k/v with gain 2^-1/2 and out_proj, zero out_proj bias), keeping the subLN scaling: the
         init this repo's stage 2 used before it followed the official one (the shipped nano's run). Called
         right after `init_like_torchscale` with no random draw between, it gives that init bit for bit."""
-        with torch.no_grad():
-            for stack, subln_scale in self._stacks():
-                for module in stack.modules():
-                    if isinstance(module, MultiheadAttention):
-                        for projection in (module.q_proj, module.k_proj, module.v_proj):
-                            nn.init.xavier_uniform_(projection.weight, gain=2 ** -0.5)
-                        nn.init.xavier_uniform_(module.out_proj.weight)
-                        nn.init.zeros_(module.out_proj.bias)
-                for name, parameter in stack.named_parameters():
-                    if self._subln_scaled(name, ("out_proj.weight", "v_proj.weight")):  # the ones just replaced
-                        parameter.mul_(subln_scale)
+        for stack, subln_scale in self._stacks():
+            for module in stack.modules():
+                if isinstance(module, MultiheadAttention):
+                    module.reset_xavier()
+            # the weights just replaced, scaled again
+            scale_subln_(stack, subln_scale, skip="encoder_attn", parts=("out_proj.weight", "v_proj.weight"))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for module in self.modules():

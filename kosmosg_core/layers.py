@@ -77,6 +77,28 @@ class MultiheadAttention(nn.Module):
             out = self.inner_attn_ln(out)
         return self.out_proj(out)
 
+    @torch.no_grad()
+    def reset_xavier(self) -> None:
+        """fairseq's / torchscale's own `reset_parameters`: xavier-uniform q/k/v with gain 2^-1/2 and out_proj, zero
+        out_proj bias (in this order: the same random draws)."""
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(projection.weight, gain=2 ** -0.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+
+SUBLN_SCALED = ("fc1", "fc2", "out_proj", "v_proj")  # the parameters torchscale's subLN init scales
+
+
+@torch.no_grad()
+def scale_subln_(stack: nn.Module, factor: float, skip: str | None = None, parts: tuple[str, ...] = SUBLN_SCALED) -> None:
+    """torchscale's subLN init of a layer stack: the weights and biases of fc1, fc2, out_proj and v_proj (`parts`)
+    times the stack's depth factor; parameters whose name holds `skip` (e.g. "encoder_attn", cross-attention) left
+    as they are."""
+    for name, parameter in stack.named_parameters():
+        if (skip is None or skip not in name) and any(part in name for part in parts):
+            parameter.mul_(factor)
+
 
 class FeedForward(nn.Module):
     """fc1 -> GELU (float32) -> activation dropout -> subLN -> fc2 (torchscale FeedForwardNetwork with subln; its

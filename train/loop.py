@@ -1029,6 +1029,7 @@ def init_fresh_weights(model, official: bool = True) -> None:
     equal at the start) and its attention as fairseq's MultiheadAttention initialises itself (xavier q/k/v with gain
     2^-1/2, xavier out_proj, zero out_proj bias). The aligner initialises itself (`Aligner.init_like_torchscale`)."""
     from kosmosg_core.config import PAD_ID
+    from kosmosg_core.layers import scale_subln_
 
     weight = model.decoder.embed_tokens.weight
     with torch.no_grad():
@@ -1036,16 +1037,9 @@ def init_fresh_weights(model, official: bool = True) -> None:
         weight[PAD_ID].zero_()
         if not official:
             return
-        subln_scale = math.sqrt(math.log(2 * model.cfg.decoder.layers))
-        for name, parameter in model.decoder.layers.named_parameters():
-            if any(part in name for part in ("fc1", "fc2", "out_proj", "v_proj")):
-                parameter.mul_(subln_scale)
+        scale_subln_(model.decoder.layers, math.sqrt(math.log(2 * model.cfg.decoder.layers)))
         model.connector.latent_query.normal_()
-        attention = model.connector.x_attn
-        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-            nn.init.xavier_uniform_(projection.weight, gain=2 ** -0.5)
-        nn.init.xavier_uniform_(attention.out_proj.weight)
-        nn.init.zeros_(attention.out_proj.bias)
+        model.connector.x_attn.reset_xavier()
 
 
 def set_trainable(model, decoder: bool, connector: bool, aligner: bool, vision_last: bool) -> None:
