@@ -91,3 +91,28 @@ def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
     return StableDiffusionPipeline(vae=networks["VAE"], text_encoder=None, tokenizer=None, unet=networks["U-Net"],
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def _count_blocks(state_dict, pattern: str) -> int:
+    """How many consecutive blocks 0, 1, ... `pattern` (a prefix with one {}) has keys in `state_dict`."""
+    count = 0
+    while any(key.startswith(pattern.format(count) + ".") for key in state_dict):
+        count += 1
+    return count
+
+
+def unet_block_layout(state_dict) -> dict:
+    """A diffusers UNet2DConditionModel's state dict -> its block layout as comfy.utils.unet_to_diffusers takes it
+    (num_res_blocks, channel_mult, transformer_depth, transformer_depth_output, transformer_depth_middle), read
+    from the tensors' names: how many resnets each down block has, how many transformer blocks each attention."""
+    down = _count_blocks(state_dict, "down_blocks.{}")
+    num_res_blocks = [_count_blocks(state_dict, f"down_blocks.{i}.resnets.{{}}") for i in range(down)]
+    transformer_depth = [_count_blocks(state_dict, f"down_blocks.{i}.attentions.{j}.transformer_blocks.{{}}")
+                         for i in range(down) for j in range(num_res_blocks[i])]
+    up_depths = [_count_blocks(state_dict, f"up_blocks.{x}.attentions.{i}.transformer_blocks.{{}}")
+                 for x in range(_count_blocks(state_dict, "up_blocks.{}"))
+                 for i in range(_count_blocks(state_dict, f"up_blocks.{x}.resnets.{{}}"))]
+    return {"num_res_blocks": num_res_blocks, "channel_mult": [1] * down,  # only its length is read
+            "transformer_depth": transformer_depth,
+            "transformer_depth_output": up_depths[::-1],  # unet_to_diffusers takes them from the end
+            "transformer_depth_middle": _count_blocks(state_dict, "mid_block.attentions.0.transformer_blocks.{}")}

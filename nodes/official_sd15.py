@@ -17,36 +17,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..kosmosg_core.errors import CheckpointError, KosmosGError, first_line
-from ..kosmosg_core.official_sd15 import read_official_sd15
+from ..kosmosg_core.official_sd15 import read_official_sd15, unet_block_layout
 from . import paths
 from .types import CATEGORY
 
 USE_LOAD_CHECKPOINT = "load SD1.5 with Load Checkpoint instead (any SD1.5 checkpoint)"
-
-
-def _count(state_dict, pattern: str) -> int:
-    """How many consecutive blocks 0, 1, ... `pattern` (a prefix with one {}) has keys in `state_dict`."""
-    count = 0
-    while any(key.startswith(pattern.format(count) + ".") for key in state_dict):
-        count += 1
-    return count
-
-
-def unet_block_layout(state_dict) -> dict:
-    """A diffusers UNet2DConditionModel's state dict -> its block layout as comfy.utils.unet_to_diffusers takes it
-    (num_res_blocks, channel_mult, transformer_depth, transformer_depth_output, transformer_depth_middle), read
-    from the tensors' names: how many resnets each down block has, how many transformer blocks each attention."""
-    down = _count(state_dict, "down_blocks.{}")
-    num_res_blocks = [_count(state_dict, f"down_blocks.{i}.resnets.{{}}") for i in range(down)]
-    transformer_depth = [_count(state_dict, f"down_blocks.{i}.attentions.{j}.transformer_blocks.{{}}")
-                         for i in range(down) for j in range(num_res_blocks[i])]
-    up_depths = [_count(state_dict, f"up_blocks.{x}.attentions.{i}.transformer_blocks.{{}}")
-                 for x in range(_count(state_dict, "up_blocks.{}"))
-                 for i in range(_count(state_dict, f"up_blocks.{x}.resnets.{{}}"))]
-    return {"num_res_blocks": num_res_blocks, "channel_mult": [1] * down,  # only its length is read
-            "transformer_depth": transformer_depth,
-            "transformer_depth_output": up_depths[::-1],  # unet_to_diffusers takes them from the end
-            "transformer_depth_middle": _count(state_dict, "mid_block.attentions.0.transformer_blocks.{}")}
 
 
 def unet_in_comfy_names(state_dict, source: str) -> dict:

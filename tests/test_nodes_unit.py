@@ -1314,7 +1314,8 @@ def test_unet_block_layout_of_sd15_is_comfyuis_sd15_layout():
     from diffusers import UNet2DConditionModel
 
     from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR
-    from kosmosg_pack.nodes.official_sd15 import unet_block_layout, unet_in_comfy_names
+    from kosmosg_pack.kosmosg_core.official_sd15 import unet_block_layout
+    from kosmosg_pack.nodes.official_sd15 import unet_in_comfy_names
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
