@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # fairseq Dictionary layout of the official `dict.txt` vocabulary (spec section 5).
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, in fairseq's Dictionary order, before dict.txt
 BOS_ID = 0  # <s>
 PAD_ID = 1  # <pad>
 EOS_ID = 2  # </s>

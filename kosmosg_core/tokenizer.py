@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .config import ADDED_SYMBOLS, BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from .config import ADDED_SYMBOLS, BOS_ID, EOS_ID, FAIRSEQ_SPECIALS, PAD_ID, UNK_ID
 from .errors import TokenizerError
 from .files import check_input_path_length, path_length_problem
 
@@ -43,7 +43,6 @@ def tokenizer_places_text(stem: str = "<checkpoint name>") -> str:
     names = [name.format(stem=stem) + "/" if name else "the checkpoint's own folder" for name in TOKENIZER_DIR_NAMES]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
-_FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, in fairseq's Dictionary order
 _OVERWRITE_FLAG = "#fairseq:overwrite"
 _FIX = (f"Use the official `{SPM_FILENAME}` and `{DICT_FILENAME}` that came with the Kosmos-G checkpoint "
         "(the official repository's `data/` folder), unchanged.")
@@ -59,7 +58,7 @@ class FairseqDictionary:
     def __init__(self):
         self.symbols: list[str] = []
         self.indices: dict[str, int] = {}
-        for symbol in _FAIRSEQ_SPECIALS:
+        for symbol in FAIRSEQ_SPECIALS:
             self.add_symbol(symbol)
 
     def add_symbol(self, word: str, overwrite: bool = False) -> int:
@@ -251,7 +250,7 @@ class KosmosGTokenizer:
 
         With `skip_special`, `<s> <pad> </s>` and the added symbols (`<image>`...) are dropped;
         `<unk>` is kept and shows as SentencePiece's unknown mark."""
-        special = set(range(len(_FAIRSEQ_SPECIALS))) - {UNK_ID}
+        special = set(range(len(FAIRSEQ_SPECIALS))) - {UNK_ID}
         special.update(self._dict.index(s) for s in ADDED_SYMBOLS)
         pieces = []
         for token_id in ids:

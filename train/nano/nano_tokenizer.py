@@ -20,6 +20,7 @@ import string
 from pathlib import Path
 
 from kosmosg_core.cli import OneValuePerFlagParser
+from kosmosg_core.tokenizer import KosmosGTokenizer
 from train.nano import world
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,10 @@ def tokenizer_bytes(pieces: int = SPM_PIECES) -> tuple[bytes, bytes]:
 
 def write_tokenizer(directory, pieces: int = SPM_PIECES) -> Path:
     """Write the two files into `directory` (created) and return it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    spm_bytes, dict_bytes = tokenizer_bytes(pieces)
-    (directory / "sentencepiece.bpe.model").write_bytes(spm_bytes)
-    (directory / "dict.txt").write_bytes(dict_bytes)
-    logger.info("wrote the nano tokenizer (%d pieces, %d ids) to %s", pieces, pieces + 7, directory)
-    return directory
+    tokenizer = KosmosGTokenizer.from_bytes(*tokenizer_bytes(pieces))  # checked as every tokenizer the pack reads
+    tokenizer.save(directory)
+    logger.info("wrote the nano tokenizer (%d pieces, %d ids) to %s", pieces, tokenizer.vocab_size, directory)
+    return Path(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
