@@ -68,8 +68,7 @@ _LIST_SEPARATORS = re.compile(r"[,;\s\x1c-\x1f\x85\ufeff]+")
 
 def count_placeholders(text: str) -> int:
     """Number of `<i>` / `<i:W>` placeholders in `text` (non-overlapping, left to right)."""
-    if not isinstance(text, str):
-        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    check_text(text, "prompt")
     return sum(1 for _ in PLACEHOLDER_PATTERN.finditer(text))
 
 
@@ -77,8 +76,7 @@ def split_placeholders(text: str) -> tuple[list[str], list[float]]:
     """'a <i:0.5> b <i>' -> (['a ', ' b ', ''], [0.5, 1.0]): the n + 1 texts around the n placeholders, and the
     weight each placeholder writes (1.0 for plain `<i>`). A weight that is not a number in 0..MAX_IMAGE_WEIGHT
     is a PromptError naming the placeholder."""
-    if not isinstance(text, str):
-        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    check_text(text, "prompt")
     segments, weights, start = [], [], 0
     for number, match in enumerate(PLACEHOLDER_PATTERN.finditer(text), start=1):
         segments.append(text[start:match.start()])
@@ -210,8 +208,7 @@ def build_prompt_ids(tokenizer, text: str, num_images: int,
                      image_slots: int = KosmosGConfig.image_token_slots) -> PromptIds:
     """Official interleaved layout (module docstring) -> PromptIds. `text` must hold `num_images` `<i>`;
     `image_slots` = the model's `cfg.image_token_slots` (default: the official model's)."""
-    if not isinstance(text, str):
-        raise PromptError(f"The prompt must be text, got {type(text).__name__}.")
+    check_text(text, "prompt")
     if image_slots < 1:
         raise ValueError(f"image_slots must be >= 1, got {image_slots}.")
     mismatch = placeholder_mismatch(text, num_images)
