@@ -424,7 +424,7 @@ def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
 def run_benchmark(args) -> dict:
     from .errors import KosmosGError
     from .files import check_output_file, check_output_folder, write_text_atomic
-    from .pipeline import resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_dtype
 
     # every argument checked before minutes of measuring
     try:  # the CLIP text yardstick's model (not a requirement of the pack: ComfyUI brings it, as do the tests)

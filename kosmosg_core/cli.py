@@ -146,7 +146,7 @@ def cmd_encode(args) -> None:
 def cmd_convert(args) -> None:
     from .checkpoint import convert_official
     from .files import check_output_file
-    from .pipeline import resolve_dtype
+    from .devices import resolve_dtype
 
     dtype = None if args.dtype == "keep" else resolve_dtype(args.dtype)
     # an existing file only with --overwrite, as the Convert node (a review saw an SD model replaced)
@@ -195,7 +195,7 @@ def _check_like_settings(args, record: dict, settings: dict) -> None:
     another dtype than recorded (other numbers drawn) a warning."""
     from .errors import DeviceError
     from .generate import shown
-    from .pipeline import resolve_device
+    from .devices import resolve_device
 
     if args.device is None:
         try:
@@ -212,9 +212,9 @@ def _check_like_settings(args, record: dict, settings: dict) -> None:
 
 
 def _device_name(device: str) -> str:
-    """One name per device (`pipeline.canonical_device`: "CPU", "cpu:0" -> "cpu"), so spellings of one device compare
+    """One name per device (`devices.canonical_device`: "CPU", "cpu:0" -> "cpu"), so spellings of one device compare
     equal; a name torch does not read stays as it is."""
-    from .pipeline import canonical_device
+    from .devices import canonical_device
 
     try:
         return str(canonical_device(device))
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_args(p)
     p.add_argument("--dtype", default="float32", type=_dtype_name, choices=DTYPE_CHOICES,
                    help="compute dtype (default float32; fp32 / fp16 / bf16 also read)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (this GPU if any; default cpu)")
     p.add_argument("--cpu-kernel", default="auto", choices=CPU_KERNEL_CHOICES,
                    help="on the CPU, the kernel of the layers that multiply the prompt's tokens (decoder, aligner "
                         "input): this package's few-row kernel, faster on short prompts (float32 with AVX2, bfloat16 "
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "one, else the SD model's own, 512 for SD1.5 and 64 for the nano image model)")
     p.add_argument("--dtype", default=None, type=_dtype_name, choices=DTYPE_CHOICES,
                    help="default float32 (or the --like record's; fp32 / fp16 / bf16 also read)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu, or the --like record's)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default cpu, or the --like record's)")
     cache_args(p)
     p.add_argument("--no-record", dest="record_settings", action="store_false",
                    help="write the PNGs without their record of the settings (prompt, image file names and pixel "

@@ -29,7 +29,8 @@ from .files import check_input_path_length, check_output_folder, content_fingerp
 from .image_processing import split_images
 from .nano_sd15 import load_nano_sd15
 from .official_sd15 import check_sd15_parts, load_official_sd15
-from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images, resolve_device, resolve_dtype
+from .devices import resolve_device, resolve_dtype
+from .pipeline import KosmosGPipeline, image_weight_list, read_prompt_images
 from .prompt import check_negative_prompt, check_text, combine_image_weights, placeholder_mismatch
 from .sampling import official_noise_generator
 

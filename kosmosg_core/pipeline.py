@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_model, check_checkpoint_path, inspect_checkpoint, load_model, read_checkpoint
-from .config import DTYPE_ALIASES, DTYPE_NAMES, KosmosGConfig
+from .config import KosmosGConfig
 from .cpu_linear import kernels_after_packing, linear_kernels, pack_for_cpu_encode, packs_by_default
 from .disk_cache import DiskCache, checkpoint_identity, same_file_written
-from .errors import CheckpointError, CheckpointNotFoundError, DeviceError, NonFiniteEncodingError, PromptError
+from .devices import canonical_device, resolve_device, resolve_dtype
+from .errors import CheckpointError, CheckpointNotFoundError, NonFiniteEncodingError, PromptError
 from .files import sampled_fingerprint
 from .image_processing import preprocess_images, split_images, to_pil_images
 from .model import KosmosG
@@ -29,66 +30,12 @@ from .tokenizer import KosmosGTokenizer
 
 logger = logging.getLogger(__name__)
 
-# DTYPE_NAMES and their short names (fp32 / fp16 / bf16: ComfyUI's, half: torch's)
-DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
-          **{alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}}
-
 # Big batches are encoded in chunks: memory stays bounded and `progress` (which may raise to interrupt) runs
 # during the work. Images per vision forward, prompts per MLLM + aligner forward: at the official size on a 2-core
 # CPU a chunk takes about 4 s (4 images; 4 prompts of one image each), so a cancel is answered within seconds (a
 # GPU runs either in milliseconds).
 VISION_CHUNK = 4
 PROMPT_CHUNK = 4
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise DeviceError(f"Unsupported dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}.")
-
-
-def resolve_device(device) -> torch.device:
-    try:
-        device = torch.device(device.lower() if isinstance(device, str) else device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"Unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N').") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"Device {str(device)!r} was requested but this PyTorch sees no CUDA GPU; use device 'cpu'.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("Device 'mps' was requested but MPS is not available; use device 'cpu'.")
-    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise DeviceError("Device 'xpu' was requested but this PyTorch sees no Intel GPU; use device 'cpu'.")
-    if device.type == "meta":  # tensors without data: the weights would be lost
-        raise DeviceError("Device 'meta' holds no data; use 'cpu' or 'cuda'.")
-    if device.type not in ("cpu", "cuda", "mps", "xpu") and not device_usable(device):
-        raise DeviceError(f"Unsupported device {str(device)!r}: this PyTorch cannot make tensors there; use 'cpu' or "
-                          "'cuda'.")
-    return device
-
-
-def canonical_device(device) -> torch.device:
-    """One name per device, as tensors there report it: "CPU" and "cpu:0" -> cpu; "cuda" -> cuda:<current GPU>
-    (cuda:0 where this PyTorch sees none); "mps" -> mps:0. Nothing is allocated: it also names devices this
-    machine lacks (e.g. a PNG record's)."""
-    device = torch.device(device.lower() if isinstance(device, str) else device)
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.index is None:
-        index = torch.cuda.current_device() if device.type == "cuda" and torch.cuda.is_available() else 0
-        return torch.device(device.type, index)
-    return device
-
-
-def device_usable(device: torch.device) -> bool:
-    """True when this PyTorch can make a tensor on `device`: the other backends ComfyUI runs on (DirectML's
-    'privateuseone', Ascend 'npu', ...) work where their plugin is installed."""
-    try:
-        torch.empty(1, device=device)
-    except Exception:  # backends fail in their own ways (NotImplementedError, AssertionError, ImportError...)
-        return False
-    return True
 
 
 def _as_list(value) -> list:

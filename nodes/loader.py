@@ -116,7 +116,7 @@ class KosmosGConvertCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, source, output_name="", dtype="fp16", overwrite=False) -> io.NodeOutput:
         from ..kosmosg_core.checkpoint import convert_official
-        from ..kosmosg_core.pipeline import resolve_dtype
+        from ..kosmosg_core.devices import resolve_dtype
 
         src = paths.resolve_checkpoint(source)
         name = converted_file_name(source, output_name)

@@ -131,7 +131,7 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
     if dtype_choice not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype_choice!r}.")
     if dtype_choice != "auto":
-        from ..kosmosg_core.pipeline import resolve_dtype
+        from ..kosmosg_core.devices import resolve_dtype
 
         return resolve_dtype(dtype_choice)
     if mm.is_device_cpu(load_device):

@@ -7,7 +7,8 @@ from PIL import Image
 
 from kosmosg_core.errors import CheckpointError, CheckpointNotFoundError, DeviceError, ImageError, NonFiniteEncodingError, \
     PromptError, TokenizerError
-from kosmosg_core.pipeline import KosmosGPipeline, read_prompt_images, resolve_device
+from kosmosg_core.devices import resolve_device
+from kosmosg_core.pipeline import KosmosGPipeline, read_prompt_images
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +285,21 @@ def test_device_this_pytorch_cannot_use_is_refused_by_name(device):
 
 def test_other_backends_comfyui_runs_on_are_accepted_where_usable(monkeypatch):
     """DirectML ('privateuseone') / Ascend ('npu') users get ComfyUI's device; it is used when torch can."""
-    import kosmosg_core.pipeline as pipeline_module
+    from kosmosg_core import devices
 
-    assert not pipeline_module.device_usable(torch.device("privateuseone"))  # no DirectML plugin here
-    monkeypatch.setattr(pipeline_module, "device_usable", lambda device: True)  # as with the plugin installed
+    assert not devices.device_usable(torch.device("privateuseone"))  # no DirectML plugin here
+    monkeypatch.setattr(devices, "device_usable", lambda device: True)  # as with the plugin installed
     assert resolve_device("privateuseone:0") == torch.device("privateuseone:0")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_device_is_this_process_gpu_or_the_cpu(monkeypatch):
+    """"auto" (train/'s default): the GPU of this process's LOCAL_RANK under accelerate / torchrun, else the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("AUTO") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
 
 
 @pytest.mark.parametrize("dtype, poison, fix", [

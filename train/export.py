@@ -34,7 +34,7 @@ def export(cfg: ExportConfig) -> Path:
     from kosmosg_core.config import DTYPE_NAMES, KosmosGConfig
     from kosmosg_core.model import KosmosG
     from kosmosg_core.files import check_output_file
-    from kosmosg_core.pipeline import resolve_dtype
+    from kosmosg_core.devices import resolve_dtype
     from train.common.checkpointing import load_checkpoint
     from train.loop import load_tokenizer
 

@@ -19,24 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kosmosg_core.config import DTYPE_NAMES
+from kosmosg_core.devices import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> this process's GPU under accelerate/torchrun (LOCAL_RANK) if any, else CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"models.dtype={dtype!r}: use {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, dtype)
 
 
 def _quiet_transformers():

@@ -321,12 +321,14 @@ def _image_scores(gen: torch.Tensor, refs: dict[Path, torch.Tensor], items: list
 
 
 def score(cfg: DreamBenchConfig, subjects: list[Subject]) -> dict:
-    from .features import ClipFeatures, DinoFeatures, pick_device
+    from kosmosg_core.devices import resolve_device
+
+    from .features import ClipFeatures, DinoFeatures
 
     unknown = sorted(set(cfg.metrics) - set(METRICS))
     if unknown or not cfg.metrics:
         raise ValueError(f"--metrics {cfg.metrics}: choose from {', '.join(METRICS)}.")
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     items = find_generated(cfg, subjects)
     subject_refs = {s: list_images(Path(cfg.data) / s, f"--data subject folder {s!r}")
                     for s in sorted({item.subject for item in items})}

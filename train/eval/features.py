@@ -29,14 +29,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from kosmosg_core.pipeline import resolve_device
-
-    return resolve_device(device)
-
-
 def require_model_folder(path: str, flag: str, what: str) -> Path:
     """A transformers `save_pretrained` folder, or a ValueError naming the flag and the fix."""
     if not path:

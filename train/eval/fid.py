@@ -84,9 +84,10 @@ def load_stats(path: str, extractor_name: str, earlier_name: str = "") -> tuple[
 
 
 def run(cfg: FidConfig) -> dict:
+    from kosmosg_core.devices import resolve_device
     from kosmosg_core.files import atomic_output, content_fingerprint
 
-    from .features import InceptionFeatures, pick_device
+    from .features import InceptionFeatures
     from .metrics import frechet_distance
 
     if not cfg.real:
@@ -96,7 +97,7 @@ def run(cfg: FidConfig) -> dict:
     if cfg.crop > cfg.resize:
         raise ValueError(f"--crop {cfg.crop} is larger than --resize {cfg.resize} (the shorter side after resizing); "
                          "the centre crop must fit inside it (official COCO: both 256).")
-    extractor = InceptionFeatures(cfg.inception, pick_device(cfg.device), cfg.batch_size, cfg.image_size)
+    extractor = InceptionFeatures(cfg.inception, resolve_device(cfg.device), cfg.batch_size, cfg.image_size)
     # the weights by content (a renamed copy is the same network, another file of the same name is not; a folder's
     # hidden files, e.g. a hub download's metadata, do not count)
     weights = content_fingerprint(cfg.inception) or Path(cfg.inception).name

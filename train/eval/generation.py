@@ -78,10 +78,9 @@ class KosmosGSampler:
 
     def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = DEFAULT_SCHEDULER,
                  dtype: str = "float32", device: str = "auto"):
+        from kosmosg_core.devices import resolve_device, resolve_dtype
         from kosmosg_core.generate import check_scheduler, check_sd15_width, load_sd15
-        from kosmosg_core.pipeline import KosmosGPipeline, resolve_dtype
-
-        from .features import pick_device
+        from kosmosg_core.pipeline import KosmosGPipeline
 
         if not checkpoint:
             raise ValueError("--checkpoint is required to generate: give a Kosmos-G pack .safetensors "
@@ -89,7 +88,7 @@ class KosmosGSampler:
         if not sd_model:
             raise ValueError("--sd-model is required to generate: give a local SD1.5 diffusers folder or single file.")
         check_scheduler(scheduler)
-        self.device, self.dtype = pick_device(device), resolve_dtype(dtype)
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer or None, dtype=self.dtype,
                                                        device=self.device)
         check_sd15_width(self.encoder.context_dim, checkpoint)
