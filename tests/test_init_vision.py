@@ -172,7 +172,8 @@ def test_stage1_starts_the_vision_encoder_from_the_tower(env, tower, stage1_run)
 
 
 def test_init_vision_overrides_the_init_checkpoints_vision(env, stage1_run):
-    from train.loop import LoopConfig, build_kosmosg, load_tokenizer
+    from train.loop import LoopConfig
+    from train.model_init import build_kosmosg, load_tokenizer
 
     other = tiny_clip_vision(seed=3)
     cfg = LoopConfig(init_checkpoint=str(stage1_run), init_vision=save_tower(other, env.root / "other-tower"))

@@ -244,7 +244,7 @@ def test_resume_refuses_other_shards_of_the_same_names_or_their_order(env, tmp_p
     two datasets given the other way round, resumed without a word. Moved shards still resume."""
     import shutil
 
-    from train.loop import RecordStream
+    from train.records import RecordStream
 
     state = RecordStream(env.data, seed=0).state_dict()
     RecordStream(str(shutil.copytree(env.data, tmp_path / "moved")), seed=0).load_state_dict(state)

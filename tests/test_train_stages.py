@@ -22,7 +22,8 @@ from support.train_fixtures import CONTEXT_DIM, make_env, subprocess_env
 from kosmosg_core.config import BOS_ID
 from train.common.checkpointing import load_checkpoint
 from train.common.metrics import read_metrics
-from train.loop import RecordStream, polynomial_decay
+from train.loop import polynomial_decay
+from train.records import RecordStream
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +107,8 @@ def test_polynomial_decay_matches_fairseq_schedule():
 
 
 def test_optimizer_and_frozen_dtypes_follow_the_config():
-    from train.loop import LoopConfig, build_optimizer, frozen_dtype
+    from train.loop import LoopConfig, build_optimizer
+    from train.model_init import frozen_dtype
 
     cfg = LoopConfig()
     assert (cfg.weight_decay, cfg.clip_norm) == (0.01, 2.0)  # official
@@ -162,8 +164,10 @@ def test_missing_tokenizer_is_refused_by_flag(stage, tmp_path):
     """Every stage tokenizes prompts: no --tokenizer is a clear error, not an AttributeError deep in the build."""
     import importlib
 
+    stage_settings = ["--score-model", str(tmp_path / "sd")] if stage == "stage3" else []  # stage 3 asks for it first
     with pytest.raises(ValueError, match="^--tokenizer is required"):
-        importlib.import_module(f"train.{stage}").main(["--output-dir", str(tmp_path / "run"), "--model-config", "tiny"])
+        importlib.import_module(f"train.{stage}").main(["--output-dir", str(tmp_path / "run"), "--model-config", "tiny",
+                                                        *stage_settings])
 
 
 def test_missing_data_is_refused_before_any_model_is_loaded(tmp_path):
@@ -595,7 +599,7 @@ def test_a_pack_init_checkpoint_keeps_its_own_config(env, stage3_run, tmp_path, 
     import json
 
     from train import export
-    from train.loop import read_init_weights
+    from train.model_init import read_init_weights
 
     pack = tmp_path / "pack.safetensors"
     export.main(["--checkpoint", str(stage3_run), "--tokenizer", env.tokenizer, "--out", str(pack)])
@@ -1369,7 +1373,7 @@ def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog
 
     from kosmosg_core.config import ALIGNER_FIRST_POSITION, KosmosGConfig
     from train.common.config import parse_config
-    from train.loop import RecordStream, replace_config
+    from train.model_init import replace_config
 
     module = importlib.import_module(f"train.{stage_name}")
     extra = {"stage2": ["--clip-text-encoder", env.clip], "stage3": ["--score-model", env.sd]}.get(stage_name, [])

@@ -36,7 +36,7 @@ def export(cfg: ExportConfig) -> Path:
     from kosmosg_core.files import check_output_file
     from kosmosg_core.devices import resolve_dtype
     from train.common.checkpointing import load_checkpoint
-    from train.loop import load_tokenizer
+    from train.model_init import load_tokenizer
 
     if not cfg.checkpoint or not cfg.out:
         raise ValueError("--checkpoint (a train/ run folder or checkpoint.pt) and --out (.safetensors) are required.")

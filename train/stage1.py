@@ -25,7 +25,8 @@ from kosmosg_core.config import IMAGE_PLACEHOLDER, PAD_ID
 from train.common.config import parse_config
 from train.common.seeds import sample_rng
 from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, prompt_with_eos
-from train.loop import MLLMTrainingConfig, Stage, build_kosmosg, replace_config, run_as_script, run_training, set_trainable
+from train.loop import MLLMTrainingConfig, Stage, run_as_script, run_training
+from train.model_init import build_kosmosg, replace_config, set_trainable
 
 IGNORE_INDEX = -100
 

@@ -32,8 +32,9 @@ from kosmosg_core.prompt import build_prompt_ids
 from train.common.config import parse_config
 from train.data.config import KINDS
 from train.inputs import pad_rows
-from train.loop import LoopConfig, Stage, build_kosmosg, equal_shares, frozen_dtype, init_checkpoint_stage, \
-    is_train_checkpoint, replace_config, run_as_script, run_training, set_trainable
+from train.loop import LoopConfig, Stage, equal_shares, run_as_script, run_training
+from train.model_init import build_kosmosg, frozen_dtype, init_checkpoint_stage, is_train_checkpoint, replace_config, \
+    set_trainable
 
 logger = logging.getLogger(__name__)
 
