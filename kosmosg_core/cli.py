@@ -401,13 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="outputs", type=_path, help="folder for the PNGs (default: outputs)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (official demo: {DEFAULT_STEPS}, the default; or the --like record's)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help=f"classifier-free guidance (official demo: {DEFAULT_GUIDANCE_SCALE}, the default; or the --like "
-                        "record's)")
+                   help=f"classifier-free guidance, 1 or above: 1 = none (the negative prompt unused) (official demo: "
+                        f"{DEFAULT_GUIDANCE_SCALE}, the default; or the --like record's)")
     p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
                    help=f"official default: {DEFAULT_SCHEDULER} ({SCHEDULERS[DEFAULT_SCHEDULER]}; or the --like record's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0, or the --like record's); with --noise per-image, image k uses seed "
                         "+ k")
-    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1, or the --like record's)")
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1, or the --like record's; the official demo makes 4)")
     p.add_argument("--noise", default=None, choices=NOISE_MODES,
                    help="starting noise: per-image (default: image k from --seed + k, drawn on the CPU, the same noise "
                         "on any device) or official (as the official demo: one draw of all images' noise from --seed on "

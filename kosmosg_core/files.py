@@ -4,6 +4,7 @@ Input paths too long for any file system, refused with the caller's typed error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -230,12 +231,13 @@ def _new_temp_file(folder: Path) -> tuple[Path, int]:
 
 
 @contextlib.contextmanager
-def atomic_output(path):
+def atomic_output(path, exclusive: bool = False):
     """`with atomic_output(path) as tmp:` write to `tmp`; on success it is flushed to disk and renamed to
     `path` with the permissions any new file gets (0666 & ~umask), so a failed or killed write never
     leaves a partial file (a rerun that skips existing files would trust it) nor destroys the previous
     one. Creates the parent folder; removes temp files of killed writers there. The temp name is short:
-    a 255-byte final name still works. A failed write (e.g. a full disk) is an OSError naming `path`."""
+    a 255-byte final name still works. A failed write (e.g. a full disk) is an OSError naming `path`.
+    exclusive: never replace a file at `path`, even one another process put there meanwhile (FileExistsError)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +250,10 @@ def atomic_output(path):
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.chmod(tmp, new_file_mode)  # writers that recreate the file (safetensors: 0600) do not decide
-        os.replace(tmp, path)
+        if exclusive:
+            _claim(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if str(path) in str(e):
@@ -257,6 +262,22 @@ def atomic_output(path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` unless a file has it (FileExistsError): a hard link is made only where the name is
+    free, in one step, so two writers never take one name. Where the file system has no hard links, checked then
+    renamed (a race left open there)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -330,8 +351,9 @@ def write_json(path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def save_image(image, path, text: dict[str, str] | None = None) -> Path:
-    """A PIL image -> `path` atomically (format from the suffix); `text`: PNG text chunks (name -> text)."""
+def save_image(image, path, text: dict[str, str] | None = None, exclusive: bool = False) -> Path:
+    """A PIL image -> `path` atomically (format from the suffix); `text`: PNG text chunks (name -> text);
+    exclusive: a FileExistsError where a file has that name (never replaced)."""
     path = Path(path)
     image_format = path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
     options = {}
@@ -343,7 +365,7 @@ def save_image(image, path, text: dict[str, str] | None = None) -> Path:
         options["pnginfo"] = PngInfo()
         for name, value in text.items():
             options["pnginfo"].add_itxt(name, value)  # iTXt: UTF-8, any prompt's characters
-    with atomic_output(path) as tmp:
+    with atomic_output(path, exclusive=exclusive) as tmp:
         image.save(tmp, format=image_format, **options)
     return path
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -181,6 +182,23 @@ def check_scheduler_steps(scheduler, name: str, steps: int, sd_model, config_dir
         raise _scheduler_error(name, f"run {steps} steps", sd_model, config_dir, e) from e
 
 
+def check_scheduler_settings(sd_model, config_dir, name: str, steps: int) -> None:
+    """The scheduler `name` at `steps` steps on the settings file the SD model will use (its folder's, else
+    `config_dir`'s or SD1.5's: the nano and official models' too), before any model loads: a step count it cannot
+    take is refused in a second, not after the Kosmos-G weights are read and the prompt encoded. `load_sd15` checks
+    the loaded model's own scheduler again."""
+    folder = Path(sd_model) if sd_model is not None and Path(sd_model).is_dir() else Path(config_dir or SD15_CONFIG_DIR)
+    settings = folder / "scheduler" / "scheduler_config.json"
+    if not settings.is_file():
+        return  # load_sd15 names what is missing
+    _stable_diffusion_pipeline()  # diffusers missing or broken: said here
+    try:
+        scheduler = official_scheduler(name, json.loads(settings.read_text(encoding="utf-8")))
+    except Exception as e:  # a damaged file (many kinds)
+        raise _scheduler_error(name, "be built", sd_model or folder, config_dir, e) from e
+    check_scheduler_steps(scheduler, name, steps, sd_model or folder, config_dir)
+
+
 def _scheduler_error(name: str, doing: str, sd_model, config_dir, error: Exception) -> GenerationSettingsError:
     path = Path(sd_model)
     settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
@@ -215,6 +233,11 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     negative_prompt = "" if negative_prompt is None else negative_prompt  # as encode_unconditional takes it
     check_negative_prompt(negative_prompt)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    check_scheduler_settings(sd_model, sd_config_dir, scheduler, steps)  # the settings file's, before the models load
+    guided = guidance_scale > 1  # as diffusers: at 1 no unconditional pass
+    if not guided and negative_prompt:
+        logger.warning("guidance_scale %s: no guidance, so the negative prompt %r is not used (give a guidance_scale "
+                       "above 1, e.g. the official %s)", guidance_scale, negative_prompt, DEFAULT_GUIDANCE_SCALE)
     record = None if not record_settings else settings_record(
         checkpoint, sd_model, prompt, images, pictures, image_weights, negative_prompt, seed=seed, noise=noise,
         num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
@@ -225,24 +248,26 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     encoder = KosmosGPipeline.from_checkpoint(checkpoint, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device,
                                               lazy=True)
     cond = encoder.encode(prompt, pictures, image_weights=image_weights, disk_cache=disk_cache)  # [1, 77, C]
-    uncond = encoder.encode_unconditional(negative_prompt, disk_cache=disk_cache)  # [1, 77, C]
+    # [1, 77, C]; none at guidance 1 (diffusers samples the prompt alone there)
+    uncond = encoder.encode_unconditional(negative_prompt, disk_cache=disk_cache) if guided else None
     check_sd15_width(encoder.context_dim, checkpoint)
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps, official_checkpoint=checkpoint)
     sd.set_progress_bar_config(disable=not show_progress)
-    sampled = sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps,
-                          guidance_scale=guidance_scale, num_images=num_images, height=height, width=width,
-                          one_by_one=noise == "per-image")  # so each picture is remade bit for bit from its seed
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, image in enumerate(sampled):
-        path = _free_name(out_dir, f"kosmosg_{seed}_{k}")
+
+    def save(k: int, image) -> None:  # as each picture is sampled: an interrupted run keeps the ones made
         text = None
         if record is not None:  # the JSON, ASCII only: any path's or prompt's characters survive as escapes
             text = {PNG_SETTINGS_KEY: json.dumps({**record, "image_index": k, "width": image.width,
                                                   "height": image.height})}
-        save_image(image, path, text)  # atomic: a killed run leaves no half-written PNG
-        paths.append(path)
+        paths.append(save_new_image(image, out_dir, f"kosmosg_{seed}_{k}", text))
+
+    sample_sd15(sd, sd_model or checkpoint, cond, uncond, generators, steps=steps, guidance_scale=guidance_scale,
+                num_images=num_images, height=height, width=width,
+                one_by_one=noise == "per-image",  # so each picture is remade bit for bit from its seed
+                on_picture=save)
     return paths
 
 
@@ -393,12 +418,13 @@ def settings_like(record: dict) -> dict:
     return settings
 
 
-def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generators, *, steps: int,
+def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor | None, generators, *, steps: int,
                 guidance_scale: float, num_images: int, height: int | None, width: int | None,
-                one_by_one: bool = False) -> list:
-    """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]) through `load_sd15`'s pipeline -> the
-    B x num_images PIL images, prompt-major, height x width (None: `native_size`); images that came out NaN are
-    refused (diffusers turns them into black PNGs without a word).
+                one_by_one: bool = False, on_picture: Callable[[int, Any], None] | None = None) -> list:
+    """Kosmos-G conditions [B, 77, 768] (+ the unconditional [B, 77, 768]; None at guidance_scale 1) through
+    `load_sd15`'s pipeline -> the B x num_images PIL images, prompt-major, height x width (None: `native_size`);
+    images that came out NaN are refused (diffusers turns them into black PNGs without a word). on_picture(k, image):
+    called with each picture as soon as it is sampled (and checked), e.g. to save it.
 
     one_by_one: sample each picture alone (a batch of one, `generators` one per picture): its pixels then do not
     depend on the batch it was asked in (a batch's matmuls round differently, a few pixels 1 apart); generate does
@@ -410,20 +436,28 @@ def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor, generato
         _warn_far_from_native_size(str(sd_model), width, height, native)
     settings = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                     output_type="np")  # floats: NaN shows, unlike in a PNG
-    if one_by_one:
-        pictures = [sd(prompt_embeds=cond[p:p + 1], negative_prompt_embeds=uncond[p:p + 1], num_images_per_prompt=1,
-                       generator=[generators[p * num_images + k]], **settings).images
-                    for p in range(cond.shape[0]) for k in range(num_images)]  # prompt-major, as diffusers orders
-        images = np.concatenate(pictures)
+    # (conditions, unconditional ones, pictures per prompt, generators) of each sampling call
+    if one_by_one:  # prompt-major, as diffusers orders
+        calls = [(cond[p:p + 1], None if uncond is None else uncond[p:p + 1], 1, [generators[p * num_images + k]])
+                 for p in range(cond.shape[0]) for k in range(num_images)]
     else:
-        images = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, num_images_per_prompt=num_images,
-                    generator=generators, **settings).images
-    if not np.isfinite(images).all():
-        raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN ({str(sd.dtype).split('.')[-1]}, "
-                                     f"guidance_scale {guidance_scale}), so none was kept; use float32 and a "
-                                     f"guidance_scale near the official {DEFAULT_GUIDANCE_SCALE}. If they still come "
-                                     "out NaN, the SD model's weights are damaged: fetch it again.")
-    return sd.numpy_to_pil(images)
+        calls = [(cond, uncond, num_images, generators)]
+    pictures = []
+    for prompt_embeds, negative_embeds, per_prompt, call_generators in calls:
+        images = sd(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                    num_images_per_prompt=per_prompt, generator=call_generators, **settings).images
+        if not np.isfinite(images).all():
+            kept = f"the {len(pictures)} sampled before were kept" if pictures and on_picture else "none was kept"
+            raise NonFiniteEncodingError(f"The images sampled from {sd_model} came out NaN "
+                                         f"({str(sd.dtype).split('.')[-1]}, guidance_scale {guidance_scale}): {kept}; "
+                                         f"use float32 and a guidance_scale near the official "
+                                         f"{DEFAULT_GUIDANCE_SCALE}. If they still come out NaN, the SD model's weights "
+                                         "are damaged: fetch it again.")
+        for image in sd.numpy_to_pil(images):
+            if on_picture is not None:
+                on_picture(len(pictures), image)
+            pictures.append(image)
+    return pictures
 
 
 @functools.cache  # once per model and size: train.eval samples batch after batch
@@ -432,12 +466,19 @@ def _warn_far_from_native_size(sd_model: str, width: int, height: int, native: i
                    "height and width %d).", sd_model, width, height, native, native)
 
 
-def _free_name(folder: Path, stem: str) -> Path:
-    path, n = folder / f"{stem}.png", 0
-    while path.exists():
+def save_new_image(image, folder: Path, stem: str, text: dict[str, str] | None = None) -> Path:
+    """`image` as `folder/<stem>.png`, or `<stem>_<n>.png` with the first n whose name is free -> its path. Atomic,
+    and a name is taken in one step (`save_image(exclusive=True)`): runs writing into one folder at once never
+    overwrite each other's pictures, nor any earlier one."""
+    n = 0
+    while True:
+        path = folder / (f"{stem}.png" if n == 0 else f"{stem}_{n}.png")
+        if not os.path.lexists(path):
+            try:
+                return save_image(image, path, text, exclusive=True)
+            except FileExistsError:  # another run took the name meanwhile
+                pass
         n += 1
-        path = folder / f"{stem}_{n}.png"
-    return path
 
 
 def official_scheduler(name: str, config):
@@ -519,3 +560,7 @@ def check_generation_settings(steps, guidance_scale, seed, num_images, height, w
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise GenerationSettingsError(f"guidance_scale must be a finite number (official demo: "
                                       f"{DEFAULT_GUIDANCE_SCALE}), got {guidance_scale!r}.")
+    if guidance_scale < 1:  # diffusers (and the official demo) guide only above 1: below, it samples as at 1
+        raise GenerationSettingsError(f"guidance_scale must be 1 (no guidance: the negative prompt is not used) or "
+                                      f"above (official demo: {DEFAULT_GUIDANCE_SCALE}), got {guidance_scale!r}; below "
+                                      "1 the sampler applies no guidance either.")

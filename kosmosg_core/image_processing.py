@@ -162,6 +162,10 @@ def _load_path(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:  # ComfyUI's Load Image makes a batch of them: here one file is one image
+                logger.warning("%s has %d frames (an animation); its first frame is used (save the frame you want "
+                               "as its own image to use another).", path, frames)
             return pil_to_rgb(opened, str(path))
     except Image.DecompressionBombError as e:
         raise ImageError(f"Image file {path} is too large to read safely ({e}); downscale it (subject images are "

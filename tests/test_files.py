@@ -388,3 +388,21 @@ def test_safetensors_format_reads_the_header_and_names_a_damaged_file(tmp_path):
     (tmp_path / "notes.safetensors").write_text("not tensors")
     with pytest.raises(ValueError, match=r"notes.safetensors is not a readable .safetensors file \(.+\)\.$"):
         safetensors_format(tmp_path / "notes.safetensors")
+
+
+def test_a_new_image_never_replaces_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch):
+    """Found by a review: generate picked a free name, then os.replace wrote over whatever had appeared there since
+    (two runs into one folder: one picture lost). The name is now taken in one step (a hard link where it is free)."""
+    from PIL import Image
+
+    from kosmosg_core import generate
+
+    first = Image.new("RGB", (4, 4), (255, 0, 0))
+    second = Image.new("RGB", (4, 4), (0, 0, 255))
+    assert generate.save_new_image(first, tmp_path, "kosmosg_0_0").name == "kosmosg_0_0.png"
+    monkeypatch.setattr(generate.os.path, "lexists", lambda path: False)  # as if the other run wrote it just now
+    path = generate.save_new_image(second, tmp_path, "kosmosg_0_0")
+    assert path.name == "kosmosg_0_0_1.png"
+    assert Image.open(tmp_path / "kosmosg_0_0.png").getpixel((0, 0)) == (255, 0, 0)
+    assert Image.open(path).getpixel((0, 0)) == (0, 0, 255)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kosmosg_0_0.png", "kosmosg_0_0_1.png"]  # no temp left

@@ -263,3 +263,86 @@ def test_a_diffusers_that_cannot_build_the_nano_model_says_what_to_install(monke
     lazy = RuntimeError("Failed to import diffusers.loaders.single_file_utils because of the following error (look "
                         "up to see its traceback):\nNo module named 'diffusers.loaders.single_file_utils'")
     assert "(No module named 'diffusers.loaders.single_file_utils')" in str(generate._missing_diffusers(lazy))
+
+
+def test_guidance_one_skips_the_unconditional_pass_and_below_one_is_refused(tmp_path, monkeypatch, caplog):
+    """Found by a review: a guidance_scale at or below 1 sampled as 1 (diffusers guides only above 1) while the record
+    said 0 or -2, and the negative prompt was encoded for nothing. Below 1 is refused by name; at 1 no unconditional
+    encoding is made and a negative prompt is named as unused; the pictures are those of no negative prompt."""
+    from kosmosg_core.errors import GenerationSettingsError
+    from kosmosg_core.pipeline import KosmosGPipeline
+
+    args = dict(checkpoint=KOSMOSG_NANO, sd_model=NANO_SD15, prompt="a <i> on grey", images=SUBJECT_IMAGES[:1],
+                steps=2, seed=3)
+    for bad in (0.5, 0, -2):
+        with pytest.raises(GenerationSettingsError, match=rf"guidance_scale must be 1 \(no guidance: .*got {bad}"):
+            generate_images(**args, guidance_scale=bad, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    unconditional = []
+    original = KosmosGPipeline.encode_unconditional
+    monkeypatch.setattr(KosmosGPipeline, "encode_unconditional",
+                        lambda self, *a, **k: unconditional.append(a) or original(self, *a, **k))
+    with caplog.at_level("WARNING", logger="kosmosg_core.generate"):
+        plain = generate_images(**args, guidance_scale=1.0, out_dir=tmp_path / "plain")
+        negative = generate_images(**args, guidance_scale=1.0, negative_prompt="a blue square",
+                                   out_dir=tmp_path / "negative")
+    assert unconditional == []
+    assert "guidance_scale 1.0: no guidance, so the negative prompt 'a blue square' is not used" in caplog.text
+    assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(negative[0])))
+    generate_images(**args, guidance_scale=2.0, out_dir=tmp_path / "guided")
+    assert len(unconditional) == 1
+
+
+def test_a_step_count_the_scheduler_cannot_take_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Found by a review: --steps 1000 (and a damaged scheduler file) was refused after the Kosmos-G weights were read
+    and the prompt encoded (an official .pt: a minute on a CPU), though the README says before the models load."""
+    from kosmosg_core.errors import GenerationSettingsError
+    from kosmosg_core.pipeline import KosmosGPipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was opened")
+
+    monkeypatch.setattr(KosmosGPipeline, "from_checkpoint", no_model)
+    with pytest.raises(GenerationSettingsError, match="cannot run 1000 steps: .* use at most 999"):
+        generate_images(KOSMOSG_NANO, NANO_SD15, "a <i> on grey", SUBJECT_IMAGES[:1], steps=1000, scheduler="ddim",
+                        out_dir=tmp_path)
+    import shutil
+
+    from kosmosg_core.config import SD15_CONFIG_DIR
+
+    folder = shutil.copytree(SD15_CONFIG_DIR, tmp_path / "config")  # SD1.5's, its scheduler settings damaged
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": "many"}')
+    single_file = tmp_path / "sd15.safetensors"  # never read: the settings are refused first
+    single_file.write_bytes(b"\0" * 64)
+    with pytest.raises(GenerationSettingsError, match=r"cannot be built with the settings in .*scheduler_config.json"):
+        generate_images(KOSMOSG_NANO, single_file, "a <i> on grey", SUBJECT_IMAGES[:1], steps=5, out_dir=tmp_path,
+                        sd_config_dir=folder)
+
+
+def test_pictures_are_saved_as_they_are_sampled(tmp_path, monkeypatch):
+    """Found by a review: every picture was saved at the end, so a Ctrl-C (or an error) late in a run of several
+    lost all of them. Now each is written as soon as it is sampled; the run's picture k is the one it would be."""
+    from kosmosg_core import generate
+
+    calls = []
+    original = generate.sample_sd15
+
+    def interrupted_after_two(sd, *args, on_picture=None, **kwargs):
+        def count(k, image):
+            on_picture(k, image)
+            calls.append(k)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return original(sd, *args, on_picture=count, **kwargs)
+
+    args = dict(checkpoint=KOSMOSG_NANO, sd_model=NANO_SD15, prompt="a <i> on grey", images=SUBJECT_IMAGES[:1],
+                steps=2, seed=5, num_images=4)
+    monkeypatch.setattr(generate, "sample_sd15", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate_images(**args, out_dir=tmp_path / "cut")
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["kosmosg_5_0.png", "kosmosg_5_1.png"]
+    monkeypatch.setattr(generate, "sample_sd15", original)
+    whole = generate_images(**args, out_dir=tmp_path / "whole")
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "cut" / f"kosmosg_5_{k}.png")),
+                              np.asarray(Image.open(whole[k])))

@@ -428,3 +428,21 @@ def test_an_unread_truncated_pil_image_is_reported_as_damaged(tmp_path):
     with Image.open(tmp_path / "cut.png") as opened:
         with pytest.raises(ImageError, match=r"Cannot read the PIL image \(.*\); it is truncated or damaged"):
             to_pil_images(opened)
+
+
+def test_an_animation_file_gives_its_first_frame_and_says_so(tmp_path, caplog):
+    """Found by a review: a GIF's first frame was used without a word, where ComfyUI's Load Image makes a batch of
+    all its frames (the CLI and the nodes then disagree on one file)."""
+    from kosmosg_core.image_processing import to_pil_images
+
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((0, 0, 255), (255, 0, 0))]
+    path = tmp_path / "moving.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    with caplog.at_level("WARNING", logger="kosmosg_core.image_processing"):
+        (image,) = to_pil_images([str(path)])
+    assert image.getpixel((4, 4)) == (0, 0, 255)
+    assert "moving.gif has 2 frames (an animation); its first frame is used" in caplog.text
+    caplog.clear()
+    frames[0].save(tmp_path / "still.png")
+    to_pil_images([str(tmp_path / "still.png")])
+    assert "frames" not in caplog.text
