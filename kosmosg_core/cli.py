@@ -232,7 +232,8 @@ def _check_like_files(args, record: dict, settings: dict) -> None:
     recorded = record["images"]
     for what, given, name, fingerprint in (
             ("--checkpoint", args.checkpoint, record.get("checkpoint"), record.get("checkpoint_fingerprint")),
-            ("--sd-model", args.sd_model, record.get("sd_model"), record.get("sd_model_fingerprint"))):
+            ("--sd-model", args.sd_model, record.get("sd_model"), record.get("sd_model_fingerprint")),
+            ("--sd-config", args.sd_config, record.get("sd_config"), record.get("sd_config_fingerprint"))):
         given_name = Path(given).name if given is not None else None
         if fingerprint is not None and given is not None:  # by content: a renamed copy is the same model
             if not holds_content(given, fingerprint):

@@ -239,7 +239,8 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
         logger.warning("guidance_scale %s: no guidance, so the negative prompt %r is not used (give a guidance_scale "
                        "above 1, e.g. the official %s)", guidance_scale, negative_prompt, DEFAULT_GUIDANCE_SCALE)
     record = None if not record_settings else settings_record(
-        checkpoint, sd_model, prompt, images, pictures, image_weights, negative_prompt, seed=seed, noise=noise,
+        checkpoint, sd_model, prompt, images, pictures, image_weights, negative_prompt, sd_config_dir, seed=seed,
+        noise=noise,
         num_images=num_images, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
         dtype=str(dtype).removeprefix("torch."), device=str(device), requested_width=width, requested_height=height)
     # before the models load: a device without a random generator of its own fails here, not minutes later
@@ -283,7 +284,7 @@ def image_digests(pictures: list) -> list[str]:
 
 
 def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, image_weights, negative_prompt: str,
-                    **settings) -> dict:
+                    sd_config_dir=None, **settings) -> dict:
     """What a PNG of `generate_images` records (PNG_SETTINGS_KEY), less its own index and size: the arguments that
     make it again (prompt and negative as given, `image_weights` one per image as `encode` reads them, 1.0 = none
     given; images, checkpoint and SD model by file name only, never a folder; the rest as passed), plus
@@ -300,7 +301,10 @@ def settings_record(checkpoint, sd_model, prompt: str, images, pictures: list, i
                 effective_image_weights=combine_image_weights(prompt, weights), checkpoint=Path(checkpoint).name,
                 sd_model=None if sd_model is None else Path(sd_model).name,
                 checkpoint_fingerprint=content_fingerprint(checkpoint),
-                sd_model_fingerprint=None if sd_model is None else content_fingerprint(sd_model), **settings,
+                sd_model_fingerprint=None if sd_model is None else content_fingerprint(sd_model),
+                # the SD1.5 config folder a single file was built from (its scheduler settings make other pictures)
+                sd_config=None if sd_config_dir is None else Path(sd_config_dir).name,
+                sd_config_fingerprint=None if sd_config_dir is None else content_fingerprint(sd_config_dir), **settings,
                 kosmosg_core_version=__version__)
 
 
@@ -378,6 +382,7 @@ def settings_record_problem(record: dict) -> str | None:
         ("image_index", lambda v: is_int(v) and 0 <= v < record["num_images"]),
         ("checkpoint_fingerprint", lambda v: v is None or is_text(v)),  # records before them: names only
         ("sd_model_fingerprint", lambda v: v is None or is_text(v)),
+        ("sd_config", lambda v: v is None or is_text(v)), ("sd_config_fingerprint", lambda v: v is None or is_text(v)),
         ("requested_width", lambda v: v is None or is_int(v)),
         ("requested_height", lambda v: v is None or is_int(v)),
         # records from before requested_width / _height: the picture's own size is asked for

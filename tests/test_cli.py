@@ -995,3 +995,31 @@ def test_cache_clear_counts_what_it_removed_and_a_read_only_folder_is_an_error(t
     monkeypatch.setattr(Path, "unlink", read_only)
     with pytest.raises(OutputPathError, match=r"none of its \d+ entries could be removed \(Read-only file system\)"):
         cli.cmd_cache(cli.build_parser().parse_args(["cache", "--dir", str(tmp_path / "cache"), "--clear"]))
+
+
+def test_like_warns_when_the_sd_config_folder_differs(tmp_path, caplog):
+    """Found by a review: --sd-config (the SD1.5 configs a single file is built from: its scheduler settings) was
+    not recorded, so --like with another one made another picture without a word."""
+    from kosmosg_core.cli import _check_like_files
+    from kosmosg_core.config import SD15_CONFIG_DIR
+    from kosmosg_core.generate import settings_record
+
+    made_with = shutil.copytree(SD15_CONFIG_DIR, tmp_path / "configs")
+    record = settings_record(tmp_path / "missing.pt", None, "a dog", [], [], [], "", sd_config_dir=made_with)
+    assert record["sd_config"] == "configs" and len(record["sd_config_fingerprint"]) == 16
+    other = shutil.copytree(SD15_CONFIG_DIR, tmp_path / "other")
+    (other / "scheduler" / "scheduler_config.json").write_text(
+        (other / "scheduler" / "scheduler_config.json").read_text().replace("0.012", "0.02"))
+    renamed = shutil.copytree(made_with, tmp_path / "renamed")
+
+    def warnings(sd_config):
+        caplog.clear()
+        args = argparse.Namespace(like="x.png", checkpoint=None, sd_model=None, sd_config=sd_config, prompt="a cat",
+                                  image=[])
+        with caplog.at_level(logging.WARNING, logger="kosmosg_core.cli"):
+            _check_like_files(args, {**record, "checkpoint": None, "checkpoint_fingerprint": None}, {})
+        return caplog.text
+
+    assert "--sd-config" not in warnings(str(renamed))  # a renamed copy: the same configs
+    assert "was made with another --sd-config than other" in warnings(str(other))
+    assert "was made with --sd-config configs, not (none)" in warnings(None)

@@ -134,7 +134,8 @@ def test_each_png_records_the_settings_that_make_it_again(tmp_path):
         "guidance_scale": 4.0, "scheduler": "dpm", "dtype": "float32", "device": "cpu",
         "kosmosg_core_version": __version__, "image_index": 1, "width": 72, "height": 64,
         "requested_width": 72, "requested_height": None,
-        "checkpoint_fingerprint": content_fingerprint(KOSMOSG_NANO), "sd_model_fingerprint": content_fingerprint(NANO_SD15)}
+        "checkpoint_fingerprint": content_fingerprint(KOSMOSG_NANO), "sd_model_fingerprint": content_fingerprint(NANO_SD15),
+        "sd_config": None, "sd_config_fingerprint": None}
     assert records[0]["image_index"] == 0
     arguments = ("prompt", "negative_prompt", "image_weights", "seed", "noise", "num_images", "steps",
                  "guidance_scale", "scheduler", "width", "height")
