@@ -310,6 +310,14 @@ def test_other_inputs_are_not_served_from_the_cache(checkpoint, tmp_path):
         assert torch.equal(fresh.encode(*args, disk_cache=cache, **kwargs), plain.encode(*args, **kwargs))
     fresh = KosmosGPipeline.from_checkpoint(checkpoint)
     assert torch.equal(fresh.encode_unconditional("ugly", disk_cache=cache), plain.encode_unconditional("ugly"))
+    # two negatives of as many tokens: keyed by their ids, not their length (found by a mutation review)
+    candidates = ["a dog", "a cat", "a god", "a tac", "dark", "drak", "x", "y"]
+    first, second = next((a, b) for a in candidates for b in candidates
+                         if a < b and len(plain.tokenizer.encode(a)) == len(plain.tokenizer.encode(b)))
+    KosmosGPipeline.from_checkpoint(checkpoint).encode_unconditional(first, disk_cache=cache)
+    fresh = KosmosGPipeline.from_checkpoint(checkpoint)
+    assert torch.equal(fresh.encode_unconditional(second, disk_cache=cache), plain.encode_unconditional(second))
+    assert not torch.equal(plain.encode_unconditional(second), plain.encode_unconditional(first))
 
 
 def test_a_replaced_checkpoint_is_another_model(checkpoint, tmp_path, monkeypatch):

@@ -125,6 +125,16 @@ def test_image_embeddings_fill_masked_slots_in_order(model, cfg):
     swapped = model(ids, mask, pixel_values=pixels.flip(0))
     assert torch.allclose(direct, via_embeds, atol=1e-6)
     assert not torch.allclose(direct, swapped, atol=1e-4)  # order of images matters
+    # slot k of the text holds row k of the images' embeddings: image 1's Q rows, then image 2's (found by a
+    # mutation review: flipping the embeddings passed the checks above, which swap both sides alike)
+    embeds = model.encode_images(pixels).flatten(0, 1)  # [2Q, D]
+    with torch.no_grad():
+        embedded = model.decoder.embed(ids, embeds, mask)  # [1, T, D]
+        text_only = model.decoder.embed(ids, None, None)
+    positions = text_only - model.decoder.embed_scale * model.decoder.embed_tokens(ids)
+    slots = (embedded - positions)[0, 2:2 + 2 * Q] / model.decoder.embed_scale
+    assert torch.allclose(slots, embeds, atol=1e-5)
+    assert torch.equal(embedded[0, :2], text_only[0, :2]) and torch.equal(embedded[0, -1], text_only[0, -1])
     with pytest.raises(ValueError, match="image slots"):
         model(ids, mask, image_embeds=model.encode_images(pixels[:1]))
 

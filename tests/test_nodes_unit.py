@@ -587,6 +587,13 @@ def test_encode_reports_progress_and_caches(model_dirs, converted, monkeypatch):
     again = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "blurry").result
     assert calls == [] and torch.equal(again[0][0][0], first[0][0][0])
     assert again[0] is not first[0]  # fresh lists: downstream edits cannot corrupt the cache
+    monkeypatch.undo()
+    # the same prompt, another negative text: not the cached negative (found by a mutation review: the key without
+    # negative_text passed every test)
+    other = KosmosGEncode.execute(model, run_prompt("<i> and <i>", [image(5), image(6)]), "ugly").result
+    assert torch.equal(other[0][0][0], first[0][0][0])
+    assert torch.equal(other[1][0][0], model.pipeline.encode_unconditional("ugly"))
+    assert not torch.equal(other[1][0][0], first[1][0][0])
 
 
 def _restart_comfy():

@@ -335,6 +335,16 @@ def test_cached_image_features_belong_to_the_dtype_they_were_computed_in(pack):
     assert torch.equal(pipe.encode("a photo of <i>", [image(8)]), fresh.encode("a photo of <i>", [image(8)]))
 
 
+def test_the_cached_unconditional_encoding_belongs_to_its_model(pack):
+    """Found by a mutation review: the in-memory unconditional cache keyed by the text alone passed every test."""
+    pipe = KosmosGPipeline.from_checkpoint(pack[0], pack_cpu_linears=False)
+    assert pipe.encode_unconditional("blurry").dtype == torch.float32  # cached
+    pipe.model.to(torch.bfloat16)
+    fresh = KosmosGPipeline.from_checkpoint(pack[0], dtype="bfloat16", pack_cpu_linears=False)
+    again = pipe.encode_unconditional("blurry")
+    assert again.dtype == torch.bfloat16 and torch.equal(again, fresh.encode_unconditional("blurry"))
+
+
 
 def test_read_prompt_images_counts_and_reads_like_encode(tmp_path):
     """What the CLI checks before a model loads: a batch [B, H, W, C] is B images (as `encode` counts them), paths
