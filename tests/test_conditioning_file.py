@@ -167,3 +167,23 @@ def test_a_fifo_is_refused_not_read_forever(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ConditioningFileError, match=r"cond\.safetensors is not a regular file"):
         read_conditioning_file(fifo)
+
+
+def test_every_tensor_goes_to_the_device_dropped_keys_leave_no_tensor_and_the_shape_is_in_the_name(tmp_path):
+    """Found by a mutation review, each untested: extra tensors (pooled_output) read onto the requested device like
+    `cond`; a key left out (a live object beside tensors) keeps none of its tensors in the file; two conditionings
+    with the same bytes in another shape get other file names (the content hash covers dtype and shape)."""
+    from safetensors import safe_open
+
+    from kosmosg_core.conditioning_file import conditioning_to_file_content, content_hash
+
+    cond = torch.randn(1, 77, 8)
+    name = save_conditioning([[cond, {"pooled_output": cond[:, 0], "gone": [torch.ones(3), object()]}]], tmp_path)
+    with safe_open(str(tmp_path / name), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["entry0.cond", "entry0.pooled_output"]
+    (loaded_cond, loaded), = read_conditioning_file(tmp_path / name, device="meta")
+    assert loaded_cond.device.type == "meta" and loaded["pooled_output"].device.type == "meta"
+    assert "gone" not in loaded
+    flat = conditioning_to_file_content([[torch.arange(24.0).reshape(1, 4, 6), {}]])
+    other_shape = conditioning_to_file_content([[torch.arange(24.0).reshape(1, 6, 4), {}]])
+    assert content_hash(*flat) != content_hash(*other_shape)

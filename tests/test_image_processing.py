@@ -285,6 +285,9 @@ def test_bad_inputs_raise_image_error(bad, fragment):
     (torch.full((2, 4, 4, 3), float("nan")), r"tensor of shape \(2, 4, 4, 3\) contains NaN or infinity; fix the step"),
     (torch.full((4, 4, 3), float("-inf")), "contains NaN or infinity"),
     (np.full((4, 4, 3), 255.0), r"holds values 255..255; float images must be 0..1 \(divide 0..255 images by 255"),
+    # the limits (found by a mutation review: only 255 was tried): past 1.5 or below -0.5 is another scale
+    (np.full((4, 4, 3), 1.6), r"holds values 1.6..1.6; float images must be 0..1"),
+    (torch.full((4, 4, 3), -0.6), r"holds values -0.6..-0.6; float images must be 0..1"),
     (torch.full((1, 4, 4, 3), 300, dtype=torch.int64), "holds values 300..300; integer images must be 0..255"),
 ])
 def test_pixel_values_are_checked_alone_with_the_message_preprocessing_gives(bad, fragment):

@@ -215,6 +215,12 @@ def test_dict_tolerates_crlf_and_blank_lines(tok, tok_dir):
     other = KosmosGTokenizer.from_bytes((tok_dir / SPM_FILENAME).read_bytes(), crlf)
     assert other.vocab_size == tok.vocab_size
     assert other.encode("a red car") == tok.encode("a red car")
+    # a blank line in the middle is skipped, the pieces after it kept (found by a mutation review: a `break` there
+    # passed, as the blank lines tried were all at the end)
+    lines = dict_bytes.split(b"\n")
+    middle = b"\n".join(lines[:5] + [b"", b"   "] + lines[5:])
+    gapped = KosmosGTokenizer.from_bytes((tok_dir / SPM_FILENAME).read_bytes(), middle)
+    assert gapped.vocab_size == tok.vocab_size and gapped.encode("a red car") == tok.encode("a red car")
 
 
 def test_encode_rejects_non_text(tok):
