@@ -1373,7 +1373,7 @@ def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog
 
     from kosmosg_core.config import ALIGNER_FIRST_POSITION, KosmosGConfig
     from train.common.config import parse_config
-    from train.model_init import replace_config
+    from train.model_init import load_clip_text, replace_config
 
     module = importlib.import_module(f"train.{stage_name}")
     extra = {"stage2": ["--clip-text-encoder", env.clip], "stage3": ["--score-model", env.sd]}.get(stage_name, [])
@@ -1381,7 +1381,7 @@ def test_prompts_beyond_the_models_positions_are_skipped(env, stage_name, caplog
     stage = getattr(module, f"Stage{stage_name[-1]}")(cfg)
     stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
     if stage_name == "stage2":  # its caption filter counts CLIP tokens too (`build` loads the tokenizer)
-        stage.clip_tokenizer = module.load_clip_text(env.clip)[0]
+        stage.clip_tokenizer = load_clip_text(env.clip)[0]
     stream = RecordStream(env.data, seed=0)
     records = [stream.next() for _ in range(16)]  # the tiny set, every kind
     # what the model reads: stage 1 feeds all but the last token (the next-token targets end with </s>)
@@ -1408,7 +1408,7 @@ def test_stage2_loss_terms_and_padding(env, stage2_run):
     import torch.nn.functional as F
 
     from kosmosg_core.config import PAD_ID
-    from train.stage2 import clip_token_ids, load_clip_text
+    from train.model_init import clip_token_ids, load_clip_text
 
     module = build_stage2_module(env, stage2_run).eval()
     ids = torch.tensor([[BOS_ID, 7, 8, 9, 10, 11], [BOS_ID, 12, 13, PAD_ID, PAD_ID, PAD_ID]])  # [B=2, T=6]

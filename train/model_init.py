@@ -214,3 +214,30 @@ def set_trainable(model, decoder: bool, connector: bool, aligner: bool, vision_l
 def frozen_dtype(cfg: LoopConfig) -> torch.dtype:
     """Frozen networks (score model, CLIP text encoder) run in the mixed-precision dtype (official fp16)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+# --- the frozen CLIP text encoder (stage 2's target, stage 3's caption teacher) ------------------------
+def load_clip_text(path_text: str):
+    """(CLIPTokenizer, CLIPTextModel) from an SD1.5 folder or a single folder, local files only."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not path_text:
+        raise ValueError("--clip-text-encoder is required: the SD1.5 model folder (text_encoder/ + tokenizer/) or a "
+                         "folder with a CLIPTextModel and its CLIPTokenizer.")
+    path = Path(path_text)
+    if not path.is_dir():
+        raise ValueError(f"--clip-text-encoder {path} is not a folder.")
+    model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--clip-text-encoder {path}: cannot load a CLIP text encoder + tokenizer there ({e}).") from e
+    return tokenizer, model.eval().requires_grad_(False)
+
+
+def clip_token_ids(clip_tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """Captions -> CLIP token ids [B, length], padded and truncated as SD1.5 encodes prompts."""
+    return clip_tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids

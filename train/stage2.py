@@ -33,8 +33,8 @@ from train.common.config import parse_config
 from train.data.config import KINDS
 from train.inputs import pad_rows
 from train.loop import LoopConfig, Stage, equal_shares, run_as_script, run_training
-from train.model_init import build_kosmosg, frozen_dtype, init_checkpoint_stage, is_train_checkpoint, replace_config, \
-    set_trainable
+from train.model_init import build_kosmosg, clip_token_ids, frozen_dtype, init_checkpoint_stage, is_train_checkpoint, \
+    load_clip_text, replace_config, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -61,32 +61,6 @@ class Stage2Config(LoopConfig):
         "min": 0, "max": 1, "help": "dropout in the frozen MLLM (embeddings, residuals) and the connector's attention: "
                                     "the official stage 2 runs the whole model in training mode, so its 0.1 perturbs "
                                     "the aligner's input and reconstruction target; 0 = deterministic targets"})
-
-
-def load_clip_text(path_text: str):
-    """(CLIPTokenizer, CLIPTextModel) from an SD1.5 folder or a single folder, local files only."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if not path_text:
-        raise ValueError("--clip-text-encoder is required: the SD1.5 model folder (text_encoder/ + tokenizer/) or a "
-                         "folder with a CLIPTextModel and its CLIPTokenizer.")
-    path = Path(path_text)
-    if not path.is_dir():
-        raise ValueError(f"--clip-text-encoder {path} is not a folder.")
-    model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
-    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--clip-text-encoder {path}: cannot load a CLIP text encoder + tokenizer there ({e}).") from e
-    return tokenizer, model.eval().requires_grad_(False)
-
-
-def clip_token_ids(clip_tokenizer, captions: list[str], length: int) -> torch.Tensor:
-    """Captions -> CLIP token ids [B, length], padded and truncated as SD1.5 encodes prompts."""
-    return clip_tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                          return_tensors="pt").input_ids
 
 
 def explained_share(clip_mse: torch.Tensor, clip_target: torch.Tensor) -> torch.Tensor:

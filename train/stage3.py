@@ -43,9 +43,8 @@ from train.common.config import parse_config
 from train.common.seeds import sample_generator, sample_rng
 from train.inputs import check_images_readable, choose_interleaved, entity_pixels, pad_rows, target_pixels
 from train.loop import MLLMTrainingConfig, Stage, equal_shares, run_as_script, run_training
-from train.model_init import build_kosmosg, frozen_dtype, replace_config, set_trainable
+from train.model_init import build_kosmosg, clip_token_ids, frozen_dtype, load_clip_text, replace_config, set_trainable
 from train.score_model import load_score_model
-from train.stage2 import clip_token_ids, load_clip_text
 
 
 
