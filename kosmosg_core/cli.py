@@ -214,10 +214,10 @@ def _check_like_settings(args, record: dict, settings: dict) -> None:
 def _device_name(device: str) -> str:
     """One name per device (`devices.canonical_device`: "CPU", "cpu:0" -> "cpu"), so spellings of one device compare
     equal; a name torch does not read stays as it is."""
-    from .devices import canonical_device
+    from .devices import canonical_device, resolve_device
 
     try:
-        return str(canonical_device(device))
+        return str(canonical_device(resolve_device(device) if device.lower() == "auto" else device))
     except (RuntimeError, ValueError):
         return device
 
@@ -234,6 +234,8 @@ def _check_like_files(args, record: dict, settings: dict) -> None:
             ("--checkpoint", args.checkpoint, record.get("checkpoint"), record.get("checkpoint_fingerprint")),
             ("--sd-model", args.sd_model, record.get("sd_model"), record.get("sd_model_fingerprint")),
             ("--sd-config", args.sd_config, record.get("sd_config"), record.get("sd_config_fingerprint"))):
+        if what == "--sd-config" and "sd_config" not in record:  # records before it: unknown, nothing to compare
+            continue
         given_name = Path(given).name if given is not None else None
         if fingerprint is not None and given is not None:  # by content: a renamed copy is the same model
             if not holds_content(given, fingerprint):
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model size with random weights (default: official)")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma list of dtypes to time (default: float32,bfloat16; float16 on a GPU)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case, the median reported (default: 3)")
     p.add_argument("--cases", default="text-only,1-image,3-image",
                    help="comma list of prompt cases to time (default: text-only,1-image,3-image, every case)")

@@ -393,7 +393,10 @@ def settings_record_problem(record: dict) -> str | None:
         if key in record and not ok(record[key]):
             return f"{key} is {shown(repr(record[key]))}"
     try:
-        check_generation_settings(record["steps"], record["guidance_scale"], record["seed"], record["num_images"],
+        # a guidance below 1 (accepted by earlier versions, sampled as 1) is refused when the run's settings are known,
+        # after the flags: --guidance-scale may replace it
+        guidance = max(record["guidance_scale"], 1.0)
+        check_generation_settings(record["steps"], guidance, record["seed"], record["num_images"],
                                   record.get("requested_height", record.get("height")),
                                   record.get("requested_width", record.get("width")), record["scheduler"])
         check_text(record["prompt"], "prompt")
@@ -435,6 +438,8 @@ def sample_sd15(sd, sd_model, cond: torch.Tensor, uncond: torch.Tensor | None, g
     depend on the batch it was asked in (a batch's matmuls round differently, a few pixels 1 apart); generate does
     so for per-image noise, so that a picture is made again bit for bit from its own seed. Batched (default), the
     GPU is used better."""
+    if uncond is None and guidance_scale > 1:  # diffusers would encode "" with the text encoder the pipeline lacks
+        raise ValueError(f"guidance_scale {guidance_scale} needs the unconditional encoding (uncond); give it.")
     native = native_size(sd)
     height, width = (native if side is None else side for side in (height, width))
     if any(not native / 2 < side < native * 2 for side in (height, width)):  # e.g. the 64 px nano model at 512
@@ -481,9 +486,10 @@ def save_new_image(image, folder: Path, stem: str, text: dict[str, str] | None =
         if not os.path.lexists(path):
             try:
                 return save_image(image, path, text, exclusive=True)
-            except FileExistsError:  # another run took the name meanwhile
-                pass
-        n += 1
+            except FileExistsError:
+                if not os.path.lexists(path):  # not the name taken (e.g. the folder is a file): not retried
+                    raise
+        n += 1  # another run took the name meanwhile
 
 
 def official_scheduler(name: str, config):

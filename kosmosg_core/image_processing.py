@@ -163,7 +163,9 @@ def _load_path(path: Path) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             frames = getattr(opened, "n_frames", 1)
-            if frames > 1:  # ComfyUI's Load Image makes a batch of them: here one file is one image
+            # an animation (ComfyUI's Load Image makes a batch of its frames; here one file is one image); not a
+            # camera's MPO JPEG, whose second frame is a preview
+            if getattr(opened, "is_animated", False) and opened.format != "MPO":
                 logger.warning("%s has %d frames (an animation); its first frame is used (save the frame you want "
                                "as its own image to use another).", path, frames)
             return pil_to_rgb(opened, str(path))

@@ -1023,3 +1023,24 @@ def test_like_warns_when_the_sd_config_folder_differs(tmp_path, caplog):
     assert "--sd-config" not in warnings(str(renamed))  # a renamed copy: the same configs
     assert "was made with another --sd-config than other" in warnings(str(other))
     assert "was made with --sd-config configs, not (none)" in warnings(None)
+
+
+def test_like_records_of_earlier_versions_and_device_auto(tmp_path, caplog):
+    """Found by a review: a record with guidance below 1 (which earlier versions accepted) was called damaged even
+    with --guidance-scale given; a record from before --sd-config was recorded warned that it was made without one;
+    --device auto compared as the word "auto" with the recorded device (a noise warning where none was due)."""
+    from kosmosg_core.cli import _check_like_files, _device_name
+    from kosmosg_core.generate import settings_record, settings_record_problem
+
+    record = settings_record(tmp_path / "missing.pt", None, "a dog", [], [], [], "", seed=0, noise="official",
+                             num_images=1, steps=5, guidance_scale=0.5, scheduler="dpm", dtype="float32",
+                             device="cpu", requested_width=None, requested_height=None)
+    record.update(image_index=0, width=64, height=64)
+    assert settings_record_problem(record) is None
+    del record["sd_config"], record["sd_config_fingerprint"]
+    args = argparse.Namespace(like="x.png", checkpoint=None, sd_model=None, sd_config=str(tmp_path), prompt="a cat",
+                              image=[])
+    with caplog.at_level(logging.WARNING, logger="kosmosg_core.cli"):
+        _check_like_files(args, {**record, "checkpoint": None, "checkpoint_fingerprint": None}, {})
+    assert "--sd-config" not in caplog.text
+    assert _device_name("auto") == _device_name("AUTO") == ("cuda:0" if torch.cuda.is_available() else "cpu")

@@ -406,3 +406,31 @@ def test_a_new_image_never_replaces_a_file_another_run_wrote_meanwhile(tmp_path,
     assert Image.open(tmp_path / "kosmosg_0_0.png").getpixel((0, 0)) == (255, 0, 0)
     assert Image.open(path).getpixel((0, 0)) == (0, 0, 255)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kosmosg_0_0.png", "kosmosg_0_0_1.png"]  # no temp left
+
+
+def test_a_new_image_into_a_folder_that_is_a_file_is_an_error_not_a_loop(tmp_path):
+    """Found by a review: the folder's creation raised FileExistsError, taken for "name taken": names tried forever."""
+    from PIL import Image
+
+    from kosmosg_core import generate
+
+    (tmp_path / "out").write_text("a file where the folder goes")
+    with pytest.raises(OSError, match="out"):
+        generate.save_new_image(Image.new("RGB", (2, 2)), tmp_path / "out", "kosmosg_0_0")
+
+
+def test_without_hard_links_a_new_image_still_never_replaces_one(tmp_path, monkeypatch):
+    """File systems without hard links (FAT, some network shares): the name is checked, then the file renamed."""
+    from PIL import Image
+
+    from kosmosg_core import generate
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = generate.save_new_image(Image.new("RGB", (2, 2), (9, 9, 9)), tmp_path, "k")
+    second = generate.save_new_image(Image.new("RGB", (2, 2), (7, 7, 7)), tmp_path, "k")
+    assert (first.name, second.name) == ("k.png", "k_1.png")
+    assert Image.open(first).getpixel((0, 0)) == (9, 9, 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.png", "k_1.png"]

@@ -347,3 +347,12 @@ def test_pictures_are_saved_as_they_are_sampled(tmp_path, monkeypatch):
     for k in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "cut" / f"kosmosg_5_{k}.png")),
                               np.asarray(Image.open(whole[k])))
+
+
+def test_guided_sampling_without_the_unconditional_encoding_is_refused():
+    """diffusers would encode "" with the text encoder the pipeline does not have: a named error instead."""
+    from kosmosg_core.generate import sample_sd15
+
+    with pytest.raises(ValueError, match="guidance_scale 2.0 needs the unconditional encoding"):
+        sample_sd15(None, "nano", torch.zeros(1, 77, 768), None, [], steps=1, guidance_scale=2.0, num_images=1,
+                    height=None, width=None)

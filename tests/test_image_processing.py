@@ -449,3 +449,16 @@ def test_an_animation_file_gives_its_first_frame_and_says_so(tmp_path, caplog):
     frames[0].save(tmp_path / "still.png")
     to_pil_images([str(tmp_path / "still.png")])
     assert "frames" not in caplog.text
+
+
+def test_a_camera_mpo_jpeg_is_no_animation(tmp_path, caplog):
+    """Found by a review: phone and camera JPEGs are often MPO files (the photo + a preview frame): not warned."""
+    from kosmosg_core.image_processing import to_pil_images
+
+    photo, preview = Image.new("RGB", (16, 16), (0, 128, 0)), Image.new("RGB", (4, 4), (0, 0, 0))
+    path = tmp_path / "phone.jpg"
+    photo.save(path, format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(path).format == "MPO" and Image.open(path).n_frames == 2
+    with caplog.at_level("WARNING", logger="kosmosg_core.image_processing"):
+        (image,) = to_pil_images([str(path)])
+    assert image.size == (16, 16) and "frames" not in caplog.text

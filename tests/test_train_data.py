@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import io
 import json
@@ -919,6 +920,20 @@ def test_mix_repeat_sources_cycles_a_small_source_as_the_official_loader(tmp_pat
     assert laion[:6] == sorted(laion[:6]) and len({s.key for s in read_samples(repeated.output)}) == 40
 
 
+def test_a_mix_folder_of_an_earlier_version_reruns(tmp_path):
+    """Found by a review: the new --repeat-sources setting, absent from an earlier version's settings.json, made a
+    rerun of its folder refused; it is recorded only when set."""
+    sources = _synthetic_sources(str(tmp_path / "src"), per_source=6)
+    config = MixConfig(output=str(tmp_path / "m"), ratio=[1, 0, 4], laion=sources["laion"],
+                       openimage=sources["openimage"])
+    first = run_mix(config)
+    settings = json.loads((tmp_path / "m" / "settings.json").read_text())
+    assert "repeat_sources" not in settings
+    assert run_mix(config)["written"] == first["written"]
+    with pytest.raises(ValueError, match="repeat_sources"):
+        run_mix(dataclasses.replace(config, repeat_sources=True, count=20))
+
+
 def test_mix_names_swapped_sources_and_leaves_out_stray_samples(tmp_path):
     sources = _synthetic_sources(str(tmp_path / "src"), per_source=8)
     swapped = MixConfig(output=str(tmp_path / "a"), ratio=[1, 0, 0], laion=sources["openimage"])
@@ -1008,6 +1023,26 @@ def test_official_tsv_round_trip(built, tmp_path):
         return json.dumps(meta, sort_keys=True), sorted(sample.images.items())
 
     assert sorted(map(comparable, restored)) == sorted(map(comparable, original))
+
+
+def test_official_laion_files_in_subfolders_keep_their_keys_apart(tmp_path):
+    """Found by a review: keys were made from a listed file's base name, so p1/s.tsv and p2/s.tsv (the LAION loader
+    opens listed paths under its folder) gave one key twice: a shard the training stream cannot read."""
+    from train.records import RecordStream
+
+    good = base64.b64encode(_png(Image.new("RGB", (4, 4), (9, 9, 9)))).decode()
+    folder = tmp_path / "official" / "laion"
+    (folder / "json").mkdir(parents=True)
+    (folder / "json" / "train.json").write_text(json.dumps([{"source": ["p1/s.tsv", "data/p2/s.tsv"],
+                                                             "source_lang": "laion"}]))
+    for sub in ("p1", "data/p2"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "s.tsv").write_text(f"k\ta beach\t{good}\t4\t4\n")
+    summary = run_from_official(OfficialConfig(input=str(tmp_path / "official"), output=str(tmp_path / "out")))
+    assert summary["written"] == 2
+    stream = RecordStream(str(tmp_path / "out"), seed=0)
+    keys = {stream.next().key for _ in range(2)}
+    assert keys == {"laion_p1_s_0000001", "laion_p2_s_0000001"}
 
 
 def test_official_lines_with_odd_fields_or_corrupt_png_are_counted_not_crashed():

@@ -312,6 +312,36 @@ def test_two_data_folders_with_the_same_keys_draw_apart(env, tmp_path):
     assert sorted(r.key for r in by_folder[True]) == sorted(r.key for r in by_folder[False])  # the same keys...
     assert {r.sample_id for r in by_folder[True]} == {f"1/{r.key}" for r in by_folder[False]}  # ...told apart
     assert {r.sample_id for r in by_folder[False]} == {key for key, _ in first_only}
+    # the copy's shard is shuffled otherwise than the original's (its draws were the same)
+    order = {folder: [r.key for r in records if r.sample_id.startswith("1/") == folder and r.shard == records[0].shard]
+             for folder in (False, True)}
+    assert sorted(order[False]) == sorted(order[True]) and order[False] != order[True]
+    # the stages draw by sample_id: stage 3's choices and noise for the two copies of a sample
+    from kosmosg_core.config import KosmosGConfig
+    from train.common.config import parse_config
+    from train.stage3 import Stage3, Stage3Config
+
+    stage = Stage3(parse_config(Stage3Config, common(env, tmp_path / "unused") + ["--score-model", env.sd]))
+    stage._model_cfg = KosmosGConfig.from_json(Path(env.model_config).read_text())
+    drawn = []
+    import train.stage3 as stage3_module
+
+    original_rng = stage3_module.sample_rng
+    try:
+        stage3_module.sample_rng = lambda *parts: drawn.append(parts[-1]) or original_rng(*parts)
+        twins = [next(r for r in records if r.key == records[0].key and r.sample_id.startswith("1/") == folder)
+                 for folder in (False, True)]
+        items = [stage.select(r) for r in twins]
+    finally:
+        stage3_module.sample_rng = original_rng
+    assert drawn == [twins[0].sample_id, twins[1].sample_id] and twins[0].sample_id != twins[1].sample_id
+    assert [item["sample_id"] for item in items] == drawn  # collate seeds each sample's noise by it
+    # a checkpoint written before sample ids (no "sample_ids" in its data state) resumes as it began: exact
+    resumed = RecordStream(f"{env.data},{copy}", seed=3)
+    old_state = {k: v for k, v in both.state_dict().items() if k != "sample_ids"}
+    resumed.load_state_dict(old_state)
+    assert resumed.state_dict()["sample_ids"] == "by-key"
+    assert all(r.sample_id == r.key for r in (resumed.next() for _ in range(20)))
 
 
 def test_interleaved_choices_follow_official_probabilities():

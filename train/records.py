@@ -78,6 +78,7 @@ class RecordStream:
         # the folder each shard comes from, numbered in --data's order (0: the first); for `Record.sample_id`
         folders = list(dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in shards))
         self._folder_number = {path: folders.index(os.path.dirname(os.path.abspath(path))) for path in shards}
+        self._qualify = True  # False: a run begun before sample ids told folders apart goes on drawing as it did
         if split == "shards":
             shards = shards[rank::world_size]
             if not shards:
@@ -103,7 +104,8 @@ class RecordStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "num_shards": len(self.shards),
                 "shard_names": [os.path.basename(path) for path in self.shards],
-                "shard_fingerprints": self.shard_fingerprints(), "damaged_shards": sorted(self._damaged)}
+                "shard_fingerprints": self.shard_fingerprints(), "damaged_shards": sorted(self._damaged),
+                "sample_ids": "by-folder" if self._qualify else "by-key"}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_shards") != len(self.shards):
@@ -124,6 +126,11 @@ class RecordStream:
                              f"{'is another of them (the same shards in another order)' if moved else 'has other content'}"
                              "; resume with the run's data, in its order.")
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
+        self._qualify = state.get("sample_ids", "by-key") == "by-folder"
+        if not self._qualify and any(self._folder_number.values()):  # checkpoints before sample ids
+            logger.warning("resuming a run begun before the samples of a second --data folder drew apart from the "
+                           "first's: it goes on as it began (same-key samples of the folders draw alike), so the "
+                           "resume is exact; a new run draws them apart")
         self._records = None
 
     def _order(self) -> list[str]:
@@ -159,7 +166,7 @@ class RecordStream:
     def _qualified(self, name: str, path: str) -> str:
         """`name` (a key, a shard's file name) as the per-sample draws see it: the first folder's as it is, another
         folder's prefixed by its number ("1/00000002"), so two builds' samples do not draw alike."""
-        number = self._folder_number[path]
+        number = self._folder_number[path] if self._qualify else 0
         return f"{number}/{name}" if number else name
 
     def next(self) -> Record:

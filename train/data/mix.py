@@ -109,5 +109,8 @@ def _process(item: MixItem) -> ProcessResult:
 def run_mix(config: MixConfig) -> dict:
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the mixed shards")
+    settings = dataclasses.asdict(config)
+    if not config.repeat_sources:  # recorded only when set: a folder an earlier version mixed reruns as before
+        del settings["repeat_sources"]
     return run_sharded(iter_mixed(config), _process, config.output, config.samples_per_shard,
-                       config.shard_prefix, what="mix", settings=dataclasses.asdict(config))
+                       config.shard_prefix, what="mix", settings=settings)

@@ -184,7 +184,8 @@ def iter_official(root: str):
                     continue
                 with open(path, "rb") as handle:  # decoded per line: one line that is not UTF-8 is one bad line
                     for number, raw in enumerate(handle, 1):
-                        stem = os.path.splitext(os.path.basename(name))[0]
+                        # the listed path but the data/ the LAION listing writes (subfolders keep keys apart)
+                        stem = os.path.splitext(name.removeprefix("data/"))[0]
                         origin = f"{os.path.basename(folder)}/{stem}:{number:07d}"
                         try:
                             line = raw.decode("utf-8").rstrip("\r\n")

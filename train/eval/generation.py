@@ -113,7 +113,9 @@ class KosmosGSampler:
             check_scheduler_steps(self.sd.scheduler, self.scheduler, settings.steps, self.sd_model)
             self._steps_checked.add(settings.steps)
         cond = self.encoder.encode(list(prompts), [list(x) for x in images])  # [B, 77, 768]
-        uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts))  # cached
+        # cached; none at guidance 1 (diffusers samples the prompt alone there)
+        uncond = self.encoder.encode_unconditional(settings.negative_prompt, batch_size=len(prompts)) \
+            if settings.guidance_scale > 1 else None
         generators = image_generators(settings.seed, settings.num_images, num_prompts=len(prompts))
         sampled = sample_sd15(self.sd, self.sd_model, cond, uncond, generators, steps=settings.steps,
                               guidance_scale=settings.guidance_scale, num_images=settings.num_images,
