@@ -255,8 +255,7 @@ def generate_images(checkpoint, sd_model, prompt: str, images=(), tokenizer_dir=
     del encoder  # free the encoder before the U-Net runs
     sd = load_sd15(sd_model, dtype, device, scheduler, sd_config_dir, steps, official_checkpoint=checkpoint)
     sd.set_progress_bar_config(disable=not show_progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths = []  # the folder is made with the first picture: a run that keeps none leaves none
 
     def save(k: int, image) -> None:  # as each picture is sampled: an interrupted run keeps the ones made
         text = None

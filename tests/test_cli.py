@@ -895,7 +895,7 @@ def test_nan_images_are_refused_not_written_black(pack, tmp_path):
     with torch.no_grad():
         unet.conv_out.bias[0] = float("nan")
     unet.save_pretrained(folder / "unet")
-    with pytest.raises(NonFiniteEncodingError, match=f"sampled from {folder} came out NaN .*so none was kept"):
+    with pytest.raises(NonFiniteEncodingError, match=f"sampled from {folder} came out NaN .*: none was kept"):
         generate_images(pack[0], folder, "a photo", out_dir=tmp_path / "out", steps=2, height=16, width=16)
     assert not (tmp_path / "out").exists()
     from train.eval.generation import KosmosGSampler, SamplingSettings  # train.eval's sampler: the same check

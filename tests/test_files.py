@@ -400,7 +400,13 @@ def test_a_new_image_never_replaces_a_file_another_run_wrote_meanwhile(tmp_path,
     first = Image.new("RGB", (4, 4), (255, 0, 0))
     second = Image.new("RGB", (4, 4), (0, 0, 255))
     assert generate.save_new_image(first, tmp_path, "kosmosg_0_0").name == "kosmosg_0_0.png"
-    monkeypatch.setattr(generate.os.path, "lexists", lambda path: False)  # as if the other run wrote it just now
+    real_lexists, looks = os.path.lexists, []
+
+    def missed_once(path):  # the first look misses the file: as if the other run wrote it just after
+        looks.append(path)
+        return False if len(looks) == 1 else real_lexists(path)
+
+    monkeypatch.setattr(generate.os.path, "lexists", missed_once)
     path = generate.save_new_image(second, tmp_path, "kosmosg_0_0")
     assert path.name == "kosmosg_0_0_1.png"
     assert Image.open(tmp_path / "kosmosg_0_0.png").getpixel((0, 0)) == (255, 0, 0)
