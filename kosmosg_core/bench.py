@@ -450,7 +450,13 @@ def run_benchmark(args) -> dict:
         dtypes = list(dict.fromkeys(resolve_dtype(d) for d in args.dtypes.split(",")))
     except KosmosGError as e:
         raise KosmosGError(f"--dtypes {args.dtypes!r}: {e}") from e
+    from . import __version__
+
+    # what the run was: a results file names its own settings and time (the README cites the file)
     results = {"size": args.size, "device": str(device), "threads": threads, "torch": torch.__version__,
+               "kosmosg_core": __version__, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "settings": {"dtypes": args.dtypes, "cpu_linear": args.cpu_linear, "cases": args.cases,
+                            "repeats": args.repeats, "load_repeats": LOAD_REPEATS},
                "cases": [], "load": {}, "yardsticks": {}}
     bandwidth = measure_memory_bandwidth(device)
     results["yardsticks"]["memory_bandwidth_GBps"] = bandwidth / 1e9

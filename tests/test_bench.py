@@ -88,6 +88,8 @@ def _check_cases(results: dict, printed: str, cpu_linear: str) -> None:
     # the timed load ends with every weight in memory: the mapped .safetensors ones read too
     assert 0 < load["safetensors"]["lazy_seconds"] <= load["safetensors"]["seconds"]
     assert load["pt"]["runs"] == load["safetensors"]["runs"] == 3
+    assert results["settings"]["repeats"] == 1 and results["settings"]["load_repeats"] == 3
+    assert results["started_utc"].endswith("Z") and results["kosmosg_core"]
     assert load["pt"]["open_seconds"] > 0 and load["safetensors"]["open_seconds"] > 0
     assert load["safetensors_over_pt_time"] == pytest.approx(load["safetensors"]["seconds"] / load["pt"]["seconds"])
     assert results["yardsticks"]["matmul_TFLOPs_float32"] > 0 and results["yardsticks"]["memory_bandwidth_GBps"] > 0
@@ -159,3 +161,35 @@ def test_bench_without_transformers_and_a_ctrl_c_say_so_in_one_line(tmp_path, mo
 
     monkeypatch.setattr(cli, "cmd_info", interrupted)  # the parser is built by main: it takes this one
     assert main(["info", "--checkpoint", "x"]) == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_the_readme_benchmark_table_is_the_committed_run():
+    """README's official-size figures are docs/results/bench-official-cpu.json's, row by row (a review found
+    paragraphs citing runs no committed file held): each case's encode time, ratios, cache speed-up and the loads."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    results = json.loads((repo / "docs" / "results" / "bench-official-cpu.json").read_text())
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    kernels = {"few-row": "few-row kernel (default)", "onednn": "oneDNN", "default": "torch default"}
+    cases = {"text-only": "text-only", "1-image": "1 image", "3-image": "3 images"}
+    dtypes = {"float32": "fp32", "bfloat16": "bf16"}
+    seen = 0
+    for case in results["cases"]:
+        kernel = next(label for name, label in kernels.items() if case["linear_layers"].startswith(name))
+        row = f"| {cases[case['case']]} | {dtypes[case['dtype']]}, {kernel} | {case['tokens']} |"
+        line = next((line for line in readme.splitlines() if line.startswith(row)), None)
+        assert line is not None, row
+        cells = [cell.strip().strip("*") for cell in line.split("|")[1:-1]]
+        assert cells[7] == f"{case['ratio_to_limit']:.2f}" and cells[8] == f"{case['best_ratio_to_limit']:.2f}", line
+        assert float(cells[5].removesuffix(" s")) == pytest.approx(case["seconds"], rel=0.01), line
+        if case["cache_speedup"]:
+            assert cells[10] == f"{case['cache_speedup']:.1f}x", line
+        seen += 1
+    assert seen == 18
+    load = results["load"]
+    assert f"| official-format `.pt` (restricted unpickler) | {load['pt']['seconds']:.1f} s | " \
+           f"{load['pt_peak_rss_over_weights']:.2f}x the weights |" in readme
+    assert f"| ratio `.safetensors` / `.pt` (target <= 0.5) | **{load['safetensors_over_pt_time']:.2f}** |" in readme
+    assert re.search(rf"\| pack `.safetensors` \(memory-mapped\) \| {load['safetensors']['seconds']:.2f} s ", readme)
