@@ -67,7 +67,7 @@ def read_official_sd15(checkpoint, fix: str = GIVE_AN_SD_MODEL, parts=tuple(_PAR
 
 def load_official_sd15(checkpoint, dtype: torch.dtype, config_dir=None):
     """The U-Net and VAE stored in an official `.pt` -> a diffusers StableDiffusionPipeline without text encoder
-    (scheduler from `config_dir` too; `generate.load_sd15` replaces it with the official one). The networks are built
+    (scheduler from `config_dir` too; `sd15.load_sd15` replaces it with the official one). The networks are built
     from `config_dir` (default: SD1.5's own, kosmosg_core/sd15_config) and must fit it tensor for tensor."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 

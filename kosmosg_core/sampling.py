@@ -2,7 +2,7 @@
 DPM-Solver (or DDIM, or PNDM) steps through, on any discrete-time model's noise schedule, and its starting noise.
 
 The ComfyUI nodes Kosmos-G Official Sampler and Official Noise give these to ComfyUI's own sampling; `generate`
-runs diffusers' scheduler (generate.official_scheduler; tests/test_official_sampling.py checks the two agree) and
+runs diffusers' scheduler (sd15.official_scheduler; tests/test_official_sampling.py checks the two agree) and
 hands diffusers `official_noise_generator`.
 """
 

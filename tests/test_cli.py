@@ -751,7 +751,7 @@ def test_sd_models_of_another_shape_are_refused_before_sampling(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from kosmosg_core.errors import CheckpointError
-    from kosmosg_core.generate import load_sd15
+    from kosmosg_core.sd15 import load_sd15
     from support.tiny_sd15 import write_tiny_sd15
 
     sd2 = write_tiny_sd15(tmp_path / "sd2", context_dim=1024)
@@ -811,7 +811,7 @@ def test_sd_models_load_in_the_asked_dtype_without_diffusers_deprecation_warning
     (down to 0.35.2, the lower bound) know only `torch_dtype`."""
     import warnings
 
-    from kosmosg_core.generate import diffusers_dtype_argument, load_sd15
+    from kosmosg_core.sd15 import diffusers_dtype_argument, load_sd15
     from support.tiny_sd15 import write_tiny_sd15
 
     folder = write_tiny_sd15(tmp_path / "sd15")
@@ -836,7 +836,8 @@ def test_scheduler_settings_that_cannot_run_are_refused_before_sampling(pack, tm
 
     from kosmosg_core.config import SD15_CONFIG_DIR
     from kosmosg_core.errors import GenerationSettingsError
-    from kosmosg_core.generate import generate_images, load_sd15
+    from kosmosg_core.generate import generate_images
+    from kosmosg_core.sd15 import load_sd15
     from support.tiny_sd15 import write_tiny_sd15
 
     folder = Path(write_tiny_sd15(tmp_path / "sd15"))

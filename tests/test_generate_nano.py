@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from kosmosg_core.config import SD15_LATENT_SCALE
 from kosmosg_core.errors import CheckpointError, MissingPackageError
-from kosmosg_core.generate import generate_images, load_sd15, native_size
+from kosmosg_core.generate import generate_images
+from kosmosg_core.sd15 import load_sd15, native_size
 from kosmosg_core.nano_sd15 import VAE_SHIFT_KEY, load_nano_sd15
 from support import nano_ootb
 from support.comfy_modules import import_comfy
@@ -252,18 +253,18 @@ def test_progress_bar_only_when_asked(tmp_path, capsys):
 def test_a_diffusers_that_cannot_build_the_nano_model_says_what_to_install(monkeypatch):
     """A diffusers release without the modules the nano model is built from (an ImportError inside loading) is
     a missing package, not a damaged file; diffusers' lazy-import message gives its cause on the last line."""
-    from kosmosg_core import generate
+    from kosmosg_core import sd15
 
     def old_diffusers(path, dtype):
         raise ImportError("cannot import name 'convert_ldm_unet_checkpoint'")
 
-    monkeypatch.setattr(generate, "load_nano_sd15", old_diffusers)
+    monkeypatch.setattr(sd15, "load_nano_sd15", old_diffusers)
     with pytest.raises(MissingPackageError, match=r"generate needs diffusers >= 0.35.2 \(cannot import name "
                                                   r"'convert_ldm_unet_checkpoint'\); install it with"):
         load_sd15(NANO_SD15, torch.float32, torch.device("cpu"))
     lazy = RuntimeError("Failed to import diffusers.loaders.single_file_utils because of the following error (look "
                         "up to see its traceback):\nNo module named 'diffusers.loaders.single_file_utils'")
-    assert "(No module named 'diffusers.loaders.single_file_utils')" in str(generate._missing_diffusers(lazy))
+    assert "(No module named 'diffusers.loaders.single_file_utils')" in str(sd15._missing_diffusers(lazy))
 
 
 def test_guidance_one_skips_the_unconditional_pass_and_below_one_is_refused(tmp_path, monkeypatch, caplog):

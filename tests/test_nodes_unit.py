@@ -1035,7 +1035,7 @@ def test_official_sampler_pndm_is_diffusers_pndm_at_every_step_count(steps):
     from reference.generate_official_scheduler_outputs import run_trajectory, sd15_schedule_config, start_and_centres
     from reference.generate_official_scheduler_outputs import toy_noise_prediction
 
-    from kosmosg_pack.kosmosg_core.generate import official_scheduler
+    from kosmosg_pack.kosmosg_core.sd15 import official_scheduler
 
     model = comfy_model()
     model_sampling = model.get_model_object("model_sampling")
@@ -1068,7 +1068,7 @@ def test_sampler_custom_with_the_official_sampler_samples_as_the_official_pipeli
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from kosmosg_pack.kosmosg_core.config import SD15_CONFIG_DIR, SD15_LATENT_SCALE
-    from kosmosg_pack.kosmosg_core.generate import official_scheduler
+    from kosmosg_pack.kosmosg_core.sd15 import official_scheduler
     from kosmosg_pack.kosmosg_core.sampling import official_noise_generator
 
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from kosmosg_core.errors import DeviceError, GenerationSettingsError
-from kosmosg_core.generate import generate_images, official_scheduler
+from kosmosg_core.generate import generate_images
+from kosmosg_core.sd15 import official_scheduler
 from kosmosg_core.sampling import official_noise_generator, official_noise_levels, official_starting_noise
 from reference.generate_official_scheduler_outputs import CASES, run_trajectory, sd15_schedule_config
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from kosmosg_core.errors import CheckpointError
-from kosmosg_core.generate import generate_images, load_sd15
+from kosmosg_core.generate import generate_images
+from kosmosg_core.sd15 import load_sd15
 from kosmosg_core.official_sd15 import load_official_sd15, missing_sd15_parts
 from support.tiny_kosmosg import write_tiny_official, write_tiny_pack
 from support.tiny_sd15 import store_sd15_networks, write_tiny_sd15

@@ -1,6 +1,6 @@
 """A tiny SD1.5-shaped diffusers pipeline folder (unet/, vae/, scheduler/, model_index.json; no text
 encoder: Kosmos-G supplies the conditioning). Loadable by `StableDiffusionPipeline.from_pretrained`,
-`kosmosg_core.generate.load_sd15` and train/'s score-model interface."""
+`kosmosg_core.sd15.load_sd15` and train/'s score-model interface."""
 
 from __future__ import annotations
 

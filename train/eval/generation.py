@@ -63,7 +63,7 @@ class SamplingSettings:
     guidance_scale: float
     num_images: int
     seed: int
-    height: int | None = None  # None: the SD model's own size (`kosmosg_core.generate.native_size`)
+    height: int | None = None  # None: the SD model's own size (`kosmosg_core.sd15.native_size`)
     width: int | None = None
     negative_prompt: str = ""
 
@@ -79,7 +79,8 @@ class KosmosGSampler:
     def __init__(self, checkpoint: str, sd_model: str, tokenizer: str = "", scheduler: str = DEFAULT_SCHEDULER,
                  dtype: str = "float32", device: str = "auto"):
         from kosmosg_core.devices import resolve_device, resolve_dtype
-        from kosmosg_core.generate import check_scheduler, check_sd15_width, load_sd15
+        from kosmosg_core.generate import check_scheduler
+        from kosmosg_core.sd15 import check_sd15_width, load_sd15
         from kosmosg_core.pipeline import KosmosGPipeline
 
         if not checkpoint:
@@ -99,7 +100,7 @@ class KosmosGSampler:
     @property
     def native_size(self) -> int:
         """The side in pixels it samples at when given none (height / width None): the SD model's own."""
-        from kosmosg_core.generate import native_size
+        from kosmosg_core.sd15 import native_size
 
         return native_size(self.sd)
 
@@ -107,7 +108,8 @@ class KosmosGSampler:
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence], settings: SamplingSettings
                  ) -> list[list[Image.Image]]:
         """B prompts (with `<i>` per image) + B image lists -> B lists of `num_images` PIL images."""
-        from kosmosg_core.generate import check_scheduler_steps, image_generators, sample_sd15
+        from kosmosg_core.generate import image_generators, sample_sd15
+        from kosmosg_core.sd15 import check_scheduler_steps
 
         if settings.steps not in self._steps_checked:  # e.g. DDIM at 1000 steps: refused, not a traceback mid-run
             check_scheduler_steps(self.sd.scheduler, self.scheduler, settings.steps, self.sd_model)
