@@ -236,6 +236,13 @@ def model_tensors(cfg: KosmosGConfig) -> dict[str, torch.Tensor]:
     return _model_tensors(cfg.to_json())
 
 
+def model_nbytes(cfg: KosmosGConfig, dtype: torch.dtype) -> int:
+    """The bytes a `KosmosG(cfg)`'s tensors take in `dtype` (its floating ones cast; other ones as they are): what
+    the weights take in memory, known before they are read."""
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in model_tensors(cfg).values())
+
+
 def _check_keys(path, expected: dict[str, torch.Tensor], state_dict: dict) -> None:
     mismatch = state_dict_mismatch(expected, state_dict)
     if mismatch:

@@ -152,7 +152,7 @@ def choose_dtype(dtype_choice: str, load_device: torch.device) -> torch.dtype:
 def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> KosmosGModel:
     """Open a checkpoint (checked, config and tokenizer read, weights on first use), or share the copy still alive
     for the same files (the checkpoint's and its tokenizer's and config's path, mtime, size), dtype and devices."""
-    from ..kosmosg_core.checkpoint import model_tensors
+    from ..kosmosg_core.checkpoint import model_nbytes
     from ..kosmosg_core.cpu_linear import packs_by_default
     from ..kosmosg_core.pipeline import KosmosGPipeline
     from .paths import checkpoint_fingerprint
@@ -171,10 +171,8 @@ def load_model(path: str, name: str, dtype_choice: str, device_choice: str) -> K
     # moved to the load device only to compute: the caches (and the disk cache's entries) key by that device
     pipeline.compute_device = load_device
     # the weights' bytes in their dtype (packed ones are not parameters: counted here, before the load)
-    weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-                       for t in model_tensors(pipeline.cfg).values())
     model = KosmosGModel(pipeline=pipeline, name=name, cache_key=key, load_device=load_device,
-                         offload_device=offload_device, weight_bytes=weight_bytes)
+                         offload_device=offload_device, weight_bytes=model_nbytes(pipeline.cfg, dtype))
     _LOADED[key] = model
     return model
 

@@ -535,3 +535,14 @@ def test_a_checkpoint_with_only_extra_tensors_is_refused_by_name(tmp_path, open_
     torch.save({"model": sd}, pt)
     with pytest.raises(CheckpointError, match=r": 1 unexpected tensor: connector\.extra_gate\. Use a complete"):
         open_checkpoint(pt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_nbytes_is_what_the_weights_take(dtype):
+    """What ComfyUI's memory manager is told the Loader's model takes, before its weights are read."""
+    from kosmosg_core.bench import SIZES
+    from kosmosg_core.checkpoint import model_nbytes
+
+    cfg = SIZES["tiny"]()
+    model = KosmosG(cfg).to(dtype)
+    assert model_nbytes(cfg, dtype) == sum(t.numel() * t.element_size() for t in model.state_dict().values())
