@@ -413,7 +413,7 @@ def time_encode_cases(cfg: KosmosGConfig, dtype: torch.dtype, device: torch.devi
 def _resolve_cpu_linear(name: str, dtype: torch.dtype) -> str:
     """--cpu-linear entry -> what runs: "auto" is what the pipeline picks here; where the few-row
     kernel does not run this dtype, oneDNN runs for it, as in the pipeline. "packed" is oneDNN's old name
-    here (the committed results in docs/results say "packed")."""
+    here (earlier results files say "packed")."""
     if name == "packed":
         name = "onednn"
     elif name == "auto":

@@ -243,6 +243,10 @@ def settings_like(record: dict) -> dict:
     draw for all the pictures, so each depends on the count): the run's seed and count (the picture is number
     image_index of them)."""
     settings = {name: record[name] for name in RECORD_SETTINGS}
+    if settings["guidance_scale"] < 1:  # earlier versions took it and sampled as at 1 (diffusers guides above 1)
+        logger.warning("the record's guidance_scale %s was sampled as 1 (no guidance): made again with 1",
+                       settings["guidance_scale"])
+        settings["guidance_scale"] = 1.0
     # the size asked for (None: the SD model's own, whichever model is given now); records before it: the picture's
     settings.update(width=record.get("requested_width", record["width"]),
                     height=record.get("requested_height", record["height"]))

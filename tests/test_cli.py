@@ -1038,6 +1038,12 @@ def test_like_records_of_earlier_versions_and_device_auto(tmp_path, caplog):
                              device="cpu", requested_width=None, requested_height=None)
     record.update(image_index=0, width=64, height=64)
     assert settings_record_problem(record) is None
+    from kosmosg_core.generate import settings_like
+
+    with caplog.at_level(logging.WARNING, logger="kosmosg_core.generate"):
+        assert settings_like(record)["guidance_scale"] == 1.0  # as it was sampled: the picture made again
+    assert "guidance_scale 0.5 was sampled as 1 (no guidance): made again with 1" in caplog.text
+    caplog.clear()
     del record["sd_config"], record["sd_config_fingerprint"]
     args = argparse.Namespace(like="x.png", checkpoint=None, sd_model=None, sd_config=str(tmp_path), prompt="a cat",
                               image=[])

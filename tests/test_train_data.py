@@ -930,6 +930,9 @@ def test_a_mix_folder_of_an_earlier_version_reruns(tmp_path):
     settings = json.loads((tmp_path / "m" / "settings.json").read_text())
     assert "repeat_sources" not in settings
     assert run_mix(config)["written"] == first["written"]
+    recorded = json.loads((tmp_path / "m" / "settings.json").read_text())  # as versions that recorded it unset wrote
+    (tmp_path / "m" / "settings.json").write_text(json.dumps({**recorded, "repeat_sources": False}))
+    assert run_mix(config)["written"] == first["written"]
     with pytest.raises(ValueError, match="repeat_sources"):
         run_mix(dataclasses.replace(config, repeat_sources=True, count=20))
 
@@ -1299,6 +1302,10 @@ def test_official_tsv_lines_of_a_long_named_file_keep_their_own_keys(tmp_path):
     assert summary["written"] == 3 and len(set(keys)) == 3, keys
     assert all(len(key) <= 80 for key in keys)
     assert sanitize_key("a.b/c") == "a_b_c" and sanitize_key("x" * 80) == "x" * 80  # short keys as before
+    # long texts differing only in the middle (found by a review: subfolders of a long listed path) stay apart
+    long_path = "laion2b-en-aesthetic/downloads-2023-12/batch_{}/laion2b-en-aesthetic-part-00001_0000001"
+    cut = [sanitize_key(long_path.format(batch)) for batch in ("0001", "0002")]
+    assert cut[0] != cut[1] and all(len(key) <= 80 for key in cut)
 
 
 def test_counts_and_shard_sizes_out_of_range_are_refused_by_flag(tmp_path, capsys):

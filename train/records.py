@@ -127,7 +127,7 @@ class RecordStream:
                              "; resume with the run's data, in its order.")
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
         self._qualify = state.get("sample_ids", "by-key") == "by-folder"
-        if not self._qualify and any(self._folder_number.values()):  # checkpoints before sample ids
+        if not self._qualify and any(self._folder_number[path] for path in self.shards):  # checkpoints before them
             logger.warning("resuming a run begun before the samples of a second --data folder drew apart from the "
                            "first's: it goes on as it began (same-key samples of the folders draw alike), so the "
                            "resume is exact; a new run draws them apart")

@@ -10,7 +10,7 @@ The three scheduler files of tag v0.21.4 (DPM-Solver multistep, DDIM, PNDM) are 
 SchedulerMixin, randn_tensor); nothing of them is written into this repository. Stored: for each case, the
 final latent of a whole sampling run of the old scheduler on SD1.5's noise schedule with a toy denoiser
 (`toy_noise_prediction`: the exact noise estimate for data from two narrow Gaussians, nonlinear like a U-Net's),
-and its timesteps. tests/test_official_sampling.py runs kosmosg_core.generate's schedulers the same
+and its timesteps. tests/test_official_sampling.py runs kosmosg_core.sd15's schedulers the same
 way and compares.
 """
 

@@ -16,9 +16,12 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator
+
+from train.common.folder_settings import SETTINGS_NAME
 
 from .config import KINDS, MixConfig
 from .shards import ProcessResult, Sample, encode_meta, iter_records, run_sharded
@@ -106,11 +109,20 @@ def _process(item: MixItem) -> ProcessResult:
     return Sample(item.key, meta, sample.images), "written"
 
 
+def _recorded(folder: str, key: str) -> bool:
+    """Whether the settings.json of `folder` (if any, and readable) records `key`."""
+    try:
+        with open(os.path.join(folder, SETTINGS_NAME), encoding="utf-8") as handle:
+            return key in json.load(handle)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def run_mix(config: MixConfig) -> dict:
     if not config.output:
         raise ValueError("output is not set: pass --output DIR for the mixed shards")
     settings = dataclasses.asdict(config)
-    if not config.repeat_sources:  # recorded only when set: a folder an earlier version mixed reruns as before
-        del settings["repeat_sources"]
+    if not config.repeat_sources and not _recorded(config.output, "repeat_sources"):
+        del settings["repeat_sources"]  # recorded only when set: a folder an earlier version mixed reruns as before
     return run_sharded(iter_mixed(config), _process, config.output, config.samples_per_shard,
                        config.shard_prefix, what="mix", settings=settings)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -79,9 +80,12 @@ def encode_meta(meta: dict) -> bytes:
 def sanitize_key(text: str) -> str:
     """A WebDataset-safe key fragment: no dots or slashes (they would split the key), at most 80 characters: a
     longer one keeps its start and its end (where a line number or an index sits: cutting the end made the lines
-    of a TSV with a long name one key)."""
+    of a TSV with a long name one key) and a hash of the whole text between them (two texts differing only in the
+    middle, e.g. folders batch_0001/ and batch_0002/ of a long path, stay two keys)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "x"
-    return safe if len(safe) <= 80 else f"{safe[:40]}__{safe[-38:]}"
+    if len(safe) <= 80:
+        return safe
+    return f"{safe[:35]}_{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}_{safe[-35:]}"
 
 
 def shard_name(prefix: str, index: int) -> str:
