@@ -166,21 +166,26 @@ def check_scheduler_settings(sd_model, config_dir, name: str, steps: int) -> Non
     `config_dir`'s or SD1.5's: the nano and official models' too), before any model loads: a step count it cannot
     take is refused in a second, not after the Kosmos-G weights are read and the prompt encoded. `load_sd15` checks
     the loaded model's own scheduler again."""
-    folder = Path(sd_model) if sd_model is not None and Path(sd_model).is_dir() else Path(config_dir or SD15_CONFIG_DIR)
-    settings = folder / "scheduler" / "scheduler_config.json"
+    settings = _scheduler_settings_file(sd_model, config_dir)
     if not settings.is_file():
         return  # load_sd15 names what is missing
     _stable_diffusion_pipeline()  # diffusers missing or broken: said here
     try:
         scheduler = official_scheduler(name, json.loads(settings.read_text(encoding="utf-8")))
     except Exception as e:  # a damaged file (many kinds)
-        raise _scheduler_error(name, "be built", sd_model or folder, config_dir, e) from e
-    check_scheduler_steps(scheduler, name, steps, sd_model or folder, config_dir)
+        raise _scheduler_error(name, "be built", sd_model, config_dir, e) from e
+    check_scheduler_steps(scheduler, name, steps, sd_model, config_dir)
+
+
+def _scheduler_settings_file(sd_model, config_dir) -> Path:
+    """The scheduler settings an SD model is built with: a diffusers folder's own, else `config_dir`'s or SD1.5's
+    (a single file, the nano model, an official checkpoint's U-Net: sd_model None)."""
+    folder = Path(sd_model) if sd_model is not None and Path(sd_model).is_dir() else Path(config_dir or SD15_CONFIG_DIR)
+    return folder / "scheduler" / "scheduler_config.json"
 
 
 def _scheduler_error(name: str, doing: str, sd_model, config_dir, error: Exception) -> GenerationSettingsError:
-    path = Path(sd_model)
-    settings = (path if path.is_dir() else Path(config_dir or SD15_CONFIG_DIR)) / "scheduler" / "scheduler_config.json"
+    settings = _scheduler_settings_file(sd_model, config_dir)
     return GenerationSettingsError(f"The {name} scheduler cannot {doing} with the settings in {settings} "
                                    f"({first_line(error)}); choose other steps or another scheduler "
                                    f"({', '.join(SCHEDULERS)}), or repair that file.")
